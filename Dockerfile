@@ -1,0 +1,11 @@
+# Minimal image; a later issue hardens it (non-root user, distroless, pinned digests).
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin ccgw-callcontrol --bin ccgw-sim
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/ccgw-callcontrol /src/target/release/ccgw-sim /usr/local/bin/
+EXPOSE 50051
+ENTRYPOINT ["ccgw-callcontrol"]

@@ -1,0 +1,21 @@
+//! Compiles the API contract with protox (no system `protoc`) and writes the descriptor set that
+//! server reflection serves.
+use std::{env, path::PathBuf};
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/ccgw/callcontrol/v1/callcontrol.proto";
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile([proto], ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("callcontrol_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! `ccgw-sim`: runs the CC-Gateway simulator (gateway routes + `/sim` control API) until
+//! Ctrl-C or SIGTERM. See `ccgw_callcontrol::sim` for the behaviour and the control API.
+
+use std::time::Duration;
+
+use ccgw_callcontrol::sim::{AuthMode, SimConfig, Simulator};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Auth {
+    /// AUTHMODE=1: the sign-in Guid stays valid.
+    Static,
+    /// AUTHMODE=2: the Guid rotates on poll answers.
+    Dynamic,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ccgw-sim",
+    about = "Huawei CC-Gateway agent interface simulator"
+)]
+struct Args {
+    /// Address to listen on (plain HTTP).
+    #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043")]
+    listen: String,
+    #[arg(
+        long,
+        env = "CCGW_SIM_AUTH_MODE",
+        value_enum,
+        default_value = "dynamic"
+    )]
+    auth_mode: Auth,
+    /// Rotate the Guid on a poll answer this long after issue.
+    #[arg(long, env = "CCGW_SIM_GUID_INTERVAL_SECS", default_value_t = 60)]
+    guid_interval_secs: u64,
+    /// How long the previous Guid stays valid after a rotation.
+    #[arg(long, env = "CCGW_SIM_GUID_TIMEOUT_SECS", default_value_t = 120)]
+    guid_timeout_secs: u64,
+    /// Long-poll wait when no event is queued.
+    #[arg(long, env = "CCGW_SIM_POLL_WAIT_MS", default_value_t = 10_000)]
+    poll_wait_ms: u64,
+    /// Sign an agent out after no poll for this long (0 = never).
+    #[arg(long, env = "CCGW_SIM_SIGNOUT_AFTER_SECS", default_value_t = 120)]
+    signout_after_secs: u64,
+    #[arg(long, env = "CCGW_SIM_MAX_AGENT_ID", default_value_t = 999_999)]
+    max_agent_id: u32,
+    /// Answer 100-006 to requests without the sign-in's sticky cookie.
+    #[arg(long, env = "CCGW_SIM_REQUIRE_STICKY_COOKIE")]
+    require_sticky_cookie: bool,
+    /// Only this password signs in (default: any non-empty password).
+    #[arg(long, env = "CCGW_SIM_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = SimConfig {
+        auth_mode: match args.auth_mode {
+            Auth::Static => AuthMode::Static,
+            Auth::Dynamic => AuthMode::Dynamic,
+        },
+        guid_interval: Duration::from_secs(args.guid_interval_secs),
+        guid_timeout: Duration::from_secs(args.guid_timeout_secs),
+        poll_wait: Duration::from_millis(args.poll_wait_ms),
+        signout_after: (args.signout_after_secs > 0)
+            .then(|| Duration::from_secs(args.signout_after_secs)),
+        max_agent_id: args.max_agent_id,
+        require_sticky_cookie: args.require_sticky_cookie,
+        password: args.password,
+        ..SimConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let addr = listener.local_addr()?;
+    println!(
+        "ccgw-sim listening on http://{addr} (gateway: /agentgateway/resource, control: /sim)"
+    );
+    tracing::info!(%addr, auth_mode = ?args.auth_mode, "ccgw-sim started");
+    Simulator::new(config)
+        .serve(listener, shutdown_signal())
+        .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("ccgw-sim shutting down");
+}

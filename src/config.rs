@@ -1,0 +1,135 @@
+//! Flags and environment variables of the service binary.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+use crate::{
+    api::ApiSettings,
+    domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
+    gateway::GatewaySettings,
+    release::ReleasePolicy,
+    server::ServerSettings,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// gRPC facade over Huawei CC-Gateway: hang up contact-center calls, watch calls end.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "CCGW_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// CC-Gateway base URL, e.g. https://ccgw.example:8043 (the /agentgateway/resource prefix
+    /// is added). Not needed with --simulate.
+    #[arg(long, env = "CCGW_GATEWAY_URL", required_unless_present = "simulate")]
+    pub gateway_url: Option<String>,
+
+    /// PEM file with the CA certificate(s) that issued the gateway's TLS certificate.
+    #[arg(long, env = "CCGW_GATEWAY_CA_BUNDLE")]
+    pub gateway_ca_bundle: Option<PathBuf>,
+
+    /// Release the current call with the legacy DELETE .../voicecall/{agentid} (old gateways).
+    #[arg(long, env = "CCGW_LEGACY_RELEASE_PATH")]
+    pub legacy_release_path: bool,
+
+    /// Largest agent id accepted (the gateway's range is 101..59999 or, on newer versions, 999999).
+    #[arg(long, env = "CCGW_MAX_AGENT_ID", default_value_t = DEFAULT_MAX_AGENT_ID,
+          value_parser = clap::value_parser!(u32).range(MIN_AGENT_ID as i64..=MAX_AGENT_ID_LIMIT as i64))]
+    pub max_agent_id: u32,
+
+    /// Connect timeout towards the gateway, in milliseconds.
+    #[arg(long, env = "CCGW_CONNECT_TIMEOUT_MS", default_value_t = 3_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Upper bound of one ReleaseCall, in milliseconds; a shorter gRPC deadline wins.
+    #[arg(long, env = "CCGW_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Largest gateway answer read, in bytes.
+    #[arg(long, env = "CCGW_MAX_ANSWER_BYTES", default_value_t = 64 * 1024)]
+    pub max_answer_bytes: usize,
+
+    /// How long a request_id's answer is remembered, in seconds.
+    #[arg(long, env = "CCGW_IDEMPOTENCY_WINDOW_SECS", default_value_t = 600)]
+    pub idempotency_window_secs: u64,
+
+    /// How many request_ids are remembered at most (oldest forgotten first).
+    #[arg(long, env = "CCGW_IDEMPOTENCY_CAPACITY", default_value_t = 100_000)]
+    pub idempotency_capacity: usize,
+
+    /// How long in-flight calls may finish after SIGTERM, in seconds.
+    #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "CCGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Run on an embedded CC-Gateway simulator with demo agents 101, 102 and 103 signed in.
+    #[arg(long)]
+    pub simulate: bool,
+
+    /// Where the embedded simulator listens (gateway interface and /sim control API).
+    #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043")]
+    pub sim_listen: SocketAddr,
+}
+
+impl Config {
+    /// Gateway settings for `base_url` (the configured one, or the simulator's).
+    pub fn gateway(&self, base_url: String) -> std::io::Result<GatewaySettings> {
+        let ca_bundle_pem = self
+            .gateway_ca_bundle
+            .as_ref()
+            .map(std::fs::read)
+            .transpose()?;
+        Ok(GatewaySettings {
+            base_url,
+            ca_bundle_pem,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            max_answer_bytes: self.max_answer_bytes,
+            legacy_release_path: self.legacy_release_path,
+        })
+    }
+
+    pub fn release_policy(&self) -> ReleasePolicy {
+        ReleasePolicy {
+            idempotency_window: Duration::from_secs(self.idempotency_window_secs),
+            idempotency_capacity: self.idempotency_capacity,
+            ..ReleasePolicy::default()
+        }
+    }
+
+    pub fn api(&self) -> ApiSettings {
+        ApiSettings {
+            max_agent_id: self.max_agent_id,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+
+    pub fn server(&self) -> ServerSettings {
+        ServerSettings {
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            ..ServerSettings::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_url_is_required_unless_simulating() {
+        assert!(Config::try_parse_from(["x"]).is_err());
+        assert!(Config::try_parse_from(["x", "--simulate"]).is_ok());
+        let c = Config::try_parse_from(["x", "--gateway-url", "https://gw:8043"]).unwrap();
+        assert_eq!(c.listen.port(), 50051);
+        assert!(Config::try_parse_from(["x", "--simulate", "--max-agent-id", "1000000"]).is_err());
+    }
+}

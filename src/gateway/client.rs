@@ -1,0 +1,314 @@
+use std::{sync::Arc, time::Duration};
+
+use reqwest::{header, Method, StatusCode};
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::{
+    session::{Guid, SessionRegistry},
+    wire::{self, Answer},
+    GatewayError,
+};
+use crate::domain::{AgentId, CallId};
+
+/// Path prefix of the agent interface on every gateway.
+const RESOURCE_PREFIX: &str = "/agentgateway/resource";
+const CONTENT_TYPE_JSON: &str = "application/json; charset=UTF-8";
+
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// `https://host:8043` (the `/agentgateway/resource` prefix is added when missing).
+    pub base_url: String,
+    /// Extra trust anchors (PEM) for the gateway's TLS certificate.
+    pub ca_bundle_pem: Option<Vec<u8>>,
+    pub connect_timeout: Duration,
+    /// Largest answer body the facade reads; anything bigger is an error, not an allocation.
+    pub max_answer_bytes: usize,
+    /// Use `DELETE .../voicecall/{agentid}` (releaseEx) instead of `.../release`.
+    pub legacy_release_path: bool,
+}
+
+impl GatewaySettings {
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            ca_bundle_pem: None,
+            connect_timeout: Duration::from_secs(3),
+            max_answer_bytes: 64 * 1024,
+            legacy_release_path: false,
+        }
+    }
+}
+
+/// Which call a release acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseTarget {
+    /// Whatever call is current when the gateway handles the request.
+    Current,
+    /// Exactly this call; safe to repeat.
+    Call(CallId),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("gateway URL {0:?} is not an http(s) URL")]
+    BadUrl(String),
+    #[error("gateway CA bundle: {0}")]
+    CaBundle(String),
+    #[error("HTTP client: {0}")]
+    Client(String),
+}
+
+/// Talks to one CC-Gateway (or its load balancer). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct GatewayClient {
+    http: reqwest::Client,
+    base: Arc<str>,
+    sessions: Arc<SessionRegistry>,
+    max_answer_bytes: usize,
+    legacy_release_path: bool,
+}
+
+impl GatewayClient {
+    pub fn new(
+        settings: &GatewaySettings,
+        sessions: Arc<SessionRegistry>,
+    ) -> Result<Self, SettingsError> {
+        crate::install_crypto_provider();
+        let base = normalize_base(&settings.base_url)?;
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("ccgw-callcontrol/", env!("CARGO_PKG_VERSION")))
+            .no_proxy();
+        if let Some(pem) = &settings.ca_bundle_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| SettingsError::CaBundle(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(SettingsError::CaBundle(
+                    "no certificate in the bundle".into(),
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| SettingsError::Client(describe(&e)))?;
+        Ok(Self {
+            http,
+            base: base.into(),
+            sessions,
+            max_answer_bytes: settings.max_answer_bytes,
+            legacy_release_path: settings.legacy_release_path,
+        })
+    }
+
+    pub fn sessions(&self) -> &Arc<SessionRegistry> {
+        &self.sessions
+    }
+
+    /// `DELETE .../voicecall/{agentid}/release` (or the legacy path), or
+    /// `POST .../voicecall/{agentid}/dropcall/{callid}`.
+    pub async fn release(
+        &self,
+        agent: AgentId,
+        target: &ReleaseTarget,
+        deadline: Instant,
+    ) -> Result<Answer, GatewayError> {
+        let (method, path) = match target {
+            ReleaseTarget::Current if self.legacy_release_path => {
+                (Method::DELETE, format!("/voicecall/{agent}"))
+            }
+            ReleaseTarget::Current => (Method::DELETE, format!("/voicecall/{agent}/release")),
+            ReleaseTarget::Call(call) => {
+                (Method::POST, format!("/voicecall/{agent}/dropcall/{call}"))
+            }
+        };
+        self.call_in_session(agent, method, &path, deadline).await
+    }
+
+    /// One long poll: `GET .../agentevent/{agentid}`. The deadline must outlast the gateway's
+    /// long-poll wait (about 10 s).
+    pub async fn poll_event(
+        &self,
+        agent: AgentId,
+        deadline: Instant,
+    ) -> Result<Answer, GatewayError> {
+        self.call_in_session(
+            agent,
+            Method::GET,
+            &format!("/agentevent/{agent}"),
+            deadline,
+        )
+        .await
+    }
+
+    /// `PUT .../onlineagent/{agentid}` (or `/forcelogin`). On success the answer's `Set-GUID`
+    /// becomes the agent's session in the registry.
+    pub async fn sign_in(
+        &self,
+        agent: AgentId,
+        password: &str,
+        phone_number: &str,
+        force: bool,
+        deadline: Instant,
+    ) -> Result<Answer, GatewayError> {
+        let path = if force {
+            format!("/onlineagent/{agent}/forcelogin")
+        } else {
+            format!("/onlineagent/{agent}")
+        };
+        let request = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .header(header::CONTENT_TYPE, CONTENT_TYPE_JSON)
+            .json(&json!({ "password": password, "phonenum": phone_number }));
+        self.exchange(agent, request, None, deadline).await
+    }
+
+    async fn call_in_session(
+        &self,
+        agent: AgentId,
+        method: Method,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Answer, GatewayError> {
+        let session = self
+            .sessions
+            .get(agent)
+            .ok_or(GatewayError::NoSession(agent))?;
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(header::CONTENT_TYPE, CONTENT_TYPE_JSON)
+            .header("Guid", sensitive(session.guid.expose())?);
+        if let Some(cookie) = session.cookies.header_value() {
+            request = request.header(header::COOKIE, sensitive(&cookie)?);
+        }
+        self.exchange(agent, request, Some(&session.guid), deadline)
+            .await
+    }
+
+    /// Sends, absorbs session headers, reads a bounded body and parses the envelope, all
+    /// within `deadline`.
+    async fn exchange(
+        &self,
+        agent: AgentId,
+        request: reqwest::RequestBuilder,
+        guid_used: Option<&Guid>,
+        deadline: Instant,
+    ) -> Result<Answer, GatewayError> {
+        let budget = deadline.saturating_duration_since(Instant::now());
+        let work = async {
+            let response = request.send().await.map_err(classify_send_error)?;
+            self.absorb_session_headers(agent, &response);
+            let status = response.status();
+            if status != StatusCode::OK {
+                return Err(GatewayError::HttpStatus {
+                    status: status.as_u16(),
+                });
+            }
+            let body = wire::read_bounded(response, self.max_answer_bytes).await?;
+            wire::parse_answer(&body)
+        };
+        let answer = tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| GatewayError::Timeout(budget))??;
+        if let (true, Some(guid)) = (answer.session_gone(), guid_used) {
+            if self.sessions.forget_if_current(agent, guid) {
+                tracing::info!(%agent, retcode = %answer.retcode, "gateway session ended; forgot it");
+            }
+        }
+        Ok(answer)
+    }
+
+    fn absorb_session_headers(&self, agent: AgentId, response: &reqwest::Response) {
+        let headers = response.headers();
+        let set_guid = headers
+            .get("set-guid")
+            .and_then(|v| v.to_str().ok())
+            .and_then(Guid::from_set_guid);
+        let cookies: Vec<&str> = headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if self.sessions.absorb(agent, set_guid, &cookies) {
+            tracing::info!(%agent, "gateway issued a new Guid");
+        }
+    }
+}
+
+/// A header value marked sensitive, so hyper and any HTTP tracing redact it.
+fn sensitive(value: &str) -> Result<header::HeaderValue, GatewayError> {
+    let mut value = header::HeaderValue::from_str(value)
+        .map_err(|_| GatewayError::Malformed("session value is not a valid header".into()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn normalize_base(raw: &str) -> Result<String, SettingsError> {
+    let url = reqwest::Url::parse(raw).map_err(|_| SettingsError::BadUrl(raw.into()))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(SettingsError::BadUrl(raw.into()));
+    }
+    let trimmed = url.as_str().trim_end_matches('/');
+    Ok(if trimmed.ends_with(RESOURCE_PREFIX) {
+        trimmed.to_owned()
+    } else {
+        format!("{trimmed}{RESOURCE_PREFIX}")
+    })
+}
+
+/// Connect errors (refused, DNS, TLS handshake, connect timeout) happen before a byte of the
+/// request is written; anything else may have reached the gateway.
+fn classify_send_error(error: reqwest::Error) -> GatewayError {
+    if error.is_connect() {
+        GatewayError::Connect(describe(&error))
+    } else {
+        GatewayError::Transport(describe(&error))
+    }
+}
+
+/// An error and its causes on one line, without the URL.
+pub(crate) fn describe(error: &reqwest::Error) -> String {
+    let mut text = String::new();
+    let mut current: Option<&dyn std::error::Error> = Some(error);
+    while let Some(err) = current {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        current = err.source();
+    }
+    // reqwest puts the URL in its own message; the facade's callers need the cause, not our
+    // gateway's address.
+    match error.url() {
+        Some(url) => text.replace(&format!(" for url ({url})"), ""),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_gets_the_resource_prefix_once() {
+        assert_eq!(
+            normalize_base("https://gw:8043").unwrap(),
+            "https://gw:8043/agentgateway/resource"
+        );
+        assert_eq!(
+            normalize_base("https://gw:8043/agentgateway/resource/").unwrap(),
+            "https://gw:8043/agentgateway/resource"
+        );
+        assert!(normalize_base("ftp://gw").is_err());
+        assert!(normalize_base("gw:8043").is_err());
+    }
+}

@@ -1,0 +1,40 @@
+//! The CC-Gateway REST client: wire types, sessions (Guid, cookies), bounded answers. Knows
+//! nothing of gRPC.
+mod client;
+pub mod session;
+pub mod wire;
+
+use std::time::Duration;
+
+pub use client::{GatewayClient, GatewaySettings, ReleaseTarget, SettingsError};
+pub use session::{Cookies, Guid, Session, SessionRegistry};
+pub use wire::Answer;
+
+use crate::domain::AgentId;
+
+/// Why a gateway call produced no answer. Every variant says whether the request may have
+/// reached the gateway, which decides whether a hang-up may be retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no CC-Gateway session is known for agent {0}")]
+    NoSession(AgentId),
+    #[error("could not connect to the CC-Gateway: {0}")]
+    Connect(String),
+    #[error("no answer from the CC-Gateway within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection to the CC-Gateway failed during the request: {0}")]
+    Transport(String),
+    #[error("the CC-Gateway (or its load balancer) answered HTTP {status}")]
+    HttpStatus { status: u16 },
+    #[error("the CC-Gateway's answer is malformed: {0}")]
+    Malformed(String),
+    #[error("the CC-Gateway's answer exceeds {limit} bytes")]
+    Oversized { limit: usize },
+}
+
+impl GatewayError {
+    /// False only when the request provably never left the facade.
+    pub fn may_have_reached_gateway(&self) -> bool {
+        !matches!(self, Self::NoSession(_) | Self::Connect(_))
+    }
+}

@@ -1,0 +1,138 @@
+//! The gateway's JSON envelope: `{"message": "...", "retcode": "...", "result": ..., "event": ...}`.
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+use super::GatewayError;
+
+/// Retcode of success.
+pub const RETCODE_OK: &str = "0";
+/// Retcodes the gateway gives for a wrong, expired or unknown Guid.
+pub const RETCODES_SESSION_GONE: [&str; 2] = ["100-006", "000-003"];
+
+/// A well-formed gateway answer. `retcode` may still be a failure; deciding what a failure
+/// means is the caller's business.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub retcode: String,
+    pub message: String,
+    pub result: Option<serde_json::Value>,
+    /// Present on event-poll answers that carry an event.
+    pub event: Option<serde_json::Value>,
+}
+
+impl Answer {
+    pub fn is_ok(&self) -> bool {
+        self.retcode == RETCODE_OK
+    }
+
+    pub fn session_gone(&self) -> bool {
+        RETCODES_SESSION_GONE.contains(&self.retcode.as_str())
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope {
+    retcode: Retcode,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    result: Option<serde_json::Value>,
+    #[serde(default)]
+    event: Option<serde_json::Value>,
+}
+
+/// The reference says a string; tolerate a bare number rather than fail a whole answer on it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Retcode {
+    Text(String),
+    Number(i64),
+}
+
+pub fn parse_answer(body: &[u8]) -> Result<Answer, GatewayError> {
+    // serde would also accept a JSON array as a struct; the envelope is always an object.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(GatewayError::Malformed("not a JSON object".into()));
+    }
+    let raw: RawEnvelope = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::Malformed(format!("not a gateway envelope: {e}")))?;
+    let retcode = match raw.retcode {
+        Retcode::Text(s) => s.trim().to_owned(),
+        Retcode::Number(n) => n.to_string(),
+    };
+    if retcode.is_empty() || retcode.len() > 32 {
+        return Err(GatewayError::Malformed(
+            "retcode is empty or implausibly long".into(),
+        ));
+    }
+    Ok(Answer {
+        retcode,
+        message: raw.message.unwrap_or_default(),
+        result: raw.result.filter(|v| !v.is_null()),
+        event: raw.event.filter(|v| !v.is_null()),
+    })
+}
+
+/// Reads a body without ever holding more than `limit` bytes of it: a broken gateway or proxy
+/// must not be able to make the facade allocate without bound.
+pub async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(GatewayError::Oversized { limit });
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| GatewayError::Transport(super::client::describe(&e)))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(GatewayError::Oversized { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_reference_shapes() {
+        let empty = parse_answer(br#"{"message":"","retcode":"0"}"#).unwrap();
+        assert!(empty.is_ok() && empty.event.is_none() && empty.result.is_none());
+        let release = parse_answer(br#"{"message":"success","retcode":"0","result":{}}"#).unwrap();
+        assert_eq!(release.message, "success");
+        let event = parse_answer(
+            br#"{"message":"","retcode":"0","event":{"eventType":"AgentEvent_Call_Release","workNo":"101","content":"1456403549-15"}}"#,
+        )
+        .unwrap();
+        assert_eq!(event.event.unwrap()["content"], "1456403549-15");
+        let gone = parse_answer(br#"{"message":"agent not login","retcode":"100-006"}"#).unwrap();
+        assert!(gone.session_gone());
+        assert_eq!(parse_answer(br#"{"retcode":7}"#).unwrap().retcode, "7");
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_envelope() {
+        for body in [
+            &b""[..],
+            b"<html>502</html>",
+            b"{\"message\":\"x\"}",
+            b"{\"retcode\":\"\"}",
+            b"[1]",
+        ] {
+            let parsed = parse_answer(body);
+            assert!(
+                matches!(parsed, Err(GatewayError::Malformed(_))),
+                "{body:?}: {parsed:?}"
+            );
+        }
+    }
+}

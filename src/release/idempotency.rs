@@ -1,0 +1,234 @@
+//! Remembers answers by request id for a window, so a client's retry of a hang-up gets the first
+//! answer instead of a second hang-up. Concurrent duplicates wait for the first one's answer.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use crate::domain::RequestId;
+
+#[derive(Debug, Clone)]
+pub struct IdempotencyCache<F, V> {
+    inner: Arc<Mutex<Inner<F, V>>>,
+    window: Duration,
+    capacity: usize,
+}
+
+#[derive(Debug)]
+struct Inner<F, V> {
+    entries: HashMap<RequestId, Entry<F, V>>,
+    /// Insertion order, for expiry and eviction; stale rows are skipped by generation.
+    order: VecDeque<(Instant, RequestId, u64)>,
+    next_generation: u64,
+}
+
+#[derive(Debug)]
+struct Entry<F, V> {
+    fingerprint: F,
+    generation: u64,
+    answer: watch::Receiver<Option<V>>,
+}
+
+/// The outcome of claiming a request id.
+pub enum Claim<F, V> {
+    /// First of its id: do the work and `complete` the ticket.
+    Owner(Ticket<F, V>),
+    /// Seen before (maybe still running): wait for that answer.
+    Follower(Pending<V>),
+    /// Seen before with different parameters.
+    Conflict,
+}
+
+pub struct Ticket<F, V> {
+    inner: Arc<Mutex<Inner<F, V>>>,
+    key: RequestId,
+    generation: u64,
+    answer: Option<watch::Sender<Option<V>>>,
+}
+
+pub struct Pending<V>(watch::Receiver<Option<V>>);
+
+impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                entries: HashMap::new(),
+                order: VecDeque::new(),
+                next_generation: 0,
+            })),
+            window,
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn claim(&self, key: &RequestId, fingerprint: F) -> Claim<F, V> {
+        let now = Instant::now();
+        let mut inner = lock(&self.inner);
+        inner.expire(now, self.window);
+        if let Some(entry) = inner.entries.get(key) {
+            return if entry.fingerprint == fingerprint {
+                Claim::Follower(Pending(entry.answer.clone()))
+            } else {
+                Claim::Conflict
+            };
+        }
+        while inner.entries.len() >= self.capacity {
+            // Full: the oldest id is forgotten early rather than growing without bound.
+            let Some((_, old, generation)) = inner.order.pop_front() else {
+                break;
+            };
+            inner.remove_if(&old, generation);
+        }
+        let generation = inner.next_generation;
+        inner.next_generation += 1;
+        let (tx, rx) = watch::channel(None);
+        inner.entries.insert(
+            key.clone(),
+            Entry {
+                fingerprint,
+                generation,
+                answer: rx,
+            },
+        );
+        inner.order.push_back((now, key.clone(), generation));
+        Claim::Owner(Ticket {
+            inner: self.inner.clone(),
+            key: key.clone(),
+            generation,
+            answer: Some(tx),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.inner).entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<F, V> Inner<F, V> {
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while let Some((created, _, _)) = self.order.front() {
+            if now.duration_since(*created) < window {
+                break;
+            }
+            let (_, key, generation) = self.order.pop_front().expect("front exists");
+            self.remove_if(&key, generation);
+        }
+    }
+
+    fn remove_if(&mut self, key: &RequestId, generation: u64) {
+        if self
+            .entries
+            .get(key)
+            .is_some_and(|e| e.generation == generation)
+        {
+            self.entries.remove(key);
+        }
+    }
+}
+
+impl<F, V> Ticket<F, V> {
+    /// Publishes the answer to everyone waiting. `remember: false` forgets the id at once (the
+    /// work provably had no effect, so a retry may do it again).
+    pub fn complete(mut self, value: V, remember: bool) {
+        if let Some(tx) = self.answer.take() {
+            tx.send_replace(Some(value));
+        }
+        if !remember {
+            lock(&self.inner).remove_if(&self.key, self.generation);
+        }
+    }
+}
+
+impl<F, V> Drop for Ticket<F, V> {
+    fn drop(&mut self) {
+        // Dropped without an answer (the work panicked or was cancelled): forget the id so
+        // waiters see the channel close and a retry is not stuck behind a dead entry.
+        if self.answer.is_some() {
+            lock(&self.inner).remove_if(&self.key, self.generation);
+        }
+    }
+}
+
+impl<V: Clone> Pending<V> {
+    /// The first request's answer, or None if it ended without one.
+    pub async fn wait(mut self) -> Option<V> {
+        if let Ok(value) = self.0.wait_for(Option::is_some).await {
+            return value.clone();
+        }
+        // The sender is gone; it may still have published before it went.
+        self.0.borrow().clone()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> RequestId {
+        RequestId::parse("r", s).unwrap()
+    }
+
+    fn owner(claim: Claim<u8, u32>) -> Ticket<u8, u32> {
+        match claim {
+            Claim::Owner(t) => t,
+            _ => panic!("expected owner"),
+        }
+    }
+
+    fn follower(claim: Claim<u8, u32>) -> Pending<u32> {
+        match claim {
+            Claim::Follower(p) => p,
+            _ => panic!("expected follower"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn duplicates_get_the_first_answer_within_the_window() {
+        let cache = IdempotencyCache::new(Duration::from_secs(60), 100);
+        let ticket = owner(cache.claim(&id("a"), 1));
+        let waiting = follower(cache.claim(&id("a"), 1));
+        ticket.complete(7, true);
+        assert_eq!(waiting.wait().await, Some(7));
+        assert_eq!(follower(cache.claim(&id("a"), 1)).wait().await, Some(7));
+        assert!(matches!(cache.claim(&id("a"), 2), Claim::Conflict));
+
+        tokio::time::advance(Duration::from_secs(61)).await;
+        owner(cache.claim(&id("a"), 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unremembered_and_abandoned_answers_free_the_id() {
+        let cache = IdempotencyCache::new(Duration::from_secs(60), 100);
+        let ticket = owner(cache.claim(&id("a"), 1));
+        let waiting = follower(cache.claim(&id("a"), 1));
+        ticket.complete(1, false);
+        assert_eq!(waiting.wait().await, Some(1));
+        let ticket = owner(cache.claim(&id("a"), 1));
+        let waiting = follower(cache.claim(&id("a"), 1));
+        drop(ticket);
+        assert_eq!(waiting.wait().await, None);
+        owner(cache.claim(&id("a"), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_bounds_memory() {
+        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(60), 3);
+        for n in 0..10 {
+            owner(cache.claim(&id(&n.to_string()), 0)).complete(n, true);
+        }
+        assert_eq!(cache.len(), 3);
+        // The newest survive.
+        assert_eq!(follower(cache.claim(&id("9"), 0)).wait().await, Some(9));
+    }
+}

@@ -1,0 +1,261 @@
+//! The hang-up policy: which retries are safe, what "no call" means, and request-id
+//! idempotency. Knows nothing of gRPC.
+mod idempotency;
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+pub use idempotency::{Claim, IdempotencyCache};
+
+use crate::{
+    domain::{AgentId, RequestId},
+    gateway::{Answer, GatewayClient, GatewayError, ReleaseTarget},
+};
+
+/// Retcodes meaning "the call is already gone": 200-017 (release) and 200-025 (dropcall).
+pub const RETCODES_NO_CALL: [&str; 2] = ["200-017", "200-025"];
+/// "Exception during the agent operation": the outcome of the operation is unknown.
+pub const RETCODE_OPERATION_EXCEPTION: &str = "100-007";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseCommand {
+    pub agent: AgentId,
+    pub target: ReleaseTarget,
+    pub require_active_call: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Released,
+    NoActiveCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseReport {
+    pub outcome: ReleaseOutcome,
+    pub retcode: String,
+    pub message: String,
+    /// The answer was recorded for an earlier request with the same id.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("the CC-Gateway refused: retcode {retcode} ({message})")]
+    Rejected { retcode: String, message: String },
+    #[error("the agent has no call to release: retcode {retcode} ({message})")]
+    NoActiveCall { retcode: String, message: String },
+    #[error("request_id was already used with different parameters")]
+    RequestIdReused,
+    #[error("an earlier request with this request_id ended without an answer; retry")]
+    EarlierAttemptLost,
+}
+
+impl ReleaseError {
+    /// Whether the hang-up may have happened although no success came back. Only a release of
+    /// the *current* call makes this dangerous: repeating it could hang up the next call.
+    pub fn may_have_released(&self) -> bool {
+        match self {
+            Self::Gateway(e) => e.may_have_reached_gateway(),
+            // "exception during the agent operation": the gateway may have got part way.
+            Self::Rejected { retcode, .. } => retcode == RETCODE_OPERATION_EXCEPTION,
+            _ => false,
+        }
+    }
+
+    /// Whether a duplicate request must get this answer rather than a fresh attempt: the
+    /// gateway settled the matter, or nobody can tell whether it did.
+    fn binds_duplicates(&self) -> bool {
+        matches!(self, Self::NoActiveCall { .. }) || self.may_have_released()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReleasePolicy {
+    /// Attempts for dropcall (call-scoped, safe to repeat) on transport failures.
+    pub dropcall_attempts: u32,
+    /// Attempts for any release when the connection provably was not made.
+    pub connect_attempts: u32,
+    pub retry_base_delay: Duration,
+    pub idempotency_window: Duration,
+    pub idempotency_capacity: usize,
+}
+
+impl Default for ReleasePolicy {
+    fn default() -> Self {
+        Self {
+            dropcall_attempts: 3,
+            connect_attempts: 3,
+            retry_base_delay: Duration::from_millis(100),
+            idempotency_window: Duration::from_secs(600),
+            idempotency_capacity: 100_000,
+        }
+    }
+}
+
+type AnswerCache = IdempotencyCache<ReleaseCommand, Result<ReleaseReport, ReleaseError>>;
+
+#[derive(Debug, Clone)]
+pub struct ReleaseService {
+    gateway: GatewayClient,
+    policy: ReleasePolicy,
+    answers: AnswerCache,
+}
+
+impl ReleaseService {
+    pub fn new(gateway: GatewayClient, policy: ReleasePolicy) -> Self {
+        let answers = IdempotencyCache::new(policy.idempotency_window, policy.idempotency_capacity);
+        Self {
+            gateway,
+            policy,
+            answers,
+        }
+    }
+
+    pub fn gateway(&self) -> &GatewayClient {
+        &self.gateway
+    }
+
+    /// Releases a call, at most once per `request_id` within the idempotency window.
+    pub async fn release(
+        &self,
+        command: ReleaseCommand,
+        request_id: Option<&RequestId>,
+        deadline: Instant,
+    ) -> Result<ReleaseReport, ReleaseError> {
+        let budget = deadline.saturating_duration_since(Instant::now());
+        let Some(request_id) = request_id else {
+            return self.release_once(&command, deadline).await;
+        };
+        let pending = match self.answers.claim(request_id, command.clone()) {
+            Claim::Conflict => return Err(ReleaseError::RequestIdReused),
+            Claim::Follower(pending) => {
+                let answer = tokio::time::timeout_at(deadline, pending.wait())
+                    .await
+                    .map_err(|_| GatewayError::Timeout(budget))?;
+                return match answer {
+                    Some(Ok(report)) => Ok(ReleaseReport {
+                        replayed: true,
+                        ..report
+                    }),
+                    Some(Err(error)) => Err(error),
+                    None => Err(ReleaseError::EarlierAttemptLost),
+                };
+            }
+            Claim::Owner(ticket) => {
+                // The work runs on its own task: a caller that goes away mid-request must not
+                // cut off the answer that later duplicates are promised.
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let answer = this.release_once(&command, deadline).await;
+                    let remember = answer
+                        .as_ref()
+                        .err()
+                        .is_none_or(ReleaseError::binds_duplicates);
+                    ticket.complete(answer.clone(), remember);
+                    answer
+                })
+            }
+        };
+        pending
+            .await
+            .unwrap_or(Err(ReleaseError::EarlierAttemptLost))
+    }
+
+    async fn release_once(
+        &self,
+        command: &ReleaseCommand,
+        deadline: Instant,
+    ) -> Result<ReleaseReport, ReleaseError> {
+        let answer = self.send_with_safe_retries(command, deadline).await?;
+        interpret(command, answer)
+    }
+
+    async fn send_with_safe_retries(
+        &self,
+        command: &ReleaseCommand,
+        deadline: Instant,
+    ) -> Result<Answer, GatewayError> {
+        let mut attempt = 1;
+        loop {
+            let error = match self
+                .gateway
+                .release(command.agent, &command.target, deadline)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            let limit = self.retry_limit(&command.target, &error);
+            let delay = backoff(self.policy.retry_base_delay, attempt);
+            if attempt >= limit || Instant::now() + delay >= deadline {
+                return Err(error);
+            }
+            tracing::warn!(agent = %command.agent, attempt, %error, "retrying a release that is safe to repeat");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// How many attempts an error allows. "Release the current call" is repeated only when the
+    /// request provably never left; dropcall names its call and may be repeated after any
+    /// transport failure.
+    fn retry_limit(&self, target: &ReleaseTarget, error: &GatewayError) -> u32 {
+        match (target, error) {
+            (_, GatewayError::Connect(_)) => self.policy.connect_attempts,
+            (
+                ReleaseTarget::Call(_),
+                GatewayError::Transport(_) | GatewayError::HttpStatus { status: 502..=504 },
+            ) => self.policy.dropcall_attempts,
+            _ => 1,
+        }
+    }
+}
+
+fn interpret(command: &ReleaseCommand, answer: Answer) -> Result<ReleaseReport, ReleaseError> {
+    let Answer {
+        retcode, message, ..
+    } = answer;
+    let outcome = if retcode == crate::gateway::wire::RETCODE_OK {
+        ReleaseOutcome::Released
+    } else if RETCODES_NO_CALL.contains(&retcode.as_str()) {
+        if command.require_active_call {
+            return Err(ReleaseError::NoActiveCall { retcode, message });
+        }
+        ReleaseOutcome::NoActiveCall
+    } else {
+        return Err(ReleaseError::Rejected { retcode, message });
+    };
+    Ok(ReleaseReport {
+        outcome,
+        retcode,
+        message,
+        replayed: false,
+    })
+}
+
+/// Exponential backoff with full jitter: base * 2^(attempt-1), randomised in [half, full].
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let full = base.saturating_mul(1 << attempt.saturating_sub(1).min(8));
+    let half = full / 2;
+    half + full.mul_f64(rand::rng().random_range(0.0..=0.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let base = Duration::from_millis(100);
+        for attempt in 1..20 {
+            let d = backoff(base, attempt);
+            let full = base * (1 << (attempt - 1).min(8));
+            assert!(d >= full / 2 && d <= full, "{attempt}: {d:?}");
+        }
+    }
+}

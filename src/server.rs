@@ -1,0 +1,154 @@
+//! `run(listener, app, shutdown)`: the gRPC server with health, reflection (v1 and v1alpha)
+//! and a bounded graceful drain.
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codegen::http;
+
+use crate::{
+    api::{CallControlApi, CallControlServer},
+    proto,
+};
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// How long in-flight calls may take to finish after shutdown begins.
+    pub drain_timeout: Duration,
+    /// Largest request message accepted.
+    pub max_request_bytes: usize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(10),
+            max_request_bytes: 16 * 1024,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, and gives
+/// in-flight calls `drain_timeout` to finish.
+pub async fn run(
+    listener: TcpListener,
+    api: CallControlApi,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CallControlServer<CallControlApi>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let call_control =
+        CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
+
+    let (draining_tx, mut draining_rx) = watch::channel(false);
+    // Dropped (or set) when `run` gives up draining: calls still running then end with
+    // UNAVAILABLE instead of living on in connection tasks nobody waits for.
+    let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
+    let signal = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
+            health
+                .set_not_serving::<CallControlServer<CallControlApi>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            let _ = draining_tx.send(true);
+        }
+    };
+
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .layer(tower::layer::layer_fn(move |inner| AbortOnHardStop {
+            inner,
+            stop: hard_stop_rx.clone(),
+        }))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(call_control)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+
+    // tonic waits for every open call and stream before returning; bound that wait.
+    let drain_deadline = async {
+        let _ = draining_rx.wait_for(|draining| *draining).await;
+        tokio::time::sleep(settings.drain_timeout).await;
+    };
+    tokio::select! {
+        result = serve => result?,
+        () = drain_deadline => {
+            tracing::warn!(timeout = ?settings.drain_timeout, "drain timed out; ending remaining calls with UNAVAILABLE");
+            let _ = hard_stop_tx.send(true);
+        }
+    }
+    Ok(())
+}
+
+/// Races every call against the hard stop.
+#[derive(Clone)]
+struct AbortOnHardStop<S> {
+    inner: S,
+    stop: watch::Receiver<bool>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for AbortOnHardStop<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = self.inner.call(request);
+        let mut stop = self.stop.clone();
+        Box::pin(async move {
+            tokio::select! {
+                response = call => response,
+                _ = stop.wait_for(|stopped| *stopped) => {
+                    Ok(tonic::Status::unavailable("the server shut down before this call finished").into_http())
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,390 @@
+//! The gateway routes under `/agentgateway/resource`, answering as the reference describes.
+
+use std::pin::pin;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::state::{Credentials, GuidUse, QueuedEvent, Shared};
+
+const PREFIX: &str = "/agentgateway/resource";
+
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    let r = |p: &str| format!("{PREFIX}{p}");
+    Router::new()
+        .route(&r("/onlineagent/{agentid}"), put(sign_in))
+        .route(&r("/onlineagent/{agentid}/forcelogin"), put(force_login))
+        .route(&r("/onlineagent/{agentid}/logout"), delete(logout))
+        .route(
+            &r("/onlineagent/{agentid}/forcelogout"),
+            delete(force_logout),
+        )
+        .route(&r("/agentevent/{agentid}"), get(poll))
+        .route(&r("/voicecall/{agentid}/release"), delete(release))
+        .route(&r("/voicecall/{agentid}"), delete(release))
+        .route(
+            &r("/voicecall/{agentid}/dropcall/{callid}"),
+            post(drop_call),
+        )
+        .route(
+            &r("/voicecall/{agentid}/disconnect/{number}"),
+            post(disconnect),
+        )
+}
+
+/// Text the gateway puts in `message` for the codes the simulator answers.
+fn message_for(retcode: &str) -> &'static str {
+    match retcode {
+        "0" => "success",
+        "000-001" => "wrong event-obtaining method",
+        "000-002" => "invalid parameter or URL",
+        "000-003" => "no right to invoke the interface",
+        "100-001" => "sign-in parameter empty or invalid",
+        "100-002" => "agent already signed in",
+        "100-004" => "wrong user name or password",
+        "100-006" => "agent not signed in",
+        "100-010" => "state error at sign-out",
+        "200-017" => "no call to release",
+        "200-023" => "the number cannot be released",
+        "200-025" => "no call can be droped",
+        "200-204" => "number not in the last call",
+        _ => "",
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    message: &'a str,
+    retcode: &'a str,
+    result: Value,
+}
+
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    resp
+}
+
+/// HTTP 200 `{"message","retcode","result":{}}`.
+pub(crate) fn envelope(retcode: &str, message: &str) -> Response {
+    let body = Envelope {
+        message,
+        retcode,
+        result: Value::Object(Default::default()),
+    };
+    json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+fn code(retcode: &str) -> Response {
+    envelope(retcode, message_for(retcode))
+}
+
+fn credentials(headers: &HeaderMap) -> Credentials {
+    let (guid, cookie) = super::faults::session_headers(headers);
+    Credentials { guid, cookie }
+}
+
+/// Agent id and session check shared by every route but sign-in; `Err` is the retcode.
+fn authorized(
+    sim: &Shared,
+    raw_id: &str,
+    headers: &HeaderMap,
+) -> Result<(u32, Credentials, GuidUse), &'static str> {
+    let id = sim.parse_agent_id(raw_id).ok_or("000-002")?;
+    let creds = credentials(headers);
+    let used = sim
+        .lock()
+        .authorize(&sim.config, id, &creds, Instant::now())
+        .map_err(|d| d.retcode())?;
+    Ok((id, creds, used))
+}
+
+async fn sign_in(
+    State(sim): State<Arc<Shared>>,
+    Path(agentid): Path<String>,
+    body: Bytes,
+) -> Response {
+    do_sign_in(&sim, &agentid, &body, false)
+}
+
+async fn force_login(
+    State(sim): State<Arc<Shared>>,
+    Path(agentid): Path<String>,
+    body: Bytes,
+) -> Response {
+    do_sign_in(&sim, &agentid, &body, true)
+}
+
+fn do_sign_in(sim: &Shared, raw_id: &str, body: &[u8], force: bool) -> Response {
+    let Some(id) = sim.parse_agent_id(raw_id) else {
+        return code("000-002");
+    };
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return code("100-001");
+    };
+    let password = fields.get("password").and_then(Value::as_str).unwrap_or("");
+    if password.is_empty() {
+        return code("100-001");
+    }
+    if fields.contains_key("callBackUri") && fields.contains_key("serviceToken") {
+        return envelope(
+            "000-001",
+            "event push mode is not supported by the simulator",
+        );
+    }
+    if sim
+        .config
+        .password
+        .as_deref()
+        .is_some_and(|p| p != password)
+    {
+        return code("100-004");
+    }
+    let phonenum = match fields.get("phonenum") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => id.to_string(),
+    };
+    let created = sim
+        .lock()
+        .sign_in(&sim.config, id, phonenum, force, Instant::now());
+    let Some(session) = created else {
+        return code("100-002");
+    };
+    tracing::info!(agent = id, force, "sim: agent signed in");
+    let mut resp = code("0");
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("JSESSIONID={}", session.guid)) {
+        headers.insert("set-guid", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{}; Path=/; HttpOnly", session.cookie)) {
+        headers.insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+async fn logout(
+    State(sim): State<Arc<Shared>>,
+    Path(agentid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
+        Ok(ok) => ok,
+        Err(retcode) => return code(retcode),
+    };
+    let mut st = sim.lock();
+    let in_call = st
+        .session_mut(&sim.config, id, Instant::now())
+        .is_some_and(|s| s.call.is_some());
+    if in_call {
+        return code("100-010");
+    }
+    st.sign_out(id);
+    tracing::info!(agent = id, "sim: agent signed out");
+    code("0")
+}
+
+async fn force_logout(
+    State(sim): State<Arc<Shared>>,
+    Path(agentid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
+        Ok(ok) => ok,
+        Err(retcode) => return code(retcode),
+    };
+    let mut st = sim.lock();
+    st.release_call(&sim.config, id, Instant::now());
+    st.sign_out(id);
+    tracing::info!(agent = id, "sim: agent force-signed out");
+    code("0")
+}
+
+async fn release(
+    State(sim): State<Arc<Shared>>,
+    Path(agentid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
+        Ok(ok) => ok,
+        Err(retcode) => return code(retcode),
+    };
+    match sim.lock().release_call(&sim.config, id, Instant::now()) {
+        Some(_) => code("0"),
+        None => code("200-017"),
+    }
+}
+
+async fn drop_call(
+    State(sim): State<Arc<Shared>>,
+    Path((agentid, callid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
+        Ok(ok) => ok,
+        Err(retcode) => return code(retcode),
+    };
+    let mut st = sim.lock();
+    let now = Instant::now();
+    let matches = st
+        .session_mut(&sim.config, id, now)
+        .and_then(|s| s.call.as_ref())
+        .is_some_and(|c| c.callid == callid);
+    if !matches {
+        return code("200-025");
+    }
+    st.release_call(&sim.config, id, now);
+    code("0")
+}
+
+async fn disconnect(
+    State(sim): State<Arc<Shared>>,
+    Path((agentid, number)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
+        Ok(ok) => ok,
+        Err(retcode) => return code(retcode),
+    };
+    let mut st = sim.lock();
+    let now = Instant::now();
+    let caller = st
+        .session_mut(&sim.config, id, now)
+        .and_then(|s| s.call.as_ref())
+        .map(|c| c.caller.clone());
+    match caller {
+        None => code("200-023"),
+        Some(c) if c != number => code("200-204"),
+        Some(_) => {
+            st.release_call(&sim.config, id, now);
+            code("0")
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PollAnswer<'a> {
+    message: &'a str,
+    retcode: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<EventBody<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventBody<'a> {
+    event_type: &'a str,
+    work_no: String,
+    content: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_gen_time: Option<u64>,
+}
+
+/// Decrements the in-flight poll count however the poll ends (answer or client gone).
+struct InFlight<'a> {
+    sim: &'a Shared,
+    id: u32,
+    session: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.sim
+            .lock()
+            .poll_finished(self.id, self.session, Instant::now());
+    }
+}
+
+async fn poll(
+    State(sim): State<Arc<Shared>>,
+    Path(agentid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if agentid == "allagentevent" {
+        // Needs GET_EVENT_MODE=2; the simulator runs the per-agent mode.
+        return code("000-001");
+    }
+    let (id, creds, _) = match authorized(&sim, &agentid, &headers) {
+        Ok(ok) => ok,
+        Err(retcode) => return code(retcode),
+    };
+    let (notify, session) = {
+        let mut st = sim.lock();
+        let (Some(notify), Some(session)) = (
+            st.notifier(id),
+            st.poll_started(&sim.config, id, Instant::now()),
+        ) else {
+            return code("100-006");
+        };
+        (notify, session)
+    };
+    let _in_flight = InFlight {
+        sim: &sim,
+        id,
+        session,
+    };
+    let deadline = Instant::now() + sim.config.poll_wait;
+    loop {
+        // Register for wake-ups before looking, so an event queued in between is not missed.
+        let mut notified = pin!(notify.notified());
+        notified.as_mut().enable();
+        {
+            let mut st = sim.lock();
+            let now = Instant::now();
+            let used = match st.authorize(&sim.config, id, &creds, now) {
+                Ok(used) => used,
+                Err(d) => return code(d.retcode()),
+            };
+            let event = st.pop_event(id);
+            if event.is_some() || now >= deadline {
+                let new_guid = st.guid_for_answer(&sim.config, id, used, now);
+                drop(st);
+                return poll_answer(&sim, id, event, new_guid);
+            }
+        }
+        // Timing out just loops once more to answer (empty, or an event that raced in).
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+}
+
+fn poll_answer(
+    sim: &Shared,
+    id: u32,
+    event: Option<QueuedEvent>,
+    new_guid: Option<String>,
+) -> Response {
+    let answer = PollAnswer {
+        message: "",
+        retcode: "0",
+        event: event.as_ref().map(|e| EventBody {
+            event_type: e.event_type,
+            work_no: id.to_string(),
+            content: &e.content,
+            event_gen_time: sim.config.event_gen_time.then_some(e.gen_ms),
+        }),
+    };
+    let mut resp = json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&answer).unwrap_or_default(),
+    );
+    if let Some(guid) = new_guid {
+        if let Ok(v) = HeaderValue::from_str(&format!("JSESSIONID={guid}")) {
+            resp.headers_mut().insert("set-guid", v);
+        }
+    }
+    resp
+}

