@@ -585,6 +585,54 @@ async fn fault_drop_gives_no_complete_answer() {
 }
 
 #[tokio::test]
+async fn fault_lose_answer_executes_the_release_but_the_client_gets_no_answer() {
+    let h = start(quick()).await;
+    let s = h.sign_in("101").await;
+    let callid = h.sim.place_call("101", "70093").unwrap();
+    assert_eq!(
+        h.poll_event("101", &s).await["eventType"],
+        "AgentEvent_Ringing"
+    );
+    assert_eq!(
+        h.poll_event("101", &s).await["eventType"],
+        "AgentEvent_Talking"
+    );
+    let (status, _) = h
+        .control(
+            Method::POST,
+            "/faults",
+            Some(json!({"fault": {"kind": "lose_answer"}, "method": "DELETE", "path_contains": "/release"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let req = h
+        .client
+        .delete(format!("{}{GW}/voicecall/101/release", h.base))
+        .header("guid", &s.guid)
+        .header("Cookie", &s.cookie)
+        .send();
+    let err = timeout(BOUND, req)
+        .await
+        .unwrap()
+        .expect_err("no answer under lose_answer");
+    assert!(err.is_request(), "{err:?}");
+
+    // ...but the release was executed: the call is gone and its events are queued.
+    let (status, view) = h.control(Method::GET, "/agents/101", None).await;
+    assert_eq!(status, 200);
+    assert!(view["call_id"].is_null(), "{view}");
+    let released = h.poll_event("101", &s).await;
+    assert_eq!(released["eventType"], "AgentEvent_Call_Release");
+    assert_eq!(released["content"], callid.as_str());
+    // A blind retry finds no call (with a new call placed meanwhile it would hang that one up).
+    let again = h
+        .call(Method::DELETE, "/voicecall/101/release", Some(&s))
+        .await;
+    assert_eq!(retcode(&again), "200-017");
+}
+
+#[tokio::test]
 async fn fault_oversized_counts_only_what_the_client_pulls() {
     let h = start(quick()).await;
     let s = h.sign_in("101").await;

@@ -62,6 +62,13 @@ pub(crate) async fn record_and_inject(
             br#"{"message":"","retcode":"0","event":{"eventType":"AgentEvent_Tal"#.to_vec(),
         ),
         Some(Fault::Drop) => dropped(),
+        Some(Fault::LoseAnswer) => {
+            // Executed in full (state changes, queued events), then the answer is thrown away.
+            let answer = next.run(req).await;
+            tracing::debug!(%method, %path, status = %answer.status(), "sim: answer lost");
+            drop(answer);
+            dropped()
+        }
         Some(Fault::Oversized { bytes }) => oversized(sim, bytes),
     }
 }
@@ -98,7 +105,7 @@ fn http_status(status: u16) -> Response {
 }
 
 /// A chunked 200 whose body stream fails at once: hyper aborts the connection without
-/// finishing the message, so the client never gets a complete answer.
+/// finishing the message, so the client never gets a complete answer (`drop`, `lose_answer`).
 fn dropped() -> Response {
     let stream = futures_util::stream::iter([Err::<Bytes, std::io::Error>(std::io::Error::new(
         std::io::ErrorKind::ConnectionReset,

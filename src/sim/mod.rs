@@ -36,10 +36,12 @@
 //! # Faults
 //! Rule JSON: `{"fault":{"kind":"drop"},"count":1,"method":"GET","path_contains":"/agentevent/"}`
 //! (`count` defaults to 1, `method`/`path_contains` to any). Kinds: `latency {ms}`,
-//! `retcode {retcode, message}`, `http_status {status}`, `malformed`, `drop`, `oversized {bytes}`.
+//! `retcode {retcode, message}`, `http_status {status}`, `malformed`, `drop`, `lose_answer`,
+//! `oversized {bytes}`.
 //! A [`FaultRule`] applies to the next `count` gateway requests matching `method`
 //! (case-insensitive) and `path_contains` (substring of the full path). The request is recorded
-//! but, except for `latency`, never reaches the gateway logic (state untouched):
+//! but, except for `latency` and `lose_answer`, never reaches the gateway logic (state
+//! untouched):
 //! - `latency {ms}`: waits, then answers normally. If the client gives up first the request is
 //!   never executed.
 //! - `retcode {retcode, message}`: HTTP 200 envelope with that retcode.
@@ -49,6 +51,11 @@
 //!   the connection without writing anything, so the client gets no status line at all. With
 //!   reqwest, `send()` fails with a request error whose source is hyper's `IncompleteMessage`
 //!   ("connection closed before message completed"). Nothing was executed, so a retry is safe.
+//! - `lose_answer`: the request IS executed as normal (a `release` really hangs up the call and
+//!   queues the release events; a poll really dequeues its event and may rotate the Guid), then
+//!   the answer is thrown away and the client sees exactly what `drop` gives: no status line,
+//!   `send()` fails. This is the reference's hazard: a blind `release` retry after a lost
+//!   answer can hang up the *next* call (or answer `200-017` when there is none).
 //! - `oversized {bytes}`: HTTP 200, chunked (no `Content-Length`), a lazily generated JSON-ish
 //!   body of exactly `bytes` bytes; the bytes actually pulled by the connection are counted in
 //!   [`Simulator::oversized_bytes_sent`].
@@ -201,6 +208,8 @@ pub enum Fault {
     Malformed,
     /// The connection dies without a complete answer.
     Drop,
+    /// The request is executed as normal, then the connection dies without a complete answer.
+    LoseAnswer,
     /// HTTP 200 with a streamed, lazily generated body of that many bytes.
     Oversized { bytes: u64 },
 }
