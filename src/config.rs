@@ -44,27 +44,33 @@ pub struct Config {
     pub max_agent_id: u32,
 
     /// Connect timeout towards the gateway, in milliseconds.
-    #[arg(long, env = "CCGW_CONNECT_TIMEOUT_MS", default_value_t = 3_000)]
+    #[arg(long, env = "CCGW_CONNECT_TIMEOUT_MS", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub connect_timeout_ms: u64,
 
     /// Upper bound of one ReleaseCall, in milliseconds; a shorter gRPC deadline wins.
-    #[arg(long, env = "CCGW_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "CCGW_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub request_timeout_ms: u64,
 
     /// Largest gateway answer read, in bytes.
-    #[arg(long, env = "CCGW_MAX_ANSWER_BYTES", default_value_t = 64 * 1024)]
-    pub max_answer_bytes: usize,
+    #[arg(long, env = "CCGW_MAX_ANSWER_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub max_answer_bytes: u32,
 
-    /// How long a request_id's answer is remembered, in seconds.
-    #[arg(long, env = "CCGW_IDEMPOTENCY_WINDOW_SECS", default_value_t = 600)]
+    /// How long a request_id's answer is remembered, in seconds; at least the request timeout.
+    #[arg(long, env = "CCGW_IDEMPOTENCY_WINDOW_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idempotency_window_secs: u64,
 
     /// How many request_ids are remembered at most (oldest forgotten first).
-    #[arg(long, env = "CCGW_IDEMPOTENCY_CAPACITY", default_value_t = 100_000)]
-    pub idempotency_capacity: usize,
+    #[arg(long, env = "CCGW_IDEMPOTENCY_CAPACITY", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub idempotency_capacity: u32,
 
     /// How long in-flight calls may finish after SIGTERM, in seconds.
-    #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub drain_timeout_secs: u64,
 
     /// Log format.
@@ -81,6 +87,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// Checks what one flag's range cannot: a request id must be remembered at least as long
+    /// as its request may run, or a duplicate could act while the first is still waiting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.idempotency_window_secs * 1000 < self.request_timeout_ms {
+            return Err(format!(
+                "--idempotency-window-secs ({}) must cover --request-timeout-ms ({})",
+                self.idempotency_window_secs, self.request_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
     /// Gateway settings for `base_url` (the configured one, or the simulator's).
     pub fn gateway(&self, base_url: String) -> std::io::Result<GatewaySettings> {
         let ca_bundle_pem = self
@@ -92,7 +110,7 @@ impl Config {
             base_url,
             ca_bundle_pem,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
-            max_answer_bytes: self.max_answer_bytes,
+            max_answer_bytes: self.max_answer_bytes as usize,
             legacy_release_path: self.legacy_release_path,
         })
     }
@@ -100,7 +118,7 @@ impl Config {
     pub fn release_policy(&self) -> ReleasePolicy {
         ReleasePolicy {
             idempotency_window: Duration::from_secs(self.idempotency_window_secs),
-            idempotency_capacity: self.idempotency_capacity,
+            idempotency_capacity: self.idempotency_capacity as usize,
             ..ReleasePolicy::default()
         }
     }
@@ -131,5 +149,16 @@ mod tests {
         let c = Config::try_parse_from(["x", "--gateway-url", "https://gw:8043"]).unwrap();
         assert_eq!(c.listen.port(), 50051);
         assert!(Config::try_parse_from(["x", "--simulate", "--max-agent-id", "1000000"]).is_err());
+        assert!(Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "0"]).is_err());
+        let short = Config::try_parse_from([
+            "x",
+            "--simulate",
+            "--idempotency-window-secs",
+            "5",
+            "--request-timeout-ms",
+            "6000",
+        ])
+        .unwrap();
+        assert!(short.validate().is_err());
     }
 }

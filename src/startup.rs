@@ -21,6 +21,8 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("demo setup: {0}")]
     Demo(String),
 }
@@ -31,6 +33,7 @@ pub const DEMO_AGENTS: [&str; 3] = ["101", "102", "103"];
 pub const DEMO_CALLER: &str = "70093";
 
 pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi, StartupError> {
+    config.validate().map_err(StartupError::Config)?;
     let sessions = Arc::new(SessionRegistry::new());
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?, sessions)?;
     let release = ReleaseService::new(gateway, config.release_policy());

@@ -8,9 +8,7 @@ use std::{
     time::Duration,
 };
 
-use ccgw_callcontrol::{
-    sim::{Fault, FaultRule, SimConfig},
-};
+use ccgw_callcontrol::sim::{Fault, FaultRule, SimConfig};
 use common::{agent_id, release_req, sim_config, spawn_app_with};
 use tonic_types::StatusExt;
 
@@ -37,24 +35,52 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
         .with_writer(move || writer.clone())
         .init();
 
-    let app = spawn_app_with(SimConfig { require_sticky_cookie: true, ..sim_config() }, &[]).await;
+    let app = spawn_app_with(
+        SimConfig {
+            require_sticky_cookie: true,
+            ..sim_config()
+        },
+        &[],
+    )
+    .await;
     let mut secrets = vec![app.sign_in("101").await];
     let session = app.api.gateway().sessions().get(agent_id("101")).unwrap();
-    let cookie = session.cookies.header_value().expect("the gateway set a sticky cookie");
+    let cookie = session
+        .cookies
+        .header_value()
+        .expect("the gateway set a sticky cookie");
     secrets.push(cookie.split_once('=').unwrap().1.to_owned());
 
     let mut statuses = Vec::new();
     app.sim.place_call("101", "70093").unwrap();
     // Handed over in metadata, released, rotated, then failures of every kind.
     let mut request = tonic::Request::new(release_req("101"));
-    request.metadata_mut().insert("x-ccgw-guid", secrets[0].parse().unwrap());
-    request.metadata_mut().insert("x-ccgw-cookie", cookie.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-ccgw-guid", secrets[0].parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-ccgw-cookie", cookie.parse().unwrap());
     app.release_with(request).await.unwrap();
     app.sim.rotate_guid("101").unwrap();
-    app.api.gateway().poll_event(agent_id("101"), common::deadline()).await.unwrap();
+    app.api
+        .gateway()
+        .poll_event(agent_id("101"), common::deadline())
+        .await
+        .unwrap();
     secrets.push(app.guid_of("101").unwrap());
-    for fault in [Fault::Malformed, Fault::Drop, Fault::HttpStatus { status: 503 }, Fault::Latency { ms: 5_000 }] {
-        app.sim.push_fault(FaultRule { fault, count: 1, method: None, path_contains: None });
+    for fault in [
+        Fault::Malformed,
+        Fault::Drop,
+        Fault::HttpStatus { status: 503 },
+        Fault::Latency { ms: 5_000 },
+    ] {
+        app.sim.push_fault(FaultRule {
+            fault,
+            count: 1,
+            method: None,
+            path_contains: None,
+        });
         let mut request = tonic::Request::new(release_req("101"));
         request.set_timeout(Duration::from_millis(500));
         statuses.push(app.release_with(request).await.unwrap_err());
@@ -62,18 +88,29 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
     let bad_guid = "SECRET-BAD-GUID;x";
     secrets.push(bad_guid.to_owned());
     let mut request = tonic::Request::new(release_req("101"));
-    request.metadata_mut().insert("x-ccgw-guid", bad_guid.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-ccgw-guid", bad_guid.parse().unwrap());
     statuses.push(app.release_with(request).await.unwrap_err());
     app.sim.force_signout("101").unwrap();
     statuses.push(app.release(release_req("101")).await.unwrap_err());
 
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("ReleaseCall") && logs.contains("gateway issued a new Guid"), "capture works");
+    assert!(
+        logs.contains("ReleaseCall") && logs.contains("gateway issued a new Guid"),
+        "capture works"
+    );
     for secret in &secrets {
-        assert!(!logs.contains(secret.as_str()), "a credential reached the logs");
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a credential reached the logs"
+        );
         for status in &statuses {
             let shown = format!("{status:?} {:?}", status.get_error_details());
-            assert!(!shown.contains(secret.as_str()), "a credential reached a status: {shown}");
+            assert!(
+                !shown.contains(secret.as_str()),
+                "a credential reached a status: {shown}"
+            );
         }
     }
 }

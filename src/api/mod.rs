@@ -3,14 +3,14 @@
 pub mod request;
 pub mod status;
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, time::Duration};
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
     domain::RequestId,
-    gateway::{ReleaseTarget, SessionRegistry},
+    gateway::ReleaseTarget,
     proto::{self, call_control_server::CallControl},
     release::{ReleaseOutcome, ReleaseService},
 };
@@ -27,18 +27,12 @@ pub struct ApiSettings {
 #[derive(Debug, Clone)]
 pub struct CallControlApi {
     release: ReleaseService,
-    sessions: Arc<SessionRegistry>,
     settings: ApiSettings,
 }
 
 impl CallControlApi {
     pub fn new(release: ReleaseService, settings: ApiSettings) -> Self {
-        let sessions = release.gateway().sessions().clone();
-        Self {
-            release,
-            sessions,
-            settings,
-        }
+        Self { release, settings }
     }
 
     pub fn gateway(&self) -> &crate::gateway::GatewayClient {
@@ -53,11 +47,14 @@ type EventStream =
 impl CallControl for CallControlApi {
     async fn release_call(
         &self,
-        request: Request<proto::ReleaseCallRequest>,
+        mut request: Request<proto::ReleaseCallRequest>,
     ) -> Result<Response<proto::ReleaseCallResponse>, Status> {
         let started = tokio::time::Instant::now();
         let deadline = request::deadline(request.metadata(), self.settings.request_timeout);
         let handover = request::session_handover(request.metadata());
+        // Read once; nothing later (a tracing layer, say) gets to see the credentials.
+        request.metadata_mut().remove(request::GUID_METADATA);
+        request.metadata_mut().remove(request::COOKIE_METADATA);
         let body = request.get_ref();
         let valid = request::release_request(body, self.settings.max_agent_id);
         let request_id = match &valid {
@@ -65,7 +62,7 @@ impl CallControl for CallControlApi {
             Err(_) => RequestId::parse("request_id", &body.request_id).ok(),
         }
         .unwrap_or_else(RequestId::generate);
-        let mut ctx = status::Context {
+        let ctx = status::Context {
             agent: valid.as_ref().ok().map(|v| v.command.agent),
             request_id: request_id.as_str(),
             releases_current_call: body.call_id.is_empty(),
@@ -75,14 +72,13 @@ impl CallControl for CallControlApi {
             (valid, handover) => {
                 let mut violations = valid.err().unwrap_or_default();
                 violations.extend(handover.err());
-                ctx.agent = None;
                 tracing::info!(request_id = %request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "ReleaseCall rejected: invalid argument");
                 return Err(status::invalid_argument(&violations, &ctx));
             }
         };
         let agent = valid.command.agent;
         if let Some((guid, cookies)) = handover {
-            self.sessions.hand_over(agent, guid, cookies);
+            self.gateway().sessions().hand_over(agent, guid, cookies);
         }
         let target = match &valid.command.target {
             ReleaseTarget::Current => "current",

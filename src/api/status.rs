@@ -58,7 +58,7 @@ const fn secs(n: u64) -> Duration {
 
 use Code::{
     Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
-    Unauthenticated, Unavailable, Unimplemented, Unknown,
+    ResourceExhausted, Unauthenticated, Unavailable, Unimplemented, Unknown,
 };
 use Retry::{After, DropcallOnly, No};
 
@@ -100,6 +100,7 @@ pub const TABLE: &[Rule] = &[
     row("(no session)", FailedPrecondition, "NO_SESSION", No, "no CC-Gateway session is known for the agent: send its Guid in request metadata x-ccgw-guid (and the load balancer's cookies in x-ccgw-cookie)"),
     row("(invalid argument)", InvalidArgument, "INVALID_ARGUMENT", No, "the request is invalid; nothing was sent to the gateway"),
     row("(request_id reused)", InvalidArgument, "REQUEST_ID_REUSED", No, "request_id was already used with different parameters; nothing was sent to the gateway"),
+    row("(too many pending)", ResourceExhausted, "TOO_MANY_PENDING_RELEASES", After(secs(1)), "too many releases with a request_id are waiting for the gateway; nothing was sent"),
     row("(earlier attempt lost)", Aborted, "EARLIER_ATTEMPT_LOST", After(secs(0)), "an earlier request with this request_id ended without an answer"),
 ];
 
@@ -118,15 +119,11 @@ pub struct Context<'a> {
     pub releases_current_call: bool,
 }
 
-/// Longest gateway message copied into a status, so a chatty answer cannot bloat headers.
-const MAX_GATEWAY_MESSAGE: usize = 256;
-
 pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let (rule, detail) = match error {
         ReleaseError::Rejected { retcode, message }
         | ReleaseError::NoActiveCall { retcode, message } => {
-            let message = truncate(message);
             metadata.insert("retcode".to_owned(), retcode.clone());
             metadata.insert("message".to_owned(), message.clone());
             (
@@ -156,6 +153,7 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
         }
         ReleaseError::RequestIdReused => (rule("(request_id reused)"), String::new()),
         ReleaseError::EarlierAttemptLost => (rule("(earlier attempt lost)"), String::new()),
+        ReleaseError::TooManyPending => (rule("(too many pending)"), String::new()),
     };
     let mut message = rule.meaning.to_owned();
     if let Some(agent) = ctx.agent {
@@ -207,13 +205,6 @@ pub fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>) -> Sta
     details.set_error_info(rule.reason, ERROR_DOMAIN, metadata);
     details.set_request_info(ctx.request_id, "");
     Status::with_error_details(rule.code, format!("{}: {summary}", rule.meaning), details)
-}
-
-fn truncate(text: &str) -> String {
-    match text.char_indices().nth(MAX_GATEWAY_MESSAGE) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
 }
 
 /// The table as README.md shows it.

@@ -78,6 +78,9 @@ impl GatewayClient {
         let base = normalize_base(&settings.base_url)?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
+            // Load balancers drop idle connections, often after 60 s; a release sent on one
+            // they just closed would fail with an unknown outcome. Retire idle ones sooner.
+            .pool_idle_timeout(Duration::from_secs(30))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ccgw-callcontrol/", env!("CARGO_PKG_VERSION")))
             .no_proxy();

@@ -33,8 +33,16 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    /// False only when the request provably never left the facade.
-    pub fn may_have_reached_gateway(&self) -> bool {
-        !matches!(self, Self::NoSession(_) | Self::Connect(_))
+    /// False only when the request provably had no effect: it never left the facade, or the
+    /// gateway or its load balancer refused it as unknown (404, 405) or throttled (429).
+    pub fn may_have_taken_effect(&self) -> bool {
+        !matches!(
+            self,
+            Self::NoSession(_)
+                | Self::Connect(_)
+                | Self::HttpStatus {
+                    status: 404 | 405 | 429
+                }
+        )
     }
 }

@@ -166,26 +166,16 @@ impl SessionRegistry {
         self.read().get(&agent).cloned()
     }
 
-    /// Hands a session over: the Guid replaces the agent's; cookies replace them when given.
+    /// Hands a session over. Cookies given replace the agent's; a different Guid without
+    /// cookies is a new session, whose stickiness the old cookies would only get wrong.
     pub fn hand_over(&self, agent: AgentId, guid: Guid, cookies: Option<Cookies>) {
         let mut sessions = self.write();
-        match sessions.get_mut(&agent) {
-            Some(session) => {
-                session.guid = guid;
-                if let Some(cookies) = cookies {
-                    session.cookies = cookies;
-                }
-            }
-            None => {
-                sessions.insert(
-                    agent,
-                    Session {
-                        guid,
-                        cookies: cookies.unwrap_or_default(),
-                    },
-                );
-            }
-        }
+        let cookies = match (cookies, sessions.get(&agent)) {
+            (Some(cookies), _) => cookies,
+            (None, Some(same)) if same.guid == guid => same.cookies.clone(),
+            (None, _) => Cookies::default(),
+        };
+        sessions.insert(agent, Session { guid, cookies });
     }
 
     /// Applies a gateway answer's `Set-GUID` and `Set-Cookie` headers to an agent's session.

@@ -67,10 +67,20 @@ pub fn parse_answer(body: &[u8]) -> Result<Answer, GatewayError> {
     }
     Ok(Answer {
         retcode,
-        message: raw.message.unwrap_or_default(),
+        message: truncate(raw.message.unwrap_or_default()),
         result: raw.result.filter(|v| !v.is_null()),
         event: raw.event.filter(|v| !v.is_null()),
     })
+}
+
+/// Longest gateway message kept: it ends up in statuses and logs.
+pub const MAX_MESSAGE_CHARS: usize = 256;
+
+fn truncate(message: String) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}…", &message[..cut]),
+        None => message,
+    }
 }
 
 /// Reads a body without ever holding more than `limit` bytes of it: a broken gateway or proxy

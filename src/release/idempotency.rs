@@ -40,6 +40,8 @@ pub enum Claim<F, V> {
     Follower(Pending<V>),
     /// Seen before with different parameters.
     Conflict,
+    /// Every remembered id is still waiting for its answer: none can be forgotten safely.
+    Full,
 }
 
 pub struct Ticket<F, V> {
@@ -75,12 +77,11 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
                 Claim::Conflict
             };
         }
-        while inner.entries.len() >= self.capacity {
-            // Full: the oldest id is forgotten early rather than growing without bound.
-            let Some((_, old, generation)) = inner.order.pop_front() else {
-                break;
-            };
-            inner.remove_if(&old, generation);
+        if inner.entries.len() >= self.capacity && !inner.evict_oldest_answered() {
+            return Claim::Full;
+        }
+        if inner.order.len() > 2 * self.capacity {
+            inner.compact();
         }
         let generation = inner.next_generation;
         inner.next_generation += 1;
@@ -118,8 +119,45 @@ impl<F, V> Inner<F, V> {
                 break;
             }
             let (_, key, generation) = self.order.pop_front().expect("front exists");
+            // The window is longer than any request's deadline (checked at start-up), so an
+            // expired id has its answer; a pending one would be kept regardless.
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.generation == generation && e.answer.borrow().is_none())
+            {
+                self.order.push_back((now, key, generation));
+                break;
+            }
             self.remove_if(&key, generation);
         }
+    }
+
+    /// Forgets the oldest id whose answer is in, so that memory stays bounded; an id still
+    /// waiting is never forgotten, or its duplicate could act a second time.
+    fn evict_oldest_answered(&mut self) -> bool {
+        let position = self.order.iter().position(|(_, key, generation)| {
+            self.entries
+                .get(key)
+                .is_some_and(|e| e.generation == *generation && e.answer.borrow().is_some())
+        });
+        match position.and_then(|p| self.order.remove(p)) {
+            Some((_, key, generation)) => {
+                self.remove_if(&key, generation);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops order rows whose entry is gone (forgotten early), so the queue tracks the map.
+    fn compact(&mut self) {
+        let entries = &self.entries;
+        self.order.retain(|(_, key, generation)| {
+            entries
+                .get(key)
+                .is_some_and(|e| e.generation == *generation)
+        });
     }
 
     fn remove_if(&mut self, key: &RequestId, generation: u64) {
@@ -219,6 +257,30 @@ mod tests {
         drop(ticket);
         assert_eq!(waiting.wait().await, None);
         owner(cache.claim(&id("a"), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pending_ids_are_never_forgotten() {
+        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(1), 2);
+        let first = owner(cache.claim(&id("a"), 0));
+        let _second = owner(cache.claim(&id("b"), 0));
+        assert!(matches!(cache.claim(&id("c"), 0), Claim::Full));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Past the window but still waiting: a duplicate must still wait, not act.
+        let waiting = follower(cache.claim(&id("a"), 0));
+        first.complete(1, true);
+        assert_eq!(waiting.wait().await, Some(1));
+        owner(cache.claim(&id("c"), 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgotten_ids_do_not_pile_up_in_the_order_queue() {
+        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(600), 4);
+        for n in 0..1000 {
+            owner(cache.claim(&id(&n.to_string()), 0)).complete(n, false);
+        }
+        assert_eq!(cache.len(), 0);
+        assert!(lock(&cache.inner).order.len() <= 2 * 4 + 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -53,6 +53,8 @@ pub enum ReleaseError {
     RequestIdReused,
     #[error("an earlier request with this request_id ended without an answer; retry")]
     EarlierAttemptLost,
+    #[error("too many releases with a request_id are waiting for the gateway")]
+    TooManyPending,
 }
 
 impl ReleaseError {
@@ -60,7 +62,7 @@ impl ReleaseError {
     /// the *current* call makes this dangerous: repeating it could hang up the next call.
     pub fn may_have_released(&self) -> bool {
         match self {
-            Self::Gateway(e) => e.may_have_reached_gateway(),
+            Self::Gateway(e) => e.may_have_taken_effect(),
             // "exception during the agent operation": the gateway may have got part way.
             Self::Rejected { retcode, .. } => retcode == RETCODE_OPERATION_EXCEPTION,
             _ => false,
@@ -68,9 +70,11 @@ impl ReleaseError {
     }
 
     /// Whether a duplicate request must get this answer rather than a fresh attempt: the
-    /// gateway settled the matter, or nobody can tell whether it did.
-    fn binds_duplicates(&self) -> bool {
-        matches!(self, Self::NoActiveCall { .. }) || self.may_have_released()
+    /// gateway settled the matter, or nobody can tell whether the current call was released.
+    /// A dropcall with an unknown outcome is safe to repeat, so it is not remembered.
+    fn binds_duplicates(&self, target: &ReleaseTarget) -> bool {
+        matches!(self, Self::NoActiveCall { .. })
+            || (*target == ReleaseTarget::Current && self.may_have_released())
     }
 }
 
@@ -133,6 +137,7 @@ impl ReleaseService {
         };
         let pending = match self.answers.claim(request_id, command.clone()) {
             Claim::Conflict => return Err(ReleaseError::RequestIdReused),
+            Claim::Full => return Err(ReleaseError::TooManyPending),
             Claim::Follower(pending) => {
                 let answer = tokio::time::timeout_at(deadline, pending.wait())
                     .await
@@ -155,7 +160,7 @@ impl ReleaseService {
                     let remember = answer
                         .as_ref()
                         .err()
-                        .is_none_or(ReleaseError::binds_duplicates);
+                        .is_none_or(|e| e.binds_duplicates(&command.target));
                     ticket.complete(answer.clone(), remember);
                     answer
                 })
@@ -217,10 +222,11 @@ impl ReleaseService {
 }
 
 fn interpret(command: &ReleaseCommand, answer: Answer) -> Result<ReleaseReport, ReleaseError> {
+    let answer_ok = answer.is_ok();
     let Answer {
         retcode, message, ..
     } = answer;
-    let outcome = if retcode == crate::gateway::wire::RETCODE_OK {
+    let outcome = if answer_ok {
         ReleaseOutcome::Released
     } else if RETCODES_NO_CALL.contains(&retcode.as_str()) {
         if command.require_active_call {

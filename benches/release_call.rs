@@ -1,0 +1,200 @@
+//! ReleaseCall through the facade vs the same gateway request made by hand, over loopback
+//! against the simulator; plus the memory the request-id cache costs.
+//!
+//! `cargo bench --bench release_call [-- REQUESTS CONCURRENCY]`. Numbers go in BENCHMARKS.md.
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use ccgw_callcontrol::{
+    config::Config,
+    domain::AgentId,
+    proto::{call_control_client::CallControlClient, ReleaseCallRequest},
+    server,
+    sim::{SimConfig, Simulator},
+    startup,
+};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::net::TcpListener;
+
+const AGENTS: u32 = 50;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let requests = args.first().copied().unwrap_or(20_000);
+    let concurrency = args.get(1).copied().unwrap_or(32);
+
+    let sim = Simulator::new(SimConfig {
+        signout_after: None,
+        ..SimConfig::default()
+    });
+    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{}", sim_listener.local_addr().unwrap());
+    tokio::spawn(sim.clone().serve(sim_listener, std::future::pending()));
+
+    let config = Config::try_parse_from(["bench", "--gateway-url", &sim_url]).unwrap();
+    let api = startup::build_api(&config, sim_url.clone()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server::run(
+        listener,
+        api.clone(),
+        config.server(),
+        std::future::pending(),
+    ));
+
+    let mut guids = Vec::new();
+    for n in 0..AGENTS {
+        let agent = AgentId::parse("a", &(1000 + n).to_string(), 59_999).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        api.gateway()
+            .sign_in(agent, "pw", "1", false, deadline)
+            .await
+            .unwrap();
+        guids.push(
+            api.gateway()
+                .sessions()
+                .get(agent)
+                .unwrap()
+                .guid
+                .expose()
+                .to_owned(),
+        );
+    }
+    let rss_start = rss_kib();
+    println!("ReleaseCall(call_id) answering NO_ACTIVE_CALL (dropcall 200-025), {requests} requests, {concurrency} concurrent, {AGENTS} agents");
+
+    // By hand: the same dropcall with reqwest, Guid header and all.
+    ccgw_callcontrol::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let guids = Arc::new(guids);
+    let by_hand = load(requests, concurrency, move |n| {
+        let http = http.clone();
+        let guids = guids.clone();
+        let url = format!(
+            "{sim_url}/agentgateway/resource/voicecall/{}/dropcall/1-1",
+            1000 + n % AGENTS as u64
+        );
+        async move {
+            let answer = http
+                .post(url)
+                .header("Guid", &guids[(n % AGENTS as u64) as usize])
+                .send()
+                .await
+                .unwrap();
+            assert!(answer.text().await.unwrap().contains("200-025"));
+        }
+    })
+    .await;
+    report("gateway REST by hand (reqwest)", &by_hand);
+
+    let client = CallControlClient::connect(grpc.clone()).await.unwrap();
+    let facade = load(requests, concurrency, move |n| {
+        let mut client = client.clone();
+        async move {
+            let request = ReleaseCallRequest {
+                agent_id: (1000 + n % AGENTS as u64).to_string(),
+                call_id: "1-1".into(),
+                ..Default::default()
+            };
+            let answer = client.release_call(request).await.unwrap().into_inner();
+            assert_eq!(answer.retcode, "200-025");
+        }
+    })
+    .await;
+    report("ReleaseCall through the facade", &facade);
+    println!(
+        "RSS after both runs: {} KiB (start {} KiB)",
+        rss_kib(),
+        rss_start
+    );
+
+    // Memory of the idempotency cache: distinct request ids, each remembered.
+    let ids = 20_000;
+    let before = rss_kib();
+    let client = CallControlClient::connect(grpc).await.unwrap();
+    let remembered = load(ids, concurrency, move |n| {
+        let mut client = client.clone();
+        async move {
+            let request = ReleaseCallRequest {
+                agent_id: (1000 + n % AGENTS as u64).to_string(),
+                call_id: "1-1".into(),
+                request_id: format!("bench-{n:08}-7c9e6679-7425-40de-944b-e07fc1f90ae7"),
+                ..Default::default()
+            };
+            client.release_call(request).await.unwrap();
+        }
+    })
+    .await;
+    report("ReleaseCall with a fresh request_id each", &remembered);
+    let grown = rss_kib().saturating_sub(before);
+    println!(
+        "RSS growth for {ids} remembered request ids: {grown} KiB (~{} bytes each)",
+        grown * 1024 / ids
+    );
+}
+
+/// Runs `total` calls of `op`, `concurrency` at a time; returns latencies (µs) and wall time.
+async fn load<F, Fut>(total: u64, concurrency: u64, op: F) -> (Histogram<u64>, Duration)
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let op = op.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut histogram = Histogram::<u64>::new(3).unwrap();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        break histogram;
+                    }
+                    let t = Instant::now();
+                    op(n).await;
+                    histogram.record(t.elapsed().as_micros() as u64).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut all = Histogram::<u64>::new(3).unwrap();
+    for worker in workers {
+        all.add(worker.await.unwrap()).unwrap();
+    }
+    (all, started.elapsed())
+}
+
+fn report(name: &str, (histogram, wall): &(Histogram<u64>, Duration)) {
+    println!(
+        "{name:45} {:>8.0} req/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  max {:>6} µs",
+        histogram.len() as f64 / wall.as_secs_f64(),
+        histogram.value_at_quantile(0.5),
+        histogram.value_at_quantile(0.99),
+        histogram.value_at_quantile(0.999),
+        histogram.max(),
+    );
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
