@@ -394,14 +394,7 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
         .filter(|r| r.method == "DELETE")
         .count();
     assert_eq!(deletes, 1, "the retry reached the gateway");
-    let view: serde_json::Value = reqwest_client()
-        .get(format!("http://{}/sim/agents/101", app.sim_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = sim_agent_view(&app, "101").await;
     assert_eq!(
         view["call_id"],
         next_call.as_str(),
@@ -653,14 +646,7 @@ async fn a_repeated_request_id_does_not_release_twice() {
         .filter(|r| r.method == "DELETE")
         .count();
     assert_eq!(deletes, 1);
-    let view: serde_json::Value = reqwest_client()
-        .get(format!("http://{}/sim/agents/101", app.sim_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = sim_agent_view(&app, "101").await;
     assert_eq!(view["call_id"], second_call.as_str());
 
     let reused = ReleaseCallRequest {
@@ -774,6 +760,17 @@ async fn a_dropped_connection_is_unavailable_and_never_retried_for_the_current_c
     assert_eq!(app.upstream().len(), 1);
 }
 
+/// A second facade on `gateway_url`, with a session for agent 101.
+async fn facade_with_session(app: &common::TestApp, gateway_url: &str) -> common::TestApp {
+    let facade = common::spawn_facade(app.sim.clone(), app.sim_addr, gateway_url, &[], None).await;
+    facade.api.gateway().sessions().hand_over(
+        common::agent_id("101"),
+        ccgw_callcontrol::gateway::Guid::parse("g", "abc").unwrap(),
+        None,
+    );
+    facade
+}
+
 #[tokio::test]
 async fn unreachable_gateways_are_unavailable_with_retry_info() {
     // A port nobody listens on: connect refused, so nothing was sent.
@@ -781,19 +778,7 @@ async fn unreachable_gateways_are_unavailable_with_retry_info() {
     let closed_addr = closed.local_addr().unwrap();
     drop(closed);
     let app = spawn_app().await;
-    let refused = common::spawn_facade(
-        app.sim.clone(),
-        app.sim_addr,
-        &format!("http://{closed_addr}"),
-        &[],
-        None,
-    )
-    .await;
-    refused.api.gateway().sessions().hand_over(
-        common::agent_id("101"),
-        ccgw_callcontrol::gateway::Guid::parse("g", "abc").unwrap(),
-        None,
-    );
+    let refused = facade_with_session(&app, &format!("http://{closed_addr}")).await;
     let status = refused.release(release_req("101")).await.unwrap_err();
     let details = expect_error(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
     assert!(details.retry_info().is_some());
@@ -804,19 +789,7 @@ async fn unreachable_gateways_are_unavailable_with_retry_info() {
     );
 
     // TLS towards a plain-HTTP server fails in the handshake: also nothing sent.
-    let tls = common::spawn_facade(
-        app.sim.clone(),
-        app.sim_addr,
-        &format!("https://{}", app.sim_addr),
-        &[],
-        None,
-    )
-    .await;
-    tls.api.gateway().sessions().hand_over(
-        common::agent_id("101"),
-        ccgw_callcontrol::gateway::Guid::parse("g", "abc").unwrap(),
-        None,
-    );
+    let tls = facade_with_session(&app, &format!("https://{}", app.sim_addr)).await;
     let status = tls.release(release_req("101")).await.unwrap_err();
     expect_error(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
 }
@@ -831,6 +804,18 @@ async fn a_signed_out_agent_loses_its_session() {
     assert!(app.guid_of("101").is_none(), "a dead session was kept");
     let status = app.release(release_req("101")).await.unwrap_err();
     expect_error(&status, Code::FailedPrecondition, "NO_SESSION");
+}
+
+/// The simulator's control-API view of an agent.
+async fn sim_agent_view(app: &common::TestApp, agent: &str) -> serde_json::Value {
+    reqwest_client()
+        .get(format!("http://{}/sim/agents/{agent}", app.sim_addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn reqwest_client() -> reqwest::Client {
