@@ -685,6 +685,23 @@ async fn a_hanging_gateway_ends_the_rpc_at_its_deadline() {
 }
 
 #[tokio::test]
+async fn a_deadline_too_short_to_reach_the_gateway_sends_nothing() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    app.sim.place_call("101", "70093").unwrap();
+    let mut request = tonic::Request::new(release_req("101"));
+    request.set_timeout(Duration::from_millis(5));
+    let status = app.release_with(request).await.unwrap_err();
+    let details = expect_error(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT");
+    assert!(!details
+        .error_info()
+        .unwrap()
+        .metadata
+        .contains_key("may_have_released"));
+    assert!(app.upstream().is_empty(), "a doomed release was sent");
+}
+
+#[tokio::test]
 async fn garbage_and_huge_answers_are_internal_errors_read_within_bounds() {
     let app = spawn_app().await;
     app.sign_in("101").await;

@@ -14,6 +14,9 @@ use crate::domain::{AgentId, CallId};
 /// Path prefix of the agent interface on every gateway.
 const RESOURCE_PREFIX: &str = "/agentgateway/resource";
 const CONTENT_TYPE_JSON: &str = "application/json; charset=UTF-8";
+/// Below this budget a request would almost surely time out after it was sent, leaving its
+/// outcome unknown; better not to send it at all.
+const MIN_BUDGET: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -204,6 +207,9 @@ impl GatewayClient {
         deadline: Instant,
     ) -> Result<Answer, GatewayError> {
         let budget = deadline.saturating_duration_since(Instant::now());
+        if budget < MIN_BUDGET {
+            return Err(GatewayError::DeadlineTooShort(budget));
+        }
         let work = async {
             let response = request.send().await.map_err(classify_send_error)?;
             self.absorb_session_headers(agent, &response);

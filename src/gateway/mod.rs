@@ -22,6 +22,8 @@ pub enum GatewayError {
     Connect(String),
     #[error("no answer from the CC-Gateway within {0:?}")]
     Timeout(Duration),
+    #[error("the deadline left {0:?}, too little to reach the CC-Gateway; nothing was sent")]
+    DeadlineTooShort(Duration),
     #[error("the connection to the CC-Gateway failed during the request: {0}")]
     Transport(String),
     #[error("the CC-Gateway (or its load balancer) answered HTTP {status}")]
@@ -40,6 +42,7 @@ impl GatewayError {
             self,
             Self::NoSession(_)
                 | Self::Connect(_)
+                | Self::DeadlineTooShort(_)
                 | Self::HttpStatus {
                     status: 404 | 405 | 429
                 }
