@@ -6,6 +6,7 @@ use clap::{Parser, ValueEnum};
 use crate::{
     api::ApiSettings,
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
+    events::EventSettings,
     gateway::GatewaySettings,
     release::ReleasePolicy,
     server::ServerSettings,
@@ -68,6 +69,62 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub idempotency_capacity: u32,
 
+    /// Pause after an empty event-poll answer, in milliseconds (after an event the next poll
+    /// goes out at once).
+    #[arg(long, env = "CCGW_POLL_PAUSE_MS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub poll_pause_ms: u64,
+
+    /// HTTP timeout of one event poll, in milliseconds; must outlast the gateway's long-poll
+    /// wait (about 10 s).
+    #[arg(long, env = "CCGW_POLL_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(11_000..=300_000))]
+    pub poll_timeout_ms: u64,
+
+    /// Longest pause between event polls after consecutive failures, in milliseconds.
+    #[arg(long, env = "CCGW_POLL_BACKOFF_MAX_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(200..=60_000))]
+    pub poll_backoff_max_ms: u64,
+
+    /// How long an agent is still polled after its last watcher left, in seconds (a
+    /// reconnecting watcher misses nothing; the gateway signs out agents after 2 min without a
+    /// poll).
+    #[arg(long, env = "CCGW_WATCH_GRACE_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    pub watch_grace_secs: u64,
+
+    /// Release events kept per agent for resuming watchers.
+    #[arg(long, env = "CCGW_REPLAY_EVENTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub replay_events: u32,
+
+    /// How long release events are kept for resuming watchers, in seconds.
+    #[arg(long, env = "CCGW_REPLAY_AGE_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub replay_age_secs: u64,
+
+    /// How many events a watcher may fall behind before its stream is cut off
+    /// (RESOURCE_EXHAUSTED, with a token to resume from).
+    #[arg(long, env = "CCGW_WATCH_BUFFER_EVENTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub watch_buffer_events: u32,
+
+    /// A WatchReleaseEvents stream that sent nothing for this long gets a heartbeat, in seconds.
+    #[arg(long, env = "CCGW_HEARTBEAT_SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub heartbeat_secs: u64,
+
+    /// Agents one WatchReleaseEvents stream may watch.
+    #[arg(long, env = "CCGW_MAX_WATCH_AGENTS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_watch_agents: u32,
+
+    /// Open WatchReleaseEvents streams (and ReleaseCalls waiting for their event) in the
+    /// process.
+    #[arg(long, env = "CCGW_MAX_WATCHERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watchers: u32,
+
     /// How long in-flight calls may finish after SIGTERM, in seconds.
     #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
@@ -127,6 +184,21 @@ impl Config {
         ApiSettings {
             max_agent_id: self.max_agent_id,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            max_watch_agents: self.max_watch_agents as usize,
+        }
+    }
+
+    pub fn events(&self) -> EventSettings {
+        EventSettings {
+            poll_pause: Duration::from_millis(self.poll_pause_ms),
+            poll_timeout: Duration::from_millis(self.poll_timeout_ms),
+            backoff_max: Duration::from_millis(self.poll_backoff_max_ms),
+            grace: Duration::from_secs(self.watch_grace_secs),
+            replay_events: self.replay_events as usize,
+            replay_age: Duration::from_secs(self.replay_age_secs),
+            watcher_buffer: self.watch_buffer_events as usize,
+            heartbeat: Duration::from_secs(self.heartbeat_secs),
+            max_watchers: self.max_watchers as usize,
         }
     }
 

@@ -1,11 +1,13 @@
 //! ccgw-callcontrol: a gRPC facade over Huawei CC-Gateway's agent REST interface.
 //!
 //! Rooms: `api` (gRPC only), `gateway` (REST client, sessions), `release` (hang-up policy),
+//! `events` (poll loops, fan-out, replay and resume),
 //! `sim` (the CC-Gateway simulator), `server` (composition), `config`, `telemetry`.
 
 pub mod api;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod gateway;
 pub mod release;
 pub mod server;

@@ -65,6 +65,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let events = api.events().clone();
     let call_control =
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
 
@@ -76,7 +77,12 @@ pub async fn run(
         let health = health.clone();
         async move {
             shutdown.await;
-            tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
+            tracing::info!(
+                "shutting down: NOT_SERVING, ending event streams, draining in-flight calls"
+            );
+            // Streams end (UNAVAILABLE, with a resume token) once they delivered what they
+            // hold; without this the drain would wait for them until its timeout.
+            events.shut_down();
             health
                 .set_not_serving::<CallControlServer<CallControlApi>>()
                 .await;

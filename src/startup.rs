@@ -7,6 +7,7 @@ use crate::{
     api::CallControlApi,
     config::Config,
     domain::{AgentId, DEFAULT_MAX_AGENT_ID},
+    events::EventHub,
     gateway::{GatewayClient, SessionRegistry},
     release::ReleaseService,
     server,
@@ -36,8 +37,9 @@ pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi,
     config.validate().map_err(StartupError::Config)?;
     let sessions = Arc::new(SessionRegistry::new());
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?, sessions)?;
+    let events = EventHub::new(gateway.clone(), config.events());
     let release = ReleaseService::new(gateway, config.release_policy());
-    Ok(CallControlApi::new(release, config.api()))
+    Ok(CallControlApi::new(release, events, config.api()))
 }
 
 /// Runs the service on `listener` until `shutdown` resolves; with `--simulate`, first starts

@@ -2,15 +2,16 @@
 //! that knows gRPC.
 pub mod request;
 pub mod status;
+mod watch;
 
-use std::{pin::Pin, time::Duration};
+use std::time::Duration;
 
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::RequestId,
-    gateway::ReleaseTarget,
+    domain::{AgentId, RequestId},
+    events::{EventHub, KindFilter, ReleaseKind, SubscribeError, Watch, WatchEnd},
+    gateway::{Cookies, Guid, ReleaseTarget},
     proto::{self, call_control_server::CallControl},
     release::{ReleaseOutcome, ReleaseService},
 };
@@ -22,26 +23,51 @@ pub struct ApiSettings {
     pub max_agent_id: u32,
     /// Upper bound for one ReleaseCall when the caller sets no (or a longer) deadline.
     pub request_timeout: Duration,
+    /// Agents one WatchReleaseEvents stream may watch.
+    pub max_watch_agents: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct CallControlApi {
     release: ReleaseService,
+    events: EventHub,
     settings: ApiSettings,
 }
 
 impl CallControlApi {
-    pub fn new(release: ReleaseService, settings: ApiSettings) -> Self {
-        Self { release, settings }
+    pub fn new(release: ReleaseService, events: EventHub, settings: ApiSettings) -> Self {
+        Self {
+            release,
+            events,
+            settings,
+        }
     }
 
     pub fn gateway(&self) -> &crate::gateway::GatewayClient {
         self.release.gateway()
     }
+
+    pub fn events(&self) -> &EventHub {
+        &self.events
+    }
+
+    fn hand_over(&self, agent: AgentId, handover: Option<(Guid, Option<Cookies>)>) {
+        if let Some((guid, cookies)) = handover {
+            self.gateway().sessions().hand_over(agent, guid, cookies);
+        }
+    }
 }
 
-type EventStream =
-    Pin<Box<dyn Stream<Item = Result<proto::WatchReleaseEventsResponse, Status>> + Send>>;
+/// Reads the session handover and removes it from the metadata, so that nothing later (a
+/// tracing layer, say) gets to see the credentials.
+fn take_handover<T>(
+    request: &mut Request<T>,
+) -> Result<Option<(Guid, Option<Cookies>)>, crate::domain::FieldViolation> {
+    let handover = request::session_handover(request.metadata());
+    request.metadata_mut().remove(request::GUID_METADATA);
+    request.metadata_mut().remove(request::COOKIE_METADATA);
+    handover
+}
 
 #[tonic::async_trait]
 impl CallControl for CallControlApi {
@@ -51,10 +77,7 @@ impl CallControl for CallControlApi {
     ) -> Result<Response<proto::ReleaseCallResponse>, Status> {
         let started = tokio::time::Instant::now();
         let deadline = request::deadline(request.metadata(), self.settings.request_timeout);
-        let handover = request::session_handover(request.metadata());
-        // Read once; nothing later (a tracing layer, say) gets to see the credentials.
-        request.metadata_mut().remove(request::GUID_METADATA);
-        request.metadata_mut().remove(request::COOKIE_METADATA);
+        let handover = take_handover(&mut request);
         let body = request.get_ref();
         let valid = request::release_request(body, self.settings.max_agent_id);
         let request_id = match &valid {
@@ -77,21 +100,45 @@ impl CallControl for CallControlApi {
             }
         };
         let agent = valid.command.agent;
-        if let Some((guid, cookies)) = handover {
-            self.gateway().sessions().hand_over(agent, guid, cookies);
-        }
-        let target = match &valid.command.target {
-            ReleaseTarget::Current => "current",
-            ReleaseTarget::Call(_) => "call",
+        self.hand_over(agent, handover);
+        let target = valid.command.target.clone();
+        // Subscribed before the release is sent, so its event cannot slip by unseen.
+        let confirmation = if body.wait_for_release_event {
+            match self
+                .events
+                .subscribe(&[agent], None, KindFilter::only(ReleaseKind::CallRelease))
+            {
+                Ok(watch) => Some(watch),
+                // The release itself will answer NO_SESSION.
+                Err(SubscribeError::NoSession(_)) => None,
+                Err(error) => return Err(status::subscribe_failure(&error, &ctx)),
+            }
+        } else {
+            None
         };
         let result = self
             .release
             .release(valid.command, valid.request_id.as_ref(), deadline)
             .await;
+        let target_name = match &target {
+            ReleaseTarget::Current => "current",
+            ReleaseTarget::Call(_) => "call",
+        };
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(report) => {
-                tracing::info!(%agent, target, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
+                tracing::info!(%agent, target = target_name, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
+                let release_event = match confirmation {
+                    Some(watch)
+                        if report.outcome == ReleaseOutcome::Released && !report.replayed =>
+                    {
+                        Some(
+                            confirm_release(watch, &target, deadline, &report.retcode, &ctx)
+                                .await?,
+                        )
+                    }
+                    _ => None,
+                };
                 Ok(Response::new(proto::ReleaseCallResponse {
                     outcome: match report.outcome {
                         ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
@@ -101,23 +148,92 @@ impl CallControl for CallControlApi {
                     message: report.message,
                     request_id: request_id.to_string(),
                     replayed: report.replayed,
+                    release_event,
                 }))
             }
             Err(error) => {
-                tracing::warn!(%agent, target, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
+                tracing::warn!(%agent, target = target_name, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
                 Err(status::release_failure(&error, &ctx))
             }
         }
     }
 
-    type WatchReleaseEventsStream = EventStream;
+    type WatchReleaseEventsStream = watch::EventStream;
 
     async fn watch_release_events(
         &self,
-        _request: Request<proto::WatchReleaseEventsRequest>,
+        mut request: Request<proto::WatchReleaseEventsRequest>,
     ) -> Result<Response<Self::WatchReleaseEventsStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchReleaseEvents is not available yet in this version of ccgw-callcontrol",
-        ))
+        let handover = take_handover(&mut request);
+        let body = request.get_ref();
+        let request_id = RequestId::generate();
+        let valid = request::watch_request(
+            body,
+            self.settings.max_agent_id,
+            self.settings.max_watch_agents,
+        );
+        let single_agent = match &valid {
+            Ok(v) if v.agents.len() == 1 => Some(v.agents[0]),
+            _ => None,
+        };
+        let ctx = status::Context {
+            agent: single_agent,
+            request_id: request_id.as_str(),
+            releases_current_call: false,
+        };
+        let (valid, handover) = match (valid, handover) {
+            (Ok(valid), Ok(Some(_))) if single_agent.is_none() => {
+                let _ = valid;
+                let violation = crate::domain::FieldViolation::new(
+                    request::GUID_METADATA,
+                    "hands over one agent's session: send it with exactly one agent id",
+                );
+                return Err(status::invalid_argument(&[violation], &ctx));
+            }
+            (Ok(valid), Ok(handover)) => (valid, handover),
+            (valid, handover) => {
+                let mut violations = valid.err().unwrap_or_default();
+                violations.extend(handover.err());
+                tracing::info!(request_id = %request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "WatchReleaseEvents rejected: invalid argument");
+                return Err(status::invalid_argument(&violations, &ctx));
+            }
+        };
+        if let Some(agent) = single_agent {
+            self.hand_over(agent, handover);
+        }
+        let watch = self
+            .events
+            .subscribe(&valid.agents, valid.from, valid.kinds)
+            .map_err(|error| {
+                tracing::info!(request_id = %request_id, %error, "WatchReleaseEvents refused");
+                status::subscribe_failure(&error, &ctx)
+            })?;
+        tracing::info!(request_id = %request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
+        Ok(Response::new(watch::into_stream(watch, request_id)))
     }
+}
+
+/// Waits for the release event of a call just released (wait_for_release_event).
+async fn confirm_release(
+    mut watch: Watch,
+    target: &ReleaseTarget,
+    deadline: tokio::time::Instant,
+    retcode: &str,
+    ctx: &status::Context<'_>,
+) -> Result<proto::ReleaseEvent, Status> {
+    let wanted = |event: &crate::events::ReleaseEvent| match target {
+        ReleaseTarget::Call(call) => event.call_id == *call,
+        ReleaseTarget::Current => true,
+    };
+    let why = match watch.next_event(wanted, deadline).await {
+        Ok(Some(event)) => return Ok(watch::event_to_proto(&event)),
+        Ok(None) => "the deadline passed first".to_owned(),
+        Err(WatchEnd::SessionEnded { ending, .. }) => {
+            let (_, detail) = status::session_ending(&ending, &mut Default::default());
+            format!("the agent's session ended first: {detail}")
+        }
+        Err(WatchEnd::ShuttingDown { .. }) => "the facade is shutting down".to_owned(),
+        Err(WatchEnd::TooSlow { .. }) => "the wait fell behind the agent's events".to_owned(),
+    };
+    Err(status::release_event_not_observed(retcode, &why, ctx))
 }

@@ -6,6 +6,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::{
     domain::{AgentId, CallId, FieldViolation, RequestId},
+    events::{KindFilter, ReleaseKind, ResumeToken},
     gateway::{Cookies, Guid, ReleaseTarget},
     proto,
     release::ReleaseCommand,
@@ -56,6 +57,82 @@ pub fn release_request(
             request_id,
         }),
         _ => Err(violations),
+    }
+}
+
+pub struct ValidWatch {
+    pub agents: Vec<AgentId>,
+    pub from: Option<ResumeToken>,
+    pub kinds: KindFilter,
+}
+
+/// Checks a WatchReleaseEvents request and reports every violation at once.
+pub fn watch_request(
+    request: &proto::WatchReleaseEventsRequest,
+    max_agent_id: u32,
+    max_agents: usize,
+) -> Result<ValidWatch, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    if request.agent_ids.is_empty() {
+        violations.push(FieldViolation::new(
+            "agent_ids",
+            "is required: one or more agent ids to watch",
+        ));
+    }
+    if request.agent_ids.len() > max_agents {
+        violations.push(FieldViolation::new(
+            "agent_ids",
+            format!(
+                "holds {} agent ids; at most {max_agents} per stream",
+                request.agent_ids.len()
+            ),
+        ));
+    }
+    let mut agents = Vec::with_capacity(request.agent_ids.len().min(max_agents));
+    for (i, raw) in request.agent_ids.iter().enumerate().take(max_agents) {
+        match AgentId::parse("agent_ids", raw, max_agent_id) {
+            Ok(agent) if agents.contains(&agent) => violations.push(FieldViolation::new(
+                "agent_ids",
+                format!("agent_ids[{i}] repeats agent {agent}"),
+            )),
+            Ok(agent) => agents.push(agent),
+            Err(v) => violations.push(FieldViolation::new(
+                "agent_ids",
+                format!("agent_ids[{i}] {}", v.description),
+            )),
+        }
+    }
+    let from = if request.resume_token.is_empty() {
+        None
+    } else {
+        let token = ResumeToken::parse(&request.resume_token);
+        if token.is_none() {
+            violations.push(FieldViolation::new(
+                "resume_token",
+                "is not a token this facade issued: pass the resume_token of an event, heartbeat or error unchanged",
+            ));
+        }
+        token
+    };
+    let mut kinds = Vec::new();
+    for (i, raw) in request.kinds.iter().enumerate() {
+        match proto::ReleaseKind::try_from(*raw) {
+            Ok(proto::ReleaseKind::CallRelease) => kinds.push(ReleaseKind::CallRelease),
+            Ok(proto::ReleaseKind::CustomerRelease) => kinds.push(ReleaseKind::CustomerRelease),
+            _ => violations.push(FieldViolation::new(
+                "kinds",
+                format!("kinds[{i}] must be CALL_RELEASE or CUSTOMER_RELEASE"),
+            )),
+        }
+    }
+    if violations.is_empty() {
+        Ok(ValidWatch {
+            agents,
+            from,
+            kinds: KindFilter::new(kinds),
+        })
+    } else {
+        Err(violations)
     }
 }
 
@@ -156,7 +233,7 @@ mod tests {
             agent_id: "12".into(),
             call_id: "../../x".into(),
             request_id: "has space".into(),
-            require_active_call: false,
+            ..Default::default()
         };
         let fields: Vec<_> = release_request(&request, 59_999)
             .err()
@@ -165,6 +242,39 @@ mod tests {
             .map(|v| v.field)
             .collect();
         assert_eq!(fields, ["agent_id", "call_id", "request_id"]);
+    }
+
+    #[test]
+    fn watch_requests_report_each_bad_element() {
+        let request = proto::WatchReleaseEventsRequest {
+            agent_ids: vec!["101".into(), "42".into(), "101".into()],
+            resume_token: "xyz".into(),
+            kinds: vec![1, 0, 7],
+        };
+        let descriptions: Vec<_> = watch_request(&request, 59_999, 100)
+            .err()
+            .unwrap()
+            .into_iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect();
+        assert_eq!(descriptions.len(), 5, "{descriptions:?}");
+        assert!(descriptions[0].starts_with("agent_ids: agent_ids[1] must be"));
+        assert_eq!(descriptions[1], "agent_ids: agent_ids[2] repeats agent 101");
+        assert!(descriptions[2].starts_with("resume_token: "));
+        assert_eq!(
+            descriptions[3],
+            "kinds: kinds[1] must be CALL_RELEASE or CUSTOMER_RELEASE"
+        );
+        assert_eq!(
+            descriptions[4],
+            "kinds: kinds[2] must be CALL_RELEASE or CUSTOMER_RELEASE"
+        );
+        let too_many = proto::WatchReleaseEventsRequest {
+            agent_ids: (101..104).map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        assert_eq!(watch_request(&too_many, 59_999, 2).err().unwrap().len(), 1);
+        assert_eq!(watch_request(&too_many, 59_999, 3).unwrap().agents.len(), 3);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     domain::{AgentId, FieldViolation},
+    events::{SessionEnding, SubscribeError, WatchEnd},
     gateway::GatewayError,
     release::ReleaseError,
 };
@@ -103,6 +104,10 @@ pub const TABLE: &[Rule] = &[
     row("(request_id reused)", InvalidArgument, "REQUEST_ID_REUSED", No, "request_id was already used with different parameters; nothing was sent to the gateway"),
     row("(too many pending)", ResourceExhausted, "TOO_MANY_PENDING_RELEASES", After(secs(1)), "too many releases with a request_id are waiting for the gateway; nothing was sent"),
     row("(earlier attempt lost)", Aborted, "EARLIER_ATTEMPT_LOST", After(secs(0)), "an earlier request with this request_id ended without an answer"),
+    row("(release event not observed)", DeadlineExceeded, "RELEASE_EVENT_NOT_OBSERVED", No, "the call was released, but its release event was not observed in time (wait_for_release_event)"),
+    row("(watcher too slow)", ResourceExhausted, "WATCHER_TOO_SLOW", After(secs(0)), "the stream fell too far behind its agents' events and was cut off; resume from ErrorInfo metadata resume_token"),
+    row("(too many watchers)", ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams as it allows"),
+    row("(shutting down)", Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
 ];
 
 pub fn rule(key: &str) -> &'static Rule {
@@ -157,6 +162,24 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
         ReleaseError::EarlierAttemptLost => (rule("(earlier attempt lost)"), String::new()),
         ReleaseError::TooManyPending => (rule("(too many pending)"), String::new()),
     };
+    let mut warning = "";
+    if ctx.releases_current_call && error.may_have_released() {
+        warning = ". The call may have been released: do not repeat a release of the current call blindly; \
+             use call_id (dropcall) or check the agent's release events";
+        metadata.insert("may_have_released".to_owned(), "true".to_owned());
+    }
+    failure(rule, &detail, warning, metadata, ctx)
+}
+
+/// The one way a table row becomes a Status: message `meaning [agent N] (detail)warning`,
+/// ErrorInfo with the agent, RequestInfo, and RetryInfo when the row allows a retry.
+fn failure(
+    rule: &Rule,
+    detail: &str,
+    warning: &str,
+    mut metadata: HashMap<String, String>,
+    ctx: &Context<'_>,
+) -> Status {
     let mut message = rule.meaning.to_owned();
     if let Some(agent) = ctx.agent {
         message.push_str(&format!(" [agent {agent}]"));
@@ -165,14 +188,7 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
     if !detail.is_empty() {
         message.push_str(&format!(" ({detail})"));
     }
-    let unsafe_to_repeat = ctx.releases_current_call && error.may_have_released();
-    if unsafe_to_repeat {
-        message.push_str(
-            ". The call may have been released: do not repeat a release of the current call blindly; \
-             use call_id (dropcall) or check the agent's release events",
-        );
-        metadata.insert("may_have_released".to_owned(), "true".to_owned());
-    }
+    message.push_str(warning);
     let mut details = ErrorDetails::new();
     details.set_error_info(rule.reason, ERROR_DOMAIN, metadata);
     details.set_request_info(ctx.request_id, "");
@@ -186,6 +202,80 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
         _ => {}
     }
     Status::with_error_details(rule.code, message, details)
+}
+
+/// A WatchReleaseEvents (or wait_for_release_event) subscription that could not start.
+pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
+    let mut metadata = HashMap::new();
+    let key = match error {
+        SubscribeError::NoSession(agents) => {
+            let ids: Vec<String> = agents.iter().map(ToString::to_string).collect();
+            metadata.insert("agent_ids".to_owned(), ids.join(","));
+            "(no session)"
+        }
+        SubscribeError::TooManyWatchers(_) => "(too many watchers)",
+        SubscribeError::ShuttingDown => "(shutting down)",
+        SubscribeError::UnknownToken => {
+            return invalid_argument(
+                &[FieldViolation::new(
+                    "resume_token",
+                    "is not a token this facade issued: pass the resume_token of an event, heartbeat or error unchanged",
+                )],
+                ctx,
+            )
+        }
+    };
+    failure(rule(key), &error.to_string(), "", metadata, ctx)
+}
+
+/// How a watch stream ends (all but a client's cancel). Metadata `resume_token` says where to
+/// continue.
+pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
+    let mut metadata = HashMap::new();
+    let (rule, detail, resume) = match end {
+        WatchEnd::TooSlow { resume } => (rule("(watcher too slow)"), String::new(), resume),
+        WatchEnd::ShuttingDown { resume } => (rule("(shutting down)"), String::new(), resume),
+        WatchEnd::SessionEnded {
+            agent,
+            ending,
+            resume,
+        } => {
+            metadata.insert("agent_id".to_owned(), agent.to_string());
+            let (rule, detail) = session_ending(ending, &mut metadata);
+            (rule, format!("agent {agent}: {detail}"), resume)
+        }
+    };
+    metadata.insert("resume_token".to_owned(), resume.to_string());
+    failure(rule, &detail, "", metadata, ctx)
+}
+
+/// The table row and detail of a lost session; fills `retcode`/`message` metadata.
+pub fn session_ending(
+    ending: &SessionEnding,
+    metadata: &mut HashMap<String, String>,
+) -> (&'static Rule, String) {
+    match ending {
+        SessionEnding::Refused { retcode, message } => {
+            metadata.insert("retcode".to_owned(), retcode.clone());
+            metadata.insert("message".to_owned(), message.clone());
+            (
+                rule(retcode),
+                format!("the gateway answered a poll with retcode {retcode}: {message:?}"),
+            )
+        }
+        SessionEnding::Forgotten => (
+            rule("(no session)"),
+            "the facade dropped the session after the gateway refused it".to_owned(),
+        ),
+    }
+}
+
+/// ReleaseCall with wait_for_release_event: released, but the event did not come.
+pub fn release_event_not_observed(retcode: &str, why: &str, ctx: &Context<'_>) -> Status {
+    let mut metadata = HashMap::new();
+    metadata.insert("retcode".to_owned(), retcode.to_owned());
+    metadata.insert("released".to_owned(), "true".to_owned());
+    failure(rule("(release event not observed)"), why, "", metadata, ctx)
 }
 
 /// INVALID_ARGUMENT with one BadRequest violation per field; nothing reached the gateway.

@@ -1,6 +1,7 @@
 //! The CC-Gateway REST client: wire types, sessions (Guid, cookies), bounded answers. Knows
 //! nothing of gRPC.
 mod client;
+pub mod event;
 pub mod session;
 pub mod wire;
 

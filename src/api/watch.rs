@@ -1,0 +1,81 @@
+//! WatchReleaseEvents: a hub subscription as a gRPC stream, and release events as proto.
+use std::pin::Pin;
+
+use futures_util::stream;
+use tokio_stream::Stream;
+use tonic::Status;
+
+use super::status::{self, Context};
+use crate::{
+    domain::RequestId,
+    events::{ReleaseEvent, ReleaseKind, Watch, WatchItem},
+    proto::{self, watch_release_events_response::Item},
+};
+
+pub type EventStream =
+    Pin<Box<dyn Stream<Item = Result<proto::WatchReleaseEventsResponse, Status>> + Send>>;
+
+/// The subscription as a stream: items until the watch ends, then its Status, then nothing.
+/// Dropping the stream (client cancel or disconnect) drops the watch, which leaves its feeds.
+pub fn into_stream(watch: Watch, request_id: RequestId) -> EventStream {
+    Box::pin(stream::unfold(
+        (watch, request_id),
+        |(mut watch, request_id)| async move {
+            let item = match watch.next().await? {
+                Ok(item) => Ok(proto::WatchReleaseEventsResponse {
+                    item: Some(item_to_proto(item)),
+                }),
+                Err(end) => {
+                    tracing::info!(request_id = %request_id, ?end, "WatchReleaseEvents ended");
+                    let ctx = Context {
+                        agent: None,
+                        request_id: request_id.as_str(),
+                        releases_current_call: false,
+                    };
+                    Err(status::watch_end(&end, &ctx))
+                }
+            };
+            Some((item, (watch, request_id)))
+        },
+    ))
+}
+
+fn item_to_proto(item: WatchItem) -> Item {
+    match item {
+        WatchItem::Event(event) => Item::Event(event_to_proto(&event)),
+        WatchItem::Heartbeat(position) => Item::Heartbeat(proto::Heartbeat {
+            resume_token: position.to_string(),
+        }),
+        WatchItem::Gap(gap) => Item::Gap(proto::Gap {
+            reason: gap.describe().to_owned(),
+            agent_ids: gap.agents.iter().map(ToString::to_string).collect(),
+        }),
+        WatchItem::SessionEnded { agent, ending } => {
+            let mut metadata = Default::default();
+            let (rule, detail) = status::session_ending(&ending, &mut metadata);
+            Item::SessionEnded(proto::AgentSessionEnded {
+                agent_id: agent.to_string(),
+                reason: rule.reason.to_owned(),
+                retcode: metadata.remove("retcode").unwrap_or_default(),
+                message: format!("{}: {detail}", rule.meaning),
+            })
+        }
+    }
+}
+
+pub fn event_to_proto(event: &ReleaseEvent) -> proto::ReleaseEvent {
+    proto::ReleaseEvent {
+        agent_id: event.agent.to_string(),
+        kind: match event.kind {
+            ReleaseKind::CallRelease => proto::ReleaseKind::CallRelease,
+            ReleaseKind::CustomerRelease => proto::ReleaseKind::CustomerRelease,
+        } as i32,
+        call_id: event.call_id.to_string(),
+        resume_token: event.token.to_string(),
+        customer_number: event.customer_number.clone().unwrap_or_default(),
+        event_time: event.event_time.map(Into::into),
+        observed_time: Some(event.observed_time.into()),
+        raw_event_type: event.raw_event_type.clone(),
+        sequence: event.token.sequence,
+    }
+}

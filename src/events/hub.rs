@@ -1,0 +1,479 @@
+//! The fan-out hub: one feed per watched agent (its poll loop, replay ring and watchers).
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    sync::{mpsc, watch, Notify, Semaphore},
+    time::Instant,
+};
+
+use super::{
+    poll::PollLoop,
+    watch::{Gap, GapCause, SessionEnding, Source, Watch},
+    EventSettings, KindFilter, ReleaseEvent, ReleaseKind, ReplayRing, ResumeToken,
+};
+use crate::{
+    domain::AgentId,
+    gateway::{
+        event::{EventBody, PolledEvent},
+        GatewayClient,
+    },
+};
+
+/// Counters of what the poll loops read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventStats {
+    pub release_events: u64,
+    /// Events of other types, read and dropped.
+    pub skipped_events: u64,
+    /// Events that could not be read; logged and dropped.
+    pub malformed_events: u64,
+    /// Polls that failed (transport, HTTP, unexpected retcode) and were retried after a pause.
+    pub poll_failures: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    release: AtomicU64,
+    skipped: AtomicU64,
+    malformed: AtomicU64,
+    pub poll_failures: AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("no CC-Gateway session is known for agent(s) {}", list(.0))]
+    NoSession(Vec<AgentId>),
+    #[error("{0} watchers are open, the most this facade allows")]
+    TooManyWatchers(usize),
+    #[error("the resume token is not one this facade issued")]
+    UnknownToken,
+    #[error("the facade is shutting down")]
+    ShuttingDown,
+}
+
+fn list(agents: &[AgentId]) -> String {
+    agents
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Cheap to clone; every clone is the same hub.
+#[derive(Debug, Clone)]
+pub struct EventHub {
+    hub: Arc<Hub>,
+}
+
+#[derive(Debug)]
+pub(super) struct Hub {
+    pub gateway: GatewayClient,
+    pub settings: EventSettings,
+    /// Tells tokens of this process lifetime from older ones.
+    epoch: u64,
+    /// The last sequence number handed out.
+    sequence: AtomicU64,
+    /// Held while an event is numbered and delivered, and while a watcher subscribes, so every
+    /// watcher receives events in sequence order and its replay ends where its live part
+    /// begins. Taken before `feeds` and before any feed's state.
+    publish: Mutex<()>,
+    feeds: Mutex<Feeds>,
+    watchers: Arc<Semaphore>,
+    next_watch_id: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Default)]
+struct Feeds {
+    live: HashMap<AgentId, Arc<Feed>>,
+    /// The highest sequence each retired feed had seen: a token from before it missed
+    /// something. Eight bytes per agent ever watched, bounded by the agent id range.
+    retired: HashMap<AgentId, u64>,
+}
+
+#[derive(Debug)]
+pub(super) struct Feed {
+    pub agent: AgentId,
+    state: Mutex<FeedState>,
+    /// Wakes the poll loop when watchers come or go.
+    pub changed: Notify,
+}
+
+#[derive(Debug)]
+struct FeedState {
+    ring: ReplayRing,
+    subscribers: Vec<Subscriber>,
+    /// When the last watcher left; meaningful while there is none.
+    idle_since: Instant,
+    /// The gateway refused the session; polling waits for a watcher with a new one.
+    session_lost: bool,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    watch_id: u64,
+    sender: mpsc::Sender<FeedItem>,
+    overflowed: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum FeedItem {
+    Event(Arc<ReleaseEvent>),
+    SessionEnded {
+        agent: AgentId,
+        ending: SessionEnding,
+    },
+}
+
+/// What a poll loop does next.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    Poll,
+    /// Nothing to poll for: wait for a watcher, or until `Some` instant to check again.
+    Wait(Option<Instant>),
+    Retire,
+}
+
+impl EventHub {
+    pub fn new(gateway: GatewayClient, settings: EventSettings) -> Self {
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            hub: Arc::new(Hub {
+                gateway,
+                epoch: rand::random::<u64>() | 1,
+                sequence: AtomicU64::new(0),
+                publish: Mutex::new(()),
+                feeds: Mutex::default(),
+                watchers: Arc::new(Semaphore::new(settings.max_watchers)),
+                next_watch_id: AtomicU64::new(0),
+                shutdown,
+                counters: Counters::default(),
+                settings,
+            }),
+        }
+    }
+
+    pub fn gateway(&self) -> &GatewayClient {
+        &self.hub.gateway
+    }
+
+    pub fn settings(&self) -> &EventSettings {
+        &self.hub.settings
+    }
+
+    /// Starts watching `agents` (each must have a session), live from now or, with `from`,
+    /// first replaying what came after that token.
+    pub fn subscribe(
+        &self,
+        agents: &[AgentId],
+        from: Option<ResumeToken>,
+        kinds: KindFilter,
+    ) -> Result<Watch, SubscribeError> {
+        let hub = &self.hub;
+        if *hub.shutdown.borrow() {
+            return Err(SubscribeError::ShuttingDown);
+        }
+        let permit = hub
+            .watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SubscribeError::TooManyWatchers(hub.settings.max_watchers))?;
+        let missing: Vec<AgentId> = agents
+            .iter()
+            .copied()
+            .filter(|a| hub.gateway.sessions().get(*a).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Err(SubscribeError::NoSession(missing));
+        }
+        let watch_id = hub.next_watch_id.fetch_add(1, Ordering::Relaxed);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let (sender, receiver) = mpsc::channel(hub.settings.watcher_buffer.max(1));
+
+        let _order = lock(&hub.publish);
+        let current = hub.sequence.load(Ordering::SeqCst);
+        let (position, mut gap) = match from {
+            None => (current, None),
+            Some(token) if token.epoch != hub.epoch => (
+                current,
+                Some(Gap {
+                    cause: GapCause::OtherProcess,
+                    agents: agents.to_vec(),
+                }),
+            ),
+            Some(token) if token.sequence > current => return Err(SubscribeError::UnknownToken),
+            Some(token) => (token.sequence, None),
+        };
+        let now = Instant::now();
+        let mut replay = Vec::new();
+        let mut evicted = Vec::new();
+        let mut sources = Vec::with_capacity(agents.len());
+        let mut feeds = lock(&hub.feeds);
+        for &agent in agents {
+            let feed = feeds.feed(hub, agent);
+            let mut state = lock(&feed.state);
+            state.ring.expire(now);
+            if state.ring.floor() > position {
+                evicted.push(agent);
+            }
+            replay.extend(
+                state
+                    .ring
+                    .after(position)
+                    .filter(|e| kinds.accepts(e))
+                    .cloned(),
+            );
+            state.subscribers.push(Subscriber {
+                watch_id,
+                sender: sender.clone(),
+                overflowed: overflowed.clone(),
+            });
+            state.session_lost = false;
+            drop(state);
+            feed.changed.notify_one();
+            sources.push(Source::new(feed, watch_id));
+        }
+        drop(feeds);
+        if gap.is_none() && from.is_some() && !evicted.is_empty() {
+            gap = Some(Gap {
+                cause: GapCause::Evicted,
+                agents: evicted,
+            });
+        }
+        replay.sort_by_key(|e| e.token.sequence);
+        Ok(Watch::new(
+            ResumeToken {
+                epoch: hub.epoch,
+                sequence: position,
+            },
+            sources,
+            receiver,
+            overflowed,
+            replay,
+            gap,
+            kinds,
+            hub.settings.heartbeat,
+            hub.shutdown.subscribe(),
+            permit,
+        ))
+    }
+
+    /// Ends every watcher (after what it already received) and stops the poll loops.
+    pub fn shut_down(&self) {
+        self.hub.shutdown.send_replace(true);
+    }
+
+    /// Open watchers.
+    pub fn watchers(&self) -> usize {
+        self.hub.settings.max_watchers - self.hub.watchers.available_permits()
+    }
+
+    /// Agents whose feed exists (polling, in its grace period, or keeping events for replay).
+    pub fn feeds(&self) -> Vec<AgentId> {
+        let mut agents: Vec<_> = lock(&self.hub.feeds).live.keys().copied().collect();
+        agents.sort();
+        agents
+    }
+
+    /// Agents being polled right now: watched, or in their grace period.
+    pub fn polling_agents(&self) -> Vec<AgentId> {
+        let feeds: Vec<Arc<Feed>> = lock(&self.hub.feeds).live.values().cloned().collect();
+        let now = Instant::now();
+        let mut agents: Vec<_> = feeds
+            .iter()
+            .filter(|f| lock(&f.state).wants_polling(&self.hub.settings, now))
+            .map(|f| f.agent)
+            .collect();
+        agents.sort();
+        agents
+    }
+
+    pub fn stats(&self) -> EventStats {
+        let c = &self.hub.counters;
+        EventStats {
+            release_events: c.release.load(Ordering::Relaxed),
+            skipped_events: c.skipped.load(Ordering::Relaxed),
+            malformed_events: c.malformed.load(Ordering::Relaxed),
+            poll_failures: c.poll_failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Feeds {
+    /// The agent's feed, created (with its poll loop) when missing.
+    fn feed(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
+        if let Some(feed) = self.live.get(&agent) {
+            return feed.clone();
+        }
+        let floor = self.retired.remove(&agent).unwrap_or(0);
+        let feed = Arc::new(Feed {
+            agent,
+            state: Mutex::new(FeedState {
+                ring: ReplayRing::new(hub.settings.replay_events, hub.settings.replay_age, floor),
+                subscribers: Vec::new(),
+                idle_since: Instant::now(),
+                session_lost: false,
+            }),
+            changed: Notify::new(),
+        });
+        self.live.insert(agent, feed.clone());
+        tokio::spawn(PollLoop::new(hub.clone(), feed.clone()).run());
+        feed
+    }
+}
+
+impl FeedState {
+    fn wants_polling(&self, settings: &EventSettings, now: Instant) -> bool {
+        !self.session_lost
+            && (!self.subscribers.is_empty() || now < self.idle_since + settings.grace)
+    }
+}
+
+impl Feed {
+    /// A watcher leaves: from now on it gets nothing from this agent.
+    pub(super) fn leave(&self, watch_id: u64) {
+        let mut state = lock(&self.state);
+        let before = state.subscribers.len();
+        state.subscribers.retain(|s| s.watch_id != watch_id);
+        if before > 0 && state.subscribers.is_empty() {
+            state.idle_since = Instant::now();
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+}
+
+impl Hub {
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Decides what `feed`'s poll loop does next; retires the feed when nothing is left to do.
+    pub fn next_step(&self, feed: &Feed) -> Step {
+        if *self.shutdown.borrow() {
+            return Step::Retire;
+        }
+        let now = Instant::now();
+        let mut feeds = lock(&self.feeds);
+        let mut state = lock(&feed.state);
+        if state.wants_polling(&self.settings, now) {
+            return Step::Poll;
+        }
+        if !state.subscribers.is_empty() {
+            // Watchers of a lost session: they are being told and will leave.
+            return Step::Wait(None);
+        }
+        state.ring.expire(now);
+        if let Some(empty_at) = state.ring.empty_at() {
+            // Not polled any more, but kept so that resuming watchers can replay.
+            return Step::Wait(Some(empty_at));
+        }
+        let high_water = state.ring.high_water();
+        if high_water > 0 {
+            feeds.retired.insert(feed.agent, high_water);
+        }
+        feeds.live.remove(&feed.agent);
+        Step::Retire
+    }
+
+    /// Numbers a polled event and delivers it to the feed's watchers, or counts it.
+    pub fn observe(
+        &self,
+        feed: &Feed,
+        polled: Result<PolledEvent, crate::gateway::event::MalformedEvent>,
+    ) {
+        let agent = feed.agent;
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(malformed) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%agent, error = %malformed, "skipped a malformed gateway event");
+                return;
+            }
+        };
+        let (kind, call_id, customer_number) = match polled.body {
+            EventBody::CallRelease { call_id } => (ReleaseKind::CallRelease, call_id, None),
+            EventBody::CustomerRelease { call_id, number } => (
+                ReleaseKind::CustomerRelease,
+                call_id,
+                (!number.is_empty()).then_some(number),
+            ),
+            EventBody::Other => {
+                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%agent, event_type = %polled.event_type, "skipped a gateway event");
+                return;
+            }
+        };
+        self.counters.release.fetch_add(1, Ordering::Relaxed);
+        let _order = lock(&self.publish);
+        let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        let event = Arc::new(ReleaseEvent {
+            agent,
+            kind,
+            call_id,
+            customer_number,
+            event_time: polled
+                .gen_time_ms
+                .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms))),
+            observed_time: SystemTime::now(),
+            raw_event_type: polled.event_type,
+            token: ResumeToken {
+                epoch: self.epoch,
+                sequence,
+            },
+        });
+        tracing::info!(%agent, kind = ?event.kind, call_id = %event.call_id, sequence, "release event");
+        let mut state = lock(&feed.state);
+        state.ring.push(event.clone(), Instant::now());
+        state.deliver(&FeedItem::Event(event));
+    }
+
+    /// The gateway refused the agent's session: tell its watchers and stop polling.
+    pub fn end_session(&self, feed: &Feed, ending: SessionEnding) {
+        let _order = lock(&self.publish);
+        let mut state = lock(&feed.state);
+        state.session_lost = true;
+        state.deliver(&FeedItem::SessionEnded {
+            agent: feed.agent,
+            ending,
+        });
+    }
+}
+
+impl FeedState {
+    /// Hands `item` to every watcher without waiting: a watcher whose buffer is full is cut off
+    /// (it learns so and ends), and nobody else is held up.
+    fn deliver(&mut self, item: &FeedItem) {
+        let before = self.subscribers.len();
+        self.subscribers.retain(|s| {
+            if s.overflowed.load(Ordering::Relaxed) {
+                return false;
+            }
+            match s.sender.try_send(item.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.overflowed.store(true, Ordering::Relaxed);
+                    false
+                }
+                // The watcher is gone; its guard removes it from the other feeds.
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if before > 0 && self.subscribers.is_empty() {
+            self.idle_since = Instant::now();
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain data; go on.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,261 @@
+//! One watcher: its replay, then live events in sequence order, heartbeats, and how it ends.
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, watch, OwnedSemaphorePermit},
+    time::Instant,
+};
+
+use super::{
+    hub::{Feed, FeedItem},
+    KindFilter, ReleaseEvent, ResumeToken,
+};
+use crate::domain::AgentId;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchItem {
+    Event(Arc<ReleaseEvent>),
+    /// Nothing was sent for the heartbeat interval; this is where the watcher stands.
+    Heartbeat(ResumeToken),
+    /// Events after the resume token may be missing (always the first item).
+    Gap(Gap),
+    /// One agent of a multi-agent watcher lost its session; the others go on.
+    SessionEnded {
+        agent: AgentId,
+        ending: SessionEnding,
+    },
+}
+
+/// How a watcher ends; each carries the token to resume from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The watcher fell more than its buffer behind.
+    TooSlow {
+        resume: ResumeToken,
+    },
+    /// The session of its last agent ended.
+    SessionEnded {
+        agent: AgentId,
+        ending: SessionEnding,
+        resume: ResumeToken,
+    },
+    ShuttingDown {
+        resume: ResumeToken,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub cause: GapCause,
+    pub agents: Vec<AgentId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapCause {
+    /// The token is from another process lifetime (a restart, or another replica).
+    OtherProcess,
+    /// Events after the token fell out of the replay ring (count or age limit).
+    Evicted,
+}
+
+impl Gap {
+    pub fn describe(&self) -> &'static str {
+        match self.cause {
+            GapCause::OtherProcess => {
+                "the resume token is from another process lifetime of the facade (restart or another replica); release events observed in between cannot be replayed"
+            }
+            GapCause::Evicted => {
+                "release events after the resume token are no longer kept (the replay ring's size or age limit); some may be missing"
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnding {
+    /// The gateway refused the session on a poll (100-006, 000-003).
+    Refused { retcode: String, message: String },
+    /// The facade no longer has a session for the agent (another request's refusal dropped
+    /// it).
+    Forgotten,
+}
+
+/// A watcher's membership in one agent's feed; leaving is automatic on drop.
+#[derive(Debug)]
+pub(super) struct Source {
+    feed: Arc<Feed>,
+    watch_id: u64,
+}
+
+impl Source {
+    pub fn new(feed: Arc<Feed>, watch_id: u64) -> Self {
+        Self { feed, watch_id }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.feed.leave(self.watch_id);
+    }
+}
+
+/// Yields replayed events, then live ones, until it ends. Dropping it frees everything at once.
+#[derive(Debug)]
+pub struct Watch {
+    position: ResumeToken,
+    sources: Vec<Source>,
+    live: mpsc::Receiver<FeedItem>,
+    overflowed: Arc<AtomicBool>,
+    replay: VecDeque<Arc<ReleaseEvent>>,
+    gap: Option<Gap>,
+    kinds: KindFilter,
+    heartbeat: Duration,
+    last_sent: Instant,
+    shutdown: watch::Receiver<bool>,
+    /// Set once shutdown began: deliver what has arrived, then end.
+    draining: bool,
+    ended: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Watch {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        position: ResumeToken,
+        sources: Vec<Source>,
+        live: mpsc::Receiver<FeedItem>,
+        overflowed: Arc<AtomicBool>,
+        replay: Vec<Arc<ReleaseEvent>>,
+        gap: Option<Gap>,
+        kinds: KindFilter,
+        heartbeat: Duration,
+        shutdown: watch::Receiver<bool>,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            position,
+            sources,
+            live,
+            overflowed,
+            replay: replay.into(),
+            gap,
+            kinds,
+            heartbeat,
+            last_sent: Instant::now(),
+            shutdown,
+            draining: false,
+            ended: false,
+            _permit: permit,
+        }
+    }
+
+    /// Where the watcher stands: everything up to here was delivered (or filtered out).
+    pub fn position(&self) -> ResumeToken {
+        self.position
+    }
+
+    /// The next item; `Some(Err(_))` once, then `None`.
+    pub async fn next(&mut self) -> Option<Result<WatchItem, WatchEnd>> {
+        if self.ended {
+            return None;
+        }
+        let item = self.next_item().await;
+        match &item {
+            Ok(_) => self.last_sent = Instant::now(),
+            Err(_) => {
+                self.ended = true;
+                // Leave the feeds now, not when the stream object is dropped.
+                self.sources.clear();
+            }
+        }
+        Some(item)
+    }
+
+    /// The next event accepted by `wanted`, skipping everything else, until `deadline`.
+    /// `Ok(None)` when the deadline passed first.
+    pub async fn next_event(
+        &mut self,
+        wanted: impl Fn(&ReleaseEvent) -> bool,
+        deadline: Instant,
+    ) -> Result<Option<Arc<ReleaseEvent>>, WatchEnd> {
+        loop {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Err(_) => return Ok(None),
+                Ok(Some(Ok(WatchItem::Event(event)))) if wanted(&event) => return Ok(Some(event)),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(end))) => return Err(end),
+                Ok(None) => unreachable!("next() is not called after the end"),
+            }
+        }
+    }
+
+    async fn next_item(&mut self) -> Result<WatchItem, WatchEnd> {
+        if let Some(gap) = self.gap.take() {
+            return Ok(WatchItem::Gap(gap));
+        }
+        if let Some(event) = self.replay.pop_front() {
+            self.position.sequence = event.token.sequence;
+            return Ok(WatchItem::Event(event));
+        }
+        loop {
+            if self.overflowed.load(Ordering::Relaxed) {
+                return Err(WatchEnd::TooSlow {
+                    resume: self.position,
+                });
+            }
+            let item = if self.draining {
+                match self.live.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => {
+                        return Err(WatchEnd::ShuttingDown {
+                            resume: self.position,
+                        })
+                    }
+                }
+            } else {
+                let heartbeat_at = self.last_sent + self.heartbeat;
+                tokio::select! {
+                    biased;
+                    item = self.live.recv() => match item {
+                        Some(item) => item,
+                        // Every feed dropped this watcher: only an overflow does that.
+                        None => return Err(WatchEnd::TooSlow { resume: self.position }),
+                    },
+                    _ = self.shutdown.wait_for(|stop| *stop) => {
+                        self.draining = true;
+                        continue;
+                    }
+                    () = tokio::time::sleep_until(heartbeat_at) => {
+                        return Ok(WatchItem::Heartbeat(self.position));
+                    }
+                }
+            };
+            match item {
+                FeedItem::Event(event) => {
+                    self.position.sequence = self.position.sequence.max(event.token.sequence);
+                    if self.kinds.accepts(&event) {
+                        return Ok(WatchItem::Event(event));
+                    }
+                }
+                FeedItem::SessionEnded { agent, ending } => {
+                    self.sources.retain(|s| s.feed.agent != agent);
+                    if self.sources.is_empty() {
+                        return Err(WatchEnd::SessionEnded {
+                            agent,
+                            ending,
+                            resume: self.position,
+                        });
+                    }
+                    return Ok(WatchItem::SessionEnded { agent, ending });
+                }
+            }
+        }
+    }
+}

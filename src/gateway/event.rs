@@ -1,0 +1,193 @@
+//! The `event` member of a poll answer: `{"eventType", "workNo", "content", "eventGenTime"?}`.
+//! Only the two release events are read closely; every other type is recognised by name and
+//! skipped.
+use serde_json::Value;
+
+use crate::domain::{AgentId, CallId};
+
+pub const CALL_RELEASE: &str = "AgentEvent_Call_Release";
+pub const CUSTOMER_RELEASE: &str = "AgentEvent_Customer_Release";
+
+/// Longest customer number kept; real ones are far shorter.
+const MAX_NUMBER_LEN: usize = 64;
+/// Longest event type name kept in logs.
+const MAX_TYPE_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBody {
+    /// `AgentEvent_Call_Release`: the agent left the call.
+    CallRelease { call_id: CallId },
+    /// `AgentEvent_Customer_Release`: the customer left the call.
+    CustomerRelease { call_id: CallId, number: String },
+    /// Any other event type.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolledEvent {
+    pub event_type: String,
+    pub body: EventBody,
+    /// `eventGenTime` (ms since the Unix epoch), sent by newer gateways.
+    pub gen_time_ms: Option<u64>,
+}
+
+/// Why an event could not be read. Never carries the event's text: it is logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {event_type} event: {problem}")]
+pub struct MalformedEvent {
+    pub event_type: String,
+    pub problem: &'static str,
+}
+
+/// Reads one polled event of `agent`.
+pub fn parse_event(agent: AgentId, event: &Value) -> Result<PolledEvent, MalformedEvent> {
+    let malformed = |event_type: &str, problem| MalformedEvent {
+        event_type: event_type.to_owned(),
+        problem,
+    };
+    let Some(object) = event.as_object() else {
+        return Err(malformed("(unknown)", "the event is not a JSON object"));
+    };
+    let event_type = match object.get("eventType").and_then(Value::as_str) {
+        Some(t)
+            if !t.is_empty()
+                && t.len() <= MAX_TYPE_LEN
+                && t.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            t
+        }
+        _ => return Err(malformed("(unknown)", "eventType is missing or not a name")),
+    };
+    // An event of another agent in this agent's poll would be attributed to the wrong agent.
+    if let Some(work_no) = object.get("workNo") {
+        if text_or_number(work_no).as_deref() != Some(agent.to_string().as_str()) {
+            return Err(malformed(event_type, "workNo is not the polled agent"));
+        }
+    }
+    let content = object.get("content").unwrap_or(&Value::Null);
+    let body = match event_type {
+        CALL_RELEASE => {
+            // The reference says a string; the casing-varying object form is tolerated.
+            let call_id = match content {
+                Value::String(s) => Some(s.as_str()),
+                Value::Object(_) => call_id_member(content),
+                _ => None,
+            };
+            EventBody::CallRelease {
+                call_id: parse_call_id(call_id)
+                    .ok_or_else(|| malformed(event_type, "content is not a call id"))?,
+            }
+        }
+        CUSTOMER_RELEASE => {
+            let call_id = parse_call_id(call_id_member(content))
+                .ok_or_else(|| malformed(event_type, "content has no valid callid"))?;
+            let number = match content.get("number") {
+                None | Some(Value::Null) => String::new(),
+                Some(n) => text_or_number(n)
+                    .filter(|n| {
+                        n.len() <= MAX_NUMBER_LEN && n.bytes().all(|b| b.is_ascii_graphic())
+                    })
+                    .ok_or_else(|| malformed(event_type, "number is not a phone number"))?,
+            };
+            EventBody::CustomerRelease { call_id, number }
+        }
+        _ => EventBody::Other,
+    };
+    Ok(PolledEvent {
+        event_type: event_type.to_owned(),
+        body,
+        // A bad timestamp is not worth losing a release event over.
+        gen_time_ms: object.get("eventGenTime").and_then(|t| match t {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }),
+    })
+}
+
+/// `callid` or `callId`: the reference notes the casing varies by event.
+fn call_id_member(content: &Value) -> Option<&str> {
+    content
+        .get("callid")
+        .or_else(|| content.get("callId"))
+        .and_then(Value::as_str)
+}
+
+fn parse_call_id(raw: Option<&str>) -> Option<CallId> {
+    CallId::parse("callid", raw?.trim()).ok()
+}
+
+fn text_or_number(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.trim().to_owned()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn agent() -> AgentId {
+        AgentId::parse("agent", "101", 59_999).unwrap()
+    }
+
+    #[test]
+    fn reads_the_reference_release_events() {
+        let call = parse_event(
+            agent(),
+            &json!({"eventType": CALL_RELEASE, "workNo": "101", "content": "1456403549-15"}),
+        )
+        .unwrap();
+        assert_eq!(
+            call.body,
+            EventBody::CallRelease {
+                call_id: CallId::parse("c", "1456403549-15").unwrap()
+            }
+        );
+        assert_eq!(call.gen_time_ms, None);
+        let customer = parse_event(
+            agent(),
+            &json!({"eventType": CUSTOMER_RELEASE, "workNo": 101, "eventGenTime": 1_700_000_000_123u64,
+                    "content": {"callId": "1456404171-43", "number": "70093"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            customer.body,
+            EventBody::CustomerRelease {
+                call_id: CallId::parse("c", "1456404171-43").unwrap(),
+                number: "70093".into()
+            }
+        );
+        assert_eq!(customer.gen_time_ms, Some(1_700_000_000_123));
+    }
+
+    #[test]
+    fn other_types_are_skipped_whatever_their_content() {
+        for event in [
+            json!({"eventType": "AgentOther_InService", "workNo": "101", "content": null}),
+            json!({"eventType": "AgentEvent_Talking", "workNo": "101", "content": {"callid": "x"}}),
+            json!({"eventType": "AgentState_Ready"}),
+        ] {
+            assert_eq!(parse_event(agent(), &event).unwrap().body, EventBody::Other);
+        }
+    }
+
+    #[test]
+    fn malformed_events_are_errors() {
+        for event in [
+            json!([1, 2]),
+            json!({"workNo": "101"}),
+            json!({"eventType": CALL_RELEASE, "workNo": "101", "content": {"not": "a call"}}),
+            json!({"eventType": CALL_RELEASE, "workNo": "101", "content": "../../x"}),
+            json!({"eventType": CALL_RELEASE, "workNo": "102", "content": "1-1"}),
+            json!({"eventType": CUSTOMER_RELEASE, "workNo": "101", "content": "1-1"}),
+            json!({"eventType": CUSTOMER_RELEASE, "content": {"callid": "1-1", "number": {}}}),
+        ] {
+            assert!(parse_event(agent(), &event).is_err(), "{event}");
+        }
+    }
+}
