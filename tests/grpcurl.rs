@@ -148,13 +148,60 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
     .await;
     assert!(ok && out.contains("\"SERVING\""), "{out}");
 
+    // A watcher of 101 from before the release: the facade starts polling the agent now.
+    let mut watch = Watch::start(&grpcurl, addr, "101").await;
+
     let release = format!("{SVC}/ReleaseCall");
     let (ok, out) = run(
         &grpcurl,
-        &["-plaintext", "-d", r#"{"agent_id":"101"}"#, addr, &release],
+        &[
+            "-plaintext",
+            "-d",
+            r#"{"agent_id":"101","wait_for_release_event":true}"#,
+            addr,
+            &release,
+        ],
     )
     .await;
-    assert!(ok && out.contains("\"RELEASED\""), "{out}");
+    assert!(
+        ok && out.contains("\"RELEASED\"") && out.contains("\"CALL_RELEASE\""),
+        "{out}"
+    );
+    let demo_call = demo_call_id(&demo.banner);
+    let seen = watch.read_until_events(2).await;
+    assert!(
+        seen.contains("\"CALL_RELEASE\"")
+            && seen.contains("\"CUSTOMER_RELEASE\"")
+            && seen.contains(&format!("\"callId\": \"{demo_call}\"")),
+        "{seen}"
+    );
+
+    // The issue's demo: a call placed and hung up by the customer through the simulator.
+    let sim = sim_url(&demo.banner);
+    ccgw_callcontrol::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let placed: serde_json::Value = http
+        .post(format!("{sim}/sim/agents/101/calls"))
+        .json(&serde_json::json!({"caller": "70095"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let call = placed["callid"].as_str().expect("call placed").to_owned();
+    let hangup = http
+        .post(format!("{sim}/sim/agents/101/customer-hangup"))
+        .send()
+        .await
+        .unwrap();
+    assert!(hangup.status().is_success());
+    let seen = watch.read_until_events(2).await;
+    assert!(
+        seen.contains(&format!("\"callId\": \"{call}\""))
+            && seen.contains("\"customerNumber\": \"70095\""),
+        "{seen}"
+    );
     let (ok, out) = run(
         &grpcurl,
         &["-plaintext", "-d", r#"{"agent_id":"101"}"#, addr, &release],
@@ -189,7 +236,7 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
         "{out}"
     );
 
-    // SIGTERM: graceful shutdown, clean exit.
+    // SIGTERM: the open stream ends with UNAVAILABLE, then a clean exit.
     let pid = demo.child.id().expect("running").to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])
@@ -202,4 +249,115 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
         .expect("exits within 30 s of SIGTERM")
         .unwrap();
     assert!(exit.success(), "{exit:?}");
+    let (ok, rest) = watch.finish().await;
+    assert!(
+        !ok && rest.contains("Unavailable") && rest.contains("resume"),
+        "{rest}"
+    );
+}
+
+/// `grpcurl ... WatchReleaseEvents` running in the background.
+struct Watch {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Watch {
+    /// Starts the stream and waits until the facade answered with its response headers, which
+    /// it sends once the watcher is subscribed (grpcurl -v prints them).
+    async fn start(grpcurl: &PathBuf, addr: &str, agent: &str) -> Self {
+        let mut child = Command::new(grpcurl)
+            .args([
+                "-v",
+                "-plaintext",
+                "-d",
+                &format!(r#"{{"agent_ids":["{agent}"]}}"#),
+                addr,
+                &format!("{SVC}/WatchReleaseEvents"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("grpcurl starts");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut watch = Self { child, lines };
+        watch
+            .read_until("the response headers", |line| {
+                line.starts_with("Response headers received")
+            })
+            .await;
+        watch
+    }
+
+    /// Reads stdout until `n` more events were printed; returns what it read.
+    async fn read_until_events(&mut self, n: usize) -> String {
+        let (mut events, mut in_event) = (0, false);
+        self.read_until(&format!("{n} events"), |line| {
+            // grpcurl closes each message with a `}` alone on its line.
+            match line {
+                "}" if in_event => {
+                    events += 1;
+                    in_event = false;
+                }
+                _ => in_event |= line.trim_start().starts_with("\"event\": {"),
+            }
+            events == n
+        })
+        .await
+    }
+
+    async fn read_until(&mut self, what: &str, mut done: impl FnMut(&str) -> bool) -> String {
+        let mut text = String::new();
+        let read = async {
+            loop {
+                let line = self.lines.next_line().await.unwrap().expect("stream open");
+                text.push_str(&line);
+                text.push('\n');
+                if done(&line) {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .is_err()
+        {
+            panic!("no {what} within 30 s; got:\n{text}");
+        }
+        text
+    }
+
+    /// Waits for grpcurl to exit; returns (success, the rest of stdout + stderr).
+    async fn finish(mut self) -> (bool, String) {
+        let mut rest = String::new();
+        while let Ok(Some(line)) = self.lines.next_line().await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        let output = tokio::time::timeout(Duration::from_secs(30), self.child.wait_with_output())
+            .await
+            .expect("grpcurl exits within 30 s")
+            .unwrap();
+        rest.push_str(&String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), rest)
+    }
+}
+
+fn demo_call_id(banner: &str) -> String {
+    banner
+        .split("(call id ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("banner names the demo call")
+        .to_owned()
+}
+
+fn sim_url(banner: &str) -> String {
+    banner
+        .split("simulator on ")
+        .nth(1)
+        .and_then(|rest| rest.split(".\n").next())
+        .expect("banner names the simulator")
+        .to_owned()
 }

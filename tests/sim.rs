@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use ccgw_callcontrol::sim::{AuthMode, Fault, FaultRule, SimConfig, Simulator};
+use ccgw_callcontrol::sim::{
+    AgentView, AuthMode, Fault, FaultRule, SimConfig, SimError, Simulator,
+};
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use tokio::time::{timeout, Instant};
@@ -685,7 +687,10 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
     assert_eq!(status, 200);
     assert_eq!(
         view,
-        json!({"agent_id": "101", "signed_in": true, "call_id": callid, "queued_events": 2})
+        json!({
+            "agent_id": "101", "signed_in": true, "call_id": callid, "queued_events": 2,
+            "polls_in_flight": 0, "max_polls_in_flight": 0,
+        })
     );
     let (status, _) = h.control(Method::GET, "/agents/abc", None).await;
     assert_eq!(status, 400);
@@ -759,4 +764,150 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
             .0,
         409
     );
+}
+
+#[tokio::test]
+async fn queued_raw_events_come_back_verbatim_after_the_simulators_own() {
+    let h = start(quick()).await;
+    let s = h.sign_in("101").await;
+    h.sim.place_call("101", "70093").unwrap();
+    let no_work_no = json!({"eventType": "AgentState_Work", "content": {"reason": 7}});
+    h.sim.queue_event("101", no_work_no.clone()).unwrap();
+    let malformed = [
+        json!({"workNo": "101", "content": "no eventType"}),
+        json!({"eventType": "AgentEvent_Customer_Release", "workNo": "101", "content": 5}),
+        json!([{"eventType": "AgentEvent_Call_Release", "content": "1-1"}]),
+        json!(42),
+    ];
+    for event in &malformed {
+        let (status, body) = h
+            .control(Method::POST, "/agents/101/events", Some(event.clone()))
+            .await;
+        assert_eq!((status, body), (200, json!({})));
+    }
+    assert_eq!(
+        h.sim.agent("101").unwrap().queued_events,
+        2 + 1 + malformed.len()
+    );
+
+    assert_eq!(
+        h.poll_event("101", &s).await["eventType"],
+        "AgentEvent_Ringing"
+    );
+    assert_eq!(
+        h.poll_event("101", &s).await["eventType"],
+        "AgentEvent_Talking"
+    );
+    // Nothing added: no workNo, no eventGenTime.
+    assert_eq!(h.poll_event("101", &s).await, no_work_no);
+    for event in &malformed[..3] {
+        assert_eq!(&h.poll_event("101", &s).await, event);
+    }
+    let resp = h.send(Method::GET, "/agentevent/101", Some(&s)).await;
+    assert_eq!(
+        resp.text().await.unwrap(),
+        r#"{"message":"","retcode":"0","event":42}"#
+    );
+    assert_eq!(h.sim.agent("101").unwrap().queued_events, 0);
+}
+
+#[tokio::test]
+async fn queue_event_needs_a_signed_in_agent() {
+    let h = start(quick()).await;
+    let event = json!({"eventType": "AgentState_Ready", "workNo": "101", "content": null});
+    assert_eq!(
+        h.sim.queue_event("101", event.clone()),
+        Err(SimError::NotSignedIn("101".into()))
+    );
+    assert_eq!(
+        h.sim.queue_event("abc", event.clone()),
+        Err(SimError::BadAgentId("abc".into()))
+    );
+    let (status, body) = h
+        .control(Method::POST, "/agents/101/events", Some(event.clone()))
+        .await;
+    assert_eq!(status, 409);
+    assert!(body["error"].is_string(), "{body}");
+    let (status, _) = h
+        .control(Method::POST, "/agents/abc/events", Some(event.clone()))
+        .await;
+    assert_eq!(status, 400);
+
+    h.sign_in("101").await;
+    let resp = h
+        .client
+        .post(format!("{}/sim/agents/101/events", h.base))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    h.sim.force_signout("101").unwrap();
+    assert_eq!(
+        h.sim.queue_event("101", event),
+        Err(SimError::NotSignedIn("101".into()))
+    );
+    assert_eq!(
+        h.sim.agent("101").unwrap(),
+        AgentView {
+            agent_id: "101".into(),
+            signed_in: false,
+            call_id: None,
+            queued_events: 0,
+            polls_in_flight: 0,
+            max_polls_in_flight: 0,
+        }
+    );
+}
+
+#[tokio::test]
+async fn concurrent_polls_of_one_agent_show_in_max_polls_in_flight() {
+    let h = start(SimConfig {
+        poll_wait: Duration::from_secs(4),
+        ..SimConfig::default()
+    })
+    .await;
+    let s = h.sign_in("101").await;
+    // Polls one after the other never overlap.
+    for n in 0..2 {
+        h.sim.queue_event("101", json!({"n": n})).unwrap();
+        h.poll_event("101", &s).await;
+    }
+    let view = h.sim.agent("101").unwrap();
+    assert_eq!((view.polls_in_flight, view.max_polls_in_flight), (0, 1));
+
+    let both_waiting = async {
+        timeout(BOUND, async {
+            while h.sim.agent("101").unwrap().polls_in_flight < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("both polls in flight");
+        // Wakes the long polls; each answers one of them.
+        h.sim.queue_event("101", json!({"n": "a"})).unwrap();
+        h.sim.queue_event("101", json!({"n": "b"})).unwrap();
+    };
+    let started = Instant::now();
+    let (a, b, ()) = tokio::join!(
+        h.poll_event("101", &s),
+        h.poll_event("101", &s),
+        both_waiting
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "woken early");
+    let mut got = [a["n"].as_str().unwrap(), b["n"].as_str().unwrap()];
+    got.sort();
+    assert_eq!(got, ["a", "b"]);
+
+    let (status, view) = h.control(Method::GET, "/agents/101", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(view["polls_in_flight"], 0, "{view}");
+    assert_eq!(view["max_polls_in_flight"], 2, "{view}");
+
+    // The high-water mark is per session.
+    let resp = h
+        .sign_in_raw("101", "/forcelogin", json!({"password": "pw"}))
+        .await;
+    session_of(resp).await;
+    assert_eq!(h.sim.agent("101").unwrap().max_polls_in_flight, 0);
 }

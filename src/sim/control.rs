@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::state::Shared;
 use super::{FaultRule, SimError};
@@ -25,6 +25,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         )
         .route("/sim/agents/{agentid}/rotate-guid", post(rotate_guid))
         .route("/sim/agents/{agentid}/force-signout", post(force_signout))
+        .route("/sim/agents/{agentid}/events", post(queue_event))
         .route("/sim/faults", post(push_fault).delete(clear_faults))
         .route("/sim/requests", get(requests).delete(clear_requests))
         .route("/sim/stats", get(stats))
@@ -92,15 +93,24 @@ async fn force_signout(State(sim): State<Arc<Shared>>, Path(agentid): Path<Strin
     }
 }
 
+async fn queue_event(
+    State(sim): State<Arc<Shared>>,
+    Path(agentid): Path<String>,
+    body: Bytes,
+) -> Response {
+    let event = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match sim.queue_event(&agentid, event) {
+        Ok(()) => Json(json!({})).into_response(),
+        Err(e) => sim_error(e),
+    }
+}
+
 async fn agent(State(sim): State<Arc<Shared>>, Path(agentid): Path<String>) -> Response {
     match sim.agent_view(&agentid) {
-        Ok((signed_in, call_id, queued)) => Json(json!({
-            "agent_id": agentid,
-            "signed_in": signed_in,
-            "call_id": call_id,
-            "queued_events": queued,
-        }))
-        .into_response(),
+        Ok(view) => Json(view).into_response(),
         Err(e) => sim_error(e),
     }
 }

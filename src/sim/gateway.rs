@@ -281,7 +281,14 @@ struct PollAnswer<'a> {
     message: &'a str,
     retcode: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    event: Option<EventBody<'a>>,
+    event: Option<EventMember<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EventMember<'a> {
+    Gateway(EventBody<'a>),
+    Raw(&'a Value),
 }
 
 #[derive(Serialize)]
@@ -370,11 +377,18 @@ fn poll_answer(
     let answer = PollAnswer {
         message: "",
         retcode: "0",
-        event: event.as_ref().map(|e| EventBody {
-            event_type: e.event_type,
-            work_no: id.to_string(),
-            content: &e.content,
-            event_gen_time: sim.config.event_gen_time.then_some(e.gen_ms),
+        event: event.as_ref().map(|e| match e {
+            QueuedEvent::Gateway {
+                event_type,
+                content,
+                gen_ms,
+            } => EventMember::Gateway(EventBody {
+                event_type,
+                work_no: id.to_string(),
+                content,
+                event_gen_time: sim.config.event_gen_time.then_some(*gen_ms),
+            }),
+            QueuedEvent::Raw(event) => EventMember::Raw(event),
         }),
     };
     let mut resp = json_response(

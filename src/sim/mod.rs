@@ -70,7 +70,13 @@
 //! curl -X POST localhost:8043/sim/agents/101/rotate-guid
 //! # sign the agent out like an inspector -> {}
 //! curl -X POST localhost:8043/sim/agents/101/force-signout
-//! # agent view -> {"agent_id":"101","signed_in":true,"call_id":null,"queued_events":0}
+//! # queue this JSON verbatim as the `event` of a later poll answer, in turn with the
+//! # simulator's own events (no workNo/eventGenTime added; any JSON, malformed shapes too) -> {}
+//! curl -X POST localhost:8043/sim/agents/101/events -H 'content-type: application/json' \
+//!      -d '{"eventType":"AgentState_Work","workNo":"101","content":null}'
+//! # agent view -> {"agent_id":"101","signed_in":true,"call_id":null,"queued_events":0,
+//! #                "polls_in_flight":1,"max_polls_in_flight":1}
+//! # (polls_in_flight: polls waiting now; max_polls_in_flight: most at once since sign-in)
 //! curl localhost:8043/sim/agents/101
 //! # push a fault rule / clear all rules
 //! curl -X POST localhost:8043/sim/faults -H 'content-type: application/json' \
@@ -229,6 +235,22 @@ pub enum SimError {
     StaticAuth,
 }
 
+/// One agent as the simulator sees it (`GET /sim/agents/{id}`). Not signed in: no call and
+/// all counts 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub signed_in: bool,
+    pub call_id: Option<String>,
+    /// Events waiting for a poll.
+    pub queued_events: usize,
+    /// Polls of the current session being answered right now.
+    pub polls_in_flight: u32,
+    /// Most polls in flight at once since sign-in; above 1 means the client ran two pollers,
+    /// which the reference says steal each other's events.
+    pub max_polls_in_flight: u32,
+}
+
 /// The simulator; cheap to clone (shared state).
 #[derive(Clone)]
 pub struct Simulator {
@@ -305,6 +327,18 @@ impl Simulator {
     /// Signs the agent out like an inspector: its next request answers `100-006`.
     pub fn force_signout(&self, agent_id: &str) -> Result<(), SimError> {
         self.shared.force_signout(agent_id)
+    }
+
+    /// Queues `event` as is as the `event` member of a later poll answer (FIFO with the
+    /// simulator's own events), so tests can feed a client other event types or malformed
+    /// shapes: no `workNo` or `eventGenTime` is added.
+    pub fn queue_event(&self, agent_id: &str, event: serde_json::Value) -> Result<(), SimError> {
+        self.shared.queue_event(agent_id, event)
+    }
+
+    /// The agent's session as the control API shows it.
+    pub fn agent(&self, agent_id: &str) -> Result<AgentView, SimError> {
+        self.shared.agent_view(agent_id)
     }
 
     pub fn push_fault(&self, rule: FaultRule) {

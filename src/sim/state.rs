@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{AuthMode, FaultRule, RecordedRequest, SimConfig, SimError};
+use super::{AgentView, AuthMode, FaultRule, RecordedRequest, SimConfig, SimError};
 
 /// Cap on one agent's queue: nobody polling must not grow memory without bound.
 const MAX_QUEUED_EVENTS: usize = 10_000;
@@ -51,6 +51,8 @@ pub(crate) struct Session {
     rotate_requested: bool,
     last_poll: Instant,
     polls_in_flight: u32,
+    /// High-water mark of `polls_in_flight` since sign-in: shows a client running two pollers.
+    max_polls_in_flight: u32,
     /// `name=value` of the sticky cookie handed out at sign-in.
     cookie: String,
     phonenum: String,
@@ -63,10 +65,15 @@ pub(crate) struct Call {
     pub caller: String,
 }
 
-pub(crate) struct QueuedEvent {
-    pub event_type: &'static str,
-    pub content: Value,
-    pub gen_ms: u64,
+pub(crate) enum QueuedEvent {
+    /// One of the simulator's own events; `workNo` and `eventGenTime` are added when answered.
+    Gateway {
+        event_type: &'static str,
+        content: Value,
+        gen_ms: u64,
+    },
+    /// Injected through [`Shared::queue_event`]: answered exactly as given, malformed or not.
+    Raw(Value),
 }
 
 /// Why the gateway refuses a request's session.
@@ -219,17 +226,32 @@ impl Shared {
         Ok(())
     }
 
-    /// `(signed_in, call_id, queued_events)` for the control API.
-    pub fn agent_view(&self, raw: &str) -> Result<(bool, Option<String>, usize), SimError> {
+    pub fn queue_event(&self, raw: &str, event: Value) -> Result<(), SimError> {
         let id = self.agent_id(raw)?;
         let mut st = self.lock();
-        Ok(match st.session_mut(&self.config, id, Instant::now()) {
-            Some(s) => (
-                true,
-                s.call.as_ref().map(|c| c.callid.clone()),
-                s.events.len(),
-            ),
-            None => (false, None, 0),
+        let session = st
+            .session_mut(&self.config, id, Instant::now())
+            .ok_or_else(|| SimError::NotSignedIn(raw.to_owned()))?;
+        session.enqueue(QueuedEvent::Raw(event));
+        st.wake(id);
+        Ok(())
+    }
+
+    pub fn agent_view(&self, raw: &str) -> Result<AgentView, SimError> {
+        let id = self.agent_id(raw)?;
+        let mut st = self.lock();
+        let session = st
+            .session_mut(&self.config, id, Instant::now())
+            .map(|s| &*s);
+        Ok(AgentView {
+            agent_id: id.to_string(),
+            signed_in: session.is_some(),
+            call_id: session
+                .and_then(|s| s.call.as_ref())
+                .map(|c| c.callid.clone()),
+            queued_events: session.map_or(0, |s| s.events.len()),
+            polls_in_flight: session.map_or(0, |s| s.polls_in_flight),
+            max_polls_in_flight: session.map_or(0, |s| s.max_polls_in_flight),
         })
     }
 }
@@ -301,6 +323,7 @@ impl State {
             rotate_requested: false,
             last_poll: now,
             polls_in_flight: 0,
+            max_polls_in_flight: 0,
             cookie: cookie.clone(),
             phonenum,
             events: VecDeque::new(),
@@ -353,6 +376,7 @@ impl State {
         let s = self.session_mut(cfg, id, now)?;
         s.last_poll = now;
         s.polls_in_flight += 1;
+        s.max_polls_in_flight = s.max_polls_in_flight.max(s.polls_in_flight);
         Some(s.id)
     }
 
@@ -415,15 +439,19 @@ impl State {
 
 impl Session {
     fn push(&mut self, cfg: &SimConfig, event_type: &'static str, content: Value) {
-        if self.events.len() >= MAX_QUEUED_EVENTS {
-            self.events.pop_front();
-        }
         let gen_ms = if cfg.event_gen_time { unix_millis() } else { 0 };
-        self.events.push_back(QueuedEvent {
+        self.enqueue(QueuedEvent::Gateway {
             event_type,
             content,
             gen_ms,
         });
+    }
+
+    fn enqueue(&mut self, event: QueuedEvent) {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
     }
 }
 
