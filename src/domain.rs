@@ -26,8 +26,15 @@ pub const MAX_AGENT_ID_LIMIT: u32 = 999_999;
 pub const DEFAULT_MAX_AGENT_ID: u32 = 59_999;
 
 /// An agent's work number, in `MIN_AGENT_ID..=max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentId(u32);
+
+/// The bare number, so that logged lists of agents read `[101, 102]`.
+impl fmt::Debug for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 impl AgentId {
     /// Parses a decimal agent id: ASCII digits only (no sign, space or leading zero), in range.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{AgentId, RequestId},
+    domain::{AgentId, FieldViolation, RequestId},
     events::{EventHub, KindFilter, ReleaseKind, SubscribeError, Watch, WatchEnd},
     gateway::{Cookies, Guid, ReleaseTarget},
     proto::{self, call_control_server::CallControl},
@@ -62,7 +62,7 @@ impl CallControlApi {
 /// tracing layer, say) gets to see the credentials.
 fn take_handover<T>(
     request: &mut Request<T>,
-) -> Result<Option<(Guid, Option<Cookies>)>, crate::domain::FieldViolation> {
+) -> Result<Option<(Guid, Option<Cookies>)>, FieldViolation> {
     let handover = request::session_handover(request.metadata());
     request.metadata_mut().remove(request::GUID_METADATA);
     request.metadata_mut().remove(request::COOKIE_METADATA);
@@ -164,7 +164,7 @@ impl CallControl for CallControlApi {
         &self,
         mut request: Request<proto::WatchReleaseEventsRequest>,
     ) -> Result<Response<Self::WatchReleaseEventsStream>, Status> {
-        let handover = take_handover(&mut request);
+        let mut handover = take_handover(&mut request);
         let body = request.get_ref();
         let request_id = RequestId::generate();
         let valid = request::watch_request(
@@ -176,20 +176,18 @@ impl CallControl for CallControlApi {
             Ok(v) if v.agents.len() == 1 => Some(v.agents[0]),
             _ => None,
         };
+        if let (Ok(_), Ok(Some(_)), None) = (&valid, &handover, single_agent) {
+            handover = Err(FieldViolation::new(
+                request::GUID_METADATA,
+                "hands over one agent's session: send it with exactly one agent id",
+            ));
+        }
         let ctx = status::Context {
             agent: single_agent,
             request_id: request_id.as_str(),
             releases_current_call: false,
         };
         let (valid, handover) = match (valid, handover) {
-            (Ok(valid), Ok(Some(_))) if single_agent.is_none() => {
-                let _ = valid;
-                let violation = crate::domain::FieldViolation::new(
-                    request::GUID_METADATA,
-                    "hands over one agent's session: send it with exactly one agent id",
-                );
-                return Err(status::invalid_argument(&[violation], &ctx));
-            }
             (Ok(valid), Ok(handover)) => (valid, handover),
             (valid, handover) => {
                 let mut violations = valid.err().unwrap_or_default();

@@ -148,7 +148,7 @@ impl EventHub {
         Self {
             hub: Arc::new(Hub {
                 gateway,
-                epoch: rand::random::<u64>() | 1,
+                epoch: rand::random(),
                 sequence: AtomicU64::new(0),
                 publish: Mutex::new(()),
                 feeds: Mutex::default(),
@@ -476,4 +476,188 @@ impl FeedState {
 /// A poisoned lock only means another thread panicked mid-update of plain data; go on.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures_util::FutureExt;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        domain::CallId,
+        events::{WatchEnd, WatchItem},
+        gateway::{GatewaySettings, Guid, SessionRegistry},
+    };
+
+    /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
+    fn hub(settings: EventSettings) -> EventHub {
+        let sessions = Arc::new(SessionRegistry::new());
+        let gateway =
+            GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1"), sessions).unwrap();
+        EventHub::new(gateway, settings)
+    }
+
+    fn agent(n: u32) -> AgentId {
+        AgentId::parse("agent", &(101 + n).to_string(), 59_999).unwrap()
+    }
+
+    fn sign_in(hub: &EventHub, agent: AgentId) {
+        let guid = Guid::parse("guid", "g.AgentGateway0").unwrap();
+        hub.gateway().sessions().hand_over(agent, guid, None);
+    }
+
+    /// An event polled for `agent`, as its poll loop would hand it over. False when the agent
+    /// has no feed: nobody polls it, so no event of it can be observed.
+    fn publish(hub: &EventHub, agent: AgentId) -> bool {
+        let Some(feed) = lock(&hub.hub.feeds).live.get(&agent).cloned() else {
+            return false;
+        };
+        hub.hub.observe(
+            &feed,
+            Ok(PolledEvent {
+                event_type: "AgentEvent_Call_Release".into(),
+                body: EventBody::CallRelease {
+                    call_id: CallId::parse("c", "1-1").unwrap(),
+                },
+                gen_time_ms: None,
+            }),
+        );
+        true
+    }
+
+    /// Everything the watch has ready now, without waiting.
+    fn ready(watch: &mut Watch) -> Vec<Result<WatchItem, WatchEnd>> {
+        std::iter::from_fn(|| watch.next().now_or_never().flatten()).collect()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// An event of agent n (a feed exists only while someone watched it).
+        Publish(u32),
+        /// A watcher of the agents in the mask, resuming where watcher n stands, if any.
+        Watch(u8, Option<usize>),
+        /// Watcher n reads what is ready.
+        Read(usize),
+        /// Watcher n goes away.
+        Drop(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u32..3).prop_map(Op::Publish),
+            1 => (1u8..8, proptest::option::of(0usize..6)).prop_map(|(m, r)| Op::Watch(m, r)),
+            2 => (0usize..6).prop_map(Op::Read),
+            1 => (0usize..6).prop_map(Op::Drop),
+        ]
+    }
+
+    struct Watcher {
+        watch: Option<Watch>,
+        agents: Vec<AgentId>,
+        /// What it should have delivered: everything of its agents after its start.
+        start: u64,
+        delivered: Vec<u64>,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the interleaving of events, subscriptions, reads and departures, every
+        /// watcher delivers exactly the events of its agents after its start (token or "now"),
+        /// in sequence order: no duplicate, no gap, across agents too.
+        #[test]
+        fn watchers_deliver_every_event_after_their_start_in_order(ops in proptest::collection::vec(op(), 1..60)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+            rt.block_on(async {
+                let hub = hub(EventSettings { replay_events: 1000, watcher_buffer: 1000, ..EventSettings::default() });
+                for n in 0..3 { sign_in(&hub, agent(n)); }
+                let mut published: Vec<(u64, AgentId)> = Vec::new();
+                let mut watchers: Vec<Watcher> = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Publish(n) => {
+                            if publish(&hub, agent(n)) {
+                                published.push((hub.hub.sequence.load(Ordering::SeqCst), agent(n)));
+                            }
+                        }
+                        Op::Watch(mask, resume) => {
+                            let agents: Vec<AgentId> = (0..3).filter(|n| mask & (1 << n) != 0).map(agent).collect();
+                            let from = resume
+                                .and_then(|i| watchers.get(i))
+                                .and_then(|w| w.watch.as_ref())
+                                .map(Watch::position);
+                            let watch = hub.subscribe(&agents, from, KindFilter::default()).unwrap();
+                            let start = watch.position().sequence;
+                            watchers.push(Watcher { watch: Some(watch), agents, start, delivered: Vec::new() });
+                        }
+                        Op::Read(i) => {
+                            let Some(w) = watchers.get_mut(i) else { continue };
+                            let Some(watch) = w.watch.as_mut() else { continue };
+                            for item in ready(watch) {
+                                match item {
+                                    Ok(WatchItem::Event(e)) => w.delivered.push(e.token.sequence),
+                                    other => prop_assert!(false, "unexpected {other:?}"),
+                                }
+                            }
+                            let expected: Vec<u64> = published
+                                .iter()
+                                .filter(|(s, a)| *s > w.start && w.agents.contains(a))
+                                .map(|(s, _)| *s)
+                                .collect();
+                            prop_assert_eq!(&w.delivered, &expected);
+                        }
+                        Op::Drop(i) => {
+                            if let Some(w) = watchers.get_mut(i) { w.watch = None; }
+                        }
+                    }
+                }
+                prop_assert_eq!(hub.watchers(), watchers.iter().filter(|w| w.watch.is_some()).count());
+                Ok(())
+            })?;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overflowing_watcher_is_cut_off_alone_and_told_where_it_stands() {
+        let hub = hub(EventSettings {
+            watcher_buffer: 2,
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        let mut slow = hub
+            .subscribe(&[agent(0)], None, KindFilter::default())
+            .unwrap();
+        let mut fast = hub
+            .subscribe(&[agent(0)], None, KindFilter::default())
+            .unwrap();
+        assert!(publish(&hub, agent(0)));
+        let first = ready(&mut slow);
+        assert!(matches!(&first[..], [Ok(WatchItem::Event(_))]), "{first:?}");
+        let mut fast_seen = ready(&mut fast).len();
+        for _ in 0..5 {
+            assert!(publish(&hub, agent(0)));
+            fast_seen += ready(&mut fast).len();
+        }
+        assert_eq!(fast_seen, 6);
+        let end = ready(&mut slow);
+        assert_eq!(
+            end,
+            [Err(WatchEnd::TooSlow {
+                resume: ResumeToken {
+                    epoch: hub.hub.epoch,
+                    sequence: 1
+                }
+            })]
+        );
+        assert_eq!(
+            hub.watchers(),
+            2,
+            "the ended watch still holds its permit until dropped"
+        );
+        drop(slow);
+        assert_eq!(hub.watchers(), 1);
+    }
 }
