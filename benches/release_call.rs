@@ -10,17 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ccgw_callcontrol::{
-    config::Config,
-    domain::AgentId,
-    proto::{call_control_client::CallControlClient, ReleaseCallRequest},
-    server,
-    sim::{SimConfig, Simulator},
-    startup,
-};
-use clap::Parser;
+use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseCallRequest};
 use hdrhistogram::Histogram;
-use tokio::net::TcpListener;
+use support::{report, rss_kib};
+
+mod support;
 
 const AGENTS: u32 = 50;
 
@@ -33,42 +27,12 @@ async fn main() {
     let requests = args.first().copied().unwrap_or(20_000);
     let concurrency = args.get(1).copied().unwrap_or(32);
 
-    let sim = Simulator::new(SimConfig {
-        signout_after: None,
-        ..SimConfig::default()
-    });
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_url = format!("http://{}", sim_listener.local_addr().unwrap());
-    tokio::spawn(sim.clone().serve(sim_listener, std::future::pending()));
-
-    let config = Config::try_parse_from(["bench", "--gateway-url", &sim_url]).unwrap();
-    let api = startup::build_api(&config, sim_url.clone()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(server::run(
-        listener,
-        api.clone(),
-        config.server(),
-        std::future::pending(),
-    ));
-
+    let bench = support::spawn(&[]).await;
+    let sim_url = bench.sim_url.clone();
+    let grpc = bench.grpc.clone();
     let mut guids = Vec::new();
     for n in 0..AGENTS {
-        let agent = AgentId::parse("a", &(1000 + n).to_string(), 59_999).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        api.gateway()
-            .sign_in(agent, "pw", "1", false, deadline)
-            .await
-            .unwrap();
-        guids.push(
-            api.gateway()
-                .sessions()
-                .get(agent)
-                .unwrap()
-                .guid
-                .expose()
-                .to_owned(),
-        );
+        guids.push(bench.sign_in(1000 + n).await);
     }
     let rss_start = rss_kib();
     println!("ReleaseCall(call_id) answering NO_ACTIVE_CALL (dropcall 200-025), {requests} requests, {concurrency} concurrent, {AGENTS} agents");
@@ -95,7 +59,7 @@ async fn main() {
         }
     })
     .await;
-    report("gateway REST by hand (reqwest)", &by_hand);
+    report("gateway REST by hand (reqwest)", &by_hand.0, by_hand.1);
 
     let client = CallControlClient::connect(grpc.clone()).await.unwrap();
     let facade = load(requests, concurrency, move |n| {
@@ -111,7 +75,7 @@ async fn main() {
         }
     })
     .await;
-    report("ReleaseCall through the facade", &facade);
+    report("ReleaseCall through the facade", &facade.0, facade.1);
     println!(
         "RSS after both runs: {} KiB (start {} KiB)",
         rss_kib(),
@@ -135,7 +99,11 @@ async fn main() {
         }
     })
     .await;
-    report("ReleaseCall with a fresh request_id each", &remembered);
+    report(
+        "ReleaseCall with a fresh request_id each",
+        &remembered.0,
+        remembered.1,
+    );
     let grown = rss_kib().saturating_sub(before);
     println!(
         "RSS growth for {ids} remembered request ids: {grown} KiB (~{} bytes each)",
@@ -175,26 +143,4 @@ where
         all.add(worker.await.unwrap()).unwrap();
     }
     (all, started.elapsed())
-}
-
-fn report(name: &str, (histogram, wall): &(Histogram<u64>, Duration)) {
-    println!(
-        "{name:45} {:>8.0} req/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  max {:>6} µs",
-        histogram.len() as f64 / wall.as_secs_f64(),
-        histogram.value_at_quantile(0.5),
-        histogram.value_at_quantile(0.99),
-        histogram.value_at_quantile(0.999),
-        histogram.max(),
-    );
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }

@@ -244,7 +244,8 @@ impl Watch {
                         return Ok(WatchItem::Event(event));
                     }
                 }
-                FeedItem::SessionEnded { agent, ending } => {
+                FeedItem::SessionEnded(ended) => {
+                    let (agent, ending) = (ended.0, ended.1.clone());
                     self.sources.retain(|s| s.feed.agent != agent);
                     if self.sources.is_empty() {
                         return Err(WatchEnd::SessionEnded {
