@@ -34,7 +34,7 @@ impl PollLoop {
 
     pub async fn run(mut self) {
         let agent = self.feed.agent;
-        tracing::debug!(%agent, "poll loop started");
+        tracing::info!(%agent, "poll loop started");
         loop {
             let step = self.hub.next_step(&self.feed);
             let keep_going = match step {
@@ -46,7 +46,7 @@ impl PollLoop {
                 break;
             }
         }
-        tracing::debug!(%agent, "poll loop ended");
+        tracing::info!(%agent, "poll loop ended");
     }
 
     /// One poll and the pause after it. False when the facade shuts down.
