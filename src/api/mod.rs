@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     domain::{AgentId, FieldViolation, RequestId},
-    events::{EventHub, KindFilter, ReleaseKind, SubscribeError, Watch, WatchEnd},
+    events::{EventHub, KindFilter, ReleaseKind, SubscribeError, Watch},
     gateway::{Cookies, Guid, ReleaseTarget},
     proto::{self, call_control_server::CallControl},
     release::{ReleaseOutcome, ReleaseService},
@@ -132,10 +132,7 @@ impl CallControl for CallControlApi {
                     Some(watch)
                         if report.outcome == ReleaseOutcome::Released && !report.replayed =>
                     {
-                        Some(
-                            confirm_release(watch, &target, deadline, &report.retcode, &ctx)
-                                .await?,
-                        )
+                        Some(confirm_release(watch, &target, deadline, &ctx).await?)
                     }
                     _ => None,
                 };
@@ -216,22 +213,15 @@ async fn confirm_release(
     mut watch: Watch,
     target: &ReleaseTarget,
     deadline: tokio::time::Instant,
-    retcode: &str,
     ctx: &status::Context<'_>,
 ) -> Result<proto::ReleaseEvent, Status> {
     let wanted = |event: &crate::events::ReleaseEvent| match target {
         ReleaseTarget::Call(call) => event.call_id == *call,
         ReleaseTarget::Current => true,
     };
-    let why = match watch.next_event(wanted, deadline).await {
-        Ok(Some(event)) => return Ok(watch::event_to_proto(&event)),
-        Ok(None) => "the deadline passed first".to_owned(),
-        Err(WatchEnd::SessionEnded { ending, .. }) => {
-            let (_, detail) = status::session_ending(&ending, &mut Default::default());
-            format!("the agent's session ended first: {detail}")
-        }
-        Err(WatchEnd::ShuttingDown { .. }) => "the facade is shutting down".to_owned(),
-        Err(WatchEnd::TooSlow { .. }) => "the wait fell behind the agent's events".to_owned(),
-    };
-    Err(status::release_event_not_observed(retcode, &why, ctx))
+    match watch.next_event(wanted, deadline).await {
+        Ok(Some(event)) => Ok(watch::event_to_proto(&event)),
+        Ok(None) => Err(status::release_unconfirmed(None, ctx)),
+        Err(end) => Err(status::release_unconfirmed(Some(&end), ctx)),
+    }
 }

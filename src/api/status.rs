@@ -231,7 +231,15 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
 /// How a watch stream ends (all but a client's cancel). Metadata `resume_token` says where to
 /// continue.
 pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
-    let mut metadata = HashMap::new();
+    end_status(end, HashMap::new(), "", ctx)
+}
+
+fn end_status(
+    end: &WatchEnd,
+    mut metadata: HashMap<String, String>,
+    warning: &str,
+    ctx: &Context<'_>,
+) -> Status {
     let (rule, detail, resume) = match end {
         WatchEnd::TooSlow { resume } => (rule("(watcher too slow)"), String::new(), resume),
         WatchEnd::ShuttingDown { resume } => (rule("(shutting down)"), String::new(), resume),
@@ -246,7 +254,7 @@ pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
         }
     };
     metadata.insert("resume_token".to_owned(), resume.to_string());
-    failure(rule, &detail, "", metadata, ctx)
+    failure(rule, &detail, warning, metadata, ctx)
 }
 
 /// The table row and detail of a lost session; fills `retcode`/`message` metadata.
@@ -270,12 +278,25 @@ pub fn session_ending(
     }
 }
 
-/// ReleaseCall with wait_for_release_event: released, but the event did not come.
-pub fn release_event_not_observed(retcode: &str, why: &str, ctx: &Context<'_>) -> Status {
-    let mut metadata = HashMap::new();
-    metadata.insert("retcode".to_owned(), retcode.to_owned());
-    metadata.insert("released".to_owned(), "true".to_owned());
-    failure(rule("(release event not observed)"), why, "", metadata, ctx)
+/// ReleaseCall with wait_for_release_event: the call was released, but its event did not come
+/// before the deadline (`end` None) or the wait ended otherwise. Metadata `released: "true"`.
+pub fn release_unconfirmed(end: Option<&WatchEnd>, ctx: &Context<'_>) -> Status {
+    let metadata = HashMap::from([("released".to_owned(), "true".to_owned())]);
+    match end {
+        None => failure(
+            rule("(release event not observed)"),
+            "the deadline passed first",
+            "",
+            metadata,
+            ctx,
+        ),
+        Some(end) => end_status(
+            end,
+            metadata,
+            ". The call WAS released before the wait for its release event ended: do not release it again",
+            ctx,
+        ),
+    }
 }
 
 /// INVALID_ARGUMENT with one BadRequest violation per field; nothing reached the gateway.

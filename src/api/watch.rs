@@ -43,8 +43,9 @@ pub fn into_stream(watch: Watch, request_id: RequestId) -> EventStream {
 fn item_to_proto(item: WatchItem) -> Item {
     match item {
         WatchItem::Event(event) => Item::Event(event_to_proto(&event)),
-        WatchItem::Heartbeat(position) => Item::Heartbeat(proto::Heartbeat {
+        WatchItem::Heartbeat { position, failing } => Item::Heartbeat(proto::Heartbeat {
             resume_token: position.to_string(),
+            failing_agent_ids: failing.iter().map(ToString::to_string).collect(),
         }),
         WatchItem::Gap(gap) => Item::Gap(proto::Gap {
             reason: gap.describe().to_owned(),

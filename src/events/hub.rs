@@ -88,6 +88,8 @@ pub(super) struct Hub {
     watchers: Arc<Semaphore>,
     next_watch_id: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Poll loops running; on shutdown watchers wait for them to finish their last poll.
+    running_loops: watch::Sender<usize>,
     pub counters: Counters,
 }
 
@@ -115,6 +117,8 @@ struct FeedState {
     idle_since: Instant,
     /// The gateway refused the session; polling waits for a watcher with a new one.
     session_lost: bool,
+    /// The last poll failed; the loop is backing off.
+    poll_failing: bool,
 }
 
 #[derive(Debug)]
@@ -155,6 +159,7 @@ impl EventHub {
                 watchers: Arc::new(Semaphore::new(settings.max_watchers)),
                 next_watch_id: AtomicU64::new(0),
                 shutdown,
+                running_loops: watch::channel(0).0,
                 counters: Counters::default(),
                 settings,
             }),
@@ -260,8 +265,10 @@ impl EventHub {
             replay,
             gap,
             kinds,
+            current,
             hub.settings.heartbeat,
             hub.shutdown.subscribe(),
+            hub.running_loops.subscribe(),
             permit,
         ))
     }
@@ -321,6 +328,7 @@ impl Feeds {
                 subscribers: Vec::new(),
                 idle_since: Instant::now(),
                 session_lost: false,
+                poll_failing: false,
             }),
             changed: Notify::new(),
         });
@@ -338,6 +346,14 @@ impl FeedState {
 }
 
 impl Feed {
+    pub(super) fn set_failing(&self, failing: bool) {
+        lock(&self.state).poll_failing = failing;
+    }
+
+    pub(super) fn is_failing(&self) -> bool {
+        lock(&self.state).poll_failing
+    }
+
     /// A watcher leaves: from now on it gets nothing from this agent.
     pub(super) fn leave(&self, watch_id: u64) {
         let mut state = lock(&self.state);
@@ -351,9 +367,23 @@ impl Feed {
     }
 }
 
+/// Counts a poll loop as running until dropped.
+pub(super) struct RunningLoop(Arc<Hub>);
+
+impl Drop for RunningLoop {
+    fn drop(&mut self) {
+        self.0.running_loops.send_modify(|n| *n -= 1);
+    }
+}
+
 impl Hub {
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    pub fn loop_started(self: &Arc<Self>) -> RunningLoop {
+        self.running_loops.send_modify(|n| *n += 1);
+        RunningLoop(self.clone())
     }
 
     /// Decides what `feed`'s poll loop does next; retires the feed when nothing is left to do.

@@ -8,10 +8,15 @@ use super::{
     hub::{Feed, Hub, Step},
     SessionEnding,
 };
-use crate::gateway::{event::parse_event, GatewayError};
+use crate::gateway::{
+    event::{parse_event, RETCODE_WRONG_EVENT_METHOD},
+    Answer, GatewayError,
+};
 
 /// First pause after a failed poll; it doubles up to `EventSettings::backoff_max`.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// How long a poll in flight may still finish once shutdown begins.
+pub(super) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
 
 pub struct PollLoop {
     hub: Arc<Hub>,
@@ -33,6 +38,7 @@ impl PollLoop {
     }
 
     pub async fn run(mut self) {
+        let _running = self.hub.loop_started();
         let agent = self.feed.agent;
         tracing::info!(%agent, "poll loop started");
         loop {
@@ -52,28 +58,64 @@ impl PollLoop {
     /// One poll and the pause after it. False when the facade shuts down.
     async fn poll_once(&mut self) -> bool {
         let agent = self.feed.agent;
-        let settings = &self.hub.settings;
-        let deadline = Instant::now() + settings.poll_timeout;
-        // Dropping a poll in flight can lose the event the gateway just dequeued for it; only
-        // shutdown is worth that.
-        let result = tokio::select! {
-            result = self.hub.gateway.poll_event(agent, deadline) => result,
-            _ = self.shutdown.wait_for(|stop| *stop) => return false,
+        let deadline = Instant::now() + self.hub.settings.poll_timeout;
+        let (result, stopping) = {
+            let poll = self.hub.gateway.poll_event(agent, deadline);
+            tokio::pin!(poll);
+            let answered = tokio::select! {
+                result = &mut poll => Some(result),
+                _ = self.shutdown.wait_for(|stop| *stop) => None,
+            };
+            match answered {
+                Some(result) => (result, false),
+                // Dropping a poll in flight can lose the event the gateway just dequeued for
+                // it; an answer already on its way arrives within this grace, a waiting long
+                // poll does not (and holds nothing).
+                None => match tokio::time::timeout(SHUTDOWN_POLL_GRACE, &mut poll).await {
+                    Ok(result) => (result, true),
+                    Err(_) => return false,
+                },
+            }
         };
-        let pause = match result {
+        let pause = self.handle(result);
+        if stopping {
+            return false;
+        }
+        if pause.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            _ = self.shutdown.wait_for(|stop| *stop) => false,
+        }
+    }
+
+    /// Acts on a poll's outcome; returns the pause before the next poll.
+    fn handle(&mut self, result: Result<Answer, GatewayError>) -> Duration {
+        let agent = self.feed.agent;
+        match result {
             Ok(answer) if answer.is_ok() => {
                 self.failures = 0;
+                self.feed.set_failing(false);
                 match answer.event {
                     Some(event) => {
                         self.hub.observe(&self.feed, parse_event(agent, &event));
                         // More may be queued: ask again at once.
                         Duration::ZERO
                     }
-                    None => settings.poll_pause,
+                    None => self.hub.settings.poll_pause,
                 }
             }
-            Ok(answer) if answer.session_gone() => {
-                tracing::info!(%agent, retcode = %answer.retcode, "the gateway ended the agent's session; its watchers are told");
+            // The refused Guid was superseded by a session handed over while the poll waited:
+            // poll again with that one rather than end its watchers.
+            Ok(answer)
+                if answer.session_gone() && self.hub.gateway.sessions().get(agent).is_some() =>
+            {
+                tracing::info!(%agent, retcode = %answer.retcode, "a poll with a superseded Guid was refused; polling with the current one");
+                Duration::ZERO
+            }
+            Ok(answer) if answer.session_gone() || answer.retcode == RETCODE_WRONG_EVENT_METHOD => {
+                tracing::info!(%agent, retcode = %answer.retcode, "the gateway will not deliver the agent's events; its watchers are told");
                 self.hub.end_session(
                     &self.feed,
                     SessionEnding::Refused {
@@ -93,13 +135,6 @@ impl PollLoop {
                 Duration::ZERO
             }
             Err(error) => self.failed(&error.to_string()),
-        };
-        if pause.is_zero() {
-            return true;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(pause) => true,
-            _ = self.shutdown.wait_for(|stop| *stop) => false,
         }
     }
 
@@ -107,6 +142,7 @@ impl PollLoop {
     /// jitter so that many agents' loops do not hammer a recovering gateway in step.
     fn failed(&mut self, what: &str) -> Duration {
         self.failures = self.failures.saturating_add(1);
+        self.feed.set_failing(true);
         self.hub
             .counters
             .poll_failures

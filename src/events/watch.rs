@@ -15,6 +15,7 @@ use tokio::{
 
 use super::{
     hub::{Feed, FeedItem},
+    poll::SHUTDOWN_POLL_GRACE,
     KindFilter, ReleaseEvent, ResumeToken,
 };
 use crate::domain::AgentId;
@@ -22,8 +23,12 @@ use crate::domain::AgentId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchItem {
     Event(Arc<ReleaseEvent>),
-    /// Nothing was sent for the heartbeat interval; this is where the watcher stands.
-    Heartbeat(ResumeToken),
+    /// Nothing was sent for the heartbeat interval: where the watcher stands, and which of its
+    /// agents cannot be polled right now (the gateway fails; the loop keeps retrying).
+    Heartbeat {
+        position: ResumeToken,
+        failing: Vec<AgentId>,
+    },
     /// Events after the resume token may be missing (always the first item).
     Gap(Gap),
     /// One agent of a multi-agent watcher lost its session; the others go on.
@@ -80,11 +85,18 @@ impl Gap {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEnding {
-    /// The gateway refused the session on a poll (100-006, 000-003).
+    /// The gateway refused to deliver the agent's events: its session (100-006, 000-003) or
+    /// polling altogether (000-001, configured for another event method).
     Refused { retcode: String, message: String },
     /// The facade no longer has a session for the agent (another request's refusal dropped
     /// it).
     Forgotten,
+}
+
+enum Woke {
+    Item(Option<FeedItem>),
+    ShutdownBegan,
+    HeartbeatDue,
 }
 
 /// A watcher's membership in one agent's feed; leaving is automatic on drop.
@@ -114,11 +126,15 @@ pub struct Watch {
     live: mpsc::Receiver<FeedItem>,
     overflowed: Arc<AtomicBool>,
     replay: VecDeque<Arc<ReleaseEvent>>,
+    /// The last sequence number when the watcher subscribed: once the replay is out, everything
+    /// up to it was delivered or is not for this watcher.
+    replay_end: u64,
     gap: Option<Gap>,
     kinds: KindFilter,
     heartbeat: Duration,
     last_sent: Instant,
     shutdown: watch::Receiver<bool>,
+    running_loops: watch::Receiver<usize>,
     /// Set once shutdown began: deliver what has arrived, then end.
     draining: bool,
     ended: bool,
@@ -135,21 +151,29 @@ impl Watch {
         replay: Vec<Arc<ReleaseEvent>>,
         gap: Option<Gap>,
         kinds: KindFilter,
+        replay_end: u64,
         heartbeat: Duration,
         shutdown: watch::Receiver<bool>,
+        running_loops: watch::Receiver<usize>,
         permit: OwnedSemaphorePermit,
     ) -> Self {
+        let mut position = position;
+        if replay.is_empty() {
+            position.sequence = position.sequence.max(replay_end);
+        }
         Self {
             position,
             sources,
             live,
             overflowed,
             replay: replay.into(),
+            replay_end,
             gap,
             kinds,
             heartbeat,
             last_sent: Instant::now(),
             shutdown,
+            running_loops,
             draining: false,
             ended: false,
             _permit: permit,
@@ -201,7 +225,11 @@ impl Watch {
             return Ok(WatchItem::Gap(gap));
         }
         if let Some(event) = self.replay.pop_front() {
-            self.position.sequence = event.token.sequence;
+            self.position.sequence = if self.replay.is_empty() {
+                self.replay_end
+            } else {
+                event.token.sequence
+            };
             return Ok(WatchItem::Event(event));
         }
         loop {
@@ -221,19 +249,40 @@ impl Watch {
                 }
             } else {
                 let heartbeat_at = self.last_sent + self.heartbeat;
-                tokio::select! {
+                let woke = tokio::select! {
                     biased;
-                    item = self.live.recv() => match item {
-                        Some(item) => item,
-                        // Every feed dropped this watcher: only an overflow does that.
-                        None => return Err(WatchEnd::TooSlow { resume: self.position }),
-                    },
-                    _ = self.shutdown.wait_for(|stop| *stop) => {
+                    item = self.live.recv() => Woke::Item(item),
+                    _ = self.shutdown.wait_for(|stop| *stop) => Woke::ShutdownBegan,
+                    () = tokio::time::sleep_until(heartbeat_at) => Woke::HeartbeatDue,
+                };
+                match woke {
+                    Woke::Item(Some(item)) => item,
+                    // Every feed dropped this watcher: only an overflow does that.
+                    Woke::Item(None) => {
+                        return Err(WatchEnd::TooSlow {
+                            resume: self.position,
+                        })
+                    }
+                    Woke::ShutdownBegan => {
+                        // What the loops' last polls bring is delivered too.
+                        let _ = tokio::time::timeout(
+                            SHUTDOWN_POLL_GRACE * 2,
+                            self.running_loops.wait_for(|n| *n == 0),
+                        )
+                        .await;
                         self.draining = true;
                         continue;
                     }
-                    () = tokio::time::sleep_until(heartbeat_at) => {
-                        return Ok(WatchItem::Heartbeat(self.position));
+                    Woke::HeartbeatDue => {
+                        return Ok(WatchItem::Heartbeat {
+                            position: self.position,
+                            failing: self
+                                .sources
+                                .iter()
+                                .filter(|s| s.feed.is_failing())
+                                .map(|s| s.feed.agent)
+                                .collect(),
+                        });
                     }
                 }
             };
