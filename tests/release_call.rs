@@ -7,11 +7,8 @@ use ccgw_callcontrol::{
     proto::{ReleaseCallRequest, ReleaseOutcome},
     sim::{Fault, FaultRule, SimConfig},
 };
-use common::{release_req, sim_config, spawn_app, spawn_app_with};
+use common::{expect_status, release_req, sim_config, spawn_app, spawn_app_with};
 use tonic::Code;
-use tonic_types::StatusExt;
-
-const DOMAIN: &str = "ccgw-callcontrol";
 
 fn fault(fault: Fault) -> FaultRule {
     FaultRule {
@@ -20,24 +17,6 @@ fn fault(fault: Fault) -> FaultRule {
         method: None,
         path_contains: Some("/voicecall/".into()),
     }
-}
-
-/// Asserts code and ErrorInfo reason; returns the details for more checks.
-fn expect_error(status: &tonic::Status, code: Code, reason: &str) -> tonic_types::ErrorDetails {
-    assert_eq!(status.code(), code, "{status:?}");
-    let details = status.get_error_details();
-    let info = details
-        .error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
-    assert_eq!(info.reason, reason, "{status:?}");
-    assert_eq!(info.domain, DOMAIN);
-    assert!(
-        details
-            .request_info()
-            .is_some_and(|r| !r.request_id.is_empty()),
-        "no RequestInfo"
-    );
-    details
 }
 
 #[tokio::test]
@@ -73,7 +52,7 @@ async fn release_hangs_up_the_talking_call_once_with_the_sessions_guid() {
         ..release_req("101")
     };
     let status = app.release(strict).await.unwrap_err();
-    let details = expect_error(&status, Code::FailedPrecondition, "NO_ACTIVE_CALL");
+    let details = expect_status(&status, Code::FailedPrecondition, "NO_ACTIVE_CALL");
     assert_eq!(details.error_info().unwrap().metadata["retcode"], "200-017");
     assert!(status.message().contains("200-017"), "{}", status.message());
 }
@@ -340,7 +319,7 @@ async fn every_failure_retcode_maps_to_its_documented_status() {
                 ..release_req("101")
             };
             let status = app.release(request).await.unwrap_err();
-            let details = expect_error(&status, code, reason);
+            let details = expect_status(&status, code, reason);
             let metadata = &details.error_info().unwrap().metadata;
             assert_eq!(metadata["retcode"], retcode);
             assert_eq!(metadata["agent_id"], "101");
@@ -378,7 +357,7 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
         ..release_req("101")
     };
     let status = app.release(request.clone()).await.unwrap_err();
-    let details = expect_error(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
+    let details = expect_status(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
     assert_eq!(
         details.error_info().unwrap().metadata["may_have_released"],
         "true"
@@ -387,7 +366,7 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
     // The gateway did release; the customer calls back; the client retries with the same id.
     let next_call = app.sim.place_call("101", "70094").unwrap();
     let status = app.release(request).await.unwrap_err();
-    expect_error(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
+    expect_status(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
     let deletes = app
         .upstream()
         .into_iter()
@@ -410,7 +389,7 @@ async fn failures_that_changed_nothing_free_the_request_id() {
         ..release_req("102")
     };
     let status = app.release(request.clone()).await.unwrap_err();
-    expect_error(&status, Code::FailedPrecondition, "NO_SESSION");
+    expect_status(&status, Code::FailedPrecondition, "NO_SESSION");
 
     app.sign_in("102").await;
     app.sim.place_call("102", "70093").unwrap();
@@ -479,7 +458,7 @@ async fn bad_input_is_rejected_before_the_gateway() {
     ];
     for (request, field) in cases {
         let status = app.release(request.clone()).await.unwrap_err();
-        let details = expect_error(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
+        let details = expect_status(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
         let violations = &details.bad_request().expect("BadRequest").field_violations;
         assert_eq!(violations.len(), 1, "{request:?}: {violations:?}");
         assert_eq!(violations[0].field, *field);
@@ -491,7 +470,7 @@ async fn bad_input_is_rejected_before_the_gateway() {
         .metadata_mut()
         .insert("x-ccgw-guid", "has;semicolon".parse().unwrap());
     let status = app.release_with(bad_guid).await.unwrap_err();
-    let details = expect_error(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
+    let details = expect_status(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
     assert_eq!(
         details.bad_request().unwrap().field_violations[0].field,
         "x-ccgw-guid"
@@ -503,7 +482,7 @@ async fn bad_input_is_rejected_before_the_gateway() {
     );
 
     let status = app.release(release_req("555")).await.unwrap_err();
-    expect_error(&status, Code::FailedPrecondition, "NO_SESSION");
+    expect_status(&status, Code::FailedPrecondition, "NO_SESSION");
     assert!(
         status.message().contains("x-ccgw-guid"),
         "{}",
@@ -555,7 +534,7 @@ async fn a_session_handed_over_in_metadata_is_used_and_kept() {
         .metadata_mut()
         .insert("x-ccgw-guid", set_guid.parse().unwrap());
     let status = app.release_with(request).await.unwrap_err();
-    expect_error(&status, Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN");
+    expect_status(&status, Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN");
 
     let mut request = tonic::Request::new(release_req("103"));
     request
@@ -654,7 +633,7 @@ async fn a_repeated_request_id_does_not_release_twice() {
         ..request
     };
     let status = app.release(reused).await.unwrap_err();
-    expect_error(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
 }
 
 #[tokio::test]
@@ -666,7 +645,7 @@ async fn a_hanging_gateway_ends_the_rpc_at_its_deadline() {
     request.set_timeout(Duration::from_millis(500));
     let started = std::time::Instant::now();
     let status = app.release_with(request).await.unwrap_err();
-    let details = expect_error(&status, Code::DeadlineExceeded, "GATEWAY_TIMEOUT");
+    let details = expect_status(&status, Code::DeadlineExceeded, "GATEWAY_TIMEOUT");
     assert_eq!(
         details.error_info().unwrap().metadata["may_have_released"],
         "true"
@@ -692,7 +671,7 @@ async fn a_deadline_too_short_to_reach_the_gateway_sends_nothing() {
     let mut request = tonic::Request::new(release_req("101"));
     request.set_timeout(Duration::from_millis(5));
     let status = app.release_with(request).await.unwrap_err();
-    let details = expect_error(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT");
+    let details = expect_status(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT");
     assert!(!details
         .error_info()
         .unwrap()
@@ -707,13 +686,13 @@ async fn garbage_and_huge_answers_are_internal_errors_read_within_bounds() {
     app.sign_in("101").await;
     app.sim.push_fault(fault(Fault::Malformed));
     let status = app.release(release_req("101")).await.unwrap_err();
-    expect_error(&status, Code::Internal, "GATEWAY_MALFORMED_ANSWER");
+    expect_status(&status, Code::Internal, "GATEWAY_MALFORMED_ANSWER");
 
     const HUGE: u64 = 512 * 1024 * 1024;
     for _ in 0..3 {
         app.sim.push_fault(fault(Fault::Oversized { bytes: HUGE }));
         let status = app.release(release_req("101")).await.unwrap_err();
-        expect_error(&status, Code::Internal, "GATEWAY_ANSWER_TOO_LARGE");
+        expect_status(&status, Code::Internal, "GATEWAY_ANSWER_TOO_LARGE");
     }
     // The facade stops reading at its limit (64 KiB): the simulator could push little more
     // than socket buffers hold before the connection was dropped.
@@ -731,7 +710,7 @@ async fn http_errors_are_unavailable_and_only_dropcall_retries_them() {
     app.sign_in("101").await;
     app.sim.push_fault(fault(Fault::HttpStatus { status: 503 }));
     let status = app.release(release_req("101")).await.unwrap_err();
-    let details = expect_error(&status, Code::Unavailable, "GATEWAY_HTTP_ERROR");
+    let details = expect_status(&status, Code::Unavailable, "GATEWAY_HTTP_ERROR");
     assert_eq!(details.error_info().unwrap().metadata["http_status"], "503");
     assert!(
         details.retry_info().is_none(),
@@ -754,7 +733,7 @@ async fn http_errors_are_unavailable_and_only_dropcall_retries_them() {
 
     app.sim.push_fault(fault(Fault::HttpStatus { status: 404 }));
     let status = app.release(release_req("101")).await.unwrap_err();
-    expect_error(&status, Code::Unimplemented, "GATEWAY_PATH_NOT_FOUND");
+    expect_status(&status, Code::Unimplemented, "GATEWAY_PATH_NOT_FOUND");
 }
 
 #[tokio::test]
@@ -764,7 +743,7 @@ async fn a_dropped_connection_is_unavailable_and_never_retried_for_the_current_c
     app.sim.place_call("101", "70093").unwrap();
     app.sim.push_fault(fault(Fault::Drop));
     let status = app.release(release_req("101")).await.unwrap_err();
-    let details = expect_error(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
+    let details = expect_status(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
     assert_eq!(
         details.error_info().unwrap().metadata["may_have_released"],
         "true"
@@ -797,7 +776,7 @@ async fn unreachable_gateways_are_unavailable_with_retry_info() {
     let app = spawn_app().await;
     let refused = facade_with_session(&app, &format!("http://{closed_addr}")).await;
     let status = refused.release(release_req("101")).await.unwrap_err();
-    let details = expect_error(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
+    let details = expect_status(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
     assert!(details.retry_info().is_some());
     assert!(
         !status.message().contains(&closed_addr.to_string()),
@@ -808,7 +787,7 @@ async fn unreachable_gateways_are_unavailable_with_retry_info() {
     // TLS towards a plain-HTTP server fails in the handshake: also nothing sent.
     let tls = facade_with_session(&app, &format!("https://{}", app.sim_addr)).await;
     let status = tls.release(release_req("101")).await.unwrap_err();
-    expect_error(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
+    expect_status(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
 }
 
 #[tokio::test]
@@ -817,10 +796,10 @@ async fn a_signed_out_agent_loses_its_session() {
     app.sign_in("101").await;
     app.sim.force_signout("101").unwrap();
     let status = app.release(release_req("101")).await.unwrap_err();
-    expect_error(&status, Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN");
+    expect_status(&status, Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN");
     assert!(app.guid_of("101").is_none(), "a dead session was kept");
     let status = app.release(release_req("101")).await.unwrap_err();
-    expect_error(&status, Code::FailedPrecondition, "NO_SESSION");
+    expect_status(&status, Code::FailedPrecondition, "NO_SESSION");
 }
 
 /// The simulator's control-API view of an agent.

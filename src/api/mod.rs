@@ -58,6 +58,24 @@ impl CallControlApi {
     }
 }
 
+/// The request and its handover metadata, or INVALID_ARGUMENT naming every bad field of both.
+fn both_valid<V, H>(
+    rpc: &str,
+    valid: Result<V, Vec<FieldViolation>>,
+    handover: Result<H, FieldViolation>,
+    ctx: &status::Context<'_>,
+) -> Result<(V, H), Status> {
+    match (valid, handover) {
+        (Ok(valid), Ok(handover)) => Ok((valid, handover)),
+        (valid, handover) => {
+            let mut violations = valid.err().unwrap_or_default();
+            violations.extend(handover.err());
+            tracing::info!(request_id = %ctx.request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "{rpc} rejected: invalid argument");
+            Err(status::invalid_argument(&violations, ctx))
+        }
+    }
+}
+
 /// Reads the session handover and removes it from the metadata, so that nothing later (a
 /// tracing layer, say) gets to see the credentials.
 fn take_handover<T>(
@@ -90,15 +108,7 @@ impl CallControl for CallControlApi {
             request_id: request_id.as_str(),
             releases_current_call: body.call_id.is_empty(),
         };
-        let (valid, handover) = match (valid, handover) {
-            (Ok(valid), Ok(handover)) => (valid, handover),
-            (valid, handover) => {
-                let mut violations = valid.err().unwrap_or_default();
-                violations.extend(handover.err());
-                tracing::info!(request_id = %request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "ReleaseCall rejected: invalid argument");
-                return Err(status::invalid_argument(&violations, &ctx));
-            }
-        };
+        let (valid, handover) = both_valid("ReleaseCall", valid, handover, &ctx)?;
         let agent = valid.command.agent;
         self.hand_over(agent, handover);
         let target = valid.command.target.clone();
@@ -184,15 +194,7 @@ impl CallControl for CallControlApi {
             request_id: request_id.as_str(),
             releases_current_call: false,
         };
-        let (valid, handover) = match (valid, handover) {
-            (Ok(valid), Ok(handover)) => (valid, handover),
-            (valid, handover) => {
-                let mut violations = valid.err().unwrap_or_default();
-                violations.extend(handover.err());
-                tracing::info!(request_id = %request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "WatchReleaseEvents rejected: invalid argument");
-                return Err(status::invalid_argument(&violations, &ctx));
-            }
-        };
+        let (valid, handover) = both_valid("WatchReleaseEvents", valid, handover, &ctx)?;
         if let Some(agent) = single_agent {
             self.hand_over(agent, handover);
         }

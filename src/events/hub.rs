@@ -283,13 +283,6 @@ impl EventHub {
         self.hub.settings.max_watchers - self.hub.watchers.available_permits()
     }
 
-    /// Agents whose feed exists (polling, in its grace period, or keeping events for replay).
-    pub fn feeds(&self) -> Vec<AgentId> {
-        let mut agents: Vec<_> = lock(&self.hub.feeds).live.keys().copied().collect();
-        agents.sort();
-        agents
-    }
-
     /// Agents being polled right now: watched, or in their grace period.
     pub fn polling_agents(&self) -> Vec<AgentId> {
         let feeds: Vec<Arc<Feed>> = lock(&self.hub.feeds).live.values().cloned().collect();

@@ -192,3 +192,335 @@ pub fn release_req(agent: &str) -> ReleaseCallRequest {
         ..Default::default()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// WatchReleaseEvents helpers
+// ---------------------------------------------------------------------------------------------
+
+pub use ccgw_callcontrol::proto::{
+    watch_release_events_response::Item, ReleaseEvent, ReleaseKind, WatchReleaseEventsRequest,
+    WatchReleaseEventsResponse,
+};
+
+/// `ErrorInfo.domain` of every error the facade returns.
+pub const ERROR_DOMAIN: &str = "ccgw-callcontrol";
+
+/// Upper bound of every single wait in the watch tests (an item, a condition, an RPC).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A stream request for `agents`, all kinds, no resume token.
+pub fn watch_req(agents: &[&str]) -> WatchReleaseEventsRequest {
+    WatchReleaseEventsRequest {
+        agent_ids: agents.iter().map(|a| (*a).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A stream request for `agents` that resumes after `token`.
+pub fn resume_req(agents: &[&str], token: &str) -> WatchReleaseEventsRequest {
+    WatchReleaseEventsRequest {
+        resume_token: token.to_owned(),
+        ..watch_req(agents)
+    }
+}
+
+/// One open WatchReleaseEvents stream, read with bounded waits.
+pub struct Watch {
+    pub stream: tonic::Streaming<WatchReleaseEventsResponse>,
+}
+
+impl Watch {
+    /// The next item: `Ok(Some(item))`, `Ok(None)` when the stream ended with OK, or the
+    /// status it ended with. Panics when nothing comes within [`WAIT`].
+    pub async fn next_item(&mut self) -> Result<Option<Item>, tonic::Status> {
+        let message = tokio::time::timeout(WAIT, self.stream.message())
+            .await
+            .expect("the stream yielded nothing within the wait bound")?;
+        Ok(message.map(|m| m.item.expect("a response without an item")))
+    }
+
+    /// The next item, which must exist (no end, no error).
+    pub async fn item(&mut self) -> Item {
+        match self.next_item().await {
+            Ok(Some(item)) => item,
+            Ok(None) => panic!("the stream ended with OK"),
+            Err(status) => panic!("the stream failed: {status:?}"),
+        }
+    }
+
+    /// The next item, which must be a release event.
+    pub async fn event(&mut self) -> ReleaseEvent {
+        match self.item().await {
+            Item::Event(event) => event,
+            other => panic!("expected a release event, got {other:?}"),
+        }
+    }
+
+    /// The next `n` release events; heartbeats in between are skipped, anything else fails.
+    /// The whole collection is bounded by [`WAIT`] (heartbeats must not keep it waiting).
+    pub async fn events_of(&mut self, n: usize) -> Vec<ReleaseEvent> {
+        let mut events = Vec::with_capacity(n);
+        let collected = tokio::time::timeout(WAIT, async {
+            while events.len() < n {
+                match self.item().await {
+                    Item::Event(event) => events.push(event),
+                    Item::Heartbeat(_) => {}
+                    other => panic!(
+                        "expected release event {} of {n}, got {other:?}",
+                        events.len() + 1
+                    ),
+                }
+            }
+        })
+        .await;
+        assert!(
+            collected.is_ok(),
+            "only {} of {n} release events within the wait bound: {:?}",
+            events.len(),
+            kinds_and_calls(&events)
+        );
+        events
+    }
+
+    /// Lets the customer of a new call on `agent` hang up and asserts this stream sees exactly
+    /// that hang-up's two release events next; returns the call id.
+    pub async fn sees_hang_up(&mut self, app: &TestApp, agent: &str) -> String {
+        let call_id = app.hang_up(agent, CALLER);
+        assert_eq!(
+            kinds_and_calls(&self.events_of(2).await),
+            hangup_pair(&call_id)
+        );
+        call_id
+    }
+
+    /// Reads (skipping heartbeats) until the stream fails; returns the events read before and
+    /// the status. Panics when the stream ends with OK or yields a Gap / AgentSessionEnded, or
+    /// when it has not failed within [`WAIT`].
+    pub async fn until_error(&mut self) -> (Vec<ReleaseEvent>, tonic::Status) {
+        let mut events = Vec::new();
+        let status = tokio::time::timeout(WAIT, async {
+            loop {
+                match self.next_item().await {
+                    Ok(Some(Item::Event(event))) => events.push(event),
+                    Ok(Some(Item::Heartbeat(_))) => {}
+                    Ok(Some(other)) => panic!("expected events then an error, got {other:?}"),
+                    Ok(None) => panic!("the stream ended with OK after {} events", events.len()),
+                    Err(status) => return status,
+                }
+            }
+        })
+        .await;
+        match status {
+            Ok(status) => (events, status),
+            Err(_) => panic!(
+                "the stream did not fail within the wait bound ({} events read)",
+                events.len()
+            ),
+        }
+    }
+}
+
+impl TestApp {
+    /// Opens a stream on the app's client; the error when the RPC is refused at once.
+    pub async fn try_watch(
+        &self,
+        request: impl tonic::IntoRequest<WatchReleaseEventsRequest>,
+    ) -> Result<Watch, tonic::Status> {
+        watch_on(self.client.clone(), request).await
+    }
+
+    /// Opens a stream that must be accepted.
+    pub async fn watch(
+        &self,
+        request: impl tonic::IntoRequest<WatchReleaseEventsRequest>,
+    ) -> Watch {
+        self.try_watch(request)
+            .await
+            .unwrap_or_else(|status| panic!("WatchReleaseEvents refused: {status:?}"))
+    }
+
+    /// The status a stream that must be refused ends with. Whether the refusal comes as the
+    /// RPC's answer or as the stream's first (and only) item, nothing may be streamed before.
+    pub async fn watch_refused(
+        &self,
+        request: impl tonic::IntoRequest<WatchReleaseEventsRequest>,
+    ) -> tonic::Status {
+        match self.try_watch(request).await {
+            Err(status) => status,
+            Ok(mut watch) => match watch.next_item().await {
+                Err(status) => status,
+                Ok(item) => panic!("expected a refusal, the stream yielded {item:?}"),
+            },
+        }
+    }
+
+    /// Signs `agent` in and opens a stream watching it alone.
+    pub async fn signed_in_watch(&self, agent: &str) -> Watch {
+        self.sign_in(agent).await;
+        self.watch(watch_req(&[agent])).await
+    }
+
+    /// Places a call from `caller` and lets the customer hang up; returns the call id. The
+    /// gateway queues AgentEvent_Customer_Release then AgentEvent_Call_Release.
+    pub fn hang_up(&self, agent: &str, caller: &str) -> String {
+        let call_id = self.sim.place_call(agent, caller).expect("place_call");
+        assert_eq!(
+            self.sim.customer_hangup(agent).expect("customer_hangup"),
+            call_id
+        );
+        call_id
+    }
+
+    /// Gateway event polls of `agent` the simulator received.
+    pub fn polls_of(&self, agent: &str) -> usize {
+        let path = format!("/agentgateway/resource/agentevent/{agent}");
+        self.sim
+            .requests()
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
+    }
+
+    /// Every `/agentevent/` request the simulator received (any agent).
+    pub fn event_polls(&self) -> Vec<RecordedRequest> {
+        self.sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.contains("/agentevent/"))
+            .collect()
+    }
+
+    /// Agents whose poll loop runs, as strings, sorted.
+    pub fn polling_agents(&self) -> Vec<String> {
+        let mut agents: Vec<String> = self
+            .api
+            .events()
+            .polling_agents()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        agents.sort();
+        agents
+    }
+
+    /// Waits until the gateway queue of `agent` is empty and the facade has counted
+    /// `release_events` release events in total: everything produced so far was observed.
+    pub async fn until_observed(&self, agent: &str, release_events: u64) {
+        wait_until(
+            &format!("agent {agent}'s queue polled and {release_events} release events observed"),
+            || {
+                self.sim.agent(agent).expect("agent view").queued_events == 0
+                    && self.api.events().stats().release_events >= release_events
+            },
+        )
+        .await;
+        assert_eq!(
+            self.api.events().stats().release_events,
+            release_events,
+            "release events observed"
+        );
+    }
+}
+
+/// Opens a stream on `client` (e.g. one on its own Channel).
+pub async fn watch_on(
+    mut client: CallControlClient<Channel>,
+    request: impl tonic::IntoRequest<WatchReleaseEventsRequest>,
+) -> Result<Watch, tonic::Status> {
+    let response = tokio::time::timeout(WAIT, client.watch_release_events(request))
+        .await
+        .expect("WatchReleaseEvents answered within the wait bound")?;
+    Ok(Watch {
+        stream: response.into_inner(),
+    })
+}
+
+/// Polls `condition` every 10 ms until it holds; panics after [`WAIT`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(WAIT, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
+/// Asserts code, ErrorInfo reason and domain; returns the details for more checks.
+pub fn expect_status(
+    status: &tonic::Status,
+    code: tonic::Code,
+    reason: &str,
+) -> tonic_types::ErrorDetails {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), code, "{status:?}");
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, ERROR_DOMAIN, "{status:?}");
+    assert!(
+        details
+            .request_info()
+            .is_some_and(|r| !r.request_id.is_empty()),
+        "no RequestInfo: {status:?}"
+    );
+    details
+}
+
+/// `ErrorInfo.metadata` of a status (empty when there is no ErrorInfo).
+pub fn error_metadata(status: &tonic::Status) -> std::collections::HashMap<String, String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.metadata.clone())
+        .unwrap_or_default()
+}
+
+/// The fields of all BadRequest violations of a status.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The customer number of the calls the tests place.
+pub const CALLER: &str = "70093";
+
+/// (kind, call id) of each event: what the tests compare orders by.
+pub fn kinds_and_calls(events: &[ReleaseEvent]) -> Vec<(ReleaseKind, String)> {
+    events
+        .iter()
+        .map(|e| (e.kind(), e.call_id.clone()))
+        .collect()
+}
+
+/// The release events a customer hang-up of `call_id` must produce, in the gateway's order.
+pub fn hangup_pair(call_id: &str) -> Vec<(ReleaseKind, String)> {
+    vec![
+        (ReleaseKind::CustomerRelease, call_id.to_owned()),
+        (ReleaseKind::CallRelease, call_id.to_owned()),
+    ]
+}
+
+/// Asserts that sequence numbers strictly increase and every event carries a resume token.
+pub fn assert_ordered(events: &[ReleaseEvent]) {
+    for pair in events.windows(2) {
+        assert!(
+            pair[0].sequence < pair[1].sequence,
+            "sequence does not increase: {:?}",
+            kinds_and_calls(events)
+                .iter()
+                .zip(events.iter().map(|e| e.sequence))
+                .collect::<Vec<_>>()
+        );
+    }
+    for e in events {
+        assert!(!e.resume_token.is_empty(), "no resume token: {e:?}");
+    }
+}
