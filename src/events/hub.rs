@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     poll::PollLoop,
-    watch::{Gap, GapCause, SessionEnding, Source, Watch},
+    watch::{Gap, GapCause, SessionEnding, Source, Subscription, Watch},
     EventSettings, KindFilter, ReleaseEvent, ReleaseKind, ReplayRing, ResumeToken,
 };
 use crate::{
@@ -170,10 +170,6 @@ impl EventHub {
         &self.hub.gateway
     }
 
-    pub fn settings(&self) -> &EventSettings {
-        &self.hub.settings
-    }
-
     /// Starts watching `agents` (each must have a session), live from now or, with `from`,
     /// first replaying what came after that token.
     pub fn subscribe(
@@ -254,23 +250,23 @@ impl EventHub {
             });
         }
         replay.sort_by_key(|e| e.token.sequence);
-        Ok(Watch::new(
-            ResumeToken {
+        Ok(Watch::new(Subscription {
+            position: ResumeToken {
                 epoch: hub.epoch,
                 sequence: position,
             },
             sources,
-            receiver,
+            live: receiver,
             overflowed,
             replay,
+            replay_end: current,
             gap,
             kinds,
-            current,
-            hub.settings.heartbeat,
-            hub.shutdown.subscribe(),
-            hub.running_loops.subscribe(),
+            heartbeat: hub.settings.heartbeat,
+            shutdown: hub.shutdown.subscribe(),
+            running_loops: hub.running_loops.subscribe(),
             permit,
-        ))
+        }))
     }
 
     /// Ends every watcher (after what it already received) and stops the poll loops.

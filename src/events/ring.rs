@@ -78,10 +78,6 @@ impl ReplayRing {
         self.events.back().map(|(at, _)| *at + self.max_age)
     }
 
-    pub fn len(&self) -> usize {
-        self.events.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }

@@ -141,42 +141,47 @@ pub struct Watch {
     _permit: OwnedSemaphorePermit,
 }
 
+/// What a new watcher starts from; the hub fills it in while it holds the publish lock.
+pub(super) struct Subscription {
+    /// The resume token's position (or "now").
+    pub position: ResumeToken,
+    pub sources: Vec<Source>,
+    pub live: mpsc::Receiver<FeedItem>,
+    pub overflowed: Arc<AtomicBool>,
+    /// Kept events after `position`, in sequence order.
+    pub replay: Vec<Arc<ReleaseEvent>>,
+    /// The last sequence number handed out at subscription.
+    pub replay_end: u64,
+    pub gap: Option<Gap>,
+    pub kinds: KindFilter,
+    pub heartbeat: Duration,
+    pub shutdown: watch::Receiver<bool>,
+    pub running_loops: watch::Receiver<usize>,
+    pub permit: OwnedSemaphorePermit,
+}
+
 impl Watch {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        position: ResumeToken,
-        sources: Vec<Source>,
-        live: mpsc::Receiver<FeedItem>,
-        overflowed: Arc<AtomicBool>,
-        replay: Vec<Arc<ReleaseEvent>>,
-        gap: Option<Gap>,
-        kinds: KindFilter,
-        replay_end: u64,
-        heartbeat: Duration,
-        shutdown: watch::Receiver<bool>,
-        running_loops: watch::Receiver<usize>,
-        permit: OwnedSemaphorePermit,
-    ) -> Self {
-        let mut position = position;
-        if replay.is_empty() {
-            position.sequence = position.sequence.max(replay_end);
+    pub(super) fn new(start: Subscription) -> Self {
+        let mut position = start.position;
+        if start.replay.is_empty() {
+            position.sequence = position.sequence.max(start.replay_end);
         }
         Self {
             position,
-            sources,
-            live,
-            overflowed,
-            replay: replay.into(),
-            replay_end,
-            gap,
-            kinds,
-            heartbeat,
+            sources: start.sources,
+            live: start.live,
+            overflowed: start.overflowed,
+            replay: start.replay.into(),
+            replay_end: start.replay_end,
+            gap: start.gap,
+            kinds: start.kinds,
+            heartbeat: start.heartbeat,
             last_sent: Instant::now(),
-            shutdown,
-            running_loops,
+            shutdown: start.shutdown,
+            running_loops: start.running_loops,
             draining: false,
             ended: false,
-            _permit: permit,
+            _permit: start.permit,
         }
     }
 
