@@ -142,7 +142,11 @@ impl CallControl for CallControlApi {
                     Some(watch)
                         if report.outcome == ReleaseOutcome::Released && !report.replayed =>
                     {
-                        Some(confirm_release(watch, &target, deadline, &ctx).await?)
+                        let confirmed = confirm_release(watch, &target, deadline, &ctx).await;
+                        if let Err(status) = &confirmed {
+                            tracing::warn!(%agent, request_id = %request_id, code = ?status.code(), "ReleaseCall released the call, but its release event was not confirmed");
+                        }
+                        Some(confirmed?)
                     }
                     _ => None,
                 };
