@@ -108,6 +108,7 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
         SVC,
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     ] {
         assert!(out.contains(service), "list lacks {service}: {out}");
     }
