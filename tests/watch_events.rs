@@ -718,6 +718,42 @@ async fn a_session_handed_over_in_metadata_opens_a_single_agent_stream() {
     assert_eq!(app.guid_of("103").as_deref(), Some(guid.as_str()));
 }
 
+#[tokio::test]
+async fn an_outdated_guid_handed_over_is_refused_without_ending_the_agents_session() {
+    let app = spawn_app().await;
+    let mut watch = app.signed_in_watch("101").await;
+    let learned = app.guid_of("101").unwrap();
+    let call_id = app.sim.place_call("101", CALLER).unwrap();
+
+    // A caller still holding a Guid the gateway no longer accepts.
+    let mut request = tonic::Request::new(release_req("101"));
+    request.metadata_mut().insert(
+        "x-ccgw-guid",
+        "279fe21d-0000-4437-84c3-ab9e9dae20f5.AgentGateway0"
+            .parse()
+            .unwrap(),
+    );
+    let status = app.release_with(request).await.unwrap_err();
+    expect_status(&status, Code::Unauthenticated, "GATEWAY_NO_RIGHT");
+    assert_eq!(
+        app.sim.agent("101").unwrap().call_id.as_deref(),
+        Some(call_id.as_str())
+    );
+
+    // The session the facade had is back, for releases and for the open stream alike.
+    assert_eq!(app.guid_of("101").as_deref(), Some(learned.as_str()));
+    let released = app.release(release_req("101")).await.unwrap();
+    assert_eq!(released.outcome(), ReleaseOutcome::Released);
+    let events = watch.events_of(2).await;
+    assert_eq!(
+        kinds_and_calls(&events),
+        [
+            (ReleaseKind::CallRelease, call_id.clone()),
+            (ReleaseKind::CustomerRelease, call_id)
+        ]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 12. Shutdown
 // ---------------------------------------------------------------------------------------------

@@ -106,12 +106,14 @@ impl PollLoop {
                     None => self.hub.settings.poll_pause,
                 }
             }
-            // The refused Guid was superseded by a session handed over while the poll waited:
-            // poll again with that one rather than end its watchers.
+            // The refused Guid is not the agent's session any more (a newer one was handed
+            // over while the poll waited, or the refused one was a handover the registry has
+            // gone back from): poll again with the session held now rather than end its
+            // watchers.
             Ok(answer)
                 if answer.session_gone() && self.hub.gateway.sessions().get(agent).is_some() =>
             {
-                tracing::info!(%agent, retcode = %answer.retcode, "a poll with a superseded Guid was refused; polling with the current one");
+                tracing::info!(%agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
                 Duration::ZERO
             }
             Ok(answer) if answer.session_gone() || answer.retcode == RETCODE_WRONG_EVENT_METHOD => {

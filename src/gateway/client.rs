@@ -5,7 +5,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{
-    session::{Guid, SessionRegistry},
+    session::{Guid, Refusal, SessionRegistry},
     wire::{self, Answer},
     GatewayError,
 };
@@ -225,10 +225,18 @@ impl GatewayClient {
         let answer = tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| GatewayError::Timeout(budget))??;
-        if let (true, Some(guid)) = (answer.session_gone(), guid_used) {
-            if self.sessions.forget_if_current(agent, guid) {
-                tracing::info!(%agent, retcode = %answer.retcode, "gateway session ended; forgot it");
-            }
+        match (answer.session_gone(), guid_used) {
+            (true, Some(guid)) => match self.sessions.refused(agent, guid) {
+                Refusal::NotCurrent => {}
+                Refusal::RestoredPrevious => {
+                    tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused a handed-over Guid; back to the session it replaced");
+                }
+                Refusal::Forgotten => {
+                    tracing::info!(%agent, retcode = %answer.retcode, "gateway session ended; forgot it");
+                }
+            },
+            (false, Some(guid)) => self.sessions.confirm(agent, guid),
+            (_, None) => {}
         }
         Ok(answer)
     }

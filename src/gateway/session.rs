@@ -143,6 +143,17 @@ impl fmt::Debug for Cookies {
     }
 }
 
+/// What a refused Guid did to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The agent's session had moved on already; nothing changed.
+    NotCurrent,
+    /// It was a handover; the session it replaced is back.
+    RestoredPrevious,
+    /// The agent has no session any more.
+    Forgotten,
+}
+
 /// One agent's session with the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -152,9 +163,21 @@ pub struct Session {
 
 /// agent id -> session. Updated by callers handing a session over, and by every `Set-GUID` /
 /// `Set-Cookie` on a gateway answer (dynamic authentication rotates the Guid).
+///
+/// A handed-over Guid that differs from the one held is tentative until the gateway accepts
+/// it: if the gateway refuses it, the registry goes back to the session it replaced. Without
+/// that, one caller with an outdated Guid would end the session (and every event stream) of the
+/// agent for everybody.
 #[derive(Debug, Default)]
 pub struct SessionRegistry {
-    sessions: RwLock<HashMap<AgentId, Session>>,
+    sessions: RwLock<HashMap<AgentId, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    current: Session,
+    /// The session `current` replaced by a handover, until the gateway accepts `current`.
+    fallback: Option<Session>,
 }
 
 impl SessionRegistry {
@@ -163,23 +186,38 @@ impl SessionRegistry {
     }
 
     pub fn get(&self, agent: AgentId) -> Option<Session> {
-        self.read().get(&agent).cloned()
+        self.read().get(&agent).map(|e| e.current.clone())
     }
 
     /// Hands a session over. Cookies given replace the agent's; a different Guid without
     /// cookies is a new session, whose stickiness the old cookies would only get wrong.
     pub fn hand_over(&self, agent: AgentId, guid: Guid, cookies: Option<Cookies>) {
         let mut sessions = self.write();
-        let cookies = match (cookies, sessions.get(&agent)) {
+        let old = sessions.remove(&agent);
+        let cookies = match (cookies, &old) {
             (Some(cookies), _) => cookies,
-            (None, Some(same)) if same.guid == guid => same.cookies.clone(),
+            (None, Some(same)) if same.current.guid == guid => same.current.cookies.clone(),
             (None, _) => Cookies::default(),
         };
-        sessions.insert(agent, Session { guid, cookies });
+        // Fall back to the last session not itself waiting for the gateway's word.
+        let fallback = old.and_then(|old| {
+            if old.current.guid == guid {
+                old.fallback
+            } else {
+                old.fallback.or(Some(old.current))
+            }
+        });
+        sessions.insert(
+            agent,
+            Entry {
+                current: Session { guid, cookies },
+                fallback,
+            },
+        );
     }
 
     /// Applies a gateway answer's `Set-GUID` and `Set-Cookie` headers to an agent's session.
-    /// Returns true when the Guid rotated.
+    /// A new Guid from the gateway settles any handover. Returns true when the Guid rotated.
     pub fn absorb(&self, agent: AgentId, set_guid: Option<Guid>, set_cookies: &[&str]) -> bool {
         if set_guid.is_none() && set_cookies.is_empty() {
             return false;
@@ -187,10 +225,12 @@ impl SessionRegistry {
         let mut sessions = self.write();
         let rotated;
         match (sessions.get_mut(&agent), set_guid) {
-            (Some(session), guid) => {
+            (Some(entry), guid) => {
+                let session = &mut entry.current;
                 rotated = guid.as_ref().is_some_and(|g| *g != session.guid);
                 if let Some(guid) = guid {
                     session.guid = guid;
+                    entry.fallback = None;
                 }
                 for header in set_cookies {
                     session.cookies.apply_set_cookie(header);
@@ -201,7 +241,13 @@ impl SessionRegistry {
                 for header in set_cookies {
                     cookies.apply_set_cookie(header);
                 }
-                sessions.insert(agent, Session { guid, cookies });
+                sessions.insert(
+                    agent,
+                    Entry {
+                        current: Session { guid, cookies },
+                        fallback: None,
+                    },
+                );
                 rotated = true;
             }
             (None, None) => rotated = false,
@@ -209,15 +255,34 @@ impl SessionRegistry {
         rotated
     }
 
-    /// Drops the agent's session if it still holds `guid`: a "not signed in" answer to an old
-    /// Guid must not discard one that rotated in meanwhile.
-    pub fn forget_if_current(&self, agent: AgentId, guid: &Guid) -> bool {
+    /// The gateway accepted `guid` (it answered something other than a session refusal): a
+    /// handover of it is settled.
+    pub fn confirm(&self, agent: AgentId, guid: &Guid) {
+        let pending = |e: &Entry| e.current.guid == *guid && e.fallback.is_some();
+        if self.read().get(&agent).is_some_and(pending) {
+            if let Some(entry) = self.write().get_mut(&agent).filter(|e| pending(e)) {
+                entry.fallback = None;
+            }
+        }
+    }
+
+    /// The gateway refused `guid`. If the agent's session still holds it (a refusal of an old
+    /// Guid must not discard one that rotated in meanwhile), the registry goes back to the
+    /// session a handover replaced, or forgets the agent. Returns what happened.
+    pub fn refused(&self, agent: AgentId, guid: &Guid) -> Refusal {
         let mut sessions = self.write();
-        if sessions.get(&agent).is_some_and(|s| s.guid == *guid) {
-            sessions.remove(&agent);
-            true
-        } else {
-            false
+        let Some(entry) = sessions.get_mut(&agent).filter(|e| e.current.guid == *guid) else {
+            return Refusal::NotCurrent;
+        };
+        match entry.fallback.take() {
+            Some(previous) => {
+                entry.current = previous;
+                Refusal::RestoredPrevious
+            }
+            None => {
+                sessions.remove(&agent);
+                Refusal::Forgotten
+            }
         }
     }
 
@@ -229,12 +294,12 @@ impl SessionRegistry {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<AgentId, Session>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<AgentId, Entry>> {
         // A panic elsewhere while holding the lock leaves the map itself intact.
         self.sessions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<AgentId, Session>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<AgentId, Entry>> {
         self.sessions.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -300,10 +365,47 @@ mod tests {
         let old = Guid::parse("g", "old").unwrap();
         registry.hand_over(a, old.clone(), None);
         registry.absorb(a, Some(Guid::parse("g", "new").unwrap()), &[]);
-        assert!(!registry.forget_if_current(a, &old));
+        assert_eq!(registry.refused(a, &old), Refusal::NotCurrent);
         assert!(registry.get(a).is_some());
         let new = registry.get(a).unwrap().guid;
-        assert!(registry.forget_if_current(a, &new));
+        assert_eq!(registry.refused(a, &new), Refusal::Forgotten);
         assert!(registry.get(a).is_none());
+    }
+
+    #[test]
+    fn a_refused_handover_brings_back_the_session_it_replaced() {
+        let registry = SessionRegistry::new();
+        let a = agent(101);
+        let guid = |g: &str| Guid::parse("g", g).unwrap();
+        registry.absorb(a, Some(guid("learned")), &["route=n1"]);
+        // Two stale handovers in a row: the fallback stays the session the gateway gave.
+        registry.hand_over(a, guid("stale1"), None);
+        registry.hand_over(a, guid("stale2"), None);
+        assert_eq!(registry.get(a).unwrap().guid, guid("stale2"));
+        assert_eq!(
+            registry.refused(a, &guid("stale2")),
+            Refusal::RestoredPrevious
+        );
+        let back = registry.get(a).unwrap();
+        assert_eq!(back.guid, guid("learned"));
+        assert_eq!(back.cookies.header_value().as_deref(), Some("route=n1"));
+        assert_eq!(registry.refused(a, &guid("learned")), Refusal::Forgotten);
+    }
+
+    #[test]
+    fn an_accepted_handover_is_final() {
+        let registry = SessionRegistry::new();
+        let a = agent(101);
+        let guid = |g: &str| Guid::parse("g", g).unwrap();
+        registry.hand_over(a, guid("first"), None);
+        registry.hand_over(a, guid("second"), None);
+        registry.confirm(a, &guid("second"));
+        assert_eq!(registry.refused(a, &guid("second")), Refusal::Forgotten);
+
+        // A rotation settles a handover too.
+        registry.hand_over(a, guid("third"), None);
+        registry.hand_over(a, guid("fourth"), None);
+        registry.absorb(a, Some(guid("rotated")), &[]);
+        assert_eq!(registry.refused(a, &guid("rotated")), Refusal::Forgotten);
     }
 }
