@@ -9,7 +9,7 @@ use std::{
 };
 
 use ccgw_callcontrol::sim::{Fault, FaultRule, SimConfig};
-use common::{agent_id, release_req, sim_config, spawn_app_with};
+use common::{agent_id, release_req, sim_config, spawn_app_with, wait_until, watch_req};
 use tonic_types::StatusExt;
 
 #[derive(Clone, Default)]
@@ -52,6 +52,8 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
     secrets.push(cookie.split_once('=').unwrap().1.to_owned());
 
     let mut statuses = Vec::new();
+    // A watcher keeps the facade polling 101 with its Guid throughout.
+    let mut watch = app.watch(watch_req(&["101"])).await;
     app.sim.place_call("101", "70093").unwrap();
     // Handed over in metadata, released, rotated, then failures of every kind.
     let mut request = tonic::Request::new(release_req("101"));
@@ -62,13 +64,37 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
         .metadata_mut()
         .insert("x-ccgw-cookie", cookie.parse().unwrap());
     app.release_with(request).await.unwrap();
+    // The poll loop picks up a rotation, and rides out failing polls.
     app.sim.rotate_guid("101").unwrap();
-    app.api
-        .gateway()
-        .poll_event(agent_id("101"), common::deadline())
-        .await
-        .unwrap();
+    wait_until("the rotated Guid is learned", || {
+        app.guid_of("101").as_ref() != Some(&secrets[0])
+    })
+    .await;
     secrets.push(app.guid_of("101").unwrap());
+    for fault in [
+        Fault::Malformed,
+        Fault::Drop,
+        Fault::HttpStatus { status: 503 },
+    ] {
+        app.sim.push_fault(FaultRule {
+            fault,
+            count: 1,
+            method: None,
+            path_contains: Some("/agentevent/".into()),
+        });
+    }
+    wait_until("the failing polls were made", || {
+        app.api.events().stats().poll_failures >= 3
+    })
+    .await;
+    // A caller with an outdated Guid: refused, and the registry goes back.
+    let outdated = "0ld-6u1d-never-issued.AgentGateway0";
+    secrets.push(outdated.to_owned());
+    let mut request = tonic::Request::new(release_req("101"));
+    request
+        .metadata_mut()
+        .insert("x-ccgw-guid", outdated.parse().unwrap());
+    statuses.push(app.release_with(request).await.unwrap_err());
     for fault in [
         Fault::Malformed,
         Fault::Drop,
@@ -79,7 +105,7 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
             fault,
             count: 1,
             method: None,
-            path_contains: None,
+            path_contains: Some("/voicecall/".into()),
         });
         let mut request = tonic::Request::new(release_req("101"));
         request.set_timeout(Duration::from_millis(500));
@@ -93,11 +119,16 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
         .insert("x-ccgw-guid", bad_guid.parse().unwrap());
     statuses.push(app.release_with(request).await.unwrap_err());
     app.sim.force_signout("101").unwrap();
+    // The stream ends with the sign-out; then ReleaseCall finds no session.
+    statuses.push(watch.until_error().await.1);
     statuses.push(app.release(release_req("101")).await.unwrap_err());
 
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(
-        logs.contains("ReleaseCall") && logs.contains("gateway issued a new Guid"),
+        logs.contains("ReleaseCall")
+            && logs.contains("gateway issued a new Guid")
+            && logs.contains("poll failed")
+            && logs.contains("back to the session it replaced"),
         "capture works"
     );
     for secret in &secrets {
