@@ -43,7 +43,77 @@ async fn main() {
     fan_out(&bench, 1, hangups).await;
     fan_out(&bench, watchers, hangups).await;
     one_agent_throughput(&bench, 1000).await;
+    many_agents(&bench, watchers, hangups).await;
     memory(&bench).await;
+}
+
+/// `agents` agents with one stream each, so as many poll loops long-poll the simulator at
+/// once: what an agent costs, and how fast a hang-up on one of them arrives meanwhile.
+async fn many_agents(bench: &Bench, agents: usize, hangups: usize) {
+    let first = 2000;
+    for n in 0..agents {
+        bench.sign_in((first + n) as u32).await;
+    }
+    let channels = connect(bench, agents.div_ceil(STREAMS_PER_CONNECTION)).await;
+    let base = Instant::now();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
+    let before = rss_kib();
+    for n in 0..agents {
+        let mut client = CallControlClient::new(channels[n / STREAMS_PER_CONNECTION].clone());
+        let seen = seen_tx.clone();
+        let mut stream = client
+            .watch_release_events(watch(&(first + n).to_string()))
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = stream.message().await {
+                if let Some(Item::Event(_)) = message.item {
+                    let _ = seen.send((n, base.elapsed().as_micros() as u64));
+                }
+            }
+        });
+    }
+    wait_for(|| {
+        bench
+            .sim
+            .agent(&(first + agents - 1).to_string())
+            .unwrap()
+            .polls_in_flight
+            == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let grown = rss_kib().saturating_sub(before);
+    println!(
+        "{agents} agents polled at once, one stream each: RSS +{grown} KiB (~{} KiB per agent: poll loop, gateway connection, feed, stream)",
+        grown / agents as u64
+    );
+
+    let mut histogram = Histogram::<u64>::new(3).unwrap();
+    let started = Instant::now();
+    for round in 0..hangups {
+        let n = round * 7919 % agents;
+        let agent = (first + n).to_string();
+        bench.sim.place_call(&agent, "70093").unwrap();
+        wait_for(|| bench.sim.agent(&agent).unwrap().queued_events == 0).await;
+        let hung_up_at = base.elapsed().as_micros() as u64;
+        bench.sim.customer_hangup(&agent).unwrap();
+        for _ in 0..2 {
+            let (who, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+                .await
+                .expect("the event arrives within 30 s")
+                .unwrap();
+            assert_eq!(who, n);
+            histogram.record(at - hung_up_at).unwrap();
+        }
+    }
+    println!("{hangups} hang-ups, each on one of {agents} polled agents");
+    report(
+        "hang-up -> its agent's watcher",
+        &histogram,
+        started.elapsed(),
+    );
 }
 
 /// `watchers` streams on agent 1000; each hang-up's two release events must reach all of them
