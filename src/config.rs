@@ -125,7 +125,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_watchers: u32,
 
-    /// How long in-flight calls may finish after SIGTERM, in seconds.
+    /// How long in-flight calls may finish after SIGTERM, in seconds (event streams use up to
+    /// 2 s of it to deliver their pollers' last answers and their resume tokens).
     #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub drain_timeout_secs: u64,

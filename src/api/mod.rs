@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     domain::{AgentId, FieldViolation, RequestId},
     events::{EventHub, KindFilter, ReleaseKind, SubscribeError, Watch},
-    gateway::{Cookies, Guid, ReleaseTarget},
+    gateway::{Cookies, Guid, Handover, ReleaseTarget},
     proto::{self, call_control_server::CallControl},
     release::{ReleaseOutcome, ReleaseService},
 };
@@ -53,7 +53,9 @@ impl CallControlApi {
 
     fn hand_over(&self, agent: AgentId, handover: Option<(Guid, Option<Cookies>)>) {
         if let Some((guid, cookies)) = handover {
-            self.gateway().sessions().hand_over(agent, guid, cookies);
+            if self.gateway().sessions().hand_over(agent, guid, cookies) == Handover::Outdated {
+                tracing::info!(%agent, "a handed-over Guid was rotated away already; kept the newer session");
+            }
         }
     }
 }

@@ -10,10 +10,11 @@ use super::{
 };
 use crate::gateway::{
     event::{parse_event, RETCODE_WRONG_EVENT_METHOD},
-    Answer, GatewayError,
+    Answer, GatewayError, Guid,
 };
 
-/// First pause after a failed poll; it doubles up to `EventSettings::backoff_max`.
+/// The first failed poll pauses 200 to 400 ms; the ceiling doubles up to
+/// `EventSettings::backoff_max`.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// How long a poll in flight may still finish once shutdown begins.
 pub(super) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
@@ -59,6 +60,7 @@ impl PollLoop {
     async fn poll_once(&mut self) -> bool {
         let agent = self.feed.agent;
         let deadline = Instant::now() + self.hub.settings.poll_timeout;
+        let guid_used = self.current_guid();
         let (result, stopping) = {
             let poll = self.hub.gateway.poll_event(agent, deadline);
             tokio::pin!(poll);
@@ -77,7 +79,7 @@ impl PollLoop {
                 },
             }
         };
-        let pause = self.handle(result);
+        let pause = self.handle(result, guid_used);
         if stopping {
             return false;
         }
@@ -91,7 +93,11 @@ impl PollLoop {
     }
 
     /// Acts on a poll's outcome; returns the pause before the next poll.
-    fn handle(&mut self, result: Result<Answer, GatewayError>) -> Duration {
+    fn handle(
+        &mut self,
+        result: Result<Answer, GatewayError>,
+        guid_used: Option<Guid>,
+    ) -> Duration {
         let agent = self.feed.agent;
         match result {
             Ok(answer) if answer.is_ok() => {
@@ -106,27 +112,23 @@ impl PollLoop {
                     None => self.hub.settings.poll_pause,
                 }
             }
-            // The refused Guid is not the agent's session any more (a newer one was handed
-            // over while the poll waited, or the refused one was a handover the registry has
-            // gone back from): poll again with the session held now rather than end its
-            // watchers.
-            Ok(answer)
-                if answer.session_gone() && self.hub.gateway.sessions().get(agent).is_some() =>
-            {
-                tracing::info!(%agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
-                Duration::ZERO
-            }
-            Ok(answer) if answer.session_gone() || answer.retcode == RETCODE_WRONG_EVENT_METHOD => {
-                tracing::info!(%agent, retcode = %answer.retcode, "the gateway will not deliver the agent's events; its watchers are told");
-                self.hub.end_session(
-                    &self.feed,
-                    SessionEnding::Refused {
-                        retcode: answer.retcode,
-                        message: answer.message,
-                    },
-                );
-                Duration::ZERO
-            }
+            Ok(answer) if answer.session_gone() => match self.current_guid() {
+                None => self.stop_polling(answer),
+                // The refused Guid is not the agent's session any more (a newer one was handed
+                // over while the poll waited, or the refused one was a handover the registry
+                // has gone back from): poll again with the session held now rather than end
+                // its watchers.
+                Some(now) if Some(&now) != guid_used.as_ref() => {
+                    tracing::info!(%agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
+                    Duration::ZERO
+                }
+                // Handed over again meanwhile: back off rather than spin on it.
+                Some(_) => self.failed(&format!(
+                    "retcode {} for a Guid handed over again",
+                    answer.retcode
+                )),
+            },
+            Ok(answer) if answer.retcode == RETCODE_WRONG_EVENT_METHOD => self.stop_polling(answer),
             Ok(answer) => self.failed(&format!(
                 "retcode {} ({:?})",
                 answer.retcode, answer.message
@@ -138,6 +140,27 @@ impl PollLoop {
             }
             Err(error) => self.failed(&error.to_string()),
         }
+    }
+
+    /// The gateway will not deliver the agent's events: tell the watchers, stop polling.
+    fn stop_polling(&self, answer: Answer) -> Duration {
+        tracing::info!(agent = %self.feed.agent, retcode = %answer.retcode, "the gateway will not deliver the agent's events; its watchers are told");
+        self.hub.end_session(
+            &self.feed,
+            SessionEnding::Refused {
+                retcode: answer.retcode,
+                message: answer.message,
+            },
+        );
+        Duration::ZERO
+    }
+
+    fn current_guid(&self) -> Option<Guid> {
+        self.hub
+            .gateway
+            .sessions()
+            .get(self.feed.agent)
+            .map(|s| s.guid)
     }
 
     /// Counts a failed poll and returns the pause before the next: exponential, capped, with

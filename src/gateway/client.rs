@@ -212,7 +212,7 @@ impl GatewayClient {
         }
         let work = async {
             let response = request.send().await.map_err(classify_send_error)?;
-            self.absorb_session_headers(agent, &response);
+            self.absorb_session_headers(agent, guid_used, &response);
             let status = response.status();
             if status != StatusCode::OK {
                 return Err(GatewayError::HttpStatus {
@@ -235,13 +235,22 @@ impl GatewayClient {
                     tracing::info!(%agent, retcode = %answer.retcode, "gateway session ended; forgot it");
                 }
             },
-            (false, Some(guid)) => self.sessions.confirm(agent, guid),
-            (_, None) => {}
+            // Only an operation carried out proves the Guid: some refusals (000-002, 000-004,
+            // 100-007...) may come before the gateway looks at it.
+            (false, Some(guid)) if answer.is_ok() || answer.retcode.starts_with("200-") => {
+                self.sessions.confirm(agent, guid)
+            }
+            _ => {}
         }
         Ok(answer)
     }
 
-    fn absorb_session_headers(&self, agent: AgentId, response: &reqwest::Response) {
+    fn absorb_session_headers(
+        &self,
+        agent: AgentId,
+        guid_used: Option<&Guid>,
+        response: &reqwest::Response,
+    ) {
         let headers = response.headers();
         let set_guid = headers
             .get("set-guid")
@@ -252,7 +261,7 @@ impl GatewayClient {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        if self.sessions.absorb(agent, set_guid, &cookies) {
+        if self.sessions.absorb(agent, guid_used, set_guid, &cookies) {
             tracing::info!(%agent, "gateway issued a new Guid");
         }
     }

@@ -8,7 +8,7 @@ pub mod wire;
 use std::time::Duration;
 
 pub use client::{GatewayClient, GatewaySettings, ReleaseTarget, SettingsError};
-pub use session::{Cookies, Guid, Refusal, Session, SessionRegistry};
+pub use session::{Cookies, Guid, Handover, Refusal, Session, SessionRegistry};
 pub use wire::Answer;
 
 use crate::domain::AgentId;

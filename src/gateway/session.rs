@@ -167,17 +167,58 @@ pub struct Session {
 /// A handed-over Guid that differs from the one held is tentative until the gateway accepts
 /// it: if the gateway refuses it, the registry goes back to the session it replaced. Without
 /// that, one caller with an outdated Guid would end the session (and every event stream) of the
-/// agent for everybody.
+/// agent for everybody. For the same reason a handover of a Guid the gateway has since rotated
+/// away is ignored: the old Guid may still be accepted for a while (GUIDTIMEOUT), but the newer
+/// one is the session.
 #[derive(Debug, Default)]
 pub struct SessionRegistry {
     sessions: RwLock<HashMap<AgentId, Entry>>,
 }
+
+/// How many rotated-away Guids an agent's entry remembers.
+const ROTATED_AWAY: usize = 4;
 
 #[derive(Debug)]
 struct Entry {
     current: Session,
     /// The session `current` replaced by a handover, until the gateway accepts `current`.
     fallback: Option<Session>,
+    /// Guids the gateway replaced with a newer one (Set-GUID), newest last.
+    rotated_away: Vec<Guid>,
+}
+
+impl Entry {
+    fn new(current: Session) -> Self {
+        Self {
+            current,
+            fallback: None,
+            rotated_away: Vec::new(),
+        }
+    }
+
+    /// The session a request made with `guid` belongs to, if it is one of this entry's.
+    fn session_of(&mut self, guid: &Guid) -> Option<&mut Session> {
+        if self.current.guid == *guid {
+            return Some(&mut self.current);
+        }
+        self.fallback.as_mut().filter(|f| f.guid == *guid)
+    }
+
+    fn rotated(&mut self, old: Guid) {
+        if self.rotated_away.len() == ROTATED_AWAY {
+            self.rotated_away.remove(0);
+        }
+        self.rotated_away.push(old);
+    }
+}
+
+/// What a handover did to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// The Guid is the agent's session now (tentatively, if it replaced another).
+    Taken,
+    /// The gateway has rotated this Guid away already; the newer session stays.
+    Outdated,
 }
 
 impl SessionRegistry {
@@ -189,74 +230,94 @@ impl SessionRegistry {
         self.read().get(&agent).map(|e| e.current.clone())
     }
 
-    /// Hands a session over. Cookies given replace the agent's; a different Guid without
+    /// Hands a session over. Cookies given replace the session's; a different Guid without
     /// cookies is a new session, whose stickiness the old cookies would only get wrong.
-    pub fn hand_over(&self, agent: AgentId, guid: Guid, cookies: Option<Cookies>) {
+    pub fn hand_over(&self, agent: AgentId, guid: Guid, cookies: Option<Cookies>) -> Handover {
         let mut sessions = self.write();
-        let old = sessions.remove(&agent);
-        let cookies = match (cookies, &old) {
-            (Some(cookies), _) => cookies,
-            (None, Some(same)) if same.current.guid == guid => same.current.cookies.clone(),
-            (None, _) => Cookies::default(),
+        let Some(entry) = sessions.get_mut(&agent) else {
+            let cookies = cookies.unwrap_or_default();
+            sessions.insert(agent, Entry::new(Session { guid, cookies }));
+            return Handover::Taken;
         };
-        // Fall back to the last session not itself waiting for the gateway's word.
-        let fallback = old.and_then(|old| {
-            if old.current.guid == guid {
-                old.fallback
-            } else {
-                old.fallback.or(Some(old.current))
+        if entry.rotated_away.contains(&guid) {
+            return Handover::Outdated;
+        }
+        if entry.current.guid == guid {
+            if let Some(cookies) = cookies {
+                entry.current.cookies = cookies;
             }
-        });
-        sessions.insert(
-            agent,
-            Entry {
-                current: Session { guid, cookies },
-                fallback,
-            },
-        );
+            return Handover::Taken;
+        }
+        let handed = match entry.fallback.take() {
+            // Back to the session the last handover replaced, cookies and all.
+            Some(mut previous) if previous.guid == guid => {
+                if let Some(cookies) = cookies {
+                    previous.cookies = cookies;
+                }
+                previous
+            }
+            // Fall back to the last session not itself waiting for the gateway's word.
+            fallback => {
+                entry.fallback = Some(fallback.unwrap_or_else(|| entry.current.clone()));
+                Session {
+                    guid,
+                    cookies: cookies.unwrap_or_default(),
+                }
+            }
+        };
+        entry.current = handed;
+        Handover::Taken
     }
 
-    /// Applies a gateway answer's `Set-GUID` and `Set-Cookie` headers to an agent's session.
-    /// A new Guid from the gateway settles any handover. Returns true when the Guid rotated.
-    pub fn absorb(&self, agent: AgentId, set_guid: Option<Guid>, set_cookies: &[&str]) -> bool {
+    /// Applies a gateway answer's `Set-GUID` and `Set-Cookie` headers to the session the request
+    /// was made with (`guid_used`; `None` for a sign-in, whose answer starts a new session).
+    /// Answers to a Guid the agent's session no longer holds change nothing. A new Guid for the
+    /// current session settles any handover. Returns true when a Guid rotated.
+    pub fn absorb(
+        &self,
+        agent: AgentId,
+        guid_used: Option<&Guid>,
+        set_guid: Option<Guid>,
+        set_cookies: &[&str],
+    ) -> bool {
         if set_guid.is_none() && set_cookies.is_empty() {
             return false;
         }
         let mut sessions = self.write();
-        let rotated;
-        match (sessions.get_mut(&agent), set_guid) {
-            (Some(entry), guid) => {
-                let session = &mut entry.current;
-                rotated = guid.as_ref().is_some_and(|g| *g != session.guid);
-                if let Some(guid) = guid {
-                    session.guid = guid;
-                    entry.fallback = None;
-                }
-                for header in set_cookies {
-                    session.cookies.apply_set_cookie(header);
-                }
+        let Some(guid_used) = guid_used else {
+            let Some(guid) = set_guid else {
+                return false;
+            };
+            let mut cookies = Cookies::default();
+            for header in set_cookies {
+                cookies.apply_set_cookie(header);
             }
-            (None, Some(guid)) => {
-                let mut cookies = Cookies::default();
-                for header in set_cookies {
-                    cookies.apply_set_cookie(header);
-                }
-                sessions.insert(
-                    agent,
-                    Entry {
-                        current: Session { guid, cookies },
-                        fallback: None,
-                    },
-                );
-                rotated = true;
-            }
-            (None, None) => rotated = false,
+            sessions.insert(agent, Entry::new(Session { guid, cookies }));
+            return true;
+        };
+        let Some(entry) = sessions.get_mut(&agent) else {
+            return false;
+        };
+        let was_current = entry.current.guid == *guid_used;
+        let Some(session) = entry.session_of(guid_used) else {
+            return false;
+        };
+        for header in set_cookies {
+            session.cookies.apply_set_cookie(header);
         }
-        rotated
+        let Some(new) = set_guid.filter(|g| *g != session.guid) else {
+            return false;
+        };
+        let old = std::mem::replace(&mut session.guid, new);
+        entry.rotated(old);
+        if was_current {
+            entry.fallback = None;
+        }
+        true
     }
 
-    /// The gateway accepted `guid` (it answered something other than a session refusal): a
-    /// handover of it is settled.
+    /// The gateway accepted `guid` (it carried out an operation with it): a handover of it is
+    /// settled.
     pub fn confirm(&self, agent: AgentId, guid: &Guid) {
         let pending = |e: &Entry| e.current.guid == *guid && e.fallback.is_some();
         if self.read().get(&agent).is_some_and(pending) {
@@ -266,14 +327,21 @@ impl SessionRegistry {
         }
     }
 
-    /// The gateway refused `guid`. If the agent's session still holds it (a refusal of an old
-    /// Guid must not discard one that rotated in meanwhile), the registry goes back to the
-    /// session a handover replaced, or forgets the agent. Returns what happened.
+    /// The gateway refused `guid`. If it is the agent's current Guid (a refusal of an old Guid
+    /// must not discard one that rotated in meanwhile), the registry goes back to the session a
+    /// handover replaced, or forgets the agent; a refused fallback is dropped. Returns what
+    /// happened.
     pub fn refused(&self, agent: AgentId, guid: &Guid) -> Refusal {
         let mut sessions = self.write();
-        let Some(entry) = sessions.get_mut(&agent).filter(|e| e.current.guid == *guid) else {
+        let Some(entry) = sessions.get_mut(&agent) else {
             return Refusal::NotCurrent;
         };
+        if entry.current.guid != *guid {
+            if entry.fallback.as_ref().is_some_and(|f| f.guid == *guid) {
+                entry.fallback = None;
+            }
+            return Refusal::NotCurrent;
+        }
         match entry.fallback.take() {
             Some(previous) => {
                 entry.current = previous;
@@ -334,15 +402,20 @@ mod tests {
         assert!(!err.description.contains("secret"), "{}", err.description);
     }
 
+    fn guid(g: &str) -> Guid {
+        Guid::parse("g", g).unwrap()
+    }
+
     #[test]
     fn set_cookie_updates_and_rotation_is_detected() {
         let registry = SessionRegistry::new();
         let a = agent(101);
-        registry.hand_over(a, Guid::parse("g", "one").unwrap(), None);
-        assert!(!registry.absorb(a, Some(Guid::parse("g", "one").unwrap()), &[]));
+        registry.hand_over(a, guid("one"), None);
+        assert!(!registry.absorb(a, Some(&guid("one")), Some(guid("one")), &[]));
         assert!(registry.absorb(
             a,
-            Some(Guid::parse("g", "JSESSIONID=two").unwrap()),
+            Some(&guid("one")),
+            Some(guid("JSESSIONID=two")),
             &["route=n1; Path=/; HttpOnly", "JSESSIONID=x; Path=/"]
         ));
         let session = registry.get(a).unwrap();
@@ -351,24 +424,25 @@ mod tests {
             session.cookies.header_value().as_deref(),
             Some("route=n1; JSESSIONID=x")
         );
-        registry.absorb(a, None, &["route=n2"]);
+        registry.absorb(a, Some(&guid("two")), None, &["route=n2"]);
         assert_eq!(
             registry.get(a).unwrap().cookies.header_value().as_deref(),
             Some("route=n2; JSESSIONID=x")
         );
+        // An answer to a Guid the session no longer holds changes nothing.
+        assert!(!registry.absorb(a, Some(&guid("one")), Some(guid("stale")), &["route=n9"]));
+        assert_eq!(registry.get(a).unwrap().guid, guid("two"));
     }
 
     #[test]
     fn forget_only_the_guid_that_failed() {
         let registry = SessionRegistry::new();
         let a = agent(101);
-        let old = Guid::parse("g", "old").unwrap();
-        registry.hand_over(a, old.clone(), None);
-        registry.absorb(a, Some(Guid::parse("g", "new").unwrap()), &[]);
-        assert_eq!(registry.refused(a, &old), Refusal::NotCurrent);
+        registry.hand_over(a, guid("old"), None);
+        registry.absorb(a, Some(&guid("old")), Some(guid("new")), &[]);
+        assert_eq!(registry.refused(a, &guid("old")), Refusal::NotCurrent);
         assert!(registry.get(a).is_some());
-        let new = registry.get(a).unwrap().guid;
-        assert_eq!(registry.refused(a, &new), Refusal::Forgotten);
+        assert_eq!(registry.refused(a, &guid("new")), Refusal::Forgotten);
         assert!(registry.get(a).is_none());
     }
 
@@ -376,8 +450,7 @@ mod tests {
     fn a_refused_handover_brings_back_the_session_it_replaced() {
         let registry = SessionRegistry::new();
         let a = agent(101);
-        let guid = |g: &str| Guid::parse("g", g).unwrap();
-        registry.absorb(a, Some(guid("learned")), &["route=n1"]);
+        registry.absorb(a, None, Some(guid("learned")), &["route=n1"]);
         // Two stale handovers in a row: the fallback stays the session the gateway gave.
         registry.hand_over(a, guid("stale1"), None);
         registry.hand_over(a, guid("stale2"), None);
@@ -396,16 +469,65 @@ mod tests {
     fn an_accepted_handover_is_final() {
         let registry = SessionRegistry::new();
         let a = agent(101);
-        let guid = |g: &str| Guid::parse("g", g).unwrap();
         registry.hand_over(a, guid("first"), None);
         registry.hand_over(a, guid("second"), None);
         registry.confirm(a, &guid("second"));
         assert_eq!(registry.refused(a, &guid("second")), Refusal::Forgotten);
 
-        // A rotation settles a handover too.
+        // A rotation of the current session settles a handover too.
         registry.hand_over(a, guid("third"), None);
         registry.hand_over(a, guid("fourth"), None);
-        registry.absorb(a, Some(guid("rotated")), &[]);
+        registry.absorb(a, Some(&guid("fourth")), Some(guid("rotated")), &[]);
         assert_eq!(registry.refused(a, &guid("rotated")), Refusal::Forgotten);
+    }
+
+    #[test]
+    fn a_handover_of_a_rotated_away_guid_keeps_the_newer_session() {
+        let registry = SessionRegistry::new();
+        let a = agent(101);
+        registry.absorb(a, None, Some(guid("signed-in")), &["route=n1"]);
+        registry.absorb(a, Some(&guid("signed-in")), Some(guid("rotated")), &[]);
+        assert_eq!(
+            registry.hand_over(a, guid("signed-in"), None),
+            Handover::Outdated
+        );
+        let session = registry.get(a).unwrap();
+        assert_eq!(session.guid, guid("rotated"));
+        assert_eq!(session.cookies.header_value().as_deref(), Some("route=n1"));
+    }
+
+    #[test]
+    fn answers_to_the_replaced_session_stay_with_it() {
+        let registry = SessionRegistry::new();
+        let a = agent(101);
+        registry.absorb(a, None, Some(guid("old")), &["route=n1"]);
+        // A new sign-in elsewhere is handed over; an old poll's answer then rotates the old
+        // session: the new one stays current, with its cookies.
+        registry.hand_over(
+            a,
+            guid("new"),
+            Some(Cookies::parse_header("c", "route=n2").unwrap()),
+        );
+        registry.absorb(a, Some(&guid("old")), Some(guid("old-rotated")), &[]);
+        let session = registry.get(a).unwrap();
+        assert_eq!(session.guid, guid("new"));
+        assert_eq!(session.cookies.header_value().as_deref(), Some("route=n2"));
+        // Should the new one be refused, the old session comes back as rotated.
+        assert_eq!(registry.refused(a, &guid("new")), Refusal::RestoredPrevious);
+        let back = registry.get(a).unwrap();
+        assert_eq!(back.guid, guid("old-rotated"));
+        assert_eq!(back.cookies.header_value().as_deref(), Some("route=n1"));
+    }
+
+    #[test]
+    fn handing_the_replaced_guid_back_restores_its_cookies() {
+        let registry = SessionRegistry::new();
+        let a = agent(101);
+        registry.absorb(a, None, Some(guid("learned")), &["route=n1"]);
+        registry.hand_over(a, guid("other"), None);
+        registry.hand_over(a, guid("learned"), None);
+        let session = registry.get(a).unwrap();
+        assert_eq!(session.guid, guid("learned"));
+        assert_eq!(session.cookies.header_value().as_deref(), Some("route=n1"));
     }
 }
