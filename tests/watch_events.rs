@@ -829,6 +829,32 @@ async fn release_can_wait_for_its_release_event() {
 }
 
 #[tokio::test]
+async fn a_repeated_request_id_is_replayed_without_waiting_or_polling() {
+    let app = spawn_app().await;
+    app.sign_in("102").await;
+    app.sim.place_call("102", CALLER).unwrap();
+    let first = ReleaseCallRequest {
+        request_id: "9b2d6c1e-release-102".into(),
+        ..release_req("102")
+    };
+    let answer = app.release(first.clone()).await.unwrap();
+    assert_eq!(answer.outcome(), ReleaseOutcome::Released);
+    let repeated = app
+        .release(ReleaseCallRequest {
+            wait_for_release_event: true,
+            ..first
+        })
+        .await;
+    // The fingerprint excludes the wait: same release, answered from the cache.
+    let repeated = repeated.unwrap();
+    assert!(repeated.replayed && repeated.release_event.is_none());
+    assert!(
+        app.polling_agents().is_empty(),
+        "a replayed answer started polling the agent"
+    );
+}
+
+#[tokio::test]
 async fn a_release_event_that_never_comes_is_deadline_exceeded_but_the_call_is_gone() {
     let app = spawn_app().await;
     app.sign_in("101").await;

@@ -114,8 +114,14 @@ impl CallControl for CallControlApi {
         let agent = valid.command.agent;
         self.hand_over(agent, handover);
         let target = valid.command.target.clone();
-        // Subscribed before the release is sent, so its event cannot slip by unseen.
-        let confirmation = if body.wait_for_release_event {
+        // Subscribed before the release is sent, so its event cannot slip by unseen; not for a
+        // repeated request_id, whose answer is replayed without waiting (and which must not
+        // start polling an agent for nothing).
+        let repeated = valid
+            .request_id
+            .as_ref()
+            .is_some_and(|id| self.release.remembers(id));
+        let confirmation = if body.wait_for_release_event && !repeated {
             match self
                 .events
                 .subscribe(&[agent], None, KindFilter::only(ReleaseKind::CallRelease))

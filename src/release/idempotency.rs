@@ -103,6 +103,13 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
         })
     }
 
+    /// Whether `key` has an answer, or one on the way, within the window.
+    pub fn contains(&self, key: &RequestId) -> bool {
+        let mut inner = lock(&self.inner);
+        inner.expire(Instant::now(), self.window);
+        inner.entries.contains_key(key)
+    }
+
     pub fn len(&self) -> usize {
         lock(&self.inner).entries.len()
     }

@@ -124,6 +124,12 @@ impl ReleaseService {
         &self.gateway
     }
 
+    /// Whether a release with `request_id` would be answered from the idempotency cache (or
+    /// wait for an earlier one) rather than reach the gateway.
+    pub fn remembers(&self, request_id: &RequestId) -> bool {
+        self.answers.contains(request_id)
+    }
+
     /// Releases a call, at most once per `request_id` within the idempotency window.
     pub async fn release(
         &self,
