@@ -455,7 +455,8 @@ impl Hub {
         state.deliver(&FeedItem::Event(event));
     }
 
-    /// The gateway refused the agent's session: tell its watchers and stop polling.
+    /// The gateway will not deliver the agent's events any more (its session was refused, or
+    /// 000-001): tell its watchers; polling waits for a watcher with a session.
     pub fn end_session(&self, feed: &Feed, ending: SessionEnding) {
         let _order = lock(&self.publish);
         let mut state = lock(&feed.state);
