@@ -29,6 +29,12 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Locks a mutex of plain data. Poisoning only means another thread panicked mid-update; the
+/// data is still usable, and refusing it would turn one panic into many.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing a pod).
 pub async fn shutdown_signal() {
     let ctrl_c = async {

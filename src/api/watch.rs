@@ -52,12 +52,11 @@ fn item_to_proto(item: WatchItem) -> Item {
             agent_ids: gap.agents.iter().map(ToString::to_string).collect(),
         }),
         WatchItem::SessionEnded { agent, ending } => {
-            let mut metadata = Default::default();
-            let (rule, detail) = status::session_ending(&ending, &mut metadata);
+            let (rule, detail) = status::session_ending(&ending, &mut Default::default());
             Item::SessionEnded(proto::AgentSessionEnded {
                 agent_id: agent.to_string(),
                 reason: rule.reason.to_owned(),
-                retcode: metadata.remove("retcode").unwrap_or_default(),
+                retcode: ending.retcode().unwrap_or_default().to_owned(),
                 message: format!("{}: {detail}", rule.meaning),
             })
         }

@@ -3,7 +3,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -24,6 +24,7 @@ use crate::{
         event::{EventBody, PolledEvent},
         GatewayClient,
     },
+    lock,
 };
 
 /// Counters of what the poll loops read.
@@ -488,11 +489,6 @@ impl FeedState {
             self.idle_since = Instant::now();
         }
     }
-}
-
-/// A poisoned lock only means another thread panicked mid-update of plain data; go on.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

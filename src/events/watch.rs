@@ -99,6 +99,16 @@ enum Woke {
     HeartbeatDue,
 }
 
+impl SessionEnding {
+    /// The gateway's retcode, when it was the gateway that refused.
+    pub fn retcode(&self) -> Option<&str> {
+        match self {
+            Self::Refused { retcode, .. } => Some(retcode),
+            Self::Forgotten => None,
+        }
+    }
+}
+
 /// A watcher's membership in one agent's feed; leaving is automatic on drop.
 #[derive(Debug)]
 pub(super) struct Source {

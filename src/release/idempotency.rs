@@ -8,7 +8,7 @@ use std::{
 
 use tokio::{sync::watch, time::Instant};
 
-use crate::domain::RequestId;
+use crate::{domain::RequestId, lock};
 
 #[derive(Debug, Clone)]
 pub struct IdempotencyCache<F, V> {
@@ -210,10 +210,6 @@ impl<V: Clone> Pending<V> {
         // The sender is gone; it may still have published before it went.
         self.0.borrow().clone()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
