@@ -209,7 +209,7 @@ async fn memory(bench: &Bench) {
             bench
                 .api
                 .events()
-                .subscribe(&[agent], None, KindFilter::default())
+                .subscribe(&[agent], None, KindFilter::default(), None)
                 .unwrap()
         })
         .collect();

@@ -7,7 +7,7 @@ use crate::{
     api::ApiSettings,
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
     events::EventSettings,
-    gateway::GatewaySettings,
+    gateway::{GatewaySettings, SessionLimits},
     release::ReleasePolicy,
     server::ServerSettings,
 };
@@ -68,6 +68,19 @@ pub struct Config {
     #[arg(long, env = "CCGW_IDEMPOTENCY_CAPACITY", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub idempotency_capacity: u32,
+
+    /// Agents whose gateway session the facade holds at most; a handover for one more is
+    /// refused (RESOURCE_EXHAUSTED) unless a session has been idle for --session-idle-secs.
+    #[arg(long, env = "CCGW_MAX_SESSIONS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_sessions: u32,
+
+    /// A session no release and no poll used for this long is forgotten, in seconds (the
+    /// gateway signs an agent out after 2 minutes without a poll anyway). At least 600, so a
+    /// polled agent's session, used every poll, never is.
+    #[arg(long, env = "CCGW_SESSION_IDLE_SECS", default_value_t = 3_600,
+          value_parser = clap::value_parser!(u64).range(600..=604_800))]
+    pub session_idle_secs: u64,
 
     /// Pause after an empty event-poll answer, in milliseconds (after an event the next poll
     /// goes out at once).
@@ -171,6 +184,13 @@ impl Config {
             max_answer_bytes: self.max_answer_bytes as usize,
             legacy_release_path: self.legacy_release_path,
         })
+    }
+
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            max_sessions: self.max_sessions as usize,
+            idle: Duration::from_secs(self.session_idle_secs),
+        }
     }
 
     pub fn release_policy(&self) -> ReleasePolicy {

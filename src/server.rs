@@ -8,12 +8,16 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
 use tonic::{codegen::http, transport::server::TcpIncoming};
 
 use crate::{
-    api::{CallControlApi, CallControlServer},
+    api::{self, CallControlApi, CallControlServer},
     proto,
 };
+
+/// After the hard stop, how long calls get to deliver the answers they give at once.
+const HARD_STOP_FLUSH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -70,13 +74,11 @@ pub async fn run(
         .build_v1alpha()?;
 
     let events = api.events().clone();
+    let hard_stop = api.hard_stop().clone();
     let call_control =
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
 
     let (draining_tx, mut draining_rx) = watch::channel(false);
-    // Dropped (or set) when `run` gives up draining: calls still running then end with
-    // UNAVAILABLE instead of living on in connection tasks nobody waits for.
-    let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
     let signal = {
         let health = health.clone();
         async move {
@@ -101,9 +103,12 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .layer(tower::layer::layer_fn(move |inner| AbortOnHardStop {
-            inner,
-            stop: hard_stop_rx.clone(),
+        .layer(tower::layer::layer_fn({
+            let hard_stop = hard_stop.clone();
+            move |inner| AbortOnHardStop {
+                inner,
+                stop: hard_stop.clone(),
+            }
         }))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -120,21 +125,29 @@ pub async fn run(
         let _ = draining_rx.wait_for(|draining| *draining).await;
         tokio::time::sleep(settings.drain_timeout).await;
     };
+    tokio::pin!(serve);
     tokio::select! {
-        result = serve => result?,
-        () = drain_deadline => {
-            tracing::warn!(timeout = ?settings.drain_timeout, "drain timed out; ending remaining calls with UNAVAILABLE");
-            let _ = hard_stop_tx.send(true);
-        }
+        result = &mut serve => return Ok(result?),
+        () = drain_deadline => {}
+    }
+    tracing::warn!(timeout = ?settings.drain_timeout, "drain timed out; ending the remaining calls");
+    // Calls answer at once (each with what it knows); their answers still have to reach the
+    // client before the connections go.
+    hard_stop.cancel();
+    match tokio::time::timeout(HARD_STOP_FLUSH, &mut serve).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("connections still open after the hard stop; closing them"),
     }
     Ok(())
 }
 
-/// Races every call against the hard stop.
+/// Races every call against the hard stop. A handler that watches the stop itself answers
+/// first (it is polled first, on the same wake-up); this answer is for calls that could not,
+/// e.g. still reading their request.
 #[derive(Clone)]
 struct AbortOnHardStop<S> {
     inner: S,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -153,14 +166,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
         let call = self.inner.call(request);
-        let mut stop = self.stop.clone();
+        let stop = self.stop.clone();
         Box::pin(async move {
             tokio::select! {
+                biased;
                 response = call => response,
-                _ = stop.wait_for(|stopped| *stopped) => {
-                    Ok(tonic::Status::unavailable("the server shut down before this call finished").into_http())
-                }
+                () = stop.cancelled() => Ok(api::status::cut_off_by_hard_stop(&path).into_http()),
             }
         })
     }

@@ -35,7 +35,7 @@ pub const DEMO_CALLER: &str = "70093";
 
 pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi, StartupError> {
     config.validate().map_err(StartupError::Config)?;
-    let sessions = Arc::new(SessionRegistry::new());
+    let sessions = Arc::new(SessionRegistry::new(config.session_limits()));
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?, sessions)?;
     let events = EventHub::new(gateway.clone(), config.events());
     let release = ReleaseService::new(gateway, config.release_policy());

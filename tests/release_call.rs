@@ -576,7 +576,7 @@ async fn a_rotated_guid_is_picked_up_from_the_gateways_answer() {
         .poll_event(common::agent_id("101"), common::deadline())
         .await
         .unwrap();
-    assert_eq!(poll.retcode, "0");
+    assert_eq!(poll.0.retcode, "0");
     let second = app.guid_of("101").unwrap();
     assert_ne!(first, second, "Set-GUID was not absorbed");
 
@@ -759,11 +759,16 @@ async fn a_dropped_connection_is_unavailable_and_never_retried_for_the_current_c
 /// A second facade on `gateway_url`, with a session for agent 101.
 async fn facade_with_session(app: &common::TestApp, gateway_url: &str) -> common::TestApp {
     let facade = common::spawn_facade(app.sim.clone(), app.sim_addr, gateway_url, &[], None).await;
-    facade.api.gateway().sessions().hand_over(
-        common::agent_id("101"),
-        ccgw_callcontrol::gateway::Guid::parse("g", "abc").unwrap(),
-        None,
-    );
+    let session = ccgw_callcontrol::gateway::Session {
+        guid: ccgw_callcontrol::gateway::Guid::parse("g", "abc").unwrap(),
+        cookies: Default::default(),
+    };
+    facade
+        .api
+        .gateway()
+        .sessions()
+        .offer(common::agent_id("101"), session)
+        .unwrap();
     facade
 }
 

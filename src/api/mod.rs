@@ -4,16 +4,17 @@ pub mod request;
 pub mod status;
 mod watch;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
     domain::{AgentId, FieldViolation, RequestId},
-    events::{EventHub, KindFilter, ReleaseKind, SubscribeError, Watch},
-    gateway::{Cookies, Guid, Handover, ReleaseTarget},
-    proto::{self, call_control_server::CallControl},
-    release::{ReleaseOutcome, ReleaseService},
+    events::{EventHub, KindFilter, ReleaseEvent, ReleaseKind, SubscribeError, Watch, WatchEnd},
+    gateway::{ReleaseTarget, Session},
+    proto::{self, call_control_server::CallControl, ReleaseConfirmation},
+    release::{ReleaseError, ReleaseOutcome, ReleaseService},
 };
 
 pub use proto::call_control_server::CallControlServer;
@@ -32,6 +33,8 @@ pub struct CallControlApi {
     release: ReleaseService,
     events: EventHub,
     settings: ApiSettings,
+    /// Cancelled when the server gives up draining: calls still running must answer now.
+    hard_stop: CancellationToken,
 }
 
 impl CallControlApi {
@@ -40,6 +43,7 @@ impl CallControlApi {
             release,
             events,
             settings,
+            hard_stop: CancellationToken::new(),
         }
     }
 
@@ -51,12 +55,10 @@ impl CallControlApi {
         &self.events
     }
 
-    fn hand_over(&self, agent: AgentId, handover: Option<(Guid, Option<Cookies>)>) {
-        if let Some((guid, cookies)) = handover {
-            if self.gateway().sessions().hand_over(agent, guid, cookies) == Handover::Outdated {
-                tracing::info!(%agent, "a handed-over Guid was rotated away already; kept the newer session");
-            }
-        }
+    /// The server cancels it when the drain times out. A ReleaseCall then answers at once with
+    /// what it knows (never an answer inviting a retry once its release may have been sent).
+    pub fn hard_stop(&self) -> &CancellationToken {
+        &self.hard_stop
     }
 }
 
@@ -80,9 +82,7 @@ fn both_valid<V, H>(
 
 /// Reads the session handover and removes it from the metadata, so that nothing later (a
 /// tracing layer, say) gets to see the credentials.
-fn take_handover<T>(
-    request: &mut Request<T>,
-) -> Result<Option<(Guid, Option<Cookies>)>, FieldViolation> {
+fn take_handover<T>(request: &mut Request<T>) -> Result<Option<Session>, FieldViolation> {
     let handover = request::session_handover(request.metadata());
     request.metadata_mut().remove(request::GUID_METADATA);
     request.metadata_mut().remove(request::COOKIE_METADATA);
@@ -112,69 +112,75 @@ impl CallControl for CallControlApi {
         };
         let (valid, handover) = both_valid("ReleaseCall", valid, handover, &ctx)?;
         let agent = valid.command.agent;
-        self.hand_over(agent, handover);
         let target = valid.command.target.clone();
         // Subscribed before the release is sent, so its event cannot slip by unseen; not for a
         // repeated request_id, whose answer is replayed without waiting (and which must not
         // start polling an agent for nothing).
-        let repeated = valid
-            .request_id
-            .as_ref()
-            .is_some_and(|id| self.release.remembers(id));
-        let confirmation = if body.wait_for_release_event && !repeated {
-            match self
-                .events
-                .subscribe(&[agent], None, KindFilter::only(ReleaseKind::CallRelease))
-            {
+        let wait_for_event = body.wait_for_release_event
+            && !valid
+                .request_id
+                .as_ref()
+                .is_some_and(|id| self.release.remembers(id));
+        let mut confirmation = None;
+        if wait_for_event {
+            confirmation = match self.subscribe_release_waiter(agent) {
                 Ok(watch) => Some(watch),
-                // The release itself will answer NO_SESSION.
+                // No session yet: one handed over is adopted by the release; nobody polled the
+                // agent, so its event waits at the gateway for the watcher subscribed after.
                 Err(SubscribeError::NoSession(_)) => None,
                 Err(error) => return Err(status::subscribe_failure(&error, &ctx)),
-            }
-        } else {
-            None
+            };
+        }
+        let result = tokio::select! {
+            biased;
+            result = self.release.release(valid.command, valid.request_id.as_ref(), deadline, handover) => result,
+            () = self.hard_stop.cancelled() => Err(ReleaseError::ShuttingDown),
         };
-        let result = self
-            .release
-            .release(valid.command, valid.request_id.as_ref(), deadline)
-            .await;
         let target_name = match &target {
             ReleaseTarget::Current => "current",
             ReleaseTarget::Call(_) => "call",
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        match result {
-            Ok(report) => {
-                tracing::info!(%agent, target = target_name, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
-                let release_event = match confirmation {
-                    Some(watch)
-                        if report.outcome == ReleaseOutcome::Released && !report.replayed =>
-                    {
-                        let confirmed = confirm_release(watch, &target, deadline, &ctx).await;
-                        if let Err(status) = &confirmed {
-                            tracing::warn!(%agent, request_id = %request_id, code = ?status.code(), "ReleaseCall released the call, but its release event was not confirmed");
-                        }
-                        Some(confirmed?)
-                    }
-                    _ => None,
-                };
-                Ok(Response::new(proto::ReleaseCallResponse {
-                    outcome: match report.outcome {
-                        ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
-                        ReleaseOutcome::NoActiveCall => proto::ReleaseOutcome::NoActiveCall,
-                    } as i32,
-                    retcode: report.retcode,
-                    message: report.message,
-                    request_id: request_id.to_string(),
-                    replayed: report.replayed,
-                    release_event,
-                }))
-            }
+        let report = match result {
+            Ok(report) => report,
             Err(error) => {
                 tracing::warn!(%agent, target = target_name, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
-                Err(status::release_failure(&error, &ctx))
+                return Err(status::release_failure(&error, &ctx));
             }
-        }
+        };
+        tracing::info!(%agent, target = target_name, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
+        let (release_event, confirmation) = if wait_for_event
+            && report.outcome == ReleaseOutcome::Released
+            && !report.replayed
+        {
+            let watch = match confirmation {
+                Some(watch) => Ok(watch),
+                None => self.subscribe_release_waiter(agent),
+            };
+            let (event, confirmation) = tokio::select! {
+                biased;
+                confirmed = confirm_release(watch, &target, deadline) => confirmed,
+                () = self.hard_stop.cancelled() => (None, ReleaseConfirmation::ShuttingDown),
+            };
+            if event.is_none() {
+                tracing::warn!(%agent, request_id = %request_id, ?confirmation, "ReleaseCall released the call, but its release event was not observed");
+            }
+            (event.map(|e| watch::event_to_proto(&e)), confirmation)
+        } else {
+            (None, ReleaseConfirmation::Unspecified)
+        };
+        Ok(Response::new(proto::ReleaseCallResponse {
+            outcome: match report.outcome {
+                ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
+                ReleaseOutcome::NoActiveCall => proto::ReleaseOutcome::NoActiveCall,
+            } as i32,
+            retcode: report.retcode,
+            message: report.message,
+            request_id: request_id.to_string(),
+            replayed: report.replayed,
+            release_event,
+            confirmation: confirmation as i32,
+        }))
     }
 
     type WatchReleaseEventsStream = watch::EventStream;
@@ -207,12 +213,10 @@ impl CallControl for CallControlApi {
             releases_current_call: false,
         };
         let (valid, handover) = both_valid("WatchReleaseEvents", valid, handover, &ctx)?;
-        if let Some(agent) = single_agent {
-            self.hand_over(agent, handover);
-        }
+        let handover = single_agent.zip(handover);
         let watch = self
             .events
-            .subscribe(&valid.agents, valid.from, valid.kinds)
+            .subscribe(&valid.agents, valid.from, valid.kinds, handover)
             .map_err(|error| {
                 tracing::info!(request_id = %request_id, %error, "WatchReleaseEvents refused");
                 status::subscribe_failure(&error, &ctx)
@@ -222,20 +226,39 @@ impl CallControl for CallControlApi {
     }
 }
 
-/// Waits for the release event of a call just released (wait_for_release_event).
+impl CallControlApi {
+    /// A watcher of the agent's call releases, for wait_for_release_event.
+    fn subscribe_release_waiter(&self, agent: AgentId) -> Result<Watch, SubscribeError> {
+        self.events.subscribe(
+            &[agent],
+            None,
+            KindFilter::only(ReleaseKind::CallRelease),
+            None,
+        )
+    }
+}
+
+/// Waits for the release event of a call just released (wait_for_release_event): the event,
+/// or why there is none. The call was released either way.
 async fn confirm_release(
-    mut watch: Watch,
+    watch: Result<Watch, SubscribeError>,
     target: &ReleaseTarget,
     deadline: tokio::time::Instant,
-    ctx: &status::Context<'_>,
-) -> Result<proto::ReleaseEvent, Status> {
-    let wanted = |event: &crate::events::ReleaseEvent| match target {
+) -> (Option<Arc<ReleaseEvent>>, ReleaseConfirmation) {
+    let wanted = |event: &ReleaseEvent| match target {
         ReleaseTarget::Call(call) => event.call_id == *call,
         ReleaseTarget::Current => true,
     };
+    let mut watch = match watch {
+        Ok(watch) => watch,
+        Err(SubscribeError::ShuttingDown) => return (None, ReleaseConfirmation::ShuttingDown),
+        Err(SubscribeError::NoSession(_)) => return (None, ReleaseConfirmation::SessionEnded),
+        Err(_) => return (None, ReleaseConfirmation::NotObserved),
+    };
     match watch.next_event(wanted, deadline).await {
-        Ok(Some(event)) => Ok(watch::event_to_proto(&event)),
-        Ok(None) => Err(status::release_unconfirmed(None, ctx)),
-        Err(end) => Err(status::release_unconfirmed(Some(&end), ctx)),
+        Ok(Some(event)) => (Some(event), ReleaseConfirmation::Confirmed),
+        Ok(None) | Err(WatchEnd::TooSlow { .. }) => (None, ReleaseConfirmation::NotObserved),
+        Err(WatchEnd::ShuttingDown { .. }) => (None, ReleaseConfirmation::ShuttingDown),
+        Err(WatchEnd::SessionEnded { .. }) => (None, ReleaseConfirmation::SessionEnded),
     }
 }

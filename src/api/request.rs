@@ -7,7 +7,7 @@ use tonic::metadata::MetadataMap;
 use crate::{
     domain::{AgentId, CallId, FieldViolation, RequestId},
     events::{KindFilter, ReleaseKind, ResumeToken},
-    gateway::{Cookies, Guid, ReleaseTarget},
+    gateway::{Cookies, Guid, ReleaseTarget, Session},
     proto,
     release::ReleaseCommand,
 };
@@ -137,9 +137,7 @@ pub fn watch_request(
 }
 
 /// A session handed over in metadata: `x-ccgw-guid` and optionally `x-ccgw-cookie`.
-pub fn session_handover(
-    metadata: &MetadataMap,
-) -> Result<Option<(Guid, Option<Cookies>)>, FieldViolation> {
+pub fn session_handover(metadata: &MetadataMap) -> Result<Option<Session>, FieldViolation> {
     let guid = single_ascii(metadata, GUID_METADATA)?;
     let cookie = single_ascii(metadata, COOKIE_METADATA)?;
     match (guid, cookie) {
@@ -152,8 +150,9 @@ pub fn session_handover(
             let guid = Guid::parse(GUID_METADATA, guid)?;
             let cookies = cookie
                 .map(|c| Cookies::parse_header(COOKIE_METADATA, c))
-                .transpose()?;
-            Ok(Some((guid, cookies)))
+                .transpose()?
+                .unwrap_or_default();
+            Ok(Some(Session { guid, cookies }))
         }
     }
 }
@@ -286,8 +285,8 @@ mod tests {
             GUID_METADATA,
             "JSESSIONID=abc.AgentGateway0".parse().unwrap(),
         );
-        let (guid, cookies) = session_handover(&metadata).unwrap().unwrap();
-        assert_eq!(guid.expose(), "abc.AgentGateway0");
-        assert_eq!(cookies.unwrap().header_value().as_deref(), Some("a=b"));
+        let session = session_handover(&metadata).unwrap().unwrap();
+        assert_eq!(session.guid.expose(), "abc.AgentGateway0");
+        assert_eq!(session.cookies.header_value().as_deref(), Some("a=b"));
     }
 }

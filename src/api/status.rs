@@ -19,11 +19,10 @@ pub const ERROR_DOMAIN: &str = "ccgw-callcontrol";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
     No,
-    /// The request had no effect: retrying after the delay is safe.
+    /// Retrying after the delay is safe: the request had no effect, or it names its call
+    /// (dropcall). A release of the current call that may have happened never gets here: it
+    /// takes the RELEASE_OUTCOME_UNKNOWN row instead.
     After(Duration),
-    /// The outcome is unknown: only a call-scoped release (call_id set) may be retried; a release
-    /// of the current call could hang up the next one.
-    DropcallOnly(Duration),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +60,7 @@ use Code::{
     Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
     ResourceExhausted, Unauthenticated, Unavailable, Unimplemented, Unknown,
 };
-use Retry::{After, DropcallOnly, No};
+use Retry::{After, No};
 
 /// Every retcode of the reference, then the conditions that carry no retcode.
 pub const TABLE: &[Rule] = &[
@@ -78,7 +77,7 @@ pub const TABLE: &[Rule] = &[
     row("100-004", Unauthenticated, "WRONG_CREDENTIALS", No, "wrong user name or password"),
     row("100-005", InvalidArgument, "SIGN_OUT_PARAMETER_INVALID", No, "a sign-out parameter is invalid"),
     row("100-006", FailedPrecondition, "AGENT_NOT_SIGNED_IN", No, "the agent is not signed in, or its Guid expired; sign in again and hand over the new Guid"),
-    row("100-007", Unavailable, "AGENT_OPERATION_FAILED", DropcallOnly(secs(1)), "the gateway failed while operating on the agent (outcome unknown)"),
+    row("100-007", Unavailable, "AGENT_OPERATION_FAILED", After(secs(1)), "the gateway failed while operating on the agent (outcome unknown)"),
     row("100-008", FailedPrecondition, "AGENT_ALREADY_SIGNED_OUT", No, "the agent is already signed out"),
     row("100-009", FailedPrecondition, "AGENT_STATE_CHANGE_FAILED", No, "setting the agent's state failed"),
     row("100-010", FailedPrecondition, "AGENT_STATE_ERROR", No, "the agent is in the wrong state for this operation"),
@@ -90,22 +89,23 @@ pub const TABLE: &[Rule] = &[
     row("200-025", FailedPrecondition, "NO_ACTIVE_CALL", No, "the call cannot be dropped: it is gone (success with outcome NO_ACTIVE_CALL unless require_active_call)"),
     row("200-204", FailedPrecondition, "NUMBER_NOT_IN_CALL", No, "the number is not in the agent's last call"),
     row("(other retcode)", Unknown, "GATEWAY_RETCODE_UNKNOWN", No, "the gateway answered a retcode this service does not know"),
-    row("(HTTP 429, 502, 503, 504)", Unavailable, "GATEWAY_HTTP_ERROR", DropcallOnly(secs(1)), "the gateway or its load balancer answered an HTTP error"),
+    row("(HTTP 429, 502, 503, 504)", Unavailable, "GATEWAY_HTTP_ERROR", After(secs(1)), "the gateway or its load balancer answered an HTTP error"),
     row("(HTTP 404, 405)", Unimplemented, "GATEWAY_PATH_NOT_FOUND", No, "the gateway does not know this interface (old gateway? see --legacy-release-path)"),
     row("(other HTTP status)", Unknown, "GATEWAY_HTTP_ERROR", No, "the gateway or its load balancer answered an HTTP error"),
     row("(timeout)", DeadlineExceeded, "GATEWAY_TIMEOUT", No, "no answer from the gateway before the deadline (outcome unknown)"),
     row("(deadline too short)", DeadlineExceeded, "DEADLINE_TOO_SHORT", No, "the deadline left too little time to reach the gateway (nothing was sent)"),
     row("(connect or TLS failure)", Unavailable, "GATEWAY_UNREACHABLE", After(secs(1)), "could not connect to the gateway (nothing was sent)"),
-    row("(connection lost)", Unavailable, "GATEWAY_CONNECTION_LOST", DropcallOnly(secs(1)), "the connection to the gateway failed during the request (outcome unknown)"),
+    row("(connection lost)", Unavailable, "GATEWAY_CONNECTION_LOST", After(secs(1)), "the connection to the gateway failed during the request (outcome unknown)"),
     row("(malformed answer)", Internal, "GATEWAY_MALFORMED_ANSWER", No, "the gateway's answer is not a valid envelope (outcome unknown)"),
     row("(oversized answer)", Internal, "GATEWAY_ANSWER_TOO_LARGE", No, "the gateway's answer exceeds the size limit (outcome unknown)"),
+    row("(current-call release, outcome unknown)", Unknown, "RELEASE_OUTCOME_UNKNOWN", No, "the release of the agent's current call may have reached the gateway, but its outcome is unknown: do not repeat it blindly, it could hang up the next call; use call_id (dropcall) or check the agent's release events"),
     row("(no session)", FailedPrecondition, "NO_SESSION", No, "no CC-Gateway session is known for the agent: send its Guid in request metadata x-ccgw-guid (and the load balancer's cookies in x-ccgw-cookie)"),
     row("(invalid argument)", InvalidArgument, "INVALID_ARGUMENT", No, "the request is invalid; nothing was sent to the gateway"),
     row("(request_id reused)", InvalidArgument, "REQUEST_ID_REUSED", No, "request_id was already used with different parameters; nothing was sent to the gateway"),
-    row("(too many pending)", ResourceExhausted, "TOO_MANY_PENDING_RELEASES", After(secs(1)), "too many releases with a request_id are waiting for the gateway; nothing was sent"),
+    row("(too many pending)", ResourceExhausted, "TOO_MANY_PENDING_RELEASES", After(secs(1)), "the request_id cache is full of releases still waiting for the gateway or whose outcome is unknown (both are kept for their whole window); nothing was sent"),
     row("(earlier attempt lost)", Aborted, "EARLIER_ATTEMPT_LOST", After(secs(0)), "an earlier request with this request_id ended without an answer"),
-    row("(release event not observed)", DeadlineExceeded, "RELEASE_EVENT_NOT_OBSERVED", No, "the call was released, but its release event was not observed in time (wait_for_release_event)"),
     row("(watcher too slow)", ResourceExhausted, "WATCHER_TOO_SLOW", After(secs(0)), "the stream fell too far behind its agents' events and was cut off; resume from ErrorInfo metadata resume_token"),
+    row("(too many sessions)", ResourceExhausted, "TOO_MANY_SESSIONS", No, "the facade holds as many agents' sessions as it allows (--max-sessions); a handover for another agent waits until one is idle for --session-idle-secs; nothing was sent"),
     row("(too many watchers)", ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams as it allows"),
     row("(shutting down)", Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
 ];
@@ -161,22 +161,52 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
         ReleaseError::RequestIdReused => (rule("(request_id reused)"), String::new()),
         ReleaseError::EarlierAttemptLost => (rule("(earlier attempt lost)"), String::new()),
         ReleaseError::TooManyPending => (rule("(too many pending)"), String::new()),
+        ReleaseError::ShuttingDown => (
+            rule("(shutting down)"),
+            "the facade shut down before the gateway answered".to_owned(),
+        ),
     };
-    let mut warning = "";
     if ctx.releases_current_call && error.may_have_released() {
-        warning = ". The call may have been released: do not repeat a release of the current call blindly; \
-             use call_id (dropcall) or check the agent's release events";
+        // Whatever went wrong, the one thing the caller must know is that the call may be gone:
+        // one code that retry policies leave alone, and the failure itself as the cause.
+        metadata.insert("cause".to_owned(), rule.reason.to_owned());
         metadata.insert("may_have_released".to_owned(), "true".to_owned());
+        let unknown = self::rule("(current-call release, outcome unknown)");
+        return failure(unknown, &format!("{}: {detail}", rule.meaning), metadata, ctx);
     }
-    failure(rule, &detail, warning, metadata, ctx)
+    failure(rule, &detail, metadata, ctx)
 }
 
-/// The one way a table row becomes a Status: message `meaning [agent N] (detail)warning`,
-/// ErrorInfo with the agent, RequestInfo, and RetryInfo when the row allows a retry.
+/// What a call still running at the hard stop (after the drain timeout) is answered, when its
+/// handler could not answer for itself. A ReleaseCall may have sent a release of the current
+/// call by then, so it must not be told anything that invites a retry.
+pub fn cut_off_by_hard_stop(path: &str) -> Status {
+    let detail = "the facade shut down before this call finished";
+    if path.ends_with("/ReleaseCall") {
+        let metadata = HashMap::from([
+            ("cause".to_owned(), rule("(shutting down)").reason.to_owned()),
+            ("may_have_released".to_owned(), "true".to_owned()),
+        ]);
+        let ctx = Context {
+            agent: None,
+            request_id: "",
+            releases_current_call: true,
+        };
+        return failure(
+            rule("(current-call release, outcome unknown)"),
+            detail,
+            metadata,
+            &ctx,
+        );
+    }
+    Status::unavailable(detail)
+}
+
+/// The one way a table row becomes a Status: message `meaning [agent N] (detail)`, ErrorInfo
+/// with the agent, RequestInfo, and RetryInfo when the row allows a retry.
 fn failure(
     rule: &Rule,
     detail: &str,
-    warning: &str,
     mut metadata: HashMap<String, String>,
     ctx: &Context<'_>,
 ) -> Status {
@@ -188,18 +218,13 @@ fn failure(
     if !detail.is_empty() {
         message.push_str(&format!(" ({detail})"));
     }
-    message.push_str(warning);
     let mut details = ErrorDetails::new();
     details.set_error_info(rule.reason, ERROR_DOMAIN, metadata);
-    details.set_request_info(ctx.request_id, "");
-    match rule.retry {
-        Retry::After(delay) => {
-            details.set_retry_info(Some(delay));
-        }
-        Retry::DropcallOnly(delay) if !ctx.releases_current_call => {
-            details.set_retry_info(Some(delay));
-        }
-        _ => {}
+    if !ctx.request_id.is_empty() {
+        details.set_request_info(ctx.request_id, "");
+    }
+    if let Retry::After(delay) = rule.retry {
+        details.set_retry_info(Some(delay));
     }
     Status::with_error_details(rule.code, message, details)
 }
@@ -214,6 +239,7 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
             "(no session)"
         }
         SubscribeError::TooManyWatchers(_) => "(too many watchers)",
+        SubscribeError::SessionsFull(_) => "(too many sessions)",
         SubscribeError::ShuttingDown => "(shutting down)",
         SubscribeError::UnknownToken => {
             return invalid_argument(
@@ -225,21 +251,13 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
             )
         }
     };
-    failure(rule(key), &error.to_string(), "", metadata, ctx)
+    failure(rule(key), &error.to_string(), metadata, ctx)
 }
 
 /// How a watch stream ends (all but a client's cancel). Metadata `resume_token` says where to
 /// continue.
 pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
-    end_status(end, HashMap::new(), "", ctx)
-}
-
-fn end_status(
-    end: &WatchEnd,
-    mut metadata: HashMap<String, String>,
-    warning: &str,
-    ctx: &Context<'_>,
-) -> Status {
+    let mut metadata = HashMap::new();
     let (rule, detail, resume) = match end {
         WatchEnd::TooSlow { resume } => (rule("(watcher too slow)"), String::new(), resume),
         WatchEnd::ShuttingDown { resume } => (rule("(shutting down)"), String::new(), resume),
@@ -254,7 +272,7 @@ fn end_status(
         }
     };
     metadata.insert("resume_token".to_owned(), resume.to_string());
-    failure(rule, &detail, warning, metadata, ctx)
+    failure(rule, &detail, metadata, ctx)
 }
 
 /// The table row and detail of a lost session; fills `retcode`/`message` metadata.
@@ -274,27 +292,6 @@ pub fn session_ending(
         SessionEnding::Forgotten => (
             rule("(no session)"),
             "the facade dropped the session after the gateway refused it".to_owned(),
-        ),
-    }
-}
-
-/// ReleaseCall with wait_for_release_event: the call was released, but its event did not come
-/// before the deadline (`end` None) or the wait ended otherwise. Metadata `released: "true"`.
-pub fn release_unconfirmed(end: Option<&WatchEnd>, ctx: &Context<'_>) -> Status {
-    let metadata = HashMap::from([("released".to_owned(), "true".to_owned())]);
-    match end {
-        None => failure(
-            rule("(release event not observed)"),
-            "the deadline passed first",
-            "",
-            metadata,
-            ctx,
-        ),
-        Some(end) => end_status(
-            end,
-            metadata,
-            ". The call WAS released before the wait for its release event ended: do not release it again",
-            ctx,
         ),
     }
 }
@@ -329,7 +326,6 @@ pub fn markdown_table() -> String {
         let retry = match r.retry {
             Retry::No => "none".to_owned(),
             Retry::After(d) => format!("{}s", d.as_secs()),
-            Retry::DropcallOnly(d) => format!("{}s, dropcall only", d.as_secs()),
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",

@@ -22,7 +22,7 @@ use crate::{
     domain::AgentId,
     gateway::{
         event::{EventBody, PolledEvent},
-        GatewayClient,
+        GatewayClient, Session, SessionsFull,
     },
     lock,
 };
@@ -57,6 +57,8 @@ pub enum SubscribeError {
     UnknownToken,
     #[error("the facade is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    SessionsFull(#[from] SessionsFull),
 }
 
 fn list(agents: &[AgentId]) -> String {
@@ -172,22 +174,34 @@ impl EventHub {
     }
 
     /// Starts watching `agents` (each must have a session), live from now or, with `from`,
-    /// first replaying what came after that token.
+    /// first replaying what came after that token. `handover` (one agent's session, handed
+    /// over by the watcher) is offered to the session registry only once nothing else can
+    /// refuse the watcher, so a refused request leaves no state behind.
     pub fn subscribe(
         &self,
         agents: &[AgentId],
         from: Option<ResumeToken>,
         kinds: KindFilter,
+        handover: Option<(AgentId, Session)>,
     ) -> Result<Watch, SubscribeError> {
         let hub = &self.hub;
         if *hub.shutdown.borrow() {
             return Err(SubscribeError::ShuttingDown);
+        }
+        // Sequence numbers only grow: a token ahead of them now is ahead for good.
+        if from.is_some_and(|t| {
+            t.epoch == hub.epoch && t.sequence > hub.sequence.load(Ordering::SeqCst)
+        }) {
+            return Err(SubscribeError::UnknownToken);
         }
         let permit = hub
             .watchers
             .clone()
             .try_acquire_owned()
             .map_err(|_| SubscribeError::TooManyWatchers(hub.settings.max_watchers))?;
+        if let Some((agent, session)) = handover {
+            hub.gateway.sessions().offer(agent, session)?;
+        }
         let missing: Vec<AgentId> = agents
             .iter()
             .copied()
@@ -211,7 +225,6 @@ impl EventHub {
                     agents: agents.to_vec(),
                 }),
             ),
-            Some(token) if token.sequence > current => return Err(SubscribeError::UnknownToken),
             Some(token) => (token.sequence, None),
         };
         let now = Instant::now();
@@ -507,7 +520,7 @@ mod tests {
 
     /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
     fn hub(settings: EventSettings) -> EventHub {
-        let sessions = Arc::new(SessionRegistry::new());
+        let sessions = Arc::new(SessionRegistry::default());
         let gateway =
             GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1"), sessions).unwrap();
         EventHub::new(gateway, settings)
@@ -518,8 +531,11 @@ mod tests {
     }
 
     fn sign_in(hub: &EventHub, agent: AgentId) {
-        let guid = Guid::parse("guid", "g.AgentGateway0").unwrap();
-        hub.gateway().sessions().hand_over(agent, guid, None);
+        let session = Session {
+            guid: Guid::parse("guid", "g.AgentGateway0").unwrap(),
+            cookies: Default::default(),
+        };
+        hub.gateway().sessions().offer(agent, session).unwrap();
     }
 
     /// An event polled for `agent`, as its poll loop would hand it over. False when the agent
@@ -602,7 +618,7 @@ mod tests {
                                 .and_then(|i| watchers.get(i))
                                 .and_then(|w| w.watch.as_ref())
                                 .map(Watch::position);
-                            let watch = hub.subscribe(&agents, from, KindFilter::default()).unwrap();
+                            let watch = hub.subscribe(&agents, from, KindFilter::default(), None).unwrap();
                             let start = watch.position().sequence;
                             watchers.push(Watcher { watch: Some(watch), agents, start, delivered: Vec::new() });
                         }
@@ -641,10 +657,10 @@ mod tests {
         });
         sign_in(&hub, agent(0));
         let mut slow = hub
-            .subscribe(&[agent(0)], None, KindFilter::default())
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
         let mut fast = hub
-            .subscribe(&[agent(0)], None, KindFilter::default())
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
         assert!(publish(&hub, agent(0)));
         let first = ready(&mut slow);

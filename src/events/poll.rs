@@ -60,7 +60,6 @@ impl PollLoop {
     async fn poll_once(&mut self) -> bool {
         let agent = self.feed.agent;
         let deadline = Instant::now() + self.hub.settings.poll_timeout;
-        let guid_used = self.current_guid();
         let (result, stopping) = {
             let poll = self.hub.gateway.poll_event(agent, deadline);
             tokio::pin!(poll);
@@ -79,7 +78,7 @@ impl PollLoop {
                 },
             }
         };
-        let pause = self.handle(result, guid_used);
+        let pause = self.handle(result);
         if stopping {
             return false;
         }
@@ -93,14 +92,10 @@ impl PollLoop {
     }
 
     /// Acts on a poll's outcome; returns the pause before the next poll.
-    fn handle(
-        &mut self,
-        result: Result<Answer, GatewayError>,
-        guid_used: Option<Guid>,
-    ) -> Duration {
+    fn handle(&mut self, result: Result<(Answer, Guid), GatewayError>) -> Duration {
         let agent = self.feed.agent;
         match result {
-            Ok(answer) if answer.is_ok() => {
+            Ok((answer, _)) if answer.is_ok() => {
                 self.failures = 0;
                 self.feed.set_failing(false);
                 match answer.event {
@@ -112,13 +107,12 @@ impl PollLoop {
                     None => self.hub.settings.poll_pause,
                 }
             }
-            Ok(answer) if answer.session_gone() => match self.current_guid() {
+            Ok((answer, guid_used)) if answer.session_gone() => match self.current_guid() {
                 None => self.stop_polling(answer),
-                // The refused Guid is not the agent's session any more (a newer one was handed
-                // over while the poll waited, or the refused one was a handover the registry
-                // has gone back from): poll again with the session held now rather than end
-                // its watchers.
-                Some(now) if Some(&now) != guid_used.as_ref() => {
+                // The refused Guid is not the agent's session any more (a watcher's handed-over
+                // one took its place, or a request's was adopted while the poll waited): poll
+                // again with the session held now rather than end its watchers.
+                Some(now) if now != guid_used => {
                     tracing::info!(%agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
                     Duration::ZERO
                 }
@@ -128,8 +122,10 @@ impl PollLoop {
                     answer.retcode
                 )),
             },
-            Ok(answer) if answer.retcode == RETCODE_WRONG_EVENT_METHOD => self.stop_polling(answer),
-            Ok(answer) => self.failed(&format!(
+            Ok((answer, _)) if answer.retcode == RETCODE_WRONG_EVENT_METHOD => {
+                self.stop_polling(answer)
+            }
+            Ok((answer, _)) => self.failed(&format!(
                 "retcode {} ({:?})",
                 answer.retcode, answer.message
             )),

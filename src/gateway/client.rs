@@ -1,11 +1,17 @@
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use reqwest::{header, Method, StatusCode};
 use serde_json::json;
 use tokio::time::Instant;
 
 use super::{
-    session::{Guid, Refusal, SessionRegistry},
+    session::{Guid, Refusal, Session, SessionHeaders, SessionRegistry},
     wire::{self, Answer},
     GatewayError,
 };
@@ -62,6 +68,13 @@ pub enum SettingsError {
     Client(String),
 }
 
+/// Counters of what the client could not read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// `Set-GUID` headers that held no readable Guid (ignored, so the session did not rotate).
+    pub unreadable_set_guid: u64,
+}
+
 /// Talks to one CC-Gateway (or its load balancer). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct GatewayClient {
@@ -70,6 +83,7 @@ pub struct GatewayClient {
     sessions: Arc<SessionRegistry>,
     max_answer_bytes: usize,
     legacy_release_path: bool,
+    unreadable_set_guid: Arc<AtomicU64>,
 }
 
 impl GatewayClient {
@@ -108,6 +122,7 @@ impl GatewayClient {
             sessions,
             max_answer_bytes: settings.max_answer_bytes,
             legacy_release_path: settings.legacy_release_path,
+            unreadable_set_guid: Arc::default(),
         })
     }
 
@@ -115,13 +130,22 @@ impl GatewayClient {
         &self.sessions
     }
 
+    pub fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            unreadable_set_guid: self.unreadable_set_guid.load(Ordering::Relaxed),
+        }
+    }
+
     /// `DELETE .../voicecall/{agentid}/release` (or the legacy path), or
-    /// `POST .../voicecall/{agentid}/dropcall/{callid}`.
+    /// `POST .../voicecall/{agentid}/dropcall/{callid}`, in the agent's session; `handed` is a
+    /// session the caller handed over, tried only when the registry has none or the gateway
+    /// refuses the registry's.
     pub async fn release(
         &self,
         agent: AgentId,
         target: &ReleaseTarget,
         deadline: Instant,
+        handed: Option<&Session>,
     ) -> Result<Answer, GatewayError> {
         let (method, path) = match target {
             ReleaseTarget::Current if self.legacy_release_path => {
@@ -132,21 +156,26 @@ impl GatewayClient {
                 (Method::POST, format!("/voicecall/{agent}/dropcall/{call}"))
             }
         };
-        self.call_in_session(agent, method, &path, deadline).await
+        let (answer, _) = self
+            .call_in_session(agent, method, &path, deadline, handed)
+            .await?;
+        Ok(answer)
     }
 
-    /// One long poll: `GET .../agentevent/{agentid}`. The deadline must outlast the gateway's
-    /// long-poll wait (about 10 s).
+    /// One long poll, `GET .../agentevent/{agentid}`, in the registry's session; the answer
+    /// and the Guid it was given for. The deadline must outlast the gateway's long-poll wait
+    /// (about 10 s).
     pub async fn poll_event(
         &self,
         agent: AgentId,
         deadline: Instant,
-    ) -> Result<Answer, GatewayError> {
+    ) -> Result<(Answer, Guid), GatewayError> {
         self.call_in_session(
             agent,
             Method::GET,
             &format!("/agentevent/{agent}"),
             deadline,
+            None,
         )
         .await
     }
@@ -171,20 +200,106 @@ impl GatewayClient {
             .put(format!("{}{path}", self.base))
             .header(header::CONTENT_TYPE, CONTENT_TYPE_JSON)
             .json(&json!({ "password": password, "phonenum": phone_number }));
-        self.exchange(agent, request, None, deadline).await
+        let mut headers = SessionHeaders::default();
+        let answer = self.exchange(request, &mut headers, deadline).await;
+        self.sessions.absorb(agent, None, headers);
+        answer
     }
 
+    /// Sends in the registry's session first; in the handed-over one only when there is
+    /// none, or when the gateway refused the registry's (a refusal changed nothing, so a second
+    /// attempt cannot act twice). Returns the answer and the Guid it was given for.
     async fn call_in_session(
         &self,
         agent: AgentId,
         method: Method,
         path: &str,
         deadline: Instant,
+        handed: Option<&Session>,
+    ) -> Result<(Answer, Guid), GatewayError> {
+        let live = self.sessions.get(agent);
+        let handed = handed.filter(|h| live.as_ref().is_none_or(|l| l.guid != h.guid));
+        if let Some(live) = live {
+            let answer = self
+                .send_in_registry_session(agent, method.clone(), path, &live, deadline)
+                .await?;
+            if handed.is_none() || !answer.session_gone() {
+                return Ok((answer, live.guid));
+            }
+            tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused the agent's session; trying the handed-over one");
+        }
+        let handed = handed.ok_or(GatewayError::NoSession(agent))?;
+        self.send_in_handed_session(agent, method, path, handed.clone(), deadline)
+            .await
+    }
+
+    /// One request in a session the registry holds, which learns from the answer: rotation,
+    /// cookies, and whether the gateway accepted or refused the Guid.
+    async fn send_in_registry_session(
+        &self,
+        agent: AgentId,
+        method: Method,
+        path: &str,
+        session: &Session,
+        deadline: Instant,
     ) -> Result<Answer, GatewayError> {
-        let session = self
-            .sessions
-            .get(agent)
-            .ok_or(GatewayError::NoSession(agent))?;
+        let mut headers = SessionHeaders::default();
+        let result = self
+            .exchange(self.request_in(method, path, session)?, &mut headers, deadline)
+            .await;
+        if self.sessions.absorb(agent, Some(&session.guid), headers) {
+            tracing::info!(%agent, "gateway issued a new Guid");
+        }
+        let answer = result?;
+        if answer.session_gone() {
+            match self.sessions.refused(agent, &session.guid) {
+                Refusal::NotCurrent => {}
+                Refusal::CandidateNext => {
+                    tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused the agent's session; a watcher's handed-over one is next");
+                }
+                Refusal::Forgotten => {
+                    tracing::info!(%agent, retcode = %answer.retcode, "gateway session ended; forgot it");
+                }
+            }
+        } else if answer.proves_session() {
+            self.sessions.confirm(agent, &session.guid);
+        }
+        Ok(answer)
+    }
+
+    /// One request in a session a caller handed over, kept (with what the answer rotated)
+    /// only when the gateway carried the operation out with it.
+    async fn send_in_handed_session(
+        &self,
+        agent: AgentId,
+        method: Method,
+        path: &str,
+        mut session: Session,
+        deadline: Instant,
+    ) -> Result<(Answer, Guid), GatewayError> {
+        let guid_used = session.guid.clone();
+        let mut headers = SessionHeaders::default();
+        let result = self
+            .exchange(self.request_in(method, path, &session)?, &mut headers, deadline)
+            .await;
+        session.absorb(headers);
+        let answer = result?;
+        if answer.proves_session() {
+            if self.sessions.adopt(agent, session) {
+                tracing::info!(%agent, "the gateway accepted a handed-over session; it is the agent's session now");
+            } else {
+                tracing::warn!(%agent, "the gateway accepted a handed-over session, but the session registry is full; it is not kept");
+            }
+        }
+        Ok((answer, guid_used))
+    }
+
+    fn request_in(
+        &self,
+        method: Method,
+        path: &str,
+        session: &Session,
+    ) -> Result<reqwest::RequestBuilder, GatewayError> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -193,17 +308,15 @@ impl GatewayClient {
         if let Some(cookie) = session.cookies.header_value() {
             request = request.header(header::COOKIE, sensitive(&cookie)?);
         }
-        self.exchange(agent, request, Some(&session.guid), deadline)
-            .await
+        Ok(request)
     }
 
-    /// Sends, absorbs session headers, reads a bounded body and parses the envelope, all
-    /// within `deadline`.
+    /// Sends, takes the session headers into `headers` as soon as they arrive (even when the
+    /// body then fails), reads a bounded body and parses the envelope, all within `deadline`.
     async fn exchange(
         &self,
-        agent: AgentId,
         request: reqwest::RequestBuilder,
-        guid_used: Option<&Guid>,
+        headers: &mut SessionHeaders,
         deadline: Instant,
     ) -> Result<Answer, GatewayError> {
         let budget = deadline.saturating_duration_since(Instant::now());
@@ -212,7 +325,7 @@ impl GatewayClient {
         }
         let work = async {
             let response = request.send().await.map_err(classify_send_error)?;
-            self.absorb_session_headers(agent, guid_used, &response);
+            *headers = self.session_headers(&response);
             let status = response.status();
             if status != StatusCode::OK {
                 return Err(GatewayError::HttpStatus {
@@ -222,47 +335,35 @@ impl GatewayClient {
             let body = wire::read_bounded(response, self.max_answer_bytes).await?;
             wire::parse_answer(&body)
         };
-        let answer = tokio::time::timeout_at(deadline, work)
+        tokio::time::timeout_at(deadline, work)
             .await
-            .map_err(|_| GatewayError::Timeout(budget))??;
-        match (answer.session_gone(), guid_used) {
-            (true, Some(guid)) => match self.sessions.refused(agent, guid) {
-                Refusal::NotCurrent => {}
-                Refusal::RestoredPrevious => {
-                    tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused a handed-over Guid; back to the session it replaced");
-                }
-                Refusal::Forgotten => {
-                    tracing::info!(%agent, retcode = %answer.retcode, "gateway session ended; forgot it");
-                }
-            },
-            // Only an operation carried out proves the Guid: some refusals (000-002, 000-004,
-            // 100-007...) may come before the gateway looks at it.
-            (false, Some(guid)) if answer.is_ok() || answer.retcode.starts_with("200-") => {
-                self.sessions.confirm(agent, guid)
-            }
-            _ => {}
-        }
-        Ok(answer)
+            .map_err(|_| GatewayError::Timeout(budget))?
     }
 
-    fn absorb_session_headers(
-        &self,
-        agent: AgentId,
-        guid_used: Option<&Guid>,
-        response: &reqwest::Response,
-    ) {
+    fn session_headers(&self, response: &reqwest::Response) -> SessionHeaders {
         let headers = response.headers();
-        let set_guid = headers
-            .get("set-guid")
-            .and_then(|v| v.to_str().ok())
-            .and_then(Guid::from_set_guid);
-        let cookies: Vec<&str> = headers
+        let set_guid = headers.get("set-guid").and_then(|value| {
+            let guid = value.to_str().ok().and_then(Guid::from_set_guid);
+            if guid.is_none() {
+                // Ignoring it keeps the old Guid, which the gateway stops accepting after
+                // GUIDTIMEOUT: worth a warning, never the value.
+                self.unreadable_set_guid.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    bytes = value.len(),
+                    "the gateway sent a Set-GUID header without a readable Guid; ignored it"
+                );
+            }
+            guid
+        });
+        let set_cookies = headers
             .get_all(header::SET_COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
             .collect();
-        if self.sessions.absorb(agent, guid_used, set_guid, &cookies) {
-            tracing::info!(%agent, "gateway issued a new Guid");
+        SessionHeaders {
+            set_guid,
+            set_cookies,
         }
     }
 }

@@ -7,8 +7,10 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use client::{GatewayClient, GatewaySettings, ReleaseTarget, SettingsError};
-pub use session::{Cookies, Guid, Handover, Refusal, Session, SessionRegistry};
+pub use client::{GatewayClient, GatewaySettings, GatewayStats, ReleaseTarget, SettingsError};
+pub use session::{
+    Cookies, Guid, Refusal, Session, SessionHeaders, SessionLimits, SessionRegistry, SessionsFull,
+};
 pub use wire::Answer;
 
 use crate::domain::AgentId;

@@ -1,7 +1,12 @@
 //! Gateway sessions: the Guid (a credential) and the load balancer's cookies, per agent.
-use std::{collections::HashMap, fmt, sync::RwLock};
+use std::{collections::HashMap, fmt, sync::Mutex, time::Duration};
 
-use crate::domain::{AgentId, FieldViolation};
+use tokio::time::Instant;
+
+use crate::{
+    domain::{AgentId, FieldViolation},
+    lock,
+};
 
 /// The gateway's session token. Debug and Display never show it, so it cannot leak into logs,
 /// error messages or metrics by accident; `expose` is the one way to read it.
@@ -34,9 +39,11 @@ impl Guid {
         }
     }
 
-    /// Reads a `Set-GUID: JSESSIONID=<guid>` header value.
+    /// Reads a `Set-GUID: JSESSIONID=<guid>` header value; attributes after the first `;`
+    /// (`Path=/; Secure`, as on a Set-Cookie) are not part of the Guid.
     pub fn from_set_guid(header: &str) -> Option<Self> {
-        Self::parse("Set-GUID", header).ok()
+        let value = header.split(';').next().unwrap_or_default();
+        Self::parse("Set-GUID", value).ok()
     }
 
     pub fn expose(&self) -> &str {
@@ -56,7 +63,10 @@ impl fmt::Debug for Guid {
 pub struct Cookies(Vec<(String, String)>);
 
 impl Cookies {
+    /// Longest `Cookie` header a session sends (and a caller may hand over).
     pub const MAX_HEADER_LEN: usize = 4096;
+    /// Most cookies a session holds: a load balancer sets one or two.
+    pub const MAX_COOKIES: usize = 16;
 
     /// Parses a `Cookie` request-header value: `name=value; name2=value2`.
     pub fn parse_header(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
@@ -64,8 +74,8 @@ impl Cookies {
             FieldViolation::new(
                 field,
                 format!(
-                    "must be a Cookie header value `name=value; name2=value2` of at most {} bytes",
-                    Self::MAX_HEADER_LEN
+                    "must be a Cookie header value `name=value; name2=value2` of at most {} bytes and {} cookies",
+                    Self::MAX_HEADER_LEN, Self::MAX_COOKIES
                 ),
             )
         };
@@ -75,6 +85,10 @@ impl Cookies {
         let mut cookies = Self::default();
         for pair in raw.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, value) = split_pair(pair).ok_or_else(invalid)?;
+            let known = cookies.0.iter().any(|(n, _)| n == name);
+            if !known && cookies.0.len() == Self::MAX_COOKIES {
+                return Err(invalid());
+            }
             cookies.set(name, value);
         }
         if cookies.0.is_empty() {
@@ -93,18 +107,33 @@ impl Cookies {
         }
     }
 
+    /// Sets one cookie; false when nothing changed, or when it would take the session past
+    /// `MAX_COOKIES` or `MAX_HEADER_LEN` (a misbehaving gateway must not grow it without bound).
     fn set(&mut self, name: &str, value: &str) -> bool {
+        let len = self.header_len();
+        let full = self.0.len() == Self::MAX_COOKIES;
         match self.0.iter_mut().find(|(n, _)| n == name) {
             Some((_, v)) if v == value => false,
+            Some((_, v)) if len - v.len() + value.len() > Self::MAX_HEADER_LEN => false,
             Some((_, v)) => {
                 *v = value.to_owned();
                 true
+            }
+            None if full || len + 2 + name.len() + 1 + value.len() > Self::MAX_HEADER_LEN =>
+            {
+                false
             }
             None => {
                 self.0.push((name.to_owned(), value.to_owned()));
                 true
             }
         }
+    }
+
+    /// The length of `header_value()`.
+    fn header_len(&self) -> usize {
+        let pairs: usize = self.0.iter().map(|(n, v)| n.len() + 1 + v.len()).sum();
+        pairs + 2 * self.0.len().saturating_sub(1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -146,10 +175,10 @@ impl fmt::Debug for Cookies {
 /// What a refused Guid did to the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// The agent's session had moved on already; nothing changed.
+    /// It was not the agent's session (any more); nothing changed.
     NotCurrent,
-    /// It was a handover; the session it replaced is back.
-    RestoredPrevious,
+    /// A session a watcher handed over is the agent's session now, to be tried next.
+    CandidateNext,
     /// The agent has no session any more.
     Forgotten,
 }
@@ -161,191 +190,229 @@ pub struct Session {
     pub cookies: Cookies,
 }
 
-/// agent id -> session. Updated by callers handing a session over, and by every `Set-GUID` /
-/// `Set-Cookie` on a gateway answer (dynamic authentication rotates the Guid).
-///
-/// A handed-over Guid that differs from the one held is tentative until the gateway accepts
-/// it: if the gateway refuses it, the registry goes back to the session it replaced. Without
-/// that, one caller with an outdated Guid would end the session (and every event stream) of the
-/// agent for everybody. For the same reason a handover of a Guid the gateway has since rotated
-/// away is ignored: the old Guid may still be accepted for a while (GUIDTIMEOUT), but the newer
-/// one is the session.
-#[derive(Debug, Default)]
-pub struct SessionRegistry {
-    sessions: RwLock<HashMap<AgentId, Entry>>,
+impl Session {
+    /// Applies an answer's `Set-GUID` and `Set-Cookie` headers. True when the Guid changed.
+    pub(super) fn absorb(&mut self, headers: SessionHeaders) -> bool {
+        for header in &headers.set_cookies {
+            self.cookies.apply_set_cookie(header);
+        }
+        match headers.set_guid {
+            Some(new) if new != self.guid => {
+                self.guid = new;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
-/// How many rotated-away Guids an agent's entry remembers.
-const ROTATED_AWAY: usize = 4;
+/// The session headers of one gateway answer.
+#[derive(Debug, Default)]
+pub struct SessionHeaders {
+    pub set_guid: Option<Guid>,
+    pub set_cookies: Vec<String>,
+}
+
+impl SessionHeaders {
+    pub fn is_empty(&self) -> bool {
+        self.set_guid.is_none() && self.set_cookies.is_empty()
+    }
+}
+
+/// Bounds on what callers can make the registry hold.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Agents with a session; a new one beyond it is refused (idle ones are forgotten first).
+    pub max_sessions: usize,
+    /// A session nobody used (no release, no poll) for this long is forgotten.
+    pub idle: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 50_000,
+            idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The registry holds `max_sessions` agents already, none of them idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the facade holds {0} agents' sessions, the most it allows")]
+pub struct SessionsFull(pub usize);
+
+/// agent id -> session: what the gateway issued (sign-in, `Set-GUID` rotation) or accepted.
+///
+/// Callers' handovers are safe by construction rather than by remembering old Guids: the
+/// session the gateway last issued or accepted is always tried first, and a different
+/// handed-over one only after the gateway refused that (a refusal changed nothing, so trying
+/// another Guid is safe). A request's handover lives as long as the request and is kept only
+/// when the gateway accepts it; a watcher's is parked as the agent's candidate, tried by the
+/// poll loop only once the current session is refused. A caller holding an outdated Guid
+/// (the sign-in one, say, rotated away long ago) therefore never displaces the live session.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<AgentId, Entry>>,
+    limits: SessionLimits,
+}
 
 #[derive(Debug)]
 struct Entry {
     current: Session,
-    /// The session `current` replaced by a handover, until the gateway accepts `current`.
-    fallback: Option<Session>,
-    /// Guids the gateway replaced with a newer one (Set-GUID), newest last.
-    rotated_away: Vec<Guid>,
+    /// The gateway issued `current` or carried out an operation with it.
+    confirmed: bool,
+    /// A different session a watcher handed over: tried once the gateway refuses `current`.
+    candidate: Option<Session>,
+    last_used: Instant,
 }
 
 impl Entry {
-    fn new(current: Session) -> Self {
+    fn new(current: Session, confirmed: bool, now: Instant) -> Self {
         Self {
             current,
-            fallback: None,
-            rotated_away: Vec::new(),
+            confirmed,
+            candidate: None,
+            last_used: now,
         }
     }
-
-    /// The session a request made with `guid` belongs to, if it is one of this entry's.
-    fn session_of(&mut self, guid: &Guid) -> Option<&mut Session> {
-        if self.current.guid == *guid {
-            return Some(&mut self.current);
-        }
-        self.fallback.as_mut().filter(|f| f.guid == *guid)
-    }
-
-    fn rotated(&mut self, old: Guid) {
-        if self.rotated_away.len() == ROTATED_AWAY {
-            self.rotated_away.remove(0);
-        }
-        self.rotated_away.push(old);
-    }
-}
-
-/// What a handover did to the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handover {
-    /// The Guid is the agent's session now (tentatively, if it replaced another).
-    Taken,
-    /// The gateway has rotated this Guid away already; the newer session stays.
-    Outdated,
 }
 
 impl SessionRegistry {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            sessions: Mutex::default(),
+            limits,
+        }
     }
 
+    /// The agent's session, for a request about to use it.
     pub fn get(&self, agent: AgentId) -> Option<Session> {
-        self.read().get(&agent).map(|e| e.current.clone())
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        let entry = sessions.get_mut(&agent)?;
+        if now.duration_since(entry.last_used) >= self.limits.idle {
+            sessions.remove(&agent);
+            return None;
+        }
+        entry.last_used = now;
+        Some(entry.current.clone())
     }
 
-    /// Hands a session over. Cookies given replace the session's; a different Guid without
-    /// cookies is a new session, whose stickiness the old cookies would only get wrong.
-    pub fn hand_over(&self, agent: AgentId, guid: Guid, cookies: Option<Cookies>) -> Handover {
-        let mut sessions = self.write();
-        let Some(entry) = sessions.get_mut(&agent) else {
-            let cookies = cookies.unwrap_or_default();
-            sessions.insert(agent, Entry::new(Session { guid, cookies }));
-            return Handover::Taken;
-        };
-        if entry.rotated_away.contains(&guid) {
-            return Handover::Outdated;
-        }
-        if entry.current.guid == guid {
-            if let Some(cookies) = cookies {
-                entry.current.cookies = cookies;
-            }
-            return Handover::Taken;
-        }
-        let handed = match entry.fallback.take() {
-            // Back to the session the last handover replaced, cookies and all.
-            Some(mut previous) if previous.guid == guid => {
-                if let Some(cookies) = cookies {
-                    previous.cookies = cookies;
-                }
-                previous
-            }
-            // Fall back to the last session not itself waiting for the gateway's word.
-            fallback => {
-                entry.fallback = Some(fallback.unwrap_or_else(|| entry.current.clone()));
-                Session {
-                    guid,
-                    cookies: cookies.unwrap_or_default(),
+    /// A watcher hands a session over. With none held it becomes the agent's session (the poll
+    /// loop's first answer confirms or refuses it); a different one from the session held is
+    /// parked as the candidate, replacing an older candidate. Cookies of the Guid held replace
+    /// its cookies only while the gateway has not accepted it: the gateway's word beats a
+    /// caller's copy.
+    pub fn offer(&self, agent: AgentId, offered: Session) -> Result<(), SessionsFull> {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        match sessions.get_mut(&agent) {
+            Some(entry) if entry.current.guid == offered.guid => {
+                if !entry.confirmed && !offered.cookies.is_empty() {
+                    entry.current.cookies = offered.cookies;
                 }
             }
-        };
-        entry.current = handed;
-        Handover::Taken
+            Some(entry) => entry.candidate = Some(offered),
+            None => {
+                self.make_room(&mut sessions, now)?;
+                sessions.insert(agent, Entry::new(offered, false, now));
+            }
+        }
+        Ok(())
     }
 
-    /// Applies a gateway answer's `Set-GUID` and `Set-Cookie` headers to the session the request
-    /// was made with (`guid_used`; `None` for a sign-in, whose answer starts a new session).
-    /// Answers to a Guid the agent's session no longer holds change nothing. A new Guid for the
-    /// current session settles any handover. Returns true when a Guid rotated.
-    pub fn absorb(
-        &self,
-        agent: AgentId,
-        guid_used: Option<&Guid>,
-        set_guid: Option<Guid>,
-        set_cookies: &[&str],
-    ) -> bool {
-        if set_guid.is_none() && set_cookies.is_empty() {
+    /// Applies a gateway answer's session headers to the session the request was made with
+    /// (`guid_used`); a sign-in's answer (`None`) starts a new session. Answers to a Guid the
+    /// agent's session no longer holds change nothing. Returns true when a Guid rotated.
+    pub fn absorb(&self, agent: AgentId, guid_used: Option<&Guid>, headers: SessionHeaders) -> bool {
+        if headers.is_empty() {
             return false;
         }
-        let mut sessions = self.write();
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
         let Some(guid_used) = guid_used else {
-            let Some(guid) = set_guid else {
+            let Some(guid) = headers.set_guid else {
                 return false;
             };
-            let mut cookies = Cookies::default();
-            for header in set_cookies {
-                cookies.apply_set_cookie(header);
+            let mut session = Session {
+                guid,
+                cookies: Cookies::default(),
+            };
+            session.absorb(SessionHeaders {
+                set_guid: None,
+                set_cookies: headers.set_cookies,
+            });
+            if self.make_room(&mut sessions, now).is_err() {
+                tracing::warn!(%agent, "signed in, but the session registry is full; the session is not kept");
+                return false;
             }
-            sessions.insert(agent, Entry::new(Session { guid, cookies }));
+            sessions.insert(agent, Entry::new(session, true, now));
             return true;
         };
-        let Some(entry) = sessions.get_mut(&agent) else {
+        let Some(entry) = sessions
+            .get_mut(&agent)
+            .filter(|e| e.current.guid == *guid_used)
+        else {
             return false;
         };
-        let was_current = entry.current.guid == *guid_used;
-        let Some(session) = entry.session_of(guid_used) else {
-            return false;
-        };
-        for header in set_cookies {
-            session.cookies.apply_set_cookie(header);
+        let rotated = entry.current.absorb(headers);
+        // A Guid the gateway issued is one it accepts.
+        entry.confirmed |= rotated;
+        rotated
+    }
+
+    /// The gateway carried out an operation with `guid`: if it is the agent's session, it is
+    /// settled.
+    pub fn confirm(&self, agent: AgentId, guid: &Guid) {
+        if let Some(entry) = lock(&self.sessions)
+            .get_mut(&agent)
+            .filter(|e| e.current.guid == *guid)
+        {
+            entry.confirmed = true;
         }
-        let Some(new) = set_guid.filter(|g| *g != session.guid) else {
-            return false;
-        };
-        let old = std::mem::replace(&mut session.guid, new);
-        entry.rotated(old);
-        if was_current {
-            entry.fallback = None;
+    }
+
+    /// The gateway accepted a session a request handed over (`session`, with what its answer
+    /// rotated): it becomes the agent's session. False when the registry is full.
+    pub fn adopt(&self, agent: AgentId, session: Session) -> bool {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        if let Some(entry) = sessions.get_mut(&agent) {
+            if entry.candidate.as_ref().is_some_and(|c| c.guid == session.guid) {
+                entry.candidate = None;
+            }
+            entry.current = session;
+            entry.confirmed = true;
+            entry.last_used = now;
+            return true;
         }
+        if self.make_room(&mut sessions, now).is_err() {
+            return false;
+        }
+        sessions.insert(agent, Entry::new(session, true, now));
         true
     }
 
-    /// The gateway accepted `guid` (it carried out an operation with it): a handover of it is
-    /// settled.
-    pub fn confirm(&self, agent: AgentId, guid: &Guid) {
-        let pending = |e: &Entry| e.current.guid == *guid && e.fallback.is_some();
-        if self.read().get(&agent).is_some_and(pending) {
-            if let Some(entry) = self.write().get_mut(&agent).filter(|e| pending(e)) {
-                entry.fallback = None;
-            }
-        }
-    }
-
-    /// The gateway refused `guid`. If it is the agent's current Guid (a refusal of an old Guid
-    /// must not discard one that rotated in meanwhile), the registry goes back to the session a
-    /// handover replaced, or forgets the agent; a refused fallback is dropped. Returns what
-    /// happened.
+    /// The gateway refused `guid`. If it is the agent's session (a refusal of an old Guid must
+    /// not discard one that rotated in meanwhile), the candidate takes its place, or the agent
+    /// is forgotten; a refused candidate is dropped.
     pub fn refused(&self, agent: AgentId, guid: &Guid) -> Refusal {
-        let mut sessions = self.write();
+        let mut sessions = lock(&self.sessions);
         let Some(entry) = sessions.get_mut(&agent) else {
             return Refusal::NotCurrent;
         };
         if entry.current.guid != *guid {
-            if entry.fallback.as_ref().is_some_and(|f| f.guid == *guid) {
-                entry.fallback = None;
+            if entry.candidate.as_ref().is_some_and(|c| c.guid == *guid) {
+                entry.candidate = None;
             }
             return Refusal::NotCurrent;
         }
-        match entry.fallback.take() {
-            Some(previous) => {
-                entry.current = previous;
-                Refusal::RestoredPrevious
+        match entry.candidate.take() {
+            Some(candidate) => {
+                entry.current = candidate;
+                entry.confirmed = false;
+                Refusal::CandidateNext
             }
             None => {
                 sessions.remove(&agent);
@@ -354,21 +421,31 @@ impl SessionRegistry {
         }
     }
 
+    /// Agents with a session.
     pub fn len(&self) -> usize {
-        self.read().len()
+        lock(&self.sessions).len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<AgentId, Entry>> {
-        // A panic elsewhere while holding the lock leaves the map itself intact.
-        self.sessions.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<AgentId, Entry>> {
-        self.sessions.write().unwrap_or_else(|e| e.into_inner())
+    /// Makes room for one more agent: idle sessions are forgotten first; a session in use (a
+    /// polled agent's is used every poll) never is.
+    fn make_room(
+        &self,
+        sessions: &mut HashMap<AgentId, Entry>,
+        now: Instant,
+    ) -> Result<(), SessionsFull> {
+        if sessions.len() < self.limits.max_sessions {
+            return Ok(());
+        }
+        sessions.retain(|_, e| now.duration_since(e.last_used) < self.limits.idle);
+        if sessions.len() < self.limits.max_sessions {
+            Ok(())
+        } else {
+            Err(SessionsFull(self.limits.max_sessions))
+        }
     }
 }
 
@@ -393,6 +470,39 @@ mod tests {
         assert!(!shown.contains("secret-node"), "{shown}");
     }
 
+    /// Issue 7, point 5: a Set-GUID with attributes is read.
+    #[test]
+    fn set_guid_attributes_are_not_part_of_the_guid() {
+        let guid = Guid::from_set_guid("JSESSIONID=279fe21d.AgentGateway0; Path=/; Secure").unwrap();
+        assert_eq!(guid.expose(), "279fe21d.AgentGateway0");
+        assert_eq!(
+            Guid::from_set_guid(" JSESSIONID=abc ").unwrap().expose(),
+            "abc"
+        );
+        for unreadable in ["", "; Path=/", "JSESSIONID=; Secure", "a b"] {
+            assert!(Guid::from_set_guid(unreadable).is_none(), "{unreadable:?}");
+        }
+    }
+
+    /// Issue 7, point 3: a handover's cookies are bounded in number and size, and so is what
+    /// Set-Cookie can grow a session to.
+    #[test]
+    fn cookies_are_bounded() {
+        let many = (0..=Cookies::MAX_COOKIES)
+            .map(|n| format!("c{n}=v"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        assert!(Cookies::parse_header("c", &many).is_err());
+        let mut cookies = Cookies::parse_header("c", "a=b").unwrap();
+        for n in 0..100 {
+            cookies.apply_set_cookie(&format!("n{n}={}; Path=/", "v".repeat(300)));
+        }
+        let header = cookies.header_value().unwrap();
+        assert!(header.len() <= Cookies::MAX_HEADER_LEN, "{}", header.len());
+        assert!(cookies.0.len() <= Cookies::MAX_COOKIES);
+        assert_eq!(header.len(), cookies.header_len());
+    }
+
     #[test]
     fn guid_rejects_header_breakers() {
         for bad in ["", "a b", "a\r\nb", "a;b", &"x".repeat(300), "JSESSIONID="] {
@@ -406,17 +516,37 @@ mod tests {
         Guid::parse("g", g).unwrap()
     }
 
+    fn session(g: &str) -> Session {
+        Session {
+            guid: guid(g),
+            cookies: Cookies::default(),
+        }
+    }
+
+    fn registry() -> SessionRegistry {
+        SessionRegistry::new(SessionLimits::default())
+    }
+
+    fn headers(set_guid: Option<&str>, set_cookies: &[&str]) -> SessionHeaders {
+        SessionHeaders {
+            set_guid: set_guid.map(guid),
+            set_cookies: set_cookies.iter().map(|c| (*c).to_owned()).collect(),
+        }
+    }
+
     #[test]
     fn set_cookie_updates_and_rotation_is_detected() {
-        let registry = SessionRegistry::new();
+        let registry = registry();
         let a = agent(101);
-        registry.hand_over(a, guid("one"), None);
-        assert!(!registry.absorb(a, Some(&guid("one")), Some(guid("one")), &[]));
+        registry.offer(a, session("one")).unwrap();
+        assert!(!registry.absorb(a, Some(&guid("one")), headers(Some("one"), &[])));
         assert!(registry.absorb(
             a,
             Some(&guid("one")),
-            Some(guid("JSESSIONID=two")),
-            &["route=n1; Path=/; HttpOnly", "JSESSIONID=x; Path=/"]
+            headers(
+                Some("JSESSIONID=two"),
+                &["route=n1; Path=/; HttpOnly", "JSESSIONID=x; Path=/"]
+            )
         ));
         let session = registry.get(a).unwrap();
         assert_eq!(session.guid.expose(), "two");
@@ -424,110 +554,118 @@ mod tests {
             session.cookies.header_value().as_deref(),
             Some("route=n1; JSESSIONID=x")
         );
-        registry.absorb(a, Some(&guid("two")), None, &["route=n2"]);
+        registry.absorb(a, Some(&guid("two")), headers(None, &["route=n2"]));
         assert_eq!(
             registry.get(a).unwrap().cookies.header_value().as_deref(),
             Some("route=n2; JSESSIONID=x")
         );
         // An answer to a Guid the session no longer holds changes nothing.
-        assert!(!registry.absorb(a, Some(&guid("one")), Some(guid("stale")), &["route=n9"]));
+        assert!(!registry.absorb(a, Some(&guid("one")), headers(Some("stale"), &["route=n9"])));
         assert_eq!(registry.get(a).unwrap().guid, guid("two"));
     }
 
     #[test]
     fn forget_only_the_guid_that_failed() {
-        let registry = SessionRegistry::new();
+        let registry = registry();
         let a = agent(101);
-        registry.hand_over(a, guid("old"), None);
-        registry.absorb(a, Some(&guid("old")), Some(guid("new")), &[]);
+        registry.offer(a, session("old")).unwrap();
+        registry.absorb(a, Some(&guid("old")), headers(Some("new"), &[]));
         assert_eq!(registry.refused(a, &guid("old")), Refusal::NotCurrent);
         assert!(registry.get(a).is_some());
         assert_eq!(registry.refused(a, &guid("new")), Refusal::Forgotten);
         assert!(registry.get(a).is_none());
     }
 
+    /// Issue 7, point 2: an outdated handover never displaces the session the gateway gave; it
+    /// is tried only once that one is refused.
     #[test]
-    fn a_refused_handover_brings_back_the_session_it_replaced() {
-        let registry = SessionRegistry::new();
+    fn a_watchers_handover_waits_until_the_live_session_is_refused() {
+        let registry = registry();
         let a = agent(101);
-        registry.absorb(a, None, Some(guid("learned")), &["route=n1"]);
-        // Two stale handovers in a row: the fallback stays the session the gateway gave.
-        registry.hand_over(a, guid("stale1"), None);
-        registry.hand_over(a, guid("stale2"), None);
-        assert_eq!(registry.get(a).unwrap().guid, guid("stale2"));
-        assert_eq!(
-            registry.refused(a, &guid("stale2")),
-            Refusal::RestoredPrevious
-        );
-        let back = registry.get(a).unwrap();
-        assert_eq!(back.guid, guid("learned"));
-        assert_eq!(back.cookies.header_value().as_deref(), Some("route=n1"));
-        assert_eq!(registry.refused(a, &guid("learned")), Refusal::Forgotten);
+        registry.absorb(a, None, headers(Some("signed-in"), &["route=n1"]));
+        registry.absorb(a, Some(&guid("signed-in")), headers(Some("rotated"), &[]));
+        registry.offer(a, session("signed-in")).unwrap();
+        let live = registry.get(a).unwrap();
+        assert_eq!(live.guid, guid("rotated"));
+        assert_eq!(live.cookies.header_value().as_deref(), Some("route=n1"));
+        // A refusal of the live one brings the candidate in; its refusal ends the session.
+        assert_eq!(registry.refused(a, &guid("rotated")), Refusal::CandidateNext);
+        assert_eq!(registry.get(a).unwrap().guid, guid("signed-in"));
+        assert_eq!(registry.refused(a, &guid("signed-in")), Refusal::Forgotten);
+        assert!(registry.get(a).is_none());
     }
 
     #[test]
-    fn an_accepted_handover_is_final() {
-        let registry = SessionRegistry::new();
+    fn a_refused_candidate_is_dropped_and_a_newer_one_replaces_it() {
+        let registry = registry();
         let a = agent(101);
-        registry.hand_over(a, guid("first"), None);
-        registry.hand_over(a, guid("second"), None);
-        registry.confirm(a, &guid("second"));
-        assert_eq!(registry.refused(a, &guid("second")), Refusal::Forgotten);
-
-        // A rotation of the current session settles a handover too.
-        registry.hand_over(a, guid("third"), None);
-        registry.hand_over(a, guid("fourth"), None);
-        registry.absorb(a, Some(&guid("fourth")), Some(guid("rotated")), &[]);
-        assert_eq!(registry.refused(a, &guid("rotated")), Refusal::Forgotten);
+        registry.absorb(a, None, headers(Some("live"), &[]));
+        registry.offer(a, session("first")).unwrap();
+        registry.offer(a, session("second")).unwrap();
+        assert_eq!(registry.refused(a, &guid("first")), Refusal::NotCurrent);
+        assert_eq!(registry.refused(a, &guid("second")), Refusal::NotCurrent);
+        assert_eq!(registry.refused(a, &guid("live")), Refusal::Forgotten);
     }
 
     #[test]
-    fn a_handover_of_a_rotated_away_guid_keeps_the_newer_session() {
-        let registry = SessionRegistry::new();
+    fn an_adopted_session_replaces_the_live_one_and_its_cookies() {
+        let registry = registry();
         let a = agent(101);
-        registry.absorb(a, None, Some(guid("signed-in")), &["route=n1"]);
-        registry.absorb(a, Some(&guid("signed-in")), Some(guid("rotated")), &[]);
-        assert_eq!(
-            registry.hand_over(a, guid("signed-in"), None),
-            Handover::Outdated
-        );
-        let session = registry.get(a).unwrap();
-        assert_eq!(session.guid, guid("rotated"));
-        assert_eq!(session.cookies.header_value().as_deref(), Some("route=n1"));
-    }
-
-    #[test]
-    fn answers_to_the_replaced_session_stay_with_it() {
-        let registry = SessionRegistry::new();
-        let a = agent(101);
-        registry.absorb(a, None, Some(guid("old")), &["route=n1"]);
-        // A new sign-in elsewhere is handed over; an old poll's answer then rotates the old
-        // session: the new one stays current, with its cookies.
-        registry.hand_over(
+        registry.absorb(a, None, headers(Some("old"), &["route=n1"]));
+        assert!(registry.adopt(
             a,
-            guid("new"),
-            Some(Cookies::parse_header("c", "route=n2").unwrap()),
-        );
-        registry.absorb(a, Some(&guid("old")), Some(guid("old-rotated")), &[]);
+            Session {
+                guid: guid("forcelogin"),
+                cookies: Cookies::parse_header("c", "route=n2").unwrap(),
+            }
+        ));
         let session = registry.get(a).unwrap();
-        assert_eq!(session.guid, guid("new"));
+        assert_eq!(session.guid, guid("forcelogin"));
         assert_eq!(session.cookies.header_value().as_deref(), Some("route=n2"));
-        // Should the new one be refused, the old session comes back as rotated.
-        assert_eq!(registry.refused(a, &guid("new")), Refusal::RestoredPrevious);
-        let back = registry.get(a).unwrap();
-        assert_eq!(back.guid, guid("old-rotated"));
-        assert_eq!(back.cookies.header_value().as_deref(), Some("route=n1"));
+        // An old poll's late answer cannot rotate the replaced session back in.
+        registry.absorb(a, Some(&guid("old")), headers(Some("old-rotated"), &[]));
+        assert_eq!(registry.get(a).unwrap().guid, guid("forcelogin"));
     }
 
     #[test]
-    fn handing_the_replaced_guid_back_restores_its_cookies() {
-        let registry = SessionRegistry::new();
+    fn a_callers_cookies_never_overwrite_a_confirmed_sessions() {
+        let registry = registry();
         let a = agent(101);
-        registry.absorb(a, None, Some(guid("learned")), &["route=n1"]);
-        registry.hand_over(a, guid("other"), None);
-        registry.hand_over(a, guid("learned"), None);
-        let session = registry.get(a).unwrap();
-        assert_eq!(session.guid, guid("learned"));
-        assert_eq!(session.cookies.header_value().as_deref(), Some("route=n1"));
+        registry.absorb(a, None, headers(Some("g"), &["route=n1"]));
+        let stale = Session {
+            guid: guid("g"),
+            cookies: Cookies::parse_header("c", "route=stale").unwrap(),
+        };
+        registry.offer(a, stale).unwrap();
+        assert_eq!(
+            registry.get(a).unwrap().cookies.header_value().as_deref(),
+            Some("route=n1")
+        );
+    }
+
+    /// Issue 7, point 3: the registry is bounded; idle sessions make room, used ones do not.
+    #[tokio::test(start_paused = true)]
+    async fn the_registry_is_bounded_and_forgets_idle_sessions() {
+        let registry = SessionRegistry::new(SessionLimits {
+            max_sessions: 2,
+            idle: Duration::from_secs(600),
+        });
+        registry.offer(agent(101), session("a")).unwrap();
+        registry.offer(agent(102), session("b")).unwrap();
+        assert_eq!(
+            registry.offer(agent(103), session("c")),
+            Err(SessionsFull(2))
+        );
+        assert!(!registry.adopt(agent(103), session("c")));
+        tokio::time::advance(Duration::from_secs(400)).await;
+        registry.get(agent(101)).expect("still there");
+        tokio::time::advance(Duration::from_secs(400)).await;
+        // 102 went unused for 800 s: forgotten to make room; 101 was used 400 s ago.
+        registry.offer(agent(103), session("c")).unwrap();
+        assert!(registry.get(agent(102)).is_none());
+        assert!(registry.get(agent(101)).is_some());
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert!(registry.get(agent(101)).is_none(), "idle for the whole idle time");
+        assert_eq!(registry.len(), 1);
     }
 }

@@ -28,6 +28,13 @@ impl Answer {
     pub fn session_gone(&self) -> bool {
         RETCODES_SESSION_GONE.contains(&self.retcode.as_str())
     }
+
+    /// Whether the gateway carried the operation out (or looked at it as the agent's: a 200-
+    /// call-state answer), which proves the session's Guid. Other refusals (000-002, 000-004,
+    /// 100-007...) may come before the gateway looks at the Guid.
+    pub fn proves_session(&self) -> bool {
+        self.is_ok() || self.retcode.starts_with("200-")
+    }
 }
 
 #[derive(Deserialize)]

@@ -30,6 +30,32 @@ struct Entry<F, V> {
     fingerprint: F,
     generation: u64,
     answer: watch::Receiver<Option<V>>,
+    /// Set with the answer when it must outlive cache pressure.
+    pinned: bool,
+}
+
+impl<F, V> Entry<F, V> {
+    fn answered(&self) -> bool {
+        self.answer.borrow().is_some()
+    }
+
+    /// Answered, and free to be forgotten before its window ends.
+    fn evictable(&self) -> bool {
+        !self.pinned && self.answered()
+    }
+}
+
+/// How long an answer is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Forgotten at once: the work provably had no effect, so a retry may do it again.
+    Forget,
+    /// Kept for the window, unless room is needed for a new id (oldest first).
+    Evictable,
+    /// Kept for the whole window, whatever the pressure: forgetting it could make a duplicate
+    /// act a second time. When only such answers (and pending ones) fill the cache, new ids
+    /// are refused.
+    Pinned,
 }
 
 /// The outcome of claiming a request id.
@@ -40,7 +66,8 @@ pub enum Claim<F, V> {
     Follower(Pending<V>),
     /// Seen before with different parameters.
     Conflict,
-    /// Every remembered id is still waiting for its answer: none can be forgotten safely.
+    /// Every remembered id is still waiting for its answer or pinned: none can be forgotten
+    /// safely.
     Full,
 }
 
@@ -77,7 +104,7 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
                 Claim::Conflict
             };
         }
-        if inner.entries.len() >= self.capacity && !inner.evict_oldest_answered() {
+        if inner.entries.len() >= self.capacity && !inner.evict_oldest_evictable() {
             return Claim::Full;
         }
         if inner.order.len() > 2 * self.capacity {
@@ -92,6 +119,7 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
                 fingerprint,
                 generation,
                 answer: rx,
+                pinned: false,
             },
         );
         inner.order.push_back((now, key.clone(), generation));
@@ -131,7 +159,7 @@ impl<F, V> Inner<F, V> {
             if self
                 .entries
                 .get(&key)
-                .is_some_and(|e| e.generation == generation && e.answer.borrow().is_none())
+                .is_some_and(|e| e.generation == generation && !e.answered())
             {
                 self.order.push_back((now, key, generation));
                 break;
@@ -140,13 +168,13 @@ impl<F, V> Inner<F, V> {
         }
     }
 
-    /// Forgets the oldest id whose answer is in, so that memory stays bounded; an id still
-    /// waiting is never forgotten, or its duplicate could act a second time.
-    fn evict_oldest_answered(&mut self) -> bool {
+    /// Forgets the oldest evictable id, so that memory stays bounded; an id still waiting, or
+    /// pinned, is never forgotten early, or its duplicate could act a second time.
+    fn evict_oldest_evictable(&mut self) -> bool {
         let position = self.order.iter().position(|(_, key, generation)| {
             self.entries
                 .get(key)
-                .is_some_and(|e| e.generation == *generation && e.answer.borrow().is_some())
+                .is_some_and(|e| e.generation == *generation && e.evictable())
         });
         match position.and_then(|p| self.order.remove(p)) {
             Some((_, key, generation)) => {
@@ -179,14 +207,25 @@ impl<F, V> Inner<F, V> {
 }
 
 impl<F, V> Ticket<F, V> {
-    /// Publishes the answer to everyone waiting. `remember: false` forgets the id at once (the
-    /// work provably had no effect, so a retry may do it again).
-    pub fn complete(mut self, value: V, remember: bool) {
+    /// Publishes the answer to everyone waiting and keeps it as `retention` says.
+    pub fn complete(mut self, value: V, retention: Retention) {
+        let mut inner = lock(&self.inner);
+        match retention {
+            Retention::Forget => inner.remove_if(&self.key, self.generation),
+            Retention::Evictable => {}
+            Retention::Pinned => {
+                if let Some(entry) = inner
+                    .entries
+                    .get_mut(&self.key)
+                    .filter(|e| e.generation == self.generation)
+                {
+                    entry.pinned = true;
+                }
+            }
+        }
+        // Published under the lock, so no eviction sees the answer before its pin.
         if let Some(tx) = self.answer.take() {
             tx.send_replace(Some(value));
-        }
-        if !remember {
-            lock(&self.inner).remove_if(&self.key, self.generation);
         }
     }
 }
@@ -239,7 +278,7 @@ mod tests {
         let cache = IdempotencyCache::new(Duration::from_secs(60), 100);
         let ticket = owner(cache.claim(&id("a"), 1));
         let waiting = follower(cache.claim(&id("a"), 1));
-        ticket.complete(7, true);
+        ticket.complete(7, Retention::Evictable);
         assert_eq!(waiting.wait().await, Some(7));
         assert_eq!(follower(cache.claim(&id("a"), 1)).wait().await, Some(7));
         assert!(matches!(cache.claim(&id("a"), 2), Claim::Conflict));
@@ -253,7 +292,7 @@ mod tests {
         let cache = IdempotencyCache::new(Duration::from_secs(60), 100);
         let ticket = owner(cache.claim(&id("a"), 1));
         let waiting = follower(cache.claim(&id("a"), 1));
-        ticket.complete(1, false);
+        ticket.complete(1, Retention::Forget);
         assert_eq!(waiting.wait().await, Some(1));
         let ticket = owner(cache.claim(&id("a"), 1));
         let waiting = follower(cache.claim(&id("a"), 1));
@@ -271,16 +310,31 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         // Past the window but still waiting: a duplicate must still wait, not act.
         let waiting = follower(cache.claim(&id("a"), 0));
-        first.complete(1, true);
+        first.complete(1, Retention::Evictable);
         assert_eq!(waiting.wait().await, Some(1));
         owner(cache.claim(&id("c"), 0));
+    }
+
+    /// Issue 7, point 3: an unknown-outcome answer outlives cache pressure for its window;
+    /// when only such answers are left, new ids are refused instead.
+    #[tokio::test(start_paused = true)]
+    async fn pinned_answers_are_never_evicted_within_their_window() {
+        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(60), 2);
+        owner(cache.claim(&id("unknown"), 0)).complete(1, Retention::Pinned);
+        owner(cache.claim(&id("settled"), 0)).complete(2, Retention::Evictable);
+        // Room is made by forgetting the settled answer, not the pinned one.
+        owner(cache.claim(&id("next"), 0)).complete(3, Retention::Pinned);
+        assert_eq!(follower(cache.claim(&id("unknown"), 0)).wait().await, Some(1));
+        assert!(matches!(cache.claim(&id("settled"), 0), Claim::Full));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        owner(cache.claim(&id("settled"), 0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn forgotten_ids_do_not_pile_up_in_the_order_queue() {
         let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(600), 4);
         for n in 0..1000 {
-            owner(cache.claim(&id(&n.to_string()), 0)).complete(n, false);
+            owner(cache.claim(&id(&n.to_string()), 0)).complete(n, Retention::Forget);
         }
         assert_eq!(cache.len(), 0);
         assert!(lock(&cache.inner).order.len() <= 2 * 4 + 1);
@@ -290,7 +344,7 @@ mod tests {
     async fn capacity_bounds_memory() {
         let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(60), 3);
         for n in 0..10 {
-            owner(cache.claim(&id(&n.to_string()), 0)).complete(n, true);
+            owner(cache.claim(&id(&n.to_string()), 0)).complete(n, Retention::Evictable);
         }
         assert_eq!(cache.len(), 3);
         // The newest survive.

@@ -4,20 +4,27 @@ mod idempotency;
 
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use rand::Rng;
 use tokio::time::Instant;
 
-pub use idempotency::{Claim, IdempotencyCache};
+pub use idempotency::{Claim, IdempotencyCache, Retention};
 
 use crate::{
     domain::{AgentId, RequestId},
-    gateway::{Answer, GatewayClient, GatewayError, ReleaseTarget},
+    gateway::{Answer, GatewayClient, GatewayError, ReleaseTarget, Session},
 };
 
 /// Retcodes meaning "the call is already gone": 200-017 (release) and 200-025 (dropcall).
 pub const RETCODES_NO_CALL: [&str; 2] = ["200-017", "200-025"];
 /// "Exception during the agent operation": the outcome of the operation is unknown.
 pub const RETCODE_OPERATION_EXCEPTION: &str = "100-007";
+/// "Interface invoked repeatedly": the same operation on this agent is running at the gateway
+/// now. For a release of the current call that one is hanging the call up, and repeating ours
+/// once it is done would hang up the next.
+pub const RETCODE_DUPLICATE_IN_PROGRESS: &str = "000-007";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseCommand {
@@ -53,8 +60,10 @@ pub enum ReleaseError {
     RequestIdReused,
     #[error("an earlier request with this request_id ended without an answer; retry")]
     EarlierAttemptLost,
-    #[error("too many releases with a request_id are waiting for the gateway")]
+    #[error("too many releases with a request_id are waiting for the gateway or have an unknown outcome")]
     TooManyPending,
+    #[error("the facade shut down before the gateway answered")]
+    ShuttingDown,
 }
 
 impl ReleaseError {
@@ -63,18 +72,29 @@ impl ReleaseError {
     pub fn may_have_released(&self) -> bool {
         match self {
             Self::Gateway(e) => e.may_have_taken_effect(),
-            // "exception during the agent operation": the gateway may have got part way.
-            Self::Rejected { retcode, .. } => retcode == RETCODE_OPERATION_EXCEPTION,
-            _ => false,
+            Self::Rejected { retcode, .. } => {
+                retcode == RETCODE_OPERATION_EXCEPTION || retcode == RETCODE_DUPLICATE_IN_PROGRESS
+            }
+            // The earlier attempt may have sent its release before it died; shutdown may cut
+            // off a release in flight.
+            Self::EarlierAttemptLost | Self::ShuttingDown => true,
+            Self::NoActiveCall { .. } | Self::RequestIdReused | Self::TooManyPending => false,
         }
     }
 
-    /// Whether a duplicate request must get this answer rather than a fresh attempt: the
-    /// gateway settled the matter, or nobody can tell whether the current call was released.
-    /// A dropcall with an unknown outcome is safe to repeat, so it is not remembered.
-    fn binds_duplicates(&self, target: &ReleaseTarget) -> bool {
-        matches!(self, Self::NoActiveCall { .. })
-            || (*target == ReleaseTarget::Current && self.may_have_released())
+    /// How long a request id must keep this answer. The gateway settled the matter: a
+    /// duplicate gets the same answer. Nobody can tell whether the current call was released:
+    /// a duplicate must get the same answer for the whole window, whatever the cache's
+    /// pressure, or it would hang up the next call. A dropcall with an unknown outcome is safe
+    /// to repeat, so it is not remembered, nor is anything that provably changed nothing.
+    fn retention(&self, target: &ReleaseTarget) -> Retention {
+        if *target == ReleaseTarget::Current && self.may_have_released() {
+            Retention::Pinned
+        } else if matches!(self, Self::NoActiveCall { .. }) {
+            Retention::Evictable
+        } else {
+            Retention::Forget
+        }
     }
 }
 
@@ -130,16 +150,19 @@ impl ReleaseService {
         self.answers.contains(request_id)
     }
 
-    /// Releases a call, at most once per `request_id` within the idempotency window.
+    /// Releases a call, at most once per `request_id` within the idempotency window. `handed`
+    /// is the session the caller handed over (see `GatewayClient::release`); it is not part of
+    /// what makes a repeated request_id the same request.
     pub async fn release(
         &self,
         command: ReleaseCommand,
         request_id: Option<&RequestId>,
         deadline: Instant,
+        handed: Option<Session>,
     ) -> Result<ReleaseReport, ReleaseError> {
         let budget = deadline.saturating_duration_since(Instant::now());
         let Some(request_id) = request_id else {
-            return self.release_once(&command, deadline).await;
+            return self.release_once(&command, deadline, handed.as_ref()).await;
         };
         let pending = match self.answers.claim(request_id, command.clone()) {
             Claim::Conflict => return Err(ReleaseError::RequestIdReused),
@@ -162,12 +185,18 @@ impl ReleaseService {
                 // cut off the answer that later duplicates are promised.
                 let this = self.clone();
                 tokio::spawn(async move {
-                    let answer = this.release_once(&command, deadline).await;
-                    let remember = answer
-                        .as_ref()
-                        .err()
-                        .is_none_or(|e| e.binds_duplicates(&command.target));
-                    ticket.complete(answer.clone(), remember);
+                    // A panic must not leave duplicates free to act: for them it is an attempt
+                    // whose outcome is unknown.
+                    let answer =
+                        AssertUnwindSafe(this.release_once(&command, deadline, handed.as_ref()))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
+                    let retention = match &answer {
+                        Ok(_) => Retention::Evictable,
+                        Err(error) => error.retention(&command.target),
+                    };
+                    ticket.complete(answer.clone(), retention);
                     answer
                 })
             }
@@ -181,8 +210,11 @@ impl ReleaseService {
         &self,
         command: &ReleaseCommand,
         deadline: Instant,
+        handed: Option<&Session>,
     ) -> Result<ReleaseReport, ReleaseError> {
-        let answer = self.send_with_safe_retries(command, deadline).await?;
+        let answer = self
+            .send_with_safe_retries(command, deadline, handed)
+            .await?;
         interpret(command, answer)
     }
 
@@ -190,12 +222,13 @@ impl ReleaseService {
         &self,
         command: &ReleaseCommand,
         deadline: Instant,
+        handed: Option<&Session>,
     ) -> Result<Answer, GatewayError> {
         let mut attempt = 1;
         loop {
             let error = match self
                 .gateway
-                .release(command.agent, &command.target, deadline)
+                .release(command.agent, &command.target, deadline, handed)
                 .await
             {
                 Ok(answer) => return Ok(answer),
