@@ -123,177 +123,42 @@ async fn legacy_release_path_is_a_switch() {
 }
 
 /// The documented table, written out independently of the code's: (retcode, code, reason,
-/// RetryInfo on a release of the current call, RetryInfo on a dropcall).
-const RETCODE_EXPECTATIONS: &[(&str, Code, &str, bool, bool)] = &[
-    (
-        "000-001",
-        Code::FailedPrecondition,
-        "WRONG_EVENT_METHOD",
-        false,
-        false,
-    ),
-    (
-        "000-002",
-        Code::InvalidArgument,
-        "GATEWAY_INVALID_PARAMETER",
-        false,
-        false,
-    ),
-    (
-        "000-003",
-        Code::Unauthenticated,
-        "GATEWAY_NO_RIGHT",
-        false,
-        false,
-    ),
-    (
-        "000-004",
-        Code::Unavailable,
-        "AGENT_SWITCHING_OVER",
-        true,
-        true,
-    ),
-    (
-        "000-005",
-        Code::FailedPrecondition,
-        "INSPECTOR_IS_AGENT",
-        false,
-        false,
-    ),
-    (
-        "000-006",
-        Code::InvalidArgument,
-        "GATEWAY_MESSAGE_PARAMETER_ERROR",
-        false,
-        false,
-    ),
-    (
-        "000-007",
-        Code::Aborted,
-        "DUPLICATE_REQUEST_IN_PROGRESS",
-        false,
-        false,
-    ),
-    (
-        "100-001",
-        Code::InvalidArgument,
-        "SIGN_IN_PARAMETER_INVALID",
-        false,
-        false,
-    ),
-    (
-        "100-002",
-        Code::AlreadyExists,
-        "AGENT_ALREADY_SIGNED_IN",
-        false,
-        false,
-    ),
-    (
-        "100-003",
-        Code::Unavailable,
-        "SIGN_IN_RESOURCE_UNAVAILABLE",
-        true,
-        true,
-    ),
-    (
-        "100-004",
-        Code::Unauthenticated,
-        "WRONG_CREDENTIALS",
-        false,
-        false,
-    ),
-    (
-        "100-005",
-        Code::InvalidArgument,
-        "SIGN_OUT_PARAMETER_INVALID",
-        false,
-        false,
-    ),
-    (
-        "100-006",
-        Code::FailedPrecondition,
-        "AGENT_NOT_SIGNED_IN",
-        false,
-        false,
-    ),
-    (
-        "100-007",
-        Code::Unavailable,
-        "AGENT_OPERATION_FAILED",
-        false,
-        true,
-    ),
-    (
-        "100-008",
-        Code::FailedPrecondition,
-        "AGENT_ALREADY_SIGNED_OUT",
-        false,
-        false,
-    ),
-    (
-        "100-009",
-        Code::FailedPrecondition,
-        "AGENT_STATE_CHANGE_FAILED",
-        false,
-        false,
-    ),
-    (
-        "100-010",
-        Code::FailedPrecondition,
-        "AGENT_STATE_ERROR",
-        false,
-        false,
-    ),
-    (
-        "100-011",
-        Code::InvalidArgument,
-        "SIGN_IN_PARAMETER_INVALID",
-        false,
-        false,
-    ),
-    (
-        "100-012",
-        Code::FailedPrecondition,
-        "WRONG_AGENT_TYPE",
-        false,
-        false,
-    ),
-    (
-        "200-023",
-        Code::FailedPrecondition,
-        "NUMBER_CANNOT_BE_RELEASED",
-        false,
-        false,
-    ),
-    (
-        "200-024",
-        Code::FailedPrecondition,
-        "NUMBER_CANNOT_BE_RELEASED",
-        false,
-        false,
-    ),
-    (
-        "200-204",
-        Code::FailedPrecondition,
-        "NUMBER_NOT_IN_CALL",
-        false,
-        false,
-    ),
-    (
-        "321-999",
-        Code::Unknown,
-        "GATEWAY_RETCODE_UNKNOWN",
-        false,
-        false,
-    ),
+/// RetryInfo). A release of the current call answered 100-007 or 000-007 may have happened (or
+/// be happening), so it gets RELEASE_OUTCOME_UNKNOWN instead (issue 7, point 1).
+#[rustfmt::skip]
+const RETCODE_EXPECTATIONS: &[(&str, Code, &str, bool)] = &[
+    ("000-001", Code::FailedPrecondition, "WRONG_EVENT_METHOD", false),
+    ("000-002", Code::InvalidArgument, "GATEWAY_INVALID_PARAMETER", false),
+    ("000-003", Code::Unauthenticated, "GATEWAY_NO_RIGHT", false),
+    ("000-004", Code::Unavailable, "AGENT_SWITCHING_OVER", true),
+    ("000-005", Code::FailedPrecondition, "INSPECTOR_IS_AGENT", false),
+    ("000-006", Code::InvalidArgument, "GATEWAY_MESSAGE_PARAMETER_ERROR", false),
+    ("000-007", Code::Aborted, "DUPLICATE_REQUEST_IN_PROGRESS", false),
+    ("100-001", Code::InvalidArgument, "SIGN_IN_PARAMETER_INVALID", false),
+    ("100-002", Code::AlreadyExists, "AGENT_ALREADY_SIGNED_IN", false),
+    ("100-003", Code::Unavailable, "SIGN_IN_RESOURCE_UNAVAILABLE", true),
+    ("100-004", Code::Unauthenticated, "WRONG_CREDENTIALS", false),
+    ("100-005", Code::InvalidArgument, "SIGN_OUT_PARAMETER_INVALID", false),
+    ("100-006", Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN", false),
+    ("100-007", Code::Unavailable, "AGENT_OPERATION_FAILED", true),
+    ("100-008", Code::FailedPrecondition, "AGENT_ALREADY_SIGNED_OUT", false),
+    ("100-009", Code::FailedPrecondition, "AGENT_STATE_CHANGE_FAILED", false),
+    ("100-010", Code::FailedPrecondition, "AGENT_STATE_ERROR", false),
+    ("100-011", Code::InvalidArgument, "SIGN_IN_PARAMETER_INVALID", false),
+    ("100-012", Code::FailedPrecondition, "WRONG_AGENT_TYPE", false),
+    ("200-023", Code::FailedPrecondition, "NUMBER_CANNOT_BE_RELEASED", false),
+    ("200-024", Code::FailedPrecondition, "NUMBER_CANNOT_BE_RELEASED", false),
+    ("200-204", Code::FailedPrecondition, "NUMBER_NOT_IN_CALL", false),
+    ("321-999", Code::Unknown, "GATEWAY_RETCODE_UNKNOWN", false),
 ];
+
+/// Retcodes after which a release of the current call may have happened.
+const OUTCOME_UNKNOWN_RETCODES: [&str; 2] = ["100-007", "000-007"];
 
 #[tokio::test]
 async fn every_failure_retcode_maps_to_its_documented_status() {
     let app = spawn_app().await;
-    for (n, &(retcode, code, reason, retry_current, retry_drop)) in
-        RETCODE_EXPECTATIONS.iter().enumerate()
-    {
+    for (n, &(retcode, code, reason, retry)) in RETCODE_EXPECTATIONS.iter().enumerate() {
         for dropcall in [false, true] {
             // A fresh session each round: 100-006 / 000-003 make the facade forget it.
             app.sim.clear_faults();
@@ -318,8 +183,13 @@ async fn every_failure_retcode_maps_to_its_documented_status() {
                 request_id: request_id.clone(),
                 ..release_req("101")
             };
-            let status = app.release(request).await.unwrap_err();
-            let details = expect_status(&status, code, reason);
+            let status = app.release(request.clone()).await.unwrap_err();
+            let outcome_unknown = !dropcall && OUTCOME_UNKNOWN_RETCODES.contains(&retcode);
+            let details = if outcome_unknown {
+                expect_outcome_unknown(&status, reason)
+            } else {
+                expect_status(&status, code, reason)
+            };
             let metadata = &details.error_info().unwrap().metadata;
             assert_eq!(metadata["retcode"], retcode);
             assert_eq!(metadata["agent_id"], "101");
@@ -330,20 +200,41 @@ async fn every_failure_retcode_maps_to_its_documented_status() {
                 "{}",
                 status.message()
             );
-            let expect_retry = if dropcall { retry_drop } else { retry_current };
             assert_eq!(
                 details.retry_info().is_some(),
-                expect_retry,
+                retry && !outcome_unknown,
                 "{retcode} dropcall={dropcall}: {status:?}"
             );
-            // Only 100-007 leaves the outcome of a release of the current call unknown.
             assert_eq!(
                 metadata.get("may_have_released").map(String::as_str),
-                (retcode == "100-007" && !dropcall).then_some("true"),
+                outcome_unknown.then_some("true"),
                 "{retcode} dropcall={dropcall}"
             );
+            if outcome_unknown {
+                // Issue 7, point 1: its request_id replays that answer; nothing is sent again.
+                let sent = app.upstream().len();
+                let replayed = app.release(request).await.unwrap_err();
+                expect_outcome_unknown(&replayed, reason);
+                assert_eq!(app.upstream().len(), sent, "{retcode}: the retry was sent");
+            }
         }
     }
+}
+
+/// Asserts the one answer to a release of the current call that may have happened: UNKNOWN /
+/// RELEASE_OUTCOME_UNKNOWN, `may_have_released`, the failure as `cause`, and no RetryInfo.
+fn expect_outcome_unknown(status: &tonic::Status, cause: &str) -> tonic_types::ErrorDetails {
+    let details = expect_status(status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
+    let metadata = &details.error_info().unwrap().metadata;
+    assert_eq!(metadata["may_have_released"], "true", "{status:?}");
+    assert_eq!(metadata["cause"], cause, "{status:?}");
+    assert!(details.retry_info().is_none(), "{status:?}");
+    assert!(
+        status.message().contains("do not repeat"),
+        "{}",
+        status.message()
+    );
+    details
 }
 
 #[tokio::test]
@@ -357,16 +248,12 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
         ..release_req("101")
     };
     let status = app.release(request.clone()).await.unwrap_err();
-    let details = expect_status(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
-    assert_eq!(
-        details.error_info().unwrap().metadata["may_have_released"],
-        "true"
-    );
+    expect_outcome_unknown(&status, "GATEWAY_CONNECTION_LOST");
 
     // The gateway did release; the customer calls back; the client retries with the same id.
     let next_call = app.sim.place_call("101", "70094").unwrap();
     let status = app.release(request).await.unwrap_err();
-    expect_status(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
+    expect_outcome_unknown(&status, "GATEWAY_CONNECTION_LOST");
     let deletes = app
         .upstream()
         .into_iter()
@@ -636,41 +523,43 @@ async fn a_repeated_request_id_does_not_release_twice() {
     expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
 }
 
+/// The deadline that ends the RPC is the facade's own (--request-timeout-ms), far inside the
+/// client's grpc-timeout (which tonic enforces with CANCELLED), so the two never race (issue 7,
+/// point 7): the assertion is about what the facade answers, not about how fast.
 #[tokio::test]
 async fn a_hanging_gateway_ends_the_rpc_at_its_deadline() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(sim_config(), &["--request-timeout-ms", "500"]).await;
     app.sign_in("101").await;
     app.sim.push_fault(fault(Fault::Latency { ms: 60_000 }));
     let mut request = tonic::Request::new(release_req("101"));
-    request.set_timeout(Duration::from_millis(500));
-    let started = std::time::Instant::now();
+    request.set_timeout(Duration::from_secs(20));
     let status = app.release_with(request).await.unwrap_err();
-    let details = expect_status(&status, Code::DeadlineExceeded, "GATEWAY_TIMEOUT");
-    assert_eq!(
-        details.error_info().unwrap().metadata["may_have_released"],
-        "true"
-    );
-    assert!(details.retry_info().is_none());
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
+    expect_outcome_unknown(&status, "GATEWAY_TIMEOUT");
     assert_eq!(
         app.upstream().len(),
         1,
         "a release of the current call was retried"
     );
+
+    // A dropcall names its call: the same timeout keeps its own code.
+    app.sim.push_fault(fault(Fault::Latency { ms: 60_000 }));
+    let request = ReleaseCallRequest {
+        call_id: "1700000000-1".into(),
+        ..release_req("101")
+    };
+    let status = app.release(request).await.unwrap_err();
+    expect_status(&status, Code::DeadlineExceeded, "GATEWAY_TIMEOUT");
 }
 
 #[tokio::test]
 async fn a_deadline_too_short_to_reach_the_gateway_sends_nothing() {
-    let app = spawn_app().await;
+    // The too-short budget is the facade's own cap, while the client's grpc-timeout (which
+    // tonic enforces with CANCELLED) is seconds away: no race between the two (issue 7, point
+    // 7; this test used to ask for 5 ms and lose that race on a loaded machine).
+    let app = spawn_app_with(sim_config(), &["--request-timeout-ms", "10"]).await;
     app.sign_in("101").await;
     app.sim.place_call("101", "70093").unwrap();
-    let mut request = tonic::Request::new(release_req("101"));
-    request.set_timeout(Duration::from_millis(5));
-    let status = app.release_with(request).await.unwrap_err();
+    let status = app.release(release_req("101")).await.unwrap_err();
     let details = expect_status(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT");
     assert!(!details
         .error_info()
@@ -686,12 +575,16 @@ async fn garbage_and_huge_answers_are_internal_errors_read_within_bounds() {
     app.sign_in("101").await;
     app.sim.push_fault(fault(Fault::Malformed));
     let status = app.release(release_req("101")).await.unwrap_err();
-    expect_status(&status, Code::Internal, "GATEWAY_MALFORMED_ANSWER");
+    expect_outcome_unknown(&status, "GATEWAY_MALFORMED_ANSWER");
 
     const HUGE: u64 = 512 * 1024 * 1024;
     for _ in 0..3 {
         app.sim.push_fault(fault(Fault::Oversized { bytes: HUGE }));
-        let status = app.release(release_req("101")).await.unwrap_err();
+        let dropcall = ReleaseCallRequest {
+            call_id: "1700000000-1".into(),
+            ..release_req("101")
+        };
+        let status = app.release(dropcall).await.unwrap_err();
         expect_status(&status, Code::Internal, "GATEWAY_ANSWER_TOO_LARGE");
     }
     // The facade stops reading at its limit (64 KiB): the simulator could push little more
@@ -710,13 +603,15 @@ async fn http_errors_are_unavailable_and_only_dropcall_retries_them() {
     app.sign_in("101").await;
     app.sim.push_fault(fault(Fault::HttpStatus { status: 503 }));
     let status = app.release(release_req("101")).await.unwrap_err();
-    let details = expect_status(&status, Code::Unavailable, "GATEWAY_HTTP_ERROR");
+    let details = expect_outcome_unknown(&status, "GATEWAY_HTTP_ERROR");
     assert_eq!(details.error_info().unwrap().metadata["http_status"], "503");
-    assert!(
-        details.retry_info().is_none(),
-        "RetryInfo on an unsafe release"
-    );
     assert_eq!(app.upstream().len(), 1);
+
+    // 429 is a refusal: nothing happened, and the client may retry.
+    app.sim.push_fault(fault(Fault::HttpStatus { status: 429 }));
+    let status = app.release(release_req("101")).await.unwrap_err();
+    let details = expect_status(&status, Code::Unavailable, "GATEWAY_HTTP_ERROR");
+    assert!(details.retry_info().is_some());
 
     let call_id = app.sim.place_call("101", "70093").unwrap();
     app.sim.clear_requests();
@@ -743,16 +638,7 @@ async fn a_dropped_connection_is_unavailable_and_never_retried_for_the_current_c
     app.sim.place_call("101", "70093").unwrap();
     app.sim.push_fault(fault(Fault::Drop));
     let status = app.release(release_req("101")).await.unwrap_err();
-    let details = expect_status(&status, Code::Unavailable, "GATEWAY_CONNECTION_LOST");
-    assert_eq!(
-        details.error_info().unwrap().metadata["may_have_released"],
-        "true"
-    );
-    assert!(
-        status.message().contains("do not repeat"),
-        "{}",
-        status.message()
-    );
+    expect_outcome_unknown(&status, "GATEWAY_CONNECTION_LOST");
     assert_eq!(app.upstream().len(), 1);
 }
 
