@@ -115,6 +115,28 @@ impl TestApp {
         self.guid_of(agent).expect("sign-in registered a session")
     }
 
+    /// Signs the agent in the way an agent desktop does, straight at the gateway (with
+    /// `force`: forcelogin, which replaces any session); the facade learns nothing. Returns
+    /// the Guid.
+    pub async fn desktop_sign_in(&self, agent: &str, force: bool) -> String {
+        ccgw_callcontrol::install_crypto_provider();
+        let suffix = if force { "/forcelogin" } else { "" };
+        let answer = reqwest::Client::new()
+            .put(format!(
+                "http://{}/agentgateway/resource/onlineagent/{agent}{suffix}",
+                self.sim_addr
+            ))
+            .json(&serde_json::json!({"password": "pw", "phonenum": "88003"}))
+            .send()
+            .await
+            .expect("the simulator answers a sign-in");
+        answer.headers()["set-guid"]
+            .to_str()
+            .unwrap()
+            .trim_start_matches("JSESSIONID=")
+            .to_owned()
+    }
+
     pub fn guid_of(&self, agent: &str) -> Option<String> {
         self.api
             .gateway()
@@ -184,6 +206,15 @@ pub fn agent_id(raw: &str) -> AgentId {
 
 pub fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
+}
+
+/// `message` with the session handed over in `x-ccgw-guid`.
+pub fn handing_over<T>(message: T, guid: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-ccgw-guid", guid.parse().expect("a Guid is valid metadata"));
+    request
 }
 
 pub fn release_req(agent: &str) -> ReleaseCallRequest {
