@@ -115,26 +115,9 @@ impl TestApp {
         self.guid_of(agent).expect("sign-in registered a session")
     }
 
-    /// Signs the agent in the way an agent desktop does, straight at the gateway (with
-    /// `force`: forcelogin, which replaces any session); the facade learns nothing. Returns
-    /// the Guid.
+    /// Signs the agent in the way an agent desktop does (see [`desktop_sign_in`]).
     pub async fn desktop_sign_in(&self, agent: &str, force: bool) -> String {
-        ccgw_callcontrol::install_crypto_provider();
-        let suffix = if force { "/forcelogin" } else { "" };
-        let answer = reqwest::Client::new()
-            .put(format!(
-                "http://{}/agentgateway/resource/onlineagent/{agent}{suffix}",
-                self.sim_addr
-            ))
-            .json(&serde_json::json!({"password": "pw", "phonenum": "88003"}))
-            .send()
-            .await
-            .expect("the simulator answers a sign-in");
-        answer.headers()["set-guid"]
-            .to_str()
-            .unwrap()
-            .trim_start_matches("JSESSIONID=")
-            .to_owned()
+        desktop_sign_in(self.sim_addr, agent, force).await
     }
 
     pub fn guid_of(&self, agent: &str) -> Option<String> {
@@ -206,6 +189,26 @@ pub fn agent_id(raw: &str) -> AgentId {
 
 pub fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
+}
+
+/// Signs the agent in the way an agent desktop does, straight at the gateway (with `force`:
+/// forcelogin, which replaces any session); no facade learns of it. Returns the Guid.
+pub async fn desktop_sign_in(sim: SocketAddr, agent: &str, force: bool) -> String {
+    ccgw_callcontrol::install_crypto_provider();
+    let suffix = if force { "/forcelogin" } else { "" };
+    let answer = reqwest::Client::new()
+        .put(format!(
+            "http://{sim}/agentgateway/resource/onlineagent/{agent}{suffix}"
+        ))
+        .json(&serde_json::json!({"password": "pw", "phonenum": "88003"}))
+        .send()
+        .await
+        .expect("the simulator answers a sign-in");
+    answer.headers()["set-guid"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("JSESSIONID=")
+        .to_owned()
 }
 
 /// `message` with the session handed over in `x-ccgw-guid`.

@@ -1,0 +1,169 @@
+//! Issue 7, point 1: once a release of the current call may have reached the gateway, no path
+//! (handler, drain, hard stop, replay) answers anything that invites a retry: never
+//! UNAVAILABLE, ABORTED or RESOURCE_EXHAUSTED, never RetryInfo.
+mod common;
+
+use std::process::Stdio;
+
+use ccgw_callcontrol::{
+    proto::{
+        call_control_client::CallControlClient, ReleaseCallRequest, ReleaseConfirmation,
+        ReleaseOutcome,
+    },
+    sim::{Fault, FaultRule, Simulator},
+};
+use common::{
+    expect_status, handing_over, release_req, sim_config, spawn_app_with, wait_until, CALLER,
+    WAIT,
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    net::TcpListener,
+    process::Command,
+};
+use tonic::Code;
+
+fn hang(path_contains: &str) -> FaultRule {
+    FaultRule {
+        fault: Fault::Latency { ms: 120_000 },
+        count: 1_000,
+        method: None,
+        path_contains: Some(path_contains.into()),
+    }
+}
+
+/// A real SIGTERM to a real process holding a ReleaseCall that released the call and waits for
+/// its event: the answer is OK RELEASED, confirmation SHUTTING_DOWN (before: UNAVAILABLE with
+/// RetryInfo, which a retry policy would act on), and the process exits cleanly.
+#[tokio::test]
+async fn sigterm_while_waiting_for_the_release_event_answers_released() {
+    let sim = Simulator::new(sim_config());
+    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = sim_listener.local_addr().unwrap();
+    tokio::spawn(sim.clone().serve(sim_listener, std::future::pending()));
+    let mut facade = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args([
+            "--gateway-url",
+            &format!("http://{sim_addr}"),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the service binary starts");
+    let mut logs = BufReader::new(facade.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = logs.next_line().await.unwrap() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["message"] == "serving gRPC" {
+                return entry["listen"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the service exited before serving");
+    })
+    .await
+    .expect("the service serves within the wait bound");
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+
+    // An agent desktop signed in; its event polls will hang, so the event never comes.
+    let desktop_guid = common::desktop_sign_in(sim_addr, "101", false).await;
+    sim.place_call("101", CALLER).unwrap();
+    sim.push_fault(hang("/agentevent/"));
+    let mut client = CallControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let request = handing_over(
+        ReleaseCallRequest {
+            wait_for_release_event: true,
+            ..release_req("101")
+        },
+        &desktop_guid,
+    );
+    let waiting = tokio::spawn(async move { client.release_call(request).await });
+    // Released, and the wait for its event is on (the poll loop polls).
+    let polled = || {
+        sim.requests()
+            .iter()
+            .any(|r| r.path.ends_with("/agentevent/101"))
+    };
+    wait_until("the call is released and its event awaited", || {
+        sim.agent("101").unwrap().call_id.is_none() && polled()
+    })
+    .await;
+
+    let pid = facade.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let answer = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting ReleaseCall is answered")
+        .unwrap()
+        .expect("a release that happened is a success")
+        .into_inner();
+    assert_eq!(answer.outcome(), ReleaseOutcome::Released);
+    assert_eq!(answer.confirmation(), ReleaseConfirmation::ShuttingDown);
+    assert!(answer.release_event.is_none());
+    let exit = tokio::time::timeout(WAIT, facade.wait())
+        .await
+        .expect("the process exits")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// The hard stop (here at once: --drain-timeout-secs 0) with the DELETE held at the
+/// simulator: the release of the current call answers UNKNOWN / RELEASE_OUTCOME_UNKNOWN with
+/// no RetryInfo (before: a bare UNAVAILABLE), while a dropcall caught the same way may be
+/// retried (it names its call).
+#[tokio::test]
+async fn a_hard_stop_with_the_delete_at_the_gateway_answers_outcome_unknown() {
+    let app = spawn_app_with(sim_config(), &["--drain-timeout-secs", "0"]).await;
+    app.sign_in("101").await;
+    app.sign_in("102").await;
+    app.sim.place_call("101", CALLER).unwrap();
+    let call = app.sim.place_call("102", CALLER).unwrap();
+    app.sim.push_fault(hang("/voicecall/"));
+    let current = {
+        let request = ReleaseCallRequest {
+            request_id: "hard-stop-1".into(),
+            ..release_req("101")
+        };
+        let mut client = app.client.clone();
+        tokio::spawn(async move { client.release_call(request).await })
+    };
+    let dropcall = {
+        let request = ReleaseCallRequest {
+            call_id: call,
+            ..release_req("102")
+        };
+        let mut client = app.client.clone();
+        tokio::spawn(async move { client.release_call(request).await })
+    };
+    wait_until("both releases are at the gateway", || {
+        app.upstream().len() == 2
+    })
+    .await;
+    app.shutdown().await;
+
+    let status = current.await.unwrap().unwrap_err();
+    let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
+    let metadata = &details.error_info().unwrap().metadata;
+    assert_eq!(metadata["may_have_released"], "true");
+    assert_eq!(metadata["cause"], "SHUTTING_DOWN");
+    assert_eq!(metadata["agent_id"], "101");
+    assert!(details.retry_info().is_none(), "{status:?}");
+    assert_eq!(details.request_info().unwrap().request_id, "hard-stop-1");
+
+    let status = dropcall.await.unwrap().unwrap_err();
+    let details = expect_status(&status, Code::Unavailable, "SHUTTING_DOWN");
+    assert!(details.retry_info().is_some());
+}
