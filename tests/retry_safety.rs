@@ -13,8 +13,7 @@ use ccgw_callcontrol::{
     sim::{Fault, FaultRule, Simulator},
 };
 use common::{
-    expect_status, handing_over, release_req, sim_config, spawn_app_with, wait_until, CALLER,
-    WAIT,
+    expect_status, handing_over, release_req, sim_config, spawn_app_with, wait_until, CALLER, WAIT,
 };
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -72,7 +71,7 @@ async fn sigterm_while_waiting_for_the_release_event_answers_released() {
     tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
 
     // An agent desktop signed in; its event polls will hang, so the event never comes.
-    let desktop_guid = common::desktop_sign_in(sim_addr, "101", false).await;
+    let desktop_guid = common::desktop_sign_in(sim_addr, "101", false).await.guid;
     sim.place_call("101", CALLER).unwrap();
     sim.push_fault(hang("/agentevent/"));
     let mut client = CallControlClient::connect(format!("http://{addr}"))

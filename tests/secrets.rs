@@ -5,7 +5,6 @@ mod common;
 use std::{
     io::Write,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use ccgw_callcontrol::sim::{Fault, FaultRule, SimConfig};
@@ -117,6 +116,17 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
         .metadata_mut()
         .insert("x-ccgw-guid", bad_guid.parse().unwrap());
     statuses.push(app.release_with(request).await.unwrap_err());
+    // The desktop signs in again and hands the new Guid over: the facade's is refused, the
+    // handed-over one tried and adopted.
+    let fresh = app.desktop_sign_in("101", true).await;
+    let fresh_cookie = fresh.cookie.expect("a sticky cookie");
+    secrets.push(fresh.guid.clone());
+    secrets.push(fresh_cookie.split_once('=').unwrap().1.to_owned());
+    let mut request = common::handing_over(release_req("101"), &fresh.guid);
+    request
+        .metadata_mut()
+        .insert("x-ccgw-cookie", fresh_cookie.parse().unwrap());
+    app.release_with(request).await.unwrap();
     app.sim.force_signout("101").unwrap();
     // The stream ends with the sign-out; then ReleaseCall finds no session.
     statuses.push(watch.until_error().await.1);
@@ -127,7 +137,8 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
         logs.contains("ReleaseCall")
             && logs.contains("gateway issued a new Guid")
             && logs.contains("poll failed")
-            && logs.contains("back to the session it replaced"),
+            && logs.contains("trying the handed-over one")
+            && logs.contains("it is the agent's session now"),
         "capture works"
     );
     for secret in &secrets {

@@ -61,7 +61,7 @@ async fn the_sign_in_guid_handed_over_after_20_rotations_releases_with_the_newes
 async fn a_forcelogin_guid_handed_over_is_adopted_once_the_gateway_accepts_it() {
     let app = spawn_app_with(sim_config(), &[]).await;
     let first = app.sign_in("101").await;
-    let fresh = app.desktop_sign_in("101", true).await;
+    let fresh = app.desktop_sign_in("101", true).await.guid;
     assert_ne!(first, fresh);
     app.sim.place_call("101", CALLER).unwrap();
     let answer = app
@@ -155,7 +155,10 @@ async fn handed_over_sessions_are_capped() {
     let mut streams = Vec::new();
     for n in 0..50 {
         let agent = (5000 + n).to_string();
-        streams.push(app.watch(handing_over(watch_req(&[&agent]), &junk(n))).await);
+        streams.push(
+            app.watch(handing_over(watch_req(&[&agent]), &junk(n)))
+                .await,
+        );
     }
     assert_eq!(app.api.gateway().sessions().len(), 50);
     let status = app

@@ -13,9 +13,9 @@ use ccgw_callcontrol::{
     sim::{Fault, FaultRule, SimConfig},
 };
 use common::{
-    assert_ordered, expect_status, handing_over, hangup_pair, kinds_and_calls, release_req, resume_req,
-    sim_config, spawn_app, spawn_app_with, violated_fields, wait_until, watch_on, watch_req, Item,
-    ReleaseEvent, ReleaseKind, TestApp, WatchReleaseEventsRequest, CALLER,
+    assert_ordered, expect_status, handing_over, hangup_pair, kinds_and_calls, release_req,
+    resume_req, sim_config, spawn_app, spawn_app_with, violated_fields, wait_until, watch_on,
+    watch_req, Item, ReleaseEvent, ReleaseKind, TestApp, WatchReleaseEventsRequest, CALLER,
 };
 use serde_json::json;
 use tonic::Code;
@@ -691,7 +691,7 @@ async fn more_streams_than_max_watchers_are_refused_until_one_closes() {
 async fn a_session_handed_over_in_metadata_opens_a_single_agent_stream() {
     let app = spawn_app().await;
     // An agent desktop signs in by itself; the facade learns the session from the watcher.
-    let guid = app.desktop_sign_in("103", false).await;
+    let guid = app.desktop_sign_in("103", false).await.guid;
     assert!(app.guid_of("103").is_none());
     let request = handing_over(watch_req(&["103"]), &guid);
     let mut watch = app.watch(request).await;

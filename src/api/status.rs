@@ -172,7 +172,12 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
         metadata.insert("cause".to_owned(), rule.reason.to_owned());
         metadata.insert("may_have_released".to_owned(), "true".to_owned());
         let unknown = self::rule("(current-call release, outcome unknown)");
-        return failure(unknown, &format!("{}: {detail}", rule.meaning), metadata, ctx);
+        return failure(
+            unknown,
+            &format!("{}: {detail}", rule.meaning),
+            metadata,
+            ctx,
+        );
     }
     failure(rule, &detail, metadata, ctx)
 }
@@ -184,7 +189,10 @@ pub fn cut_off_by_hard_stop(path: &str) -> Status {
     let detail = "the facade shut down before this call finished";
     if path.ends_with("/ReleaseCall") {
         let metadata = HashMap::from([
-            ("cause".to_owned(), rule("(shutting down)").reason.to_owned()),
+            (
+                "cause".to_owned(),
+                rule("(shutting down)").reason.to_owned(),
+            ),
             ("may_have_released".to_owned(), "true".to_owned()),
         ]);
         let ctx = Context {

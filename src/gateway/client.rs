@@ -245,7 +245,11 @@ impl GatewayClient {
     ) -> Result<Answer, GatewayError> {
         let mut headers = SessionHeaders::default();
         let result = self
-            .exchange(self.request_in(method, path, session)?, &mut headers, deadline)
+            .exchange(
+                self.request_in(method, path, session)?,
+                &mut headers,
+                deadline,
+            )
             .await;
         if self.sessions.absorb(agent, Some(&session.guid), headers) {
             tracing::info!(%agent, "gateway issued a new Guid");
@@ -280,7 +284,11 @@ impl GatewayClient {
         let guid_used = session.guid.clone();
         let mut headers = SessionHeaders::default();
         let result = self
-            .exchange(self.request_in(method, path, &session)?, &mut headers, deadline)
+            .exchange(
+                self.request_in(method, path, &session)?,
+                &mut headers,
+                deadline,
+            )
             .await;
         session.absorb(headers);
         let answer = result?;

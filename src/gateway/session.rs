@@ -119,10 +119,7 @@ impl Cookies {
                 *v = value.to_owned();
                 true
             }
-            None if full || len + 2 + name.len() + 1 + value.len() > Self::MAX_HEADER_LEN =>
-            {
-                false
-            }
+            None if full || len + 2 + name.len() + 1 + value.len() > Self::MAX_HEADER_LEN => false,
             None => {
                 self.0.push((name.to_owned(), value.to_owned()));
                 true
@@ -325,7 +322,12 @@ impl SessionRegistry {
     /// Applies a gateway answer's session headers to the session the request was made with
     /// (`guid_used`); a sign-in's answer (`None`) starts a new session. Answers to a Guid the
     /// agent's session no longer holds change nothing. Returns true when a Guid rotated.
-    pub fn absorb(&self, agent: AgentId, guid_used: Option<&Guid>, headers: SessionHeaders) -> bool {
+    pub fn absorb(
+        &self,
+        agent: AgentId,
+        guid_used: Option<&Guid>,
+        headers: SessionHeaders,
+    ) -> bool {
         if headers.is_empty() {
             return false;
         }
@@ -379,7 +381,11 @@ impl SessionRegistry {
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
         if let Some(entry) = sessions.get_mut(&agent) {
-            if entry.candidate.as_ref().is_some_and(|c| c.guid == session.guid) {
+            if entry
+                .candidate
+                .as_ref()
+                .is_some_and(|c| c.guid == session.guid)
+            {
                 entry.candidate = None;
             }
             entry.current = session;
@@ -473,7 +479,8 @@ mod tests {
     /// Issue 7, point 5: a Set-GUID with attributes is read.
     #[test]
     fn set_guid_attributes_are_not_part_of_the_guid() {
-        let guid = Guid::from_set_guid("JSESSIONID=279fe21d.AgentGateway0; Path=/; Secure").unwrap();
+        let guid =
+            Guid::from_set_guid("JSESSIONID=279fe21d.AgentGateway0; Path=/; Secure").unwrap();
         assert_eq!(guid.expose(), "279fe21d.AgentGateway0");
         assert_eq!(
             Guid::from_set_guid(" JSESSIONID=abc ").unwrap().expose(),
@@ -589,7 +596,10 @@ mod tests {
         assert_eq!(live.guid, guid("rotated"));
         assert_eq!(live.cookies.header_value().as_deref(), Some("route=n1"));
         // A refusal of the live one brings the candidate in; its refusal ends the session.
-        assert_eq!(registry.refused(a, &guid("rotated")), Refusal::CandidateNext);
+        assert_eq!(
+            registry.refused(a, &guid("rotated")),
+            Refusal::CandidateNext
+        );
         assert_eq!(registry.get(a).unwrap().guid, guid("signed-in"));
         assert_eq!(registry.refused(a, &guid("signed-in")), Refusal::Forgotten);
         assert!(registry.get(a).is_none());
@@ -665,7 +675,10 @@ mod tests {
         assert!(registry.get(agent(102)).is_none());
         assert!(registry.get(agent(101)).is_some());
         tokio::time::advance(Duration::from_secs(600)).await;
-        assert!(registry.get(agent(101)).is_none(), "idle for the whole idle time");
+        assert!(
+            registry.get(agent(101)).is_none(),
+            "idle for the whole idle time"
+        );
         assert_eq!(registry.len(), 1);
     }
 }

@@ -324,7 +324,10 @@ mod tests {
         owner(cache.claim(&id("settled"), 0)).complete(2, Retention::Evictable);
         // Room is made by forgetting the settled answer, not the pinned one.
         owner(cache.claim(&id("next"), 0)).complete(3, Retention::Pinned);
-        assert_eq!(follower(cache.claim(&id("unknown"), 0)).wait().await, Some(1));
+        assert_eq!(
+            follower(cache.claim(&id("unknown"), 0)).wait().await,
+            Some(1)
+        );
         assert!(matches!(cache.claim(&id("settled"), 0), Claim::Full));
         tokio::time::advance(Duration::from_secs(61)).await;
         owner(cache.claim(&id("settled"), 0));

@@ -189,9 +189,9 @@ impl ReleaseService {
                     // whose outcome is unknown.
                     let answer =
                         AssertUnwindSafe(this.release_once(&command, deadline, handed.as_ref()))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
+                            .catch_unwind()
+                            .await
+                            .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
                     let retention = match &answer {
                         Ok(_) => Retention::Evictable,
                         Err(error) => error.retention(&command.target),

@@ -116,7 +116,7 @@ impl TestApp {
     }
 
     /// Signs the agent in the way an agent desktop does (see [`desktop_sign_in`]).
-    pub async fn desktop_sign_in(&self, agent: &str, force: bool) -> String {
+    pub async fn desktop_sign_in(&self, agent: &str, force: bool) -> DesktopSession {
         desktop_sign_in(self.sim_addr, agent, force).await
     }
 
@@ -191,9 +191,16 @@ pub fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
 }
 
+/// A session an agent desktop got from the gateway itself.
+pub struct DesktopSession {
+    pub guid: String,
+    /// The load balancer's sticky cookie (`name=value`), when it set one.
+    pub cookie: Option<String>,
+}
+
 /// Signs the agent in the way an agent desktop does, straight at the gateway (with `force`:
-/// forcelogin, which replaces any session); no facade learns of it. Returns the Guid.
-pub async fn desktop_sign_in(sim: SocketAddr, agent: &str, force: bool) -> String {
+/// forcelogin, which replaces any session); no facade learns of it.
+pub async fn desktop_sign_in(sim: SocketAddr, agent: &str, force: bool) -> DesktopSession {
     ccgw_callcontrol::install_crypto_provider();
     let suffix = if force { "/forcelogin" } else { "" };
     let answer = reqwest::Client::new()
@@ -204,19 +211,28 @@ pub async fn desktop_sign_in(sim: SocketAddr, agent: &str, force: bool) -> Strin
         .send()
         .await
         .expect("the simulator answers a sign-in");
-    answer.headers()["set-guid"]
-        .to_str()
-        .unwrap()
-        .trim_start_matches("JSESSIONID=")
-        .to_owned()
+    let headers = answer.headers();
+    DesktopSession {
+        guid: headers["set-guid"]
+            .to_str()
+            .unwrap()
+            .trim_start_matches("JSESSIONID=")
+            .to_owned(),
+        cookie: headers
+            .get("set-cookie")
+            .and_then(|c| c.to_str().ok())
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned),
+    }
 }
 
 /// `message` with the session handed over in `x-ccgw-guid`.
 pub fn handing_over<T>(message: T, guid: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-ccgw-guid", guid.parse().expect("a Guid is valid metadata"));
+    request.metadata_mut().insert(
+        "x-ccgw-guid",
+        guid.parse().expect("a Guid is valid metadata"),
+    );
     request
 }
 
