@@ -1,5 +1,6 @@
-//! Compiles the API contract with protox (no system `protoc`) and writes the descriptor set that
-//! server reflection serves.
+//! Compiles the API contract with protox (no system `protoc`) and writes the descriptor sets that
+//! server reflection serves: the contract's, and google.rpc's error details, which are not part
+//! of the contract but are what every failure carries.
 use std::{env, path::PathBuf};
 
 use prost::Message;
@@ -12,6 +13,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(
         out_dir.join("callcontrol_descriptor.bin"),
         descriptors.encode_to_vec(),
+    )?;
+    // Descriptors only: the Rust types are tonic-types' (the ones the status details are
+    // encoded with).
+    let error_details = protox::compile(["proto/google/rpc/error_details.proto"], ["proto"])?;
+    std::fs::write(
+        out_dir.join("error_details_descriptor.bin"),
+        error_details.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
         .build_client(true)

@@ -22,9 +22,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub struct Config {
-    /// Address the gRPC server listens on.
-    #[arg(long, env = "CCGW_LISTEN", default_value = "0.0.0.0:50051")]
-    pub listen: SocketAddr,
+    /// Address the gRPC server listens on [default: 0.0.0.0:50051, or 127.0.0.1:50051 with
+    /// --simulate].
+    #[arg(long, env = "CCGW_LISTEN")]
+    pub listen: Option<SocketAddr>,
 
     /// CC-Gateway base URL, e.g. https://ccgw.example:8043 (the /agentgateway/resource prefix
     /// is added). Not needed with --simulate.
@@ -157,7 +158,24 @@ pub struct Config {
     pub sim_listen: SocketAddr,
 }
 
+/// The real service's default: reachable from the other services it is made for.
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 50051);
+/// The `--simulate` demo's default: it has no authentication and hangs up calls for anyone who
+/// reaches it, so only this machine may, unless `--listen` says otherwise.
+const DEFAULT_SIMULATE_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
+
 impl Config {
+    /// Where the gRPC server listens: `--listen` / `CCGW_LISTEN`, else the default of the mode.
+    pub fn listen_addr(&self) -> SocketAddr {
+        match self.listen {
+            Some(addr) => addr,
+            None if self.simulate => DEFAULT_SIMULATE_LISTEN,
+            None => DEFAULT_LISTEN,
+        }
+    }
+
     /// Checks what one flag's range cannot: a request id must be remembered at least as long
     /// as its request may run, or a duplicate could act while the first is still waiting.
     pub fn validate(&self) -> Result<(), String> {
@@ -239,8 +257,6 @@ mod tests {
     fn gateway_url_is_required_unless_simulating() {
         assert!(Config::try_parse_from(["x"]).is_err());
         assert!(Config::try_parse_from(["x", "--simulate"]).is_ok());
-        let c = Config::try_parse_from(["x", "--gateway-url", "https://gw:8043"]).unwrap();
-        assert_eq!(c.listen.port(), 50051);
         assert!(Config::try_parse_from(["x", "--simulate", "--max-agent-id", "1000000"]).is_err());
         assert!(Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "0"]).is_err());
         let short = Config::try_parse_from([
@@ -253,5 +269,41 @@ mod tests {
         ])
         .unwrap();
         assert!(short.validate().is_err());
+    }
+
+    /// Review point 6 (the demo listens on loopback): `--simulate` alone listens on
+    /// 127.0.0.1:50051, the real service on every interface, and `--listen` wins in both modes.
+    /// Assumes CCGW_LISTEN is not set in the test's environment.
+    #[test]
+    fn the_demo_listens_on_loopback_unless_told_otherwise() {
+        let listen = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .unwrap()
+                .listen_addr()
+                .to_string()
+        };
+        assert_eq!(listen(&["--simulate"]), "127.0.0.1:50051");
+        assert_eq!(
+            listen(&["--gateway-url", "https://gw:8043"]),
+            "0.0.0.0:50051"
+        );
+        assert_eq!(
+            listen(&["--simulate", "--listen", "0.0.0.0:50051"]),
+            "0.0.0.0:50051"
+        );
+        assert_eq!(
+            listen(&[
+                "--gateway-url",
+                "https://gw:8043",
+                "--listen",
+                "127.0.0.1:6000"
+            ]),
+            "127.0.0.1:6000"
+        );
+        assert_eq!(
+            listen(&["--simulate", "--gateway-url", "https://gw:8043"]),
+            "127.0.0.1:50051",
+            "--simulate runs the demo even with a gateway URL"
+        );
     }
 }

@@ -20,6 +20,12 @@ pub mod proto {
     tonic::include_proto!("ccgw.callcontrol.v1");
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("callcontrol_descriptor");
+    /// `google/rpc/error_details.proto` (with `google/protobuf/duration.proto`, which it
+    /// imports): the types of the status details every failure carries. Served by reflection so
+    /// that grpcurl can print ErrorInfo, RetryInfo, BadRequest and RequestInfo instead of
+    /// their raw bytes.
+    pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("error_details_descriptor");
 }
 
 /// Installs ring as the process-wide rustls crypto provider. reqwest is built without a provider

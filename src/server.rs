@@ -60,10 +60,12 @@ pub async fn run(
         .set_serving::<CallControlServer<CallControlApi>>()
         .await;
 
-    // Each lists the other too, so every client sees the same list whichever it speaks.
+    // Each lists the other too, so every client sees the same list whichever it speaks. The
+    // error details add no service: they let a client decode the details of every failure.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection()

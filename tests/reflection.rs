@@ -1,8 +1,9 @@
 //! Server reflection v1 (what current grpcurl, Postman and grpc-cli speak; the grpcurl test
-//! covers v1alpha): the services are listed and the contract can be fetched whole.
+//! covers v1alpha): the services are listed and the contract, and the google.rpc error details
+//! its failures carry, can be fetched whole.
 mod common;
 
-use ccgw_callcontrol::proto::FILE_DESCRIPTOR_SET;
+use ccgw_callcontrol::proto::{ERROR_DETAILS_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use common::spawn_app;
 use prost::Message;
 use tokio_stream::StreamExt;
@@ -83,4 +84,60 @@ async fn reflection_v1_lists_the_services_and_serves_the_contract() {
         .map(|m| m.name())
         .collect();
     assert_eq!(methods, ["ReleaseCall", "WatchReleaseEvents"]);
+}
+
+/// Review point 6 (grpcurl shows the status details), over reflection v1: the file declaring
+/// `google.rpc.ErrorInfo` is served, is the vendored `google/rpc/error_details.proto` the binary
+/// was built from, and every file it imports can be fetched by name, so a client can decode
+/// every detail (RetryInfo needs `google/protobuf/duration.proto`).
+#[tokio::test]
+async fn reflection_v1_serves_the_error_details_and_their_imports() {
+    let app = spawn_app().await;
+    let MessageResponse::FileDescriptorResponse(files) = ask(
+        app.grpc_addr,
+        MessageRequest::FileContainingSymbol("google.rpc.ErrorInfo".into()),
+    )
+    .await
+    else {
+        panic!("google.rpc.ErrorInfo is not served");
+    };
+    let served: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+        .collect();
+    let details = served
+        .iter()
+        .find(|f| f.name() == "google/rpc/error_details.proto")
+        .expect("the error details' file");
+    assert_eq!(details.package(), "google.rpc");
+    let built = prost_types::FileDescriptorSet::decode(ERROR_DETAILS_DESCRIPTOR_SET).unwrap();
+    assert_eq!(
+        Some(details),
+        built.file.iter().find(|f| f.name() == details.name()),
+        "reflection serves the error details the binary was built from"
+    );
+    let messages: Vec<_> = details.message_type.iter().map(|m| m.name()).collect();
+    for message in ["ErrorInfo", "RetryInfo", "BadRequest", "RequestInfo"] {
+        assert!(
+            messages.contains(&message),
+            "{message} missing: {messages:?}"
+        );
+    }
+
+    assert_eq!(details.dependency, ["google/protobuf/duration.proto"]);
+    for import in &details.dependency {
+        let MessageResponse::FileDescriptorResponse(files) = ask(
+            app.grpc_addr,
+            MessageRequest::FileByFilename(import.clone()),
+        )
+        .await
+        else {
+            panic!("{import} is not served");
+        };
+        let file =
+            prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice())
+                .unwrap();
+        assert_eq!(file.name(), import);
+    }
 }

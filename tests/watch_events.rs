@@ -156,6 +156,7 @@ async fn a_hang_up_reaches_every_watcher_once_in_order() {
     assert_eq!(stats.release_events, 4);
     assert_eq!(stats.skipped_events, 9);
     assert_eq!(stats.malformed_events, 0);
+    assert_eq!(stats.dropped_fields, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -892,6 +893,40 @@ async fn malformed_events_are_counted_and_the_stream_goes_on() {
     assert_hangup_events(&watch.events_of(2).await, "101", &call_id, CALLER);
     // The gateway answers in order: both malformed answers were read before the hang-up's.
     assert_eq!(app.api.events().stats().malformed_events, 2);
+}
+
+/// Review point 5, first bullet: a customer release whose `number` fails validation (not a
+/// string, or 200 characters) reaches the watcher anyway, with an empty customer_number; the
+/// facade counts the dropped field and does not count the event as malformed.
+#[tokio::test]
+async fn a_customer_release_with_an_invalid_number_is_delivered_without_it() {
+    let app = spawn_app().await;
+    let mut watch = app.signed_in_watch("101").await;
+    let bad_numbers = [json!({}), json!("7".repeat(200))];
+    for (n, number) in bad_numbers.iter().enumerate() {
+        app.sim
+            .queue_event(
+                "101",
+                json!({"eventType": "AgentEvent_Customer_Release", "workNo": "101",
+                       "content": {"callid": format!("1700000000-{n}"), "number": number}}),
+            )
+            .unwrap();
+    }
+    let events = watch.events_of(bad_numbers.len()).await;
+    for (n, event) in events.iter().enumerate() {
+        assert_eq!(event.kind, ReleaseKind::CustomerRelease as i32, "{event:?}");
+        assert_eq!(event.call_id, format!("1700000000-{n}"), "{event:?}");
+        assert_eq!(event.customer_number, "", "{event:?}");
+        assert_eq!(event.raw_event_type, "AgentEvent_Customer_Release");
+    }
+    // Counted before the events were handed to the watchers.
+    let stats = app.api.events().stats();
+    assert_eq!(stats.dropped_fields, 2, "{stats:?}");
+    assert_eq!(stats.malformed_events, 0, "{stats:?}");
+    // A valid number still arrives as it was sent.
+    let call_id = app.hang_up("101", CALLER);
+    assert_hangup_events(&watch.events_of(2).await, "101", &call_id, CALLER);
+    assert_eq!(app.api.events().stats().dropped_fields, 2);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ async fn main() -> ExitCode {
     let config = Config::parse();
     telemetry::init(config.log_format);
     ccgw_callcontrol::install_crypto_provider();
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listen = config.listen_addr();
+    let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            tracing::error!(listen = %config.listen, %error, "cannot listen");
+            tracing::error!(%listen, %error, "cannot listen");
             return ExitCode::FAILURE;
         }
     };

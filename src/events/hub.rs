@@ -35,6 +35,9 @@ pub struct EventStats {
     pub skipped_events: u64,
     /// Events that could not be read; logged and dropped.
     pub malformed_events: u64,
+    /// Fields that failed validation and were left out of events delivered without them
+    /// (a customer release's `number`); logged by name, never with their value.
+    pub dropped_fields: u64,
     /// Polls that failed (transport, HTTP, unexpected retcode) and were retried after a pause.
     pub poll_failures: u64,
 }
@@ -44,6 +47,7 @@ pub(super) struct Counters {
     release: AtomicU64,
     skipped: AtomicU64,
     malformed: AtomicU64,
+    dropped_fields: AtomicU64,
     pub poll_failures: AtomicU64,
 }
 
@@ -312,6 +316,7 @@ impl EventHub {
             release_events: c.release.load(Ordering::Relaxed),
             skipped_events: c.skipped.load(Ordering::Relaxed),
             malformed_events: c.malformed.load(Ordering::Relaxed),
+            dropped_fields: c.dropped_fields.load(Ordering::Relaxed),
             poll_failures: c.poll_failures.load(Ordering::Relaxed),
         }
     }
@@ -432,6 +437,10 @@ impl Hub {
                 return;
             }
         };
+        for field in &polled.dropped_fields {
+            self.counters.dropped_fields.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%agent, event_type = %polled.event_type, field, "left an invalid field out of a gateway event");
+        }
         let (kind, call_id, customer_number) = match polled.body {
             EventBody::CallRelease { call_id } => (ReleaseKind::CallRelease, call_id, None),
             EventBody::CustomerRelease { call_id, number } => (
@@ -552,6 +561,7 @@ mod tests {
                     call_id: CallId::parse("c", "1-1").unwrap(),
                 },
                 gen_time_ms: None,
+                dropped_fields: Vec::new(),
             }),
         );
         true
@@ -647,6 +657,68 @@ mod tests {
                 Ok(())
             })?;
         }
+    }
+
+    /// Collects what a tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Review point 5, first bullet: a customer release whose number fails validation reaches
+    /// its watchers without the number; the dropped field is counted, and logged at warn with
+    /// the event type and the field's name but not its value.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_field_is_counted_and_logged_without_its_value() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let mut watch = hub
+            .subscribe(&[agent(0)], None, KindFilter::default())
+            .unwrap();
+        let feed = lock(&hub.hub.feeds).live[&agent(0)].clone();
+        let bad_number = "9".repeat(65);
+        let polled = crate::gateway::event::parse_event(
+            agent(0),
+            &serde_json::json!({"eventType": "AgentEvent_Customer_Release", "workNo": "101",
+                                "content": {"callid": "1-1", "number": bad_number}}),
+        );
+
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || hub.hub.observe(&feed, polled));
+
+        let delivered = ready(&mut watch);
+        let [Ok(WatchItem::Event(event))] = &delivered[..] else {
+            panic!("{delivered:?}");
+        };
+        assert_eq!(event.kind, ReleaseKind::CustomerRelease);
+        assert_eq!(event.customer_number, None);
+        let stats = hub.stats();
+        assert_eq!((stats.dropped_fields, stats.malformed_events), (1, 0));
+        let logs = String::from_utf8(lock(&logs.0).clone()).unwrap();
+        let warning = logs
+            .lines()
+            .find(|line| line.contains("WARN"))
+            .unwrap_or_else(|| panic!("no warning in {logs}"));
+        assert!(
+            warning.contains("event_type=AgentEvent_Customer_Release")
+                && warning.contains("field=\"number\""),
+            "{warning}"
+        );
+        assert!(!logs.contains(&bad_number), "{logs}");
     }
 
     #[tokio::test(start_paused = true)]

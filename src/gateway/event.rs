@@ -13,6 +13,8 @@ pub const RETCODE_WRONG_EVENT_METHOD: &str = "000-001";
 
 /// Longest customer number kept; real ones are far shorter.
 const MAX_NUMBER_LEN: usize = 64;
+/// The customer number's member of an `AgentEvent_Customer_Release`'s content.
+const NUMBER_FIELD: &str = "number";
 /// Longest event type name kept in logs.
 const MAX_TYPE_LEN: usize = 64;
 
@@ -32,6 +34,9 @@ pub struct PolledEvent {
     pub body: EventBody,
     /// `eventGenTime` (ms since the Unix epoch), sent by newer gateways.
     pub gen_time_ms: Option<u64>,
+    /// Optional fields that failed validation and were left out of `body`, by name. Their
+    /// values are not kept: nothing can log them.
+    pub dropped_fields: Vec<&'static str>,
 }
 
 /// Why an event could not be read. Never carries the event's text: it is logged.
@@ -68,6 +73,7 @@ pub fn parse_event(agent: AgentId, event: &Value) -> Result<PolledEvent, Malform
         }
     }
     let content = object.get("content").unwrap_or(&Value::Null);
+    let mut dropped_fields = Vec::new();
     let body = match event_type {
         CALL_RELEASE => {
             // The reference says a string; the casing-varying object form is tolerated.
@@ -84,13 +90,18 @@ pub fn parse_event(agent: AgentId, event: &Value) -> Result<PolledEvent, Malform
         CUSTOMER_RELEASE => {
             let call_id = parse_call_id(call_id_member(content))
                 .ok_or_else(|| malformed(event_type, "content has no valid callid"))?;
+            // The release matters more than who the customer was: a bad number is left out,
+            // not the event.
             let number = match content.get("number") {
                 None | Some(Value::Null) => String::new(),
                 Some(n) => text_or_number(n)
                     .filter(|n| {
                         n.len() <= MAX_NUMBER_LEN && n.bytes().all(|b| b.is_ascii_graphic())
                     })
-                    .ok_or_else(|| malformed(event_type, "number is not a phone number"))?,
+                    .unwrap_or_else(|| {
+                        dropped_fields.push(NUMBER_FIELD);
+                        String::new()
+                    }),
             };
             EventBody::CustomerRelease { call_id, number }
         }
@@ -105,6 +116,7 @@ pub fn parse_event(agent: AgentId, event: &Value) -> Result<PolledEvent, Malform
             Value::String(s) => s.trim().parse().ok(),
             _ => None,
         }),
+        dropped_fields,
     })
 }
 
@@ -188,9 +200,48 @@ mod tests {
             json!({"eventType": CALL_RELEASE, "workNo": "101", "content": "../../x"}),
             json!({"eventType": CALL_RELEASE, "workNo": "102", "content": "1-1"}),
             json!({"eventType": CUSTOMER_RELEASE, "workNo": "101", "content": "1-1"}),
-            json!({"eventType": CUSTOMER_RELEASE, "content": {"callid": "1-1", "number": {}}}),
+            json!({"eventType": CUSTOMER_RELEASE, "content": {"number": "70093"}}),
         ] {
             assert!(parse_event(agent(), &event).is_err(), "{event}");
         }
+    }
+
+    /// Review point 5, first bullet: a customer release whose `number` fails validation is
+    /// still read, without the number, and says which field it dropped (not its value).
+    #[test]
+    fn a_customer_release_with_a_bad_number_is_read_without_it() {
+        for number in [
+            json!({}),
+            json!([7, 0, 0, 9, 3]),
+            json!(true),
+            json!("7".repeat(200)),
+            json!("700 93"),
+            json!("70093\u{0}"),
+        ] {
+            let event = json!({"eventType": CUSTOMER_RELEASE, "workNo": "101",
+                               "content": {"callid": "1456404171-43", "number": number}});
+            let read = parse_event(agent(), &event).unwrap_or_else(|e| panic!("{e}: {event}"));
+            assert_eq!(
+                read.body,
+                EventBody::CustomerRelease {
+                    call_id: CallId::parse("c", "1456404171-43").unwrap(),
+                    number: String::new(),
+                },
+                "{event}"
+            );
+            assert_eq!(read.dropped_fields, [NUMBER_FIELD], "{event}");
+        }
+        for number in [json!(null), json!(""), json!("70093"), json!(70093)] {
+            let event = json!({"eventType": CUSTOMER_RELEASE, "workNo": "101",
+                               "content": {"callid": "1-1", "number": number}});
+            let read = parse_event(agent(), &event).unwrap();
+            assert!(read.dropped_fields.is_empty(), "{event}: {read:?}");
+        }
+        let without = parse_event(
+            agent(),
+            &json!({"eventType": CUSTOMER_RELEASE, "content": {"callid": "1-1"}}),
+        )
+        .unwrap();
+        assert!(without.dropped_fields.is_empty(), "{without:?}");
     }
 }
