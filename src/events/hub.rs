@@ -681,7 +681,7 @@ mod tests {
         let hub = hub(EventSettings::default());
         sign_in(&hub, agent(0));
         let mut watch = hub
-            .subscribe(&[agent(0)], None, KindFilter::default())
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
         let feed = lock(&hub.hub.feeds).live[&agent(0)].clone();
         let bad_number = "9".repeat(65);
