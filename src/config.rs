@@ -119,11 +119,16 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_watch_agents: u32,
 
-    /// Open WatchReleaseEvents streams (and ReleaseCalls waiting for their event) in the
-    /// process.
+    /// Open WatchReleaseEvents streams in the process.
     #[arg(long, env = "CCGW_MAX_WATCHERS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_watchers: u32,
+
+    /// ReleaseCalls waiting for their release event in the process (wait_for_release_event);
+    /// apart from --max-watchers, so that streams and releases cannot crowd each other out.
+    #[arg(long, env = "CCGW_MAX_RELEASE_WAITERS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_release_waiters: u32,
 
     /// How long in-flight calls may finish after SIGTERM, in seconds (event streams use up to
     /// 2 s of it to deliver their pollers' last answers and their resume tokens).
@@ -200,6 +205,7 @@ impl Config {
             watcher_buffer: self.watch_buffer_events as usize,
             heartbeat: Duration::from_secs(self.heartbeat_secs),
             max_watchers: self.max_watchers as usize,
+            max_release_waiters: self.max_release_waiters as usize,
         }
     }
 
@@ -223,6 +229,7 @@ mod tests {
         assert_eq!(c.listen.port(), 50051);
         assert!(Config::try_parse_from(["x", "--simulate", "--max-agent-id", "1000000"]).is_err());
         assert!(Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "0"]).is_err());
+        assert!(Config::try_parse_from(["x", "--simulate", "--max-release-waiters", "0"]).is_err());
         let short = Config::try_parse_from([
             "x",
             "--simulate",

@@ -652,18 +652,52 @@ async fn bad_requests_are_refused_before_anything_is_polled() {
     watch.sees_hang_up(&app, "103").await;
 }
 
+/// Streams and releases waiting for their event have limits of their own: each is refused at
+/// its own limit (a release before anything is sent) while the other still gets in.
 #[tokio::test]
-async fn more_streams_than_max_watchers_are_refused_until_one_closes() {
-    let app = spawn_app_with(sim_config(), &["--max-watchers", "2"]).await;
+async fn streams_and_waiting_releases_are_refused_beyond_limits_of_their_own() {
+    let app = spawn_app_with(
+        sim_config(),
+        &[
+            "--max-watchers",
+            "2",
+            "--max-release-waiters",
+            "1",
+            // The release that holds the waiters' permit waits until the test cancels it.
+            "--request-timeout-ms",
+            "600000",
+        ],
+    )
+    .await;
+    let events = app.api.events();
     app.sign_in("101").await;
+    app.sign_in("102").await;
     let first = app.watch(watch_req(&["101"])).await;
     let _second = app.watch(watch_req(&["101"])).await;
     let status = app.watch_refused(watch_req(&["101"])).await;
     // The reason is the README's failure table's.
     expect_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHERS");
-    assert_eq!(app.api.events().watchers(), 2);
+    assert_eq!(events.watchers(), 2);
 
-    // A ReleaseCall waiting for its event counts as a watcher too: refused before the release.
+    // A release of 102 waits for an event that never comes: its polls hang.
+    app.sim.push_fault(FaultRule {
+        path_contains: Some("/agentevent/102".into()),
+        ..poll_fault(Fault::Latency { ms: 600_000 }, 1_000)
+    });
+    app.sim.place_call("102", CALLER).unwrap();
+    let mut request = tonic::Request::new(ReleaseCallRequest {
+        wait_for_release_event: true,
+        ..release_req("102")
+    });
+    request.set_timeout(Duration::from_secs(600));
+    let mut client = app.client.clone();
+    let waiting = tokio::spawn(async move { client.release_call(request).await });
+    wait_until("the release of 102 waits for its event", || {
+        events.release_waiters() == 1
+    })
+    .await;
+
+    // The next one is refused before its release.
     let call_id = app.sim.place_call("101", CALLER).unwrap();
     let status = app
         .release(ReleaseCallRequest {
@@ -674,17 +708,26 @@ async fn more_streams_than_max_watchers_are_refused_until_one_closes() {
         .unwrap_err();
     expect_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHERS");
     assert_eq!(app.sim.agent("101").unwrap().call_id, Some(call_id.clone()));
-    assert!(app.upstream().iter().all(|r| r.method != "DELETE"));
+    assert!(app
+        .upstream()
+        .iter()
+        .all(|r| !(r.method == "DELETE" && r.path.contains("/101"))));
     app.sim.customer_hangup("101").unwrap();
     app.until_observed("101", 2).await;
 
+    // A stream gets in as soon as a stream leaves, the waiters' pool full or not.
     drop(first);
-    wait_until("the first watcher is gone", || {
-        app.api.events().watchers() == 1
-    })
-    .await;
+    wait_until("the first watcher is gone", || events.watchers() == 1).await;
     let mut third = app.watch(watch_req(&["101"])).await;
     third.sees_hang_up(&app, "101").await;
+    assert_eq!(events.release_waiters(), 1);
+
+    // A release whose caller gave up waiting frees its permit.
+    waiting.abort();
+    wait_until("the cancelled release's waiter is gone", || {
+        events.release_waiters() == 0
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -124,7 +124,7 @@ impl CallControl for CallControlApi {
         let confirmation = if body.wait_for_release_event && !repeated {
             match self
                 .events
-                .subscribe(&[agent], None, KindFilter::only(ReleaseKind::CallRelease))
+                .subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
             {
                 Ok(watch) => Some(watch),
                 // The release itself will answer NO_SESSION.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{mpsc, watch, Notify, Semaphore},
+    sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 
@@ -51,12 +51,20 @@ pub(super) struct Counters {
 pub enum SubscribeError {
     #[error("no CC-Gateway session is known for agent(s) {}", list(.0))]
     NoSession(Vec<AgentId>),
-    #[error("{0} watchers are open, the most this facade allows")]
-    TooManyWatchers(usize),
+    #[error("{} {}, the most this facade allows", .0.limit, .0.holders)]
+    TooManyWatchers(WatcherLimit),
     #[error("the resume token is not one this facade issued")]
     UnknownToken,
     #[error("the facade is shutting down")]
     ShuttingDown,
+}
+
+/// The pool of permits that refused a watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatcherLimit {
+    pub limit: usize,
+    /// Who holds its permits, e.g. "watchers are open".
+    pub holders: &'static str,
 }
 
 fn list(agents: &[AgentId]) -> String {
@@ -86,12 +94,40 @@ pub(super) struct Hub {
     /// begins. Taken before `feeds` and before any feed's state.
     publish: Mutex<()>,
     feeds: Mutex<Feeds>,
-    watchers: Arc<Semaphore>,
+    watchers: Permits,
+    release_waiters: Permits,
     next_watch_id: AtomicU64,
     shutdown: watch::Sender<bool>,
     /// Poll loops running; on shutdown watchers wait for them to finish their last poll.
     running_loops: watch::Sender<usize>,
     pub counters: Counters,
+}
+
+/// One pool of watcher permits; a watcher holds its permit until it is dropped.
+#[derive(Debug)]
+struct Permits {
+    semaphore: Arc<Semaphore>,
+    limit: WatcherLimit,
+}
+
+impl Permits {
+    fn new(limit: usize, holders: &'static str) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(limit)),
+            limit: WatcherLimit { limit, holders },
+        }
+    }
+
+    fn take(&self) -> Result<OwnedSemaphorePermit, SubscribeError> {
+        self.semaphore
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SubscribeError::TooManyWatchers(self.limit))
+    }
+
+    fn in_use(&self) -> usize {
+        self.limit.limit - self.semaphore.available_permits()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -157,7 +193,11 @@ impl EventHub {
                 sequence: AtomicU64::new(0),
                 publish: Mutex::new(()),
                 feeds: Mutex::default(),
-                watchers: Arc::new(Semaphore::new(settings.max_watchers)),
+                watchers: Permits::new(settings.max_watchers, "watchers are open"),
+                release_waiters: Permits::new(
+                    settings.max_release_waiters,
+                    "ReleaseCalls are waiting for their release event",
+                ),
                 next_watch_id: AtomicU64::new(0),
                 shutdown,
                 running_loops: watch::channel(0).0,
@@ -179,15 +219,32 @@ impl EventHub {
         from: Option<ResumeToken>,
         kinds: KindFilter,
     ) -> Result<Watch, SubscribeError> {
+        self.subscribe_with(&self.hub.watchers, agents, from, kinds)
+    }
+
+    /// Like [`subscribe`](Self::subscribe) (live from now), for a release that waits for its
+    /// event: its permit comes from the release waiters' pool, so open streams cannot starve
+    /// releases and waiting releases cannot starve streams.
+    pub fn subscribe_release_waiter(
+        &self,
+        agent: AgentId,
+        kinds: KindFilter,
+    ) -> Result<Watch, SubscribeError> {
+        self.subscribe_with(&self.hub.release_waiters, &[agent], None, kinds)
+    }
+
+    fn subscribe_with(
+        &self,
+        permits: &Permits,
+        agents: &[AgentId],
+        from: Option<ResumeToken>,
+        kinds: KindFilter,
+    ) -> Result<Watch, SubscribeError> {
         let hub = &self.hub;
         if *hub.shutdown.borrow() {
             return Err(SubscribeError::ShuttingDown);
         }
-        let permit = hub
-            .watchers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SubscribeError::TooManyWatchers(hub.settings.max_watchers))?;
+        let permit = permits.take()?;
         let missing: Vec<AgentId> = agents
             .iter()
             .copied()
@@ -275,9 +332,21 @@ impl EventHub {
         self.hub.shutdown.send_replace(true);
     }
 
-    /// Open watchers.
+    /// Open watchers (release waiters are counted apart).
     pub fn watchers(&self) -> usize {
-        self.hub.settings.max_watchers - self.hub.watchers.available_permits()
+        self.hub.watchers.in_use()
+    }
+
+    /// Open release waiters.
+    pub fn release_waiters(&self) -> usize {
+        self.hub.release_waiters.in_use()
+    }
+
+    /// Watchers and release waiters the agent's feed delivers to (0 when it has no feed); a
+    /// watcher the feed cut off for falling behind is not counted, even before it is dropped.
+    pub fn watchers_of(&self, agent: AgentId) -> usize {
+        let feed = lock(&self.hub.feeds).live.get(&agent).cloned();
+        feed.map_or(0, |feed| lock(&feed.state).subscribers.len())
     }
 
     /// Agents being polled right now: watched, or in their grace period.
@@ -659,10 +728,7 @@ mod tests {
         assert_eq!(
             end,
             [Err(WatchEnd::TooSlow {
-                resume: ResumeToken {
-                    epoch: hub.hub.epoch,
-                    sequence: 1
-                }
+                resume: token(&hub, 1)
             })]
         );
         assert_eq!(
@@ -672,5 +738,49 @@ mod tests {
         );
         drop(slow);
         assert_eq!(hub.watchers(), 1);
+    }
+
+    fn token(hub: &EventHub, sequence: u64) -> ResumeToken {
+        ResumeToken {
+            epoch: hub.hub.epoch,
+            sequence,
+        }
+    }
+
+    /// Point 4 of the review, separate capacity: watchers at their limit do not keep a release
+    /// from waiting for its event, and release waiters at theirs do not keep a watcher out.
+    #[tokio::test]
+    async fn watchers_and_release_waiters_draw_from_pools_of_their_own() {
+        let hub = hub(EventSettings {
+            max_watchers: 1,
+            max_release_waiters: 1,
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        let all = KindFilter::default;
+        let watcher = hub.subscribe(&[agent(0)], None, all()).unwrap();
+        let refused = hub.subscribe(&[agent(0)], None, all()).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "1 watchers are open, the most this facade allows"
+        );
+        let waiter = hub.subscribe_release_waiter(agent(0), all()).unwrap();
+        let refused = hub.subscribe_release_waiter(agent(0), all()).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "1 ReleaseCalls are waiting for their release event, the most this facade allows"
+        );
+        assert_eq!(
+            (
+                hub.watchers(),
+                hub.release_waiters(),
+                hub.watchers_of(agent(0))
+            ),
+            (1, 1, 2)
+        );
+        drop(watcher);
+        let _watcher = hub.subscribe(&[agent(0)], None, all()).unwrap();
+        drop(waiter);
+        let _waiter = hub.subscribe_release_waiter(agent(0), all()).unwrap();
     }
 }
