@@ -130,6 +130,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_release_waiters: u32,
 
+    /// A WatchReleaseEvents stream that could not send anything for this long (its client
+    /// stopped reading) is cut off with a token to resume from and its watcher freed, in
+    /// seconds.
+    #[arg(long, env = "CCGW_STREAM_SEND_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub stream_send_timeout_secs: u64,
+
     /// How long in-flight calls may finish after SIGTERM, in seconds (event streams use up to
     /// 2 s of it to deliver their pollers' last answers and their resume tokens).
     #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10,
@@ -191,6 +198,7 @@ impl Config {
             max_agent_id: self.max_agent_id,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             max_watch_agents: self.max_watch_agents as usize,
+            stream_send_timeout: Duration::from_secs(self.stream_send_timeout_secs),
         }
     }
 
@@ -229,7 +237,10 @@ mod tests {
         assert_eq!(c.listen.port(), 50051);
         assert!(Config::try_parse_from(["x", "--simulate", "--max-agent-id", "1000000"]).is_err());
         assert!(Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "0"]).is_err());
-        assert!(Config::try_parse_from(["x", "--simulate", "--max-release-waiters", "0"]).is_err());
+        for flag in ["--stream-send-timeout-secs", "--max-release-waiters"] {
+            assert!(Config::try_parse_from(["x", "--simulate", flag, "0"]).is_err());
+            assert!(Config::try_parse_from(["x", "--simulate", flag, "1"]).is_ok());
+        }
         let short = Config::try_parse_from([
             "x",
             "--simulate",

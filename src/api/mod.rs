@@ -25,6 +25,8 @@ pub struct ApiSettings {
     pub request_timeout: Duration,
     /// Agents one WatchReleaseEvents stream may watch.
     pub max_watch_agents: usize,
+    /// A stream that could not send an item for this long is cut off (WATCHER_TOO_SLOW).
+    pub stream_send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -218,7 +220,11 @@ impl CallControl for CallControlApi {
                 status::subscribe_failure(&error, &ctx)
             })?;
         tracing::info!(request_id = %request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
-        Ok(Response::new(watch::into_stream(watch, request_id)))
+        Ok(Response::new(watch::into_stream(
+            watch,
+            request_id,
+            self.settings.stream_send_timeout,
+        )))
     }
 }
 

@@ -6,6 +6,7 @@
 //! are published in that order (one publish lock), so a watcher of several agents can deliver
 //! them in sequence order. "Everything up to sequence N was delivered" is then a complete
 //! description of where a watcher stands, which is all a resume token holds.
+mod forward;
 mod hub;
 mod poll;
 mod ring;
@@ -14,6 +15,7 @@ mod watch;
 
 use std::{time::Duration, time::SystemTime};
 
+pub use forward::Forwarded;
 pub use hub::{EventHub, EventStats, SubscribeError, WatcherLimit};
 pub use poll::PollLoop;
 pub use ring::ReplayRing;
