@@ -133,11 +133,23 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_watch_agents: u32,
 
-    /// Open WatchReleaseEvents streams (and ReleaseCalls waiting for their event) in the
-    /// process.
+    /// Open WatchReleaseEvents streams in the process.
     #[arg(long, env = "CCGW_MAX_WATCHERS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_watchers: u32,
+
+    /// ReleaseCalls waiting for their release event in the process (wait_for_release_event);
+    /// apart from --max-watchers, so that streams and releases cannot crowd each other out.
+    #[arg(long, env = "CCGW_MAX_RELEASE_WAITERS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_release_waiters: u32,
+
+    /// A WatchReleaseEvents stream that could not send anything for this long (its client
+    /// stopped reading) is cut off with a token to resume from and its watcher freed, in
+    /// seconds.
+    #[arg(long, env = "CCGW_STREAM_SEND_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub stream_send_timeout_secs: u64,
 
     /// How long in-flight calls may finish after SIGTERM, in seconds (event streams use up to
     /// 2 s of it to deliver their pollers' last answers and their resume tokens).
@@ -224,6 +236,7 @@ impl Config {
             max_agent_id: self.max_agent_id,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             max_watch_agents: self.max_watch_agents as usize,
+            stream_send_timeout: Duration::from_secs(self.stream_send_timeout_secs),
         }
     }
 
@@ -238,6 +251,7 @@ impl Config {
             watcher_buffer: self.watch_buffer_events as usize,
             heartbeat: Duration::from_secs(self.heartbeat_secs),
             max_watchers: self.max_watchers as usize,
+            max_release_waiters: self.max_release_waiters as usize,
         }
     }
 
@@ -259,6 +273,10 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--simulate"]).is_ok());
         assert!(Config::try_parse_from(["x", "--simulate", "--max-agent-id", "1000000"]).is_err());
         assert!(Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "0"]).is_err());
+        for flag in ["--stream-send-timeout-secs", "--max-release-waiters"] {
+            assert!(Config::try_parse_from(["x", "--simulate", flag, "0"]).is_err());
+            assert!(Config::try_parse_from(["x", "--simulate", flag, "1"]).is_ok());
+        }
         let short = Config::try_parse_from([
             "x",
             "--simulate",

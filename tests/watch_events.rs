@@ -13,9 +13,10 @@ use ccgw_callcontrol::{
     sim::{Fault, FaultRule, SimConfig},
 };
 use common::{
-    assert_ordered, expect_status, handing_over, hangup_pair, kinds_and_calls, release_req,
-    resume_req, sim_config, spawn_app, spawn_app_with, violated_fields, wait_until, watch_on,
-    watch_req, Item, ReleaseEvent, ReleaseKind, TestApp, WatchReleaseEventsRequest, CALLER,
+    agent_id, assert_ordered, expect_status, handing_over, hangup_pair, kinds_and_calls,
+    release_req, resume_req, sim_config, spawn_app, spawn_app_with, violated_fields, wait_until,
+    watch_on, watch_req, Item, ReleaseEvent, ReleaseKind, TestApp, Watch,
+    WatchReleaseEventsRequest, CALLER,
 };
 use serde_json::json;
 use tonic::Code;
@@ -61,11 +62,9 @@ fn kinds(kinds: &[ReleaseKind]) -> Vec<i32> {
     kinds.iter().map(|k| *k as i32).collect()
 }
 
-/// The facade's own Channel with tiny HTTP/2 receive windows: when the client stops reading,
-/// flow control stops the server after about a kilobyte.
-async fn stalling_client(
-    app: &TestApp,
-) -> ccgw_callcontrol::proto::call_control_client::CallControlClient<tonic::transport::Channel> {
+/// A stream of agent 101 on a Channel of its own with tiny HTTP/2 receive windows: as long as
+/// the test does not read it, flow control stops the server after about a kilobyte.
+async fn stalled_watch(app: &TestApp) -> Watch {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc_addr))
         .unwrap()
         .initial_stream_window_size(1024)
@@ -73,7 +72,8 @@ async fn stalling_client(
         .connect()
         .await
         .unwrap();
-    ccgw_callcontrol::proto::call_control_client::CallControlClient::new(channel)
+    let client = ccgw_callcontrol::proto::call_control_client::CallControlClient::new(channel);
+    watch_on(client, watch_req(&["101"])).await.unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,27 +448,11 @@ async fn a_garbage_token_is_an_invalid_argument() {
 // 7. Slow consumer
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_reader_is_cut_off_while_a_fast_one_gets_everything() {
-    const CALLS: usize = 400;
-    let app = spawn_app_with(
-        sim_config(),
-        &["--watch-buffer-events", "16", "--replay-events", "4096"],
-    )
-    .await;
-    app.sign_in("101").await;
-    let mut fast = app.watch(watch_req(&["101"])).await;
-    let mut stalled = watch_on(stalling_client(&app).await, watch_req(&["101"]))
-        .await
-        .unwrap();
-
-    let mut calls = vec![app.hang_up("101", CALLER)];
-    let stalled_first = stalled.event().await;
-    for _ in 0..CALLS {
-        calls.push(app.hang_up("101", CALLER));
-    }
+/// `calls` customer hang-ups of agent 101, which `fast` must read completely and in order;
+/// returns their events.
+async fn hang_ups_read_by(app: &TestApp, fast: &mut Watch, calls: usize) -> Vec<ReleaseEvent> {
+    let calls: Vec<String> = (0..calls).map(|_| app.hang_up("101", CALLER)).collect();
     let expected: Vec<_> = calls.iter().flat_map(|c| hangup_pair(c)).collect();
-
     let all = fast.events_of(expected.len()).await;
     assert_eq!(
         kinds_and_calls(&all),
@@ -476,26 +460,92 @@ async fn a_stalled_reader_is_cut_off_while_a_fast_one_gets_everything() {
         "the fast reader missed events"
     );
     assert_ordered(&all);
-    assert_eq!(stalled_first, all[0]);
+    all
+}
 
-    // The stalled reader wakes up: what the server had buffered, then the cut-off.
+/// A stream of agent 101 that was cut off while its client did not read, read at last: what
+/// the server had queued for it (a prefix of `all`, the events it was sent, short of their
+/// end), then WATCHER_TOO_SLOW, whose token resumes with exactly the rest: no gap, no repeat.
+async fn assert_cut_off_then_resumes(app: &TestApp, stalled: &mut Watch, all: &[ReleaseEvent]) {
     let (buffered, status) = stalled.until_error().await;
     let details = expect_status(&status, Code::ResourceExhausted, "WATCHER_TOO_SLOW");
     let token = details.error_info().unwrap().metadata["resume_token"].clone();
     assert!(!token.is_empty());
-    let got = 1 + buffered.len();
+    let got = buffered.len();
     assert!(got < all.len(), "never cut off");
     assert_eq!(
         buffered,
-        all[1..got],
+        all[..got],
         "the stalled reader's events are not a prefix"
     );
 
-    // Its token continues without a gap or a repeat.
     let mut resumed = app.watch(resume_req(&["101"], &token)).await;
     let rest = resumed.events_of(all.len() - got).await;
     assert_eq!(kinds_and_calls(&rest), kinds_and_calls(&all[got..]));
-    resumed.sees_hang_up(&app, "101").await;
+    resumed.sees_hang_up(app, "101").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_is_cut_off_while_a_fast_one_gets_everything() {
+    let app = spawn_app_with(
+        sim_config(),
+        &["--watch-buffer-events", "16", "--replay-events", "4096"],
+    )
+    .await;
+    app.sign_in("101").await;
+    let mut fast = app.watch(watch_req(&["101"])).await;
+    let mut stalled = stalled_watch(&app).await;
+    let all = hang_ups_read_by(&app, &mut fast, 400).await;
+    assert_cut_off_then_resumes(&app, &mut stalled, &all).await;
+}
+
+/// Point 4 of the review: a stream that stops reading is cut off in bounded time. Before, a
+/// client that never read (its HTTP/2 windows full, its keepalive answered) kept its watcher,
+/// permit and feed membership included, as long as its connection lived, and with every
+/// `--max-watchers` permit held that way, wait_for_release_event was refused for everybody.
+/// Now a release waits for its event while every stream permit is taken, and once the stalled
+/// stream could not send for `--stream-send-timeout-secs` its permit is back and agent 101's
+/// feed no longer holds it; its client, reading at last, gets what was queued, then
+/// WATCHER_TOO_SLOW whose token resumes exactly. `--watch-buffer-events` stays far above the
+/// events sent, so falling that far behind cannot be what cuts it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stops_reading_is_cut_off_and_frees_its_permit_in_bounded_time() {
+    let app = spawn_app_with(
+        sim_config(),
+        &["--max-watchers", "2", "--stream-send-timeout-secs", "1"],
+    )
+    .await;
+    let events = app.api.events();
+    app.sign_in("101").await;
+    let mut fast = app.watch(watch_req(&["101"])).await;
+    let mut stalled = stalled_watch(&app).await;
+    let status = app.watch_refused(watch_req(&["101"])).await;
+    expect_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHERS");
+
+    let call_id = app.sim.place_call("101", CALLER).unwrap();
+    let answer = app
+        .release(ReleaseCallRequest {
+            wait_for_release_event: true,
+            ..release_req("101")
+        })
+        .await
+        .expect("a release waits for its event while every stream permit is taken");
+    assert_eq!(
+        answer.release_event.expect("release_event set").call_id,
+        call_id
+    );
+    assert_eq!(events.release_waiters(), 0);
+    // Two events cannot fill the stalled stream's windows: it still holds its permit.
+    assert_eq!(events.watchers(), 2);
+
+    let mut all = fast.events_of(2).await;
+    // About 30 events fill its windows and queue; a stream falls behind only past 1024.
+    all.extend(hang_ups_read_by(&app, &mut fast, 100).await);
+    wait_until("the stalled stream's watcher is freed", || {
+        events.watchers() == 1 && events.watchers_of(agent_id("101")) == 1
+    })
+    .await;
+    assert_cut_off_then_resumes(&app, &mut stalled, &all).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -653,18 +703,52 @@ async fn bad_requests_are_refused_before_anything_is_polled() {
     watch.sees_hang_up(&app, "103").await;
 }
 
+/// Streams and releases waiting for their event have limits of their own: each is refused at
+/// its own limit (a release before anything is sent) while the other still gets in.
 #[tokio::test]
-async fn more_streams_than_max_watchers_are_refused_until_one_closes() {
-    let app = spawn_app_with(sim_config(), &["--max-watchers", "2"]).await;
+async fn streams_and_waiting_releases_are_refused_beyond_limits_of_their_own() {
+    let app = spawn_app_with(
+        sim_config(),
+        &[
+            "--max-watchers",
+            "2",
+            "--max-release-waiters",
+            "1",
+            // The release that holds the waiters' permit waits until the test cancels it.
+            "--request-timeout-ms",
+            "600000",
+        ],
+    )
+    .await;
+    let events = app.api.events();
     app.sign_in("101").await;
+    app.sign_in("102").await;
     let first = app.watch(watch_req(&["101"])).await;
     let _second = app.watch(watch_req(&["101"])).await;
     let status = app.watch_refused(watch_req(&["101"])).await;
     // The reason is the README's failure table's.
     expect_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHERS");
-    assert_eq!(app.api.events().watchers(), 2);
+    assert_eq!(events.watchers(), 2);
 
-    // A ReleaseCall waiting for its event counts as a watcher too: refused before the release.
+    // A release of 102 waits for an event that never comes: its polls hang.
+    app.sim.push_fault(FaultRule {
+        path_contains: Some("/agentevent/102".into()),
+        ..poll_fault(Fault::Latency { ms: 600_000 }, 1_000)
+    });
+    app.sim.place_call("102", CALLER).unwrap();
+    let mut request = tonic::Request::new(ReleaseCallRequest {
+        wait_for_release_event: true,
+        ..release_req("102")
+    });
+    request.set_timeout(Duration::from_secs(600));
+    let mut client = app.client.clone();
+    let waiting = tokio::spawn(async move { client.release_call(request).await });
+    wait_until("the release of 102 waits for its event", || {
+        events.release_waiters() == 1
+    })
+    .await;
+
+    // The next one is refused before its release.
     let call_id = app.sim.place_call("101", CALLER).unwrap();
     let status = app
         .release(ReleaseCallRequest {
@@ -675,17 +759,26 @@ async fn more_streams_than_max_watchers_are_refused_until_one_closes() {
         .unwrap_err();
     expect_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHERS");
     assert_eq!(app.sim.agent("101").unwrap().call_id, Some(call_id.clone()));
-    assert!(app.upstream().iter().all(|r| r.method != "DELETE"));
+    assert!(app
+        .upstream()
+        .iter()
+        .all(|r| !(r.method == "DELETE" && r.path.contains("/101"))));
     app.sim.customer_hangup("101").unwrap();
     app.until_observed("101", 2).await;
 
+    // A stream gets in as soon as a stream leaves, the waiters' pool full or not.
     drop(first);
-    wait_until("the first watcher is gone", || {
-        app.api.events().watchers() == 1
-    })
-    .await;
+    wait_until("the first watcher is gone", || events.watchers() == 1).await;
     let mut third = app.watch(watch_req(&["101"])).await;
     third.sees_hang_up(&app, "101").await;
+    assert_eq!(events.release_waiters(), 1);
+
+    // A release whose caller gave up waiting frees its permit.
+    waiting.abort();
+    wait_until("the cancelled release's waiter is gone", || {
+        events.release_waiters() == 0
+    })
+    .await;
 }
 
 #[tokio::test]

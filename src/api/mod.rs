@@ -26,6 +26,8 @@ pub struct ApiSettings {
     pub request_timeout: Duration,
     /// Agents one WatchReleaseEvents stream may watch.
     pub max_watch_agents: usize,
+    /// A stream that could not send an item for this long is cut off (WATCHER_TOO_SLOW).
+    pub stream_send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -222,19 +224,19 @@ impl CallControl for CallControlApi {
                 status::subscribe_failure(&error, &ctx)
             })?;
         tracing::info!(request_id = %request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
-        Ok(Response::new(watch::into_stream(watch, request_id)))
+        Ok(Response::new(watch::into_stream(
+            watch,
+            request_id,
+            self.settings.stream_send_timeout,
+        )))
     }
 }
 
 impl CallControlApi {
     /// A watcher of the agent's call releases, for wait_for_release_event.
     fn subscribe_release_waiter(&self, agent: AgentId) -> Result<Watch, SubscribeError> {
-        self.events.subscribe(
-            &[agent],
-            None,
-            KindFilter::only(ReleaseKind::CallRelease),
-            None,
-        )
+        self.events
+            .subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
     }
 }
 

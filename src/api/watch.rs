@@ -1,5 +1,5 @@
 //! WatchReleaseEvents: a hub subscription as a gRPC stream, and release events as proto.
-use std::pin::Pin;
+use std::{pin::Pin, time::Duration};
 
 use futures_util::stream;
 use tokio_stream::Stream;
@@ -15,18 +15,25 @@ use crate::{
 pub type EventStream =
     Pin<Box<dyn Stream<Item = Result<proto::WatchReleaseEventsResponse, Status>> + Send>>;
 
+/// Items a stream queues for its transport. Small: what is queued when a client stops reading
+/// stays in memory after its watcher is freed, until the client reads or goes.
+const STREAM_QUEUE: usize = 16;
+
 /// The subscription as a stream: items until the watch ends, then its Status, then nothing.
-/// Dropping the stream (client cancel or disconnect) drops the watch, which leaves its feeds.
-pub fn into_stream(watch: Watch, request_id: RequestId) -> EventStream {
+/// The watch is read by a task of its own, because tonic stops polling a stream whose client
+/// stopped reading: the task cuts such a stream off after `send_timeout` (WATCHER_TOO_SLOW)
+/// and frees its watcher. Dropping the stream (client cancel or disconnect) frees it at once.
+pub fn into_stream(watch: Watch, request_id: RequestId, send_timeout: Duration) -> EventStream {
+    let span = tracing::info_span!("WatchReleaseEvents", request_id = %request_id);
+    let items = span.in_scope(|| watch.forward(STREAM_QUEUE, send_timeout));
     Box::pin(stream::unfold(
-        (watch, request_id),
-        |(mut watch, request_id)| async move {
-            let item = match watch.next().await? {
+        (items, request_id),
+        |(mut items, request_id)| async move {
+            let item = match items.recv().await? {
                 Ok(item) => Ok(proto::WatchReleaseEventsResponse {
                     item: Some(item_to_proto(item)),
                 }),
                 Err(end) => {
-                    tracing::info!(request_id = %request_id, ?end, "WatchReleaseEvents ended");
                     let ctx = Context {
                         agent: None,
                         request_id: request_id.as_str(),
@@ -35,7 +42,7 @@ pub fn into_stream(watch: Watch, request_id: RequestId) -> EventStream {
                     Err(status::watch_end(&end, &ctx))
                 }
             };
-            Some((item, (watch, request_id)))
+            Some((item, (items, request_id)))
         },
     ))
 }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{mpsc, watch, Notify, Semaphore},
+    sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 
@@ -55,14 +55,22 @@ pub(super) struct Counters {
 pub enum SubscribeError {
     #[error("no CC-Gateway session is known for agent(s) {}", list(.0))]
     NoSession(Vec<AgentId>),
-    #[error("{0} watchers are open, the most this facade allows")]
-    TooManyWatchers(usize),
+    #[error("{} {}, the most this facade allows", .0.limit, .0.holders)]
+    TooManyWatchers(WatcherLimit),
     #[error("the resume token is not one this facade issued")]
     UnknownToken,
     #[error("the facade is shutting down")]
     ShuttingDown,
     #[error(transparent)]
     SessionsFull(#[from] SessionsFull),
+}
+
+/// The pool of permits that refused a watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatcherLimit {
+    pub limit: usize,
+    /// Who holds its permits, e.g. "watchers are open".
+    pub holders: &'static str,
 }
 
 fn list(agents: &[AgentId]) -> String {
@@ -92,12 +100,40 @@ pub(super) struct Hub {
     /// begins. Taken before `feeds` and before any feed's state.
     publish: Mutex<()>,
     feeds: Mutex<Feeds>,
-    watchers: Arc<Semaphore>,
+    watchers: Permits,
+    release_waiters: Permits,
     next_watch_id: AtomicU64,
     shutdown: watch::Sender<bool>,
     /// Poll loops running; on shutdown watchers wait for them to finish their last poll.
     running_loops: watch::Sender<usize>,
     pub counters: Counters,
+}
+
+/// One pool of watcher permits; a watcher holds its permit until it is dropped.
+#[derive(Debug)]
+struct Permits {
+    semaphore: Arc<Semaphore>,
+    limit: WatcherLimit,
+}
+
+impl Permits {
+    fn new(limit: usize, holders: &'static str) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(limit)),
+            limit: WatcherLimit { limit, holders },
+        }
+    }
+
+    fn take(&self) -> Result<OwnedSemaphorePermit, SubscribeError> {
+        self.semaphore
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SubscribeError::TooManyWatchers(self.limit))
+    }
+
+    fn in_use(&self) -> usize {
+        self.limit.limit - self.semaphore.available_permits()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -163,7 +199,11 @@ impl EventHub {
                 sequence: AtomicU64::new(0),
                 publish: Mutex::new(()),
                 feeds: Mutex::default(),
-                watchers: Arc::new(Semaphore::new(settings.max_watchers)),
+                watchers: Permits::new(settings.max_watchers, "watchers are open"),
+                release_waiters: Permits::new(
+                    settings.max_release_waiters,
+                    "ReleaseCalls are waiting for their release event",
+                ),
                 next_watch_id: AtomicU64::new(0),
                 shutdown,
                 running_loops: watch::channel(0).0,
@@ -188,6 +228,28 @@ impl EventHub {
         kinds: KindFilter,
         handover: Option<(AgentId, Session)>,
     ) -> Result<Watch, SubscribeError> {
+        self.subscribe_with(&self.hub.watchers, agents, from, kinds, handover)
+    }
+
+    /// Like [`subscribe`](Self::subscribe) (live from now), for a release that waits for its
+    /// event: its permit comes from the release waiters' pool, so open streams cannot starve
+    /// releases and waiting releases cannot starve streams.
+    pub fn subscribe_release_waiter(
+        &self,
+        agent: AgentId,
+        kinds: KindFilter,
+    ) -> Result<Watch, SubscribeError> {
+        self.subscribe_with(&self.hub.release_waiters, &[agent], None, kinds, None)
+    }
+
+    fn subscribe_with(
+        &self,
+        permits: &Permits,
+        agents: &[AgentId],
+        from: Option<ResumeToken>,
+        kinds: KindFilter,
+        handover: Option<(AgentId, Session)>,
+    ) -> Result<Watch, SubscribeError> {
         let hub = &self.hub;
         if *hub.shutdown.borrow() {
             return Err(SubscribeError::ShuttingDown);
@@ -198,11 +260,7 @@ impl EventHub {
         }) {
             return Err(SubscribeError::UnknownToken);
         }
-        let permit = hub
-            .watchers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SubscribeError::TooManyWatchers(hub.settings.max_watchers))?;
+        let permit = permits.take()?;
         if let Some((agent, session)) = handover {
             hub.gateway.sessions().offer(agent, session)?;
         }
@@ -292,9 +350,21 @@ impl EventHub {
         self.hub.shutdown.send_replace(true);
     }
 
-    /// Open watchers.
+    /// Open watchers (release waiters are counted apart).
     pub fn watchers(&self) -> usize {
-        self.hub.settings.max_watchers - self.hub.watchers.available_permits()
+        self.hub.watchers.in_use()
+    }
+
+    /// Open release waiters.
+    pub fn release_waiters(&self) -> usize {
+        self.hub.release_waiters.in_use()
+    }
+
+    /// Watchers and release waiters the agent's feed delivers to (0 when it has no feed); a
+    /// watcher the feed cut off for falling behind is not counted, even before it is dropped.
+    pub fn watchers_of(&self, agent: AgentId) -> usize {
+        let feed = lock(&self.hub.feeds).live.get(&agent).cloned();
+        feed.map_or(0, |feed| lock(&feed.state).subscribers.len())
     }
 
     /// Agents being polled right now: watched, or in their grace period.
@@ -523,7 +593,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::CallId,
-        events::{WatchEnd, WatchItem},
+        events::{Forwarded, WatchEnd, WatchItem},
         gateway::{GatewaySettings, Guid, SessionRegistry},
     };
 
@@ -747,10 +817,7 @@ mod tests {
         assert_eq!(
             end,
             [Err(WatchEnd::TooSlow {
-                resume: ResumeToken {
-                    epoch: hub.hub.epoch,
-                    sequence: 1
-                }
+                resume: token(&hub, 1)
             })]
         );
         assert_eq!(
@@ -760,5 +827,250 @@ mod tests {
         );
         drop(slow);
         assert_eq!(hub.watchers(), 1);
+    }
+
+    fn token(hub: &EventHub, sequence: u64) -> ResumeToken {
+        ResumeToken {
+            epoch: hub.hub.epoch,
+            sequence,
+        }
+    }
+
+    /// Sequence numbers of events, `None` for anything else.
+    fn sequences(items: &[Result<WatchItem, WatchEnd>]) -> Vec<Option<u64>> {
+        items
+            .iter()
+            .map(|item| match item {
+                Ok(WatchItem::Event(event)) => Some(event.token.sequence),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Everything a forwarded watcher yields until it ends (paused clock: a hang fails at once).
+    async fn read_to_end(reader: &mut Forwarded) -> Vec<Result<WatchItem, WatchEnd>> {
+        let mut items = Vec::new();
+        tokio::time::timeout(Duration::from_secs(600), async {
+            while let Some(item) = reader.recv().await {
+                items.push(item);
+            }
+        })
+        .await
+        .expect("the forwarded watcher ended");
+        items
+    }
+
+    /// Lets every woken task run; on the paused clock nothing else happens meanwhile.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    /// Point 4 of the review (a stream that stops reading is cut off in bounded time), without
+    /// sockets: a reader that takes nothing keeps its watcher until the send timeout, not
+    /// after; then the permit is back and the feed no longer holds it, and the reader gets
+    /// what was queued, then TooSlow whose token resumes with the event that could not be
+    /// queued: nothing repeated, nothing missed.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_whose_reader_takes_nothing_is_cut_off_at_the_send_timeout() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let watch = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        let mut reader = watch.forward(2, Duration::from_secs(5));
+        for _ in 0..4 {
+            assert!(publish(&hub, agent(0)));
+        }
+        // Two queued, the third waiting for room.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (1, 1));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (0, 0));
+
+        let items = read_to_end(&mut reader).await;
+        assert_eq!(sequences(&items), [Some(1), Some(2), None]);
+        assert_eq!(
+            items[2],
+            Err(WatchEnd::TooSlow {
+                resume: token(&hub, 2)
+            })
+        );
+        let mut resumed = hub
+            .subscribe(
+                &[agent(0)],
+                Some(token(&hub, 2)),
+                KindFilter::default(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(sequences(&ready(&mut resumed)), [Some(3), Some(4)]);
+    }
+
+    /// A reader that reads (slowly, but within the send timeout) gets everything, heartbeats
+    /// included, and keeps its watcher.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_whose_reader_reads_in_time_keeps_going() {
+        let hub = hub(EventSettings {
+            heartbeat: Duration::from_secs(3),
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        let watch = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        let mut reader = watch.forward(1, Duration::from_secs(5));
+        for _ in 0..3 {
+            assert!(publish(&hub, agent(0)));
+        }
+        for sequence in 1..=3 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let item = reader.recv().await.unwrap();
+            assert_eq!(sequences(&[item]), [Some(sequence)]);
+        }
+        let heartbeat = reader.recv().await.unwrap();
+        assert!(
+            matches!(heartbeat, Ok(WatchItem::Heartbeat { position, .. }) if position == token(&hub, 3)),
+            "{heartbeat:?}"
+        );
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (1, 1));
+    }
+
+    /// Whether the task waits for the watcher or for room in the queue, a reader that goes
+    /// frees the watcher at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_is_freed_as_soon_as_its_reader_goes() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let subscribe = || {
+            hub.subscribe(&[agent(0)], None, KindFilter::default(), None)
+                .unwrap()
+                .forward(1, Duration::from_secs(600))
+        };
+        let waiting_for_room = subscribe();
+        for _ in 0..3 {
+            assert!(publish(&hub, agent(0)));
+        }
+        // Live from now: nothing for it yet.
+        let waiting_for_events = subscribe();
+        settle().await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (2, 2));
+        drop(waiting_for_events);
+        drop(waiting_for_room);
+        settle().await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (0, 0));
+    }
+
+    /// On shutdown a reader that reads gets everything, then ShuttingDown; one that does not
+    /// read is freed after the send timeout and learns ShuttingDown (not TooSlow), with the
+    /// position after what was queued for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_ends_shutting_down_whether_its_reader_reads_or_not() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let forwarded = || {
+            hub.subscribe(&[agent(0)], None, KindFilter::default(), None)
+                .unwrap()
+                .forward(1, Duration::from_secs(5))
+        };
+        let mut reading = forwarded();
+        let mut not_reading = forwarded();
+        for _ in 0..3 {
+            assert!(publish(&hub, agent(0)));
+        }
+        settle().await;
+        hub.shut_down();
+
+        let items = read_to_end(&mut reading).await;
+        assert_eq!(sequences(&items), [Some(1), Some(2), Some(3), None]);
+        assert_eq!(
+            items[3],
+            Err(WatchEnd::ShuttingDown {
+                resume: token(&hub, 3)
+            })
+        );
+
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(hub.watchers(), 0);
+        let items = read_to_end(&mut not_reading).await;
+        assert_eq!(sequences(&items), [Some(1), None]);
+        assert_eq!(
+            items[1],
+            Err(WatchEnd::ShuttingDown {
+                resume: token(&hub, 1)
+            })
+        );
+    }
+
+    /// After shutdown began, every send shares one send timeout: a reader that takes an item
+    /// just before each send would time out cannot keep the task (and the watcher) alive.
+    #[tokio::test(start_paused = true)]
+    async fn after_shutdown_a_trickling_reader_cannot_keep_a_forwarded_watcher_alive() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let mut reader = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap()
+            .forward(1, Duration::from_secs(5));
+        for _ in 0..5 {
+            assert!(publish(&hub, agent(0)));
+        }
+        settle().await;
+        hub.shut_down();
+        let mut items = Vec::new();
+        tokio::time::timeout(Duration::from_secs(600), async {
+            while let Some(item) = reader.recv().await {
+                items.push(item);
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+        })
+        .await
+        .expect("the forwarded watcher ended");
+        // Event 3 was the first sent after shutdown began: the shared deadline ran from then,
+        // and event 4 waited past it.
+        assert_eq!(sequences(&items), [Some(1), Some(2), Some(3), None]);
+        assert_eq!(
+            items[3],
+            Err(WatchEnd::ShuttingDown {
+                resume: token(&hub, 3)
+            })
+        );
+        assert_eq!(hub.watchers(), 0);
+    }
+
+    /// Point 4 of the review, separate capacity: watchers at their limit do not keep a release
+    /// from waiting for its event, and release waiters at theirs do not keep a watcher out.
+    #[tokio::test]
+    async fn watchers_and_release_waiters_draw_from_pools_of_their_own() {
+        let hub = hub(EventSettings {
+            max_watchers: 1,
+            max_release_waiters: 1,
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        let all = KindFilter::default;
+        let watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
+        let refused = hub.subscribe(&[agent(0)], None, all(), None).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "1 watchers are open, the most this facade allows"
+        );
+        let waiter = hub.subscribe_release_waiter(agent(0), all()).unwrap();
+        let refused = hub.subscribe_release_waiter(agent(0), all()).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "1 ReleaseCalls are waiting for their release event, the most this facade allows"
+        );
+        assert_eq!(
+            (
+                hub.watchers(),
+                hub.release_waiters(),
+                hub.watchers_of(agent(0))
+            ),
+            (1, 1, 2)
+        );
+        drop(watcher);
+        let _watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
+        drop(waiter);
+        let _waiter = hub.subscribe_release_waiter(agent(0), all()).unwrap();
     }
 }

@@ -6,6 +6,7 @@
 //! are published in that order (one publish lock), so a watcher of several agents can deliver
 //! them in sequence order. "Everything up to sequence N was delivered" is then a complete
 //! description of where a watcher stands, which is all a resume token holds.
+mod forward;
 mod hub;
 mod poll;
 mod ring;
@@ -14,7 +15,8 @@ mod watch;
 
 use std::{time::Duration, time::SystemTime};
 
-pub use hub::{EventHub, EventStats, SubscribeError};
+pub use forward::Forwarded;
+pub use hub::{EventHub, EventStats, SubscribeError, WatcherLimit};
 pub use poll::PollLoop;
 pub use ring::ReplayRing;
 pub use token::ResumeToken;
@@ -84,8 +86,11 @@ pub struct EventSettings {
     pub watcher_buffer: usize,
     /// A watcher that sent nothing for this long gets a heartbeat.
     pub heartbeat: Duration,
-    /// Open watchers in the process.
+    /// Open watchers in the process (`EventHub::subscribe`).
     pub max_watchers: usize,
+    /// Open release waiters in the process (`EventHub::subscribe_release_waiter`), a pool of
+    /// their own so that neither kind can crowd out the other.
+    pub max_release_waiters: usize,
 }
 
 impl Default for EventSettings {
@@ -100,6 +105,7 @@ impl Default for EventSettings {
             watcher_buffer: 1024,
             heartbeat: Duration::from_secs(15),
             max_watchers: 10_000,
+            max_release_waiters: 1_000,
         }
     }
 }

@@ -41,7 +41,8 @@ pub enum WatchItem {
 /// How a watcher ends; each carries the token to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEnd {
-    /// The watcher fell more than its buffer behind.
+    /// The watcher fell more than its buffer behind, or (forwarded) its reader took nothing
+    /// for the send timeout.
     TooSlow {
         resume: ResumeToken,
     },
@@ -198,6 +199,11 @@ impl Watch {
     /// Where the watcher stands: everything up to here was delivered (or filtered out).
     pub fn position(&self) -> ResumeToken {
         self.position
+    }
+
+    /// True once the facade began shutting down.
+    pub(super) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
     }
 
     /// The next item; `Some(Err(_))` once, then `None`.
