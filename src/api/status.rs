@@ -104,9 +104,9 @@ pub const TABLE: &[Rule] = &[
     row("(request_id reused)", InvalidArgument, "REQUEST_ID_REUSED", No, "request_id was already used with different parameters; nothing was sent to the gateway"),
     row("(too many pending)", ResourceExhausted, "TOO_MANY_PENDING_RELEASES", After(secs(1)), "the request_id cache is full of releases still waiting for the gateway or whose outcome is unknown (both are kept for their whole window); nothing was sent"),
     row("(earlier attempt lost)", Aborted, "EARLIER_ATTEMPT_LOST", After(secs(0)), "an earlier request with this request_id ended without an answer"),
-    row("(watcher too slow)", ResourceExhausted, "WATCHER_TOO_SLOW", After(secs(0)), "the stream fell too far behind its agents' events and was cut off; resume from ErrorInfo metadata resume_token"),
+    row("(watcher too slow)", ResourceExhausted, "WATCHER_TOO_SLOW", After(secs(0)), "the stream fell too far behind its agents' events, or could not send for the send timeout, and was cut off; resume from ErrorInfo metadata resume_token"),
     row("(too many sessions)", ResourceExhausted, "TOO_MANY_SESSIONS", No, "the facade holds as many agents' sessions as it allows (--max-sessions); a handover for another agent waits until one is idle for --session-idle-secs; nothing was sent"),
-    row("(too many watchers)", ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams as it allows"),
+    row("(too many watchers)", ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams, or ReleaseCalls waiting for their release event, as it allows"),
     row("(shutting down)", Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
 ];
 
