@@ -2,17 +2,22 @@
 //! and a bounded graceful drain.
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
+use futures_util::FutureExt;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{codegen::http, transport::server::TcpIncoming};
 
 use crate::{
-    api::{self, CallControlApi, CallControlServer},
+    api::{
+        status::{self, Unfinished},
+        CallControlApi, CallControlServer,
+    },
     proto,
 };
 
@@ -107,7 +112,7 @@ pub async fn run(
         .max_concurrent_streams(settings.max_concurrent_streams)
         .layer(tower::layer::layer_fn({
             let hard_stop = hard_stop.clone();
-            move |inner| AbortOnHardStop {
+            move |inner| AnswerEveryCall {
                 inner,
                 stop: hard_stop.clone(),
             }
@@ -143,18 +148,19 @@ pub async fn run(
     Ok(())
 }
 
-/// Races every call against the hard stop. A handler that watches the stop itself answers
-/// first (it is polled first, on the same wake-up); this answer is for calls that could not,
-/// e.g. still reading their request.
+/// Makes sure every call gets an answer that tells the truth about a release: at the hard
+/// stop, and when a handler panics (hyper would reset the stream, which a client sees as a
+/// bare CANCELLED, with no word on whether its call was hung up). A handler that watches the
+/// stop itself answers first: it is polled first, on the same wake-up.
 #[derive(Clone)]
-struct AbortOnHardStop<S> {
+struct AnswerEveryCall<S> {
     inner: S,
     stop: CancellationToken,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, B> tower::Service<http::Request<B>> for AbortOnHardStop<S>
+impl<S, B> tower::Service<http::Request<B>> for AnswerEveryCall<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
@@ -169,14 +175,88 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_owned();
-        let call = self.inner.call(request);
+        let call = AssertUnwindSafe(self.inner.call(request)).catch_unwind();
         let stop = self.stop.clone();
         Box::pin(async move {
-            tokio::select! {
+            let why = tokio::select! {
                 biased;
-                response = call => response,
-                () = stop.cancelled() => Ok(api::status::cut_off_by_hard_stop(&path).into_http()),
-            }
+                response = call => match response {
+                    Ok(response) => return response,
+                    Err(_) => {
+                        tracing::error!(%path, "a call's handler panicked");
+                        Unfinished::Panicked
+                    }
+                },
+                () = stop.cancelled() => Unfinished::HardStop,
+            };
+            Ok(status::unfinished(&path, why).into_http())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tonic_types::StatusExt;
+    use tower::{Service, ServiceExt};
+
+    use super::*;
+
+    const RELEASE: &str = "/ccgw.callcontrol.v1.CallControl/ReleaseCall";
+
+    async fn answer<F>(path: &str, handler: F, stop: CancellationToken) -> tonic::Status
+    where
+        F: Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send + 'static,
+    {
+        let handler = std::sync::Mutex::new(Some(handler));
+        let inner = tower::service_fn(move |_: http::Request<()>| {
+            handler.lock().unwrap().take().expect("called once")
+        });
+        let mut service = AnswerEveryCall { inner, stop };
+        let request = http::Request::builder().uri(path).body(()).unwrap();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        tonic::Status::from_header_map(response.headers()).expect("a gRPC status")
+    }
+
+    fn assert_outcome_unknown(status: &tonic::Status, cause: &str) {
+        assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+        let details = status.get_error_details();
+        let info = details.error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "RELEASE_OUTCOME_UNKNOWN");
+        assert_eq!(info.metadata["may_have_released"], "true");
+        assert_eq!(info.metadata["cause"], cause);
+        assert!(details.retry_info().is_none());
+    }
+
+    /// Issue 7, point 1: a ReleaseCall whose handler panicked may have sent its release.
+    #[tokio::test]
+    async fn a_panicking_release_answers_outcome_unknown() {
+        let status = answer(
+            RELEASE,
+            async { panic!("a bug in the handler") },
+            CancellationToken::new(),
+        )
+        .await;
+        assert_outcome_unknown(&status, "INTERNAL_ERROR");
+        let other = answer(
+            "/grpc.health.v1.Health/Check",
+            async { panic!("a bug in the handler") },
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(other.code(), tonic::Code::Internal);
+    }
+
+    /// Issue 7, point 1: at the hard stop, a ReleaseCall that could not answer for itself is
+    /// not told UNAVAILABLE; other calls are.
+    #[tokio::test(start_paused = true)]
+    async fn the_hard_stop_never_answers_a_release_unavailable() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let status = answer(RELEASE, std::future::pending(), stop.clone()).await;
+        assert_outcome_unknown(&status, "SHUTTING_DOWN");
+        let other = answer("/grpc.health.v1.Health/Check", std::future::pending(), stop).await;
+        assert_eq!(other.code(), tonic::Code::Unavailable);
     }
 }

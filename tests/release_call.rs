@@ -123,8 +123,8 @@ async fn legacy_release_path_is_a_switch() {
 }
 
 /// The documented table, written out independently of the code's: (retcode, code, reason,
-/// RetryInfo). A release of the current call answered 100-007 or 000-007 may have happened (or
-/// be happening), so it gets RELEASE_OUTCOME_UNKNOWN instead (issue 7, point 1).
+/// RetryInfo). A release of the current call answered 100-007, 000-007 or 000-004 may have
+/// happened (or be happening), so it gets RELEASE_OUTCOME_UNKNOWN instead (issue 7, point 1).
 #[rustfmt::skip]
 const RETCODE_EXPECTATIONS: &[(&str, Code, &str, bool)] = &[
     ("000-001", Code::FailedPrecondition, "WRONG_EVENT_METHOD", false),
@@ -153,7 +153,7 @@ const RETCODE_EXPECTATIONS: &[(&str, Code, &str, bool)] = &[
 ];
 
 /// Retcodes after which a release of the current call may have happened.
-const OUTCOME_UNKNOWN_RETCODES: [&str; 2] = ["100-007", "000-007"];
+const OUTCOME_UNKNOWN_RETCODES: [&str; 3] = ["100-007", "000-007", "000-004"];
 
 #[tokio::test]
 async fn every_failure_retcode_maps_to_its_documented_status() {
@@ -265,6 +265,53 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
         view["call_id"],
         next_call.as_str(),
         "the next call was hung up"
+    );
+}
+
+/// Issue 7, points 1 and 3: a client that lost its answer repeats its request_id. However many
+/// other ids came since, the answer to a release of the current call is kept for the whole
+/// window (new ids are refused instead, with nothing sent), while a dropcall's settled answer
+/// makes room.
+#[tokio::test]
+async fn answers_to_current_call_releases_outlive_cache_pressure() {
+    let app = spawn_app_with(sim_config(), &["--idempotency-capacity", "2"]).await;
+    app.sign_in("101").await;
+    app.sim.place_call("101", "70093").unwrap();
+    let with_id = |id: &str, call_id: &str| ReleaseCallRequest {
+        request_id: id.into(),
+        call_id: call_id.into(),
+        ..release_req("101")
+    };
+    let first = app.release(with_id("first", "")).await.unwrap();
+    assert_eq!(first.outcome(), ReleaseOutcome::Released);
+    let dropped = app.release(with_id("drop", "1700000000-1")).await.unwrap();
+    assert_eq!(dropped.outcome(), ReleaseOutcome::NoActiveCall);
+    // Room for "second" is made by forgetting the dropcall's answer.
+    let second = app.release(with_id("second", "")).await.unwrap();
+    assert_eq!(second.outcome(), ReleaseOutcome::NoActiveCall);
+    let sent = app.upstream().len();
+    let status = app.release(with_id("third", "")).await.unwrap_err();
+    expect_status(
+        &status,
+        Code::ResourceExhausted,
+        "TOO_MANY_PENDING_RELEASES",
+    );
+    assert_eq!(
+        app.upstream().len(),
+        sent,
+        "a refused id reached the gateway"
+    );
+
+    // The customer calls back; the first client repeats its request: the same answer, and the
+    // next call stays up.
+    let next_call = app.sim.place_call("101", "70094").unwrap();
+    let repeated = app.release(with_id("first", "")).await.unwrap();
+    assert!(repeated.replayed);
+    assert_eq!(repeated.outcome(), ReleaseOutcome::Released);
+    assert_eq!(app.upstream().len(), sent);
+    assert_eq!(
+        app.sim.agent("101").unwrap().call_id.as_deref(),
+        Some(next_call.as_str())
     );
 }
 

@@ -174,17 +174,26 @@ fn single_ascii<'a>(
         .map_err(|_| FieldViolation::new(key, "must be printable ASCII"))
 }
 
-/// When the facade must have answered: the caller's `grpc-timeout`, capped by `ceiling`, less
-/// a small margin so our DEADLINE_EXCEEDED (with details) reaches the caller before its own
-/// timer fires.
+/// When the facade must have answered: `ceiling`, or the caller's `grpc-timeout` less a margin
+/// when that comes first. tonic enforces `grpc-timeout` itself, answering a bare CANCELLED at
+/// the deadline, and the caller's own timer fires then too: the facade's answer (its details
+/// say whether the call may have been released) must be on its way well before.
 pub fn deadline(metadata: &MetadataMap, ceiling: Duration) -> Instant {
     let budget = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
-        .map_or(ceiling, |t| t.min(ceiling));
-    let margin = (budget / 20).min(Duration::from_millis(50));
-    Instant::now() + (budget - margin)
+        .map_or(ceiling, |caller| {
+            caller.saturating_sub(answer_margin(caller)).min(ceiling)
+        });
+    Instant::now() + budget
+}
+
+/// A tenth of the caller's budget, at least 200 ms (half of a shorter budget), at most 1 s.
+fn answer_margin(budget: Duration) -> Duration {
+    (budget / 10)
+        .max(Duration::from_millis(200).min(budget / 2))
+        .min(Duration::from_secs(1))
 }
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n), per the gRPC HTTP/2 spec.
@@ -224,6 +233,26 @@ mod tests {
         for bad in ["", "m", "10", "123456789m", "-1S", "1x", "1.5S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_answer_leaves_room_before_the_callers_deadline() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            answer_margin(Duration::from_secs(30)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(answer_margin(Duration::from_secs(5)), ms(500));
+        assert_eq!(answer_margin(Duration::from_secs(1)), ms(200));
+        assert_eq!(answer_margin(ms(100)), ms(50));
+        let mut metadata = MetadataMap::new();
+        let ceiling = Duration::from_secs(10);
+        let before = Instant::now();
+        // No caller deadline: nothing enforces one but the facade.
+        assert!(deadline(&metadata, ceiling) >= before + ceiling);
+        metadata.insert("grpc-timeout", "5S".parse().unwrap());
+        let at = deadline(&metadata, ceiling);
+        assert!(at >= before + ms(4500) && at <= Instant::now() + ms(4500));
     }
 
     #[test]

@@ -182,17 +182,32 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
     failure(rule, &detail, metadata, ctx)
 }
 
-/// What a call still running at the hard stop (after the drain timeout) is answered, when its
-/// handler could not answer for itself. A ReleaseCall may have sent a release of the current
-/// call by then, so it must not be told anything that invites a retry.
-pub fn cut_off_by_hard_stop(path: &str) -> Status {
-    let detail = "the facade shut down before this call finished";
+/// Why a call is answered by the server around its handler rather than by the handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfinished {
+    /// Still running at the hard stop (after the drain timeout), unable to answer for itself
+    /// (e.g. still reading its request).
+    HardStop,
+    /// The handler panicked.
+    Panicked,
+}
+
+/// The answer to a call its handler did not finish. A ReleaseCall may have sent a release of
+/// the current call by then, so it must not be told anything that invites a retry.
+pub fn unfinished(path: &str, why: Unfinished) -> Status {
+    let (cause, detail) = match why {
+        Unfinished::HardStop => (
+            rule("(shutting down)").reason,
+            "the facade shut down before this call finished",
+        ),
+        Unfinished::Panicked => (
+            "INTERNAL_ERROR",
+            "the facade failed while handling this call",
+        ),
+    };
     if path.ends_with("/ReleaseCall") {
         let metadata = HashMap::from([
-            (
-                "cause".to_owned(),
-                rule("(shutting down)").reason.to_owned(),
-            ),
+            ("cause".to_owned(), cause.to_owned()),
             ("may_have_released".to_owned(), "true".to_owned()),
         ]);
         let ctx = Context {
@@ -207,7 +222,10 @@ pub fn cut_off_by_hard_stop(path: &str) -> Status {
             &ctx,
         );
     }
-    Status::unavailable(detail)
+    match why {
+        Unfinished::HardStop => Status::unavailable(detail),
+        Unfinished::Panicked => Status::internal(detail),
+    }
 }
 
 /// The one way a table row becomes a Status: message `meaning [agent N] (detail)`, ErrorInfo

@@ -68,7 +68,7 @@ impl Watch {
             .clone()
             .try_reserve_owned()
             .expect("a new channel has room");
-        tokio::spawn(forward(self, sender, end_slot, send_timeout).in_current_span());
+        tokio::spawn(forward(self, sender, end_slot, queue.max(1), send_timeout).in_current_span());
         Forwarded { queue: receiver }
     }
 }
@@ -77,6 +77,7 @@ async fn forward(
     mut watch: Watch,
     sender: mpsc::Sender<Slot>,
     end_slot: OwnedPermit<Slot>,
+    queue: usize,
     send_timeout: Duration,
 ) {
     let shutdown = watch.shutdown_signal();
@@ -101,7 +102,7 @@ async fn forward(
         if *shutdown.borrow() {
             deadline = deadline.min(*shutdown_deadline.get_or_insert(deadline));
         }
-        match tokio::time::timeout_at(deadline, sender.send(Ok(item).into())).await {
+        match tokio::time::timeout_at(deadline, enqueue(&sender, item, queue)).await {
             Ok(Ok(())) => queued_up_to = watch.position(),
             // The reader is gone.
             Ok(Err(_)) => return,
@@ -125,4 +126,24 @@ async fn forward(
     drop(watch);
     tracing::info!(?end, "watcher ended");
     end_slot.send(Err(end).into());
+}
+
+/// Queues an item for the reader. A heartbeat only says "nothing new", so it waits until the
+/// reader has taken everything queued before it: a reader that stopped is then found out one
+/// heartbeat interval (plus the send timeout) after it stopped, not once heartbeats have
+/// filled the whole queue.
+async fn enqueue(
+    sender: &mpsc::Sender<Slot>,
+    item: WatchItem,
+    queue: usize,
+) -> Result<(), mpsc::error::SendError<()>> {
+    if matches!(item, WatchItem::Heartbeat { .. }) {
+        let mut room = sender.reserve_many(queue).await?;
+        room.next().expect("room for one").send(Ok(item).into());
+        return Ok(());
+    }
+    sender
+        .send(Ok(item).into())
+        .await
+        .map_err(|_| mpsc::error::SendError(()))
 }

@@ -906,6 +906,36 @@ mod tests {
         assert_eq!(sequences(&ready(&mut resumed)), [Some(3), Some(4)]);
     }
 
+    /// Point 4: on an idle agent, heartbeats do not fill the queue first: a reader that takes
+    /// nothing is cut off one heartbeat interval plus the send timeout after the first
+    /// heartbeat it left unread.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_takes_no_heartbeats_is_cut_off_a_heartbeat_later() {
+        let hub = hub(EventSettings {
+            heartbeat: Duration::from_secs(15),
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        let watch = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        let mut reader = watch.forward(16, Duration::from_secs(30));
+        // Heartbeats at 15 s (queued) and 30 s (waits for the reader until 60 s).
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(hub.watchers(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (0, 0));
+        let items = read_to_end(&mut reader).await;
+        assert!(
+            matches!(items[0], Ok(WatchItem::Heartbeat { .. })),
+            "{items:?}"
+        );
+        assert!(
+            matches!(items[1], Err(WatchEnd::TooSlow { .. })),
+            "{items:?}"
+        );
+    }
+
     /// A reader that reads (slowly, but within the send timeout) gets everything, heartbeats
     /// included, and keeps its watcher.
     #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{
-    session::{Guid, Refusal, Session, SessionHeaders, SessionRegistry},
+    session::{Adoption, Guid, Refusal, Session, SessionHeaders, SessionRegistry},
     wire::{self, Answer},
     GatewayError,
 };
@@ -23,6 +23,9 @@ const CONTENT_TYPE_JSON: &str = "application/json; charset=UTF-8";
 /// Below this budget a request would almost surely time out after it was sent, leaving its
 /// outcome unknown; better not to send it at all.
 const MIN_BUDGET: Duration = Duration::from_millis(20);
+/// Registry sessions one call tries: the one it found, and the one that replaced it while the
+/// gateway refused the first (a rotation, or a watcher's candidate).
+const MAX_REGISTRY_ATTEMPTS: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -207,8 +210,10 @@ impl GatewayClient {
     }
 
     /// Sends in the registry's session first; in the handed-over one only when there is
-    /// none, or when the gateway refused the registry's (a refusal changed nothing, so a second
-    /// attempt cannot act twice). Returns the answer and the Guid it was given for.
+    /// none, or when the gateway refused the registry's. Each further attempt follows a refusal
+    /// (100-006 / 000-003), which changed nothing, so none can act twice. After a refusal the
+    /// registry is read again: a rotation that arrived meanwhile, or a watcher's candidate,
+    /// may hold a session the gateway accepts. Returns the answer and the Guid it was given for.
     async fn call_in_session(
         &self,
         agent: AgentId,
@@ -217,20 +222,37 @@ impl GatewayClient {
         deadline: Instant,
         handed: Option<&Session>,
     ) -> Result<(Answer, Guid), GatewayError> {
-        let live = self.sessions.get(agent);
-        let handed = handed.filter(|h| live.as_ref().is_none_or(|l| l.guid != h.guid));
-        if let Some(live) = live {
+        let mut refused: Vec<Session> = Vec::new();
+        let mut last_refusal = None;
+        while refused.len() < MAX_REGISTRY_ATTEMPTS {
+            let Some(session) = self.sessions.get(agent).filter(|s| !refused.contains(s)) else {
+                break;
+            };
             let answer = self
-                .send_in_registry_session(agent, method.clone(), path, &live, deadline)
+                .send_in_registry_session(agent, method.clone(), path, &session, deadline)
                 .await?;
-            if handed.is_none() || !answer.session_gone() {
-                return Ok((answer, live.guid));
+            if !answer.session_gone() {
+                return Ok((answer, session.guid));
             }
-            tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused the agent's session; trying the handed-over one");
+            tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused the agent's session");
+            last_refusal = Some((answer, session.guid.clone()));
+            refused.push(session);
         }
-        let handed = handed.ok_or(GatewayError::NoSession(agent))?;
-        self.send_in_handed_session(agent, method, path, handed.clone(), deadline)
-            .await
+        match handed.filter(|h| !refused.contains(h)) {
+            Some(handed) => {
+                let replacing = refused.last().map(|s| &s.guid);
+                self.send_in_handed_session(
+                    agent,
+                    method,
+                    path,
+                    handed.clone(),
+                    replacing,
+                    deadline,
+                )
+                .await
+            }
+            None => last_refusal.ok_or(GatewayError::NoSession(agent)),
+        }
     }
 
     /// One request in a session the registry holds, which learns from the answer: rotation,
@@ -272,13 +294,15 @@ impl GatewayClient {
     }
 
     /// One request in a session a caller handed over, kept (with what the answer rotated)
-    /// only when the gateway carried the operation out with it.
+    /// only when the gateway carried the operation out with it, and only in place of
+    /// `replacing` (the registry session the gateway refused first, if any).
     async fn send_in_handed_session(
         &self,
         agent: AgentId,
         method: Method,
         path: &str,
         mut session: Session,
+        replacing: Option<&Guid>,
         deadline: Instant,
     ) -> Result<(Answer, Guid), GatewayError> {
         let guid_used = session.guid.clone();
@@ -293,10 +317,16 @@ impl GatewayClient {
         session.absorb(headers);
         let answer = result?;
         if answer.proves_session() {
-            if self.sessions.adopt(agent, session) {
-                tracing::info!(%agent, "the gateway accepted a handed-over session; it is the agent's session now");
-            } else {
-                tracing::warn!(%agent, "the gateway accepted a handed-over session, but the session registry is full; it is not kept");
+            match self.sessions.adopt(agent, session, replacing) {
+                Adoption::Adopted => {
+                    tracing::info!(%agent, "the gateway accepted a handed-over session; it is the agent's session now")
+                }
+                Adoption::Superseded => {
+                    tracing::info!(%agent, "the gateway accepted a handed-over session, but a newer one is the agent's session already; kept that")
+                }
+                Adoption::Full => {
+                    tracing::warn!(%agent, "the gateway accepted a handed-over session, but the session registry is full; it is not kept")
+                }
             }
         }
         Ok((answer, guid_used))

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 pub use client::{GatewayClient, GatewaySettings, GatewayStats, ReleaseTarget, SettingsError};
 pub use session::{
-    Cookies, Guid, Refusal, Session, SessionHeaders, SessionLimits, SessionRegistry, SessionsFull,
+    Adoption, Cookies, Guid, Refusal, Session, SessionHeaders, SessionLimits, SessionRegistry,
+    SessionsFull,
 };
 pub use wire::Answer;
 

@@ -169,6 +169,17 @@ impl fmt::Debug for Cookies {
     }
 }
 
+/// What an accepted handover did to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adoption {
+    /// It is the agent's session now.
+    Adopted,
+    /// A session confirmed after the request began stays the agent's.
+    Superseded,
+    /// The registry holds `max_sessions` other agents.
+    Full,
+}
+
 /// What a refused Guid did to the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -376,11 +387,20 @@ impl SessionRegistry {
     }
 
     /// The gateway accepted a session a request handed over (`session`, with what its answer
-    /// rotated): it becomes the agent's session. False when the registry is full.
-    pub fn adopt(&self, agent: AgentId, session: Session) -> bool {
+    /// rotated): it becomes the agent's session, in place of `replacing` (the registry session
+    /// the gateway refused before, if any), or of a session the gateway never accepted. A
+    /// session confirmed meanwhile by someone else (a rotation, another handover) is newer
+    /// than what this request saw, and stays.
+    pub fn adopt(&self, agent: AgentId, session: Session, replacing: Option<&Guid>) -> Adoption {
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
         if let Some(entry) = sessions.get_mut(&agent) {
+            let ours_to_replace = !entry.confirmed
+                || replacing == Some(&entry.current.guid)
+                || entry.current.guid == session.guid;
+            if !ours_to_replace {
+                return Adoption::Superseded;
+            }
             if entry
                 .candidate
                 .as_ref()
@@ -391,13 +411,13 @@ impl SessionRegistry {
             entry.current = session;
             entry.confirmed = true;
             entry.last_used = now;
-            return true;
+            return Adoption::Adopted;
         }
         if self.make_room(&mut sessions, now).is_err() {
-            return false;
+            return Adoption::Full;
         }
         sessions.insert(agent, Entry::new(session, true, now));
-        true
+        Adoption::Adopted
     }
 
     /// The gateway refused `guid`. If it is the agent's session (a refusal of an old Guid must
@@ -622,19 +642,44 @@ mod tests {
         let registry = registry();
         let a = agent(101);
         registry.absorb(a, None, headers(Some("old"), &["route=n1"]));
-        assert!(registry.adopt(
-            a,
-            Session {
-                guid: guid("forcelogin"),
-                cookies: Cookies::parse_header("c", "route=n2").unwrap(),
-            }
-        ));
+        assert_eq!(
+            registry.adopt(
+                a,
+                Session {
+                    guid: guid("forcelogin"),
+                    cookies: Cookies::parse_header("c", "route=n2").unwrap(),
+                },
+                Some(&guid("old")),
+            ),
+            Adoption::Adopted
+        );
         let session = registry.get(a).unwrap();
         assert_eq!(session.guid, guid("forcelogin"));
         assert_eq!(session.cookies.header_value().as_deref(), Some("route=n2"));
         // An old poll's late answer cannot rotate the replaced session back in.
         registry.absorb(a, Some(&guid("old")), headers(Some("old-rotated"), &[]));
         assert_eq!(registry.get(a).unwrap().guid, guid("forcelogin"));
+    }
+
+    /// A request that saw the registry refused, then had its handover accepted, does not
+    /// overwrite a session confirmed meanwhile.
+    #[test]
+    fn adoption_never_replaces_a_session_confirmed_meanwhile() {
+        let registry = registry();
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("f1"), &[]));
+        registry.absorb(a, Some(&guid("f1")), headers(Some("f2"), &[]));
+        assert_eq!(
+            registry.adopt(a, session("f1"), Some(&guid("g-refused"))),
+            Adoption::Superseded
+        );
+        assert_eq!(registry.get(a).unwrap().guid, guid("f2"));
+        // An unconfirmed one (a watcher's handover nobody proved yet) gives way.
+        registry.offer(agent(102), session("junk")).unwrap();
+        assert_eq!(
+            registry.adopt(agent(102), session("good"), None),
+            Adoption::Adopted
+        );
     }
 
     #[test]
@@ -666,7 +711,10 @@ mod tests {
             registry.offer(agent(103), session("c")),
             Err(SessionsFull(2))
         );
-        assert!(!registry.adopt(agent(103), session("c")));
+        assert_eq!(
+            registry.adopt(agent(103), session("c"), None),
+            Adoption::Full
+        );
         tokio::time::advance(Duration::from_secs(400)).await;
         registry.get(agent(101)).expect("still there");
         tokio::time::advance(Duration::from_secs(400)).await;

@@ -19,12 +19,12 @@ use crate::{
 
 /// Retcodes meaning "the call is already gone": 200-017 (release) and 200-025 (dropcall).
 pub const RETCODES_NO_CALL: [&str; 2] = ["200-017", "200-025"];
-/// "Exception during the agent operation": the outcome of the operation is unknown.
-pub const RETCODE_OPERATION_EXCEPTION: &str = "100-007";
-/// "Interface invoked repeatedly": the same operation on this agent is running at the gateway
-/// now. For a release of the current call that one is hanging the call up, and repeating ours
-/// once it is done would hang up the next.
-pub const RETCODE_DUPLICATE_IN_PROGRESS: &str = "000-007";
+/// Retcodes after which a release may have happened (or be happening): 100-007 "exception
+/// during the agent operation" (the gateway may have got part way); 000-007 "interface invoked
+/// repeatedly" (the same release of this agent is running at the gateway: repeating ours once
+/// it is done would hang up the next call); 000-004 "agent being switched over" (DR: the
+/// reference does not say the operation was not carried out first).
+pub const RETCODES_OUTCOME_UNKNOWN: [&str; 3] = ["100-007", "000-007", "000-004"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseCommand {
@@ -72,29 +72,31 @@ impl ReleaseError {
     pub fn may_have_released(&self) -> bool {
         match self {
             Self::Gateway(e) => e.may_have_taken_effect(),
-            Self::Rejected { retcode, .. } => {
-                retcode == RETCODE_OPERATION_EXCEPTION || retcode == RETCODE_DUPLICATE_IN_PROGRESS
-            }
+            Self::Rejected { retcode, .. } => RETCODES_OUTCOME_UNKNOWN.contains(&retcode.as_str()),
             // The earlier attempt may have sent its release before it died; shutdown may cut
             // off a release in flight.
             Self::EarlierAttemptLost | Self::ShuttingDown => true,
             Self::NoActiveCall { .. } | Self::RequestIdReused | Self::TooManyPending => false,
         }
     }
+}
 
-    /// How long a request id must keep this answer. The gateway settled the matter: a
-    /// duplicate gets the same answer. Nobody can tell whether the current call was released:
-    /// a duplicate must get the same answer for the whole window, whatever the cache's
-    /// pressure, or it would hang up the next call. A dropcall with an unknown outcome is safe
-    /// to repeat, so it is not remembered, nor is anything that provably changed nothing.
-    fn retention(&self, target: &ReleaseTarget) -> Retention {
-        if *target == ReleaseTarget::Current && self.may_have_released() {
-            Retention::Pinned
-        } else if matches!(self, Self::NoActiveCall { .. }) {
-            Retention::Evictable
-        } else {
-            Retention::Forget
-        }
+/// How long a request id keeps its answer. A client repeats a request because it did not get
+/// the answer, whatever the facade knew: so every answer to a release of the current call that
+/// reached the gateway (released, no call, outcome unknown) holds for the whole window,
+/// whatever the cache's pressure, or the repeat would hang up the next call. A dropcall names
+/// its call: its settled answers may make room, and one with an unknown outcome is safe to
+/// repeat, so it is not remembered, nor is anything that provably changed nothing.
+fn retention(target: &ReleaseTarget, answer: &Result<ReleaseReport, ReleaseError>) -> Retention {
+    let settled = match answer {
+        Ok(_) | Err(ReleaseError::NoActiveCall { .. }) => true,
+        Err(error) if *target == ReleaseTarget::Current && error.may_have_released() => true,
+        Err(_) => false,
+    };
+    match (settled, target) {
+        (false, _) => Retention::Forget,
+        (true, ReleaseTarget::Current) => Retention::Pinned,
+        (true, ReleaseTarget::Call(_)) => Retention::Evictable,
     }
 }
 
@@ -192,11 +194,7 @@ impl ReleaseService {
                             .catch_unwind()
                             .await
                             .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
-                    let retention = match &answer {
-                        Ok(_) => Retention::Evictable,
-                        Err(error) => error.retention(&command.target),
-                    };
-                    ticket.complete(answer.clone(), retention);
+                    ticket.complete(answer.clone(), retention(&command.target, &answer));
                     answer
                 })
             }

@@ -226,6 +226,11 @@ pub async fn desktop_sign_in(sim: SocketAddr, agent: &str, force: bool) -> Deskt
     }
 }
 
+/// A well-formed Guid no gateway issued, distinct for each `n`.
+pub fn junk_guid(n: u32) -> String {
+    format!("junk-{n:06}.AgentGateway0")
+}
+
 /// `message` with the session handed over in `x-ccgw-guid`.
 pub fn handing_over<T>(message: T, guid: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
