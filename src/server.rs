@@ -143,7 +143,7 @@ pub async fn run(
     hard_stop.cancel();
     match tokio::time::timeout(HARD_STOP_FLUSH, &mut serve).await {
         Ok(result) => result?,
-        Err(_) => tracing::warn!("connections still open after the hard stop; closing them"),
+        Err(_) => tracing::warn!("connections still open after the hard stop; leaving them"),
     }
     Ok(())
 }

@@ -62,6 +62,12 @@ impl CallControlApi {
     pub fn hard_stop(&self) -> &CancellationToken {
         &self.hard_stop
     }
+
+    /// A watcher of the agent's call releases, for wait_for_release_event.
+    fn subscribe_release_waiter(&self, agent: AgentId) -> Result<Watch, SubscribeError> {
+        self.events
+            .subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
+    }
 }
 
 /// The request and its handover metadata, or INVALID_ARGUMENT naming every bad field of both.
@@ -229,14 +235,6 @@ impl CallControl for CallControlApi {
             request_id,
             self.settings.stream_send_timeout,
         )))
-    }
-}
-
-impl CallControlApi {
-    /// A watcher of the agent's call releases, for wait_for_release_event.
-    fn subscribe_release_waiter(&self, agent: AgentId) -> Result<Watch, SubscribeError> {
-        self.events
-            .subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
     }
 }
 

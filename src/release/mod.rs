@@ -2,9 +2,7 @@
 //! idempotency. Knows nothing of gRPC.
 mod idempotency;
 
-use std::time::Duration;
-
-use std::panic::AssertUnwindSafe;
+use std::{panic::AssertUnwindSafe, time::Duration};
 
 use futures_util::FutureExt;
 use rand::Rng;
@@ -58,9 +56,9 @@ pub enum ReleaseError {
     NoActiveCall { retcode: String, message: String },
     #[error("request_id was already used with different parameters")]
     RequestIdReused,
-    #[error("an earlier request with this request_id ended without an answer; retry")]
+    #[error("an earlier request with this request_id ended without an answer")]
     EarlierAttemptLost,
-    #[error("too many releases with a request_id are waiting for the gateway or have an unknown outcome")]
+    #[error("the request_id cache holds only pending releases and answers it must keep")]
     TooManyPending,
     #[error("the facade shut down before the gateway answered")]
     ShuttingDown,
