@@ -7,9 +7,10 @@ use crate::{
     api::ApiSettings,
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
     events::EventSettings,
-    gateway::{GatewaySettings, SessionLimits},
+    gateway::GatewaySettings,
     release::ReleasePolicy,
     server::ServerSettings,
+    sessions::SessionLimits,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,6 +1,7 @@
 //! ccgw-callcontrol: a gRPC facade over Huawei CC-Gateway's agent REST interface.
 //!
-//! Rooms: `api` (gRPC only), `gateway` (REST client, sessions), `release` (hang-up policy),
+//! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types), `sessions` (which session a
+//! request goes out with, handovers), `release` (hang-up policy),
 //! `events` (poll loops, fan-out, replay and resume),
 //! `sim` (the CC-Gateway simulator), `server` (composition), `config`, `telemetry`.
 
@@ -11,6 +12,7 @@ pub mod events;
 pub mod gateway;
 pub mod release;
 pub mod server;
+pub mod sessions;
 pub mod sim;
 pub mod startup;
 pub mod telemetry;

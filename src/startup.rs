@@ -1,16 +1,18 @@
 //! Builds the application from its configuration, and the `--simulate` demo.
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::CallControlApi,
     config::Config,
     domain::{AgentId, DEFAULT_MAX_AGENT_ID},
     events::EventHub,
-    gateway::{GatewayClient, SessionRegistry},
+    gateway::GatewayClient,
     release::ReleaseService,
     server,
+    sessions::{SessionRegistry, Sessions},
     sim::{SimConfig, Simulator},
 };
 
@@ -35,10 +37,15 @@ pub const DEMO_CALLER: &str = "70093";
 
 pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi, StartupError> {
     config.validate().map_err(StartupError::Config)?;
-    let sessions = Arc::new(SessionRegistry::new(config.session_limits()));
-    let gateway = GatewayClient::new(&config.gateway(gateway_url)?, sessions)?;
-    let events = EventHub::new(gateway.clone(), config.events());
-    let release = ReleaseService::new(gateway, config.release_policy());
+    let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?;
+    let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
+    let events = EventHub::new(sessions.clone(), config.events());
+    let release = ReleaseService::new(
+        sessions,
+        events.clone(),
+        config.release_policy(),
+        CancellationToken::new(),
+    );
     Ok(CallControlApi::new(release, events, config.api()))
 }
 
@@ -90,12 +97,12 @@ pub async fn run(
 /// Signs in the demo agents through the gateway interface (so the registry learns their
 /// sessions the way it would from a real gateway) and puts agent 101 in a talking call.
 async fn prepare_demo(api: &CallControlApi, sim: &Simulator) -> Result<String, StartupError> {
-    let gateway = api.gateway();
     for raw in DEMO_AGENTS {
         let agent = AgentId::parse("agent", raw, DEFAULT_MAX_AGENT_ID)
             .map_err(|v| StartupError::Demo(v.description))?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        let answer = gateway
+        let answer = api
+            .sessions()
             .sign_in(agent, "demo", &format!("8800{raw}"), false, deadline)
             .await
             .map_err(|e| StartupError::Demo(format!("sign-in of agent {agent}: {e}")))?;

@@ -164,7 +164,7 @@ async fn every_failure_retcode_maps_to_its_documented_status() {
             app.sim.clear_faults();
             let _ = app
                 .api
-                .gateway()
+                .sessions()
                 .sign_in(common::agent_id("101"), "s", "1", true, common::deadline())
                 .await
                 .unwrap();
@@ -506,8 +506,13 @@ async fn a_rotated_guid_is_picked_up_from_the_gateways_answer() {
     // Dynamic authentication hands the new Guid out on an event-poll answer.
     let poll = app
         .api
-        .gateway()
-        .poll_event(common::agent_id("101"), common::deadline())
+        .sessions()
+        .send(
+            common::agent_id("101"),
+            &ccgw_callcontrol::gateway::SessionOperation::PollEvents,
+            common::deadline(),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(poll.0.retcode, "0");
@@ -698,8 +703,8 @@ async fn facade_with_session(app: &common::TestApp, gateway_url: &str) -> common
     };
     facade
         .api
-        .gateway()
         .sessions()
+        .registry()
         .offer(common::agent_id("101"), session)
         .unwrap();
     facade

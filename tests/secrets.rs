@@ -44,7 +44,7 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
     )
     .await;
     let mut secrets = vec![app.sign_in("101").await];
-    let session = app.api.gateway().sessions().get(agent_id("101")).unwrap();
+    let session = app.api.sessions().registry().get(agent_id("101")).unwrap();
     let cookie = session
         .cookies
         .header_value()

@@ -40,7 +40,7 @@ async fn handovers_on_requests_refused_before_the_gateway_leave_nothing() {
         refused_before_the_gateway(n).await;
     }
     let grown = rss_kib().saturating_sub(rss_before);
-    assert_eq!(app.api.gateway().sessions().len(), 1, "only 101's session");
+    assert_eq!(app.api.sessions().registry().len(), 1, "only 101's session");
     assert!(grown < 8 * 1024, "RSS grew {grown} KiB");
     assert!(app.upstream().iter().all(|r| r.path.ends_with("/101")));
 }

@@ -95,7 +95,7 @@ async fn a_refused_handover_is_not_kept() {
         .await
         .unwrap_err();
     expect_status(&status, Code::FailedPrecondition, "AGENT_NOT_SIGNED_IN");
-    assert_eq!(app.api.gateway().sessions().len(), 0);
+    assert_eq!(app.api.sessions().registry().len(), 0);
 }
 
 /// Point 3: handovers that do go on to the gateway are capped by --max-sessions; one beyond
@@ -118,11 +118,11 @@ async fn handed_over_sessions_are_capped() {
                 .await,
         );
     }
-    assert_eq!(app.api.gateway().sessions().len(), 50);
+    assert_eq!(app.api.sessions().registry().len(), 50);
     let status = app
         .watch_refused(handing_over(watch_req(&["5050"]), &junk_guid(50)))
         .await;
     expect_status(&status, Code::ResourceExhausted, "TOO_MANY_SESSIONS");
-    assert_eq!(app.api.gateway().sessions().len(), 50);
+    assert_eq!(app.api.sessions().registry().len(), 50);
     assert!(!app.polling_agents().contains(&"5050".to_owned()));
 }

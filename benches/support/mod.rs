@@ -61,14 +61,14 @@ impl Bench {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let answer = self
             .api
-            .gateway()
+            .sessions()
             .sign_in(agent, "pw", "1", false, deadline)
             .await
             .unwrap();
         assert_eq!(answer.retcode, "0");
         self.api
-            .gateway()
             .sessions()
+            .registry()
             .get(agent)
             .unwrap()
             .guid

@@ -4,17 +4,17 @@ pub mod request;
 pub mod status;
 mod watch;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{AgentId, FieldViolation, RequestId},
-    events::{EventHub, KindFilter, ReleaseEvent, ReleaseKind, SubscribeError, Watch, WatchEnd},
+    domain::{FieldViolation, RequestId},
+    events::EventHub,
     gateway::{ReleaseTarget, Session},
-    proto::{self, call_control_server::CallControl, ReleaseConfirmation},
-    release::{ReleaseError, ReleaseOutcome, ReleaseService},
+    proto::{self, call_control_server::CallControl},
+    release::{Confirmation, ReleaseOutcome, ReleaseRequest, ReleaseService, Released},
+    sessions::Sessions,
 };
 
 pub use proto::call_control_server::CallControlServer;
@@ -35,8 +35,6 @@ pub struct CallControlApi {
     release: ReleaseService,
     events: EventHub,
     settings: ApiSettings,
-    /// Cancelled when the server gives up draining: calls still running must answer now.
-    hard_stop: CancellationToken,
 }
 
 impl CallControlApi {
@@ -45,28 +43,21 @@ impl CallControlApi {
             release,
             events,
             settings,
-            hard_stop: CancellationToken::new(),
         }
     }
 
-    pub fn gateway(&self) -> &crate::gateway::GatewayClient {
-        self.release.gateway()
+    pub fn sessions(&self) -> &Sessions {
+        self.events.sessions()
+    }
+
+    /// The server cancels it when the drain times out: a ReleaseCall still running then
+    /// answers at once with what it knows.
+    pub fn hard_stop(&self) -> &tokio_util::sync::CancellationToken {
+        self.release.hard_stop()
     }
 
     pub fn events(&self) -> &EventHub {
         &self.events
-    }
-
-    /// The server cancels it when the drain times out. A ReleaseCall then answers at once with
-    /// what it knows (never an answer inviting a retry once its release may have been sent).
-    pub fn hard_stop(&self) -> &CancellationToken {
-        &self.hard_stop
-    }
-
-    /// A watcher of the agent's call releases, for wait_for_release_event.
-    fn subscribe_release_waiter(&self, agent: AgentId) -> Result<Watch, SubscribeError> {
-        self.events
-            .subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
     }
 }
 
@@ -120,62 +111,38 @@ impl CallControl for CallControlApi {
         };
         let (valid, handover) = both_valid("ReleaseCall", valid, handover, &ctx)?;
         let agent = valid.command.agent;
-        let target = valid.command.target.clone();
-        // Subscribed before the release is sent, so its event cannot slip by unseen; not for a
-        // repeated request_id, whose answer is replayed without waiting (and which must not
-        // start polling an agent for nothing).
-        let wait_for_event = body.wait_for_release_event
-            && !valid
-                .request_id
-                .as_ref()
-                .is_some_and(|id| self.release.remembers(id));
-        let mut confirmation = None;
-        if wait_for_event {
-            confirmation = match self.subscribe_release_waiter(agent) {
-                Ok(watch) => Some(watch),
-                // No session yet: one handed over is adopted by the release; nobody polled the
-                // agent, so its event waits at the gateway for the watcher subscribed after.
-                Err(SubscribeError::NoSession(_)) => None,
-                Err(error) => return Err(status::subscribe_failure(&error, &ctx)),
-            };
-        }
-        let result = tokio::select! {
-            biased;
-            result = self.release.release(valid.command, valid.request_id.as_ref(), deadline, handover) => result,
-            () = self.hard_stop.cancelled() => Err(ReleaseError::ShuttingDown),
-        };
-        let target_name = match &target {
+        let target = match &valid.command.target {
             ReleaseTarget::Current => "current",
             ReleaseTarget::Call(_) => "call",
         };
+        let result = self
+            .release
+            .release_call(ReleaseRequest {
+                command: valid.command,
+                request_id: valid.request_id,
+                deadline,
+                handed: handover,
+                wait_for_event: body.wait_for_release_event,
+            })
+            .await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        let report = match result {
-            Ok(report) => report,
-            Err(error) => {
-                tracing::warn!(%agent, target = target_name, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
-                return Err(status::release_failure(&error, &ctx));
-            }
-        };
-        tracing::info!(%agent, target = target_name, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
-        let (release_event, confirmation) = if wait_for_event
-            && report.outcome == ReleaseOutcome::Released
-            && !report.replayed
-        {
-            let watch = match confirmation {
-                Some(watch) => Ok(watch),
-                None => self.subscribe_release_waiter(agent),
-            };
-            let (event, confirmation) = tokio::select! {
-                biased;
-                confirmed = confirm_release(watch, &target, deadline) => confirmed,
-                () = self.hard_stop.cancelled() => (None, ReleaseConfirmation::ShuttingDown),
-            };
-            if event.is_none() {
-                tracing::warn!(%agent, request_id = %request_id, ?confirmation, "ReleaseCall released the call, but its release event was not observed");
-            }
-            (event.map(|e| watch::event_to_proto(&e)), confirmation)
-        } else {
-            (None, ReleaseConfirmation::Unspecified)
+        let Released {
+            report,
+            confirmation,
+        } = result.map_err(|error| {
+            tracing::warn!(%agent, target, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
+            status::release_failure(&error, &ctx)
+        })?;
+        tracing::info!(%agent, target, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
+        let (release_event, confirmation) = match confirmation {
+            Confirmation::NotAsked => (None, proto::ReleaseConfirmation::Unspecified),
+            Confirmation::Confirmed(event) => (
+                Some(watch::event_to_proto(&event)),
+                proto::ReleaseConfirmation::Confirmed,
+            ),
+            Confirmation::NotObserved => (None, proto::ReleaseConfirmation::NotObserved),
+            Confirmation::ShuttingDown => (None, proto::ReleaseConfirmation::ShuttingDown),
+            Confirmation::SessionEnded => (None, proto::ReleaseConfirmation::SessionEnded),
         };
         Ok(Response::new(proto::ReleaseCallResponse {
             outcome: match report.outcome {
@@ -235,30 +202,5 @@ impl CallControl for CallControlApi {
             request_id,
             self.settings.stream_send_timeout,
         )))
-    }
-}
-
-/// Waits for the release event of a call just released (wait_for_release_event): the event,
-/// or why there is none. The call was released either way.
-async fn confirm_release(
-    watch: Result<Watch, SubscribeError>,
-    target: &ReleaseTarget,
-    deadline: tokio::time::Instant,
-) -> (Option<Arc<ReleaseEvent>>, ReleaseConfirmation) {
-    let wanted = |event: &ReleaseEvent| match target {
-        ReleaseTarget::Call(call) => event.call_id == *call,
-        ReleaseTarget::Current => true,
-    };
-    let mut watch = match watch {
-        Ok(watch) => watch,
-        Err(SubscribeError::ShuttingDown) => return (None, ReleaseConfirmation::ShuttingDown),
-        Err(SubscribeError::NoSession(_)) => return (None, ReleaseConfirmation::SessionEnded),
-        Err(_) => return (None, ReleaseConfirmation::NotObserved),
-    };
-    match watch.next_event(wanted, deadline).await {
-        Ok(Some(event)) => (Some(event), ReleaseConfirmation::Confirmed),
-        Ok(None) | Err(WatchEnd::TooSlow { .. }) => (None, ReleaseConfirmation::NotObserved),
-        Err(WatchEnd::ShuttingDown { .. }) => (None, ReleaseConfirmation::ShuttingDown),
-        Err(WatchEnd::SessionEnded { .. }) => (None, ReleaseConfirmation::SessionEnded),
     }
 }

@@ -161,6 +161,7 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
         ReleaseError::RequestIdReused => (rule("(request_id reused)"), String::new()),
         ReleaseError::EarlierAttemptLost => (rule("(earlier attempt lost)"), String::new()),
         ReleaseError::TooManyPending => (rule("(too many pending)"), String::new()),
+        ReleaseError::CannotWait(error) => return subscribe_failure(error, ctx),
         ReleaseError::ShuttingDown => (
             rule("(shutting down)"),
             "the facade shut down before the gateway answered".to_owned(),

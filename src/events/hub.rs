@@ -22,9 +22,10 @@ use crate::{
     domain::AgentId,
     gateway::{
         event::{EventBody, PolledEvent},
-        GatewayClient, Session, SessionsFull,
+        Session,
     },
     lock,
+    sessions::{Sessions, SessionsFull},
 };
 
 /// Counters of what the poll loops read.
@@ -89,7 +90,7 @@ pub struct EventHub {
 
 #[derive(Debug)]
 pub(super) struct Hub {
-    pub gateway: GatewayClient,
+    pub sessions: Sessions,
     pub settings: EventSettings,
     /// Tells tokens of this process lifetime from older ones.
     epoch: u64,
@@ -190,11 +191,11 @@ pub(super) enum Step {
 }
 
 impl EventHub {
-    pub fn new(gateway: GatewayClient, settings: EventSettings) -> Self {
+    pub fn new(sessions: Sessions, settings: EventSettings) -> Self {
         let (shutdown, _) = watch::channel(false);
         Self {
             hub: Arc::new(Hub {
-                gateway,
+                sessions,
                 epoch: rand::random(),
                 sequence: AtomicU64::new(0),
                 publish: Mutex::new(()),
@@ -213,8 +214,8 @@ impl EventHub {
         }
     }
 
-    pub fn gateway(&self) -> &GatewayClient {
-        &self.hub.gateway
+    pub fn sessions(&self) -> &Sessions {
+        &self.hub.sessions
     }
 
     /// Starts watching `agents` (each must have a session), live from now or, with `from`,
@@ -262,12 +263,12 @@ impl EventHub {
         }
         let permit = permits.take()?;
         if let Some((agent, session)) = handover {
-            hub.gateway.sessions().offer(agent, session)?;
+            hub.sessions.registry().offer(agent, session)?;
         }
         let missing: Vec<AgentId> = agents
             .iter()
             .copied()
-            .filter(|a| hub.gateway.sessions().get(*a).is_none())
+            .filter(|a| hub.sessions.registry().get(*a).is_none())
             .collect();
         if !missing.is_empty() {
             return Err(SubscribeError::NoSession(missing));
@@ -594,15 +595,14 @@ mod tests {
     use crate::{
         domain::CallId,
         events::{Forwarded, WatchEnd, WatchItem},
-        gateway::{GatewaySettings, Guid, SessionRegistry},
+        gateway::{GatewayClient, GatewaySettings, Guid},
+        sessions::SessionRegistry,
     };
 
     /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
     fn hub(settings: EventSettings) -> EventHub {
-        let sessions = Arc::new(SessionRegistry::default());
-        let gateway =
-            GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1"), sessions).unwrap();
-        EventHub::new(gateway, settings)
+        let gateway = GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1")).unwrap();
+        EventHub::new(Sessions::new(SessionRegistry::default(), gateway), settings)
     }
 
     fn agent(n: u32) -> AgentId {
@@ -614,7 +614,7 @@ mod tests {
             guid: Guid::parse("guid", "g.AgentGateway0").unwrap(),
             cookies: Default::default(),
         };
-        hub.gateway().sessions().offer(agent, session).unwrap();
+        hub.sessions().registry().offer(agent, session).unwrap();
     }
 
     /// An event polled for `agent`, as its poll loop would hand it over. False when the agent

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::gateway::{
     event::{parse_event, RETCODE_WRONG_EVENT_METHOD},
-    Answer, GatewayError, Guid,
+    Answer, GatewayError, Guid, SessionOperation,
 };
 
 /// The first failed poll pauses 200 to 400 ms; the ceiling doubles up to
@@ -61,7 +61,10 @@ impl PollLoop {
         let agent = self.feed.agent;
         let deadline = Instant::now() + self.hub.settings.poll_timeout;
         let (result, stopping) = {
-            let poll = self.hub.gateway.poll_event(agent, deadline);
+            let poll = self
+                .hub
+                .sessions
+                .send(agent, &SessionOperation::PollEvents, deadline, None);
             tokio::pin!(poll);
             let answered = tokio::select! {
                 result = &mut poll => Some(result),
@@ -153,8 +156,8 @@ impl PollLoop {
 
     fn current_guid(&self) -> Option<Guid> {
         self.hub
-            .gateway
-            .sessions()
+            .sessions
+            .registry()
             .get(self.feed.agent)
             .map(|s| s.guid)
     }

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{
-    session::{Adoption, Guid, Refusal, Session, SessionHeaders, SessionRegistry},
+    session::{Guid, Session, SessionHeaders},
     wire::{self, Answer},
     GatewayError,
 };
@@ -23,9 +23,6 @@ const CONTENT_TYPE_JSON: &str = "application/json; charset=UTF-8";
 /// Below this budget a request would almost surely time out after it was sent, leaving its
 /// outcome unknown; better not to send it at all.
 const MIN_BUDGET: Duration = Duration::from_millis(20);
-/// Registry sessions one call tries: the one it found, and the one that replaced it while the
-/// gateway refused the first (a rotation, or a watcher's candidate).
-const MAX_REGISTRY_ATTEMPTS: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -50,6 +47,24 @@ impl GatewaySettings {
             legacy_release_path: false,
         }
     }
+}
+
+/// An operation made in an agent's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOperation {
+    /// `DELETE .../voicecall/{agentid}/release` (or the legacy path), or
+    /// `POST .../voicecall/{agentid}/dropcall/{callid}`.
+    Release(ReleaseTarget),
+    /// One long poll, `GET .../agentevent/{agentid}`: the deadline must outlast the gateway's
+    /// long-poll wait (about 10 s).
+    PollEvents,
+}
+
+/// One gateway answer with the session headers that came with it.
+#[derive(Debug)]
+pub struct Exchange {
+    pub headers: SessionHeaders,
+    pub answer: Result<Answer, GatewayError>,
 }
 
 /// Which call a release acts on.
@@ -78,22 +93,19 @@ pub struct GatewayStats {
     pub unreadable_set_guid: u64,
 }
 
-/// Talks to one CC-Gateway (or its load balancer). Cheap to clone.
+/// Talks to one CC-Gateway (or its load balancer): requests in, answers out. What a session
+/// answer means for the agent's session is the sessions room's business. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct GatewayClient {
     http: reqwest::Client,
     base: Arc<str>,
-    sessions: Arc<SessionRegistry>,
     max_answer_bytes: usize,
     legacy_release_path: bool,
     unreadable_set_guid: Arc<AtomicU64>,
 }
 
 impl GatewayClient {
-    pub fn new(
-        settings: &GatewaySettings,
-        sessions: Arc<SessionRegistry>,
-    ) -> Result<Self, SettingsError> {
+    pub fn new(settings: &GatewaySettings) -> Result<Self, SettingsError> {
         crate::install_crypto_provider();
         let base = normalize_base(&settings.base_url)?;
         let mut builder = reqwest::Client::builder()
@@ -122,15 +134,10 @@ impl GatewayClient {
         Ok(Self {
             http,
             base: base.into(),
-            sessions,
             max_answer_bytes: settings.max_answer_bytes,
             legacy_release_path: settings.legacy_release_path,
             unreadable_set_guid: Arc::default(),
         })
-    }
-
-    pub fn sessions(&self) -> &Arc<SessionRegistry> {
-        &self.sessions
     }
 
     pub fn stats(&self) -> GatewayStats {
@@ -139,52 +146,38 @@ impl GatewayClient {
         }
     }
 
-    /// `DELETE .../voicecall/{agentid}/release` (or the legacy path), or
-    /// `POST .../voicecall/{agentid}/dropcall/{callid}`, in the agent's session; `handed` is a
-    /// session the caller handed over, tried only when the registry has none or the gateway
-    /// refuses the registry's.
-    pub async fn release(
+    /// Sends `operation` for `agent` in `session`. Makes no decision about the session: the
+    /// answer comes back with the session headers it carried.
+    pub async fn send(
         &self,
         agent: AgentId,
-        target: &ReleaseTarget,
+        operation: &SessionOperation,
+        session: &Session,
         deadline: Instant,
-        handed: Option<&Session>,
-    ) -> Result<Answer, GatewayError> {
-        let (method, path) = match target {
-            ReleaseTarget::Current if self.legacy_release_path => {
+    ) -> Exchange {
+        let (method, path) = match operation {
+            SessionOperation::Release(ReleaseTarget::Current) if self.legacy_release_path => {
                 (Method::DELETE, format!("/voicecall/{agent}"))
             }
-            ReleaseTarget::Current => (Method::DELETE, format!("/voicecall/{agent}/release")),
-            ReleaseTarget::Call(call) => {
+            SessionOperation::Release(ReleaseTarget::Current) => {
+                (Method::DELETE, format!("/voicecall/{agent}/release"))
+            }
+            SessionOperation::Release(ReleaseTarget::Call(call)) => {
                 (Method::POST, format!("/voicecall/{agent}/dropcall/{call}"))
             }
+            SessionOperation::PollEvents => (Method::GET, format!("/agentevent/{agent}")),
         };
-        let (answer, _) = self
-            .call_in_session(agent, method, &path, deadline, handed)
-            .await?;
-        Ok(answer)
+        match self.request_in(method, &path, session) {
+            Ok(request) => self.exchange(request, deadline).await,
+            Err(error) => Exchange {
+                headers: SessionHeaders::default(),
+                answer: Err(error),
+            },
+        }
     }
 
-    /// One long poll, `GET .../agentevent/{agentid}`, in the registry's session; the answer
-    /// and the Guid it was given for. The deadline must outlast the gateway's long-poll wait
-    /// (about 10 s).
-    pub async fn poll_event(
-        &self,
-        agent: AgentId,
-        deadline: Instant,
-    ) -> Result<(Answer, Guid), GatewayError> {
-        self.call_in_session(
-            agent,
-            Method::GET,
-            &format!("/agentevent/{agent}"),
-            deadline,
-            None,
-        )
-        .await
-    }
-
-    /// `PUT .../onlineagent/{agentid}` (or `/forcelogin`). On success the answer's `Set-GUID`
-    /// becomes the agent's session in the registry.
+    /// `PUT .../onlineagent/{agentid}` (or `/forcelogin`); a successful answer's `Set-GUID`
+    /// starts the agent's session.
     pub async fn sign_in(
         &self,
         agent: AgentId,
@@ -192,7 +185,7 @@ impl GatewayClient {
         phone_number: &str,
         force: bool,
         deadline: Instant,
-    ) -> Result<Answer, GatewayError> {
+    ) -> Exchange {
         let path = if force {
             format!("/onlineagent/{agent}/forcelogin")
         } else {
@@ -203,133 +196,7 @@ impl GatewayClient {
             .put(format!("{}{path}", self.base))
             .header(header::CONTENT_TYPE, CONTENT_TYPE_JSON)
             .json(&json!({ "password": password, "phonenum": phone_number }));
-        let mut headers = SessionHeaders::default();
-        let answer = self.exchange(request, &mut headers, deadline).await;
-        self.sessions.absorb(agent, None, headers);
-        answer
-    }
-
-    /// Sends in the registry's session first; in the handed-over one only when there is
-    /// none, or when the gateway refused the registry's. Each further attempt follows a refusal
-    /// (100-006 / 000-003), which changed nothing, so none can act twice. After a refusal the
-    /// registry is read again: a rotation that arrived meanwhile, or a watcher's candidate,
-    /// may hold a session the gateway accepts. Returns the answer and the Guid it was given for.
-    async fn call_in_session(
-        &self,
-        agent: AgentId,
-        method: Method,
-        path: &str,
-        deadline: Instant,
-        handed: Option<&Session>,
-    ) -> Result<(Answer, Guid), GatewayError> {
-        let mut refused: Vec<Session> = Vec::new();
-        let mut last_refusal = None;
-        while refused.len() < MAX_REGISTRY_ATTEMPTS {
-            let Some(session) = self.sessions.get(agent).filter(|s| !refused.contains(s)) else {
-                break;
-            };
-            let answer = self
-                .send_in_registry_session(agent, method.clone(), path, &session, deadline)
-                .await?;
-            if !answer.session_gone() {
-                return Ok((answer, session.guid));
-            }
-            tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused the agent's session");
-            last_refusal = Some((answer, session.guid.clone()));
-            refused.push(session);
-        }
-        match handed.filter(|h| !refused.contains(h)) {
-            Some(handed) => {
-                let replacing = refused.last().map(|s| &s.guid);
-                self.send_in_handed_session(
-                    agent,
-                    method,
-                    path,
-                    handed.clone(),
-                    replacing,
-                    deadline,
-                )
-                .await
-            }
-            None => last_refusal.ok_or(GatewayError::NoSession(agent)),
-        }
-    }
-
-    /// One request in a session the registry holds, which learns from the answer: rotation,
-    /// cookies, and whether the gateway accepted or refused the Guid.
-    async fn send_in_registry_session(
-        &self,
-        agent: AgentId,
-        method: Method,
-        path: &str,
-        session: &Session,
-        deadline: Instant,
-    ) -> Result<Answer, GatewayError> {
-        let mut headers = SessionHeaders::default();
-        let result = self
-            .exchange(
-                self.request_in(method, path, session)?,
-                &mut headers,
-                deadline,
-            )
-            .await;
-        if self.sessions.absorb(agent, Some(&session.guid), headers) {
-            tracing::info!(%agent, "gateway issued a new Guid");
-        }
-        let answer = result?;
-        if answer.session_gone() {
-            match self.sessions.refused(agent, &session.guid) {
-                Refusal::NotCurrent => {}
-                Refusal::CandidateNext => {
-                    tracing::info!(%agent, retcode = %answer.retcode, "the gateway refused the agent's session; a watcher's handed-over one is next");
-                }
-                Refusal::Forgotten => {
-                    tracing::info!(%agent, retcode = %answer.retcode, "gateway session ended; forgot it");
-                }
-            }
-        } else if answer.proves_session() {
-            self.sessions.confirm(agent, &session.guid);
-        }
-        Ok(answer)
-    }
-
-    /// One request in a session a caller handed over, kept (with what the answer rotated)
-    /// only when the gateway carried the operation out with it, and only in place of
-    /// `replacing` (the registry session the gateway refused first, if any).
-    async fn send_in_handed_session(
-        &self,
-        agent: AgentId,
-        method: Method,
-        path: &str,
-        mut session: Session,
-        replacing: Option<&Guid>,
-        deadline: Instant,
-    ) -> Result<(Answer, Guid), GatewayError> {
-        let guid_used = session.guid.clone();
-        let mut headers = SessionHeaders::default();
-        let result = self
-            .exchange(
-                self.request_in(method, path, &session)?,
-                &mut headers,
-                deadline,
-            )
-            .await;
-        session.absorb(headers);
-        let answer = result?;
-        if answer.proves_session() {
-            match self.sessions.adopt(agent, session, replacing) {
-                Adoption::Adopted => {
-                    tracing::info!(%agent, "the gateway accepted a handed-over session; it is the agent's session now")
-                }
-                Adoption::Superseded => {
-                    tracing::info!(%agent, "the gateway accepted a handed-over session, but a newer one is the agent's session already; kept that")
-                }
-                Adoption::Full => {
-                    tracing::warn!(%agent, "the gateway accepted a handed-over session, but the session registry is full; it is not kept")
-                }
-            }
-        }
-        Ok((answer, guid_used))
+        self.exchange(request, deadline).await
     }
 
     fn request_in(
@@ -349,21 +216,20 @@ impl GatewayClient {
         Ok(request)
     }
 
-    /// Sends, takes the session headers into `headers` as soon as they arrive (even when the
-    /// body then fails), reads a bounded body and parses the envelope, all within `deadline`.
-    async fn exchange(
-        &self,
-        request: reqwest::RequestBuilder,
-        headers: &mut SessionHeaders,
-        deadline: Instant,
-    ) -> Result<Answer, GatewayError> {
+    /// Sends, takes the session headers as soon as they arrive (they count even when the body
+    /// then fails), reads a bounded body and parses the envelope, all within `deadline`.
+    async fn exchange(&self, request: reqwest::RequestBuilder, deadline: Instant) -> Exchange {
+        let mut headers = SessionHeaders::default();
         let budget = deadline.saturating_duration_since(Instant::now());
         if budget < MIN_BUDGET {
-            return Err(GatewayError::DeadlineTooShort(budget));
+            return Exchange {
+                headers,
+                answer: Err(GatewayError::DeadlineTooShort(budget)),
+            };
         }
         let work = async {
             let response = request.send().await.map_err(classify_send_error)?;
-            *headers = self.session_headers(&response);
+            headers = self.session_headers(&response);
             let status = response.status();
             if status != StatusCode::OK {
                 return Err(GatewayError::HttpStatus {
@@ -373,9 +239,10 @@ impl GatewayClient {
             let body = wire::read_bounded(response, self.max_answer_bytes).await?;
             wire::parse_answer(&body)
         };
-        tokio::time::timeout_at(deadline, work)
+        let answer = tokio::time::timeout_at(deadline, work)
             .await
-            .map_err(|_| GatewayError::Timeout(budget))?
+            .unwrap_or(Err(GatewayError::Timeout(budget)));
+        Exchange { headers, answer }
     }
 
     fn session_headers(&self, response: &reqwest::Response) -> SessionHeaders {

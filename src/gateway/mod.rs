@@ -1,5 +1,6 @@
-//! The CC-Gateway REST client: wire types, sessions (Guid, cookies), bounded answers. Knows
-//! nothing of gRPC.
+//! The CC-Gateway REST client, as transport: a request in, its answer and session headers
+//! out; wire types (envelope, events, the Guid and cookies as credentials), bounded answers.
+//! Knows nothing of gRPC, nor what an answer means for a session (the sessions room decides).
 mod client;
 pub mod event;
 pub mod session;
@@ -7,11 +8,11 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use client::{GatewayClient, GatewaySettings, GatewayStats, ReleaseTarget, SettingsError};
-pub use session::{
-    Adoption, Cookies, Guid, Refusal, Session, SessionHeaders, SessionLimits, SessionRegistry,
-    SessionsFull,
+pub use client::{
+    Exchange, GatewayClient, GatewaySettings, GatewayStats, ReleaseTarget, SessionOperation,
+    SettingsError,
 };
+pub use session::{Cookies, Guid, Session, SessionHeaders};
 pub use wire::Answer;
 
 use crate::domain::AgentId;

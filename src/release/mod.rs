@@ -1,5 +1,6 @@
-//! The hang-up policy: which retries are safe, what "no call" means, and request-id
-//! idempotency. Knows nothing of gRPC.
+//! The hang-up policy and the ReleaseCall use case: which retries are safe, what "no call"
+//! means, request-id idempotency, and waiting for a release's event. Knows nothing of gRPC.
+mod confirm;
 mod idempotency;
 
 use std::{panic::AssertUnwindSafe, time::Duration};
@@ -7,12 +8,16 @@ use std::{panic::AssertUnwindSafe, time::Duration};
 use futures_util::FutureExt;
 use rand::Rng;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
+pub use confirm::Confirmation;
 pub use idempotency::{Claim, IdempotencyCache, Retention};
 
 use crate::{
     domain::{AgentId, RequestId},
-    gateway::{Answer, GatewayClient, GatewayError, ReleaseTarget, Session},
+    events::{EventHub, SubscribeError},
+    gateway::{Answer, GatewayError, ReleaseTarget, Session, SessionOperation},
+    sessions::Sessions,
 };
 
 /// Retcodes meaning "the call is already gone": 200-017 (release) and 200-025 (dropcall).
@@ -62,6 +67,9 @@ pub enum ReleaseError {
     TooManyPending,
     #[error("the facade shut down before the gateway answered")]
     ShuttingDown,
+    /// wait_for_release_event could not start watching; nothing was sent.
+    #[error(transparent)]
+    CannotWait(SubscribeError),
 }
 
 impl ReleaseError {
@@ -74,7 +82,10 @@ impl ReleaseError {
             // The earlier attempt may have sent its release before it died; shutdown may cut
             // off a release in flight.
             Self::EarlierAttemptLost | Self::ShuttingDown => true,
-            Self::NoActiveCall { .. } | Self::RequestIdReused | Self::TooManyPending => false,
+            Self::NoActiveCall { .. }
+            | Self::RequestIdReused
+            | Self::TooManyPending
+            | Self::CannotWait(_) => false,
         }
     }
 }
@@ -123,37 +134,115 @@ impl Default for ReleasePolicy {
 
 type AnswerCache = IdempotencyCache<ReleaseCommand, Result<ReleaseReport, ReleaseError>>;
 
+/// One ReleaseCall, as a caller asks for it.
+#[derive(Debug, Clone)]
+pub struct ReleaseRequest {
+    pub command: ReleaseCommand,
+    /// The caller's idempotency key, if it sent one.
+    pub request_id: Option<RequestId>,
+    /// When the answer is due.
+    pub deadline: Instant,
+    /// A session the caller handed over (see `Sessions::send`); not part of what makes a
+    /// repeated request_id the same request.
+    pub handed: Option<Session>,
+    /// Answer only once the release's event was observed (or why it was not).
+    pub wait_for_event: bool,
+}
+
+/// A release carried out (or replayed), and what became of the wait for its event.
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub report: ReleaseReport,
+    pub confirmation: Confirmation,
+}
+
 #[derive(Debug, Clone)]
 pub struct ReleaseService {
-    gateway: GatewayClient,
+    sessions: Sessions,
+    events: EventHub,
     policy: ReleasePolicy,
     answers: AnswerCache,
+    /// Cancelled when the server gives up draining: a call still running answers at once with
+    /// what it knows.
+    hard_stop: CancellationToken,
 }
 
 impl ReleaseService {
-    pub fn new(gateway: GatewayClient, policy: ReleasePolicy) -> Self {
+    pub fn new(
+        sessions: Sessions,
+        events: EventHub,
+        policy: ReleasePolicy,
+        hard_stop: CancellationToken,
+    ) -> Self {
         let answers = IdempotencyCache::new(policy.idempotency_window, policy.idempotency_capacity);
         Self {
-            gateway,
+            sessions,
+            events,
             policy,
             answers,
+            hard_stop,
         }
     }
 
-    pub fn gateway(&self) -> &GatewayClient {
-        &self.gateway
+    pub fn hard_stop(&self) -> &CancellationToken {
+        &self.hard_stop
     }
 
-    /// Whether a release with `request_id` would be answered from the idempotency cache (or
-    /// wait for an earlier one) rather than reach the gateway.
-    pub fn remembers(&self, request_id: &RequestId) -> bool {
-        self.answers.contains(request_id)
+    /// Carries out a ReleaseCall: watches for the release's event first when asked (so it
+    /// cannot slip by unseen), releases (at most once per request_id), then waits for the
+    /// event. A release that happened is a success whatever becomes of the wait. At the hard
+    /// stop it answers at once: a release that may have been sent is outcome-unknown.
+    pub async fn release_call(&self, request: ReleaseRequest) -> Result<Released, ReleaseError> {
+        let agent = request.command.agent;
+        let target = request.command.target.clone();
+        // Not for a repeated request_id, whose answer is replayed without waiting (and which
+        // must not start polling an agent for nothing).
+        let wait_for_event = request.wait_for_event
+            && !request
+                .request_id
+                .as_ref()
+                .is_some_and(|id| self.answers.contains(id));
+        let watcher = if wait_for_event {
+            match confirm::watch_releases(&self.events, agent) {
+                Ok(watcher) => Some(watcher),
+                // No session yet: one handed over is adopted by the release; nobody polled the
+                // agent, so its event waits at the gateway for the watcher subscribed after.
+                Err(SubscribeError::NoSession(_)) => None,
+                Err(error) => return Err(ReleaseError::CannotWait(error)),
+            }
+        } else {
+            None
+        };
+        let report = tokio::select! {
+            biased;
+            report = self.release(request.command, request.request_id.as_ref(), request.deadline, request.handed) => report?,
+            () = self.hard_stop.cancelled() => return Err(ReleaseError::ShuttingDown),
+        };
+        let confirmation = if wait_for_event
+            && report.outcome == ReleaseOutcome::Released
+            && !report.replayed
+        {
+            let watcher = watcher.map_or_else(|| confirm::watch_releases(&self.events, agent), Ok);
+            let confirmation = tokio::select! {
+                biased;
+                confirmation = confirm::wait_for_release(watcher, &target, request.deadline) => confirmation,
+                () = self.hard_stop.cancelled() => Confirmation::ShuttingDown,
+            };
+            if !matches!(confirmation, Confirmation::Confirmed(_)) {
+                tracing::warn!(%agent, ?confirmation, "released the call, but its release event was not observed");
+            }
+            confirmation
+        } else {
+            Confirmation::NotAsked
+        };
+        Ok(Released {
+            report,
+            confirmation,
+        })
     }
 
-    /// Releases a call, at most once per `request_id` within the idempotency window. `handed`
-    /// is the session the caller handed over (see `GatewayClient::release`); it is not part of
-    /// what makes a repeated request_id the same request.
-    pub async fn release(
+    /// Releases a call, at most once per `request_id` within the idempotency window.
+    async fn release(
         &self,
         command: ReleaseCommand,
         request_id: Option<&RequestId>,
@@ -223,11 +312,16 @@ impl ReleaseService {
         let mut attempt = 1;
         loop {
             let error = match self
-                .gateway
-                .release(command.agent, &command.target, deadline, handed)
+                .sessions
+                .send(
+                    command.agent,
+                    &SessionOperation::Release(command.target.clone()),
+                    deadline,
+                    handed,
+                )
                 .await
             {
-                Ok(answer) => return Ok(answer),
+                Ok((answer, _)) => return Ok(answer),
                 Err(error) => error,
             };
             let limit = self.retry_limit(&command.target, &error);

@@ -107,7 +107,7 @@ impl TestApp {
         let id = agent_id(agent);
         let answer = self
             .api
-            .gateway()
+            .sessions()
             .sign_in(id, "secret", "88001", false, deadline())
             .await
             .expect("sign-in answers");
@@ -122,8 +122,8 @@ impl TestApp {
 
     pub fn guid_of(&self, agent: &str) -> Option<String> {
         self.api
-            .gateway()
             .sessions()
+            .registry()
             .get(agent_id(agent))
             .map(|s| s.guid.expose().to_owned())
     }

@@ -1,0 +1,480 @@
+//! agent id -> session: what the gateway issued or accepted, bounded by configuration.
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::{
+    domain::AgentId,
+    gateway::{Cookies, Guid, Session, SessionHeaders},
+    lock,
+};
+
+/// What an accepted handover did to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adoption {
+    /// It is the agent's session now.
+    Adopted,
+    /// A session confirmed after the request began stays the agent's.
+    Superseded,
+    /// The registry holds `max_sessions` other agents.
+    Full,
+}
+
+/// What a refused Guid did to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It was not the agent's session (any more); nothing changed.
+    NotCurrent,
+    /// A session a watcher handed over is the agent's session now, to be tried next.
+    CandidateNext,
+    /// The agent has no session any more.
+    Forgotten,
+}
+
+/// Bounds on what callers can make the registry hold.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Agents with a session; a new one beyond it is refused (idle ones are forgotten first).
+    pub max_sessions: usize,
+    /// A session nobody used (no release, no poll) for this long is forgotten.
+    pub idle: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 50_000,
+            idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The registry holds `max_sessions` agents already, none of them idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the facade holds {0} agents' sessions, the most it allows")]
+pub struct SessionsFull(pub usize);
+
+/// agent id -> session: what the gateway issued (sign-in, `Set-GUID` rotation) or accepted.
+///
+/// Callers' handovers are safe by construction rather than by remembering old Guids: the
+/// session the gateway last issued or accepted is always tried first, and a different
+/// handed-over one only after the gateway refused that (a refusal changed nothing, so trying
+/// another Guid is safe). A request's handover lives as long as the request and is kept only
+/// when the gateway accepts it; a watcher's is parked as the agent's candidate, tried by the
+/// poll loop only once the current session is refused. A caller holding an outdated Guid
+/// (the sign-in one, say, rotated away long ago) therefore never displaces the live session.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<AgentId, Entry>>,
+    limits: SessionLimits,
+}
+
+#[derive(Debug)]
+struct Entry {
+    current: Session,
+    /// The gateway issued `current` or carried out an operation with it.
+    confirmed: bool,
+    /// A different session a watcher handed over: tried once the gateway refuses `current`.
+    candidate: Option<Session>,
+    last_used: Instant,
+}
+
+impl Entry {
+    fn new(current: Session, confirmed: bool, now: Instant) -> Self {
+        Self {
+            current,
+            confirmed,
+            candidate: None,
+            last_used: now,
+        }
+    }
+}
+
+impl SessionRegistry {
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            sessions: Mutex::default(),
+            limits,
+        }
+    }
+
+    /// The agent's session, for a request about to use it.
+    pub fn get(&self, agent: AgentId) -> Option<Session> {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        let entry = sessions.get_mut(&agent)?;
+        if now.duration_since(entry.last_used) >= self.limits.idle {
+            sessions.remove(&agent);
+            return None;
+        }
+        entry.last_used = now;
+        Some(entry.current.clone())
+    }
+
+    /// A watcher hands a session over. With none held it becomes the agent's session (the poll
+    /// loop's first answer confirms or refuses it); a different one from the session held is
+    /// parked as the candidate, replacing an older candidate. Cookies of the Guid held replace
+    /// its cookies only while the gateway has not accepted it: the gateway's word beats a
+    /// caller's copy.
+    pub fn offer(&self, agent: AgentId, offered: Session) -> Result<(), SessionsFull> {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        match sessions.get_mut(&agent) {
+            Some(entry) if entry.current.guid == offered.guid => {
+                if !entry.confirmed && !offered.cookies.is_empty() {
+                    entry.current.cookies = offered.cookies;
+                }
+            }
+            Some(entry) => entry.candidate = Some(offered),
+            None => {
+                self.make_room(&mut sessions, now)?;
+                sessions.insert(agent, Entry::new(offered, false, now));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a gateway answer's session headers to the session the request was made with
+    /// (`guid_used`); a sign-in's answer (`None`) starts a new session. Answers to a Guid the
+    /// agent's session no longer holds change nothing. Returns true when a Guid rotated.
+    pub fn absorb(
+        &self,
+        agent: AgentId,
+        guid_used: Option<&Guid>,
+        headers: SessionHeaders,
+    ) -> bool {
+        if headers.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        let Some(guid_used) = guid_used else {
+            let Some(guid) = headers.set_guid else {
+                return false;
+            };
+            let mut session = Session {
+                guid,
+                cookies: Cookies::default(),
+            };
+            session.absorb(SessionHeaders {
+                set_guid: None,
+                set_cookies: headers.set_cookies,
+            });
+            if self.make_room(&mut sessions, now).is_err() {
+                tracing::warn!(%agent, "signed in, but the session registry is full; the session is not kept");
+                return false;
+            }
+            sessions.insert(agent, Entry::new(session, true, now));
+            return true;
+        };
+        let Some(entry) = sessions
+            .get_mut(&agent)
+            .filter(|e| e.current.guid == *guid_used)
+        else {
+            return false;
+        };
+        let rotated = entry.current.absorb(headers);
+        // A Guid the gateway issued is one it accepts.
+        entry.confirmed |= rotated;
+        rotated
+    }
+
+    /// The gateway carried out an operation with `guid`: if it is the agent's session, it is
+    /// settled.
+    pub fn confirm(&self, agent: AgentId, guid: &Guid) {
+        if let Some(entry) = lock(&self.sessions)
+            .get_mut(&agent)
+            .filter(|e| e.current.guid == *guid)
+        {
+            entry.confirmed = true;
+        }
+    }
+
+    /// The gateway accepted a session a request handed over (`session`, with what its answer
+    /// rotated): it becomes the agent's session, in place of `replacing` (the registry session
+    /// the gateway refused before, if any), or of a session the gateway never accepted. A
+    /// session confirmed meanwhile by someone else (a rotation, another handover) is newer
+    /// than what this request saw, and stays.
+    pub fn adopt(&self, agent: AgentId, session: Session, replacing: Option<&Guid>) -> Adoption {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        if let Some(entry) = sessions.get_mut(&agent) {
+            let ours_to_replace = !entry.confirmed
+                || replacing == Some(&entry.current.guid)
+                || entry.current.guid == session.guid;
+            if !ours_to_replace {
+                return Adoption::Superseded;
+            }
+            if entry
+                .candidate
+                .as_ref()
+                .is_some_and(|c| c.guid == session.guid)
+            {
+                entry.candidate = None;
+            }
+            entry.current = session;
+            entry.confirmed = true;
+            entry.last_used = now;
+            return Adoption::Adopted;
+        }
+        if self.make_room(&mut sessions, now).is_err() {
+            return Adoption::Full;
+        }
+        sessions.insert(agent, Entry::new(session, true, now));
+        Adoption::Adopted
+    }
+
+    /// The gateway refused `guid`. If it is the agent's session (a refusal of an old Guid must
+    /// not discard one that rotated in meanwhile), the candidate takes its place, or the agent
+    /// is forgotten; a refused candidate is dropped.
+    pub fn refused(&self, agent: AgentId, guid: &Guid) -> Refusal {
+        let mut sessions = lock(&self.sessions);
+        let Some(entry) = sessions.get_mut(&agent) else {
+            return Refusal::NotCurrent;
+        };
+        if entry.current.guid != *guid {
+            if entry.candidate.as_ref().is_some_and(|c| c.guid == *guid) {
+                entry.candidate = None;
+            }
+            return Refusal::NotCurrent;
+        }
+        match entry.candidate.take() {
+            Some(candidate) => {
+                entry.current = candidate;
+                entry.confirmed = false;
+                Refusal::CandidateNext
+            }
+            None => {
+                sessions.remove(&agent);
+                Refusal::Forgotten
+            }
+        }
+    }
+
+    /// Agents with a session.
+    pub fn len(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes room for one more agent: idle sessions are forgotten first; a session in use (a
+    /// polled agent's is used every poll) never is.
+    fn make_room(
+        &self,
+        sessions: &mut HashMap<AgentId, Entry>,
+        now: Instant,
+    ) -> Result<(), SessionsFull> {
+        if sessions.len() < self.limits.max_sessions {
+            return Ok(());
+        }
+        sessions.retain(|_, e| now.duration_since(e.last_used) < self.limits.idle);
+        if sessions.len() < self.limits.max_sessions {
+            Ok(())
+        } else {
+            Err(SessionsFull(self.limits.max_sessions))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(n: u32) -> AgentId {
+        AgentId::parse("a", &n.to_string(), 999_999).unwrap()
+    }
+
+    fn guid(g: &str) -> Guid {
+        Guid::parse("g", g).unwrap()
+    }
+
+    fn session(g: &str) -> Session {
+        Session {
+            guid: guid(g),
+            cookies: Cookies::default(),
+        }
+    }
+
+    fn registry() -> SessionRegistry {
+        SessionRegistry::new(SessionLimits::default())
+    }
+
+    fn headers(set_guid: Option<&str>, set_cookies: &[&str]) -> SessionHeaders {
+        SessionHeaders {
+            set_guid: set_guid.map(guid),
+            set_cookies: set_cookies.iter().map(|c| (*c).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn set_cookie_updates_and_rotation_is_detected() {
+        let registry = registry();
+        let a = agent(101);
+        registry.offer(a, session("one")).unwrap();
+        assert!(!registry.absorb(a, Some(&guid("one")), headers(Some("one"), &[])));
+        assert!(registry.absorb(
+            a,
+            Some(&guid("one")),
+            headers(
+                Some("JSESSIONID=two"),
+                &["route=n1; Path=/; HttpOnly", "JSESSIONID=x; Path=/"]
+            )
+        ));
+        let session = registry.get(a).unwrap();
+        assert_eq!(session.guid.expose(), "two");
+        assert_eq!(
+            session.cookies.header_value().as_deref(),
+            Some("route=n1; JSESSIONID=x")
+        );
+        registry.absorb(a, Some(&guid("two")), headers(None, &["route=n2"]));
+        assert_eq!(
+            registry.get(a).unwrap().cookies.header_value().as_deref(),
+            Some("route=n2; JSESSIONID=x")
+        );
+        // An answer to a Guid the session no longer holds changes nothing.
+        assert!(!registry.absorb(a, Some(&guid("one")), headers(Some("stale"), &["route=n9"])));
+        assert_eq!(registry.get(a).unwrap().guid, guid("two"));
+    }
+
+    #[test]
+    fn forget_only_the_guid_that_failed() {
+        let registry = registry();
+        let a = agent(101);
+        registry.offer(a, session("old")).unwrap();
+        registry.absorb(a, Some(&guid("old")), headers(Some("new"), &[]));
+        assert_eq!(registry.refused(a, &guid("old")), Refusal::NotCurrent);
+        assert!(registry.get(a).is_some());
+        assert_eq!(registry.refused(a, &guid("new")), Refusal::Forgotten);
+        assert!(registry.get(a).is_none());
+    }
+
+    /// Issue 7, point 2: an outdated handover never displaces the session the gateway gave; it
+    /// is tried only once that one is refused.
+    #[test]
+    fn a_watchers_handover_waits_until_the_live_session_is_refused() {
+        let registry = registry();
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("signed-in"), &["route=n1"]));
+        registry.absorb(a, Some(&guid("signed-in")), headers(Some("rotated"), &[]));
+        registry.offer(a, session("signed-in")).unwrap();
+        let live = registry.get(a).unwrap();
+        assert_eq!(live.guid, guid("rotated"));
+        assert_eq!(live.cookies.header_value().as_deref(), Some("route=n1"));
+        // A refusal of the live one brings the candidate in; its refusal ends the session.
+        assert_eq!(
+            registry.refused(a, &guid("rotated")),
+            Refusal::CandidateNext
+        );
+        assert_eq!(registry.get(a).unwrap().guid, guid("signed-in"));
+        assert_eq!(registry.refused(a, &guid("signed-in")), Refusal::Forgotten);
+        assert!(registry.get(a).is_none());
+    }
+
+    #[test]
+    fn a_refused_candidate_is_dropped_and_a_newer_one_replaces_it() {
+        let registry = registry();
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("live"), &[]));
+        registry.offer(a, session("first")).unwrap();
+        registry.offer(a, session("second")).unwrap();
+        assert_eq!(registry.refused(a, &guid("first")), Refusal::NotCurrent);
+        assert_eq!(registry.refused(a, &guid("second")), Refusal::NotCurrent);
+        assert_eq!(registry.refused(a, &guid("live")), Refusal::Forgotten);
+    }
+
+    #[test]
+    fn an_adopted_session_replaces_the_live_one_and_its_cookies() {
+        let registry = registry();
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("old"), &["route=n1"]));
+        assert_eq!(
+            registry.adopt(
+                a,
+                Session {
+                    guid: guid("forcelogin"),
+                    cookies: Cookies::parse_header("c", "route=n2").unwrap(),
+                },
+                Some(&guid("old")),
+            ),
+            Adoption::Adopted
+        );
+        let session = registry.get(a).unwrap();
+        assert_eq!(session.guid, guid("forcelogin"));
+        assert_eq!(session.cookies.header_value().as_deref(), Some("route=n2"));
+        // An old poll's late answer cannot rotate the replaced session back in.
+        registry.absorb(a, Some(&guid("old")), headers(Some("old-rotated"), &[]));
+        assert_eq!(registry.get(a).unwrap().guid, guid("forcelogin"));
+    }
+
+    /// A request that saw the registry refused, then had its handover accepted, does not
+    /// overwrite a session confirmed meanwhile.
+    #[test]
+    fn adoption_never_replaces_a_session_confirmed_meanwhile() {
+        let registry = registry();
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("f1"), &[]));
+        registry.absorb(a, Some(&guid("f1")), headers(Some("f2"), &[]));
+        assert_eq!(
+            registry.adopt(a, session("f1"), Some(&guid("g-refused"))),
+            Adoption::Superseded
+        );
+        assert_eq!(registry.get(a).unwrap().guid, guid("f2"));
+        // An unconfirmed one (a watcher's handover nobody proved yet) gives way.
+        registry.offer(agent(102), session("junk")).unwrap();
+        assert_eq!(
+            registry.adopt(agent(102), session("good"), None),
+            Adoption::Adopted
+        );
+    }
+
+    #[test]
+    fn a_callers_cookies_never_overwrite_a_confirmed_sessions() {
+        let registry = registry();
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("g"), &["route=n1"]));
+        let stale = Session {
+            guid: guid("g"),
+            cookies: Cookies::parse_header("c", "route=stale").unwrap(),
+        };
+        registry.offer(a, stale).unwrap();
+        assert_eq!(
+            registry.get(a).unwrap().cookies.header_value().as_deref(),
+            Some("route=n1")
+        );
+    }
+
+    /// Issue 7, point 3: the registry is bounded; idle sessions make room, used ones do not.
+    #[tokio::test(start_paused = true)]
+    async fn the_registry_is_bounded_and_forgets_idle_sessions() {
+        let registry = SessionRegistry::new(SessionLimits {
+            max_sessions: 2,
+            idle: Duration::from_secs(600),
+        });
+        registry.offer(agent(101), session("a")).unwrap();
+        registry.offer(agent(102), session("b")).unwrap();
+        assert_eq!(
+            registry.offer(agent(103), session("c")),
+            Err(SessionsFull(2))
+        );
+        assert_eq!(
+            registry.adopt(agent(103), session("c"), None),
+            Adoption::Full
+        );
+        tokio::time::advance(Duration::from_secs(400)).await;
+        registry.get(agent(101)).expect("still there");
+        tokio::time::advance(Duration::from_secs(400)).await;
+        // 102 went unused for 800 s: forgotten to make room; 101 was used 400 s ago.
+        registry.offer(agent(103), session("c")).unwrap();
+        assert!(registry.get(agent(102)).is_none());
+        assert!(registry.get(agent(101)).is_some());
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert!(
+            registry.get(agent(101)).is_none(),
+            "idle for the whole idle time"
+        );
+        assert_eq!(registry.len(), 1);
+    }
+}
