@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod gateway;
+pub mod lifecycle;
 pub mod release;
 pub mod server;
 pub mod sessions;

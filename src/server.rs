@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures_util::FutureExt;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{codegen::http, transport::server::TcpIncoming};
 
@@ -18,11 +18,15 @@ use crate::{
         status::{self, Unfinished},
         CallControlApi, CallControlServer,
     },
+    lifecycle::Lifecycle,
     proto,
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
 const HARD_STOP_FLUSH: Duration = Duration::from_secs(1);
+/// After the server stopped, how long the service's tasks get to end: poll loops end within a
+/// second of shutdown, stream forwarders once their streams are gone.
+const TASKS_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -80,42 +84,24 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let events = api.events().clone();
-    let hard_stop = api.hard_stop().clone();
+    let lifecycle = api.lifecycle().clone();
     let call_control =
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
-
-    let (draining_tx, mut draining_rx) = watch::channel(false);
     let signal = {
-        let health = health.clone();
+        let (lifecycle, health) = (lifecycle.clone(), health.clone());
         async move {
             shutdown.await;
-            tracing::info!(
-                "shutting down: NOT_SERVING, ending event streams, draining in-flight calls"
-            );
-            // Streams end (UNAVAILABLE, with a resume token) once they delivered what they
-            // hold; without this the drain would wait for them until its timeout.
-            events.shut_down();
-            health
-                .set_not_serving::<CallControlServer<CallControlApi>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            let _ = draining_tx.send(true);
+            begin_shutdown(&lifecycle, &health).await;
         }
     };
-
+    let hard_stop = lifecycle.hard_stop().clone();
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .layer(tower::layer::layer_fn({
-            let hard_stop = hard_stop.clone();
-            move |inner| AnswerEveryCall {
-                inner,
-                stop: hard_stop.clone(),
-            }
+        .layer(tower::layer::layer_fn(move |inner| AnswerEveryCall {
+            inner,
+            stop: hard_stop.clone(),
         }))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -126,24 +112,57 @@ pub async fn run(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             signal,
         );
+    drain(serve, &lifecycle, settings.drain_timeout).await
+}
 
-    // tonic waits for every open call and stream before returning; bound that wait.
-    let drain_deadline = async {
-        let _ = draining_rx.wait_for(|draining| *draining).await;
-        tokio::time::sleep(settings.drain_timeout).await;
-    };
+/// The first steps of shutdown, in order: streams deliver what they hold and end (UNAVAILABLE,
+/// with a resume token; without this the drain would wait for them until its timeout), poll
+/// loops stop, then health says NOT_SERVING.
+async fn begin_shutdown(lifecycle: &Lifecycle, health: &tonic_health::server::HealthReporter) {
+    tracing::info!("shutting down: NOT_SERVING, ending event streams, draining in-flight calls");
+    lifecycle.shutdown().cancel();
+    health
+        .set_not_serving::<CallControlServer<CallControlApi>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+}
+
+/// The rest of shutdown: tonic waits for every open call and stream, bounded by
+/// `drain_timeout`; then the hard stop, where calls answer at once with what they know and get
+/// a moment for their answers to reach the client; then, bounded too, the service's tasks.
+async fn drain(
+    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    lifecycle: &Lifecycle,
+    drain_timeout: Duration,
+) -> Result<(), ServerError> {
     tokio::pin!(serve);
+    let drain_deadline = async {
+        lifecycle.shutdown().cancelled().await;
+        tokio::time::sleep(drain_timeout).await;
+    };
     tokio::select! {
-        result = &mut serve => return Ok(result?),
-        () = drain_deadline => {}
+        result = &mut serve => result?,
+        () = drain_deadline => {
+            tracing::warn!(timeout = ?drain_timeout, "drain timed out; ending the remaining calls");
+            lifecycle.hard_stop().cancel();
+            match tokio::time::timeout(HARD_STOP_FLUSH, &mut serve).await {
+                Ok(result) => result?,
+                Err(_) => tracing::warn!("connections still open after the hard stop; leaving them"),
+            }
+        }
     }
-    tracing::warn!(timeout = ?settings.drain_timeout, "drain timed out; ending the remaining calls");
-    // Calls answer at once (each with what it knows); their answers still have to reach the
-    // client before the connections go.
-    hard_stop.cancel();
-    match tokio::time::timeout(HARD_STOP_FLUSH, &mut serve).await {
-        Ok(result) => result?,
-        Err(_) => tracing::warn!("connections still open after the hard stop; leaving them"),
+    let tasks = lifecycle.tasks();
+    tasks.close();
+    if tokio::time::timeout(TASKS_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = tasks.len(),
+            "tasks still running after shutdown (releases waiting for the gateway, streams whose clients stopped reading)"
+        );
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Builds the application from its configuration, and the `--simulate` demo.
 use std::{future::Future, net::SocketAddr, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch, time::Instant};
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -10,6 +10,7 @@ use crate::{
     domain::{AgentId, DEFAULT_MAX_AGENT_ID},
     events::EventHub,
     gateway::GatewayClient,
+    lifecycle::Lifecycle,
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -39,14 +40,20 @@ pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi,
     config.validate().map_err(StartupError::Config)?;
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?;
     let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
-    let events = EventHub::new(sessions.clone(), config.events());
+    let lifecycle = Lifecycle::new();
+    let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
     let release = ReleaseService::new(
         sessions,
         events.clone(),
         config.release_policy(),
-        CancellationToken::new(),
+        &lifecycle,
     );
-    Ok(CallControlApi::new(release, events, config.api()))
+    Ok(CallControlApi::new(
+        release,
+        events,
+        config.api(),
+        lifecycle,
+    ))
 }
 
 /// Runs the service on `listener` until `shutdown` resolves; with `--simulate`, first starts
@@ -56,18 +63,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
+    // The caller's signal, for the embedded simulator as well as the server.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
         async move {
-            let _ = rx.wait_for(|stop| *stop).await;
+            shutdown.await;
+            stop.cancel();
         }
-    };
-
+    });
     let api = match &config.gateway_url {
         Some(url) if !config.simulate => build_api(&config, url.clone())?,
         _ => {
@@ -79,7 +83,10 @@ pub async fn run(
                 signout_after: None,
                 ..SimConfig::default()
             });
-            tokio::spawn(sim.clone().serve(sim_listener, stopped()));
+            tokio::spawn(
+                sim.clone()
+                    .serve(sim_listener, stop.clone().cancelled_owned()),
+            );
             let api = build_api(&config, format!("http://{sim_addr}"))?;
             let call_id = prepare_demo(&api, &sim).await?;
             println!(
@@ -90,7 +97,7 @@ pub async fn run(
         }
     };
     tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
-    server::run(listener, api, config.server(), stopped()).await?;
+    server::run(listener, api, config.server(), stop.cancelled_owned()).await?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use crate::{
     domain::{FieldViolation, RequestId},
     events::EventHub,
     gateway::{ReleaseTarget, Session},
+    lifecycle::Lifecycle,
     proto::{self, call_control_server::CallControl},
     release::{Confirmation, ReleaseOutcome, ReleaseRequest, ReleaseService, Released},
     sessions::Sessions,
@@ -35,14 +36,21 @@ pub struct CallControlApi {
     release: ReleaseService,
     events: EventHub,
     settings: ApiSettings,
+    lifecycle: Lifecycle,
 }
 
 impl CallControlApi {
-    pub fn new(release: ReleaseService, events: EventHub, settings: ApiSettings) -> Self {
+    pub fn new(
+        release: ReleaseService,
+        events: EventHub,
+        settings: ApiSettings,
+        lifecycle: Lifecycle,
+    ) -> Self {
         Self {
             release,
             events,
             settings,
+            lifecycle,
         }
     }
 
@@ -50,10 +58,9 @@ impl CallControlApi {
         self.events.sessions()
     }
 
-    /// The server cancels it when the drain times out: a ReleaseCall still running then
-    /// answers at once with what it knows.
-    pub fn hard_stop(&self) -> &tokio_util::sync::CancellationToken {
-        self.release.hard_stop()
+    /// The service's shutdown, hard stop and tasks, which the server drives.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
     pub fn events(&self) -> &EventHub {

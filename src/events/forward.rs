@@ -68,7 +68,8 @@ impl Watch {
             .clone()
             .try_reserve_owned()
             .expect("a new channel has room");
-        tokio::spawn(forward(self, sender, end_slot, queue.max(1), send_timeout).in_current_span());
+        let tasks = self.tasks().clone();
+        tasks.spawn(forward(self, sender, end_slot, queue.max(1), send_timeout).in_current_span());
         Forwarded { queue: receiver }
     }
 }
@@ -99,14 +100,14 @@ async fn forward(
             Err(end) => break end,
         };
         let mut deadline = Instant::now() + send_timeout;
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             deadline = deadline.min(*shutdown_deadline.get_or_insert(deadline));
         }
         match tokio::time::timeout_at(deadline, enqueue(&sender, item, queue)).await {
             Ok(Ok(())) => queued_up_to = watch.position(),
             // The reader is gone.
             Ok(Err(_)) => return,
-            Err(_) if *shutdown.borrow() => {
+            Err(_) if shutdown.is_cancelled() => {
                 break WatchEnd::ShuttingDown {
                     resume: queued_up_to,
                 }

@@ -9,9 +9,10 @@ use std::{
 };
 
 use tokio::{
-    sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     poll::PollLoop,
@@ -24,6 +25,7 @@ use crate::{
         event::{EventBody, PolledEvent},
         Session,
     },
+    lifecycle::Lifecycle,
     lock,
     sessions::{Sessions, SessionsFull},
 };
@@ -104,9 +106,12 @@ pub(super) struct Hub {
     watchers: Permits,
     release_waiters: Permits,
     next_watch_id: AtomicU64,
-    shutdown: watch::Sender<bool>,
-    /// Poll loops running; on shutdown watchers wait for them to finish their last poll.
-    running_loops: watch::Sender<usize>,
+    /// The events room's part of the shutdown.
+    pub shutdown: CancellationToken,
+    /// Every task the room spawns (poll loops, stream forwarders).
+    pub tasks: TaskTracker,
+    /// The poll loops alone: on shutdown watchers wait for their last polls' answers.
+    pub poll_loops: TaskTracker,
     pub counters: Counters,
 }
 
@@ -191,8 +196,7 @@ pub(super) enum Step {
 }
 
 impl EventHub {
-    pub fn new(sessions: Sessions, settings: EventSettings) -> Self {
-        let (shutdown, _) = watch::channel(false);
+    pub fn new(sessions: Sessions, settings: EventSettings, lifecycle: &Lifecycle) -> Self {
         Self {
             hub: Arc::new(Hub {
                 sessions,
@@ -206,8 +210,9 @@ impl EventHub {
                     "ReleaseCalls are waiting for their release event",
                 ),
                 next_watch_id: AtomicU64::new(0),
-                shutdown,
-                running_loops: watch::channel(0).0,
+                shutdown: lifecycle.shutdown().child_token(),
+                tasks: lifecycle.tasks().clone(),
+                poll_loops: TaskTracker::new(),
                 counters: Counters::default(),
                 settings,
             }),
@@ -252,7 +257,7 @@ impl EventHub {
         handover: Option<(AgentId, Session)>,
     ) -> Result<Watch, SubscribeError> {
         let hub = &self.hub;
-        if *hub.shutdown.borrow() {
+        if hub.shutdown.is_cancelled() {
             return Err(SubscribeError::ShuttingDown);
         }
         // Sequence numbers only grow: a token ahead of them now is ahead for good.
@@ -340,15 +345,17 @@ impl EventHub {
             gap,
             kinds,
             heartbeat: hub.settings.heartbeat,
-            shutdown: hub.shutdown.subscribe(),
-            running_loops: hub.running_loops.subscribe(),
+            shutdown: hub.shutdown.clone(),
+            poll_loops: hub.poll_loops.clone(),
+            tasks: hub.tasks.clone(),
             permit,
         }))
     }
 
-    /// Ends every watcher (after what it already received) and stops the poll loops.
+    /// Ends every watcher (after what it already received) and stops the poll loops: the
+    /// events room's part of the shutdown, on its own.
     pub fn shut_down(&self) {
-        self.hub.shutdown.send_replace(true);
+        self.hub.shutdown.cancel();
     }
 
     /// Open watchers (release waiters are counted apart).
@@ -412,7 +419,8 @@ impl Feeds {
             changed: Notify::new(),
         });
         self.live.insert(agent, feed.clone());
-        tokio::spawn(PollLoop::new(hub.clone(), feed.clone()).run());
+        let poll_loop = PollLoop::new(hub.clone(), feed.clone()).run();
+        hub.tasks.spawn(hub.poll_loops.track_future(poll_loop));
         feed
     }
 }
@@ -446,28 +454,10 @@ impl Feed {
     }
 }
 
-/// Counts a poll loop as running until dropped.
-pub(super) struct RunningLoop(Arc<Hub>);
-
-impl Drop for RunningLoop {
-    fn drop(&mut self) {
-        self.0.running_loops.send_modify(|n| *n -= 1);
-    }
-}
-
 impl Hub {
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
-    pub fn loop_started(self: &Arc<Self>) -> RunningLoop {
-        self.running_loops.send_modify(|n| *n += 1);
-        RunningLoop(self.clone())
-    }
-
     /// Decides what `feed`'s poll loop does next; retires the feed when nothing is left to do.
     pub fn next_step(&self, feed: &Feed) -> Step {
-        if *self.shutdown.borrow() {
+        if self.shutdown.is_cancelled() {
             return Step::Retire;
         }
         let now = Instant::now();
@@ -602,7 +592,11 @@ mod tests {
     /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
     fn hub(settings: EventSettings) -> EventHub {
         let gateway = GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1")).unwrap();
-        EventHub::new(Sessions::new(SessionRegistry::default(), gateway), settings)
+        EventHub::new(
+            Sessions::new(SessionRegistry::default(), gateway),
+            settings,
+            &Lifecycle::default(),
+        )
     }
 
     fn agent(n: u32) -> AgentId {

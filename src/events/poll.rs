@@ -2,7 +2,8 @@
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
 use rand::Rng;
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     hub::{Feed, Hub, Step},
@@ -22,14 +23,14 @@ pub(super) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
 pub struct PollLoop {
     hub: Arc<Hub>,
     feed: Arc<Feed>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     /// Consecutive failed polls.
     failures: u32,
 }
 
 impl PollLoop {
     pub(super) fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
-        let shutdown = hub.shutdown_signal();
+        let shutdown = hub.shutdown.clone();
         Self {
             hub,
             feed,
@@ -39,7 +40,6 @@ impl PollLoop {
     }
 
     pub async fn run(mut self) {
-        let _running = self.hub.loop_started();
         let agent = self.feed.agent;
         tracing::info!(%agent, "poll loop started");
         loop {
@@ -68,7 +68,7 @@ impl PollLoop {
             tokio::pin!(poll);
             let answered = tokio::select! {
                 result = &mut poll => Some(result),
-                _ = self.shutdown.wait_for(|stop| *stop) => None,
+                () = self.shutdown.cancelled() => None,
             };
             match answered {
                 Some(result) => (result, false),
@@ -90,7 +90,7 @@ impl PollLoop {
         }
         tokio::select! {
             () = tokio::time::sleep(pause) => true,
-            _ = self.shutdown.wait_for(|stop| *stop) => false,
+            () = self.shutdown.cancelled() => false,
         }
     }
 
@@ -190,7 +190,7 @@ impl PollLoop {
         tokio::select! {
             () = self.feed.changed.notified() => true,
             () = timer => true,
-            _ = self.shutdown.wait_for(|stop| *stop) => false,
+            () = self.shutdown.cancelled() => false,
         }
     }
 }

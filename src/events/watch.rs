@@ -9,9 +9,10 @@ use std::{
 };
 
 use tokio::{
-    sync::{mpsc, watch, OwnedSemaphorePermit},
+    sync::{mpsc, OwnedSemaphorePermit},
     time::Instant,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     hub::{Feed, FeedItem},
@@ -144,8 +145,11 @@ pub struct Watch {
     kinds: KindFilter,
     heartbeat: Duration,
     last_sent: Instant,
-    shutdown: watch::Receiver<bool>,
-    running_loops: watch::Receiver<usize>,
+    shutdown: CancellationToken,
+    /// The room's poll loops: on shutdown, their last polls' answers are delivered too.
+    poll_loops: TaskTracker,
+    /// Where a reader task for this watcher is spawned.
+    tasks: TaskTracker,
     /// Set once shutdown began: deliver what has arrived, then end.
     draining: bool,
     ended: bool,
@@ -166,8 +170,9 @@ pub(super) struct Subscription {
     pub gap: Option<Gap>,
     pub kinds: KindFilter,
     pub heartbeat: Duration,
-    pub shutdown: watch::Receiver<bool>,
-    pub running_loops: watch::Receiver<usize>,
+    pub shutdown: CancellationToken,
+    pub poll_loops: TaskTracker,
+    pub tasks: TaskTracker,
     pub permit: OwnedSemaphorePermit,
 }
 
@@ -189,7 +194,8 @@ impl Watch {
             heartbeat: start.heartbeat,
             last_sent: Instant::now(),
             shutdown: start.shutdown,
-            running_loops: start.running_loops,
+            poll_loops: start.poll_loops,
+            tasks: start.tasks,
             draining: false,
             ended: false,
             _permit: start.permit,
@@ -202,8 +208,12 @@ impl Watch {
     }
 
     /// True once the facade began shutting down.
-    pub(super) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+    pub(super) fn shutdown_signal(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    pub(super) fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// The next item; `Some(Err(_))` once, then `None`.
@@ -273,7 +283,7 @@ impl Watch {
                 let woke = tokio::select! {
                     biased;
                     item = self.live.recv() => Woke::Item(item),
-                    _ = self.shutdown.wait_for(|stop| *stop) => Woke::ShutdownBegan,
+                    () = self.shutdown.cancelled() => Woke::ShutdownBegan,
                     () = tokio::time::sleep_until(heartbeat_at) => Woke::HeartbeatDue,
                 };
                 match woke {
@@ -285,12 +295,12 @@ impl Watch {
                         })
                     }
                     Woke::ShutdownBegan => {
-                        // What the loops' last polls bring is delivered too.
-                        let _ = tokio::time::timeout(
-                            SHUTDOWN_POLL_GRACE * 2,
-                            self.running_loops.wait_for(|n| *n == 0),
-                        )
-                        .await;
+                        // What the loops' last polls bring is delivered too. No feed, and so no
+                        // loop, starts once shutdown began: closing the tracker lets the wait end.
+                        self.poll_loops.close();
+                        let _ =
+                            tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.poll_loops.wait())
+                                .await;
                         self.draining = true;
                         continue;
                     }

@@ -8,7 +8,7 @@ use std::{panic::AssertUnwindSafe, time::Duration};
 use futures_util::FutureExt;
 use rand::Rng;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use confirm::Confirmation;
 pub use idempotency::{Claim, IdempotencyCache, Retention};
@@ -17,6 +17,7 @@ use crate::{
     domain::{AgentId, RequestId},
     events::{EventHub, SubscribeError},
     gateway::{Answer, GatewayError, ReleaseTarget, Session, SessionOperation},
+    lifecycle::Lifecycle,
     sessions::Sessions,
 };
 
@@ -162,9 +163,11 @@ pub struct ReleaseService {
     events: EventHub,
     policy: ReleasePolicy,
     answers: AnswerCache,
-    /// Cancelled when the server gives up draining: a call still running answers at once with
+    /// The release room's part of the hard stop: a call still running answers at once with
     /// what it knows.
     hard_stop: CancellationToken,
+    /// Where releases that must outlive their caller run.
+    tasks: TaskTracker,
 }
 
 impl ReleaseService {
@@ -172,7 +175,7 @@ impl ReleaseService {
         sessions: Sessions,
         events: EventHub,
         policy: ReleasePolicy,
-        hard_stop: CancellationToken,
+        lifecycle: &Lifecycle,
     ) -> Self {
         let answers = IdempotencyCache::new(policy.idempotency_window, policy.idempotency_capacity);
         Self {
@@ -180,12 +183,9 @@ impl ReleaseService {
             events,
             policy,
             answers,
-            hard_stop,
+            hard_stop: lifecycle.hard_stop().child_token(),
+            tasks: lifecycle.tasks().clone(),
         }
-    }
-
-    pub fn hard_stop(&self) -> &CancellationToken {
-        &self.hard_stop
     }
 
     /// Carries out a ReleaseCall: watches for the release's event first when asked (so it
@@ -273,7 +273,7 @@ impl ReleaseService {
                 // The work runs on its own task: a caller that goes away mid-request must not
                 // cut off the answer that later duplicates are promised.
                 let this = self.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     // A panic must not leave duplicates free to act: for them it is an attempt
                     // whose outcome is unknown.
                     let answer =
