@@ -44,6 +44,20 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The pause before retry number `attempt` (1, 2, ...): `first * 2^(attempt-1)`, at most
+/// `ceiling`, then anywhere between half of that and all of it, so that many callers backing
+/// off from one failing gateway do not come back in step.
+pub(crate) fn jittered_backoff(
+    first: std::time::Duration,
+    attempt: u32,
+    ceiling: std::time::Duration,
+) -> std::time::Duration {
+    use rand::Rng;
+    let doublings = attempt.saturating_sub(1).min(16);
+    let full = first.saturating_mul(1 << doublings).min(ceiling);
+    full / 2 + full.mul_f64(rand::rng().random_range(0.0..=0.5))
+}
+
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing a pod).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -63,5 +77,21 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_up_to_its_ceiling_with_jitter() {
+        let first = Duration::from_millis(100);
+        let ceiling = Duration::from_secs(10);
+        for attempt in 1..40 {
+            let pause = super::jittered_backoff(first, attempt, ceiling);
+            let full = (first * 2u32.pow((attempt - 1).min(16))).min(ceiling);
+            assert!(pause >= full / 2 && pause <= full, "{attempt}: {pause:?}");
+        }
     }
 }

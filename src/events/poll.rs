@@ -1,7 +1,6 @@
 //! One agent's long-poll loop: the only reader of the agent's gateway events in the process.
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
-use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -9,14 +8,17 @@ use super::{
     hub::{Feed, Hub, Step},
     SessionEnding,
 };
-use crate::gateway::{
-    event::{parse_event, RETCODE_WRONG_EVENT_METHOD},
-    Answer, GatewayError, Guid, SessionOperation,
+use crate::{
+    gateway::{
+        event::{parse_event, RETCODE_WRONG_EVENT_METHOD},
+        Answer, GatewayError, Guid, SessionOperation,
+    },
+    jittered_backoff,
 };
 
 /// The first failed poll pauses 200 to 400 ms; the ceiling doubles up to
 /// `EventSettings::backoff_max`.
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_FIRST: Duration = Duration::from_millis(400);
 /// How long a poll in flight may still finish once shutdown begins.
 pub(super) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
 
@@ -171,10 +173,7 @@ impl PollLoop {
             .counters
             .poll_failures
             .fetch_add(1, Ordering::Relaxed);
-        let ceiling = BACKOFF_BASE
-            .saturating_mul(1u32 << self.failures.min(16))
-            .min(self.hub.settings.backoff_max);
-        let pause = ceiling / 2 + rand::rng().random_range(Duration::ZERO..=ceiling / 2);
+        let pause = jittered_backoff(BACKOFF_FIRST, self.failures, self.hub.settings.backoff_max);
         tracing::warn!(agent = %self.feed.agent, failures = self.failures, ?pause, "poll failed: {what}");
         pause
     }

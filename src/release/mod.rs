@@ -6,7 +6,6 @@ mod idempotency;
 use std::{panic::AssertUnwindSafe, time::Duration};
 
 use futures_util::FutureExt;
-use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -17,6 +16,7 @@ use crate::{
     domain::{AgentId, RequestId},
     events::{EventHub, SubscribeError},
     gateway::{Answer, GatewayError, ReleaseTarget, Session, SessionOperation},
+    jittered_backoff,
     lifecycle::Lifecycle,
     sessions::Sessions,
 };
@@ -325,7 +325,7 @@ impl ReleaseService {
                 Err(error) => error,
             };
             let limit = self.retry_limit(&command.target, &error);
-            let delay = backoff(self.policy.retry_base_delay, attempt);
+            let delay = jittered_backoff(self.policy.retry_base_delay, attempt, Duration::MAX);
             if attempt >= limit || Instant::now() + delay >= deadline {
                 return Err(error);
             }
@@ -371,26 +371,4 @@ fn interpret(command: &ReleaseCommand, answer: Answer) -> Result<ReleaseReport, 
         message,
         replayed: false,
     })
-}
-
-/// Exponential backoff with full jitter: base * 2^(attempt-1), randomised in [half, full].
-fn backoff(base: Duration, attempt: u32) -> Duration {
-    let full = base.saturating_mul(1 << attempt.saturating_sub(1).min(8));
-    let half = full / 2;
-    half + full.mul_f64(rand::rng().random_range(0.0..=0.5))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_bounded() {
-        let base = Duration::from_millis(100);
-        for attempt in 1..20 {
-            let d = backoff(base, attempt);
-            let full = base * (1 << (attempt - 1).min(8));
-            assert!(d >= full / 2 && d <= full, "{attempt}: {d:?}");
-        }
-    }
 }
