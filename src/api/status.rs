@@ -8,7 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::{
     domain::{AgentId, FieldViolation},
     events::{SessionEnding, SubscribeError, WatchEnd},
-    gateway::GatewayError,
+    gateway::{GatewayError, Retcode},
     release::ReleaseError,
 };
 
@@ -117,6 +117,11 @@ pub fn rule(key: &str) -> &'static Rule {
         .unwrap_or_else(|| rule("(other retcode)"))
 }
 
+/// The row of a gateway retcode.
+pub fn retcode_rule(retcode: &Retcode) -> &'static Rule {
+    rule(retcode.as_str())
+}
+
 /// What the status message and ErrorInfo say about the request.
 pub struct Context<'a> {
     pub agent: Option<AgentId>,
@@ -130,10 +135,10 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
     let (rule, detail) = match error {
         ReleaseError::Rejected { retcode, message }
         | ReleaseError::NoActiveCall { retcode, message } => {
-            metadata.insert("retcode".to_owned(), retcode.clone());
+            metadata.insert("retcode".to_owned(), retcode.to_string());
             metadata.insert("message".to_owned(), message.clone());
             (
-                rule(retcode),
+                retcode_rule(retcode),
                 format!("gateway retcode {retcode}: {message:?}"),
             )
         }
@@ -308,10 +313,10 @@ pub fn session_ending(
 ) -> (&'static Rule, String) {
     match ending {
         SessionEnding::Refused { retcode, message } => {
-            metadata.insert("retcode".to_owned(), retcode.clone());
+            metadata.insert("retcode".to_owned(), retcode.to_string());
             metadata.insert("message".to_owned(), message.clone());
             (
-                rule(retcode),
+                retcode_rule(retcode),
                 format!("the gateway answered a poll with retcode {retcode}: {message:?}"),
             )
         }

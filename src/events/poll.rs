@@ -8,10 +8,7 @@ use super::{
     hub::{Feed, Hub, Step},
     SessionEnding,
 };
-use crate::gateway::{
-    event::{parse_event, RETCODE_WRONG_EVENT_METHOD},
-    Answer, GatewayError, Guid,
-};
+use crate::gateway::{event::parse_event, Answer, GatewayError, Guid, Retcode};
 
 /// The first failed poll pauses 200 to 400 ms; the ceiling doubles up to
 /// `EventSettings::backoff_max`.
@@ -122,7 +119,7 @@ impl PollLoop {
                     answer.retcode
                 )),
             },
-            Ok((answer, _)) if answer.retcode == RETCODE_WRONG_EVENT_METHOD => {
+            Ok((answer, _)) if answer.retcode == Retcode::WRONG_EVENT_METHOD => {
                 self.stop_polling(answer)
             }
             Ok((answer, _)) => self.failed(&format!(

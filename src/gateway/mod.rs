@@ -1,13 +1,15 @@
-//! The CC-Gateway REST client: wire types, sessions (Guid, cookies), bounded answers. Knows
-//! nothing of gRPC.
+//! The CC-Gateway REST client: wire types, retcodes, sessions (Guid, cookies), bounded answers.
+//! Knows nothing of gRPC.
 mod client;
 pub mod event;
+pub mod retcode;
 pub mod session;
 pub mod wire;
 
 use std::time::Duration;
 
 pub use client::{GatewayClient, GatewaySettings, GatewayStats, ReleaseTarget, SettingsError};
+pub use retcode::{InvalidRetcode, KnownRetcode, Retcode};
 pub use session::{
     Adoption, Cookies, Guid, Refusal, Session, SessionHeaders, SessionLimits, SessionRegistry,
     SessionsFull,
