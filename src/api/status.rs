@@ -18,6 +18,26 @@ use crate::{
 /// `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "ccgw-callcontrol";
 
+/// The keys of `ErrorInfo.metadata`: clients read them, so they are part of the interface.
+pub mod metadata_key {
+    /// The gateway's retcode.
+    pub const RETCODE: &str = "retcode";
+    /// The gateway's message, or what went wrong on the way to it.
+    pub const MESSAGE: &str = "message";
+    /// The agent of the request, or of the session that ended.
+    pub const AGENT_ID: &str = "agent_id";
+    /// The HTTP status the gateway or its load balancer answered instead of an envelope.
+    pub const HTTP_STATUS: &str = "http_status";
+    /// `"true"` when a release of the current call may have happened.
+    pub const MAY_HAVE_RELEASED: &str = "may_have_released";
+    /// The reason of the failure behind RELEASE_OUTCOME_UNKNOWN.
+    pub const CAUSE: &str = "cause";
+    /// Where a stream that ended can resume.
+    pub const RESUME_TOKEN: &str = "resume_token";
+    /// The agents without a session, comma-separated.
+    pub const AGENT_IDS: &str = "agent_ids";
+}
+
 /// Whether and when a client may send the same request again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
@@ -219,7 +239,7 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
                 GatewayError::Malformed(_) => Condition::MalformedAnswer,
                 GatewayError::Oversized { .. } => Condition::OversizedAnswer,
                 GatewayError::HttpStatus { status } => {
-                    metadata.insert("http_status".to_owned(), status.to_string());
+                    metadata.insert(metadata_key::HTTP_STATUS.to_owned(), status.to_string());
                     match status {
                         429 | 502..=504 => Condition::HttpUnavailable,
                         404 | 405 => Condition::HttpNotFound,
@@ -227,7 +247,7 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
                     }
                 }
             };
-            metadata.insert("message".to_owned(), gateway.to_string());
+            metadata.insert(metadata_key::MESSAGE.to_owned(), gateway.to_string());
             (condition_rule(condition), gateway.to_string())
         }
         ReleaseError::RequestIdReused => {
@@ -299,8 +319,11 @@ fn outcome_unknown(
     mut metadata: HashMap<String, String>,
     ctx: &Context<'_>,
 ) -> Status {
-    metadata.insert("cause".to_owned(), cause.to_owned());
-    metadata.insert("may_have_released".to_owned(), "true".to_owned());
+    metadata.insert(metadata_key::CAUSE.to_owned(), cause.to_owned());
+    metadata.insert(
+        metadata_key::MAY_HAVE_RELEASED.to_owned(),
+        "true".to_owned(),
+    );
     let rule = condition_rule(Condition::ReleaseOutcomeUnknown);
     failure(&rule, detail, metadata, ctx)
 }
@@ -316,7 +339,7 @@ fn failure(
     let mut message = rule.meaning.to_owned();
     if let Some(agent) = ctx.agent {
         message.push_str(&format!(" [agent {agent}]"));
-        metadata.insert("agent_id".to_owned(), agent.to_string());
+        metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
     }
     if !detail.is_empty() {
         message.push_str(&format!(" ({detail})"));
@@ -338,7 +361,7 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
     let condition = match error {
         SubscribeError::NoSession(agents) => {
             let ids: Vec<String> = agents.iter().map(ToString::to_string).collect();
-            metadata.insert("agent_ids".to_owned(), ids.join(","));
+            metadata.insert(metadata_key::AGENT_IDS.to_owned(), ids.join(","));
             Condition::NoSession
         }
         SubscribeError::TooManyWatchers(_) => Condition::TooManyWatchers,
@@ -378,12 +401,12 @@ pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
             ending,
             resume,
         } => {
-            metadata.insert("agent_id".to_owned(), agent.to_string());
+            metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
             let (rule, detail) = session_ending(ending, &mut metadata);
             (rule, format!("agent {agent}: {detail}"), resume)
         }
     };
-    metadata.insert("resume_token".to_owned(), resume.to_string());
+    metadata.insert(metadata_key::RESUME_TOKEN.to_owned(), resume.to_string());
     failure(&rule, &detail, metadata, ctx)
 }
 
@@ -406,8 +429,8 @@ pub fn session_ending(
 
 /// The row of a gateway refusal; fills `retcode`/`message` metadata.
 fn refusal(retcode: &Retcode, message: &str, metadata: &mut HashMap<String, String>) -> Rule {
-    metadata.insert("retcode".to_owned(), retcode.to_string());
-    metadata.insert("message".to_owned(), message.to_owned());
+    metadata.insert(metadata_key::RETCODE.to_owned(), retcode.to_string());
+    metadata.insert(metadata_key::MESSAGE.to_owned(), message.to_owned());
     retcode_rule(retcode)
 }
 
@@ -425,7 +448,7 @@ pub fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>) -> Sta
     }
     let mut metadata = HashMap::new();
     if let Some(agent) = ctx.agent {
-        metadata.insert("agent_id".to_owned(), agent.to_string());
+        metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
     }
     details.set_error_info(rule.reason, ERROR_DOMAIN, metadata);
     details.set_request_info(ctx.request_id, "");
