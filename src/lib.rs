@@ -5,6 +5,28 @@
 //! `events` (poll loops, fan-out, replay and resume),
 //! `sim` (the CC-Gateway simulator), `server` (composition), `config`, `telemetry`.
 
+/// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
+/// written by hand can miss a variant without anything failing; this one cannot, so tables
+/// built from it (the README's failure table) and lookups over it cover every variant.
+macro_rules! enum_with_all {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident,)*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant,)*
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            $vis const ALL: &'static [Self] = &[$(Self::$variant,)*];
+        }
+    };
+}
+
 pub mod api;
 pub mod config;
 pub mod domain;

@@ -65,7 +65,7 @@ impl Bench {
             .sign_in(agent, "pw", "1", false, deadline)
             .await
             .unwrap();
-        assert_eq!(answer.retcode, "0");
+        assert!(answer.is_ok(), "{answer:?}");
         self.api
             .sessions()
             .registry()

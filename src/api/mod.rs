@@ -156,7 +156,7 @@ impl CallControl for CallControlApi {
                 ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
                 ReleaseOutcome::NoActiveCall => proto::ReleaseOutcome::NoActiveCall,
             } as i32,
-            retcode: report.retcode,
+            retcode: report.retcode.to_string(),
             message: report.message,
             request_id: request_id.to_string(),
             replayed: report.replayed,

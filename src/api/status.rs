@@ -1,5 +1,8 @@
 //! The one table from failures (gateway retcodes, HTTP and transport errors, bad input) to gRPC
-//! statuses with google.rpc details. README.md shows the same table; a test keeps them equal.
+//! statuses with google.rpc details. It has a row for every retcode the reference documents
+//! ([`known_retcode_rule`]) and every [`Condition`] ([`condition_rule`]); both are exhaustive
+//! `match`es, so a retcode or condition without a row does not compile. README.md shows the
+//! table (built from [`KnownRetcode::ALL`] and [`Condition::ALL`]); a test keeps them equal.
 use std::{collections::HashMap, time::Duration};
 
 use tonic::{Code, Status};
@@ -8,12 +11,32 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::{
     domain::{AgentId, FieldViolation},
     events::{SessionEnding, SubscribeError, WatchEnd},
-    gateway::GatewayError,
+    gateway::{GatewayError, KnownRetcode, Retcode},
     release::ReleaseError,
 };
 
 /// `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "ccgw-callcontrol";
+
+/// The keys of `ErrorInfo.metadata`: clients read them, so they are part of the interface.
+pub mod metadata_key {
+    /// The gateway's retcode.
+    pub const RETCODE: &str = "retcode";
+    /// The gateway's message, or what went wrong on the way to it.
+    pub const MESSAGE: &str = "message";
+    /// The agent of the request, or of the session that ended.
+    pub const AGENT_ID: &str = "agent_id";
+    /// The HTTP status the gateway or its load balancer answered instead of an envelope.
+    pub const HTTP_STATUS: &str = "http_status";
+    /// `"true"` when a release of the current call may have happened.
+    pub const MAY_HAVE_RELEASED: &str = "may_have_released";
+    /// The reason of the failure behind RELEASE_OUTCOME_UNKNOWN.
+    pub const CAUSE: &str = "cause";
+    /// Where a stream that ended can resume.
+    pub const RESUME_TOKEN: &str = "resume_token";
+    /// The agents without a session, comma-separated.
+    pub const AGENT_IDS: &str = "agent_ids";
+}
 
 /// Whether and when a client may send the same request again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,10 +48,9 @@ pub enum Retry {
     After(Duration),
 }
 
+/// What a failure becomes: one row of the table.
 #[derive(Debug, Clone, Copy)]
 pub struct Rule {
-    /// A gateway retcode, or a condition in parentheses.
-    pub key: &'static str,
     pub code: Code,
     pub reason: &'static str,
     pub retry: Retry,
@@ -36,15 +58,8 @@ pub struct Rule {
     pub meaning: &'static str,
 }
 
-const fn row(
-    key: &'static str,
-    code: Code,
-    reason: &'static str,
-    retry: Retry,
-    meaning: &'static str,
-) -> Rule {
+const fn row(code: Code, reason: &'static str, retry: Retry, meaning: &'static str) -> Rule {
     Rule {
-        key,
         code,
         reason,
         retry,
@@ -62,59 +77,140 @@ use Code::{
 };
 use Retry::{After, No};
 
-/// Every retcode of the reference, then the conditions that carry no retcode.
-pub const TABLE: &[Rule] = &[
-    row("000-001", FailedPrecondition, "WRONG_EVENT_METHOD", No, "the gateway is configured for another event-obtaining method"),
-    row("000-002", InvalidArgument, "GATEWAY_INVALID_PARAMETER", No, "the gateway rejected a parameter or the URL"),
-    row("000-003", Unauthenticated, "GATEWAY_NO_RIGHT", No, "the gateway refused the session (no right to invoke; the Guid may have expired); hand over a fresh Guid"),
-    row("000-004", Unavailable, "AGENT_SWITCHING_OVER", After(secs(2)), "the agent is being switched over to another gateway (DR)"),
-    row("000-005", FailedPrecondition, "INSPECTOR_IS_AGENT", No, "the inspected agent is the inspector itself"),
-    row("000-006", InvalidArgument, "GATEWAY_MESSAGE_PARAMETER_ERROR", No, "the gateway rejected a message parameter"),
-    row("000-007", Aborted, "DUPLICATE_REQUEST_IN_PROGRESS", No, "the same operation is already in progress at the gateway"),
-    row("100-001", InvalidArgument, "SIGN_IN_PARAMETER_INVALID", No, "a sign-in parameter is empty or invalid"),
-    row("100-002", AlreadyExists, "AGENT_ALREADY_SIGNED_IN", No, "the agent is already signed in"),
-    row("100-003", Unavailable, "SIGN_IN_RESOURCE_UNAVAILABLE", After(secs(5)), "a resource was unavailable during sign-in"),
-    row("100-004", Unauthenticated, "WRONG_CREDENTIALS", No, "wrong user name or password"),
-    row("100-005", InvalidArgument, "SIGN_OUT_PARAMETER_INVALID", No, "a sign-out parameter is invalid"),
-    row("100-006", FailedPrecondition, "AGENT_NOT_SIGNED_IN", No, "the agent is not signed in, or its Guid expired; sign in again and hand over the new Guid"),
-    row("100-007", Unavailable, "AGENT_OPERATION_FAILED", After(secs(1)), "the gateway failed while operating on the agent (outcome unknown)"),
-    row("100-008", FailedPrecondition, "AGENT_ALREADY_SIGNED_OUT", No, "the agent is already signed out"),
-    row("100-009", FailedPrecondition, "AGENT_STATE_CHANGE_FAILED", No, "setting the agent's state failed"),
-    row("100-010", FailedPrecondition, "AGENT_STATE_ERROR", No, "the agent is in the wrong state for this operation"),
-    row("100-011", InvalidArgument, "SIGN_IN_PARAMETER_INVALID", No, "a sign-in parameter is invalid"),
-    row("100-012", FailedPrecondition, "WRONG_AGENT_TYPE", No, "wrong agent type"),
-    row("200-017", FailedPrecondition, "NO_ACTIVE_CALL", No, "the agent has no call to release (success with outcome NO_ACTIVE_CALL unless require_active_call)"),
-    row("200-023", FailedPrecondition, "NUMBER_CANNOT_BE_RELEASED", No, "the number cannot be released"),
-    row("200-024", FailedPrecondition, "NUMBER_CANNOT_BE_RELEASED", No, "the number cannot be released"),
-    row("200-025", FailedPrecondition, "NO_ACTIVE_CALL", No, "the call cannot be dropped: it is gone (success with outcome NO_ACTIVE_CALL unless require_active_call)"),
-    row("200-204", FailedPrecondition, "NUMBER_NOT_IN_CALL", No, "the number is not in the agent's last call"),
-    row("(other retcode)", Unknown, "GATEWAY_RETCODE_UNKNOWN", No, "the gateway answered a retcode this service does not know"),
-    row("(HTTP 429, 502, 503, 504)", Unavailable, "GATEWAY_HTTP_ERROR", After(secs(1)), "the gateway or its load balancer answered an HTTP error"),
-    row("(HTTP 404, 405)", Unimplemented, "GATEWAY_PATH_NOT_FOUND", No, "the gateway does not know this interface (old gateway? see --legacy-release-path)"),
-    row("(other HTTP status)", Unknown, "GATEWAY_HTTP_ERROR", No, "the gateway or its load balancer answered an HTTP error"),
-    row("(timeout)", DeadlineExceeded, "GATEWAY_TIMEOUT", No, "no answer from the gateway before the deadline (outcome unknown)"),
-    row("(deadline too short)", DeadlineExceeded, "DEADLINE_TOO_SHORT", No, "the deadline left too little time to reach the gateway (nothing was sent)"),
-    row("(connect or TLS failure)", Unavailable, "GATEWAY_UNREACHABLE", After(secs(1)), "could not connect to the gateway (nothing was sent)"),
-    row("(connection lost)", Unavailable, "GATEWAY_CONNECTION_LOST", After(secs(1)), "the connection to the gateway failed during the request (outcome unknown)"),
-    row("(malformed answer)", Internal, "GATEWAY_MALFORMED_ANSWER", No, "the gateway's answer is not a valid envelope (outcome unknown)"),
-    row("(oversized answer)", Internal, "GATEWAY_ANSWER_TOO_LARGE", No, "the gateway's answer exceeds the size limit (outcome unknown)"),
-    row("(current-call release, outcome unknown)", Unknown, "RELEASE_OUTCOME_UNKNOWN", No, "the release of the agent's current call may have reached the gateway, but its outcome is unknown: do not repeat it blindly, it could hang up the next call; use call_id (dropcall) or check the agent's release events"),
-    row("(no session)", FailedPrecondition, "NO_SESSION", No, "no CC-Gateway session is known for the agent: send its Guid in request metadata x-ccgw-guid (and the load balancer's cookies in x-ccgw-cookie)"),
-    row("(invalid argument)", InvalidArgument, "INVALID_ARGUMENT", No, "the request is invalid; nothing was sent to the gateway"),
-    row("(request_id reused)", InvalidArgument, "REQUEST_ID_REUSED", No, "request_id was already used with different parameters; nothing was sent to the gateway"),
-    row("(too many pending)", ResourceExhausted, "TOO_MANY_PENDING_RELEASES", After(secs(1)), "the request_id cache holds only releases still waiting for the gateway and answers to releases of the current call, which are all kept for their whole window; nothing was sent"),
-    row("(earlier attempt lost)", Aborted, "EARLIER_ATTEMPT_LOST", After(secs(0)), "an earlier request with this request_id ended without an answer"),
-    row("(watcher too slow)", ResourceExhausted, "WATCHER_TOO_SLOW", After(secs(0)), "the stream fell too far behind its agents' events, or could not send for the send timeout, and was cut off; resume from ErrorInfo metadata resume_token"),
-    row("(too many sessions)", ResourceExhausted, "TOO_MANY_SESSIONS", No, "the facade holds as many agents' sessions as it allows (--max-sessions); a handover for another agent waits until one is idle for --session-idle-secs; nothing was sent"),
-    row("(too many watchers)", ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams, or ReleaseCalls waiting for their release event, as it allows"),
-    row("(shutting down)", Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
-];
+enum_with_all! {
+    /// The failures that are not a documented gateway retcode, in the table's order.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Condition {
+        /// The gateway answered a retcode the reference does not document.
+        OtherRetcode,
+        /// HTTP 429, 502, 503 or 504: the gateway or its load balancer is busy or restarting.
+        HttpUnavailable,
+        /// HTTP 404 or 405: the gateway does not know the interface.
+        HttpNotFound,
+        /// Any other HTTP status instead of an envelope.
+        OtherHttpStatus,
+        Timeout,
+        DeadlineTooShort,
+        ConnectFailed,
+        ConnectionLost,
+        MalformedAnswer,
+        OversizedAnswer,
+        /// A release of the current call may have happened; takes the place of the failure's
+        /// own row (see [`release_failure`]).
+        ReleaseOutcomeUnknown,
+        NoSession,
+        InvalidArgument,
+        RequestIdReused,
+        TooManyPending,
+        EarlierAttemptLost,
+        WatcherTooSlow,
+        TooManySessions,
+        TooManyWatchers,
+        ShuttingDown,
+    }
+}
 
-pub fn rule(key: &str) -> &'static Rule {
-    TABLE
+impl Condition {
+    /// How the table's first column names the condition.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::OtherRetcode => "(other retcode)",
+            Self::HttpUnavailable => "(HTTP 429, 502, 503, 504)",
+            Self::HttpNotFound => "(HTTP 404, 405)",
+            Self::OtherHttpStatus => "(other HTTP status)",
+            Self::Timeout => "(timeout)",
+            Self::DeadlineTooShort => "(deadline too short)",
+            Self::ConnectFailed => "(connect or TLS failure)",
+            Self::ConnectionLost => "(connection lost)",
+            Self::MalformedAnswer => "(malformed answer)",
+            Self::OversizedAnswer => "(oversized answer)",
+            Self::ReleaseOutcomeUnknown => "(current-call release, outcome unknown)",
+            Self::NoSession => "(no session)",
+            Self::InvalidArgument => "(invalid argument)",
+            Self::RequestIdReused => "(request_id reused)",
+            Self::TooManyPending => "(too many pending)",
+            Self::EarlierAttemptLost => "(earlier attempt lost)",
+            Self::WatcherTooSlow => "(watcher too slow)",
+            Self::TooManySessions => "(too many sessions)",
+            Self::TooManyWatchers => "(too many watchers)",
+            Self::ShuttingDown => "(shutting down)",
+        }
+    }
+}
+
+/// The rows of the retcodes the reference documents.
+pub const fn known_retcode_rule(retcode: KnownRetcode) -> Rule {
+    match retcode {
+        KnownRetcode::WrongEventMethod => row(FailedPrecondition, "WRONG_EVENT_METHOD", No, "the gateway is configured for another event-obtaining method"),
+        KnownRetcode::InvalidParameter => row(InvalidArgument, "GATEWAY_INVALID_PARAMETER", No, "the gateway rejected a parameter or the URL"),
+        KnownRetcode::NoRight => row(Unauthenticated, "GATEWAY_NO_RIGHT", No, "the gateway refused the session (no right to invoke; the Guid may have expired); hand over a fresh Guid"),
+        KnownRetcode::SwitchingOver => row(Unavailable, "AGENT_SWITCHING_OVER", After(secs(2)), "the agent is being switched over to another gateway (DR)"),
+        KnownRetcode::InspectorIsAgent => row(FailedPrecondition, "INSPECTOR_IS_AGENT", No, "the inspected agent is the inspector itself"),
+        KnownRetcode::MessageParameterError => row(InvalidArgument, "GATEWAY_MESSAGE_PARAMETER_ERROR", No, "the gateway rejected a message parameter"),
+        KnownRetcode::DuplicateInProgress => row(Aborted, "DUPLICATE_REQUEST_IN_PROGRESS", No, "the same operation is already in progress at the gateway"),
+        KnownRetcode::SignInParameterEmptyOrInvalid => row(InvalidArgument, "SIGN_IN_PARAMETER_INVALID", No, "a sign-in parameter is empty or invalid"),
+        KnownRetcode::AlreadySignedIn => row(AlreadyExists, "AGENT_ALREADY_SIGNED_IN", No, "the agent is already signed in"),
+        KnownRetcode::SignInResourceUnavailable => row(Unavailable, "SIGN_IN_RESOURCE_UNAVAILABLE", After(secs(5)), "a resource was unavailable during sign-in"),
+        KnownRetcode::WrongCredentials => row(Unauthenticated, "WRONG_CREDENTIALS", No, "wrong user name or password"),
+        KnownRetcode::SignOutParameterInvalid => row(InvalidArgument, "SIGN_OUT_PARAMETER_INVALID", No, "a sign-out parameter is invalid"),
+        KnownRetcode::AgentNotSignedIn => row(FailedPrecondition, "AGENT_NOT_SIGNED_IN", No, "the agent is not signed in, or its Guid expired; sign in again and hand over the new Guid"),
+        KnownRetcode::OperationException => row(Unavailable, "AGENT_OPERATION_FAILED", After(secs(1)), "the gateway failed while operating on the agent (outcome unknown)"),
+        KnownRetcode::AlreadySignedOut => row(FailedPrecondition, "AGENT_ALREADY_SIGNED_OUT", No, "the agent is already signed out"),
+        KnownRetcode::StateChangeFailed => row(FailedPrecondition, "AGENT_STATE_CHANGE_FAILED", No, "setting the agent's state failed"),
+        KnownRetcode::StateError => row(FailedPrecondition, "AGENT_STATE_ERROR", No, "the agent is in the wrong state for this operation"),
+        KnownRetcode::SignInParameterInvalid => row(InvalidArgument, "SIGN_IN_PARAMETER_INVALID", No, "a sign-in parameter is invalid"),
+        KnownRetcode::WrongAgentType => row(FailedPrecondition, "WRONG_AGENT_TYPE", No, "wrong agent type"),
+        KnownRetcode::NoCallToRelease => row(FailedPrecondition, "NO_ACTIVE_CALL", No, "the agent has no call to release (success with outcome NO_ACTIVE_CALL unless require_active_call)"),
+        KnownRetcode::NumberCannotBeReleased023 => row(FailedPrecondition, "NUMBER_CANNOT_BE_RELEASED", No, "the number cannot be released"),
+        KnownRetcode::NumberCannotBeReleased024 => row(FailedPrecondition, "NUMBER_CANNOT_BE_RELEASED", No, "the number cannot be released"),
+        KnownRetcode::NoCallToDrop => row(FailedPrecondition, "NO_ACTIVE_CALL", No, "the call cannot be dropped: it is gone (success with outcome NO_ACTIVE_CALL unless require_active_call)"),
+        KnownRetcode::NumberNotInCall => row(FailedPrecondition, "NUMBER_NOT_IN_CALL", No, "the number is not in the agent's last call"),
+    }
+}
+
+/// The rows of the conditions.
+pub const fn condition_rule(condition: Condition) -> Rule {
+    match condition {
+        Condition::OtherRetcode => row(Unknown, "GATEWAY_RETCODE_UNKNOWN", No, "the gateway answered a retcode this service does not know"),
+        Condition::HttpUnavailable => row(Unavailable, "GATEWAY_HTTP_ERROR", After(secs(1)), "the gateway or its load balancer answered an HTTP error"),
+        Condition::HttpNotFound => row(Unimplemented, "GATEWAY_PATH_NOT_FOUND", No, "the gateway does not know this interface (old gateway? see --legacy-release-path)"),
+        Condition::OtherHttpStatus => row(Unknown, "GATEWAY_HTTP_ERROR", No, "the gateway or its load balancer answered an HTTP error"),
+        Condition::Timeout => row(DeadlineExceeded, "GATEWAY_TIMEOUT", No, "no answer from the gateway before the deadline (outcome unknown)"),
+        Condition::DeadlineTooShort => row(DeadlineExceeded, "DEADLINE_TOO_SHORT", No, "the deadline left too little time to reach the gateway (nothing was sent)"),
+        Condition::ConnectFailed => row(Unavailable, "GATEWAY_UNREACHABLE", After(secs(1)), "could not connect to the gateway (nothing was sent)"),
+        Condition::ConnectionLost => row(Unavailable, "GATEWAY_CONNECTION_LOST", After(secs(1)), "the connection to the gateway failed during the request (outcome unknown)"),
+        Condition::MalformedAnswer => row(Internal, "GATEWAY_MALFORMED_ANSWER", No, "the gateway's answer is not a valid envelope (outcome unknown)"),
+        Condition::OversizedAnswer => row(Internal, "GATEWAY_ANSWER_TOO_LARGE", No, "the gateway's answer exceeds the size limit (outcome unknown)"),
+        Condition::ReleaseOutcomeUnknown => row(Unknown, "RELEASE_OUTCOME_UNKNOWN", No, "the release of the agent's current call may have reached the gateway, but its outcome is unknown: do not repeat it blindly, it could hang up the next call; use call_id (dropcall) or check the agent's release events"),
+        Condition::NoSession => row(FailedPrecondition, "NO_SESSION", No, "no CC-Gateway session is known for the agent: send its Guid in request metadata x-ccgw-guid (and the load balancer's cookies in x-ccgw-cookie)"),
+        Condition::InvalidArgument => row(InvalidArgument, "INVALID_ARGUMENT", No, "the request is invalid; nothing was sent to the gateway"),
+        Condition::RequestIdReused => row(InvalidArgument, "REQUEST_ID_REUSED", No, "request_id was already used with different parameters; nothing was sent to the gateway"),
+        Condition::TooManyPending => row(ResourceExhausted, "TOO_MANY_PENDING_RELEASES", After(secs(1)), "the request_id cache holds only releases still waiting for the gateway and answers to releases of the current call, which are all kept for their whole window; nothing was sent"),
+        Condition::EarlierAttemptLost => row(Aborted, "EARLIER_ATTEMPT_LOST", After(secs(0)), "an earlier request with this request_id ended without an answer"),
+        Condition::WatcherTooSlow => row(ResourceExhausted, "WATCHER_TOO_SLOW", After(secs(0)), "the stream fell too far behind its agents' events, or could not send for the send timeout, and was cut off; resume from ErrorInfo metadata resume_token"),
+        Condition::TooManySessions => row(ResourceExhausted, "TOO_MANY_SESSIONS", No, "the facade holds as many agents' sessions as it allows (--max-sessions); a handover for another agent waits until one is idle for --session-idle-secs; nothing was sent"),
+        Condition::TooManyWatchers => row(ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams, or ReleaseCalls waiting for their release event, as it allows"),
+        Condition::ShuttingDown => row(Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
+    }
+}
+
+/// The row of any retcode: its own when the reference documents it, else "(other retcode)".
+pub fn retcode_rule(retcode: &Retcode) -> Rule {
+    match retcode.known() {
+        Some(known) => known_retcode_rule(known),
+        None => condition_rule(Condition::OtherRetcode),
+    }
+}
+
+/// Every row with its first column: the documented retcodes, then the conditions.
+fn rows() -> impl Iterator<Item = (&'static str, Rule)> {
+    let retcodes = KnownRetcode::ALL
         .iter()
-        .find(|r| r.key == key)
-        .unwrap_or_else(|| rule("(other retcode)"))
+        .map(|&retcode| (retcode.code(), known_retcode_rule(retcode)));
+    let conditions = Condition::ALL
+        .iter()
+        .map(|&condition| (condition.label(), condition_rule(condition)));
+    retcodes.chain(conditions)
 }
 
 /// What the status message and ErrorInfo say about the request.
@@ -129,58 +225,55 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let (rule, detail) = match error {
         ReleaseError::Rejected { retcode, message }
-        | ReleaseError::NoActiveCall { retcode, message } => {
-            metadata.insert("retcode".to_owned(), retcode.clone());
-            metadata.insert("message".to_owned(), message.clone());
-            (
-                rule(retcode),
-                format!("gateway retcode {retcode}: {message:?}"),
-            )
-        }
+        | ReleaseError::NoActiveCall { retcode, message } => (
+            refusal(retcode, message, &mut metadata),
+            format!("gateway retcode {retcode}: {message:?}"),
+        ),
         ReleaseError::Gateway(gateway) => {
-            let key = match gateway {
-                GatewayError::NoSession(_) => "(no session)",
-                GatewayError::Connect(_) => "(connect or TLS failure)",
-                GatewayError::Timeout(_) => "(timeout)",
-                GatewayError::DeadlineTooShort(_) => "(deadline too short)",
-                GatewayError::Transport(_) => "(connection lost)",
-                GatewayError::Malformed(_) => "(malformed answer)",
-                GatewayError::Oversized { .. } => "(oversized answer)",
+            let condition = match gateway {
+                GatewayError::NoSession(_) => Condition::NoSession,
+                GatewayError::Connect(_) => Condition::ConnectFailed,
+                GatewayError::Timeout(_) => Condition::Timeout,
+                GatewayError::DeadlineTooShort(_) => Condition::DeadlineTooShort,
+                GatewayError::Transport(_) => Condition::ConnectionLost,
+                GatewayError::Malformed(_) => Condition::MalformedAnswer,
+                GatewayError::Oversized { .. } => Condition::OversizedAnswer,
                 GatewayError::HttpStatus { status } => {
-                    metadata.insert("http_status".to_owned(), status.to_string());
+                    metadata.insert(metadata_key::HTTP_STATUS.to_owned(), status.to_string());
                     match status {
-                        429 | 502..=504 => "(HTTP 429, 502, 503, 504)",
-                        404 | 405 => "(HTTP 404, 405)",
-                        _ => "(other HTTP status)",
+                        429 | 502..=504 => Condition::HttpUnavailable,
+                        404 | 405 => Condition::HttpNotFound,
+                        _ => Condition::OtherHttpStatus,
                     }
                 }
             };
-            metadata.insert("message".to_owned(), gateway.to_string());
-            (rule(key), gateway.to_string())
+            metadata.insert(metadata_key::MESSAGE.to_owned(), gateway.to_string());
+            (condition_rule(condition), gateway.to_string())
         }
-        ReleaseError::RequestIdReused => (rule("(request_id reused)"), String::new()),
-        ReleaseError::EarlierAttemptLost => (rule("(earlier attempt lost)"), String::new()),
-        ReleaseError::TooManyPending => (rule("(too many pending)"), String::new()),
+        ReleaseError::RequestIdReused => {
+            (condition_rule(Condition::RequestIdReused), String::new())
+        }
+        ReleaseError::EarlierAttemptLost => {
+            (condition_rule(Condition::EarlierAttemptLost), String::new())
+        }
+        ReleaseError::TooManyPending => (condition_rule(Condition::TooManyPending), String::new()),
         ReleaseError::CannotWait(error) => return subscribe_failure(error, ctx),
         ReleaseError::ShuttingDown => (
-            rule("(shutting down)"),
+            condition_rule(Condition::ShuttingDown),
             "the facade shut down before the gateway answered".to_owned(),
         ),
     };
     if ctx.releases_current_call && error.may_have_released() {
         // Whatever went wrong, the one thing the caller must know is that the call may be gone:
         // one code that retry policies leave alone, and the failure itself as the cause.
-        metadata.insert("cause".to_owned(), rule.reason.to_owned());
-        metadata.insert("may_have_released".to_owned(), "true".to_owned());
-        let unknown = self::rule("(current-call release, outcome unknown)");
-        return failure(
-            unknown,
+        return outcome_unknown(
+            rule.reason,
             &format!("{}: {detail}", rule.meaning),
             metadata,
             ctx,
         );
     }
-    failure(rule, &detail, metadata, ctx)
+    failure(&rule, &detail, metadata, ctx)
 }
 
 /// Why a call is answered by the server around its handler rather than by the handler.
@@ -198,7 +291,7 @@ pub enum Unfinished {
 pub fn unfinished(path: &str, why: Unfinished) -> Status {
     let (cause, detail) = match why {
         Unfinished::HardStop => (
-            rule("(shutting down)").reason,
+            condition_rule(Condition::ShuttingDown).reason,
             "the facade shut down before this call finished",
         ),
         Unfinished::Panicked => (
@@ -207,26 +300,33 @@ pub fn unfinished(path: &str, why: Unfinished) -> Status {
         ),
     };
     if path.ends_with("/ReleaseCall") {
-        let metadata = HashMap::from([
-            ("cause".to_owned(), cause.to_owned()),
-            ("may_have_released".to_owned(), "true".to_owned()),
-        ]);
         let ctx = Context {
             agent: None,
             request_id: "",
             releases_current_call: true,
         };
-        return failure(
-            rule("(current-call release, outcome unknown)"),
-            detail,
-            metadata,
-            &ctx,
-        );
+        return outcome_unknown(cause, detail, HashMap::new(), &ctx);
     }
     match why {
         Unfinished::HardStop => Status::unavailable(detail),
         Unfinished::Panicked => Status::internal(detail),
     }
+}
+
+/// The RELEASE_OUTCOME_UNKNOWN answer, with `cause` the reason of what went wrong.
+fn outcome_unknown(
+    cause: &str,
+    detail: &str,
+    mut metadata: HashMap<String, String>,
+    ctx: &Context<'_>,
+) -> Status {
+    metadata.insert(metadata_key::CAUSE.to_owned(), cause.to_owned());
+    metadata.insert(
+        metadata_key::MAY_HAVE_RELEASED.to_owned(),
+        "true".to_owned(),
+    );
+    let rule = condition_rule(Condition::ReleaseOutcomeUnknown);
+    failure(&rule, detail, metadata, ctx)
 }
 
 /// The one way a table row becomes a Status: message `meaning [agent N] (detail)`, ErrorInfo
@@ -240,7 +340,7 @@ fn failure(
     let mut message = rule.meaning.to_owned();
     if let Some(agent) = ctx.agent {
         message.push_str(&format!(" [agent {agent}]"));
-        metadata.insert("agent_id".to_owned(), agent.to_string());
+        metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
     }
     if !detail.is_empty() {
         message.push_str(&format!(" ({detail})"));
@@ -259,15 +359,15 @@ fn failure(
 /// A WatchReleaseEvents (or wait_for_release_event) subscription that could not start.
 pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
-    let key = match error {
+    let condition = match error {
         SubscribeError::NoSession(agents) => {
             let ids: Vec<String> = agents.iter().map(ToString::to_string).collect();
-            metadata.insert("agent_ids".to_owned(), ids.join(","));
-            "(no session)"
+            metadata.insert(metadata_key::AGENT_IDS.to_owned(), ids.join(","));
+            Condition::NoSession
         }
-        SubscribeError::TooManyWatchers(_) => "(too many watchers)",
-        SubscribeError::SessionsFull(_) => "(too many sessions)",
-        SubscribeError::ShuttingDown => "(shutting down)",
+        SubscribeError::TooManyWatchers(_) => Condition::TooManyWatchers,
+        SubscribeError::SessionsFull(_) => Condition::TooManySessions,
+        SubscribeError::ShuttingDown => Condition::ShuttingDown,
         SubscribeError::UnknownToken => {
             return invalid_argument(
                 &[FieldViolation::new(
@@ -278,7 +378,8 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
             )
         }
     };
-    failure(rule(key), &error.to_string(), metadata, ctx)
+    let rule = condition_rule(condition);
+    failure(&rule, &error.to_string(), metadata, ctx)
 }
 
 /// How a watch stream ends (all but a client's cancel). Metadata `resume_token` says where to
@@ -286,46 +387,57 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
 pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let (rule, detail, resume) = match end {
-        WatchEnd::TooSlow { resume } => (rule("(watcher too slow)"), String::new(), resume),
-        WatchEnd::ShuttingDown { resume } => (rule("(shutting down)"), String::new(), resume),
+        WatchEnd::TooSlow { resume } => (
+            condition_rule(Condition::WatcherTooSlow),
+            String::new(),
+            resume,
+        ),
+        WatchEnd::ShuttingDown { resume } => (
+            condition_rule(Condition::ShuttingDown),
+            String::new(),
+            resume,
+        ),
         WatchEnd::SessionEnded {
             agent,
             ending,
             resume,
         } => {
-            metadata.insert("agent_id".to_owned(), agent.to_string());
+            metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
             let (rule, detail) = session_ending(ending, &mut metadata);
             (rule, format!("agent {agent}: {detail}"), resume)
         }
     };
-    metadata.insert("resume_token".to_owned(), resume.to_string());
-    failure(rule, &detail, metadata, ctx)
+    metadata.insert(metadata_key::RESUME_TOKEN.to_owned(), resume.to_string());
+    failure(&rule, &detail, metadata, ctx)
 }
 
 /// The table row and detail of a lost session; fills `retcode`/`message` metadata.
 pub fn session_ending(
     ending: &SessionEnding,
     metadata: &mut HashMap<String, String>,
-) -> (&'static Rule, String) {
+) -> (Rule, String) {
     match ending {
-        SessionEnding::Refused { retcode, message } => {
-            metadata.insert("retcode".to_owned(), retcode.clone());
-            metadata.insert("message".to_owned(), message.clone());
-            (
-                rule(retcode),
-                format!("the gateway answered a poll with retcode {retcode}: {message:?}"),
-            )
-        }
+        SessionEnding::Refused { retcode, message } => (
+            refusal(retcode, message, metadata),
+            format!("the gateway answered a poll with retcode {retcode}: {message:?}"),
+        ),
         SessionEnding::Forgotten => (
-            rule("(no session)"),
+            condition_rule(Condition::NoSession),
             "the facade dropped the session after the gateway refused it".to_owned(),
         ),
     }
 }
 
+/// The row of a gateway refusal; fills `retcode`/`message` metadata.
+fn refusal(retcode: &Retcode, message: &str, metadata: &mut HashMap<String, String>) -> Rule {
+    metadata.insert(metadata_key::RETCODE.to_owned(), retcode.to_string());
+    metadata.insert(metadata_key::MESSAGE.to_owned(), message.to_owned());
+    retcode_rule(retcode)
+}
+
 /// INVALID_ARGUMENT with one BadRequest violation per field; nothing reached the gateway.
 pub fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>) -> Status {
-    let rule = rule("(invalid argument)");
+    let rule = condition_rule(Condition::InvalidArgument);
     let summary = violations
         .iter()
         .map(|v| format!("{} {}", v.field, v.description))
@@ -337,7 +449,7 @@ pub fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>) -> Sta
     }
     let mut metadata = HashMap::new();
     if let Some(agent) = ctx.agent {
-        metadata.insert("agent_id".to_owned(), agent.to_string());
+        metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
     }
     details.set_error_info(rule.reason, ERROR_DOMAIN, metadata);
     details.set_request_info(ctx.request_id, "");
@@ -349,14 +461,14 @@ pub fn markdown_table() -> String {
     let mut out = String::from(
         "| gateway retcode or condition | gRPC code | ErrorInfo.reason | RetryInfo | status message starts with |\n|---|---|---|---|---|\n",
     );
-    for r in TABLE {
+    for (key, r) in rows() {
         let retry = match r.retry {
             Retry::No => "none".to_owned(),
             Retry::After(d) => format!("{}s", d.as_secs()),
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",
-            r.key,
+            key,
             code_name(r.code),
             r.reason,
             retry,
@@ -396,8 +508,8 @@ mod tests {
     #[test]
     fn keys_are_unique_and_reasons_are_upper_snake() {
         let mut keys = std::collections::HashSet::new();
-        for r in TABLE {
-            assert!(keys.insert(r.key), "duplicate key {}", r.key);
+        for (key, r) in rows() {
+            assert!(keys.insert(key), "duplicate key {key}");
             assert!(
                 r.reason
                     .bytes()
@@ -406,11 +518,17 @@ mod tests {
                 r.reason
             );
         }
+        for condition in Condition::ALL {
+            let label = condition.label();
+            assert!(label.starts_with('(') && label.ends_with(')'), "{label}");
+        }
     }
 
     #[test]
     fn unknown_retcodes_fall_back() {
+        let rule = |code| retcode_rule(&Retcode::parse(code).unwrap());
         assert_eq!(rule("999-999").reason, "GATEWAY_RETCODE_UNKNOWN");
+        assert_eq!(rule("0").reason, "GATEWAY_RETCODE_UNKNOWN");
         assert_eq!(rule("100-006").reason, "AGENT_NOT_SIGNED_IN");
     }
 }

@@ -63,7 +63,10 @@ fn item_to_proto(item: WatchItem) -> Item {
             Item::SessionEnded(proto::AgentSessionEnded {
                 agent_id: agent.to_string(),
                 reason: rule.reason.to_owned(),
-                retcode: ending.retcode().unwrap_or_default().to_owned(),
+                retcode: ending
+                    .retcode()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
                 message: format!("{}: {detail}", rule.meaning),
             })
         }

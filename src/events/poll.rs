@@ -9,10 +9,7 @@ use super::{
     SessionEnding,
 };
 use crate::{
-    gateway::{
-        event::{parse_event, RETCODE_WRONG_EVENT_METHOD},
-        Answer, GatewayError, Guid, SessionOperation,
-    },
+    gateway::{event::parse_event, Answer, GatewayError, Guid, Retcode, SessionOperation},
     jittered_backoff,
 };
 
@@ -127,7 +124,7 @@ impl PollLoop {
                     answer.retcode
                 )),
             },
-            Ok((answer, _)) if answer.retcode == RETCODE_WRONG_EVENT_METHOD => {
+            Ok((answer, _)) if answer.retcode == Retcode::WRONG_EVENT_METHOD => {
                 self.stop_polling(answer)
             }
             Ok((answer, _)) => self.failed(&format!(

@@ -19,7 +19,7 @@ use super::{
     poll::SHUTDOWN_POLL_GRACE,
     KindFilter, ReleaseEvent, ResumeToken,
 };
-use crate::domain::AgentId;
+use crate::{domain::AgentId, gateway::Retcode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchItem {
@@ -89,7 +89,7 @@ impl Gap {
 pub enum SessionEnding {
     /// The gateway refused to deliver the agent's events: its session (100-006, 000-003) or
     /// polling altogether (000-001, configured for another event method).
-    Refused { retcode: String, message: String },
+    Refused { retcode: Retcode, message: String },
     /// The facade no longer has a session for the agent (another request's refusal dropped
     /// it).
     Forgotten,
@@ -103,7 +103,7 @@ enum Woke {
 
 impl SessionEnding {
     /// The gateway's retcode, when it was the gateway that refused.
-    pub fn retcode(&self) -> Option<&str> {
+    pub fn retcode(&self) -> Option<&Retcode> {
         match self {
             Self::Refused { retcode, .. } => Some(retcode),
             Self::Forgotten => None,

@@ -7,9 +7,6 @@ use crate::domain::{AgentId, CallId};
 
 pub const CALL_RELEASE: &str = "AgentEvent_Call_Release";
 pub const CUSTOMER_RELEASE: &str = "AgentEvent_Customer_Release";
-/// The gateway is configured for another way of delivering events (push, or all agents at
-/// once): polling this agent will never work.
-pub const RETCODE_WRONG_EVENT_METHOD: &str = "000-001";
 
 /// Longest customer number kept; real ones are far shorter.
 const MAX_NUMBER_LEN: usize = 64;

@@ -1,8 +1,10 @@
 //! The CC-Gateway REST client, as transport: a request in, its answer and session headers
-//! out; wire types (envelope, events, the Guid and cookies as credentials), bounded answers.
-//! Knows nothing of gRPC, nor what an answer means for a session (the sessions room decides).
+//! out; wire types (envelope, retcodes, events, the Guid and cookies as credentials), bounded
+//! answers. Knows nothing of gRPC, nor what an answer means for a session (the sessions room
+//! decides).
 mod client;
 pub mod event;
+pub mod retcode;
 pub mod session;
 pub mod wire;
 
@@ -12,6 +14,7 @@ pub use client::{
     Exchange, GatewayClient, GatewaySettings, GatewayStats, ReleaseTarget, SessionOperation,
     SettingsError,
 };
+pub use retcode::{InvalidRetcode, KnownRetcode, Retcode};
 pub use session::{Cookies, Guid, Session, SessionHeaders};
 pub use wire::Answer;
 

@@ -2,18 +2,13 @@
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-use super::GatewayError;
-
-/// Retcode of success.
-pub const RETCODE_OK: &str = "0";
-/// Retcodes the gateway gives for a wrong, expired or unknown Guid.
-pub const RETCODES_SESSION_GONE: [&str; 2] = ["100-006", "000-003"];
+use super::{GatewayError, Retcode};
 
 /// A well-formed gateway answer. `retcode` may still be a failure; deciding what a failure
 /// means is the caller's business.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
-    pub retcode: String,
+    pub retcode: Retcode,
     pub message: String,
     pub result: Option<serde_json::Value>,
     /// Present on event-poll answers that carry an event.
@@ -22,24 +17,25 @@ pub struct Answer {
 
 impl Answer {
     pub fn is_ok(&self) -> bool {
-        self.retcode == RETCODE_OK
+        self.retcode.is_ok()
     }
 
+    /// See [`Retcode::session_gone`].
     pub fn session_gone(&self) -> bool {
-        RETCODES_SESSION_GONE.contains(&self.retcode.as_str())
+        self.retcode.session_gone()
     }
 
     /// Whether the gateway carried the operation out (or looked at it as the agent's: a 200-
     /// call-state answer), which proves the session's Guid. Other refusals (000-002, 000-004,
     /// 100-007...) may come before the gateway looks at the Guid.
     pub fn proves_session(&self) -> bool {
-        self.is_ok() || self.retcode.starts_with("200-")
+        self.is_ok() || self.retcode.is_call_state()
     }
 }
 
 #[derive(Deserialize)]
 struct RawEnvelope {
-    retcode: Retcode,
+    retcode: RawRetcode,
     #[serde(default)]
     message: Option<String>,
     #[serde(default)]
@@ -51,7 +47,7 @@ struct RawEnvelope {
 /// The reference says a string; tolerate a bare number rather than fail a whole answer on it.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Retcode {
+enum RawRetcode {
     Text(String),
     Number(i64),
 }
@@ -64,14 +60,10 @@ pub fn parse_answer(body: &[u8]) -> Result<Answer, GatewayError> {
     let raw: RawEnvelope = serde_json::from_slice(body)
         .map_err(|e| GatewayError::Malformed(format!("not a gateway envelope: {e}")))?;
     let retcode = match raw.retcode {
-        Retcode::Text(s) => s.trim().to_owned(),
-        Retcode::Number(n) => n.to_string(),
-    };
-    if retcode.is_empty() || retcode.len() > 32 {
-        return Err(GatewayError::Malformed(
-            "retcode is empty or implausibly long".into(),
-        ));
+        RawRetcode::Text(text) => Retcode::parse(&text),
+        RawRetcode::Number(number) => Retcode::parse(&number.to_string()),
     }
+    .map_err(|e| GatewayError::Malformed(e.to_string()))?;
     Ok(Answer {
         retcode,
         message: truncate(raw.message.unwrap_or_default()),
@@ -133,7 +125,10 @@ mod tests {
         assert_eq!(event.event.unwrap()["content"], "1456403549-15");
         let gone = parse_answer(br#"{"message":"agent not login","retcode":"100-006"}"#).unwrap();
         assert!(gone.session_gone());
-        assert_eq!(parse_answer(br#"{"retcode":7}"#).unwrap().retcode, "7");
+        assert_eq!(
+            parse_answer(br#"{"retcode":7}"#).unwrap().retcode.as_str(),
+            "7"
+        );
     }
 
     #[test]

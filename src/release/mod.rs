@@ -15,20 +15,31 @@ pub use idempotency::{Claim, IdempotencyCache, Retention};
 use crate::{
     domain::{AgentId, RequestId},
     events::{EventHub, SubscribeError},
-    gateway::{Answer, GatewayError, ReleaseTarget, Session, SessionOperation},
+    gateway::{Answer, GatewayError, ReleaseTarget, Retcode, Session, SessionOperation},
     jittered_backoff,
     lifecycle::Lifecycle,
     sessions::Sessions,
 };
 
-/// Retcodes meaning "the call is already gone": 200-017 (release) and 200-025 (dropcall).
-pub const RETCODES_NO_CALL: [&str; 2] = ["200-017", "200-025"];
-/// Retcodes after which a release may have happened (or be happening): 100-007 "exception
-/// during the agent operation" (the gateway may have got part way); 000-007 "interface invoked
-/// repeatedly" (the same release of this agent is running at the gateway: repeating ours once
-/// it is done would hang up the next call); 000-004 "agent being switched over" (DR: the
-/// reference does not say the operation was not carried out first).
-pub const RETCODES_OUTCOME_UNKNOWN: [&str; 3] = ["100-007", "000-007", "000-004"];
+/// Whether the retcode means "the call is already gone": 200-017 (release) and 200-025
+/// (dropcall).
+fn means_no_call(retcode: &Retcode) -> bool {
+    [Retcode::NO_CALL_TO_RELEASE, Retcode::NO_CALL_TO_DROP].contains(retcode)
+}
+
+/// Whether a release may have happened (or be happening) although the gateway refused it:
+/// 100-007 "exception during the agent operation" (the gateway may have got part way); 000-007
+/// "interface invoked repeatedly" (the same release of this agent is running at the gateway:
+/// repeating ours once it is done would hang up the next call); 000-004 "agent being switched
+/// over" (DR: the reference does not say the operation was not carried out first).
+fn leaves_outcome_unknown(retcode: &Retcode) -> bool {
+    [
+        Retcode::OPERATION_EXCEPTION,
+        Retcode::DUPLICATE_IN_PROGRESS,
+        Retcode::SWITCHING_OVER,
+    ]
+    .contains(retcode)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseCommand {
@@ -46,7 +57,7 @@ pub enum ReleaseOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseReport {
     pub outcome: ReleaseOutcome,
-    pub retcode: String,
+    pub retcode: Retcode,
     pub message: String,
     /// The answer was recorded for an earlier request with the same id.
     pub replayed: bool,
@@ -57,9 +68,9 @@ pub enum ReleaseError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
     #[error("the CC-Gateway refused: retcode {retcode} ({message})")]
-    Rejected { retcode: String, message: String },
+    Rejected { retcode: Retcode, message: String },
     #[error("the agent has no call to release: retcode {retcode} ({message})")]
-    NoActiveCall { retcode: String, message: String },
+    NoActiveCall { retcode: Retcode, message: String },
     #[error("request_id was already used with different parameters")]
     RequestIdReused,
     #[error("an earlier request with this request_id ended without an answer")]
@@ -79,7 +90,7 @@ impl ReleaseError {
     pub fn may_have_released(&self) -> bool {
         match self {
             Self::Gateway(e) => e.may_have_taken_effect(),
-            Self::Rejected { retcode, .. } => RETCODES_OUTCOME_UNKNOWN.contains(&retcode.as_str()),
+            Self::Rejected { retcode, .. } => leaves_outcome_unknown(retcode),
             // The earlier attempt may have sent its release before it died; shutdown may cut
             // off a release in flight.
             Self::EarlierAttemptLost | Self::ShuttingDown => true,
@@ -351,13 +362,12 @@ impl ReleaseService {
 }
 
 fn interpret(command: &ReleaseCommand, answer: Answer) -> Result<ReleaseReport, ReleaseError> {
-    let answer_ok = answer.is_ok();
     let Answer {
         retcode, message, ..
     } = answer;
-    let outcome = if answer_ok {
+    let outcome = if retcode.is_ok() {
         ReleaseOutcome::Released
-    } else if RETCODES_NO_CALL.contains(&retcode.as_str()) {
+    } else if means_no_call(&retcode) {
         if command.require_active_call {
             return Err(ReleaseError::NoActiveCall { retcode, message });
         }

@@ -111,7 +111,7 @@ impl TestApp {
             .sign_in(id, "secret", "88001", false, deadline())
             .await
             .expect("sign-in answers");
-        assert_eq!(answer.retcode, "0", "sign-in of {agent}: {answer:?}");
+        assert!(answer.is_ok(), "sign-in of {agent}: {answer:?}");
         self.guid_of(agent).expect("sign-in registered a session")
     }
 
