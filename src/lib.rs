@@ -1,8 +1,9 @@
 //! ccgw-callcontrol: a gRPC facade over Huawei CC-Gateway's agent REST interface.
 //!
 //! Rooms: `api` (gRPC only), `gateway` (REST client, sessions), `release` (hang-up policy),
-//! `events` (poll loops, fan-out, replay and resume),
-//! `sim` (the CC-Gateway simulator), `server` (composition), `config`, `telemetry`.
+//! `events` (poll loops, fan-out, replay and resume), `server` (composition), `config`,
+//! `telemetry`. The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which `startup`
+//! embeds for `--simulate` when the `simulator` feature (on by default) is.
 
 pub mod api;
 pub mod config;
@@ -11,7 +12,6 @@ pub mod events;
 pub mod gateway;
 pub mod release;
 pub mod server;
-pub mod sim;
 pub mod startup;
 pub mod telemetry;
 

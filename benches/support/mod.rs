@@ -4,14 +4,8 @@
 
 use std::time::Duration;
 
-use ccgw_callcontrol::{
-    api::CallControlApi,
-    config::Config,
-    domain::AgentId,
-    server,
-    sim::{SimConfig, Simulator},
-    startup,
-};
+use ccgw_callcontrol::{api::CallControlApi, config::Config, domain::AgentId, server, startup};
+use ccgw_sim::{SimConfig, Simulator};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::net::TcpListener;

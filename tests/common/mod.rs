@@ -9,10 +9,9 @@ use ccgw_callcontrol::{
     config::Config,
     domain::AgentId,
     proto::{call_control_client::CallControlClient, ReleaseCallRequest},
-    server,
-    sim::{RecordedRequest, SimConfig, Simulator},
-    startup,
+    server, startup,
 };
+use ccgw_sim::{RecordedRequest, SimConfig, Simulator};
 use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
 use tonic::transport::Channel;
