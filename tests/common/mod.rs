@@ -1,5 +1,6 @@
 //! Spawns a CC-Gateway simulator and the facade on ephemeral loopback ports, and a real tonic
-//! client for the facade.
+//! client for the facade. The benchmarks include this module too (benches/support), so tests and
+//! benchmarks start the app one way.
 #![allow(dead_code)]
 
 use std::{net::SocketAddr, time::Duration};
