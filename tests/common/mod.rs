@@ -28,7 +28,7 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// A simulator with the reference's behaviour but a short long-poll wait.
+/// A simulator with a real gateway's behaviour but a short long-poll wait.
 pub fn sim_config() -> SimConfig {
     SimConfig {
         poll_wait: Duration::from_millis(300),

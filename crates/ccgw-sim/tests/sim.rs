@@ -1,4 +1,5 @@
-//! The CC-Gateway simulator over real sockets, checked against the reference's wire behaviour.
+//! The CC-Gateway simulator over real sockets, checked against the wire behaviour its crate
+//! documentation describes.
 
 use std::time::Duration;
 
