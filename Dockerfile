@@ -1,4 +1,8 @@
 # Minimal image; a later issue hardens it (non-root user, distroless, pinned digests).
+# Built with the default features, so the image also carries the `--simulate` demo and the
+# `ccgw-sim` binary (see below). For an image without any simulator code:
+#   cargo build --release --locked -p ccgw-callcontrol --no-default-features --bin ccgw-callcontrol
+# and copy only that binary.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

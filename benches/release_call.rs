@@ -28,11 +28,11 @@ async fn main() {
     let concurrency = args.get(1).copied().unwrap_or(32);
 
     let bench = support::spawn(&[]).await;
-    let sim_url = bench.sim_url.clone();
-    let grpc = bench.grpc.clone();
+    let sim_url = format!("http://{}", bench.sim_addr);
+    let grpc = format!("http://{}", bench.grpc_addr);
     let mut guids = Vec::new();
     for n in 0..AGENTS {
-        guids.push(bench.sign_in(1000 + n).await);
+        guids.push(bench.sign_in(&(1000 + n).to_string()).await);
     }
     let rss_start = rss_kib();
     println!("ReleaseCall(call_id) answering NO_ACTIVE_CALL (dropcall 200-025), {requests} requests, {concurrency} concurrent, {AGENTS} agents");

@@ -13,13 +13,10 @@ use std::{
 use ccgw_callcontrol::{
     domain::AgentId,
     events::KindFilter,
-    proto::{
-        call_control_client::CallControlClient, watch_release_events_response::Item,
-        WatchReleaseEventsRequest,
-    },
+    proto::{call_control_client::CallControlClient, watch_release_events_response::Item},
 };
 use hdrhistogram::Histogram;
-use support::{report, rss_kib, Bench};
+use support::{common::watch_req, report, rss_kib, TestApp};
 use tonic::transport::Channel;
 
 mod support;
@@ -36,7 +33,7 @@ async fn main() {
     let watchers = args.first().copied().unwrap_or(1000);
     let hangups = args.get(1).copied().unwrap_or(200);
     let bench = support::spawn(&["--max-watchers", "100000"]).await;
-    for agent in [1000, 1001, 1002] {
+    for agent in ["1000", "1001", "1002"] {
         bench.sign_in(agent).await;
     }
 
@@ -49,10 +46,10 @@ async fn main() {
 
 /// `agents` agents with one stream each, so as many poll loops long-poll the simulator at
 /// once: what an agent costs, and how fast a hang-up on one of them arrives meanwhile.
-async fn many_agents(bench: &Bench, agents: usize, hangups: usize) {
+async fn many_agents(bench: &TestApp, agents: usize, hangups: usize) {
     let first = 2000;
     for n in 0..agents {
-        bench.sign_in((first + n) as u32).await;
+        bench.sign_in(&(first + n).to_string()).await;
     }
     let channels = connect(bench, agents.div_ceil(STREAMS_PER_CONNECTION)).await;
     let base = Instant::now();
@@ -62,7 +59,7 @@ async fn many_agents(bench: &Bench, agents: usize, hangups: usize) {
         let mut client = CallControlClient::new(channels[n / STREAMS_PER_CONNECTION].clone());
         let seen = seen_tx.clone();
         let mut stream = client
-            .watch_release_events(watch(&(first + n).to_string()))
+            .watch_release_events(watch_req(&[&(first + n).to_string()]))
             .await
             .unwrap()
             .into_inner();
@@ -118,7 +115,7 @@ async fn many_agents(bench: &Bench, agents: usize, hangups: usize) {
 
 /// `watchers` streams on agent 1000; each hang-up's two release events must reach all of them
 /// before the next. Latency: from the hang-up in the simulator to each delivery.
-async fn fan_out(bench: &Bench, watchers: usize, hangups: usize) {
+async fn fan_out(bench: &TestApp, watchers: usize, hangups: usize) {
     let base = Instant::now();
     let hung_up_at = Arc::new(AtomicU64::new(0));
     let delivered = Arc::new(AtomicU64::new(0));
@@ -129,7 +126,7 @@ async fn fan_out(bench: &Bench, watchers: usize, hangups: usize) {
         let (hung_up_at, delivered) = (hung_up_at.clone(), delivered.clone());
         tasks.push(tokio::spawn(async move {
             let mut stream = client
-                .watch_release_events(watch("1000"))
+                .watch_release_events(watch_req(&["1000"]))
                 .await
                 .unwrap()
                 .into_inner();
@@ -169,10 +166,10 @@ async fn fan_out(bench: &Bench, watchers: usize, hangups: usize) {
 
 /// A burst queued at the gateway at once: how many events per second one poll loop carries
 /// (one event per poll, as the gateway answers).
-async fn one_agent_throughput(bench: &Bench, calls: usize) {
+async fn one_agent_throughput(bench: &TestApp, calls: usize) {
     let mut client = CallControlClient::new(connect(bench, 1).await.remove(0));
     let mut stream = client
-        .watch_release_events(watch("1001"))
+        .watch_release_events(watch_req(&["1001"]))
         .await
         .unwrap()
         .into_inner();
@@ -200,7 +197,7 @@ async fn one_agent_throughput(bench: &Bench, calls: usize) {
 /// RSS per watcher: hub subscriptions alone, then whole gRPC streams (this process holds both
 /// the server and the client end). Nothing is freed in between, so that each figure is fresh
 /// growth rather than reused memory.
-async fn memory(bench: &Bench) {
+async fn memory(bench: &TestApp) {
     let agent = AgentId::parse("a", "1002", 59_999).unwrap();
     let n = 10_000;
     let before = rss_kib();
@@ -226,7 +223,12 @@ async fn memory(bench: &Bench) {
     let mut streams = Vec::new();
     for i in 0..n {
         let mut client = CallControlClient::new(channels[i / STREAMS_PER_CONNECTION].clone());
-        streams.push(client.watch_release_events(watch("1002")).await.unwrap());
+        streams.push(
+            client
+                .watch_release_events(watch_req(&["1002"]))
+                .await
+                .unwrap(),
+        );
     }
     wait_for(|| bench.api.events().watchers() >= open_before + n).await;
     let grown = rss_kib().saturating_sub(before);
@@ -237,18 +239,11 @@ async fn memory(bench: &Bench) {
     drop(held);
 }
 
-fn watch(agent: &str) -> WatchReleaseEventsRequest {
-    WatchReleaseEventsRequest {
-        agent_ids: vec![agent.into()],
-        ..Default::default()
-    }
-}
-
-async fn connect(bench: &Bench, connections: usize) -> Vec<Channel> {
+async fn connect(bench: &TestApp, connections: usize) -> Vec<Channel> {
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
         channels.push(
-            Channel::from_shared(bench.grpc.clone())
+            Channel::from_shared(format!("http://{}", bench.grpc_addr))
                 .unwrap()
                 .connect()
                 .await
@@ -258,7 +253,8 @@ async fn connect(bench: &Bench, connections: usize) -> Vec<Channel> {
     channels
 }
 
-/// Polls `done` every 100 µs, for at most 60 s.
+/// Polls `done` every 100 µs, for at most 60 s. Not the tests' `wait_until`: its 10 ms tick
+/// would be part of every round this waits out, and so of the rates measured.
 async fn wait_for(done: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {

@@ -30,6 +30,8 @@ pub struct Config {
 
     /// CC-Gateway base URL, e.g. https://ccgw.example:8043 (the /agentgateway/resource prefix
     /// is added). Not needed with --simulate.
+    // The doc comment is also the --help text, where a Markdown link's brackets would show.
+    #[allow(rustdoc::bare_urls)]
     #[arg(long, env = "CCGW_GATEWAY_URL", required_unless_present = "simulate")]
     pub gateway_url: Option<String>,
 
@@ -163,11 +165,14 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// Run on an embedded CC-Gateway simulator with demo agents 101, 102 and 103 signed in.
-    #[arg(long)]
+    // Kept in builds without the simulator so that asking for it gets a clear refusal rather
+    // than clap's "unexpected argument".
+    #[arg(long, hide = cfg!(not(feature = "simulator")))]
     pub simulate: bool,
 
     /// Where the embedded simulator listens (gateway interface and /sim control API).
-    #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043")]
+    #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043",
+          hide = cfg!(not(feature = "simulator")))]
     pub sim_listen: SocketAddr,
 }
 

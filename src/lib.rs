@@ -1,9 +1,10 @@
 //! ccgw-callcontrol: a gRPC facade over Huawei CC-Gateway's agent REST interface.
 //!
 //! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types), `sessions` (which session a
-//! request goes out with, handovers), `release` (hang-up policy),
-//! `events` (poll loops, fan-out, replay and resume),
-//! `sim` (the CC-Gateway simulator), `server` (composition), `config`, `telemetry`.
+//! request goes out with, handovers), `release` (hang-up policy), `events` (poll loops,
+//! fan-out, replay and resume), `lifecycle` (shutdown and tasks), `server` (composition),
+//! `config`, `telemetry`. The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which
+//! `startup` embeds for `--simulate` when the `simulator` feature (on by default) is.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
 /// written by hand can miss a variant without anything failing; this one cannot, so tables
@@ -36,7 +37,6 @@ pub mod lifecycle;
 pub mod release;
 pub mod server;
 pub mod sessions;
-pub mod sim;
 pub mod startup;
 pub mod telemetry;
 

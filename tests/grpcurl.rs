@@ -1,5 +1,7 @@
 //! The real grpcurl against the real binary running the README's demo (`--simulate`): a client
 //! nobody here wrote, through reflection only.
+// The demo exists only with the simulator compiled in.
+#![cfg(feature = "simulator")]
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use tokio::{

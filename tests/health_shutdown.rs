@@ -3,10 +3,8 @@ mod common;
 
 use std::time::Duration;
 
-use ccgw_callcontrol::{
-    proto::ReleaseOutcome,
-    sim::{Fault, FaultRule},
-};
+use ccgw_callcontrol::proto::ReleaseOutcome;
+use ccgw_sim::{Fault, FaultRule};
 use common::{release_req, sim_config, spawn_app, spawn_app_with};
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,

@@ -3,10 +3,8 @@ mod common;
 
 use std::time::Duration;
 
-use ccgw_callcontrol::{
-    proto::{ReleaseCallRequest, ReleaseOutcome},
-    sim::{Fault, FaultRule, SimConfig},
-};
+use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
+use ccgw_sim::{Fault, FaultRule, SimConfig};
 use common::{expect_status, release_req, sim_config, spawn_app, spawn_app_with};
 use tonic::Code;
 

@@ -5,13 +5,10 @@ mod common;
 
 use std::process::Stdio;
 
-use ccgw_callcontrol::{
-    proto::{
-        call_control_client::CallControlClient, ReleaseCallRequest, ReleaseConfirmation,
-        ReleaseOutcome,
-    },
-    sim::{Fault, FaultRule, Simulator},
+use ccgw_callcontrol::proto::{
+    call_control_client::CallControlClient, ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome,
 };
+use ccgw_sim::{Fault, FaultRule, Simulator};
 use common::{
     expect_status, handing_over, release_req, sim_config, spawn_app_with, wait_until, CALLER, WAIT,
 };

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use ccgw_callcontrol::sim::{Fault, FaultRule, SimConfig};
+use ccgw_sim::{Fault, FaultRule, SimConfig};
 use common::{agent_id, release_req, sim_config, spawn_app_with, wait_until, watch_req};
 use tonic_types::StatusExt;
 

@@ -4,10 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use ccgw_callcontrol::{
-    proto::ReleaseOutcome,
-    sim::{Fault, FaultRule, SimConfig},
-};
+use ccgw_callcontrol::proto::ReleaseOutcome;
+use ccgw_sim::{Fault, FaultRule, SimConfig};
 use common::{
     expect_status, handing_over, junk_guid, release_req, sim_config, spawn_app_with, wait_until,
     watch_req, CALLER,

@@ -8,10 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use ccgw_callcontrol::{
-    proto::{ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome},
-    sim::{Fault, FaultRule, SimConfig},
-};
+use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome};
+use ccgw_sim::{Fault, FaultRule, SimConfig};
 use common::{
     agent_id, assert_ordered, expect_status, handing_over, hangup_pair, kinds_and_calls,
     release_req, resume_req, sim_config, spawn_app, spawn_app_with, violated_fields, wait_until,

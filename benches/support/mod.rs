@@ -1,80 +1,28 @@
-//! What every benchmark needs: a simulator and the facade on loopback in this process, signed-in
-//! agents, latency reports and RSS.
+//! What every benchmark needs: a simulator and the facade on loopback in this process (the
+//! tests' own harness, so that both run the app the same way), latency reports and RSS.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
-use ccgw_callcontrol::{
-    api::CallControlApi,
-    config::Config,
-    domain::AgentId,
-    server,
-    sim::{SimConfig, Simulator},
-    startup,
-};
-use clap::Parser;
+use ccgw_sim::SimConfig;
 use hdrhistogram::Histogram;
-use tokio::net::TcpListener;
 
-pub struct Bench {
-    pub sim: Simulator,
-    pub sim_url: String,
-    pub api: CallControlApi,
-    /// `http://127.0.0.1:PORT` of the facade's gRPC server.
-    pub grpc: String,
-}
+#[path = "../../tests/common/mod.rs"]
+pub mod common;
+pub use common::TestApp;
 
-/// The simulator (no sign-out for missed polls) and the facade with extra `flags`.
-pub async fn spawn(flags: &[&str]) -> Bench {
-    let sim = Simulator::new(SimConfig {
-        signout_after: None,
-        ..SimConfig::default()
-    });
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_url = format!("http://{}", sim_listener.local_addr().unwrap());
-    tokio::spawn(sim.clone().serve(sim_listener, std::future::pending()));
-
-    let mut args = vec!["bench", "--gateway-url", &sim_url];
-    args.extend_from_slice(flags);
-    let config = Config::try_parse_from(args).unwrap();
-    let api = startup::build_api(&config, sim_url.clone()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(server::run(
-        listener,
-        api.clone(),
-        config.server(),
-        std::future::pending(),
-    ));
-    Bench {
-        sim,
-        sim_url,
-        api,
-        grpc,
-    }
-}
-
-impl Bench {
-    /// Signs `agent` in through the facade's gateway client; returns its Guid.
-    pub async fn sign_in(&self, agent: u32) -> String {
-        let agent = AgentId::parse("a", &agent.to_string(), 59_999).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let answer = self
-            .api
-            .sessions()
-            .sign_in(agent, "pw", "1", false, deadline)
-            .await
-            .unwrap();
-        assert!(answer.is_ok(), "{answer:?}");
-        self.api
-            .sessions()
-            .registry()
-            .get(agent)
-            .unwrap()
-            .guid
-            .expose()
-            .to_owned()
-    }
+/// The simulator with a real gateway's long-poll wait (its default) and no sign-out for missed
+/// polls (an agent signed in for one measurement waits unpolled through the others), and the
+/// facade with extra `flags`.
+pub async fn spawn(flags: &[&str]) -> TestApp {
+    common::spawn_app_with(
+        SimConfig {
+            signout_after: None,
+            ..SimConfig::default()
+        },
+        flags,
+    )
+    .await
 }
 
 /// One line: count per second over `wall`, then latency quantiles (µs).

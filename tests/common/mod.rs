@@ -1,5 +1,6 @@
 //! Spawns a CC-Gateway simulator and the facade on ephemeral loopback ports, and a real tonic
-//! client for the facade.
+//! client for the facade. The benchmarks include this module too (benches/support), so tests and
+//! benchmarks start the app one way.
 #![allow(dead_code)]
 
 use std::{net::SocketAddr, time::Duration};
@@ -9,10 +10,9 @@ use ccgw_callcontrol::{
     config::Config,
     domain::AgentId,
     proto::{call_control_client::CallControlClient, ReleaseCallRequest},
-    server,
-    sim::{RecordedRequest, SimConfig, Simulator},
-    startup,
+    server, startup,
 };
+use ccgw_sim::{RecordedRequest, SimConfig, Simulator};
 use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
 use tonic::transport::Channel;
@@ -28,7 +28,7 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// A simulator with the reference's behaviour but a short long-poll wait.
+/// A simulator with a real gateway's behaviour but a short long-poll wait.
 pub fn sim_config() -> SimConfig {
     SimConfig {
         poll_wait: Duration::from_millis(300),

@@ -1,10 +1,9 @@
-//! The CC-Gateway simulator over real sockets, checked against the reference's wire behaviour.
+//! The CC-Gateway simulator over real sockets, checked against the wire behaviour its crate
+//! documentation describes.
 
 use std::time::Duration;
 
-use ccgw_callcontrol::sim::{
-    AgentView, AuthMode, Fault, FaultRule, SimConfig, SimError, Simulator,
-};
+use ccgw_sim::{AgentView, AuthMode, Fault, FaultRule, SimConfig, SimError, Simulator};
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use tokio::time::{timeout, Instant};
@@ -39,7 +38,10 @@ fn quick() -> SimConfig {
 }
 
 async fn start(config: SimConfig) -> Harness {
-    ccgw_callcontrol::install_crypto_provider();
+    // The workspace builds reqwest without a crypto provider of its own (the facade installs
+    // ring for its whole process); a reqwest client cannot be built without one, even for
+    // plain HTTP.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let sim = Simulator::new(config);

@@ -1,11 +1,131 @@
-//! CC-Gateway simulator: Huawei's agent REST interface (`/agentgateway/resource/...`) as
-//! described in `ccgw-reference.md`, plus an HTTP control API under `/sim` to drive calls and
-//! inject faults. A product feature for demos, tests and benchmarks; it speaks plain HTTP/1.1
-//! (put a TLS terminator in front if a client insists on HTTPS).
+//! A simulator of Huawei CC-Gateway's agent REST interface (`/agentgateway/resource/...`), with
+//! an HTTP control API under `/sim` that drives calls and injects faults. It serves demos, tests
+//! and benchmarks of gateway clients, this repository's facade among them, and shares no code
+//! with that facade: a misreading of the wire format cannot then hide on both sides of a test.
+//! It speaks plain HTTP/1.1; a real gateway speaks HTTPS (port 8043 by default, the same port on
+//! the load balancer in front of a cluster), so put a TLS terminator in front of the simulator if
+//! a client insists.
 //!
-//! # Gateway behaviour (choices where the reference is silent)
-//! - Every business outcome is HTTP 200 with `{"message","retcode","result"}` (`result` is `{}`);
-//!   poll answers use the event shapes of the reference (`{"message":"","retcode":"0"}` when empty).
+//! This page is the repository's account of the interface: first what a real gateway does, as far
+//! as the simulator implements it (condensed from Huawei's public interface reference and
+//! developer guide, and from what Huawei's demo clients send), then the choices the simulator
+//! makes where that documentation is silent. Paths below are relative to
+//! `/agentgateway/resource`.
+//!
+//! # The gateway's interface
+//!
+//! ## Envelope
+//! - Every operation answers HTTP 200 with a JSON object `{"message", "retcode", "result"}`.
+//!   `retcode` is a string: `"0"` is success, anything else a failure code (see
+//!   [Retcodes](#retcodes)). A failed operation does not change the HTTP status; another status
+//!   means something in front of or inside the gateway broke (load balancer, proxy, crash).
+//! - Requests send `Content-Type: application/json; charset=UTF-8`, and every one except sign-in
+//!   the session's Guid in a `Guid` header (header names are case-insensitive; Huawei's clients
+//!   write `guid`).
+//! - In a cluster the load balancer keeps an agent on one node with cookies it sets on the
+//!   sign-in answer; clients send them back in `Cookie` on every later request.
+//!
+//! ## Sessions and the Guid
+//! - Sign-in: `PUT /onlineagent/{agentid}` with a body such as
+//!   `{"password": "...", "phonenum": "..."}`. The answer carries `Set-GUID: JSESSIONID=<guid>`;
+//!   the Guid is what follows `JSESSIONID=` and looks like
+//!   `279fe21d-2caa-4437-84c3-ab9e9dae20f5.AgentGateway0`. An agent signed in already gets
+//!   `100-002`; `PUT /onlineagent/{agentid}/forcelogin` (same body) then takes the session over
+//!   and answers with a Guid of its own.
+//! - Sign-out: `DELETE /onlineagent/{agentid}/logout` does nothing while the agent is in a call;
+//!   `DELETE /onlineagent/{agentid}/forcelogout` hangs the call up and signs out.
+//! - Static authentication (`AUTHMODE=1`, older sites): the sign-in Guid is good for the whole
+//!   session. Dynamic authentication (`AUTHMODE=2`, the default): the gateway replaces the Guid
+//!   once it is `GUIDINTERVAL` old (60 s by default) and hands the new one out in `Set-GUID` on
+//!   an answer of the event poll; the client must send the newest from then on. The
+//!   documentation does not say how long the replaced Guid keeps working; `GUIDTIMEOUT` (120 s
+//!   by default) is the bound the simulator takes.
+//! - A Guid the gateway does not accept (wrong, replaced and expired, or of a session that is
+//!   gone) answers `100-006` (agent not signed in) or `000-003` (no right to invoke).
+//! - Polling is also the heartbeat: an agent nobody has polled for about two minutes is signed
+//!   out. Each event goes to the one poll that takes it, so two pollers of one agent steal each
+//!   other's events; one client has to own an agent's event stream.
+//!
+//! ## Long polling
+//! - `GET /agentevent/{agentid}` (a `?calldata=` query may follow) with the Guid. The answer
+//!   comes at once when an event is waiting, otherwise when one arrives or after about 10 s
+//!   (100 checks 100 ms apart). Clients poll again at once after an event and a few hundred
+//!   milliseconds after an empty answer, with an HTTP timeout longer than that wait.
+//! - One event per answer:
+//!   `{"message":"","retcode":"0","event":{"eventType":"...","workNo":"101","content":...}}`;
+//!   newer gateways add `"eventGenTime"` (milliseconds since the epoch) inside `event`. With
+//!   nothing to deliver the answer is exactly `{"message":"","retcode":"0"}`, with no `event`.
+//! - An agent signed out by an inspector or for missed polls gets `100-006` on its next poll.
+//! - Two alternatives exist, which the simulator does not implement: one poll for every agent's
+//!   events (`GET /agentevent/allagentevent`, behind a gateway setting), and push mode, where a
+//!   sign-in naming a `callBackUri` and a `serviceToken` has the gateway POST events to that
+//!   callback and expects a handshake every 30 s instead of polls.
+//!
+//! ## Calls and release events
+//! A two-party call that ends queues these events for the agent:
+//!
+//! | `eventType` | meaning | `content` |
+//! |---|---|---|
+//! | `AgentEvent_Call_Release` | the agent left the call | the call id as a JSON **string**, e.g. `"1456403549-15"` |
+//! | `AgentEvent_Customer_Release` | the customer left the call | `{"callid": "1456404171-43", "number": "70093"}` |
+//! | `AgentOther_PhoneRelease` | the agent's phone is on-hook | `{"phoneState": 3}` (the platform hung up) or `2` (the agent did) |
+//! | `AgentState_Ready` | the agent is available again | `null` |
+//!
+//! A real gateway sends `AgentState_Work` instead of `AgentState_Ready` when wrap-up time
+//! follows. Its documentation lists the events in the order of the table without promising that
+//! order, so a client must not depend on it. Call ids are `<unix seconds>-<sequence>`. A call
+//! is announced by events such as `AgentEvent_Ringing`, `AgentEvent_Auto_Answer` and
+//! `AgentEvent_Talking`, whose content carries `caller`, `called`, `callid`, `type`, `feature`
+//! and more. The same poll delivers many other event types (agent states, conferences, service
+//! notices; the call id member is `callid` in some and `callId` in others), which a client must
+//! read past: [`Simulator::queue_event`] feeds them.
+//!
+//! ## Release interfaces
+//!
+//! | operation | request | its own failure retcodes |
+//! |---|---|---|
+//! | hang up the agent's current call | `DELETE /voicecall/{agentid}/release` | `200-017` no call |
+//! | the same, older gateways' path | `DELETE /voicecall/{agentid}` | `200-017` |
+//! | hang up the call with this id | `POST /voicecall/{agentid}/dropcall/{callid}` | `200-025` no such call to drop |
+//! | release the party with this number | `POST /voicecall/{agentid}/disconnect/{number}` | `200-023`, `200-024` the number cannot be released; `200-204` it is not in the call |
+//!
+//! None takes a body; success is `{"message":"success","retcode":"0","result":{}}`, and the
+//! release events follow on the poll. Every one can also answer `100-006` and `100-007`. A
+//! release hangs up whatever call is current when the gateway handles it: repeating one whose
+//! answer was lost can hang up the agent's *next* call. A dropcall names its call and is safe to
+//! repeat. `200-017` and `200-025` mean the call is gone already (Huawei's own demo client takes
+//! `200-017` as success). Agent ids run from 101 to 59999 on older gateways and to 999999 on
+//! newer ones.
+//!
+//! ## Retcodes
+//! What the simulator answers, and when (a real gateway has many more):
+//!
+//! | retcode | meaning | the simulator answers it |
+//! |---|---|---|
+//! | `0` | success | |
+//! | `000-001` | wrong way of obtaining events for this gateway | to a push-mode sign-in and to `allagentevent` |
+//! | `000-002` | invalid parameter or URL | to an agent id that is not one (see below) |
+//! | `000-003` | no right to invoke: the session may have expired | signed in, but the Guid is missing, unknown, replaced or expired |
+//! | `100-001` | sign-in parameter empty or invalid | sign-in body not a JSON object, or without a password |
+//! | `100-002` | agent already signed in | sign-in (not forcelogin) of a signed-in agent |
+//! | `100-004` | wrong user name or password | only with [`SimConfig::password`] set |
+//! | `100-006` | agent not signed in | never signed in, signed out, forced out, missed polls; a required sticky cookie missing |
+//! | `100-010` | state error at sign-out | `logout` during a call |
+//! | `200-017` | release: no call | |
+//! | `200-023` | disconnect: the number cannot be released | the agent has no call |
+//! | `200-025` | dropcall: no call can be dropped | the id is not the agent's current call |
+//! | `200-204` | disconnect: the number is not in the call | the number is not the caller's |
+//!
+//! Others that a real gateway answers to these operations, the simulator only through the
+//! `retcode` fault (below): `000-004` (the agent is being switched over to another site),
+//! `000-007` (the same interface invoked again before its first answer), `100-007` (the
+//! operation failed inside the gateway). Whole families exist for other interfaces (passwords,
+//! queries, recording...); a client has to turn a retcode it does not know into an error that
+//! still carries the code and its message.
+//!
+//! # Choices where the documentation is silent
+//! - `result` is always `{}`; poll answers have no `result`. Answers are
+//!   `application/json;charset=UTF-8`. Query strings are ignored.
 //! - Agent ids must be canonical ASCII decimal (no sign, no leading zero) in
 //!   `101..=max_agent_id`, otherwise `000-002`.
 //! - **Guid rejection rule**: checks run in this order on every route but sign-in/forcelogin:
@@ -13,12 +133,25 @@
 //!   required but missing/stale → `100-006` (the request landed on a node without the session);
 //!   signed in but the `Guid` header is missing, unknown, superseded or expired → `000-003`.
 //!   Only the bare Guid is accepted (no `JSESSIONID=` prefix).
+//! - Sign-in sets one sticky cookie, `ccgw_route=node<16 hex digits>; Path=/; HttpOnly`, new for
+//!   every session; it is checked only with [`SimConfig::require_sticky_cookie`]. Any non-empty
+//!   password signs in unless [`SimConfig::password`] names one. A missing or empty `phonenum`
+//!   becomes the agent id (it is the `called` number of the agent's calls).
+//! - A call placed through the control API queues `AgentEvent_Ringing` (content: `caller`,
+//!   `called`, `callid`, `type`, `feature`, `mediaType`, `mediaAbility`, `transfer`,
+//!   `transfrom`, the members Huawei documents for an answered call) then `AgentEvent_Talking`
+//!   (`caller`, `called`, `callid`, `type`, `feature`, `mediaAbility`), every value a string.
 //! - Dynamic auth: a poll *answer* rotates the Guid when it is `guid_interval` old or a rotation
 //!   was requested (`Set-GUID: JSESSIONID=<new>`); the previous Guid stays valid for
 //!   `guid_timeout` (strictly: a timeout of 0 rejects it at once). A successful poll that
 //!   presents the still-valid previous Guid gets `Set-GUID` with the current one again, so a
-//!   client that lost the rotating answer can catch up within `guid_timeout`. Static auth never
-//!   rotates; [`Simulator::rotate_guid`] is refused there.
+//!   client that lost the rotating answer can catch up within `guid_timeout`. Other answers never
+//!   rotate. Static auth never rotates; [`Simulator::rotate_guid`] is refused there.
+//! - Release events: a release by the agent (`release`, the legacy path, `dropcall`,
+//!   `disconnect`, `forcelogout`) queues `AgentEvent_Call_Release` first and `phoneState` 2; a
+//!   customer hang-up ([`Simulator::customer_hangup`]) queues `AgentEvent_Customer_Release`
+//!   first and `phoneState` 3; both end with `AgentState_Ready`. Every event the simulator makes
+//!   carries `workNo` and, unless [`SimConfig::event_gen_time`] is off, `eventGenTime`.
 //! - `logout` while in a call does nothing and answers `100-010`. `forcelogout` releases the call
 //!   (queuing the release events) and signs out; the queue dies with the session, so nobody can
 //!   poll those events afterwards (a poll waiting at that moment answers `100-006`).
@@ -28,6 +161,9 @@
 //!   the simulator only implements polling. `GET /agentevent/allagentevent` also answers `000-001`.
 //! - `disconnect/{number}`: no call → `200-023`; number is not the caller → `200-204`; otherwise
 //!   the call ends with the same events as `release`.
+//! - Concurrent polls of one agent are all served, each taking its own event (so a client running
+//!   two pollers sees them steal from each other); [`AgentView::max_polls_in_flight`] shows it.
+//!   An agent's queue holds at most 10 000 events, dropping the oldest.
 //! - Missed polls: an agent with no poll answered or in progress for `signout_after` is signed
 //!   out (checked lazily on each request and by the reaper that [`Simulator::serve`] runs).
 //! - Response header names go out lower-case (`set-guid`); HTTP header names are
@@ -54,7 +190,7 @@
 //! - `lose_answer`: the request IS executed as normal (a `release` really hangs up the call and
 //!   queues the release events; a poll really dequeues its event and may rotate the Guid), then
 //!   the answer is thrown away and the client sees exactly what `drop` gives: no status line,
-//!   `send()` fails. This is the reference's hazard: a blind `release` retry after a lost
+//!   `send()` fails. This stages the release hazard above: a blind `release` retry after a lost
 //!   answer can hang up the *next* call (or answer `200-017` when there is none).
 //! - `oversized {bytes}`: HTTP 200, chunked (no `Content-Length`), a lazily generated JSON-ish
 //!   body of exactly `bytes` bytes; the bytes actually pulled by the connection are counted in
@@ -107,7 +243,7 @@ use serde::{Deserialize, Serialize};
 
 use state::Shared;
 
-/// How the gateway authenticates sessions (reference: `AUTHMODE`).
+/// How the gateway authenticates sessions (the gateway's `AUTHMODE` setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMode {
     /// `AUTHMODE=1`: the sign-in Guid stays valid for the whole session.
@@ -117,7 +253,7 @@ pub enum AuthMode {
     Dynamic,
 }
 
-/// Simulator settings; `Default` gives the reference's defaults.
+/// Simulator settings; `Default` gives a real gateway's defaults.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub auth_mode: AuthMode,
@@ -247,7 +383,7 @@ pub struct AgentView {
     /// Polls of the current session being answered right now.
     pub polls_in_flight: u32,
     /// Most polls in flight at once since sign-in; above 1 means the client ran two pollers,
-    /// which the reference says steal each other's events.
+    /// which steal each other's events.
     pub max_polls_in_flight: u32,
 }
 

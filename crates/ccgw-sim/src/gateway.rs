@@ -1,4 +1,5 @@
-//! The gateway routes under `/agentgateway/resource`, answering as the reference describes.
+//! The gateway routes under `/agentgateway/resource`, answering as the crate documentation
+//! describes.
 
 use std::pin::pin;
 use std::sync::Arc;

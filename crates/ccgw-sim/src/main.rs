@@ -1,9 +1,10 @@
 //! `ccgw-sim`: runs the CC-Gateway simulator (gateway routes + `/sim` control API) until
-//! Ctrl-C or SIGTERM. See `ccgw_callcontrol::sim` for the behaviour and the control API.
+//! Ctrl-C or SIGTERM. The library's documentation (`ccgw_sim`) describes the behaviour and the
+//! control API.
 
 use std::time::Duration;
 
-use ccgw_callcontrol::sim::{AuthMode, SimConfig, Simulator};
+use ccgw_sim::{AuthMode, SimConfig, Simulator};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -87,7 +88,22 @@ async fn main() -> std::io::Result<()> {
         .await
 }
 
+/// Resolves on Ctrl-C, or on SIGTERM (what a container runtime sends before killing it).
 async fn shutdown_signal() {
-    ccgw_callcontrol::shutdown_signal().await;
+    #[cfg(unix)]
+    let sigterm = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => drop(sigterm.recv().await),
+            // Without a SIGTERM handler only Ctrl-C stops the simulator.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let sigterm = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = sigterm => {}
+    }
     tracing::info!("ccgw-sim shutting down");
 }

@@ -157,7 +157,7 @@ impl Shared {
             return Err(SimError::Busy(raw.to_owned()));
         }
         let called = session.phonenum.clone();
-        // Field values are strings, as in the reference's examples (feature 0 = inbound call).
+        // Field values are strings, as in Huawei's examples (feature 0 = inbound call).
         let ringing = json!({
             "caller": caller, "called": called, "callid": callid, "type": "main",
             "feature": "0", "mediaType": "5", "mediaAbility": "1",
