@@ -1,7 +1,9 @@
 //! The CC-Gateway REST client, as transport: a request in, its answer and session headers
 //! out; wire types (envelope, retcodes, events, the Guid and cookies as credentials), bounded
 //! answers. Knows nothing of gRPC, nor what an answer means for a session (the sessions room
-//! decides).
+//! decides). "The reference" in this crate's comments is Huawei's public CC-Gateway
+//! agent-interface documentation; the `ccgw-sim` crate's documentation condenses what of it the
+//! facade relies on.
 mod client;
 pub mod event;
 pub mod retcode;
