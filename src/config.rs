@@ -153,7 +153,7 @@ pub struct Config {
     pub stream_send_timeout_secs: u64,
 
     /// How long in-flight calls may finish after SIGTERM, in seconds (event streams use up to
-    /// 2 s of it to deliver their pollers' last answers and their resume tokens).
+    /// 2 s of it to deliver their poll loops' last answers and their resume tokens).
     #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub drain_timeout_secs: u64,

@@ -2,7 +2,7 @@
 //! that knows gRPC.
 pub mod request;
 pub mod status;
-mod watch;
+mod stream;
 
 use std::time::Duration;
 
@@ -144,7 +144,7 @@ impl CallControl for CallControlApi {
         let (release_event, confirmation) = match confirmation {
             Confirmation::NotAsked => (None, proto::ReleaseConfirmation::Unspecified),
             Confirmation::Confirmed(event) => (
-                Some(watch::event_to_proto(&event)),
+                Some(stream::event_to_proto(&event)),
                 proto::ReleaseConfirmation::Confirmed,
             ),
             Confirmation::NotObserved => (None, proto::ReleaseConfirmation::NotObserved),
@@ -165,7 +165,7 @@ impl CallControl for CallControlApi {
         }))
     }
 
-    type WatchReleaseEventsStream = watch::EventStream;
+    type WatchReleaseEventsStream = stream::EventStream;
 
     async fn watch_release_events(
         &self,
@@ -196,7 +196,7 @@ impl CallControl for CallControlApi {
         };
         let (valid, handover) = both_valid("WatchReleaseEvents", valid, handover, &ctx)?;
         let handover = single_agent.zip(handover);
-        let watch = self
+        let watcher = self
             .events
             .subscribe(&valid.agents, valid.from, valid.kinds, handover)
             .map_err(|error| {
@@ -204,8 +204,8 @@ impl CallControl for CallControlApi {
                 status::subscribe_failure(&error, &ctx)
             })?;
         tracing::info!(request_id = %request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
-        Ok(Response::new(watch::into_stream(
-            watch,
+        Ok(Response::new(stream::into_stream(
+            watcher,
             request_id,
             self.settings.stream_send_timeout,
         )))

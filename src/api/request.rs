@@ -60,7 +60,7 @@ pub fn release_request(
     }
 }
 
-pub struct ValidWatch {
+pub struct ValidWatchRequest {
     pub agents: Vec<AgentId>,
     pub from: Option<ResumeToken>,
     pub kinds: KindFilter,
@@ -71,7 +71,7 @@ pub fn watch_request(
     request: &proto::WatchReleaseEventsRequest,
     max_agent_id: u32,
     max_agents: usize,
-) -> Result<ValidWatch, Vec<FieldViolation>> {
+) -> Result<ValidWatchRequest, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     if request.agent_ids.is_empty() {
         violations.push(FieldViolation::new(
@@ -126,7 +126,7 @@ pub fn watch_request(
         }
     }
     if violations.is_empty() {
-        Ok(ValidWatch {
+        Ok(ValidWatchRequest {
             agents,
             from,
             kinds: KindFilter::new(kinds),

@@ -10,7 +10,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     domain::{AgentId, FieldViolation},
-    events::{SessionEnding, SubscribeError, WatchEnd},
+    events::{SessionEnding, SubscribeError, WatcherEnd},
     gateway::{GatewayError, KnownRetcode, Retcode},
     release::ReleaseError,
 };
@@ -356,7 +356,7 @@ fn failure(
     Status::with_error_details(rule.code, message, details)
 }
 
-/// A WatchReleaseEvents (or wait_for_release_event) subscription that could not start.
+/// A watcher (of a WatchReleaseEvents stream, or a wait_for_release_event) that could not start.
 pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let condition = match error {
@@ -382,22 +382,22 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
     failure(&rule, &error.to_string(), metadata, ctx)
 }
 
-/// How a watch stream ends (all but a client's cancel). Metadata `resume_token` says where to
+/// How a watcher's stream ends (all but a client's cancel). Metadata `resume_token` says where to
 /// continue.
-pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
+pub fn watcher_end(end: &WatcherEnd, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let (rule, detail, resume) = match end {
-        WatchEnd::TooSlow { resume } => (
+        WatcherEnd::TooSlow { resume } => (
             condition_rule(Condition::WatcherTooSlow),
             String::new(),
             resume,
         ),
-        WatchEnd::ShuttingDown { resume } => (
+        WatcherEnd::ShuttingDown { resume } => (
             condition_rule(Condition::ShuttingDown),
             String::new(),
             resume,
         ),
-        WatchEnd::SessionEnded {
+        WatcherEnd::SessionEnded {
             agent,
             ending,
             resume,

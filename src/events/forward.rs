@@ -13,7 +13,7 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use super::{ReleaseEvent, Watch, WatchEnd, WatchItem};
+use super::{ReleaseEvent, Watcher, WatcherEnd, WatcherItem};
 
 /// What a forwarded watcher yields: its items, then how it ended, then nothing.
 #[derive(Debug)]
@@ -26,22 +26,22 @@ pub struct Forwarded {
 #[derive(Debug)]
 enum Slot {
     Event(Arc<ReleaseEvent>),
-    Other(Box<Result<WatchItem, WatchEnd>>),
+    Other(Box<Result<WatcherItem, WatcherEnd>>),
 }
 
-impl From<Result<WatchItem, WatchEnd>> for Slot {
-    fn from(item: Result<WatchItem, WatchEnd>) -> Self {
+impl From<Result<WatcherItem, WatcherEnd>> for Slot {
+    fn from(item: Result<WatcherItem, WatcherEnd>) -> Self {
         match item {
-            Ok(WatchItem::Event(event)) => Self::Event(event),
+            Ok(WatcherItem::Event(event)) => Self::Event(event),
             other => Self::Other(Box::new(other)),
         }
     }
 }
 
 impl Slot {
-    fn into_item(self) -> Result<WatchItem, WatchEnd> {
+    fn into_item(self) -> Result<WatcherItem, WatcherEnd> {
         match self {
-            Self::Event(event) => Ok(WatchItem::Event(event)),
+            Self::Event(event) => Ok(WatcherItem::Event(event)),
             Self::Other(item) => *item,
         }
     }
@@ -49,12 +49,12 @@ impl Slot {
 
 impl Forwarded {
     /// The next item; `Some(Err(_))` once, then `None`.
-    pub async fn recv(&mut self) -> Option<Result<WatchItem, WatchEnd>> {
+    pub async fn recv(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
         self.queue.recv().await.map(Slot::into_item)
     }
 }
 
-impl Watch {
+impl Watcher {
     /// Reads the watcher in a task of its own (in the caller's span) that queues up to `queue`
     /// items for the returned reader. When an item cannot be queued within `send_timeout` (the
     /// reader stopped reading), the task drops the watcher at once, which frees its permit and
@@ -75,16 +75,16 @@ impl Watch {
 }
 
 async fn forward(
-    mut watch: Watch,
+    mut watcher: Watcher,
     sender: mpsc::Sender<Slot>,
     end_slot: OwnedPermit<Slot>,
     queue: usize,
     send_timeout: Duration,
 ) {
-    let shutdown = watch.shutdown_signal();
+    let shutdown = watcher.shutdown_signal();
     // Where the reader stands once it has read everything queued. An item taken from the
     // watcher but not queued is not in it: the watcher's own position is already past it.
-    let mut queued_up_to = watch.position();
+    let mut queued_up_to = watcher.position();
     // Once shutdown began, all sends share one deadline: a reader that keeps reading still gets
     // everything the watcher received, but one that trickles cannot keep the task alive item by
     // item.
@@ -93,7 +93,7 @@ async fn forward(
         let next = tokio::select! {
             biased;
             () = sender.closed() => return,
-            next = watch.next() => next,
+            next = watcher.next() => next,
         };
         let item = match next.expect("next() is not called after the end") {
             Ok(item) => item,
@@ -104,11 +104,11 @@ async fn forward(
             deadline = deadline.min(*shutdown_deadline.get_or_insert(deadline));
         }
         match tokio::time::timeout_at(deadline, enqueue(&sender, item, queue)).await {
-            Ok(Ok(())) => queued_up_to = watch.position(),
+            Ok(Ok(())) => queued_up_to = watcher.position(),
             // The reader is gone.
             Ok(Err(_)) => return,
             Err(_) if shutdown.is_cancelled() => {
-                break WatchEnd::ShuttingDown {
+                break WatcherEnd::ShuttingDown {
                     resume: queued_up_to,
                 }
             }
@@ -117,14 +117,14 @@ async fn forward(
                     ?send_timeout,
                     "the reader took nothing for the send timeout; cutting the watcher off"
                 );
-                break WatchEnd::TooSlow {
+                break WatcherEnd::TooSlow {
                     resume: queued_up_to,
                 };
             }
         }
     };
     // Before the reader can see the end, so that whoever sees it finds the permit back.
-    drop(watch);
+    drop(watcher);
     tracing::info!(?end, "watcher ended");
     end_slot.send(Err(end).into());
 }
@@ -135,10 +135,10 @@ async fn forward(
 /// filled the whole queue.
 async fn enqueue(
     sender: &mpsc::Sender<Slot>,
-    item: WatchItem,
+    item: WatcherItem,
     queue: usize,
 ) -> Result<(), mpsc::error::SendError<()>> {
-    if matches!(item, WatchItem::Heartbeat { .. }) {
+    if matches!(item, WatcherItem::Heartbeat { .. }) {
         let mut room = sender.reserve_many(queue).await?;
         room.next().expect("room for one").send(Ok(item).into());
         return Ok(());

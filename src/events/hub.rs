@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     poll::PollLoop,
-    watch::{Gap, GapCause, SessionEnding, Source, Subscription, Watch},
+    watcher::{Gap, GapCause, Membership, SessionEnding, Watcher, WatcherStart},
     EventSettings, KindFilter, ReleaseEvent, ReleaseKind, ReplayRing, ResumeToken,
 };
 use crate::{
@@ -102,10 +102,10 @@ pub(super) struct Hub {
     /// watcher receives events in sequence order and its replay ends where its live part
     /// begins. Taken before `feeds` and before any feed's state.
     publish: Mutex<()>,
-    feeds: Mutex<Feeds>,
+    feeds: Mutex<FeedRegistry>,
     watchers: Permits,
     release_waiters: Permits,
-    next_watch_id: AtomicU64,
+    next_watcher_id: AtomicU64,
     /// The events room's part of the shutdown.
     pub shutdown: CancellationToken,
     /// Every task the room spawns (poll loops, stream forwarders).
@@ -143,7 +143,7 @@ impl Permits {
 }
 
 #[derive(Debug, Default)]
-struct Feeds {
+struct FeedRegistry {
     live: HashMap<AgentId, Arc<Feed>>,
     /// The highest sequence each retired feed had seen: a token from before it missed
     /// something. Eight bytes per agent ever watched, bounded by the agent id range.
@@ -161,7 +161,7 @@ pub(super) struct Feed {
 #[derive(Debug)]
 struct FeedState {
     ring: ReplayRing,
-    subscribers: Vec<Subscriber>,
+    members: Vec<Member>,
     /// When the last watcher left; meaningful while there is none.
     idle_since: Instant,
     /// The gateway refused the session; polling waits for a watcher with a new one.
@@ -170,16 +170,18 @@ struct FeedState {
     poll_failing: bool,
 }
 
+/// A watcher's [`Membership`] as the feed sees it: where to deliver, and the flag that cuts the
+/// watcher off when it falls behind.
 #[derive(Debug)]
-struct Subscriber {
-    watch_id: u64,
+struct Member {
+    watcher_id: u64,
     sender: mpsc::Sender<FeedItem>,
     overflowed: Arc<AtomicBool>,
 }
 
 /// Pointer-sized payloads keep every watcher's channel small: tokio allocates its slots in
 /// blocks of 32, so the item's size is paid 32 times per watcher (measured: 2.3 KiB per
-/// subscription with the ending inline, see BENCHMARKS.md).
+/// watcher with the ending inline, see BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub(super) enum FeedItem {
     Event(Arc<ReleaseEvent>),
@@ -209,7 +211,7 @@ impl EventHub {
                     settings.max_release_waiters,
                     "ReleaseCalls are waiting for their release event",
                 ),
-                next_watch_id: AtomicU64::new(0),
+                next_watcher_id: AtomicU64::new(0),
                 shutdown: lifecycle.shutdown().child_token(),
                 tasks: lifecycle.tasks().clone(),
                 poll_loops: TaskTracker::new(),
@@ -233,7 +235,7 @@ impl EventHub {
         from: Option<ResumeToken>,
         kinds: KindFilter,
         handover: Option<(AgentId, Session)>,
-    ) -> Result<Watch, SubscribeError> {
+    ) -> Result<Watcher, SubscribeError> {
         self.subscribe_with(&self.hub.watchers, agents, from, kinds, handover)
     }
 
@@ -244,7 +246,7 @@ impl EventHub {
         &self,
         agent: AgentId,
         kinds: KindFilter,
-    ) -> Result<Watch, SubscribeError> {
+    ) -> Result<Watcher, SubscribeError> {
         self.subscribe_with(&self.hub.release_waiters, &[agent], None, kinds, None)
     }
 
@@ -255,7 +257,7 @@ impl EventHub {
         from: Option<ResumeToken>,
         kinds: KindFilter,
         handover: Option<(AgentId, Session)>,
-    ) -> Result<Watch, SubscribeError> {
+    ) -> Result<Watcher, SubscribeError> {
         let hub = &self.hub;
         if hub.shutdown.is_cancelled() {
             return Err(SubscribeError::ShuttingDown);
@@ -278,7 +280,7 @@ impl EventHub {
         if !missing.is_empty() {
             return Err(SubscribeError::NoSession(missing));
         }
-        let watch_id = hub.next_watch_id.fetch_add(1, Ordering::Relaxed);
+        let watcher_id = hub.next_watcher_id.fetch_add(1, Ordering::Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         let (sender, receiver) = mpsc::channel(hub.settings.watcher_buffer.max(1));
 
@@ -298,7 +300,7 @@ impl EventHub {
         let now = Instant::now();
         let mut replay = Vec::new();
         let mut evicted = Vec::new();
-        let mut sources = Vec::with_capacity(agents.len());
+        let mut memberships = Vec::with_capacity(agents.len());
         let mut feeds = lock(&hub.feeds);
         for &agent in agents {
             let feed = feeds.feed(hub, agent);
@@ -314,15 +316,15 @@ impl EventHub {
                     .filter(|e| kinds.accepts(e))
                     .cloned(),
             );
-            state.subscribers.push(Subscriber {
-                watch_id,
+            state.members.push(Member {
+                watcher_id,
                 sender: sender.clone(),
                 overflowed: overflowed.clone(),
             });
             state.session_lost = false;
             drop(state);
             feed.changed.notify_one();
-            sources.push(Source::new(feed, watch_id));
+            memberships.push(Membership::new(feed, watcher_id));
         }
         drop(feeds);
         if gap.is_none() && from.is_some() && !evicted.is_empty() {
@@ -332,12 +334,12 @@ impl EventHub {
             });
         }
         replay.sort_by_key(|e| e.token.sequence);
-        Ok(Watch::new(Subscription {
+        Ok(Watcher::new(WatcherStart {
             position: ResumeToken {
                 epoch: hub.epoch,
                 sequence: position,
             },
-            sources,
+            memberships,
             live: receiver,
             overflowed,
             replay,
@@ -372,7 +374,7 @@ impl EventHub {
     /// watcher the feed cut off for falling behind is not counted, even before it is dropped.
     pub fn watchers_of(&self, agent: AgentId) -> usize {
         let feed = lock(&self.hub.feeds).live.get(&agent).cloned();
-        feed.map_or(0, |feed| lock(&feed.state).subscribers.len())
+        feed.map_or(0, |feed| lock(&feed.state).members.len())
     }
 
     /// Agents being polled right now: watched, or in their grace period.
@@ -400,7 +402,7 @@ impl EventHub {
     }
 }
 
-impl Feeds {
+impl FeedRegistry {
     /// The agent's feed, created (with its poll loop) when missing.
     fn feed(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
         if let Some(feed) = self.live.get(&agent) {
@@ -411,7 +413,7 @@ impl Feeds {
             agent,
             state: Mutex::new(FeedState {
                 ring: ReplayRing::new(hub.settings.replay_events, hub.settings.replay_age, floor),
-                subscribers: Vec::new(),
+                members: Vec::new(),
                 idle_since: Instant::now(),
                 session_lost: false,
                 poll_failing: false,
@@ -427,8 +429,7 @@ impl Feeds {
 
 impl FeedState {
     fn wants_polling(&self, settings: &EventSettings, now: Instant) -> bool {
-        !self.session_lost
-            && (!self.subscribers.is_empty() || now < self.idle_since + settings.grace)
+        !self.session_lost && (!self.members.is_empty() || now < self.idle_since + settings.grace)
     }
 }
 
@@ -442,11 +443,11 @@ impl Feed {
     }
 
     /// A watcher leaves: from now on it gets nothing from this agent.
-    pub(super) fn leave(&self, watch_id: u64) {
+    pub(super) fn leave(&self, watcher_id: u64) {
         let mut state = lock(&self.state);
-        let before = state.subscribers.len();
-        state.subscribers.retain(|s| s.watch_id != watch_id);
-        if before > 0 && state.subscribers.is_empty() {
+        let before = state.members.len();
+        state.members.retain(|s| s.watcher_id != watcher_id);
+        if before > 0 && state.members.is_empty() {
             state.idle_since = Instant::now();
         }
         drop(state);
@@ -466,7 +467,7 @@ impl Hub {
         if state.wants_polling(&self.settings, now) {
             return Step::Poll;
         }
-        if !state.subscribers.is_empty() {
+        if !state.members.is_empty() {
             // Watchers of a lost session: they are being told and will leave.
             return Step::Wait(None);
         }
@@ -553,8 +554,8 @@ impl FeedState {
     /// Hands `item` to every watcher without waiting: a watcher whose buffer is full is cut off
     /// (it learns so and ends), and nobody else is held up.
     fn deliver(&mut self, item: &FeedItem) {
-        let before = self.subscribers.len();
-        self.subscribers.retain(|s| {
+        let before = self.members.len();
+        self.members.retain(|s| {
             if s.overflowed.load(Ordering::Relaxed) {
                 return false;
             }
@@ -568,7 +569,7 @@ impl FeedState {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
-        if before > 0 && self.subscribers.is_empty() {
+        if before > 0 && self.members.is_empty() {
             self.idle_since = Instant::now();
         }
     }
@@ -584,7 +585,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::CallId,
-        events::{Forwarded, WatchEnd, WatchItem},
+        events::{Forwarded, WatcherEnd, WatcherItem},
         gateway::{GatewayClient, GatewaySettings, Guid},
         sessions::SessionRegistry,
     };
@@ -631,9 +632,9 @@ mod tests {
         true
     }
 
-    /// Everything the watch has ready now, without waiting.
-    fn ready(watch: &mut Watch) -> Vec<Result<WatchItem, WatchEnd>> {
-        std::iter::from_fn(|| watch.next().now_or_never().flatten()).collect()
+    /// Everything the watcher has ready now, without waiting.
+    fn ready(watcher: &mut Watcher) -> Vec<Result<WatcherItem, WatcherEnd>> {
+        std::iter::from_fn(|| watcher.next().now_or_never().flatten()).collect()
     }
 
     #[derive(Debug, Clone)]
@@ -641,7 +642,7 @@ mod tests {
         /// An event of agent n (a feed exists only while someone watched it).
         Publish(u32),
         /// A watcher of the agents in the mask, resuming where watcher n stands, if any.
-        Watch(u8, Option<usize>),
+        Watcher(u8, Option<usize>),
         /// Watcher n reads what is ready.
         Read(usize),
         /// Watcher n goes away.
@@ -651,14 +652,14 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             3 => (0u32..3).prop_map(Op::Publish),
-            1 => (1u8..8, proptest::option::of(0usize..6)).prop_map(|(m, r)| Op::Watch(m, r)),
+            1 => (1u8..8, proptest::option::of(0usize..6)).prop_map(|(m, r)| Op::Watcher(m, r)),
             2 => (0usize..6).prop_map(Op::Read),
             1 => (0usize..6).prop_map(Op::Drop),
         ]
     }
 
-    struct Watcher {
-        watch: Option<Watch>,
+    struct Tracked {
+        watcher: Option<Watcher>,
         agents: Vec<AgentId>,
         /// What it should have delivered: everything of its agents after its start.
         start: u64,
@@ -678,7 +679,7 @@ mod tests {
                 let hub = hub(EventSettings { replay_events: 1000, watcher_buffer: 1000, ..EventSettings::default() });
                 for n in 0..3 { sign_in(&hub, agent(n)); }
                 let mut published: Vec<(u64, AgentId)> = Vec::new();
-                let mut watchers: Vec<Watcher> = Vec::new();
+                let mut watchers: Vec<Tracked> = Vec::new();
                 for op in ops {
                     match op {
                         Op::Publish(n) => {
@@ -686,22 +687,22 @@ mod tests {
                                 published.push((hub.hub.sequence.load(Ordering::SeqCst), agent(n)));
                             }
                         }
-                        Op::Watch(mask, resume) => {
+                        Op::Watcher(mask, resume) => {
                             let agents: Vec<AgentId> = (0..3).filter(|n| mask & (1 << n) != 0).map(agent).collect();
                             let from = resume
                                 .and_then(|i| watchers.get(i))
-                                .and_then(|w| w.watch.as_ref())
-                                .map(Watch::position);
-                            let watch = hub.subscribe(&agents, from, KindFilter::default(), None).unwrap();
-                            let start = watch.position().sequence;
-                            watchers.push(Watcher { watch: Some(watch), agents, start, delivered: Vec::new() });
+                                .and_then(|w| w.watcher.as_ref())
+                                .map(Watcher::position);
+                            let watcher = hub.subscribe(&agents, from, KindFilter::default(), None).unwrap();
+                            let start = watcher.position().sequence;
+                            watchers.push(Tracked { watcher: Some(watcher), agents, start, delivered: Vec::new() });
                         }
                         Op::Read(i) => {
                             let Some(w) = watchers.get_mut(i) else { continue };
-                            let Some(watch) = w.watch.as_mut() else { continue };
-                            for item in ready(watch) {
+                            let Some(watcher) = w.watcher.as_mut() else { continue };
+                            for item in ready(watcher) {
                                 match item {
-                                    Ok(WatchItem::Event(e)) => w.delivered.push(e.token.sequence),
+                                    Ok(WatcherItem::Event(e)) => w.delivered.push(e.token.sequence),
                                     other => prop_assert!(false, "unexpected {other:?}"),
                                 }
                             }
@@ -713,11 +714,11 @@ mod tests {
                             prop_assert_eq!(&w.delivered, &expected);
                         }
                         Op::Drop(i) => {
-                            if let Some(w) = watchers.get_mut(i) { w.watch = None; }
+                            if let Some(w) = watchers.get_mut(i) { w.watcher = None; }
                         }
                     }
                 }
-                prop_assert_eq!(hub.watchers(), watchers.iter().filter(|w| w.watch.is_some()).count());
+                prop_assert_eq!(hub.watchers(), watchers.iter().filter(|w| w.watcher.is_some()).count());
                 Ok(())
             })?;
         }
@@ -744,7 +745,7 @@ mod tests {
     async fn a_dropped_field_is_counted_and_logged_without_its_value() {
         let hub = hub(EventSettings::default());
         sign_in(&hub, agent(0));
-        let mut watch = hub
+        let mut watcher = hub
             .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
         let feed = lock(&hub.hub.feeds).live[&agent(0)].clone();
@@ -764,8 +765,8 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || hub.hub.observe(&feed, polled));
 
-        let delivered = ready(&mut watch);
-        let [Ok(WatchItem::Event(event))] = &delivered[..] else {
+        let delivered = ready(&mut watcher);
+        let [Ok(WatcherItem::Event(event))] = &delivered[..] else {
             panic!("{delivered:?}");
         };
         assert_eq!(event.kind, ReleaseKind::CustomerRelease);
@@ -800,7 +801,10 @@ mod tests {
             .unwrap();
         assert!(publish(&hub, agent(0)));
         let first = ready(&mut slow);
-        assert!(matches!(&first[..], [Ok(WatchItem::Event(_))]), "{first:?}");
+        assert!(
+            matches!(&first[..], [Ok(WatcherItem::Event(_))]),
+            "{first:?}"
+        );
         let mut fast_seen = ready(&mut fast).len();
         for _ in 0..5 {
             assert!(publish(&hub, agent(0)));
@@ -810,14 +814,14 @@ mod tests {
         let end = ready(&mut slow);
         assert_eq!(
             end,
-            [Err(WatchEnd::TooSlow {
+            [Err(WatcherEnd::TooSlow {
                 resume: token(&hub, 1)
             })]
         );
         assert_eq!(
             hub.watchers(),
             2,
-            "the ended watch still holds its permit until dropped"
+            "the ended watcher still holds its permit until dropped"
         );
         drop(slow);
         assert_eq!(hub.watchers(), 1);
@@ -831,18 +835,18 @@ mod tests {
     }
 
     /// Sequence numbers of events, `None` for anything else.
-    fn sequences(items: &[Result<WatchItem, WatchEnd>]) -> Vec<Option<u64>> {
+    fn sequences(items: &[Result<WatcherItem, WatcherEnd>]) -> Vec<Option<u64>> {
         items
             .iter()
             .map(|item| match item {
-                Ok(WatchItem::Event(event)) => Some(event.token.sequence),
+                Ok(WatcherItem::Event(event)) => Some(event.token.sequence),
                 _ => None,
             })
             .collect()
     }
 
     /// Everything a forwarded watcher yields until it ends (paused clock: a hang fails at once).
-    async fn read_to_end(reader: &mut Forwarded) -> Vec<Result<WatchItem, WatchEnd>> {
+    async fn read_to_end(reader: &mut Forwarded) -> Vec<Result<WatcherItem, WatcherEnd>> {
         let mut items = Vec::new();
         tokio::time::timeout(Duration::from_secs(600), async {
             while let Some(item) = reader.recv().await {
@@ -868,10 +872,10 @@ mod tests {
     async fn a_forwarded_watcher_whose_reader_takes_nothing_is_cut_off_at_the_send_timeout() {
         let hub = hub(EventSettings::default());
         sign_in(&hub, agent(0));
-        let watch = hub
+        let watcher = hub
             .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
-        let mut reader = watch.forward(2, Duration::from_secs(5));
+        let mut reader = watcher.forward(2, Duration::from_secs(5));
         for _ in 0..4 {
             assert!(publish(&hub, agent(0)));
         }
@@ -885,7 +889,7 @@ mod tests {
         assert_eq!(sequences(&items), [Some(1), Some(2), None]);
         assert_eq!(
             items[2],
-            Err(WatchEnd::TooSlow {
+            Err(WatcherEnd::TooSlow {
                 resume: token(&hub, 2)
             })
         );
@@ -910,10 +914,10 @@ mod tests {
             ..EventSettings::default()
         });
         sign_in(&hub, agent(0));
-        let watch = hub
+        let watcher = hub
             .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
-        let mut reader = watch.forward(16, Duration::from_secs(30));
+        let mut reader = watcher.forward(16, Duration::from_secs(30));
         // Heartbeats at 15 s (queued) and 30 s (waits for the reader until 60 s).
         tokio::time::sleep(Duration::from_secs(59)).await;
         assert_eq!(hub.watchers(), 1);
@@ -921,11 +925,11 @@ mod tests {
         assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (0, 0));
         let items = read_to_end(&mut reader).await;
         assert!(
-            matches!(items[0], Ok(WatchItem::Heartbeat { .. })),
+            matches!(items[0], Ok(WatcherItem::Heartbeat { .. })),
             "{items:?}"
         );
         assert!(
-            matches!(items[1], Err(WatchEnd::TooSlow { .. })),
+            matches!(items[1], Err(WatcherEnd::TooSlow { .. })),
             "{items:?}"
         );
     }
@@ -939,10 +943,10 @@ mod tests {
             ..EventSettings::default()
         });
         sign_in(&hub, agent(0));
-        let watch = hub
+        let watcher = hub
             .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
-        let mut reader = watch.forward(1, Duration::from_secs(5));
+        let mut reader = watcher.forward(1, Duration::from_secs(5));
         for _ in 0..3 {
             assert!(publish(&hub, agent(0)));
         }
@@ -953,7 +957,7 @@ mod tests {
         }
         let heartbeat = reader.recv().await.unwrap();
         assert!(
-            matches!(heartbeat, Ok(WatchItem::Heartbeat { position, .. }) if position == token(&hub, 3)),
+            matches!(heartbeat, Ok(WatcherItem::Heartbeat { position, .. }) if position == token(&hub, 3)),
             "{heartbeat:?}"
         );
         assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (1, 1));
@@ -1008,7 +1012,7 @@ mod tests {
         assert_eq!(sequences(&items), [Some(1), Some(2), Some(3), None]);
         assert_eq!(
             items[3],
-            Err(WatchEnd::ShuttingDown {
+            Err(WatcherEnd::ShuttingDown {
                 resume: token(&hub, 3)
             })
         );
@@ -1019,7 +1023,7 @@ mod tests {
         assert_eq!(sequences(&items), [Some(1), None]);
         assert_eq!(
             items[1],
-            Err(WatchEnd::ShuttingDown {
+            Err(WatcherEnd::ShuttingDown {
                 resume: token(&hub, 1)
             })
         );
@@ -1054,7 +1058,7 @@ mod tests {
         assert_eq!(sequences(&items), [Some(1), Some(2), Some(3), None]);
         assert_eq!(
             items[3],
-            Err(WatchEnd::ShuttingDown {
+            Err(WatcherEnd::ShuttingDown {
                 resume: token(&hub, 3)
             })
         );

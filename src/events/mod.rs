@@ -1,5 +1,5 @@
 //! Release events: one long-poll loop per watched agent ([`PollLoop`]), fanned out to any
-//! number of watchers ([`EventHub`], [`Watch`]), with a bounded replay ring per agent and resume
+//! number of watchers ([`EventHub`], [`Watcher`]), with a bounded replay ring per agent and resume
 //! tokens. Knows nothing of gRPC.
 //!
 //! Ordering: every release event gets the next number of one per-process sequence, and events
@@ -11,7 +11,7 @@ mod hub;
 mod poll;
 mod ring;
 mod token;
-mod watch;
+mod watcher;
 
 use std::{time::Duration, time::SystemTime};
 
@@ -20,7 +20,7 @@ pub use hub::{EventHub, EventStats, SubscribeError, WatcherLimit};
 pub use poll::PollLoop;
 pub use ring::ReplayRing;
 pub use token::ResumeToken;
-pub use watch::{Gap, GapCause, SessionEnding, Watch, WatchEnd, WatchItem};
+pub use watcher::{Gap, GapCause, SessionEnding, Watcher, WatcherEnd, WatcherItem};
 
 use crate::domain::{AgentId, CallId};
 

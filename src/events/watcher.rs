@@ -22,7 +22,7 @@ use super::{
 use crate::{domain::AgentId, gateway::Retcode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatchItem {
+pub enum WatcherItem {
     Event(Arc<ReleaseEvent>),
     /// Nothing was sent for the heartbeat interval: where the watcher stands, and which of its
     /// agents cannot be polled right now (the gateway fails; the loop keeps retrying).
@@ -41,7 +41,7 @@ pub enum WatchItem {
 
 /// How a watcher ends; each carries the token to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatchEnd {
+pub enum WatcherEnd {
     /// The watcher fell more than its buffer behind, or (forwarded) its reader took nothing
     /// for the send timeout.
     TooSlow {
@@ -111,30 +111,31 @@ impl SessionEnding {
     }
 }
 
-/// A watcher's membership in one agent's feed; leaving is automatic on drop.
+/// A watcher's membership in one agent's feed, as the watcher holds it (the feed holds the
+/// other side, its `Member`); dropping it leaves the feed.
 #[derive(Debug)]
-pub(super) struct Source {
+pub(super) struct Membership {
     feed: Arc<Feed>,
-    watch_id: u64,
+    watcher_id: u64,
 }
 
-impl Source {
-    pub fn new(feed: Arc<Feed>, watch_id: u64) -> Self {
-        Self { feed, watch_id }
+impl Membership {
+    pub fn new(feed: Arc<Feed>, watcher_id: u64) -> Self {
+        Self { feed, watcher_id }
     }
 }
 
-impl Drop for Source {
+impl Drop for Membership {
     fn drop(&mut self) {
-        self.feed.leave(self.watch_id);
+        self.feed.leave(self.watcher_id);
     }
 }
 
 /// Yields replayed events, then live ones, until it ends. Dropping it frees everything at once.
 #[derive(Debug)]
-pub struct Watch {
+pub struct Watcher {
     position: ResumeToken,
-    sources: Vec<Source>,
+    memberships: Vec<Membership>,
     live: mpsc::Receiver<FeedItem>,
     overflowed: Arc<AtomicBool>,
     replay: VecDeque<Arc<ReleaseEvent>>,
@@ -156,16 +157,17 @@ pub struct Watch {
     _permit: OwnedSemaphorePermit,
 }
 
-/// What a new watcher starts from; the hub fills it in while it holds the publish lock.
-pub(super) struct Subscription {
+/// What a new watcher starts from (its start); the hub fills it in while it holds the publish
+/// lock.
+pub(super) struct WatcherStart {
     /// The resume token's position (or "now").
     pub position: ResumeToken,
-    pub sources: Vec<Source>,
+    pub memberships: Vec<Membership>,
     pub live: mpsc::Receiver<FeedItem>,
     pub overflowed: Arc<AtomicBool>,
     /// Kept events after `position`, in sequence order.
     pub replay: Vec<Arc<ReleaseEvent>>,
-    /// The last sequence number handed out at subscription.
+    /// The last sequence number handed out when the watcher subscribed.
     pub replay_end: u64,
     pub gap: Option<Gap>,
     pub kinds: KindFilter,
@@ -176,15 +178,15 @@ pub(super) struct Subscription {
     pub permit: OwnedSemaphorePermit,
 }
 
-impl Watch {
-    pub(super) fn new(start: Subscription) -> Self {
+impl Watcher {
+    pub(super) fn new(start: WatcherStart) -> Self {
         let mut position = start.position;
         if start.replay.is_empty() {
             position.sequence = position.sequence.max(start.replay_end);
         }
         Self {
             position,
-            sources: start.sources,
+            memberships: start.memberships,
             live: start.live,
             overflowed: start.overflowed,
             replay: start.replay.into(),
@@ -217,7 +219,7 @@ impl Watch {
     }
 
     /// The next item; `Some(Err(_))` once, then `None`.
-    pub async fn next(&mut self) -> Option<Result<WatchItem, WatchEnd>> {
+    pub async fn next(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
         if self.ended {
             return None;
         }
@@ -227,7 +229,7 @@ impl Watch {
             Err(_) => {
                 self.ended = true;
                 // Leave the feeds now, not when the stream object is dropped.
-                self.sources.clear();
+                self.memberships.clear();
             }
         }
         Some(item)
@@ -239,11 +241,13 @@ impl Watch {
         &mut self,
         wanted: impl Fn(&ReleaseEvent) -> bool,
         deadline: Instant,
-    ) -> Result<Option<Arc<ReleaseEvent>>, WatchEnd> {
+    ) -> Result<Option<Arc<ReleaseEvent>>, WatcherEnd> {
         loop {
             match tokio::time::timeout_at(deadline, self.next()).await {
                 Err(_) => return Ok(None),
-                Ok(Some(Ok(WatchItem::Event(event)))) if wanted(&event) => return Ok(Some(event)),
+                Ok(Some(Ok(WatcherItem::Event(event)))) if wanted(&event) => {
+                    return Ok(Some(event))
+                }
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(end))) => return Err(end),
                 Ok(None) => unreachable!("next() is not called after the end"),
@@ -251,9 +255,9 @@ impl Watch {
         }
     }
 
-    async fn next_item(&mut self) -> Result<WatchItem, WatchEnd> {
+    async fn next_item(&mut self) -> Result<WatcherItem, WatcherEnd> {
         if let Some(gap) = self.gap.take() {
-            return Ok(WatchItem::Gap(gap));
+            return Ok(WatcherItem::Gap(gap));
         }
         if let Some(event) = self.replay.pop_front() {
             self.position.sequence = if self.replay.is_empty() {
@@ -261,11 +265,11 @@ impl Watch {
             } else {
                 event.token.sequence
             };
-            return Ok(WatchItem::Event(event));
+            return Ok(WatcherItem::Event(event));
         }
         loop {
             if self.overflowed.load(Ordering::Relaxed) {
-                return Err(WatchEnd::TooSlow {
+                return Err(WatcherEnd::TooSlow {
                     resume: self.position,
                 });
             }
@@ -273,7 +277,7 @@ impl Watch {
                 match self.live.try_recv() {
                     Ok(item) => item,
                     Err(_) => {
-                        return Err(WatchEnd::ShuttingDown {
+                        return Err(WatcherEnd::ShuttingDown {
                             resume: self.position,
                         })
                     }
@@ -290,7 +294,7 @@ impl Watch {
                     Woke::Item(Some(item)) => item,
                     // Every feed dropped this watcher: only an overflow does that.
                     Woke::Item(None) => {
-                        return Err(WatchEnd::TooSlow {
+                        return Err(WatcherEnd::TooSlow {
                             resume: self.position,
                         })
                     }
@@ -305,10 +309,10 @@ impl Watch {
                         continue;
                     }
                     Woke::HeartbeatDue => {
-                        return Ok(WatchItem::Heartbeat {
+                        return Ok(WatcherItem::Heartbeat {
                             position: self.position,
                             failing: self
-                                .sources
+                                .memberships
                                 .iter()
                                 .filter(|s| s.feed.is_failing())
                                 .map(|s| s.feed.agent)
@@ -321,20 +325,20 @@ impl Watch {
                 FeedItem::Event(event) => {
                     self.position.sequence = self.position.sequence.max(event.token.sequence);
                     if self.kinds.accepts(&event) {
-                        return Ok(WatchItem::Event(event));
+                        return Ok(WatcherItem::Event(event));
                     }
                 }
                 FeedItem::SessionEnded(ended) => {
                     let (agent, ending) = (ended.0, ended.1.clone());
-                    self.sources.retain(|s| s.feed.agent != agent);
-                    if self.sources.is_empty() {
-                        return Err(WatchEnd::SessionEnded {
+                    self.memberships.retain(|s| s.feed.agent != agent);
+                    if self.memberships.is_empty() {
+                        return Err(WatcherEnd::SessionEnded {
                             agent,
                             ending,
                             resume: self.position,
                         });
                     }
-                    return Ok(WatchItem::SessionEnded { agent, ending });
+                    return Ok(WatcherItem::SessionEnded { agent, ending });
                 }
             }
         }
