@@ -148,3 +148,234 @@ async fn enqueue(
         .await
         .map_err(|_| mpsc::error::SendError(()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Forwarded;
+    use crate::events::{
+        testing::{agent, hub, publish, ready, sequences, sign_in, token},
+        EventSettings, KindFilter, WatcherEnd, WatcherItem,
+    };
+
+    /// Everything a forwarded watcher yields until it ends (paused clock: a hang fails at once).
+    async fn read_to_end(reader: &mut Forwarded) -> Vec<Result<WatcherItem, WatcherEnd>> {
+        let mut items = Vec::new();
+        tokio::time::timeout(Duration::from_secs(600), async {
+            while let Some(item) = reader.recv().await {
+                items.push(item);
+            }
+        })
+        .await
+        .expect("the forwarded watcher ended");
+        items
+    }
+
+    /// Lets every woken task run; on the paused clock nothing else happens meanwhile.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    /// Point 4 of the review (a stream that stops reading is cut off in bounded time), without
+    /// sockets: a reader that takes nothing keeps its watcher until the send timeout, not
+    /// after; then the permit is back and the feed no longer holds it, and the reader gets
+    /// what was queued, then TooSlow whose token resumes with the event that could not be
+    /// queued: nothing repeated, nothing missed.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_whose_reader_takes_nothing_is_cut_off_at_the_send_timeout() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let watcher = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        let mut reader = watcher.forward(2, Duration::from_secs(5));
+        for _ in 0..4 {
+            assert!(publish(&hub, agent(0)));
+        }
+        // Two queued, the third waiting for room.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (1, 1));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (0, 0));
+
+        let items = read_to_end(&mut reader).await;
+        assert_eq!(sequences(&items), [Some(1), Some(2), None]);
+        assert_eq!(
+            items[2],
+            Err(WatcherEnd::TooSlow {
+                resume: token(&hub, 2)
+            })
+        );
+        let mut resumed = hub
+            .subscribe(
+                &[agent(0)],
+                Some(token(&hub, 2)),
+                KindFilter::default(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(sequences(&ready(&mut resumed)), [Some(3), Some(4)]);
+    }
+
+    /// Point 4: on an idle agent, heartbeats do not fill the queue first: a reader that takes
+    /// nothing is cut off one heartbeat interval plus the send timeout after the first
+    /// heartbeat it left unread.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_takes_no_heartbeats_is_cut_off_a_heartbeat_later() {
+        let hub = hub(EventSettings {
+            heartbeat: Duration::from_secs(15),
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        let watcher = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        let mut reader = watcher.forward(16, Duration::from_secs(30));
+        // Heartbeats at 15 s (queued) and 30 s (waits for the reader until 60 s).
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(hub.watchers(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (0, 0));
+        let items = read_to_end(&mut reader).await;
+        assert!(
+            matches!(items[0], Ok(WatcherItem::Heartbeat { .. })),
+            "{items:?}"
+        );
+        assert!(
+            matches!(items[1], Err(WatcherEnd::TooSlow { .. })),
+            "{items:?}"
+        );
+    }
+
+    /// A reader that reads (slowly, but within the send timeout) gets everything, heartbeats
+    /// included, and keeps its watcher.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_whose_reader_reads_in_time_keeps_going() {
+        let hub = hub(EventSettings {
+            heartbeat: Duration::from_secs(3),
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        let watcher = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        let mut reader = watcher.forward(1, Duration::from_secs(5));
+        for _ in 0..3 {
+            assert!(publish(&hub, agent(0)));
+        }
+        for sequence in 1..=3 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let item = reader.recv().await.unwrap();
+            assert_eq!(sequences(&[item]), [Some(sequence)]);
+        }
+        let heartbeat = reader.recv().await.unwrap();
+        assert!(
+            matches!(heartbeat, Ok(WatcherItem::Heartbeat { position, .. }) if position == token(&hub, 3)),
+            "{heartbeat:?}"
+        );
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (1, 1));
+    }
+
+    /// Whether the task waits for the watcher or for room in the queue, a reader that goes
+    /// frees the watcher at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_is_freed_as_soon_as_its_reader_goes() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let subscribe = || {
+            hub.subscribe(&[agent(0)], None, KindFilter::default(), None)
+                .unwrap()
+                .forward(1, Duration::from_secs(600))
+        };
+        let waiting_for_room = subscribe();
+        for _ in 0..3 {
+            assert!(publish(&hub, agent(0)));
+        }
+        // Live from now: nothing for it yet.
+        let waiting_for_events = subscribe();
+        settle().await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (2, 2));
+        drop(waiting_for_events);
+        drop(waiting_for_room);
+        settle().await;
+        assert_eq!((hub.watchers(), hub.watchers_of(agent(0))), (0, 0));
+    }
+
+    /// On shutdown a reader that reads gets everything, then ShuttingDown; one that does not
+    /// read is freed after the send timeout and learns ShuttingDown (not TooSlow), with the
+    /// position after what was queued for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_watcher_ends_shutting_down_whether_its_reader_reads_or_not() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let forwarded = || {
+            hub.subscribe(&[agent(0)], None, KindFilter::default(), None)
+                .unwrap()
+                .forward(1, Duration::from_secs(5))
+        };
+        let mut reading = forwarded();
+        let mut not_reading = forwarded();
+        for _ in 0..3 {
+            assert!(publish(&hub, agent(0)));
+        }
+        settle().await;
+        hub.shut_down();
+
+        let items = read_to_end(&mut reading).await;
+        assert_eq!(sequences(&items), [Some(1), Some(2), Some(3), None]);
+        assert_eq!(
+            items[3],
+            Err(WatcherEnd::ShuttingDown {
+                resume: token(&hub, 3)
+            })
+        );
+
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(hub.watchers(), 0);
+        let items = read_to_end(&mut not_reading).await;
+        assert_eq!(sequences(&items), [Some(1), None]);
+        assert_eq!(
+            items[1],
+            Err(WatcherEnd::ShuttingDown {
+                resume: token(&hub, 1)
+            })
+        );
+    }
+
+    /// After shutdown began, every send shares one send timeout: a reader that takes an item
+    /// just before each send would time out cannot keep the task (and the watcher) alive.
+    #[tokio::test(start_paused = true)]
+    async fn after_shutdown_a_trickling_reader_cannot_keep_a_forwarded_watcher_alive() {
+        let hub = hub(EventSettings::default());
+        sign_in(&hub, agent(0));
+        let mut reader = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap()
+            .forward(1, Duration::from_secs(5));
+        for _ in 0..5 {
+            assert!(publish(&hub, agent(0)));
+        }
+        settle().await;
+        hub.shut_down();
+        let mut items = Vec::new();
+        tokio::time::timeout(Duration::from_secs(600), async {
+            while let Some(item) = reader.recv().await {
+                items.push(item);
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+        })
+        .await
+        .expect("the forwarded watcher ended");
+        // Event 3 was the first sent after shutdown began: the shared deadline ran from then,
+        // and event 4 waited past it.
+        assert_eq!(sequences(&items), [Some(1), Some(2), Some(3), None]);
+        assert_eq!(
+            items[3],
+            Err(WatcherEnd::ShuttingDown {
+                resume: token(&hub, 3)
+            })
+        );
+        assert_eq!(hub.watchers(), 0);
+    }
+}

@@ -6,19 +6,25 @@
 //! are published in that order (one publish lock), so a watcher of several agents can deliver
 //! them in sequence order. "Everything up to sequence N was delivered" is then a complete
 //! description of where a watcher stands, which is all a resume token holds.
+mod feeds;
 mod forward;
 mod hub;
 mod poll;
+mod publish;
 mod ring;
+mod subscribe;
+#[cfg(test)]
+mod testing;
 mod token;
 mod watcher;
 
 use std::{time::Duration, time::SystemTime};
 
 pub use forward::Forwarded;
-pub use hub::{EventHub, EventStats, SubscribeError, WatcherLimit};
+pub use hub::{EventHub, EventStats};
 pub use poll::PollLoop;
 pub use ring::ReplayRing;
+pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;
 pub use watcher::{Gap, GapCause, SessionEnding, Watcher, WatcherEnd, WatcherItem};
 

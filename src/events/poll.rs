@@ -5,7 +5,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    hub::{Feed, Hub, Step},
+    feeds::{Feed, Step},
+    hub::Hub,
     SessionEnding,
 };
 use crate::{

@@ -15,7 +15,8 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    hub::{Feed, FeedItem},
+    feeds::{Feed, FeedItem},
+    hub::Hub,
     poll::SHUTDOWN_POLL_GRACE,
     KindFilter, ReleaseEvent, ResumeToken,
 };
@@ -95,12 +96,6 @@ pub enum SessionEnding {
     Forgotten,
 }
 
-enum Woke {
-    Item(Option<FeedItem>),
-    ShutdownBegan,
-    HeartbeatDue,
-}
-
 impl SessionEnding {
     /// The gateway's retcode, when it was the gateway that refused.
     pub fn retcode(&self) -> Option<&Retcode> {
@@ -112,7 +107,7 @@ impl SessionEnding {
 }
 
 /// A watcher's membership in one agent's feed, as the watcher holds it (the feed holds the
-/// other side, its `Member`); dropping it leaves the feed.
+/// other side, its [`Member`](super::feeds::Member)); dropping it leaves the feed.
 #[derive(Debug)]
 pub(super) struct Membership {
     feed: Arc<Feed>,
@@ -157,8 +152,7 @@ pub struct Watcher {
     _permit: OwnedSemaphorePermit,
 }
 
-/// What a new watcher starts from (its start); the hub fills it in while it holds the publish
-/// lock.
+/// What a new watcher starts from; the hub fills it in while it holds the publish lock.
 pub(super) struct WatcherStart {
     /// The resume token's position (or "now").
     pub position: ResumeToken,
@@ -171,15 +165,18 @@ pub(super) struct WatcherStart {
     pub replay_end: u64,
     pub gap: Option<Gap>,
     pub kinds: KindFilter,
-    pub heartbeat: Duration,
-    pub shutdown: CancellationToken,
-    pub poll_loops: TaskTracker,
-    pub tasks: TaskTracker,
     pub permit: OwnedSemaphorePermit,
 }
 
+/// What woke a watcher waiting for its next live item.
+enum Woke {
+    Item(Option<FeedItem>),
+    ShutdownBegan,
+    HeartbeatDue,
+}
+
 impl Watcher {
-    pub(super) fn new(start: WatcherStart) -> Self {
+    pub(super) fn new(start: WatcherStart, hub: &Hub) -> Self {
         let mut position = start.position;
         if start.replay.is_empty() {
             position.sequence = position.sequence.max(start.replay_end);
@@ -193,11 +190,11 @@ impl Watcher {
             replay_end: start.replay_end,
             gap: start.gap,
             kinds: start.kinds,
-            heartbeat: start.heartbeat,
+            heartbeat: hub.settings.heartbeat,
             last_sent: Instant::now(),
-            shutdown: start.shutdown,
-            poll_loops: start.poll_loops,
-            tasks: start.tasks,
+            shutdown: hub.shutdown.clone(),
+            poll_loops: hub.poll_loops.clone(),
+            tasks: hub.tasks.clone(),
             draining: false,
             ended: false,
             _permit: start.permit,
@@ -256,91 +253,108 @@ impl Watcher {
     }
 
     async fn next_item(&mut self) -> Result<WatcherItem, WatcherEnd> {
-        if let Some(gap) = self.gap.take() {
-            return Ok(WatcherItem::Gap(gap));
-        }
-        if let Some(event) = self.replay.pop_front() {
-            self.position.sequence = if self.replay.is_empty() {
-                self.replay_end
-            } else {
-                event.token.sequence
-            };
-            return Ok(WatcherItem::Event(event));
+        if let Some(item) = self.next_replayed() {
+            return Ok(item);
         }
         loop {
             if self.overflowed.load(Ordering::Relaxed) {
-                return Err(WatcherEnd::TooSlow {
-                    resume: self.position,
-                });
+                return Err(self.too_slow());
             }
             let item = if self.draining {
-                match self.live.try_recv() {
-                    Ok(item) => item,
-                    Err(_) => {
-                        return Err(WatcherEnd::ShuttingDown {
-                            resume: self.position,
-                        })
-                    }
-                }
+                self.live.try_recv().map_err(|_| WatcherEnd::ShuttingDown {
+                    resume: self.position,
+                })?
             } else {
-                let heartbeat_at = self.last_sent + self.heartbeat;
-                let woke = tokio::select! {
-                    biased;
-                    item = self.live.recv() => Woke::Item(item),
-                    () = self.shutdown.cancelled() => Woke::ShutdownBegan,
-                    () = tokio::time::sleep_until(heartbeat_at) => Woke::HeartbeatDue,
-                };
-                match woke {
+                match self.wake().await {
                     Woke::Item(Some(item)) => item,
                     // Every feed dropped this watcher: only an overflow does that.
-                    Woke::Item(None) => {
-                        return Err(WatcherEnd::TooSlow {
-                            resume: self.position,
-                        })
-                    }
+                    Woke::Item(None) => return Err(self.too_slow()),
                     Woke::ShutdownBegan => {
-                        // What the loops' last polls bring is delivered too. No feed, and so no
-                        // loop, starts once shutdown began: closing the tracker lets the wait end.
-                        self.poll_loops.close();
-                        let _ =
-                            tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.poll_loops.wait())
-                                .await;
-                        self.draining = true;
+                        self.await_last_polls().await;
                         continue;
                     }
-                    Woke::HeartbeatDue => {
-                        return Ok(WatcherItem::Heartbeat {
-                            position: self.position,
-                            failing: self
-                                .memberships
-                                .iter()
-                                .filter(|s| s.feed.is_failing())
-                                .map(|s| s.feed.agent)
-                                .collect(),
-                        });
-                    }
+                    Woke::HeartbeatDue => return Ok(self.heartbeat_item()),
                 }
             };
-            match item {
-                FeedItem::Event(event) => {
-                    self.position.sequence = self.position.sequence.max(event.token.sequence);
-                    if self.kinds.accepts(&event) {
-                        return Ok(WatcherItem::Event(event));
-                    }
-                }
-                FeedItem::SessionEnded(ended) => {
-                    let (agent, ending) = (ended.0, ended.1.clone());
-                    self.memberships.retain(|s| s.feed.agent != agent);
-                    if self.memberships.is_empty() {
-                        return Err(WatcherEnd::SessionEnded {
-                            agent,
-                            ending,
-                            resume: self.position,
-                        });
-                    }
-                    return Ok(WatcherItem::SessionEnded { agent, ending });
-                }
+            if let Some(item) = self.receive(item)? {
+                return Ok(item);
             }
+        }
+    }
+
+    /// The gap, then the replay, before anything live.
+    fn next_replayed(&mut self) -> Option<WatcherItem> {
+        if let Some(gap) = self.gap.take() {
+            return Some(WatcherItem::Gap(gap));
+        }
+        let event = self.replay.pop_front()?;
+        self.position.sequence = if self.replay.is_empty() {
+            self.replay_end
+        } else {
+            event.token.sequence
+        };
+        Some(WatcherItem::Event(event))
+    }
+
+    async fn wake(&mut self) -> Woke {
+        let heartbeat_at = self.last_sent + self.heartbeat;
+        tokio::select! {
+            biased;
+            item = self.live.recv() => Woke::Item(item),
+            () = self.shutdown.cancelled() => Woke::ShutdownBegan,
+            () = tokio::time::sleep_until(heartbeat_at) => Woke::HeartbeatDue,
+        }
+    }
+
+    /// What the loops' last polls bring is delivered too. No feed, and so no loop, starts once
+    /// shutdown began: closing the tracker lets the wait end.
+    async fn await_last_polls(&mut self) {
+        self.poll_loops.close();
+        let _ = tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.poll_loops.wait()).await;
+        self.draining = true;
+    }
+
+    fn heartbeat_item(&self) -> WatcherItem {
+        WatcherItem::Heartbeat {
+            position: self.position,
+            failing: self
+                .memberships
+                .iter()
+                .filter(|m| m.feed.is_failing())
+                .map(|m| m.feed.agent)
+                .collect(),
+        }
+    }
+
+    /// What a live item means for this watcher: an event it wants, nothing (an event its kinds
+    /// filter out), or an agent's lost session, which ends the watcher with its last agent.
+    fn receive(&mut self, item: FeedItem) -> Result<Option<WatcherItem>, WatcherEnd> {
+        match item {
+            FeedItem::Event(event) => {
+                self.position.sequence = self.position.sequence.max(event.token.sequence);
+                Ok(self
+                    .kinds
+                    .accepts(&event)
+                    .then_some(WatcherItem::Event(event)))
+            }
+            FeedItem::SessionEnded(ended) => {
+                let (agent, ending) = (ended.0, ended.1.clone());
+                self.memberships.retain(|m| m.feed.agent != agent);
+                if self.memberships.is_empty() {
+                    return Err(WatcherEnd::SessionEnded {
+                        agent,
+                        ending,
+                        resume: self.position,
+                    });
+                }
+                Ok(Some(WatcherItem::SessionEnded { agent, ending }))
+            }
+        }
+    }
+
+    fn too_slow(&self) -> WatcherEnd {
+        WatcherEnd::TooSlow {
+            resume: self.position,
         }
     }
 }
