@@ -12,6 +12,7 @@ use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{codegen::http, transport::server::TcpIncoming};
+use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
     api::{
@@ -69,21 +70,7 @@ pub async fn run(
         .set_serving::<CallControlServer<CallControlApi>>()
         .await;
 
-    // Each lists the other too, so every client sees the same list whichever it speaks. The
-    // error details add no service: they let a client decode the details of every failure.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = reflection()
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let lifecycle = api.lifecycle().clone();
     let call_control =
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
@@ -113,6 +100,31 @@ pub async fn run(
             signal,
         );
     drain(serve, &lifecycle, settings.drain_timeout).await
+}
+
+/// Server reflection v1 and v1alpha. Each lists the other too, so every client sees the same
+/// list whichever it speaks. The error details add no service: they let a client decode the
+/// details of every failure.
+fn reflection() -> Result<
+    (
+        v1::ServerReflectionServer<impl v1::ServerReflection>,
+        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+    ),
+    ServerError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok((reflection_v1, reflection_v1alpha))
 }
 
 /// The first steps of shutdown, in order: streams deliver what they hold and end (UNAVAILABLE,

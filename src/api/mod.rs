@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use self::request::ValidWatchRequest;
+
 use crate::{
-    domain::{FieldViolation, RequestId},
-    events::EventHub,
+    domain::{AgentId, FieldViolation, RequestId},
+    events::{EventHub, Watcher},
     gateway::{ReleaseTarget, Session},
     lifecycle::Lifecycle,
     proto::{self, call_control_server::CallControl},
@@ -68,6 +70,40 @@ impl CallControlApi {
     }
 }
 
+impl CallControlApi {
+    /// The watcher of a valid WatchReleaseEvents request, or the Status of its refusal.
+    fn subscribe(
+        &self,
+        valid: ValidWatchRequest,
+        handover: Option<(AgentId, Session)>,
+        ctx: &status::Context<'_>,
+    ) -> Result<Watcher, Status> {
+        let watcher = self
+            .events
+            .subscribe(&valid.agents, valid.from, valid.kinds, handover)
+            .map_err(|error| {
+                tracing::info!(request_id = %ctx.request_id, %error, "WatchReleaseEvents refused");
+                status::subscribe_failure(&error, ctx)
+            })?;
+        tracing::info!(request_id = %ctx.request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
+        Ok(watcher)
+    }
+}
+
+/// A session handover is one agent's: with several agent ids it says nothing of which.
+fn handover_of_one_agent(
+    handover: Result<Option<Session>, FieldViolation>,
+    several_agents: bool,
+) -> Result<Option<Session>, FieldViolation> {
+    match handover {
+        Ok(Some(_)) if several_agents => Err(FieldViolation::new(
+            request::GUID_METADATA,
+            "hands over one agent's session: send it with exactly one agent id",
+        )),
+        other => other,
+    }
+}
+
 /// The request and its handover metadata, or INVALID_ARGUMENT naming every bad field of both.
 fn both_valid<V, H>(
     rpc: &str,
@@ -93,6 +129,35 @@ fn take_handover<T>(request: &mut Request<T>) -> Result<Option<Session>, FieldVi
     request.metadata_mut().remove(request::GUID_METADATA);
     request.metadata_mut().remove(request::COOKIE_METADATA);
     handover
+}
+
+fn release_response(released: Released, request_id: &RequestId) -> proto::ReleaseCallResponse {
+    let Released {
+        report,
+        confirmation,
+    } = released;
+    let (release_event, confirmation) = match confirmation {
+        Confirmation::NotAsked => (None, proto::ReleaseConfirmation::Unspecified),
+        Confirmation::Confirmed(event) => (
+            Some(stream::event_to_proto(&event)),
+            proto::ReleaseConfirmation::Confirmed,
+        ),
+        Confirmation::NotObserved => (None, proto::ReleaseConfirmation::NotObserved),
+        Confirmation::ShuttingDown => (None, proto::ReleaseConfirmation::ShuttingDown),
+        Confirmation::SessionEnded => (None, proto::ReleaseConfirmation::SessionEnded),
+    };
+    proto::ReleaseCallResponse {
+        outcome: match report.outcome {
+            ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
+            ReleaseOutcome::NoActiveCall => proto::ReleaseOutcome::NoActiveCall,
+        } as i32,
+        retcode: report.retcode.to_string(),
+        message: report.message,
+        request_id: request_id.to_string(),
+        replayed: report.replayed,
+        release_event,
+        confirmation: confirmation as i32,
+    }
 }
 
 #[tonic::async_trait]
@@ -133,36 +198,13 @@ impl CallControl for CallControlApi {
             })
             .await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        let Released {
-            report,
-            confirmation,
-        } = result.map_err(|error| {
+        let released = result.map_err(|error| {
             tracing::warn!(%agent, target, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
             status::release_failure(&error, &ctx)
         })?;
+        let report = &released.report;
         tracing::info!(%agent, target, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
-        let (release_event, confirmation) = match confirmation {
-            Confirmation::NotAsked => (None, proto::ReleaseConfirmation::Unspecified),
-            Confirmation::Confirmed(event) => (
-                Some(stream::event_to_proto(&event)),
-                proto::ReleaseConfirmation::Confirmed,
-            ),
-            Confirmation::NotObserved => (None, proto::ReleaseConfirmation::NotObserved),
-            Confirmation::ShuttingDown => (None, proto::ReleaseConfirmation::ShuttingDown),
-            Confirmation::SessionEnded => (None, proto::ReleaseConfirmation::SessionEnded),
-        };
-        Ok(Response::new(proto::ReleaseCallResponse {
-            outcome: match report.outcome {
-                ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
-                ReleaseOutcome::NoActiveCall => proto::ReleaseOutcome::NoActiveCall,
-            } as i32,
-            retcode: report.retcode.to_string(),
-            message: report.message,
-            request_id: request_id.to_string(),
-            replayed: report.replayed,
-            release_event,
-            confirmation: confirmation as i32,
-        }))
+        Ok(Response::new(release_response(released, &request_id)))
     }
 
     type WatchReleaseEventsStream = stream::EventStream;
@@ -171,11 +213,10 @@ impl CallControl for CallControlApi {
         &self,
         mut request: Request<proto::WatchReleaseEventsRequest>,
     ) -> Result<Response<Self::WatchReleaseEventsStream>, Status> {
-        let mut handover = take_handover(&mut request);
-        let body = request.get_ref();
+        let handover = take_handover(&mut request);
         let request_id = RequestId::generate();
         let valid = request::watch_request(
-            body,
+            request.get_ref(),
             self.settings.max_agent_id,
             self.settings.max_watch_agents,
         );
@@ -183,27 +224,19 @@ impl CallControl for CallControlApi {
             Ok(v) if v.agents.len() == 1 => Some(v.agents[0]),
             _ => None,
         };
-        if let (Ok(_), Ok(Some(_)), None) = (&valid, &handover, single_agent) {
-            handover = Err(FieldViolation::new(
-                request::GUID_METADATA,
-                "hands over one agent's session: send it with exactly one agent id",
-            ));
-        }
+        let several_agents = valid.is_ok() && single_agent.is_none();
         let ctx = status::Context {
             agent: single_agent,
             request_id: request_id.as_str(),
             releases_current_call: false,
         };
-        let (valid, handover) = both_valid("WatchReleaseEvents", valid, handover, &ctx)?;
-        let handover = single_agent.zip(handover);
-        let watcher = self
-            .events
-            .subscribe(&valid.agents, valid.from, valid.kinds, handover)
-            .map_err(|error| {
-                tracing::info!(request_id = %request_id, %error, "WatchReleaseEvents refused");
-                status::subscribe_failure(&error, &ctx)
-            })?;
-        tracing::info!(request_id = %request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
+        let (valid, handover) = both_valid(
+            "WatchReleaseEvents",
+            valid,
+            handover_of_one_agent(handover, several_agents),
+            &ctx,
+        )?;
+        let watcher = self.subscribe(valid, single_agent.zip(handover), &ctx)?;
         Ok(Response::new(stream::into_stream(
             watcher,
             request_id,

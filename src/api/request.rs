@@ -73,23 +73,49 @@ pub fn watch_request(
     max_agents: usize,
 ) -> Result<ValidWatchRequest, Vec<FieldViolation>> {
     let mut violations = Vec::new();
-    if request.agent_ids.is_empty() {
+    let agents = agent_ids(
+        &request.agent_ids,
+        max_agent_id,
+        max_agents,
+        &mut violations,
+    );
+    let from = resume_token(&request.resume_token, &mut violations);
+    let kinds = release_kinds(&request.kinds, &mut violations);
+    if violations.is_empty() {
+        Ok(ValidWatchRequest {
+            agents,
+            from,
+            kinds: KindFilter::new(kinds),
+        })
+    } else {
+        Err(violations)
+    }
+}
+
+/// 1 to `max_agents` distinct valid agent ids.
+fn agent_ids(
+    raw_ids: &[String],
+    max_agent_id: u32,
+    max_agents: usize,
+    violations: &mut Vec<FieldViolation>,
+) -> Vec<AgentId> {
+    if raw_ids.is_empty() {
         violations.push(FieldViolation::new(
             "agent_ids",
             "is required: one or more agent ids to watch",
         ));
     }
-    if request.agent_ids.len() > max_agents {
+    if raw_ids.len() > max_agents {
         violations.push(FieldViolation::new(
             "agent_ids",
             format!(
                 "holds {} agent ids; at most {max_agents} per stream",
-                request.agent_ids.len()
+                raw_ids.len()
             ),
         ));
     }
-    let mut agents = Vec::with_capacity(request.agent_ids.len().min(max_agents));
-    for (i, raw) in request.agent_ids.iter().enumerate().take(max_agents) {
+    let mut agents = Vec::with_capacity(raw_ids.len().min(max_agents));
+    for (i, raw) in raw_ids.iter().enumerate().take(max_agents) {
         match AgentId::parse("agent_ids", raw, max_agent_id) {
             Ok(agent) if agents.contains(&agent) => violations.push(FieldViolation::new(
                 "agent_ids",
@@ -102,20 +128,27 @@ pub fn watch_request(
             )),
         }
     }
-    let from = if request.resume_token.is_empty() {
-        None
-    } else {
-        let token = ResumeToken::parse(&request.resume_token);
-        if token.is_none() {
-            violations.push(FieldViolation::new(
-                "resume_token",
-                "is not a token this facade issued: pass the resume_token of an event, heartbeat or error unchanged",
-            ));
-        }
-        token
-    };
+    agents
+}
+
+/// No token (live from now), or one this facade issued.
+fn resume_token(raw: &str, violations: &mut Vec<FieldViolation>) -> Option<ResumeToken> {
+    if raw.is_empty() {
+        return None;
+    }
+    let token = ResumeToken::parse(raw);
+    if token.is_none() {
+        violations.push(FieldViolation::new(
+            "resume_token",
+            "is not a token this facade issued: pass the resume_token of an event, heartbeat or error unchanged",
+        ));
+    }
+    token
+}
+
+fn release_kinds(raw_kinds: &[i32], violations: &mut Vec<FieldViolation>) -> Vec<ReleaseKind> {
     let mut kinds = Vec::new();
-    for (i, raw) in request.kinds.iter().enumerate() {
+    for (i, raw) in raw_kinds.iter().enumerate() {
         match proto::ReleaseKind::try_from(*raw) {
             Ok(proto::ReleaseKind::CallRelease) => kinds.push(ReleaseKind::CallRelease),
             Ok(proto::ReleaseKind::CustomerRelease) => kinds.push(ReleaseKind::CustomerRelease),
@@ -125,15 +158,7 @@ pub fn watch_request(
             )),
         }
     }
-    if violations.is_empty() {
-        Ok(ValidWatchRequest {
-            agents,
-            from,
-            kinds: KindFilter::new(kinds),
-        })
-    } else {
-        Err(violations)
-    }
+    kinds
 }
 
 /// A session handed over in metadata: `x-ccgw-guid` and optionally `x-ccgw-cookie`.

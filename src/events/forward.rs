@@ -11,9 +11,10 @@ use tokio::{
     sync::mpsc::{self, OwnedPermit},
     time::Instant,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{ReleaseEvent, Watcher, WatcherEnd, WatcherItem};
+use super::{ReleaseEvent, ResumeToken, Watcher, WatcherEnd, WatcherItem};
 
 /// What a forwarded watcher yields: its items, then how it ended, then nothing.
 #[derive(Debug)]
@@ -81,14 +82,14 @@ async fn forward(
     queue: usize,
     send_timeout: Duration,
 ) {
-    let shutdown = watcher.shutdown_signal();
+    let mut deadlines = SendDeadlines {
+        shutdown: watcher.shutdown_signal(),
+        send_timeout,
+        after_shutdown: None,
+    };
     // Where the reader stands once it has read everything queued. An item taken from the
     // watcher but not queued is not in it: the watcher's own position is already past it.
     let mut queued_up_to = watcher.position();
-    // Once shutdown began, all sends share one deadline: a reader that keeps reading still gets
-    // everything the watcher received, but one that trickles cannot keep the task alive item by
-    // item.
-    let mut shutdown_deadline = None;
     let end = loop {
         let next = tokio::select! {
             biased;
@@ -99,34 +100,49 @@ async fn forward(
             Ok(item) => item,
             Err(end) => break end,
         };
-        let mut deadline = Instant::now() + send_timeout;
-        if shutdown.is_cancelled() {
-            deadline = deadline.min(*shutdown_deadline.get_or_insert(deadline));
-        }
-        match tokio::time::timeout_at(deadline, enqueue(&sender, item, queue)).await {
+        match tokio::time::timeout_at(deadlines.next(), enqueue(&sender, item, queue)).await {
             Ok(Ok(())) => queued_up_to = watcher.position(),
             // The reader is gone.
             Ok(Err(_)) => return,
-            Err(_) if shutdown.is_cancelled() => {
-                break WatcherEnd::ShuttingDown {
-                    resume: queued_up_to,
-                }
-            }
-            Err(_) => {
-                tracing::info!(
-                    ?send_timeout,
-                    "the reader took nothing for the send timeout; cutting the watcher off"
-                );
-                break WatcherEnd::TooSlow {
-                    resume: queued_up_to,
-                };
-            }
+            Err(_) => break deadlines.missed(queued_up_to),
         }
     };
     // Before the reader can see the end, so that whoever sees it finds the permit back.
     drop(watcher);
     tracing::info!(?end, "watcher ended");
     end_slot.send(Err(end).into());
+}
+
+/// When each item must be queued by. Once shutdown began, all sends share one deadline: a
+/// reader that keeps reading still gets everything the watcher received, but one that trickles
+/// cannot keep the task alive item by item.
+struct SendDeadlines {
+    shutdown: CancellationToken,
+    send_timeout: Duration,
+    after_shutdown: Option<Instant>,
+}
+
+impl SendDeadlines {
+    fn next(&mut self) -> Instant {
+        let deadline = Instant::now() + self.send_timeout;
+        if !self.shutdown.is_cancelled() {
+            return deadline;
+        }
+        deadline.min(*self.after_shutdown.get_or_insert(deadline))
+    }
+
+    /// How the watcher ends when an item missed its deadline: resuming right after what the
+    /// reader was given.
+    fn missed(&self, resume: ResumeToken) -> WatcherEnd {
+        if self.shutdown.is_cancelled() {
+            return WatcherEnd::ShuttingDown { resume };
+        }
+        tracing::info!(
+            send_timeout = ?self.send_timeout,
+            "the reader took nothing for the send timeout; cutting the watcher off"
+        );
+        WatcherEnd::TooSlow { resume }
+    }
 }
 
 /// Queues an item for the reader. A heartbeat only says "nothing new", so it waits until the

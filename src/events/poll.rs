@@ -110,21 +110,9 @@ impl PollLoop {
                     None => self.hub.settings.poll_pause,
                 }
             }
-            Ok((answer, guid_used)) if answer.session_gone() => match self.current_guid() {
-                None => self.stop_polling(answer),
-                // The refused Guid is not the agent's session any more (a watcher's handed-over
-                // one took its place, or a request's was adopted while the poll waited): poll
-                // again with the session held now rather than end its watchers.
-                Some(now) if now != guid_used => {
-                    tracing::info!(%agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
-                    Duration::ZERO
-                }
-                // Handed over again meanwhile: back off rather than spin on it.
-                Some(_) => self.failed(&format!(
-                    "retcode {} for a Guid handed over again",
-                    answer.retcode
-                )),
-            },
+            Ok((answer, guid_used)) if answer.session_gone() => {
+                self.session_refused(answer, &guid_used)
+            }
             Ok((answer, _)) if answer.retcode == Retcode::WRONG_EVENT_METHOD => {
                 self.stop_polling(answer)
             }
@@ -138,6 +126,25 @@ impl PollLoop {
                 Duration::ZERO
             }
             Err(error) => self.failed(&error.to_string()),
+        }
+    }
+
+    /// The gateway refused the Guid the poll went out with (100-006, 000-003).
+    fn session_refused(&mut self, answer: Answer, guid_used: &Guid) -> Duration {
+        match self.current_guid() {
+            None => self.stop_polling(answer),
+            // The refused Guid is not the agent's session any more (a watcher's handed-over
+            // one took its place, or a request's was adopted while the poll waited): poll
+            // again with the session held now rather than end its watchers.
+            Some(now) if now != *guid_used => {
+                tracing::info!(agent = %self.feed.agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
+                Duration::ZERO
+            }
+            // Handed over again meanwhile: back off rather than spin on it.
+            Some(_) => self.failed(&format!(
+                "retcode {} for a Guid handed over again",
+                answer.retcode
+            )),
         }
     }
 

@@ -56,18 +56,10 @@ impl Hub {
             self.counters.dropped_fields.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%agent, event_type = %polled.event_type, field, "left an invalid field out of a gateway event");
         }
-        let (kind, call_id, customer_number) = match polled.body {
-            EventBody::CallRelease { call_id } => (ReleaseKind::CallRelease, call_id, None),
-            EventBody::CustomerRelease { call_id, number } => (
-                ReleaseKind::CustomerRelease,
-                call_id,
-                (!number.is_empty()).then_some(number),
-            ),
-            EventBody::Other => {
-                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%agent, event_type = %polled.event_type, "skipped a gateway event");
-                return None;
-            }
+        let Some((kind, call_id, customer_number)) = release_of(polled.body) else {
+            self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%agent, event_type = %polled.event_type, "skipped a gateway event");
+            return None;
         };
         self.counters.release.fetch_add(1, Ordering::Relaxed);
         Some(Release {
@@ -113,6 +105,19 @@ impl Hub {
         let mut state = lock(&feed.state);
         state.session_lost = true;
         state.deliver(&FeedItem::SessionEnded(Arc::new((feed.agent, ending))));
+    }
+}
+
+/// The kind, call and customer number of a release; `None` for other events.
+fn release_of(body: EventBody) -> Option<(ReleaseKind, CallId, Option<String>)> {
+    match body {
+        EventBody::CallRelease { call_id } => Some((ReleaseKind::CallRelease, call_id, None)),
+        EventBody::CustomerRelease { call_id, number } => Some((
+            ReleaseKind::CustomerRelease,
+            call_id,
+            (!number.is_empty()).then_some(number),
+        )),
+        EventBody::Other => None,
     }
 }
 
