@@ -2,7 +2,7 @@
 //!
 //! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types), `sessions` (which session a
 //! request goes out with, handovers), `release` (hang-up policy),
-//! `events` (poll loops, fan-out, replay and resume),
+//! `events` (poll loops, feeds, watchers, replay and resume),
 //! `sim` (the CC-Gateway simulator), `server` (composition), `config`, `telemetry`.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
@@ -32,8 +32,8 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod gateway;
-pub mod lifecycle;
-pub mod release;
+pub(crate) mod lifecycle;
+pub(crate) mod release;
 pub mod server;
 pub mod sessions;
 pub mod sim;

@@ -1,5 +1,5 @@
-//! `run(listener, app, shutdown)`: the gRPC server with health, reflection (v1 and v1alpha)
-//! and a bounded graceful drain.
+//! `run(listener, api, settings, shutdown)`: the gRPC server with health, reflection (v1 and
+//! v1alpha) and a bounded graceful drain.
 use std::{
     future::Future,
     panic::AssertUnwindSafe,
@@ -32,11 +32,11 @@ const TASKS_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// How long in-flight calls may take to finish after shutdown begins.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Largest request message accepted.
-    pub max_request_bytes: usize,
+    pub(crate) max_request_bytes: usize,
     /// HTTP/2 streams per connection.
-    pub max_concurrent_streams: u32,
+    pub(crate) max_concurrent_streams: u32,
 }
 
 impl Default for ServerSettings {

@@ -1,6 +1,6 @@
 //! The gRPC surface: handlers, proto <-> domain, and the failure -> Status table. The only room
 //! that knows gRPC.
-pub mod request;
+pub(crate) mod request;
 pub mod status;
 mod stream;
 
@@ -20,17 +20,17 @@ use crate::{
     sessions::Sessions,
 };
 
-pub use proto::call_control_server::CallControlServer;
+pub(crate) use proto::call_control_server::CallControlServer;
 
 #[derive(Debug, Clone)]
-pub struct ApiSettings {
-    pub max_agent_id: u32,
+pub(crate) struct ApiSettings {
+    pub(crate) max_agent_id: u32,
     /// Upper bound for one ReleaseCall when the caller sets no (or a longer) deadline.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Agents one WatchReleaseEvents stream may watch.
-    pub max_watch_agents: usize,
+    pub(crate) max_watch_agents: usize,
     /// A stream that could not send an item for this long is cut off (WATCHER_TOO_SLOW).
-    pub stream_send_timeout: Duration,
+    pub(crate) stream_send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ pub struct CallControlApi {
 }
 
 impl CallControlApi {
-    pub fn new(
+    pub(crate) fn new(
         release: ReleaseService,
         events: EventHub,
         settings: ApiSettings,
@@ -61,7 +61,7 @@ impl CallControlApi {
     }
 
     /// The service's shutdown, hard stop and tasks, which the server drives.
-    pub fn lifecycle(&self) -> &Lifecycle {
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
         &self.lifecycle
     }
 

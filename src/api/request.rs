@@ -13,18 +13,18 @@ use crate::{
 };
 
 /// Metadata key carrying the agent's gateway Guid (a session handover).
-pub const GUID_METADATA: &str = "x-ccgw-guid";
+pub(crate) const GUID_METADATA: &str = "x-ccgw-guid";
 /// Metadata key carrying the load balancer's cookies for that session.
-pub const COOKIE_METADATA: &str = "x-ccgw-cookie";
+pub(crate) const COOKIE_METADATA: &str = "x-ccgw-cookie";
 
-pub struct ValidRelease {
-    pub command: ReleaseCommand,
+pub(crate) struct ValidRelease {
+    pub(crate) command: ReleaseCommand,
     /// The caller's idempotency key, if it sent one.
-    pub request_id: Option<RequestId>,
+    pub(crate) request_id: Option<RequestId>,
 }
 
 /// Checks every field and reports every violation at once.
-pub fn release_request(
+pub(crate) fn release_request(
     request: &proto::ReleaseCallRequest,
     max_agent_id: u32,
 ) -> Result<ValidRelease, Vec<FieldViolation>> {
@@ -60,14 +60,14 @@ pub fn release_request(
     }
 }
 
-pub struct ValidWatchRequest {
-    pub agents: Vec<AgentId>,
-    pub from: Option<ResumeToken>,
-    pub kinds: KindFilter,
+pub(crate) struct ValidWatchRequest {
+    pub(crate) agents: Vec<AgentId>,
+    pub(crate) from: Option<ResumeToken>,
+    pub(crate) kinds: KindFilter,
 }
 
 /// Checks a WatchReleaseEvents request and reports every violation at once.
-pub fn watch_request(
+pub(crate) fn watch_request(
     request: &proto::WatchReleaseEventsRequest,
     max_agent_id: u32,
     max_agents: usize,
@@ -162,7 +162,7 @@ fn release_kinds(raw_kinds: &[i32], violations: &mut Vec<FieldViolation>) -> Vec
 }
 
 /// A session handed over in metadata: `x-ccgw-guid` and optionally `x-ccgw-cookie`.
-pub fn session_handover(metadata: &MetadataMap) -> Result<Option<Session>, FieldViolation> {
+pub(crate) fn session_handover(metadata: &MetadataMap) -> Result<Option<Session>, FieldViolation> {
     let guid = single_ascii(metadata, GUID_METADATA)?;
     let cookie = single_ascii(metadata, COOKIE_METADATA)?;
     match (guid, cookie) {
@@ -203,7 +203,7 @@ fn single_ascii<'a>(
 /// when that comes first. tonic enforces `grpc-timeout` itself, answering a bare CANCELLED at
 /// the deadline, and the caller's own timer fires then too: the facade's answer (its details
 /// say whether the call may have been released) must be on its way well before.
-pub fn deadline(metadata: &MetadataMap, ceiling: Duration) -> Instant {
+pub(crate) fn deadline(metadata: &MetadataMap, ceiling: Duration) -> Instant {
     let budget = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -222,7 +222,7 @@ fn answer_margin(budget: Duration) -> Duration {
 }
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n), per the gRPC HTTP/2 spec.
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

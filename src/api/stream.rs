@@ -12,7 +12,7 @@ use crate::{
     proto::{self, watch_release_events_response::Item},
 };
 
-pub type EventStream =
+pub(crate) type EventStream =
     Pin<Box<dyn Stream<Item = Result<proto::WatchReleaseEventsResponse, Status>> + Send>>;
 
 /// Items a stream queues for its transport. Small: what is queued when a client stops reading
@@ -23,7 +23,11 @@ const STREAM_QUEUE: usize = 16;
 /// The watcher is read by a task of its own, because tonic stops polling a stream whose client
 /// stopped reading: the task cuts such a stream off after `send_timeout` (WATCHER_TOO_SLOW)
 /// and frees its watcher. Dropping the stream (client cancel or disconnect) frees it at once.
-pub fn into_stream(watcher: Watcher, request_id: RequestId, send_timeout: Duration) -> EventStream {
+pub(crate) fn into_stream(
+    watcher: Watcher,
+    request_id: RequestId,
+    send_timeout: Duration,
+) -> EventStream {
     let span = tracing::info_span!("WatchReleaseEvents", request_id = %request_id);
     let items = span.in_scope(|| watcher.forward(STREAM_QUEUE, send_timeout));
     Box::pin(stream::unfold(
@@ -73,7 +77,7 @@ fn item_to_proto(item: WatcherItem) -> Item {
     }
 }
 
-pub fn event_to_proto(event: &ReleaseEvent) -> proto::ReleaseEvent {
+pub(crate) fn event_to_proto(event: &ReleaseEvent) -> proto::ReleaseEvent {
     proto::ReleaseEvent {
         agent_id: event.agent.to_string(),
         kind: match event.kind {

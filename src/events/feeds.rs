@@ -13,8 +13,8 @@ use tokio::{
 };
 
 use super::{
-    hub::Hub, poll::PollLoop, watcher::SessionEnding, EventSettings, KindFilter, ReleaseEvent,
-    ReplayRing,
+    hub::Hub, poll::PollLoop, ring::ReplayRing, watcher::SessionEnding, EventSettings, KindFilter,
+    ReleaseEvent,
 };
 use crate::{domain::AgentId, lock};
 

@@ -18,7 +18,7 @@ use super::{ReleaseEvent, ResumeToken, Watcher, WatcherEnd, WatcherItem};
 
 /// What a forwarded watcher yields: its items, then how it ended, then nothing.
 #[derive(Debug)]
-pub struct Forwarded {
+pub(crate) struct Forwarded {
     queue: mpsc::Receiver<Slot>,
 }
 
@@ -50,7 +50,7 @@ impl Slot {
 
 impl Forwarded {
     /// The next item; `Some(Err(_))` once, then `None`.
-    pub async fn recv(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
+    pub(crate) async fn recv(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
         self.queue.recv().await.map(Slot::into_item)
     }
 }
@@ -62,7 +62,7 @@ impl Watcher {
     /// leaves its feeds, and the reader gets what is queued, then `TooSlow` with the position
     /// after the last item queued: resuming from it repeats nothing and misses nothing.
     /// Dropping the reader frees the watcher at once as well.
-    pub fn forward(self, queue: usize, send_timeout: Duration) -> Forwarded {
+    pub(crate) fn forward(self, queue: usize, send_timeout: Duration) -> Forwarded {
         let (sender, receiver) = mpsc::channel(queue.max(1) + 1);
         // Taken first, so that the end always finds room after whatever is queued.
         let end_slot = sender

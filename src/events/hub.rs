@@ -75,7 +75,7 @@ pub(super) struct Hub {
 }
 
 impl EventHub {
-    pub fn new(sessions: Sessions, settings: EventSettings, lifecycle: &Lifecycle) -> Self {
+    pub(crate) fn new(sessions: Sessions, settings: EventSettings, lifecycle: &Lifecycle) -> Self {
         Self {
             hub: Arc::new(Hub {
                 sessions,
@@ -98,7 +98,7 @@ impl EventHub {
         }
     }
 
-    pub fn sessions(&self) -> &Sessions {
+    pub(crate) fn sessions(&self) -> &Sessions {
         &self.hub.sessions
     }
 
@@ -125,7 +125,7 @@ impl EventHub {
     /// Like [`subscribe`](Self::subscribe) (live from now), for a release that waits for its
     /// event: its permit comes from the release waiters' pool, so open streams cannot starve
     /// releases and waiting releases cannot starve streams.
-    pub fn subscribe_release_waiter(
+    pub(crate) fn subscribe_release_waiter(
         &self,
         agent: AgentId,
         kinds: KindFilter,
@@ -141,7 +141,8 @@ impl EventHub {
 
     /// Ends every watcher (after what it already received) and stops the poll loops: the
     /// events room's part of the shutdown, on its own.
-    pub fn shut_down(&self) {
+    #[cfg(test)]
+    pub(crate) fn shut_down(&self) {
         self.hub.shutdown.cancel();
     }
 

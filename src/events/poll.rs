@@ -20,7 +20,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(400);
 /// How long a poll in flight may still finish once shutdown begins.
 pub(super) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
 
-pub struct PollLoop {
+pub(super) struct PollLoop {
     hub: Arc<Hub>,
     feed: Arc<Feed>,
     shutdown: CancellationToken,
@@ -29,7 +29,7 @@ pub struct PollLoop {
 }
 
 impl PollLoop {
-    pub(super) fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
+    pub fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
         let shutdown = hub.shutdown.clone();
         Self {
             hub,

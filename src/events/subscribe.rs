@@ -37,9 +37,9 @@ pub enum SubscribeError {
 /// The pool of permits that refused a watcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatcherLimit {
-    pub limit: usize,
+    limit: usize,
     /// Who holds its permits, e.g. "watchers are open".
-    pub holders: &'static str,
+    holders: &'static str,
 }
 
 fn list(agents: &[AgentId]) -> String {

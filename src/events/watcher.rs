@@ -23,7 +23,7 @@ use super::{
 use crate::{domain::AgentId, gateway::Retcode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatcherItem {
+pub(crate) enum WatcherItem {
     Event(Arc<ReleaseEvent>),
     /// Nothing was sent for the heartbeat interval: where the watcher stands, and which of its
     /// agents cannot be polled right now (the gateway fails; the loop keeps retrying).
@@ -42,7 +42,7 @@ pub enum WatcherItem {
 
 /// How a watcher ends; each carries the token to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatcherEnd {
+pub(crate) enum WatcherEnd {
     /// The watcher fell more than its buffer behind, or (forwarded) its reader took nothing
     /// for the send timeout.
     TooSlow {
@@ -60,13 +60,13 @@ pub enum WatcherEnd {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gap {
-    pub cause: GapCause,
-    pub agents: Vec<AgentId>,
+pub(crate) struct Gap {
+    pub(crate) cause: GapCause,
+    pub(crate) agents: Vec<AgentId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GapCause {
+pub(crate) enum GapCause {
     /// The token is from another process lifetime (a restart, or another replica).
     OtherProcess,
     /// Events after the token fell out of the replay ring (count or age limit).
@@ -74,7 +74,7 @@ pub enum GapCause {
 }
 
 impl Gap {
-    pub fn describe(&self) -> &'static str {
+    pub(crate) fn describe(&self) -> &'static str {
         match self.cause {
             GapCause::OtherProcess => {
                 "the resume token is from another process lifetime of the facade (restart or another replica); release events observed in between cannot be replayed"
@@ -87,7 +87,7 @@ impl Gap {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEnding {
+pub(crate) enum SessionEnding {
     /// The gateway refused to deliver the agent's events: its session (100-006, 000-003) or
     /// polling altogether (000-001, configured for another event method).
     Refused { retcode: Retcode, message: String },
@@ -98,7 +98,7 @@ pub enum SessionEnding {
 
 impl SessionEnding {
     /// The gateway's retcode, when it was the gateway that refused.
-    pub fn retcode(&self) -> Option<&Retcode> {
+    pub(crate) fn retcode(&self) -> Option<&Retcode> {
         match self {
             Self::Refused { retcode, .. } => Some(retcode),
             Self::Forgotten => None,
@@ -202,7 +202,7 @@ impl Watcher {
     }
 
     /// Where the watcher stands: everything up to here was delivered (or filtered out).
-    pub fn position(&self) -> ResumeToken {
+    pub(crate) fn position(&self) -> ResumeToken {
         self.position
     }
 
@@ -216,7 +216,7 @@ impl Watcher {
     }
 
     /// The next item; `Some(Err(_))` once, then `None`.
-    pub async fn next(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
         if self.ended {
             return None;
         }
@@ -234,7 +234,7 @@ impl Watcher {
 
     /// The next event accepted by `wanted`, skipping everything else, until `deadline`.
     /// `Ok(None)` when the deadline passed first.
-    pub async fn next_event(
+    pub(crate) async fn next_event(
         &mut self,
         wanted: impl Fn(&ReleaseEvent) -> bool,
         deadline: Instant,

@@ -16,7 +16,7 @@ use crate::{
 /// `NotAsked`, where no wait was asked for or there was nothing to wait for (no call, or a
 /// replayed answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Confirmation {
+pub(crate) enum Confirmation {
     NotAsked,
     Confirmed(Arc<ReleaseEvent>),
     /// The deadline passed first.
