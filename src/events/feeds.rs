@@ -29,7 +29,7 @@ pub(super) struct FeedRegistry {
 #[derive(Debug)]
 pub(super) struct Feed {
     pub agent: AgentId,
-    pub(super) state: Mutex<FeedState>,
+    pub state: Mutex<FeedState>,
     /// Wakes the poll loop when watchers come or go.
     pub changed: Notify,
 }
