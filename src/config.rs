@@ -26,139 +26,137 @@ pub struct Config {
     /// Address the gRPC server listens on [default: 0.0.0.0:50051, or 127.0.0.1:50051 with
     /// --simulate].
     #[arg(long, env = "CCGW_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub(crate) listen: Option<SocketAddr>,
 
-    /// CC-Gateway base URL, e.g. https://ccgw.example:8043 (the /agentgateway/resource prefix
+    /// CC-Gateway base URL, e.g. `https://ccgw.example:8043` (the /agentgateway/resource prefix
     /// is added). Not needed with --simulate.
-    // The doc comment is also the --help text, where a Markdown link's brackets would show.
-    #[allow(rustdoc::bare_urls)]
     #[arg(long, env = "CCGW_GATEWAY_URL", required_unless_present = "simulate")]
-    pub gateway_url: Option<String>,
+    pub(crate) gateway_url: Option<String>,
 
     /// PEM file with the CA certificate(s) that issued the gateway's TLS certificate.
     #[arg(long, env = "CCGW_GATEWAY_CA_BUNDLE")]
-    pub gateway_ca_bundle: Option<PathBuf>,
+    pub(crate) gateway_ca_bundle: Option<PathBuf>,
 
     /// Release the current call with the legacy DELETE .../voicecall/{agentid} (old gateways).
     #[arg(long, env = "CCGW_LEGACY_RELEASE_PATH")]
-    pub legacy_release_path: bool,
+    pub(crate) legacy_release_path: bool,
 
     /// Largest agent id accepted (the gateway's range is 101..59999 or, on newer versions, 999999).
     #[arg(long, env = "CCGW_MAX_AGENT_ID", default_value_t = DEFAULT_MAX_AGENT_ID,
           value_parser = clap::value_parser!(u32).range(MIN_AGENT_ID as i64..=MAX_AGENT_ID_LIMIT as i64))]
-    pub max_agent_id: u32,
+    pub(crate) max_agent_id: u32,
 
     /// Connect timeout towards the gateway, in milliseconds.
     #[arg(long, env = "CCGW_CONNECT_TIMEOUT_MS", default_value_t = 3_000,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
-    pub connect_timeout_ms: u64,
+    pub(crate) connect_timeout_ms: u64,
 
     /// Upper bound of one ReleaseCall, in milliseconds; a shorter gRPC deadline wins.
     #[arg(long, env = "CCGW_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
-    pub request_timeout_ms: u64,
+    pub(crate) request_timeout_ms: u64,
 
     /// Largest gateway answer read, in bytes.
     #[arg(long, env = "CCGW_MAX_ANSWER_BYTES", default_value_t = 64 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
-    pub max_answer_bytes: u32,
+    pub(crate) max_answer_bytes: u32,
 
     /// How long a request_id's answer is remembered, in seconds; at least the request timeout.
     #[arg(long, env = "CCGW_IDEMPOTENCY_WINDOW_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub idempotency_window_secs: u64,
+    pub(crate) idempotency_window_secs: u64,
 
     /// How many request_ids are remembered at most (oldest forgotten first).
     #[arg(long, env = "CCGW_IDEMPOTENCY_CAPACITY", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
-    pub idempotency_capacity: u32,
+    pub(crate) idempotency_capacity: u32,
 
     /// Agents whose gateway session the facade holds at most; a handover for one more is
     /// refused (RESOURCE_EXHAUSTED) unless a session has been idle for --session-idle-secs.
     #[arg(long, env = "CCGW_MAX_SESSIONS", default_value_t = 50_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
-    pub max_sessions: u32,
+    pub(crate) max_sessions: u32,
 
     /// A session no release and no poll used for this long is forgotten, in seconds (the
     /// gateway signs an agent out after 2 minutes without a poll anyway). At least 600, so a
     /// polled agent's session, used every poll, never is.
     #[arg(long, env = "CCGW_SESSION_IDLE_SECS", default_value_t = 3_600,
           value_parser = clap::value_parser!(u64).range(600..=604_800))]
-    pub session_idle_secs: u64,
+    pub(crate) session_idle_secs: u64,
 
     /// Pause after an empty event-poll answer, in milliseconds (after an event the next poll
     /// goes out at once).
     #[arg(long, env = "CCGW_POLL_PAUSE_MS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
-    pub poll_pause_ms: u64,
+    pub(crate) poll_pause_ms: u64,
 
     /// HTTP timeout of one event poll, in milliseconds; must outlast the gateway's long-poll
     /// wait (about 10 s).
     #[arg(long, env = "CCGW_POLL_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(11_000..=300_000))]
-    pub poll_timeout_ms: u64,
+    pub(crate) poll_timeout_ms: u64,
 
     /// Longest pause between event polls after consecutive failures, in milliseconds.
     #[arg(long, env = "CCGW_POLL_BACKOFF_MAX_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(200..=60_000))]
-    pub poll_backoff_max_ms: u64,
+    pub(crate) poll_backoff_max_ms: u64,
 
     /// How long an agent is still polled after its last watcher left, in seconds (a
     /// reconnecting watcher misses nothing; the gateway signs out agents after 2 min without a
     /// poll).
     #[arg(long, env = "CCGW_WATCH_GRACE_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
-    pub watch_grace_secs: u64,
+    pub(crate) watch_grace_secs: u64,
 
     /// Release events kept per agent for resuming watchers.
     #[arg(long, env = "CCGW_REPLAY_EVENTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    pub replay_events: u32,
+    pub(crate) replay_events: u32,
 
     /// How long release events are kept for resuming watchers, in seconds.
     #[arg(long, env = "CCGW_REPLAY_AGE_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub replay_age_secs: u64,
+    pub(crate) replay_age_secs: u64,
 
     /// How many events a watcher may fall behind before its stream is cut off
     /// (RESOURCE_EXHAUSTED, with a token to resume from).
     #[arg(long, env = "CCGW_WATCH_BUFFER_EVENTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub watch_buffer_events: u32,
+    pub(crate) watch_buffer_events: u32,
 
     /// A WatchReleaseEvents stream that sent nothing for this long gets a heartbeat, in seconds.
     #[arg(long, env = "CCGW_HEARTBEAT_SECS", default_value_t = 15,
           value_parser = clap::value_parser!(u64).range(1..=3_600))]
-    pub heartbeat_secs: u64,
+    pub(crate) heartbeat_secs: u64,
 
     /// Agents one WatchReleaseEvents stream may watch.
     #[arg(long, env = "CCGW_MAX_WATCH_AGENTS", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub max_watch_agents: u32,
+    pub(crate) max_watch_agents: u32,
 
     /// Open WatchReleaseEvents streams in the process.
     #[arg(long, env = "CCGW_MAX_WATCHERS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_watchers: u32,
+    pub(crate) max_watchers: u32,
 
     /// ReleaseCalls waiting for their release event in the process (wait_for_release_event);
     /// apart from --max-watchers, so that streams and releases cannot crowd each other out.
     #[arg(long, env = "CCGW_MAX_RELEASE_WAITERS", default_value_t = 1_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_release_waiters: u32,
+    pub(crate) max_release_waiters: u32,
 
     /// A WatchReleaseEvents stream that could not send anything for this long (its client
     /// stopped reading) is cut off with a token to resume from and its watcher freed, in
     /// seconds.
     #[arg(long, env = "CCGW_STREAM_SEND_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3_600))]
-    pub stream_send_timeout_secs: u64,
+    pub(crate) stream_send_timeout_secs: u64,
 
     /// How long in-flight calls may finish after SIGTERM, in seconds (event streams use up to
-    /// 2 s of it to deliver their pollers' last answers and their resume tokens).
+    /// 2 s of it to deliver their poll loops' last answers and their resume tokens).
     #[arg(long, env = "CCGW_DRAIN_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
-    pub drain_timeout_secs: u64,
+    pub(crate) drain_timeout_secs: u64,
 
     /// Log format.
     #[arg(long, env = "CCGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -168,12 +166,12 @@ pub struct Config {
     // Kept in builds without the simulator so that asking for it gets a clear refusal rather
     // than clap's "unexpected argument".
     #[arg(long, hide = cfg!(not(feature = "simulator")))]
-    pub simulate: bool,
+    pub(crate) simulate: bool,
 
     /// Where the embedded simulator listens (gateway interface and /sim control API).
     #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043",
           hide = cfg!(not(feature = "simulator")))]
-    pub sim_listen: SocketAddr,
+    pub(crate) sim_listen: SocketAddr,
 }
 
 /// The real service's default: reachable from the other services it is made for.
@@ -196,7 +194,7 @@ impl Config {
 
     /// Checks what one flag's range cannot: a request id must be remembered at least as long
     /// as its request may run, or a duplicate could act while the first is still waiting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.idempotency_window_secs * 1000 < self.request_timeout_ms {
             return Err(format!(
                 "--idempotency-window-secs ({}) must cover --request-timeout-ms ({})",
@@ -207,7 +205,7 @@ impl Config {
     }
 
     /// Gateway settings for `base_url` (the configured one, or the simulator's).
-    pub fn gateway(&self, base_url: String) -> std::io::Result<GatewaySettings> {
+    pub(crate) fn gateway(&self, base_url: String) -> std::io::Result<GatewaySettings> {
         let ca_bundle_pem = self
             .gateway_ca_bundle
             .as_ref()
@@ -222,14 +220,14 @@ impl Config {
         })
     }
 
-    pub fn session_limits(&self) -> SessionLimits {
+    pub(crate) fn session_limits(&self) -> SessionLimits {
         SessionLimits {
             max_sessions: self.max_sessions as usize,
             idle: Duration::from_secs(self.session_idle_secs),
         }
     }
 
-    pub fn release_policy(&self) -> ReleasePolicy {
+    pub(crate) fn release_policy(&self) -> ReleasePolicy {
         ReleasePolicy {
             idempotency_window: Duration::from_secs(self.idempotency_window_secs),
             idempotency_capacity: self.idempotency_capacity as usize,
@@ -237,7 +235,7 @@ impl Config {
         }
     }
 
-    pub fn api(&self) -> ApiSettings {
+    pub(crate) fn api(&self) -> ApiSettings {
         ApiSettings {
             max_agent_id: self.max_agent_id,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
@@ -246,7 +244,7 @@ impl Config {
         }
     }
 
-    pub fn events(&self) -> EventSettings {
+    pub(crate) fn events(&self) -> EventSettings {
         EventSettings {
             poll_pause: Duration::from_millis(self.poll_pause_ms),
             poll_timeout: Duration::from_millis(self.poll_timeout_ms),

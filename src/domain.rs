@@ -5,12 +5,12 @@ use std::fmt;
 /// What is wrong with one input field; `api` turns it into a google.rpc `BadRequest` violation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
-    pub field: &'static str,
-    pub description: String,
+    pub(crate) field: &'static str,
+    pub(crate) description: String,
 }
 
 impl FieldViolation {
-    pub fn new(field: &'static str, description: impl Into<String>) -> Self {
+    pub(crate) fn new(field: &'static str, description: impl Into<String>) -> Self {
         Self {
             field,
             description: description.into(),
@@ -19,11 +19,11 @@ impl FieldViolation {
 }
 
 /// Smallest agent id the gateway accepts.
-pub const MIN_AGENT_ID: u32 = 101;
+pub(crate) const MIN_AGENT_ID: u32 = 101;
 /// Largest `max_agent_id` a deployment may configure (pages updated 2025-11).
-pub const MAX_AGENT_ID_LIMIT: u32 = 999_999;
+pub(crate) const MAX_AGENT_ID_LIMIT: u32 = 999_999;
 /// The older reference's upper bound, our default.
-pub const DEFAULT_MAX_AGENT_ID: u32 = 59_999;
+pub(crate) const DEFAULT_MAX_AGENT_ID: u32 = 59_999;
 
 /// An agent's work number, in `MIN_AGENT_ID..=max`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,7 +58,8 @@ impl AgentId {
         Ok(Self(value))
     }
 
-    pub fn get(self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn get(self) -> u32 {
         self.0
     }
 }
@@ -75,9 +76,9 @@ impl fmt::Display for AgentId {
 pub struct CallId(String);
 
 impl CallId {
-    pub const MAX_LEN: usize = 64;
+    pub(crate) const MAX_LEN: usize = 64;
 
-    pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
+    pub(crate) fn parse(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
         let ok = !raw.is_empty()
             && raw.len() <= Self::MAX_LEN
             && raw.bytes().all(|b| b.is_ascii_digit() || b == b'-')
@@ -95,7 +96,8 @@ impl CallId {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -108,12 +110,12 @@ impl fmt::Display for CallId {
 
 /// A client's idempotency key: 1..=128 printable ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RequestId(String);
+pub(crate) struct RequestId(String);
 
 impl RequestId {
-    pub const MAX_LEN: usize = 128;
+    pub(crate) const MAX_LEN: usize = 128;
 
-    pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
+    pub(crate) fn parse(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
         if !raw.is_empty()
             && raw.len() <= Self::MAX_LEN
             && raw.bytes().all(|b| b.is_ascii_graphic())
@@ -131,11 +133,11 @@ impl RequestId {
     }
 
     /// A fresh id for a request that came without one, so every answer can be traced.
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         Self(uuid::Uuid::new_v4().to_string())
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

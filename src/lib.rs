@@ -2,7 +2,7 @@
 //!
 //! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types), `sessions` (which session a
 //! request goes out with, handovers), `release` (hang-up policy), `events` (poll loops,
-//! fan-out, replay and resume), `lifecycle` (shutdown and tasks), `server` (composition),
+//! feeds, watchers, replay and resume), `lifecycle` (shutdown and tasks), `server` (composition),
 //! `config`, `telemetry`. The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which
 //! `startup` embeds for `--simulate` when the `simulator` feature (on by default) is.
 
@@ -33,8 +33,8 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod gateway;
-pub mod lifecycle;
-pub mod release;
+pub(crate) mod lifecycle;
+pub(crate) mod release;
 pub mod server;
 pub mod sessions;
 pub mod startup;

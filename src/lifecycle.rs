@@ -5,32 +5,32 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Cheap to clone; every clone is the same lifecycle.
 #[derive(Debug, Clone, Default)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl Lifecycle {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Cancelled when shutdown begins (SIGTERM): streams deliver what they hold and end, poll
     /// loops stop, no new watcher is admitted.
-    pub fn shutdown(&self) -> &CancellationToken {
+    pub(crate) fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
     }
 
     /// Cancelled when the drain gives up: calls still running answer at once with what they
     /// know.
-    pub fn hard_stop(&self) -> &CancellationToken {
+    pub(crate) fn hard_stop(&self) -> &CancellationToken {
         &self.hard_stop
     }
 
     /// Every task the service spawns (poll loops, stream forwarders, releases that must outlive
     /// their caller), so that shutdown can wait for them, bounded.
-    pub fn tasks(&self) -> &TaskTracker {
+    pub(crate) fn tasks(&self) -> &TaskTracker {
         &self.tasks
     }
 }

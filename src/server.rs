@@ -1,5 +1,5 @@
-//! `run(listener, app, shutdown)`: the gRPC server with health, reflection (v1 and v1alpha)
-//! and a bounded graceful drain.
+//! `run(listener, api, settings, shutdown)`: the gRPC server with health, reflection (v1 and
+//! v1alpha) and a bounded graceful drain.
 use std::{
     future::Future,
     panic::AssertUnwindSafe,
@@ -12,6 +12,7 @@ use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{codegen::http, transport::server::TcpIncoming};
+use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
     api::{
@@ -31,11 +32,11 @@ const TASKS_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// How long in-flight calls may take to finish after shutdown begins.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Largest request message accepted.
-    pub max_request_bytes: usize,
+    pub(crate) max_request_bytes: usize,
     /// HTTP/2 streams per connection.
-    pub max_concurrent_streams: u32,
+    pub(crate) max_concurrent_streams: u32,
 }
 
 impl Default for ServerSettings {
@@ -69,21 +70,7 @@ pub async fn run(
         .set_serving::<CallControlServer<CallControlApi>>()
         .await;
 
-    // Each lists the other too, so every client sees the same list whichever it speaks. The
-    // error details add no service: they let a client decode the details of every failure.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = reflection()
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let lifecycle = api.lifecycle().clone();
     let call_control =
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
@@ -113,6 +100,31 @@ pub async fn run(
             signal,
         );
     drain(serve, &lifecycle, settings.drain_timeout).await
+}
+
+/// Server reflection v1 and v1alpha. Each lists the other too, so every client sees the same
+/// list whichever it speaks. The error details add no service: they let a client decode the
+/// details of every failure.
+fn reflection() -> Result<
+    (
+        v1::ServerReflectionServer<impl v1::ServerReflection>,
+        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+    ),
+    ServerError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok((reflection_v1, reflection_v1alpha))
 }
 
 /// The first steps of shutdown, in order: streams deliver what they hold and end (UNAVAILABLE,

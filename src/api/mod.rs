@@ -1,16 +1,18 @@
 //! The gRPC surface: handlers, proto <-> domain, and the failure -> Status table. The only room
 //! that knows gRPC.
-pub mod request;
+pub(crate) mod request;
 pub mod status;
-mod watch;
+mod stream;
 
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use self::request::ValidWatchRequest;
+
 use crate::{
-    domain::{FieldViolation, RequestId},
-    events::EventHub,
+    domain::{AgentId, FieldViolation, RequestId},
+    events::{EventHub, Watcher},
     gateway::{ReleaseTarget, Session},
     lifecycle::Lifecycle,
     proto::{self, call_control_server::CallControl},
@@ -18,17 +20,17 @@ use crate::{
     sessions::Sessions,
 };
 
-pub use proto::call_control_server::CallControlServer;
+pub(crate) use proto::call_control_server::CallControlServer;
 
 #[derive(Debug, Clone)]
-pub struct ApiSettings {
-    pub max_agent_id: u32,
+pub(crate) struct ApiSettings {
+    pub(crate) max_agent_id: u32,
     /// Upper bound for one ReleaseCall when the caller sets no (or a longer) deadline.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Agents one WatchReleaseEvents stream may watch.
-    pub max_watch_agents: usize,
+    pub(crate) max_watch_agents: usize,
     /// A stream that could not send an item for this long is cut off (WATCHER_TOO_SLOW).
-    pub stream_send_timeout: Duration,
+    pub(crate) stream_send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -40,7 +42,7 @@ pub struct CallControlApi {
 }
 
 impl CallControlApi {
-    pub fn new(
+    pub(crate) fn new(
         release: ReleaseService,
         events: EventHub,
         settings: ApiSettings,
@@ -59,12 +61,46 @@ impl CallControlApi {
     }
 
     /// The service's shutdown, hard stop and tasks, which the server drives.
-    pub fn lifecycle(&self) -> &Lifecycle {
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
         &self.lifecycle
     }
 
     pub fn events(&self) -> &EventHub {
         &self.events
+    }
+}
+
+impl CallControlApi {
+    /// The watcher of a valid WatchReleaseEvents request, or the Status of its refusal.
+    fn subscribe(
+        &self,
+        valid: ValidWatchRequest,
+        handover: Option<(AgentId, Session)>,
+        ctx: &status::Context<'_>,
+    ) -> Result<Watcher, Status> {
+        let watcher = self
+            .events
+            .subscribe(&valid.agents, valid.from, valid.kinds, handover)
+            .map_err(|error| {
+                tracing::info!(request_id = %ctx.request_id, %error, "WatchReleaseEvents refused");
+                status::subscribe_failure(&error, ctx)
+            })?;
+        tracing::info!(request_id = %ctx.request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
+        Ok(watcher)
+    }
+}
+
+/// A session handover is one agent's: with several agent ids it says nothing of which.
+fn handover_of_one_agent(
+    handover: Result<Option<Session>, FieldViolation>,
+    several_agents: bool,
+) -> Result<Option<Session>, FieldViolation> {
+    match handover {
+        Ok(Some(_)) if several_agents => Err(FieldViolation::new(
+            request::GUID_METADATA,
+            "hands over one agent's session: send it with exactly one agent id",
+        )),
+        other => other,
     }
 }
 
@@ -93,6 +129,35 @@ fn take_handover<T>(request: &mut Request<T>) -> Result<Option<Session>, FieldVi
     request.metadata_mut().remove(request::GUID_METADATA);
     request.metadata_mut().remove(request::COOKIE_METADATA);
     handover
+}
+
+fn release_response(released: Released, request_id: &RequestId) -> proto::ReleaseCallResponse {
+    let Released {
+        report,
+        confirmation,
+    } = released;
+    let (release_event, confirmation) = match confirmation {
+        Confirmation::NotAsked => (None, proto::ReleaseConfirmation::Unspecified),
+        Confirmation::Confirmed(event) => (
+            Some(stream::event_to_proto(&event)),
+            proto::ReleaseConfirmation::Confirmed,
+        ),
+        Confirmation::NotObserved => (None, proto::ReleaseConfirmation::NotObserved),
+        Confirmation::ShuttingDown => (None, proto::ReleaseConfirmation::ShuttingDown),
+        Confirmation::SessionEnded => (None, proto::ReleaseConfirmation::SessionEnded),
+    };
+    proto::ReleaseCallResponse {
+        outcome: match report.outcome {
+            ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
+            ReleaseOutcome::NoActiveCall => proto::ReleaseOutcome::NoActiveCall,
+        } as i32,
+        retcode: report.retcode.to_string(),
+        message: report.message,
+        request_id: request_id.to_string(),
+        replayed: report.replayed,
+        release_event,
+        confirmation: confirmation as i32,
+    }
 }
 
 #[tonic::async_trait]
@@ -133,49 +198,25 @@ impl CallControl for CallControlApi {
             })
             .await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        let Released {
-            report,
-            confirmation,
-        } = result.map_err(|error| {
+        let released = result.map_err(|error| {
             tracing::warn!(%agent, target, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
             status::release_failure(&error, &ctx)
         })?;
+        let report = &released.report;
         tracing::info!(%agent, target, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
-        let (release_event, confirmation) = match confirmation {
-            Confirmation::NotAsked => (None, proto::ReleaseConfirmation::Unspecified),
-            Confirmation::Confirmed(event) => (
-                Some(watch::event_to_proto(&event)),
-                proto::ReleaseConfirmation::Confirmed,
-            ),
-            Confirmation::NotObserved => (None, proto::ReleaseConfirmation::NotObserved),
-            Confirmation::ShuttingDown => (None, proto::ReleaseConfirmation::ShuttingDown),
-            Confirmation::SessionEnded => (None, proto::ReleaseConfirmation::SessionEnded),
-        };
-        Ok(Response::new(proto::ReleaseCallResponse {
-            outcome: match report.outcome {
-                ReleaseOutcome::Released => proto::ReleaseOutcome::Released,
-                ReleaseOutcome::NoActiveCall => proto::ReleaseOutcome::NoActiveCall,
-            } as i32,
-            retcode: report.retcode.to_string(),
-            message: report.message,
-            request_id: request_id.to_string(),
-            replayed: report.replayed,
-            release_event,
-            confirmation: confirmation as i32,
-        }))
+        Ok(Response::new(release_response(released, &request_id)))
     }
 
-    type WatchReleaseEventsStream = watch::EventStream;
+    type WatchReleaseEventsStream = stream::EventStream;
 
     async fn watch_release_events(
         &self,
         mut request: Request<proto::WatchReleaseEventsRequest>,
     ) -> Result<Response<Self::WatchReleaseEventsStream>, Status> {
-        let mut handover = take_handover(&mut request);
-        let body = request.get_ref();
+        let handover = take_handover(&mut request);
         let request_id = RequestId::generate();
         let valid = request::watch_request(
-            body,
+            request.get_ref(),
             self.settings.max_agent_id,
             self.settings.max_watch_agents,
         );
@@ -183,29 +224,21 @@ impl CallControl for CallControlApi {
             Ok(v) if v.agents.len() == 1 => Some(v.agents[0]),
             _ => None,
         };
-        if let (Ok(_), Ok(Some(_)), None) = (&valid, &handover, single_agent) {
-            handover = Err(FieldViolation::new(
-                request::GUID_METADATA,
-                "hands over one agent's session: send it with exactly one agent id",
-            ));
-        }
+        let several_agents = valid.is_ok() && single_agent.is_none();
         let ctx = status::Context {
             agent: single_agent,
             request_id: request_id.as_str(),
             releases_current_call: false,
         };
-        let (valid, handover) = both_valid("WatchReleaseEvents", valid, handover, &ctx)?;
-        let handover = single_agent.zip(handover);
-        let watch = self
-            .events
-            .subscribe(&valid.agents, valid.from, valid.kinds, handover)
-            .map_err(|error| {
-                tracing::info!(request_id = %request_id, %error, "WatchReleaseEvents refused");
-                status::subscribe_failure(&error, &ctx)
-            })?;
-        tracing::info!(request_id = %request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
-        Ok(Response::new(watch::into_stream(
-            watch,
+        let (valid, handover) = both_valid(
+            "WatchReleaseEvents",
+            valid,
+            handover_of_one_agent(handover, several_agents),
+            &ctx,
+        )?;
+        let watcher = self.subscribe(valid, single_agent.zip(handover), &ctx)?;
+        Ok(Response::new(stream::into_stream(
+            watcher,
             request_id,
             self.settings.stream_send_timeout,
         )))

@@ -13,18 +13,18 @@ use crate::{
 };
 
 /// Metadata key carrying the agent's gateway Guid (a session handover).
-pub const GUID_METADATA: &str = "x-ccgw-guid";
+pub(crate) const GUID_METADATA: &str = "x-ccgw-guid";
 /// Metadata key carrying the load balancer's cookies for that session.
-pub const COOKIE_METADATA: &str = "x-ccgw-cookie";
+pub(crate) const COOKIE_METADATA: &str = "x-ccgw-cookie";
 
-pub struct ValidRelease {
-    pub command: ReleaseCommand,
+pub(crate) struct ValidRelease {
+    pub(crate) command: ReleaseCommand,
     /// The caller's idempotency key, if it sent one.
-    pub request_id: Option<RequestId>,
+    pub(crate) request_id: Option<RequestId>,
 }
 
 /// Checks every field and reports every violation at once.
-pub fn release_request(
+pub(crate) fn release_request(
     request: &proto::ReleaseCallRequest,
     max_agent_id: u32,
 ) -> Result<ValidRelease, Vec<FieldViolation>> {
@@ -60,36 +60,62 @@ pub fn release_request(
     }
 }
 
-pub struct ValidWatch {
-    pub agents: Vec<AgentId>,
-    pub from: Option<ResumeToken>,
-    pub kinds: KindFilter,
+pub(crate) struct ValidWatchRequest {
+    pub(crate) agents: Vec<AgentId>,
+    pub(crate) from: Option<ResumeToken>,
+    pub(crate) kinds: KindFilter,
 }
 
 /// Checks a WatchReleaseEvents request and reports every violation at once.
-pub fn watch_request(
+pub(crate) fn watch_request(
     request: &proto::WatchReleaseEventsRequest,
     max_agent_id: u32,
     max_agents: usize,
-) -> Result<ValidWatch, Vec<FieldViolation>> {
+) -> Result<ValidWatchRequest, Vec<FieldViolation>> {
     let mut violations = Vec::new();
-    if request.agent_ids.is_empty() {
+    let agents = agent_ids(
+        &request.agent_ids,
+        max_agent_id,
+        max_agents,
+        &mut violations,
+    );
+    let from = resume_token(&request.resume_token, &mut violations);
+    let kinds = release_kinds(&request.kinds, &mut violations);
+    if violations.is_empty() {
+        Ok(ValidWatchRequest {
+            agents,
+            from,
+            kinds: KindFilter::new(kinds),
+        })
+    } else {
+        Err(violations)
+    }
+}
+
+/// 1 to `max_agents` distinct valid agent ids.
+fn agent_ids(
+    raw_ids: &[String],
+    max_agent_id: u32,
+    max_agents: usize,
+    violations: &mut Vec<FieldViolation>,
+) -> Vec<AgentId> {
+    if raw_ids.is_empty() {
         violations.push(FieldViolation::new(
             "agent_ids",
             "is required: one or more agent ids to watch",
         ));
     }
-    if request.agent_ids.len() > max_agents {
+    if raw_ids.len() > max_agents {
         violations.push(FieldViolation::new(
             "agent_ids",
             format!(
                 "holds {} agent ids; at most {max_agents} per stream",
-                request.agent_ids.len()
+                raw_ids.len()
             ),
         ));
     }
-    let mut agents = Vec::with_capacity(request.agent_ids.len().min(max_agents));
-    for (i, raw) in request.agent_ids.iter().enumerate().take(max_agents) {
+    let mut agents = Vec::with_capacity(raw_ids.len().min(max_agents));
+    for (i, raw) in raw_ids.iter().enumerate().take(max_agents) {
         match AgentId::parse("agent_ids", raw, max_agent_id) {
             Ok(agent) if agents.contains(&agent) => violations.push(FieldViolation::new(
                 "agent_ids",
@@ -102,20 +128,27 @@ pub fn watch_request(
             )),
         }
     }
-    let from = if request.resume_token.is_empty() {
-        None
-    } else {
-        let token = ResumeToken::parse(&request.resume_token);
-        if token.is_none() {
-            violations.push(FieldViolation::new(
-                "resume_token",
-                "is not a token this facade issued: pass the resume_token of an event, heartbeat or error unchanged",
-            ));
-        }
-        token
-    };
+    agents
+}
+
+/// No token (live from now), or one this facade issued.
+fn resume_token(raw: &str, violations: &mut Vec<FieldViolation>) -> Option<ResumeToken> {
+    if raw.is_empty() {
+        return None;
+    }
+    let token = ResumeToken::parse(raw);
+    if token.is_none() {
+        violations.push(FieldViolation::new(
+            "resume_token",
+            "is not a token this facade issued: pass the resume_token of an event, heartbeat or error unchanged",
+        ));
+    }
+    token
+}
+
+fn release_kinds(raw_kinds: &[i32], violations: &mut Vec<FieldViolation>) -> Vec<ReleaseKind> {
     let mut kinds = Vec::new();
-    for (i, raw) in request.kinds.iter().enumerate() {
+    for (i, raw) in raw_kinds.iter().enumerate() {
         match proto::ReleaseKind::try_from(*raw) {
             Ok(proto::ReleaseKind::CallRelease) => kinds.push(ReleaseKind::CallRelease),
             Ok(proto::ReleaseKind::CustomerRelease) => kinds.push(ReleaseKind::CustomerRelease),
@@ -125,19 +158,11 @@ pub fn watch_request(
             )),
         }
     }
-    if violations.is_empty() {
-        Ok(ValidWatch {
-            agents,
-            from,
-            kinds: KindFilter::new(kinds),
-        })
-    } else {
-        Err(violations)
-    }
+    kinds
 }
 
 /// A session handed over in metadata: `x-ccgw-guid` and optionally `x-ccgw-cookie`.
-pub fn session_handover(metadata: &MetadataMap) -> Result<Option<Session>, FieldViolation> {
+pub(crate) fn session_handover(metadata: &MetadataMap) -> Result<Option<Session>, FieldViolation> {
     let guid = single_ascii(metadata, GUID_METADATA)?;
     let cookie = single_ascii(metadata, COOKIE_METADATA)?;
     match (guid, cookie) {
@@ -178,7 +203,7 @@ fn single_ascii<'a>(
 /// when that comes first. tonic enforces `grpc-timeout` itself, answering a bare CANCELLED at
 /// the deadline, and the caller's own timer fires then too: the facade's answer (its details
 /// say whether the call may have been released) must be on its way well before.
-pub fn deadline(metadata: &MetadataMap, ceiling: Duration) -> Instant {
+pub(crate) fn deadline(metadata: &MetadataMap, ceiling: Duration) -> Instant {
     let budget = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -197,7 +222,7 @@ fn answer_margin(budget: Duration) -> Duration {
 }
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n), per the gRPC HTTP/2 spec.
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

@@ -1,8 +1,9 @@
 //! The one table from failures (gateway retcodes, HTTP and transport errors, bad input) to gRPC
 //! statuses with google.rpc details. It has a row for every retcode the reference documents
-//! ([`known_retcode_rule`]) and every [`Condition`] ([`condition_rule`]); both are exhaustive
+//! (`known_retcode_rule`) and every `Condition` (`condition_rule`); both are exhaustive
 //! `match`es, so a retcode or condition without a row does not compile. README.md shows the
-//! table (built from [`KnownRetcode::ALL`] and [`Condition::ALL`]); a test keeps them equal.
+//! table ([`markdown_table`], built from `KnownRetcode::ALL` and `Condition::ALL`); a test keeps
+//! them equal.
 use std::{collections::HashMap, time::Duration};
 
 use tonic::{Code, Status};
@@ -10,16 +11,16 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     domain::{AgentId, FieldViolation},
-    events::{SessionEnding, SubscribeError, WatchEnd},
+    events::{SessionEnding, SubscribeError, WatcherEnd},
     gateway::{GatewayError, KnownRetcode, Retcode},
     release::ReleaseError,
 };
 
 /// `ErrorInfo.domain` of every error this service returns.
-pub const ERROR_DOMAIN: &str = "ccgw-callcontrol";
+pub(crate) const ERROR_DOMAIN: &str = "ccgw-callcontrol";
 
 /// The keys of `ErrorInfo.metadata`: clients read them, so they are part of the interface.
-pub mod metadata_key {
+pub(crate) mod metadata_key {
     /// The gateway's retcode.
     pub const RETCODE: &str = "retcode";
     /// The gateway's message, or what went wrong on the way to it.
@@ -40,7 +41,7 @@ pub mod metadata_key {
 
 /// Whether and when a client may send the same request again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
+pub(crate) enum Retry {
     No,
     /// Retrying after the delay is safe: the request had no effect, or it names its call
     /// (dropcall). A release of the current call that may have happened never gets here: it
@@ -50,12 +51,12 @@ pub enum Retry {
 
 /// What a failure becomes: one row of the table.
 #[derive(Debug, Clone, Copy)]
-pub struct Rule {
-    pub code: Code,
-    pub reason: &'static str,
-    pub retry: Retry,
+pub(crate) struct Rule {
+    pub(crate) code: Code,
+    pub(crate) reason: &'static str,
+    pub(crate) retry: Retry,
     /// The start of the status message, what a person reads first.
-    pub meaning: &'static str,
+    pub(crate) meaning: &'static str,
 }
 
 const fn row(code: Code, reason: &'static str, retry: Retry, meaning: &'static str) -> Rule {
@@ -80,7 +81,7 @@ use Retry::{After, No};
 enum_with_all! {
     /// The failures that are not a documented gateway retcode, in the table's order.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Condition {
+    pub(crate) enum Condition {
         /// The gateway answered a retcode the reference does not document.
         OtherRetcode,
         /// HTTP 429, 502, 503 or 504: the gateway or its load balancer is busy or restarting.
@@ -112,7 +113,7 @@ enum_with_all! {
 
 impl Condition {
     /// How the table's first column names the condition.
-    pub const fn label(self) -> &'static str {
+    pub(crate) const fn label(self) -> &'static str {
         match self {
             Self::OtherRetcode => "(other retcode)",
             Self::HttpUnavailable => "(HTTP 429, 502, 503, 504)",
@@ -139,7 +140,7 @@ impl Condition {
 }
 
 /// The rows of the retcodes the reference documents.
-pub const fn known_retcode_rule(retcode: KnownRetcode) -> Rule {
+pub(crate) const fn known_retcode_rule(retcode: KnownRetcode) -> Rule {
     match retcode {
         KnownRetcode::WrongEventMethod => row(FailedPrecondition, "WRONG_EVENT_METHOD", No, "the gateway is configured for another event-obtaining method"),
         KnownRetcode::InvalidParameter => row(InvalidArgument, "GATEWAY_INVALID_PARAMETER", No, "the gateway rejected a parameter or the URL"),
@@ -169,7 +170,7 @@ pub const fn known_retcode_rule(retcode: KnownRetcode) -> Rule {
 }
 
 /// The rows of the conditions.
-pub const fn condition_rule(condition: Condition) -> Rule {
+pub(crate) const fn condition_rule(condition: Condition) -> Rule {
     match condition {
         Condition::OtherRetcode => row(Unknown, "GATEWAY_RETCODE_UNKNOWN", No, "the gateway answered a retcode this service does not know"),
         Condition::HttpUnavailable => row(Unavailable, "GATEWAY_HTTP_ERROR", After(secs(1)), "the gateway or its load balancer answered an HTTP error"),
@@ -195,7 +196,7 @@ pub const fn condition_rule(condition: Condition) -> Rule {
 }
 
 /// The row of any retcode: its own when the reference documents it, else "(other retcode)".
-pub fn retcode_rule(retcode: &Retcode) -> Rule {
+pub(crate) fn retcode_rule(retcode: &Retcode) -> Rule {
     match retcode.known() {
         Some(known) => known_retcode_rule(known),
         None => condition_rule(Condition::OtherRetcode),
@@ -214,14 +215,14 @@ fn rows() -> impl Iterator<Item = (&'static str, Rule)> {
 }
 
 /// What the status message and ErrorInfo say about the request.
-pub struct Context<'a> {
-    pub agent: Option<AgentId>,
-    pub request_id: &'a str,
+pub(crate) struct Context<'a> {
+    pub(crate) agent: Option<AgentId>,
+    pub(crate) request_id: &'a str,
     /// The request releases whatever call is current (no call_id).
-    pub releases_current_call: bool,
+    pub(crate) releases_current_call: bool,
 }
 
-pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
+pub(crate) fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let (rule, detail) = match error {
         ReleaseError::Rejected { retcode, message }
@@ -278,7 +279,7 @@ pub fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status {
 
 /// Why a call is answered by the server around its handler rather than by the handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unfinished {
+pub(crate) enum Unfinished {
     /// Still running at the hard stop (after the drain timeout), unable to answer for itself
     /// (e.g. still reading its request).
     HardStop,
@@ -288,7 +289,7 @@ pub enum Unfinished {
 
 /// The answer to a call its handler did not finish. A ReleaseCall may have sent a release of
 /// the current call by then, so it must not be told anything that invites a retry.
-pub fn unfinished(path: &str, why: Unfinished) -> Status {
+pub(crate) fn unfinished(path: &str, why: Unfinished) -> Status {
     let (cause, detail) = match why {
         Unfinished::HardStop => (
             condition_rule(Condition::ShuttingDown).reason,
@@ -356,8 +357,8 @@ fn failure(
     Status::with_error_details(rule.code, message, details)
 }
 
-/// A WatchReleaseEvents (or wait_for_release_event) subscription that could not start.
-pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
+/// A watcher (of a WatchReleaseEvents stream, or a wait_for_release_event) that could not start.
+pub(crate) fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let condition = match error {
         SubscribeError::NoSession(agents) => {
@@ -382,22 +383,22 @@ pub fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> Status {
     failure(&rule, &error.to_string(), metadata, ctx)
 }
 
-/// How a watch stream ends (all but a client's cancel). Metadata `resume_token` says where to
+/// How a watcher's stream ends (all but a client's cancel). Metadata `resume_token` says where to
 /// continue.
-pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
+pub(crate) fn watcher_end(end: &WatcherEnd, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
     let (rule, detail, resume) = match end {
-        WatchEnd::TooSlow { resume } => (
+        WatcherEnd::TooSlow { resume } => (
             condition_rule(Condition::WatcherTooSlow),
             String::new(),
             resume,
         ),
-        WatchEnd::ShuttingDown { resume } => (
+        WatcherEnd::ShuttingDown { resume } => (
             condition_rule(Condition::ShuttingDown),
             String::new(),
             resume,
         ),
-        WatchEnd::SessionEnded {
+        WatcherEnd::SessionEnded {
             agent,
             ending,
             resume,
@@ -412,7 +413,7 @@ pub fn watch_end(end: &WatchEnd, ctx: &Context<'_>) -> Status {
 }
 
 /// The table row and detail of a lost session; fills `retcode`/`message` metadata.
-pub fn session_ending(
+pub(crate) fn session_ending(
     ending: &SessionEnding,
     metadata: &mut HashMap<String, String>,
 ) -> (Rule, String) {
@@ -436,7 +437,7 @@ fn refusal(retcode: &Retcode, message: &str, metadata: &mut HashMap<String, Stri
 }
 
 /// INVALID_ARGUMENT with one BadRequest violation per field; nothing reached the gateway.
-pub fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>) -> Status {
+pub(crate) fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>) -> Status {
     let rule = condition_rule(Condition::InvalidArgument);
     let summary = violations
         .iter()
@@ -479,7 +480,7 @@ pub fn markdown_table() -> String {
 }
 
 /// The canonical UPPER_SNAKE name of a code, as grpcurl prints it.
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",

@@ -1,31 +1,53 @@
-//! Release events: one long-poll loop per watched agent ([`PollLoop`]), fanned out to any
-//! number of watchers ([`EventHub`], [`Watch`]), with a bounded replay ring per agent and resume
-//! tokens. Knows nothing of gRPC.
+//! The events room: the agents' release events, read by one poll loop per agent somebody
+//! watches and delivered to any number of watchers, with a bounded replay per agent and resume
+//! tokens. Owns the poll loops, the feeds and the watchers; knows nothing of gRPC (the api room
+//! turns a watcher into a stream), nothing of hanging up (the release room only waits on a
+//! watcher), and keeps no session itself (it polls through the sessions room).
+//!
+//! One name per concept:
+//! - a *watcher* ([`Watcher`]) receives the release events of one or more agents: one per
+//!   WatchReleaseEvents stream, or one per ReleaseCall waiting for its event (a *release
+//!   waiter*, whose permit comes from a pool of its own);
+//! - a *feed* is one agent's state: its poll loop, its replay ring and its members; the *feed
+//!   registry* creates and retires feeds;
+//! - a watcher's *membership* in a feed has two sides: the watcher holds a `Membership`
+//!   (dropping it leaves the feed), the feed holds a `Member` (where to deliver);
+//! - a watcher's *start* (`WatcherStart`) is what subscribing works out for it: its position,
+//!   replay, gap and memberships;
+//! - the *poll loop* (`PollLoop`) is the one reader of an agent's gateway events.
+//!
+//! Parts: `hub` ([`EventHub`], the facade), `feeds` (the feed registry), `publish` (numbering
+//! and delivering events), `subscribe` (admitting and starting watchers), `watcher`, `forward`
+//! (a watcher read by a task of its own), `poll`, `ring` (the replay ring), `token`.
 //!
 //! Ordering: every release event gets the next number of one per-process sequence, and events
 //! are published in that order (one publish lock), so a watcher of several agents can deliver
 //! them in sequence order. "Everything up to sequence N was delivered" is then a complete
 //! description of where a watcher stands, which is all a resume token holds.
+mod feeds;
 mod forward;
 mod hub;
 mod poll;
+mod publish;
 mod ring;
+mod subscribe;
+#[cfg(test)]
+mod testing;
 mod token;
-mod watch;
+mod watcher;
 
 use std::{time::Duration, time::SystemTime};
 
-pub use forward::Forwarded;
-pub use hub::{EventHub, EventStats, SubscribeError, WatcherLimit};
-pub use poll::PollLoop;
-pub use ring::ReplayRing;
+pub use hub::{EventHub, EventStats};
+pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;
-pub use watch::{Gap, GapCause, SessionEnding, Watch, WatchEnd, WatchItem};
+pub use watcher::Watcher;
+pub(crate) use watcher::{SessionEnding, WatcherEnd, WatcherItem};
 
 use crate::domain::{AgentId, CallId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReleaseKind {
+pub(crate) enum ReleaseKind {
     /// `AgentEvent_Call_Release`: the agent left the call.
     CallRelease,
     /// `AgentEvent_Customer_Release`: the customer left the call.
@@ -34,20 +56,20 @@ pub enum ReleaseKind {
 
 /// One observed release event, shared (behind an `Arc`) by every watcher that receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReleaseEvent {
-    pub agent: AgentId,
-    pub kind: ReleaseKind,
-    pub call_id: CallId,
+pub(crate) struct ReleaseEvent {
+    pub(crate) agent: AgentId,
+    pub(crate) kind: ReleaseKind,
+    pub(crate) call_id: CallId,
     /// The customer's number (customer releases that carry one).
-    pub customer_number: Option<String>,
+    pub(crate) customer_number: Option<String>,
     /// The gateway's `eventGenTime`, when it sends one.
-    pub event_time: Option<SystemTime>,
+    pub(crate) event_time: Option<SystemTime>,
     /// When the facade received it.
-    pub observed_time: SystemTime,
+    pub(crate) observed_time: SystemTime,
     /// The gateway's `eventType`.
-    pub raw_event_type: String,
+    pub(crate) raw_event_type: String,
     /// Its place in the process's sequence; also the token to resume after it.
-    pub token: ResumeToken,
+    pub(crate) token: ResumeToken,
 }
 
 /// Which kinds a watcher wants (empty: all).
@@ -55,42 +77,42 @@ pub struct ReleaseEvent {
 pub struct KindFilter(Vec<ReleaseKind>);
 
 impl KindFilter {
-    pub fn new(kinds: Vec<ReleaseKind>) -> Self {
+    pub(crate) fn new(kinds: Vec<ReleaseKind>) -> Self {
         Self(kinds)
     }
 
-    pub fn only(kind: ReleaseKind) -> Self {
+    pub(crate) fn only(kind: ReleaseKind) -> Self {
         Self(vec![kind])
     }
 
-    pub fn accepts(&self, event: &ReleaseEvent) -> bool {
+    pub(crate) fn accepts(&self, event: &ReleaseEvent) -> bool {
         self.0.is_empty() || self.0.contains(&event.kind)
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct EventSettings {
+pub(crate) struct EventSettings {
     /// Pause after an empty poll answer (Huawei's demos: 500 ms; an event is re-polled at once).
-    pub poll_pause: Duration,
+    pub(crate) poll_pause: Duration,
     /// HTTP timeout of one poll; must outlast the gateway's long-poll wait (about 10 s).
-    pub poll_timeout: Duration,
+    pub(crate) poll_timeout: Duration,
     /// Longest pause between polls after consecutive failures.
-    pub backoff_max: Duration,
+    pub(crate) backoff_max: Duration,
     /// How long an agent is still polled after its last watcher left.
-    pub grace: Duration,
+    pub(crate) grace: Duration,
     /// Release events kept per agent for resuming watchers.
-    pub replay_events: usize,
+    pub(crate) replay_events: usize,
     /// How long a release event is kept for resuming watchers.
-    pub replay_age: Duration,
+    pub(crate) replay_age: Duration,
     /// How many events a watcher may fall behind before it is cut off.
-    pub watcher_buffer: usize,
+    pub(crate) watcher_buffer: usize,
     /// A watcher that sent nothing for this long gets a heartbeat.
-    pub heartbeat: Duration,
+    pub(crate) heartbeat: Duration,
     /// Open watchers in the process (`EventHub::subscribe`).
-    pub max_watchers: usize,
+    pub(crate) max_watchers: usize,
     /// Open release waiters in the process (`EventHub::subscribe_release_waiter`), a pool of
     /// their own so that neither kind can crowd out the other.
-    pub max_release_waiters: usize,
+    pub(crate) max_release_waiters: usize,
 }
 
 impl Default for EventSettings {

@@ -5,7 +5,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    hub::{Feed, Hub, Step},
+    feeds::{Feed, Step},
+    hub::Hub,
     SessionEnding,
 };
 use crate::{
@@ -19,7 +20,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(400);
 /// How long a poll in flight may still finish once shutdown begins.
 pub(super) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
 
-pub struct PollLoop {
+pub(super) struct PollLoop {
     hub: Arc<Hub>,
     feed: Arc<Feed>,
     shutdown: CancellationToken,
@@ -28,7 +29,7 @@ pub struct PollLoop {
 }
 
 impl PollLoop {
-    pub(super) fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
+    pub fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
         let shutdown = hub.shutdown.clone();
         Self {
             hub,
@@ -109,21 +110,9 @@ impl PollLoop {
                     None => self.hub.settings.poll_pause,
                 }
             }
-            Ok((answer, guid_used)) if answer.session_gone() => match self.current_guid() {
-                None => self.stop_polling(answer),
-                // The refused Guid is not the agent's session any more (a watcher's handed-over
-                // one took its place, or a request's was adopted while the poll waited): poll
-                // again with the session held now rather than end its watchers.
-                Some(now) if now != guid_used => {
-                    tracing::info!(%agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
-                    Duration::ZERO
-                }
-                // Handed over again meanwhile: back off rather than spin on it.
-                Some(_) => self.failed(&format!(
-                    "retcode {} for a Guid handed over again",
-                    answer.retcode
-                )),
-            },
+            Ok((answer, guid_used)) if answer.session_gone() => {
+                self.session_refused(answer, &guid_used)
+            }
             Ok((answer, _)) if answer.retcode == Retcode::WRONG_EVENT_METHOD => {
                 self.stop_polling(answer)
             }
@@ -137,6 +126,25 @@ impl PollLoop {
                 Duration::ZERO
             }
             Err(error) => self.failed(&error.to_string()),
+        }
+    }
+
+    /// The gateway refused the Guid the poll went out with (100-006, 000-003).
+    fn session_refused(&mut self, answer: Answer, guid_used: &Guid) -> Duration {
+        match self.current_guid() {
+            None => self.stop_polling(answer),
+            // The refused Guid is not the agent's session any more (a watcher's handed-over
+            // one took its place, or a request's was adopted while the poll waited): poll
+            // again with the session held now rather than end its watchers.
+            Some(now) if now != *guid_used => {
+                tracing::info!(agent = %self.feed.agent, retcode = %answer.retcode, "a poll's Guid was refused; polling with the agent's current session");
+                Duration::ZERO
+            }
+            // Handed over again meanwhile: back off rather than spin on it.
+            Some(_) => self.failed(&format!(
+                "retcode {} for a Guid handed over again",
+                answer.retcode
+            )),
         }
     }
 

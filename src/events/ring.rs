@@ -6,7 +6,7 @@ use tokio::time::Instant;
 use super::ReleaseEvent;
 
 #[derive(Debug)]
-pub struct ReplayRing {
+pub(super) struct ReplayRing {
     events: VecDeque<(Instant, Arc<ReleaseEvent>)>,
     capacity: usize,
     max_age: Duration,
@@ -78,6 +78,7 @@ impl ReplayRing {
         self.events.back().map(|(at, _)| *at + self.max_age)
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }

@@ -6,14 +6,14 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResumeToken {
     /// Identifies the process lifetime: sequence numbers restart with the process.
-    pub epoch: u64,
-    pub sequence: u64,
+    pub(crate) epoch: u64,
+    pub(crate) sequence: u64,
 }
 
 const PREFIX: &str = "r1.";
 
 impl ResumeToken {
-    pub fn parse(raw: &str) -> Option<Self> {
+    pub(crate) fn parse(raw: &str) -> Option<Self> {
         let (epoch, sequence) = raw.strip_prefix(PREFIX)?.split_once('.')?;
         let hex = |s: &str| {
             (!s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit()))

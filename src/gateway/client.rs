@@ -25,20 +25,21 @@ const CONTENT_TYPE_JSON: &str = "application/json; charset=UTF-8";
 const MIN_BUDGET: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
-pub struct GatewaySettings {
+pub(crate) struct GatewaySettings {
     /// `https://host:8043` (the `/agentgateway/resource` prefix is added when missing).
-    pub base_url: String,
+    pub(crate) base_url: String,
     /// Extra trust anchors (PEM) for the gateway's TLS certificate.
-    pub ca_bundle_pem: Option<Vec<u8>>,
-    pub connect_timeout: Duration,
+    pub(crate) ca_bundle_pem: Option<Vec<u8>>,
+    pub(crate) connect_timeout: Duration,
     /// Largest answer body the facade reads; anything bigger is an error, not an allocation.
-    pub max_answer_bytes: usize,
+    pub(crate) max_answer_bytes: usize,
     /// Use `DELETE .../voicecall/{agentid}` (releaseEx) instead of `.../release`.
-    pub legacy_release_path: bool,
+    pub(crate) legacy_release_path: bool,
 }
 
 impl GatewaySettings {
-    pub fn new(base_url: impl Into<String>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(base_url: impl Into<String>) -> Self {
         Self {
             base_url: base_url.into(),
             ca_bundle_pem: None,
@@ -62,9 +63,9 @@ pub enum SessionOperation {
 
 /// One gateway answer with the session headers that came with it.
 #[derive(Debug)]
-pub struct Exchange {
-    pub headers: SessionHeaders,
-    pub answer: Result<Answer, GatewayError>,
+pub(crate) struct Exchange {
+    pub(crate) headers: SessionHeaders,
+    pub(crate) answer: Result<Answer, GatewayError>,
 }
 
 /// Which call a release acts on.
@@ -105,7 +106,7 @@ pub struct GatewayClient {
 }
 
 impl GatewayClient {
-    pub fn new(settings: &GatewaySettings) -> Result<Self, SettingsError> {
+    pub(crate) fn new(settings: &GatewaySettings) -> Result<Self, SettingsError> {
         crate::install_crypto_provider();
         let base = normalize_base(&settings.base_url)?;
         let mut builder = reqwest::Client::builder()
@@ -148,7 +149,7 @@ impl GatewayClient {
 
     /// Sends `operation` for `agent` in `session`. Makes no decision about the session: the
     /// answer comes back with the session headers it carried.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         agent: AgentId,
         operation: &SessionOperation,
@@ -178,7 +179,7 @@ impl GatewayClient {
 
     /// `PUT .../onlineagent/{agentid}` (or `/forcelogin`); a successful answer's `Set-GUID`
     /// starts the agent's session.
-    pub async fn sign_in(
+    pub(crate) async fn sign_in(
         &self,
         agent: AgentId,
         password: &str,

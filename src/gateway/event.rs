@@ -5,8 +5,8 @@ use serde_json::Value;
 
 use crate::domain::{AgentId, CallId};
 
-pub const CALL_RELEASE: &str = "AgentEvent_Call_Release";
-pub const CUSTOMER_RELEASE: &str = "AgentEvent_Customer_Release";
+pub(crate) const CALL_RELEASE: &str = "AgentEvent_Call_Release";
+pub(crate) const CUSTOMER_RELEASE: &str = "AgentEvent_Customer_Release";
 
 /// Longest customer number kept; real ones are far shorter.
 const MAX_NUMBER_LEN: usize = 64;
@@ -16,7 +16,7 @@ const NUMBER_FIELD: &str = "number";
 const MAX_TYPE_LEN: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventBody {
+pub(crate) enum EventBody {
     /// `AgentEvent_Call_Release`: the agent left the call.
     CallRelease { call_id: CallId },
     /// `AgentEvent_Customer_Release`: the customer left the call.
@@ -26,26 +26,26 @@ pub enum EventBody {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolledEvent {
-    pub event_type: String,
-    pub body: EventBody,
+pub(crate) struct PolledEvent {
+    pub(crate) event_type: String,
+    pub(crate) body: EventBody,
     /// `eventGenTime` (ms since the Unix epoch), sent by newer gateways.
-    pub gen_time_ms: Option<u64>,
+    pub(crate) gen_time_ms: Option<u64>,
     /// Optional fields that failed validation and were left out of `body`, by name. Their
     /// values are not kept: nothing can log them.
-    pub dropped_fields: Vec<&'static str>,
+    pub(crate) dropped_fields: Vec<&'static str>,
 }
 
 /// Why an event could not be read. Never carries the event's text: it is logged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {event_type} event: {problem}")]
-pub struct MalformedEvent {
-    pub event_type: String,
-    pub problem: &'static str,
+pub(crate) struct MalformedEvent {
+    pub(crate) event_type: String,
+    pub(crate) problem: &'static str,
 }
 
 /// Reads one polled event of `agent`.
-pub fn parse_event(agent: AgentId, event: &Value) -> Result<PolledEvent, MalformedEvent> {
+pub(crate) fn parse_event(agent: AgentId, event: &Value) -> Result<PolledEvent, MalformedEvent> {
     let malformed = |event_type: &str, problem| MalformedEvent {
         event_type: event_type.to_owned(),
         problem,

@@ -5,20 +5,20 @@
 //! agent-interface documentation; the `ccgw-sim` crate's documentation condenses what of it the
 //! facade relies on.
 mod client;
-pub mod event;
-pub mod retcode;
-pub mod session;
-pub mod wire;
+pub(crate) mod event;
+pub(crate) mod retcode;
+pub(crate) mod session;
+pub(crate) mod wire;
 
 use std::time::Duration;
 
-pub use client::{
-    Exchange, GatewayClient, GatewaySettings, GatewayStats, ReleaseTarget, SessionOperation,
-    SettingsError,
-};
-pub use retcode::{InvalidRetcode, KnownRetcode, Retcode};
-pub use session::{Cookies, Guid, Session, SessionHeaders};
-pub use wire::Answer;
+pub use client::{GatewayClient, GatewayStats};
+pub(crate) use client::{GatewaySettings, ReleaseTarget};
+pub use client::{SessionOperation, SettingsError};
+pub(crate) use retcode::{KnownRetcode, Retcode};
+pub(crate) use session::SessionHeaders;
+pub use session::{Cookies, Guid, Session};
+pub(crate) use wire::Answer;
 
 use crate::domain::AgentId;
 
@@ -47,7 +47,7 @@ pub enum GatewayError {
 impl GatewayError {
     /// False only when the request provably had no effect: it never left the facade, or the
     /// gateway or its load balancer refused it as unknown (404, 405) or throttled (429).
-    pub fn may_have_taken_effect(&self) -> bool {
+    pub(crate) fn may_have_taken_effect(&self) -> bool {
         !matches!(
             self,
             Self::NoSession(_)

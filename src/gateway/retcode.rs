@@ -15,7 +15,7 @@ const CALL_STATE_FAMILY: &str = "200";
 /// A retcode as a gateway answer carried it: trimmed, never empty, at most 32 bytes. Displays
 /// as the code.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Retcode(Parsed);
+pub(crate) struct Retcode(Parsed);
 
 // Equality compares variants: `Other` never holds success or a known code.
 #[derive(Clone, PartialEq, Eq)]
@@ -28,25 +28,26 @@ enum Parsed {
 /// Why a retcode was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("retcode is empty or implausibly long")]
-pub struct InvalidRetcode;
+pub(crate) struct InvalidRetcode;
 
 impl Retcode {
-    pub const OK: Self = Self(Parsed::Success);
-    pub const WRONG_EVENT_METHOD: Self = Self::of(KnownRetcode::WrongEventMethod);
-    pub const NO_RIGHT: Self = Self::of(KnownRetcode::NoRight);
-    pub const SWITCHING_OVER: Self = Self::of(KnownRetcode::SwitchingOver);
-    pub const DUPLICATE_IN_PROGRESS: Self = Self::of(KnownRetcode::DuplicateInProgress);
-    pub const AGENT_NOT_SIGNED_IN: Self = Self::of(KnownRetcode::AgentNotSignedIn);
-    pub const OPERATION_EXCEPTION: Self = Self::of(KnownRetcode::OperationException);
-    pub const NO_CALL_TO_RELEASE: Self = Self::of(KnownRetcode::NoCallToRelease);
-    pub const NO_CALL_TO_DROP: Self = Self::of(KnownRetcode::NoCallToDrop);
+    #[cfg(test)]
+    pub(crate) const OK: Self = Self(Parsed::Success);
+    pub(crate) const WRONG_EVENT_METHOD: Self = Self::of(KnownRetcode::WrongEventMethod);
+    pub(crate) const NO_RIGHT: Self = Self::of(KnownRetcode::NoRight);
+    pub(crate) const SWITCHING_OVER: Self = Self::of(KnownRetcode::SwitchingOver);
+    pub(crate) const DUPLICATE_IN_PROGRESS: Self = Self::of(KnownRetcode::DuplicateInProgress);
+    pub(crate) const AGENT_NOT_SIGNED_IN: Self = Self::of(KnownRetcode::AgentNotSignedIn);
+    pub(crate) const OPERATION_EXCEPTION: Self = Self::of(KnownRetcode::OperationException);
+    pub(crate) const NO_CALL_TO_RELEASE: Self = Self::of(KnownRetcode::NoCallToRelease);
+    pub(crate) const NO_CALL_TO_DROP: Self = Self::of(KnownRetcode::NoCallToDrop);
 
     const fn of(code: KnownRetcode) -> Self {
         Self(Parsed::Known(code))
     }
 
     /// Reads a retcode as the envelope carries it (surrounding whitespace ignored).
-    pub fn parse(raw: &str) -> Result<Self, InvalidRetcode> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, InvalidRetcode> {
         let code = raw.trim();
         if code.is_empty() || code.len() > MAX_LEN {
             return Err(InvalidRetcode);
@@ -61,7 +62,7 @@ impl Retcode {
         Ok(Self(parsed))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match &self.0 {
             Parsed::Success => SUCCESS,
             Parsed::Known(known) => known.code(),
@@ -70,25 +71,25 @@ impl Retcode {
     }
 
     /// The documented failure this retcode is, if the reference documents it.
-    pub fn known(&self) -> Option<KnownRetcode> {
+    pub(crate) fn known(&self) -> Option<KnownRetcode> {
         match self.0 {
             Parsed::Known(known) => Some(known),
             Parsed::Success | Parsed::Other(_) => None,
         }
     }
 
-    pub fn is_ok(&self) -> bool {
+    pub(crate) fn is_ok(&self) -> bool {
         self.0 == Parsed::Success
     }
 
     /// The gateway does not accept the Guid: a wrong, expired or unknown one answers 100-006
     /// (agent not signed in) or 000-003 (no right).
-    pub fn session_gone(&self) -> bool {
+    pub(crate) fn session_gone(&self) -> bool {
         *self == Self::AGENT_NOT_SIGNED_IN || *self == Self::NO_RIGHT
     }
 
     /// A 200-xxx retcode: the gateway looked at the agent's call to answer.
-    pub fn is_call_state(&self) -> bool {
+    pub(crate) fn is_call_state(&self) -> bool {
         self.as_str()
             .split_once('-')
             .is_some_and(|(family, _)| family == CALL_STATE_FAMILY)
@@ -166,7 +167,7 @@ enum_with_all! {
 
 impl KnownRetcode {
     /// The code as the gateway sends it.
-    pub const fn code(self) -> &'static str {
+    pub(crate) const fn code(self) -> &'static str {
         match self {
             Self::WrongEventMethod => "000-001",
             Self::InvalidParameter => "000-002",

@@ -9,7 +9,7 @@ use crate::domain::FieldViolation;
 pub struct Guid(String);
 
 impl Guid {
-    pub const MAX_LEN: usize = 256;
+    pub(crate) const MAX_LEN: usize = 256;
 
     /// Accepts the bare Guid or the `JSESSIONID=<guid>` form of a `Set-GUID` header. The
     /// violation never repeats the value.
@@ -36,7 +36,7 @@ impl Guid {
 
     /// Reads a `Set-GUID: JSESSIONID=<guid>` header value; attributes after the first `;`
     /// (`Path=/; Secure`, as on a Set-Cookie) are not part of the Guid.
-    pub fn from_set_guid(header: &str) -> Option<Self> {
+    pub(crate) fn from_set_guid(header: &str) -> Option<Self> {
         let value = header.split(';').next().unwrap_or_default();
         Self::parse("Set-GUID", value).ok()
     }
@@ -59,12 +59,12 @@ pub struct Cookies(Vec<(String, String)>);
 
 impl Cookies {
     /// Longest `Cookie` header a session sends (and a caller may hand over).
-    pub const MAX_HEADER_LEN: usize = 4096;
+    pub(crate) const MAX_HEADER_LEN: usize = 4096;
     /// Most cookies a session holds: a load balancer sets one or two.
-    pub const MAX_COOKIES: usize = 16;
+    pub(crate) const MAX_COOKIES: usize = 16;
 
     /// Parses a `Cookie` request-header value: `name=value; name2=value2`.
-    pub fn parse_header(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
+    pub(crate) fn parse_header(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
         let invalid = || {
             FieldViolation::new(
                 field,
@@ -94,7 +94,7 @@ impl Cookies {
 
     /// Applies one `Set-Cookie` response header (attributes after the first `;` are ignored:
     /// the facade talks to one gateway, so Domain/Path scoping does not apply).
-    pub fn apply_set_cookie(&mut self, header: &str) -> bool {
+    pub(crate) fn apply_set_cookie(&mut self, header: &str) -> bool {
         let first = header.split(';').next().unwrap_or("").trim();
         match split_pair(first) {
             Some((name, value)) => self.set(name, value),
@@ -128,7 +128,7 @@ impl Cookies {
         pairs + 2 * self.0.len().saturating_sub(1)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
@@ -173,7 +173,7 @@ pub struct Session {
 
 impl Session {
     /// Applies an answer's `Set-GUID` and `Set-Cookie` headers. True when the Guid changed.
-    pub fn absorb(&mut self, headers: SessionHeaders) -> bool {
+    pub(crate) fn absorb(&mut self, headers: SessionHeaders) -> bool {
         for header in &headers.set_cookies {
             self.cookies.apply_set_cookie(header);
         }
@@ -189,13 +189,13 @@ impl Session {
 
 /// The session headers of one gateway answer.
 #[derive(Debug, Default)]
-pub struct SessionHeaders {
-    pub set_guid: Option<Guid>,
-    pub set_cookies: Vec<String>,
+pub(crate) struct SessionHeaders {
+    pub(crate) set_guid: Option<Guid>,
+    pub(crate) set_cookies: Vec<String>,
 }
 
 impl SessionHeaders {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.set_guid.is_none() && self.set_cookies.is_empty()
     }
 }

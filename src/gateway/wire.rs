@@ -8,11 +8,11 @@ use super::{GatewayError, Retcode};
 /// means is the caller's business.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
-    pub retcode: Retcode,
-    pub message: String,
-    pub result: Option<serde_json::Value>,
+    pub(crate) retcode: Retcode,
+    pub(crate) message: String,
+    pub(crate) result: Option<serde_json::Value>,
     /// Present on event-poll answers that carry an event.
-    pub event: Option<serde_json::Value>,
+    pub(crate) event: Option<serde_json::Value>,
 }
 
 impl Answer {
@@ -21,14 +21,14 @@ impl Answer {
     }
 
     /// See [`Retcode::session_gone`].
-    pub fn session_gone(&self) -> bool {
+    pub(crate) fn session_gone(&self) -> bool {
         self.retcode.session_gone()
     }
 
     /// Whether the gateway carried the operation out (or looked at it as the agent's: a 200-
     /// call-state answer), which proves the session's Guid. Other refusals (000-002, 000-004,
     /// 100-007...) may come before the gateway looks at the Guid.
-    pub fn proves_session(&self) -> bool {
+    pub(crate) fn proves_session(&self) -> bool {
         self.is_ok() || self.retcode.is_call_state()
     }
 }
@@ -52,7 +52,7 @@ enum RawRetcode {
     Number(i64),
 }
 
-pub fn parse_answer(body: &[u8]) -> Result<Answer, GatewayError> {
+pub(crate) fn parse_answer(body: &[u8]) -> Result<Answer, GatewayError> {
     // serde would also accept a JSON array as a struct; the envelope is always an object.
     if body.trim_ascii_start().first() != Some(&b'{') {
         return Err(GatewayError::Malformed("not a JSON object".into()));
@@ -73,7 +73,7 @@ pub fn parse_answer(body: &[u8]) -> Result<Answer, GatewayError> {
 }
 
 /// Longest gateway message kept: it ends up in statuses and logs.
-pub const MAX_MESSAGE_CHARS: usize = 256;
+pub(crate) const MAX_MESSAGE_CHARS: usize = 256;
 
 fn truncate(message: String) -> String {
     match message.char_indices().nth(MAX_MESSAGE_CHARS) {
@@ -84,7 +84,7 @@ fn truncate(message: String) -> String {
 
 /// Reads a body without ever holding more than `limit` bytes of it: a broken gateway or proxy
 /// must not be able to make the facade allocate without bound.
-pub async fn read_bounded(
+pub(crate) async fn read_bounded(
     mut response: reqwest::Response,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {

@@ -6,7 +6,9 @@ use tokio::time::Instant;
 
 use crate::{
     domain::AgentId,
-    events::{EventHub, KindFilter, ReleaseEvent, ReleaseKind, SubscribeError, Watch, WatchEnd},
+    events::{
+        EventHub, KindFilter, ReleaseEvent, ReleaseKind, SubscribeError, Watcher, WatcherEnd,
+    },
     gateway::ReleaseTarget,
 };
 
@@ -14,7 +16,7 @@ use crate::{
 /// `NotAsked`, where no wait was asked for or there was nothing to wait for (no call, or a
 /// replayed answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Confirmation {
+pub(crate) enum Confirmation {
     NotAsked,
     Confirmed(Arc<ReleaseEvent>),
     /// The deadline passed first.
@@ -26,14 +28,14 @@ pub enum Confirmation {
 }
 
 /// A watcher of the agent's call releases, with a release waiter's permit.
-pub(super) fn watch_releases(events: &EventHub, agent: AgentId) -> Result<Watch, SubscribeError> {
+pub(super) fn watch_releases(events: &EventHub, agent: AgentId) -> Result<Watcher, SubscribeError> {
     events.subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
 }
 
 /// Waits until `deadline` for the release event of a call just released: with a call id, that
 /// call's; without, the agent's first.
 pub(super) async fn wait_for_release(
-    watcher: Result<Watch, SubscribeError>,
+    watcher: Result<Watcher, SubscribeError>,
     target: &ReleaseTarget,
     deadline: Instant,
 ) -> Confirmation {
@@ -49,8 +51,8 @@ pub(super) async fn wait_for_release(
     };
     match watcher.next_event(wanted, deadline).await {
         Ok(Some(event)) => Confirmation::Confirmed(event),
-        Ok(None) | Err(WatchEnd::TooSlow { .. }) => Confirmation::NotObserved,
-        Err(WatchEnd::ShuttingDown { .. }) => Confirmation::ShuttingDown,
-        Err(WatchEnd::SessionEnded { .. }) => Confirmation::SessionEnded,
+        Ok(None) | Err(WatcherEnd::TooSlow { .. }) => Confirmation::NotObserved,
+        Err(WatcherEnd::ShuttingDown { .. }) => Confirmation::ShuttingDown,
+        Err(WatcherEnd::SessionEnded { .. }) => Confirmation::SessionEnded,
     }
 }

@@ -11,7 +11,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{domain::RequestId, lock};
 
 #[derive(Debug, Clone)]
-pub struct IdempotencyCache<F, V> {
+pub(crate) struct IdempotencyCache<F, V> {
     inner: Arc<Mutex<Inner<F, V>>>,
     window: Duration,
     capacity: usize,
@@ -47,7 +47,7 @@ impl<F, V> Entry<F, V> {
 
 /// How long an answer is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retention {
+pub(crate) enum Retention {
     /// Forgotten at once: the work provably had no effect, so a retry may do it again.
     Forget,
     /// Kept for the window, unless room is needed for a new id (oldest first).
@@ -59,7 +59,7 @@ pub enum Retention {
 }
 
 /// The outcome of claiming a request id.
-pub enum Claim<F, V> {
+pub(crate) enum Claim<F, V> {
     /// First of its id: do the work and `complete` the ticket.
     Owner(Ticket<F, V>),
     /// Seen before (maybe still running): wait for that answer.
@@ -71,17 +71,17 @@ pub enum Claim<F, V> {
     Full,
 }
 
-pub struct Ticket<F, V> {
+pub(crate) struct Ticket<F, V> {
     inner: Arc<Mutex<Inner<F, V>>>,
     key: RequestId,
     generation: u64,
     answer: Option<watch::Sender<Option<V>>>,
 }
 
-pub struct Pending<V>(watch::Receiver<Option<V>>);
+pub(crate) struct Pending<V>(watch::Receiver<Option<V>>);
 
 impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
-    pub fn new(window: Duration, capacity: usize) -> Self {
+    pub(crate) fn new(window: Duration, capacity: usize) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 entries: HashMap::new(),
@@ -93,7 +93,7 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
         }
     }
 
-    pub fn claim(&self, key: &RequestId, fingerprint: F) -> Claim<F, V> {
+    pub(crate) fn claim(&self, key: &RequestId, fingerprint: F) -> Claim<F, V> {
         let now = Instant::now();
         let mut inner = lock(&self.inner);
         inner.expire(now, self.window);
@@ -132,18 +132,15 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
     }
 
     /// Whether `key` has an answer, or one on the way, within the window.
-    pub fn contains(&self, key: &RequestId) -> bool {
+    pub(crate) fn contains(&self, key: &RequestId) -> bool {
         let mut inner = lock(&self.inner);
         inner.expire(Instant::now(), self.window);
         inner.entries.contains_key(key)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         lock(&self.inner).entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -208,7 +205,7 @@ impl<F, V> Inner<F, V> {
 
 impl<F, V> Ticket<F, V> {
     /// Publishes the answer to everyone waiting and keeps it as `retention` says.
-    pub fn complete(mut self, value: V, retention: Retention) {
+    pub(crate) fn complete(mut self, value: V, retention: Retention) {
         let mut inner = lock(&self.inner);
         match retention {
             Retention::Forget => inner.remove_if(&self.key, self.generation),
@@ -242,7 +239,7 @@ impl<F, V> Drop for Ticket<F, V> {
 
 impl<V: Clone> Pending<V> {
     /// The first request's answer, or None if it ended without one.
-    pub async fn wait(mut self) -> Option<V> {
+    pub(crate) async fn wait(mut self) -> Option<V> {
         if let Ok(value) = self.0.wait_for(Option::is_some).await {
             return value.clone();
         }

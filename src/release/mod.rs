@@ -9,8 +9,8 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use confirm::Confirmation;
-pub use idempotency::{Claim, IdempotencyCache, Retention};
+pub(crate) use confirm::Confirmation;
+pub(crate) use idempotency::{Claim, IdempotencyCache, Retention};
 
 use crate::{
     domain::{AgentId, RequestId},
@@ -42,29 +42,29 @@ fn leaves_outcome_unknown(retcode: &Retcode) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReleaseCommand {
-    pub agent: AgentId,
-    pub target: ReleaseTarget,
-    pub require_active_call: bool,
+pub(crate) struct ReleaseCommand {
+    pub(crate) agent: AgentId,
+    pub(crate) target: ReleaseTarget,
+    pub(crate) require_active_call: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReleaseOutcome {
+pub(crate) enum ReleaseOutcome {
     Released,
     NoActiveCall,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReleaseReport {
-    pub outcome: ReleaseOutcome,
-    pub retcode: Retcode,
-    pub message: String,
+pub(crate) struct ReleaseReport {
+    pub(crate) outcome: ReleaseOutcome,
+    pub(crate) retcode: Retcode,
+    pub(crate) message: String,
     /// The answer was recorded for an earlier request with the same id.
-    pub replayed: bool,
+    pub(crate) replayed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReleaseError {
+pub(crate) enum ReleaseError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
     #[error("the CC-Gateway refused: retcode {retcode} ({message})")]
@@ -87,7 +87,7 @@ pub enum ReleaseError {
 impl ReleaseError {
     /// Whether the hang-up may have happened although no success came back. Only a release of
     /// the *current* call makes this dangerous: repeating it could hang up the next call.
-    pub fn may_have_released(&self) -> bool {
+    pub(crate) fn may_have_released(&self) -> bool {
         match self {
             Self::Gateway(e) => e.may_have_taken_effect(),
             Self::Rejected { retcode, .. } => leaves_outcome_unknown(retcode),
@@ -122,14 +122,14 @@ fn retention(target: &ReleaseTarget, answer: &Result<ReleaseReport, ReleaseError
 }
 
 #[derive(Debug, Clone)]
-pub struct ReleasePolicy {
+pub(crate) struct ReleasePolicy {
     /// Attempts for dropcall (call-scoped, safe to repeat) on transport failures.
-    pub dropcall_attempts: u32,
+    pub(crate) dropcall_attempts: u32,
     /// Attempts for any release when the connection provably was not made.
-    pub connect_attempts: u32,
-    pub retry_base_delay: Duration,
-    pub idempotency_window: Duration,
-    pub idempotency_capacity: usize,
+    pub(crate) connect_attempts: u32,
+    pub(crate) retry_base_delay: Duration,
+    pub(crate) idempotency_window: Duration,
+    pub(crate) idempotency_capacity: usize,
 }
 
 impl Default for ReleasePolicy {
@@ -148,28 +148,28 @@ type AnswerCache = IdempotencyCache<ReleaseCommand, Result<ReleaseReport, Releas
 
 /// One ReleaseCall, as a caller asks for it.
 #[derive(Debug, Clone)]
-pub struct ReleaseRequest {
-    pub command: ReleaseCommand,
+pub(crate) struct ReleaseRequest {
+    pub(crate) command: ReleaseCommand,
     /// The caller's idempotency key, if it sent one.
-    pub request_id: Option<RequestId>,
+    pub(crate) request_id: Option<RequestId>,
     /// When the answer is due.
-    pub deadline: Instant,
+    pub(crate) deadline: Instant,
     /// A session the caller handed over (see `Sessions::send`); not part of what makes a
     /// repeated request_id the same request.
-    pub handed: Option<Session>,
+    pub(crate) handed: Option<Session>,
     /// Answer only once the release's event was observed (or why it was not).
-    pub wait_for_event: bool,
+    pub(crate) wait_for_event: bool,
 }
 
 /// A release carried out (or replayed), and what became of the wait for its event.
 #[derive(Debug, Clone)]
-pub struct Released {
-    pub report: ReleaseReport,
-    pub confirmation: Confirmation,
+pub(crate) struct Released {
+    pub(crate) report: ReleaseReport,
+    pub(crate) confirmation: Confirmation,
 }
 
 #[derive(Debug, Clone)]
-pub struct ReleaseService {
+pub(crate) struct ReleaseService {
     sessions: Sessions,
     events: EventHub,
     policy: ReleasePolicy,
@@ -182,7 +182,7 @@ pub struct ReleaseService {
 }
 
 impl ReleaseService {
-    pub fn new(
+    pub(crate) fn new(
         sessions: Sessions,
         events: EventHub,
         policy: ReleasePolicy,
@@ -203,7 +203,10 @@ impl ReleaseService {
     /// cannot slip by unseen), releases (at most once per request_id), then waits for the
     /// event. A release that happened is a success whatever becomes of the wait. At the hard
     /// stop it answers at once: a release that may have been sent is outcome-unknown.
-    pub async fn release_call(&self, request: ReleaseRequest) -> Result<Released, ReleaseError> {
+    pub(crate) async fn release_call(
+        &self,
+        request: ReleaseRequest,
+    ) -> Result<Released, ReleaseError> {
         let agent = request.command.agent;
         let target = request.command.target.clone();
         // Not for a repeated request_id, whose answer is replayed without waiting (and which

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-pub use registry::{Adoption, Refusal, SessionLimits, SessionRegistry, SessionsFull};
+pub(crate) use registry::{Adoption, Refusal, SessionLimits, SessionRegistry, SessionsFull};
 
 use crate::{
     domain::AgentId,
@@ -27,7 +27,7 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(registry: SessionRegistry, gateway: GatewayClient) -> Self {
+    pub(crate) fn new(registry: SessionRegistry, gateway: GatewayClient) -> Self {
         Self {
             registry: Arc::new(registry),
             gateway,

@@ -11,7 +11,7 @@ use crate::{
 
 /// What an accepted handover did to the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Adoption {
+pub(crate) enum Adoption {
     /// It is the agent's session now.
     Adopted,
     /// A session confirmed after the request began stays the agent's.
@@ -22,7 +22,7 @@ pub enum Adoption {
 
 /// What a refused Guid did to the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// It was not the agent's session (any more); nothing changed.
     NotCurrent,
     /// A session a watcher handed over is the agent's session now, to be tried next.
@@ -33,11 +33,11 @@ pub enum Refusal {
 
 /// Bounds on what callers can make the registry hold.
 #[derive(Debug, Clone, Copy)]
-pub struct SessionLimits {
+pub(crate) struct SessionLimits {
     /// Agents with a session; a new one beyond it is refused (idle ones are forgotten first).
-    pub max_sessions: usize,
+    pub(crate) max_sessions: usize,
     /// A session nobody used (no release, no poll) for this long is forgotten.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
 }
 
 impl Default for SessionLimits {
@@ -91,7 +91,7 @@ impl Entry {
 }
 
 impl SessionRegistry {
-    pub fn new(limits: SessionLimits) -> Self {
+    pub(crate) fn new(limits: SessionLimits) -> Self {
         Self {
             sessions: Mutex::default(),
             limits,
@@ -137,7 +137,7 @@ impl SessionRegistry {
     /// Applies a gateway answer's session headers to the session the request was made with
     /// (`guid_used`); a sign-in's answer (`None`) starts a new session. Answers to a Guid the
     /// agent's session no longer holds change nothing. Returns true when a Guid rotated.
-    pub fn absorb(
+    pub(crate) fn absorb(
         &self,
         agent: AgentId,
         guid_used: Option<&Guid>,
@@ -181,7 +181,7 @@ impl SessionRegistry {
 
     /// The gateway carried out an operation with `guid`: if it is the agent's session, it is
     /// settled.
-    pub fn confirm(&self, agent: AgentId, guid: &Guid) {
+    pub(crate) fn confirm(&self, agent: AgentId, guid: &Guid) {
         if let Some(entry) = lock(&self.sessions)
             .get_mut(&agent)
             .filter(|e| e.current.guid == *guid)
@@ -195,7 +195,12 @@ impl SessionRegistry {
     /// the gateway refused before, if any), or of a session the gateway never accepted. A
     /// session confirmed meanwhile by someone else (a rotation, another handover) is newer
     /// than what this request saw, and stays.
-    pub fn adopt(&self, agent: AgentId, session: Session, replacing: Option<&Guid>) -> Adoption {
+    pub(crate) fn adopt(
+        &self,
+        agent: AgentId,
+        session: Session,
+        replacing: Option<&Guid>,
+    ) -> Adoption {
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
         if let Some(entry) = sessions.get_mut(&agent) {
@@ -227,7 +232,7 @@ impl SessionRegistry {
     /// The gateway refused `guid`. If it is the agent's session (a refusal of an old Guid must
     /// not discard one that rotated in meanwhile), the candidate takes its place, or the agent
     /// is forgotten; a refused candidate is dropped.
-    pub fn refused(&self, agent: AgentId, guid: &Guid) -> Refusal {
+    pub(crate) fn refused(&self, agent: AgentId, guid: &Guid) -> Refusal {
         let mut sessions = lock(&self.sessions);
         let Some(entry) = sessions.get_mut(&agent) else {
             return Refusal::NotCurrent;

@@ -15,14 +15,15 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    hub::{Feed, FeedItem},
+    feeds::{Feed, FeedItem},
+    hub::Hub,
     poll::SHUTDOWN_POLL_GRACE,
     KindFilter, ReleaseEvent, ResumeToken,
 };
 use crate::{domain::AgentId, gateway::Retcode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatchItem {
+pub(crate) enum WatcherItem {
     Event(Arc<ReleaseEvent>),
     /// Nothing was sent for the heartbeat interval: where the watcher stands, and which of its
     /// agents cannot be polled right now (the gateway fails; the loop keeps retrying).
@@ -41,7 +42,7 @@ pub enum WatchItem {
 
 /// How a watcher ends; each carries the token to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatchEnd {
+pub(crate) enum WatcherEnd {
     /// The watcher fell more than its buffer behind, or (forwarded) its reader took nothing
     /// for the send timeout.
     TooSlow {
@@ -59,13 +60,13 @@ pub enum WatchEnd {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gap {
-    pub cause: GapCause,
-    pub agents: Vec<AgentId>,
+pub(crate) struct Gap {
+    pub(crate) cause: GapCause,
+    pub(crate) agents: Vec<AgentId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GapCause {
+pub(crate) enum GapCause {
     /// The token is from another process lifetime (a restart, or another replica).
     OtherProcess,
     /// Events after the token fell out of the replay ring (count or age limit).
@@ -73,7 +74,7 @@ pub enum GapCause {
 }
 
 impl Gap {
-    pub fn describe(&self) -> &'static str {
+    pub(crate) fn describe(&self) -> &'static str {
         match self.cause {
             GapCause::OtherProcess => {
                 "the resume token is from another process lifetime of the facade (restart or another replica); release events observed in between cannot be replayed"
@@ -86,7 +87,7 @@ impl Gap {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEnding {
+pub(crate) enum SessionEnding {
     /// The gateway refused to deliver the agent's events: its session (100-006, 000-003) or
     /// polling altogether (000-001, configured for another event method).
     Refused { retcode: Retcode, message: String },
@@ -95,15 +96,9 @@ pub enum SessionEnding {
     Forgotten,
 }
 
-enum Woke {
-    Item(Option<FeedItem>),
-    ShutdownBegan,
-    HeartbeatDue,
-}
-
 impl SessionEnding {
     /// The gateway's retcode, when it was the gateway that refused.
-    pub fn retcode(&self) -> Option<&Retcode> {
+    pub(crate) fn retcode(&self) -> Option<&Retcode> {
         match self {
             Self::Refused { retcode, .. } => Some(retcode),
             Self::Forgotten => None,
@@ -111,30 +106,31 @@ impl SessionEnding {
     }
 }
 
-/// A watcher's membership in one agent's feed; leaving is automatic on drop.
+/// A watcher's membership in one agent's feed, as the watcher holds it (the feed holds the
+/// other side, its [`Member`](super::feeds::Member)); dropping it leaves the feed.
 #[derive(Debug)]
-pub(super) struct Source {
+pub(super) struct Membership {
     feed: Arc<Feed>,
-    watch_id: u64,
+    watcher_id: u64,
 }
 
-impl Source {
-    pub fn new(feed: Arc<Feed>, watch_id: u64) -> Self {
-        Self { feed, watch_id }
+impl Membership {
+    pub fn new(feed: Arc<Feed>, watcher_id: u64) -> Self {
+        Self { feed, watcher_id }
     }
 }
 
-impl Drop for Source {
+impl Drop for Membership {
     fn drop(&mut self) {
-        self.feed.leave(self.watch_id);
+        self.feed.leave(self.watcher_id);
     }
 }
 
 /// Yields replayed events, then live ones, until it ends. Dropping it frees everything at once.
 #[derive(Debug)]
-pub struct Watch {
+pub struct Watcher {
     position: ResumeToken,
-    sources: Vec<Source>,
+    memberships: Vec<Membership>,
     live: mpsc::Receiver<FeedItem>,
     overflowed: Arc<AtomicBool>,
     replay: VecDeque<Arc<ReleaseEvent>>,
@@ -157,45 +153,48 @@ pub struct Watch {
 }
 
 /// What a new watcher starts from; the hub fills it in while it holds the publish lock.
-pub(super) struct Subscription {
+pub(super) struct WatcherStart {
     /// The resume token's position (or "now").
     pub position: ResumeToken,
-    pub sources: Vec<Source>,
+    pub memberships: Vec<Membership>,
     pub live: mpsc::Receiver<FeedItem>,
     pub overflowed: Arc<AtomicBool>,
     /// Kept events after `position`, in sequence order.
     pub replay: Vec<Arc<ReleaseEvent>>,
-    /// The last sequence number handed out at subscription.
+    /// The last sequence number handed out when the watcher subscribed.
     pub replay_end: u64,
     pub gap: Option<Gap>,
     pub kinds: KindFilter,
-    pub heartbeat: Duration,
-    pub shutdown: CancellationToken,
-    pub poll_loops: TaskTracker,
-    pub tasks: TaskTracker,
     pub permit: OwnedSemaphorePermit,
 }
 
-impl Watch {
-    pub(super) fn new(start: Subscription) -> Self {
+/// What woke a watcher waiting for its next live item.
+enum Woke {
+    Item(Option<FeedItem>),
+    ShutdownBegan,
+    HeartbeatDue,
+}
+
+impl Watcher {
+    pub(super) fn new(start: WatcherStart, hub: &Hub) -> Self {
         let mut position = start.position;
         if start.replay.is_empty() {
             position.sequence = position.sequence.max(start.replay_end);
         }
         Self {
             position,
-            sources: start.sources,
+            memberships: start.memberships,
             live: start.live,
             overflowed: start.overflowed,
             replay: start.replay.into(),
             replay_end: start.replay_end,
             gap: start.gap,
             kinds: start.kinds,
-            heartbeat: start.heartbeat,
+            heartbeat: hub.settings.heartbeat,
             last_sent: Instant::now(),
-            shutdown: start.shutdown,
-            poll_loops: start.poll_loops,
-            tasks: start.tasks,
+            shutdown: hub.shutdown.clone(),
+            poll_loops: hub.poll_loops.clone(),
+            tasks: hub.tasks.clone(),
             draining: false,
             ended: false,
             _permit: start.permit,
@@ -203,7 +202,7 @@ impl Watch {
     }
 
     /// Where the watcher stands: everything up to here was delivered (or filtered out).
-    pub fn position(&self) -> ResumeToken {
+    pub(crate) fn position(&self) -> ResumeToken {
         self.position
     }
 
@@ -217,7 +216,7 @@ impl Watch {
     }
 
     /// The next item; `Some(Err(_))` once, then `None`.
-    pub async fn next(&mut self) -> Option<Result<WatchItem, WatchEnd>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
         if self.ended {
             return None;
         }
@@ -227,7 +226,7 @@ impl Watch {
             Err(_) => {
                 self.ended = true;
                 // Leave the feeds now, not when the stream object is dropped.
-                self.sources.clear();
+                self.memberships.clear();
             }
         }
         Some(item)
@@ -235,15 +234,17 @@ impl Watch {
 
     /// The next event accepted by `wanted`, skipping everything else, until `deadline`.
     /// `Ok(None)` when the deadline passed first.
-    pub async fn next_event(
+    pub(crate) async fn next_event(
         &mut self,
         wanted: impl Fn(&ReleaseEvent) -> bool,
         deadline: Instant,
-    ) -> Result<Option<Arc<ReleaseEvent>>, WatchEnd> {
+    ) -> Result<Option<Arc<ReleaseEvent>>, WatcherEnd> {
         loop {
             match tokio::time::timeout_at(deadline, self.next()).await {
                 Err(_) => return Ok(None),
-                Ok(Some(Ok(WatchItem::Event(event)))) if wanted(&event) => return Ok(Some(event)),
+                Ok(Some(Ok(WatcherItem::Event(event)))) if wanted(&event) => {
+                    return Ok(Some(event))
+                }
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(end))) => return Err(end),
                 Ok(None) => unreachable!("next() is not called after the end"),
@@ -251,92 +252,109 @@ impl Watch {
         }
     }
 
-    async fn next_item(&mut self) -> Result<WatchItem, WatchEnd> {
-        if let Some(gap) = self.gap.take() {
-            return Ok(WatchItem::Gap(gap));
-        }
-        if let Some(event) = self.replay.pop_front() {
-            self.position.sequence = if self.replay.is_empty() {
-                self.replay_end
-            } else {
-                event.token.sequence
-            };
-            return Ok(WatchItem::Event(event));
+    async fn next_item(&mut self) -> Result<WatcherItem, WatcherEnd> {
+        if let Some(item) = self.next_replayed() {
+            return Ok(item);
         }
         loop {
             if self.overflowed.load(Ordering::Relaxed) {
-                return Err(WatchEnd::TooSlow {
-                    resume: self.position,
-                });
+                return Err(self.too_slow());
             }
             let item = if self.draining {
-                match self.live.try_recv() {
-                    Ok(item) => item,
-                    Err(_) => {
-                        return Err(WatchEnd::ShuttingDown {
-                            resume: self.position,
-                        })
-                    }
-                }
+                self.live.try_recv().map_err(|_| WatcherEnd::ShuttingDown {
+                    resume: self.position,
+                })?
             } else {
-                let heartbeat_at = self.last_sent + self.heartbeat;
-                let woke = tokio::select! {
-                    biased;
-                    item = self.live.recv() => Woke::Item(item),
-                    () = self.shutdown.cancelled() => Woke::ShutdownBegan,
-                    () = tokio::time::sleep_until(heartbeat_at) => Woke::HeartbeatDue,
-                };
-                match woke {
+                match self.wake().await {
                     Woke::Item(Some(item)) => item,
                     // Every feed dropped this watcher: only an overflow does that.
-                    Woke::Item(None) => {
-                        return Err(WatchEnd::TooSlow {
-                            resume: self.position,
-                        })
-                    }
+                    Woke::Item(None) => return Err(self.too_slow()),
                     Woke::ShutdownBegan => {
-                        // What the loops' last polls bring is delivered too. No feed, and so no
-                        // loop, starts once shutdown began: closing the tracker lets the wait end.
-                        self.poll_loops.close();
-                        let _ =
-                            tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.poll_loops.wait())
-                                .await;
-                        self.draining = true;
+                        self.await_last_polls().await;
                         continue;
                     }
-                    Woke::HeartbeatDue => {
-                        return Ok(WatchItem::Heartbeat {
-                            position: self.position,
-                            failing: self
-                                .sources
-                                .iter()
-                                .filter(|s| s.feed.is_failing())
-                                .map(|s| s.feed.agent)
-                                .collect(),
-                        });
-                    }
+                    Woke::HeartbeatDue => return Ok(self.heartbeat_item()),
                 }
             };
-            match item {
-                FeedItem::Event(event) => {
-                    self.position.sequence = self.position.sequence.max(event.token.sequence);
-                    if self.kinds.accepts(&event) {
-                        return Ok(WatchItem::Event(event));
-                    }
-                }
-                FeedItem::SessionEnded(ended) => {
-                    let (agent, ending) = (ended.0, ended.1.clone());
-                    self.sources.retain(|s| s.feed.agent != agent);
-                    if self.sources.is_empty() {
-                        return Err(WatchEnd::SessionEnded {
-                            agent,
-                            ending,
-                            resume: self.position,
-                        });
-                    }
-                    return Ok(WatchItem::SessionEnded { agent, ending });
-                }
+            if let Some(item) = self.receive(item)? {
+                return Ok(item);
             }
+        }
+    }
+
+    /// The gap, then the replay, before anything live.
+    fn next_replayed(&mut self) -> Option<WatcherItem> {
+        if let Some(gap) = self.gap.take() {
+            return Some(WatcherItem::Gap(gap));
+        }
+        let event = self.replay.pop_front()?;
+        self.position.sequence = if self.replay.is_empty() {
+            self.replay_end
+        } else {
+            event.token.sequence
+        };
+        Some(WatcherItem::Event(event))
+    }
+
+    async fn wake(&mut self) -> Woke {
+        let heartbeat_at = self.last_sent + self.heartbeat;
+        tokio::select! {
+            biased;
+            item = self.live.recv() => Woke::Item(item),
+            () = self.shutdown.cancelled() => Woke::ShutdownBegan,
+            () = tokio::time::sleep_until(heartbeat_at) => Woke::HeartbeatDue,
+        }
+    }
+
+    /// What the loops' last polls bring is delivered too. No feed, and so no loop, starts once
+    /// shutdown began: closing the tracker lets the wait end.
+    async fn await_last_polls(&mut self) {
+        self.poll_loops.close();
+        let _ = tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.poll_loops.wait()).await;
+        self.draining = true;
+    }
+
+    fn heartbeat_item(&self) -> WatcherItem {
+        WatcherItem::Heartbeat {
+            position: self.position,
+            failing: self
+                .memberships
+                .iter()
+                .filter(|m| m.feed.is_failing())
+                .map(|m| m.feed.agent)
+                .collect(),
+        }
+    }
+
+    /// What a live item means for this watcher: an event it wants, nothing (an event its kinds
+    /// filter out), or an agent's lost session, which ends the watcher with its last agent.
+    fn receive(&mut self, item: FeedItem) -> Result<Option<WatcherItem>, WatcherEnd> {
+        match item {
+            FeedItem::Event(event) => {
+                self.position.sequence = self.position.sequence.max(event.token.sequence);
+                Ok(self
+                    .kinds
+                    .accepts(&event)
+                    .then_some(WatcherItem::Event(event)))
+            }
+            FeedItem::SessionEnded(ended) => {
+                let (agent, ending) = (ended.0, ended.1.clone());
+                self.memberships.retain(|m| m.feed.agent != agent);
+                if self.memberships.is_empty() {
+                    return Err(WatcherEnd::SessionEnded {
+                        agent,
+                        ending,
+                        resume: self.position,
+                    });
+                }
+                Ok(Some(WatcherItem::SessionEnded { agent, ending }))
+            }
+        }
+    }
+
+    fn too_slow(&self) -> WatcherEnd {
+        WatcherEnd::TooSlow {
+            resume: self.position,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! WatchReleaseEvents: a hub subscription as a gRPC stream, and release events as proto.
+//! WatchReleaseEvents: a watcher as a gRPC stream, and release events as proto.
 use std::{pin::Pin, time::Duration};
 
 use futures_util::stream;
@@ -8,24 +8,28 @@ use tonic::Status;
 use super::status::{self, Context};
 use crate::{
     domain::RequestId,
-    events::{ReleaseEvent, ReleaseKind, Watch, WatchItem},
+    events::{ReleaseEvent, ReleaseKind, Watcher, WatcherItem},
     proto::{self, watch_release_events_response::Item},
 };
 
-pub type EventStream =
+pub(crate) type EventStream =
     Pin<Box<dyn Stream<Item = Result<proto::WatchReleaseEventsResponse, Status>> + Send>>;
 
 /// Items a stream queues for its transport. Small: what is queued when a client stops reading
 /// stays in memory after its watcher is freed, until the client reads or goes.
 const STREAM_QUEUE: usize = 16;
 
-/// The subscription as a stream: items until the watch ends, then its Status, then nothing.
-/// The watch is read by a task of its own, because tonic stops polling a stream whose client
+/// The watcher as a stream: items until the watcher ends, then its Status, then nothing.
+/// The watcher is read by a task of its own, because tonic stops polling a stream whose client
 /// stopped reading: the task cuts such a stream off after `send_timeout` (WATCHER_TOO_SLOW)
 /// and frees its watcher. Dropping the stream (client cancel or disconnect) frees it at once.
-pub fn into_stream(watch: Watch, request_id: RequestId, send_timeout: Duration) -> EventStream {
+pub(crate) fn into_stream(
+    watcher: Watcher,
+    request_id: RequestId,
+    send_timeout: Duration,
+) -> EventStream {
     let span = tracing::info_span!("WatchReleaseEvents", request_id = %request_id);
-    let items = span.in_scope(|| watch.forward(STREAM_QUEUE, send_timeout));
+    let items = span.in_scope(|| watcher.forward(STREAM_QUEUE, send_timeout));
     Box::pin(stream::unfold(
         (items, request_id),
         |(mut items, request_id)| async move {
@@ -39,7 +43,7 @@ pub fn into_stream(watch: Watch, request_id: RequestId, send_timeout: Duration) 
                         request_id: request_id.as_str(),
                         releases_current_call: false,
                     };
-                    Err(status::watch_end(&end, &ctx))
+                    Err(status::watcher_end(&end, &ctx))
                 }
             };
             Some((item, (items, request_id)))
@@ -47,18 +51,18 @@ pub fn into_stream(watch: Watch, request_id: RequestId, send_timeout: Duration) 
     ))
 }
 
-fn item_to_proto(item: WatchItem) -> Item {
+fn item_to_proto(item: WatcherItem) -> Item {
     match item {
-        WatchItem::Event(event) => Item::Event(event_to_proto(&event)),
-        WatchItem::Heartbeat { position, failing } => Item::Heartbeat(proto::Heartbeat {
+        WatcherItem::Event(event) => Item::Event(event_to_proto(&event)),
+        WatcherItem::Heartbeat { position, failing } => Item::Heartbeat(proto::Heartbeat {
             resume_token: position.to_string(),
             failing_agent_ids: failing.iter().map(ToString::to_string).collect(),
         }),
-        WatchItem::Gap(gap) => Item::Gap(proto::Gap {
+        WatcherItem::Gap(gap) => Item::Gap(proto::Gap {
             reason: gap.describe().to_owned(),
             agent_ids: gap.agents.iter().map(ToString::to_string).collect(),
         }),
-        WatchItem::SessionEnded { agent, ending } => {
+        WatcherItem::SessionEnded { agent, ending } => {
             let (rule, detail) = status::session_ending(&ending, &mut Default::default());
             Item::SessionEnded(proto::AgentSessionEnded {
                 agent_id: agent.to_string(),
@@ -73,7 +77,7 @@ fn item_to_proto(item: WatchItem) -> Item {
     }
 }
 
-pub fn event_to_proto(event: &ReleaseEvent) -> proto::ReleaseEvent {
+pub(crate) fn event_to_proto(event: &ReleaseEvent) -> proto::ReleaseEvent {
     proto::ReleaseEvent {
         agent_id: event.agent.to_string(),
         kind: match event.kind {

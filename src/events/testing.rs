@@ -1,0 +1,79 @@
+//! What the room's unit tests share: a hub without a gateway, and events published by hand.
+use futures_util::FutureExt;
+
+use super::{EventHub, EventSettings, ResumeToken, Watcher, WatcherEnd, WatcherItem};
+use crate::{
+    domain::{AgentId, CallId},
+    gateway::{
+        event::{EventBody, PolledEvent},
+        GatewayClient, GatewaySettings, Guid, Session,
+    },
+    lifecycle::Lifecycle,
+    lock,
+    sessions::{SessionRegistry, Sessions},
+};
+
+/// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
+pub(super) fn hub(settings: EventSettings) -> EventHub {
+    let gateway = GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1")).unwrap();
+    EventHub::new(
+        Sessions::new(SessionRegistry::default(), gateway),
+        settings,
+        &Lifecycle::default(),
+    )
+}
+
+pub(super) fn agent(n: u32) -> AgentId {
+    AgentId::parse("agent", &(101 + n).to_string(), 59_999).unwrap()
+}
+
+pub(super) fn sign_in(hub: &EventHub, agent: AgentId) {
+    let session = Session {
+        guid: Guid::parse("guid", "g.AgentGateway0").unwrap(),
+        cookies: Default::default(),
+    };
+    hub.sessions().registry().offer(agent, session).unwrap();
+}
+
+/// An event polled for `agent`, as its poll loop would hand it over. False when the agent
+/// has no feed: nobody polls it, so no event of it can be observed.
+pub(super) fn publish(hub: &EventHub, agent: AgentId) -> bool {
+    let Some(feed) = lock(&hub.hub.feeds).get(agent) else {
+        return false;
+    };
+    hub.hub.observe(
+        &feed,
+        Ok(PolledEvent {
+            event_type: "AgentEvent_Call_Release".into(),
+            body: EventBody::CallRelease {
+                call_id: CallId::parse("c", "1-1").unwrap(),
+            },
+            gen_time_ms: None,
+            dropped_fields: Vec::new(),
+        }),
+    );
+    true
+}
+
+/// Everything the watcher has ready now, without waiting.
+pub(super) fn ready(watcher: &mut Watcher) -> Vec<Result<WatcherItem, WatcherEnd>> {
+    std::iter::from_fn(|| watcher.next().now_or_never().flatten()).collect()
+}
+
+pub(super) fn token(hub: &EventHub, sequence: u64) -> ResumeToken {
+    ResumeToken {
+        epoch: hub.hub.epoch,
+        sequence,
+    }
+}
+
+/// Sequence numbers of events, `None` for anything else.
+pub(super) fn sequences(items: &[Result<WatcherItem, WatcherEnd>]) -> Vec<Option<u64>> {
+    items
+        .iter()
+        .map(|item| match item {
+            Ok(WatcherItem::Event(event)) => Some(event.token.sequence),
+            _ => None,
+        })
+        .collect()
+}
