@@ -156,7 +156,7 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
     assert!(ok && out.contains("\"SERVING\""), "{out}");
 
     // A watcher of 101 from before the release: the facade starts polling the agent now.
-    let mut watch = Watch::start(&grpcurl, addr, "101").await;
+    let mut watch = GrpcurlStream::start(&grpcurl, addr, "101").await;
 
     let release = format!("{SVC}/ReleaseCall");
     let (ok, out) = run(
@@ -395,12 +395,12 @@ async fn status_json(grpcurl: &PathBuf, args: &[&str]) -> serde_json::Value {
 }
 
 /// `grpcurl ... WatchReleaseEvents` running in the background.
-struct Watch {
+struct GrpcurlStream {
     child: Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
-impl Watch {
+impl GrpcurlStream {
     /// Starts the stream and waits until the facade answered with its response headers, which
     /// it sends once the watcher is subscribed (grpcurl -v prints them).
     async fn start(grpcurl: &PathBuf, addr: &str, agent: &str) -> Self {

@@ -13,7 +13,7 @@ use ccgw_sim::{Fault, FaultRule, SimConfig};
 use common::{
     agent_id, assert_ordered, expect_status, handing_over, hangup_pair, kinds_and_calls,
     release_req, resume_req, sim_config, spawn_app, spawn_app_with, violated_fields, wait_until,
-    watch_on, watch_req, Item, ReleaseEvent, ReleaseKind, TestApp, Watch,
+    watch_on, watch_req, Item, OpenStream, ReleaseEvent, ReleaseKind, TestApp,
     WatchReleaseEventsRequest, CALLER,
 };
 use serde_json::json;
@@ -62,7 +62,7 @@ fn kinds(kinds: &[ReleaseKind]) -> Vec<i32> {
 
 /// A stream of agent 101 on a Channel of its own with tiny HTTP/2 receive windows: as long as
 /// the test does not read it, flow control stops the server after about a kilobyte.
-async fn stalled_watch(app: &TestApp) -> Watch {
+async fn stalled_watch(app: &TestApp) -> OpenStream {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc_addr))
         .unwrap()
         .initial_stream_window_size(1024)
@@ -448,7 +448,7 @@ async fn a_garbage_token_is_an_invalid_argument() {
 
 /// `calls` customer hang-ups of agent 101, which `fast` must read completely and in order;
 /// returns their events.
-async fn hang_ups_read_by(app: &TestApp, fast: &mut Watch, calls: usize) -> Vec<ReleaseEvent> {
+async fn hang_ups_read_by(app: &TestApp, fast: &mut OpenStream, calls: usize) -> Vec<ReleaseEvent> {
     let calls: Vec<String> = (0..calls).map(|_| app.hang_up("101", CALLER)).collect();
     let expected: Vec<_> = calls.iter().flat_map(|c| hangup_pair(c)).collect();
     let all = fast.events_of(expected.len()).await;
@@ -464,7 +464,11 @@ async fn hang_ups_read_by(app: &TestApp, fast: &mut Watch, calls: usize) -> Vec<
 /// A stream of agent 101 that was cut off while its client did not read, read at last: what
 /// the server had queued for it (a prefix of `all`, the events it was sent, short of their
 /// end), then WATCHER_TOO_SLOW, whose token resumes with exactly the rest: no gap, no repeat.
-async fn assert_cut_off_then_resumes(app: &TestApp, stalled: &mut Watch, all: &[ReleaseEvent]) {
+async fn assert_cut_off_then_resumes(
+    app: &TestApp,
+    stalled: &mut OpenStream,
+    all: &[ReleaseEvent],
+) {
     let (buffered, status) = stalled.until_error().await;
     let details = expect_status(&status, Code::ResourceExhausted, "WATCHER_TOO_SLOW");
     let token = details.error_info().unwrap().metadata["resume_token"].clone();

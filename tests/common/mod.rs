@@ -280,11 +280,11 @@ pub fn resume_req(agents: &[&str], token: &str) -> WatchReleaseEventsRequest {
 }
 
 /// One open WatchReleaseEvents stream, read with bounded waits.
-pub struct Watch {
+pub struct OpenStream {
     pub stream: tonic::Streaming<WatchReleaseEventsResponse>,
 }
 
-impl Watch {
+impl OpenStream {
     /// The next item: `Ok(Some(item))`, `Ok(None)` when the stream ended with OK, or the
     /// status it ended with. Panics when nothing comes within [`WAIT`].
     pub async fn next_item(&mut self) -> Result<Option<Item>, tonic::Status> {
@@ -380,7 +380,7 @@ impl TestApp {
     pub async fn try_watch(
         &self,
         request: impl tonic::IntoRequest<WatchReleaseEventsRequest>,
-    ) -> Result<Watch, tonic::Status> {
+    ) -> Result<OpenStream, tonic::Status> {
         watch_on(self.client.clone(), request).await
     }
 
@@ -388,7 +388,7 @@ impl TestApp {
     pub async fn watch(
         &self,
         request: impl tonic::IntoRequest<WatchReleaseEventsRequest>,
-    ) -> Watch {
+    ) -> OpenStream {
         self.try_watch(request)
             .await
             .unwrap_or_else(|status| panic!("WatchReleaseEvents refused: {status:?}"))
@@ -410,7 +410,7 @@ impl TestApp {
     }
 
     /// Signs `agent` in and opens a stream watching it alone.
-    pub async fn signed_in_watch(&self, agent: &str) -> Watch {
+    pub async fn signed_in_watch(&self, agent: &str) -> OpenStream {
         self.sign_in(agent).await;
         self.watch(watch_req(&[agent])).await
     }
@@ -481,11 +481,11 @@ impl TestApp {
 pub async fn watch_on(
     mut client: CallControlClient<Channel>,
     request: impl tonic::IntoRequest<WatchReleaseEventsRequest>,
-) -> Result<Watch, tonic::Status> {
+) -> Result<OpenStream, tonic::Status> {
     let response = tokio::time::timeout(WAIT, client.watch_release_events(request))
         .await
         .expect("WatchReleaseEvents answered within the wait bound")?;
-    Ok(Watch {
+    Ok(OpenStream {
         stream: response.into_inner(),
     })
 }
