@@ -29,11 +29,7 @@ async fn release_hangs_up_the_talking_call_once_with_the_sessions_guid() {
     assert_eq!(answer.message, "success");
     assert!(!answer.request_id.is_empty());
 
-    let deletes: Vec<_> = app
-        .upstream()
-        .into_iter()
-        .filter(|r| r.method == "DELETE")
-        .collect();
+    let deletes: Vec<_> = app.deletes();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
     assert_eq!(
         deletes[0].path,
@@ -252,11 +248,7 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
     let next_call = app.sim.place_call("101", "70094").unwrap();
     let status = app.release(request).await.unwrap_err();
     expect_outcome_unknown(&status, "GATEWAY_CONNECTION_LOST");
-    let deletes = app
-        .upstream()
-        .into_iter()
-        .filter(|r| r.method == "DELETE")
-        .count();
+    let deletes = app.deletes().len();
     assert_eq!(deletes, 1, "the retry reached the gateway");
     let view = sim_agent_view(&app, "101").await;
     assert_eq!(
@@ -521,11 +513,7 @@ async fn a_rotated_guid_is_picked_up_from_the_gateways_answer() {
         app.release(release_req("101")).await.unwrap().outcome(),
         ReleaseOutcome::Released
     );
-    let delete = app
-        .upstream()
-        .into_iter()
-        .find(|r| r.method == "DELETE")
-        .unwrap();
+    let delete = app.deletes().into_iter().next().unwrap();
     assert_eq!(delete.guid.as_deref(), Some(second.as_str()));
 }
 
@@ -556,11 +544,7 @@ async fn a_repeated_request_id_does_not_release_twice() {
     let replay = app.release(request.clone()).await.unwrap();
     assert!(replay.replayed);
     assert_eq!(replay.outcome(), ReleaseOutcome::Released);
-    let deletes = app
-        .upstream()
-        .into_iter()
-        .filter(|r| r.method == "DELETE")
-        .count();
+    let deletes = app.deletes().len();
     assert_eq!(deletes, 1);
     let view = sim_agent_view(&app, "101").await;
     assert_eq!(view["call_id"], second_call.as_str());

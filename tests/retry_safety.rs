@@ -8,9 +8,10 @@ use std::process::Stdio;
 use ccgw_callcontrol::proto::{
     call_control_client::CallControlClient, ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome,
 };
-use ccgw_sim::{Fault, FaultRule, Simulator};
+use ccgw_sim::Simulator;
 use common::{
-    expect_status, handing_over, release_req, sim_config, spawn_app_with, wait_until, CALLER, WAIT,
+    expect_status, handing_over, hang, release_req, sim_config, spawn_app_with, wait_until, CALLER,
+    WAIT,
 };
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -18,15 +19,6 @@ use tokio::{
     process::Command,
 };
 use tonic::Code;
-
-fn hang(path_contains: &str) -> FaultRule {
-    FaultRule {
-        fault: Fault::Latency { ms: 120_000 },
-        count: 1_000,
-        method: None,
-        path_contains: Some(path_contains.into()),
-    }
-}
 
 /// A real SIGTERM to a real process holding a ReleaseCall that released the call and waits for
 /// its event: the answer is OK RELEASED, confirmation SHUTTING_DOWN (before: UNAVAILABLE with

@@ -5,10 +5,10 @@ mod common;
 use std::time::Duration;
 
 use ccgw_callcontrol::proto::ReleaseOutcome;
-use ccgw_sim::{Fault, FaultRule, SimConfig};
+use ccgw_sim::SimConfig;
 use common::{
-    expect_status, handing_over, junk_guid, release_req, sim_config, spawn_app_with, wait_until,
-    watch_req, CALLER,
+    expect_status, handing_over, hang, junk_guid, release_req, sim_config, spawn_app_with,
+    wait_until, watch_req, CALLER,
 };
 use tonic::Code;
 
@@ -43,11 +43,7 @@ async fn the_sign_in_guid_handed_over_after_20_rotations_releases_with_the_newes
         .await
         .unwrap();
     assert_eq!(answer.outcome(), ReleaseOutcome::Released);
-    let deletes: Vec<_> = app
-        .upstream()
-        .into_iter()
-        .filter(|r| r.method == "DELETE")
-        .collect();
+    let deletes: Vec<_> = app.deletes();
     assert_eq!(deletes.len(), 1, "the stale Guid was tried");
     assert_eq!(deletes[0].guid.as_deref(), Some(newest.as_str()));
     assert_eq!(app.guid_of("101").as_deref(), Some(newest.as_str()));
@@ -68,9 +64,8 @@ async fn a_forcelogin_guid_handed_over_is_adopted_once_the_gateway_accepts_it() 
         .unwrap();
     assert_eq!(answer.outcome(), ReleaseOutcome::Released);
     let deletes: Vec<_> = app
-        .upstream()
+        .deletes()
         .into_iter()
-        .filter(|r| r.method == "DELETE")
         .map(|r| r.guid.unwrap_or_default())
         .collect();
     // The refusal of the old one changed nothing, so the second attempt was safe.
@@ -102,12 +97,7 @@ async fn a_refused_handover_is_not_kept() {
 async fn handed_over_sessions_are_capped() {
     let app = spawn_app_with(sim_config(), &["--max-sessions", "50"]).await;
     // Polls hang, so every offered session stays held (a refused one would be dropped).
-    app.sim.push_fault(FaultRule {
-        fault: Fault::Latency { ms: 120_000 },
-        count: 10_000,
-        method: None,
-        path_contains: Some("/agentevent/".into()),
-    });
+    app.sim.push_fault(hang("/agentevent/"));
     let mut streams = Vec::new();
     for n in 0..50 {
         let agent = (5000 + n).to_string();

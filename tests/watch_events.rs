@@ -11,7 +11,7 @@ use std::time::Duration;
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome};
 use ccgw_sim::{Fault, FaultRule, SimConfig};
 use common::{
-    agent_id, assert_ordered, expect_status, handing_over, hangup_pair, kinds_and_calls,
+    agent_id, assert_ordered, expect_status, handing_over, hang, hangup_pair, kinds_and_calls,
     release_req, resume_req, sim_config, spawn_app, spawn_app_with, violated_fields, wait_until,
     watch_on, watch_req, Item, OpenStream, ReleaseEvent, ReleaseKind, TestApp,
     WatchReleaseEventsRequest, CALLER,
@@ -189,9 +189,9 @@ async fn a_rotated_guid_keeps_the_stream_alive_and_is_used_for_releases() {
     let answer = app.release(release_req("101")).await.unwrap();
     assert_eq!(answer.outcome(), ReleaseOutcome::Released);
     let delete = app
-        .upstream()
+        .deletes()
         .into_iter()
-        .find(|r| r.method == "DELETE")
+        .next()
         .expect("the release reached the gateway");
     assert_eq!(delete.guid.as_deref(), Some(new.as_str()));
     // A release by the agent: the gateway sends Call_Release first.
@@ -814,11 +814,7 @@ async fn an_outdated_guid_handed_over_never_displaces_the_agents_session() {
     );
     let released = app.release_with(request).await.unwrap();
     assert_eq!(released.outcome(), ReleaseOutcome::Released);
-    let deletes: Vec<_> = app
-        .upstream()
-        .into_iter()
-        .filter(|r| r.method == "DELETE")
-        .collect();
+    let deletes: Vec<_> = app.deletes();
     assert_eq!(deletes.len(), 1, "the outdated Guid was tried too");
     assert_eq!(deletes[0].guid.as_deref(), Some(learned.as_str()));
     assert_eq!(app.guid_of("101").as_deref(), Some(learned.as_str()));
@@ -942,12 +938,7 @@ async fn a_release_event_that_never_comes_is_released_not_observed() {
     let app = spawn_app_with(sim_config(), &["--request-timeout-ms", "2000"]).await;
     app.sign_in("101").await;
     app.sim.place_call("101", CALLER).unwrap();
-    app.sim.push_fault(FaultRule {
-        fault: Fault::Latency { ms: 120_000 },
-        count: 1_000,
-        method: None,
-        path_contains: Some("/agentevent/".into()),
-    });
+    app.sim.push_fault(hang("/agentevent/"));
     let answer = app
         .release(ReleaseCallRequest {
             wait_for_release_event: true,
@@ -959,13 +950,7 @@ async fn a_release_event_that_never_comes_is_released_not_observed() {
     assert_eq!(answer.confirmation(), ReleaseConfirmation::NotObserved);
     assert!(answer.release_event.is_none());
     assert_eq!(app.sim.agent("101").unwrap().call_id, None);
-    assert_eq!(
-        app.upstream()
-            .iter()
-            .filter(|r| r.method == "DELETE")
-            .count(),
-        1
-    );
+    assert_eq!(app.deletes().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

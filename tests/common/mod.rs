@@ -12,7 +12,7 @@ use ccgw_callcontrol::{
     proto::{call_control_client::CallControlClient, ReleaseCallRequest},
     server, startup,
 };
-use ccgw_sim::{RecordedRequest, SimConfig, Simulator};
+use ccgw_sim::{Fault, FaultRule, RecordedRequest, SimConfig, Simulator};
 use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
 use tonic::transport::Channel;
@@ -137,6 +137,14 @@ impl TestApp {
             .collect()
     }
 
+    /// Releases of the current call (`DELETE`) the simulator received.
+    pub fn deletes(&self) -> Vec<RecordedRequest> {
+        self.upstream()
+            .into_iter()
+            .filter(|r| r.method == "DELETE")
+            .collect()
+    }
+
     pub async fn release(
         &self,
         request: ReleaseCallRequest,
@@ -223,6 +231,17 @@ pub async fn desktop_sign_in(sim: SocketAddr, agent: &str, force: bool) -> Deskt
             .and_then(|c| c.to_str().ok())
             .and_then(|c| c.split(';').next())
             .map(str::to_owned),
+    }
+}
+
+/// A gateway that holds every request whose path contains `path_contains` for two minutes,
+/// longer than any test waits.
+pub fn hang(path_contains: &str) -> FaultRule {
+    FaultRule {
+        fault: Fault::Latency { ms: 120_000 },
+        count: 1_000,
+        method: None,
+        path_contains: Some(path_contains.into()),
     }
 }
 
