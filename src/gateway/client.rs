@@ -344,4 +344,27 @@ mod tests {
         assert!(normalize_base("ftp://gw").is_err());
         assert!(normalize_base("gw:8043").is_err());
     }
+
+    fn answer_with_set_guid(value: &str) -> reqwest::Response {
+        tonic::codegen::http::Response::builder()
+            .header("set-guid", value)
+            .header(header::SET_COOKIE, "route=n1; Path=/")
+            .body("")
+            .unwrap()
+            .into()
+    }
+
+    /// Issue 7, point 5: a Set-GUID with attributes is read; an unreadable one is counted (and
+    /// ignored), never silently dropped.
+    #[test]
+    fn set_guid_headers_are_read_or_counted() {
+        let client = GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1")).unwrap();
+        let read = client.session_headers(&answer_with_set_guid("JSESSIONID=g1; Path=/; Secure"));
+        assert_eq!(read.set_guid.unwrap().expose(), "g1");
+        assert_eq!(read.set_cookies, ["route=n1; Path=/"]);
+        assert_eq!(client.stats().unreadable_set_guid, 0);
+        let unreadable = client.session_headers(&answer_with_set_guid("; Path=/"));
+        assert!(unreadable.set_guid.is_none());
+        assert_eq!(client.stats().unreadable_set_guid, 1);
+    }
 }
