@@ -205,7 +205,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
+        // A Uri shares its bytes: no copy on every call for the rare answer that needs it.
+        let uri = request.uri().clone();
         let call = AssertUnwindSafe(self.inner.call(request)).catch_unwind();
         let stop = self.stop.clone();
         Box::pin(async move {
@@ -214,13 +215,13 @@ where
                 response = call => match response {
                     Ok(response) => return response,
                     Err(_) => {
-                        tracing::error!(%path, "a call's handler panicked");
+                        tracing::error!(path = uri.path(), "a call's handler panicked");
                         Unfinished::Panicked
                     }
                 },
                 () = stop.cancelled() => Unfinished::HardStop,
             };
-            Ok(status::unfinished(&path, why).into_http())
+            Ok(status::unfinished(uri.path(), why).into_http())
         })
     }
 }
