@@ -141,9 +141,13 @@ async fn clear_requests(State(sim): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(sim): State<Arc<Shared>>) -> Response {
-    let requests = sim.lock().request_seq;
+    let (requests, polls_in_flight) = {
+        let st = sim.lock();
+        (st.request_seq, st.polls_in_flight())
+    };
     Json(json!({
         "oversized_bytes_sent": sim.oversized_bytes.load(Ordering::Relaxed),
+        "polls_in_flight": polls_in_flight,
         "requests": requests,
     }))
     .into_response()

@@ -222,7 +222,8 @@
 //! # recorded gateway requests (seq, method, path, guid, cookie) / clear them
 //! curl localhost:8043/sim/requests
 //! curl -X DELETE localhost:8043/sim/requests
-//! # -> {"oversized_bytes_sent":N,"requests":N}  (requests: gateway requests received since start)
+//! # -> {"oversized_bytes_sent":N,"polls_in_flight":N,"requests":N}
+//! #    (polls_in_flight: polls waiting now, all agents; requests: gateway requests since start)
 //! curl localhost:8043/sim/stats
 //! ```
 //! Errors: 400 `{"error":..}` for a bad agent id or body, 409 `{"error":..}` when the agent is not

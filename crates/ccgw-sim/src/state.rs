@@ -257,6 +257,15 @@ impl Shared {
 }
 
 impl State {
+    /// Polls waiting at the gateway now, over every agent.
+    pub fn polls_in_flight(&self) -> u64 {
+        self.agents
+            .values()
+            .filter_map(|a| a.session.as_ref())
+            .map(|s| u64::from(s.polls_in_flight))
+            .sum()
+    }
+
     /// The agent's live session, after signing it out if it missed its polls.
     pub fn session_mut(&mut self, cfg: &SimConfig, id: u32, now: Instant) -> Option<&mut Session> {
         self.expire_if_idle(cfg, id, now);

@@ -758,7 +758,10 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
     assert_eq!(h.sim.requests().len(), 3);
 
     let (_, stats) = h.control(Method::GET, "/stats", None).await;
-    assert_eq!(stats, json!({"oversized_bytes_sent": 0, "requests": 3}));
+    assert_eq!(
+        stats,
+        json!({"oversized_bytes_sent": 0, "polls_in_flight": 0, "requests": 3})
+    );
     assert_eq!(h.control(Method::DELETE, "/requests", None).await.0, 200);
     assert!(h.sim.requests().is_empty());
 
@@ -894,6 +897,8 @@ async fn concurrent_polls_of_one_agent_show_in_max_polls_in_flight() {
         })
         .await
         .expect("both polls in flight");
+        let (_, stats) = h.control(Method::GET, "/stats", None).await;
+        assert_eq!(stats["polls_in_flight"], 2, "{stats}");
         // Wakes the long polls; each answers one of them.
         h.sim.queue_event("101", json!({"n": "a"})).unwrap();
         h.sim.queue_event("101", json!({"n": "b"})).unwrap();
