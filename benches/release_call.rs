@@ -2,25 +2,19 @@
 //! against the simulator; plus the memory the request-id cache costs.
 //!
 //! `cargo bench --bench release_call [-- REQUESTS CONCURRENCY]`. Numbers go in BENCHMARKS.md.
-use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::sync::Arc;
 
 use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseCallRequest};
 use hdrhistogram::Histogram;
-use support::{report, rss_kib};
+use support::{load, report, rss_kib};
 
 mod support;
 
-const AGENTS: u32 = 50;
+const AGENTS: usize = 50;
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<u64> = std::env::args()
+    let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
@@ -46,12 +40,12 @@ async fn main() {
         let guids = guids.clone();
         let url = format!(
             "{sim_url}/agentgateway/resource/voicecall/{}/dropcall/1-1",
-            1000 + n % AGENTS as u64
+            1000 + n % AGENTS
         );
         async move {
             let answer = http
                 .post(url)
-                .header("Guid", &guids[(n % AGENTS as u64) as usize])
+                .header("Guid", &guids[n % AGENTS])
                 .send()
                 .await
                 .unwrap();
@@ -66,7 +60,7 @@ async fn main() {
         let mut client = client.clone();
         async move {
             let request = ReleaseCallRequest {
-                agent_id: (1000 + n % AGENTS as u64).to_string(),
+                agent_id: (1000 + n % AGENTS).to_string(),
                 call_id: "1-1".into(),
                 ..Default::default()
             };
@@ -90,7 +84,7 @@ async fn main() {
         let mut client = client.clone();
         async move {
             let request = ReleaseCallRequest {
-                agent_id: (1000 + n % AGENTS as u64).to_string(),
+                agent_id: (1000 + n % AGENTS).to_string(),
                 call_id: "1-1".into(),
                 request_id: format!("bench-{n:08}-7c9e6679-7425-40de-944b-e07fc1f90ae7"),
                 ..Default::default()
@@ -107,40 +101,6 @@ async fn main() {
     let grown = rss_kib().saturating_sub(before);
     println!(
         "RSS growth for {ids} remembered request ids: {grown} KiB (~{} bytes each)",
-        grown * 1024 / ids
+        grown * 1024 / ids as u64
     );
-}
-
-/// Runs `total` calls of `op`, `concurrency` at a time; returns latencies (µs) and wall time.
-async fn load<F, Fut>(total: u64, concurrency: u64, op: F) -> (Histogram<u64>, Duration)
-where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let op = op.clone();
-            let next = next.clone();
-            tokio::spawn(async move {
-                let mut histogram = Histogram::<u64>::new(3).unwrap();
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= total {
-                        break histogram;
-                    }
-                    let t = Instant::now();
-                    op(n).await;
-                    histogram.record(t.elapsed().as_micros() as u64).unwrap();
-                }
-            })
-        })
-        .collect();
-    let mut all = Histogram::<u64>::new(3).unwrap();
-    for worker in workers {
-        all.add(worker.await.unwrap()).unwrap();
-    }
-    (all, started.elapsed())
 }

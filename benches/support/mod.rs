@@ -2,7 +2,13 @@
 //! tests' own harness, so that both run the app the same way), latency reports and RSS.
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use ccgw_sim::SimConfig;
 use hdrhistogram::Histogram;
@@ -46,4 +52,37 @@ pub fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Runs `total` calls of `op`, `concurrency` at a time; returns latencies (µs) and wall time.
+pub async fn load<F, Fut>(total: usize, concurrency: usize, op: F) -> (Histogram<u64>, Duration)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (op, next) = (op.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut histogram = Histogram::<u64>::new(3).unwrap();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        break histogram;
+                    }
+                    let t = Instant::now();
+                    op(n).await;
+                    histogram.record(t.elapsed().as_micros() as u64).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut all = Histogram::<u64>::new(3).unwrap();
+    for worker in workers {
+        all.add(worker.await.unwrap()).unwrap();
+    }
+    (all, started.elapsed())
 }
