@@ -145,6 +145,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(crate) max_release_waiters: u32,
 
+    /// Agents polled at once in the process: watched (by streams or by ReleaseCalls waiting for
+    /// their release event), or in their grace period. Each polled agent holds one long-poll
+    /// connection, one file descriptor, to the gateway: keep the process's open-file limit
+    /// (RLIMIT_NOFILE, raised to its hard limit at startup) above this plus the gRPC
+    /// connections. A stream that needs one more is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "CCGW_MAX_POLLED_AGENTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_polled_agents: u32,
+
     /// A WatchReleaseEvents stream that could not send anything for this long (its client
     /// stopped reading) is cut off with a token to resume from and its watcher freed, in
     /// seconds.
@@ -256,6 +265,7 @@ impl Config {
             heartbeat: Duration::from_secs(self.heartbeat_secs),
             max_watchers: self.max_watchers as usize,
             max_release_waiters: self.max_release_waiters as usize,
+            max_polled_agents: self.max_polled_agents as usize,
         }
     }
 
@@ -277,10 +287,19 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--simulate"]).is_ok());
         assert!(Config::try_parse_from(["x", "--simulate", "--max-agent-id", "1000000"]).is_err());
         assert!(Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "0"]).is_err());
-        for flag in ["--stream-send-timeout-secs", "--max-release-waiters"] {
+        for flag in [
+            "--stream-send-timeout-secs",
+            "--max-release-waiters",
+            "--max-polled-agents",
+        ] {
             assert!(Config::try_parse_from(["x", "--simulate", flag, "0"]).is_err());
             assert!(Config::try_parse_from(["x", "--simulate", flag, "1"]).is_ok());
         }
+        assert!(
+            Config::try_parse_from(["x", "--simulate", "--max-polled-agents", "1000001"]).is_err()
+        );
+        let default = Config::try_parse_from(["x", "--simulate"]).unwrap();
+        assert_eq!(default.events().max_polled_agents, 10_000);
         let short = Config::try_parse_from([
             "x",
             "--simulate",

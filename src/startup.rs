@@ -1,5 +1,6 @@
-//! Builds the application from its configuration, and the `--simulate` demo (only with the
-//! `simulator` feature; without it `--simulate` is refused).
+//! Builds the application from its configuration, makes room for its file descriptors (the
+//! open-file limit), and the `--simulate` demo (only with the `simulator` feature; without it
+//! `--simulate` is refused).
 use std::future::Future;
 
 use tokio::net::TcpListener;
@@ -65,6 +66,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
+    check_open_file_limit(config.max_polled_agents);
     let api = match &config.gateway_url {
         Some(url) if !config.simulate => build_api(&config, url.clone())?,
         #[cfg(feature = "simulator")]
@@ -75,4 +77,97 @@ pub async fn run(
     tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
     server::run(listener, api, config.server(), shutdown).await?;
     Ok(())
+}
+
+/// File descriptors kept for everything but the event polls: gRPC clients, listeners, the
+/// connections of releases, files.
+const FD_RESERVE: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one (as Go's runtime does) and warns, without
+/// failing, when it is still below what `--max-polled-agents` may need: one descriptor per
+/// polled agent (its long-poll connection) plus [`FD_RESERVE`].
+fn check_open_file_limit(max_polled_agents: u32) {
+    let Some(limit) = raise_open_file_limit() else {
+        return;
+    };
+    if let Some(needed) = open_file_shortfall(limit, max_polled_agents) {
+        tracing::warn!(
+            max_polled_agents,
+            needed,
+            open_file_limit = limit,
+            "the open-file limit (RLIMIT_NOFILE: {limit}, even raised to its hard limit) is \
+             below --max-polled-agents ({max_polled_agents}) plus {FD_RESERVE} for gRPC \
+             connections, listeners and files ({needed}): with that many agents polled, \
+             sockets will fail; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, the \
+             container's nofile ulimit) or lower --max-polled-agents"
+        );
+    }
+}
+
+/// The descriptors `max_polled_agents` may need, when the soft open-file limit `limit` is
+/// below them.
+fn open_file_shortfall(limit: u64, max_polled_agents: u32) -> Option<u64> {
+    let needed = u64::from(max_polled_agents) + FD_RESERVE;
+    (limit < needed).then_some(needed)
+}
+
+/// Sets the soft open-file limit to the hard one; returns the soft limit then in force
+/// (`None`: unlimited, or unknown on this platform).
+#[cfg(unix)]
+fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        let raised = Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(
+                from = before.current,
+                to = before.maximum,
+                "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+            ),
+            Err(error) => tracing::info!(
+                %error,
+                soft = before.current,
+                hard = before.maximum,
+                "could not raise the open-file limit (RLIMIT_NOFILE) to its hard limit"
+            ),
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// Unknown here: nothing to raise, nothing to warn about.
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_below_the_polled_agents_plus_the_reserve_is_a_shortfall() {
+        assert_eq!(open_file_shortfall(4096, 10_000), Some(11_024));
+        assert_eq!(open_file_shortfall(11_023, 10_000), Some(11_024));
+        assert_eq!(open_file_shortfall(11_024, 10_000), None);
+        assert_eq!(open_file_shortfall(20_000, 10_000), None);
+    }
+
+    /// Raising the test process's soft limit to its hard limit changes nothing it relies on.
+    #[cfg(unix)]
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        use rustix::process::{getrlimit, Resource};
+        let soft = raise_open_file_limit();
+        let now = getrlimit(Resource::Nofile);
+        assert_eq!(soft, now.current);
+        // A hard limit of "unlimited" may be refused as a soft one (macOS); a finite one not.
+        if now.maximum.is_some() {
+            assert_eq!(now.current, now.maximum);
+        }
+    }
 }

@@ -783,6 +783,148 @@ async fn streams_and_waiting_releases_are_refused_beyond_limits_of_their_own() {
     .await;
 }
 
+/// A refusal by --max-polled-agents: the table's reason, RetryInfo (watching changed nothing),
+/// the agents that would need a poll loop, and a message naming the flag and how many are
+/// polled.
+fn assert_polled_agents_refused(status: &tonic::Status, polled: usize, agents: &str) {
+    let details = expect_status(status, Code::ResourceExhausted, "TOO_MANY_POLLED_AGENTS");
+    assert!(details.retry_info().is_some(), "no RetryInfo: {status:?}");
+    assert_eq!(
+        details.error_info().unwrap().metadata["agent_ids"],
+        agents,
+        "{status:?}"
+    );
+    let message = status.message();
+    assert!(
+        message.contains("--max-polled-agents")
+            && message.contains(&format!("already polls {polled} agents")),
+        "{message}"
+    );
+}
+
+/// --max-polled-agents: every polled agent holds a connection to the gateway. At the limit a
+/// stream for an agent nobody polls is refused before anything reaches the gateway (and so is
+/// a release that would wait for that agent's event), streams of polled agents still open, and
+/// the places come back once the first agents' watchers left and their grace period is over.
+#[tokio::test(start_paused = true)]
+async fn a_stream_needing_a_poll_loop_beyond_max_polled_agents_is_refused_until_one_frees_up() {
+    let app = spawn_app_with(
+        sim_config(),
+        &["--max-polled-agents", "2", "--watch-grace-secs", "5"],
+    )
+    .await;
+    let events = app.api.events();
+    for agent in ["101", "102", "103"] {
+        app.sign_in(agent).await;
+    }
+    let mut first = app.watch(watch_req(&["101"])).await;
+    let second = app.watch(watch_req(&["102"])).await;
+    assert_eq!(events.polled_agents(), 2);
+
+    let status = app.watch_refused(watch_req(&["103"])).await;
+    assert_polled_agents_refused(&status, 2, "103");
+    let status = app
+        .release(ReleaseCallRequest {
+            wait_for_release_event: true,
+            ..release_req("103")
+        })
+        .await
+        .unwrap_err();
+    assert_polled_agents_refused(&status, 2, "103");
+    assert_eq!(app.polls_of("103"), 0);
+    assert!(
+        app.upstream().iter().all(|r| !r.path.contains("/103")),
+        "{:?}",
+        app.upstream()
+    );
+    assert_eq!((events.watchers(), events.polled_agents()), (2, 2));
+
+    // An agent already polled still gets streams, and they all see its events.
+    let mut again = app.watch(watch_req(&["101"])).await;
+    let call_id = app.hang_up("101", CALLER);
+    for watch in [&mut first, &mut again] {
+        assert_eq!(
+            kinds_and_calls(&watch.events_of(2).await),
+            hangup_pair(&call_id)
+        );
+    }
+
+    // The watchers of 101 and 102 leave: within the grace period both are still polled.
+    drop((first, second, again));
+    wait_until("the watchers are gone", || events.watchers() == 0).await;
+    let status = app.watch_refused(watch_req(&["103"])).await;
+    assert_polled_agents_refused(&status, 2, "103");
+    assert_eq!(app.polls_of("103"), 0);
+
+    // After it their places are free (101's feed, kept for replay, holds none).
+    wait_until("101 and 102 are not polled any more", || {
+        events.polled_agents() == 0
+    })
+    .await;
+    let mut third = app.watch(watch_req(&["103"])).await;
+    third.sees_hang_up(&app, "103").await;
+    assert_eq!(events.polled_agents(), 1);
+}
+
+/// A stream of several agents takes places for all its new agents or for none.
+#[tokio::test]
+async fn a_stream_needing_more_new_poll_loops_than_are_left_takes_none() {
+    let app = spawn_app_with(sim_config(), &["--max-polled-agents", "3"]).await;
+    let events = app.api.events();
+    for agent in ["101", "102", "103", "104"] {
+        app.sign_in(agent).await;
+    }
+    let _first = app.watch(watch_req(&["101", "102"])).await;
+    assert_eq!(events.polled_agents(), 2);
+
+    // 101 is polled; 103 and 104 would need two places, one is left.
+    let status = app.watch_refused(watch_req(&["101", "103", "104"])).await;
+    assert_polled_agents_refused(&status, 2, "103,104");
+    assert_eq!(events.polled_agents(), 2);
+    assert_eq!((app.polls_of("103"), app.polls_of("104")), (0, 0));
+
+    // The place left is still there: 103 takes it, and then 104 finds none.
+    let mut third = app.watch(watch_req(&["101", "103"])).await;
+    third.sees_hang_up(&app, "103").await;
+    assert_eq!(events.polled_agents(), 3);
+    let status = app.watch_refused(watch_req(&["104"])).await;
+    assert_polled_agents_refused(&status, 3, "104");
+    assert_eq!(app.polls_of("104"), 0);
+}
+
+/// The limit is exact: streams for distinct new agents arriving at once get exactly as many
+/// places as there are, whatever their interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_streams_never_poll_more_agents_than_max_polled_agents() {
+    const AGENTS: [&str; 8] = ["101", "102", "103", "104", "105", "106", "107", "108"];
+    let app = spawn_app_with(sim_config(), &["--max-polled-agents", "3"]).await;
+    for agent in AGENTS {
+        app.sign_in(agent).await;
+    }
+    let attempts = AGENTS.map(|agent| {
+        let client = app.client.clone();
+        tokio::spawn(async move { watch_on(client, watch_req(&[agent])).await })
+    });
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(watch) => open.push(watch),
+            Err(status) => {
+                expect_status(&status, Code::ResourceExhausted, "TOO_MANY_POLLED_AGENTS");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((open.len(), refused), (3, 5));
+    let events = app.api.events();
+    assert_eq!((events.polled_agents(), events.watchers()), (3, 3));
+    assert_eq!(app.polling_agents().len(), 3);
+    let polled: std::collections::HashSet<String> =
+        app.event_polls().into_iter().map(|r| r.path).collect();
+    assert!(polled.len() <= 3, "{polled:?}");
+}
+
 #[tokio::test]
 async fn a_session_handed_over_in_metadata_opens_a_single_agent_stream() {
     let app = spawn_app().await;

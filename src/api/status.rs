@@ -35,7 +35,8 @@ pub(crate) mod metadata_key {
     pub const CAUSE: &str = "cause";
     /// Where a stream that ended can resume.
     pub const RESUME_TOKEN: &str = "resume_token";
-    /// The agents without a session, comma-separated.
+    /// The agents of a stream the failure is about (those without a session, or those that
+    /// would need a poll loop beyond --max-polled-agents), comma-separated.
     pub const AGENT_IDS: &str = "agent_ids";
 }
 
@@ -107,6 +108,7 @@ enum_with_all! {
         WatcherTooSlow,
         TooManySessions,
         TooManyWatchers,
+        TooManyPolledAgents,
         ShuttingDown,
     }
 }
@@ -134,6 +136,7 @@ impl Condition {
             Self::WatcherTooSlow => "(watcher too slow)",
             Self::TooManySessions => "(too many sessions)",
             Self::TooManyWatchers => "(too many watchers)",
+            Self::TooManyPolledAgents => "(too many polled agents)",
             Self::ShuttingDown => "(shutting down)",
         }
     }
@@ -191,6 +194,7 @@ pub(crate) const fn condition_rule(condition: Condition) -> Rule {
         Condition::WatcherTooSlow => row(ResourceExhausted, "WATCHER_TOO_SLOW", After(secs(0)), "the stream fell too far behind its agents' events, or could not send for the send timeout, and was cut off; resume from ErrorInfo metadata resume_token"),
         Condition::TooManySessions => row(ResourceExhausted, "TOO_MANY_SESSIONS", No, "the facade holds as many agents' sessions as it allows (--max-sessions); a handover for another agent waits until one is idle for --session-idle-secs; nothing was sent"),
         Condition::TooManyWatchers => row(ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams, or ReleaseCalls waiting for their release event, as it allows"),
+        Condition::TooManyPolledAgents => row(ResourceExhausted, "TOO_MANY_POLLED_AGENTS", After(secs(1)), "the facade polls as many agents as it allows (--max-polled-agents: each polled agent holds a connection to the gateway); another agent can be watched once one nobody watches is past its grace period (--watch-grace-secs); nothing was sent"),
         Condition::ShuttingDown => row(Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
     }
 }
@@ -367,6 +371,11 @@ pub(crate) fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> St
             Condition::NoSession
         }
         SubscribeError::TooManyWatchers(_) => Condition::TooManyWatchers,
+        SubscribeError::TooManyPolledAgents(full) => {
+            let ids: Vec<String> = full.agents.iter().map(ToString::to_string).collect();
+            metadata.insert(metadata_key::AGENT_IDS.to_owned(), ids.join(","));
+            Condition::TooManyPolledAgents
+        }
         SubscribeError::SessionsFull(_) => Condition::TooManySessions,
         SubscribeError::ShuttingDown => Condition::ShuttingDown,
         SubscribeError::UnknownToken => {

@@ -3,13 +3,13 @@ use std::process::ExitCode;
 use ccgw_callcontrol::{config::Config, shutdown_signal, startup, telemetry};
 use clap::Parser;
 
-#[cfg(not(target_env = "msvc"))]
+#[cfg(unix)]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc returns freed pages to the system from a background thread, a second after they
 /// were last used, instead of waiting for the next allocation in the same arena.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(unix)]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";

@@ -1,6 +1,7 @@
 //! The feed registry: one feed per agent somebody watches (its poll loop, replay ring and
 //! members), created by the first watcher and retired once nobody watches the agent, its grace
-//! period is over and nothing is left to replay. Knows neither how events are numbered nor how
+//! period is over and nothing is left to replay; and the polled agents, the feeds whose loop
+//! may poll, which `--max-polled-agents` bounds. Knows neither how events are numbered nor how
 //! a watcher is built.
 use std::{
     collections::HashMap,
@@ -13,17 +14,23 @@ use tokio::{
 };
 
 use super::{
-    hub::Hub, poll::PollLoop, ring::ReplayRing, watcher::SessionEnding, EventSettings, KindFilter,
-    ReleaseEvent,
+    hub::Hub,
+    poll::PollLoop,
+    polled::{PolledAgents, PolledAgentsFull},
+    ring::ReplayRing,
+    watcher::SessionEnding,
+    EventSettings, KindFilter, ReleaseEvent,
 };
 use crate::{domain::AgentId, lock};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct FeedRegistry {
     live: HashMap<AgentId, Arc<Feed>>,
     /// The highest sequence each retired feed had seen: a token from before it missed
     /// something. Eight bytes per agent ever watched, bounded by the agent id range.
     retired: HashMap<AgentId, u64>,
+    /// The agents whose feed's loop may poll, and those reserved by watchers being admitted.
+    polled: PolledAgents,
 }
 
 #[derive(Debug)]
@@ -82,8 +89,43 @@ pub(super) struct Kept {
 }
 
 impl FeedRegistry {
-    /// The agent's feed, created (with its poll loop) when missing.
-    pub fn feed(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
+    /// At most `max_polled_agents` agents polled at once.
+    pub fn new(max_polled_agents: usize) -> Self {
+        Self {
+            live: HashMap::new(),
+            retired: HashMap::new(),
+            polled: PolledAgents::new(max_polled_agents),
+        }
+    }
+
+    /// Admits a watcher of `agents`: reserves a place among the polled agents for each one
+    /// nobody polls yet, all or none. The watcher then joins each agent's feed
+    /// ([`admitted_feed`](Self::admitted_feed)) or, refused after all, withdraws.
+    pub fn admit(&mut self, agents: &[AgentId]) -> Result<(), PolledAgentsFull> {
+        self.polled.admit(agents)
+    }
+
+    /// An admitted watcher will not join its agents' feeds after all: their reservations go,
+    /// and feeds nobody else awaits may stop polling or retire.
+    pub fn withdraw(&mut self, agents: &[AgentId]) {
+        for &agent in agents {
+            if self.polled.withdraw(agent) {
+                if let Some(feed) = self.live.get(&agent) {
+                    feed.changed.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Places taken among the polled agents.
+    pub fn polled_agents(&self) -> usize {
+        self.polled.in_use()
+    }
+
+    /// The agent's feed for a watcher admitted for it, created (with its poll loop) when
+    /// missing; from now on the agent is polled.
+    pub fn admitted_feed(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
+        self.polled.join(agent);
         if let Some(feed) = self.live.get(&agent) {
             return feed.clone();
         }
@@ -191,10 +233,14 @@ impl Hub {
         if state.wants_polling(&self.settings, now) {
             return Step::Poll;
         }
-        if !state.members.is_empty() {
-            // Watchers of a lost session: they are being told and will leave.
+        if !state.members.is_empty() || feeds.polled.is_awaited(feed.agent) {
+            // Watchers of a lost session: they are being told and will leave. Or a watcher
+            // admitted for the agent is about to join (or to withdraw): either wakes the loop.
             return Step::Wait(None);
         }
+        // Not polled any more (the grace period is over, or the session was lost): the
+        // agent's place among the polled agents is free.
+        feeds.polled.stop(feed.agent);
         state.ring.expire(now);
         if let Some(empty_at) = state.ring.empty_at() {
             // Not polled any more, but kept so that resuming watchers can replay.
@@ -206,5 +252,64 @@ impl Hub {
         }
         feeds.live.remove(&feed.agent);
         Step::Retire
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Step;
+    use crate::{
+        events::{
+            testing::{agent, hub, publish, sign_in},
+            EventSettings, KindFilter, PolledAgentsFull, SubscribeError,
+        },
+        lock,
+    };
+
+    /// The poll loop's steps are taken by hand here (the loop itself runs only when the test
+    /// awaits, and finds no gateway).
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_frees_its_place_when_it_stops_polling_but_not_while_a_watcher_is_awaited() {
+        let hub = hub(EventSettings {
+            max_polled_agents: 1,
+            grace: Duration::ZERO,
+            ..EventSettings::default()
+        });
+        sign_in(&hub, agent(0));
+        sign_in(&hub, agent(1));
+        let all = KindFilter::default;
+        let watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
+        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
+        assert_eq!(hub.hub.next_step(&feed), Step::Poll);
+        drop(watcher);
+
+        // A watcher admitted for the agent, not joined yet: the feed waits for it, polled.
+        lock(&hub.hub.feeds).admit(&[agent(0)]).unwrap();
+        assert_eq!(hub.hub.next_step(&feed), Step::Wait(None));
+        assert_eq!(hub.polled_agents(), 1);
+        lock(&hub.hub.feeds).withdraw(&[agent(0)]);
+        assert_eq!(hub.hub.next_step(&feed), Step::Retire);
+        assert_eq!(hub.polled_agents(), 0);
+        assert!(lock(&hub.hub.feeds).get(agent(0)).is_none());
+
+        // A feed kept for replay alone polls nothing and holds no place: watching its agent
+        // again takes one.
+        let watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
+        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
+        assert!(publish(&hub, agent(0)));
+        drop(watcher);
+        assert!(matches!(hub.hub.next_step(&feed), Step::Wait(Some(_))));
+        assert_eq!(hub.polled_agents(), 0);
+        let _other = hub.subscribe(&[agent(1)], None, all(), None).unwrap();
+        assert_eq!(
+            hub.subscribe(&[agent(0)], None, all(), None).unwrap_err(),
+            SubscribeError::TooManyPolledAgents(PolledAgentsFull {
+                in_use: 1,
+                limit: 1,
+                agents: vec![agent(0)],
+            })
+        );
     }
 }

@@ -60,6 +60,7 @@ pub(super) struct Hub {
     /// watcher receives events in sequence order and its replay ends where its live part
     /// begins. Taken before `feeds` and before any feed's state.
     pub publish: Mutex<()>,
+    /// The feeds and the polled agents; taken before any feed's state.
     pub feeds: Mutex<FeedRegistry>,
     /// Permits of the watchers from [`EventHub::subscribe`].
     pub watchers: Permits,
@@ -82,7 +83,7 @@ impl EventHub {
                 epoch: rand::random(),
                 sequence: AtomicU64::new(0),
                 publish: Mutex::new(()),
-                feeds: Mutex::default(),
+                feeds: Mutex::new(FeedRegistry::new(settings.max_polled_agents)),
                 watchers: Permits::new(settings.max_watchers, "watchers are open"),
                 release_waiters: Permits::new(
                     settings.max_release_waiters,
@@ -174,6 +175,12 @@ impl EventHub {
             .collect();
         agents.sort();
         agents
+    }
+
+    /// Agents counted against `--max-polled-agents`: those whose poll loop may poll (watched,
+    /// or in their grace period), and those a watcher being admitted reserved.
+    pub fn polled_agents(&self) -> usize {
+        lock(&self.hub.feeds).polled_agents()
     }
 
     pub fn stats(&self) -> EventStats {

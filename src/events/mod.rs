@@ -16,9 +16,10 @@
 //!   replay, gap and memberships;
 //! - the *poll loop* (`PollLoop`) is the one reader of an agent's gateway events.
 //!
-//! Parts: `hub` ([`EventHub`], the facade), `feeds` (the feed registry), `publish` (numbering
-//! and delivering events), `subscribe` (admitting and starting watchers), `watcher`, `forward`
-//! (a watcher read by a task of its own), `poll`, `ring` (the replay ring), `token`.
+//! Parts: `hub` ([`EventHub`], the facade), `feeds` (the feed registry), `polled` (the polled
+//! agents' limit), `publish` (numbering and delivering events), `subscribe` (admitting and
+//! starting watchers), `watcher`, `forward` (a watcher read by a task of its own), `poll`,
+//! `ring` (the replay ring), `token`.
 //!
 //! Ordering: every release event gets the next number of one per-process sequence, and events
 //! are published in that order (one publish lock), so a watcher of several agents can deliver
@@ -28,6 +29,7 @@ mod feeds;
 mod forward;
 mod hub;
 mod poll;
+mod polled;
 mod publish;
 mod ring;
 mod subscribe;
@@ -39,6 +41,7 @@ mod watcher;
 use std::{time::Duration, time::SystemTime};
 
 pub use hub::{EventHub, EventStats};
+pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;
 pub use watcher::Watcher;
@@ -113,6 +116,10 @@ pub(crate) struct EventSettings {
     /// Open release waiters in the process (`EventHub::subscribe_release_waiter`), a pool of
     /// their own so that neither kind can crowd out the other.
     pub(crate) max_release_waiters: usize,
+    /// Agents whose poll loop may poll at once (watched, or in their grace period): each
+    /// holds one long-poll connection to the gateway. Watchers and release waiters that would
+    /// need one more are refused.
+    pub(crate) max_polled_agents: usize,
 }
 
 impl Default for EventSettings {
@@ -128,6 +135,7 @@ impl Default for EventSettings {
             heartbeat: Duration::from_secs(15),
             max_watchers: 10_000,
             max_release_waiters: 1_000,
+            max_polled_agents: 10_000,
         }
     }
 }

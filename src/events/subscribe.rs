@@ -1,7 +1,7 @@
-//! Subscribing: admitting a new watcher (shutdown, resume token, permit, handover, sessions),
-//! making it a member of its agents' feeds, and working out its replay and gap, all under the
-//! publish lock so that its replay ends exactly where its live events begin. Knows nothing of
-//! how events are read from the gateway.
+//! Subscribing: admitting a new watcher (shutdown, resume token, permit, places among the
+//! polled agents, handover, sessions), making it a member of its agents' feeds, and working out
+//! its replay and gap, all under the publish lock so that its replay ends exactly where its
+//! live events begin. Knows nothing of how events are read from the gateway.
 use std::sync::{
     atomic::{AtomicBool, Ordering},
     Arc,
@@ -15,6 +15,7 @@ use tokio::{
 use super::{
     feeds::Member,
     hub::Hub,
+    polled::PolledAgentsFull,
     watcher::{Gap, GapCause, Membership, Watcher, WatcherStart},
     KindFilter, ReleaseEvent, ResumeToken,
 };
@@ -32,6 +33,8 @@ pub enum SubscribeError {
     ShuttingDown,
     #[error(transparent)]
     SessionsFull(#[from] SessionsFull),
+    #[error(transparent)]
+    TooManyPolledAgents(#[from] PolledAgentsFull),
 }
 
 /// The pool of permits that refused a watcher.
@@ -42,7 +45,7 @@ pub struct WatcherLimit {
     holders: &'static str,
 }
 
-fn list(agents: &[AgentId]) -> String {
+pub(super) fn list(agents: &[AgentId]) -> String {
     agents
         .iter()
         .map(ToString::to_string)
@@ -87,6 +90,23 @@ pub(super) struct Request<'a> {
     pub handover: Option<(AgentId, Session)>,
 }
 
+/// An admitted watcher's reservations among the polled agents (see
+/// [`FeedRegistry::admit`](super::feeds::FeedRegistry::admit)) until it joins its agents'
+/// feeds; dropped before, because something refused the watcher after all, it withdraws them.
+struct Admission<'a> {
+    hub: &'a Hub,
+    /// Empty once joined.
+    agents: &'a [AgentId],
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if !self.agents.is_empty() {
+            lock(&self.hub.feeds).withdraw(self.agents);
+        }
+    }
+}
+
 /// What joining its agents' feeds gives a new watcher.
 struct Joined {
     memberships: Vec<Membership>,
@@ -103,7 +123,7 @@ impl Hub {
         permits: &Permits,
         mut request: Request<'_>,
     ) -> Result<Watcher, SubscribeError> {
-        let permit = self.admit(permits, &mut request)?;
+        let (permit, admission) = self.admit(permits, &mut request)?;
         let overflowed = Arc::new(AtomicBool::new(false));
         let (sender, live) = mpsc::channel(self.settings.watcher_buffer.max(1));
         let member = Member {
@@ -118,7 +138,7 @@ impl Hub {
             Some(token) if token.epoch == self.epoch => token.sequence,
             _ => current,
         };
-        let joined = self.join_feeds(request.agents, position, &request.kinds, &member);
+        let joined = self.join_feeds(admission, position, &request.kinds, &member);
         Ok(Watcher::new(
             WatcherStart {
                 position: ResumeToken {
@@ -138,14 +158,15 @@ impl Hub {
         ))
     }
 
-    /// Everything that can refuse a watcher, before anything changes. The handover (one agent's
-    /// session) is offered to the session registry only once nothing else can refuse it, so a
-    /// refused request leaves no state behind.
-    fn admit(
-        &self,
+    /// Everything that can refuse a watcher, before anything changes. The places of its agents
+    /// among the polled agents are reserved before the handover (one agent's session) is
+    /// offered to the session registry, which happens only once nothing else can refuse it, so
+    /// a refused request leaves no state behind (the admission, dropped, withdraws).
+    fn admit<'a, 'r: 'a>(
+        &'a self,
         permits: &Permits,
-        request: &mut Request<'_>,
-    ) -> Result<OwnedSemaphorePermit, SubscribeError> {
+        request: &mut Request<'r>,
+    ) -> Result<(OwnedSemaphorePermit, Admission<'a>), SubscribeError> {
         if self.shutdown.is_cancelled() {
             return Err(SubscribeError::ShuttingDown);
         }
@@ -156,6 +177,11 @@ impl Hub {
             return Err(SubscribeError::UnknownToken);
         }
         let permit = permits.take()?;
+        lock(&self.feeds).admit(request.agents)?;
+        let admission = Admission {
+            hub: self,
+            agents: request.agents,
+        };
         if let Some((agent, session)) = request.handover.take() {
             self.sessions.registry().offer(agent, session)?;
         }
@@ -168,27 +194,27 @@ impl Hub {
         if !missing.is_empty() {
             return Err(SubscribeError::NoSession(missing));
         }
-        Ok(permit)
+        Ok((permit, admission))
     }
 
-    /// Makes the watcher a member of each agent's feed (creating a missing feed and its poll
-    /// loop) and collects what the feeds kept after `position`.
+    /// Makes the admitted watcher a member of each agent's feed (creating a missing feed and
+    /// its poll loop) and collects what the feeds kept after `position`.
     fn join_feeds(
         self: &Arc<Self>,
-        agents: &[AgentId],
+        mut admission: Admission<'_>,
         position: u64,
         kinds: &KindFilter,
         member: &Member,
     ) -> Joined {
         let now = Instant::now();
         let mut joined = Joined {
-            memberships: Vec::with_capacity(agents.len()),
+            memberships: Vec::with_capacity(admission.agents.len()),
             replay: Vec::new(),
             evicted: Vec::new(),
         };
         let mut feeds = lock(&self.feeds);
-        for &agent in agents {
-            let feed = feeds.feed(self, agent);
+        for &agent in std::mem::take(&mut admission.agents) {
+            let feed = feeds.admitted_feed(self, agent);
             let kept = feed.join(member.clone(), position, kinds, now);
             if kept.evicted {
                 joined.evicted.push(agent);
@@ -230,7 +256,7 @@ mod tests {
     use crate::domain::AgentId;
     use crate::events::{
         testing::{agent, hub, publish, ready, sign_in},
-        EventSettings, KindFilter, Watcher, WatcherItem,
+        EventSettings, KindFilter, PolledAgentsFull, SubscribeError, Watcher, WatcherItem,
     };
 
     #[derive(Debug, Clone)]
@@ -355,5 +381,54 @@ mod tests {
         let _watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
         drop(waiter);
         let _waiter = hub.subscribe_release_waiter(agent(0), all()).unwrap();
+    }
+
+    /// --max-polled-agents: a watcher that needs more new poll loops than are left is refused
+    /// and takes none; one refused after its admission (an agent without a session) gives its
+    /// places back; agents already polled take no place, for watchers and release waiters.
+    #[tokio::test(start_paused = true)]
+    async fn watchers_take_places_among_the_polled_agents_all_or_none() {
+        let hub = hub(EventSettings {
+            max_polled_agents: 2,
+            ..EventSettings::default()
+        });
+        for n in 0..3 {
+            sign_in(&hub, agent(n));
+        }
+        let all = KindFilter::default;
+        let refused = hub
+            .subscribe(&[agent(0), agent(3)], None, all(), None)
+            .unwrap_err();
+        assert_eq!(refused, SubscribeError::NoSession(vec![agent(3)]));
+        assert_eq!(hub.polled_agents(), 0, "a refused admission keeps no place");
+
+        let _first = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
+        let refused = hub
+            .subscribe(&[agent(1), agent(2)], None, all(), None)
+            .unwrap_err();
+        assert_eq!(
+            refused,
+            SubscribeError::TooManyPolledAgents(PolledAgentsFull {
+                in_use: 1,
+                limit: 2,
+                agents: vec![agent(1), agent(2)],
+            })
+        );
+        assert_eq!(
+            (hub.polled_agents(), hub.watchers(), hub.polling_agents()),
+            (1, 1, vec![agent(0)])
+        );
+
+        let _second = hub.subscribe(&[agent(1)], None, all(), None).unwrap();
+        let _both = hub
+            .subscribe(&[agent(0), agent(1)], None, all(), None)
+            .unwrap();
+        let _waiter = hub.subscribe_release_waiter(agent(1), all()).unwrap();
+        assert!(matches!(
+            hub.subscribe_release_waiter(agent(2), all()),
+            Err(SubscribeError::TooManyPolledAgents(_))
+        ));
+        assert_eq!(hub.polled_agents(), 2);
+        assert_eq!(hub.polling_agents(), [agent(0), agent(1)]);
     }
 }
