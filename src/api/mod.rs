@@ -1,5 +1,6 @@
 //! The gRPC surface: handlers, proto <-> domain, and the failure -> Status table. The only room
 //! that knows gRPC.
+pub mod codec;
 pub(crate) mod request;
 pub mod status;
 mod stream;
