@@ -374,9 +374,10 @@ async fn watch(agents: usize, per_agent: usize, rounds: usize) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let (opened, fds) = (facade.rss_kib(), facade.open_fds());
 
-        let cpu = facade.cpu();
+        let (cpu, sim_cpu) = (facade.cpu(), sim_server.cpu());
         tokio::time::sleep(IDLE_WINDOW).await;
         let idle_cpu = (facade.cpu() - cpu).as_secs_f64() / IDLE_WINDOW.as_secs_f64();
+        let sim_idle_cpu = (sim_server.cpu() - sim_cpu).as_secs_f64() / IDLE_WINDOW.as_secs_f64();
         let after_idle = facade.rss_kib();
 
         let latency = hang_ups(&sim, &ids, per_agent, &mut deliveries).await;
@@ -410,8 +411,9 @@ async fn watch(agents: usize, per_agent: usize, rounds: usize) {
             (closed as f64 - before as f64) / 1024.0,
         );
         println!(
-            "  idle CPU {:.1}% of one core; open fds {fds}; delivery p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} deliveries)",
+            "  idle CPU {:.1}% of one core (simulator {:.1}%); open fds {fds}; delivery p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} deliveries)",
             idle_cpu * 100.0,
+            sim_idle_cpu * 100.0,
             latency.value_at_quantile(0.5) as f64 / 1000.0,
             latency.value_at_quantile(0.99) as f64 / 1000.0,
             latency.max() as f64 / 1000.0,
