@@ -485,6 +485,8 @@ impl OpenStreams {
     }
 }
 
+// Each opened stream yields its reader task's handle: kept, not awaited, until the round ends.
+#[allow(clippy::async_yields_async)]
 async fn open_streams(
     facade: SocketAddr,
     ids: &[String],

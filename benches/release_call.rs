@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseCallRequest};
-use hdrhistogram::Histogram;
 use support::{load, report, rss_kib};
 
 mod support;

@@ -53,7 +53,7 @@ pub mod proto {
         tonic::include_file_descriptor_set!("error_details_descriptor");
 }
 
-/// Installs ring as the process-wide rustls crypto provider. reqwest is built without a provider
+/// Installs ring as the process-wide rustls crypto provider. rustls is built without a provider
 /// of its own so that one process never mixes two; every client constructor calls this, so a
 /// library user cannot hit rustls' "no process-level CryptoProvider" panic. Idempotent.
 pub fn install_crypto_provider() {

@@ -15,7 +15,7 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 const BUFFER_SIZE: usize = 512;
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// [`ProstCodec`] with [`BUFFER_SIZE`] buffers. `build.rs` names it as the codec of the
+/// [`ProstCodec`] with buffers of `BUFFER_SIZE` bytes. `build.rs` names it as the codec of the
 /// generated code.
 #[derive(Debug, Clone)]
 pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);

@@ -6,9 +6,18 @@ use std::{
     time::Duration,
 };
 
-use reqwest::{header, Method, StatusCode};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, HeaderMap, Method, Request, StatusCode, Uri};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use rustls::pki_types::{pem::PemObject, CertificateDer};
 use serde_json::json;
-use tokio::time::Instant;
+use tokio::{net::TcpStream, time::Instant};
+use tower::{util::BoxCloneSyncService, BoxError, ServiceExt};
 
 use super::{
     session::{Guid, Session, SessionHeaders},
@@ -23,6 +32,18 @@ const CONTENT_TYPE_JSON: &str = "application/json; charset=UTF-8";
 /// Below this budget a request would almost surely time out after it was sent, leaving its
 /// outcome unknown; better not to send it at all.
 const MIN_BUDGET: Duration = Duration::from_millis(20);
+/// Sent with every request, so that the gateway's logs tell the facade's requests apart.
+const USER_AGENT: &str = concat!("ccgw-callcontrol/", env!("CARGO_PKG_VERSION"));
+/// The read buffer of each gateway connection, which lives as long as the connection: one per
+/// watched agent. hyper's adaptive default starts at 8 KiB. Answer bodies stream through it in
+/// pieces of this size, whatever their length, but an answer's status line and headers must fit
+/// in it: hyper refuses a bigger head ("message head is too large", a transport error). 4 KiB is
+/// nginx's default limit on the head of an upstream's answer (`proxy_buffer_size`, one page).
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// hyper's pooled HTTP/1 client over TCP, with TLS for `https` gateways.
+type HttpClient = Client<Connector, Full<Bytes>>;
+type Connector = BoxCloneSyncService<Uri, MaybeHttpsStream<TokioIo<TcpStream>>, BoxError>;
 
 #[derive(Debug, Clone)]
 pub(crate) struct GatewaySettings {
@@ -98,7 +119,7 @@ pub struct GatewayStats {
 /// answer means for the agent's session is the sessions room's business. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct GatewayClient {
-    http: reqwest::Client,
+    http: HttpClient,
     base: Arc<str>,
     max_answer_bytes: usize,
     legacy_release_path: bool,
@@ -109,29 +130,17 @@ impl GatewayClient {
     pub(crate) fn new(settings: &GatewaySettings) -> Result<Self, SettingsError> {
         crate::install_crypto_provider();
         let base = normalize_base(&settings.base_url)?;
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             // Load balancers drop idle connections, often after 60 s; a release sent on one
             // they just closed would fail with an unknown outcome. Retire idle ones sooner.
             .pool_idle_timeout(Duration::from_secs(30))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ccgw-callcontrol/", env!("CARGO_PKG_VERSION")))
-            .no_proxy();
-        if let Some(pem) = &settings.ca_bundle_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| SettingsError::CaBundle(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(SettingsError::CaBundle(
-                    "no certificate in the bundle".into(),
-                ));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder
-            .build()
-            .map_err(|e| SettingsError::Client(describe(&e)))?;
+            .http1_read_buf_exact_size(READ_BUFFER_BYTES);
+        // hyper's client follows no redirects and knows no proxies: requests go straight to
+        // the configured gateway, and a 3xx answer is an HTTP status error.
+        let http = builder.build(connector(settings)?);
         Ok(Self {
             http,
             base: base.into(),
@@ -192,12 +201,28 @@ impl GatewayClient {
         } else {
             format!("/onlineagent/{agent}")
         };
-        let request = self
-            .http
-            .put(format!("{}{path}", self.base))
+        let body = json!({ "password": password, "phonenum": phone_number }).to_string();
+        match self
+            .request(Method::PUT, &path)
+            .body(Full::new(Bytes::from(body)))
+        {
+            Ok(request) => self.exchange(request, deadline).await,
+            Err(_) => Exchange {
+                headers: SessionHeaders::default(),
+                answer: Err(GatewayError::Malformed("request URI is invalid".into())),
+            },
+        }
+    }
+
+    /// A request to the gateway's `path` with the headers every request carries.
+    fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::USER_AGENT, USER_AGENT)
+            // As reqwest sent it: the gateway sees the requests it saw before.
+            .header(header::ACCEPT, "*/*")
             .header(header::CONTENT_TYPE, CONTENT_TYPE_JSON)
-            .json(&json!({ "password": password, "phonenum": phone_number }));
-        self.exchange(request, deadline).await
     }
 
     fn request_in(
@@ -205,21 +230,21 @@ impl GatewayClient {
         method: Method,
         path: &str,
         session: &Session,
-    ) -> Result<reqwest::RequestBuilder, GatewayError> {
+    ) -> Result<Request<Full<Bytes>>, GatewayError> {
         let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .header(header::CONTENT_TYPE, CONTENT_TYPE_JSON)
+            .request(method, path)
             .header("Guid", sensitive(session.guid.expose())?);
         if let Some(cookie) = session.cookies.header_value() {
             request = request.header(header::COOKIE, sensitive(&cookie)?);
         }
-        Ok(request)
+        request
+            .body(Full::default())
+            .map_err(|_| GatewayError::Malformed("request URI is invalid".into()))
     }
 
     /// Sends, takes the session headers as soon as they arrive (they count even when the body
     /// then fails), reads a bounded body and parses the envelope, all within `deadline`.
-    async fn exchange(&self, request: reqwest::RequestBuilder, deadline: Instant) -> Exchange {
+    async fn exchange(&self, request: Request<Full<Bytes>>, deadline: Instant) -> Exchange {
         let mut headers = SessionHeaders::default();
         let budget = deadline.saturating_duration_since(Instant::now());
         if budget < MIN_BUDGET {
@@ -229,15 +254,19 @@ impl GatewayClient {
             };
         }
         let work = async {
-            let response = request.send().await.map_err(classify_send_error)?;
-            headers = self.session_headers(&response);
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(classify_send_error)?;
+            headers = self.session_headers(response.headers());
             let status = response.status();
             if status != StatusCode::OK {
                 return Err(GatewayError::HttpStatus {
                     status: status.as_u16(),
                 });
             }
-            let body = wire::read_bounded(response, self.max_answer_bytes).await?;
+            let body = wire::read_bounded(response.into_body(), self.max_answer_bytes).await?;
             wire::parse_answer(&body)
         };
         let answer = tokio::time::timeout_at(deadline, work)
@@ -246,8 +275,7 @@ impl GatewayClient {
         Exchange { headers, answer }
     }
 
-    fn session_headers(&self, response: &reqwest::Response) -> SessionHeaders {
-        let headers = response.headers();
+    fn session_headers(&self, headers: &HeaderMap) -> SessionHeaders {
         let set_guid = headers.get("set-guid").and_then(|value| {
             let guid = value.to_str().ok().and_then(Guid::from_set_guid);
             if guid.is_none() {
@@ -282,12 +310,88 @@ fn sensitive(value: &str) -> Result<header::HeaderValue, GatewayError> {
     Ok(value)
 }
 
+/// TCP (as reqwest set it up) and TLS for `https` gateways; the connect timeout covers both.
+fn connector(settings: &GatewaySettings) -> Result<Connector, SettingsError> {
+    let mut tcp = HttpConnector::new();
+    // The TLS wrapper decides which schemes go through it.
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(settings.connect_timeout));
+    tcp.set_nodelay(true);
+    // A gateway that vanished without closing its connections (host down, NAT entry gone) is
+    // noticed within about a minute, instead of each long poll waiting for its deadline.
+    tcp.set_keepalive(Some(Duration::from_secs(15)));
+    tcp.set_keepalive_interval(Some(Duration::from_secs(15)));
+    tcp.set_keepalive_retries(Some(3));
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    tcp.set_tcp_user_timeout(Some(Duration::from_secs(30)));
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(settings.ca_bundle_pem.as_deref())?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    // Until the handshake is over nothing was sent, so a stalled one is a connect failure (safe
+    // to retry), not a timeout with an unknown outcome.
+    let limit = settings.connect_timeout;
+    let within_limit = tls.map_future(move |connecting| async move {
+        tokio::time::timeout(limit, connecting)
+            .await
+            .unwrap_or_else(|_| Err(format!("connecting took longer than {limit:?}").into()))
+    });
+    Ok(BoxCloneSyncService::new(within_limit))
+}
+
+/// What reqwest did with rustls and no provider of its own: the process-wide provider, the
+/// platform's verifier (on Linux, the system's roots), plus the roots of `--gateway-ca-bundle`;
+/// the gateway's host name is verified.
+fn tls_config(ca_bundle_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, SettingsError> {
+    let extra_roots = match ca_bundle_pem {
+        None => Vec::new(),
+        Some(pem) => {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| SettingsError::CaBundle(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(SettingsError::CaBundle(
+                    "no certificate in the bundle".into(),
+                ));
+            }
+            certs
+        }
+    };
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let verifier =
+        rustls_platform_verifier::Verifier::new_with_extra_roots(extra_roots, provider.clone())
+            .map_err(|e| SettingsError::Client(e.to_string()))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SettingsError::Client(e.to_string()))?
+        // "dangerous" only names the way in for verifiers other than rustls' own; this one
+        // verifies the chain and the host name.
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+/// `scheme://host[:port][/path]`, without a trailing slash, ending in the resource prefix.
 fn normalize_base(raw: &str) -> Result<String, SettingsError> {
-    let url = reqwest::Url::parse(raw).map_err(|_| SettingsError::BadUrl(raw.into()))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(SettingsError::BadUrl(raw.into()));
+    let bad = || SettingsError::BadUrl(raw.into());
+    let uri: Uri = raw.parse().map_err(|_| bad())?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(bad());
+    };
+    // Credentials in the URL would be silently dropped, and a query would end up in the middle
+    // of every request's path.
+    if !matches!(scheme, "http" | "https")
+        || authority.host().is_empty()
+        || authority.as_str().contains('@')
+        || uri.query().is_some()
+    {
+        return Err(bad());
     }
-    let trimmed = url.as_str().trim_end_matches('/');
+    let trimmed = format!("{scheme}://{authority}{}", uri.path());
+    let trimmed = trimmed.trim_end_matches('/');
     Ok(if trimmed.ends_with(RESOURCE_PREFIX) {
         trimmed.to_owned()
     } else {
@@ -296,8 +400,9 @@ fn normalize_base(raw: &str) -> Result<String, SettingsError> {
 }
 
 /// Connect errors (refused, DNS, TLS handshake, connect timeout) happen before a byte of the
-/// request is written; anything else may have reached the gateway.
-fn classify_send_error(error: reqwest::Error) -> GatewayError {
+/// request is written; anything else may have reached the gateway. hyper's "connection closed
+/// before message completed" (the simulator's `drop` and `lose_answer`) is one of the latter.
+fn classify_send_error(error: hyper_util::client::legacy::Error) -> GatewayError {
     if error.is_connect() {
         GatewayError::Connect(describe(&error))
     } else {
@@ -305,10 +410,10 @@ fn classify_send_error(error: reqwest::Error) -> GatewayError {
     }
 }
 
-/// An error and its causes on one line, without the URL.
-pub(crate) fn describe(error: &reqwest::Error) -> String {
+/// An error and its causes on one line. hyper's errors carry neither the URL nor headers.
+pub(crate) fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
-    let mut current: Option<&dyn std::error::Error> = Some(error);
+    let mut current = Some(error);
     while let Some(err) = current {
         let part = err.to_string();
         if !text.contains(&part) {
@@ -319,12 +424,7 @@ pub(crate) fn describe(error: &reqwest::Error) -> String {
         }
         current = err.source();
     }
-    // reqwest puts the URL in its own message; the facade's callers need the cause, not our
-    // gateway's address.
-    match error.url() {
-        Some(url) => text.replace(&format!(" for url ({url})"), ""),
-        None => text,
-    }
+    text
 }
 
 #[cfg(test)]
@@ -343,15 +443,19 @@ mod tests {
         );
         assert!(normalize_base("ftp://gw").is_err());
         assert!(normalize_base("gw:8043").is_err());
+        assert!(normalize_base("https://user:pw@gw:8043").is_err());
+        assert!(normalize_base("https://gw:8043/?x=1").is_err());
+        assert_eq!(
+            normalize_base("http://[::1]:8043/").unwrap(),
+            "http://[::1]:8043/agentgateway/resource"
+        );
     }
 
-    fn answer_with_set_guid(value: &str) -> reqwest::Response {
-        tonic::codegen::http::Response::builder()
-            .header("set-guid", value)
-            .header(header::SET_COOKIE, "route=n1; Path=/")
-            .body("")
-            .unwrap()
-            .into()
+    fn answer_with_set_guid(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("set-guid", value.parse().unwrap());
+        headers.insert(header::SET_COOKIE, "route=n1; Path=/".parse().unwrap());
+        headers
     }
 
     /// Issue 7, point 5: a Set-GUID with attributes is read; an unreadable one is counted (and
@@ -366,5 +470,57 @@ mod tests {
         let unreadable = client.session_headers(&answer_with_set_guid("; Path=/"));
         assert!(unreadable.set_guid.is_none());
         assert_eq!(client.stats().unreadable_set_guid, 1);
+    }
+
+    /// Answers a sign-in once with a head of about `head_bytes` and a body of `body_bytes`.
+    async fn gateway_answering(head_bytes: usize, body_bytes: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            // The whole request (its JSON body ends with '}'), so that closing sends no reset.
+            let mut request = Vec::new();
+            while request.last() != Some(&b'}') {
+                let mut chunk = [0; 1024];
+                let n = socket.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the client closed early");
+                request.extend_from_slice(&chunk[..n]);
+            }
+            let body = format!(
+                r#"{{"message":"","retcode":"0","result":{{"pad":"{}"}}}}"#,
+                "b".repeat(body_bytes)
+            );
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nX-Pad: {}\r\nContent-Length: {}\r\n\r\n{body}",
+                "h".repeat(head_bytes),
+                body.len()
+            );
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            socket.shutdown().await.unwrap();
+        });
+        url
+    }
+
+    async fn sign_in_at(url: &str) -> Result<Answer, GatewayError> {
+        let client = GatewayClient::new(&GatewaySettings::new(url)).unwrap();
+        let agent = AgentId::parse("agent", "101", 999_999).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        client
+            .sign_in(agent, "pw", "70001", false, deadline)
+            .await
+            .answer
+    }
+
+    /// The small read buffer bounds an answer's head, not its body.
+    #[tokio::test]
+    async fn answers_bigger_than_the_read_buffer_are_read_but_not_heads() {
+        let big_body = sign_in_at(&gateway_answering(3 * 1024, 20 * 1024).await).await;
+        assert!(big_body.unwrap().is_ok());
+        let big_head = sign_in_at(&gateway_answering(READ_BUFFER_BYTES, 10).await).await;
+        assert!(
+            matches!(&big_head, Err(GatewayError::Transport(e)) if e.contains("too large")),
+            "{big_head:?}"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! The gateway's JSON envelope: `{"message": "...", "retcode": "...", "result": ..., "event": ...}`.
 use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
 use serde::Deserialize;
 
 use super::{GatewayError, Retcode};
@@ -84,28 +86,27 @@ fn truncate(message: String) -> String {
 
 /// Reads a body without ever holding more than `limit` bytes of it: a broken gateway or proxy
 /// must not be able to make the facade allocate without bound.
-pub(crate) async fn read_bounded(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Bytes, GatewayError> {
-    if response
-        .content_length()
+pub(crate) async fn read_bounded(mut body: Incoming, limit: usize) -> Result<Bytes, GatewayError> {
+    if body
+        .size_hint()
+        .exact()
         .is_some_and(|len| len > limit as u64)
     {
         return Err(GatewayError::Oversized { limit });
     }
-    let mut body = BytesMut::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| GatewayError::Transport(super::client::describe(&e)))?
-    {
-        if body.len() + chunk.len() > limit {
+    let mut read = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GatewayError::Transport(super::client::describe(&e)))?;
+        // Trailers, should a gateway send any, say nothing the facade reads.
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        if read.len() + chunk.len() > limit {
             return Err(GatewayError::Oversized { limit });
         }
-        body.extend_from_slice(&chunk);
+        read.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok(read.freeze())
 }
 
 #[cfg(test)]

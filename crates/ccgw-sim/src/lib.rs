@@ -184,9 +184,9 @@
 //! - `http_status {status}`: that status with a small `text/html` body, like nginx/NSLB.
 //! - `malformed`: HTTP 200, `application/json`, truncated JSON.
 //! - `drop`: the answer is a 200 whose body stream fails before the first byte; hyper then closes
-//!   the connection without writing anything, so the client gets no status line at all. With
-//!   reqwest, `send()` fails with a request error whose source is hyper's `IncompleteMessage`
-//!   ("connection closed before message completed"). Nothing was executed, so a retry is safe.
+//!   the connection without writing anything, so the client gets no status line at all. A hyper
+//!   client (reqwest's `send()` too) fails with hyper's `IncompleteMessage` ("connection closed
+//!   before message completed"). Nothing was executed, so a retry is safe.
 //! - `lose_answer`: the request IS executed as normal (a `release` really hangs up the call and
 //!   queues the release events; a poll really dequeues its event and may rotate the Guid), then
 //!   the answer is thrown away and the client sees exactly what `drop` gives: no status line,
