@@ -7,7 +7,7 @@
 //! ```text
 //! cargo bench --bench pod                                  # everything below, defaults
 //! cargo bench --bench pod -- watch AGENTS STREAMS ROUNDS   # one row of the watch table
-//! cargo bench --bench pod -- soak AGENTS STREAMS MINUTES   # idle RSS over time
+//! cargo bench --bench pod -- soak AGENTS STREAMS MINUTES WARM_UP_MINUTES   # idle RSS
 //! cargo bench --bench pod -- release REQUESTS CONCURRENCY ROUNDS
 //! ```
 //! Numbers go in BENCHMARKS.md.
@@ -69,7 +69,15 @@ async fn main() {
     ccgw_callcontrol::install_crypto_provider();
     match args.first().map(String::as_str) {
         Some("watch") => watch(number(1, 10_000), number(2, 3), number(3, 2)).await,
-        Some("soak") => soak(number(1, 10_000), number(2, 3), number(3, 10)).await,
+        Some("soak") => {
+            soak(
+                number(1, 10_000),
+                number(2, 3),
+                number(3, 10),
+                number(4, 11),
+            )
+            .await
+        }
         Some("release") => release(number(1, 20_000), number(2, 64), number(3, 3)).await,
         None => {
             for (agents, streams, rounds) in [(1000, 1, 1), (1000, 3, 1), (10_000, 1, 1)] {
@@ -429,8 +437,9 @@ async fn watch(agents: usize, per_agent: usize, rounds: usize) {
     }
 }
 
-/// Idle RSS of `agents` x `per_agent` streams, sampled each minute for `minutes`.
-async fn soak(agents: usize, per_agent: usize, minutes: usize) {
+/// Idle RSS of `agents` x `per_agent` streams, sampled each minute for `minutes` after
+/// `warm_up` minutes.
+async fn soak(agents: usize, per_agent: usize, minutes: usize, warm_up: usize) {
     let sim_server = spawn_role(&["role-sim"]).await;
     let sim = Sim::new(sim_server.addr);
     let facade = spawn_facade(sim_server.addr).await;
@@ -448,11 +457,16 @@ async fn soak(agents: usize, per_agent: usize, minutes: usize) {
         async move { sim.polls_in_flight().await == agents as u64 }
     })
     .await;
-    // Past the first Guid rotations (60 s), so that every agent's session is in its steady state.
-    tokio::time::sleep(Duration::from_secs(70)).await;
+    let opened = facade.rss_kib();
+    // Until every channel on the idle path has its steady-state blocks (BENCHMARKS.md): tokio
+    // allocates a channel's slots 32 at a time and a second block at the 33rd item, which is
+    // the 33rd long poll of a gateway connection (330 s at the gateway's 10 s wait) and the 33rd
+    // heartbeat of a stream (495 s); their pages become resident as they are written.
+    tokio::time::sleep(Duration::from_secs(60 * warm_up as u64)).await;
     let (start, cpu) = (facade.rss_kib(), facade.cpu());
     println!(
-        "\nsoak, {agents} agents x {per_agent} streams: RSS {} MiB at start",
+        "\nsoak, {agents} agents x {per_agent} streams: RSS {} MiB with every stream open, {} MiB after {warm_up} minutes (start)",
+        mib(opened),
         mib(start)
     );
     for minute in 1..=minutes {

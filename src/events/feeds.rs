@@ -63,8 +63,9 @@ pub(super) struct Member {
 }
 
 /// Pointer-sized payloads keep every watcher's channel small: tokio allocates its slots in
-/// blocks of 32, so the item's size is paid 32 times per watcher (measured: 2.3 KiB per
-/// watcher with the ending inline, see BENCHMARKS.md).
+/// blocks of 32 (and keeps a second once 32 items went through), so the item's size is paid 32
+/// to 64 times per watcher (measured: 2.3 KiB per watcher with the ending inline, see
+/// BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub(super) enum FeedItem {
     Event(Arc<ReleaseEvent>),
