@@ -317,9 +317,18 @@ impl Sim {
         answer.json().await.unwrap()
     }
 
-    async fn polls_in_flight(&self) -> u64 {
-        let stats = self.control(reqwest::Method::GET, "/stats").await;
-        stats["polls_in_flight"].as_u64().unwrap()
+    /// Waits until `polls` long polls wait at the simulator: every watched agent polled, or
+    /// (0) none any more.
+    async fn until_polls_in_flight(&self, polls: usize) {
+        wait_for(
+            "the polls in flight",
+            Duration::from_millis(100),
+            || async {
+                let stats = self.control(reqwest::Method::GET, "/stats").await;
+                stats["polls_in_flight"].as_u64() == Some(polls as u64)
+            },
+        )
+        .await;
     }
 
     async fn queued_events(&self, agent: &str) -> u64 {
@@ -327,6 +336,38 @@ impl Sim {
             .control(reqwest::Method::GET, &format!("/agents/{agent}"))
             .await;
         view["queued_events"].as_u64().unwrap()
+    }
+}
+
+/// The simulator and the facade in processes of their own, with `agents` agents signed in at
+/// the simulator as their desktops would (`ids[n]` holds the Guid `guids[n]`).
+struct Pod {
+    sim_server: Server,
+    sim: Sim,
+    facade: Server,
+    ids: Vec<String>,
+    guids: Vec<String>,
+}
+
+impl Pod {
+    async fn start(agents: usize) -> Self {
+        let sim_server = spawn_role(&["role-sim"]).await;
+        let sim = Sim::new(sim_server.addr);
+        let facade = spawn_facade(sim_server.addr).await;
+        let ids: Vec<String> = (FIRST_AGENT..FIRST_AGENT + agents)
+            .map(|n| n.to_string())
+            .collect();
+        let guids = stream::iter(ids.iter().map(|id| sim.sign_in(id)))
+            .buffered(32)
+            .collect()
+            .await;
+        Self {
+            sim_server,
+            sim,
+            facade,
+            ids,
+            guids,
+        }
     }
 }
 
@@ -355,16 +396,13 @@ const HANGUPS: usize = 200;
 /// `agents` agents with `per_agent` single-agent streams each (Guid handed over), `rounds`
 /// times on one facade process: RSS before, open and after close, idle CPU, delivery latency.
 async fn watch(agents: usize, per_agent: usize, rounds: usize) {
-    let sim_server = spawn_role(&["role-sim"]).await;
-    let sim = Sim::new(sim_server.addr);
-    let facade = spawn_facade(sim_server.addr).await;
-    let ids: Vec<String> = (FIRST_AGENT..FIRST_AGENT + agents)
-        .map(|n| n.to_string())
-        .collect();
-    let guids: Vec<String> = stream::iter(ids.iter().map(|id| sim.sign_in(id)))
-        .buffered(32)
-        .collect()
-        .await;
+    let Pod {
+        sim_server,
+        sim,
+        facade,
+        ids,
+        guids,
+    } = Pod::start(agents).await;
     println!(
         "\n{agents} agents x {per_agent} streams each ({} streams), facade pid {}",
         agents * per_agent,
@@ -374,11 +412,7 @@ async fn watch(agents: usize, per_agent: usize, rounds: usize) {
         let (before, fds_before) = (facade.rss_kib(), facade.open_fds());
         let (delivered, mut deliveries) = mpsc::unbounded_channel();
         let open = open_streams(facade.addr, &ids, &guids, per_agent, delivered).await;
-        wait_for("every agent polled", Duration::from_millis(100), || {
-            let sim = sim.clone();
-            async move { sim.polls_in_flight().await == agents as u64 }
-        })
-        .await;
+        sim.until_polls_in_flight(agents).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         let (opened, fds) = (facade.rss_kib(), facade.open_fds());
 
@@ -391,11 +425,7 @@ async fn watch(agents: usize, per_agent: usize, rounds: usize) {
         let latency = hang_ups(&sim, &ids, per_agent, &mut deliveries).await;
 
         open.close();
-        wait_for("every poll gone", Duration::from_millis(200), || {
-            let sim = sim.clone();
-            async move { sim.polls_in_flight().await == 0 }
-        })
-        .await;
+        sim.until_polls_in_flight(0).await;
         // Idle gateway connections close after the client pool's idle timeout (30 s).
         wait_for(
             "the gateway connections closed",
@@ -440,23 +470,16 @@ async fn watch(agents: usize, per_agent: usize, rounds: usize) {
 /// Idle RSS of `agents` x `per_agent` streams, sampled each minute for `minutes` after
 /// `warm_up` minutes.
 async fn soak(agents: usize, per_agent: usize, minutes: usize, warm_up: usize) {
-    let sim_server = spawn_role(&["role-sim"]).await;
-    let sim = Sim::new(sim_server.addr);
-    let facade = spawn_facade(sim_server.addr).await;
-    let ids: Vec<String> = (FIRST_AGENT..FIRST_AGENT + agents)
-        .map(|n| n.to_string())
-        .collect();
-    let guids: Vec<String> = stream::iter(ids.iter().map(|id| sim.sign_in(id)))
-        .buffered(32)
-        .collect()
-        .await;
+    let Pod {
+        sim_server: _sim_server,
+        sim,
+        facade,
+        ids,
+        guids,
+    } = Pod::start(agents).await;
     let (delivered, _deliveries) = mpsc::unbounded_channel();
     let _open = open_streams(facade.addr, &ids, &guids, per_agent, delivered).await;
-    wait_for("every agent polled", Duration::from_millis(100), || {
-        let sim = sim.clone();
-        async move { sim.polls_in_flight().await == agents as u64 }
-    })
-    .await;
+    sim.until_polls_in_flight(agents).await;
     let opened = facade.rss_kib();
     // Until every channel on the idle path has its steady-state blocks (BENCHMARKS.md): tokio
     // allocates a channel's slots 32 at a time and a second block at the 33rd item, which is
@@ -607,19 +630,16 @@ struct Measured<'a> {
 /// paths in turn: the REST request by hand, a bare tonic hop, a zero-logic facade and the
 /// facade.
 async fn release(requests: usize, concurrency: usize, rounds: usize) {
-    let sim_server = spawn_role(&["role-sim"]).await;
-    let sim = Sim::new(sim_server.addr);
-    let facade = spawn_facade(sim_server.addr).await;
+    let Pod {
+        sim_server,
+        sim,
+        facade,
+        ids,
+        guids,
+    } = Pod::start(RELEASE_AGENTS).await;
     let gateway = format!("http://{}", sim_server.addr);
     let zero_logic = spawn_role(&["role-floor", &gateway]).await;
     let bare = spawn_role(&["role-bare"]).await;
-    let ids: Vec<String> = (FIRST_AGENT..FIRST_AGENT + RELEASE_AGENTS)
-        .map(|n| n.to_string())
-        .collect();
-    let mut guids = Vec::new();
-    for id in &ids {
-        guids.push(sim.sign_in(id).await);
-    }
     let work = Arc::new((ids, guids));
     let mut paths = [
         ("gateway REST by hand (reqwest)", None),
