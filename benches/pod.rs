@@ -26,7 +26,7 @@ use ccgw_callcontrol::proto::{
 use futures_util::{stream, StreamExt};
 use hdrhistogram::Histogram;
 use support::{
-    common::{handing_over, watch_req, Item},
+    common::{desktop_sign_in, handing_over, rss_kib_of, watch_req, Item},
     load, report,
 };
 use tokio::{
@@ -107,7 +107,7 @@ impl Server {
 
     /// Resident memory, KiB.
     fn rss_kib(&self) -> u64 {
-        status_field(self.pid(), "VmRSS:")
+        rss_kib_of(&self.pid().to_string())
     }
 
     /// CPU time used so far, user and system, all threads.
@@ -129,15 +129,6 @@ impl Server {
             .unwrap()
             .count()
     }
-}
-
-fn status_field(pid: u32, name: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
 }
 
 /// This binary again, in `role`; it prints the address it serves on as its first line.
@@ -290,22 +281,6 @@ impl Sim {
         }
     }
 
-    /// Signs the agent in as its desktop would; returns the Guid.
-    async fn sign_in(&self, agent: &str) -> String {
-        let answer = self
-            .http
-            .put(format!(
-                "{}/agentgateway/resource/onlineagent/{agent}",
-                self.base
-            ))
-            .json(&serde_json::json!({"password": "pw", "phonenum": "88003"}))
-            .send()
-            .await
-            .unwrap();
-        let guid = answer.headers()["set-guid"].to_str().unwrap();
-        guid.trim_start_matches("JSESSIONID=").to_owned()
-    }
-
     async fn control(&self, method: reqwest::Method, path: &str) -> serde_json::Value {
         let answer = self
             .http
@@ -357,10 +332,13 @@ impl Pod {
         let ids: Vec<String> = (FIRST_AGENT..FIRST_AGENT + agents)
             .map(|n| n.to_string())
             .collect();
-        let guids = stream::iter(ids.iter().map(|id| sim.sign_in(id)))
-            .buffered(32)
-            .collect()
-            .await;
+        let guids = stream::iter(
+            ids.iter()
+                .map(|id| async move { desktop_sign_in(sim_server.addr, id, false).await.guid }),
+        )
+        .buffered(32)
+        .collect()
+        .await;
         Self {
             sim_server,
             sim,

@@ -3,7 +3,8 @@
 mod common;
 
 use common::{
-    expect_status, handing_over, junk_guid, release_req, sim_config, spawn_app_with, watch_req,
+    expect_status, handing_over, junk_guid, release_req, rss_kib_of, sim_config, spawn_app_with,
+    watch_req,
 };
 use tonic::Code;
 
@@ -35,22 +36,12 @@ async fn handovers_on_requests_refused_before_the_gateway_leave_nothing() {
     for n in 0..300 {
         refused_before_the_gateway(n).await;
     }
-    let rss_before = rss_kib();
+    let rss_before = rss_kib_of("self");
     for n in 300..3000 {
         refused_before_the_gateway(n).await;
     }
-    let grown = rss_kib().saturating_sub(rss_before);
+    let grown = rss_kib_of("self").saturating_sub(rss_before);
     assert_eq!(app.api.sessions().registry().len(), 1, "only 101's session");
     assert!(grown < 8 * 1024, "RSS grew {grown} KiB");
     assert!(app.upstream().iter().all(|r| r.path.ends_with("/101")));
-}
-
-/// Resident set size of this process, from /proc.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
 }

@@ -43,15 +43,9 @@ pub fn report(name: &str, histogram: &Histogram<u64>, wall: Duration) {
     );
 }
 
+/// Resident memory of this process, KiB.
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    common::rss_kib_of("self")
 }
 
 /// Runs `total` calls of `op`, `concurrency` at a time; returns latencies (µs) and wall time.
