@@ -1,5 +1,9 @@
 //! Logging. Nothing logged anywhere carries a Guid or cookie: their types redact themselves.
+mod call_record;
+
 use std::io::IsTerminal;
+
+pub use call_record::{CallFacts, CallRecord};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{fmt, EnvFilter};
