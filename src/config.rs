@@ -277,6 +277,54 @@ impl Config {
     }
 }
 
+/// Environment variables read outside the flags.
+const OTHER_ENV: &[(&str, &str)] = &[(
+    "RUST_LOG",
+    "Log filter, e.g. `info,ccgw_callcontrol::events=debug` [default: info].",
+)];
+
+/// Every flag and environment variable, as the Markdown table in README.md: built from the
+/// flags' own definitions, so that a test can hold the README to them.
+pub fn markdown_flags_table() -> String {
+    use clap::CommandFactory;
+    let mut out = String::from("| flag | env | default | meaning |\n|---|---|---|---|\n");
+    let command = Config::command();
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        let env = arg
+            .get_env()
+            .map(|e| format!("`{}`", e.to_string_lossy()))
+            .unwrap_or_default();
+        let defaults: Vec<_> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let default = match defaults.as_slice() {
+            [] => String::new(),
+            values => format!("`{}`", values.join(",")),
+        };
+        let help = arg.get_long_help().or(arg.get_help()).map(one_line);
+        out.push_str(&format!(
+            "| `--{long}` | {env} | {default} | {} |\n",
+            help.unwrap_or_default()
+        ));
+    }
+    for (env, meaning) in OTHER_ENV {
+        out.push_str(&format!("| | `{env}` | | {meaning} |\n"));
+    }
+    out
+}
+
+/// A help text on one table line: its lines joined, table pipes escaped.
+fn one_line(help: &clap::builder::StyledStr) -> String {
+    help.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,22 +1,34 @@
-//! README.md documents the failure table; it must be the code's table, row for row.
-use ccgw_callcontrol::api::status::markdown_table;
+//! README.md documents the failure table and every flag; each must be the code's, row for row.
+use ccgw_callcontrol::{api::status::markdown_table, config::markdown_flags_table};
+
+/// The README's text between `<!-- NAME:start -->` and `<!-- NAME:end -->`.
+fn readme_section(name: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start_marker = format!("<!-- {name}:start -->");
+    let start = readme.find(&start_marker).expect("start marker") + start_marker.len();
+    let end = readme
+        .find(&format!("<!-- {name}:end -->"))
+        .expect("end marker");
+    readme[start..end].trim().to_owned()
+}
 
 #[test]
 fn readme_failure_table_matches_the_code() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme
-        .find("<!-- failure-table:start -->")
-        .expect("start marker")
-        + "<!-- failure-table:start -->".len();
-    let end = readme
-        .find("<!-- failure-table:end -->")
-        .expect("end marker");
-    let documented = readme[start..end].trim();
     let code = markdown_table();
     assert_eq!(
-        documented,
+        readme_section("failure-table"),
         code.trim(),
-        "README.md's table is out of date; replace it with:\n{code}"
+        "README.md's failure table is out of date; replace it with:\n{code}"
+    );
+}
+
+#[test]
+fn readme_flags_table_matches_the_code() {
+    let code = markdown_flags_table();
+    assert_eq!(
+        readme_section("flags-table"),
+        code.trim(),
+        "README.md's flags table is out of date; replace it with:\n{code}"
     );
 }
