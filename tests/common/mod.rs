@@ -614,3 +614,20 @@ pub fn assert_ordered(events: &[ReleaseEvent]) {
         assert!(!e.resume_token.is_empty(), "no resume token: {e:?}");
     }
 }
+
+/// The program `name` on PATH. Without it the calling test is skipped (it returns at `None`),
+/// except under `CI=true`, whose `.ci/run` must have installed it with `install`.
+pub fn tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{name} is not installed; .ci/run must `{install}`");
+        }
+        eprintln!("SKIPPED: {name} not found; install it with `{install}`");
+    }
+    found
+}
