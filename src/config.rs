@@ -56,7 +56,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub(crate) request_timeout_ms: u64,
 
-    /// Largest gateway answer read, in bytes.
+    /// Largest gateway answer read, in bytes; a larger one is an error (INTERNAL,
+    /// GATEWAY_ANSWER_TOO_LARGE), never buffered.
     #[arg(long, env = "CCGW_MAX_ANSWER_BYTES", default_value_t = 64 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
     pub(crate) max_answer_bytes: u32,
@@ -66,7 +67,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub(crate) idempotency_window_secs: u64,
 
-    /// How many request_ids are remembered at most (oldest forgotten first).
+    /// How many request_ids are remembered at most. The oldest dropcall answers are forgotten
+    /// first; a pending id or an answer to a release of the current call never is (new ids are
+    /// refused instead: RESOURCE_EXHAUSTED, TOO_MANY_PENDING_RELEASES).
     #[arg(long, env = "CCGW_IDEMPOTENCY_CAPACITY", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub(crate) idempotency_capacity: u32,

@@ -83,3 +83,38 @@ fn the_manifests_and_the_dockerfile_pass_checkov() {
     dockerfile.extend(quiet);
     passes(&checkov, &dockerfile);
 }
+
+/// One manifest of deploy/kubernetes, as JSON.
+fn manifest(file: &str) -> serde_json::Value {
+    let path = Path::new(ROOT).join("deploy/kubernetes").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// The Deployment's container.
+fn container() -> serde_json::Value {
+    manifest("deployment.yaml")["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+/// The variables the Deployment gives the service (its ConfigMap's, through `envFrom`): each
+/// must be one the binary reads, or a typo would be ignored without a word.
+#[test]
+fn every_variable_the_deployment_sets_is_one_the_service_reads() {
+    use clap::CommandFactory;
+    let known: Vec<String> = ccgw_callcontrol::config::Config::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .collect();
+    let env = manifest("configmap-env.yaml");
+    let set: Vec<&String> = env["data"].as_object().unwrap().keys().collect();
+    assert!(!set.is_empty());
+    for name in set {
+        assert!(
+            known.contains(name),
+            "the Deployment sets {name}, which the service does not read"
+        );
+    }
+    let from = &container()["envFrom"][0]["configMapRef"]["name"];
+    assert_eq!(from, &env["metadata"]["name"]);
+}
