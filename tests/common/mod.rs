@@ -67,7 +67,14 @@ pub async fn spawn_facade(
     flags: &[&str],
     stop_sim: Option<oneshot::Sender<()>>,
 ) -> TestApp {
+    // Tests of caller authorization pass --callers, which replaces --no-caller-auth.
+    let open = if flags.contains(&"--callers") {
+        None
+    } else {
+        Some("--no-caller-auth")
+    };
     let mut args = vec!["ccgw-callcontrol", "--gateway-url", gateway_url];
+    args.extend(open);
     args.extend_from_slice(flags);
     let config = Config::try_parse_from(args).expect("test flags parse");
     let api = startup::build_api(&config, gateway_url.to_owned()).expect("facade builds");
