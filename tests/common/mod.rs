@@ -3,6 +3,8 @@
 //! benchmarks start the app one way.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::{net::SocketAddr, time::Duration};
 
 use ccgw_callcontrol::{
@@ -92,9 +94,18 @@ pub async fn spawn_facade(
             .expect("server runs");
         }
     });
-    let client = CallControlClient::connect(format!("http://{grpc_addr}"))
-        .await
-        .expect("client connects");
+    // A TLS port is reached by the test's own TLS clients (common::pki).
+    let client = if flags.contains(&"--tls-cert") {
+        CallControlClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+                .unwrap()
+                .connect_lazy(),
+        )
+    } else {
+        CallControlClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .expect("client connects")
+    };
     TestApp {
         grpc_addr,
         sim_addr,
