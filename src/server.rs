@@ -91,6 +91,13 @@ pub async fn run(
         .map(ServerTls::load)
         .transpose()
         .map_err(ServerError::Tls)?;
+    match &settings.tls {
+        Some(files) => tracing::info!(
+            client_certificates_required = files.client_ca.is_some(),
+            "TLS on the gRPC port"
+        ),
+        None => tracing::info!("the gRPC port speaks plaintext (no --tls-cert)"),
+    }
     let lifecycle = api.lifecycle().clone();
     reload_files(tls.clone(), &api, &lifecycle, settings.reload_interval);
     let authenticate = api.authenticator();

@@ -50,6 +50,9 @@ pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi,
         .map(|(callers, tokens)| Callers::load(callers, tokens))
         .transpose()
         .map_err(StartupError::Config)?;
+    if callers.is_none() {
+        tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
+    }
     let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
     let release = ReleaseService::new(
         sessions,

@@ -277,3 +277,70 @@ impl AsyncWrite for TlsConnection {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    use super::*;
+
+    fn certificate(cn: &str, sans: Vec<SanType>) -> (rcgen::Certificate, KeyPair) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        (params.self_signed(&key).unwrap(), key)
+    }
+
+    #[test]
+    fn a_client_certificate_is_named_by_its_cn_dns_and_uri_sans() {
+        let (cert, _) = certificate(
+            "billing-7d9f",
+            vec![
+                SanType::DnsName("billing.prod.svc".try_into().unwrap()),
+                SanType::URI("spiffe://prod/billing".try_into().unwrap()),
+                SanType::IpAddress([10, 0, 0, 1].into()),
+            ],
+        );
+        assert_eq!(
+            certificate_names(cert.der()),
+            ["billing-7d9f", "billing.prod.svc", "spiffe://prod/billing"]
+        );
+        assert!(certificate_names(b"not DER").is_empty());
+    }
+
+    #[test]
+    fn unusable_tls_files_are_refused_without_showing_the_key() {
+        crate::install_crypto_provider();
+        let (cert, key) = certificate("localhost", Vec::new());
+        let (_, other_key) = certificate("localhost", Vec::new());
+        let (cert_pem, key_pem) = (cert.pem().into_bytes(), key.serialize_pem().into_bytes());
+        assert!(server_config(&[cert_pem.clone(), key_pem.clone()]).is_ok());
+        let garbled = key
+            .serialize_pem()
+            .replacen("KEY-----\n", "KEY-----\n@@", 1);
+        for (files, expected) in [
+            (
+                vec![cert_pem.clone(), garbled.clone().into_bytes()],
+                "--tls-key: no private key",
+            ),
+            (
+                vec![b"no PEM here".to_vec(), key_pem.clone()],
+                "--tls-cert: no certificate",
+            ),
+            (
+                vec![cert_pem.clone(), other_key.serialize_pem().into_bytes()],
+                "--tls-cert and --tls-key",
+            ),
+            (
+                vec![cert_pem.clone(), key_pem.clone(), Vec::new()],
+                "--tls-client-ca: no certificate",
+            ),
+        ] {
+            let error = server_config(&files).unwrap_err();
+            assert!(error.contains(expected), "{error}");
+            let key_body = garbled.lines().nth(1).unwrap();
+            assert!(!error.contains(&key_body[2..20]), "{error}");
+        }
+    }
+}
