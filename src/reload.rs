@@ -118,7 +118,7 @@ impl<T> Reloading<T> {
                 tracing::info!("{what} changed: reloaded");
             }
             Err(error) => {
-                tracing::warn!(%error, "{what} changed but is invalid; keeping what was loaded before")
+                tracing::warn!(%error, "{what} changed but cannot be used; keeping what was loaded before")
             }
         }
     }

@@ -243,10 +243,17 @@ async fn bearer_tokens_and_tls_keys_never_reach_logs_or_statuses() {
     files.write("tls.key", &broken_key);
     wait_until("both broken files were refused", || {
         let text = logs.text();
-        text.contains("the callers and tokens files changed but is invalid")
-            && text.contains("the TLS certificate, key and client CA files changed but is invalid")
+        text.contains("the callers and tokens files changed but cannot be used")
+            && text
+                .contains("the TLS certificate, key and client CA files changed but cannot be used")
     })
     .await;
+    // Both are kept as they were: the first certificate, the good token.
+    assert_eq!(served_certificate(app.grpc_addr, &[&ca]).await, first.der);
+    client
+        .release_call(as_caller("101", format!("Bearer {good}")))
+        .await
+        .expect("the token in force before the broken file still is");
     // A rotated key is loaded.
     files.write_server(&second);
     let rotated = tokio::time::timeout(common::WAIT, async {
