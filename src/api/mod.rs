@@ -219,12 +219,12 @@ impl CallControl for CallControlApi {
         };
         let (valid, handover) = both_valid("ReleaseCall", valid, handover, &ctx)?;
         let agent = valid.command.agent;
-        let verbs = verbs(
+        let needed = verbs(
             Verb::Release,
             handover.is_some(),
             body.wait_for_release_event,
         );
-        let caller = auth::authorize(&request, &verbs, &[agent], &ctx)?;
+        let caller = auth::authorize(&request, &needed, &[agent], &ctx)?;
         let target = match &valid.command.target {
             ReleaseTarget::Current => "current",
             ReleaseTarget::Call(_) => "call",
@@ -279,8 +279,8 @@ impl CallControl for CallControlApi {
             handover_of_one_agent(handover, several_agents),
             &ctx,
         )?;
-        let verbs = verbs(Verb::Watch, handover.is_some(), false);
-        let caller = auth::authorize(&request, &verbs, &valid.agents, &ctx)?;
+        let needed = verbs(Verb::Watch, handover.is_some(), false);
+        let caller = auth::authorize(&request, &needed, &valid.agents, &ctx)?;
         let slot = self.stream_slots.take(&caller).ok_or_else(|| {
             let limit = self.settings.max_streams_per_caller;
             tracing::info!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");

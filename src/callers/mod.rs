@@ -36,7 +36,11 @@ impl Caller {
     /// Every caller when caller authorization is off: one caller, allowed everything, so one
     /// request_id namespace and one stream budget.
     pub(crate) fn anyone() -> Self {
-        Self::new("", Grant::everything())
+        // Made once: every request of a service without caller authorization gets a clone.
+        static ANYONE: std::sync::OnceLock<Caller> = std::sync::OnceLock::new();
+        ANYONE
+            .get_or_init(|| Self::new("", Grant::everything()))
+            .clone()
     }
 
     /// The name from the callers file (empty for [`Caller::anyone`]).
