@@ -154,9 +154,14 @@ async fn spawn_role(role: &[&str]) -> Server {
 /// a pod for many agents sets. Its warnings and errors are echoed here.
 async fn spawn_facade(sim: SocketAddr) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args(["--gateway-url", &format!("http://{sim}")])
+        .args([
+            "--gateway-url",
+            &format!("http://{sim}"),
+            "--no-caller-auth",
+        ])
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .args(["--max-watchers", "100000", "--max-agent-id", "999999"])
+        .args(["--max-streams-per-caller", "100000"])
         .args(["--watch-grace-secs", &GRACE_SECS.to_string()])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())

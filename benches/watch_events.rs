@@ -32,7 +32,13 @@ async fn main() {
         .collect();
     let watchers = args.first().copied().unwrap_or(1000);
     let hangups = args.get(1).copied().unwrap_or(200);
-    let bench = support::spawn(&["--max-watchers", "100000"]).await;
+    let bench = support::spawn(&[
+        "--max-watchers",
+        "100000",
+        "--max-streams-per-caller",
+        "100000",
+    ])
+    .await;
     for agent in ["1000", "1001", "1002"] {
         bench.sign_in(agent).await;
     }

@@ -9,7 +9,7 @@ use crate::{
     events::EventSettings,
     gateway::GatewaySettings,
     release::ReleasePolicy,
-    server::ServerSettings,
+    server::{ServerSettings, TlsFiles},
     sessions::SessionLimits,
 };
 
@@ -184,6 +184,57 @@ pub struct Config {
     #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043",
           hide = cfg!(not(feature = "simulator")))]
     pub(crate) sim_listen: SocketAddr,
+
+    /// PEM certificate chain the gRPC port serves TLS with (needs --tls-key). Re-read every
+    /// --reload-secs: new connections get a changed certificate, no restart. Without it the
+    /// port speaks plaintext.
+    #[arg(long, env = "CCGW_TLS_CERT", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1), re-read with it.
+    #[arg(long, env = "CCGW_TLS_KEY", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) for mutual TLS: every client must present a certificate they
+    /// issued, and its names (subject CN, DNS and URI SANs) can identify it as a caller of
+    /// --callers. Re-read every --reload-secs. Needs --tls-cert.
+    #[arg(long, env = "CCGW_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+
+    /// Callers file (TOML, e.g. from a ConfigMap): each caller's name, the agent id ranges and
+    /// verbs (release, watch, handover) it is granted, and the client-certificate names that
+    /// identify it. Re-read every --reload-secs. Without --simulate, this or --no-caller-auth
+    /// is required.
+    #[arg(long, env = "CCGW_CALLERS", conflicts_with = "no_caller_auth")]
+    pub(crate) callers: Option<PathBuf>,
+
+    /// Caller tokens file (e.g. from a Secret): one `NAME TOKEN` per line, NAME a caller of
+    /// --callers, several lines per name for rotation; `#` starts a comment line. Callers send
+    /// `authorization: Bearer TOKEN`. Re-read every --reload-secs.
+    #[arg(
+        long,
+        env = "CCGW_CALLER_TOKENS",
+        requires = "callers",
+        conflicts_with = "no_caller_auth"
+    )]
+    pub(crate) caller_tokens: Option<PathBuf>,
+
+    /// No caller authorization: anyone who reaches the port may release and watch any agent's
+    /// calls. Only for a port nothing untrusted can reach.
+    #[arg(long, env = "CCGW_NO_CALLER_AUTH")]
+    pub(crate) no_caller_auth: bool,
+
+    /// How often the TLS and callers files are checked for changes, in seconds.
+    #[arg(long, env = "CCGW_RELOAD_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub(crate) reload_secs: u64,
+
+    /// Open WatchReleaseEvents streams one caller may hold (RESOURCE_EXHAUSTED beyond), so that
+    /// one caller cannot take all of --max-watchers. Without caller authorization, all
+    /// clients are one caller.
+    #[arg(long, env = "CCGW_MAX_STREAMS_PER_CALLER", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_streams_per_caller: u32,
 }
 
 /// The real service's default: reachable from the other services it is made for.
@@ -195,6 +246,27 @@ const DEFAULT_SIMULATE_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
 
 impl Config {
+    /// Who may call must be said: a production facade that silently let anyone hang up any
+    /// call would be found out too late.
+    fn validate_caller_auth(&self) -> Result<(), String> {
+        if !self.simulate && self.callers.is_none() && !self.no_caller_auth {
+            return Err(
+                "caller authorization is not configured: give --callers FILE \
+                 (CCGW_CALLERS) to say who may call, or --no-caller-auth (CCGW_NO_CALLER_AUTH) \
+                 to let anyone who reaches the port release and watch any agent's calls"
+                    .to_owned(),
+            );
+        }
+        if self.callers.is_some() && self.caller_tokens.is_none() && self.tls_client_ca.is_none() {
+            return Err(
+                "--callers: no caller could identify itself: give --caller-tokens \
+                 FILE (bearer tokens) or --tls-client-ca FILE (client certificates)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
     /// Where the gRPC server listens: `--listen` / `CCGW_LISTEN`, else the default of the mode.
     pub fn listen_addr(&self) -> SocketAddr {
         match self.listen {
@@ -207,6 +279,7 @@ impl Config {
     /// Checks what one flag's range cannot: a request id must be remembered at least as long
     /// as its request may run, or a duplicate could act while the first is still waiting.
     pub(crate) fn validate(&self) -> Result<(), String> {
+        self.validate_caller_auth()?;
         if self.idempotency_window_secs * 1000 < self.request_timeout_ms {
             return Err(format!(
                 "--idempotency-window-secs ({}) must cover --request-timeout-ms ({})",
@@ -247,12 +320,20 @@ impl Config {
         }
     }
 
+    /// The callers and tokens files, when caller authorization is on.
+    pub(crate) fn callers_files(&self) -> Option<(PathBuf, Option<PathBuf>)> {
+        self.callers
+            .clone()
+            .map(|callers| (callers, self.caller_tokens.clone()))
+    }
+
     pub(crate) fn api(&self) -> ApiSettings {
         ApiSettings {
             max_agent_id: self.max_agent_id,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             max_watch_agents: self.max_watch_agents as usize,
             stream_send_timeout: Duration::from_secs(self.stream_send_timeout_secs),
+            max_streams_per_caller: self.max_streams_per_caller as usize,
         }
     }
 
@@ -275,6 +356,16 @@ impl Config {
     pub fn server(&self) -> ServerSettings {
         ServerSettings {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            tls: self
+                .tls_cert
+                .clone()
+                .zip(self.tls_key.clone())
+                .map(|(cert, key)| TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca.clone(),
+                }),
+            reload_interval: Duration::from_secs(self.reload_secs),
             ..ServerSettings::default()
         }
     }
@@ -331,6 +422,38 @@ fn one_line(help: &clap::builder::StyledStr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9: a production facade must be told who may call; --simulate needs nothing.
+    #[test]
+    fn caller_authorization_must_be_configured_unless_simulating() {
+        let validate = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?
+                .validate_caller_auth()
+        };
+        let gateway = ["--gateway-url", "https://gw:8043"];
+        let error = validate(&gateway).unwrap_err();
+        assert!(
+            error.contains("--callers") && error.contains("--no-caller-auth"),
+            "{error}"
+        );
+        assert!(validate(&[&gateway[..], &["--no-caller-auth"]].concat()).is_ok());
+        assert!(validate(&["--simulate"]).is_ok());
+        let with_callers = [&gateway[..], &["--callers", "c.toml"]].concat();
+        assert!(validate(&with_callers)
+            .unwrap_err()
+            .contains("--caller-tokens"));
+        assert!(validate(&[&with_callers[..], &["--caller-tokens", "t"]].concat()).is_ok());
+        assert!(validate(&[&with_callers[..], &["--no-caller-auth"]].concat()).is_err());
+        assert!(
+            validate(&[&gateway[..], &["--no-caller-auth", "--caller-tokens", "t"]].concat())
+                .is_err()
+        );
+        assert!(
+            validate(&[&gateway[..], &["--no-caller-auth", "--tls-cert", "c"]].concat()).is_err(),
+            "--tls-cert needs --tls-key"
+        );
+    }
 
     #[test]
     fn gateway_url_is_required_unless_simulating() {

@@ -58,7 +58,6 @@ impl AgentId {
         Ok(Self(value))
     }
 
-    #[cfg(test)]
     pub(crate) fn get(self) -> u32 {
         self.0
     }

@@ -3,7 +3,7 @@
 //! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types), `sessions` (which session a
 //! request goes out with, handovers), `release` (hang-up policy), `events` (poll loops,
 //! feeds, watchers, replay and resume), `lifecycle` (shutdown and tasks), `server` (composition),
-//! `config`, `telemetry`. The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which
+//! `config`, `telemetry`, `callers` (who may call, and what for). The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which
 //! `startup` embeds for `--simulate` when the `simulator` feature (on by default) is.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
@@ -29,12 +29,14 @@ macro_rules! enum_with_all {
 }
 
 pub mod api;
+pub mod callers;
 pub mod config;
 pub mod domain;
 pub mod events;
 pub mod gateway;
 pub(crate) mod lifecycle;
 pub(crate) mod release;
+pub(crate) mod reload;
 pub mod server;
 pub mod sessions;
 pub mod startup;

@@ -1,5 +1,7 @@
 //! `run(listener, api, settings, shutdown)`: the gRPC server with health, reflection (v1 and
-//! v1alpha) and a bounded graceful drain.
+//! v1alpha) and a bounded graceful drain, on plaintext or TLS ([`tls`]); CallControl calls go
+//! through caller authentication, health and reflection stay open.
+mod tls;
 use std::{
     future::Future,
     panic::AssertUnwindSafe,
@@ -11,16 +13,20 @@ use std::{
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{codegen::http, transport::server::TcpIncoming};
+use tonic::{
+    codegen::http, service::interceptor::InterceptedService, transport::server::TcpIncoming,
+};
 use tonic_reflection::server::{v1, v1alpha};
 
+use self::tls::ServerTls;
+pub use self::tls::TlsFiles;
 use crate::{
     api::{
         status::{self, Unfinished},
         CallControlApi, CallControlServer,
     },
     lifecycle::Lifecycle,
-    proto,
+    proto, reload,
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
@@ -37,6 +43,10 @@ pub struct ServerSettings {
     pub(crate) max_request_bytes: usize,
     /// HTTP/2 streams per connection.
     pub(crate) max_concurrent_streams: u32,
+    /// None: plaintext.
+    pub(crate) tls: Option<TlsFiles>,
+    /// How often the TLS and callers files are re-read.
+    pub(crate) reload_interval: Duration,
 }
 
 impl Default for ServerSettings {
@@ -45,6 +55,8 @@ impl Default for ServerSettings {
             drain_timeout: Duration::from_secs(10),
             max_request_bytes: 16 * 1024,
             max_concurrent_streams: 256,
+            tls: None,
+            reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -55,6 +67,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, and gives
@@ -71,9 +85,26 @@ pub async fn run(
         .await;
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(ServerTls::load)
+        .transpose()
+        .map_err(ServerError::Tls)?;
+    match &settings.tls {
+        Some(files) => tracing::info!(
+            client_certificates_required = files.client_ca.is_some(),
+            "TLS on the gRPC port"
+        ),
+        None => tracing::info!("the gRPC port speaks plaintext (no --tls-cert)"),
+    }
     let lifecycle = api.lifecycle().clone();
-    let call_control =
-        CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
+    reload_files(tls.clone(), &api, &lifecycle, settings.reload_interval);
+    let authenticate = api.authenticator();
+    let call_control = InterceptedService::new(
+        CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes),
+        authenticate,
+    );
     let signal = {
         let (lifecycle, health) = (lifecycle.clone(), health.clone());
         async move {
@@ -82,7 +113,7 @@ pub async fn run(
         }
     };
     let hard_stop = lifecycle.hard_stop().clone();
-    let serve = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(settings.max_concurrent_streams)
@@ -93,13 +124,43 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(call_control)
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms stalls at p99).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            signal,
-        );
+        .add_service(call_control);
+    let serve = match tls {
+        None => router
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms stalls at p99).
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            )
+            .boxed(),
+        Some(tls) => router
+            .serve_with_incoming_shutdown(tls::incoming(listener, tls), signal)
+            .boxed(),
+    };
     drain(serve, &lifecycle, settings.drain_timeout).await
+}
+
+/// Re-reads the TLS and callers files every `interval` until shutdown, so that rotated
+/// certificates and tokens take effect without a restart.
+fn reload_files(
+    tls: Option<ServerTls>,
+    api: &CallControlApi,
+    lifecycle: &Lifecycle,
+    interval: Duration,
+) {
+    let callers = api.callers().cloned();
+    if tls.is_none() && callers.is_none() {
+        return;
+    }
+    let stop = lifecycle.shutdown().clone();
+    reload::every(lifecycle.tasks(), interval, stop, move || {
+        if let Some(tls) = &tls {
+            tls.reload();
+        }
+        if let Some(callers) = &callers {
+            callers.reload();
+        }
+    });
 }
 
 /// Server reflection v1 and v1alpha. Each lists the other too, so every client sees the same

@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     api::CallControlApi,
+    callers::Callers,
     config::Config,
     events::EventHub,
     gateway::GatewayClient,
@@ -44,6 +45,14 @@ pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi,
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?;
     let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
     let lifecycle = Lifecycle::new();
+    let callers = config
+        .callers_files()
+        .map(|(callers, tokens)| Callers::load(callers, tokens))
+        .transpose()
+        .map_err(StartupError::Config)?;
+    if callers.is_none() {
+        tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
+    }
     let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
     let release = ReleaseService::new(
         sessions,
@@ -56,6 +65,7 @@ pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi,
         events,
         config.api(),
         lifecycle,
+        callers,
     ))
 }
 

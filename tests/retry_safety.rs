@@ -33,6 +33,7 @@ async fn sigterm_while_waiting_for_the_release_event_answers_released() {
         .args([
             "--gateway-url",
             &format!("http://{sim_addr}"),
+            "--no-caller-auth",
             "--listen",
             "127.0.0.1:0",
             "--log-format",

@@ -1,10 +1,10 @@
-//! Guids and cookies are credentials: they must not reach logs (at any level, ours or our
-//! dependencies'), status messages or error details.
+//! Guids, cookies, bearer tokens and TLS private keys are credentials: they must not reach
+//! logs (at any level, ours or our dependencies'), status messages or error details.
 mod common;
 
 use std::{
     io::Write,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use ccgw_sim::{Fault, FaultRule, SimConfig};
@@ -24,15 +24,48 @@ impl Write for Captured {
     }
 }
 
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// Everything logged in this process, at every level (one subscriber for all the tests).
+fn captured_logs() -> Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        logs
+    })
+    .clone()
+}
+
+/// Asserts that no secret shows in the logs or in any status (message or details).
+fn assert_nowhere(secrets: &[String], logs: &str, statuses: &[tonic::Status]) {
+    for secret in secrets {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a credential reached the logs"
+        );
+        for status in statuses {
+            let shown = format!("{status:?} {:?}", status.get_error_details());
+            assert!(
+                !shown.contains(secret.as_str()),
+                "a credential reached a status: {shown}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn guids_and_cookies_never_reach_logs_or_statuses() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let logs = captured_logs();
 
     let app = spawn_app_with(
         SimConfig {
@@ -132,7 +165,7 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
     statuses.push(watch.until_error().await.1);
     statuses.push(app.release(release_req("101")).await.unwrap_err());
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.contains("ReleaseCall")
             && logs.contains("gateway issued a new Guid")
@@ -140,17 +173,111 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
             && logs.contains("it is the agent's session now"),
         "capture works"
     );
-    for secret in &secrets {
-        assert!(
-            !logs.contains(secret.as_str()),
-            "a credential reached the logs"
-        );
-        for status in &statuses {
-            let shown = format!("{status:?} {:?}", status.get_error_details());
-            assert!(
-                !shown.contains(secret.as_str()),
-                "a credential reached a status: {shown}"
-            );
+    assert_nowhere(&secrets, &logs, &statuses);
+}
+
+/// Issue 9: bearer tokens (good, unknown, in broken tokens files) and TLS private keys
+/// (loaded, rotated in, broken) never reach logs or statuses.
+#[tokio::test]
+async fn bearer_tokens_and_tls_keys_never_reach_logs_or_statuses() {
+    use ccgw_callcontrol::proto::call_control_client::CallControlClient;
+    use common::pki::{served_certificate, tls_channel, Ca, Files};
+
+    let logs = captured_logs();
+    let (ca, files) = (Ca::new("secrets CA"), Files::new());
+    let (first, second) = (ca.server(1), ca.server(2));
+    let (cert, key) = files.write_server(&first);
+    let good = "billing-very-secret-token-1";
+    let callers = files.write(
+        "callers.toml",
+        "[[caller]]\nname = \"billing\"\nagents = [\"101-199\"]\nverbs = [\"release\"]\n",
+    );
+    let tokens = files.write("tokens", &format!("billing {good}\n"));
+    let flags = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--callers",
+        &callers,
+        "--caller-tokens",
+        &tokens,
+        "--reload-secs",
+        "1",
+    ];
+    let app = spawn_app_with(sim_config(), &flags).await;
+    app.sign_in("101").await;
+    let mut client = CallControlClient::new(tls_channel(app.grpc_addr, &ca, None).await.unwrap());
+    let unknown = "unknown-very-secret-token-2";
+    let in_bad_file = "nobody-very-secret-token-3";
+    let as_caller = |agent: &str, authorization: String| {
+        let mut request = tonic::Request::new(release_req(agent));
+        request
+            .metadata_mut()
+            .insert("authorization", authorization.parse().unwrap());
+        request
+    };
+    client
+        .release_call(as_caller("101", format!("Bearer {good}")))
+        .await
+        .unwrap();
+    let statuses = vec![
+        client
+            .release_call(as_caller("500", format!("Bearer {good}")))
+            .await
+            .unwrap_err(),
+        client
+            .release_call(as_caller("101", format!("Bearer {unknown}")))
+            .await
+            .unwrap_err(),
+        client
+            .release_call(as_caller("101", format!("Token {unknown}")))
+            .await
+            .unwrap_err(),
+    ];
+    // A tokens file naming an unknown caller, and a broken key, are refused and logged.
+    files.write("tokens", &format!("billing {good}\nnobody {in_bad_file}\n"));
+    let broken_key = first
+        .key_pem
+        .replacen("PRIVATE KEY-----\n", "PRIVATE KEY-----\nAAAA", 1);
+    files.write("tls.key", &broken_key);
+    wait_until("both broken files were refused", || {
+        let text = logs.text();
+        text.contains("the callers and tokens files changed but cannot be used")
+            && text
+                .contains("the TLS certificate, key and client CA files changed but cannot be used")
+    })
+    .await;
+    // Both are kept as they were: the first certificate, the good token.
+    assert_eq!(served_certificate(app.grpc_addr, &[&ca]).await, first.der);
+    client
+        .release_call(as_caller("101", format!("Bearer {good}")))
+        .await
+        .expect("the token in force before the broken file still is");
+    // A rotated key is loaded.
+    files.write_server(&second);
+    let rotated = tokio::time::timeout(common::WAIT, async {
+        while served_certificate(app.grpc_addr, &[&ca]).await != second.der {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-    }
+    })
+    .await;
+    assert!(rotated.is_ok(), "the rotated certificate was not served");
+
+    let key_lines = |pem: &str| -> Vec<String> {
+        pem.lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 8)
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut secrets: Vec<String> = [good, unknown, in_bad_file].map(str::to_owned).to_vec();
+    secrets.extend(key_lines(&first.key_pem));
+    secrets.extend(key_lines(&second.key_pem));
+    secrets.extend(key_lines(&broken_key));
+    let text = logs.text();
+    assert!(
+        text.contains("call refused: unauthenticated"),
+        "capture works"
+    );
+    assert_nowhere(&secrets, &text, &statuses);
 }

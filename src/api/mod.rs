@@ -1,5 +1,6 @@
 //! The gRPC surface: handlers, proto <-> domain, and the failure -> Status table. The only room
 //! that knows gRPC.
+pub(crate) mod auth;
 pub mod codec;
 pub(crate) mod request;
 pub mod status;
@@ -12,6 +13,7 @@ use tonic::{Request, Response, Status};
 use self::request::ValidWatchRequest;
 
 use crate::{
+    callers::{Callers, StreamSlots, Verb},
     domain::{AgentId, FieldViolation, RequestId},
     events::{EventHub, Watcher},
     gateway::{ReleaseTarget, Session},
@@ -32,6 +34,8 @@ pub(crate) struct ApiSettings {
     pub(crate) max_watch_agents: usize,
     /// A stream that could not send an item for this long is cut off (WATCHER_TOO_SLOW).
     pub(crate) stream_send_timeout: Duration,
+    /// WatchReleaseEvents streams one caller may hold open.
+    pub(crate) max_streams_per_caller: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +44,9 @@ pub struct CallControlApi {
     events: EventHub,
     settings: ApiSettings,
     lifecycle: Lifecycle,
+    /// None: caller authorization is off (every request is `Caller::anyone`).
+    callers: Option<Callers>,
+    stream_slots: StreamSlots,
 }
 
 impl CallControlApi {
@@ -48,12 +55,27 @@ impl CallControlApi {
         events: EventHub,
         settings: ApiSettings,
         lifecycle: Lifecycle,
+        callers: Option<Callers>,
     ) -> Self {
         Self {
+            stream_slots: StreamSlots::new(settings.max_streams_per_caller),
             release,
             events,
             settings,
             lifecycle,
+            callers,
+        }
+    }
+
+    /// The callers files, reloaded by the server; None when caller authorization is off.
+    pub(crate) fn callers(&self) -> Option<&Callers> {
+        self.callers.as_ref()
+    }
+
+    /// The interceptor that authenticates every CallControl call.
+    pub(crate) fn authenticator(&self) -> auth::Authenticate {
+        auth::Authenticate {
+            callers: self.callers.clone(),
         }
     }
 
@@ -89,6 +111,19 @@ impl CallControlApi {
         tracing::info!(request_id = %ctx.request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
         Ok(watcher)
     }
+}
+
+/// The verbs a call needs: its own, handover when it hands a session over, watch when it waits
+/// for a release event (which carries the customer's number).
+fn verbs(own: Verb, hands_over: bool, waits_for_event: bool) -> Vec<Verb> {
+    [
+        Some(own),
+        hands_over.then_some(Verb::Handover),
+        waits_for_event.then_some(Verb::Watch),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// A session handover is one agent's: with several agent ids it says nothing of which.
@@ -184,6 +219,12 @@ impl CallControl for CallControlApi {
         };
         let (valid, handover) = both_valid("ReleaseCall", valid, handover, &ctx)?;
         let agent = valid.command.agent;
+        let needed = verbs(
+            Verb::Release,
+            handover.is_some(),
+            body.wait_for_release_event,
+        );
+        let caller = auth::authorize(&request, &needed, &[agent], &ctx)?;
         let target = match &valid.command.target {
             ReleaseTarget::Current => "current",
             ReleaseTarget::Call(_) => "call",
@@ -193,6 +234,7 @@ impl CallControl for CallControlApi {
             .release_call(ReleaseRequest {
                 command: valid.command,
                 request_id: valid.request_id,
+                caller: caller.shared_name(),
                 deadline,
                 handed: handover,
                 wait_for_event: body.wait_for_release_event,
@@ -237,11 +279,19 @@ impl CallControl for CallControlApi {
             handover_of_one_agent(handover, several_agents),
             &ctx,
         )?;
+        let needed = verbs(Verb::Watch, handover.is_some(), false);
+        let caller = auth::authorize(&request, &needed, &valid.agents, &ctx)?;
+        let slot = self.stream_slots.take(&caller).ok_or_else(|| {
+            let limit = self.settings.max_streams_per_caller;
+            tracing::info!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");
+            status::too_many_caller_streams(limit, &ctx)
+        })?;
         let watcher = self.subscribe(valid, single_agent.zip(handover), &ctx)?;
         Ok(Response::new(stream::into_stream(
             watcher,
             request_id,
             self.settings.stream_send_timeout,
+            slot,
         )))
     }
 }

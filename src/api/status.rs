@@ -10,6 +10,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
+    callers::{self, Denied},
     domain::{AgentId, FieldViolation},
     events::{SessionEnding, SubscribeError, WatcherEnd},
     gateway::{GatewayError, KnownRetcode, Retcode},
@@ -38,6 +39,10 @@ pub(crate) mod metadata_key {
     /// The agents of a stream the failure is about (those without a session, or those that
     /// would need a poll loop beyond --max-polled-agents), comma-separated.
     pub const AGENT_IDS: &str = "agent_ids";
+    /// The verb a caller is not granted (`release`, `watch`, `handover`).
+    pub const VERB: &str = "verb";
+    /// The agent a caller is not granted.
+    pub const DENIED_AGENT_ID: &str = "denied_agent_id";
 }
 
 /// Whether and when a client may send the same request again.
@@ -75,7 +80,7 @@ const fn secs(n: u64) -> Duration {
 
 use Code::{
     Aborted, AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
-    ResourceExhausted, Unauthenticated, Unavailable, Unimplemented, Unknown,
+    PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented, Unknown,
 };
 use Retry::{After, No};
 
@@ -110,6 +115,11 @@ enum_with_all! {
         TooManyWatchers,
         TooManyPolledAgents,
         ShuttingDown,
+        /// No credentials, or credentials that identify no caller.
+        CallerUnauthenticated,
+        /// The caller is not granted the verb or an agent of the request.
+        CallerNotPermitted,
+        TooManyCallerStreams,
     }
 }
 
@@ -138,6 +148,9 @@ impl Condition {
             Self::TooManyWatchers => "(too many watchers)",
             Self::TooManyPolledAgents => "(too many polled agents)",
             Self::ShuttingDown => "(shutting down)",
+            Self::CallerUnauthenticated => "(caller not authenticated)",
+            Self::CallerNotPermitted => "(caller not permitted)",
+            Self::TooManyCallerStreams => "(too many streams of the caller)",
         }
     }
 }
@@ -196,6 +209,9 @@ pub(crate) const fn condition_rule(condition: Condition) -> Rule {
         Condition::TooManyWatchers => row(ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams, or ReleaseCalls waiting for their release event, as it allows"),
         Condition::TooManyPolledAgents => row(ResourceExhausted, "TOO_MANY_POLLED_AGENTS", After(secs(1)), "the facade polls as many agents as it allows (--max-polled-agents: each polled agent holds a connection to the gateway); another agent can be watched once one nobody watches is past its grace period (--watch-grace-secs); nothing was sent"),
         Condition::ShuttingDown => row(Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
+        Condition::CallerUnauthenticated => row(Unauthenticated, "UNAUTHENTICATED", No, "the request identifies no caller: send `authorization: Bearer <token>` metadata with a token of the tokens file, or a client certificate whose name the callers file lists; nothing was done"),
+        Condition::CallerNotPermitted => row(PermissionDenied, "PERMISSION_DENIED", No, "the caller is not granted this verb or agent (callers file: agents, verbs; handing a session over in x-ccgw-guid needs handover, wait_for_release_event needs watch); nothing was done"),
+        Condition::TooManyCallerStreams => row(ResourceExhausted, "TOO_MANY_CALLER_STREAMS", After(secs(1)), "the caller has as many open WatchReleaseEvents streams as one caller may (--max-streams-per-caller); nothing was opened"),
     }
 }
 
@@ -390,6 +406,49 @@ pub(crate) fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> St
     };
     let rule = condition_rule(condition);
     failure(&rule, &error.to_string(), metadata, ctx)
+}
+
+/// A request whose credentials identify no caller; `request_id` only ties the answer to the
+/// log line.
+pub(crate) fn unauthenticated(why: &callers::Unauthenticated, request_id: &str) -> Status {
+    let ctx = Context {
+        agent: None,
+        request_id,
+        releases_current_call: false,
+    };
+    failure(
+        &condition_rule(Condition::CallerUnauthenticated),
+        &why.to_string(),
+        HashMap::new(),
+        &ctx,
+    )
+}
+
+/// A request outside its caller's grant; names the verb or agent it lacks.
+pub(crate) fn permission_denied(denied: &Denied, ctx: &Context<'_>) -> Status {
+    let mut metadata = HashMap::new();
+    match denied {
+        Denied::Verb(verb) => metadata.insert(metadata_key::VERB.to_owned(), verb.to_string()),
+        Denied::Agent(agent) => {
+            metadata.insert(metadata_key::DENIED_AGENT_ID.to_owned(), agent.to_string())
+        }
+    };
+    failure(
+        &condition_rule(Condition::CallerNotPermitted),
+        &denied.to_string(),
+        metadata,
+        ctx,
+    )
+}
+
+/// A stream refused because its caller holds `limit` streams already.
+pub(crate) fn too_many_caller_streams(limit: usize, ctx: &Context<'_>) -> Status {
+    failure(
+        &condition_rule(Condition::TooManyCallerStreams),
+        &format!("{limit} streams open"),
+        HashMap::new(),
+        ctx,
+    )
 }
 
 /// How a watcher's stream ends (all but a client's cancel). Metadata `resume_token` says where to

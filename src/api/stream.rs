@@ -7,6 +7,7 @@ use tonic::Status;
 
 use super::status::{self, Context};
 use crate::{
+    callers::StreamSlot,
     domain::RequestId,
     events::{ReleaseEvent, ReleaseKind, Watcher, WatcherItem},
     proto::{self, watch_release_events_response::Item},
@@ -23,16 +24,18 @@ const STREAM_QUEUE: usize = 16;
 /// The watcher is read by a task of its own, because tonic stops polling a stream whose client
 /// stopped reading: the task cuts such a stream off after `send_timeout` (WATCHER_TOO_SLOW)
 /// and frees its watcher. Dropping the stream (client cancel or disconnect) frees it at once.
+/// The stream holds its caller's `slot` until it ends or is dropped.
 pub(crate) fn into_stream(
     watcher: Watcher,
     request_id: RequestId,
     send_timeout: Duration,
+    slot: StreamSlot,
 ) -> EventStream {
     let span = tracing::info_span!("WatchReleaseEvents", request_id = %request_id);
     let items = span.in_scope(|| watcher.forward(STREAM_QUEUE, send_timeout));
     Box::pin(stream::unfold(
-        (items, request_id),
-        |(mut items, request_id)| async move {
+        (items, request_id, slot),
+        |(mut items, request_id, slot)| async move {
             let item = match items.recv().await? {
                 Ok(item) => Ok(proto::WatchReleaseEventsResponse {
                     item: Some(item_to_proto(item)),
@@ -46,7 +49,7 @@ pub(crate) fn into_stream(
                     Err(status::watcher_end(&end, &ctx))
                 }
             };
-            Some((item, (items, request_id)))
+            Some((item, (items, request_id, slot)))
         },
     ))
 }

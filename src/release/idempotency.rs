@@ -1,27 +1,30 @@
 //! Remembers answers by request id for a window, so a client's retry of a hang-up gets the first
 //! answer instead of a second hang-up. Concurrent duplicates wait for the first one's answer.
+//! Keys are whatever makes two requests the same one (for releases: the caller and its
+//! request_id, so that callers cannot replay each other's answers).
 use std::{
     collections::{HashMap, VecDeque},
+    hash::Hash,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio::{sync::watch, time::Instant};
 
-use crate::{domain::RequestId, lock};
+use crate::lock;
 
 #[derive(Debug, Clone)]
-pub(crate) struct IdempotencyCache<F, V> {
-    inner: Arc<Mutex<Inner<F, V>>>,
+pub(crate) struct IdempotencyCache<K, F, V> {
+    inner: Arc<Mutex<Inner<K, F, V>>>,
     window: Duration,
     capacity: usize,
 }
 
 #[derive(Debug)]
-struct Inner<F, V> {
-    entries: HashMap<RequestId, Entry<F, V>>,
+struct Inner<K, F, V> {
+    entries: HashMap<K, Entry<F, V>>,
     /// Insertion order, for expiry and eviction; stale rows are skipped by generation.
-    order: VecDeque<(Instant, RequestId, u64)>,
+    order: VecDeque<(Instant, K, u64)>,
     next_generation: u64,
 }
 
@@ -59,9 +62,9 @@ pub(crate) enum Retention {
 }
 
 /// The outcome of claiming a request id.
-pub(crate) enum Claim<F, V> {
+pub(crate) enum Claim<K: Hash + Eq, F, V> {
     /// First of its id: do the work and `complete` the ticket.
-    Owner(Ticket<F, V>),
+    Owner(Ticket<K, F, V>),
     /// Seen before (maybe still running): wait for that answer.
     Follower(Pending<V>),
     /// Seen before with different parameters.
@@ -71,16 +74,16 @@ pub(crate) enum Claim<F, V> {
     Full,
 }
 
-pub(crate) struct Ticket<F, V> {
-    inner: Arc<Mutex<Inner<F, V>>>,
-    key: RequestId,
+pub(crate) struct Ticket<K: Hash + Eq, F, V> {
+    inner: Arc<Mutex<Inner<K, F, V>>>,
+    key: K,
     generation: u64,
     answer: Option<watch::Sender<Option<V>>>,
 }
 
 pub(crate) struct Pending<V>(watch::Receiver<Option<V>>);
 
-impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
+impl<K: Hash + Eq + Clone, F: PartialEq, V: Clone> IdempotencyCache<K, F, V> {
     pub(crate) fn new(window: Duration, capacity: usize) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Inner {
@@ -93,7 +96,7 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
         }
     }
 
-    pub(crate) fn claim(&self, key: &RequestId, fingerprint: F) -> Claim<F, V> {
+    pub(crate) fn claim(&self, key: &K, fingerprint: F) -> Claim<K, F, V> {
         let now = Instant::now();
         let mut inner = lock(&self.inner);
         inner.expire(now, self.window);
@@ -132,7 +135,7 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
     }
 
     /// Whether `key` has an answer, or one on the way, within the window.
-    pub(crate) fn contains(&self, key: &RequestId) -> bool {
+    pub(crate) fn contains(&self, key: &K) -> bool {
         let mut inner = lock(&self.inner);
         inner.expire(Instant::now(), self.window);
         inner.entries.contains_key(key)
@@ -144,7 +147,7 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
     }
 }
 
-impl<F, V> Inner<F, V> {
+impl<K: Hash + Eq, F, V> Inner<K, F, V> {
     fn expire(&mut self, now: Instant, window: Duration) {
         while let Some((created, _, _)) = self.order.front() {
             if now.duration_since(*created) < window {
@@ -192,7 +195,7 @@ impl<F, V> Inner<F, V> {
         });
     }
 
-    fn remove_if(&mut self, key: &RequestId, generation: u64) {
+    fn remove_if(&mut self, key: &K, generation: u64) {
         if self
             .entries
             .get(key)
@@ -203,7 +206,7 @@ impl<F, V> Inner<F, V> {
     }
 }
 
-impl<F, V> Ticket<F, V> {
+impl<K: Hash + Eq, F, V> Ticket<K, F, V> {
     /// Publishes the answer to everyone waiting and keeps it as `retention` says.
     pub(crate) fn complete(mut self, value: V, retention: Retention) {
         let mut inner = lock(&self.inner);
@@ -227,7 +230,7 @@ impl<F, V> Ticket<F, V> {
     }
 }
 
-impl<F, V> Drop for Ticket<F, V> {
+impl<K: Hash + Eq, F, V> Drop for Ticket<K, F, V> {
     fn drop(&mut self) {
         // Dropped without an answer (the work panicked or was cancelled): forget the id so
         // waiters see the channel close and a retry is not stuck behind a dead entry.
@@ -251,19 +254,20 @@ impl<V: Clone> Pending<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::RequestId;
 
     fn id(s: &str) -> RequestId {
         RequestId::parse("r", s).unwrap()
     }
 
-    fn owner(claim: Claim<u8, u32>) -> Ticket<u8, u32> {
+    fn owner(claim: Claim<RequestId, u8, u32>) -> Ticket<RequestId, u8, u32> {
         match claim {
             Claim::Owner(t) => t,
             _ => panic!("expected owner"),
         }
     }
 
-    fn follower(claim: Claim<u8, u32>) -> Pending<u32> {
+    fn follower(claim: Claim<RequestId, u8, u32>) -> Pending<u32> {
         match claim {
             Claim::Follower(p) => p,
             _ => panic!("expected follower"),
@@ -300,7 +304,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pending_ids_are_never_forgotten() {
-        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(1), 2);
+        let cache: IdempotencyCache<RequestId, u8, u32> =
+            IdempotencyCache::new(Duration::from_secs(1), 2);
         let first = owner(cache.claim(&id("a"), 0));
         let _second = owner(cache.claim(&id("b"), 0));
         assert!(matches!(cache.claim(&id("c"), 0), Claim::Full));
@@ -316,7 +321,8 @@ mod tests {
     /// when only such answers are left, new ids are refused instead.
     #[tokio::test(start_paused = true)]
     async fn pinned_answers_are_never_evicted_within_their_window() {
-        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(60), 2);
+        let cache: IdempotencyCache<RequestId, u8, u32> =
+            IdempotencyCache::new(Duration::from_secs(60), 2);
         owner(cache.claim(&id("unknown"), 0)).complete(1, Retention::Pinned);
         owner(cache.claim(&id("settled"), 0)).complete(2, Retention::Evictable);
         // Room is made by forgetting the settled answer, not the pinned one.
@@ -332,7 +338,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn forgotten_ids_do_not_pile_up_in_the_order_queue() {
-        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(600), 4);
+        let cache: IdempotencyCache<RequestId, u8, u32> =
+            IdempotencyCache::new(Duration::from_secs(600), 4);
         for n in 0..1000 {
             owner(cache.claim(&id(&n.to_string()), 0)).complete(n, Retention::Forget);
         }
@@ -342,7 +349,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn capacity_bounds_memory() {
-        let cache: IdempotencyCache<u8, u32> = IdempotencyCache::new(Duration::from_secs(60), 3);
+        let cache: IdempotencyCache<RequestId, u8, u32> =
+            IdempotencyCache::new(Duration::from_secs(60), 3);
         for n in 0..10 {
             owner(cache.claim(&id(&n.to_string()), 0)).complete(n, Retention::Evictable);
         }

@@ -3,7 +3,7 @@
 mod confirm;
 mod idempotency;
 
-use std::{panic::AssertUnwindSafe, time::Duration};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures_util::FutureExt;
 use tokio::time::Instant;
@@ -144,7 +144,10 @@ impl Default for ReleasePolicy {
     }
 }
 
-type AnswerCache = IdempotencyCache<ReleaseCommand, Result<ReleaseReport, ReleaseError>>;
+/// A request_id within its caller's namespace: two callers' ids never meet.
+type AnswerKey = (Arc<str>, RequestId);
+
+type AnswerCache = IdempotencyCache<AnswerKey, ReleaseCommand, Result<ReleaseReport, ReleaseError>>;
 
 /// One ReleaseCall, as a caller asks for it.
 #[derive(Debug, Clone)]
@@ -152,6 +155,9 @@ pub(crate) struct ReleaseRequest {
     pub(crate) command: ReleaseCommand,
     /// The caller's idempotency key, if it sent one.
     pub(crate) request_id: Option<RequestId>,
+    /// The name of the caller, whose namespace `request_id` is in (one namespace for all
+    /// without caller authorization).
+    pub(crate) caller: Arc<str>,
     /// When the answer is due.
     pub(crate) deadline: Instant,
     /// A session the caller handed over (see `Sessions::send`); not part of what makes a
@@ -209,13 +215,11 @@ impl ReleaseService {
     ) -> Result<Released, ReleaseError> {
         let agent = request.command.agent;
         let target = request.command.target.clone();
+        let key = request.request_id.map(|id| (request.caller, id));
         // Not for a repeated request_id, whose answer is replayed without waiting (and which
         // must not start polling an agent for nothing).
-        let wait_for_event = request.wait_for_event
-            && !request
-                .request_id
-                .as_ref()
-                .is_some_and(|id| self.answers.contains(id));
+        let wait_for_event =
+            request.wait_for_event && !key.as_ref().is_some_and(|key| self.answers.contains(key));
         let watcher = if wait_for_event {
             match confirm::watch_releases(&self.events, agent) {
                 Ok(watcher) => Some(watcher),
@@ -229,7 +233,7 @@ impl ReleaseService {
         };
         let report = tokio::select! {
             biased;
-            report = self.release(request.command, request.request_id.as_ref(), request.deadline, request.handed) => report?,
+            report = self.release(request.command, key.as_ref(), request.deadline, request.handed) => report?,
             () = self.hard_stop.cancelled() => return Err(ReleaseError::ShuttingDown),
         };
         let confirmation = if wait_for_event
@@ -259,15 +263,15 @@ impl ReleaseService {
     async fn release(
         &self,
         command: ReleaseCommand,
-        request_id: Option<&RequestId>,
+        key: Option<&AnswerKey>,
         deadline: Instant,
         handed: Option<Session>,
     ) -> Result<ReleaseReport, ReleaseError> {
         let budget = deadline.saturating_duration_since(Instant::now());
-        let Some(request_id) = request_id else {
+        let Some(key) = key else {
             return self.release_once(&command, deadline, handed.as_ref()).await;
         };
-        let pending = match self.answers.claim(request_id, command.clone()) {
+        let pending = match self.answers.claim(key, command.clone()) {
             Claim::Conflict => return Err(ReleaseError::RequestIdReused),
             Claim::Full => return Err(ReleaseError::TooManyPending),
             Claim::Follower(pending) => {

@@ -3,6 +3,8 @@
 //! benchmarks start the app one way.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::{net::SocketAddr, time::Duration};
 
 use ccgw_callcontrol::{
@@ -67,7 +69,14 @@ pub async fn spawn_facade(
     flags: &[&str],
     stop_sim: Option<oneshot::Sender<()>>,
 ) -> TestApp {
+    // Tests of caller authorization pass --callers, which replaces --no-caller-auth.
+    let open = if flags.contains(&"--callers") {
+        None
+    } else {
+        Some("--no-caller-auth")
+    };
     let mut args = vec!["ccgw-callcontrol", "--gateway-url", gateway_url];
+    args.extend(open);
     args.extend_from_slice(flags);
     let config = Config::try_parse_from(args).expect("test flags parse");
     let api = startup::build_api(&config, gateway_url.to_owned()).expect("facade builds");
@@ -85,9 +94,18 @@ pub async fn spawn_facade(
             .expect("server runs");
         }
     });
-    let client = CallControlClient::connect(format!("http://{grpc_addr}"))
-        .await
-        .expect("client connects");
+    // A TLS port is reached by the test's own TLS clients (common::pki).
+    let client = if flags.contains(&"--tls-cert") {
+        CallControlClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+                .unwrap()
+                .connect_lazy(),
+        )
+    } else {
+        CallControlClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .expect("client connects")
+    };
     TestApp {
         grpc_addr,
         sim_addr,

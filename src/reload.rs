@@ -1,0 +1,177 @@
+//! Files re-read on a timer and swapped in when their contents change: cert-manager and
+//! Kubernetes replace a mounted Secret or ConfigMap by swapping a symlink, which changes no
+//! modification time of the path the service was given, so contents are compared, not times.
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// A set of files read together (a certificate and its key; the callers and tokens files).
+#[derive(Debug)]
+pub(crate) struct WatchedFiles {
+    paths: Vec<PathBuf>,
+    /// Digest of the contents last returned; the contents themselves (a private key, tokens)
+    /// are not kept.
+    seen: Option<[u8; 32]>,
+}
+
+impl WatchedFiles {
+    pub(crate) fn new(paths: Vec<PathBuf>) -> Self {
+        Self { paths, seen: None }
+    }
+
+    /// The contents of every file, when they differ from what the last call returned (the
+    /// first call always returns them); an error names the file that could not be read.
+    pub(crate) fn read_if_changed(&mut self) -> Result<Option<Vec<Vec<u8>>>, String> {
+        let contents = self
+            .paths
+            .iter()
+            .map(|path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        for content in &contents {
+            digest.update(&(content.len() as u64).to_be_bytes());
+            digest.update(content);
+        }
+        let digest: [u8; 32] = digest.finish().as_ref().try_into().expect("32 bytes");
+        if self.seen == Some(digest) {
+            return Ok(None);
+        }
+        self.seen = Some(digest);
+        Ok(Some(contents))
+    }
+}
+
+/// A value read from files, replaced by [`Reloading::reload`] when they change. Cheap to clone.
+pub(crate) struct Reloading<T> {
+    current: Arc<RwLock<Arc<T>>>,
+    files: Arc<Mutex<WatchedFiles>>,
+    /// What the files hold, for the log ("the TLS certificate and key").
+    what: &'static str,
+    parse: fn(&[Vec<u8>]) -> Result<T, String>,
+}
+
+impl<T> Clone for Reloading<T> {
+    fn clone(&self) -> Self {
+        Self {
+            current: self.current.clone(),
+            files: self.files.clone(),
+            what: self.what,
+            parse: self.parse,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Reloading<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("what", &self.what)
+            .finish()
+    }
+}
+
+impl<T> Reloading<T> {
+    /// Reads and parses `paths` (passed to `parse` in that order); an error names the file.
+    pub(crate) fn load(
+        what: &'static str,
+        paths: Vec<PathBuf>,
+        parse: fn(&[Vec<u8>]) -> Result<T, String>,
+    ) -> Result<Self, String> {
+        let mut files = WatchedFiles::new(paths);
+        let contents = files
+            .read_if_changed()?
+            .expect("a first read returns contents");
+        let value = parse(&contents)?;
+        Ok(Self {
+            current: Arc::new(RwLock::new(Arc::new(value))),
+            files: Arc::new(Mutex::new(files)),
+            what,
+            parse,
+        })
+    }
+
+    pub(crate) fn current(&self) -> Arc<T> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the files; swaps in what they hold if they changed and are valid, else keeps
+    /// the value it has and logs why (the error names files and lines, never their secrets).
+    pub(crate) fn reload(&self) {
+        let what = self.what;
+        let contents = match crate::lock(&self.files).read_if_changed() {
+            Ok(Some(contents)) => contents,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "could not re-read {what}; keeping what was loaded before");
+                return;
+            }
+        };
+        match (self.parse)(&contents) {
+            Ok(value) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+                tracing::info!("{what} changed: reloaded");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "{what} changed but cannot be used; keeping what was loaded before")
+            }
+        }
+    }
+}
+
+/// Text of a file read for a [`Reloading`] value.
+pub(crate) fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, String> {
+    std::str::from_utf8(bytes).map_err(|_| format!("{what} is not UTF-8"))
+}
+
+/// Calls `reload` every `interval` until `stop` is cancelled.
+pub(crate) fn every(
+    tasks: &TaskTracker,
+    interval: Duration,
+    stop: CancellationToken,
+    mut reload: impl FnMut() + Send + 'static,
+) {
+    tasks.spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => reload(),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contents_are_returned_once_per_change() {
+        let dir = std::env::temp_dir().join(format!("ccgw-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, "one").unwrap();
+        std::fs::write(&b, "two").unwrap();
+        let mut files = WatchedFiles::new(vec![a.clone(), b.clone()]);
+        assert_eq!(
+            files.read_if_changed().unwrap(),
+            Some(vec![b"one".to_vec(), b"two".to_vec()])
+        );
+        assert_eq!(files.read_if_changed().unwrap(), None);
+        // Moving bytes from one file to the other is a change.
+        std::fs::write(&a, "onet").unwrap();
+        std::fs::write(&b, "wo").unwrap();
+        assert!(files.read_if_changed().unwrap().is_some());
+        std::fs::remove_file(&b).unwrap();
+        assert!(files.read_if_changed().unwrap_err().contains("/b:"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,198 @@
+//! Issue 9, §1: TLS on the gRPC port (rustls), certificates re-read and swapped in for new
+//! connections without a restart, mutual TLS with client certificates that identify callers,
+//! handshakes that cannot hold up the accept loop.
+mod common;
+
+use std::time::Duration;
+
+use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseOutcome};
+use common::{
+    expect_status,
+    pki::{served_certificate, tls_channel, Ca, Files, Leaf},
+    release_req, sim_config, spawn_app_with, TestApp, WAIT,
+};
+use tonic::{transport::Channel, Code};
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+/// The facade serving `leaf` (from `files`) with `flags` more.
+async fn spawn_tls(files: &Files, leaf: &Leaf, flags: &[&str]) -> TestApp {
+    let (cert, key) = files.write_server(leaf);
+    let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+    args.extend_from_slice(flags);
+    spawn_app_with(sim_config(), &args).await
+}
+
+/// Whether a health check over `channel` answers SERVING (within a bound).
+async fn serving(channel: Channel) -> Result<(), tonic::Status> {
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest::default());
+    let answer = tokio::time::timeout(WAIT, check)
+        .await
+        .expect("the health check answered within the wait bound")?;
+    assert_eq!(answer.into_inner().status, 1, "SERVING");
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_is_served_and_plaintext_is_refused() {
+    let (ca, files) = (Ca::new("test CA"), Files::new());
+    let app = spawn_tls(&files, &ca.server(1), &[]).await;
+    let channel = tls_channel(app.grpc_addr, &ca, None).await.unwrap();
+    serving(channel.clone()).await.unwrap();
+    app.sign_in("101").await;
+    let released = CallControlClient::new(channel)
+        .release_call(release_req("101"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.outcome(), ReleaseOutcome::NoActiveCall);
+    assert_eq!(app.deletes().len(), 1);
+    // Plaintext HTTP/2 on the TLS port gets nowhere.
+    let plaintext = tokio::time::timeout(WAIT, async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc_addr))
+            .unwrap()
+            .connect()
+            .await?;
+        serving(channel).await.map_err(Into::into)
+    })
+    .await
+    .expect("the plaintext attempt ended within the wait bound");
+    let error: Box<dyn std::error::Error> = plaintext.unwrap_err();
+    assert!(!error.to_string().is_empty());
+    assert_eq!(app.deletes().len(), 1);
+}
+
+/// cert-manager renews the certificate: new connections get the new one without a restart,
+/// open connections carry on.
+#[tokio::test]
+async fn a_rotated_certificate_is_served_to_new_connections() {
+    let (old_ca, new_ca, files) = (Ca::new("old CA"), Ca::new("new CA"), Files::new());
+    let (old, new) = (old_ca.server(1), new_ca.server(2));
+    let app = spawn_tls(&files, &old, &["--reload-secs", "1"]).await;
+    let open = tls_channel(app.grpc_addr, &old_ca, None).await.unwrap();
+    assert_eq!(
+        served_certificate(app.grpc_addr, &[&old_ca, &new_ca]).await,
+        old.der
+    );
+    files.write_server(&new);
+    let rotated = tokio::time::timeout(WAIT, async {
+        while served_certificate(app.grpc_addr, &[&old_ca, &new_ca]).await != new.der {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        rotated.is_ok(),
+        "the new certificate was not served within {WAIT:?}"
+    );
+    serving(open)
+        .await
+        .expect("an open connection keeps working");
+    serving(tls_channel(app.grpc_addr, &new_ca, None).await.unwrap())
+        .await
+        .unwrap();
+}
+
+/// A connection that never sends its ClientHello holds a handshake slot for at most the
+/// handshake timeout, and nobody waits behind it.
+#[tokio::test]
+async fn a_stalled_handshake_does_not_hold_up_other_clients() {
+    let (ca, files) = (Ca::new("test CA"), Files::new());
+    let app = spawn_tls(&files, &ca.server(1), &[]).await;
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        stalled.push(tokio::net::TcpStream::connect(app.grpc_addr).await.unwrap());
+    }
+    serving(tls_channel(app.grpc_addr, &ca, None).await.unwrap())
+        .await
+        .unwrap();
+}
+
+const CALLERS: &str = r#"
+[[caller]]
+name = "billing"
+agents = ["101-199"]
+verbs = ["release"]
+certificate_names = ["billing.prod.svc.cluster.local"]
+
+[[caller]]
+name = "wallboard"
+agents = ["*"]
+verbs = ["watch"]
+certificate_names = ["spiffe://prod/wallboard"]
+"#;
+
+/// mTLS: a client needs a certificate from the client CA; its names say which caller it is.
+#[tokio::test]
+async fn client_certificates_are_required_verified_and_identify_callers() {
+    let (server_ca, client_ca, other_ca) = (
+        Ca::new("server CA"),
+        Ca::new("client CA"),
+        Ca::new("other CA"),
+    );
+    let files = Files::new();
+    let client_ca_file = files.write("client-ca.crt", &client_ca.pem);
+    let callers = files.write("callers.toml", CALLERS);
+    let app = spawn_tls(
+        &files,
+        &server_ca.server(1),
+        &["--tls-client-ca", &client_ca_file, "--callers", &callers],
+    )
+    .await;
+    app.sign_in("101").await;
+    // No certificate, or one from another CA: the connection is refused.
+    let billing_elsewhere = other_ca.issue("billing", &["billing.prod.svc.cluster.local"], 7);
+    for identity in [None, Some(&billing_elsewhere)] {
+        let refused = match tls_channel(app.grpc_addr, &server_ca, identity).await {
+            Err(_) => true,
+            Ok(channel) => serving(channel).await.is_err(),
+        };
+        assert!(
+            refused,
+            "a client without a certificate of the client CA was served"
+        );
+    }
+    // The CA's certificate with a DNS SAN of billing: billing, granted 101-199 and release.
+    let billing = client_ca.issue("billing-7d9f", &["billing.prod.svc.cluster.local"], 8);
+    let channel = tls_channel(app.grpc_addr, &server_ca, Some(&billing))
+        .await
+        .unwrap();
+    serving(channel.clone()).await.unwrap();
+    let mut client = CallControlClient::new(channel);
+    let released = client
+        .release_call(release_req("101"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.outcome(), ReleaseOutcome::NoActiveCall);
+    let denied = client.release_call(release_req("500")).await.unwrap_err();
+    expect_status(&denied, Code::PermissionDenied, "PERMISSION_DENIED");
+    // A URI SAN (SPIFFE id) identifies the wallboard, which may watch but not release.
+    let wallboard = client_ca.issue("wallboard", &["spiffe://prod/wallboard"], 9);
+    let channel = tls_channel(app.grpc_addr, &server_ca, Some(&wallboard))
+        .await
+        .unwrap();
+    let denied = CallControlClient::new(channel)
+        .release_call(release_req("101"))
+        .await
+        .unwrap_err();
+    expect_status(&denied, Code::PermissionDenied, "PERMISSION_DENIED");
+    // A certificate of the CA whose names the callers file does not list identifies nobody.
+    let stranger = client_ca.issue("stranger", &["stranger.prod.svc"], 10);
+    let channel = tls_channel(app.grpc_addr, &server_ca, Some(&stranger))
+        .await
+        .unwrap();
+    serving(channel.clone())
+        .await
+        .expect("health needs no caller");
+    let refused = CallControlClient::new(channel)
+        .release_call(release_req("101"))
+        .await
+        .unwrap_err();
+    expect_status(&refused, Code::Unauthenticated, "UNAUTHENTICATED");
+    assert_eq!(
+        app.deletes().len(),
+        1,
+        "only billing's release reached the gateway"
+    );
+}
