@@ -1,5 +1,6 @@
-//! `run(listener, api, settings, shutdown)`: the gRPC server with health, reflection (v1 and
-//! v1alpha) and a bounded graceful drain.
+//! `run(listener, api, settings, shutdown)`: the gRPC server with health (see `health`),
+//! reflection (v1 and v1alpha), connection limits (keepalive, maximum age) and a bounded
+//! graceful drain.
 use std::{
     future::Future,
     panic::AssertUnwindSafe,
@@ -11,7 +12,7 @@ use std::{
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{codegen::http, transport::server::TcpIncoming};
+use tonic::codegen::http;
 use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
@@ -19,6 +20,8 @@ use crate::{
         status::{self, Unfinished},
         CallControlApi, CallControlServer,
     },
+    connection_age::aged_connections,
+    health,
     lifecycle::Lifecycle,
     proto,
 };
@@ -28,6 +31,9 @@ const HARD_STOP_FLUSH: Duration = Duration::from_secs(1);
 /// After the server stopped, how long the service's tasks get to end: poll loops end within a
 /// second of shutdown, stream forwarders once their streams are gone.
 const TASKS_GRACE: Duration = Duration::from_secs(2);
+/// The longest wait for a keepalive ping's answer: a connection whose peer is gone (node down,
+/// NAT entry dropped) is closed this long after its ping.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -37,6 +43,14 @@ pub struct ServerSettings {
     pub(crate) max_request_bytes: usize,
     /// HTTP/2 streams per connection.
     pub(crate) max_concurrent_streams: u32,
+    /// How often the gateway's reachability is probed.
+    pub(crate) gateway_probe: Duration,
+    /// A silent client connection is pinged this often.
+    pub(crate) http2_keepalive: Duration,
+    /// A client connection is asked to go away (GOAWAY) at this age...
+    pub(crate) max_connection_age: Duration,
+    /// ...and closed this much later.
+    pub(crate) max_connection_age_grace: Duration,
 }
 
 impl Default for ServerSettings {
@@ -45,6 +59,10 @@ impl Default for ServerSettings {
             drain_timeout: Duration::from_secs(10),
             max_request_bytes: 16 * 1024,
             max_concurrent_streams: 256,
+            gateway_probe: Duration::from_secs(5),
+            http2_keepalive: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(900),
+            max_connection_age_grace: Duration::from_secs(30),
         }
     }
 }
@@ -57,7 +75,7 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, and gives
+/// Serves until `shutdown` resolves, then reports not ready, stops accepting, and gives
 /// in-flight calls `drain_timeout` to finish.
 pub async fn run(
     listener: TcpListener,
@@ -65,13 +83,17 @@ pub async fn run(
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let lifecycle = api.lifecycle().clone();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CallControlServer<CallControlApi>>()
-        .await;
+    health::start(
+        &health,
+        api.sessions().gateway(),
+        settings.gateway_probe,
+        &lifecycle,
+    )
+    .await;
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
-    let lifecycle = api.lifecycle().clone();
     let call_control =
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
     let signal = {
@@ -83,8 +105,10 @@ pub async fn run(
     };
     let hard_stop = lifecycle.hard_stop().clone();
     let serve = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(settings.http2_keepalive))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT.min(settings.http2_keepalive)))
+        // The GOAWAY only: tonic's own grace would drop it (see `connection_age`).
+        .max_connection_age(settings.max_connection_age)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .layer(tower::layer::layer_fn(move |inner| AnswerEveryCall {
             inner,
@@ -95,8 +119,10 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(call_control)
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms stalls at p99).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            aged_connections(
+                listener,
+                settings.max_connection_age + settings.max_connection_age_grace,
+            ),
             signal,
         );
     drain(serve, &lifecycle, settings.drain_timeout).await
@@ -129,16 +155,11 @@ fn reflection() -> Result<
 
 /// The first steps of shutdown, in order: streams deliver what they hold and end (UNAVAILABLE,
 /// with a resume token; without this the drain would wait for them until its timeout), poll
-/// loops stop, then health says NOT_SERVING.
+/// loops and gateway probes stop, then readiness says NOT_SERVING (liveness stays SERVING).
 async fn begin_shutdown(lifecycle: &Lifecycle, health: &tonic_health::server::HealthReporter) {
-    tracing::info!("shutting down: NOT_SERVING, ending event streams, draining in-flight calls");
+    tracing::info!("shutting down: not ready, ending event streams, draining in-flight calls");
     lifecycle.shutdown().cancel();
-    health
-        .set_not_serving::<CallControlServer<CallControlApi>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    health::draining(health).await;
 }
 
 /// The rest of shutdown: tonic waits for every open call and stream, bounded by

@@ -1,4 +1,5 @@
 use std::{
+    fmt::Display,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -17,9 +18,12 @@ use hyper_util::{
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 use serde_json::json;
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tower::{util::BoxCloneSyncService, BoxError, ServiceExt};
 
 use super::{
+    admission::{self, GatewayAdmission},
+    reachability::GatewayHealth,
     session::{Guid, Session, SessionHeaders},
     wire::{self, Answer},
     GatewayError,
@@ -56,6 +60,10 @@ pub(crate) struct GatewaySettings {
     pub(crate) max_answer_bytes: usize,
     /// Use `DELETE .../voicecall/{agentid}` (releaseEx) instead of `.../release`.
     pub(crate) legacy_release_path: bool,
+    /// Gateway requests other than event polls in flight at once.
+    pub(crate) max_requests: usize,
+    /// Gateway requests other than event polls waiting for their turn.
+    pub(crate) max_queue: usize,
 }
 
 impl GatewaySettings {
@@ -67,6 +75,8 @@ impl GatewaySettings {
             connect_timeout: Duration::from_secs(3),
             max_answer_bytes: 64 * 1024,
             legacy_release_path: false,
+            max_requests: 64,
+            max_queue: 1024,
         }
     }
 }
@@ -120,6 +130,12 @@ pub struct GatewayStats {
 #[derive(Debug, Clone)]
 pub struct GatewayClient {
     http: HttpClient,
+    /// The HTTP client's connector, which the reachability probe uses on its own.
+    connector: Connector,
+    /// Where the probe connects: the gateway's scheme, host and port.
+    probe_target: Uri,
+    admission: GatewayAdmission,
+    health: GatewayHealth,
     base: Arc<str>,
     max_answer_bytes: usize,
     legacy_release_path: bool,
@@ -140,9 +156,14 @@ impl GatewayClient {
             .http1_read_buf_exact_size(READ_BUFFER_BYTES);
         // hyper's client follows no redirects and knows no proxies: requests go straight to
         // the configured gateway, and a 3xx answer is an HTTP status error.
-        let http = builder.build(connector(settings)?);
+        let connector = connector(settings)?;
+        let http = builder.build(connector.clone());
         Ok(Self {
             http,
+            connector,
+            probe_target: base.parse().map_err(|_| SettingsError::BadUrl(base.clone()))?,
+            admission: GatewayAdmission::new(settings.max_requests, settings.max_queue),
+            health: GatewayHealth::default(),
             base: base.into(),
             max_answer_bytes: settings.max_answer_bytes,
             legacy_release_path: settings.legacy_release_path,
@@ -153,6 +174,40 @@ impl GatewayClient {
     pub fn stats(&self) -> GatewayStats {
         GatewayStats {
             unreadable_set_guid: self.unreadable_set_guid.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The cap on requests other than event polls, with its in-flight and waiting counts.
+    pub fn admission(&self) -> &GatewayAdmission {
+        &self.admission
+    }
+
+    /// The gateway's damped reachability.
+    pub fn health(&self) -> &GatewayHealth {
+        &self.health
+    }
+
+    /// Connects to the gateway (TCP, and the TLS handshake for `https`), sends nothing, closes.
+    pub(crate) async fn probe(&self) -> Result<(), GatewayError> {
+        match self.connector.clone().oneshot(self.probe_target.clone()).await {
+            Ok(_connection) => Ok(()),
+            Err(error) => Err(GatewayError::Connect(describe(&*error))),
+        }
+    }
+
+    /// Probes the gateway now and then every `every` until `stop`, into [`Self::health`].
+    pub(crate) async fn probe_until(&self, every: Duration, stop: CancellationToken) {
+        loop {
+            let outcome = tokio::select! {
+                () = stop.cancelled() => return,
+                outcome = self.probe() => outcome,
+            };
+            self.health
+                .observe(outcome.as_ref().map(drop).map_err(|e| e as &dyn Display));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
         }
     }
 
@@ -177,8 +232,13 @@ impl GatewayClient {
             }
             SessionOperation::PollEvents => (Method::GET, format!("/agentevent/{agent}")),
         };
+        // Polls have their own cap: one per polled agent (--max-polled-agents).
+        let turn = match operation {
+            SessionOperation::PollEvents => Turn::Unlimited,
+            SessionOperation::Release(_) => Turn::Wait,
+        };
         match self.request_in(method, &path, session) {
-            Ok(request) => self.exchange(request, deadline).await,
+            Ok(request) => self.exchange(request, turn, deadline).await,
             Err(error) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(error),
@@ -206,7 +266,7 @@ impl GatewayClient {
             .request(Method::PUT, &path)
             .body(Full::new(Bytes::from(body)))
         {
-            Ok(request) => self.exchange(request, deadline).await,
+            Ok(request) => self.exchange(request, Turn::Wait, deadline).await,
             Err(_) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(GatewayError::Malformed("request URI is invalid".into())),
@@ -242,16 +302,44 @@ impl GatewayClient {
             .map_err(|_| GatewayError::Malformed("request URI is invalid".into()))
     }
 
-    /// Sends, takes the session headers as soon as they arrive (they count even when the body
-    /// then fails), reads a bounded body and parses the envelope, all within `deadline`.
-    async fn exchange(&self, request: Request<Full<Bytes>>, deadline: Instant) -> Exchange {
+    /// Waits for its turn (unless `turn` says it needs none), sends, takes the session headers
+    /// as soon as they arrive (they count even when the body then fails), reads a bounded body
+    /// and parses the envelope, all within `deadline`. What the answer says of the gateway's
+    /// reachability goes into [`Self::health`].
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+        turn: Turn,
+        deadline: Instant,
+    ) -> Exchange {
         let mut headers = SessionHeaders::default();
+        let too_short = |budget| Exchange {
+            headers: SessionHeaders::default(),
+            answer: Err(GatewayError::DeadlineTooShort(budget)),
+        };
         let budget = deadline.saturating_duration_since(Instant::now());
         if budget < MIN_BUDGET {
-            return Exchange {
-                headers,
-                answer: Err(GatewayError::DeadlineTooShort(budget)),
-            };
+            return too_short(budget);
+        }
+        let _turn = match turn {
+            Turn::Unlimited => None,
+            Turn::Wait => match self
+                .admission
+                .admit(admission::give_up_at(deadline, MIN_BUDGET))
+                .await
+            {
+                Ok(turn) => Some(turn),
+                Err(busy) => {
+                    return Exchange {
+                        headers,
+                        answer: Err(busy),
+                    }
+                }
+            },
+        };
+        let budget = deadline.saturating_duration_since(Instant::now());
+        if budget < MIN_BUDGET {
+            return too_short(budget);
         }
         let work = async {
             let response = self
@@ -272,6 +360,10 @@ impl GatewayClient {
         let answer = tokio::time::timeout_at(deadline, work)
             .await
             .unwrap_or(Err(GatewayError::Timeout(budget)));
+        if let Some(evidence) = reachability_evidence(&answer) {
+            self.health
+                .observe(evidence.map_err(|e| e as &dyn Display));
+        }
         Exchange { headers, answer }
     }
 
@@ -299,6 +391,34 @@ impl GatewayClient {
             set_guid,
             set_cookies,
         }
+    }
+}
+
+/// Whether a request waits for a turn under the cap on gateway requests.
+#[derive(Debug, Clone, Copy)]
+enum Turn {
+    Wait,
+    Unlimited,
+}
+
+/// What a request's end says of the gateway's reachability: a connect failure or a load
+/// balancer's 502/503/504 that it is unreachable, any other answer that it is reachable. A lost
+/// connection or a timeout says nothing (a long poll or a slow release may end so on a
+/// reachable gateway).
+fn reachability_evidence(
+    answer: &Result<Answer, GatewayError>,
+) -> Option<Result<(), &GatewayError>> {
+    match answer {
+        Err(
+            error @ (GatewayError::Connect(_) | GatewayError::HttpStatus { status: 502..=504 }),
+        ) => Some(Err(error)),
+        Ok(_)
+        | Err(
+            GatewayError::HttpStatus { .. }
+            | GatewayError::Malformed(_)
+            | GatewayError::Oversized { .. },
+        ) => Some(Ok(())),
+        Err(_) => None,
     }
 }
 
