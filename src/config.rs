@@ -213,10 +213,10 @@ pub struct Config {
     /// How long a connection asked to go away may still carry its calls, in seconds; then it
     /// is closed, and WatchReleaseEvents streams still on it end (their clients resume from
     /// the last resume_token they got). At least --request-timeout-ms, so that no ReleaseCall
-    /// is cut off.
-    #[arg(long, env = "CCGW_MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 30,
+    /// is cut off [default: 30, or --request-timeout-ms when that is longer].
+    #[arg(long, env = "CCGW_MAX_CONNECTION_AGE_GRACE_SECS",
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub(crate) max_connection_age_grace_secs: u64,
+    pub(crate) max_connection_age_grace_secs: Option<u64>,
 
     /// HTTP/2 keepalive: a client connection silent for this long is pinged, and closed when
     /// the ping is not answered within 10 s (or this interval, if shorter), in seconds.
@@ -224,6 +224,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub(crate) http2_keepalive_secs: u64,
 }
+
+/// Long enough for any ReleaseCall under the default --request-timeout-ms (10 s), short enough
+/// that a replica's streams move within a minute of their connection's GOAWAY.
+const DEFAULT_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 
 /// The real service's default: reachable from the other services it is made for.
 const DEFAULT_LISTEN: SocketAddr =
@@ -254,11 +258,13 @@ impl Config {
         }
         // A ReleaseCall cut off with its connection would leave its caller guessing whether the
         // call was hung up.
-        if self.max_connection_age_grace_secs * 1000 < self.request_timeout_ms {
-            return Err(format!(
-                "--max-connection-age-grace-secs ({}) must cover --request-timeout-ms ({})",
-                self.max_connection_age_grace_secs, self.request_timeout_ms
-            ));
+        if let Some(grace) = self.max_connection_age_grace_secs {
+            if grace * 1000 < self.request_timeout_ms {
+                return Err(format!(
+                    "--max-connection-age-grace-secs ({grace}) must cover --request-timeout-ms ({})",
+                    self.request_timeout_ms
+                ));
+            }
         }
         Ok(())
     }
@@ -321,13 +327,21 @@ impl Config {
         }
     }
 
+    /// `--max-connection-age-grace-secs`, else 30 s or the request timeout if that is longer.
+    fn max_connection_age_grace(&self) -> Duration {
+        self.max_connection_age_grace_secs.map_or_else(
+            || DEFAULT_CONNECTION_AGE_GRACE.max(Duration::from_millis(self.request_timeout_ms)),
+            Duration::from_secs,
+        )
+    }
+
     pub fn server(&self) -> ServerSettings {
         ServerSettings {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             gateway_probe: Duration::from_secs(self.gateway_probe_secs),
             http2_keepalive: Duration::from_secs(self.http2_keepalive_secs),
             max_connection_age: Duration::from_secs(self.max_connection_age_secs),
-            max_connection_age_grace: Duration::from_secs(self.max_connection_age_grace_secs),
+            max_connection_age_grace: self.max_connection_age_grace(),
             ..ServerSettings::default()
         }
     }
@@ -376,6 +390,15 @@ mod tests {
         ])
         .unwrap();
         assert!(cut_short.validate().is_err());
+        let long_calls =
+            Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "120000"]).unwrap();
+        assert!(long_calls.validate().is_ok());
+        assert_eq!(
+            long_calls.server().max_connection_age_grace,
+            Duration::from_secs(120)
+        );
+        let default = Config::try_parse_from(["x", "--simulate"]).unwrap();
+        assert_eq!(default.server().max_connection_age_grace, Duration::from_secs(30));
     }
 
     #[test]
