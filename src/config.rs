@@ -398,7 +398,10 @@ mod tests {
             Duration::from_secs(120)
         );
         let default = Config::try_parse_from(["x", "--simulate"]).unwrap();
-        assert_eq!(default.server().max_connection_age_grace, Duration::from_secs(30));
+        assert_eq!(
+            default.server().max_connection_age_grace,
+            Duration::from_secs(30)
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub(crate) async fn start(
     reporter
         .set_serving::<CallControlServer<CallControlApi>>()
         .await;
-    reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     reporter
         .set_service_status(GATEWAY, gateway_status(gateway.health().state()))
         .await;

@@ -82,12 +82,19 @@ async fn beyond_the_cap_and_the_queue_a_release_is_refused_with_nothing_sent() {
     assert_eq!(admission.in_flight(), 2);
 
     let queued = release_in_background(&app, tonic::Request::new(release_req("103")));
-    wait_until("the third release waits its turn", || admission.waiting() == 1).await;
+    wait_until("the third release waits its turn", || {
+        admission.waiting() == 1
+    })
+    .await;
 
     let refused = app.release(release_req("104")).await.unwrap_err();
     gateway_busy(&refused);
     assert_eq!(releases_of(&app, "104"), 0, "the refused release was sent");
-    assert_eq!(releases_of(&app, "103"), 0, "the queued release jumped the cap");
+    assert_eq!(
+        releases_of(&app, "103"),
+        0,
+        "the queued release jumped the cap"
+    );
 
     // The first caller goes away: its gateway request is dropped, its turn passes on.
     first.abort();
@@ -271,7 +278,10 @@ async fn old_connections_are_asked_to_go_away_then_closed_with_their_streams() {
     // error"), not an end with OK, which would tell it nothing is missing.
     let (_, status) = stream.until_error().await;
     assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
-    wait_until("the stream's connection is closed", || connections.is_closed(1)).await;
+    wait_until("the stream's connection is closed", || {
+        connections.is_closed(1)
+    })
+    .await;
     health
         .check(HealthCheckRequest {
             service: String::new(),

@@ -161,7 +161,9 @@ impl GatewayClient {
         Ok(Self {
             http,
             connector,
-            probe_target: base.parse().map_err(|_| SettingsError::BadUrl(base.clone()))?,
+            probe_target: base
+                .parse()
+                .map_err(|_| SettingsError::BadUrl(base.clone()))?,
             admission: GatewayAdmission::new(settings.max_requests, settings.max_queue),
             health: GatewayHealth::default(),
             base: base.into(),
@@ -189,7 +191,12 @@ impl GatewayClient {
 
     /// Connects to the gateway (TCP, and the TLS handshake for `https`), sends nothing, closes.
     pub(crate) async fn probe(&self) -> Result<(), GatewayError> {
-        match self.connector.clone().oneshot(self.probe_target.clone()).await {
+        match self
+            .connector
+            .clone()
+            .oneshot(self.probe_target.clone())
+            .await
+        {
             Ok(_connection) => Ok(()),
             Err(error) => Err(GatewayError::Connect(describe(&*error))),
         }
@@ -361,8 +368,7 @@ impl GatewayClient {
             .await
             .unwrap_or(Err(GatewayError::Timeout(budget)));
         if let Some(evidence) = reachability_evidence(&answer) {
-            self.health
-                .observe(evidence.map_err(|e| e as &dyn Display));
+            self.health.observe(evidence.map_err(|e| e as &dyn Display));
         }
         Exchange { headers, answer }
     }

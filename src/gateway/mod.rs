@@ -16,9 +16,9 @@ use std::time::Duration;
 
 pub use admission::{GatewayAdmission, Refused};
 pub use client::{GatewayClient, GatewayStats};
-pub use reachability::{GatewayHealth, Reachability, DOWN_AFTER, UP_AFTER};
 pub(crate) use client::{GatewaySettings, ReleaseTarget};
 pub use client::{SessionOperation, SettingsError};
+pub use reachability::{GatewayHealth, Reachability, DOWN_AFTER, UP_AFTER};
 pub(crate) use retcode::{KnownRetcode, Retcode};
 pub(crate) use session::SessionHeaders;
 pub use session::{Cookies, Guid, Session};

@@ -145,7 +145,10 @@ mod tests {
 
     fn run(observations: &str) -> Vec<Option<Reachability>> {
         let mut damper = Damper::default();
-        observations.chars().map(|c| damper.observe(c == '+')).collect()
+        observations
+            .chars()
+            .map(|c| damper.observe(c == '+'))
+            .collect()
     }
 
     #[test]
