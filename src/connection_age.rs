@@ -36,16 +36,28 @@ impl<IO> AgedConnection<IO> {
         }
     }
 
-    /// The error of every read and write once the lifetime is over. Polling the timer also
-    /// registers the connection's task for its end, so an idle connection is woken then.
-    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+    /// Before a read: polling the timer also registers the connection's task for the end of
+    /// its life, so an idle connection (hyper always has a read pending) is woken then.
+    fn check_read(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         match self.end.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the connection outlived --max-connection-age-secs plus its grace",
-            )),
+            Poll::Ready(()) => Err(Self::over()),
             Poll::Pending => Ok(()),
         }
+    }
+
+    /// Before a write: the read side gets the wake-up, a look at the clock is enough here.
+    fn check_write(&self) -> io::Result<()> {
+        if self.end.is_elapsed() {
+            return Err(Self::over());
+        }
+        Ok(())
+    }
+
+    fn over() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the connection outlived --max-connection-age-secs plus its grace",
+        )
     }
 }
 
@@ -56,7 +68,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AgedConnection<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.check(cx)?;
+        this.check_read(cx)?;
         Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
@@ -68,7 +80,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for AgedConnection<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.check(cx)?;
+        this.check_write()?;
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
@@ -78,7 +90,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for AgedConnection<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.check(cx)?;
+        this.check_write()?;
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 

@@ -638,6 +638,47 @@ mod tests {
             .answer
     }
 
+    /// The probe connects and sends nothing: it succeeds on a listening port (whose accepted
+    /// socket then sees end of file, no request) and fails as a connect error on a closed one.
+    #[tokio::test]
+    async fn the_probe_connects_without_sending_anything() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = GatewayClient::new(&GatewaySettings::new(format!("http://{addr}"))).unwrap();
+        client.probe().await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let mut received = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), accepted.read_to_end(&mut received))
+                .await
+                .expect("the probe closes its connection");
+        assert_eq!(read.unwrap(), 0, "the probe sent {received:?}");
+        drop(listener);
+        let closed = client.probe().await.unwrap_err();
+        assert!(matches!(closed, GatewayError::Connect(_)), "{closed:?}");
+    }
+
+    #[test]
+    fn only_connect_failures_and_gateway_unavailable_statuses_say_unreachable() {
+        let evidence = |answer: Result<Answer, GatewayError>| {
+            reachability_evidence(&answer).map(|e| e.is_ok())
+        };
+        let ok = wire::parse_answer(br#"{"message":"","retcode":"0"}"#);
+        assert_eq!(evidence(ok), Some(true));
+        let status = |status| Err(GatewayError::HttpStatus { status });
+        assert_eq!(evidence(status(404)), Some(true));
+        assert_eq!(evidence(status(503)), Some(false));
+        assert_eq!(
+            evidence(Err(GatewayError::Connect("refused".into()))),
+            Some(false)
+        );
+        assert_eq!(evidence(Err(GatewayError::Transport("reset".into()))), None);
+        assert_eq!(evidence(Err(GatewayError::Timeout(Duration::ZERO))), None);
+        let busy = GatewayError::Busy(super::super::Refused::QueueFull);
+        assert_eq!(evidence(Err(busy)), None);
+    }
+
     /// The small read buffer bounds an answer's head, not its body.
     #[tokio::test]
     async fn answers_bigger_than_the_read_buffer_are_read_but_not_heads() {
