@@ -659,6 +659,50 @@ mod tests {
         assert!(matches!(closed, GatewayError::Connect(_)), "{closed:?}");
     }
 
+    /// A TLS server on a std thread that shakes hands with every connection it accepts, then
+    /// reads until the client closes; returns its port and the certificate's PEM.
+    fn tls_server(connections: usize) -> (u16, String) {
+        crate::install_crypto_provider();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert_pem = certified.cert.pem();
+        let key =
+            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key.into())
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().take(connections) {
+                let mut tcp = tcp.unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut tls = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+                let _ = std::io::Read::read_to_end(&mut stream, &mut Vec::new());
+            }
+        });
+        (port, cert_pem)
+    }
+
+    /// For an https gateway the probe's success includes the TLS handshake: a certificate the
+    /// facade does not trust makes the gateway unreachable, as it does for real requests.
+    #[tokio::test]
+    async fn the_probe_of_an_https_gateway_includes_the_tls_handshake() {
+        let (port, cert_pem) = tls_server(2);
+        let url = format!("https://localhost:{port}");
+        let untrusting = GatewayClient::new(&GatewaySettings::new(url.clone())).unwrap();
+        let refused = untrusting.probe().await.unwrap_err();
+        assert!(matches!(refused, GatewayError::Connect(_)), "{refused:?}");
+        let trusting = GatewayClient::new(&GatewaySettings {
+            ca_bundle_pem: Some(cert_pem.into_bytes()),
+            ..GatewaySettings::new(url)
+        })
+        .unwrap();
+        trusting.probe().await.unwrap();
+    }
+
     #[test]
     fn only_connect_failures_and_gateway_unavailable_statuses_say_unreachable() {
         let evidence = |answer: Result<Answer, GatewayError>| {
