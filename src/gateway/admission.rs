@@ -32,16 +32,16 @@ pub(crate) struct Turn {
     _permit: OwnedSemaphorePermit,
 }
 
-/// Why a request was refused a turn.
+/// Why a request was refused a turn under the cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub enum BusyCause {
     /// `max_waiting` requests were waiting already.
     QueueFull,
     /// No turn came before the request's deadline (less the time a request needs).
     DeadlineWhileWaiting,
 }
 
-impl std::fmt::Display for Refused {
+impl std::fmt::Display for BusyCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::QueueFull => "as many requests as --max-gateway-queue allows wait already",
@@ -79,7 +79,7 @@ impl GatewayAdmission {
         match tokio::time::timeout_at(give_up, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Turn { _permit: permit }),
             // The semaphore is never closed; treat it as no turn all the same.
-            Ok(Err(_)) | Err(_) => Err(GatewayError::Busy(Refused::DeadlineWhileWaiting)),
+            Ok(Err(_)) | Err(_) => Err(GatewayError::Busy(BusyCause::DeadlineWhileWaiting)),
         }
     }
 
@@ -91,7 +91,7 @@ impl GatewayAdmission {
             });
         match joined {
             Ok(_) => Ok(InLine(&self.waiting)),
-            Err(_) => Err(GatewayError::Busy(Refused::QueueFull)),
+            Err(_) => Err(GatewayError::Busy(BusyCause::QueueFull)),
         }
     }
 }
@@ -133,7 +133,7 @@ mod tests {
         }
         assert_eq!(
             admission.admit(far()).await.unwrap_err(),
-            GatewayError::Busy(Refused::QueueFull)
+            GatewayError::Busy(BusyCause::QueueFull)
         );
         drop(first);
         waiter.await.unwrap().unwrap();
@@ -146,7 +146,7 @@ mod tests {
         let _held = admission.admit(far()).await.unwrap();
         let give_up = Instant::now() + Duration::from_secs(2);
         let refused = admission.admit(give_up).await.unwrap_err();
-        assert_eq!(refused, GatewayError::Busy(Refused::DeadlineWhileWaiting));
+        assert_eq!(refused, GatewayError::Busy(BusyCause::DeadlineWhileWaiting));
         assert_eq!(Instant::now(), give_up);
         assert_eq!(admission.waiting(), 0);
     }

@@ -719,7 +719,7 @@ mod tests {
         );
         assert_eq!(evidence(Err(GatewayError::Transport("reset".into()))), None);
         assert_eq!(evidence(Err(GatewayError::Timeout(Duration::ZERO))), None);
-        let busy = GatewayError::Busy(super::super::Refused::QueueFull);
+        let busy = GatewayError::Busy(crate::gateway::BusyCause::QueueFull);
         assert_eq!(evidence(Err(busy)), None);
     }
 

@@ -14,7 +14,7 @@ pub(crate) mod wire;
 
 use std::time::Duration;
 
-pub use admission::{GatewayAdmission, Refused};
+pub use admission::{BusyCause, GatewayAdmission};
 pub use client::{GatewayClient, GatewayStats};
 pub(crate) use client::{GatewaySettings, ReleaseTarget};
 pub use client::{SessionOperation, SettingsError};
@@ -47,7 +47,7 @@ pub enum GatewayError {
     #[error("the CC-Gateway's answer exceeds {limit} bytes")]
     Oversized { limit: usize },
     #[error("too many gateway requests at once ({0}); nothing was sent")]
-    Busy(Refused),
+    Busy(BusyCause),
 }
 
 impl GatewayError {
