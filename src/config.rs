@@ -235,7 +235,52 @@ pub struct Config {
     #[arg(long, env = "CCGW_MAX_STREAMS_PER_CALLER", default_value_t = 1_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(crate) max_streams_per_caller: u32,
+    /// How often the gateway's reachability is probed, in seconds: a TCP connect (and TLS
+    /// handshake for https) with nothing sent. Health service `ccgw.gateway` goes NOT_SERVING
+    /// after 3 failures in a row (probes or requests that could not connect) and SERVING after
+    /// 2 successes in a row.
+    #[arg(long, env = "CCGW_GATEWAY_PROBE_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub(crate) gateway_probe_secs: u64,
+
+    /// Gateway requests other than event polls (releases, dropcalls, sign-ins) in flight at
+    /// once; more wait their turn (event polls have their own cap, --max-polled-agents).
+    #[arg(long, env = "CCGW_MAX_GATEWAY_REQUESTS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) max_gateway_requests: u32,
+
+    /// Gateway requests waiting for their turn under --max-gateway-requests; one more, or one
+    /// whose deadline comes while it waits, is refused (RESOURCE_EXHAUSTED GATEWAY_BUSY, with
+    /// RetryInfo: nothing was sent).
+    #[arg(long, env = "CCGW_MAX_GATEWAY_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub(crate) max_gateway_queue: u32,
+
+    /// After this long a client connection is asked to go away (HTTP/2 GOAWAY: running calls
+    /// finish, new ones go to a new connection, perhaps another replica), in seconds, so that
+    /// long-lived connections spread over the replicas after a scale-up.
+    #[arg(long, env = "CCGW_MAX_CONNECTION_AGE_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub(crate) max_connection_age_secs: u64,
+
+    /// How long a connection asked to go away may still carry its calls, in seconds; then it
+    /// is closed, and WatchReleaseEvents streams still on it end (their clients resume from
+    /// the last resume_token they got). At least --request-timeout-ms, so that no ReleaseCall
+    /// is cut off [default: 30, or --request-timeout-ms when that is longer].
+    #[arg(long, env = "CCGW_MAX_CONNECTION_AGE_GRACE_SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub(crate) max_connection_age_grace_secs: Option<u64>,
+
+    /// HTTP/2 keepalive: a client connection silent for this long is pinged, and closed when
+    /// the ping is not answered within 10 s (or this interval, if shorter), in seconds.
+    #[arg(long, env = "CCGW_HTTP2_KEEPALIVE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub(crate) http2_keepalive_secs: u64,
 }
+
+/// Long enough for any ReleaseCall under the default --request-timeout-ms (10 s), short enough
+/// that a replica's streams move within a minute of their connection's GOAWAY.
+const DEFAULT_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 
 /// The real service's default: reachable from the other services it is made for.
 const DEFAULT_LISTEN: SocketAddr =
@@ -286,6 +331,16 @@ impl Config {
                 self.idempotency_window_secs, self.request_timeout_ms
             ));
         }
+        // A ReleaseCall cut off with its connection would leave its caller guessing whether the
+        // call was hung up.
+        if let Some(grace) = self.max_connection_age_grace_secs {
+            if grace * 1000 < self.request_timeout_ms {
+                return Err(format!(
+                    "--max-connection-age-grace-secs ({grace}) must cover --request-timeout-ms ({})",
+                    self.request_timeout_ms
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -302,6 +357,8 @@ impl Config {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             max_answer_bytes: self.max_answer_bytes as usize,
             legacy_release_path: self.legacy_release_path,
+            max_requests: self.max_gateway_requests as usize,
+            max_queue: self.max_gateway_queue as usize,
         })
     }
 
@@ -353,6 +410,14 @@ impl Config {
         }
     }
 
+    /// `--max-connection-age-grace-secs`, else 30 s or the request timeout if that is longer.
+    fn max_connection_age_grace(&self) -> Duration {
+        self.max_connection_age_grace_secs.map_or_else(
+            || DEFAULT_CONNECTION_AGE_GRACE.max(Duration::from_millis(self.request_timeout_ms)),
+            Duration::from_secs,
+        )
+    }
+
     pub fn server(&self) -> ServerSettings {
         ServerSettings {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
@@ -366,6 +431,10 @@ impl Config {
                     client_ca: self.tls_client_ca.clone(),
                 }),
             reload_interval: Duration::from_secs(self.reload_secs),
+            gateway_probe: Duration::from_secs(self.gateway_probe_secs),
+            http2_keepalive: Duration::from_secs(self.http2_keepalive_secs),
+            max_connection_age: Duration::from_secs(self.max_connection_age_secs),
+            max_connection_age_grace: self.max_connection_age_grace(),
             ..ServerSettings::default()
         }
     }
@@ -484,6 +553,44 @@ mod tests {
         ])
         .unwrap();
         assert!(short.validate().is_err());
+        let cut_short = Config::try_parse_from([
+            "x",
+            "--simulate",
+            "--max-connection-age-grace-secs",
+            "5",
+            "--request-timeout-ms",
+            "6000",
+        ])
+        .unwrap();
+        assert!(cut_short.validate().is_err());
+        let long_calls =
+            Config::try_parse_from(["x", "--simulate", "--request-timeout-ms", "120000"]).unwrap();
+        assert!(long_calls.validate().is_ok());
+        assert_eq!(
+            long_calls.server().max_connection_age_grace,
+            Duration::from_secs(120)
+        );
+        let default = Config::try_parse_from(["x", "--simulate"]).unwrap();
+        assert_eq!(
+            default.server().max_connection_age_grace,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn limit_flags_are_range_checked() {
+        for (flag, refused, accepted) in [
+            ("--gateway-probe-secs", "0", "1"),
+            ("--max-gateway-requests", "0", "1"),
+            ("--max-gateway-queue", "1000001", "0"),
+            ("--max-connection-age-secs", "0", "1"),
+            ("--max-connection-age-grace-secs", "0", "10"),
+            ("--http2-keepalive-secs", "0", "1"),
+        ] {
+            assert!(Config::try_parse_from(["x", "--simulate", flag, refused]).is_err());
+            let config = Config::try_parse_from(["x", "--simulate", flag, accepted]).unwrap();
+            assert!(config.validate().is_ok(), "{flag} {accepted}");
+        }
     }
 
     /// Review point 6 (the demo listens on loopback): `--simulate` alone listens on

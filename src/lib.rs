@@ -31,9 +31,11 @@ macro_rules! enum_with_all {
 pub mod api;
 pub mod callers;
 pub mod config;
+mod connection_age;
 pub mod domain;
 pub mod events;
 pub mod gateway;
+pub mod health;
 pub(crate) mod lifecycle;
 pub(crate) mod release;
 pub(crate) mod reload;

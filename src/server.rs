@@ -1,6 +1,7 @@
-//! `run(listener, api, settings, shutdown)`: the gRPC server with health, reflection (v1 and
-//! v1alpha) and a bounded graceful drain, on plaintext or TLS ([`tls`]); CallControl calls go
-//! through caller authentication, health and reflection stay open.
+//! `run(listener, api, settings, shutdown)`: the gRPC server with health (see `health`),
+//! reflection (v1 and v1alpha), connection limits (keepalive, maximum age) and a bounded
+//! graceful drain, on plaintext or TLS ([`tls`]); CallControl calls go through caller
+//! authentication, health and reflection stay open.
 mod tls;
 use std::{
     future::Future,
@@ -13,9 +14,7 @@ use std::{
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    codegen::http, service::interceptor::InterceptedService, transport::server::TcpIncoming,
-};
+use tonic::{codegen::http, service::interceptor::InterceptedService};
 use tonic_reflection::server::{v1, v1alpha};
 
 use self::tls::ServerTls;
@@ -25,6 +24,8 @@ use crate::{
         status::{self, Unfinished},
         CallControlApi, CallControlServer,
     },
+    connection_age::{aged, aged_connections},
+    health,
     lifecycle::Lifecycle,
     proto, reload,
 };
@@ -34,6 +35,9 @@ const HARD_STOP_FLUSH: Duration = Duration::from_secs(1);
 /// After the server stopped, how long the service's tasks get to end: poll loops end within a
 /// second of shutdown, stream forwarders once their streams are gone.
 const TASKS_GRACE: Duration = Duration::from_secs(2);
+/// The longest wait for a keepalive ping's answer: a connection whose peer is gone (node down,
+/// NAT entry dropped) is closed this long after its ping.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -47,6 +51,14 @@ pub struct ServerSettings {
     pub(crate) tls: Option<TlsFiles>,
     /// How often the TLS and callers files are re-read.
     pub(crate) reload_interval: Duration,
+    /// How often the gateway's reachability is probed.
+    pub(crate) gateway_probe: Duration,
+    /// A silent client connection is pinged this often.
+    pub(crate) http2_keepalive: Duration,
+    /// A client connection is asked to go away (GOAWAY) at this age...
+    pub(crate) max_connection_age: Duration,
+    /// ...and closed this much later.
+    pub(crate) max_connection_age_grace: Duration,
 }
 
 impl Default for ServerSettings {
@@ -57,6 +69,10 @@ impl Default for ServerSettings {
             max_concurrent_streams: 256,
             tls: None,
             reload_interval: Duration::from_secs(10),
+            gateway_probe: Duration::from_secs(5),
+            http2_keepalive: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(900),
+            max_connection_age_grace: Duration::from_secs(30),
         }
     }
 }
@@ -71,7 +87,7 @@ pub enum ServerError {
     Tls(String),
 }
 
-/// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, and gives
+/// Serves until `shutdown` resolves, then reports not ready, stops accepting, and gives
 /// in-flight calls `drain_timeout` to finish.
 pub async fn run(
     listener: TcpListener,
@@ -79,10 +95,15 @@ pub async fn run(
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let lifecycle = api.lifecycle().clone();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CallControlServer<CallControlApi>>()
-        .await;
+    health::start(
+        &health,
+        api.sessions().gateway(),
+        settings.gateway_probe,
+        &lifecycle,
+    )
+    .await;
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let tls = settings
@@ -98,7 +119,6 @@ pub async fn run(
         ),
         None => tracing::info!("the gRPC port speaks plaintext (no --tls-cert)"),
     }
-    let lifecycle = api.lifecycle().clone();
     reload_files(tls.clone(), &api, &lifecycle, settings.reload_interval);
     let authenticate = api.authenticator();
     let call_control = InterceptedService::new(
@@ -114,8 +134,10 @@ pub async fn run(
     };
     let hard_stop = lifecycle.hard_stop().clone();
     let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(settings.http2_keepalive))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT.min(settings.http2_keepalive)))
+        // The GOAWAY only: tonic's own grace would drop it (see `connection_age`).
+        .max_connection_age(settings.max_connection_age)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .layer(tower::layer::layer_fn(move |inner| AnswerEveryCall {
             inner,
@@ -125,16 +147,13 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(call_control);
+    let lifetime = settings.max_connection_age + settings.max_connection_age_grace;
     let serve = match tls {
         None => router
-            .serve_with_incoming_shutdown(
-                // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms stalls at p99).
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                signal,
-            )
+            .serve_with_incoming_shutdown(aged_connections(listener, lifetime), signal)
             .boxed(),
         Some(tls) => router
-            .serve_with_incoming_shutdown(tls::incoming(listener, tls), signal)
+            .serve_with_incoming_shutdown(aged(tls::incoming(listener, tls), lifetime), signal)
             .boxed(),
     };
     drain(serve, &lifecycle, settings.drain_timeout).await
@@ -190,16 +209,11 @@ fn reflection() -> Result<
 
 /// The first steps of shutdown, in order: streams deliver what they hold and end (UNAVAILABLE,
 /// with a resume token; without this the drain would wait for them until its timeout), poll
-/// loops stop, then health says NOT_SERVING.
+/// loops and gateway probes stop, then readiness says NOT_SERVING (liveness stays SERVING).
 async fn begin_shutdown(lifecycle: &Lifecycle, health: &tonic_health::server::HealthReporter) {
-    tracing::info!("shutting down: NOT_SERVING, ending event streams, draining in-flight calls");
+    tracing::info!("shutting down: not ready, ending event streams, draining in-flight calls");
     lifecycle.shutdown().cancel();
-    health
-        .set_not_serving::<CallControlServer<CallControlApi>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    health::draining(health).await;
 }
 
 /// The rest of shutdown: tonic waits for every open call and stream, bounded by

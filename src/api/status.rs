@@ -114,6 +114,7 @@ enum_with_all! {
         TooManySessions,
         TooManyWatchers,
         TooManyPolledAgents,
+        GatewayBusy,
         ShuttingDown,
         /// No credentials, or credentials that identify no caller.
         CallerUnauthenticated,
@@ -147,6 +148,7 @@ impl Condition {
             Self::TooManySessions => "(too many sessions)",
             Self::TooManyWatchers => "(too many watchers)",
             Self::TooManyPolledAgents => "(too many polled agents)",
+            Self::GatewayBusy => "(too many gateway requests)",
             Self::ShuttingDown => "(shutting down)",
             Self::CallerUnauthenticated => "(caller not authenticated)",
             Self::CallerNotPermitted => "(caller not permitted)",
@@ -208,6 +210,7 @@ pub(crate) const fn condition_rule(condition: Condition) -> Rule {
         Condition::TooManySessions => row(ResourceExhausted, "TOO_MANY_SESSIONS", No, "the facade holds as many agents' sessions as it allows (--max-sessions); a handover for another agent waits until one is idle for --session-idle-secs; nothing was sent"),
         Condition::TooManyWatchers => row(ResourceExhausted, "TOO_MANY_WATCHERS", After(secs(1)), "the facade has as many open WatchReleaseEvents streams, or ReleaseCalls waiting for their release event, as it allows"),
         Condition::TooManyPolledAgents => row(ResourceExhausted, "TOO_MANY_POLLED_AGENTS", After(secs(1)), "the facade polls as many agents as it allows (--max-polled-agents: each polled agent holds a connection to the gateway); another agent can be watched once one nobody watches is past its grace period (--watch-grace-secs); nothing was sent"),
+        Condition::GatewayBusy => row(ResourceExhausted, "GATEWAY_BUSY", After(secs(1)), "the facade has as many gateway requests in flight (--max-gateway-requests) and waiting (--max-gateway-queue) as it allows, or the deadline came while this one waited its turn; nothing was sent"),
         Condition::ShuttingDown => row(Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
         Condition::CallerUnauthenticated => row(Unauthenticated, "UNAUTHENTICATED", No, "the request identifies no caller: send `authorization: Bearer <token>` metadata with a token of the tokens file, or a client certificate whose name the callers file lists; nothing was done"),
         Condition::CallerNotPermitted => row(PermissionDenied, "PERMISSION_DENIED", No, "the caller is not granted this verb or agent (callers file: agents, verbs; handing a session over in x-ccgw-guid needs handover, wait_for_release_event needs watch); nothing was done"),
@@ -259,6 +262,7 @@ pub(crate) fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status
                 GatewayError::Transport(_) => Condition::ConnectionLost,
                 GatewayError::Malformed(_) => Condition::MalformedAnswer,
                 GatewayError::Oversized { .. } => Condition::OversizedAnswer,
+                GatewayError::Busy(_) => Condition::GatewayBusy,
                 GatewayError::HttpStatus { status } => {
                     metadata.insert(metadata_key::HTTP_STATUS.to_owned(), status.to_string());
                     match status {

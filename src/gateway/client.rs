@@ -1,4 +1,5 @@
 use std::{
+    fmt::Display,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -17,9 +18,12 @@ use hyper_util::{
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 use serde_json::json;
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tower::{util::BoxCloneSyncService, BoxError, ServiceExt};
 
 use super::{
+    admission::{self, GatewayAdmission},
+    reachability::GatewayHealth,
     session::{Guid, Session, SessionHeaders},
     wire::{self, Answer},
     GatewayError,
@@ -56,6 +60,10 @@ pub(crate) struct GatewaySettings {
     pub(crate) max_answer_bytes: usize,
     /// Use `DELETE .../voicecall/{agentid}` (releaseEx) instead of `.../release`.
     pub(crate) legacy_release_path: bool,
+    /// Gateway requests other than event polls in flight at once.
+    pub(crate) max_requests: usize,
+    /// Gateway requests other than event polls waiting for their turn.
+    pub(crate) max_queue: usize,
 }
 
 impl GatewaySettings {
@@ -67,6 +75,8 @@ impl GatewaySettings {
             connect_timeout: Duration::from_secs(3),
             max_answer_bytes: 64 * 1024,
             legacy_release_path: false,
+            max_requests: 64,
+            max_queue: 1024,
         }
     }
 }
@@ -120,6 +130,12 @@ pub struct GatewayStats {
 #[derive(Debug, Clone)]
 pub struct GatewayClient {
     http: HttpClient,
+    /// The HTTP client's connector, which the reachability probe uses on its own.
+    connector: Connector,
+    /// Where the probe connects: the gateway's scheme, host and port.
+    probe_target: Uri,
+    admission: GatewayAdmission,
+    health: GatewayHealth,
     base: Arc<str>,
     max_answer_bytes: usize,
     legacy_release_path: bool,
@@ -140,9 +156,16 @@ impl GatewayClient {
             .http1_read_buf_exact_size(READ_BUFFER_BYTES);
         // hyper's client follows no redirects and knows no proxies: requests go straight to
         // the configured gateway, and a 3xx answer is an HTTP status error.
-        let http = builder.build(connector(settings)?);
+        let connector = connector(settings)?;
+        let http = builder.build(connector.clone());
         Ok(Self {
             http,
+            connector,
+            probe_target: base
+                .parse()
+                .map_err(|_| SettingsError::BadUrl(base.clone()))?,
+            admission: GatewayAdmission::new(settings.max_requests, settings.max_queue),
+            health: GatewayHealth::default(),
             base: base.into(),
             max_answer_bytes: settings.max_answer_bytes,
             legacy_release_path: settings.legacy_release_path,
@@ -153,6 +176,45 @@ impl GatewayClient {
     pub fn stats(&self) -> GatewayStats {
         GatewayStats {
             unreadable_set_guid: self.unreadable_set_guid.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The cap on requests other than event polls, with its in-flight and waiting counts.
+    pub fn admission(&self) -> &GatewayAdmission {
+        &self.admission
+    }
+
+    /// The gateway's damped reachability.
+    pub fn health(&self) -> &GatewayHealth {
+        &self.health
+    }
+
+    /// Connects to the gateway (TCP, and the TLS handshake for `https`), sends nothing, closes.
+    pub(crate) async fn probe(&self) -> Result<(), GatewayError> {
+        match self
+            .connector
+            .clone()
+            .oneshot(self.probe_target.clone())
+            .await
+        {
+            Ok(_connection) => Ok(()),
+            Err(error) => Err(GatewayError::Connect(describe(&*error))),
+        }
+    }
+
+    /// Probes the gateway now and then every `every` until `stop`, into [`Self::health`].
+    pub(crate) async fn probe_until(&self, every: Duration, stop: CancellationToken) {
+        loop {
+            let outcome = tokio::select! {
+                () = stop.cancelled() => return,
+                outcome = self.probe() => outcome,
+            };
+            self.health
+                .observe(outcome.as_ref().map(drop).map_err(|e| e as &dyn Display));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
         }
     }
 
@@ -177,8 +239,13 @@ impl GatewayClient {
             }
             SessionOperation::PollEvents => (Method::GET, format!("/agentevent/{agent}")),
         };
+        // Polls have their own cap: one per polled agent (--max-polled-agents).
+        let turn = match operation {
+            SessionOperation::PollEvents => Turn::Unlimited,
+            SessionOperation::Release(_) => Turn::Wait,
+        };
         match self.request_in(method, &path, session) {
-            Ok(request) => self.exchange(request, deadline).await,
+            Ok(request) => self.exchange(request, turn, deadline).await,
             Err(error) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(error),
@@ -206,7 +273,7 @@ impl GatewayClient {
             .request(Method::PUT, &path)
             .body(Full::new(Bytes::from(body)))
         {
-            Ok(request) => self.exchange(request, deadline).await,
+            Ok(request) => self.exchange(request, Turn::Wait, deadline).await,
             Err(_) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(GatewayError::Malformed("request URI is invalid".into())),
@@ -242,16 +309,44 @@ impl GatewayClient {
             .map_err(|_| GatewayError::Malformed("request URI is invalid".into()))
     }
 
-    /// Sends, takes the session headers as soon as they arrive (they count even when the body
-    /// then fails), reads a bounded body and parses the envelope, all within `deadline`.
-    async fn exchange(&self, request: Request<Full<Bytes>>, deadline: Instant) -> Exchange {
+    /// Waits for its turn (unless `turn` says it needs none), sends, takes the session headers
+    /// as soon as they arrive (they count even when the body then fails), reads a bounded body
+    /// and parses the envelope, all within `deadline`. What the answer says of the gateway's
+    /// reachability goes into [`Self::health`].
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+        turn: Turn,
+        deadline: Instant,
+    ) -> Exchange {
         let mut headers = SessionHeaders::default();
+        let too_short = |budget| Exchange {
+            headers: SessionHeaders::default(),
+            answer: Err(GatewayError::DeadlineTooShort(budget)),
+        };
         let budget = deadline.saturating_duration_since(Instant::now());
         if budget < MIN_BUDGET {
-            return Exchange {
-                headers,
-                answer: Err(GatewayError::DeadlineTooShort(budget)),
-            };
+            return too_short(budget);
+        }
+        let _turn = match turn {
+            Turn::Unlimited => None,
+            Turn::Wait => match self
+                .admission
+                .admit(admission::give_up_at(deadline, MIN_BUDGET))
+                .await
+            {
+                Ok(turn) => Some(turn),
+                Err(busy) => {
+                    return Exchange {
+                        headers,
+                        answer: Err(busy),
+                    }
+                }
+            },
+        };
+        let budget = deadline.saturating_duration_since(Instant::now());
+        if budget < MIN_BUDGET {
+            return too_short(budget);
         }
         let work = async {
             let response = self
@@ -272,6 +367,9 @@ impl GatewayClient {
         let answer = tokio::time::timeout_at(deadline, work)
             .await
             .unwrap_or(Err(GatewayError::Timeout(budget)));
+        if let Some(evidence) = reachability_evidence(&answer) {
+            self.health.observe(evidence.map_err(|e| e as &dyn Display));
+        }
         Exchange { headers, answer }
     }
 
@@ -299,6 +397,34 @@ impl GatewayClient {
             set_guid,
             set_cookies,
         }
+    }
+}
+
+/// Whether a request waits for a turn under the cap on gateway requests.
+#[derive(Debug, Clone, Copy)]
+enum Turn {
+    Wait,
+    Unlimited,
+}
+
+/// What a request's end says of the gateway's reachability: a connect failure or a load
+/// balancer's 502/503/504 that it is unreachable, any other answer that it is reachable. A lost
+/// connection or a timeout says nothing (a long poll or a slow release may end so on a
+/// reachable gateway).
+fn reachability_evidence(
+    answer: &Result<Answer, GatewayError>,
+) -> Option<Result<(), &GatewayError>> {
+    match answer {
+        Err(
+            error @ (GatewayError::Connect(_) | GatewayError::HttpStatus { status: 502..=504 }),
+        ) => Some(Err(error)),
+        Ok(_)
+        | Err(
+            GatewayError::HttpStatus { .. }
+            | GatewayError::Malformed(_)
+            | GatewayError::Oversized { .. },
+        ) => Some(Ok(())),
+        Err(_) => None,
     }
 }
 
@@ -510,6 +636,91 @@ mod tests {
             .sign_in(agent, "pw", "70001", false, deadline)
             .await
             .answer
+    }
+
+    /// The probe connects and sends nothing: it succeeds on a listening port (whose accepted
+    /// socket then sees end of file, no request) and fails as a connect error on a closed one.
+    #[tokio::test]
+    async fn the_probe_connects_without_sending_anything() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = GatewayClient::new(&GatewaySettings::new(format!("http://{addr}"))).unwrap();
+        client.probe().await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let mut received = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), accepted.read_to_end(&mut received))
+                .await
+                .expect("the probe closes its connection");
+        assert_eq!(read.unwrap(), 0, "the probe sent {received:?}");
+        drop(listener);
+        let closed = client.probe().await.unwrap_err();
+        assert!(matches!(closed, GatewayError::Connect(_)), "{closed:?}");
+    }
+
+    /// A TLS server on a std thread that shakes hands with every connection it accepts, then
+    /// reads until the client closes; returns its port and the certificate's PEM.
+    fn tls_server(connections: usize) -> (u16, String) {
+        crate::install_crypto_provider();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert_pem = certified.cert.pem();
+        let key =
+            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key.into())
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().take(connections) {
+                let mut tcp = tcp.unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut tls = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+                let _ = std::io::Read::read_to_end(&mut stream, &mut Vec::new());
+            }
+        });
+        (port, cert_pem)
+    }
+
+    /// For an https gateway the probe's success includes the TLS handshake: a certificate the
+    /// facade does not trust makes the gateway unreachable, as it does for real requests.
+    #[tokio::test]
+    async fn the_probe_of_an_https_gateway_includes_the_tls_handshake() {
+        let (port, cert_pem) = tls_server(2);
+        let url = format!("https://localhost:{port}");
+        let untrusting = GatewayClient::new(&GatewaySettings::new(url.clone())).unwrap();
+        let refused = untrusting.probe().await.unwrap_err();
+        assert!(matches!(refused, GatewayError::Connect(_)), "{refused:?}");
+        let trusting = GatewayClient::new(&GatewaySettings {
+            ca_bundle_pem: Some(cert_pem.into_bytes()),
+            ..GatewaySettings::new(url)
+        })
+        .unwrap();
+        trusting.probe().await.unwrap();
+    }
+
+    #[test]
+    fn only_connect_failures_and_gateway_unavailable_statuses_say_unreachable() {
+        let evidence = |answer: Result<Answer, GatewayError>| {
+            reachability_evidence(&answer).map(|e| e.is_ok())
+        };
+        let ok = wire::parse_answer(br#"{"message":"","retcode":"0"}"#);
+        assert_eq!(evidence(ok), Some(true));
+        let status = |status| Err(GatewayError::HttpStatus { status });
+        assert_eq!(evidence(status(404)), Some(true));
+        assert_eq!(evidence(status(503)), Some(false));
+        assert_eq!(
+            evidence(Err(GatewayError::Connect("refused".into()))),
+            Some(false)
+        );
+        assert_eq!(evidence(Err(GatewayError::Transport("reset".into()))), None);
+        assert_eq!(evidence(Err(GatewayError::Timeout(Duration::ZERO))), None);
+        let busy = GatewayError::Busy(crate::gateway::BusyCause::QueueFull);
+        assert_eq!(evidence(Err(busy)), None);
     }
 
     /// The small read buffer bounds an answer's head, not its body.

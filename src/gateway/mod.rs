@@ -4,17 +4,21 @@
 //! decides). "The reference" in this crate's comments is Huawei's public CC-Gateway
 //! agent-interface documentation; the `ccgw-sim` crate's documentation condenses what of it the
 //! facade relies on.
+mod admission;
 mod client;
 pub(crate) mod event;
+mod reachability;
 pub(crate) mod retcode;
 pub(crate) mod session;
 pub(crate) mod wire;
 
 use std::time::Duration;
 
+pub use admission::{BusyCause, GatewayAdmission};
 pub use client::{GatewayClient, GatewayStats};
 pub(crate) use client::{GatewaySettings, ReleaseTarget};
 pub use client::{SessionOperation, SettingsError};
+pub use reachability::{GatewayHealth, Reachability, DOWN_AFTER, UP_AFTER};
 pub(crate) use retcode::{KnownRetcode, Retcode};
 pub(crate) use session::SessionHeaders;
 pub use session::{Cookies, Guid, Session};
@@ -42,6 +46,8 @@ pub enum GatewayError {
     Malformed(String),
     #[error("the CC-Gateway's answer exceeds {limit} bytes")]
     Oversized { limit: usize },
+    #[error("too many gateway requests at once ({0}); nothing was sent")]
+    Busy(BusyCause),
 }
 
 impl GatewayError {
@@ -51,6 +57,7 @@ impl GatewayError {
         !matches!(
             self,
             Self::NoSession(_)
+                | Self::Busy(_)
                 | Self::Connect(_)
                 | Self::DeadlineTooShort(_)
                 | Self::HttpStatus {

@@ -38,6 +38,11 @@ impl Sessions {
         &self.registry
     }
 
+    /// The gateway client every session request goes out with.
+    pub fn gateway(&self) -> &GatewayClient {
+        &self.gateway
+    }
+
     /// Sends `operation` in the registry's session first; in the handed-over one only when
     /// there is none, or when the gateway refused the registry's. Each further attempt follows
     /// a refusal (100-006 / 000-003), which changed nothing, so none can act twice. After a
