@@ -7,7 +7,7 @@ use crate::{
     api::ApiSettings,
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
     events::EventSettings,
-    gateway::GatewaySettings,
+    gateway::{GatewaySettings, PemFile, SettingsError},
     release::ReleasePolicy,
     server::ServerSettings,
     sessions::SessionLimits,
@@ -181,6 +181,22 @@ pub struct Config {
     #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043",
           hide = cfg!(not(feature = "simulator")))]
     pub(crate) sim_listen: SocketAddr,
+
+    /// PEM certificate chain the facade presents to the gateway (mutual TLS); needs
+    /// --gateway-client-key. Read once at startup.
+    #[arg(long, env = "CCGW_GATEWAY_CLIENT_CERT", requires = "gateway_client_key")]
+    pub(crate) gateway_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --gateway-client-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "CCGW_GATEWAY_CLIENT_KEY", requires = "gateway_client_cert")]
+    pub(crate) gateway_client_key: Option<PathBuf>,
+
+    /// Accept any certificate from the gateway: no chain, no host name check. For lab gateways
+    /// with self-signed certificates only; anyone on the path can then read and change the
+    /// agents' sessions. Logged as a warning at startup and hourly while connections are made.
+    /// Refused with --gateway-ca-bundle (trust that CA instead).
+    #[arg(long, env = "CCGW_GATEWAY_INSECURE_SKIP_VERIFY", conflicts_with = "gateway_ca_bundle")]
+    pub(crate) gateway_insecure_skip_verify: bool,
 }
 
 /// The real service's default: reachable from the other services it is made for.
@@ -214,15 +230,19 @@ impl Config {
     }
 
     /// Gateway settings for `base_url` (the configured one, or the simulator's).
-    pub(crate) fn gateway(&self, base_url: String) -> std::io::Result<GatewaySettings> {
-        let ca_bundle_pem = self
-            .gateway_ca_bundle
-            .as_ref()
-            .map(std::fs::read)
-            .transpose()?;
+    pub(crate) fn gateway(&self, base_url: String) -> Result<GatewaySettings, SettingsError> {
+        let read = |flag, path: &Option<PathBuf>| {
+            path.as_deref()
+                .map(|path| PemFile::read(flag, path))
+                .transpose()
+        };
+        let client_cert = read("--gateway-client-cert", &self.gateway_client_cert)?;
+        let client_key = read("--gateway-client-key", &self.gateway_client_key)?;
         Ok(GatewaySettings {
             base_url,
-            ca_bundle_pem,
+            ca_bundle: read("--gateway-ca-bundle", &self.gateway_ca_bundle)?,
+            client_identity: client_cert.zip(client_key),
+            insecure_skip_verify: self.gateway_insecure_skip_verify,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             max_answer_bytes: self.max_answer_bytes as usize,
             legacy_release_path: self.legacy_release_path,

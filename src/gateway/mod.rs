@@ -8,13 +8,14 @@ mod client;
 pub(crate) mod event;
 pub(crate) mod retcode;
 pub(crate) mod session;
+mod tls;
 pub(crate) mod wire;
 
 use std::time::Duration;
 
 pub use client::{GatewayClient, GatewayStats};
 pub(crate) use client::{GatewaySettings, ReleaseTarget};
-pub use client::{SessionOperation, SettingsError};
+pub use client::{PemFile, SessionOperation, SettingsError};
 pub(crate) use retcode::{KnownRetcode, Retcode};
 pub(crate) use session::SessionHeaders;
 pub use session::{Cookies, Guid, Session};
