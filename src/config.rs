@@ -184,18 +184,30 @@ pub struct Config {
 
     /// PEM certificate chain the facade presents to the gateway (mutual TLS); needs
     /// --gateway-client-key. Read once at startup.
-    #[arg(long, env = "CCGW_GATEWAY_CLIENT_CERT", requires = "gateway_client_key")]
+    #[arg(
+        long,
+        env = "CCGW_GATEWAY_CLIENT_CERT",
+        requires = "gateway_client_key"
+    )]
     pub(crate) gateway_client_cert: Option<PathBuf>,
 
     /// PEM private key of --gateway-client-cert (PKCS#8, PKCS#1 or SEC1).
-    #[arg(long, env = "CCGW_GATEWAY_CLIENT_KEY", requires = "gateway_client_cert")]
+    #[arg(
+        long,
+        env = "CCGW_GATEWAY_CLIENT_KEY",
+        requires = "gateway_client_cert"
+    )]
     pub(crate) gateway_client_key: Option<PathBuf>,
 
     /// Accept any certificate from the gateway: no chain, no host name check. For lab gateways
     /// with self-signed certificates only; anyone on the path can then read and change the
     /// agents' sessions. Logged as a warning at startup and hourly while connections are made.
     /// Refused with --gateway-ca-bundle (trust that CA instead).
-    #[arg(long, env = "CCGW_GATEWAY_INSECURE_SKIP_VERIFY", conflicts_with = "gateway_ca_bundle")]
+    #[arg(
+        long,
+        env = "CCGW_GATEWAY_INSECURE_SKIP_VERIFY",
+        conflicts_with = "gateway_ca_bundle"
+    )]
     pub(crate) gateway_insecure_skip_verify: bool,
 }
 
@@ -365,6 +377,51 @@ mod tests {
             listen(&["--simulate", "--gateway-url", "https://gw:8043"]),
             "127.0.0.1:50051",
             "--simulate runs the demo even with a gateway URL"
+        );
+    }
+
+    /// A client certificate needs its key and the reverse; skipping verification contradicts a
+    /// CA bundle. Each is refused by name.
+    #[test]
+    fn gateway_tls_flags_that_cannot_work_together_are_refused() {
+        let refused = |args: &[&str]| {
+            let base = ["x", "--gateway-url", "https://gw:8043"];
+            Config::try_parse_from(base.iter().chain(args))
+                .unwrap_err()
+                .to_string()
+        };
+        let error = refused(&["--gateway-client-cert", "c.pem"]);
+        assert!(error.contains("--gateway-client-key"), "{error}");
+        let error = refused(&["--gateway-client-key", "k.pem"]);
+        assert!(error.contains("--gateway-client-cert"), "{error}");
+        let error = refused(&[
+            "--gateway-insecure-skip-verify",
+            "--gateway-ca-bundle",
+            "ca.pem",
+        ]);
+        assert!(error.contains("--gateway-ca-bundle"), "{error}");
+    }
+
+    /// TLS files are read at startup; a missing one is named, with its flag.
+    #[test]
+    fn an_unreadable_gateway_tls_file_is_named() {
+        let config = Config::try_parse_from([
+            "x",
+            "--gateway-url",
+            "https://gw:8043",
+            "--gateway-client-cert",
+            "/nonexistent/client.pem",
+            "--gateway-client-key",
+            "/nonexistent/client-key.pem",
+        ])
+        .unwrap();
+        let error = config
+            .gateway("https://gw:8043".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("--gateway-client-cert /nonexistent/client.pem: cannot read it"),
+            "{error}"
         );
     }
 }

@@ -417,8 +417,12 @@ fn normalize_base(raw: &str) -> Result<String, SettingsError> {
 /// Connect errors (refused, DNS, TLS handshake, connect timeout) happen before a byte of the
 /// request is written; anything else may have reached the gateway. hyper's "connection closed
 /// before message completed" (the simulator's `drop` and `lose_answer`) is one of the latter.
+/// So is the gateway refusing the facade's client certificate, as far as hyper can tell: under
+/// TLS 1.3 the client's side of the handshake ends before the gateway has checked the
+/// certificate, and the request goes out. But the gateway checks it before it reads a byte of
+/// the request, so that refusal, too, is a connect failure.
 fn classify_send_error(error: hyper_util::client::legacy::Error) -> GatewayError {
-    if error.is_connect() {
+    if error.is_connect() || tls::refused_client_certificate(&error) {
         GatewayError::Connect(describe(&error))
     } else {
         GatewayError::Transport(describe(&error))

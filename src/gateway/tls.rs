@@ -73,9 +73,9 @@ impl PemFile {
     /// The file's first private key (PKCS#8, PKCS#1 or SEC1).
     pub(crate) fn private_key(&self) -> Result<PrivateKeyDer<'static>, SettingsError> {
         PrivateKeyDer::from_pem_slice(&self.pem).map_err(|error| match error {
-            rustls::pki_types::pem::Error::NoItemsFound => {
-                self.problem("no PEM private key (BEGIN PRIVATE KEY, RSA or EC PRIVATE KEY) in the file")
-            }
+            rustls::pki_types::pem::Error::NoItemsFound => self.problem(
+                "no PEM private key (BEGIN PRIVATE KEY, RSA or EC PRIVATE KEY) in the file",
+            ),
             error => self.problem(describe_pem_error(&error)),
         })
     }
@@ -165,6 +165,35 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
+/// Whether `error` (or a cause of it) is the gateway's TLS alert refusing the facade's client
+/// certificate (missing, unknown CA, expired, revoked...). Such an alert ends the handshake:
+/// the gateway sends it before it reads any request on the connection.
+pub(crate) fn refused_client_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as Alert;
+    let mut current = Some(error);
+    while let Some(err) = current {
+        let tls_error = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(alert)) = tls_error {
+            return matches!(
+                alert,
+                Alert::CertificateRequired
+                    | Alert::BadCertificate
+                    | Alert::UnsupportedCertificate
+                    | Alert::CertificateRevoked
+                    | Alert::CertificateExpired
+                    | Alert::CertificateUnknown
+                    | Alert::UnknownCA
+            );
+        }
+        current = err.source();
+    }
+    false
+}
+
 /// Says at startup, at WARN, when the gateway connection exposes the agents' sessions: Guids
 /// and cookies in clear text over `http://` to another host, or TLS without verification.
 pub(crate) fn warn_about_exposure(base: &str, insecure_skip_verify: bool) {
@@ -215,7 +244,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ccgw-pem-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("key.pem");
-        let secret = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==!!\n-----END PRIVATE KEY-----\n";
+        let secret =
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==!!\n-----END PRIVATE KEY-----\n";
         std::fs::write(&path, secret).unwrap();
         let file = PemFile::read("--gateway-client-key", &path).unwrap();
         let error = file.private_key().unwrap_err().to_string();

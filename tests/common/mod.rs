@@ -17,6 +17,8 @@ use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
 use tonic::transport::Channel;
 
+pub mod tls;
+
 pub struct TestApp {
     pub grpc_addr: SocketAddr,
     pub sim_addr: SocketAddr,
@@ -42,21 +44,42 @@ pub async fn spawn_app() -> TestApp {
 
 /// `flags` are extra command-line flags of the service, e.g. `["--legacy-release-path"]`.
 pub async fn spawn_app_with(sim_config: SimConfig, flags: &[&str]) -> TestApp {
+    let (sim, sim_addr, stop_sim) = spawn_sim(sim_config, None).await;
+    let url = format!("http://{sim_addr}");
+    spawn_facade(sim, sim_addr, &url, flags, Some(stop_sim)).await
+}
+
+/// The simulator serving HTTPS with `tls`, and the facade pointed at
+/// `https://{gateway_host}:{port}` (`gateway_host` resolving to 127.0.0.1, e.g. `localhost`: the
+/// name the facade verifies), with `flags` (e.g. `--gateway-ca-bundle`).
+pub async fn spawn_app_tls(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    gateway_host: &str,
+    flags: &[&str],
+) -> TestApp {
+    let (sim, sim_addr, stop_sim) = spawn_sim(sim_config(), Some(tls)).await;
+    let url = format!("https://{gateway_host}:{}", sim_addr.port());
+    spawn_facade(sim, sim_addr, &url, flags, Some(stop_sim)).await
+}
+
+/// A simulator on an ephemeral loopback port, over HTTPS when `tls` is given; it stops when
+/// the sender is dropped or fired.
+pub async fn spawn_sim(
+    sim_config: SimConfig,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> (Simulator, SocketAddr, oneshot::Sender<()>) {
     let sim = Simulator::new(sim_config);
     let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim_addr = sim_listener.local_addr().unwrap();
     let (stop_sim, sim_stopped) = oneshot::channel::<()>();
-    tokio::spawn(sim.clone().serve(sim_listener, async {
+    let stopped = async {
         let _ = sim_stopped.await;
-    }));
-    spawn_facade(
-        sim,
-        sim_addr,
-        &format!("http://{sim_addr}"),
-        flags,
-        Some(stop_sim),
-    )
-    .await
+    };
+    match tls {
+        None => tokio::spawn(sim.clone().serve(sim_listener, stopped)),
+        Some(tls) => tokio::spawn(sim.clone().serve_tls(sim_listener, tls, stopped)),
+    };
+    (sim, sim_addr, stop_sim)
 }
 
 /// The facade pointed at `gateway_url` (which need not be the simulator's).

@@ -77,7 +77,13 @@ impl Args {
         let client_ca = self.tls_client_ca.as_ref().map(read).transpose()?;
         ccgw_sim::tls::server_config(&read(cert)?, &read(key)?, client_ca.as_deref())
             .map(Some)
-            .map_err(|e| format!("{e} (--tls-cert {}, --tls-key {})", cert.display(), key.display()))
+            .map_err(|e| {
+                format!(
+                    "{e} (--tls-cert {}, --tls-key {})",
+                    cert.display(),
+                    key.display()
+                )
+            })
     }
 }
 
