@@ -21,6 +21,7 @@ use crate::{
     },
     lifecycle::Lifecycle,
     proto,
+    telemetry::trace::TraceContextLayer,
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
@@ -86,6 +87,9 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(settings.max_concurrent_streams)
+        // The caller's trace context becomes the call's, outside AnswerEveryCall so that its
+        // answers at the hard stop are part of the call's span too.
+        .layer(TraceContextLayer)
         .layer(tower::layer::layer_fn(move |inner| AnswerEveryCall {
             inner,
             stop: hard_stop.clone(),

@@ -18,6 +18,7 @@ use rustls::client::danger::ServerCertVerifier;
 use serde_json::json;
 use tokio::{net::TcpStream, time::Instant};
 use tower::{util::BoxCloneSyncService, BoxError, ServiceExt};
+use tracing::Instrument;
 
 pub use super::tls::PemFile;
 use super::{
@@ -26,7 +27,10 @@ use super::{
     wire::{self, Answer},
     GatewayError,
 };
-use crate::domain::{AgentId, CallId};
+use crate::{
+    domain::{AgentId, CallId},
+    telemetry::trace::{self, GatewayTrace, TraceHeaders},
+};
 
 /// Path prefix of the agent interface on every gateway.
 const RESOURCE_PREFIX: &str = "/agentgateway/resource";
@@ -191,8 +195,17 @@ impl GatewayClient {
             }
             SessionOperation::PollEvents => (Method::GET, format!("/agentevent/{agent}")),
         };
-        match self.request_in(method, &path, session) {
-            Ok(request) => self.exchange(request, deadline).await,
+        // A poll serves every caller watching the agent: it continues nobody's trace.
+        let trace = match operation {
+            SessionOperation::PollEvents => GatewayTrace::default(),
+            SessionOperation::Release(_) => trace::gateway_request(&method, &path),
+        };
+        match self.request_in(method, &path, session, trace.headers) {
+            Ok(request) => {
+                self.exchange(request, deadline)
+                    .instrument(trace.span)
+                    .await
+            }
             Err(error) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(error),
@@ -244,12 +257,19 @@ impl GatewayClient {
         method: Method,
         path: &str,
         session: &Session,
+        trace: Option<TraceHeaders>,
     ) -> Result<Request<Full<Bytes>>, GatewayError> {
         let mut request = self
             .request(method, path)
             .header("Guid", sensitive(session.guid.expose())?);
         if let Some(cookie) = session.cookies.header_value() {
             request = request.header(header::COOKIE, sensitive(&cookie)?);
+        }
+        if let Some((traceparent, tracestate)) = trace {
+            request = request.header("traceparent", traceparent);
+            if let Some(tracestate) = tracestate {
+                request = request.header("tracestate", tracestate);
+            }
         }
         request
             .body(Full::default())

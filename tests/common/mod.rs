@@ -233,6 +233,61 @@ pub fn rss_kib_of(pid: &str) -> u64 {
         .unwrap_or_else(|| panic!("VmRSS in /proc/{pid}/status"))
 }
 
+/// The service binary, started with `args` (plus `--listen 127.0.0.1:0 --log-format json`) and
+/// `envs`, once it serves: the process and its gRPC address. Its logs are drained in the
+/// background.
+pub async fn spawn_service(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the service binary starts");
+    let mut logs = BufReader::new(service.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = logs.next_line().await.unwrap() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["message"] == "serving gRPC" {
+                return entry["listen"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the service exited before serving");
+    })
+    .await
+    .expect("the service serves within the wait bound");
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    (service, addr)
+}
+
+/// Sends SIGTERM to `process`.
+pub async fn sigterm(process: &tokio::process::Child) {
+    let pid = process.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+}
+
+/// Waits (bounded) for `process` to exit, and asserts it exited cleanly.
+pub async fn exits_cleanly(mut process: tokio::process::Child) {
+    let exit = tokio::time::timeout(WAIT, process.wait())
+        .await
+        .expect("the process exits")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
 /// A session an agent desktop got from the gateway itself.
 pub struct DesktopSession {
     pub guid: String,
