@@ -190,3 +190,51 @@ async fn a_process_with_an_otlp_endpoint_exports_the_callers_trace() {
         "OTEL_SERVICE_NAME not used"
     );
 }
+
+/// A collector that accepts connections and never answers (the kernel completes the
+/// handshakes; nobody reads): exports hang until their own timeout. Calls go on regardless,
+/// and the process still exits promptly: the flush at exit gives up after its bound.
+#[tokio::test]
+async fn a_collector_that_never_answers_neither_slows_calls_nor_holds_the_exit() {
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", black_hole.local_addr().unwrap());
+    let (sim, sim_addr, _stop_sim) = spawn_sim(sim_config(), None).await;
+    let gateway_url = format!("http://{sim_addr}");
+    let (service, addr) = common::spawn_service(
+        &["--gateway-url", &gateway_url],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "1"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
+        ],
+    )
+    .await;
+    let guid = desktop_sign_in(sim_addr, "101", false).await.guid;
+    let mut client = CallControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    for n in 0..20 {
+        sim.place_call("101", CALLER).unwrap();
+        let request = traced(
+            handing_over(release_with_id("101", &format!("hole-{n}")), &guid),
+            &caller_traceparent(),
+        );
+        // Far below the export's 60 s timeout: a call waiting on the exporter would miss it.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.release_call(request),
+        )
+        .await
+        .expect("ReleaseCall answers while exports hang")
+        .expect("released");
+    }
+    common::sigterm(&service).await;
+    let exited = std::time::Instant::now();
+    common::exits_cleanly(service).await;
+    assert!(
+        exited.elapsed() < std::time::Duration::from_secs(15),
+        "the exit waited {:?} for the collector",
+        exited.elapsed()
+    );
+    drop(black_hole);
+}
