@@ -50,6 +50,7 @@ async fn refused_before_sending(app: &TestApp) {
     let status = app.release_with(request).await.unwrap_err();
     let details = expect_status(&status, Code::Unavailable, "GATEWAY_UNREACHABLE");
     assert!(details.retry_info().is_some(), "{status:?}");
+    assert!(status.message().contains("nothing was sent"), "{status:?}");
     assert_ne!(
         error_metadata(&status)
             .get("may_have_released")

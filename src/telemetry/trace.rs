@@ -13,7 +13,7 @@
 //!
 //! Event polls carry no trace context: one poll loop serves every caller watching the agent.
 //!
-//! The call's trace travels with it in a task-local ([`carry`] moves it onto tasks spawned for
+//! The call's trace travels with it in a task-local (`carry` moves it onto tasks spawned for
 //! the call), so rooms that make gateway requests need not pass it along.
 use std::{
     future::Future,
