@@ -266,4 +266,74 @@ mod tests {
         assert!(missing.contains("--gateway-ca-bundle") && missing.contains("absent.pem"));
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    /// The WARN lines `action` logs.
+    fn warnings(action: impl FnOnce()) -> Vec<String> {
+        let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let lines = lines.clone();
+            move || CaptureWriter(lines.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::with_default(subscriber, action);
+        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CaptureWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Clear text to another host and skipped verification are each said at startup; a
+    /// loopback simulator over http, or verified TLS, is not worth a warning.
+    #[test]
+    fn exposure_is_warned_about_at_startup() {
+        let quiet = warnings(|| {
+            warn_about_exposure("http://127.0.0.1:8043/agentgateway/resource", false);
+            warn_about_exposure("https://ccgw.example:8043/agentgateway/resource", false);
+        });
+        assert!(quiet.is_empty(), "{quiet:?}");
+        let clear = warnings(|| warn_about_exposure("http://10.1.2.3:8043/x", false));
+        assert!(
+            clear.len() == 1 && clear[0].contains("clear text"),
+            "{clear:?}"
+        );
+        let skip = warnings(|| warn_about_exposure("https://lab-gw:8043/x", true));
+        assert!(
+            skip.len() == 1 && skip[0].contains("NOT verified"),
+            "{skip:?}"
+        );
+    }
+
+    /// Every connection made without verification would be a line per poll connection; the
+    /// reminder comes once, then not again within the hour.
+    #[test]
+    fn skipped_verification_is_repeated_at_most_hourly() {
+        crate::install_crypto_provider();
+        let provider = CryptoProvider::get_default().unwrap().clone();
+        let verifier = AcceptAnyCertificate::new(&provider);
+        let name = ServerName::try_from("lab-gw").unwrap();
+        let lines = warnings(|| {
+            for _ in 0..3 {
+                let cert = CertificateDer::from(vec![0u8; 4]);
+                assert!(verifier
+                    .verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
+                    .is_ok());
+            }
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("without verifying"), "{lines:?}");
+    }
 }
