@@ -41,6 +41,10 @@ const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 /// `service.name` unless OTEL_SERVICE_NAME says otherwise.
 const DEFAULT_SERVICE_NAME: &str = "ccgw-callcontrol";
+/// The longest `tracestate` passed on (W3C trace context: 512 characters).
+const MAX_TRACESTATE_BYTES: usize = 512;
+/// gRPC services whose calls continue no trace.
+const UNTRACED_PREFIXES: [&str; 2] = ["/grpc.health.", "/grpc.reflection."];
 /// How long the exit waits for the last spans to be exported.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -163,9 +167,17 @@ where
     }
 }
 
-/// The trace of a call, if it has one to pass on.
+/// The trace of a call, if it has one to pass on. Health checks (a probe every few seconds)
+/// and reflection make no gateway request and get no span.
 fn call_trace<B>(request: &http::Request<B>) -> Option<CallTrace> {
     let headers = request.headers();
+    let path = request.uri().path();
+    if UNTRACED_PREFIXES
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+    {
+        return None;
+    }
     if !EXPORTING.load(Ordering::Relaxed) {
         let traceparent = headers.get(TRACEPARENT)?;
         // Only a well-formed context is passed on; what else the caller sent stays here.
@@ -175,10 +187,14 @@ fn call_trace<B>(request: &http::Request<B>) -> Option<CallTrace> {
         }
         return Some(CallTrace(Trace::Caller {
             traceparent: traceparent.clone(),
-            tracestate: headers.get(TRACESTATE).cloned(),
+            // W3C lets a vendor drop a tracestate longer than 512 characters: the gateway need
+            // not carry whatever size a caller sends.
+            tracestate: headers
+                .get(TRACESTATE)
+                .filter(|state| state.len() <= MAX_TRACESTATE_BYTES)
+                .cloned(),
         }));
     }
-    let path = request.uri().path();
     let (service, method) = path
         .trim_start_matches('/')
         .split_once('/')
