@@ -7,7 +7,7 @@ use crate::{
     api::ApiSettings,
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
     events::EventSettings,
-    gateway::GatewaySettings,
+    gateway::{GatewaySettings, PemFile, SettingsError},
     release::ReleasePolicy,
     server::{ServerSettings, TlsFiles},
     sessions::SessionLimits,
@@ -36,6 +36,34 @@ pub struct Config {
     /// PEM file with the CA certificate(s) that issued the gateway's TLS certificate.
     #[arg(long, env = "CCGW_GATEWAY_CA_BUNDLE")]
     pub(crate) gateway_ca_bundle: Option<PathBuf>,
+
+    /// PEM certificate chain the facade presents to the gateway (mutual TLS); needs
+    /// --gateway-client-key. Read once at startup.
+    #[arg(
+        long,
+        env = "CCGW_GATEWAY_CLIENT_CERT",
+        requires = "gateway_client_key"
+    )]
+    pub(crate) gateway_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --gateway-client-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "CCGW_GATEWAY_CLIENT_KEY",
+        requires = "gateway_client_cert"
+    )]
+    pub(crate) gateway_client_key: Option<PathBuf>,
+
+    /// Accept any certificate from the gateway: no chain, no host name check. For lab gateways
+    /// with self-signed certificates only; anyone on the path can then read and change the
+    /// agents' sessions. Logged as a warning at startup and hourly while connections are made.
+    /// Refused with --gateway-ca-bundle (trust that CA instead).
+    #[arg(
+        long,
+        env = "CCGW_GATEWAY_INSECURE_SKIP_VERIFY",
+        conflicts_with = "gateway_ca_bundle"
+    )]
+    pub(crate) gateway_insecure_skip_verify: bool,
 
     /// Release the current call with the legacy DELETE .../voicecall/{agentid} (old gateways).
     #[arg(long, env = "CCGW_LEGACY_RELEASE_PATH")]
@@ -235,6 +263,7 @@ pub struct Config {
     #[arg(long, env = "CCGW_MAX_STREAMS_PER_CALLER", default_value_t = 1_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(crate) max_streams_per_caller: u32,
+
     /// How often the gateway's reachability is probed, in seconds: a TCP connect (and TLS
     /// handshake for https) with nothing sent. Health service `ccgw.gateway` goes NOT_SERVING
     /// after 3 failures in a row (probes or requests that could not connect) and SERVING after
@@ -345,15 +374,19 @@ impl Config {
     }
 
     /// Gateway settings for `base_url` (the configured one, or the simulator's).
-    pub(crate) fn gateway(&self, base_url: String) -> std::io::Result<GatewaySettings> {
-        let ca_bundle_pem = self
-            .gateway_ca_bundle
-            .as_ref()
-            .map(std::fs::read)
-            .transpose()?;
+    pub(crate) fn gateway(&self, base_url: String) -> Result<GatewaySettings, SettingsError> {
+        let read = |flag, path: &Option<PathBuf>| {
+            path.as_deref()
+                .map(|path| PemFile::read(flag, path))
+                .transpose()
+        };
+        let client_cert = read("--gateway-client-cert", &self.gateway_client_cert)?;
+        let client_key = read("--gateway-client-key", &self.gateway_client_key)?;
         Ok(GatewaySettings {
             base_url,
-            ca_bundle_pem,
+            ca_bundle: read("--gateway-ca-bundle", &self.gateway_ca_bundle)?,
+            client_identity: client_cert.zip(client_key),
+            insecure_skip_verify: self.gateway_insecure_skip_verify,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             max_answer_bytes: self.max_answer_bytes as usize,
             legacy_release_path: self.legacy_release_path,
@@ -626,6 +659,51 @@ mod tests {
             listen(&["--simulate", "--gateway-url", "https://gw:8043"]),
             "127.0.0.1:50051",
             "--simulate runs the demo even with a gateway URL"
+        );
+    }
+
+    /// A client certificate needs its key and the reverse; skipping verification contradicts a
+    /// CA bundle. Each is refused by name.
+    #[test]
+    fn gateway_tls_flags_that_cannot_work_together_are_refused() {
+        let refused = |args: &[&str]| {
+            let base = ["x", "--gateway-url", "https://gw:8043"];
+            Config::try_parse_from(base.iter().chain(args))
+                .unwrap_err()
+                .to_string()
+        };
+        let error = refused(&["--gateway-client-cert", "c.pem"]);
+        assert!(error.contains("--gateway-client-key"), "{error}");
+        let error = refused(&["--gateway-client-key", "k.pem"]);
+        assert!(error.contains("--gateway-client-cert"), "{error}");
+        let error = refused(&[
+            "--gateway-insecure-skip-verify",
+            "--gateway-ca-bundle",
+            "ca.pem",
+        ]);
+        assert!(error.contains("--gateway-ca-bundle"), "{error}");
+    }
+
+    /// TLS files are read at startup; a missing one is named, with its flag.
+    #[test]
+    fn an_unreadable_gateway_tls_file_is_named() {
+        let config = Config::try_parse_from([
+            "x",
+            "--gateway-url",
+            "https://gw:8043",
+            "--gateway-client-cert",
+            "/nonexistent/client.pem",
+            "--gateway-client-key",
+            "/nonexistent/client-key.pem",
+        ])
+        .unwrap();
+        let error = config
+            .gateway("https://gw:8043".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("--gateway-client-cert /nonexistent/client.pem: cannot read it"),
+            "{error}"
         );
     }
 }

@@ -28,6 +28,7 @@ use crate::{
     health,
     lifecycle::Lifecycle,
     proto, reload,
+    telemetry::trace::TraceContextLayer,
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
@@ -139,6 +140,9 @@ pub async fn run(
         // The GOAWAY only: tonic's own grace would drop it (see `connection_age`).
         .max_connection_age(settings.max_connection_age)
         .max_concurrent_streams(settings.max_concurrent_streams)
+        // The caller's trace context becomes the call's, outside AnswerEveryCall so that its
+        // answers at the hard stop are part of the call's span too.
+        .layer(TraceContextLayer)
         .layer(tower::layer::layer_fn(move |inner| AnswerEveryCall {
             inner,
             stop: hard_stop.clone(),

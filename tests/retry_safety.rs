@@ -3,8 +3,6 @@
 //! UNAVAILABLE, ABORTED or RESOURCE_EXHAUSTED, never RetryInfo.
 mod common;
 
-use std::process::Stdio;
-
 use ccgw_callcontrol::proto::{
     call_control_client::CallControlClient, ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome,
 };
@@ -13,11 +11,7 @@ use common::{
     expect_status, handing_over, hang, release_req, sim_config, spawn_app_with, wait_until, CALLER,
     WAIT,
 };
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    net::TcpListener,
-    process::Command,
-};
+use tokio::net::TcpListener;
 use tonic::Code;
 
 /// A real SIGTERM to a real process holding a ReleaseCall that released the call and waits for
@@ -29,39 +23,18 @@ async fn sigterm_while_waiting_for_the_release_event_answers_released() {
     let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim_addr = sim_listener.local_addr().unwrap();
     tokio::spawn(sim.clone().serve(sim_listener, std::future::pending()));
-    let mut facade = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args([
+    let gateway_url = format!("http://{sim_addr}");
+    let (facade, addr) = common::spawn_service(
+        &[
             "--gateway-url",
-            &format!("http://{sim_addr}"),
-            "--no-caller-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
+            &gateway_url,
             // No deadline may end the wait before the SIGTERM does, however slow the machine.
             "--request-timeout-ms",
             "300000",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the service binary starts");
-    let mut logs = BufReader::new(facade.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = logs.next_line().await.unwrap() {
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if entry["message"] == "serving gRPC" {
-                return entry["listen"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("the service exited before serving");
-    })
-    .await
-    .expect("the service serves within the wait bound");
-    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+        ],
+        &[],
+    )
+    .await;
 
     // An agent desktop signed in; its event polls will hang, so the event never comes.
     let desktop_guid = common::desktop_sign_in(sim_addr, "101", false).await.guid;
@@ -89,13 +62,7 @@ async fn sigterm_while_waiting_for_the_release_event_answers_released() {
     })
     .await;
 
-    let pid = facade.id().unwrap().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
+    common::sigterm(&facade).await;
     let answer = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("the waiting ReleaseCall is answered")
@@ -105,11 +72,7 @@ async fn sigterm_while_waiting_for_the_release_event_answers_released() {
     assert_eq!(answer.outcome(), ReleaseOutcome::Released);
     assert_eq!(answer.confirmation(), ReleaseConfirmation::ShuttingDown);
     assert!(answer.release_event.is_none());
-    let exit = tokio::time::timeout(WAIT, facade.wait())
-        .await
-        .expect("the process exits")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    common::exits_cleanly(facade).await;
 }
 
 /// The hard stop (here at once: --drain-timeout-secs 0) with the DELETE held at the

@@ -15,20 +15,26 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
-use rustls::pki_types::{pem::PemObject, CertificateDer};
+use rustls::client::danger::ServerCertVerifier;
 use serde_json::json;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tower::{util::BoxCloneSyncService, BoxError, ServiceExt};
+use tracing::Instrument;
 
+pub use super::tls::PemFile;
 use super::{
     admission::{self, GatewayAdmission},
     reachability::GatewayHealth,
     session::{Guid, Session, SessionHeaders},
+    tls::{self, warn_about_exposure},
     wire::{self, Answer},
     GatewayError,
 };
-use crate::domain::{AgentId, CallId};
+use crate::{
+    domain::{AgentId, CallId},
+    telemetry::trace::{self, GatewayTrace, TraceHeaders},
+};
 
 /// Path prefix of the agent interface on every gateway.
 const RESOURCE_PREFIX: &str = "/agentgateway/resource";
@@ -53,8 +59,12 @@ type Connector = BoxCloneSyncService<Uri, MaybeHttpsStream<TokioIo<TcpStream>>, 
 pub(crate) struct GatewaySettings {
     /// `https://host:8043` (the `/agentgateway/resource` prefix is added when missing).
     pub(crate) base_url: String,
-    /// Extra trust anchors (PEM) for the gateway's TLS certificate.
-    pub(crate) ca_bundle_pem: Option<Vec<u8>>,
+    /// Extra trust anchors for the gateway's TLS certificate, besides the system's.
+    pub(crate) ca_bundle: Option<PemFile>,
+    /// Certificate chain and private key presented to the gateway (mutual TLS).
+    pub(crate) client_identity: Option<(PemFile, PemFile)>,
+    /// Accept any gateway certificate (lab gateways only).
+    pub(crate) insecure_skip_verify: bool,
     pub(crate) connect_timeout: Duration,
     /// Largest answer body the facade reads; anything bigger is an error, not an allocation.
     pub(crate) max_answer_bytes: usize,
@@ -71,7 +81,9 @@ impl GatewaySettings {
     pub(crate) fn new(base_url: impl Into<String>) -> Self {
         Self {
             base_url: base_url.into(),
-            ca_bundle_pem: None,
+            ca_bundle: None,
+            client_identity: None,
+            insecure_skip_verify: false,
             connect_timeout: Duration::from_secs(3),
             max_answer_bytes: 64 * 1024,
             legacy_release_path: false,
@@ -112,8 +124,13 @@ pub enum ReleaseTarget {
 pub enum SettingsError {
     #[error("gateway URL {0:?} is not an http(s) URL")]
     BadUrl(String),
-    #[error("gateway CA bundle: {0}")]
-    CaBundle(String),
+    /// A PEM file given by `flag` could not be read or used; `problem` never quotes it.
+    #[error("{flag} {path}: {problem}")]
+    File {
+        flag: &'static str,
+        path: String,
+        problem: String,
+    },
     #[error("HTTP client: {0}")]
     Client(String),
 }
@@ -146,6 +163,7 @@ impl GatewayClient {
     pub(crate) fn new(settings: &GatewaySettings) -> Result<Self, SettingsError> {
         crate::install_crypto_provider();
         let base = normalize_base(&settings.base_url)?;
+        warn_about_exposure(&base, settings.insecure_skip_verify);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -239,13 +257,18 @@ impl GatewayClient {
             }
             SessionOperation::PollEvents => (Method::GET, format!("/agentevent/{agent}")),
         };
-        // Polls have their own cap: one per polled agent (--max-polled-agents).
-        let turn = match operation {
-            SessionOperation::PollEvents => Turn::Unlimited,
-            SessionOperation::Release(_) => Turn::Wait,
+        // Polls have their own cap (one per polled agent, --max-polled-agents), and serve every
+        // caller watching the agent: they continue nobody's trace.
+        let (turn, trace) = match operation {
+            SessionOperation::PollEvents => (Turn::Unlimited, GatewayTrace::default()),
+            SessionOperation::Release(_) => (Turn::Wait, trace::gateway_request(&method, &path)),
         };
-        match self.request_in(method, &path, session) {
-            Ok(request) => self.exchange(request, turn, deadline).await,
+        match self.request_in(method, &path, session, trace.headers) {
+            Ok(request) => {
+                self.exchange(request, turn, deadline)
+                    .instrument(trace.span)
+                    .await
+            }
             Err(error) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(error),
@@ -297,12 +320,19 @@ impl GatewayClient {
         method: Method,
         path: &str,
         session: &Session,
+        trace: Option<TraceHeaders>,
     ) -> Result<Request<Full<Bytes>>, GatewayError> {
         let mut request = self
             .request(method, path)
             .header("Guid", sensitive(session.guid.expose())?);
         if let Some(cookie) = session.cookies.header_value() {
             request = request.header(header::COOKIE, sensitive(&cookie)?);
+        }
+        if let Some((traceparent, tracestate)) = trace {
+            request = request.header("traceparent", traceparent);
+            if let Some(tracestate) = tracestate {
+                request = request.header("tracestate", tracestate);
+            }
         }
         request
             .body(Full::default())
@@ -451,7 +481,7 @@ fn connector(settings: &GatewaySettings) -> Result<Connector, SettingsError> {
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     tcp.set_tcp_user_timeout(Some(Duration::from_secs(30)));
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config(settings.ca_bundle_pem.as_deref())?)
+        .with_tls_config(tls_config(settings)?)
         .https_or_http()
         .enable_http1()
         .wrap_connector(tcp);
@@ -468,36 +498,37 @@ fn connector(settings: &GatewaySettings) -> Result<Connector, SettingsError> {
 
 /// What reqwest did with rustls and no provider of its own: the process-wide provider, the
 /// platform's verifier (on Linux, the system's roots), plus the roots of `--gateway-ca-bundle`;
-/// the gateway's host name is verified.
-fn tls_config(ca_bundle_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, SettingsError> {
-    let extra_roots = match ca_bundle_pem {
-        None => Vec::new(),
-        Some(pem) => {
-            let certs = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| SettingsError::CaBundle(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(SettingsError::CaBundle(
-                    "no certificate in the bundle".into(),
-                ));
-            }
-            certs
-        }
-    };
+/// the gateway's host name is verified. Optionally a client certificate, or no verification at
+/// all (`--gateway-insecure-skip-verify`).
+fn tls_config(settings: &GatewaySettings) -> Result<rustls::ClientConfig, SettingsError> {
     let provider = rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-    let verifier =
-        rustls_platform_verifier::Verifier::new_with_extra_roots(extra_roots, provider.clone())
-            .map_err(|e| SettingsError::Client(e.to_string()))?;
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let verifier: Arc<dyn ServerCertVerifier> = if settings.insecure_skip_verify {
+        Arc::new(tls::AcceptAnyCertificate::new(&provider))
+    } else {
+        let extra_roots = match &settings.ca_bundle {
+            None => Vec::new(),
+            Some(bundle) => bundle.certificates()?,
+        };
+        Arc::new(
+            rustls_platform_verifier::Verifier::new_with_extra_roots(extra_roots, provider.clone())
+                .map_err(|e| SettingsError::Client(e.to_string()))?,
+        )
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| SettingsError::Client(e.to_string()))?
-        // "dangerous" only names the way in for verifiers other than rustls' own; this one
-        // verifies the chain and the host name.
+        // "dangerous" only names the way in for verifiers other than rustls' own; the
+        // platform's verifies the chain and the host name.
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
+        .with_custom_certificate_verifier(verifier);
+    match &settings.client_identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(cert.certificates()?, key.private_key()?)
+            .map_err(|e| key.problem(format!("unusable with {}: {e}", cert.path()))),
+    }
 }
 
 /// `scheme://host[:port][/path]`, without a trailing slash, ending in the resource prefix.
@@ -528,8 +559,12 @@ fn normalize_base(raw: &str) -> Result<String, SettingsError> {
 /// Connect errors (refused, DNS, TLS handshake, connect timeout) happen before a byte of the
 /// request is written; anything else may have reached the gateway. hyper's "connection closed
 /// before message completed" (the simulator's `drop` and `lose_answer`) is one of the latter.
+/// So is the gateway refusing the facade's client certificate, as far as hyper can tell: under
+/// TLS 1.3 the client's side of the handshake ends before the gateway has checked the
+/// certificate, and the request goes out. But the gateway checks it before it reads a byte of
+/// the request, so that refusal, too, is a connect failure.
 fn classify_send_error(error: hyper_util::client::legacy::Error) -> GatewayError {
-    if error.is_connect() {
+    if error.is_connect() || tls::refused_client_certificate(&error) {
         GatewayError::Connect(describe(&error))
     } else {
         GatewayError::Transport(describe(&error))
@@ -696,7 +731,7 @@ mod tests {
         let refused = untrusting.probe().await.unwrap_err();
         assert!(matches!(refused, GatewayError::Connect(_)), "{refused:?}");
         let trusting = GatewayClient::new(&GatewaySettings {
-            ca_bundle_pem: Some(cert_pem.into_bytes()),
+            ca_bundle: Some(PemFile::from_pem("--gateway-ca-bundle", cert_pem)),
             ..GatewaySettings::new(url)
         })
         .unwrap();

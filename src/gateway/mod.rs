@@ -10,6 +10,7 @@ pub(crate) mod event;
 mod reachability;
 pub(crate) mod retcode;
 pub(crate) mod session;
+mod tls;
 pub(crate) mod wire;
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use std::time::Duration;
 pub use admission::{BusyCause, GatewayAdmission};
 pub use client::{GatewayClient, GatewayStats};
 pub(crate) use client::{GatewaySettings, ReleaseTarget};
-pub use client::{SessionOperation, SettingsError};
+pub use client::{PemFile, SessionOperation, SettingsError};
 pub use reachability::{GatewayHealth, Reachability, DOWN_AFTER, UP_AFTER};
 pub(crate) use retcode::{KnownRetcode, Retcode};
 pub(crate) use session::SessionHeaders;

@@ -19,6 +19,7 @@ use crate::{
     jittered_backoff,
     lifecycle::Lifecycle,
     sessions::Sessions,
+    telemetry::trace,
 };
 
 /// Whether the retcode means "the call is already gone": 200-017 (release) and 200-025
@@ -291,7 +292,8 @@ impl ReleaseService {
                 // The work runs on its own task: a caller that goes away mid-request must not
                 // cut off the answer that later duplicates are promised.
                 let this = self.clone();
-                self.tasks.spawn(async move {
+                // The caller's trace goes along: the gateway request is still made for it.
+                self.tasks.spawn(trace::carry(async move {
                     // A panic must not leave duplicates free to act: for them it is an attempt
                     // whose outcome is unknown.
                     let answer =
@@ -301,7 +303,7 @@ impl ReleaseService {
                             .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
                     ticket.complete(answer.clone(), retention(&command.target, &answer));
                     answer
-                })
+                }))
             }
         };
         pending

@@ -1,12 +1,13 @@
 //! Logging. Nothing logged anywhere carries a Guid or cookie: their types redact themselves.
 mod call_record;
+pub mod trace;
 
 use std::io::IsTerminal;
 
 pub use call_record::{CallFacts, CallRecord};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
@@ -18,18 +19,44 @@ use crate::config::LogFormat;
 /// calling thread was a tenth of the facade's CPU (BENCHMARKS.md). Under a burst several lines
 /// go out in one write; at most 128 000 lines wait, and beyond that lines are dropped rather
 /// than calls slowed.
-pub fn init(format: LogFormat) -> WorkerGuard {
+pub fn init(format: LogFormat) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = NonBlockingBuilder::default()
+    let (writer, logs) = NonBlockingBuilder::default()
         .thread_name("ccgw-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
-    let builder = fmt()
-        .with_env_filter(filter)
+    let lines = fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().flatten_event(true).boxed(),
     };
-    guard
+    let (traces, exporter) = match trace::exporter_from_env() {
+        Ok(Some((layer, exporter))) => (Some(layer), Some(exporter)),
+        Ok(None) => (None, None),
+        Err(error) => {
+            eprintln!("ccgw-callcontrol: traces are not exported: {error}");
+            (None, None)
+        }
+    };
+    let _ = tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(traces)
+        .try_init();
+    if exporter.is_some() {
+        tracing::info!("exporting spans over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)");
+    }
+    Telemetry {
+        _exporter: exporter,
+        _logs: logs,
+    }
+}
+
+/// Keep it until the process ends: dropping it exports the spans still queued (bounded in
+/// time), then writes out the log lines still queued.
+#[must_use]
+pub struct Telemetry {
+    // Fields drop in order: the exporter's last words may still be logged.
+    _exporter: Option<trace::Exporter>,
+    _logs: WorkerGuard,
 }

@@ -19,6 +19,8 @@ use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, time::Instant};
 use tonic::transport::Channel;
 
+pub mod tls;
+
 pub struct TestApp {
     pub grpc_addr: SocketAddr,
     pub sim_addr: SocketAddr,
@@ -44,21 +46,47 @@ pub async fn spawn_app() -> TestApp {
 
 /// `flags` are extra command-line flags of the service, e.g. `["--legacy-release-path"]`.
 pub async fn spawn_app_with(sim_config: SimConfig, flags: &[&str]) -> TestApp {
+    let (sim, sim_addr, stop_sim) = spawn_sim(sim_config, None).await;
+    let url = format!("http://{sim_addr}");
+    spawn_facade(sim, sim_addr, &url, flags, Some(stop_sim)).await
+}
+
+/// The simulator serving HTTPS with `tls`, and the facade pointed at
+/// `https://{gateway_host}:{port}` (`gateway_host` resolving to 127.0.0.1, e.g. `localhost`: the
+/// name the facade verifies), with `flags` (e.g. `--gateway-ca-bundle`).
+pub async fn spawn_app_tls(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    gateway_host: &str,
+    flags: &[&str],
+) -> TestApp {
+    let (sim, sim_addr, stop_sim) = spawn_sim(sim_config(), Some(tls)).await;
+    let url = format!("https://{gateway_host}:{}", sim_addr.port());
+    spawn_facade(sim, sim_addr, &url, flags, Some(stop_sim)).await
+}
+
+/// A simulator on an ephemeral loopback port, over HTTPS when `tls` is given; it stops when
+/// the sender is dropped or fired.
+pub async fn spawn_sim(
+    sim_config: SimConfig,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> (Simulator, SocketAddr, oneshot::Sender<()>) {
     let sim = Simulator::new(sim_config);
     let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim_addr = sim_listener.local_addr().unwrap();
     let (stop_sim, sim_stopped) = oneshot::channel::<()>();
-    tokio::spawn(sim.clone().serve(sim_listener, async {
+    let stopped = async {
         let _ = sim_stopped.await;
-    }));
-    spawn_facade(
-        sim,
-        sim_addr,
-        &format!("http://{sim_addr}"),
-        flags,
-        Some(stop_sim),
-    )
-    .await
+    };
+    match tls {
+        None => tokio::spawn(sim.clone().serve(sim_listener, stopped)),
+        Some(tls) => tokio::spawn(sim.clone().serve_tls(sim_listener, tls, stopped)),
+    };
+    (sim, sim_addr, stop_sim)
+}
+
+/// Tests of caller authorization pass --callers, which replaces --no-caller-auth.
+fn open_unless_callers(flags: &[&str]) -> Option<&'static str> {
+    (!flags.contains(&"--callers")).then_some("--no-caller-auth")
 }
 
 /// The facade pointed at `gateway_url` (which need not be the simulator's).
@@ -69,14 +97,8 @@ pub async fn spawn_facade(
     flags: &[&str],
     stop_sim: Option<oneshot::Sender<()>>,
 ) -> TestApp {
-    // Tests of caller authorization pass --callers, which replaces --no-caller-auth.
-    let open = if flags.contains(&"--callers") {
-        None
-    } else {
-        Some("--no-caller-auth")
-    };
     let mut args = vec!["ccgw-callcontrol", "--gateway-url", gateway_url];
-    args.extend(open);
+    args.extend(open_unless_callers(flags));
     args.extend_from_slice(flags);
     let config = Config::try_parse_from(args).expect("test flags parse");
     let api = startup::build_api(&config, gateway_url.to_owned()).expect("facade builds");
@@ -226,6 +248,62 @@ pub fn rss_kib_of(pid: &str) -> u64 {
             value.split_whitespace().next()?.parse().ok()
         })
         .unwrap_or_else(|| panic!("VmRSS in /proc/{pid}/status"))
+}
+
+/// The service binary, started with `args` (plus `--listen 127.0.0.1:0 --log-format json`) and
+/// `envs`, once it serves: the process and its gRPC address. Its logs are drained in the
+/// background.
+pub async fn spawn_service(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args(args)
+        .args(open_unless_callers(args))
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the service binary starts");
+    let mut logs = BufReader::new(service.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = logs.next_line().await.unwrap() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["message"] == "serving gRPC" {
+                return entry["listen"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the service exited before serving");
+    })
+    .await
+    .expect("the service serves within the wait bound");
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    (service, addr)
+}
+
+/// Sends SIGTERM to `process`.
+pub async fn sigterm(process: &tokio::process::Child) {
+    let pid = process.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+}
+
+/// Waits (bounded) for `process` to exit, and asserts it exited cleanly.
+pub async fn exits_cleanly(mut process: tokio::process::Child) {
+    let exit = tokio::time::timeout(WAIT, process.wait())
+        .await
+        .expect("the process exits")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }
 
 /// A session an agent desktop got from the gateway itself.

@@ -26,6 +26,33 @@ pub struct Leaf {
     pub der: Vec<u8>,
 }
 
+/// A certificate with subject CN `cn` and SANs `sans` (IP addresses, URIs when they hold "://",
+/// else DNS names), good for servers and clients.
+fn leaf_params(cn: &str, sans: &[&str], serial: u64) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.subject_alt_names = sans
+        .iter()
+        .map(|name| {
+            if let Ok(ip) = name.parse() {
+                return SanType::IpAddress(ip);
+            }
+            let ia5 = (*name).to_owned().try_into().unwrap();
+            if name.contains("://") {
+                SanType::URI(ia5)
+            } else {
+                SanType::DnsName(ia5)
+            }
+        })
+        .collect();
+    params.serial_number = Some(SerialNumber::from(serial));
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params
+}
+
 impl Ca {
     pub fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -45,26 +72,10 @@ impl Ca {
     /// A certificate with subject CN `cn` and SANs `sans` (URI SANs when they hold "://",
     /// else DNS), good for servers and clients.
     pub fn issue(&self, cn: &str, sans: &[&str], serial: u64) -> Leaf {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = sans
-            .iter()
-            .map(|name| {
-                let ia5 = (*name).to_owned().try_into().unwrap();
-                if name.contains("://") {
-                    SanType::URI(ia5)
-                } else {
-                    SanType::DnsName(ia5)
-                }
-            })
-            .collect();
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
         let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let cert = leaf_params(cn, sans, serial)
+            .signed_by(&key, &self.issuer)
+            .unwrap();
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -76,6 +87,35 @@ impl Ca {
     pub fn server(&self, serial: u64) -> Leaf {
         self.issue("ccgw-callcontrol", &["localhost"], serial)
     }
+
+    /// A certificate for `names` (its subject CN is the first).
+    pub fn issue_for(&self, names: &[&str]) -> Leaf {
+        self.issue(names[0], names, next_serial())
+    }
+}
+
+/// A self-signed certificate for `names`: no CA vouches for it.
+pub fn self_signed(names: &[&str]) -> Leaf {
+    let key = KeyPair::generate().unwrap();
+    let params = leaf_params(names[0], names, next_serial());
+    let cert = params.self_signed(&key).unwrap();
+    Leaf {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        der: cert.der().to_vec(),
+    }
+}
+
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Writes `contents` as `name` in a directory of its own that outlives the test's values (the
+/// facade may read it after they are gone); returns its path, as the facade's flags take it.
+pub fn pem_file(name: &str, contents: &str) -> PathBuf {
+    let files = std::mem::ManuallyDrop::new(Files::new());
+    PathBuf::from(files.write(name, contents))
 }
 
 /// A directory of files the facade reads, removed when dropped.

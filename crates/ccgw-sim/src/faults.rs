@@ -31,6 +31,7 @@ pub(crate) async fn record_and_inject(
     // Extracted in a plain fn: a borrow of the request (whose body is not Sync) must not live
     // across the awaits below, or the middleware future is not Send.
     let (guid, cookie) = session_headers(req.headers());
+    let (traceparent, tracestate) = trace_headers(req.headers());
     let fault = {
         let mut st = sim.lock();
         st.request_seq += 1;
@@ -44,6 +45,8 @@ pub(crate) async fn record_and_inject(
             path: path.clone(),
             guid,
             cookie,
+            traceparent,
+            tracestate,
         });
         st.faults.take(&method, &path)
     };
@@ -85,6 +88,17 @@ pub(crate) fn session_headers(headers: &axum::http::HeaderMap) -> (Option<String
         .filter_map(|v| v.to_str().ok())
         .collect();
     (guid, (!cookies.is_empty()).then(|| cookies.join("; ")))
+}
+
+/// The W3C trace context headers, as sent.
+fn trace_headers(headers: &axum::http::HeaderMap) -> (Option<String>, Option<String>) {
+    let value = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    (value("traceparent"), value("tracestate"))
 }
 
 /// What nginx / a load balancer answers when the gateway behind it is sick.

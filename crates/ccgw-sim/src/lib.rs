@@ -2,9 +2,9 @@
 //! an HTTP control API under `/sim` that drives calls and injects faults. It serves demos, tests
 //! and benchmarks of gateway clients, this repository's facade among them, and shares no code
 //! with that facade: a misreading of the wire format cannot then hide on both sides of a test.
-//! It speaks plain HTTP/1.1; a real gateway speaks HTTPS (port 8043 by default, the same port on
-//! the load balancer in front of a cluster), so put a TLS terminator in front of the simulator if
-//! a client insists.
+//! It speaks HTTP/1.1, plain ([`Simulator::serve`]) or over TLS ([`Simulator::serve_tls`], with
+//! [`tls::server_config`], optionally requiring client certificates), as a real gateway does
+//! (HTTPS on port 8043 by default, the same port on the load balancer in front of a cluster).
 //!
 //! This page is the repository's account of the interface: first what a real gateway does, as far
 //! as the simulator implements it (condensed from Huawei's public interface reference and
@@ -234,6 +234,7 @@ mod control;
 mod faults;
 mod gateway;
 mod state;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -303,6 +304,12 @@ pub struct RecordedRequest {
     pub guid: Option<String>,
     /// `Cookie` header value (several headers joined with `; `).
     pub cookie: Option<String>,
+    /// W3C trace context (`traceparent` header), as sent.
+    #[serde(default)]
+    pub traceparent: Option<String>,
+    /// W3C trace context (`tracestate` header), as sent.
+    #[serde(default)]
+    pub tracestate: Option<String>,
 }
 
 fn one() -> u32 {
@@ -423,19 +430,52 @@ impl Simulator {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let router = self.router();
+        self.run_until(shutdown, |mut stop| async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        })
+        .await
+    }
+
+    /// Like [`serve`](Self::serve), over HTTPS: every connection first completes a TLS
+    /// handshake with `tls` (see [`tls::server_config`], which can require client
+    /// certificates). A failed handshake is never recorded: no request got through.
+    pub async fn serve_tls(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let router = self.router();
+        self.run_until(shutdown, |stop| {
+            tls::accept_loop(listener, tls, router, stop)
+        })
+        .await
+    }
+
+    /// Runs `server` (told to stop through the watch channel when `shutdown` resolves) and the
+    /// reaper; after `shutdown`, gives requests in flight a second.
+    async fn run_until<F>(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        server: impl FnOnce(tokio::sync::watch::Receiver<bool>) -> F,
+    ) -> std::io::Result<()>
+    where
+        F: Future<Output = std::io::Result<()>>,
+    {
         let reaper = tokio::spawn(state::reaper(self.shared.clone()));
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             let _ = tx.send(true);
         });
-        let mut graceful_rx = rx.clone();
-        let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
-            let _ = graceful_rx.wait_for(|stop| *stop).await;
-        });
-        let mut grace_rx = rx;
+        let mut grace_rx = rx.clone();
         let result = tokio::select! {
-            result = server => result,
+            result = server(rx) => result,
             _ = async {
                 let _ = grace_rx.wait_for(|stop| *stop).await;
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -2,7 +2,9 @@
 //! Ctrl-C or SIGTERM. The library's documentation (`ccgw_sim`) describes the behaviour and the
 //! control API.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
+
+use std::sync::Arc;
 
 use ccgw_sim::{AuthMode, SimConfig, Simulator};
 use clap::{Parser, ValueEnum};
@@ -21,7 +23,7 @@ enum Auth {
     about = "Huawei CC-Gateway agent interface simulator"
 )]
 struct Args {
-    /// Address to listen on (plain HTTP).
+    /// Address to listen on (plain HTTP, or HTTPS with --tls-cert and --tls-key).
     #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043")]
     listen: String,
     #[arg(
@@ -51,6 +53,38 @@ struct Args {
     /// Only this password signs in (default: any non-empty password).
     #[arg(long, env = "CCGW_SIM_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// PEM certificate chain: serve HTTPS instead of plain HTTP (needs --tls-key).
+    #[arg(long, env = "CCGW_SIM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CCGW_SIM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates issued by these CAs (needs --tls-cert).
+    #[arg(long, env = "CCGW_SIM_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl Args {
+    /// The TLS configuration the flags ask for, if any; errors name the file, never its
+    /// contents.
+    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let client_ca = self.tls_client_ca.as_ref().map(read).transpose()?;
+        ccgw_sim::tls::server_config(&read(cert)?, &read(key)?, client_ca.as_deref())
+            .map(Some)
+            .map_err(|e| {
+                format!(
+                    "{e} (--tls-cert {}, --tls-key {})",
+                    cert.display(),
+                    key.display()
+                )
+            })
+    }
 }
 
 #[tokio::main]
@@ -62,6 +96,7 @@ async fn main() -> std::io::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let tls = args.tls().map_err(std::io::Error::other)?;
     let config = SimConfig {
         auth_mode: match args.auth_mode {
             Auth::Static => AuthMode::Static,
@@ -79,13 +114,16 @@ async fn main() -> std::io::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
-        "ccgw-sim listening on http://{addr} (gateway: /agentgateway/resource, control: /sim)"
+        "ccgw-sim listening on {scheme}://{addr} (gateway: /agentgateway/resource, control: /sim)"
     );
-    tracing::info!(%addr, auth_mode = ?args.auth_mode, "ccgw-sim started");
-    Simulator::new(config)
-        .serve(listener, shutdown_signal())
-        .await
+    tracing::info!(%addr, auth_mode = ?args.auth_mode, scheme, "ccgw-sim started");
+    let simulator = Simulator::new(config);
+    match tls {
+        None => simulator.serve(listener, shutdown_signal()).await,
+        Some(tls) => simulator.serve_tls(listener, tls, shutdown_signal()).await,
+    }
 }
 
 /// Resolves on Ctrl-C, or on SIGTERM (what a container runtime sends before killing it).
