@@ -15,8 +15,21 @@ use crate::{
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// JSON when stderr is not a terminal (a container's log collector), text when it is.
+    Auto,
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// The format to write: `Auto` decided by whether stderr is a terminal.
+    pub fn resolve(self, stderr_is_terminal: bool) -> Self {
+        match self {
+            Self::Auto if stderr_is_terminal => Self::Text,
+            Self::Auto => Self::Json,
+            other => other,
+        }
+    }
 }
 
 /// gRPC facade over Huawei CC-Gateway: hang up contact-center calls, watch calls end.
@@ -167,8 +180,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub(crate) drain_timeout_secs: u64,
 
-    /// Log format.
-    #[arg(long, env = "CCGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: `json` (one object a line, for log collectors), `text`, or `auto`: JSON
+    /// when stderr is not a terminal (a container), text when it is.
+    #[arg(long, env = "CCGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
 
     /// Run on an embedded CC-Gateway simulator with demo agents 101, 102 and 103 signed in.
@@ -181,6 +195,12 @@ pub struct Config {
     #[arg(long, env = "CCGW_SIM_LISTEN", default_value = "127.0.0.1:8043",
           hide = cfg!(not(feature = "simulator")))]
     pub(crate) sim_listen: SocketAddr,
+
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `0.0.0.0:9464`. Off unless
+    /// set: it is a second port, without authentication, that a deployment opens on purpose
+    /// (and that a NetworkPolicy then restricts to the scraper).
+    #[arg(long, env = "CCGW_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 /// The real service's default: reachable from the other services it is made for.

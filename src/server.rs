@@ -21,6 +21,7 @@ use crate::{
     },
     lifecycle::Lifecycle,
     proto,
+    telemetry::RpcTelemetryLayer,
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
@@ -72,6 +73,7 @@ pub async fn run(
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let lifecycle = api.lifecycle().clone();
+    let call_control_metrics = api.metrics().clone();
     let call_control =
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes);
     let signal = {
@@ -82,10 +84,13 @@ pub async fn run(
         }
     };
     let hard_stop = lifecycle.hard_stop().clone();
+    let telemetry = RpcTelemetryLayer::new(call_control_metrics);
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(settings.max_concurrent_streams)
+        // Outermost: every answer, including those of the layers below, is counted and logged.
+        .layer(telemetry)
         .layer(tower::layer::layer_fn(move |inner| AnswerEveryCall {
             inner,
             stop: hard_stop.clone(),

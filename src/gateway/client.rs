@@ -24,7 +24,10 @@ use super::{
     wire::{self, Answer},
     GatewayError,
 };
-use crate::domain::{AgentId, CallId};
+use crate::{
+    domain::{AgentId, CallId},
+    telemetry::{GatewayOperation, Metrics},
+};
 
 /// Path prefix of the agent interface on every gateway.
 const RESOURCE_PREFIX: &str = "/agentgateway/resource";
@@ -124,6 +127,7 @@ pub struct GatewayClient {
     max_answer_bytes: usize,
     legacy_release_path: bool,
     unreadable_set_guid: Arc<AtomicU64>,
+    metrics: Metrics,
 }
 
 impl GatewayClient {
@@ -147,7 +151,14 @@ impl GatewayClient {
             max_answer_bytes: settings.max_answer_bytes,
             legacy_release_path: settings.legacy_release_path,
             unreadable_set_guid: Arc::default(),
+            metrics: Metrics::default(),
         })
+    }
+
+    /// Counts this client's requests in `metrics` (by operation and outcome).
+    pub(crate) fn counted_in(mut self, metrics: &Metrics) -> Self {
+        self.metrics = metrics.clone();
+        self
     }
 
     pub fn stats(&self) -> GatewayStats {
@@ -165,20 +176,30 @@ impl GatewayClient {
         session: &Session,
         deadline: Instant,
     ) -> Exchange {
-        let (method, path) = match operation {
-            SessionOperation::Release(ReleaseTarget::Current) if self.legacy_release_path => {
-                (Method::DELETE, format!("/voicecall/{agent}"))
-            }
-            SessionOperation::Release(ReleaseTarget::Current) => {
-                (Method::DELETE, format!("/voicecall/{agent}/release"))
-            }
-            SessionOperation::Release(ReleaseTarget::Call(call)) => {
-                (Method::POST, format!("/voicecall/{agent}/dropcall/{call}"))
-            }
-            SessionOperation::PollEvents => (Method::GET, format!("/agentevent/{agent}")),
+        let (method, path, counted) = match operation {
+            SessionOperation::Release(ReleaseTarget::Current) if self.legacy_release_path => (
+                Method::DELETE,
+                format!("/voicecall/{agent}"),
+                GatewayOperation::Release,
+            ),
+            SessionOperation::Release(ReleaseTarget::Current) => (
+                Method::DELETE,
+                format!("/voicecall/{agent}/release"),
+                GatewayOperation::Release,
+            ),
+            SessionOperation::Release(ReleaseTarget::Call(call)) => (
+                Method::POST,
+                format!("/voicecall/{agent}/dropcall/{call}"),
+                GatewayOperation::Dropcall,
+            ),
+            SessionOperation::PollEvents => (
+                Method::GET,
+                format!("/agentevent/{agent}"),
+                GatewayOperation::Poll,
+            ),
         };
         match self.request_in(method, &path, session) {
-            Ok(request) => self.exchange(request, deadline).await,
+            Ok(request) => self.exchange(counted, request, deadline).await,
             Err(error) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(error),
@@ -196,17 +217,20 @@ impl GatewayClient {
         force: bool,
         deadline: Instant,
     ) -> Exchange {
-        let path = if force {
-            format!("/onlineagent/{agent}/forcelogin")
+        let (path, counted) = if force {
+            (
+                format!("/onlineagent/{agent}/forcelogin"),
+                GatewayOperation::ForceSignIn,
+            )
         } else {
-            format!("/onlineagent/{agent}")
+            (format!("/onlineagent/{agent}"), GatewayOperation::SignIn)
         };
         let body = json!({ "password": password, "phonenum": phone_number }).to_string();
         match self
             .request(Method::PUT, &path)
             .body(Full::new(Bytes::from(body)))
         {
-            Ok(request) => self.exchange(request, deadline).await,
+            Ok(request) => self.exchange(counted, request, deadline).await,
             Err(_) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(GatewayError::Malformed("request URI is invalid".into())),
@@ -244,7 +268,25 @@ impl GatewayClient {
 
     /// Sends, takes the session headers as soon as they arrive (they count even when the body
     /// then fails), reads a bounded body and parses the envelope, all within `deadline`.
-    async fn exchange(&self, request: Request<Full<Bytes>>, deadline: Instant) -> Exchange {
+    async fn exchange(
+        &self,
+        operation: GatewayOperation,
+        request: Request<Full<Bytes>>,
+        deadline: Instant,
+    ) -> Exchange {
+        let started = std::time::Instant::now();
+        let exchange = self.exchange_uncounted(request, deadline).await;
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics
+            .gateway_request(operation, outcome_label(&exchange.answer), seconds);
+        exchange
+    }
+
+    async fn exchange_uncounted(
+        &self,
+        request: Request<Full<Bytes>>,
+        deadline: Instant,
+    ) -> Exchange {
         let mut headers = SessionHeaders::default();
         let budget = deadline.saturating_duration_since(Instant::now());
         if budget < MIN_BUDGET {
@@ -299,6 +341,27 @@ impl GatewayClient {
             set_guid,
             set_cookies,
         }
+    }
+}
+
+/// The `outcome` label of a gateway request: the answer's retcode (a bounded set: success, the
+/// documented codes, `other_retcode`), or why there was none.
+fn outcome_label(answer: &Result<Answer, GatewayError>) -> &'static str {
+    match answer {
+        Ok(answer) if answer.retcode.is_ok() => "0",
+        Ok(answer) => answer.retcode.known().map_or("other_retcode", |k| k.code()),
+        Err(GatewayError::NoSession(_)) => "no_session",
+        Err(GatewayError::Connect(_)) => "connect_error",
+        Err(GatewayError::Timeout(_)) => "timeout",
+        Err(GatewayError::DeadlineTooShort(_)) => "deadline_too_short",
+        Err(GatewayError::Transport(_)) => "transport_error",
+        Err(GatewayError::HttpStatus { status }) => match status {
+            400..=499 => "http_4xx",
+            500..=599 => "http_5xx",
+            _ => "http_other",
+        },
+        Err(GatewayError::Malformed(_)) => "malformed_answer",
+        Err(GatewayError::Oversized { .. }) => "oversized_answer",
     }
 }
 

@@ -138,7 +138,7 @@ impl<F: PartialEq, V: Clone> IdempotencyCache<F, V> {
         inner.entries.contains_key(key)
     }
 
-    #[cfg(test)]
+    /// Entries held: answers within the window and releases under way.
     pub(crate) fn len(&self) -> usize {
         lock(&self.inner).entries.len()
     }

@@ -34,6 +34,10 @@ impl Sessions {
         }
     }
 
+    pub fn gateway(&self) -> &GatewayClient {
+        &self.gateway
+    }
+
     pub fn registry(&self) -> &SessionRegistry {
         &self.registry
     }
