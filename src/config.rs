@@ -332,6 +332,21 @@ mod tests {
         assert!(short.validate().is_err());
     }
 
+    #[test]
+    fn logs_are_json_unless_stderr_is_a_terminal_and_metrics_are_off_unless_asked_for() {
+        let default = Config::try_parse_from(["x", "--simulate"]).unwrap();
+        assert_eq!(default.log_format, LogFormat::Auto);
+        assert_eq!(LogFormat::Auto.resolve(false), LogFormat::Json);
+        assert_eq!(LogFormat::Auto.resolve(true), LogFormat::Text);
+        assert_eq!(LogFormat::Json.resolve(true), LogFormat::Json);
+        assert_eq!(LogFormat::Text.resolve(false), LogFormat::Text);
+        assert_eq!(default.metrics_listen, None);
+        let on = Config::try_parse_from(["x", "--simulate", "--metrics-listen", "0.0.0.0:9464"])
+            .unwrap();
+        assert_eq!(on.metrics_listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert!(Config::try_parse_from(["x", "--simulate", "--metrics-listen", "9464"]).is_err());
+    }
+
     /// Review point 6 (the demo listens on loopback): `--simulate` alone listens on
     /// 127.0.0.1:50051, the real service on every interface, and `--listen` wins in both modes.
     /// Assumes CCGW_LISTEN is not set in the test's environment.

@@ -135,6 +135,8 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(
         logs.contains("ReleaseCall")
+            && logs.contains("CallControl/ReleaseCall")
+            && logs.contains("CallControl/WatchReleaseEvents")
             && logs.contains("gateway issued a new Guid")
             && logs.contains("poll failed")
             && logs.contains("it is the agent's session now"),
