@@ -324,8 +324,14 @@ pub(crate) fn go_code_name(code: Code) -> &'static str {
     }
 }
 
-/// A value read at scrape time.
-type Read = Box<dyn Fn() -> i64 + Send + Sync>;
+/// Values read at scrape time: one unlabelled value, or one value per value of a label.
+enum Read {
+    One(Box<dyn Fn() -> i64 + Send + Sync>),
+    ByLabel {
+        key: &'static str,
+        read: Box<dyn Fn() -> Vec<(String, i64)> + Send + Sync>,
+    },
+}
 
 struct Reading {
     name: &'static str,
@@ -335,8 +341,9 @@ struct Reading {
 }
 
 /// Metrics read from the service's state when Prometheus scrapes: gauges of sizes, and counters
-/// the service already keeps for itself. Nothing is counted twice and nothing costs anything
-/// between scrapes.
+/// the service already keeps for itself (an `AtomicU64` it bumps). Nothing is counted twice and
+/// nothing costs anything between scrapes. A counter's `name` goes without `_total`, which the
+/// encoder adds.
 #[derive(Default)]
 pub struct ScrapeTimeMetrics(Vec<Reading>);
 
@@ -348,26 +355,56 @@ impl std::fmt::Debug for ScrapeTimeMetrics {
 }
 
 impl ScrapeTimeMetrics {
-    /// A gauge `name` whose value `read` returns at each scrape.
+    /// A gauge whose value `read` returns at each scrape.
     pub fn gauge(
         &mut self,
         name: &'static str,
         help: &'static str,
         read: impl Fn() -> i64 + Send + Sync + 'static,
     ) -> &mut Self {
-        self.push(name, help, MetricType::Gauge, Box::new(read))
+        self.push(name, help, MetricType::Gauge, Read::One(Box::new(read)))
     }
 
-    /// A counter `name` (without `_total`, which the encoder adds) whose running total `read`
-    /// returns at each scrape.
+    /// A counter whose running total `read` returns at each scrape.
     pub fn counter(
         &mut self,
         name: &'static str,
         help: &'static str,
         read: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> &mut Self {
-        let read = move || i64::try_from(read()).unwrap_or(i64::MAX);
-        self.push(name, help, MetricType::Counter, Box::new(read))
+        let read = move || saturating_i64(read());
+        self.push(name, help, MetricType::Counter, Read::One(Box::new(read)))
+    }
+
+    /// A gauge with one series per value of the label `key` (a bounded set: caller names from
+    /// the callers file, say; never agent ids), as `read` lists them at each scrape.
+    pub fn gauge_by(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        key: &'static str,
+        read: impl Fn() -> Vec<(String, i64)> + Send + Sync + 'static,
+    ) -> &mut Self {
+        let read = Box::new(read);
+        self.push(name, help, MetricType::Gauge, Read::ByLabel { key, read })
+    }
+
+    /// A counter with one series per value of the label `key` (a bounded set), as `read` lists
+    /// their running totals at each scrape.
+    pub fn counter_by(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        key: &'static str,
+        read: impl Fn() -> Vec<(String, u64)> + Send + Sync + 'static,
+    ) -> &mut Self {
+        let read = Box::new(move || {
+            read()
+                .into_iter()
+                .map(|(label, n)| (label, saturating_i64(n)))
+                .collect()
+        });
+        self.push(name, help, MetricType::Counter, Read::ByLabel { key, read })
     }
 
     fn push(
@@ -392,19 +429,93 @@ impl ScrapeTimeMetrics {
     }
 }
 
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl Collector for ScrapeTimeMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         for reading in &self.0 {
-            let value = (reading.read)();
-            let metric =
+            let mut metric =
                 encoder.encode_descriptor(reading.name, reading.help, None, reading.kind)?;
-            match reading.kind {
-                MetricType::Counter => {
-                    ConstCounter::new(u64::try_from(value).unwrap_or(0)).encode(metric)?
+            match &reading.read {
+                Read::One(read) => encode_value(reading.kind, read(), metric)?,
+                Read::ByLabel { key, read } => {
+                    for (label, value) in read() {
+                        let labels = [(*key, label.as_str())];
+                        let series = metric.encode_family(&labels)?;
+                        encode_value(reading.kind, value, series)?;
+                    }
                 }
-                _ => ConstGauge::new(value).encode(metric)?,
             }
         }
         Ok(())
+    }
+}
+
+fn encode_value(
+    kind: MetricType,
+    value: i64,
+    encoder: prometheus_client::encoding::MetricEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    match kind {
+        MetricType::Counter => ConstCounter::new(u64::try_from(value).unwrap_or(0)).encode(encoder),
+        _ => ConstGauge::new(value).encode(encoder),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn scrape_time_readings_are_read_at_each_scrape() {
+        let value = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let mut readings = ScrapeTimeMetrics::default();
+        readings
+            .counter("ccgw_things", "Things", {
+                let value = value.clone();
+                move || value.load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .gauge_by("ccgw_streams_by_caller", "Streams", "caller", || {
+                vec![("billing".into(), 2), ("crm".into(), 0)]
+            });
+        let mut registry = Registry::default();
+        readings.register(&mut registry);
+        let first = encoded(&registry);
+        assert!(first.contains("ccgw_things_total 1\n"), "{first}");
+        assert!(
+            first.contains("ccgw_streams_by_caller{caller=\"billing\"} 2\n"),
+            "{first}"
+        );
+        assert!(
+            first.contains("ccgw_streams_by_caller{caller=\"crm\"} 0\n"),
+            "{first}"
+        );
+        value.store(5, std::sync::atomic::Ordering::Relaxed);
+        assert!(encoded(&registry).contains("ccgw_things_total 5\n"));
+    }
+
+    #[test]
+    fn gateway_outcomes_and_build_info_are_labelled_as_documented() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        metrics.gateway_request(GatewayOperation::Release, "0", 0.002);
+        let text = encoded(&registry);
+        assert!(
+            text.contains("ccgw_gateway_requests_total{operation=\"release\",outcome=\"0\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("ccgw_gateway_request_seconds_count{operation=\"release\"} 1\n"));
+        assert!(text.contains(&format!(
+            "ccgw_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
     }
 }
