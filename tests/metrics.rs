@@ -21,9 +21,12 @@ use tokio::{
     process::{Child, Command},
 };
 use tonic::Code;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 const RELEASE: &str =
     r#"grpc_service="ccgw.callcontrol.v1.CallControl",grpc_method="ReleaseCall",grpc_type="unary""#;
+const HEALTH: &str =
+    r#"grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_type="unary""#;
 const WATCH: &str = r#"grpc_service="ccgw.callcontrol.v1.CallControl",grpc_method="WatchReleaseEvents",grpc_type="server_stream""#;
 
 /// The binary running the demo, with its gRPC, metrics and simulator addresses and the JSON
@@ -288,6 +291,18 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
         .await;
     assert_eq!(cancelled.get("ccgw_streams_open", ""), 0.0);
 
+    // A health check: counted, logged at debug level only (not at RUST_LOG=info).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("the service is healthy");
+
     // A ReleaseCall that releases a new call on agent 102, and one refused before anything is
     // sent.
     service
@@ -324,6 +339,10 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert_eq!(delta("grpc_server_started_total", RELEASE), 2.0);
     assert_eq!(delta("grpc_server_handling_seconds_count", RELEASE), 2.0);
     assert_eq!(delta("grpc_server_started_total", WATCH), 1.0);
+    assert_eq!(
+        after.handled(HEALTH, "OK") - before.handled(HEALTH, "OK"),
+        1.0
+    );
     assert_eq!(delta("ccgw_events_delivered_total", ""), 2.0);
     assert_eq!(
         after.gateway_releases_ok() - before.gateway_releases_ok(),
@@ -368,6 +387,15 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
         )
         .await;
     assert_eq!(stream_line["code"], "Canceled");
+    // The health check ended before the ReleaseCalls, whose lines are written: it has none.
+    let logs = service.logs.lock().unwrap();
+    assert!(
+        !logs.iter().any(|l| l["message"] == "rpc"
+            && l["rpc"]
+                .as_str()
+                .is_some_and(|rpc| rpc.starts_with("grpc.health"))),
+        "a health check logged at info"
+    );
     assert!(stream_line["request_id"]
         .as_str()
         .is_some_and(|id| !id.is_empty()));
