@@ -186,7 +186,8 @@ impl Drop for CallEnd {
         let elapsed = self.started.elapsed().as_secs_f64();
         self.method.handled(code).inc();
         self.method.seconds.observe(elapsed);
-        log_line(&self.method, code, elapsed, &self.record.facts());
+        self.record
+            .read(|facts| log_line(&self.method, code, elapsed, facts));
     }
 }
 
