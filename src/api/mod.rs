@@ -109,7 +109,7 @@ impl CallControlApi {
 /// [`LOGGED_AGENTS`] of them and each cut to [`LOGGED_AGENT_CHARS`], so that a request cannot
 /// make its log line big.
 fn agents_as_given(agents: &[&str]) -> Option<String> {
-    if agents.is_empty() {
+    if agents.iter().all(|agent| agent.is_empty()) {
         return None;
     }
     let mut listed: Vec<&str> = agents
@@ -295,5 +295,28 @@ impl CallControl for CallControlApi {
             self.settings.stream_send_timeout,
             self.metrics.streams().clone(),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agents_as_given;
+
+    #[test]
+    fn the_agents_of_a_log_line_are_bounded() {
+        assert_eq!(agents_as_given(&[]), None);
+        assert_eq!(agents_as_given(&[""]), None);
+        assert_eq!(agents_as_given(&["101", "102"]).as_deref(), Some("101,102"));
+        let long = "9".repeat(1000);
+        assert_eq!(agents_as_given(&[&long]).unwrap().len(), 12);
+        let many = vec!["1"; 500];
+        assert_eq!(
+            agents_as_given(&many).unwrap(),
+            format!("{},...", ["1"; 10].join(","))
+        );
+        assert_eq!(
+            agents_as_given(&["ééééééééééééé"]).unwrap().chars().count(),
+            12
+        );
     }
 }
