@@ -15,8 +15,21 @@ use crate::{
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// JSON when stderr is not a terminal (a container's log collector), text when it is.
+    Auto,
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// The format to write: `Auto` decided by whether stderr is a terminal.
+    pub fn resolve(self, stderr_is_terminal: bool) -> Self {
+        match self {
+            Self::Auto if stderr_is_terminal => Self::Text,
+            Self::Auto => Self::Json,
+            other => other,
+        }
+    }
 }
 
 /// gRPC facade over Huawei CC-Gateway: hang up contact-center calls, watch calls end.
@@ -27,6 +40,12 @@ pub struct Config {
     /// --simulate].
     #[arg(long, env = "CCGW_LISTEN")]
     pub(crate) listen: Option<SocketAddr>,
+
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `0.0.0.0:9464`. Off unless
+    /// set: it is a second port, without authentication, that a deployment opens on purpose
+    /// (and that a NetworkPolicy then restricts to the scraper).
+    #[arg(long, env = "CCGW_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<SocketAddr>,
 
     /// CC-Gateway base URL, e.g. `https://ccgw.example:8043` (the /agentgateway/resource prefix
     /// is added). Not needed with --simulate.
@@ -198,8 +217,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub(crate) drain_timeout_secs: u64,
 
-    /// Log format.
-    #[arg(long, env = "CCGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: `json` (one object a line, for log collectors), `text`, or `auto`: JSON
+    /// when stderr is not a terminal (a container), text when it is.
+    #[arg(long, env = "CCGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
 
     /// Run on an embedded CC-Gateway simulator with demo agents 101, 102 and 103 signed in.
@@ -624,6 +644,21 @@ mod tests {
             let config = Config::try_parse_from(["x", "--simulate", flag, accepted]).unwrap();
             assert!(config.validate().is_ok(), "{flag} {accepted}");
         }
+    }
+
+    #[test]
+    fn logs_are_json_unless_stderr_is_a_terminal_and_metrics_are_off_unless_asked_for() {
+        let default = Config::try_parse_from(["x", "--simulate"]).unwrap();
+        assert_eq!(default.log_format, LogFormat::Auto);
+        assert_eq!(LogFormat::Auto.resolve(false), LogFormat::Json);
+        assert_eq!(LogFormat::Auto.resolve(true), LogFormat::Text);
+        assert_eq!(LogFormat::Json.resolve(true), LogFormat::Json);
+        assert_eq!(LogFormat::Text.resolve(false), LogFormat::Text);
+        assert_eq!(default.metrics_listen, None);
+        let on = Config::try_parse_from(["x", "--simulate", "--metrics-listen", "0.0.0.0:9464"])
+            .unwrap();
+        assert_eq!(on.metrics_listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert!(Config::try_parse_from(["x", "--simulate", "--metrics-listen", "9464"]).is_err());
     }
 
     /// Review point 6 (the demo listens on loopback): `--simulate` alone listens on

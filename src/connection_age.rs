@@ -122,7 +122,10 @@ pub(crate) fn aged_connections(
     lifetime: Duration,
 ) -> impl Stream<Item = io::Result<AgedConnection<TcpStream>>> {
     // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms stalls at p99).
-    aged(TcpIncoming::from(listener).with_nodelay(Some(true)), lifetime)
+    aged(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        lifetime,
+    )
 }
 
 /// `incoming`'s connections, each ended after `lifetime`.

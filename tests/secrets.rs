@@ -168,6 +168,8 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
     let logs = logs.text();
     assert!(
         logs.contains("ReleaseCall")
+            && logs.contains("CallControl/ReleaseCall")
+            && logs.contains("CallControl/WatchReleaseEvents")
             && logs.contains("gateway issued a new Guid")
             && logs.contains("poll failed")
             && logs.contains("it is the agent's session now"),

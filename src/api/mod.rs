@@ -16,11 +16,12 @@ use crate::{
     callers::{Callers, StreamSlots, Verb},
     domain::{AgentId, FieldViolation, RequestId},
     events::{EventHub, Watcher},
-    gateway::{ReleaseTarget, Session},
+    gateway::Session,
     lifecycle::Lifecycle,
     proto::{self, call_control_server::CallControl},
     release::{Confirmation, ReleaseOutcome, ReleaseRequest, ReleaseService, Released},
     sessions::Sessions,
+    telemetry::{CallRecord, Metrics},
 };
 
 pub(crate) use proto::call_control_server::CallControlServer;
@@ -47,6 +48,7 @@ pub struct CallControlApi {
     /// None: caller authorization is off (every request is `Caller::anyone`).
     callers: Option<Callers>,
     stream_slots: StreamSlots,
+    metrics: Metrics,
 }
 
 impl CallControlApi {
@@ -56,6 +58,7 @@ impl CallControlApi {
         settings: ApiSettings,
         lifecycle: Lifecycle,
         callers: Option<Callers>,
+        metrics: Metrics,
     ) -> Self {
         Self {
             stream_slots: StreamSlots::new(settings.max_streams_per_caller),
@@ -64,6 +67,7 @@ impl CallControlApi {
             settings,
             lifecycle,
             callers,
+            metrics,
         }
     }
 
@@ -77,6 +81,16 @@ impl CallControlApi {
         auth::Authenticate {
             callers: self.callers.clone(),
         }
+    }
+
+    /// What the service counts with; the server's RPC layer counts into it too.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// request_ids whose answers are remembered.
+    pub fn idempotency_entries(&self) -> usize {
+        self.release.idempotency_entries()
     }
 
     pub fn sessions(&self) -> &Sessions {
@@ -105,10 +119,10 @@ impl CallControlApi {
             .events
             .subscribe(&valid.agents, valid.from, valid.kinds, handover)
             .map_err(|error| {
-                tracing::info!(request_id = %ctx.request_id, %error, "WatchReleaseEvents refused");
+                tracing::debug!(request_id = %ctx.request_id, %error, "WatchReleaseEvents refused");
                 status::subscribe_failure(&error, ctx)
             })?;
-        tracing::info!(request_id = %ctx.request_id, agents = ?valid.agents, resumed = valid.from.is_some(), "WatchReleaseEvents started");
+        tracing::debug!(request_id = %ctx.request_id, resumed = valid.from.is_some(), "WatchReleaseEvents started");
         Ok(watcher)
     }
 }
@@ -125,6 +139,32 @@ fn verbs(own: Verb, hands_over: bool, waits_for_event: bool) -> Vec<Verb> {
     .flatten()
     .collect()
 }
+
+/// The agent ids a request names, for its log line: as given (they may be invalid), at most
+/// [`LOGGED_AGENTS`] of them and each cut to [`LOGGED_AGENT_CHARS`], so that a request cannot
+/// make its log line big.
+fn agents_as_given(agents: &[&str]) -> Option<String> {
+    if agents.iter().all(|agent| agent.is_empty()) {
+        return None;
+    }
+    let mut listed: Vec<&str> = agents
+        .iter()
+        .take(LOGGED_AGENTS)
+        .map(|agent| {
+            agent
+                .char_indices()
+                .nth(LOGGED_AGENT_CHARS)
+                .map_or(*agent, |(end, _)| &agent[..end])
+        })
+        .collect();
+    if agents.len() > LOGGED_AGENTS {
+        listed.push("...");
+    }
+    Some(listed.join(","))
+}
+
+const LOGGED_AGENTS: usize = 10;
+const LOGGED_AGENT_CHARS: usize = 12;
 
 /// A session handover is one agent's: with several agent ids it says nothing of which.
 fn handover_of_one_agent(
@@ -152,7 +192,7 @@ fn both_valid<V, H>(
         (valid, handover) => {
             let mut violations = valid.err().unwrap_or_default();
             violations.extend(handover.err());
-            tracing::info!(request_id = %ctx.request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "{rpc} rejected: invalid argument");
+            tracing::debug!(request_id = %ctx.request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "{rpc} rejected: invalid argument");
             Err(status::invalid_argument(&violations, ctx))
         }
     }
@@ -202,7 +242,6 @@ impl CallControl for CallControlApi {
         &self,
         mut request: Request<proto::ReleaseCallRequest>,
     ) -> Result<Response<proto::ReleaseCallResponse>, Status> {
-        let started = tokio::time::Instant::now();
         let deadline = request::deadline(request.metadata(), self.settings.request_timeout);
         let handover = take_handover(&mut request);
         let body = request.get_ref();
@@ -217,6 +256,10 @@ impl CallControl for CallControlApi {
             request_id: request_id.as_str(),
             releases_current_call: body.call_id.is_empty(),
         };
+        CallRecord::update_in(request.extensions(), |facts| {
+            facts.agents = agents_as_given(&[&body.agent_id]);
+            facts.request_id = Some(request_id.to_string());
+        });
         let (valid, handover) = both_valid("ReleaseCall", valid, handover, &ctx)?;
         let agent = valid.command.agent;
         let needed = verbs(
@@ -225,10 +268,6 @@ impl CallControl for CallControlApi {
             body.wait_for_release_event,
         );
         let caller = auth::authorize(&request, &needed, &[agent], &ctx)?;
-        let target = match &valid.command.target {
-            ReleaseTarget::Current => "current",
-            ReleaseTarget::Call(_) => "call",
-        };
         let result = self
             .release
             .release_call(ReleaseRequest {
@@ -240,14 +279,17 @@ impl CallControl for CallControlApi {
                 wait_for_event: body.wait_for_release_event,
             })
             .await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
         let released = result.map_err(|error| {
-            tracing::warn!(%agent, target, request_id = %request_id, %error, elapsed_ms, "ReleaseCall failed");
+            // The call's line has the reason; this says what exactly went wrong.
+            tracing::warn!(request_id = %request_id, %error, "ReleaseCall failed");
             status::release_failure(&error, &ctx)
         })?;
-        let report = &released.report;
-        tracing::info!(%agent, target, request_id = %request_id, retcode = %report.retcode, outcome = ?report.outcome, replayed = report.replayed, elapsed_ms, "ReleaseCall");
-        Ok(Response::new(release_response(released, &request_id)))
+        let response = release_response(released, &request_id);
+        CallRecord::update_in(request.extensions(), |facts| {
+            facts.retcode = Some(response.retcode.clone());
+            facts.reason = Some(response.outcome().as_str_name().to_owned());
+        });
+        Ok(Response::new(response))
     }
 
     type WatchReleaseEventsStream = stream::EventStream;
@@ -258,6 +300,16 @@ impl CallControl for CallControlApi {
     ) -> Result<Response<Self::WatchReleaseEventsStream>, Status> {
         let handover = take_handover(&mut request);
         let request_id = RequestId::generate();
+        let agents: Vec<&str> = request
+            .get_ref()
+            .agent_ids
+            .iter()
+            .map(String::as_str)
+            .collect();
+        CallRecord::update_in(request.extensions(), |facts| {
+            facts.agents = agents_as_given(&agents);
+            facts.request_id = Some(request_id.to_string());
+        });
         let valid = request::watch_request(
             request.get_ref(),
             self.settings.max_agent_id,
@@ -292,6 +344,30 @@ impl CallControl for CallControlApi {
             request_id,
             self.settings.stream_send_timeout,
             slot,
+            self.metrics.streams().clone(),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agents_as_given;
+
+    #[test]
+    fn the_agents_of_a_log_line_are_bounded() {
+        assert_eq!(agents_as_given(&[]), None);
+        assert_eq!(agents_as_given(&[""]), None);
+        assert_eq!(agents_as_given(&["101", "102"]).as_deref(), Some("101,102"));
+        let long = "9".repeat(1000);
+        assert_eq!(agents_as_given(&[&long]).unwrap().len(), 12);
+        let many = vec!["1"; 500];
+        assert_eq!(
+            agents_as_given(&many).unwrap(),
+            format!("{},...", ["1"; 10].join(","))
+        );
+        assert_eq!(
+            agents_as_given(&["ééééééééééééé"]).unwrap().chars().count(),
+            12
+        );
     }
 }

@@ -9,8 +9,9 @@ use super::status::{self, Context};
 use crate::{
     callers::StreamSlot,
     domain::RequestId,
-    events::{ReleaseEvent, ReleaseKind, Watcher, WatcherItem},
+    events::{ReleaseEvent, ReleaseKind, Watcher, WatcherEnd, WatcherItem},
     proto::{self, watch_release_events_response::Item},
+    telemetry::StreamMetrics,
 };
 
 pub(crate) type EventStream =
@@ -30,17 +31,24 @@ pub(crate) fn into_stream(
     request_id: RequestId,
     send_timeout: Duration,
     slot: StreamSlot,
+    counters: StreamMetrics,
 ) -> EventStream {
     let span = tracing::info_span!("WatchReleaseEvents", request_id = %request_id);
     let items = span.in_scope(|| watcher.forward(STREAM_QUEUE, send_timeout));
     Box::pin(stream::unfold(
-        (items, request_id, slot),
-        |(mut items, request_id, slot)| async move {
+        (items, request_id, slot, counters),
+        |(mut items, request_id, slot, counters)| async move {
             let item = match items.recv().await? {
-                Ok(item) => Ok(proto::WatchReleaseEventsResponse {
-                    item: Some(item_to_proto(item)),
-                }),
+                Ok(item) => {
+                    count_item(&item, &counters);
+                    Ok(proto::WatchReleaseEventsResponse {
+                        item: Some(item_to_proto(item)),
+                    })
+                }
                 Err(end) => {
+                    if matches!(end, WatcherEnd::TooSlow { .. }) {
+                        counters.cut_off_too_slow.inc();
+                    }
                     let ctx = Context {
                         agent: None,
                         request_id: request_id.as_str(),
@@ -49,9 +57,18 @@ pub(crate) fn into_stream(
                     Err(status::watcher_end(&end, &ctx))
                 }
             };
-            Some((item, (items, request_id, slot)))
+            Some((item, (items, request_id, slot, counters)))
         },
     ))
+}
+
+fn count_item(item: &WatcherItem, counters: &StreamMetrics) {
+    let counter = match item {
+        WatcherItem::Event(_) => &counters.events_delivered,
+        WatcherItem::Gap(_) => &counters.gaps_sent,
+        WatcherItem::Heartbeat { .. } | WatcherItem::SessionEnded { .. } => return,
+    };
+    counter.inc();
 }
 
 fn item_to_proto(item: WatcherItem) -> Item {

@@ -169,7 +169,7 @@ impl Feed {
         lock(&self.state).poll_failing = failing;
     }
 
-    pub(super) fn is_failing(&self) -> bool {
+    pub(crate) fn is_failing(&self) -> bool {
         lock(&self.state).poll_failing
     }
 

@@ -183,6 +183,18 @@ impl EventHub {
         lock(&self.hub.feeds).polled_agents()
     }
 
+    /// Poll loops running (each polls one agent; it ends a grace period after its last watcher).
+    pub fn poll_loops_running(&self) -> usize {
+        self.hub.poll_loops.len()
+    }
+
+    /// Agents whose last poll failed (transport, HTTP, unexpected retcode): their poll loops
+    /// are backing off and retrying.
+    pub fn failing_poll_loops(&self) -> usize {
+        let feeds: Vec<Arc<Feed>> = lock(&self.hub.feeds).all();
+        feeds.iter().filter(|feed| feed.is_failing()).count()
+    }
+
     pub fn stats(&self) -> EventStats {
         let c = &self.hub.counters;
         EventStats {

@@ -34,6 +34,7 @@ use super::{
 use crate::{
     domain::{AgentId, CallId},
     telemetry::trace::{self, GatewayTrace, TraceHeaders},
+    telemetry::{GatewayOperation, Metrics},
 };
 
 /// Path prefix of the agent interface on every gateway.
@@ -157,6 +158,7 @@ pub struct GatewayClient {
     max_answer_bytes: usize,
     legacy_release_path: bool,
     unreadable_set_guid: Arc<AtomicU64>,
+    metrics: Metrics,
 }
 
 impl GatewayClient {
@@ -188,7 +190,14 @@ impl GatewayClient {
             max_answer_bytes: settings.max_answer_bytes,
             legacy_release_path: settings.legacy_release_path,
             unreadable_set_guid: Arc::default(),
+            metrics: Metrics::default(),
         })
+    }
+
+    /// Counts this client's requests in `metrics` (by operation and outcome).
+    pub(crate) fn counted_in(mut self, metrics: &Metrics) -> Self {
+        self.metrics = metrics.clone();
+        self
     }
 
     pub fn stats(&self) -> GatewayStats {
@@ -245,17 +254,27 @@ impl GatewayClient {
         session: &Session,
         deadline: Instant,
     ) -> Exchange {
-        let (method, path) = match operation {
-            SessionOperation::Release(ReleaseTarget::Current) if self.legacy_release_path => {
-                (Method::DELETE, format!("/voicecall/{agent}"))
-            }
-            SessionOperation::Release(ReleaseTarget::Current) => {
-                (Method::DELETE, format!("/voicecall/{agent}/release"))
-            }
-            SessionOperation::Release(ReleaseTarget::Call(call)) => {
-                (Method::POST, format!("/voicecall/{agent}/dropcall/{call}"))
-            }
-            SessionOperation::PollEvents => (Method::GET, format!("/agentevent/{agent}")),
+        let (method, path, counted) = match operation {
+            SessionOperation::Release(ReleaseTarget::Current) if self.legacy_release_path => (
+                Method::DELETE,
+                format!("/voicecall/{agent}"),
+                GatewayOperation::Release,
+            ),
+            SessionOperation::Release(ReleaseTarget::Current) => (
+                Method::DELETE,
+                format!("/voicecall/{agent}/release"),
+                GatewayOperation::Release,
+            ),
+            SessionOperation::Release(ReleaseTarget::Call(call)) => (
+                Method::POST,
+                format!("/voicecall/{agent}/dropcall/{call}"),
+                GatewayOperation::Dropcall,
+            ),
+            SessionOperation::PollEvents => (
+                Method::GET,
+                format!("/agentevent/{agent}"),
+                GatewayOperation::Poll,
+            ),
         };
         // Polls have their own cap (one per polled agent, --max-polled-agents), and serve every
         // caller watching the agent: they continue nobody's trace.
@@ -265,7 +284,7 @@ impl GatewayClient {
         };
         match self.request_in(method, &path, session, trace.headers) {
             Ok(request) => {
-                self.exchange(request, turn, deadline)
+                self.exchange(counted, request, turn, deadline)
                     .instrument(trace.span)
                     .await
             }
@@ -286,17 +305,20 @@ impl GatewayClient {
         force: bool,
         deadline: Instant,
     ) -> Exchange {
-        let path = if force {
-            format!("/onlineagent/{agent}/forcelogin")
+        let (path, counted) = if force {
+            (
+                format!("/onlineagent/{agent}/forcelogin"),
+                GatewayOperation::ForceSignIn,
+            )
         } else {
-            format!("/onlineagent/{agent}")
+            (format!("/onlineagent/{agent}"), GatewayOperation::SignIn)
         };
         let body = json!({ "password": password, "phonenum": phone_number }).to_string();
         match self
             .request(Method::PUT, &path)
             .body(Full::new(Bytes::from(body)))
         {
-            Ok(request) => self.exchange(request, Turn::Wait, deadline).await,
+            Ok(request) => self.exchange(counted, request, Turn::Wait, deadline).await,
             Err(_) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(GatewayError::Malformed("request URI is invalid".into())),
@@ -339,11 +361,28 @@ impl GatewayClient {
             .map_err(|_| GatewayError::Malformed("request URI is invalid".into()))
     }
 
+    /// Counts the request by operation and outcome, with its latency, around
+    /// [`Self::exchange_uncounted`].
+    async fn exchange(
+        &self,
+        operation: GatewayOperation,
+        request: Request<Full<Bytes>>,
+        turn: Turn,
+        deadline: Instant,
+    ) -> Exchange {
+        let started = std::time::Instant::now();
+        let exchange = self.exchange_uncounted(request, turn, deadline).await;
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics
+            .gateway_request(operation, outcome_label(&exchange.answer), seconds);
+        exchange
+    }
+
     /// Waits for its turn (unless `turn` says it needs none), sends, takes the session headers
     /// as soon as they arrive (they count even when the body then fails), reads a bounded body
     /// and parses the envelope, all within `deadline`. What the answer says of the gateway's
     /// reachability goes into [`Self::health`].
-    async fn exchange(
+    async fn exchange_uncounted(
         &self,
         request: Request<Full<Bytes>>,
         turn: Turn,
@@ -455,6 +494,28 @@ fn reachability_evidence(
             | GatewayError::Oversized { .. },
         ) => Some(Ok(())),
         Err(_) => None,
+    }
+}
+
+/// The `outcome` label of a gateway request: the answer's retcode (a bounded set: success, the
+/// documented codes, `other_retcode`), or why there was none.
+fn outcome_label(answer: &Result<Answer, GatewayError>) -> &'static str {
+    match answer {
+        Ok(answer) if answer.retcode.is_ok() => "0",
+        Ok(answer) => answer.retcode.known().map_or("other_retcode", |k| k.code()),
+        Err(GatewayError::NoSession(_)) => "no_session",
+        Err(GatewayError::Connect(_)) => "connect_error",
+        Err(GatewayError::Timeout(_)) => "timeout",
+        Err(GatewayError::DeadlineTooShort(_)) => "deadline_too_short",
+        Err(GatewayError::Transport(_)) => "transport_error",
+        Err(GatewayError::HttpStatus { status }) => match status {
+            400..=499 => "http_4xx",
+            500..=599 => "http_5xx",
+            _ => "http_other",
+        },
+        Err(GatewayError::Malformed(_)) => "malformed_answer",
+        Err(GatewayError::Oversized { .. }) => "oversized_answer",
+        Err(GatewayError::Busy(_)) => "busy",
     }
 }
 

@@ -141,7 +141,7 @@ impl<K: Hash + Eq + Clone, F: PartialEq, V: Clone> IdempotencyCache<K, F, V> {
         inner.entries.contains_key(key)
     }
 
-    #[cfg(test)]
+    /// Entries held: answers within the window and releases under way.
     pub(crate) fn len(&self) -> usize {
         lock(&self.inner).entries.len()
     }

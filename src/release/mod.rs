@@ -206,6 +206,11 @@ impl ReleaseService {
         }
     }
 
+    /// request_ids whose answers (or releases under way) are remembered.
+    pub(crate) fn idempotency_entries(&self) -> usize {
+        self.answers.len()
+    }
+
     /// Carries out a ReleaseCall: watches for the release's event first when asked (so it
     /// cannot slip by unseen), releases (at most once per request_id), then waits for the
     /// event. A release that happened is a success whatever becomes of the wait. At the hard

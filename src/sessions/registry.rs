@@ -1,5 +1,12 @@
 //! agent id -> session: what the gateway issued or accepted, bounded by configuration.
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -67,6 +74,8 @@ pub struct SessionsFull(pub usize);
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<AgentId, Entry>>,
     limits: SessionLimits,
+    /// `Set-GUID` rotations of a held session.
+    rotations: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -95,6 +104,7 @@ impl SessionRegistry {
         Self {
             sessions: Mutex::default(),
             limits,
+            rotations: AtomicU64::new(0),
         }
     }
 
@@ -176,6 +186,9 @@ impl SessionRegistry {
         let rotated = entry.current.absorb(headers);
         // A Guid the gateway issued is one it accepts.
         entry.confirmed |= rotated;
+        if rotated {
+            self.rotations.fetch_add(1, Ordering::Relaxed);
+        }
         rotated
     }
 
@@ -259,6 +272,11 @@ impl SessionRegistry {
     /// Agents with a session.
     pub fn len(&self) -> usize {
         lock(&self.sessions).len()
+    }
+
+    /// Guid rotations (`Set-GUID` on an answer in a held session) so far.
+    pub fn guid_rotations(&self) -> u64 {
+        self.rotations.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {

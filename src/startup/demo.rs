@@ -10,6 +10,7 @@ use crate::{
     api::CallControlApi,
     config::Config,
     domain::{AgentId, DEFAULT_MAX_AGENT_ID},
+    telemetry::Metrics,
 };
 
 /// The agents the demo signs in.
@@ -23,6 +24,7 @@ pub const DEMO_CALLER: &str = "70093";
 pub(super) async fn start(
     config: &Config,
     listener: &TcpListener,
+    metrics: &Metrics,
 ) -> Result<CallControlApi, StartupError> {
     let sim_listener = TcpListener::bind(config.sim_listen).await?;
     let sim_addr = sim_listener.local_addr()?;
@@ -32,7 +34,7 @@ pub(super) async fn start(
         signout_after: None,
         ..SimConfig::default()
     });
-    let api = build_api(config, format!("http://{sim_addr}"))?;
+    let api = build_api(config, format!("http://{sim_addr}"), metrics)?;
     let tasks = api.lifecycle().tasks().clone();
     tokio::spawn(
         sim.clone()

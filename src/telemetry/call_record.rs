@@ -46,7 +46,12 @@ impl CallRecord {
 
     /// What is known now.
     pub fn facts(&self) -> CallFacts {
-        crate::lock(&self.0).clone()
+        self.read(CallFacts::clone)
+    }
+
+    /// Reads what is known now without copying it.
+    pub fn read<T>(&self, read: impl FnOnce(&CallFacts) -> T) -> T {
+        read(&crate::lock(&self.0))
     }
 }
 

@@ -101,7 +101,8 @@ pub async fn spawn_facade(
     args.extend(open_unless_callers(flags));
     args.extend_from_slice(flags);
     let config = Config::try_parse_from(args).expect("test flags parse");
-    let api = startup::build_api(&config, gateway_url.to_owned()).expect("facade builds");
+    let api = startup::build_api(&config, gateway_url.to_owned(), &Default::default())
+        .expect("facade builds");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = listener.local_addr().unwrap();
     let (stop_server, server_stopped) = oneshot::channel::<()>();
@@ -711,9 +712,9 @@ pub fn assert_ordered(events: &[ReleaseEvent]) {
     }
 }
 
-/// The program `name` on PATH. Without it the calling test is skipped (it returns at `None`),
-/// except under `CI=true`, whose `.ci/run` must have installed it with `install`.
-pub fn tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
+/// The program `name` on PATH. Without it a test skips (saying how to install it with
+/// `install`), except under `CI=true`, where it fails: CI must run every check.
+pub fn installed_tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(name))
@@ -721,7 +722,7 @@ pub fn tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
     });
     if found.is_none() {
         if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{name} is not installed; .ci/run must `{install}`");
+            panic!("{name} is not installed; .ci/run must install it: {install}");
         }
         eprintln!("SKIPPED: {name} not found; install it with `{install}`");
     }

@@ -1,0 +1,193 @@
+//! The metrics endpoint: the registry, the state it reads at each scrape, and its server, which
+//! runs beside the gRPC server and stops after it (scrapes during the drain still see it).
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use super::StartupError;
+use crate::{
+    api::CallControlApi,
+    config::Config,
+    telemetry::{endpoint, DroppedLogLines, ScrapeTimeMetrics},
+};
+
+/// The running metrics endpoint.
+pub(super) struct MetricsEndpoint {
+    pub(super) addr: SocketAddr,
+    stop: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl MetricsEndpoint {
+    /// Binds `--metrics-listen` and serves `registry` there, with the service's state added.
+    pub(super) async fn start(
+        addr: SocketAddr,
+        mut registry: Registry,
+        readings: ScrapeTimeMetrics,
+    ) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::MetricsListen { addr, source })?;
+        let addr = listener.local_addr()?;
+        readings.register(&mut registry);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(endpoint::serve(
+            listener,
+            Arc::new(registry),
+            stop.clone().cancelled_owned(),
+        ));
+        Ok(Self { addr, stop, server })
+    }
+
+    /// Stops serving; a scrape under way gets a second to finish.
+    pub(super) async fn stop(self) {
+        self.stop.cancel();
+        match tokio::time::timeout(std::time::Duration::from_secs(1), self.server).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the metrics endpoint failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the metrics endpoint did not stop within a second"),
+        }
+    }
+}
+
+/// The service's state, read at each scrape: one line per metric.
+pub(super) fn service_state(
+    api: &CallControlApi,
+    config: &Config,
+    dropped_log_lines: Option<DroppedLogLines>,
+) -> ScrapeTimeMetrics {
+    let mut state = ScrapeTimeMetrics::default();
+    let events = api.events().clone();
+    let sessions = api.sessions().clone();
+    let limits = config.events();
+    let read = |f: fn(&crate::events::EventHub) -> usize| {
+        let events = events.clone();
+        move || gauge(f(&events))
+    };
+    state
+        .gauge(
+            "ccgw_poll_loops_running",
+            "Poll loops running (one per polled agent)",
+            read(|e| e.poll_loops_running()),
+        )
+        .gauge(
+            "ccgw_poll_loops_failing",
+            "Poll loops whose last poll failed (retrying with backoff)",
+            read(|e| e.failing_poll_loops()),
+        )
+        .counter(
+            "ccgw_poll_failures",
+            "Event polls that failed (transport, HTTP, unexpected retcode)",
+            {
+                let events = events.clone();
+                move || events.stats().poll_failures
+            },
+        )
+        .counter(
+            "ccgw_release_events_observed",
+            "Release events read from the gateway",
+            {
+                let events = events.clone();
+                move || events.stats().release_events
+            },
+        )
+        .counter(
+            "ccgw_malformed_events",
+            "Gateway events that could not be read (dropped)",
+            {
+                let events = events.clone();
+                move || events.stats().malformed_events
+            },
+        )
+        .gauge(
+            "ccgw_streams_open",
+            "WatchReleaseEvents streams open (watcher permits in use)",
+            read(|e| e.watchers()),
+        )
+        .gauge(
+            "ccgw_streams_max",
+            "--max-watchers: streams allowed at once",
+            constant(limits.max_watchers),
+        )
+        .gauge(
+            "ccgw_release_waiters",
+            "ReleaseCalls waiting for their release event (release-waiter permits in use)",
+            read(|e| e.release_waiters()),
+        )
+        .gauge(
+            "ccgw_release_waiters_max",
+            "--max-release-waiters",
+            constant(limits.max_release_waiters),
+        )
+        .gauge(
+            "ccgw_polled_agents",
+            "Agents counted against --max-polled-agents",
+            read(|e| e.polled_agents()),
+        )
+        .gauge(
+            "ccgw_polled_agents_max",
+            "--max-polled-agents",
+            constant(limits.max_polled_agents),
+        )
+        .gauge(
+            "ccgw_sessions_held",
+            "Agents whose gateway session the facade holds",
+            {
+                let sessions = sessions.clone();
+                move || gauge(sessions.registry().len())
+            },
+        )
+        .gauge(
+            "ccgw_sessions_max",
+            "--max-sessions",
+            constant(config.session_limits().max_sessions),
+        )
+        .counter(
+            "ccgw_guid_rotations",
+            "Guids the gateway rotated (Set-GUID) in held sessions",
+            {
+                let sessions = sessions.clone();
+                move || sessions.registry().guid_rotations()
+            },
+        )
+        .counter(
+            "ccgw_gateway_unreadable_set_guid",
+            "Set-GUID headers without a readable Guid (ignored)",
+            {
+                let sessions = sessions.clone();
+                move || sessions.gateway().stats().unreadable_set_guid
+            },
+        )
+        .gauge(
+            "ccgw_idempotency_entries",
+            "request_ids whose answers are remembered",
+            {
+                let api = api.clone();
+                move || gauge(api.idempotency_entries())
+            },
+        )
+        .gauge(
+            "ccgw_idempotency_capacity",
+            "--idempotency-capacity",
+            constant(config.release_policy().idempotency_capacity),
+        );
+    if let Some(dropped) = dropped_log_lines {
+        state.counter(
+            "ccgw_log_lines_dropped",
+            "Log lines dropped because the log writer's queue was full",
+            move || dropped.dropped_lines() as u64,
+        );
+    }
+    state
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn constant(n: usize) -> impl Fn() -> i64 + Send + Sync + 'static {
+    let value = gauge(n);
+    move || value
+}

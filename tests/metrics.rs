@@ -1,0 +1,413 @@
+//! Issue 9, section 2 and the log part of section 3, through the real binary: the metrics
+//! endpoint of a real process (`--simulate --metrics-listen`), scraped with a real HTTP client
+//! and checked by `promtool check metrics`; the counters move by exactly the traffic this test
+//! sends; each call writes one JSON log line with what its handler learned.
+#![cfg(feature = "simulator")]
+mod common;
+
+use std::{
+    collections::HashMap,
+    process::Stdio,
+    sync::{Arc, Mutex},
+};
+
+use ccgw_callcontrol::proto::{
+    call_control_client::CallControlClient, ReleaseCallRequest, ReleaseOutcome,
+};
+use common::{installed_tool, release_req, watch_on, watch_req, OpenStream, WAIT};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::Code;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+const RELEASE: &str =
+    r#"grpc_service="ccgw.callcontrol.v1.CallControl",grpc_method="ReleaseCall",grpc_type="unary""#;
+const HEALTH: &str =
+    r#"grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_type="unary""#;
+const WATCH: &str = r#"grpc_service="ccgw.callcontrol.v1.CallControl",grpc_method="WatchReleaseEvents",grpc_type="server_stream""#;
+
+/// The binary running the demo, with its gRPC, metrics and simulator addresses and the JSON
+/// log lines it wrote after it started serving.
+struct Service {
+    _child: Child,
+    grpc: String,
+    metrics: String,
+    sim: String,
+    logs: Arc<Mutex<Vec<Value>>>,
+}
+
+async fn start_service() -> Service {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args([
+            "--simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        // No --log-format: stderr is a pipe, so `auto` must pick JSON.
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the service binary starts");
+    let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = tokio::time::timeout(WAIT, async {
+        while let Some(line) = logs.next_line().await.unwrap() {
+            let entry: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|_| panic!("a log line that is not JSON: {line}"));
+            if entry["message"] == "serving gRPC" {
+                return entry;
+            }
+        }
+        panic!("the service exited before serving");
+    })
+    .await
+    .expect("the service serves within the wait bound");
+    let sim = tokio::time::timeout(WAIT, async {
+        while let Some(line) = banner.next_line().await.unwrap() {
+            if let Some(rest) = line.split("simulator on http://").nth(1) {
+                return rest.trim_end_matches('.').to_owned();
+            }
+        }
+        panic!("no demo banner");
+    })
+    .await
+    .expect("the demo banner within the wait bound");
+    tokio::spawn(async move { while let Ok(Some(_)) = banner.next_line().await {} });
+    let collected = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn({
+        let collected = collected.clone();
+        async move {
+            while let Ok(Some(line)) = logs.next_line().await {
+                let entry = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("a log line that is not JSON: {line}"));
+                collected.lock().unwrap().push(entry);
+            }
+        }
+    });
+    Service {
+        _child: child,
+        grpc: serving["listen"].as_str().unwrap().to_owned(),
+        metrics: serving["metrics"]
+            .as_str()
+            .expect("the serving line names the metrics address")
+            .to_owned(),
+        sim,
+        logs: collected,
+    }
+}
+
+impl Service {
+    async fn scrape(&self) -> String {
+        let response = tokio::time::timeout(
+            WAIT,
+            reqwest::get(format!("http://{}/metrics", self.metrics)),
+        )
+        .await
+        .expect("a scrape within the wait bound")
+        .expect("the metrics endpoint answers");
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        response.text().await.unwrap()
+    }
+
+    async fn samples(&self) -> Samples {
+        Samples::parse(&self.scrape().await)
+    }
+
+    /// Scrapes until `done` holds for the samples (a stream's end is counted once the server
+    /// saw it, a moment after the client went).
+    async fn samples_when(&self, what: &str, done: impl Fn(&Samples) -> bool) -> Samples {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let samples = self.samples().await;
+                if done(&samples) {
+                    return samples;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
+    }
+
+    /// The one `rpc` log line of `rpc` whose field `key` is `value`, once it is written.
+    async fn rpc_line(&self, rpc: &str, key: &str, value: &str) -> Value {
+        let find = || {
+            let logs = self.logs.lock().unwrap();
+            let lines: Vec<Value> = logs
+                .iter()
+                .filter(|l| l["message"] == "rpc" && l["rpc"] == rpc && l[key] == value)
+                .cloned()
+                .collect();
+            assert!(lines.len() <= 1, "more than one line per call: {lines:?}");
+            lines.into_iter().next()
+        };
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(line) = find() {
+                    return line;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no rpc line for {rpc} with {key}={value}"))
+    }
+
+    async fn sim_post(&self, path: &str, body: Option<Value>) -> reqwest::Response {
+        let request = reqwest::Client::new().post(format!("http://{}{path}", self.sim));
+        let request = match body {
+            Some(body) => request.json(&body),
+            None => request,
+        };
+        let response = tokio::time::timeout(WAIT, request.send())
+            .await
+            .expect("the simulator answers within the wait bound")
+            .unwrap();
+        assert!(response.status().is_success(), "{path}: {response:?}");
+        response
+    }
+}
+
+/// The scraped samples, by series (`name{labels}` as the endpoint writes it).
+struct Samples(HashMap<String, f64>);
+
+impl Samples {
+    fn parse(text: &str) -> Self {
+        Self(
+            text.lines()
+                .filter(|line| !line.starts_with('#') && !line.is_empty())
+                .map(|line| {
+                    let (series, value) = line.rsplit_once(' ').expect("series value");
+                    (series.to_owned(), value.parse().expect("a number"))
+                })
+                .collect(),
+        )
+    }
+
+    /// The series' value; a series not written yet (a label set nothing counted yet) is 0.
+    fn get(&self, name: &str, labels: &str) -> f64 {
+        let series = if labels.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{name}{{{labels}}}")
+        };
+        self.0.get(&series).copied().unwrap_or(0.0)
+    }
+
+    fn handled(&self, method: &str, code: &str) -> f64 {
+        self.get(
+            "grpc_server_handled_total",
+            &format!(r#"{method},grpc_code="{code}""#),
+        )
+    }
+
+    fn gateway_releases_ok(&self) -> f64 {
+        self.get(
+            "ccgw_gateway_requests_total",
+            r#"operation="release",outcome="0""#,
+        )
+    }
+}
+
+/// `promtool check metrics` on `text`: `None` when promtool is not installed (skipped).
+async fn promtool_check(text: &str) -> Option<(bool, String)> {
+    let promtool = installed_tool("promtool", "apt-get install prometheus")?;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("promtool starts");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("promtool ends within the wait bound")
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), printed))
+}
+
+async fn open_watch(service: &Service, agent: &str) -> OpenStream {
+    let client = CallControlClient::connect(format!("http://{}", service.grpc))
+        .await
+        .unwrap();
+    watch_on(client, watch_req(&[agent]))
+        .await
+        .expect("the stream opens")
+}
+
+#[tokio::test]
+async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent() {
+    ccgw_callcontrol::install_crypto_provider();
+    let service = start_service().await;
+    let before = service.samples().await;
+    assert_eq!(
+        before.get(
+            "ccgw_build_info",
+            &format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"))
+        ),
+        1.0
+    );
+    assert_eq!(before.get("ccgw_sessions_held", ""), 3.0, "the demo agents");
+
+    // A stream that gets the customer hang-up of the demo call on agent 101 (two events),
+    // then is cancelled by its client.
+    let mut stream = open_watch(&service, "101").await;
+    service
+        .sim_post("/sim/agents/101/customer-hangup", None)
+        .await;
+    let events = stream.events_of(2).await;
+    assert!(events.iter().all(|e| e.agent_id == "101"));
+    let open = service.samples().await;
+    assert_eq!(open.get("ccgw_streams_open", ""), 1.0);
+    assert_eq!(open.get("ccgw_poll_loops_running", ""), 1.0);
+    drop(stream);
+    // The stream is counted when hyper drops it; its watcher is freed once the forwarding task
+    // notices, a moment later.
+    service
+        .samples_when(
+            "the cancelled stream is counted and its watcher freed",
+            |s| {
+                s.handled(WATCH, "Canceled") == before.handled(WATCH, "Canceled") + 1.0
+                    && s.get("ccgw_streams_open", "") == 0.0
+            },
+        )
+        .await;
+
+    // A health check: counted, logged at debug level only (not at RUST_LOG=info).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("the service is healthy");
+
+    // A ReleaseCall that releases a new call on agent 102, and one refused before anything is
+    // sent.
+    service
+        .sim_post(
+            "/sim/agents/102/calls",
+            Some(serde_json::json!({"caller": "70094"})),
+        )
+        .await;
+    let mut client = CallControlClient::connect(format!("http://{}", service.grpc))
+        .await
+        .unwrap();
+    let released = client
+        .release_call(ReleaseCallRequest {
+            request_id: "metrics-test-1".into(),
+            ..release_req("102")
+        })
+        .await
+        .expect("the release succeeds")
+        .into_inner();
+    assert_eq!(released.outcome(), ReleaseOutcome::Released);
+    let refused = client.release_call(release_req("42")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+
+    // A trailers-only answer (the refusal) is counted when hyper drops its empty body, which
+    // may be a moment after the client has the answer.
+    let after = service
+        .samples_when("both ReleaseCalls are counted", |s| {
+            s.handled(RELEASE, "InvalidArgument") > before.handled(RELEASE, "InvalidArgument")
+        })
+        .await;
+    let delta = |name: &str, labels: &str| after.get(name, labels) - before.get(name, labels);
+    assert_eq!(
+        after.handled(RELEASE, "OK") - before.handled(RELEASE, "OK"),
+        1.0
+    );
+    assert_eq!(
+        after.handled(RELEASE, "InvalidArgument") - before.handled(RELEASE, "InvalidArgument"),
+        1.0
+    );
+    assert_eq!(delta("grpc_server_started_total", RELEASE), 2.0);
+    assert_eq!(delta("grpc_server_handling_seconds_count", RELEASE), 2.0);
+    assert_eq!(delta("grpc_server_started_total", WATCH), 1.0);
+    assert_eq!(
+        after.handled(HEALTH, "OK") - before.handled(HEALTH, "OK"),
+        1.0
+    );
+    assert_eq!(delta("ccgw_events_delivered_total", ""), 2.0);
+    assert_eq!(
+        after.gateway_releases_ok() - before.gateway_releases_ok(),
+        1.0
+    );
+    assert_eq!(delta("ccgw_idempotency_entries", ""), 1.0, "metrics-test-1");
+    assert!(delta("ccgw_release_events_observed_total", "") >= 2.0);
+
+    match promtool_check(&service.scrape().await).await {
+        Some((passed, printed)) => assert!(passed, "promtool check metrics: {printed}"),
+        None => eprintln!("promtool check skipped"),
+    }
+
+    // One line per call, with what the handler learned.
+    let ok = service
+        .rpc_line(
+            "ccgw.callcontrol.v1.CallControl/ReleaseCall",
+            "request_id",
+            "metrics-test-1",
+        )
+        .await;
+    assert_eq!(ok["code"], "OK");
+    assert_eq!(ok["agents"], "102");
+    assert_eq!(ok["retcode"], "0");
+    assert_eq!(ok["reason"], "RELEASED");
+    assert!(ok["latency_ms"].as_f64().unwrap() > 0.0, "{ok}");
+    let invalid = service
+        .rpc_line(
+            "ccgw.callcontrol.v1.CallControl/ReleaseCall",
+            "agents",
+            "42",
+        )
+        .await;
+    assert_eq!(invalid["code"], "InvalidArgument");
+    assert_eq!(invalid["reason"], "INVALID_ARGUMENT");
+    assert_eq!(invalid["level"], "INFO");
+    let stream_line = service
+        .rpc_line(
+            "ccgw.callcontrol.v1.CallControl/WatchReleaseEvents",
+            "agents",
+            "101",
+        )
+        .await;
+    assert_eq!(stream_line["code"], "Canceled");
+    // The health check ended before the ReleaseCalls, whose lines are written: it has none.
+    let logs = service.logs.lock().unwrap();
+    assert!(
+        !logs.iter().any(|l| l["message"] == "rpc"
+            && l["rpc"]
+                .as_str()
+                .is_some_and(|rpc| rpc.starts_with("grpc.health"))),
+        "a health check logged at info"
+    );
+    assert!(stream_line["request_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+}
