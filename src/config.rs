@@ -47,6 +47,13 @@ pub struct Config {
     #[arg(long, env = "CCGW_METRICS_LISTEN")]
     pub(crate) metrics_listen: Option<SocketAddr>,
 
+    /// Address of a plaintext port serving only the gRPC health service
+    /// (`grpc.health.v1.Health`), e.g. `0.0.0.0:8081`, for probes that speak no TLS (the
+    /// kubelet's gRPC probes) when the gRPC port has --tls-cert. It answers until the drain
+    /// ends. Off unless set; health is always served on the gRPC port too.
+    #[arg(long, env = "CCGW_HEALTH_LISTEN")]
+    pub(crate) health_listen: Option<SocketAddr>,
+
     /// CC-Gateway base URL, e.g. `https://ccgw.example:8043` (the /agentgateway/resource prefix
     /// is added). Not needed with --simulate.
     #[arg(long, env = "CCGW_GATEWAY_URL", required_unless_present = "simulate")]

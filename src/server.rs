@@ -92,6 +92,7 @@ pub enum ServerError {
 /// in-flight calls `drain_timeout` to finish.
 pub async fn run(
     listener: TcpListener,
+    health_listener: Option<TcpListener>,
     api: CallControlApi,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -150,7 +151,7 @@ pub async fn run(
             inner,
             stop: hard_stop.clone(),
         }))
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(call_control);
@@ -163,7 +164,51 @@ pub async fn run(
             .serve_with_incoming_shutdown(aged(tls::incoming(listener, tls), lifetime), signal)
             .boxed(),
     };
-    drain(serve, &lifecycle, settings.drain_timeout).await
+    let probes = health_listener.map(|listener| serve_health(listener, health_service));
+    let served = drain(serve, &lifecycle, settings.drain_timeout).await;
+    if let Some(probes) = probes {
+        probes.stop().await;
+    }
+    served
+}
+
+/// The plaintext health port: `grpc.health.v1.Health` and nothing else, for probes that speak
+/// no TLS (the kubelet's). It answers until the gRPC server has drained, so that a draining
+/// replica is seen alive and not ready, rather than not there.
+struct HealthPort {
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+fn serve_health(
+    listener: TcpListener,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> HealthPort {
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+    HealthPort { stop, server }
+}
+
+impl HealthPort {
+    /// Stops answering; a probe under way gets a second to finish (Health.Watch streams are
+    /// cut).
+    async fn stop(self) {
+        self.stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(1), self.server).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the health port failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the health port did not stop within a second"),
+        }
+    }
 }
 
 /// Re-reads the TLS and callers files every `interval` until shutdown, so that rotated

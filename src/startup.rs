@@ -33,6 +33,11 @@ pub enum StartupError {
     Gateway(#[from] crate::gateway::SettingsError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("--health-listen {addr}: {source}")]
+    HealthListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("--metrics-listen {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -111,12 +116,25 @@ pub async fn run(
         }
         None => None,
     };
+    let health_listener = match config.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::HealthListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let health_addr = health_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     tracing::info!(
         listen = %listener.local_addr()?,
         metrics = endpoint.as_ref().map(|e| tracing::field::display(e.addr)),
+        health = health_addr.map(tracing::field::display),
         "serving gRPC"
     );
-    let served = server::run(listener, api, config.server(), shutdown).await;
+    let served = server::run(listener, health_listener, api, config.server(), shutdown).await;
     if let Some(endpoint) = endpoint {
         endpoint.stop().await;
     }

@@ -161,6 +161,43 @@ pub(super) fn service_state(
             },
         )
         .gauge(
+            "ccgw_gateway_up",
+            "1 while the gateway is reachable (health ccgw.gateway: down after 3 failed probes or connects in a row, up after 2 successes)",
+            {
+                let sessions = sessions.clone();
+                move || i64::from(sessions.gateway().health().is_up())
+            },
+        )
+        .counter(
+            "ccgw_gateway_reachability_changes",
+            "Times the gateway's reachability changed (a flapping gateway moves this often)",
+            {
+                let sessions = sessions.clone();
+                move || sessions.gateway().health().transitions()
+            },
+        )
+        .gauge(
+            "ccgw_gateway_requests_in_flight",
+            "Gateway requests other than event polls being sent (at most --max-gateway-requests)",
+            {
+                let sessions = sessions.clone();
+                move || gauge(sessions.gateway().admission().in_flight())
+            },
+        )
+        .gauge(
+            "ccgw_gateway_requests_waiting",
+            "Gateway requests waiting for their turn (at most --max-gateway-queue, then GATEWAY_BUSY)",
+            {
+                let sessions = sessions.clone();
+                move || gauge(sessions.gateway().admission().waiting())
+            },
+        )
+        .gauge(
+            "ccgw_gateway_requests_max",
+            "--max-gateway-requests",
+            constant(config.max_gateway_requests as usize),
+        )
+        .gauge(
             "ccgw_idempotency_entries",
             "request_ids whose answers are remembered",
             {

@@ -110,7 +110,7 @@ pub async fn spawn_facade(
         let api = api.clone();
         let settings = config.server();
         async move {
-            server::run(listener, api, settings, async {
+            server::run(listener, None, api, settings, async {
                 let _ = server_stopped.await;
             })
             .await
