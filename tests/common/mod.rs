@@ -258,10 +258,21 @@ pub async fn spawn_service(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (tokio::process::Child, String) {
+    let (service, serving) = spawn_service_logging(args, envs).await;
+    (service, serving["listen"].as_str().unwrap().to_owned())
+}
+
+/// [`spawn_service`], returning the "serving gRPC" log line (its addresses: `listen`, and
+/// `metrics` and `health` when those ports are open).
+pub async fn spawn_service_logging(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, serde_json::Value) {
     use tokio::io::{AsyncBufReadExt, BufReader};
+    let callers_in_env = envs.iter().any(|(name, _)| *name == "CCGW_CALLERS");
     let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
         .args(args)
-        .args(open_unless_callers(args))
+        .args(open_unless_callers(args).filter(|_| !callers_in_env))
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .env("RUST_LOG", "info")
         .envs(envs.iter().copied())
@@ -270,21 +281,23 @@ pub async fn spawn_service(
         .spawn()
         .expect("the service binary starts");
     let mut logs = BufReader::new(service.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
+    let serving = tokio::time::timeout(WAIT, async {
+        let mut seen = Vec::new();
         while let Some(line) = logs.next_line().await.unwrap() {
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
             if entry["message"] == "serving gRPC" {
-                return entry["listen"].as_str().unwrap().to_owned();
+                return entry;
             }
+            seen.push(line);
         }
-        panic!("the service exited before serving");
+        panic!("the service exited before serving:\n{}", seen.join("\n"));
     })
     .await
     .expect("the service serves within the wait bound");
     tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
-    (service, addr)
+    (service, serving)
 }
 
 /// Sends SIGTERM to `process`.
