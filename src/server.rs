@@ -1,6 +1,6 @@
-//! `run(listener, api, settings, shutdown)`: the gRPC server with health (see `health`),
+//! `run(listener, health_listener, api, settings, shutdown)`: the gRPC server with health (see `health`),
 //! reflection (v1 and v1alpha), connection limits (keepalive, maximum age) and a bounded
-//! graceful drain, on plaintext or TLS ([`tls`]); CallControl calls go through caller
+//! graceful drain, on plaintext or TLS (`tls`); CallControl calls go through caller
 //! authentication, health and reflection stay open.
 mod tls;
 use std::{

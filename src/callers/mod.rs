@@ -1,7 +1,7 @@
 //! Who is calling and what it may do: callers identified by a bearer token or a client
-//! certificate's names, each granted agent id ranges and verbs ([`grant`]); the files that say
+//! certificate's names, each granted agent id ranges and verbs (`grant`); the files that say
 //! so, reloaded when they change ([`Callers`]); and how many event streams each caller may
-//! hold open ([`StreamSlots`]). Knows nothing of gRPC: `api` turns its answers into statuses.
+//! hold open (`StreamSlots`). Knows nothing of gRPC: `api` turns its answers into statuses.
 mod directory;
 mod grant;
 mod streams;
@@ -43,7 +43,7 @@ impl Caller {
             .clone()
     }
 
-    /// The name from the callers file (empty for [`Caller::anyone`]).
+    /// The name from the callers file (empty for `Caller::anyone`).
     pub fn name(&self) -> &str {
         &self.name
     }
