@@ -1,7 +1,7 @@
-//! `run(listener, health_listener, api, settings, shutdown)`: the gRPC server with health (see `health`),
-//! reflection (v1 and v1alpha), connection limits (keepalive, maximum age) and a bounded
-//! graceful drain, on plaintext or TLS (`tls`); CallControl calls go through caller
-//! authentication, health and reflection stay open.
+//! `run(listener, health_listener, api, settings, shutdown)`: the gRPC server with health (see
+//! `health`, and a plaintext health-only port for probes), reflection (v1 and v1alpha),
+//! connection limits (keepalive, maximum age) and a bounded graceful drain, on plaintext or TLS
+//! (`tls`); CallControl calls go through caller authentication, health and reflection stay open.
 mod tls;
 use std::{
     future::Future,
