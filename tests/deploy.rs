@@ -338,3 +338,27 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
         "the metrics port serves the metrics"
     );
 }
+
+/// The alerting rules load, and each alert tested in ccgw-callcontrol.rules.test.yaml fires on
+/// the series that should raise it, and not before.
+#[test]
+fn the_alerting_rules_load_and_fire_when_they_should() {
+    let Some(promtool) = tool(
+        "promtool",
+        "apt-get install prometheus (Debian's package carries promtool)",
+    ) else {
+        return;
+    };
+    passes(
+        &promtool,
+        &["check", "rules", "deploy/prometheus/ccgw-callcontrol.rules.yaml"],
+    );
+    passes(
+        &promtool,
+        &[
+            "test",
+            "rules",
+            "deploy/prometheus/ccgw-callcontrol.rules.test.yaml",
+        ],
+    );
+}
