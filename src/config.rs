@@ -501,10 +501,22 @@ impl Config {
 }
 
 /// Environment variables read outside the flags.
-const OTHER_ENV: &[(&str, &str)] = &[(
-    "RUST_LOG",
-    "Log filter, e.g. `info,ccgw_callcontrol::events=debug` [default: info].",
-)];
+const OTHER_ENV: &[(&str, &str)] = &[
+    (
+        "RUST_LOG",
+        "Log filter, e.g. `info,ccgw_callcontrol::events=debug` [default: info].",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTLP/HTTP collector, e.g. `http://otel-collector:4318`: spans are exported there \
+         [default: no export; a caller's traceparent still reaches the gateway].",
+    ),
+    (
+        "OTEL_SERVICE_NAME",
+        "`service.name` of exported spans [default: ccgw-callcontrol]; the other `OTEL_*` \
+         variables work as the OpenTelemetry SDK defines them.",
+    ),
+];
 
 /// Every flag and environment variable, as the Markdown table in README.md: built from the
 /// flags' own definitions, so that a test can hold the README to them.

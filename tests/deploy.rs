@@ -351,7 +351,11 @@ fn the_alerting_rules_load_and_fire_when_they_should() {
     };
     passes(
         &promtool,
-        &["check", "rules", "deploy/prometheus/ccgw-callcontrol.rules.yaml"],
+        &[
+            "check",
+            "rules",
+            "deploy/prometheus/ccgw-callcontrol.rules.yaml",
+        ],
     );
     passes(
         &promtool,
