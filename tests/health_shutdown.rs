@@ -279,3 +279,71 @@ async fn next_status(
         .expect("the watch runs")
         .map(|answer| answer.status())
 }
+
+/// The kubelet's view of a draining replica, through the plaintext health port of a real
+/// process: after SIGTERM, while a ReleaseCall still holds the drain open, a new connection to
+/// the health port is answered: not ready, still alive. (The gRPC port stops accepting at once.)
+#[tokio::test]
+async fn the_health_port_answers_a_draining_replica_not_ready_but_alive() {
+    let (sim, sim_addr, _stop_sim) = common::spawn_sim(sim_config(), None).await;
+    let gateway_url = format!("http://{sim_addr}");
+    let (facade, serving) = common::spawn_service_logging(
+        &[
+            "--gateway-url",
+            &gateway_url,
+            "--health-listen",
+            "127.0.0.1:0",
+            // The held release, not a timeout, keeps the drain open, however slow the machine.
+            "--request-timeout-ms",
+            "300000",
+            "--drain-timeout-secs",
+            "300",
+            "--max-connection-age-grace-secs",
+            "300",
+        ],
+        &[],
+    )
+    .await;
+    let grpc = serving["listen"].as_str().unwrap().to_owned();
+    let health_port: std::net::SocketAddr = serving["health"].as_str().unwrap().parse().unwrap();
+    assert_eq!(health(health_port, "").await, ServingStatus::Serving);
+    assert_eq!(
+        health(health_port, health_names::LIVENESS).await,
+        ServingStatus::Serving
+    );
+
+    // A release held at the simulator keeps the drain from ending.
+    let guid = common::desktop_sign_in(sim_addr, "101", false).await.guid;
+    sim.place_call("101", "70093").unwrap();
+    sim.push_fault(common::hang("/voicecall/"));
+    let mut client = ccgw_callcontrol::proto::call_control_client::CallControlClient::connect(
+        format!("http://{grpc}"),
+    )
+    .await
+    .unwrap();
+    let held = tokio::spawn(async move {
+        client
+            .release_call(common::handing_over(release_req("101"), &guid))
+            .await
+    });
+    common::wait_until("the release reaches the simulator", || {
+        sim.requests().iter().any(|r| r.method == "DELETE")
+    })
+    .await;
+
+    common::sigterm(&facade).await;
+    tokio::time::timeout(common::WAIT, async {
+        while health(health_port, health_names::READINESS).await != ServingStatus::NotServing {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("readiness turns NOT_SERVING on the health port");
+    assert_eq!(health(health_port, "").await, ServingStatus::NotServing);
+    assert_eq!(
+        health(health_port, health_names::LIVENESS).await,
+        ServingStatus::Serving
+    );
+    assert!(!held.is_finished(), "the drain was still open");
+    held.abort();
+}
