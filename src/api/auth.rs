@@ -26,7 +26,8 @@ impl tonic::service::Interceptor for Authenticate {
             None => Ok(Caller::anyone()),
             Some(callers) => callers.authenticate(credential(&request)),
         };
-        // Read once, and gone before anything else (a log or trace layer) sees it.
+        // Read once, and gone before the handler and anything it calls can see it (the layers
+        // outside, telemetry and trace context, never read it).
         request.metadata_mut().remove(AUTHORIZATION_METADATA);
         let caller = caller.map_err(|why| refuse(&request, why))?;
         if self.callers.is_some() {
@@ -57,7 +58,12 @@ fn refuse(request: &Request<()>, why: Unauthenticated) -> Status {
         .get::<Peer>()
         .and_then(|p| p.remote_addr)
         .or_else(|| request.remote_addr());
-    tracing::info!(request_id = %request_id, ?remote, reason = %why, "call refused: unauthenticated");
+    // The call's own line (telemetry::rpc) says UNAUTHENTICATED, and from where.
+    CallRecord::update_in(request.extensions(), |f| {
+        f.peer = remote.map(|addr| addr.to_string());
+        f.request_id = Some(request_id.to_string());
+    });
+    tracing::debug!(request_id = %request_id, reason = %why, "call refused: unauthenticated");
     status::unauthenticated(&why, request_id.as_str())
 }
 
@@ -76,7 +82,7 @@ pub(crate) fn authorize<T>(
         ));
     };
     caller.allows(verbs, agents).map_err(|denied| {
-        tracing::info!(caller = caller.name(), request_id = %ctx.request_id, %denied, "call refused: permission denied");
+        tracing::debug!(caller = caller.name(), request_id = %ctx.request_id, %denied, "call refused: permission denied");
         status::permission_denied(&denied, ctx)
     })?;
     Ok(caller.clone())

@@ -335,7 +335,7 @@ impl CallControl for CallControlApi {
         let caller = auth::authorize(&request, &needed, &valid.agents, &ctx)?;
         let slot = self.stream_slots.take(&caller).ok_or_else(|| {
             let limit = self.settings.max_streams_per_caller;
-            tracing::info!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");
+            tracing::debug!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");
             status::too_many_caller_streams(limit, &ctx)
         })?;
         let watcher = self.subscribe(valid, single_agent.zip(handover), &ctx)?;

@@ -18,6 +18,8 @@ pub struct CallRecord(Arc<Mutex<CallFacts>>);
 pub struct CallFacts {
     /// The authenticated caller's name (from the callers file), if any.
     pub caller: Option<String>,
+    /// The client's address, for a call refused because it identified no caller.
+    pub peer: Option<String>,
     /// The agent ids the call names, as given (comma-separated when several).
     pub agents: Option<String>,
     pub request_id: Option<String>,

@@ -200,6 +200,7 @@ fn log_line(method: &MethodMetrics, code: Code, seconds: f64, facts: &CallFacts)
                 rpc = method.name,
                 code = go_code_name(code),
                 caller = facts.caller.as_deref(),
+                peer = facts.peer.as_deref(),
                 agents = facts.agents.as_deref(),
                 request_id = facts.request_id.as_deref(),
                 retcode = facts.retcode.as_deref(),
