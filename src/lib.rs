@@ -1,10 +1,12 @@
 //! ccgw-callcontrol: a gRPC facade over Huawei CC-Gateway's agent REST interface.
 //!
-//! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types), `sessions` (which session a
-//! request goes out with, handovers), `release` (hang-up policy), `events` (poll loops,
-//! feeds, watchers, replay and resume), `lifecycle` (shutdown and tasks), `server` (composition),
-//! `config`, `telemetry`, `callers` (who may call, and what for). The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which
-//! `startup` embeds for `--simulate` when the `simulator` feature (on by default) is.
+//! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types, TLS, the request cap,
+//! reachability), `sessions` (which session a request goes out with, handovers), `release`
+//! (hang-up policy), `events` (poll loops, feeds, watchers, replay and resume), `callers` (who
+//! may call, and what for), `health` (what each health name reports), `lifecycle` (shutdown and
+//! tasks), `server` (composition, TLS on the gRPC port), `config`, `telemetry` (logs, metrics,
+//! traces). The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which `startup` embeds
+//! for `--simulate` when the `simulator` feature (on by default) is.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
 /// written by hand can miss a variant without anything failing; this one cannot, so tables
