@@ -64,7 +64,8 @@ pub struct Config {
     pub(crate) gateway_ca_bundle: Option<PathBuf>,
 
     /// PEM certificate chain the facade presents to the gateway (mutual TLS); needs
-    /// --gateway-client-key. Read once at startup.
+    /// --gateway-client-key. Re-read with its key every --reload-secs: new connections use a
+    /// rotated certificate, no restart.
     #[arg(
         long,
         env = "CCGW_GATEWAY_CLIENT_CERT",
@@ -279,7 +280,8 @@ pub struct Config {
     #[arg(long, env = "CCGW_NO_CALLER_AUTH")]
     pub(crate) no_caller_auth: bool,
 
-    /// How often the TLS and callers files are checked for changes, in seconds.
+    /// How often the TLS files (--tls-cert, --tls-key, --tls-client-ca, --gateway-client-cert,
+    /// --gateway-client-key) and the callers files are checked for changes, in seconds.
     #[arg(long, env = "CCGW_RELOAD_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub(crate) reload_secs: u64,

@@ -211,8 +211,9 @@ impl HealthPort {
     }
 }
 
-/// Re-reads the TLS and callers files every `interval` until shutdown, so that rotated
-/// certificates and tokens take effect without a restart.
+/// Re-reads the TLS files (the gRPC port's, the gateway client certificate) and the callers
+/// files every `interval` until shutdown, so that rotated certificates and tokens take effect
+/// without a restart.
 fn reload_files(
     tls: Option<ServerTls>,
     api: &CallControlApi,
@@ -220,7 +221,8 @@ fn reload_files(
     interval: Duration,
 ) {
     let callers = api.callers().cloned();
-    if tls.is_none() && callers.is_none() {
+    let gateway = api.sessions().gateway().clone();
+    if tls.is_none() && callers.is_none() && !gateway.has_tls_files() {
         return;
     }
     let stop = lifecycle.shutdown().clone();
@@ -231,6 +233,7 @@ fn reload_files(
         if let Some(callers) = &callers {
             callers.reload();
         }
+        gateway.reload_tls_files();
     });
 }
 

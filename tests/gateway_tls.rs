@@ -140,3 +140,65 @@ async fn skip_verify_accepts_a_self_signed_certificate() {
     .await;
     release_works(&lab).await;
 }
+
+/// A rotated client certificate is used without a restart: the facade starts with one the
+/// gateway does not trust (its requests are refused, nothing sent); once the files hold one the
+/// gateway trusts, it is re-read (`--reload-secs`) and requests get through.
+#[tokio::test]
+async fn a_rotated_client_certificate_is_used_without_a_restart() {
+    let ca = Ca::new("gateway CA");
+    let clients = Ca::new("client CA");
+    let server = ca.issue_for(&["localhost"]);
+    let files = common::pki::Files::new();
+    let untrusted = Ca::new("another CA").issue_for(&["ccgw-callcontrol"]);
+    let cert = files.write("client.pem", &untrusted.cert_pem);
+    let key = files.write("client-key.pem", &untrusted.key_pem);
+    let mut flags = trusting(&ca);
+    flags.extend(
+        [
+            "--gateway-client-cert",
+            &cert,
+            "--gateway-client-key",
+            &key,
+            "--reload-secs",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let app = app(sim_tls(&server, Some(&clients)), &flags).await;
+    refused_before_sending(&app).await;
+
+    let trusted = clients.issue_for(&["ccgw-callcontrol"]);
+    files.write("client.pem", &trusted.cert_pem);
+    files.write("client-key.pem", &trusted.key_pem);
+    // Sign-ins refused at the handshake send nothing; the first one after the reload gets
+    // through.
+    tokio::time::timeout(common::WAIT, async {
+        loop {
+            let answer = app
+                .api
+                .sessions()
+                .sign_in(
+                    common::agent_id("101"),
+                    "secret",
+                    "88001",
+                    false,
+                    common::deadline(),
+                )
+                .await;
+            match answer {
+                Ok(answer) if answer.is_ok() => return,
+                Ok(refused) => panic!("the gateway refused the sign-in: {refused:?}"),
+                Err(ccgw_callcontrol::gateway::GatewayError::Connect(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
+                Err(error) => panic!("not a refused handshake: {error:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the rotated certificate is used within the wait bound");
+    app.sim.place_call("101", "70093").unwrap();
+    let answer = app.release(release_req("101")).await.expect("released");
+    assert_eq!(answer.outcome(), ReleaseOutcome::Released);
+}

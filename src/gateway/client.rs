@@ -27,7 +27,7 @@ use super::{
     admission::{self, GatewayAdmission},
     reachability::GatewayHealth,
     session::{Guid, Session, SessionHeaders},
-    tls::{self, warn_about_exposure},
+    tls::{self, warn_about_exposure, ClientIdentity},
     wire::{self, Answer},
     GatewayError,
 };
@@ -159,6 +159,8 @@ pub struct GatewayClient {
     legacy_release_path: bool,
     unreadable_set_guid: Arc<AtomicU64>,
     metrics: Metrics,
+    /// The client certificate presented to the gateway, re-read while the service runs.
+    client_identity: Option<ClientIdentity>,
 }
 
 impl GatewayClient {
@@ -176,7 +178,8 @@ impl GatewayClient {
             .http1_read_buf_exact_size(READ_BUFFER_BYTES);
         // hyper's client follows no redirects and knows no proxies: requests go straight to
         // the configured gateway, and a 3xx answer is an HTTP status error.
-        let connector = connector(settings)?;
+        let client_identity = client_identity(settings)?;
+        let connector = connector(settings, client_identity.as_ref())?;
         let http = builder.build(connector.clone());
         Ok(Self {
             http,
@@ -191,7 +194,20 @@ impl GatewayClient {
             legacy_release_path: settings.legacy_release_path,
             unreadable_set_guid: Arc::default(),
             metrics: Metrics::default(),
+            client_identity,
         })
+    }
+
+    /// Re-reads the client certificate and key, if configured; new connections use them.
+    pub(crate) fn reload_tls_files(&self) {
+        if let Some(identity) = &self.client_identity {
+            identity.reload();
+        }
+    }
+
+    /// Whether [`Self::reload_tls_files`] has anything to re-read.
+    pub(crate) fn has_tls_files(&self) -> bool {
+        self.client_identity.is_some()
     }
 
     /// Counts this client's requests in `metrics` (by operation and outcome).
@@ -528,7 +544,10 @@ fn sensitive(value: &str) -> Result<header::HeaderValue, GatewayError> {
 }
 
 /// TCP (as reqwest set it up) and TLS for `https` gateways; the connect timeout covers both.
-fn connector(settings: &GatewaySettings) -> Result<Connector, SettingsError> {
+fn connector(
+    settings: &GatewaySettings,
+    identity: Option<&ClientIdentity>,
+) -> Result<Connector, SettingsError> {
     let mut tcp = HttpConnector::new();
     // The TLS wrapper decides which schemes go through it.
     tcp.enforce_http(false);
@@ -542,7 +561,7 @@ fn connector(settings: &GatewaySettings) -> Result<Connector, SettingsError> {
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     tcp.set_tcp_user_timeout(Some(Duration::from_secs(30)));
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config(settings)?)
+        .with_tls_config(tls_config(settings, identity)?)
         .https_or_http()
         .enable_http1()
         .wrap_connector(tcp);
@@ -561,7 +580,10 @@ fn connector(settings: &GatewaySettings) -> Result<Connector, SettingsError> {
 /// platform's verifier (on Linux, the system's roots), plus the roots of `--gateway-ca-bundle`;
 /// the gateway's host name is verified. Optionally a client certificate, or no verification at
 /// all (`--gateway-insecure-skip-verify`).
-fn tls_config(settings: &GatewaySettings) -> Result<rustls::ClientConfig, SettingsError> {
+fn tls_config(
+    settings: &GatewaySettings,
+    identity: Option<&ClientIdentity>,
+) -> Result<rustls::ClientConfig, SettingsError> {
     let provider = rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
@@ -584,12 +606,21 @@ fn tls_config(settings: &GatewaySettings) -> Result<rustls::ClientConfig, Settin
         // platform's verifies the chain and the host name.
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    match &settings.client_identity {
-        None => Ok(builder.with_no_client_auth()),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(cert.certificates()?, key.private_key()?)
-            .map_err(|e| key.problem(format!("unusable with {}: {e}", cert.path()))),
-    }
+    Ok(match identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => builder.with_client_cert_resolver(Arc::new(identity.clone())),
+    })
+}
+
+/// The client certificate and key, if configured: checked as PEM files (errors name what is
+/// wrong with which), then loaded to be re-read while the service runs.
+fn client_identity(settings: &GatewaySettings) -> Result<Option<ClientIdentity>, SettingsError> {
+    let Some((cert, key)) = &settings.client_identity else {
+        return Ok(None);
+    };
+    cert.certificates()?;
+    key.private_key()?;
+    ClientIdentity::load(cert, key).map(Some)
 }
 
 /// `scheme://host[:port][/path]`, without a trailing slash, ending in the resource prefix.

@@ -1,5 +1,5 @@
-//! TLS material for the gateway connection (PEM files read at startup) and the loud way out of
-//! verification for lab gateways.
+//! TLS material for the gateway connection (PEM files read at startup; the client certificate
+//! re-read while the service runs) and the loud way out of verification for lab gateways.
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -9,13 +9,18 @@ use std::{
 
 use hyper::Uri;
 use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        ResolvesClientCert,
+    },
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    sign::CertifiedKey,
     DigitallySignedStruct, SignatureScheme,
 };
 
 use super::SettingsError;
+use crate::reload::Reloading;
 
 /// A PEM file named by a flag, read once at startup. Errors name the flag and the path; neither
 /// they nor `Debug` ever show what the file holds (a private key, or certificates an operator
@@ -172,6 +177,63 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// The client certificate presented to the gateway, re-read from its files (`--reload-secs`)
+/// so that a rotated certificate (cert-manager renews it in place) is used by new connections
+/// without a restart; connections already open keep the one they were made with.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientIdentity(Reloading<CertifiedKey>);
+
+impl ClientIdentity {
+    /// Loads the certificate chain and its key (checked at startup as [`PemFile`]s, which name
+    /// what is wrong with them).
+    pub(crate) fn load(cert: &PemFile, key: &PemFile) -> Result<Self, SettingsError> {
+        Reloading::load(
+            "the gateway client certificate and key",
+            vec![cert.path.clone(), key.path.clone()],
+            parse_identity,
+        )
+        .map(Self)
+        .map_err(|e| key.problem(format!("unusable with {}: {e}", cert.path())))
+    }
+
+    pub(crate) fn reload(&self) {
+        self.0.reload();
+    }
+}
+
+/// A certificate chain (PEM, leaf first) and its private key (PEM), checked to go together.
+fn parse_identity(files: &[Vec<u8>]) -> Result<CertifiedKey, String> {
+    let [cert, key] = files else {
+        return Err("a certificate file and a key file".into());
+    };
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {}", describe_pem_error(&e)))?;
+    if chain.is_empty() {
+        return Err("no PEM certificate (BEGIN CERTIFICATE) in the certificate file".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key)
+        .map_err(|e| format!("key: {}", describe_pem_error(&e)))?;
+    let provider = CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    CertifiedKey::from_der(chain, key, &provider).map_err(|e| e.to_string())
+}
+
+impl ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
