@@ -281,5 +281,12 @@ async fn bearer_tokens_and_tls_keys_never_reach_logs_or_statuses() {
         text.contains("call refused: unauthenticated"),
         "capture works"
     );
+    // The refused calls' own lines say from where they came, and nothing secret.
+    let refused_from_the_client = text.lines().any(|line| {
+        line.contains(" rpc ")
+            && line.contains("Unauthenticated")
+            && line.contains("peer=\"127.0.0.1:")
+    });
+    assert!(refused_from_the_client, "{text}");
     assert_nowhere(&secrets, &text, &statuses);
 }
