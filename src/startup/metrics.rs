@@ -62,10 +62,7 @@ pub(super) fn service_state(
     let events = api.events().clone();
     let sessions = api.sessions().clone();
     let limits = config.events();
-    let read = |f: fn(&crate::events::EventHub) -> usize| {
-        let events = events.clone();
-        move || gauge(f(&events))
-    };
+    let read = |f: fn(&crate::events::EventHub) -> usize| reading(&events, move |e| gauge(f(e)));
     state
         .gauge(
             "ccgw_poll_loops_running",
@@ -80,26 +77,17 @@ pub(super) fn service_state(
         .counter(
             "ccgw_poll_failures",
             "Event polls that failed (transport, HTTP, unexpected retcode)",
-            {
-                let events = events.clone();
-                move || events.stats().poll_failures
-            },
+            reading(&events, |e| e.stats().poll_failures),
         )
         .counter(
             "ccgw_release_events_observed",
             "Release events read from the gateway",
-            {
-                let events = events.clone();
-                move || events.stats().release_events
-            },
+            reading(&events, |e| e.stats().release_events),
         )
         .counter(
             "ccgw_malformed_events",
             "Gateway events that could not be read (dropped)",
-            {
-                let events = events.clone();
-                move || events.stats().malformed_events
-            },
+            reading(&events, |e| e.stats().malformed_events),
         )
         .gauge(
             "ccgw_streams_open",
@@ -134,10 +122,7 @@ pub(super) fn service_state(
         .gauge(
             "ccgw_sessions_held",
             "Agents whose gateway session the facade holds",
-            {
-                let sessions = sessions.clone();
-                move || gauge(sessions.registry().len())
-            },
+            reading(&sessions, |s| gauge(s.registry().len())),
         )
         .gauge(
             "ccgw_sessions_max",
@@ -147,50 +132,32 @@ pub(super) fn service_state(
         .counter(
             "ccgw_guid_rotations",
             "Guids the gateway rotated (Set-GUID) in held sessions",
-            {
-                let sessions = sessions.clone();
-                move || sessions.registry().guid_rotations()
-            },
+            reading(&sessions, |s| s.registry().guid_rotations()),
         )
         .counter(
             "ccgw_gateway_unreadable_set_guid",
             "Set-GUID headers without a readable Guid (ignored)",
-            {
-                let sessions = sessions.clone();
-                move || sessions.gateway().stats().unreadable_set_guid
-            },
+            reading(&sessions, |s| s.gateway().stats().unreadable_set_guid),
         )
         .gauge(
             "ccgw_gateway_up",
             "1 while the gateway is reachable (health ccgw.gateway: down after 3 failed probes or connects in a row, up after 2 successes)",
-            {
-                let sessions = sessions.clone();
-                move || i64::from(sessions.gateway().health().is_up())
-            },
+            reading(&sessions, |s| i64::from(s.gateway().health().is_up())),
         )
         .counter(
             "ccgw_gateway_reachability_changes",
             "Times the gateway's reachability changed (a flapping gateway moves this often)",
-            {
-                let sessions = sessions.clone();
-                move || sessions.gateway().health().transitions()
-            },
+            reading(&sessions, |s| s.gateway().health().transitions()),
         )
         .gauge(
             "ccgw_gateway_requests_in_flight",
             "Gateway requests other than event polls being sent (at most --max-gateway-requests)",
-            {
-                let sessions = sessions.clone();
-                move || gauge(sessions.gateway().admission().in_flight())
-            },
+            reading(&sessions, |s| gauge(s.gateway().admission().in_flight())),
         )
         .gauge(
             "ccgw_gateway_requests_waiting",
             "Gateway requests waiting for their turn (at most --max-gateway-queue, then GATEWAY_BUSY)",
-            {
-                let sessions = sessions.clone();
-                move || gauge(sessions.gateway().admission().waiting())
-            },
+            reading(&sessions, |s| gauge(s.gateway().admission().waiting())),
         )
         .gauge(
             "ccgw_gateway_requests_max",
@@ -200,10 +167,7 @@ pub(super) fn service_state(
         .gauge(
             "ccgw_idempotency_entries",
             "request_ids whose answers are remembered",
-            {
-                let api = api.clone();
-                move || gauge(api.idempotency_entries())
-            },
+            reading(api, |a| gauge(a.idempotency_entries())),
         )
         .gauge(
             "ccgw_idempotency_capacity",
@@ -218,6 +182,18 @@ pub(super) fn service_state(
         );
     }
     state
+}
+
+/// A reading of `state` at each scrape: `read` of a clone of it.
+fn reading<S, T>(
+    state: &S,
+    read: impl Fn(&S) -> T + Send + Sync + 'static,
+) -> impl Fn() -> T + Send + Sync + 'static
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let state = state.clone();
+    move || read(&state)
 }
 
 fn gauge(n: usize) -> i64 {
