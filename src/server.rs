@@ -26,7 +26,7 @@ use crate::{
     },
     connection_age::{aged, aged_connections},
     health,
-    lifecycle::Lifecycle,
+    lifecycle::{Lifecycle, SideServer},
     proto, reload,
     telemetry::{trace::TraceContextLayer, RpcTelemetryLayer},
 };
@@ -175,40 +175,20 @@ pub async fn run(
 /// The plaintext health port: `grpc.health.v1.Health` and nothing else, for probes that speak
 /// no TLS (the kubelet's). It answers until the gRPC server has drained, so that a draining
 /// replica is seen alive and not ready, rather than not there.
-struct HealthPort {
-    stop: CancellationToken,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
 fn serve_health(
     listener: TcpListener,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> HealthPort {
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(
+) -> SideServer<tonic::transport::Error> {
+    SideServer::spawn("the health port", |stop| {
         tonic::transport::Server::builder()
             .add_service(health_service)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop.clone().cancelled_owned(),
-            ),
-    );
-    HealthPort { stop, server }
-}
-
-impl HealthPort {
-    /// Stops answering; a probe under way gets a second to finish (Health.Watch streams are
-    /// cut).
-    async fn stop(self) {
-        self.stop.cancel();
-        match tokio::time::timeout(Duration::from_secs(1), self.server).await {
-            Ok(Ok(Err(error))) => tracing::warn!(%error, "the health port failed"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("the health port did not stop within a second"),
-        }
-    }
+                stop,
+            )
+    })
 }
 
 /// Re-reads the TLS files (the gRPC port's, the gateway client certificate) and the callers

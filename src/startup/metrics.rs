@@ -3,21 +3,20 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use prometheus_client::registry::Registry;
-use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpListener;
 
 use super::StartupError;
 use crate::{
     api::CallControlApi,
     config::Config,
+    lifecycle::SideServer,
     telemetry::{endpoint, DroppedLogLines, ScrapeTimeMetrics},
 };
 
 /// The running metrics endpoint.
 pub(super) struct MetricsEndpoint {
     pub(super) addr: SocketAddr,
-    stop: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
+    server: SideServer<std::io::Error>,
 }
 
 impl MetricsEndpoint {
@@ -32,23 +31,16 @@ impl MetricsEndpoint {
             .map_err(|source| StartupError::MetricsListen { addr, source })?;
         let addr = listener.local_addr()?;
         readings.register(&mut registry);
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(endpoint::serve(
-            listener,
-            Arc::new(registry),
-            stop.clone().cancelled_owned(),
-        ));
-        Ok(Self { addr, stop, server })
+        let registry = Arc::new(registry);
+        let server = SideServer::spawn("the metrics endpoint", |stop| {
+            endpoint::serve(listener, registry, stop)
+        });
+        Ok(Self { addr, server })
     }
 
     /// Stops serving; a scrape under way gets a second to finish.
     pub(super) async fn stop(self) {
-        self.stop.cancel();
-        match tokio::time::timeout(std::time::Duration::from_secs(1), self.server).await {
-            Ok(Ok(Err(error))) => tracing::warn!(%error, "the metrics endpoint failed"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("the metrics endpoint did not stop within a second"),
-        }
+        self.server.stop().await;
     }
 }
 
