@@ -253,7 +253,21 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
     };
     assert_eq!(port("health"), port_of(&deployed("CCGW_HEALTH_LISTEN")));
     assert_eq!(port("metrics"), port_of(&deployed("CCGW_METRICS_LISTEN")));
-    assert_eq!(port("grpc"), 50051, "the service's default --listen port");
+    let default_listen = {
+        use clap::Parser;
+        ccgw_callcontrol::config::Config::try_parse_from([
+            "ccgw-callcontrol",
+            "--gateway-url",
+            "https://gateway.example",
+        ])
+        .unwrap()
+        .listen_addr()
+    };
+    assert_eq!(
+        port("grpc"),
+        u64::from(default_listen.port()),
+        "the Deployment sets no CCGW_LISTEN: its grpc port is the service's default"
+    );
     let scraped = pod["metadata"]["annotations"]["prometheus.io/port"]
         .as_str()
         .unwrap();
@@ -339,8 +353,8 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
     );
 }
 
-/// The alerting rules load, and each alert tested in ccgw-callcontrol.rules.test.yaml fires on
-/// the series that should raise it, and not before.
+/// The alerting rules load, and the alerts ccgw-callcontrol.rules.test.yaml tests fire on the
+/// series that should raise them (two of them checked not to fire before).
 #[test]
 fn the_alerting_rules_load_and_fire_when_they_should() {
     let Some(promtool) = tool(

@@ -362,9 +362,10 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert_eq!(delta("ccgw_idempotency_entries", ""), 1.0, "metrics-test-1");
     assert!(delta("ccgw_release_events_observed_total", "") >= 2.0);
     // The release reached the simulator, so the gateway is up, and nothing is in flight.
-    assert_eq!(after.get("ccgw_gateway_up", ""), 1.0);
-    assert_eq!(after.get("ccgw_gateway_requests_in_flight", ""), 0.0);
-    assert_eq!(after.get("ccgw_gateway_requests_waiting", ""), 0.0);
+    // (Read from the map itself: `get` would take a missing series for 0.)
+    assert_eq!(after.0.get("ccgw_gateway_up"), Some(&1.0));
+    assert_eq!(after.0.get("ccgw_gateway_requests_in_flight"), Some(&0.0));
+    assert_eq!(after.0.get("ccgw_gateway_requests_waiting"), Some(&0.0));
 
     match promtool_check(&service.scrape().await).await {
         Some((passed, printed)) => assert!(passed, "promtool check metrics: {printed}"),
