@@ -5,7 +5,8 @@
 //! (hang-up policy), `events` (poll loops, feeds, watchers, replay and resume), `callers` (who
 //! may call, and what for), `health` (what each health name reports), `lifecycle` (shutdown and
 //! tasks), `server` (composition, TLS on the gRPC port), `config`, `telemetry` (logs, metrics,
-//! traces). The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which `startup` embeds
+//! traces), `nats` (replication: the NATS JetStream implementations of what replicas share).
+//! The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which `startup` embeds
 //! for `--simulate` when the `simulator` feature (on by default) is.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
@@ -39,6 +40,7 @@ pub mod events;
 pub mod gateway;
 pub mod health;
 pub(crate) mod lifecycle;
+pub mod nats;
 pub(crate) mod release;
 pub(crate) mod reload;
 pub mod server;

@@ -15,6 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
+    nats::Cluster,
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -45,6 +46,8 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    #[error(transparent)]
+    Nats(#[from] crate::nats::NatsError),
     #[error("configuration: {0}")]
     Config(String),
     #[error("demo setup: {0}")]
@@ -56,7 +59,7 @@ pub enum StartupError {
 }
 
 /// The service on the gateway at `gateway_url`, counting into `metrics`.
-pub fn build_api(
+pub async fn build_api(
     config: &Config,
     gateway_url: String,
     metrics: &Metrics,
@@ -65,6 +68,11 @@ pub fn build_api(
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
     let lifecycle = Lifecycle::new();
+    // Replicated (state shared through NATS) or alone (state in memory).
+    let _cluster = match config.nats() {
+        Some(settings) => Some(Cluster::connect(settings).await?),
+        None => None,
+    };
     let callers = config
         .callers_files()
         .map(|(callers, tokens)| Callers::load(callers, tokens))
@@ -103,7 +111,7 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let api = match &config.gateway_url {
-        Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics)?,
+        Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics).await?,
         #[cfg(feature = "simulator")]
         _ => demo::start(&config, &listener, &metrics).await?,
         #[cfg(not(feature = "simulator"))]

@@ -34,7 +34,7 @@ pub(super) async fn start(
         signout_after: None,
         ..SimConfig::default()
     });
-    let api = build_api(config, format!("http://{sim_addr}"), metrics)?;
+    let api = build_api(config, format!("http://{sim_addr}"), metrics).await?;
     let tasks = api.lifecycle().tasks().clone();
     tokio::spawn(
         sim.clone()

