@@ -5,6 +5,7 @@
 
 pub mod nats;
 pub mod pki;
+pub mod replicas;
 
 use std::{net::SocketAddr, time::Duration};
 
