@@ -614,6 +614,140 @@ mod tests {
         );
     }
 
+    /// What the registry handed its store: (agent, based on, entry).
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<(AgentId, u64, Option<SharedSession>)>>);
+
+    impl SessionStore for Recorder {
+        fn changed(&self, agent: AgentId, based_on: u64, entry: Option<SharedSession>) {
+            lock(&self.0).push((agent, based_on, entry));
+        }
+    }
+
+    impl Recorder {
+        /// (based on, current Guid) of each change so far, emptied.
+        fn take(&self) -> Vec<(u64, Option<String>)> {
+            std::mem::take(&mut *lock(&self.0))
+                .into_iter()
+                .map(|(_, based_on, e)| (based_on, e.map(|e| e.current.guid.expose().to_owned())))
+                .collect()
+        }
+    }
+
+    fn shared_registry(limits: SessionLimits) -> (SessionRegistry, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let registry = SessionRegistry::with_store(limits, recorder.clone(), Arc::default());
+        (registry, recorder)
+    }
+
+    fn shared(g: &str) -> SharedSession {
+        SharedSession {
+            current: session(g),
+            confirmed: true,
+            candidate: None,
+        }
+    }
+
+    /// Each change goes to the store with the revision its entry derived from; what changes
+    /// nothing (a second confirmation, an answer to an old Guid) goes nowhere.
+    #[test]
+    fn changes_reach_the_store_with_the_revision_they_were_based_on() {
+        let (registry, store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("g1"), &[]));
+        assert_eq!(store.take(), [(0, Some("g1".to_owned()))]);
+        registry.written(a, 3);
+        assert_eq!(registry.revision(a), Some(3));
+        registry.confirm(a, &guid("g1"));
+        registry.absorb(a, Some(&guid("old")), headers(Some("g9"), &[]));
+        assert_eq!(store.take(), []);
+        registry.absorb(a, Some(&guid("g1")), headers(Some("g2"), &[]));
+        // A second change before the store took the first is based on the same revision.
+        registry.offer(a, session("handed")).unwrap();
+        assert_eq!(
+            store.take(),
+            [(3, Some("g2".to_owned())), (3, Some("g2".to_owned()))]
+        );
+        registry.written(a, 5);
+        // A write the store took late never moves the entry back.
+        registry.written(a, 4);
+        assert_eq!(registry.revision(a), Some(5));
+        assert_eq!(registry.refused(a, &guid("g2")), Refusal::CandidateNext);
+        assert_eq!(registry.refused(a, &guid("handed")), Refusal::Forgotten);
+        assert_eq!(store.take(), [(5, Some("handed".to_owned())), (5, None)]);
+        // Signed in again: a new entry, based on nothing.
+        registry.absorb(a, None, headers(Some("g3"), &[]));
+        assert_eq!(store.take(), [(0, Some("g3".to_owned()))]);
+    }
+
+    /// A sign-in that replaces the entry derives from it: its write must not be a create.
+    #[test]
+    fn a_sign_in_replacing_a_shared_entry_is_based_on_its_revision() {
+        let (registry, store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        assert_eq!(registry.install(a, 7, Some(shared("g1"))), Installed::Applied);
+        registry.absorb(a, None, headers(Some("g2"), &[]));
+        assert_eq!(store.take(), [(7, Some("g2".to_owned()))]);
+    }
+
+    /// Only newer revisions install, and installing hands nothing back to the store.
+    #[test]
+    fn only_newer_revisions_install() {
+        let (registry, store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        assert_eq!(registry.install(a, 5, Some(shared("g5"))), Installed::Applied);
+        assert_eq!(registry.install(a, 4, Some(shared("g4"))), Installed::NotNewer);
+        assert_eq!(registry.install(a, 5, Some(shared("gx"))), Installed::NotNewer);
+        assert_eq!(registry.get(a).unwrap().guid, guid("g5"));
+        assert_eq!(registry.revision(a), Some(5));
+        assert_eq!(registry.install(a, 6, None), Installed::Applied);
+        assert!(registry.get(a).is_none());
+        assert_eq!(registry.install(a, 6, None), Installed::NotNewer);
+        assert_eq!(store.take(), []);
+    }
+
+    /// A deletion says nothing about an entry the store never held (made here since, on its
+    /// way to the store); a newer entry from the store replaces it.
+    #[test]
+    fn a_deletion_spares_an_entry_the_store_never_held() {
+        let (registry, _store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        registry.offer(a, session("fresh")).unwrap();
+        assert_eq!(registry.install(a, 9, None), Installed::NotNewer);
+        assert_eq!(registry.get(a).unwrap().guid, guid("fresh"));
+        assert_eq!(registry.install(a, 9, Some(shared("g9"))), Installed::Applied);
+        assert_eq!(registry.get(a).unwrap().guid, guid("g9"));
+    }
+
+    /// A shared session may be in use on another replica: this replica's idleness does not
+    /// forget it; only the bound does, and forgetting writes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_session_is_forgotten_only_to_make_room() {
+        let (registry, store) = shared_registry(SessionLimits {
+            max_sessions: 2,
+            idle: Duration::from_secs(600),
+        });
+        registry.install(agent(101), 5, Some(shared("shared")));
+        registry.offer(agent(102), session("local")).unwrap();
+        store.take();
+        tokio::time::advance(Duration::from_secs(700)).await;
+        assert!(registry.get(agent(102)).is_none(), "idle, never shared");
+        assert!(registry.get(agent(101)).is_some(), "idle, but shared");
+        tokio::time::advance(Duration::from_secs(700)).await;
+        registry.offer(agent(103), session("c")).unwrap();
+        registry.offer(agent(104), session("d")).unwrap();
+        assert!(registry.get(agent(101)).is_none(), "made room for 104");
+        assert_eq!(
+            store.take(),
+            [(0, Some("c".to_owned())), (0, Some("d".to_owned()))]
+        );
+        // Full of sessions in use: what another replica wrote is not kept here.
+        assert_eq!(
+            registry.install(agent(105), 1, Some(shared("e"))),
+            Installed::Full
+        );
+    }
+
     /// Issue 7, point 3: the registry is bounded; idle sessions make room, used ones do not.
     #[tokio::test(start_paused = true)]
     async fn the_registry_is_bounded_and_forgets_idle_sessions() {
