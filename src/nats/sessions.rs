@@ -255,7 +255,7 @@ impl SessionStore for Changes {
                 let dropped = self.counters.dropped_changes();
                 StoreCounters::count(&self.counters.dropped_changes);
                 // The first, then one in a thousand: a stalled NATS must not flood the log.
-                if dropped % 1000 == 0 {
+                if dropped.is_multiple_of(1000) {
                     tracing::warn!(%agent, dropped = dropped + 1, "the queue of session changes to NATS is full; a change is not shared (the agent's next change carries its whole session)");
                 }
             }
@@ -319,9 +319,15 @@ impl Follower {
                     () = &mut drained => return,
                     () = tokio::time::sleep(pause) => {}
                 }
-                match self.kv.watch_all_from_revision(self.last_revision + 1).await {
+                match self
+                    .kv
+                    .watch_all_from_revision(self.last_revision + 1)
+                    .await
+                {
                     Ok(watch) => break watch,
-                    Err(error) => tracing::warn!(%error, failures, "cannot resume the watch of the shared sessions yet"),
+                    Err(error) => {
+                        tracing::warn!(%error, failures, "cannot resume the watch of the shared sessions yet")
+                    }
                 }
             };
             tracing::info!("resumed the watch of the shared sessions");
@@ -531,12 +537,13 @@ impl Writer {
             Some(shared) => {
                 let value = encode(shared, &self.replica);
                 let revision = if based_on == 0 {
-                    self.kv.create(&key, value).await.map_err(|e| {
-                        match e.kind() {
+                    self.kv
+                        .create(&key, value)
+                        .await
+                        .map_err(|e| match e.kind() {
                             kv::CreateErrorKind::AlreadyExists => WriteError::Conflict,
                             _ => WriteError::Failed(e.to_string()),
-                        }
-                    })?
+                        })?
                 } else {
                     self.kv
                         .update(&key, value, based_on)

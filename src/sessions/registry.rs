@@ -245,10 +245,7 @@ impl SessionRegistry {
     /// settled.
     pub(crate) fn confirm(&self, agent: AgentId, guid: &Guid) {
         self.change(agent, |sessions, _| {
-            if let Some(entry) = sessions
-                .get_mut(&agent)
-                .filter(|e| e.current.guid == *guid)
-            {
+            if let Some(entry) = sessions.get_mut(&agent).filter(|e| e.current.guid == *guid) {
                 entry.confirmed = true;
             }
         });
@@ -685,7 +682,10 @@ mod tests {
     fn a_sign_in_replacing_a_shared_entry_is_based_on_its_revision() {
         let (registry, store) = shared_registry(SessionLimits::default());
         let a = agent(101);
-        assert_eq!(registry.install(a, 7, Some(shared("g1"))), Installed::Applied);
+        assert_eq!(
+            registry.install(a, 7, Some(shared("g1"))),
+            Installed::Applied
+        );
         registry.absorb(a, None, headers(Some("g2"), &[]));
         assert_eq!(store.take(), [(7, Some("g2".to_owned()))]);
     }
@@ -695,9 +695,18 @@ mod tests {
     fn only_newer_revisions_install() {
         let (registry, store) = shared_registry(SessionLimits::default());
         let a = agent(101);
-        assert_eq!(registry.install(a, 5, Some(shared("g5"))), Installed::Applied);
-        assert_eq!(registry.install(a, 4, Some(shared("g4"))), Installed::NotNewer);
-        assert_eq!(registry.install(a, 5, Some(shared("gx"))), Installed::NotNewer);
+        assert_eq!(
+            registry.install(a, 5, Some(shared("g5"))),
+            Installed::Applied
+        );
+        assert_eq!(
+            registry.install(a, 4, Some(shared("g4"))),
+            Installed::NotNewer
+        );
+        assert_eq!(
+            registry.install(a, 5, Some(shared("gx"))),
+            Installed::NotNewer
+        );
         assert_eq!(registry.get(a).unwrap().guid, guid("g5"));
         assert_eq!(registry.revision(a), Some(5));
         assert_eq!(registry.install(a, 6, None), Installed::Applied);
@@ -715,7 +724,10 @@ mod tests {
         registry.offer(a, session("fresh")).unwrap();
         assert_eq!(registry.install(a, 9, None), Installed::NotNewer);
         assert_eq!(registry.get(a).unwrap().guid, guid("fresh"));
-        assert_eq!(registry.install(a, 9, Some(shared("g9"))), Installed::Applied);
+        assert_eq!(
+            registry.install(a, 9, Some(shared("g9"))),
+            Installed::Applied
+        );
         assert_eq!(registry.get(a).unwrap().guid, guid("g9"));
     }
 
