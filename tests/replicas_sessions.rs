@@ -256,3 +256,49 @@ async fn a_replica_with_an_old_view_never_overwrites_a_newer_guid() {
     assert_eq!(b_registry.store_counters().failed_writes(), 0);
     assert_keys_are_agent_ids(&bucket, &[&first, &rotated]).await;
 }
+
+/// NATS stops: each replica's local copy keeps working, and a rotation written meanwhile is
+/// retried until NATS is back; then the other replica's watch resumes and brings it.
+#[tokio::test]
+async fn a_change_made_while_nats_is_down_is_shared_once_it_is_back() {
+    let Some(mut nats) = NatsServer::start().await else {
+        return;
+    };
+    let (a, b) = two_replicas(&nats, sim_config()).await;
+    let agent = agent_id("101");
+    let first = a.sign_in("101").await;
+    wait_until("B learns the session", || {
+        b.guid_of("101").as_deref() == Some(first.as_str())
+    })
+    .await;
+    nats.kill().await;
+    a.sim.rotate_guid("101").expect("rotates");
+    let (answer, _) = a
+        .api
+        .sessions()
+        .send(agent, &SessionOperation::PollEvents, deadline(), None)
+        .await
+        .expect("the poll answers without NATS");
+    assert!(answer.is_ok(), "{answer:?}");
+    let rotated = a.guid_of("101").unwrap();
+    assert_ne!(rotated, first);
+    let a_counters = a.api.sessions().registry().store_counters();
+    wait_until("A's write fails", || a_counters.failed_writes() > 0).await;
+    assert_eq!(b.guid_of("101").as_deref(), Some(first.as_str()));
+
+    nats.restart().await;
+    // Reconnecting, the writer's and the watch's backoff (at most 5 s each) and a JetStream
+    // timeout (5 s) bound it well below a minute.
+    let shared = tokio::time::timeout(Duration::from_secs(60), async {
+        while b.guid_of("101").as_deref() != Some(rotated.as_str()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(shared.is_ok(), "B never learnt the rotation made without NATS");
+    let bucket = sessions_bucket(&nats).await;
+    assert_eq!(
+        stored_guid(&bucket, "101").await.as_deref(),
+        Some(rotated.as_str())
+    );
+}
