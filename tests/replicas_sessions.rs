@@ -295,7 +295,10 @@ async fn a_change_made_while_nats_is_down_is_shared_once_it_is_back() {
         }
     })
     .await;
-    assert!(shared.is_ok(), "B never learnt the rotation made without NATS");
+    assert!(
+        shared.is_ok(),
+        "B never learnt the rotation made without NATS"
+    );
     let bucket = sessions_bucket(&nats).await;
     assert_eq!(
         stored_guid(&bucket, "101").await.as_deref(),

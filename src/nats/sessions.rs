@@ -7,7 +7,15 @@
 //! entry was based on), and a watch of the bucket installs what the other replicas write. On a
 //! conflict the bucket holds something newer: it is read and installed, so a replica with an old
 //! view never overwrites a newer Guid.
-use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -223,7 +231,13 @@ fn install(registry: &SessionRegistry, agent: AgentId, revision: u64, stored: St
         Stored::Deleted => None,
     };
     if registry.install(agent, revision, shared) == Installed::Full {
-        tracing::warn!(%agent, revision, "another replica's session of the agent is not kept here: the session registry is full");
+        // The first, then one in a thousand: loading a bucket larger than --max-sessions
+        // must not flood the log.
+        static NOT_KEPT: AtomicU64 = AtomicU64::new(0);
+        let not_kept = NOT_KEPT.fetch_add(1, Ordering::Relaxed);
+        if not_kept.is_multiple_of(1000) {
+            tracing::warn!(%agent, revision, not_kept = not_kept + 1, "another replica's session of the agent is not kept here: the session registry is full (--max-sessions)");
+        }
     }
 }
 
