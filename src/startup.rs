@@ -1,7 +1,7 @@
 //! Builds the application from its configuration, makes room for its file descriptors (the
 //! open-file limit), and the `--simulate` demo (only with the `simulator` feature; without it
 //! `--simulate` is refused).
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -15,7 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::Cluster,
+    nats::{self, Cluster},
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -66,13 +66,19 @@ pub async fn build_api(
 ) -> Result<CallControlApi, StartupError> {
     config.validate().map_err(StartupError::Config)?;
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
-    let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
     let lifecycle = Lifecycle::new();
     // Replicated (state shared through NATS) or alone (state in memory).
-    let _cluster = match config.nats() {
+    let cluster = match config.nats() {
         Some(settings) => Some(Cluster::connect(settings).await?),
         None => None,
     };
+    let registry = match &cluster {
+        Some(cluster) => {
+            nats::sessions::shared_registry(cluster, config.session_limits(), &lifecycle).await?
+        }
+        None => Arc::new(SessionRegistry::new(config.session_limits())),
+    };
+    let sessions = Sessions::new(registry, gateway);
     let callers = config
         .callers_files()
         .map(|(callers, tokens)| Callers::load(callers, tokens))

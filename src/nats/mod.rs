@@ -7,6 +7,8 @@
 // Until the shared stores use every part of the connection.
 #![allow(dead_code)]
 
+pub(crate) mod sessions;
+
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, kv};

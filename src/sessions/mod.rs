@@ -3,12 +3,16 @@
 //! hang-up policy and the poll loops send through it. Knows nothing of gRPC; the HTTP client
 //! it sends with knows nothing of sessions.
 mod registry;
+mod store;
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
-pub(crate) use registry::{Adoption, Refusal, SessionLimits, SessionRegistry, SessionsFull};
+pub(crate) use registry::{
+    Adoption, Installed, Refusal, SessionLimits, SessionRegistry, SessionsFull,
+};
+pub use store::{SessionStore, SharedSession, StoreCounters};
 
 use crate::{
     domain::AgentId,
@@ -27,9 +31,9 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub(crate) fn new(registry: SessionRegistry, gateway: GatewayClient) -> Self {
+    pub(crate) fn new(registry: impl Into<Arc<SessionRegistry>>, gateway: GatewayClient) -> Self {
         Self {
-            registry: Arc::new(registry),
+            registry: registry.into(),
             gateway,
         }
     }

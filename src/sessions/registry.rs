@@ -3,13 +3,14 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::Duration,
 };
 
 use tokio::time::Instant;
 
+use super::store::{SessionStore, SharedSession, StoreCounters};
 use crate::{
     domain::AgentId,
     gateway::{Cookies, Guid, Session, SessionHeaders},
@@ -36,6 +37,17 @@ pub(crate) enum Refusal {
     CandidateNext,
     /// The agent has no session any more.
     Forgotten,
+}
+
+/// What the store's copy of an entry did to the registry's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Installed {
+    /// The registry holds it now (or, for a deletion, no longer holds the agent).
+    Applied,
+    /// The registry's entry is as new or newer; nothing changed.
+    NotNewer,
+    /// The registry holds `max_sessions` other agents, none idle; it is not kept.
+    Full,
 }
 
 /// Bounds on what callers can make the registry hold.
@@ -70,12 +82,20 @@ pub struct SessionsFull(pub usize);
 /// when the gateway accepts it; a watcher's is parked as the agent's candidate, tried by the
 /// poll loop only once the current session is refused. A caller holding an outdated Guid
 /// (the sign-in one, say, rotated away long ago) therefore never displaces the live session.
+///
+/// With a [`SessionStore`] (replicas), the registry stays the one place that decides and the
+/// local copy every request reads; each change goes to the store with the store revision the
+/// entry was based on, and the store installs what other replicas wrote
+/// ([`install`](Self::install)), newer revisions only. Idle expiry and the bound stay local:
+/// forgetting a session locally writes nothing.
 #[derive(Debug, Default)]
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<AgentId, Entry>>,
     limits: SessionLimits,
     /// `Set-GUID` rotations of a held session.
     rotations: AtomicU64,
+    store: Option<Arc<dyn SessionStore>>,
+    counters: Arc<StoreCounters>,
 }
 
 #[derive(Debug)]
@@ -86,6 +106,8 @@ struct Entry {
     /// A different session a watcher handed over: tried once the gateway refuses `current`.
     candidate: Option<Session>,
     last_used: Instant,
+    /// The store revision this entry derives from; 0: one the store never held (always, alone).
+    revision: u64,
 }
 
 impl Entry {
@@ -95,6 +117,15 @@ impl Entry {
             confirmed,
             candidate: None,
             last_used: now,
+            revision: 0,
+        }
+    }
+
+    fn shared(&self) -> SharedSession {
+        SharedSession {
+            current: self.current.clone(),
+            confirmed: self.confirmed,
+            candidate: self.candidate.clone(),
         }
     }
 }
@@ -105,6 +136,22 @@ impl SessionRegistry {
             sessions: Mutex::default(),
             limits,
             rotations: AtomicU64::new(0),
+            store: None,
+            counters: Arc::default(),
+        }
+    }
+
+    /// A registry whose changes go to `store`, counting into `counters` (which the store
+    /// shares).
+    pub(crate) fn with_store(
+        limits: SessionLimits,
+        store: Arc<dyn SessionStore>,
+        counters: Arc<StoreCounters>,
+    ) -> Self {
+        Self {
+            store: Some(store),
+            counters,
+            ..Self::new(limits)
         }
     }
 
@@ -113,7 +160,9 @@ impl SessionRegistry {
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
         let entry = sessions.get_mut(&agent)?;
-        if now.duration_since(entry.last_used) >= self.limits.idle {
+        // A session the replicas share may be in use on another replica: only the bound
+        // (make_room) forgets it, not this replica's idleness.
+        if entry.revision == 0 && now.duration_since(entry.last_used) >= self.limits.idle {
             sessions.remove(&agent);
             return None;
         }
@@ -127,21 +176,21 @@ impl SessionRegistry {
     /// its cookies only while the gateway has not accepted it: the gateway's word beats a
     /// caller's copy.
     pub fn offer(&self, agent: AgentId, offered: Session) -> Result<(), SessionsFull> {
-        let now = Instant::now();
-        let mut sessions = lock(&self.sessions);
-        match sessions.get_mut(&agent) {
-            Some(entry) if entry.current.guid == offered.guid => {
-                if !entry.confirmed && !offered.cookies.is_empty() {
-                    entry.current.cookies = offered.cookies;
+        self.change(agent, |sessions, now| {
+            match sessions.get_mut(&agent) {
+                Some(entry) if entry.current.guid == offered.guid => {
+                    if !entry.confirmed && !offered.cookies.is_empty() {
+                        entry.current.cookies = offered.cookies;
+                    }
+                }
+                Some(entry) => entry.candidate = Some(offered),
+                None => {
+                    self.make_room(sessions, now)?;
+                    sessions.insert(agent, Entry::new(offered, false, now));
                 }
             }
-            Some(entry) => entry.candidate = Some(offered),
-            None => {
-                self.make_room(&mut sessions, now)?;
-                sessions.insert(agent, Entry::new(offered, false, now));
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Applies a gateway answer's session headers to the session the request was made with
@@ -156,51 +205,50 @@ impl SessionRegistry {
         if headers.is_empty() {
             return false;
         }
-        let now = Instant::now();
-        let mut sessions = lock(&self.sessions);
-        let Some(guid_used) = guid_used else {
-            let Some(guid) = headers.set_guid else {
+        self.change(agent, |sessions, now| {
+            let Some(guid_used) = guid_used else {
+                let Some(guid) = headers.set_guid else {
+                    return false;
+                };
+                let mut session = Session {
+                    guid,
+                    cookies: Cookies::default(),
+                };
+                session.absorb(SessionHeaders {
+                    set_guid: None,
+                    set_cookies: headers.set_cookies,
+                });
+                if self.make_room(sessions, now).is_err() {
+                    tracing::warn!(%agent, "signed in, but the session registry is full; the session is not kept");
+                    return false;
+                }
+                sessions.insert(agent, Entry::new(session, true, now));
+                return true;
+            };
+            let Some(entry) = sessions
+                .get_mut(&agent)
+                .filter(|e| e.current.guid == *guid_used)
+            else {
                 return false;
             };
-            let mut session = Session {
-                guid,
-                cookies: Cookies::default(),
-            };
-            session.absorb(SessionHeaders {
-                set_guid: None,
-                set_cookies: headers.set_cookies,
-            });
-            if self.make_room(&mut sessions, now).is_err() {
-                tracing::warn!(%agent, "signed in, but the session registry is full; the session is not kept");
-                return false;
+            let rotated = entry.current.absorb(headers);
+            // A Guid the gateway issued is one it accepts.
+            entry.confirmed |= rotated;
+            if rotated {
+                self.rotations.fetch_add(1, Ordering::Relaxed);
             }
-            sessions.insert(agent, Entry::new(session, true, now));
-            return true;
-        };
-        let Some(entry) = sessions
-            .get_mut(&agent)
-            .filter(|e| e.current.guid == *guid_used)
-        else {
-            return false;
-        };
-        let rotated = entry.current.absorb(headers);
-        // A Guid the gateway issued is one it accepts.
-        entry.confirmed |= rotated;
-        if rotated {
-            self.rotations.fetch_add(1, Ordering::Relaxed);
-        }
-        rotated
+            rotated
+        })
     }
 
     /// The gateway carried out an operation with `guid`: if it is the agent's session, it is
     /// settled.
     pub(crate) fn confirm(&self, agent: AgentId, guid: &Guid) {
-        if let Some(entry) = lock(&self.sessions)
-            .get_mut(&agent)
-            .filter(|e| e.current.guid == *guid)
-        {
-            entry.confirmed = true;
-        }
+        self.change(agent, |sessions, _| {
+            if let Some(entry) = sessions.get_mut(&agent).filter(|e| e.current.guid == *guid) {
+                entry.confirmed = true;
+            }
+        });
     }
 
     /// The gateway accepted a session a request handed over (`session`, with what its answer
@@ -214,59 +262,127 @@ impl SessionRegistry {
         session: Session,
         replacing: Option<&Guid>,
     ) -> Adoption {
-        let now = Instant::now();
-        let mut sessions = lock(&self.sessions);
-        if let Some(entry) = sessions.get_mut(&agent) {
-            let ours_to_replace = !entry.confirmed
-                || replacing == Some(&entry.current.guid)
-                || entry.current.guid == session.guid;
-            if !ours_to_replace {
-                return Adoption::Superseded;
+        self.change(agent, |sessions, now| {
+            if let Some(entry) = sessions.get_mut(&agent) {
+                let ours_to_replace = !entry.confirmed
+                    || replacing == Some(&entry.current.guid)
+                    || entry.current.guid == session.guid;
+                if !ours_to_replace {
+                    return Adoption::Superseded;
+                }
+                if entry
+                    .candidate
+                    .as_ref()
+                    .is_some_and(|c| c.guid == session.guid)
+                {
+                    entry.candidate = None;
+                }
+                entry.current = session;
+                entry.confirmed = true;
+                entry.last_used = now;
+                return Adoption::Adopted;
             }
-            if entry
-                .candidate
-                .as_ref()
-                .is_some_and(|c| c.guid == session.guid)
-            {
-                entry.candidate = None;
+            if self.make_room(sessions, now).is_err() {
+                return Adoption::Full;
             }
-            entry.current = session;
-            entry.confirmed = true;
-            entry.last_used = now;
-            return Adoption::Adopted;
-        }
-        if self.make_room(&mut sessions, now).is_err() {
-            return Adoption::Full;
-        }
-        sessions.insert(agent, Entry::new(session, true, now));
-        Adoption::Adopted
+            sessions.insert(agent, Entry::new(session, true, now));
+            Adoption::Adopted
+        })
     }
 
     /// The gateway refused `guid`. If it is the agent's session (a refusal of an old Guid must
     /// not discard one that rotated in meanwhile), the candidate takes its place, or the agent
     /// is forgotten; a refused candidate is dropped.
     pub(crate) fn refused(&self, agent: AgentId, guid: &Guid) -> Refusal {
+        self.change(agent, |sessions, _| {
+            let Some(entry) = sessions.get_mut(&agent) else {
+                return Refusal::NotCurrent;
+            };
+            if entry.current.guid != *guid {
+                if entry.candidate.as_ref().is_some_and(|c| c.guid == *guid) {
+                    entry.candidate = None;
+                }
+                return Refusal::NotCurrent;
+            }
+            match entry.candidate.take() {
+                Some(candidate) => {
+                    entry.current = candidate;
+                    entry.confirmed = false;
+                    Refusal::CandidateNext
+                }
+                None => {
+                    sessions.remove(&agent);
+                    Refusal::Forgotten
+                }
+            }
+        })
+    }
+
+    /// The store's copy of the agent's entry at `revision` (`None`: deleted there), written by
+    /// another replica or read after a conflict. Applied only when newer than what the
+    /// registry's entry derives from: revisions only grow, so an old copy arriving late never
+    /// replaces a newer one. A deletion leaves alone an entry the store never held (revision
+    /// 0): it is newer than what was deleted, and on its way to the store.
+    pub(crate) fn install(
+        &self,
+        agent: AgentId,
+        revision: u64,
+        shared: Option<SharedSession>,
+    ) -> Installed {
+        let now = Instant::now();
         let mut sessions = lock(&self.sessions);
-        let Some(entry) = sessions.get_mut(&agent) else {
-            return Refusal::NotCurrent;
-        };
-        if entry.current.guid != *guid {
-            if entry.candidate.as_ref().is_some_and(|c| c.guid == *guid) {
-                entry.candidate = None;
+        match (sessions.get_mut(&agent), shared) {
+            (Some(entry), _) if entry.revision >= revision => Installed::NotNewer,
+            (Some(entry), Some(shared)) => {
+                entry.current = shared.current;
+                entry.confirmed = shared.confirmed;
+                entry.candidate = shared.candidate;
+                entry.revision = revision;
+                entry.last_used = now;
+                Installed::Applied
             }
-            return Refusal::NotCurrent;
-        }
-        match entry.candidate.take() {
-            Some(candidate) => {
-                entry.current = candidate;
-                entry.confirmed = false;
-                Refusal::CandidateNext
-            }
-            None => {
+            (Some(entry), None) if entry.revision == 0 => Installed::NotNewer,
+            (Some(_), None) => {
                 sessions.remove(&agent);
-                Refusal::Forgotten
+                Installed::Applied
+            }
+            (None, None) => Installed::NotNewer,
+            (None, Some(shared)) => {
+                if self.make_room(&mut sessions, now).is_err() {
+                    return Installed::Full;
+                }
+                let mut entry = Entry::new(shared.current, shared.confirmed, now);
+                entry.candidate = shared.candidate;
+                entry.revision = revision;
+                sessions.insert(agent, entry);
+                Installed::Applied
             }
         }
+    }
+
+    /// The store took a change of the agent's entry as `revision`: the entry (that change, or
+    /// a later local one still on its way) derives from it now. Nobody wrote the agent between
+    /// that change's base and `revision`, so nothing newer can have been installed meanwhile.
+    pub(crate) fn written(&self, agent: AgentId, revision: u64) {
+        if let Some(entry) = lock(&self.sessions).get_mut(&agent) {
+            entry.revision = entry.revision.max(revision);
+        }
+    }
+
+    /// The store revision the agent's entry derives from (0: none), if the registry holds it.
+    pub fn revision(&self, agent: AgentId) -> Option<u64> {
+        lock(&self.sessions).get(&agent).map(|e| e.revision)
+    }
+
+    /// Where the registry's changes go (`None`: alone). Tests drive a store through it.
+    #[doc(hidden)]
+    pub fn store(&self) -> Option<&dyn SessionStore> {
+        self.store.as_deref()
+    }
+
+    /// How sharing the sessions goes (all zero alone).
+    pub fn store_counters(&self) -> &StoreCounters {
+        &self.counters
     }
 
     /// Agents with a session.
@@ -281,6 +397,32 @@ impl SessionRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Runs `change` on the map under the lock; with a store, hands it the agent's entry when
+    /// `change` altered it, with the revision the entry was based on (a sign-in replacing the
+    /// entry derives from the one it replaced).
+    fn change<R>(
+        &self,
+        agent: AgentId,
+        change: impl FnOnce(&mut HashMap<AgentId, Entry>, Instant) -> R,
+    ) -> R {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        let Some(store) = &self.store else {
+            return change(&mut sessions, now);
+        };
+        let before = sessions.get(&agent).map(|e| (e.revision, e.shared()));
+        let result = change(&mut sessions, now);
+        let based_on = before.as_ref().map_or(0, |(revision, _)| *revision);
+        let after = sessions.get_mut(&agent).map(|entry| {
+            entry.revision = based_on;
+            entry.shared()
+        });
+        if before.map(|(_, shared)| shared) != after {
+            store.changed(agent, based_on, after);
+        }
+        result
     }
 
     /// Makes room for one more agent: idle sessions are forgotten first; a session in use (a
@@ -466,6 +608,155 @@ mod tests {
         assert_eq!(
             registry.get(a).unwrap().cookies.header_value().as_deref(),
             Some("route=n1")
+        );
+    }
+
+    /// What the registry handed its store: (agent, based on, entry).
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<(AgentId, u64, Option<SharedSession>)>>);
+
+    impl SessionStore for Recorder {
+        fn changed(&self, agent: AgentId, based_on: u64, entry: Option<SharedSession>) {
+            lock(&self.0).push((agent, based_on, entry));
+        }
+    }
+
+    impl Recorder {
+        /// (based on, current Guid) of each change so far, emptied.
+        fn take(&self) -> Vec<(u64, Option<String>)> {
+            std::mem::take(&mut *lock(&self.0))
+                .into_iter()
+                .map(|(_, based_on, e)| (based_on, e.map(|e| e.current.guid.expose().to_owned())))
+                .collect()
+        }
+    }
+
+    fn shared_registry(limits: SessionLimits) -> (SessionRegistry, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let registry = SessionRegistry::with_store(limits, recorder.clone(), Arc::default());
+        (registry, recorder)
+    }
+
+    fn shared(g: &str) -> SharedSession {
+        SharedSession {
+            current: session(g),
+            confirmed: true,
+            candidate: None,
+        }
+    }
+
+    /// Each change goes to the store with the revision its entry derived from; what changes
+    /// nothing (a second confirmation, an answer to an old Guid) goes nowhere.
+    #[test]
+    fn changes_reach_the_store_with_the_revision_they_were_based_on() {
+        let (registry, store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        registry.absorb(a, None, headers(Some("g1"), &[]));
+        assert_eq!(store.take(), [(0, Some("g1".to_owned()))]);
+        registry.written(a, 3);
+        assert_eq!(registry.revision(a), Some(3));
+        registry.confirm(a, &guid("g1"));
+        registry.absorb(a, Some(&guid("old")), headers(Some("g9"), &[]));
+        assert_eq!(store.take(), []);
+        registry.absorb(a, Some(&guid("g1")), headers(Some("g2"), &[]));
+        // A second change before the store took the first is based on the same revision.
+        registry.offer(a, session("handed")).unwrap();
+        assert_eq!(
+            store.take(),
+            [(3, Some("g2".to_owned())), (3, Some("g2".to_owned()))]
+        );
+        registry.written(a, 5);
+        // A write the store took late never moves the entry back.
+        registry.written(a, 4);
+        assert_eq!(registry.revision(a), Some(5));
+        assert_eq!(registry.refused(a, &guid("g2")), Refusal::CandidateNext);
+        assert_eq!(registry.refused(a, &guid("handed")), Refusal::Forgotten);
+        assert_eq!(store.take(), [(5, Some("handed".to_owned())), (5, None)]);
+        // Signed in again: a new entry, based on nothing.
+        registry.absorb(a, None, headers(Some("g3"), &[]));
+        assert_eq!(store.take(), [(0, Some("g3".to_owned()))]);
+    }
+
+    /// A sign-in that replaces the entry derives from it: its write must not be a create.
+    #[test]
+    fn a_sign_in_replacing_a_shared_entry_is_based_on_its_revision() {
+        let (registry, store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        assert_eq!(
+            registry.install(a, 7, Some(shared("g1"))),
+            Installed::Applied
+        );
+        registry.absorb(a, None, headers(Some("g2"), &[]));
+        assert_eq!(store.take(), [(7, Some("g2".to_owned()))]);
+    }
+
+    /// Only newer revisions install, and installing hands nothing back to the store.
+    #[test]
+    fn only_newer_revisions_install() {
+        let (registry, store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        assert_eq!(
+            registry.install(a, 5, Some(shared("g5"))),
+            Installed::Applied
+        );
+        assert_eq!(
+            registry.install(a, 4, Some(shared("g4"))),
+            Installed::NotNewer
+        );
+        assert_eq!(
+            registry.install(a, 5, Some(shared("gx"))),
+            Installed::NotNewer
+        );
+        assert_eq!(registry.get(a).unwrap().guid, guid("g5"));
+        assert_eq!(registry.revision(a), Some(5));
+        assert_eq!(registry.install(a, 6, None), Installed::Applied);
+        assert!(registry.get(a).is_none());
+        assert_eq!(registry.install(a, 6, None), Installed::NotNewer);
+        assert_eq!(store.take(), []);
+    }
+
+    /// A deletion says nothing about an entry the store never held (made here since, on its
+    /// way to the store); a newer entry from the store replaces it.
+    #[test]
+    fn a_deletion_spares_an_entry_the_store_never_held() {
+        let (registry, _store) = shared_registry(SessionLimits::default());
+        let a = agent(101);
+        registry.offer(a, session("fresh")).unwrap();
+        assert_eq!(registry.install(a, 9, None), Installed::NotNewer);
+        assert_eq!(registry.get(a).unwrap().guid, guid("fresh"));
+        assert_eq!(
+            registry.install(a, 9, Some(shared("g9"))),
+            Installed::Applied
+        );
+        assert_eq!(registry.get(a).unwrap().guid, guid("g9"));
+    }
+
+    /// A shared session may be in use on another replica: this replica's idleness does not
+    /// forget it; only the bound does, and forgetting writes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_session_is_forgotten_only_to_make_room() {
+        let (registry, store) = shared_registry(SessionLimits {
+            max_sessions: 2,
+            idle: Duration::from_secs(600),
+        });
+        registry.install(agent(101), 5, Some(shared("shared")));
+        registry.offer(agent(102), session("local")).unwrap();
+        store.take();
+        tokio::time::advance(Duration::from_secs(700)).await;
+        assert!(registry.get(agent(102)).is_none(), "idle, never shared");
+        assert!(registry.get(agent(101)).is_some(), "idle, but shared");
+        tokio::time::advance(Duration::from_secs(700)).await;
+        registry.offer(agent(103), session("c")).unwrap();
+        registry.offer(agent(104), session("d")).unwrap();
+        assert!(registry.get(agent(101)).is_none(), "made room for 104");
+        assert_eq!(
+            store.take(),
+            [(0, Some("c".to_owned())), (0, Some("d".to_owned()))]
+        );
+        // Full of sessions in use: what another replica wrote is not kept here.
+        assert_eq!(
+            registry.install(agent(105), 1, Some(shared("e"))),
+            Installed::Full
         );
     }
 

@@ -127,6 +127,21 @@ pub(super) fn service_state(
             reading(&sessions, |s| s.registry().guid_rotations()),
         )
         .counter(
+            "ccgw_session_store_failed_writes",
+            "Session changes NATS did not take (unreachable, timed out); each is retried",
+            reading(&sessions, |s| s.registry().store_counters().failed_writes()),
+        )
+        .counter(
+            "ccgw_session_store_conflicts",
+            "Session changes based on a revision another replica had moved past; the newer session was kept",
+            reading(&sessions, |s| s.registry().store_counters().conflicts()),
+        )
+        .counter(
+            "ccgw_session_store_dropped_changes",
+            "Session changes not shared because the queue to NATS was full (the agent's next change carries its whole session)",
+            reading(&sessions, |s| s.registry().store_counters().dropped_changes()),
+        )
+        .counter(
             "ccgw_gateway_unreadable_set_guid",
             "Set-GUID headers without a readable Guid (ignored)",
             reading(&sessions, |s| s.gateway().stats().unreadable_set_guid),

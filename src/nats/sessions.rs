@@ -1,0 +1,605 @@
+//! The replicas' shared sessions: the KV bucket `<prefix>-sessions`, agent id (decimal) -> the
+//! agent's registry entry as JSON, with the replica that wrote it. The values are credentials
+//! (Guids, cookies); keys, logs and errors name agents and revisions only.
+//!
+//! The registry stays the local copy that every request reads and the one place that decides;
+//! its changes reach the bucket through a writer task (compare-and-set on the revision the
+//! entry was based on), and a watch of the bucket installs what the other replicas write. On a
+//! conflict the bucket holds something newer: it is read and installed, so a replica with an old
+//! view never overwrites a newer Guid.
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::mpsc::{self, error::TrySendError},
+    time::Instant,
+};
+
+use super::{Cluster, NatsError};
+use crate::{
+    domain::AgentId,
+    gateway::{Cookies, Guid, Session},
+    jittered_backoff,
+    lifecycle::Lifecycle,
+    sessions::{
+        Installed, SessionLimits, SessionRegistry, SessionStore, SharedSession, StoreCounters,
+    },
+};
+
+const BUCKET: &str = "sessions";
+/// Changes waiting for the writer. Beyond it a change is dropped: the agent's next change
+/// carries its whole entry anyway.
+const QUEUE: usize = 4096;
+/// How long loading the bucket may take at startup.
+const LOAD_WITHIN: Duration = Duration::from_secs(30);
+/// The first retry of a failed write (or of the watch) comes after 100 to 200 ms; the pause
+/// doubles up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long pending writes get once the service has drained: within the 2 s the server gives
+/// its tasks.
+const FLUSH_WITHIN: Duration = Duration::from_millis(1500);
+/// How often a stopping service is checked for having drained.
+const DRAINED_CHECK: Duration = Duration::from_millis(100);
+/// Agents whose last write the writer remembers, to chain the next change onto it. Beyond it
+/// they are forgotten: a change then costs one conflict and a re-read, nothing worse.
+const MAX_CHAINS: usize = 4096;
+/// Retries of one write that conflicted with this replica's own latest write (whose
+/// acknowledgement was lost).
+const MAX_REBASES: usize = 2;
+/// Keys are agent ids: at most six digits.
+const KEY_MAX_AGENT: u32 = 999_999;
+/// A Guid, two cookie headers and their JSON fit well below it.
+const MAX_VALUE_SIZE: i32 = 16 * 1024;
+
+/// This replica's registry, sharing its sessions through the bucket: created if missing, loaded
+/// whole before it returns (bounded), then kept current by a watch; its changes are written
+/// back by a writer task. Both tasks run until the service has drained, the writer flushing
+/// what is pending (bounded).
+pub(crate) async fn shared_registry(
+    cluster: &Cluster,
+    limits: SessionLimits,
+    lifecycle: &Lifecycle,
+) -> Result<Arc<SessionRegistry>, NatsError> {
+    let bucket = cluster.name(BUCKET);
+    let kv = cluster
+        .key_value(
+            BUCKET,
+            kv::Config {
+                description: "ccgw-callcontrol: agent id -> gateway session (credentials)".into(),
+                history: 1,
+                max_value_size: MAX_VALUE_SIZE,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let counters = Arc::new(StoreCounters::default());
+    let (queue, inbox) = mpsc::channel(QUEUE);
+    let changes = Changes {
+        queue,
+        counters: counters.clone(),
+    };
+    let registry = Arc::new(SessionRegistry::with_store(
+        limits,
+        Arc::new(changes),
+        counters.clone(),
+    ));
+    let replica: Arc<str> = cluster.replica().into();
+    let mut follower = Follower {
+        kv: kv.clone(),
+        registry: registry.clone(),
+        replica: replica.clone(),
+        last_revision: 0,
+    };
+    let watch = tokio::time::timeout(LOAD_WITHIN, follower.load())
+        .await
+        .map_err(|_| {
+            NatsError::jetstream(
+                format!("bucket {bucket}"),
+                format!("loading it took longer than {LOAD_WITHIN:?}"),
+            )
+        })?
+        .map_err(|error| NatsError::jetstream(format!("bucket {bucket}"), error))?;
+    tracing::info!(
+        sessions = registry.len(),
+        "loaded the shared sessions from NATS"
+    );
+    let tasks = lifecycle.tasks();
+    tasks.spawn(follower.run(watch, drained(lifecycle.clone())));
+    let writer = Writer {
+        kv,
+        registry: registry.clone(),
+        replica,
+        counters,
+        pending: HashMap::new(),
+        chains: HashMap::new(),
+        next_seq: 0,
+        failures: 0,
+    };
+    tasks.spawn(writer.run(inbox, drained(lifecycle.clone())));
+    Ok(registry)
+}
+
+/// Resolves once the service has drained (the server closed its task tracker), so that what
+/// draining calls change is still written.
+async fn drained(lifecycle: Lifecycle) {
+    lifecycle.shutdown().cancelled().await;
+    while !lifecycle.tasks().is_closed() {
+        tokio::time::sleep(DRAINED_CHECK).await;
+    }
+}
+
+/// The bucket's value. No Debug: it holds credentials.
+#[derive(Serialize, Deserialize)]
+struct StoredEntry {
+    current: StoredSession,
+    confirmed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    candidate: Option<StoredSession>,
+    /// The replica that wrote it.
+    writer: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSession {
+    guid: String,
+    /// The `Cookie` header the session sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cookies: Option<String>,
+}
+
+impl StoredSession {
+    fn of(session: &Session) -> Self {
+        Self {
+            guid: session.guid.expose().to_owned(),
+            cookies: session.cookies.header_value(),
+        }
+    }
+
+    fn session(self) -> Option<Session> {
+        Some(Session {
+            guid: Guid::parse("guid", &self.guid).ok()?,
+            cookies: match self.cookies {
+                Some(header) => Cookies::parse_header("cookies", &header).ok()?,
+                None => Cookies::default(),
+            },
+        })
+    }
+}
+
+fn encode(shared: &SharedSession, writer: &str) -> Bytes {
+    let stored = StoredEntry {
+        current: StoredSession::of(&shared.current),
+        confirmed: shared.confirmed,
+        candidate: shared.candidate.as_ref().map(StoredSession::of),
+        writer: writer.to_owned(),
+    };
+    serde_json::to_vec(&stored)
+        .expect("plain strings and booleans serialize")
+        .into()
+}
+
+/// A bucket entry as the registry takes it.
+enum Stored {
+    Put {
+        shared: SharedSession,
+        writer: String,
+    },
+    Deleted,
+}
+
+/// The entry's agent and content; `None` when unreadable (never says why: serde's messages may
+/// quote the value, a credential).
+fn read(entry: &kv::Entry) -> Option<(AgentId, Stored)> {
+    let agent = AgentId::parse("key", &entry.key, KEY_MAX_AGENT).ok()?;
+    let stored = match entry.operation {
+        kv::Operation::Delete | kv::Operation::Purge => Stored::Deleted,
+        kv::Operation::Put => {
+            let stored: StoredEntry = serde_json::from_slice(&entry.value).ok()?;
+            let candidate = match stored.candidate {
+                Some(candidate) => Some(candidate.session()?),
+                None => None,
+            };
+            Stored::Put {
+                shared: SharedSession {
+                    current: stored.current.session()?,
+                    confirmed: stored.confirmed,
+                    candidate,
+                },
+                writer: stored.writer,
+            }
+        }
+    };
+    Some((agent, stored))
+}
+
+/// Installs `stored` (the bucket's entry at `revision`) in the registry.
+fn install(registry: &SessionRegistry, agent: AgentId, revision: u64, stored: Stored) {
+    let shared = match stored {
+        Stored::Put { shared, .. } => Some(shared),
+        Stored::Deleted => None,
+    };
+    if registry.install(agent, revision, shared) == Installed::Full {
+        // The first, then one in a thousand: loading a bucket larger than --max-sessions
+        // must not flood the log.
+        static NOT_KEPT: AtomicU64 = AtomicU64::new(0);
+        let not_kept = NOT_KEPT.fetch_add(1, Ordering::Relaxed);
+        if not_kept.is_multiple_of(1000) {
+            tracing::warn!(%agent, revision, not_kept = not_kept + 1, "another replica's session of the agent is not kept here: the session registry is full (--max-sessions)");
+        }
+    }
+}
+
+/// One change of an agent's entry, on its way to the writer.
+#[derive(Debug)]
+struct Change {
+    agent: AgentId,
+    based_on: u64,
+    entry: Option<SharedSession>,
+}
+
+/// The registry's side of the queue to the writer: never blocks.
+#[derive(Debug)]
+struct Changes {
+    queue: mpsc::Sender<Change>,
+    counters: Arc<StoreCounters>,
+}
+
+impl SessionStore for Changes {
+    fn changed(&self, agent: AgentId, based_on: u64, entry: Option<SharedSession>) {
+        let change = Change {
+            agent,
+            based_on,
+            entry,
+        };
+        match self.queue.try_send(change) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                let dropped = self.counters.dropped_changes();
+                StoreCounters::count(&self.counters.dropped_changes);
+                // The first, then one in a thousand: a stalled NATS must not flood the log.
+                if dropped.is_multiple_of(1000) {
+                    tracing::warn!(%agent, dropped = dropped + 1, "the queue of session changes to NATS is full; a change is not shared (the agent's next change carries its whole session)");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the registry current with what the other replicas write.
+struct Follower {
+    kv: kv::Store,
+    registry: Arc<SessionRegistry>,
+    replica: Arc<str>,
+    /// The newest revision seen: the watch resumes after it.
+    last_revision: u64,
+}
+
+impl Follower {
+    /// Installs every entry of the bucket; returns the watch, which goes on with later changes.
+    async fn load(&mut self) -> Result<kv::Watch, async_nats::Error> {
+        let mut watch = self.kv.watch_with_history(">").await?;
+        // An empty bucket delivers nothing to wait for.
+        if self.kv.status().await?.values() == 0 {
+            return Ok(watch);
+        }
+        while let Some(entry) = watch.next().await {
+            let entry = entry?;
+            let caught_up = entry.delta == 0;
+            self.apply(&entry);
+            if caught_up {
+                return Ok(watch);
+            }
+        }
+        Err("the watch ended while loading".into())
+    }
+
+    /// Follows the bucket until the service has drained; a failed watch is resumed after the
+    /// last revision seen (bounded backoff), so that nothing written meanwhile is missed.
+    async fn run(mut self, mut watch: kv::Watch, drained: impl Future<Output = ()>) {
+        tokio::pin!(drained);
+        let mut failures = 0u32;
+        loop {
+            let next = tokio::select! {
+                () = &mut drained => return,
+                next = watch.next() => next,
+            };
+            match next {
+                Some(Ok(entry)) => {
+                    failures = 0;
+                    self.apply(&entry);
+                    continue;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "the watch of the shared sessions failed; resuming it")
+                }
+                None => tracing::warn!("the watch of the shared sessions ended; resuming it"),
+            }
+            watch = loop {
+                failures = failures.saturating_add(1);
+                let pause = jittered_backoff(RETRY_FIRST, failures, RETRY_MAX);
+                tokio::select! {
+                    () = &mut drained => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                match self
+                    .kv
+                    .watch_all_from_revision(self.last_revision + 1)
+                    .await
+                {
+                    Ok(watch) => break watch,
+                    Err(error) => {
+                        tracing::warn!(%error, failures, "cannot resume the watch of the shared sessions yet")
+                    }
+                }
+            };
+            tracing::info!("resumed the watch of the shared sessions");
+        }
+    }
+
+    fn apply(&mut self, entry: &kv::Entry) {
+        self.last_revision = self.last_revision.max(entry.revision);
+        match read(entry) {
+            // This replica's own write: its registry holds it, or a later change of its own.
+            Some((_, Stored::Put { writer, .. })) if *writer == *self.replica => {}
+            Some((agent, stored)) => install(&self.registry, agent, entry.revision, stored),
+            None => tracing::warn!(
+                revision = entry.revision,
+                "an unreadable entry in the shared sessions bucket; ignored"
+            ),
+        }
+    }
+}
+
+/// An agent's change waiting to be written: the latest entry, and the revision the first
+/// unwritten change was based on (later ones derive from it).
+struct Pending {
+    based_on: u64,
+    entry: Option<SharedSession>,
+    /// Arrival order: agents are written in the order their changes came.
+    seq: u64,
+}
+
+/// This replica's last write of an agent: a change still based on `from` (made before the
+/// registry learnt of the write) derives from `to`.
+struct Chain {
+    from: u64,
+    to: u64,
+}
+
+enum WriteError {
+    /// The bucket's entry is not at the revision the write was based on.
+    Conflict,
+    Failed(String),
+}
+
+/// Writes the registry's changes to the bucket, one agent at a time, in order.
+struct Writer {
+    kv: kv::Store,
+    registry: Arc<SessionRegistry>,
+    replica: Arc<str>,
+    counters: Arc<StoreCounters>,
+    pending: HashMap<AgentId, Pending>,
+    chains: HashMap<AgentId, Chain>,
+    next_seq: u64,
+    /// Consecutive passes that failed.
+    failures: u32,
+}
+
+impl Writer {
+    /// Writes what arrives until the service has drained, then flushes what is pending
+    /// (bounded). While NATS fails, changes are coalesced per agent and retried with backoff.
+    async fn run(mut self, mut inbox: mpsc::Receiver<Change>, drained: impl Future<Output = ()>) {
+        tokio::pin!(drained);
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let backing_off = retry_at.is_some();
+            tokio::select! {
+                biased;
+                () = &mut drained => break,
+                change = inbox.recv() => match change {
+                    Some(change) => self.queue(change),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if backing_off => {
+                    retry_at = None;
+                }
+            }
+            self.queue_arrived(&mut inbox);
+            if retry_at.is_some() || self.pending.is_empty() {
+                continue;
+            }
+            retry_at = match self.write_pending().await {
+                Ok(()) => {
+                    self.failures = 0;
+                    None
+                }
+                Err(()) => {
+                    self.failures = self.failures.saturating_add(1);
+                    let pause = jittered_backoff(RETRY_FIRST, self.failures, RETRY_MAX);
+                    Some(Instant::now() + pause)
+                }
+            };
+        }
+        inbox.close();
+        self.queue_arrived(&mut inbox);
+        if self.pending.is_empty() {
+            return;
+        }
+        let flushed = tokio::time::timeout(FLUSH_WITHIN, self.write_pending()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!(
+                agents = self.pending.len(),
+                "stopping with session changes NATS has not taken; the other replicas keep the sessions they knew"
+            );
+        }
+    }
+
+    fn queue_arrived(&mut self, inbox: &mut mpsc::Receiver<Change>) {
+        while let Ok(change) = inbox.try_recv() {
+            self.queue(change);
+        }
+    }
+
+    fn queue(&mut self, change: Change) {
+        let based_on = match self.chains.get(&change.agent) {
+            Some(chain) if chain.from == change.based_on => chain.to,
+            _ => change.based_on,
+        };
+        match self.pending.get_mut(&change.agent) {
+            // Revisions only grow: a higher base is a newer entry installed meanwhile, a lower
+            // one (0: the entry was forgotten and made again) derives from the pending one.
+            Some(pending) => {
+                pending.based_on = pending.based_on.max(based_on);
+                pending.entry = change.entry;
+            }
+            None => {
+                self.next_seq += 1;
+                let pending = Pending {
+                    based_on,
+                    entry: change.entry,
+                    seq: self.next_seq,
+                };
+                self.pending.insert(change.agent, pending);
+            }
+        }
+    }
+
+    /// Writes every pending change in arrival order; stops at the first that NATS did not take.
+    async fn write_pending(&mut self) -> Result<(), ()> {
+        let mut order: Vec<(u64, AgentId)> =
+            self.pending.iter().map(|(a, p)| (p.seq, *a)).collect();
+        order.sort_unstable();
+        for (_, agent) in order {
+            let Some(pending) = self.pending.remove(&agent) else {
+                continue;
+            };
+            if let Err(pending) = self.write(agent, pending).await {
+                self.pending.insert(agent, pending);
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one agent's change; hands it back when NATS did not take it.
+    async fn write(&mut self, agent: AgentId, mut pending: Pending) -> Result<(), Pending> {
+        let based_on = pending.based_on;
+        for _ in 0..=MAX_REBASES {
+            let error = match self.put(agent, &pending).await {
+                Ok(revision) => {
+                    self.written(agent, based_on, revision);
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            if let WriteError::Failed(error) = error {
+                StoreCounters::count(&self.counters.failed_writes);
+                tracing::warn!(%agent, %error, "NATS did not take a change of the agent's session; retrying");
+                return Err(pending);
+            }
+            match self.kv.entry(agent.to_string()).await {
+                // Gone altogether (purged): nothing to be based on.
+                Ok(None) => pending.based_on = 0,
+                Ok(Some(entry)) => match read(&entry) {
+                    // This replica's own write, whose acknowledgement was lost: the change
+                    // derives from it.
+                    Some((_, Stored::Put { writer, .. })) if *writer == *self.replica => {
+                        pending.based_on = entry.revision;
+                    }
+                    Some((_, stored)) => {
+                        StoreCounters::count(&self.counters.conflicts);
+                        tracing::info!(%agent, revision = entry.revision, "another replica changed the agent's session first; this replica takes the newer one");
+                        install(&self.registry, agent, entry.revision, stored);
+                        return Ok(());
+                    }
+                    None => {
+                        StoreCounters::count(&self.counters.conflicts);
+                        tracing::warn!(%agent, revision = entry.revision, "an unreadable entry in the shared sessions bucket; this replica's change is not written over it");
+                        return Ok(());
+                    }
+                },
+                // The watch brings the newer entry.
+                Err(error) => {
+                    StoreCounters::count(&self.counters.conflicts);
+                    tracing::warn!(%agent, %error, "another replica changed the agent's session first, and reading it failed; the watch brings it");
+                    return Ok(());
+                }
+            }
+        }
+        tracing::warn!(%agent, "a change of the agent's session kept conflicting; not written");
+        Ok(())
+    }
+
+    /// Compare-and-set of the agent's entry on `pending.based_on` (0: create). Returns the new
+    /// revision; `None` after a deletion, or when there was nothing to delete.
+    async fn put(&self, agent: AgentId, pending: &Pending) -> Result<Option<u64>, WriteError> {
+        let key = agent.to_string();
+        let based_on = pending.based_on;
+        match &pending.entry {
+            Some(shared) => {
+                let value = encode(shared, &self.replica);
+                let revision = if based_on == 0 {
+                    self.kv
+                        .create(&key, value)
+                        .await
+                        .map_err(|e| match e.kind() {
+                            kv::CreateErrorKind::AlreadyExists => WriteError::Conflict,
+                            _ => WriteError::Failed(e.to_string()),
+                        })?
+                } else {
+                    self.kv
+                        .update(&key, value, based_on)
+                        .await
+                        .map_err(update_error)?
+                };
+                Ok(Some(revision))
+            }
+            None if based_on == 0 => Ok(None),
+            None => {
+                self.kv
+                    .delete_expect_revision(&key, Some(based_on))
+                    .await
+                    .map_err(update_error)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn written(&mut self, agent: AgentId, based_on: u64, revision: Option<u64>) {
+        let Some(revision) = revision else {
+            // Deleted: the registry made any later entry anew (based on 0).
+            self.chains.remove(&agent);
+            return;
+        };
+        if self.chains.len() >= MAX_CHAINS && !self.chains.contains_key(&agent) {
+            self.chains.clear();
+        }
+        self.chains.insert(
+            agent,
+            Chain {
+                from: based_on,
+                to: revision,
+            },
+        );
+        self.registry.written(agent, revision);
+    }
+}
+
+fn update_error(error: kv::UpdateError) -> WriteError {
+    match error.kind() {
+        kv::UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
+        _ => WriteError::Failed(error.to_string()),
+    }
+}
