@@ -15,7 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::Cluster,
+    nats::{Cluster, NatsRequestIds},
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -69,7 +69,7 @@ pub async fn build_api(
     let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
     let lifecycle = Lifecycle::new();
     // Replicated (state shared through NATS) or alone (state in memory).
-    let _cluster = match config.nats() {
+    let cluster = match config.nats() {
         Some(settings) => Some(Cluster::connect(settings).await?),
         None => None,
     };
@@ -82,12 +82,20 @@ pub async fn build_api(
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
     let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
-    let release = ReleaseService::new(
-        sessions,
-        events.clone(),
-        config.release_policy(),
-        &lifecycle,
-    );
+    let policy = config.release_policy();
+    let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
+    if let Some(cluster) = &cluster {
+        let request_ids = NatsRequestIds::open(
+            cluster,
+            policy.idempotency_window,
+            policy.idempotency_capacity,
+        )
+        .await?;
+        release = release.sharing_request_ids(
+            std::sync::Arc::new(request_ids),
+            cluster.settings().release_without_nats,
+        );
+    }
     Ok(CallControlApi::new(
         release,
         events,
