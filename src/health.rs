@@ -80,9 +80,7 @@ pub(crate) async fn draining(reporter: &HealthReporter) {
 }
 
 async fn set_readiness(reporter: &HealthReporter, status: ServingStatus) {
-    reporter
-        .set_service_status(READINESS, status)
-        .await;
+    reporter.set_service_status(READINESS, status).await;
     reporter.set_service_status("", status).await;
 }
 

@@ -30,7 +30,7 @@ use crate::{
     gateway::{BusyCause, GatewayError, ReleaseTarget, Retcode},
     lock,
     release::{
-        ReleaseAnswer, AnswerKey, Claim, ClaimTerms, Pending, ReleaseCommand, ReleaseError,
+        AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, ReleaseCommand, ReleaseError,
         ReleaseOutcome, ReleaseReport, RequestIds, Retention, Ticket,
     },
 };
@@ -254,7 +254,11 @@ struct NatsTicket {
 /// Dropped without an answer (the process is going away), the claim stays: past its deadline
 /// duplicates see it lost, which is safe whatever the work did.
 impl Ticket for NatsTicket {
-    fn complete(self: Box<Self>, answer: ReleaseAnswer, retention: Retention) -> BoxFuture<'static, ()> {
+    fn complete(
+        self: Box<Self>,
+        answer: ReleaseAnswer,
+        retention: Retention,
+    ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let record = Record {
                 fingerprint: self.fingerprint,
@@ -604,13 +608,19 @@ impl StoredGatewayError {
     fn into_error(self) -> GatewayError {
         match self {
             // An id this replica cannot parse was never stored by one: it is an agent id.
-            Self::NoSession(agent) => match AgentId::parse("agent_id", &agent.to_string(), u32::MAX) {
-                Ok(agent) => GatewayError::NoSession(agent),
-                Err(_) => GatewayError::Malformed("an unreadable agent id in a kept answer".to_owned()),
-            },
+            Self::NoSession(agent) => {
+                match AgentId::parse("agent_id", &agent.to_string(), u32::MAX) {
+                    Ok(agent) => GatewayError::NoSession(agent),
+                    Err(_) => GatewayError::Malformed(
+                        "an unreadable agent id in a kept answer".to_owned(),
+                    ),
+                }
+            }
             Self::Connect(detail) => GatewayError::Connect(detail),
             Self::TimeoutMs(ms) => GatewayError::Timeout(Duration::from_millis(ms)),
-            Self::DeadlineTooShortMs(ms) => GatewayError::DeadlineTooShort(Duration::from_millis(ms)),
+            Self::DeadlineTooShortMs(ms) => {
+                GatewayError::DeadlineTooShort(Duration::from_millis(ms))
+            }
             Self::Transport(detail) => GatewayError::Transport(detail),
             Self::HttpStatus(status) => GatewayError::HttpStatus { status },
             Self::Malformed(detail) => GatewayError::Malformed(detail),

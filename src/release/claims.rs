@@ -69,7 +69,11 @@ pub(crate) enum Claim {
 /// The right, and the duty, to record an id's answer.
 pub(crate) trait Ticket: Send {
     /// Records the answer for everyone waiting and keeps it as `retention` says.
-    fn complete(self: Box<Self>, answer: ReleaseAnswer, retention: Retention) -> BoxFuture<'static, ()>;
+    fn complete(
+        self: Box<Self>,
+        answer: ReleaseAnswer,
+        retention: Retention,
+    ) -> BoxFuture<'static, ()>;
 }
 
 /// The answer of the attempt that owns the id, or None if it ended without one (lost).
@@ -121,7 +125,11 @@ impl RequestIds for AnswerCache {
 }
 
 impl Ticket for idempotency::Ticket<AnswerKey, ReleaseCommand, ReleaseAnswer> {
-    fn complete(self: Box<Self>, answer: ReleaseAnswer, retention: Retention) -> BoxFuture<'static, ()> {
+    fn complete(
+        self: Box<Self>,
+        answer: ReleaseAnswer,
+        retention: Retention,
+    ) -> BoxFuture<'static, ()> {
         idempotency::Ticket::complete(*self, answer, retention);
         Box::pin(std::future::ready(()))
     }

@@ -10,8 +10,8 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub(crate) use claims::{AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, RequestIds, Ticket};
 pub(crate) use confirm::Confirmation;
-pub(crate) use claims::{ReleaseAnswer, AnswerKey, Claim, ClaimTerms, Pending, RequestIds, Ticket};
 pub(crate) use idempotency::{IdempotencyCache, Retention};
 
 use crate::{
