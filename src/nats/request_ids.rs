@@ -326,9 +326,7 @@ async fn await_answer(
             tokio::select! {
                 entry = watch.next() => match entry {
                     Some(Ok(entry)) if entry.operation == Operation::Put => {
-                        let Some(record) = Record::parse(&entry.value) else {
-                            return None;
-                        };
+                        let record = Record::parse(&entry.value)?;
                         if record.fingerprint != claim.fingerprint {
                             return None;
                         }
