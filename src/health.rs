@@ -2,12 +2,16 @@
 //! - readiness, `""` and [`READINESS`]: SERVING from start until shutdown begins (a draining
 //!   replica takes no new calls), then NOT_SERVING. The gateway's reachability is not part of
 //!   it: with a shared gateway down, every replica would leave the Service, and callers would
-//!   get connection refused instead of GATEWAY_UNREACHABLE with RetryInfo.
+//!   get connection refused instead of GATEWAY_UNREACHABLE with RetryInfo. Replicated
+//!   (`--nats-url`), it is also NOT_SERVING while this replica cannot reach NATS, and SERVING
+//!   again once it can: a replica cut off from the shared state refuses releases (or uses stale
+//!   sessions), so the Service should send calls to the others. If NATS is down for every
+//!   replica, all of them leave the Service: that is the point of the signal.
 //! - [`LIVENESS`]: SERVING as long as the process serves, draining included, so that Kubernetes
 //!   never restarts a replica that is finishing its calls.
 //! - [`GATEWAY`]: the CC-Gateway's damped reachability (`GatewayHealth`), for alerts and
 //!   dashboards; NOT_SERVING until the first probe has reached it.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -26,11 +30,19 @@ pub const LIVENESS: &str = "liveness";
 /// The CC-Gateway is reachable.
 pub const GATEWAY: &str = "ccgw.gateway";
 
+/// Whether the state the replicas share can be reached now (replicated mode only).
+pub(crate) type SharedStateCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How often readiness looks at the shared state's reachability (a flag read, no request).
+const SHARED_STATE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
 /// Reports every name's starting status and starts following the gateway: probes it every
-/// `probe_every` and mirrors its reachability into [`GATEWAY`], until shutdown.
+/// `probe_every` and mirrors its reachability into [`GATEWAY`], until shutdown. With
+/// `shared_state`, readiness follows it too.
 pub(crate) async fn start(
     reporter: &HealthReporter,
     gateway: &GatewayClient,
+    shared_state: Option<SharedStateCheck>,
     probe_every: Duration,
     lifecycle: &Lifecycle,
 ) {
@@ -48,6 +60,13 @@ pub(crate) async fn start(
         let (gateway, stop) = (gateway.clone(), stop.clone());
         async move { gateway.probe_until(probe_every, stop).await }
     });
+    if let Some(reachable) = shared_state {
+        lifecycle.tasks().spawn(follow_shared_state(
+            reporter.clone(),
+            reachable,
+            stop.clone(),
+        ));
+    }
     lifecycle.tasks().spawn(report_gateway(
         reporter.clone(),
         gateway.health().subscribe(),
@@ -57,12 +76,45 @@ pub(crate) async fn start(
 
 /// Shutdown began: not ready any more; still alive.
 pub(crate) async fn draining(reporter: &HealthReporter) {
-    reporter
-        .set_not_serving::<CallControlServer<CallControlApi>>()
-        .await;
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    set_readiness(reporter, ServingStatus::NotServing).await;
+}
+
+async fn set_readiness(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status(READINESS, status).await;
+    reporter.set_service_status("", status).await;
+}
+
+/// Readiness while serving: NOT_SERVING while the shared state is out of reach. Stops at
+/// shutdown, which owns readiness from then on.
+async fn follow_shared_state(
+    reporter: HealthReporter,
+    reachable: SharedStateCheck,
+    stop: CancellationToken,
+) {
+    // start() reported SERVING: the connection to NATS was made just before.
+    let mut was_reachable = true;
+    loop {
+        let now_reachable = reachable();
+        if now_reachable != was_reachable {
+            if now_reachable {
+                tracing::info!("NATS is reachable again: ready");
+                set_readiness(&reporter, ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("NATS is unreachable: not ready until it is back");
+                set_readiness(&reporter, ServingStatus::NotServing).await;
+            }
+            was_reachable = now_reachable;
+            // Shutdown may have reported NOT_SERVING between the check and this report.
+            if stop.is_cancelled() {
+                draining(&reporter).await;
+                return;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(SHARED_STATE_CHECK_EVERY) => {}
+        }
+    }
 }
 
 fn gateway_status(state: Reachability) -> ServingStatus {

@@ -102,6 +102,7 @@ pub async fn run(
     health::start(
         &health,
         api.sessions().gateway(),
+        api.shared_state_check(),
         settings.gateway_probe,
         &lifecycle,
     )

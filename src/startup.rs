@@ -15,7 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::{self, Cluster},
+    nats::{self, Cluster, NatsRequestIds},
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -88,12 +88,20 @@ pub async fn build_api(
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
     let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
-    let release = ReleaseService::new(
-        sessions,
-        events.clone(),
-        config.release_policy(),
-        &lifecycle,
-    );
+    let policy = config.release_policy();
+    let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
+    if let Some(cluster) = &cluster {
+        let request_ids = NatsRequestIds::open(
+            cluster,
+            policy.idempotency_window,
+            policy.idempotency_capacity,
+        )
+        .await?;
+        release = release.sharing_request_ids(
+            std::sync::Arc::new(request_ids),
+            cluster.settings().release_without_nats,
+        );
+    }
     Ok(CallControlApi::new(
         release,
         events,

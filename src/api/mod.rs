@@ -93,6 +93,14 @@ impl CallControlApi {
         self.release.idempotency_entries()
     }
 
+    /// Replicated, whether the replicas' shared state can be reached now (for readiness).
+    pub(crate) fn shared_state_check(&self) -> Option<crate::health::SharedStateCheck> {
+        let release = self.release.clone();
+        self.release
+            .shares_state()
+            .then(|| std::sync::Arc::new(move || release.shared_state_reachable()) as _)
+    }
+
     pub fn sessions(&self) -> &Sessions {
         self.events.sessions()
     }
@@ -333,6 +341,11 @@ impl CallControl for CallControlApi {
         )?;
         let needed = verbs(Verb::Watch, handover.is_some(), false);
         let caller = auth::authorize(&request, &needed, &valid.agents, &ctx)?;
+        if !self.release.shared_state_reachable() {
+            // Its events come through the shared event log, out of reach: the client resumes
+            // with its token on a replica that reaches it, or here once it is back.
+            return Err(status::shared_state_unavailable(&ctx));
+        }
         let slot = self.stream_slots.take(&caller).ok_or_else(|| {
             let limit = self.settings.max_streams_per_caller;
             tracing::debug!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");

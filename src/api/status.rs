@@ -116,6 +116,8 @@ enum_with_all! {
         TooManyPolledAgents,
         GatewayBusy,
         ShuttingDown,
+        /// The replicas' shared state (NATS JetStream) cannot be reached from this replica.
+        SharedStateUnavailable,
         /// No credentials, or credentials that identify no caller.
         CallerUnauthenticated,
         /// The caller is not granted the verb or an agent of the request.
@@ -150,6 +152,7 @@ impl Condition {
             Self::TooManyPolledAgents => "(too many polled agents)",
             Self::GatewayBusy => "(too many gateway requests)",
             Self::ShuttingDown => "(shutting down)",
+            Self::SharedStateUnavailable => "(shared state unreachable)",
             Self::CallerUnauthenticated => "(caller not authenticated)",
             Self::CallerNotPermitted => "(caller not permitted)",
             Self::TooManyCallerStreams => "(too many streams of the caller)",
@@ -212,6 +215,7 @@ pub(crate) const fn condition_rule(condition: Condition) -> Rule {
         Condition::TooManyPolledAgents => row(ResourceExhausted, "TOO_MANY_POLLED_AGENTS", After(secs(1)), "the facade polls as many agents as it allows (--max-polled-agents: each polled agent holds a connection to the gateway); another agent can be watched once one nobody watches is past its grace period (--watch-grace-secs); nothing was sent"),
         Condition::GatewayBusy => row(ResourceExhausted, "GATEWAY_BUSY", After(secs(1)), "the facade has as many gateway requests in flight (--max-gateway-requests) and waiting (--max-gateway-queue) as it allows, or the deadline came while this one waited its turn; nothing was sent"),
         Condition::ShuttingDown => row(Unavailable, "SHUTTING_DOWN", After(secs(1)), "the facade is shutting down; resume from ErrorInfo metadata resume_token on another replica or after the restart"),
+        Condition::SharedStateUnavailable => row(Unavailable, "SHARED_STATE_UNAVAILABLE", After(secs(1)), "this replica cannot reach the state the replicas share (NATS JetStream), so it cannot know the agents' newest sessions, claim request_ids or follow the event log; nothing was sent or opened: retry on another replica or once NATS is back (see --release-without-nats)"),
         Condition::CallerUnauthenticated => row(Unauthenticated, "UNAUTHENTICATED", No, "the request identifies no caller: send `authorization: Bearer <token>` metadata with a token of the tokens file, or a client certificate whose name the callers file lists; nothing was done"),
         Condition::CallerNotPermitted => row(PermissionDenied, "PERMISSION_DENIED", No, "the caller is not granted this verb or agent (callers file: agents, verbs; handing a session over in x-ccgw-guid needs handover, wait_for_release_event needs watch); nothing was done"),
         Condition::TooManyCallerStreams => row(ResourceExhausted, "TOO_MANY_CALLER_STREAMS", After(secs(1)), "the caller has as many open WatchReleaseEvents streams as one caller may (--max-streams-per-caller); nothing was opened"),
@@ -282,6 +286,10 @@ pub(crate) fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status
             (condition_rule(Condition::EarlierAttemptLost), String::new())
         }
         ReleaseError::TooManyPending => (condition_rule(Condition::TooManyPending), String::new()),
+        ReleaseError::SharedStateUnavailable => (
+            condition_rule(Condition::SharedStateUnavailable),
+            String::new(),
+        ),
         ReleaseError::CannotWait(error) => return subscribe_failure(error, ctx),
         ReleaseError::ShuttingDown => (
             condition_rule(Condition::ShuttingDown),
@@ -410,6 +418,17 @@ pub(crate) fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> St
     };
     let rule = condition_rule(condition);
     failure(&rule, &error.to_string(), metadata, ctx)
+}
+
+/// A WatchReleaseEvents refused because the replicas' shared state cannot be reached: its
+/// events would not arrive; the client retries (with its resume token) later or elsewhere.
+pub(crate) fn shared_state_unavailable(ctx: &Context<'_>) -> Status {
+    failure(
+        &condition_rule(Condition::SharedStateUnavailable),
+        "",
+        HashMap::new(),
+        ctx,
+    )
 }
 
 /// A request whose credentials identify no caller; `request_id` only ties the answer to the

@@ -7,11 +7,14 @@
 // Until the shared stores use every part of the connection.
 #![allow(dead_code)]
 
+mod request_ids;
 pub(crate) mod sessions;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, kv};
+
+pub(crate) use request_ids::NatsRequestIds;
 
 /// How long connecting (and each JetStream request) may take.
 const NATS_TIMEOUT: Duration = Duration::from_secs(5);

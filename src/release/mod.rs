@@ -1,5 +1,6 @@
 //! The hang-up policy and the ReleaseCall use case: which retries are safe, what "no call"
 //! means, request-id idempotency, and waiting for a release's event. Knows nothing of gRPC.
+mod claims;
 mod confirm;
 mod idempotency;
 
@@ -9,8 +10,9 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub(crate) use claims::{AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, RequestIds, Ticket};
 pub(crate) use confirm::Confirmation;
-pub(crate) use idempotency::{Claim, IdempotencyCache, Retention};
+pub(crate) use idempotency::{IdempotencyCache, Retention};
 
 use crate::{
     domain::{AgentId, RequestId},
@@ -80,6 +82,9 @@ pub(crate) enum ReleaseError {
     TooManyPending,
     #[error("the facade shut down before the gateway answered")]
     ShuttingDown,
+    /// The state the replicas share (NATS) cannot be reached; nothing was sent.
+    #[error("the replicas' shared state (NATS) is unreachable; nothing was sent")]
+    SharedStateUnavailable,
     /// wait_for_release_event could not start watching; nothing was sent.
     #[error(transparent)]
     CannotWait(SubscribeError),
@@ -98,6 +103,7 @@ impl ReleaseError {
             Self::NoActiveCall { .. }
             | Self::RequestIdReused
             | Self::TooManyPending
+            | Self::SharedStateUnavailable
             | Self::CannotWait(_) => false,
         }
     }
@@ -109,7 +115,7 @@ impl ReleaseError {
 /// whatever the cache's pressure, or the repeat would hang up the next call. A dropcall names
 /// its call: its settled answers may make room, and one with an unknown outcome is safe to
 /// repeat, so it is not remembered, nor is anything that provably changed nothing.
-fn retention(target: &ReleaseTarget, answer: &Result<ReleaseReport, ReleaseError>) -> Retention {
+fn retention(target: &ReleaseTarget, answer: &ReleaseAnswer) -> Retention {
     let settled = match answer {
         Ok(_) | Err(ReleaseError::NoActiveCall { .. }) => true,
         Err(error) if *target == ReleaseTarget::Current && error.may_have_released() => true,
@@ -145,11 +151,6 @@ impl Default for ReleasePolicy {
     }
 }
 
-/// A request_id within its caller's namespace: two callers' ids never meet.
-type AnswerKey = (Arc<str>, RequestId);
-
-type AnswerCache = IdempotencyCache<AnswerKey, ReleaseCommand, Result<ReleaseReport, ReleaseError>>;
-
 /// One ReleaseCall, as a caller asks for it.
 #[derive(Debug, Clone)]
 pub(crate) struct ReleaseRequest {
@@ -180,7 +181,12 @@ pub(crate) struct ReleaseService {
     sessions: Sessions,
     events: EventHub,
     policy: ReleasePolicy,
-    answers: AnswerCache,
+    answers: Arc<dyn RequestIds>,
+    /// Whether a release may go ahead with this replica's sessions while `answers` (and the
+    /// rest of the shared state) cannot be reached.
+    release_while_unreachable: bool,
+    /// Whether `answers` is shared with other replicas.
+    shared: bool,
     /// The release room's part of the hard stop: a call still running answers at once with
     /// what it knows.
     hard_stop: CancellationToken,
@@ -195,20 +201,51 @@ impl ReleaseService {
         policy: ReleasePolicy,
         lifecycle: &Lifecycle,
     ) -> Self {
-        let answers = IdempotencyCache::new(policy.idempotency_window, policy.idempotency_capacity);
+        let answers: claims::AnswerCache =
+            IdempotencyCache::new(policy.idempotency_window, policy.idempotency_capacity);
         Self {
             sessions,
             events,
             policy,
-            answers,
+            answers: Arc::new(answers),
+            release_while_unreachable: true,
+            shared: false,
             hard_stop: lifecycle.hard_stop().child_token(),
             tasks: lifecycle.tasks().clone(),
         }
     }
 
+    /// Claims request ids in `answers`, shared with other replicas, instead of this process's
+    /// memory. While it cannot be reached, releases are refused (nothing sent), unless
+    /// `release_while_unreachable`: then releases without a request_id go ahead with this
+    /// replica's sessions (one with a request_id is still refused, as its id cannot be claimed
+    /// where the other replicas would see it).
+    pub(crate) fn sharing_request_ids(
+        self,
+        answers: Arc<dyn RequestIds>,
+        release_while_unreachable: bool,
+    ) -> Self {
+        Self {
+            answers,
+            release_while_unreachable,
+            shared: true,
+            ..self
+        }
+    }
+
+    /// Whether request ids (and the rest of the state) are shared with other replicas.
+    pub(crate) fn shares_state(&self) -> bool {
+        self.shared
+    }
+
     /// request_ids whose answers (or releases under way) are remembered.
     pub(crate) fn idempotency_entries(&self) -> usize {
-        self.answers.len()
+        self.answers.entries()
+    }
+
+    /// Whether the state the replicas share can be reached (always, alone).
+    pub(crate) fn shared_state_reachable(&self) -> bool {
+        self.answers.reachable()
     }
 
     /// Carries out a ReleaseCall: watches for the release's event first when asked (so it
@@ -219,13 +256,21 @@ impl ReleaseService {
         &self,
         request: ReleaseRequest,
     ) -> Result<Released, ReleaseError> {
+        if !self.release_while_unreachable && !self.answers.reachable() {
+            // Another replica may hold a newer Guid, or the same request_id: refuse before
+            // anything is sent, so that a retry is safe.
+            return Err(ReleaseError::SharedStateUnavailable);
+        }
         let agent = request.command.agent;
         let target = request.command.target.clone();
         let key = request.request_id.map(|id| (request.caller, id));
         // Not for a repeated request_id, whose answer is replayed without waiting (and which
         // must not start polling an agent for nothing).
-        let wait_for_event =
-            request.wait_for_event && !key.as_ref().is_some_and(|key| self.answers.contains(key));
+        let repeated = match &key {
+            Some(key) if request.wait_for_event => self.answers.contains(key).await,
+            _ => false,
+        };
+        let wait_for_event = request.wait_for_event && !repeated;
         let watcher = if wait_for_event {
             match confirm::watch_releases(&self.events, agent) {
                 Ok(watcher) => Some(watcher),
@@ -277,9 +322,14 @@ impl ReleaseService {
         let Some(key) = key else {
             return self.release_once(&command, deadline, handed.as_ref()).await;
         };
-        let pending = match self.answers.claim(key, command.clone()) {
+        let terms = ClaimTerms {
+            deadline,
+            if_lost: retention(&command.target, &Err(ReleaseError::EarlierAttemptLost)),
+        };
+        let pending = match self.answers.claim(key, &command, terms).await {
             Claim::Conflict => return Err(ReleaseError::RequestIdReused),
             Claim::Full => return Err(ReleaseError::TooManyPending),
+            Claim::Unavailable => return Err(ReleaseError::SharedStateUnavailable),
             Claim::Follower(pending) => {
                 let answer = tokio::time::timeout_at(deadline, pending.wait())
                     .await
@@ -306,7 +356,9 @@ impl ReleaseService {
                             .catch_unwind()
                             .await
                             .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
-                    ticket.complete(answer.clone(), retention(&command.target, &answer));
+                    // Recorded before the caller hears it: a retry after the answer finds it.
+                    let retention = retention(&command.target, &answer);
+                    ticket.complete(answer.clone(), retention).await;
                     answer
                 }))
             }

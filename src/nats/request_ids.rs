@@ -1,0 +1,774 @@
+//! Request ids shared by the replicas: the KV bucket `<prefix>-requests`, one key per
+//! (caller, request_id), named by its hex SHA-256 (short, in NATS's key charset, and without the
+//! caller's name). The first replica to create the key owns the id and executes; the value
+//! holds the command's fingerprint, then the claim (its replica and when an unanswered claim
+//! counts as lost), then the answer. Duplicates on any replica read it, or watch the key until
+//! the answer or the claim's loss. Revisions settle every race: an answer and a loss are both
+//! written on the claim's revision, so only one of them lands.
+//!
+//! The bucket keeps every key for the idempotency window (its max age) and holds at most
+//! `--idempotency-capacity` keys: a new claim beyond that is refused (TooManyPending), as no
+//! kept answer may be dropped early. Unlike the in-memory cache, settled answers that could be
+//! forgotten (dropcall's) are not evicted to make room: they leave at the end of their window.
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_nats::jetstream::kv::{self, Operation};
+use bytes::Bytes;
+use futures_util::{future::BoxFuture, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{Cluster, NatsError};
+use crate::{
+    domain::AgentId,
+    gateway::{BusyCause, GatewayError, ReleaseTarget, Retcode},
+    lock,
+    release::{
+        AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, ReleaseCommand, ReleaseError,
+        ReleaseOutcome, ReleaseReport, RequestIds, Retention, Ticket,
+    },
+};
+
+/// After its deadline, how long a claim may still be answered before it counts as lost: the
+/// time to record the answer, and clocks that differ a little between replicas.
+const LOST_GRACE: Duration = Duration::from_secs(5);
+
+/// Claims in a row that find the key forgotten just then: each such round means another
+/// replica's claim came and went, so a few bound the loop without refusing in practice.
+const CLAIM_ROUNDS: usize = 3;
+
+/// A waiting duplicate whose watch broke (NATS went away) tries again after this.
+const REWATCH_PAUSE: Duration = Duration::from_millis(500);
+
+/// The bucket's message count is read again at most this often (for the metrics).
+const ENTRIES_REFRESH: Duration = Duration::from_secs(5);
+
+/// The longest gateway message kept in an answer; a value stays far below the bucket's
+/// value limit.
+const MAX_MESSAGE_CHARS: usize = 1024;
+const MAX_VALUE_BYTES: i32 = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub(crate) struct NatsRequestIds {
+    cluster: Cluster,
+    store: kv::Store,
+    entries: Arc<EntriesGauge>,
+}
+
+#[derive(Debug, Default)]
+struct EntriesGauge {
+    last: AtomicUsize,
+    refreshed: Mutex<Option<Instant>>,
+}
+
+impl NatsRequestIds {
+    /// The bucket, created when missing; an existing one gets `window` and `capacity` (they
+    /// may have changed since it was made).
+    pub(crate) async fn open(
+        cluster: &Cluster,
+        window: Duration,
+        capacity: usize,
+    ) -> Result<Self, NatsError> {
+        let store = cluster
+            .key_value(
+                "requests",
+                kv::Config {
+                    history: 1,
+                    max_age: window,
+                    max_value_size: MAX_VALUE_BYTES,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut stream = store.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| NatsError::jetstream("bucket requests", e))?;
+        let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
+        if info.config.max_messages != capacity || info.config.max_age != window {
+            // KV buckets discard new messages when full, so a claim beyond capacity fails
+            // while the answers already kept stay.
+            let config = async_nats::jetstream::stream::Config {
+                max_messages: capacity,
+                max_age: window,
+                ..info.config.clone()
+            };
+            cluster
+                .jetstream()
+                .update_stream(config)
+                .await
+                .map_err(|e| NatsError::jetstream("bucket requests: limits", e))?;
+        }
+        Ok(Self {
+            cluster: cluster.clone(),
+            store,
+            entries: Arc::default(),
+        })
+    }
+
+    async fn claim_key(&self, key: String, fingerprint: String, terms: ClaimTerms) -> Claim {
+        if !self.cluster.is_connected() {
+            return Claim::Unavailable;
+        }
+        let claim = Record {
+            fingerprint: fingerprint.clone(),
+            state: State::Pending {
+                replica: self.cluster.replica().to_owned(),
+                lost_after_ms: wall_ms(terms.deadline) + millis(LOST_GRACE),
+                forget_if_lost: terms.if_lost == Retention::Forget,
+            },
+        };
+        let mut expected = 0;
+        for _ in 0..CLAIM_ROUNDS {
+            match self.store.update(&key, claim.to_bytes(), expected).await {
+                Ok(revision) => {
+                    return Claim::Owner(Box::new(NatsTicket {
+                        store: self.store.clone(),
+                        key,
+                        fingerprint,
+                        revision,
+                    }))
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) if is_full(&e) => return Claim::Full,
+                Err(error) => {
+                    // A claim that landed after all is never executed: duplicates will see
+                    // it lost (outcome unknown), never free to act.
+                    tracing::warn!(%error, "could not claim a request_id in NATS");
+                    return Claim::Unavailable;
+                }
+            }
+            let entry = match self.store.entry(&key).await {
+                Ok(entry) => entry,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read a request_id's claim in NATS");
+                    return Claim::Unavailable;
+                }
+            };
+            let Some(entry) = entry else {
+                // Forgotten between the two: claim it again.
+                expected = 0;
+                continue;
+            };
+            if entry.operation != Operation::Put {
+                expected = entry.revision;
+                continue;
+            }
+            let Some(record) = Record::parse(&entry.value) else {
+                tracing::warn!("a request_id's record in NATS is unreadable");
+                return Claim::Unavailable;
+            };
+            if record.fingerprint != fingerprint {
+                return Claim::Conflict;
+            }
+            let answer = match record.state {
+                State::Answered { answer } => {
+                    let answer = answer.into_answer();
+                    Pending::new(Box::pin(std::future::ready(Some(answer))))
+                }
+                State::Pending { .. } => Pending::new(Box::pin(await_answer(
+                    self.store.clone(),
+                    key,
+                    entry.revision,
+                    record,
+                ))),
+            };
+            return Claim::Follower(answer);
+        }
+        tracing::warn!(
+            rounds = CLAIM_ROUNDS,
+            "a request_id's key kept changing while it was claimed"
+        );
+        Claim::Unavailable
+    }
+
+    /// Reads the bucket's message count in the background, at most every [`ENTRIES_REFRESH`].
+    fn refresh_entries(&self) {
+        {
+            let mut refreshed = lock(&self.entries.refreshed);
+            if refreshed.is_some_and(|at| at.elapsed() < ENTRIES_REFRESH) {
+                return;
+            }
+            *refreshed = Some(Instant::now());
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (mut stream, entries) = (self.store.stream.clone(), self.entries.clone());
+        runtime.spawn(async move {
+            if let Ok(info) = stream.info().await {
+                let count = usize::try_from(info.state.messages).unwrap_or(usize::MAX);
+                entries.last.store(count, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+impl RequestIds for NatsRequestIds {
+    fn claim<'a>(
+        &'a self,
+        key: &'a AnswerKey,
+        command: &'a ReleaseCommand,
+        terms: ClaimTerms,
+    ) -> BoxFuture<'a, Claim> {
+        Box::pin(self.claim_key(key_of(key), fingerprint(command), terms))
+    }
+
+    fn contains<'a>(&'a self, key: &'a AnswerKey) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            if !self.cluster.is_connected() {
+                return false;
+            }
+            matches!(
+                self.store.entry(key_of(key)).await,
+                Ok(Some(entry)) if entry.operation == Operation::Put
+            )
+        })
+    }
+
+    fn entries(&self) -> usize {
+        self.refresh_entries();
+        self.entries.last.load(Ordering::Relaxed)
+    }
+
+    fn reachable(&self) -> bool {
+        self.cluster.is_connected()
+    }
+}
+
+struct NatsTicket {
+    store: kv::Store,
+    key: String,
+    fingerprint: String,
+    /// The claim's revision: the answer lands only if the claim is still there.
+    revision: u64,
+}
+
+/// Dropped without an answer (the process is going away), the claim stays: past its deadline
+/// duplicates see it lost, which is safe whatever the work did.
+impl Ticket for NatsTicket {
+    fn complete(
+        self: Box<Self>,
+        answer: ReleaseAnswer,
+        retention: Retention,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let record = Record {
+                fingerprint: self.fingerprint,
+                state: State::Answered {
+                    answer: StoredAnswer::of(&answer),
+                },
+            };
+            let answered = match self
+                .store
+                .update(&self.key, record.to_bytes(), self.revision)
+                .await
+            {
+                Ok(revision) => revision,
+                Err(error) => {
+                    tracing::warn!(%error, "could not record a request_id's answer in NATS: duplicates will see the attempt as lost");
+                    return;
+                }
+            };
+            if retention == Retention::Forget {
+                // Waiting duplicates have seen the answer; later ones may act again.
+                forget(&self.store, &self.key, answered).await;
+            }
+        })
+    }
+}
+
+/// Removes the key's messages up to `revision` (a later claim stays), leaving no marker
+/// behind, so that the slot is free for another id at once.
+async fn forget(store: &kv::Store, key: &str, revision: u64) -> bool {
+    let purged = store
+        .stream
+        .purge()
+        .filter(format!("{}{key}", store.prefix))
+        .sequence(revision + 1)
+        .await;
+    match purged {
+        Ok(response) => response.purged > 0,
+        Err(error) => {
+            tracing::warn!(%error, "could not forget a request_id in NATS: it stays until its window ends");
+            false
+        }
+    }
+}
+
+/// A duplicate's wait for the owner's answer, seen by watching the key; None when the claim is
+/// lost (its deadline passed unanswered: it is then recorded as lost, once) or forgotten. The
+/// caller bounds the wait by its own deadline.
+async fn await_answer(
+    store: kv::Store,
+    key: String,
+    mut revision: u64,
+    mut claim: Record,
+) -> Option<ReleaseAnswer> {
+    loop {
+        let mut watch = match store.watch_with_history(&key).await {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::debug!(%error, "cannot watch a request_id's key yet");
+                tokio::time::sleep(REWATCH_PAUSE).await;
+                continue;
+            }
+        };
+        loop {
+            let lost_at = claim.lost_at();
+            tokio::select! {
+                entry = watch.next() => match entry {
+                    Some(Ok(entry)) if entry.operation == Operation::Put => {
+                        let record = Record::parse(&entry.value)?;
+                        if record.fingerprint != claim.fingerprint {
+                            return None;
+                        }
+                        if let State::Answered { answer } = record.state {
+                            return Some(answer.into_answer());
+                        }
+                        (revision, claim) = (entry.revision, record);
+                    }
+                    Some(Ok(_)) => return None,
+                    Some(Err(_)) | None => {
+                        tokio::time::sleep(REWATCH_PAUSE).await;
+                        break;
+                    }
+                },
+                () = tokio::time::sleep_until(lost_at) => {
+                    if record_lost(&store, &key, revision, &claim).await {
+                        return None;
+                    }
+                    // The owner answered (or the key moved) just now: the watch shows it.
+                    claim.extend_grace();
+                }
+            }
+        }
+    }
+}
+
+/// Records that the claim at `revision` was lost; false if it is no longer the key's
+/// newest (answered meanwhile, or another claim).
+async fn record_lost(store: &kv::Store, key: &str, revision: u64, claim: &Record) -> bool {
+    let State::Pending { forget_if_lost, .. } = claim.state else {
+        return false;
+    };
+    tracing::warn!("a request_id's claim was not answered by its deadline: its attempt is lost");
+    if forget_if_lost {
+        return forget(store, key, revision).await;
+    }
+    let lost = Record {
+        fingerprint: claim.fingerprint.clone(),
+        state: State::Answered {
+            answer: StoredAnswer::of(&Err(ReleaseError::EarlierAttemptLost)),
+        },
+    };
+    store.update(key, lost.to_bytes(), revision).await.is_ok()
+}
+
+/// Whether a write failed because the bucket holds as many keys as it may.
+fn is_full(error: &kv::UpdateError) -> bool {
+    let text = format!("{error} {:?}", std::error::Error::source(error));
+    text.contains("maximum messages")
+}
+
+/// The key of a request id: hex SHA-256 of the caller's name (length first, so no two pairs
+/// run together) and the id.
+fn key_of((caller, id): &AnswerKey) -> String {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(&(caller.len() as u64).to_be_bytes());
+    digest.update(caller.as_bytes());
+    digest.update(id.as_str().as_bytes());
+    digest
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What makes two requests with one id the same request.
+fn fingerprint(command: &ReleaseCommand) -> String {
+    let target = match &command.target {
+        ReleaseTarget::Current => "current".to_owned(),
+        ReleaseTarget::Call(call) => format!("call {call}"),
+    };
+    format!(
+        "agent {} {target} require_active_call {}",
+        command.agent, command.require_active_call
+    )
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `at` on the wall clock, in milliseconds since the epoch: what other replicas can read.
+fn wall_ms(at: Instant) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    millis(now + at.saturating_duration_since(Instant::now()))
+}
+
+/// The value of a key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    fingerprint: String,
+    state: State,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum State {
+    /// Claimed by `replica`, which answers before `lost_after_ms` (wall clock) or never.
+    Pending {
+        replica: String,
+        lost_after_ms: u64,
+        forget_if_lost: bool,
+    },
+    Answered {
+        answer: StoredAnswer,
+    },
+}
+
+impl Record {
+    fn to_bytes(&self) -> Bytes {
+        serde_json::to_vec(self)
+            .expect("a record serializes")
+            .into()
+    }
+
+    fn parse(value: &[u8]) -> Option<Self> {
+        serde_json::from_slice(value).ok()
+    }
+
+    /// When, on this replica's clock, the claim counts as lost.
+    fn lost_at(&self) -> Instant {
+        let State::Pending { lost_after_ms, .. } = self.state else {
+            return Instant::now();
+        };
+        let now = millis(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        Instant::now() + Duration::from_millis(lost_after_ms.saturating_sub(now))
+    }
+
+    /// Gives the owner a little longer, once its answer is known to be on the way.
+    fn extend_grace(&mut self) {
+        if let State::Pending { lost_after_ms, .. } = &mut self.state {
+            *lost_after_ms = lost_after_ms.saturating_add(millis(LOST_GRACE));
+        }
+    }
+}
+
+/// An answer as the bucket keeps it: what the gRPC mapping needs of a report or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoredAnswer {
+    Report {
+        no_active_call: bool,
+        retcode: String,
+        message: String,
+    },
+    Rejected {
+        retcode: String,
+        message: String,
+    },
+    NoActiveCall {
+        retcode: String,
+        message: String,
+    },
+    Gateway(StoredGatewayError),
+    RequestIdReused,
+    EarlierAttemptLost,
+    TooManyPending,
+    ShuttingDown,
+    SharedStateUnavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoredGatewayError {
+    NoSession(u32),
+    Connect(String),
+    TimeoutMs(u64),
+    DeadlineTooShortMs(u64),
+    Transport(String),
+    HttpStatus(u16),
+    Malformed(String),
+    Oversized(usize),
+    BusyQueueFull,
+    BusyDeadlineWhileWaiting,
+}
+
+fn bounded(message: &str) -> String {
+    message.chars().take(MAX_MESSAGE_CHARS).collect()
+}
+
+fn retcode_of(raw: &str) -> Retcode {
+    Retcode::parse(raw).unwrap_or_else(|_| Retcode::parse("?").expect("a valid retcode"))
+}
+
+impl StoredAnswer {
+    fn of(answer: &ReleaseAnswer) -> Self {
+        let error = match answer {
+            Ok(report) => {
+                return Self::Report {
+                    no_active_call: report.outcome == ReleaseOutcome::NoActiveCall,
+                    retcode: report.retcode.to_string(),
+                    message: bounded(&report.message),
+                }
+            }
+            Err(error) => error,
+        };
+        match error {
+            ReleaseError::Gateway(gateway) => Self::Gateway(StoredGatewayError::of(gateway)),
+            ReleaseError::Rejected { retcode, message } => Self::Rejected {
+                retcode: retcode.to_string(),
+                message: bounded(message),
+            },
+            ReleaseError::NoActiveCall { retcode, message } => Self::NoActiveCall {
+                retcode: retcode.to_string(),
+                message: bounded(message),
+            },
+            ReleaseError::RequestIdReused => Self::RequestIdReused,
+            // Waiting could not start, so nothing was sent: as for any attempt that is not
+            // there any more, the duplicate acts again only if that is safe.
+            ReleaseError::EarlierAttemptLost | ReleaseError::CannotWait(_) => {
+                Self::EarlierAttemptLost
+            }
+            ReleaseError::TooManyPending => Self::TooManyPending,
+            ReleaseError::ShuttingDown => Self::ShuttingDown,
+            ReleaseError::SharedStateUnavailable => Self::SharedStateUnavailable,
+        }
+    }
+
+    fn into_answer(self) -> ReleaseAnswer {
+        let report = |no_active_call: bool, retcode: &str, message| ReleaseReport {
+            outcome: if no_active_call {
+                ReleaseOutcome::NoActiveCall
+            } else {
+                ReleaseOutcome::Released
+            },
+            retcode: retcode_of(retcode),
+            message,
+            replayed: false,
+        };
+        Err(match self {
+            Self::Report {
+                no_active_call,
+                retcode,
+                message,
+            } => return Ok(report(no_active_call, &retcode, message)),
+            Self::Rejected { retcode, message } => ReleaseError::Rejected {
+                retcode: retcode_of(&retcode),
+                message,
+            },
+            Self::NoActiveCall { retcode, message } => ReleaseError::NoActiveCall {
+                retcode: retcode_of(&retcode),
+                message,
+            },
+            Self::Gateway(gateway) => ReleaseError::Gateway(gateway.into_error()),
+            Self::RequestIdReused => ReleaseError::RequestIdReused,
+            Self::EarlierAttemptLost => ReleaseError::EarlierAttemptLost,
+            Self::TooManyPending => ReleaseError::TooManyPending,
+            Self::ShuttingDown => ReleaseError::ShuttingDown,
+            Self::SharedStateUnavailable => ReleaseError::SharedStateUnavailable,
+        })
+    }
+}
+
+impl StoredGatewayError {
+    fn of(error: &GatewayError) -> Self {
+        match error {
+            GatewayError::NoSession(agent) => Self::NoSession(agent.get()),
+            GatewayError::Connect(detail) => Self::Connect(bounded(detail)),
+            GatewayError::Timeout(after) => Self::TimeoutMs(millis(*after)),
+            GatewayError::DeadlineTooShort(left) => Self::DeadlineTooShortMs(millis(*left)),
+            GatewayError::Transport(detail) => Self::Transport(bounded(detail)),
+            GatewayError::HttpStatus { status } => Self::HttpStatus(*status),
+            GatewayError::Malformed(detail) => Self::Malformed(bounded(detail)),
+            GatewayError::Oversized { limit } => Self::Oversized(*limit),
+            GatewayError::Busy(BusyCause::QueueFull) => Self::BusyQueueFull,
+            GatewayError::Busy(BusyCause::DeadlineWhileWaiting) => Self::BusyDeadlineWhileWaiting,
+        }
+    }
+
+    fn into_error(self) -> GatewayError {
+        match self {
+            // An id this replica cannot parse was never stored by one: it is an agent id.
+            Self::NoSession(agent) => {
+                match AgentId::parse("agent_id", &agent.to_string(), u32::MAX) {
+                    Ok(agent) => GatewayError::NoSession(agent),
+                    Err(_) => GatewayError::Malformed(
+                        "an unreadable agent id in a kept answer".to_owned(),
+                    ),
+                }
+            }
+            Self::Connect(detail) => GatewayError::Connect(detail),
+            Self::TimeoutMs(ms) => GatewayError::Timeout(Duration::from_millis(ms)),
+            Self::DeadlineTooShortMs(ms) => {
+                GatewayError::DeadlineTooShort(Duration::from_millis(ms))
+            }
+            Self::Transport(detail) => GatewayError::Transport(detail),
+            Self::HttpStatus(status) => GatewayError::HttpStatus { status },
+            Self::Malformed(detail) => GatewayError::Malformed(detail),
+            Self::Oversized(limit) => GatewayError::Oversized { limit },
+            Self::BusyQueueFull => GatewayError::Busy(BusyCause::QueueFull),
+            Self::BusyDeadlineWhileWaiting => GatewayError::Busy(BusyCause::DeadlineWhileWaiting),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{CallId, RequestId};
+
+    fn answers() -> Vec<ReleaseAnswer> {
+        let retcode = |raw| Retcode::parse(raw).unwrap();
+        let agent = AgentId::parse("a", "101", 1000).unwrap();
+        let mut answers = vec![
+            Ok(ReleaseReport {
+                outcome: ReleaseOutcome::Released,
+                retcode: retcode("0"),
+                message: "success".to_owned(),
+                replayed: false,
+            }),
+            Ok(ReleaseReport {
+                outcome: ReleaseOutcome::NoActiveCall,
+                retcode: retcode("200-017"),
+                message: "no call".to_owned(),
+                replayed: false,
+            }),
+            Err(ReleaseError::Rejected {
+                retcode: retcode("100-007"),
+                message: "exception".to_owned(),
+            }),
+            Err(ReleaseError::NoActiveCall {
+                retcode: retcode("200-025"),
+                message: "gone".to_owned(),
+            }),
+        ];
+        let gateway = [
+            GatewayError::NoSession(agent),
+            GatewayError::Connect("refused".to_owned()),
+            GatewayError::Timeout(Duration::from_millis(1500)),
+            GatewayError::DeadlineTooShort(Duration::from_millis(3)),
+            GatewayError::Transport("reset".to_owned()),
+            GatewayError::HttpStatus { status: 503 },
+            GatewayError::Malformed("not json".to_owned()),
+            GatewayError::Oversized { limit: 65536 },
+            GatewayError::Busy(BusyCause::QueueFull),
+            GatewayError::Busy(BusyCause::DeadlineWhileWaiting),
+        ];
+        answers.extend(gateway.into_iter().map(|e| Err(ReleaseError::Gateway(e))));
+        answers.extend(
+            [
+                ReleaseError::RequestIdReused,
+                ReleaseError::EarlierAttemptLost,
+                ReleaseError::TooManyPending,
+                ReleaseError::ShuttingDown,
+                ReleaseError::SharedStateUnavailable,
+            ]
+            .map(Err),
+        );
+        answers
+    }
+
+    #[test]
+    fn every_answer_survives_the_bucket() {
+        for answer in answers() {
+            let record = Record {
+                fingerprint: "f".to_owned(),
+                state: State::Answered {
+                    answer: StoredAnswer::of(&answer),
+                },
+            };
+            let read = Record::parse(&record.to_bytes()).expect("parses");
+            let State::Answered { answer: stored } = read.state else {
+                panic!("answered");
+            };
+            assert_eq!(stored.into_answer(), answer);
+        }
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let answer = Err(ReleaseError::Rejected {
+            retcode: Retcode::parse("100-007").unwrap(),
+            message: "x".repeat(100_000),
+        });
+        let bytes = Record {
+            fingerprint: "f".to_owned(),
+            state: State::Answered {
+                answer: StoredAnswer::of(&answer),
+            },
+        }
+        .to_bytes();
+        assert!(bytes.len() < usize::try_from(MAX_VALUE_BYTES).unwrap());
+    }
+
+    #[test]
+    fn keys_are_hex_hashes_of_caller_and_id() {
+        let id = |s| RequestId::parse("r", s).unwrap();
+        let key = key_of(&("billing".into(), id("r-1")));
+        assert_eq!(key.len(), 64);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(!key.contains("billing"));
+        // The caller's name does not run into the id.
+        assert_ne!(
+            key_of(&("ab".into(), id("c"))),
+            key_of(&("a".into(), id("bc")))
+        );
+        assert_eq!(key, key_of(&("billing".into(), id("r-1"))));
+    }
+
+    #[test]
+    fn fingerprints_tell_commands_apart() {
+        let agent = |n| AgentId::parse("a", n, 1000).unwrap();
+        let command = |a, target, require| ReleaseCommand {
+            agent: agent(a),
+            target,
+            require_active_call: require,
+        };
+        let call = ReleaseTarget::Call(CallId::parse("c", "1-2").unwrap());
+        let all = [
+            command("101", ReleaseTarget::Current, false),
+            command("102", ReleaseTarget::Current, false),
+            command("101", ReleaseTarget::Current, true),
+            command("101", call.clone(), false),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            for (j, b) in all.iter().enumerate() {
+                assert_eq!(fingerprint(a) == fingerprint(b), i == j);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_is_lost_after_its_deadline_and_the_grace() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let record = Record {
+            fingerprint: "f".to_owned(),
+            state: State::Pending {
+                replica: "r".to_owned(),
+                lost_after_ms: wall_ms(deadline) + millis(LOST_GRACE),
+                forget_if_lost: false,
+            },
+        };
+        let lost_at = record.lost_at();
+        let expected = deadline + LOST_GRACE;
+        let skew = lost_at.max(expected) - lost_at.min(expected);
+        assert!(skew < Duration::from_millis(50), "{skew:?}");
+    }
+}

@@ -1,0 +1,351 @@
+//! Request ids across replicas and NATS failures (issue 10, points 4 and 5): real nats-server,
+//! the simulator, and facade processes on loopback ports.
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use ccgw_callcontrol::proto::{
+    call_control_client::CallControlClient, ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome,
+};
+use ccgw_sim::{Fault, FaultRule, Simulator};
+use common::{
+    client_of, desktop_sign_in, error_metadata, expect_status, handing_over, nats::NatsServer,
+    release_req, sim_config, spawn_service, spawn_sim, wait_until, watch_req, CALLER, WAIT,
+};
+use tokio::process::Child;
+use tonic::{transport::Channel, Code};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+/// The simulator, and NATS, for replicas to share.
+struct Bench {
+    sim: Simulator,
+    sim_addr: SocketAddr,
+    _stop_sim: tokio::sync::oneshot::Sender<()>,
+    nats: NatsServer,
+}
+
+impl Bench {
+    async fn start() -> Option<Self> {
+        let nats = NatsServer::start().await?;
+        let (sim, sim_addr, stop_sim) = spawn_sim(sim_config(), None).await;
+        Some(Self {
+            sim,
+            sim_addr,
+            _stop_sim: stop_sim,
+            nats,
+        })
+    }
+
+    /// A replica on this bench's gateway and NATS, with `flags`.
+    async fn replica(&self, flags: &[&str]) -> (Child, CallControlClient<Channel>, String) {
+        let gateway = format!("http://{}", self.sim_addr);
+        let mut args = vec!["--gateway-url", &gateway, "--nats-url"];
+        let url = self.nats.url();
+        args.push(&url);
+        args.extend_from_slice(flags);
+        let (process, addr) = spawn_service(&args, &[]).await;
+        let client = client_of(&addr).await;
+        (process, client, addr)
+    }
+
+    /// Signs `agent` in at the gateway and hands its session to each replica with a release
+    /// that finds no call.
+    async fn hand_over(&self, clients: &mut [&mut CallControlClient<Channel>], agent: &str) {
+        let desktop = desktop_sign_in(self.sim_addr, agent, false).await;
+        for client in clients {
+            let answer = client
+                .release_call(handing_over(release_req(agent), &desktop.guid))
+                .await
+                .expect("the session is handed over")
+                .into_inner();
+            assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
+        }
+    }
+
+    /// Releases of the current call (`DELETE`) the simulator received.
+    fn deletes(&self) -> usize {
+        self.sim
+            .requests()
+            .iter()
+            .filter(|r| r.method == "DELETE")
+            .count()
+    }
+
+    /// Holds the next release of a current call at the gateway for `ms`.
+    fn hold_next_release(&self, ms: u64) {
+        self.sim.push_fault(FaultRule {
+            fault: Fault::Latency { ms },
+            count: 1,
+            method: Some("DELETE".to_owned()),
+            path_contains: None,
+        });
+    }
+}
+
+fn with_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
+    ReleaseCallRequest {
+        request_id: request_id.to_owned(),
+        ..release_req(agent)
+    }
+}
+
+async fn readiness(addr: &str) -> Option<ServingStatus> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(answer.into_inner().status())
+}
+
+/// Asks (bounded) until readiness reads `wanted`.
+async fn readiness_becomes(addr: &str, wanted: ServingStatus) {
+    let became = tokio::time::timeout(WAIT, async {
+        while readiness(addr).await != Some(wanted) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(became.is_ok(), "readiness did not become {wanted:?}");
+}
+
+fn expect_shared_state_unavailable(status: &tonic::Status) {
+    let details = expect_status(status, Code::Unavailable, "SHARED_STATE_UNAVAILABLE");
+    assert!(details.retry_info().is_some(), "{status:?}");
+    assert!(
+        !error_metadata(status).contains_key("may_have_released"),
+        "{status:?}"
+    );
+}
+
+fn released(answer: &ReleaseCallResponse) {
+    assert_eq!(answer.outcome(), ReleaseOutcome::Released, "{answer:?}");
+}
+
+/// The same request_id sent to two replicas while the first release is still at the gateway:
+/// one DELETE, one answer for both (the second replayed); a different command with that id is
+/// refused on either replica.
+#[tokio::test]
+async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
+    let Some(bench) = Bench::start().await else {
+        return;
+    };
+    let (_a, mut a, _) = bench.replica(&[]).await;
+    let (_b, mut b, _) = bench.replica(&[]).await;
+    bench.hand_over(&mut [&mut a, &mut b], "101").await;
+    bench.sim.place_call("101", CALLER).unwrap();
+    bench.sim.clear_requests();
+
+    bench.hold_next_release(4_000);
+    let first = tokio::spawn({
+        let mut a = a.clone();
+        async move { a.release_call(with_id("101", "hang-up-1")).await }
+    });
+    wait_until("the first release reached the gateway", || {
+        bench.deletes() == 1
+    })
+    .await;
+    let second = b
+        .release_call(with_id("101", "hang-up-1"))
+        .await
+        .expect("the duplicate gets the first answer")
+        .into_inner();
+    let first = first.await.unwrap().expect("released").into_inner();
+    released(&first);
+    released(&second);
+    assert!(!first.replayed);
+    assert!(second.replayed);
+    assert_eq!(first.retcode, second.retcode);
+    assert_eq!(bench.deletes(), 1, "the duplicate released again");
+
+    // Later duplicates on either replica replay it too.
+    for client in [&mut a, &mut b] {
+        let again = client
+            .release_call(with_id("101", "hang-up-1"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.replayed);
+        released(&again);
+    }
+    assert_eq!(bench.deletes(), 1);
+
+    // The id names that release: another command under it is refused, nothing sent.
+    for client in [&mut a, &mut b] {
+        let other = ReleaseCallRequest {
+            require_active_call: true,
+            ..with_id("101", "hang-up-1")
+        };
+        let status = client.release_call(other).await.unwrap_err();
+        expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    }
+    let status = b
+        .release_call(with_id("102", "hang-up-1"))
+        .await
+        .unwrap_err();
+    expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    assert_eq!(bench.deletes(), 1);
+}
+
+/// NATS stopped: readiness NOT_SERVING (liveness stays SERVING), ReleaseCall and new streams
+/// answer UNAVAILABLE / SHARED_STATE_UNAVAILABLE with nothing sent. NATS back: ready, and
+/// releases work again.
+#[tokio::test]
+async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
+    let Some(mut bench) = Bench::start().await else {
+        return;
+    };
+    let (_a, mut a, addr) = bench.replica(&[]).await;
+    bench.hand_over(&mut [&mut a], "101").await;
+    readiness_becomes(&addr, ServingStatus::Serving).await;
+    bench.sim.place_call("101", CALLER).unwrap();
+    bench.sim.clear_requests();
+
+    bench.nats.kill().await;
+    readiness_becomes(&addr, ServingStatus::NotServing).await;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let liveness = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "liveness".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(liveness.status(), ServingStatus::Serving);
+    for request in [release_req("101"), with_id("101", "during-outage")] {
+        let status = a.release_call(request).await.unwrap_err();
+        expect_shared_state_unavailable(&status);
+    }
+    let status = a
+        .watch_release_events(watch_req(&["101"]))
+        .await
+        .unwrap_err();
+    expect_shared_state_unavailable(&status);
+    assert!(bench.sim.requests().is_empty(), "sent during the outage");
+
+    bench.nats.restart().await;
+    readiness_becomes(&addr, ServingStatus::Serving).await;
+    let answer = a
+        .release_call(with_id("101", "during-outage"))
+        .await
+        .expect("released once NATS is back")
+        .into_inner();
+    released(&answer);
+    assert_eq!(bench.deletes(), 1);
+}
+
+/// With --release-without-nats, a release without request_id goes through during the outage
+/// with the session handed over before it; one with a request_id is still refused (its id
+/// cannot be claimed where the other replicas would see it).
+#[tokio::test]
+async fn release_without_nats_uses_the_last_known_session() {
+    let Some(mut bench) = Bench::start().await else {
+        return;
+    };
+    let (_a, mut a, addr) = bench.replica(&["--release-without-nats"]).await;
+    bench.hand_over(&mut [&mut a], "101").await;
+    bench.sim.place_call("101", CALLER).unwrap();
+    bench.sim.clear_requests();
+
+    bench.nats.kill().await;
+    readiness_becomes(&addr, ServingStatus::NotServing).await;
+    let status = a
+        .release_call(with_id("101", "with-an-id"))
+        .await
+        .unwrap_err();
+    expect_shared_state_unavailable(&status);
+    assert_eq!(bench.deletes(), 0);
+    let answer = a
+        .release_call(release_req("101"))
+        .await
+        .expect("released with the last known session")
+        .into_inner();
+    released(&answer);
+    assert_eq!(bench.deletes(), 1);
+}
+
+/// A replica killed (-9) while its release is at the gateway leaves its claim unanswered: a
+/// duplicate on another replica waits for the claim's deadline, then gets
+/// RELEASE_OUTCOME_UNKNOWN (cause EARLIER_ATTEMPT_LOST), and nothing is sent again, then or
+/// later.
+#[tokio::test]
+async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
+    let Some(bench) = Bench::start().await else {
+        return;
+    };
+    let (mut a_process, mut a, _) = bench.replica(&[]).await;
+    let (_b, mut b, _) = bench.replica(&[]).await;
+    bench.hand_over(&mut [&mut a, &mut b], "101").await;
+    bench.sim.place_call("101", CALLER).unwrap();
+    bench.sim.clear_requests();
+
+    bench.hold_next_release(120_000);
+    let mut request = tonic::Request::new(with_id("101", "doomed"));
+    request.set_timeout(Duration::from_secs(2));
+    let first = tokio::spawn(async move { a.release_call(request).await });
+    wait_until("the first release reached the gateway", || {
+        bench.deletes() == 1
+    })
+    .await;
+    a_process.kill().await.unwrap();
+    let _ = first.await;
+
+    for _ in 0..2 {
+        let mut duplicate = tonic::Request::new(with_id("101", "doomed"));
+        duplicate.set_timeout(WAIT);
+        let status = b.release_call(duplicate).await.unwrap_err();
+        let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
+        assert!(details.retry_info().is_none(), "{status:?}");
+        let metadata = error_metadata(&status);
+        assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
+        assert_eq!(metadata["may_have_released"], "true");
+    }
+    assert_eq!(bench.deletes(), 1, "a lost release was repeated");
+}
+
+/// The bucket holds --idempotency-capacity ids: beyond that, answers that must be kept are not
+/// dropped, and a new id is refused with nothing sent.
+#[tokio::test]
+async fn a_full_request_id_bucket_refuses_new_ids() {
+    let Some(bench) = Bench::start().await else {
+        return;
+    };
+    let (_a, mut a, _) = bench.replica(&["--idempotency-capacity", "1"]).await;
+    bench.hand_over(&mut [&mut a], "101").await;
+    bench.sim.clear_requests();
+    let kept = a
+        .release_call(with_id("101", "kept"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.outcome(), ReleaseOutcome::NoActiveCall);
+    bench.sim.place_call("101", CALLER).unwrap();
+    let status = a
+        .release_call(with_id("101", "one-too-many"))
+        .await
+        .unwrap_err();
+    expect_status(
+        &status,
+        Code::ResourceExhausted,
+        "TOO_MANY_PENDING_RELEASES",
+    );
+    assert_eq!(bench.deletes(), 1, "only the kept id's release");
+    let replay = a
+        .release_call(with_id("101", "kept"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replay.replayed);
+}
