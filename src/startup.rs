@@ -15,7 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::Cluster,
+    nats::{Cluster, NatsOwnership},
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -69,7 +69,7 @@ pub async fn build_api(
     let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
     let lifecycle = Lifecycle::new();
     // Replicated (state shared through NATS) or alone (state in memory).
-    let _cluster = match config.nats() {
+    let cluster = match config.nats() {
         Some(settings) => Some(Cluster::connect(settings).await?),
         None => None,
     };
@@ -81,7 +81,14 @@ pub async fn build_api(
     if callers.is_none() {
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
-    let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
+    let events = match &cluster {
+        Some(cluster) => {
+            let shutdown = lifecycle.shutdown().child_token();
+            let ownership = NatsOwnership::start(cluster, shutdown, lifecycle.tasks()).await?;
+            EventHub::with_ownership(sessions.clone(), config.events(), &lifecycle, ownership)
+        }
+        None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
+    };
     let release = ReleaseService::new(
         sessions,
         events.clone(),

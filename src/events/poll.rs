@@ -1,13 +1,15 @@
-//! One agent's long-poll loop: the only reader of the agent's gateway events in the process.
+//! One agent's long-poll loop: the only reader of the agent's gateway events in the process,
+//! and, across replicas, the only one polling while its replica owns the agent (the others'
+//! loops wait for the ownership to change).
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     feeds::{Feed, Step},
     hub::Hub,
-    SessionEnding,
+    PollPermit, SessionEnding,
 };
 use crate::{
     gateway::{event::parse_event, Answer, GatewayError, Guid, Retcode, SessionOperation},
@@ -26,16 +28,23 @@ pub(super) struct PollLoop {
     shutdown: CancellationToken,
     /// Consecutive failed polls.
     failures: u32,
+    /// What the ownership was last told: this replica's clients watch the agent.
+    watched: bool,
+    /// Changes when the agent's ownership may have.
+    ownership: watch::Receiver<u64>,
 }
 
 impl PollLoop {
     pub fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
         let shutdown = hub.shutdown.clone();
+        let ownership = hub.ownership.changes();
         Self {
             hub,
             feed,
             shutdown,
             failures: 0,
+            watched: false,
+            ownership,
         }
     }
 
@@ -44,8 +53,10 @@ impl PollLoop {
         tracing::info!(%agent, "poll loop started");
         loop {
             let step = self.hub.next_step(&self.feed);
+            let (watched, ends) = self.feed.interest(&self.hub.settings, Instant::now());
+            self.tell_watched(watched && step != Step::Retire);
             let keep_going = match step {
-                Step::Poll => self.poll_once().await,
+                Step::Poll => self.poll_if_owned(ends).await,
                 Step::Wait(until) => self.wait(until).await,
                 Step::Retire => false,
             };
@@ -53,11 +64,49 @@ impl PollLoop {
                 break;
             }
         }
+        self.tell_watched(false);
         tracing::info!(%agent, "poll loop ended");
     }
 
-    /// One poll and the pause after it. False when the facade shuts down.
-    async fn poll_once(&mut self) -> bool {
+    /// Tells the ownership when this replica's clients start or stop watching the agent.
+    fn tell_watched(&mut self, watched: bool) {
+        if watched != self.watched {
+            self.watched = watched;
+            self.hub.ownership.set_watched(self.feed.agent, watched);
+        }
+    }
+
+    /// Polls once if this replica owns the agent's polling; otherwise waits until that may
+    /// have changed, a watcher comes or goes, or `ends` (a grace period running out). False
+    /// when the facade shuts down.
+    async fn poll_if_owned(&mut self, ends: Option<Instant>) -> bool {
+        // Marked seen before asking, so a change in between wakes the wait below.
+        self.ownership.borrow_and_update();
+        if let Some(permit) = self.hub.ownership.poll_permit(self.feed.agent) {
+            return self.poll_once(permit).await;
+        }
+        let ownership_changed = async {
+            if self.ownership.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let timer = async {
+            match ends {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = ownership_changed => true,
+            () = self.feed.changed.notified() => true,
+            () = timer => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// One poll (holding `permit` until its answer is handled) and the pause after it. False
+    /// when the facade shuts down.
+    async fn poll_once(&mut self, permit: PollPermit) -> bool {
         let agent = self.feed.agent;
         let deadline = Instant::now() + self.hub.settings.poll_timeout;
         let (result, stopping) = {
@@ -82,6 +131,7 @@ impl PollLoop {
             }
         };
         let pause = self.handle(result);
+        drop(permit);
         if stopping {
             return false;
         }

@@ -7,9 +7,14 @@
 // Until the shared stores use every part of the connection.
 #![allow(dead_code)]
 
+mod ownership;
+
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, kv};
+
+pub(crate) use ownership::NatsOwnership;
+pub use ownership::{desired_owner, shard_of, SHARDS};
 
 /// How long connecting (and each JetStream request) may take.
 const NATS_TIMEOUT: Duration = Duration::from_secs(5);
