@@ -336,7 +336,9 @@ async fn another_replica_polls_within_the_ttl_when_the_owner_is_killed() {
     })
     .await;
     let took = killed_at.elapsed();
-    assert!(took >= TTL, "not taken over before the TTL: {took:?}");
+    // The lease last moved up to one renew interval (1 s) before the kill.
+    let earliest = TTL - Duration::from_secs(1);
+    assert!(took >= earliest, "taken over before the TTL: {took:?}");
     let survivors: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
     let new_owner = cluster.owner_of(AGENT).await;
     assert!(survivors.contains(&new_owner));
@@ -423,7 +425,7 @@ async fn the_owner_polls_an_agent_only_another_replica_watches() {
 
     drop(stream);
     eventually("the owner stopped polling", SETTLE, || async {
-        metric(owner_metrics, "ccgw_poll_loops_running").await == 0.0
+        metric(owner_metrics, "ccgw_polled_agents").await == 0.0
     })
     .await;
     eventually("nobody polls the agent", SETTLE, || async {
