@@ -12,8 +12,8 @@ use ccgw_callcontrol::{
 };
 use ccgw_sim::{SimConfig, Simulator};
 use common::{
-    agent_id, client_of, desktop_sign_in, handing_over, nats::NatsServer, release_req,
-    sim_config, spawn_service_logging, spawn_sim, watch_on, watch_req, OpenStream,
+    agent_id, client_of, desktop_sign_in, handing_over, nats::NatsServer, release_req, sim_config,
+    spawn_service_logging, spawn_sim, watch_on, watch_req, OpenStream,
 };
 use futures_util::StreamExt;
 use tokio::{process::Child, time::Instant};
@@ -190,12 +190,16 @@ impl Replicas {
     /// Waits until every shard is held by its desired owner among `live` (indices).
     async fn settled_on(&self, live: &[usize]) {
         let ids: Vec<&str> = live.iter().map(|i| self.replicas[*i].id.as_str()).collect();
-        eventually("every shard is held by its desired owner", SETTLE, || async {
-            let holders = self.holders().await;
-            (0..SHARDS).all(|shard| {
-                holders[usize::from(shard)].as_deref() == desired_owner(shard, &ids)
-            })
-        })
+        eventually(
+            "every shard is held by its desired owner",
+            SETTLE,
+            || async {
+                let holders = self.holders().await;
+                (0..SHARDS).all(|shard| {
+                    holders[usize::from(shard)].as_deref() == desired_owner(shard, &ids)
+                })
+            },
+        )
         .await;
     }
 
@@ -283,7 +287,10 @@ async fn one_replica_polls_an_agent_watched_on_all_three_and_shards_spread() {
             .count();
         assert!(held > 0, "every replica holds some of the shards: {held}");
         let gauge = metric(&replica.metrics, "ccgw_nats_shards_held").await;
-        assert_eq!(gauge as usize, held, "the metric says what the bucket holds");
+        assert_eq!(
+            gauge as usize, held,
+            "the metric says what the bucket holds"
+        );
     }
 
     let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
@@ -299,11 +306,18 @@ async fn one_replica_polls_an_agent_watched_on_all_three_and_shards_spread() {
         let events = streams[owner].events_of(2).await;
         assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
     }
-    assert_eq!(cluster.agent().max_polls_in_flight, 1, "one poller at a time");
+    assert_eq!(
+        cluster.agent().max_polls_in_flight,
+        1,
+        "one poller at a time"
+    );
     for (i, replica) in cluster.replicas.iter().enumerate() {
         let observed = metric(&replica.metrics, "ccgw_release_events_observed_total").await;
         let expected = if i == owner { 10.0 } else { 0.0 };
-        assert_eq!(observed, expected, "replica {i} (owner {owner}) read the events");
+        assert_eq!(
+            observed, expected,
+            "replica {i} (owner {owner}) read the events"
+        );
     }
 }
 
@@ -384,9 +398,11 @@ async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
     // The new owner's long poll is in flight: a poll of the paused one would overlap it.
     cluster.until_polled().await;
     signal(&paused.process, "-CONT").await;
-    eventually("the resumed replica found its lease lost", SETTLE, || async {
-        metric(&paused.metrics, "ccgw_nats_shard_leases_lost_total").await >= 1.0
-    })
+    eventually(
+        "the resumed replica found its lease lost",
+        SETTLE,
+        || async { metric(&paused.metrics, "ccgw_nats_shard_leases_lost_total").await >= 1.0 },
+    )
     .await;
     cluster.settled().await;
     cluster.until_polled().await;
@@ -418,7 +434,10 @@ async fn the_owner_polls_an_agent_only_another_replica_watches() {
         2.0
     );
     for i in (0..3).filter(|i| *i != owner) {
-        let observed = metric(&cluster.replicas[i].metrics, "ccgw_release_events_observed_total");
+        let observed = metric(
+            &cluster.replicas[i].metrics,
+            "ccgw_release_events_observed_total",
+        );
         assert_eq!(observed.await, 0.0, "replica {i} does not poll");
     }
     assert_eq!(cluster.agent().max_polls_in_flight, 1);

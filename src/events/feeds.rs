@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{atomic::AtomicBool, Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::{
@@ -23,6 +24,10 @@ use super::{
     EventSettings, KindFilter, ReleaseEvent,
 };
 use crate::{domain::AgentId, lock};
+
+/// How often agents other replicas watch that did not fit among the polled agents are tried
+/// again.
+const REMOTE_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(super) struct FeedRegistry {
@@ -137,7 +142,11 @@ impl FeedRegistry {
 
     /// The agent's feed, polled for other replicas' watchers from now on: created (with its
     /// poll loop) when missing, if it fits among the polled agents.
-    fn remote_feed(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Result<Arc<Feed>, PolledAgentsFull> {
+    fn remote_feed(
+        &mut self,
+        hub: &Arc<Hub>,
+        agent: AgentId,
+    ) -> Result<Arc<Feed>, PolledAgentsFull> {
         self.polled.poll_for_others(agent)?;
         let feed = self.feed_of(hub, agent);
         let mut state = lock(&feed.state);
@@ -225,12 +234,15 @@ impl Feed {
     ) -> (bool, Option<Instant>) {
         let state = lock(&self.state);
         let ends = if state.members.is_empty() {
-            [state.last_member_left, (!state.remote).then_some(state.idle_since)]
-                .into_iter()
-                .flatten()
-                .map(|since| since + settings.grace)
-                .filter(|end| *end > now)
-                .min()
+            [
+                state.last_member_left,
+                (!state.remote).then_some(state.idle_since),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|since| since + settings.grace)
+            .filter(|end| *end > now)
+            .min()
         } else {
             None
         };
@@ -329,26 +341,37 @@ impl Hub {
 impl Hub {
     /// Keeps a feed polling each agent that only other replicas' clients watch, while this
     /// replica owns the agent's polling: it counts among the polled agents, and its grace
-    /// period begins when their interest ends. Ends on shutdown.
+    /// period begins when their interest ends. Agents that did not fit are tried again every
+    /// [`REMOTE_RETRY`] (places free up as grace periods end). Ends on shutdown.
     pub(super) async fn follow_remote_interest(self: Arc<Self>) {
         let mut interest = self.ownership.remote_interest();
         let mut followed = BTreeSet::new();
+        let mut refused = BTreeSet::new();
         loop {
             let wanted = interest.borrow_and_update().clone();
-            followed = self.follow(followed, &wanted);
+            followed = self.follow(followed, &wanted, &mut refused);
+            let retry = async {
+                if refused.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(REMOTE_RETRY).await;
+            };
             tokio::select! {
                 changed = interest.changed() => if changed.is_err() { break },
+                () = retry => {}
                 () = self.shutdown.cancelled() => break,
             }
         }
     }
 
-    /// Starts following the agents of `wanted` not in `followed` yet, stops following those no
-    /// longer wanted; returns the agents followed now.
+    /// Starts following the agents of `wanted` not followed yet, stops following those no
+    /// longer wanted; returns the agents followed now. `refused`: the wanted agents that did
+    /// not fit (each logged once).
     fn follow(
         self: &Arc<Self>,
         mut followed: BTreeSet<AgentId>,
         wanted: &RemoteInterest,
+        refused: &mut BTreeSet<AgentId>,
     ) -> BTreeSet<AgentId> {
         let mut feeds = lock(&self.feeds);
         followed.retain(|agent| {
@@ -360,18 +383,24 @@ impl Hub {
             }
             keep
         });
+        refused.retain(|agent| wanted.contains(agent));
         for &agent in wanted.iter() {
             if followed.contains(&agent) {
                 continue;
             }
             match feeds.remote_feed(self, agent) {
                 Ok(_) => {
+                    refused.remove(&agent);
                     followed.insert(agent);
                 }
-                Err(full) => tracing::warn!(
-                    %agent,
-                    "another replica's clients watch the agent, but it cannot be polled here: {full}"
-                ),
+                Err(full) => {
+                    if refused.insert(agent) {
+                        tracing::warn!(
+                            %agent,
+                            "another replica's clients watch the agent, but it cannot be polled here yet: {full}"
+                        );
+                    }
+                }
             }
         }
         followed

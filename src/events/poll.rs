@@ -248,3 +248,159 @@ impl PollLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc, Mutex,
+        },
+        time::Duration,
+    };
+
+    use tokio::sync::watch;
+
+    use crate::{
+        domain::AgentId,
+        events::{
+            ownership::{PollOwnership, PollPermit, RemoteInterest},
+            testing::{agent, hub_owning, sign_in},
+            EventHub, EventSettings, KindFilter,
+        },
+        lock,
+    };
+
+    /// Ownership a test grants and withdraws.
+    #[derive(Debug)]
+    struct Granted {
+        owned: AtomicBool,
+        changes: watch::Sender<u64>,
+        interest: watch::Sender<RemoteInterest>,
+        watched: Mutex<HashMap<AgentId, i32>>,
+    }
+
+    impl Granted {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                owned: AtomicBool::new(false),
+                changes: watch::Sender::new(0),
+                interest: watch::Sender::new(RemoteInterest::default()),
+                watched: Mutex::new(HashMap::new()),
+            })
+        }
+
+        fn grant(&self) {
+            self.owned.store(true, Ordering::SeqCst);
+            self.changes.send_modify(|n| *n += 1);
+        }
+
+        fn watched(&self, agent: AgentId) -> i32 {
+            lock(&self.watched).get(&agent).copied().unwrap_or(0)
+        }
+    }
+
+    impl PollOwnership for Granted {
+        fn poll_permit(&self, _agent: AgentId) -> Option<PollPermit> {
+            self.owned.load(Ordering::SeqCst).then(PollPermit::free)
+        }
+
+        fn changes(&self) -> watch::Receiver<u64> {
+            self.changes.subscribe()
+        }
+
+        fn set_watched(&self, agent: AgentId, watched: bool) {
+            *lock(&self.watched).entry(agent).or_default() += if watched { 1 } else { -1 };
+        }
+
+        fn remote_interest(&self) -> watch::Receiver<RemoteInterest> {
+            self.interest.subscribe()
+        }
+    }
+
+    async fn until(what: &str, condition: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !condition() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "timed out waiting until {what}");
+    }
+
+    fn poll_failures(hub: &EventHub) -> u64 {
+        hub.stats().poll_failures
+    }
+
+    /// A replica that does not own a watched agent tells that its clients watch it and sends
+    /// no poll (its gateway is unreachable here: a poll would count a failure) until it owns
+    /// the agent; once the watcher left and the grace period passed, it tells it stopped.
+    #[tokio::test]
+    async fn a_loop_polls_only_while_its_replica_owns_the_agent() {
+        let ownership = Granted::new();
+        let hub = hub_owning(
+            EventSettings {
+                grace: Duration::from_millis(200),
+                ..EventSettings::default()
+            },
+            ownership.clone(),
+        );
+        sign_in(&hub, agent(0));
+        let watcher = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        until("the interest is told", || ownership.watched(agent(0)) == 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(poll_failures(&hub), 0, "no poll without the ownership");
+
+        ownership.grant();
+        until("a poll was sent", || poll_failures(&hub) >= 1).await;
+        drop(watcher);
+        until("the interest ended", || ownership.watched(agent(0)) == 0).await;
+        until("the loop ended", || hub.poll_loops_running() == 0).await;
+    }
+
+    /// Agents only other replicas watch are polled here (counted among the polled agents,
+    /// refused beyond the limit), and stop being polled a grace period after that interest
+    /// ended; they are not reported as watched here.
+    #[tokio::test]
+    async fn agents_other_replicas_watch_are_polled_for_them_within_the_limit() {
+        let ownership = Granted::new();
+        ownership.grant();
+        let hub = hub_owning(
+            EventSettings {
+                grace: Duration::from_millis(200),
+                max_polled_agents: 2,
+                ..EventSettings::default()
+            },
+            ownership.clone(),
+        );
+        for n in 0..3 {
+            sign_in(&hub, agent(n));
+        }
+        let _local = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        ownership
+            .interest
+            .send_replace(Arc::new([agent(1), agent(2)].into()));
+        until("the remote agent is polled", || {
+            hub.polling_agents() == [agent(0), agent(1)]
+        })
+        .await;
+        assert_eq!(hub.polled_agents(), 2, "agent 2 did not fit");
+        assert_eq!(ownership.watched(agent(1)), 0, "not watched here");
+
+        ownership.interest.send_replace(Arc::new([agent(2)].into()));
+        until("agent 1 stopped and agent 2 took its place", || {
+            hub.polling_agents() == [agent(0), agent(2)]
+        })
+        .await;
+        ownership.interest.send_replace(RemoteInterest::default());
+        until("only the local agent is polled", || {
+            hub.polling_agents() == [agent(0)] && hub.polled_agents() == 1
+        })
+        .await;
+    }
+}

@@ -142,9 +142,14 @@ struct Seen {
 /// A shard lease as this replica last saw it.
 #[derive(Debug, Clone)]
 enum Lease {
-    Held { holder: String, seen: Seen },
+    Held {
+        holder: String,
+        seen: Seen,
+    },
     /// Deleted (handed back), or never seen since `since`.
-    Free { since: Instant },
+    Free {
+        since: Instant,
+    },
 }
 
 /// What one round of the lease logic decided to do.
@@ -282,7 +287,11 @@ impl State {
     /// Decides which shards to take and which to hand back; marks the shards this replica
     /// should no longer poll as being handed back (and those it should again as not).
     fn plan(&mut self, me: &str, now: Instant, ttl: Duration) -> Plan {
-        let live: Vec<String> = self.live(me, now, ttl).into_iter().map(str::to_owned).collect();
+        let live: Vec<String> = self
+            .live(me, now, ttl)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         let live: Vec<&str> = live.iter().map(String::as_str).collect();
         let mut plan = Plan::default();
         if !live.contains(&me) {
@@ -422,7 +431,10 @@ impl Shared {
         let lost = self.update(|state, _| state.lost(shard));
         if lost.is_some_and(|held| !held.releasing) {
             self.leases_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(shard, "shard lease lost: {why}; its agents are no longer polled here");
+            tracing::warn!(
+                shard,
+                "shard lease lost: {why}; its agents are no longer polled here"
+            );
         }
     }
 
@@ -467,7 +479,10 @@ impl Shared {
             Operation::Delete | Operation::Purge => {
                 let held = self.update(|state, now| {
                     state.leases.insert(shard, Lease::Free { since: now });
-                    state.held.get(&shard).is_some_and(|held| entry.revision > held.revision)
+                    state
+                        .held
+                        .get(&shard)
+                        .is_some_and(|held| entry.revision > held.revision)
                 });
                 if held {
                     self.lease_lost(shard, "it was deleted");
@@ -479,7 +494,11 @@ impl Shared {
 
     /// An entry of the watched bucket: another replica's interest in an agent.
     fn saw_interest_entry(&self, entry: &kv::Entry) {
-        let Some((agent, replica)) = entry.key.split_once('.') else {
+        self.saw_interest(&entry.key, entry.operation);
+    }
+
+    fn saw_interest(&self, key: &str, operation: Operation) {
+        let Some((agent, replica)) = key.split_once('.') else {
             return;
         };
         let Ok(agent) = AgentId::parse("agent", agent, MAX_AGENT_ID_LIMIT) else {
@@ -491,7 +510,7 @@ impl Shared {
         let now = Instant::now();
         let mut state = lock(&self.state);
         // A refresh of known interest changes no set: only new and withdrawn agents do.
-        let set_changed = match entry.operation {
+        let set_changed = match operation {
             Operation::Put => state
                 .remote
                 .entry(agent)
@@ -772,7 +791,13 @@ impl Driver {
             for (shard, revision) in renewed {
                 // Not when it was found taken over meanwhile.
                 if state.held.contains_key(&shard) {
-                    state.renewed(&self.shared.replica, shard, revision, sent, self.shared.settings);
+                    state.renewed(
+                        &self.shared.replica,
+                        shard,
+                        revision,
+                        sent,
+                        self.shared.settings,
+                    );
                 }
             }
         });
@@ -786,13 +811,19 @@ impl Driver {
 
     /// Takes the shards this replica should hold and may, hands back those drained.
     async fn rebalance(&self) {
-        let plan = self.shared.update(|state, now| {
-            state.plan(&self.shared.replica, now, self.shared.settings.ttl)
-        });
+        let plan = self
+            .shared
+            .update(|state, now| state.plan(&self.shared.replica, now, self.shared.settings.ttl));
         let replica = bytes::Bytes::copy_from_slice(self.shared.replica.as_bytes());
         let sent = Instant::now();
         let creates = plan.create.iter().map(|shard| async {
-            (*shard, self.leases.create(shard_key(*shard), replica.clone()).await.ok())
+            (
+                *shard,
+                self.leases
+                    .create(shard_key(*shard), replica.clone())
+                    .await
+                    .ok(),
+            )
         });
         let takeovers = plan.take_over.iter().map(|&(shard, revision)| {
             let replica = replica.clone();
@@ -816,7 +847,13 @@ impl Driver {
             .collect();
         let gained = self.shared.update(|state, _| {
             for (shard, revision) in &gained {
-                state.renewed(&self.shared.replica, *shard, *revision, sent, self.shared.settings);
+                state.renewed(
+                    &self.shared.replica,
+                    *shard,
+                    *revision,
+                    sent,
+                    self.shared.settings,
+                );
             }
             gained.len()
         });
@@ -885,10 +922,17 @@ impl Driver {
             + deletes.iter().filter(|r| r.is_err()).count();
         if failed > 0 {
             // Put again at the next refresh; a key not deleted fades with the bucket's max age.
-            tracing::warn!(failed, "cannot share which agents this replica's clients watch");
+            tracing::warn!(
+                failed,
+                "cannot share which agents this replica's clients watch"
+            );
         }
         self.shared.update(|state, now| {
-            state.prune(now, self.shared.interest_lifetime(), self.shared.settings.ttl);
+            state.prune(
+                now,
+                self.shared.interest_lifetime(),
+                self.shared.settings.ttl,
+            );
         });
     }
 
@@ -914,10 +958,7 @@ impl Driver {
             }
             self.shared.wake.notified().await;
         }
-        let _ = self
-            .leases
-            .delete(member_key(&self.shared.replica))
-            .await;
+        let _ = self.leases.delete(member_key(&self.shared.replica)).await;
         let published: Vec<AgentId> = lock(&self.shared.state).published.drain().collect();
         let replica = &self.shared.replica;
         join_all(
@@ -927,5 +968,221 @@ impl Driver {
         )
         .await;
         tracing::info!("shard leases handed back");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTINGS: LeaseSettings = LeaseSettings {
+        renew: Duration::from_secs(5),
+        ttl: Duration::from_secs(45),
+        margin: Duration::from_secs(2),
+    };
+
+    fn agent(raw: &str) -> AgentId {
+        AgentId::parse("agent", raw, MAX_AGENT_ID_LIMIT).unwrap()
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect()
+    }
+
+    fn owners(members: &[String]) -> Vec<String> {
+        let live: Vec<&str> = members.iter().map(String::as_str).collect();
+        (0..SHARDS)
+            .map(|shard| desired_owner(shard, &live).unwrap().to_owned())
+            .collect()
+    }
+
+    /// Replicas of every version must agree on an agent's shard.
+    #[test]
+    fn an_agents_shard_never_changes() {
+        let pinned: Vec<u16> = ["101", "102", "59999", "999999"]
+            .iter()
+            .map(|raw| shard_of(agent(raw)))
+            .collect();
+        assert_eq!(pinned, [64, 221, 145, 187]);
+        let mut spread = [0u32; SHARDS as usize];
+        for n in 101..10_101 {
+            spread[usize::from(shard_of(agent(&n.to_string())))] += 1;
+        }
+        // 10,000 agents over 256 shards: about 39 each.
+        assert!(spread.iter().all(|n| (15..=70).contains(n)), "{spread:?}");
+    }
+
+    /// Rendezvous hashing spreads the shards evenly, and a replica joining (or leaving) moves
+    /// only the shards it takes (or held).
+    #[test]
+    fn shards_spread_evenly_and_move_only_to_a_joining_replica() {
+        for _ in 0..20 {
+            let mut members = ids(3);
+            let before = owners(&members);
+            for member in &members {
+                let held = before.iter().filter(|o| *o == member).count();
+                assert!((50..=120).contains(&held), "{held} of 256 for one of three");
+            }
+            let joining = ids(1).remove(0);
+            members.push(joining.clone());
+            let after = owners(&members);
+            let moved: Vec<usize> = (0..before.len())
+                .filter(|i| before[*i] != after[*i])
+                .collect();
+            assert!(moved.iter().all(|i| after[*i] == joining));
+            assert!((35..=95).contains(&moved.len()), "{} moved", moved.len());
+
+            let leaving = members.remove(0);
+            let without = owners(&members);
+            assert!((0..after.len()).all(|i| after[i] == without[i] || after[i] == leaving));
+        }
+    }
+
+    fn holding(me: &str, shard: u16, now: Instant) -> State {
+        let mut state = State::new(now);
+        state.heartbeat = Some(now);
+        state.renewed(me, shard, 7, now, SETTINGS);
+        state
+    }
+
+    /// A holder starts no poll once its last renewal was sent TTL - margin ago, whatever else
+    /// happens (a paused process, NATS unreachable); a renewal opens the fence again.
+    #[tokio::test(start_paused = true)]
+    async fn the_fence_closes_ttl_minus_margin_after_the_last_renewal_was_sent() {
+        let sent = Instant::now();
+        let mut state = holding("a", 3, sent);
+        let closes = sent + SETTINGS.ttl - SETTINGS.margin;
+        tokio::time::sleep_until(closes - Duration::from_millis(1)).await;
+        assert!(state.may_poll(3, Instant::now()));
+        assert!(!state.may_poll(4, Instant::now()), "a shard not held");
+        tokio::time::sleep_until(closes).await;
+        assert!(!state.may_poll(3, Instant::now()));
+        assert!(state.pollable(Instant::now()).is_empty());
+
+        // A renewal answered late counts from when it was sent.
+        let renewal_sent = Instant::now();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        state.renewed("a", 3, 9, renewal_sent, SETTINGS);
+        assert!(state.may_poll(3, Instant::now()));
+        tokio::time::sleep_until(renewal_sent + SETTINGS.ttl - SETTINGS.margin).await;
+        assert!(!state.may_poll(3, Instant::now()));
+    }
+
+    /// A lease is taken over only once its revision stood still for the TTL on this replica's
+    /// clock (and its holder's heartbeat with it); a lease that moves is never.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_taken_over_once_it_stood_still_for_the_ttl() {
+        let start = Instant::now();
+        let mut state = State::new(start);
+        state.heartbeat = Some(start);
+        state.saw_member("b", 1, start);
+        for shard in 0..SHARDS {
+            state.saw_lease(shard, "b", 100 + u64::from(shard), start);
+        }
+        tokio::time::advance(SETTINGS.ttl - Duration::from_millis(1)).await;
+        let now = Instant::now();
+        state.heartbeat = Some(now);
+        let plan = state.plan("a", now, SETTINGS.ttl);
+        assert!(
+            plan.take_over.is_empty() && plan.create.is_empty(),
+            "{plan:?}"
+        );
+
+        // One lease renewed meanwhile; b's heartbeat stopped.
+        state.saw_lease(0, "b", 1000, now);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let now = Instant::now();
+        state.heartbeat = Some(now);
+        let plan = state.plan("a", now, SETTINGS.ttl);
+        assert_eq!(plan.take_over.len(), usize::from(SHARDS) - 1);
+        assert!(plan.take_over.contains(&(1, 101)), "on the revision seen");
+        assert!(!plan.take_over.iter().any(|(shard, _)| *shard == 0));
+    }
+
+    /// Without a fresh heartbeat of its own a replica takes nothing and hands nothing back.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_whose_heartbeat_failed_plans_nothing() {
+        let start = Instant::now();
+        let mut state = holding("a", 3, start);
+        state.saw_member("b", 1, start);
+        tokio::time::advance(SETTINGS.ttl).await;
+        state.saw_member("b", 2, Instant::now());
+        assert_eq!(
+            state.plan("a", Instant::now(), SETTINGS.ttl),
+            Plan::default()
+        );
+    }
+
+    fn ownership(me: &str) -> NatsOwnership {
+        NatsOwnership {
+            shared: Shared::new(me.into(), SETTINGS),
+        }
+    }
+
+    /// A shard whose desired owner is another live replica stops getting polls at once and
+    /// is handed back only when its polls in flight ended, so two replicas never poll one
+    /// agent at once when shards move.
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_is_handed_back_once_its_polls_in_flight_ended() {
+        let me = "a";
+        let other = "b";
+        let agent = (101..)
+            .map(|n| agent(&n.to_string()))
+            .find(|a| desired_owner(shard_of(*a), &[me, other]) == Some(other))
+            .unwrap();
+        let shard = shard_of(agent);
+        let ownership = ownership(me);
+        let mut changes = ownership.changes();
+        ownership
+            .shared
+            .update(|state, now| *state = holding(me, shard, now));
+        assert!(changes.has_changed().unwrap(), "the poll loops are told");
+        changes.borrow_and_update();
+        let permit = ownership.poll_permit(agent).expect("held");
+
+        let plan = ownership.shared.update(|state, now| {
+            state.saw_member(other, 1, now);
+            state.plan(me, now, SETTINGS.ttl)
+        });
+        assert!(plan.hand_back.is_empty(), "a poll is in flight");
+        assert!(ownership.poll_permit(agent).is_none(), "no new poll starts");
+        assert!(changes.has_changed().unwrap());
+
+        drop(permit);
+        let plan = ownership
+            .shared
+            .update(|state, now| state.plan(me, now, SETTINGS.ttl));
+        assert_eq!(plan.hand_back, vec![(shard, 7)]);
+    }
+
+    /// Other replicas' interest counts for the agents of the shards this replica may poll,
+    /// until it fades.
+    #[tokio::test(start_paused = true)]
+    async fn remote_interest_is_that_of_held_shards_until_it_fades() {
+        let ownership = ownership("a");
+        let watched = agent("101");
+        // Not a replica id, or this replica's own: ignored.
+        ownership.shared.saw_interest("101.nothex", Operation::Put);
+        let elsewhere = (102..)
+            .map(|n| agent(&n.to_string()))
+            .find(|a| shard_of(*a) != shard_of(watched))
+            .unwrap();
+        let interest = ownership.remote_interest();
+        ownership
+            .shared
+            .update(|state, now| *state = holding("a", shard_of(watched), now));
+        for agent in [watched, elsewhere] {
+            ownership
+                .shared
+                .saw_interest(&format!("{agent}.b"), Operation::Put);
+        }
+        assert_eq!(**interest.borrow(), BTreeSet::from([watched]));
+        tokio::time::advance(ownership.shared.interest_lifetime()).await;
+        ownership.shared.update(|state, now| {
+            state.prune(now, ownership.shared.interest_lifetime(), SETTINGS.ttl);
+        });
+        assert!(interest.borrow().is_empty());
     }
 }
