@@ -337,13 +337,21 @@ impl State {
         plan
     }
 
-    /// Agents whose interest key this replica should hold: watched here, shard not held.
+    /// Agents whose interest key this replica should hold: watched here, and polled by
+    /// another replica (their shard not held, or being handed back).
     fn interest_wanted(&self) -> HashSet<AgentId> {
         self.local
             .keys()
             .copied()
-            .filter(|agent| !self.held.contains_key(&shard_of(*agent)))
+            .filter(|agent| self.interest_wanted_for(*agent))
             .collect()
+    }
+
+    fn interest_wanted_for(&self, agent: AgentId) -> bool {
+        !self
+            .held
+            .get(&shard_of(agent))
+            .is_some_and(|held| !held.releasing)
     }
 
     /// The agents other replicas watch whose shard this replica may poll.
@@ -598,7 +606,7 @@ impl PollOwnership for NatsOwnership {
                 state.local.remove(&agent);
                 state.published.contains(&agent)
             }
-            _ => !state.published.contains(&agent) && !state.held.contains_key(&shard_of(agent)),
+            _ => !state.published.contains(&agent) && state.interest_wanted_for(agent),
         };
         drop(state);
         if wake {
@@ -735,6 +743,8 @@ impl Driver {
                 () = shutdown.cancelled() => break,
             }
             self.rebalance().await;
+            // The agents of shards just being handed back are now the new owner's to poll.
+            self.refresh_interest(false).await;
         }
         if tokio::time::timeout(HAND_BACK_ON_SHUTDOWN, self.hand_back_all())
             .await
