@@ -15,7 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::{self, Cluster, NatsRequestIds},
+    nats::{self, Cluster, NatsOwnership, NatsRequestIds},
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -87,7 +87,14 @@ pub async fn build_api(
     if callers.is_none() {
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
-    let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
+    let events = match &cluster {
+        Some(cluster) => {
+            let shutdown = lifecycle.shutdown().child_token();
+            let ownership = NatsOwnership::start(cluster, shutdown, lifecycle.tasks()).await?;
+            EventHub::with_ownership(sessions.clone(), config.events(), &lifecycle, ownership)
+        }
+        None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
+    };
     let policy = config.release_policy();
     let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
     if let Some(cluster) = &cluster {

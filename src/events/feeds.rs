@@ -4,8 +4,9 @@
 //! may poll, which `--max-polled-agents` bounds. Knows neither how events are numbered nor how
 //! a watcher is built.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{atomic::AtomicBool, Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::{
@@ -15,6 +16,7 @@ use tokio::{
 
 use super::{
     hub::Hub,
+    ownership::RemoteInterest,
     poll::PollLoop,
     polled::{PolledAgents, PolledAgentsFull},
     ring::ReplayRing,
@@ -22,6 +24,10 @@ use super::{
     EventSettings, KindFilter, ReleaseEvent,
 };
 use crate::{domain::AgentId, lock};
+
+/// How often agents other replicas watch that did not fit among the polled agents are tried
+/// again.
+const REMOTE_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(super) struct FeedRegistry {
@@ -49,6 +55,10 @@ pub(super) struct FeedState {
     pub idle_since: Instant,
     /// The gateway refused the session; polling waits for a watcher with a new one.
     pub session_lost: bool,
+    /// Another replica's clients watch the agent, and this replica owns its polling.
+    pub remote: bool,
+    /// When the last of this replica's watchers left, if one ever joined.
+    pub last_member_left: Option<Instant>,
     /// The last poll failed; the loop is backing off.
     poll_failing: bool,
 }
@@ -127,6 +137,27 @@ impl FeedRegistry {
     /// missing; from now on the agent is polled.
     pub fn admitted_feed(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
         self.polled.join(agent);
+        self.feed_of(hub, agent)
+    }
+
+    /// The agent's feed, polled for other replicas' watchers from now on: created (with its
+    /// poll loop) when missing, if it fits among the polled agents.
+    fn remote_feed(
+        &mut self,
+        hub: &Arc<Hub>,
+        agent: AgentId,
+    ) -> Result<Arc<Feed>, PolledAgentsFull> {
+        self.polled.poll_for_others(agent)?;
+        let feed = self.feed_of(hub, agent);
+        let mut state = lock(&feed.state);
+        state.remote = true;
+        state.session_lost = false;
+        drop(state);
+        feed.changed.notify_one();
+        Ok(feed)
+    }
+
+    fn feed_of(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
         if let Some(feed) = self.live.get(&agent) {
             return feed.clone();
         }
@@ -138,6 +169,8 @@ impl FeedRegistry {
                 members: Vec::new(),
                 idle_since: Instant::now(),
                 session_lost: false,
+                remote: false,
+                last_member_left: None,
                 poll_failing: false,
             }),
             changed: Notify::new(),
@@ -160,7 +193,16 @@ impl FeedRegistry {
 
 impl FeedState {
     pub(super) fn wants_polling(&self, settings: &EventSettings, now: Instant) -> bool {
-        !self.session_lost && (!self.members.is_empty() || now < self.idle_since + settings.grace)
+        !self.session_lost
+            && (!self.members.is_empty() || self.remote || now < self.idle_since + settings.grace)
+    }
+
+    /// This replica's clients watch the agent, or did within the grace period.
+    fn watched_here(&self, settings: &EventSettings, now: Instant) -> bool {
+        !self.members.is_empty()
+            || self
+                .last_member_left
+                .is_some_and(|left| now < left + settings.grace)
     }
 }
 
@@ -180,6 +222,43 @@ impl Feed {
 
     pub(super) fn wants_polling(&self, settings: &EventSettings, now: Instant) -> bool {
         lock(&self.state).wants_polling(settings, now)
+    }
+
+    /// Whether this replica's clients watch the agent (see
+    /// [`PollOwnership::set_watched`](super::ownership::PollOwnership::set_watched)), and
+    /// when that, or the polling, ends by itself (a grace period running out).
+    pub(super) fn interest(
+        &self,
+        settings: &EventSettings,
+        now: Instant,
+    ) -> (bool, Option<Instant>) {
+        let state = lock(&self.state);
+        let ends = if state.members.is_empty() {
+            [
+                state.last_member_left,
+                (!state.remote).then_some(state.idle_since),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|since| since + settings.grace)
+            .filter(|end| *end > now)
+            .min()
+        } else {
+            None
+        };
+        (state.watched_here(settings, now), ends)
+    }
+
+    /// Other replicas' watchers of the agent are gone (or this replica no longer owns its
+    /// polling): without watchers here, its grace period begins.
+    fn others_stopped_watching(&self) {
+        let mut state = lock(&self.state);
+        state.remote = false;
+        if state.members.is_empty() {
+            state.idle_since = Instant::now();
+        }
+        drop(state);
+        self.changed.notify_one();
     }
 
     /// A watcher joins: from now on it gets the agent's events. It brings a session, so a feed
@@ -215,7 +294,9 @@ impl Feed {
         let before = state.members.len();
         state.members.retain(|s| s.watcher_id != watcher_id);
         if before > 0 && state.members.is_empty() {
-            state.idle_since = Instant::now();
+            let now = Instant::now();
+            state.idle_since = now;
+            state.last_member_left = Some(now);
         }
         drop(state);
         self.changed.notify_one();
@@ -234,9 +315,10 @@ impl Hub {
         if state.wants_polling(&self.settings, now) {
             return Step::Poll;
         }
-        if !state.members.is_empty() || feeds.polled.is_awaited(feed.agent) {
-            // Watchers of a lost session: they are being told and will leave. Or a watcher
-            // admitted for the agent is about to join (or to withdraw): either wakes the loop.
+        if !state.members.is_empty() || state.remote || feeds.polled.is_awaited(feed.agent) {
+            // Watchers of a lost session: they are being told and will leave (other replicas'
+            // watchers, when their interest ends). Or a watcher admitted for the agent is about
+            // to join (or to withdraw): either wakes the loop.
             return Step::Wait(None);
         }
         // Not polled any more (the grace period is over, or the session was lost): the
@@ -253,6 +335,75 @@ impl Hub {
         }
         feeds.live.remove(&feed.agent);
         Step::Retire
+    }
+}
+
+impl Hub {
+    /// Keeps a feed polling each agent that only other replicas' clients watch, while this
+    /// replica owns the agent's polling: it counts among the polled agents, and its grace
+    /// period begins when their interest ends. Agents that did not fit are tried again every
+    /// [`REMOTE_RETRY`] (places free up as grace periods end). Ends on shutdown.
+    pub(super) async fn follow_remote_interest(self: Arc<Self>) {
+        let mut interest = self.ownership.remote_interest();
+        let mut followed = BTreeSet::new();
+        let mut refused = BTreeSet::new();
+        loop {
+            let wanted = interest.borrow_and_update().clone();
+            followed = self.follow(followed, &wanted, &mut refused);
+            let retry = async {
+                if refused.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(REMOTE_RETRY).await;
+            };
+            tokio::select! {
+                changed = interest.changed() => if changed.is_err() { break },
+                () = retry => {}
+                () = self.shutdown.cancelled() => break,
+            }
+        }
+    }
+
+    /// Starts following the agents of `wanted` not followed yet, stops following those no
+    /// longer wanted; returns the agents followed now. `refused`: the wanted agents that did
+    /// not fit (each logged once).
+    fn follow(
+        self: &Arc<Self>,
+        mut followed: BTreeSet<AgentId>,
+        wanted: &RemoteInterest,
+        refused: &mut BTreeSet<AgentId>,
+    ) -> BTreeSet<AgentId> {
+        let mut feeds = lock(&self.feeds);
+        followed.retain(|agent| {
+            let keep = wanted.contains(agent);
+            if !keep {
+                if let Some(feed) = feeds.get(*agent) {
+                    feed.others_stopped_watching();
+                }
+            }
+            keep
+        });
+        refused.retain(|agent| wanted.contains(agent));
+        for &agent in wanted.iter() {
+            if followed.contains(&agent) {
+                continue;
+            }
+            match feeds.remote_feed(self, agent) {
+                Ok(_) => {
+                    refused.remove(&agent);
+                    followed.insert(agent);
+                }
+                Err(full) => {
+                    if refused.insert(agent) {
+                        tracing::warn!(
+                            %agent,
+                            "another replica's clients watch the agent, but it cannot be polled here yet: {full}"
+                        );
+                    }
+                }
+            }
+        }
+        followed
     }
 }
 

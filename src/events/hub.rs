@@ -12,6 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, FeedRegistry},
+    ownership::{Alone, OwnershipStats, PollOwnership},
     subscribe::{Permits, Request, SubscribeError},
     watcher::Watcher,
     EventSettings, KindFilter, ResumeToken,
@@ -73,10 +74,36 @@ pub(super) struct Hub {
     /// The poll loops alone: on shutdown watchers wait for their last polls' answers.
     pub poll_loops: TaskTracker,
     pub counters: Counters,
+    /// Which agents this replica may poll, and who watches what across replicas.
+    pub ownership: Arc<dyn PollOwnership>,
 }
 
 impl EventHub {
+    /// The single process's hub: it polls every agent it watches.
     pub(crate) fn new(sessions: Sessions, settings: EventSettings, lifecycle: &Lifecycle) -> Self {
+        Self::build(sessions, settings, lifecycle, Arc::new(Alone::new()))
+    }
+
+    /// A replica's hub: it polls the agents `ownership` lets it, its own clients' and, for
+    /// other replicas' clients, those it owns that they watch.
+    pub(crate) fn with_ownership(
+        sessions: Sessions,
+        settings: EventSettings,
+        lifecycle: &Lifecycle,
+        ownership: Arc<dyn PollOwnership>,
+    ) -> Self {
+        let events = Self::build(sessions, settings, lifecycle, ownership);
+        let hub = events.hub.clone();
+        events.hub.tasks.spawn(hub.follow_remote_interest());
+        events
+    }
+
+    fn build(
+        sessions: Sessions,
+        settings: EventSettings,
+        lifecycle: &Lifecycle,
+        ownership: Arc<dyn PollOwnership>,
+    ) -> Self {
         Self {
             hub: Arc::new(Hub {
                 sessions,
@@ -94,6 +121,7 @@ impl EventHub {
                 tasks: lifecycle.tasks().clone(),
                 poll_loops: TaskTracker::new(),
                 counters: Counters::default(),
+                ownership,
                 settings,
             }),
         }
@@ -193,6 +221,11 @@ impl EventHub {
     pub fn failing_poll_loops(&self) -> usize {
         let feeds: Vec<Arc<Feed>> = lock(&self.hub.feeds).all();
         feeds.iter().filter(|feed| feed.is_failing()).count()
+    }
+
+    /// What this replica's poll leases did (all zero for a single process).
+    pub fn ownership_stats(&self) -> OwnershipStats {
+        self.hub.ownership.stats()
     }
 
     pub fn stats(&self) -> EventStats {

@@ -17,7 +17,8 @@
 //! - the *poll loop* (`PollLoop`) is the one reader of an agent's gateway events.
 //!
 //! Parts: `hub` ([`EventHub`], the facade), `feeds` (the feed registry), `polled` (the polled
-//! agents' limit), `publish` (numbering and delivering events), `subscribe` (admitting and
+//! agents' limit), `ownership` (which agents this replica may poll, and who watches what
+//! across replicas), `publish` (numbering and delivering events), `subscribe` (admitting and
 //! starting watchers), `watcher`, `forward` (a watcher read by a task of its own), `poll`,
 //! `ring` (the replay ring), `token`.
 //!
@@ -28,6 +29,7 @@
 mod feeds;
 mod forward;
 mod hub;
+mod ownership;
 mod poll;
 mod polled;
 mod publish;
@@ -41,6 +43,8 @@ mod watcher;
 use std::{time::Duration, time::SystemTime};
 
 pub use hub::{EventHub, EventStats};
+pub use ownership::OwnershipStats;
+pub(crate) use ownership::{PollOwnership, PollPermit, RemoteInterest};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;

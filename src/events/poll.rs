@@ -1,13 +1,15 @@
-//! One agent's long-poll loop: the only reader of the agent's gateway events in the process.
+//! One agent's long-poll loop: the only reader of the agent's gateway events in the process,
+//! and, across replicas, the only one polling while its replica owns the agent (the others'
+//! loops wait for the ownership to change).
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     feeds::{Feed, Step},
     hub::Hub,
-    SessionEnding,
+    PollPermit, SessionEnding,
 };
 use crate::{
     gateway::{event::parse_event, Answer, GatewayError, Guid, Retcode, SessionOperation},
@@ -26,16 +28,23 @@ pub(super) struct PollLoop {
     shutdown: CancellationToken,
     /// Consecutive failed polls.
     failures: u32,
+    /// What the ownership was last told: this replica's clients watch the agent.
+    watched: bool,
+    /// Changes when the agent's ownership may have.
+    ownership: watch::Receiver<u64>,
 }
 
 impl PollLoop {
     pub fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
         let shutdown = hub.shutdown.clone();
+        let ownership = hub.ownership.changes();
         Self {
             hub,
             feed,
             shutdown,
             failures: 0,
+            watched: false,
+            ownership,
         }
     }
 
@@ -44,8 +53,10 @@ impl PollLoop {
         tracing::info!(%agent, "poll loop started");
         loop {
             let step = self.hub.next_step(&self.feed);
+            let (watched, ends) = self.feed.interest(&self.hub.settings, Instant::now());
+            self.tell_watched(watched && step != Step::Retire);
             let keep_going = match step {
-                Step::Poll => self.poll_once().await,
+                Step::Poll => self.poll_if_owned(ends).await,
                 Step::Wait(until) => self.wait(until).await,
                 Step::Retire => false,
             };
@@ -53,11 +64,49 @@ impl PollLoop {
                 break;
             }
         }
+        self.tell_watched(false);
         tracing::info!(%agent, "poll loop ended");
     }
 
-    /// One poll and the pause after it. False when the facade shuts down.
-    async fn poll_once(&mut self) -> bool {
+    /// Tells the ownership when this replica's clients start or stop watching the agent.
+    fn tell_watched(&mut self, watched: bool) {
+        if watched != self.watched {
+            self.watched = watched;
+            self.hub.ownership.set_watched(self.feed.agent, watched);
+        }
+    }
+
+    /// Polls once if this replica owns the agent's polling; otherwise waits until that may
+    /// have changed, a watcher comes or goes, or `ends` (a grace period running out). False
+    /// when the facade shuts down.
+    async fn poll_if_owned(&mut self, ends: Option<Instant>) -> bool {
+        // Marked seen before asking, so a change in between wakes the wait below.
+        self.ownership.borrow_and_update();
+        if let Some(permit) = self.hub.ownership.poll_permit(self.feed.agent) {
+            return self.poll_once(permit).await;
+        }
+        let ownership_changed = async {
+            if self.ownership.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let timer = async {
+            match ends {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = ownership_changed => true,
+            () = self.feed.changed.notified() => true,
+            () = timer => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// One poll (holding `permit` until its answer is handled) and the pause after it. False
+    /// when the facade shuts down.
+    async fn poll_once(&mut self, permit: PollPermit) -> bool {
         let agent = self.feed.agent;
         let deadline = Instant::now() + self.hub.settings.poll_timeout;
         let (result, stopping) = {
@@ -82,6 +131,7 @@ impl PollLoop {
             }
         };
         let pause = self.handle(result);
+        drop(permit);
         if stopping {
             return false;
         }
@@ -196,5 +246,161 @@ impl PollLoop {
             () = timer => true,
             () = self.shutdown.cancelled() => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc, Mutex,
+        },
+        time::Duration,
+    };
+
+    use tokio::sync::watch;
+
+    use crate::{
+        domain::AgentId,
+        events::{
+            ownership::{PollOwnership, PollPermit, RemoteInterest},
+            testing::{agent, hub_owning, sign_in},
+            EventHub, EventSettings, KindFilter,
+        },
+        lock,
+    };
+
+    /// Ownership a test grants and withdraws.
+    #[derive(Debug)]
+    struct Granted {
+        owned: AtomicBool,
+        changes: watch::Sender<u64>,
+        interest: watch::Sender<RemoteInterest>,
+        watched: Mutex<HashMap<AgentId, i32>>,
+    }
+
+    impl Granted {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                owned: AtomicBool::new(false),
+                changes: watch::Sender::new(0),
+                interest: watch::Sender::new(RemoteInterest::default()),
+                watched: Mutex::new(HashMap::new()),
+            })
+        }
+
+        fn grant(&self) {
+            self.owned.store(true, Ordering::SeqCst);
+            self.changes.send_modify(|n| *n += 1);
+        }
+
+        fn watched(&self, agent: AgentId) -> i32 {
+            lock(&self.watched).get(&agent).copied().unwrap_or(0)
+        }
+    }
+
+    impl PollOwnership for Granted {
+        fn poll_permit(&self, _agent: AgentId) -> Option<PollPermit> {
+            self.owned.load(Ordering::SeqCst).then(PollPermit::free)
+        }
+
+        fn changes(&self) -> watch::Receiver<u64> {
+            self.changes.subscribe()
+        }
+
+        fn set_watched(&self, agent: AgentId, watched: bool) {
+            *lock(&self.watched).entry(agent).or_default() += if watched { 1 } else { -1 };
+        }
+
+        fn remote_interest(&self) -> watch::Receiver<RemoteInterest> {
+            self.interest.subscribe()
+        }
+    }
+
+    async fn until(what: &str, condition: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !condition() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "timed out waiting until {what}");
+    }
+
+    fn poll_failures(hub: &EventHub) -> u64 {
+        hub.stats().poll_failures
+    }
+
+    /// A replica that does not own a watched agent tells that its clients watch it and sends
+    /// no poll (its gateway is unreachable here: a poll would count a failure) until it owns
+    /// the agent; once the watcher left and the grace period passed, it tells it stopped.
+    #[tokio::test]
+    async fn a_loop_polls_only_while_its_replica_owns_the_agent() {
+        let ownership = Granted::new();
+        let hub = hub_owning(
+            EventSettings {
+                grace: Duration::from_millis(200),
+                ..EventSettings::default()
+            },
+            ownership.clone(),
+        );
+        sign_in(&hub, agent(0));
+        let watcher = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        until("the interest is told", || ownership.watched(agent(0)) == 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(poll_failures(&hub), 0, "no poll without the ownership");
+
+        ownership.grant();
+        until("a poll was sent", || poll_failures(&hub) >= 1).await;
+        drop(watcher);
+        until("the interest ended", || ownership.watched(agent(0)) == 0).await;
+        until("the loop ended", || hub.poll_loops_running() == 0).await;
+    }
+
+    /// Agents only other replicas watch are polled here (counted among the polled agents,
+    /// refused beyond the limit), and stop being polled a grace period after that interest
+    /// ended; they are not reported as watched here.
+    #[tokio::test]
+    async fn agents_other_replicas_watch_are_polled_for_them_within_the_limit() {
+        let ownership = Granted::new();
+        ownership.grant();
+        let hub = hub_owning(
+            EventSettings {
+                grace: Duration::from_millis(200),
+                max_polled_agents: 2,
+                ..EventSettings::default()
+            },
+            ownership.clone(),
+        );
+        for n in 0..3 {
+            sign_in(&hub, agent(n));
+        }
+        let _local = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        ownership
+            .interest
+            .send_replace(Arc::new([agent(1), agent(2)].into()));
+        until("the remote agent is polled", || {
+            hub.polling_agents() == [agent(0), agent(1)]
+        })
+        .await;
+        assert_eq!(hub.polled_agents(), 2, "agent 2 did not fit");
+        assert_eq!(ownership.watched(agent(1)), 0, "not watched here");
+
+        ownership.interest.send_replace(Arc::new([agent(2)].into()));
+        until("agent 1 stopped and agent 2 took its place", || {
+            hub.polling_agents() == [agent(0), agent(2)]
+        })
+        .await;
+        ownership.interest.send_replace(RemoteInterest::default());
+        until("only the local agent is polled", || {
+            hub.polling_agents() == [agent(0)] && hub.polled_agents() == 1
+        })
+        .await;
     }
 }

@@ -108,6 +108,26 @@ impl PolledAgents {
         true
     }
 
+    /// The agent is polled for other replicas' watchers: it takes a place unless it holds one
+    /// (polled, or reserved by a watcher being admitted).
+    pub fn poll_for_others(&mut self, agent: AgentId) -> Result<(), PolledAgentsFull> {
+        if self.polled.contains(&agent) {
+            return Ok(());
+        }
+        if self.admitted.contains_key(&agent) {
+            // Its reservation becomes its place: the watcher's join then finds it polled.
+            self.reserved -= 1;
+        } else if self.in_use() >= self.limit {
+            return Err(PolledAgentsFull {
+                in_use: self.in_use(),
+                limit: self.limit,
+                agents: vec![agent],
+            });
+        }
+        self.polled.insert(agent);
+        Ok(())
+    }
+
     /// An admitted watcher is about to join the agent's feed: the feed must stay, and keep
     /// its place.
     pub fn is_awaited(&self, agent: AgentId) -> bool {

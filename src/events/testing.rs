@@ -15,12 +15,20 @@ use crate::{
 
 /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
 pub(super) fn hub(settings: EventSettings) -> EventHub {
+    EventHub::new(no_gateway(), settings, &Lifecycle::default())
+}
+
+/// [`hub`], polling what `ownership` lets it.
+pub(super) fn hub_owning(
+    settings: EventSettings,
+    ownership: std::sync::Arc<dyn super::PollOwnership>,
+) -> EventHub {
+    EventHub::with_ownership(no_gateway(), settings, &Lifecycle::default(), ownership)
+}
+
+fn no_gateway() -> Sessions {
     let gateway = GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1")).unwrap();
-    EventHub::new(
-        Sessions::new(SessionRegistry::default(), gateway),
-        settings,
-        &Lifecycle::default(),
-    )
+    Sessions::new(SessionRegistry::default(), gateway)
 }
 
 pub(super) fn agent(n: u32) -> AgentId {

@@ -7,6 +7,7 @@
 // Until the shared stores use every part of the connection.
 #![allow(dead_code)]
 
+mod ownership;
 mod request_ids;
 pub(crate) mod sessions;
 
@@ -14,6 +15,8 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, kv};
 
+pub(crate) use ownership::NatsOwnership;
+pub use ownership::{desired_owner, shard_of, SHARDS};
 pub(crate) use request_ids::NatsRequestIds;
 
 /// How long connecting (and each JetStream request) may take.

@@ -82,6 +82,22 @@ pub(super) fn service_state(
             reading(&events, |e| e.stats().malformed_events),
         )
         .gauge(
+            "ccgw_nats_shards_held",
+            "Shards whose poll lease this replica holds (0 without --nats-url)",
+            reading(&events, |e| gauge(e.ownership_stats().shards_held)),
+        )
+        .counter(
+            "ccgw_nats_lease_renewals_failed",
+            "Heartbeats and shard lease renewals that failed (NATS unreachable or slow)",
+            reading(&events, |e| e.ownership_stats().renewals_failed),
+        )
+        .counter(
+            "ccgw_nats_shard_leases_lost",
+            "Shard leases another replica took over while this one held them (it had stopped \
+             renewing: paused, cut off)",
+            reading(&events, |e| e.ownership_stats().leases_lost),
+        )
+        .gauge(
             "ccgw_streams_open",
             "WatchReleaseEvents streams open (watcher permits in use)",
             read(|e| e.watchers()),

@@ -1,0 +1,1198 @@
+//! One poller per agent across replicas: poll ownership on NATS JetStream key-value leases.
+//!
+//! Agents map to [`SHARDS`] shards by a stable hash of the agent id. In the bucket
+//! `<prefix>-leases`, `member.<replica>` is each replica's heartbeat (put every renew interval)
+//! and `shard.<n>` the lease of shard n, holding its holder's replica id: taken with create,
+//! renewed with update on the revision seen last (the revision is the fencing token: a holder
+//! whose update fails lost the shard), handed back with a delete on that revision.
+//!
+//! Liveness is read on each replica's own clock: a member whose key's revision moved within the
+//! TTL is live, a lease whose revision has not moved for the TTL may be taken over (update on
+//! the revision seen). Per-key TTLs are never relied on. Each shard's desired owner is the live
+//! member of highest rendezvous weight, so shards spread evenly and a joining replica gets its
+//! share back: a holder that is no longer a shard's desired owner stops starting polls for it,
+//! waits for its polls in flight, and hands the lease back.
+//!
+//! A holder fences itself: it starts no poll once its last successful renewal of the shard
+//! was sent a TTL minus the margin ago, so a paused or cut-off replica stops before anybody may
+//! take over (with poll timeout + renew interval + margin < TTL, checked by the configuration,
+//! at most one poll sent before a pause overlaps the new owner's).
+//!
+//! Who is watched: the bucket `<prefix>-watched`, key `<agent>.<replica>`, is put while this
+//! replica's clients watch an agent whose shard it does not hold, refreshed every renew
+//! interval, deleted when they stop; the bucket's max age lets a crashed replica's interest
+//! fade (interest is no lease). The holder of the agent's shard polls for them.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
+use futures_util::{future::join_all, StreamExt};
+use tokio::{
+    sync::{watch, Notify},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{Cluster, NatsError};
+use crate::{
+    domain::{AgentId, MAX_AGENT_ID_LIMIT},
+    events::{OwnershipStats, PollOwnership, PollPermit, RemoteInterest},
+    lock,
+};
+
+/// Shards agents are spread over: fixed, since every replica must map an agent to the same
+/// lease (changing it needs every replica stopped).
+pub const SHARDS: u16 = 256;
+
+/// Interest keys live this many renew intervals without a refresh.
+const INTEREST_LIFETIME: u32 = 4;
+/// A member key not moved for this many TTLs is forgotten (its replica is gone for good).
+const MEMBER_FORGOTTEN_AFTER_TTLS: u32 = 10;
+/// A lease whose desired owner does not take it over within this many TTLs of standing still
+/// is taken by any live replica (views of who is live may differ for a while).
+const ANYONE_TAKES_OVER_AFTER_TTLS: u32 = 2;
+/// Pause before watching a bucket again after its watch failed.
+const REWATCH_PAUSE: Duration = Duration::from_secs(1);
+/// On shutdown, how long handing the leases back may take (polls end within a second).
+const HAND_BACK_ON_SHUTDOWN: Duration = Duration::from_millis(1500);
+
+/// The shard of an agent: FNV-1a of its decimal id, mixed, modulo [`SHARDS`]. Stable across
+/// processes, versions and platforms.
+pub fn shard_of(agent: AgentId) -> u16 {
+    (mix(fnv1a(agent.to_string().as_bytes())) % u64::from(SHARDS)) as u16
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finalizer: FNV-1a alone leaves similar inputs' hashes close together.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Rendezvous (highest random weight) hashing: the member of highest weight owns the shard.
+fn weight(member: &str, shard: u16) -> u64 {
+    let mut bytes = member.as_bytes().to_vec();
+    bytes.push(b'/');
+    bytes.extend_from_slice(&shard.to_be_bytes());
+    mix(fnv1a(&bytes))
+}
+
+/// The member of `live` that should hold `shard`'s lease.
+pub fn desired_owner<'a>(shard: u16, live: &[&'a str]) -> Option<&'a str> {
+    live.iter()
+        .copied()
+        .max_by_key(|member| (weight(member, shard), *member))
+}
+
+fn shard_key(shard: u16) -> String {
+    format!("shard.{shard}")
+}
+
+fn member_key(replica: &str) -> String {
+    format!("member.{replica}")
+}
+
+fn interest_key(agent: AgentId, replica: &str) -> String {
+    format!("{agent}.{replica}")
+}
+
+/// A replica id as written by this code: lowercase hex (so it is safe as a key token).
+fn is_replica_id(raw: &str) -> bool {
+    !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LeaseSettings {
+    renew: Duration,
+    ttl: Duration,
+    margin: Duration,
+}
+
+/// A shard lease this replica holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// Its revision: the next renewal updates on it.
+    revision: u64,
+    /// Polls may start before this: the last successful renewal's send time + TTL - margin.
+    fence: Instant,
+    /// No longer ours to poll: handed back once its polls in flight end.
+    releasing: bool,
+}
+
+/// A key whose revision this replica watches move.
+#[derive(Debug, Clone)]
+struct Seen {
+    revision: u64,
+    /// When this replica saw the revision change last (its own clock).
+    moved: Instant,
+}
+
+/// A shard lease as this replica last saw it.
+#[derive(Debug, Clone)]
+enum Lease {
+    Held {
+        holder: String,
+        seen: Seen,
+    },
+    /// Deleted (handed back), or never seen since `since`.
+    Free {
+        since: Instant,
+    },
+}
+
+/// What one round of the lease logic decided to do.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    /// Free shards to take (create).
+    create: Vec<u16>,
+    /// Stale shards to take over (update on the revision seen).
+    take_over: Vec<(u16, u64)>,
+    /// Shards to hand back (delete on the revision held): their polls ended.
+    hand_back: Vec<(u16, u64)>,
+}
+
+#[derive(Debug)]
+struct State {
+    held: BTreeMap<u16, Held>,
+    /// Polls in flight per held shard.
+    in_flight: HashMap<u16, usize>,
+    members: HashMap<String, Seen>,
+    leases: HashMap<u16, Lease>,
+    /// When this replica began to look (a shard never seen is free since then).
+    started: Instant,
+    /// When this replica's last successful heartbeat was sent.
+    heartbeat: Option<Instant>,
+    /// Agents this replica's clients watch: how many poll loops said so.
+    local: HashMap<AgentId, usize>,
+    /// Interest keys this replica put.
+    published: HashSet<AgentId>,
+    /// Other replicas' interest: agent -> replica -> when its key was put last (own clock).
+    remote: HashMap<AgentId, HashMap<String, Instant>>,
+}
+
+impl State {
+    fn new(now: Instant) -> Self {
+        Self {
+            held: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            members: HashMap::new(),
+            leases: HashMap::new(),
+            started: now,
+            heartbeat: None,
+            local: HashMap::new(),
+            published: HashSet::new(),
+            remote: HashMap::new(),
+        }
+    }
+
+    /// Whether a poll of the shard may start now.
+    fn may_poll(&self, shard: u16, now: Instant) -> bool {
+        self.held
+            .get(&shard)
+            .is_some_and(|held| !held.releasing && now < held.fence)
+    }
+
+    /// The shards polls may start for now.
+    fn pollable(&self, now: Instant) -> Vec<u16> {
+        self.held
+            .keys()
+            .copied()
+            .filter(|shard| self.may_poll(*shard, now))
+            .collect()
+    }
+
+    /// The lease of `shard` was (re)written by this replica at `revision`, the write sent at
+    /// `sent`.
+    fn renewed(&mut self, me: &str, shard: u16, revision: u64, sent: Instant, s: LeaseSettings) {
+        let held = self.held.entry(shard).or_insert(Held {
+            revision,
+            fence: sent,
+            releasing: false,
+        });
+        held.revision = held.revision.max(revision);
+        held.fence = held.fence.max(sent + s.ttl.saturating_sub(s.margin));
+        self.saw_lease(shard, me, revision, sent);
+    }
+
+    /// This replica no longer holds `shard`.
+    fn lost(&mut self, shard: u16) -> Option<Held> {
+        self.held.remove(&shard)
+    }
+
+    fn saw_lease(&mut self, shard: u16, holder: &str, revision: u64, now: Instant) {
+        match self.leases.get_mut(&shard) {
+            Some(Lease::Held { seen, .. }) if seen.revision >= revision => {}
+            Some(Lease::Held { holder: h, seen }) => {
+                *h = holder.to_owned();
+                *seen = Seen {
+                    revision,
+                    moved: now,
+                };
+            }
+            _ => {
+                self.leases.insert(
+                    shard,
+                    Lease::Held {
+                        holder: holder.to_owned(),
+                        seen: Seen {
+                            revision,
+                            moved: now,
+                        },
+                    },
+                );
+            }
+        }
+    }
+
+    fn saw_member(&mut self, member: &str, revision: u64, now: Instant) {
+        let seen = self.members.entry(member.to_owned()).or_insert(Seen {
+            revision,
+            moved: now,
+        });
+        if revision > seen.revision {
+            *seen = Seen {
+                revision,
+                moved: now,
+            };
+        }
+    }
+
+    /// Live members, this replica among them while its heartbeat is fresh, sorted.
+    fn live<'a>(&'a self, me: &'a str, now: Instant, ttl: Duration) -> Vec<&'a str> {
+        let mut live: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|(member, seen)| member.as_str() != me && now < seen.moved + ttl)
+            .map(|(member, _)| member.as_str())
+            .collect();
+        if self.heartbeat.is_some_and(|sent| now < sent + ttl) {
+            live.push(me);
+        }
+        live.sort_unstable();
+        live
+    }
+
+    /// Decides which shards to take and which to hand back; marks the shards this replica
+    /// should no longer poll as being handed back (and those it should again as not).
+    fn plan(&mut self, me: &str, now: Instant, ttl: Duration) -> Plan {
+        let live: Vec<String> = self
+            .live(me, now, ttl)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let live: Vec<&str> = live.iter().map(String::as_str).collect();
+        let mut plan = Plan::default();
+        if !live.contains(&me) {
+            // Without a fresh heartbeat this replica cannot know who else is live: it only
+            // renews what it holds (and may not poll once the fences close).
+            return plan;
+        }
+        for shard in 0..SHARDS {
+            let desired = desired_owner(shard, &live) == Some(me);
+            if let Some(held) = self.held.get_mut(&shard) {
+                held.releasing = !desired;
+                if held.releasing && self.in_flight.get(&shard).copied().unwrap_or(0) == 0 {
+                    plan.hand_back.push((shard, held.revision));
+                }
+                continue;
+            }
+            let patience = if desired {
+                ttl
+            } else {
+                ttl * ANYONE_TAKES_OVER_AFTER_TTLS
+            };
+            match self.leases.get(&shard) {
+                None if desired => plan.create.push(shard),
+                None => {
+                    if now >= self.started + patience {
+                        plan.create.push(shard);
+                    }
+                }
+                Some(Lease::Free { since }) => {
+                    if desired || now >= *since + patience {
+                        plan.create.push(shard);
+                    }
+                }
+                Some(Lease::Held { holder, seen }) => {
+                    // A live holder hands back what it should not hold; a holder that stopped
+                    // renewing is taken over once the lease stood still for the TTL.
+                    if holder != me && now >= seen.moved + patience {
+                        plan.take_over.push((shard, seen.revision));
+                    }
+                }
+            }
+        }
+        plan
+    }
+
+    /// Agents whose interest key this replica should hold: watched here, and polled by
+    /// another replica (their shard not held, or being handed back).
+    fn interest_wanted(&self) -> HashSet<AgentId> {
+        self.local
+            .keys()
+            .copied()
+            .filter(|agent| self.interest_wanted_for(*agent))
+            .collect()
+    }
+
+    fn interest_wanted_for(&self, agent: AgentId) -> bool {
+        !self
+            .held
+            .get(&shard_of(agent))
+            .is_some_and(|held| !held.releasing)
+    }
+
+    /// The agents other replicas watch whose shard this replica may poll.
+    fn remote_interest(&self, now: Instant, lifetime: Duration) -> BTreeSet<AgentId> {
+        self.remote
+            .iter()
+            .filter(|(agent, by)| {
+                by.values().any(|put| now < *put + lifetime)
+                    && self
+                        .held
+                        .get(&shard_of(**agent))
+                        .is_some_and(|held| !held.releasing)
+            })
+            .map(|(agent, _)| *agent)
+            .collect()
+    }
+
+    /// Forgets what expired: other replicas' stale interest, long-gone members.
+    fn prune(&mut self, now: Instant, interest_lifetime: Duration, ttl: Duration) {
+        self.remote.retain(|_, by| {
+            by.retain(|_, put| now < *put + interest_lifetime);
+            !by.is_empty()
+        });
+        self.members
+            .retain(|_, seen| now < seen.moved + ttl * MEMBER_FORGOTTEN_AFTER_TTLS);
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    replica: Arc<str>,
+    settings: LeaseSettings,
+    state: Mutex<State>,
+    /// Wakes the driver: a shard being handed back drained, an agent's interest changed, a
+    /// shard this replica wants was freed.
+    wake: Notify,
+    changes: watch::Sender<u64>,
+    interest: watch::Sender<RemoteInterest>,
+    renewals_failed: AtomicU64,
+    leases_lost: AtomicU64,
+}
+
+impl Shared {
+    fn new(replica: Arc<str>, settings: LeaseSettings) -> Arc<Self> {
+        Arc::new(Self {
+            replica,
+            settings,
+            state: Mutex::new(State::new(Instant::now())),
+            wake: Notify::new(),
+            changes: watch::Sender::new(0),
+            interest: watch::Sender::new(RemoteInterest::default()),
+            renewals_failed: AtomicU64::new(0),
+            leases_lost: AtomicU64::new(0),
+        })
+    }
+
+    fn interest_lifetime(&self) -> Duration {
+        self.settings.renew * INTEREST_LIFETIME
+    }
+
+    /// Runs `change` on the state; tells the poll loops when the shards they may poll changed
+    /// and the events room when the remote interest did.
+    fn update<T>(&self, change: impl FnOnce(&mut State, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let before = state.pollable(now);
+        let result = change(&mut state, now);
+        let after = state.pollable(now);
+        let interest = state.remote_interest(now, self.interest_lifetime());
+        drop(state);
+        if before != after {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        self.interest.send_if_modified(|current| {
+            let modified = **current != interest;
+            if modified {
+                *current = Arc::new(interest);
+            }
+            modified
+        });
+        result
+    }
+
+    fn lease_lost(&self, shard: u16, why: &str) {
+        let lost = self.update(|state, _| state.lost(shard));
+        if lost.is_some_and(|held| !held.releasing) {
+            self.leases_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                shard,
+                "shard lease lost: {why}; its agents are no longer polled here"
+            );
+        }
+    }
+
+    /// An entry of the leases bucket, as watched.
+    fn saw_lease_entry(&self, entry: &kv::Entry) {
+        let me: &str = &self.replica;
+        if let Some(member) = entry.key.strip_prefix("member.") {
+            if !is_replica_id(member) {
+                return;
+            }
+            self.update(|state, now| match entry.operation {
+                Operation::Put => state.saw_member(member, entry.revision, now),
+                Operation::Delete | Operation::Purge => {
+                    state.members.remove(member);
+                }
+            });
+            return;
+        }
+        let Some(shard) = entry
+            .key
+            .strip_prefix("shard.")
+            .and_then(|n| n.parse::<u16>().ok())
+            .filter(|n| *n < SHARDS)
+        else {
+            return;
+        };
+        match entry.operation {
+            Operation::Put => {
+                let holder = String::from_utf8_lossy(&entry.value);
+                let taken = self.update(|state, now| {
+                    state.saw_lease(shard, &holder, entry.revision, now);
+                    holder != me
+                        && state
+                            .held
+                            .get(&shard)
+                            .is_some_and(|held| entry.revision > held.revision)
+                });
+                if taken {
+                    self.lease_lost(shard, "another replica took it over");
+                }
+            }
+            Operation::Delete | Operation::Purge => {
+                let held = self.update(|state, now| {
+                    state.leases.insert(shard, Lease::Free { since: now });
+                    state
+                        .held
+                        .get(&shard)
+                        .is_some_and(|held| entry.revision > held.revision)
+                });
+                if held {
+                    self.lease_lost(shard, "it was deleted");
+                }
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// An entry of the watched bucket: another replica's interest in an agent.
+    fn saw_interest_entry(&self, entry: &kv::Entry) {
+        self.saw_interest(&entry.key, entry.operation);
+    }
+
+    fn saw_interest(&self, key: &str, operation: Operation) {
+        let Some((agent, replica)) = key.split_once('.') else {
+            return;
+        };
+        let Ok(agent) = AgentId::parse("agent", agent, MAX_AGENT_ID_LIMIT) else {
+            return;
+        };
+        if !is_replica_id(replica) || replica == &*self.replica {
+            return;
+        }
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        // A refresh of known interest changes no set: only new and withdrawn agents do.
+        let set_changed = match operation {
+            Operation::Put => state
+                .remote
+                .entry(agent)
+                .or_default()
+                .insert(replica.to_owned(), now)
+                .is_none(),
+            Operation::Delete | Operation::Purge => {
+                let by = state.remote.entry(agent).or_default();
+                by.remove(replica);
+                let gone = by.is_empty();
+                if gone {
+                    state.remote.remove(&agent);
+                }
+                gone
+            }
+        };
+        drop(state);
+        if set_changed {
+            self.update(|_, _| {});
+        }
+    }
+}
+
+/// A poll in flight on a held shard.
+struct InFlight {
+    shared: Arc<Shared>,
+    shard: u16,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut state = lock(&self.shared.state);
+        let drained = match state.in_flight.get_mut(&self.shard) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                state.in_flight.remove(&self.shard);
+                true
+            }
+        };
+        let releasing = state.held.get(&self.shard).is_some_and(|h| h.releasing);
+        drop(state);
+        if drained && releasing {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// Poll ownership shared through NATS (see the module's documentation).
+#[derive(Debug)]
+pub struct NatsOwnership {
+    shared: Arc<Shared>,
+}
+
+impl PollOwnership for NatsOwnership {
+    fn poll_permit(&self, agent: AgentId) -> Option<PollPermit> {
+        let shard = shard_of(agent);
+        let mut state = lock(&self.shared.state);
+        if !state.may_poll(shard, Instant::now()) {
+            return None;
+        }
+        *state.in_flight.entry(shard).or_default() += 1;
+        Some(PollPermit::guarded(InFlight {
+            shared: self.shared.clone(),
+            shard,
+        }))
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    fn set_watched(&self, agent: AgentId, watched: bool) {
+        let mut state = lock(&self.shared.state);
+        let count = state.local.entry(agent).or_default();
+        if watched {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+        }
+        let wake = match *count {
+            0 => {
+                state.local.remove(&agent);
+                state.published.contains(&agent)
+            }
+            _ => !state.published.contains(&agent) && state.interest_wanted_for(agent),
+        };
+        drop(state);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn remote_interest(&self) -> watch::Receiver<RemoteInterest> {
+        self.shared.interest.subscribe()
+    }
+
+    fn stats(&self) -> OwnershipStats {
+        OwnershipStats {
+            shards_held: lock(&self.shared.state).held.len(),
+            renewals_failed: self.shared.renewals_failed.load(Ordering::Relaxed),
+            leases_lost: self.shared.leases_lost.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl NatsOwnership {
+    /// Opens (or creates) the buckets and starts keeping leases and interest, until
+    /// `shutdown`, when the leases are handed back.
+    pub(crate) async fn start(
+        cluster: &Cluster,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Arc<Self>, NatsError> {
+        let settings = cluster.settings();
+        let lease_settings = LeaseSettings {
+            renew: settings.lease_renew,
+            ttl: settings.lease_ttl,
+            margin: settings.lease_margin,
+        };
+        let leases = cluster
+            .key_value(
+                "leases",
+                kv::Config {
+                    history: 1,
+                    // Only clears keys of replicas gone for good: held leases and heartbeats
+                    // are rewritten every renew interval.
+                    max_age: (lease_settings.ttl * 10).max(Duration::from_secs(3600)),
+                    ..kv::Config::default()
+                },
+            )
+            .await?;
+        let shared = Shared::new(cluster.replica().into(), lease_settings);
+        let watched = cluster
+            .key_value(
+                "watched",
+                kv::Config {
+                    history: 1,
+                    max_age: shared.interest_lifetime(),
+                    ..kv::Config::default()
+                },
+            )
+            .await?;
+        tasks.spawn(follow(
+            leases.clone(),
+            shared.clone(),
+            Shared::saw_lease_entry,
+            shutdown.clone(),
+        ));
+        tasks.spawn(follow(
+            watched.clone(),
+            shared.clone(),
+            Shared::saw_interest_entry,
+            shutdown.clone(),
+        ));
+        let driver = Driver {
+            shared: shared.clone(),
+            leases,
+            watched,
+        };
+        tasks.spawn(driver.run(shutdown));
+        Ok(Arc::new(Self { shared }))
+    }
+}
+
+/// Applies every entry of `store` (its current keys first) to `shared`, watching again after a
+/// failure, until `shutdown`.
+async fn follow(
+    store: kv::Store,
+    shared: Arc<Shared>,
+    apply: fn(&Shared, &kv::Entry),
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store.watch_with_history(">").await {
+            Ok(mut entries) => loop {
+                let entry = tokio::select! {
+                    entry = entries.next() => entry,
+                    () = shutdown.cancelled() => return,
+                };
+                match entry {
+                    Some(Ok(entry)) => apply(&shared, &entry),
+                    Some(Err(error)) => {
+                        tracing::warn!(bucket = %store.name, %error, "watching a NATS bucket failed; watching it again");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(error) => {
+                tracing::warn!(bucket = %store.name, %error, "cannot watch a NATS bucket; trying again");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(REWATCH_PAUSE) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps this replica's heartbeat, leases and interest keys.
+struct Driver {
+    shared: Arc<Shared>,
+    leases: kv::Store,
+    watched: kv::Store,
+}
+
+impl Driver {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut renewals = tokio::time::interval(self.shared.settings.renew);
+        renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = renewals.tick() => {
+                    self.heartbeat().await;
+                    self.renew().await;
+                    self.refresh_interest(true).await;
+                }
+                () = self.shared.wake.notified() => self.refresh_interest(false).await,
+                () = shutdown.cancelled() => break,
+            }
+            self.rebalance().await;
+            // The agents of shards just being handed back are now the new owner's to poll.
+            self.refresh_interest(false).await;
+        }
+        if tokio::time::timeout(HAND_BACK_ON_SHUTDOWN, self.hand_back_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!("could not hand every shard lease back on shutdown; other replicas take them over after --lease-ttl-secs");
+        }
+    }
+
+    async fn heartbeat(&self) {
+        let sent = Instant::now();
+        let key = member_key(&self.shared.replica);
+        match self.leases.put(&key, bytes::Bytes::new()).await {
+            Ok(revision) => self.shared.update(|state, _| {
+                state.heartbeat = Some(sent);
+                state.saw_member(&self.shared.replica, revision, sent);
+            }),
+            Err(error) => {
+                self.shared.renewals_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "cannot renew this replica's membership in NATS");
+            }
+        }
+    }
+
+    /// Renews every held lease on its revision.
+    async fn renew(&self) {
+        let held: Vec<(u16, u64)> = lock(&self.shared.state)
+            .held
+            .iter()
+            .map(|(shard, held)| (*shard, held.revision))
+            .collect();
+        let sent = Instant::now();
+        let replica = bytes::Bytes::copy_from_slice(self.shared.replica.as_bytes());
+        let renewals = held.iter().map(|(shard, revision)| {
+            self.leases
+                .update(shard_key(*shard), replica.clone(), *revision)
+        });
+        let results = join_all(renewals).await;
+        let mut renewed = Vec::with_capacity(held.len());
+        let mut failed = 0;
+        for ((shard, _), result) in held.into_iter().zip(results) {
+            match result {
+                Ok(revision) => renewed.push((shard, revision)),
+                Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                    self.shared.lease_lost(shard, "its revision moved");
+                }
+                Err(error) => {
+                    failed += 1;
+                    tracing::debug!(shard, %error, "shard lease renewal failed");
+                }
+            }
+        }
+        self.shared.update(|state, _| {
+            for (shard, revision) in renewed {
+                // Not when it was found taken over meanwhile.
+                if state.held.contains_key(&shard) {
+                    state.renewed(
+                        &self.shared.replica,
+                        shard,
+                        revision,
+                        sent,
+                        self.shared.settings,
+                    );
+                }
+            }
+        });
+        if failed > 0 {
+            self.shared
+                .renewals_failed
+                .fetch_add(failed, Ordering::Relaxed);
+            tracing::warn!(failed, "shard lease renewals failed; polls of those shards stop once the leases can no longer be relied on");
+        }
+    }
+
+    /// Takes the shards this replica should hold and may, hands back those drained.
+    async fn rebalance(&self) {
+        let plan = self
+            .shared
+            .update(|state, now| state.plan(&self.shared.replica, now, self.shared.settings.ttl));
+        let replica = bytes::Bytes::copy_from_slice(self.shared.replica.as_bytes());
+        let sent = Instant::now();
+        let creates = plan.create.iter().map(|shard| async {
+            (
+                *shard,
+                self.leases
+                    .create(shard_key(*shard), replica.clone())
+                    .await
+                    .ok(),
+            )
+        });
+        let takeovers = plan.take_over.iter().map(|&(shard, revision)| {
+            let replica = replica.clone();
+            async move {
+                let taken = self
+                    .leases
+                    .update(shard_key(shard), replica, revision)
+                    .await
+                    .ok();
+                if taken.is_some() {
+                    tracing::info!(shard, "took over a shard lease its holder stopped renewing");
+                }
+                (shard, taken)
+            }
+        });
+        let (created, taken) = tokio::join!(join_all(creates), join_all(takeovers));
+        let gained: Vec<(u16, u64)> = created
+            .into_iter()
+            .chain(taken)
+            .filter_map(|(shard, revision)| Some((shard, revision?)))
+            .collect();
+        let gained = self.shared.update(|state, _| {
+            for (shard, revision) in &gained {
+                state.renewed(
+                    &self.shared.replica,
+                    *shard,
+                    *revision,
+                    sent,
+                    self.shared.settings,
+                );
+            }
+            gained.len()
+        });
+        let handed_back = self.hand_back(&plan.hand_back).await;
+        if gained > 0 || handed_back > 0 {
+            tracing::info!(
+                gained,
+                handed_back,
+                shards_held = lock(&self.shared.state).held.len(),
+                "shard leases rebalanced"
+            );
+        }
+    }
+
+    /// Deletes the leases of `shards` on the revisions held; returns how many went.
+    async fn hand_back(&self, shards: &[(u16, u64)]) -> usize {
+        let deletes = shards.iter().map(|(shard, revision)| async {
+            let deleted = self
+                .leases
+                .delete_expect_revision(shard_key(*shard), Some(*revision))
+                .await;
+            (*shard, deleted)
+        });
+        let mut handed_back = Vec::new();
+        for (shard, deleted) in join_all(deletes).await {
+            match deleted {
+                Ok(()) => handed_back.push(shard),
+                // Still held (renewed, its polls still held back) and tried again.
+                Err(error) => tracing::debug!(shard, %error, "handing a shard lease back failed"),
+            }
+        }
+        self.shared.update(|state, now| {
+            for shard in &handed_back {
+                state.lost(*shard);
+                state.leases.insert(*shard, Lease::Free { since: now });
+            }
+        });
+        handed_back.len()
+    }
+
+    /// Puts the interest keys of the agents watched here whose shard another replica holds
+    /// (all of them when `refresh`, else the new ones), deletes those no longer wanted.
+    async fn refresh_interest(&self, refresh: bool) {
+        let (put, delete) = {
+            let mut state = lock(&self.shared.state);
+            let wanted = state.interest_wanted();
+            let delete: Vec<AgentId> = state.published.difference(&wanted).copied().collect();
+            let put: Vec<AgentId> = wanted
+                .iter()
+                .filter(|agent| refresh || !state.published.contains(agent))
+                .copied()
+                .collect();
+            state.published = wanted;
+            (put, delete)
+        };
+        let replica = &self.shared.replica;
+        let puts = put.iter().map(|agent| {
+            self.watched
+                .put(interest_key(*agent, replica), bytes::Bytes::new())
+        });
+        let deletes = delete
+            .iter()
+            .map(|agent| self.watched.delete(interest_key(*agent, replica)));
+        let (puts, deletes) = tokio::join!(join_all(puts), join_all(deletes));
+        let failed = puts.iter().filter(|r| r.is_err()).count()
+            + deletes.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            // Put again at the next refresh; a key not deleted fades with the bucket's max age.
+            tracing::warn!(
+                failed,
+                "cannot share which agents this replica's clients watch"
+            );
+        }
+        self.shared.update(|state, now| {
+            state.prune(
+                now,
+                self.shared.interest_lifetime(),
+                self.shared.settings.ttl,
+            );
+        });
+    }
+
+    /// On shutdown (the poll loops stopping): hands every lease back once its polls ended,
+    /// and withdraws this replica's membership and interest, so others take over at once.
+    async fn hand_back_all(&self) {
+        loop {
+            let (drained, busy) = {
+                let mut state = lock(&self.shared.state);
+                for held in state.held.values_mut() {
+                    held.releasing = true;
+                }
+                let (drained, busy): (Vec<_>, Vec<_>) = state
+                    .held
+                    .iter()
+                    .map(|(shard, held)| (*shard, held.revision))
+                    .partition(|(shard, _)| !state.in_flight.contains_key(shard));
+                (drained, busy.len())
+            };
+            self.hand_back(&drained).await;
+            if busy == 0 {
+                break;
+            }
+            self.shared.wake.notified().await;
+        }
+        let _ = self.leases.delete(member_key(&self.shared.replica)).await;
+        let published: Vec<AgentId> = lock(&self.shared.state).published.drain().collect();
+        let replica = &self.shared.replica;
+        join_all(
+            published
+                .iter()
+                .map(|agent| self.watched.delete(interest_key(*agent, replica))),
+        )
+        .await;
+        tracing::info!("shard leases handed back");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTINGS: LeaseSettings = LeaseSettings {
+        renew: Duration::from_secs(5),
+        ttl: Duration::from_secs(45),
+        margin: Duration::from_secs(2),
+    };
+
+    fn agent(raw: &str) -> AgentId {
+        AgentId::parse("agent", raw, MAX_AGENT_ID_LIMIT).unwrap()
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect()
+    }
+
+    fn owners(members: &[String]) -> Vec<String> {
+        let live: Vec<&str> = members.iter().map(String::as_str).collect();
+        (0..SHARDS)
+            .map(|shard| desired_owner(shard, &live).unwrap().to_owned())
+            .collect()
+    }
+
+    /// Replicas of every version must agree on an agent's shard.
+    #[test]
+    fn an_agents_shard_never_changes() {
+        let pinned: Vec<u16> = ["101", "102", "59999", "999999"]
+            .iter()
+            .map(|raw| shard_of(agent(raw)))
+            .collect();
+        assert_eq!(pinned, [64, 221, 145, 187]);
+        let mut spread = [0u32; SHARDS as usize];
+        for n in 101..10_101 {
+            spread[usize::from(shard_of(agent(&n.to_string())))] += 1;
+        }
+        // 10,000 agents over 256 shards: about 39 each.
+        assert!(spread.iter().all(|n| (15..=70).contains(n)), "{spread:?}");
+    }
+
+    /// Rendezvous hashing spreads the shards evenly, and a replica joining (or leaving) moves
+    /// only the shards it takes (or held).
+    #[test]
+    fn shards_spread_evenly_and_move_only_to_a_joining_replica() {
+        for _ in 0..20 {
+            let mut members = ids(3);
+            let before = owners(&members);
+            for member in &members {
+                let held = before.iter().filter(|o| *o == member).count();
+                assert!((50..=120).contains(&held), "{held} of 256 for one of three");
+            }
+            let joining = ids(1).remove(0);
+            members.push(joining.clone());
+            let after = owners(&members);
+            let moved: Vec<usize> = (0..before.len())
+                .filter(|i| before[*i] != after[*i])
+                .collect();
+            assert!(moved.iter().all(|i| after[*i] == joining));
+            assert!((35..=95).contains(&moved.len()), "{} moved", moved.len());
+
+            let leaving = members.remove(0);
+            let without = owners(&members);
+            assert!((0..after.len()).all(|i| after[i] == without[i] || after[i] == leaving));
+        }
+    }
+
+    fn holding(me: &str, shard: u16, now: Instant) -> State {
+        let mut state = State::new(now);
+        state.heartbeat = Some(now);
+        state.renewed(me, shard, 7, now, SETTINGS);
+        state
+    }
+
+    /// A holder starts no poll once its last renewal was sent TTL - margin ago, whatever else
+    /// happens (a paused process, NATS unreachable); a renewal opens the fence again.
+    #[tokio::test(start_paused = true)]
+    async fn the_fence_closes_ttl_minus_margin_after_the_last_renewal_was_sent() {
+        let sent = Instant::now();
+        let mut state = holding("a", 3, sent);
+        let closes = sent + SETTINGS.ttl - SETTINGS.margin;
+        tokio::time::sleep_until(closes - Duration::from_millis(1)).await;
+        assert!(state.may_poll(3, Instant::now()));
+        assert!(!state.may_poll(4, Instant::now()), "a shard not held");
+        tokio::time::sleep_until(closes).await;
+        assert!(!state.may_poll(3, Instant::now()));
+        assert!(state.pollable(Instant::now()).is_empty());
+
+        // A renewal answered late counts from when it was sent.
+        let renewal_sent = Instant::now();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        state.renewed("a", 3, 9, renewal_sent, SETTINGS);
+        assert!(state.may_poll(3, Instant::now()));
+        tokio::time::sleep_until(renewal_sent + SETTINGS.ttl - SETTINGS.margin).await;
+        assert!(!state.may_poll(3, Instant::now()));
+    }
+
+    /// A lease is taken over only once its revision stood still for the TTL on this replica's
+    /// clock (and its holder's heartbeat with it); a lease that moves is never.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_taken_over_once_it_stood_still_for_the_ttl() {
+        let start = Instant::now();
+        let mut state = State::new(start);
+        state.heartbeat = Some(start);
+        state.saw_member("b", 1, start);
+        for shard in 0..SHARDS {
+            state.saw_lease(shard, "b", 100 + u64::from(shard), start);
+        }
+        tokio::time::advance(SETTINGS.ttl - Duration::from_millis(1)).await;
+        let now = Instant::now();
+        state.heartbeat = Some(now);
+        let plan = state.plan("a", now, SETTINGS.ttl);
+        assert!(
+            plan.take_over.is_empty() && plan.create.is_empty(),
+            "{plan:?}"
+        );
+
+        // One lease renewed meanwhile; b's heartbeat stopped.
+        state.saw_lease(0, "b", 1000, now);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let now = Instant::now();
+        state.heartbeat = Some(now);
+        let plan = state.plan("a", now, SETTINGS.ttl);
+        assert_eq!(plan.take_over.len(), usize::from(SHARDS) - 1);
+        assert!(plan.take_over.contains(&(1, 101)), "on the revision seen");
+        assert!(!plan.take_over.iter().any(|(shard, _)| *shard == 0));
+    }
+
+    /// Without a fresh heartbeat of its own a replica takes nothing and hands nothing back.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_whose_heartbeat_failed_plans_nothing() {
+        let start = Instant::now();
+        let mut state = holding("a", 3, start);
+        state.saw_member("b", 1, start);
+        tokio::time::advance(SETTINGS.ttl).await;
+        state.saw_member("b", 2, Instant::now());
+        assert_eq!(
+            state.plan("a", Instant::now(), SETTINGS.ttl),
+            Plan::default()
+        );
+    }
+
+    fn ownership(me: &str) -> NatsOwnership {
+        NatsOwnership {
+            shared: Shared::new(me.into(), SETTINGS),
+        }
+    }
+
+    /// A shard whose desired owner is another live replica stops getting polls at once and
+    /// is handed back only when its polls in flight ended, so two replicas never poll one
+    /// agent at once when shards move.
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_is_handed_back_once_its_polls_in_flight_ended() {
+        let me = "a";
+        let other = "b";
+        let agent = (101..)
+            .map(|n| agent(&n.to_string()))
+            .find(|a| desired_owner(shard_of(*a), &[me, other]) == Some(other))
+            .unwrap();
+        let shard = shard_of(agent);
+        let ownership = ownership(me);
+        let mut changes = ownership.changes();
+        ownership
+            .shared
+            .update(|state, now| *state = holding(me, shard, now));
+        assert!(changes.has_changed().unwrap(), "the poll loops are told");
+        changes.borrow_and_update();
+        let permit = ownership.poll_permit(agent).expect("held");
+
+        let plan = ownership.shared.update(|state, now| {
+            state.saw_member(other, 1, now);
+            state.plan(me, now, SETTINGS.ttl)
+        });
+        assert!(plan.hand_back.is_empty(), "a poll is in flight");
+        assert!(ownership.poll_permit(agent).is_none(), "no new poll starts");
+        assert!(changes.has_changed().unwrap());
+
+        drop(permit);
+        let plan = ownership
+            .shared
+            .update(|state, now| state.plan(me, now, SETTINGS.ttl));
+        assert_eq!(plan.hand_back, vec![(shard, 7)]);
+    }
+
+    /// Other replicas' interest counts for the agents of the shards this replica may poll,
+    /// until it fades.
+    #[tokio::test(start_paused = true)]
+    async fn remote_interest_is_that_of_held_shards_until_it_fades() {
+        let ownership = ownership("a");
+        let watched = agent("101");
+        // Not a replica id, or this replica's own: ignored.
+        ownership.shared.saw_interest("101.nothex", Operation::Put);
+        let elsewhere = (102..)
+            .map(|n| agent(&n.to_string()))
+            .find(|a| shard_of(*a) != shard_of(watched))
+            .unwrap();
+        let interest = ownership.remote_interest();
+        ownership
+            .shared
+            .update(|state, now| *state = holding("a", shard_of(watched), now));
+        for agent in [watched, elsewhere] {
+            ownership
+                .shared
+                .saw_interest(&format!("{agent}.b"), Operation::Put);
+        }
+        assert_eq!(**interest.borrow(), BTreeSet::from([watched]));
+        tokio::time::advance(ownership.shared.interest_lifetime()).await;
+        ownership.shared.update(|state, now| {
+            state.prune(now, ownership.shared.interest_lifetime(), SETTINGS.ttl);
+        });
+        assert!(interest.borrow().is_empty());
+    }
+}

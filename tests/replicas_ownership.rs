@@ -1,0 +1,454 @@
+//! One poller per agent across replicas: real nats-server, the simulator, three facade
+//! processes with short (valid) lease settings. Who holds a shard is read from the leases
+//! bucket itself; the simulator counts the polls of an agent in flight at once.
+mod common;
+
+use std::{collections::BTreeSet, future::Future, time::Duration};
+
+use async_nats::jetstream::{self, kv};
+use ccgw_callcontrol::{
+    nats::{desired_owner, shard_of, SHARDS},
+    proto::ReleaseOutcome,
+};
+use ccgw_sim::{SimConfig, Simulator};
+use common::{
+    agent_id, client_of, desktop_sign_in, handing_over, nats::NatsServer, release_req, sim_config,
+    spawn_service_logging, spawn_sim, watch_on, watch_req, OpenStream,
+};
+use futures_util::StreamExt;
+use tokio::{process::Child, time::Instant};
+
+const TTL: Duration = Duration::from_secs(16);
+const POLL_TIMEOUT: Duration = Duration::from_secs(11);
+/// Short but valid: poll timeout + renew + margin (2 s) < TTL.
+const LEASE_FLAGS: &[&str] = &[
+    "--poll-timeout-ms",
+    "11000",
+    "--lease-renew-secs",
+    "1",
+    "--lease-ttl-secs",
+    "16",
+    "--watch-grace-secs",
+    "2",
+];
+const AGENT: &str = "101";
+/// Bound of waits for leases to settle (joins, hand-backs) on a loaded machine.
+const SETTLE: Duration = Duration::from_secs(60);
+
+struct Replica {
+    process: Child,
+    addr: String,
+    metrics: String,
+    /// Its id among the replicas (its `member.<id>` key).
+    id: String,
+}
+
+struct Replicas {
+    _nats: NatsServer,
+    nats_url: String,
+    jetstream: jetstream::Context,
+    /// Opened once the first replica created it.
+    leases: Option<kv::Store>,
+    sim: Simulator,
+    sim_addr: std::net::SocketAddr,
+    _stop_sim: tokio::sync::oneshot::Sender<()>,
+    gateway: String,
+    replicas: Vec<Replica>,
+}
+
+/// Waits (at most `bound`) until `condition` holds, checking every 50 ms.
+async fn eventually<F, Fut>(what: &str, bound: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let waited = tokio::time::timeout(bound, async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out ({bound:?}) waiting until {what}");
+}
+
+async fn signal(process: &Child, signal: &str) {
+    let pid = process.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// One sample of a metric without labels, scraped from `addr`.
+async fn metric(addr: &str, name: &str) -> f64 {
+    ccgw_callcontrol::install_crypto_provider();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+impl Replicas {
+    /// NATS, the simulator (answering an empty poll after 4 s, so a poll is in flight most of
+    /// the time, and rotating no Guid: each replica polls with the one handed over to it) and
+    /// `n` replicas, once every shard is held by its desired owner. `None`: no nats-server.
+    async fn start(n: usize) -> Option<Self> {
+        let nats = NatsServer::start().await?;
+        let (sim, sim_addr, stop_sim) = spawn_sim(
+            SimConfig {
+                poll_wait: Duration::from_secs(4),
+                guid_interval: Duration::from_secs(3600),
+                ..sim_config()
+            },
+            None,
+        )
+        .await;
+        let nats_url = nats.url();
+        let client = async_nats::connect(&nats_url).await.unwrap();
+        let mut replicas = Self {
+            _nats: nats,
+            nats_url,
+            jetstream: jetstream::new(client),
+            leases: None,
+            sim,
+            sim_addr,
+            _stop_sim: stop_sim,
+            gateway: format!("http://{sim_addr}"),
+            replicas: Vec::new(),
+        };
+        for _ in 0..n {
+            replicas.add().await;
+        }
+        replicas.settled().await;
+        Some(replicas)
+    }
+
+    /// Starts one more replica and learns its id from the leases bucket.
+    async fn add(&mut self) {
+        let before = self.members().await;
+        let mut args = vec!["--gateway-url", &self.gateway, "--nats-url", &self.nats_url];
+        args.extend_from_slice(LEASE_FLAGS);
+        args.extend_from_slice(&["--metrics-listen", "127.0.0.1:0"]);
+        let (process, serving) = spawn_service_logging(&args, &[]).await;
+        if self.leases.is_none() {
+            let store = self.jetstream.get_key_value("ccgw-leases").await;
+            self.leases = Some(store.expect("the first replica created the leases bucket"));
+        }
+        let known = &*self;
+        let id = tokio::time::timeout(SETTLE, async {
+            loop {
+                if let Some(id) = known.members().await.difference(&before).next() {
+                    return id.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the new replica's heartbeat is in the bucket");
+        self.replicas.push(Replica {
+            process,
+            addr: serving["listen"].as_str().unwrap().to_owned(),
+            metrics: serving["metrics"].as_str().unwrap().to_owned(),
+            id,
+        });
+    }
+
+    /// The replica ids with a key in the leases bucket (live or not).
+    async fn members(&self) -> BTreeSet<String> {
+        let Some(leases) = &self.leases else {
+            return BTreeSet::new();
+        };
+        let Ok(keys) = leases.keys().await else {
+            return BTreeSet::new();
+        };
+        keys.filter_map(|key| async move { key.ok()?.strip_prefix("member.").map(str::to_owned) })
+            .collect()
+            .await
+    }
+
+    async fn holder(&self, shard: u16) -> Option<String> {
+        let leases = self.leases.as_ref()?;
+        let value = leases.get(format!("shard.{shard}")).await.ok()??;
+        Some(String::from_utf8(value.to_vec()).unwrap())
+    }
+
+    async fn holders(&self) -> Vec<Option<String>> {
+        let mut holders = Vec::with_capacity(usize::from(SHARDS));
+        for shard in 0..SHARDS {
+            holders.push(self.holder(shard).await);
+        }
+        holders
+    }
+
+    /// Waits until every shard is held by its desired owner among `live` (indices).
+    async fn settled_on(&self, live: &[usize]) {
+        let ids: Vec<&str> = live.iter().map(|i| self.replicas[*i].id.as_str()).collect();
+        eventually(
+            "every shard is held by its desired owner",
+            SETTLE,
+            || async {
+                let holders = self.holders().await;
+                (0..SHARDS).all(|shard| {
+                    holders[usize::from(shard)].as_deref() == desired_owner(shard, &ids)
+                })
+            },
+        )
+        .await;
+    }
+
+    async fn settled(&self) {
+        let all: Vec<usize> = (0..self.replicas.len()).collect();
+        self.settled_on(&all).await;
+    }
+
+    /// The index of the replica holding `agent`'s shard.
+    async fn owner_of(&self, agent: &str) -> usize {
+        let holder = self.holder(shard_of(agent_id(agent))).await.expect("held");
+        self.replicas
+            .iter()
+            .position(|r| r.id == holder)
+            .expect("a replica of this test")
+    }
+
+    fn agent(&self) -> ccgw_sim::AgentView {
+        self.sim.agent(AGENT).unwrap()
+    }
+
+    fn polls_of_agent(&self) -> usize {
+        let path = format!("/agentgateway/resource/agentevent/{AGENT}");
+        self.sim
+            .requests()
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
+    }
+
+    /// A watcher of the agent on replica `i`, handing over the desktop's session.
+    async fn watch_on(&self, i: usize, guid: &str) -> OpenStream {
+        let client = client_of(&self.replicas[i].addr).await;
+        watch_on(client, handing_over(watch_req(&[AGENT]), guid))
+            .await
+            .expect("watching")
+    }
+
+    /// Hands the session over to replica `i` without watching (a release with no call).
+    async fn hand_over(&self, i: usize, guid: &str) {
+        let answer = client_of(&self.replicas[i].addr)
+            .await
+            .release_call(handing_over(release_req(AGENT), guid))
+            .await
+            .expect("released")
+            .into_inner();
+        assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
+    }
+
+    /// The customer hangs up a call: two release events queued for the agent.
+    fn hang_up(&self) -> String {
+        let call = self.sim.place_call(AGENT, "70093").unwrap();
+        assert_eq!(self.sim.customer_hangup(AGENT).unwrap(), call);
+        call
+    }
+
+    async fn until_answered(&self) {
+        eventually("the agent's events were polled", SETTLE, || async {
+            self.agent().queued_events == 0
+        })
+        .await;
+    }
+
+    async fn until_polled(&self) {
+        eventually("a poll of the agent is in flight", SETTLE, || async {
+            self.agent().polls_in_flight >= 1
+        })
+        .await;
+    }
+}
+
+/// A watcher on each replica: exactly one polls (the simulator never sees two polls of the
+/// agent in flight while events keep being answered), its watcher gets the events, and the
+/// shards are spread over the three.
+#[tokio::test]
+async fn one_replica_polls_an_agent_watched_on_all_three_and_shards_spread() {
+    let Some(cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let holders = cluster.holders().await;
+    for replica in &cluster.replicas {
+        let held = holders
+            .iter()
+            .filter(|h| h.as_deref() == Some(&replica.id))
+            .count();
+        assert!(held > 0, "every replica holds some of the shards: {held}");
+        let gauge = metric(&replica.metrics, "ccgw_nats_shards_held").await;
+        assert_eq!(
+            gauge as usize, held,
+            "the metric says what the bucket holds"
+        );
+    }
+
+    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(cluster.watch_on(i, &desktop.guid).await);
+    }
+    let owner = cluster.owner_of(AGENT).await;
+    cluster.until_polled().await;
+    for _ in 0..5 {
+        let call = cluster.hang_up();
+        cluster.until_answered().await;
+        let events = streams[owner].events_of(2).await;
+        assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
+    }
+    assert_eq!(
+        cluster.agent().max_polls_in_flight,
+        1,
+        "one poller at a time"
+    );
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        let observed = metric(&replica.metrics, "ccgw_release_events_observed_total").await;
+        let expected = if i == owner { 10.0 } else { 0.0 };
+        assert_eq!(
+            observed, expected,
+            "replica {i} (owner {owner}) read the events"
+        );
+    }
+}
+
+/// `kill -9` of the owner: another replica takes the shard over and polls within the TTL and
+/// one poll; its watcher gets the next events.
+#[tokio::test]
+async fn another_replica_polls_within_the_ttl_when_the_owner_is_killed() {
+    let Some(mut cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(cluster.watch_on(i, &desktop.guid).await);
+    }
+    let owner = cluster.owner_of(AGENT).await;
+    cluster.until_polled().await;
+    let polls_before = cluster.polls_of_agent();
+    let killed_at = Instant::now();
+    cluster.replicas[owner].process.start_kill().unwrap();
+    cluster.replicas[owner].process.wait().await.unwrap();
+
+    let shard = shard_of(agent_id(AGENT));
+    let killed_id = cluster.replicas[owner].id.clone();
+    let bound = TTL + POLL_TIMEOUT + Duration::from_secs(10);
+    eventually("another replica polls the agent", bound, || async {
+        cluster.holder(shard).await.is_some_and(|h| h != killed_id)
+            && cluster.polls_of_agent() > polls_before
+            && cluster.agent().polls_in_flight >= 1
+    })
+    .await;
+    let took = killed_at.elapsed();
+    // The lease last moved up to one renew interval (1 s) before the kill.
+    let earliest = TTL - Duration::from_secs(1);
+    assert!(took >= earliest, "taken over before the TTL: {took:?}");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    let new_owner = cluster.owner_of(AGENT).await;
+    assert!(survivors.contains(&new_owner));
+    let call = cluster.hang_up();
+    let events = streams[new_owner].events_of(2).await;
+    assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
+    assert!(cluster.agent().max_polls_in_flight <= 2);
+    cluster.settled_on(&survivors).await;
+}
+
+/// `kill -STOP` of the owner for twice the TTL: another replica takes over; after `kill -CONT`
+/// the paused one finds its lease lost and sends no poll for it: the simulator never sees
+/// more polls in flight than before the resume (at most the one allowed overlap).
+#[tokio::test]
+async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
+    let Some(cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(cluster.watch_on(i, &desktop.guid).await);
+    }
+    let owner = cluster.owner_of(AGENT).await;
+    cluster.until_polled().await;
+    let paused = &cluster.replicas[owner];
+    signal(&paused.process, "-STOP").await;
+    let paused_at = Instant::now();
+
+    let shard = shard_of(agent_id(AGENT));
+    eventually("another replica took the shard over", 3 * TTL, || async {
+        cluster.holder(shard).await.is_some_and(|h| h != paused.id)
+    })
+    .await;
+    let new_owner = cluster.owner_of(AGENT).await;
+    let call = cluster.hang_up();
+    let events = streams[new_owner].events_of(2).await;
+    assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
+
+    tokio::time::sleep_until(paused_at + 2 * TTL).await;
+    let before_resume = cluster.agent().max_polls_in_flight;
+    assert!(before_resume <= 2, "at most the one allowed overlap");
+    // The new owner's long poll is in flight: a poll of the paused one would overlap it.
+    cluster.until_polled().await;
+    signal(&paused.process, "-CONT").await;
+    eventually(
+        "the resumed replica found its lease lost",
+        SETTLE,
+        || async { metric(&paused.metrics, "ccgw_nats_shard_leases_lost_total").await >= 1.0 },
+    )
+    .await;
+    cluster.settled().await;
+    cluster.until_polled().await;
+    assert_eq!(
+        cluster.agent().max_polls_in_flight,
+        before_resume,
+        "no poll of the lost shard after the resume"
+    );
+}
+
+/// The only watcher is on a replica that does not own the agent's shard: the owner polls for
+/// it (and reads the events), and stops once the watcher left and the grace period passed.
+#[tokio::test]
+async fn the_owner_polls_an_agent_only_another_replica_watches() {
+    let Some(cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let owner = cluster.owner_of(AGENT).await;
+    let watching = (owner + 1) % 3;
+    cluster.hand_over(owner, &desktop.guid).await;
+    let stream = cluster.watch_on(watching, &desktop.guid).await;
+    cluster.until_polled().await;
+    cluster.hang_up();
+    cluster.until_answered().await;
+    let owner_metrics = &cluster.replicas[owner].metrics;
+    assert_eq!(
+        metric(owner_metrics, "ccgw_release_events_observed_total").await,
+        2.0
+    );
+    for i in (0..3).filter(|i| *i != owner) {
+        let observed = metric(
+            &cluster.replicas[i].metrics,
+            "ccgw_release_events_observed_total",
+        );
+        assert_eq!(observed.await, 0.0, "replica {i} does not poll");
+    }
+    assert_eq!(cluster.agent().max_polls_in_flight, 1);
+
+    drop(stream);
+    eventually("the owner stopped polling", SETTLE, || async {
+        metric(owner_metrics, "ccgw_polled_agents").await == 0.0
+    })
+    .await;
+    eventually("nobody polls the agent", SETTLE, || async {
+        cluster.agent().polls_in_flight == 0
+    })
+    .await;
+}
