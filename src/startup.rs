@@ -1,7 +1,7 @@
 //! Builds the application from its configuration, makes room for its file descriptors (the
 //! open-file limit), and the `--simulate` demo (only with the `simulator` feature; without it
 //! `--simulate` is refused).
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -15,7 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::Cluster,
+    nats::{Cluster, StreamLog},
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -69,7 +69,7 @@ pub async fn build_api(
     let sessions = Sessions::new(SessionRegistry::new(config.session_limits()), gateway);
     let lifecycle = Lifecycle::new();
     // Replicated (state shared through NATS) or alone (state in memory).
-    let _cluster = match config.nats() {
+    let cluster = match config.nats() {
         Some(settings) => Some(Cluster::connect(settings).await?),
         None => None,
     };
@@ -81,7 +81,14 @@ pub async fn build_api(
     if callers.is_none() {
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
-    let events = EventHub::new(sessions.clone(), config.events(), &lifecycle);
+    let events = match &cluster {
+        Some(cluster) => {
+            let settings = config.events();
+            let log = StreamLog::open(cluster, &settings, lifecycle.shutdown().clone()).await?;
+            EventHub::on_log(sessions.clone(), settings, &lifecycle, Arc::new(log))
+        }
+        None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
+    };
     let release = ReleaseService::new(
         sessions,
         events.clone(),

@@ -28,6 +28,7 @@
 mod feeds;
 mod forward;
 mod hub;
+mod log;
 mod poll;
 mod polled;
 mod publish;
@@ -41,6 +42,7 @@ mod watcher;
 use std::{time::Duration, time::SystemTime};
 
 pub use hub::{EventHub, EventStats};
+pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, Record};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;

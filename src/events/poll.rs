@@ -1,6 +1,8 @@
 //! One agent's long-poll loop: the only reader of the agent's gateway events in the process.
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
+use futures_util::future::BoxFuture;
+
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +28,9 @@ pub(super) struct PollLoop {
     shutdown: CancellationToken,
     /// Consecutive failed polls.
     failures: u32,
+    /// A record handed to a shared log, to be stored before the next poll: the gateway already
+    /// removed the event from its queue, and appending in poll order keeps the agent's order.
+    appending: Option<BoxFuture<'static, ()>>,
 }
 
 impl PollLoop {
@@ -36,6 +41,7 @@ impl PollLoop {
             feed,
             shutdown,
             failures: 0,
+            appending: None,
         }
     }
 
@@ -82,6 +88,9 @@ impl PollLoop {
             }
         };
         let pause = self.handle(result);
+        if let Some(appending) = self.appending.take() {
+            appending.await;
+        }
         if stopping {
             return false;
         }
@@ -103,7 +112,7 @@ impl PollLoop {
                 self.feed.set_failing(false);
                 match answer.event {
                     Some(event) => {
-                        self.hub.observe(&self.feed, parse_event(agent, &event));
+                        self.appending = self.hub.observe(&self.feed, parse_event(agent, &event));
                         // More may be queued: ask again at once.
                         Duration::ZERO
                     }
@@ -122,7 +131,7 @@ impl PollLoop {
             )),
             Err(GatewayError::NoSession(_)) => {
                 tracing::info!(%agent, "the agent's session was dropped; its watchers are told");
-                self.hub.end_session(&self.feed, SessionEnding::Forgotten);
+                self.appending = self.hub.end_session(&self.feed, SessionEnding::Forgotten);
                 Duration::ZERO
             }
             Err(error) => self.failed(&error.to_string()),
@@ -149,9 +158,9 @@ impl PollLoop {
     }
 
     /// The gateway will not deliver the agent's events: tell the watchers, stop polling.
-    fn stop_polling(&self, answer: Answer) -> Duration {
+    fn stop_polling(&mut self, answer: Answer) -> Duration {
         tracing::info!(agent = %self.feed.agent, retcode = %answer.retcode, "the gateway will not deliver the agent's events; its watchers are told");
-        self.hub.end_session(
+        self.appending = self.hub.end_session(
             &self.feed,
             SessionEnding::Refused {
                 retcode: answer.retcode,

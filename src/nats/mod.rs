@@ -7,6 +7,10 @@
 // Until the shared stores use every part of the connection.
 #![allow(dead_code)]
 
+mod event_log;
+
+pub(crate) use event_log::StreamLog;
+
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, kv};
