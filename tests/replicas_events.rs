@@ -123,7 +123,10 @@ async fn a_token_from_before_a_restart_resumes_exactly() {
     sim.customer_hangup("102").unwrap();
     let token = stream.events_of(2).await.pop().unwrap().resume_token;
     let (epoch, sequence) = token.rsplit_once('.').unwrap();
-    let ahead = format!("{epoch}.{:x}", u64::from_str_radix(sequence, 16).unwrap() + 100);
+    let ahead = format!(
+        "{epoch}.{:x}",
+        u64::from_str_radix(sequence, 16).unwrap() + 100
+    );
     let refused = watch_on(
         client_of(&addr).await,
         handing_over(resume_req(&["102"], &ahead), &desktop.guid),

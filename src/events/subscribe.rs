@@ -140,7 +140,9 @@ impl Hub {
         };
         let mut joined = self.join_feeds(admission, position, &request.kinds, &member);
         // A shared log keeps what the rings here do not: read it, before anything live.
-        let backfill = (self.log.keeps_history() && !joined.evicted.is_empty() && position < current)
+        let backfill = (self.log.keeps_history()
+            && !joined.evicted.is_empty()
+            && position < current)
             .then(|| {
                 let agents = std::mem::take(&mut joined.evicted);
                 (agents.clone(), self.log.read(agents, position, current))
@@ -178,7 +180,10 @@ impl Hub {
             return Err(SubscribeError::ShuttingDown);
         }
         // Sequence numbers only grow: a token ahead of them now is ahead for good.
-        if request.from.is_some_and(|t| t.epoch == self.epoch && t.sequence > self.log_end()) {
+        if request
+            .from
+            .is_some_and(|t| t.epoch == self.epoch && t.sequence > self.log_end())
+        {
             return Err(SubscribeError::UnknownToken);
         }
         let permit = permits.take()?;

@@ -355,10 +355,12 @@ impl Inner {
             let read = tokio::time::timeout_at(deadline, self.read_agent(agent, after, up_to));
             match read.await {
                 Ok(Ok((events, dropped))) => {
-                    backfill.events.extend(events.into_iter().map(|(sequence, mut event)| {
-                        event.token = ResumeToken { epoch, sequence };
-                        event
-                    }));
+                    backfill
+                        .events
+                        .extend(events.into_iter().map(|(sequence, mut event)| {
+                            event.token = ResumeToken { epoch, sequence };
+                            event
+                        }));
                     if dropped {
                         backfill.dropped.push(agent);
                     }
@@ -417,7 +419,9 @@ impl Inner {
             }
             match decode(&self.root, message.subject.as_str(), &message.payload) {
                 Some(Record::Release(event)) => events.push((message.sequence, event)),
-                _ => tracing::warn!(%agent, sequence = message.sequence, "release log: skipped a record it cannot read"),
+                _ => {
+                    tracing::warn!(%agent, sequence = message.sequence, "release log: skipped a record it cannot read")
+                }
             }
             next = message.sequence + 1;
         }
