@@ -234,7 +234,242 @@ pub(crate) fn dropped_after(
 
 #[cfg(test)]
 mod tests {
-    use super::dropped_after;
+    use std::{
+        sync::{atomic::Ordering, Arc, Mutex},
+        time::{Duration, SystemTime},
+    };
+
+    use futures_util::future::BoxFuture;
+
+    use super::{dropped_after, Backfill, EventLog, LogFollower, Record};
+    use crate::{
+        domain::{AgentId, CallId},
+        events::{
+            testing::{agent, hub_on, ready, sequences, sign_in},
+            watcher::{Gap, GapCause},
+            EventHub, EventSettings, KindFilter, ReleaseEvent, ReleaseKind, ResumeToken,
+            SubscribeError, WatcherItem,
+        },
+        lock,
+    };
+
+    const EPOCH: u64 = 7;
+
+    /// A shared log played by the test: it was at 10 when opened, its end is what the test
+    /// says, a read answers what the test put in and records what was asked.
+    #[derive(Debug, Default)]
+    struct SharedLog {
+        end: Mutex<u64>,
+        kept: Mutex<Backfill>,
+        reads: Mutex<Vec<(Vec<AgentId>, u64, u64)>>,
+        appended: Mutex<Vec<Record>>,
+    }
+
+    impl EventLog for Arc<SharedLog> {
+        fn epoch(&self) -> u64 {
+            EPOCH
+        }
+        fn opened_at(&self) -> u64 {
+            10
+        }
+        fn keeps_history(&self) -> bool {
+            true
+        }
+        fn follow(&self, _follower: LogFollower) {}
+        fn append(&self, record: &Record) -> Option<BoxFuture<'static, ()>> {
+            lock(&self.appended).push(record.clone());
+            Some(Box::pin(std::future::ready(())))
+        }
+        fn read(
+            &self,
+            agents: Vec<AgentId>,
+            after: u64,
+            up_to: u64,
+        ) -> BoxFuture<'static, Backfill> {
+            lock(&self.reads).push((agents, after, up_to));
+            Box::pin(std::future::ready(std::mem::take(&mut *lock(&self.kept))))
+        }
+        fn last_sequence(&self) -> BoxFuture<'static, Option<u64>> {
+            Box::pin(std::future::ready(Some(*lock(&self.end))))
+        }
+    }
+
+    fn release(agent: AgentId, sequence: u64) -> ReleaseEvent {
+        ReleaseEvent {
+            agent,
+            kind: ReleaseKind::CallRelease,
+            call_id: CallId::parse("c", "1-1").unwrap(),
+            customer_number: None,
+            event_time: None,
+            observed_time: SystemTime::now(),
+            raw_event_type: "AgentEvent_Call_Release".into(),
+            token: ResumeToken {
+                epoch: EPOCH,
+                sequence,
+            },
+        }
+    }
+
+    /// What the follower would hand over: the record stored at `sequence`.
+    fn followed(hub: &EventHub, agent: AgentId, sequence: u64) {
+        hub.hub
+            .deliver_followed(sequence, Some(Record::Release(release(agent, sequence))));
+    }
+
+    fn shared() -> (Arc<SharedLog>, EventHub) {
+        let log = Arc::new(SharedLog::default());
+        let hub = hub_on(
+            EventSettings {
+                heartbeat: Duration::from_secs(1),
+                ..EventSettings::default()
+            },
+            Arc::new(log.clone()),
+        );
+        for n in 0..2 {
+            sign_in(&hub, agent(n));
+        }
+        (log, hub)
+    }
+
+    fn token(sequence: u64) -> Option<ResumeToken> {
+        Some(ResumeToken {
+            epoch: EPOCH,
+            sequence,
+        })
+    }
+
+    /// A polled event goes to the shared log, not to the watchers: they get it, numbered by
+    /// the log, once the follower hands it back; records of agents nobody watches here only
+    /// move the position, and a repeated one is delivered once.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_log_numbers_records_and_its_follower_delivers_them() {
+        let (log, hub) = shared();
+        let mut watcher = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        assert_eq!(watcher.position(), token(10).unwrap());
+        assert!(crate::events::testing::publish(&hub, agent(0)));
+        assert!(matches!(&lock(&log.appended)[..], [Record::Release(e)] if e.agent == agent(0)));
+        assert_eq!(ready(&mut watcher), []);
+
+        followed(&hub, agent(0), 12);
+        followed(&hub, agent(1), 13);
+        followed(&hub, agent(0), 12);
+        followed(&hub, agent(0), 14);
+        assert_eq!(sequences(&ready(&mut watcher)), [Some(12), Some(14)]);
+        assert_eq!(hub.hub.sequence.load(Ordering::SeqCst), 14);
+    }
+
+    /// A token from before this replica's feed began is backfilled from the log (in place of
+    /// what the ring holds), merged with the rings that do cover it, before anything live.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_before_the_feed_began_is_backfilled_from_the_log() {
+        let (log, hub) = shared();
+        let _covering = hub
+            .subscribe(&[agent(1)], None, KindFilter::default(), None)
+            .unwrap();
+        followed(&hub, agent(0), 11);
+        followed(&hub, agent(1), 12);
+        let _feed = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        followed(&hub, agent(0), 13);
+        *lock(&log.kept) = Backfill {
+            events: vec![release(agent(0), 11), release(agent(0), 13)],
+            dropped: Vec::new(),
+        };
+        let mut resumed = hub
+            .subscribe(
+                &[agent(0), agent(1)],
+                token(10),
+                KindFilter::default(),
+                None,
+            )
+            .unwrap();
+        followed(&hub, agent(0), 15);
+        // Agent 1's feed began at 10: its ring covers the token; agent 0's began at 12.
+        assert_eq!(lock(&log.reads)[..], [(vec![agent(0)], 10, 13)]);
+        assert_eq!(
+            sequences(&ready(&mut resumed)),
+            [Some(11), Some(12), Some(13), Some(15)]
+        );
+    }
+
+    /// The log's verdict that events were dropped becomes a Gap naming those agents.
+    #[tokio::test(start_paused = true)]
+    async fn events_the_log_dropped_are_a_gap_naming_their_agents() {
+        let (log, hub) = shared();
+        followed(&hub, agent(0), 12);
+        *lock(&log.kept) = Backfill {
+            events: vec![release(agent(0), 12)],
+            dropped: vec![agent(0)],
+        };
+        let mut resumed = hub
+            .subscribe(&[agent(0)], token(3), KindFilter::default(), None)
+            .unwrap();
+        let items = ready(&mut resumed);
+        assert_eq!(
+            items[0],
+            Ok(WatcherItem::Gap(Gap {
+                cause: GapCause::Evicted,
+                agents: vec![agent(0)],
+            }))
+        );
+        assert_eq!(sequences(&items[1..]), [Some(12)]);
+    }
+
+    /// Tokens and epochs: another epoch (a recreated stream) is a Gap; a token beyond what the
+    /// log holds is refused; one the log holds but the follower has not reached yet resumes
+    /// from it, and what the follower delivers up to it is not repeated.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_of_other_epochs_gap_and_tokens_ahead_are_checked_against_the_log() {
+        let (log, hub) = shared();
+        let other = ResumeToken {
+            epoch: EPOCH + 1,
+            sequence: 3,
+        };
+        let mut recreated = hub
+            .subscribe(&[agent(0)], Some(other), KindFilter::default(), None)
+            .unwrap();
+        assert!(matches!(
+            &ready(&mut recreated)[..],
+            [Ok(WatcherItem::Gap(Gap {
+                cause: GapCause::OtherProcess,
+                ..
+            }))]
+        ));
+
+        *lock(&log.end) = 20;
+        hub.prepare_resume(token(21)).await;
+        assert_eq!(
+            hub.subscribe(&[agent(0)], token(21), KindFilter::default(), None)
+                .unwrap_err(),
+            SubscribeError::UnknownToken
+        );
+        hub.prepare_resume(token(18)).await;
+        let mut ahead = hub
+            .subscribe(&[agent(0)], token(18), KindFilter::default(), None)
+            .unwrap();
+        followed(&hub, agent(0), 17);
+        followed(&hub, agent(0), 19);
+        assert_eq!(sequences(&ready(&mut ahead)), [Some(19)]);
+    }
+
+    /// An idle watcher's heartbeat carries how far the follower delivered, so its token stays
+    /// near the log's end.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_carry_the_followers_position() {
+        let (_log, hub) = shared();
+        let mut watcher = hub
+            .subscribe(&[agent(0)], None, KindFilter::default(), None)
+            .unwrap();
+        followed(&hub, agent(1), 30);
+        let heartbeat = watcher.next().await;
+        assert!(
+            matches!(&heartbeat, Some(Ok(WatcherItem::Heartbeat { position, .. })) if position.sequence == 30),
+            "{heartbeat:?}"
+        );
+    }
 
     #[test]
     fn a_chained_record_after_the_token_tells_whether_any_in_between_was_dropped() {

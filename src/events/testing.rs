@@ -1,7 +1,12 @@
 //! What the room's unit tests share: a hub without a gateway, and events published by hand.
 use futures_util::FutureExt;
 
-use super::{EventHub, EventSettings, ResumeToken, Watcher, WatcherEnd, WatcherItem};
+use std::sync::Arc;
+
+use super::{
+    log::{EventLog, ProcessLog},
+    EventHub, EventSettings, ResumeToken, Watcher, WatcherEnd, WatcherItem,
+};
 use crate::{
     domain::{AgentId, CallId},
     gateway::{
@@ -15,11 +20,17 @@ use crate::{
 
 /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
 pub(super) fn hub(settings: EventSettings) -> EventHub {
+    hub_on(settings, Arc::new(ProcessLog::new()))
+}
+
+/// [`hub`] on `log`.
+pub(super) fn hub_on(settings: EventSettings, log: Arc<dyn EventLog>) -> EventHub {
     let gateway = GatewayClient::new(&GatewaySettings::new("http://127.0.0.1:1")).unwrap();
-    EventHub::new(
+    EventHub::on_log(
         Sessions::new(SessionRegistry::default(), gateway),
         settings,
         &Lifecycle::default(),
+        log,
     )
 }
 
