@@ -15,7 +15,7 @@ use crate::{
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::{self, Cluster, NatsOwnership, NatsRequestIds},
+    nats::{self, Cluster, NatsOwnership, NatsRequestIds, StreamLog},
     release::ReleaseService,
     server,
     sessions::{SessionRegistry, Sessions},
@@ -89,9 +89,17 @@ pub async fn build_api(
     }
     let events = match &cluster {
         Some(cluster) => {
+            let settings = config.events();
             let shutdown = lifecycle.shutdown().child_token();
             let ownership = NatsOwnership::start(cluster, shutdown, lifecycle.tasks()).await?;
-            EventHub::with_ownership(sessions.clone(), config.events(), &lifecycle, ownership)
+            let log = StreamLog::open(cluster, &settings, lifecycle.shutdown().clone()).await?;
+            EventHub::replicated(
+                sessions.clone(),
+                settings,
+                &lifecycle,
+                ownership,
+                Arc::new(log),
+            )
         }
         None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
     };

@@ -351,6 +351,7 @@ impl CallControl for CallControlApi {
             tracing::debug!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");
             status::too_many_caller_streams(limit, &ctx)
         })?;
+        self.events.prepare_resume(valid.from).await;
         let watcher = self.subscribe(valid, single_agent.zip(handover), &ctx)?;
         Ok(Response::new(stream::into_stream(
             watcher,

@@ -161,7 +161,7 @@ impl FeedRegistry {
         if let Some(feed) = self.live.get(&agent) {
             return feed.clone();
         }
-        let floor = self.retired.remove(&agent).unwrap_or(0);
+        let floor = hub.ring_floor(self.retired.remove(&agent).unwrap_or(0));
         let feed = Arc::new(Feed {
             agent,
             state: Mutex::new(FeedState {

@@ -12,6 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, FeedRegistry},
+    log::{EventLog, LogFollower, ProcessLog},
     ownership::{Alone, OwnershipStats, PollOwnership},
     subscribe::{Permits, Request, SubscribeError},
     watcher::Watcher,
@@ -53,10 +54,14 @@ pub struct EventHub {
 pub(super) struct Hub {
     pub sessions: Sessions,
     pub settings: EventSettings,
-    /// Tells tokens of this process lifetime from older ones.
+    /// Tells tokens of this log's sequence (process lifetime, or shared stream) from others.
     pub epoch: u64,
-    /// The last sequence number handed out.
+    /// The last sequence number delivered here (numbered here, or followed from a shared log).
     pub sequence: AtomicU64,
+    /// Where release events are appended and resuming watchers' missing ones come from.
+    pub log: Arc<dyn EventLog>,
+    /// The highest sequence known to be in the log (a shared log's followers may lag it).
+    pub log_end: AtomicU64,
     /// Held while an event is numbered and delivered, and while a watcher subscribes, so every
     /// watcher receives events in sequence order and its replay ends where its live part
     /// begins. Taken before `feeds` and before any feed's state.
@@ -81,34 +86,45 @@ pub(super) struct Hub {
 impl EventHub {
     /// The single process's hub: it polls every agent it watches.
     pub(crate) fn new(sessions: Sessions, settings: EventSettings, lifecycle: &Lifecycle) -> Self {
-        Self::build(sessions, settings, lifecycle, Arc::new(Alone::new()))
+        Self::build(
+            sessions,
+            settings,
+            lifecycle,
+            Arc::new(Alone::new()),
+            Arc::new(ProcessLog::new()),
+        )
     }
 
-    /// A replica's hub: it polls the agents `ownership` lets it, its own clients' and, for
-    /// other replicas' clients, those it owns that they watch.
-    pub(crate) fn with_ownership(
+    /// A replica's hub: its events go to the replicas' shared `log`, and it polls the agents
+    /// `ownership` lets it: its own clients' and, for other replicas' clients, those it owns
+    /// that they watch.
+    pub(crate) fn replicated(
         sessions: Sessions,
         settings: EventSettings,
         lifecycle: &Lifecycle,
         ownership: Arc<dyn PollOwnership>,
+        log: Arc<dyn EventLog>,
     ) -> Self {
-        let events = Self::build(sessions, settings, lifecycle, ownership);
+        let events = Self::build(sessions, settings, lifecycle, ownership, log);
         let hub = events.hub.clone();
         events.hub.tasks.spawn(hub.follow_remote_interest());
         events
     }
 
-    fn build(
+    pub(super) fn build(
         sessions: Sessions,
         settings: EventSettings,
         lifecycle: &Lifecycle,
         ownership: Arc<dyn PollOwnership>,
+        log: Arc<dyn EventLog>,
     ) -> Self {
-        Self {
+        let hub = Self {
             hub: Arc::new(Hub {
                 sessions,
-                epoch: rand::random(),
-                sequence: AtomicU64::new(0),
+                epoch: log.epoch(),
+                sequence: AtomicU64::new(log.opened_at()),
+                log_end: AtomicU64::new(log.opened_at()),
+                log,
                 publish: Mutex::new(()),
                 feeds: Mutex::new(FeedRegistry::new(settings.max_polled_agents)),
                 watchers: Permits::new(settings.max_watchers, "watchers are open"),
@@ -124,7 +140,25 @@ impl EventHub {
                 ownership,
                 settings,
             }),
+        };
+        hub.hub.log.follow(LogFollower::new(&hub.hub));
+        hub
+    }
+
+    /// Before [`subscribe`](Self::subscribe) with a token of a shared log that is ahead of
+    /// what this replica has followed so far: asks the log where it ends, so that a token
+    /// beyond it is refused and one within it resumes exactly. When the log cannot tell, the
+    /// token is trusted (its watcher then waits for the follower to reach it).
+    pub async fn prepare_resume(&self, from: Option<ResumeToken>) {
+        let hub = &self.hub;
+        let Some(token) = from.filter(|t| t.epoch == hub.epoch && hub.log.keeps_history()) else {
+            return;
+        };
+        if token.sequence <= hub.log_end.load(Ordering::SeqCst) {
+            return;
         }
+        let end = hub.log.last_sequence().await.unwrap_or(token.sequence);
+        hub.log_end.fetch_max(end, Ordering::SeqCst);
     }
 
     pub(crate) fn sessions(&self) -> &Sessions {

@@ -29,6 +29,7 @@
 mod feeds;
 mod forward;
 mod hub;
+mod log;
 mod ownership;
 mod poll;
 mod polled;
@@ -43,6 +44,7 @@ mod watcher;
 use std::{time::Duration, time::SystemTime};
 
 pub use hub::{EventHub, EventStats};
+pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, Record};
 pub use ownership::OwnershipStats;
 pub(crate) use ownership::{PollOwnership, PollPermit, RemoteInterest};
 pub use polled::PolledAgentsFull;

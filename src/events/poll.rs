@@ -3,6 +3,7 @@
 //! loops wait for the ownership to change).
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
+use futures_util::future::BoxFuture;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +33,9 @@ pub(super) struct PollLoop {
     watched: bool,
     /// Changes when the agent's ownership may have.
     ownership: watch::Receiver<u64>,
+    /// A record handed to a shared log, to be stored before the next poll: the gateway already
+    /// removed the event from its queue, and appending in poll order keeps the agent's order.
+    appending: Option<BoxFuture<'static, ()>>,
 }
 
 impl PollLoop {
@@ -45,6 +49,7 @@ impl PollLoop {
             failures: 0,
             watched: false,
             ownership,
+            appending: None,
         }
     }
 
@@ -131,6 +136,10 @@ impl PollLoop {
             }
         };
         let pause = self.handle(result);
+        // Stored before the permit goes: a new owner's first event must come after this one.
+        if let Some(appending) = self.appending.take() {
+            appending.await;
+        }
         drop(permit);
         if stopping {
             return false;
@@ -153,7 +162,7 @@ impl PollLoop {
                 self.feed.set_failing(false);
                 match answer.event {
                     Some(event) => {
-                        self.hub.observe(&self.feed, parse_event(agent, &event));
+                        self.appending = self.hub.observe(&self.feed, parse_event(agent, &event));
                         // More may be queued: ask again at once.
                         Duration::ZERO
                     }
@@ -172,7 +181,7 @@ impl PollLoop {
             )),
             Err(GatewayError::NoSession(_)) => {
                 tracing::info!(%agent, "the agent's session was dropped; its watchers are told");
-                self.hub.end_session(&self.feed, SessionEnding::Forgotten);
+                self.appending = self.hub.end_session(&self.feed, SessionEnding::Forgotten);
                 Duration::ZERO
             }
             Err(error) => self.failed(&error.to_string()),
@@ -199,9 +208,9 @@ impl PollLoop {
     }
 
     /// The gateway will not deliver the agent's events: tell the watchers, stop polling.
-    fn stop_polling(&self, answer: Answer) -> Duration {
+    fn stop_polling(&mut self, answer: Answer) -> Duration {
         tracing::info!(agent = %self.feed.agent, retcode = %answer.retcode, "the gateway will not deliver the agent's events; its watchers are told");
-        self.hub.end_session(
+        self.appending = self.hub.end_session(
             &self.feed,
             SessionEnding::Refused {
                 retcode: answer.retcode,

@@ -1,17 +1,20 @@
-//! The publisher: a polled gateway event becomes a numbered release event delivered to its
-//! feed's watchers (or is counted and dropped), and a lost session is told to them too. Every
-//! delivery happens under the hub's publish lock, which is what keeps each watcher's events in
-//! sequence order. Knows nothing of how watchers are admitted or read.
+//! The publisher: a polled gateway event becomes a release event appended to the event log (or
+//! is counted and dropped), and a lost session is told to its watchers too; what the log
+//! numbered is delivered to the feed's watchers. Every delivery happens under the hub's publish
+//! lock, which is what keeps each watcher's events in sequence order. Knows nothing of how
+//! watchers are admitted or read.
 use std::{
     sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use futures_util::future::BoxFuture;
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
     feeds::{Feed, FeedItem, FeedState},
     hub::Hub,
+    log::Record,
     watcher::SessionEnding,
     ReleaseEvent, ReleaseKind, ResumeToken,
 };
@@ -31,11 +34,28 @@ struct Release {
 }
 
 impl Hub {
-    /// Numbers a polled event and delivers it to the feed's watchers, or counts it.
-    pub(super) fn observe(&self, feed: &Feed, polled: Result<PolledEvent, MalformedEvent>) {
-        if let Some(release) = self.release_in(feed.agent, polled) {
-            self.publish(feed, release);
-        }
+    /// Appends the release a polled event carries to the log, or counts the event. `Some`: the
+    /// append to await before the next poll (a shared log; see [`EventLog::append`]).
+    pub(super) fn observe(
+        &self,
+        feed: &Feed,
+        polled: Result<PolledEvent, MalformedEvent>,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let release = self.release_in(feed.agent, polled)?;
+        let event = ReleaseEvent {
+            agent: feed.agent,
+            kind: release.kind,
+            call_id: release.call_id,
+            customer_number: release.customer_number,
+            event_time: release.event_time,
+            observed_time: SystemTime::now(),
+            raw_event_type: release.raw_event_type,
+            token: ResumeToken {
+                epoch: self.epoch,
+                sequence: 0,
+            },
+        };
+        self.append(feed, Record::Release(event))
     }
 
     /// The release a polled event carries, if any; counts and logs everything else.
@@ -73,38 +93,57 @@ impl Hub {
         })
     }
 
-    /// Gives the release the next sequence number and delivers it; one lock for both, so no
-    /// watcher can receive a later number first.
-    fn publish(&self, feed: &Feed, release: Release) {
-        let agent = feed.agent;
+    /// Hands `record` to the log. The in-memory log leaves numbering to the hub: the next
+    /// sequence number, given and delivered under one lock, so no watcher can receive a later
+    /// number first. A shared log numbers it where it stores it; its follower delivers it.
+    fn append(&self, feed: &Feed, record: Record) -> Option<BoxFuture<'static, ()>> {
         let _order = lock(&self.publish);
-        let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
-        let event = Arc::new(ReleaseEvent {
-            agent,
-            kind: release.kind,
-            call_id: release.call_id,
-            customer_number: release.customer_number,
-            event_time: release.event_time,
-            observed_time: SystemTime::now(),
-            raw_event_type: release.raw_event_type,
-            token: ResumeToken {
-                epoch: self.epoch,
-                sequence,
-            },
-        });
-        tracing::info!(%agent, kind = ?event.kind, call_id = %event.call_id, sequence, "release event");
-        let mut state = lock(&feed.state);
-        state.ring.push(event.clone(), Instant::now());
-        state.deliver(&FeedItem::Event(event));
+        let appending = self.log.append(&record);
+        if appending.is_none() {
+            let sequence = self.sequence.load(Ordering::SeqCst) + 1;
+            self.deliver(Some(feed), sequence, record);
+        }
+        appending
+    }
+
+    /// Delivers the record numbered `sequence` to `feed` (the agent's feed here, if it has
+    /// one), under the publish lock: a release event is kept in its ring and sent to its
+    /// watchers, an ended session is told to them. Every record moves the position.
+    pub(super) fn deliver(&self, feed: Option<&Feed>, sequence: u64, record: Record) {
+        self.sequence.store(sequence, Ordering::SeqCst);
+        self.log_end.fetch_max(sequence, Ordering::SeqCst);
+        match record {
+            Record::Release(mut event) => {
+                event.token = ResumeToken {
+                    epoch: self.epoch,
+                    sequence,
+                };
+                tracing::info!(agent = %event.agent, kind = ?event.kind, call_id = %event.call_id, sequence, "release event");
+                let Some(feed) = feed else { return };
+                let event = Arc::new(event);
+                let mut state = lock(&feed.state);
+                state.ring.push(event.clone(), Instant::now());
+                state.deliver(&FeedItem::Event(event));
+            }
+            Record::SessionEnded(agent, ending) => {
+                let Some(feed) = feed else { return };
+                let mut state = lock(&feed.state);
+                state.session_lost = true;
+                state.deliver(&FeedItem::SessionEnded(Arc::new((agent, ending))));
+            }
+        }
     }
 
     /// The gateway will not deliver the agent's events any more (its session was refused, or
-    /// 000-001): tell its watchers; polling waits for a watcher with a session.
-    pub(super) fn end_session(&self, feed: &Feed, ending: SessionEnding) {
-        let _order = lock(&self.publish);
-        let mut state = lock(&feed.state);
-        state.session_lost = true;
-        state.deliver(&FeedItem::SessionEnded(Arc::new((feed.agent, ending))));
+    /// 000-001): tell its watchers (on every replica, through a shared log); polling waits for
+    /// a watcher with a session, from now on.
+    pub(super) fn end_session(
+        &self,
+        feed: &Feed,
+        ending: SessionEnding,
+    ) -> Option<BoxFuture<'static, ()>> {
+        lock(&feed.state).session_lost = true;
+        self.append(feed, Record::SessionEnded(feed.agent, ending))
     }
 }
 

@@ -138,7 +138,15 @@ impl Hub {
             Some(token) if token.epoch == self.epoch => token.sequence,
             _ => current,
         };
-        let joined = self.join_feeds(admission, position, &request.kinds, &member);
+        let mut joined = self.join_feeds(admission, position, &request.kinds, &member);
+        // A shared log keeps what the rings here do not: read it, before anything live.
+        let backfill = (self.log.keeps_history()
+            && !joined.evicted.is_empty()
+            && position < current)
+            .then(|| {
+                let agents = std::mem::take(&mut joined.evicted);
+                (agents.clone(), self.log.read(agents, position, current))
+            });
         Ok(Watcher::new(
             WatcherStart {
                 position: ResumeToken {
@@ -151,6 +159,7 @@ impl Hub {
                 replay: joined.replay,
                 replay_end: current,
                 gap: self.gap(&request, joined.evicted),
+                backfill,
                 kinds: request.kinds,
                 permit,
             },
@@ -171,9 +180,10 @@ impl Hub {
             return Err(SubscribeError::ShuttingDown);
         }
         // Sequence numbers only grow: a token ahead of them now is ahead for good.
-        if request.from.is_some_and(|t| {
-            t.epoch == self.epoch && t.sequence > self.sequence.load(Ordering::SeqCst)
-        }) {
+        if request
+            .from
+            .is_some_and(|t| t.epoch == self.epoch && t.sequence > self.log_end())
+        {
             return Err(SubscribeError::UnknownToken);
         }
         let permit = permits.take()?;
@@ -227,6 +237,14 @@ impl Hub {
         drop(feeds);
         joined.replay.sort_by_key(|e| e.token.sequence);
         joined
+    }
+
+    /// The highest sequence known to be in the log: what this process numbered or followed,
+    /// or what a shared log said it holds.
+    fn log_end(&self) -> u64 {
+        self.sequence
+            .load(Ordering::SeqCst)
+            .max(self.log_end.load(Ordering::SeqCst))
     }
 
     /// Why events after the resume token may be missing, if they may: a token of another

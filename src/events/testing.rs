@@ -1,7 +1,12 @@
 //! What the room's unit tests share: a hub without a gateway, and events published by hand.
 use futures_util::FutureExt;
 
-use super::{EventHub, EventSettings, ResumeToken, Watcher, WatcherEnd, WatcherItem};
+use std::sync::Arc;
+
+use super::{
+    log::{EventLog, ProcessLog},
+    EventHub, EventSettings, ResumeToken, Watcher, WatcherEnd, WatcherItem,
+};
 use crate::{
     domain::{AgentId, CallId},
     gateway::{
@@ -23,7 +28,24 @@ pub(super) fn hub_owning(
     settings: EventSettings,
     ownership: std::sync::Arc<dyn super::PollOwnership>,
 ) -> EventHub {
-    EventHub::with_ownership(no_gateway(), settings, &Lifecycle::default(), ownership)
+    EventHub::replicated(
+        no_gateway(),
+        settings,
+        &Lifecycle::default(),
+        ownership,
+        Arc::new(ProcessLog::new()),
+    )
+}
+
+/// [`hub`] on `log`.
+pub(super) fn hub_on(settings: EventSettings, log: Arc<dyn EventLog>) -> EventHub {
+    EventHub::build(
+        no_gateway(),
+        settings,
+        &Lifecycle::default(),
+        Arc::new(super::ownership::Alone::new()),
+        log,
+    )
 }
 
 fn no_gateway() -> Sessions {

@@ -14,13 +14,16 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use futures_util::future::BoxFuture;
+
 use super::{
     feeds::{Feed, FeedItem},
     hub::Hub,
+    log::Backfill,
     poll::SHUTDOWN_POLL_GRACE,
     KindFilter, ReleaseEvent, ResumeToken,
 };
-use crate::{domain::AgentId, gateway::Retcode};
+use crate::{domain::AgentId, gateway::Retcode, lock};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum WatcherItem {
@@ -138,7 +141,12 @@ pub struct Watcher {
     /// up to it was delivered or is not for this watcher.
     replay_end: u64,
     gap: Option<Gap>,
+    /// What a shared log is reading for agents whose rings here do not cover the position;
+    /// merged into the replay before anything else is delivered.
+    backfill: Option<PendingBackfill>,
     kinds: KindFilter,
+    /// Where heartbeats learn how far the hub delivered.
+    hub: Arc<Hub>,
     heartbeat: Duration,
     last_sent: Instant,
     shutdown: CancellationToken,
@@ -164,8 +172,24 @@ pub(super) struct WatcherStart {
     /// The last sequence number handed out when the watcher subscribed.
     pub replay_end: u64,
     pub gap: Option<Gap>,
+    /// The read of a shared log for `agents` whose rings do not cover `position`.
+    pub backfill: Option<(Vec<AgentId>, BoxFuture<'static, Backfill>)>,
     pub kinds: KindFilter,
     pub permit: OwnedSemaphorePermit,
+}
+
+/// A shared log's read for a resuming watcher: the agents it covers, and the read.
+struct PendingBackfill {
+    agents: Vec<AgentId>,
+    read: BoxFuture<'static, Backfill>,
+}
+
+impl std::fmt::Debug for PendingBackfill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingBackfill")
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What woke a watcher waiting for its next live item.
@@ -176,9 +200,9 @@ enum Woke {
 }
 
 impl Watcher {
-    pub(super) fn new(start: WatcherStart, hub: &Hub) -> Self {
+    pub(super) fn new(start: WatcherStart, hub: &Arc<Hub>) -> Self {
         let mut position = start.position;
-        if start.replay.is_empty() {
+        if start.replay.is_empty() && start.backfill.is_none() {
             position.sequence = position.sequence.max(start.replay_end);
         }
         Self {
@@ -189,7 +213,11 @@ impl Watcher {
             replay: start.replay.into(),
             replay_end: start.replay_end,
             gap: start.gap,
+            backfill: start
+                .backfill
+                .map(|(agents, read)| PendingBackfill { agents, read }),
             kinds: start.kinds,
+            hub: hub.clone(),
             heartbeat: hub.settings.heartbeat,
             last_sent: Instant::now(),
             shutdown: hub.shutdown.clone(),
@@ -253,6 +281,10 @@ impl Watcher {
     }
 
     async fn next_item(&mut self) -> Result<WatcherItem, WatcherEnd> {
+        if let Some(backfill) = self.backfill.take() {
+            let read = backfill.read.await;
+            self.merge_backfill(&backfill.agents, read);
+        }
         if let Some(item) = self.next_replayed() {
             return Ok(item);
         }
@@ -282,6 +314,30 @@ impl Watcher {
         }
     }
 
+    /// Puts what a shared log kept for `agents` into the replay, in place of what their rings
+    /// held; a Gap names the agents some of whose events may be missing.
+    fn merge_backfill(&mut self, agents: &[AgentId], read: Backfill) {
+        self.replay.retain(|event| !agents.contains(&event.agent));
+        self.replay.extend(
+            read.events
+                .into_iter()
+                .filter(|event| self.kinds.accepts(event))
+                .map(Arc::new),
+        );
+        self.replay
+            .make_contiguous()
+            .sort_by_key(|event| event.token.sequence);
+        if !read.dropped.is_empty() {
+            self.gap = Some(Gap {
+                cause: GapCause::Evicted,
+                agents: read.dropped,
+            });
+        }
+        if self.replay.is_empty() {
+            self.position.sequence = self.position.sequence.max(self.replay_end);
+        }
+    }
+
     /// The gap, then the replay, before anything live.
     fn next_replayed(&mut self) -> Option<WatcherItem> {
         if let Some(gap) = self.gap.take() {
@@ -289,7 +345,7 @@ impl Watcher {
         }
         let event = self.replay.pop_front()?;
         self.position.sequence = if self.replay.is_empty() {
-            self.replay_end
+            self.replay_end.max(event.token.sequence)
         } else {
             event.token.sequence
         };
@@ -314,7 +370,10 @@ impl Watcher {
         self.draining = true;
     }
 
-    fn heartbeat_item(&self) -> WatcherItem {
+    fn heartbeat_item(&mut self) -> WatcherItem {
+        if let Some(delivered) = self.hub.delivered_through(&self.live) {
+            self.position.sequence = self.position.sequence.max(delivered);
+        }
         WatcherItem::Heartbeat {
             position: self.position,
             failing: self
@@ -330,6 +389,8 @@ impl Watcher {
     /// filter out), or an agent's lost session, which ends the watcher with its last agent.
     fn receive(&mut self, item: FeedItem) -> Result<Option<WatcherItem>, WatcherEnd> {
         match item {
+            // Before the position: a token of another replica ahead of this one's follower.
+            FeedItem::Event(event) if event.token.sequence <= self.position.sequence => Ok(None),
             FeedItem::Event(event) => {
                 self.position.sequence = self.position.sequence.max(event.token.sequence);
                 Ok(self
@@ -356,5 +417,20 @@ impl Watcher {
         WatcherEnd::TooSlow {
             resume: self.position,
         }
+    }
+}
+
+impl Hub {
+    /// With a shared log, how far the follower delivered, when everything delivered to this
+    /// watcher was read (its live queue is empty; the publish lock keeps a delivery from
+    /// slipping in between): an idle watcher's heartbeat carries it, so its token stays near
+    /// the log's end. The in-memory log: `None` (the position moves with events alone).
+    fn delivered_through(&self, live: &mpsc::Receiver<FeedItem>) -> Option<u64> {
+        if !self.log.keeps_history() {
+            return None;
+        }
+        let _order = lock(&self.publish);
+        live.is_empty()
+            .then(|| self.sequence.load(Ordering::SeqCst))
     }
 }

@@ -7,9 +7,12 @@
 // Until the shared stores use every part of the connection.
 #![allow(dead_code)]
 
+mod event_log;
 mod ownership;
 mod request_ids;
 pub(crate) mod sessions;
+
+pub(crate) use event_log::StreamLog;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

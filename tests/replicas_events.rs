@@ -1,0 +1,192 @@
+//! One release event log for every replica (`--nats-url`): a real nats-server, the simulator,
+//! and facade processes on loopback ports. Tokens resume exactly on any replica and across
+//! restarts; a Gap only when retention really dropped events; a replica that does not poll an
+//! agent still delivers its events live, through its follower of the stream.
+mod common;
+
+use std::net::SocketAddr;
+
+use ccgw_sim::{AuthMode, SimConfig, Simulator};
+use common::{
+    client_of, desktop_sign_in, exits_cleanly, handing_over, hangup_pair, kinds_and_calls,
+    nats::NatsServer, resume_req, sigterm, sim_config, spawn_service, spawn_sim, watch_on,
+    watch_req, Item, OpenStream, CALLER,
+};
+use tokio::process::Child;
+
+const AGENT: &str = "101";
+
+/// The simulator with a Guid that never rotates: each replica is handed the sign-in Guid (the
+/// sessions are not shared in this test's scope).
+fn static_sim() -> SimConfig {
+    SimConfig {
+        auth_mode: AuthMode::Static,
+        ..sim_config()
+    }
+}
+
+/// A replica on `gateway` sharing the event log on `nats`, with `flags`.
+async fn replica(gateway: &str, nats: &NatsServer, flags: &[&str]) -> (Child, String) {
+    let mut args = vec!["--gateway-url", gateway, "--nats-url"];
+    let url = nats.url();
+    args.push(&url);
+    args.extend_from_slice(flags);
+    spawn_service(&args, &[]).await
+}
+
+/// A stream of the agent on the replica at `addr`, handing it the session, from `token`.
+async fn watch(addr: &str, guid: &str, token: Option<&str>) -> OpenStream {
+    let request = match token {
+        Some(token) => resume_req(&[AGENT], token),
+        None => watch_req(&[AGENT]),
+    };
+    watch_on(client_of(addr).await, handing_over(request, guid))
+        .await
+        .expect("WatchReleaseEvents accepted")
+}
+
+/// A call on the agent whose customer hangs up: two release events; the call id.
+fn hang_up(sim: &Simulator) -> String {
+    sim.place_call(AGENT, CALLER).expect("place_call");
+    sim.customer_hangup(AGENT).expect("customer_hangup")
+}
+
+/// Asserts the stream's next events are exactly those of `calls`' hang-ups, in order (a Gap or
+/// anything but a heartbeat first fails); returns the last one's resume token.
+async fn sees_exactly(stream: &mut OpenStream, calls: &[&str]) -> String {
+    let events = stream.events_of(2 * calls.len()).await;
+    let expected: Vec<_> = calls.iter().flat_map(|call| hangup_pair(call)).collect();
+    assert_eq!(kinds_and_calls(&events), expected);
+    events.last().unwrap().resume_token.clone()
+}
+
+/// Watchers on the first replica see two hang-ups (the token after the first is kept), the
+/// replica is stopped, and the second resumes from that token on `next`: exactly the second
+/// hang-up, no Gap, then new hang-ups live without a duplicate.
+async fn resumes_after_the_replica_stops(
+    sim: &Simulator,
+    sim_addr: SocketAddr,
+    first: (Child, String),
+    next: impl std::future::Future<Output = (Child, String)>,
+) {
+    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
+    let (first, first_addr) = first;
+    let mut stream = watch(&first_addr, &desktop.guid, None).await;
+    let token = sees_exactly(&mut stream, &[&hang_up(sim)]).await;
+    let second = hang_up(sim);
+    sees_exactly(&mut stream, &[&second]).await;
+    drop(stream);
+    sigterm(&first).await;
+    exits_cleanly(first).await;
+
+    let (_next, next_addr) = next.await;
+    let mut resumed = watch(&next_addr, &desktop.guid, Some(&token)).await;
+    sees_exactly(&mut resumed, &[&second]).await;
+    let third = hang_up(sim);
+    sees_exactly(&mut resumed, &[&third]).await;
+}
+
+/// (1) A token of replica A resumes on replica B, started after A stopped.
+#[tokio::test]
+async fn a_token_of_a_stopped_replica_resumes_exactly_on_another() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
+    let gateway = format!("http://{sim_addr}");
+    let a = replica(&gateway, &nats, &[]).await;
+    let b = replica(&gateway, &nats, &[]);
+    resumes_after_the_replica_stops(&sim, sim_addr, a, b).await;
+}
+
+/// (2) A token from before a restart of the only replica resumes exactly; a token beyond the
+/// stream's end is refused as not issued.
+#[tokio::test]
+async fn a_token_from_before_a_restart_resumes_exactly() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
+    let gateway = format!("http://{sim_addr}");
+    let before = replica(&gateway, &nats, &[]).await;
+    resumes_after_the_replica_stops(&sim, sim_addr, before, replica(&gateway, &nats, &[])).await;
+
+    let (_again, addr) = replica(&gateway, &nats, &[]).await;
+    let desktop = desktop_sign_in(sim_addr, "102", false).await;
+    let mut stream = watch_on(
+        client_of(&addr).await,
+        handing_over(watch_req(&["102"]), &desktop.guid),
+    )
+    .await
+    .unwrap();
+    sim.place_call("102", CALLER).unwrap();
+    sim.customer_hangup("102").unwrap();
+    let token = stream.events_of(2).await.pop().unwrap().resume_token;
+    let (epoch, sequence) = token.rsplit_once('.').unwrap();
+    let ahead = format!(
+        "{epoch}.{:x}",
+        u64::from_str_radix(sequence, 16).unwrap() + 100
+    );
+    let refused = watch_on(
+        client_of(&addr).await,
+        handing_over(resume_req(&["102"], &ahead), &desktop.guid),
+    )
+    .await;
+    let status = match refused {
+        Err(status) => status,
+        Ok(mut stream) => stream.next_item().await.expect_err("refused"),
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}
+
+/// (3) With --replay-events 2, a token followed by four events of its agent resumes with a Gap
+/// naming the agent, then the two the stream kept.
+#[tokio::test]
+async fn a_token_whose_events_retention_dropped_resumes_after_a_gap() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
+    let gateway = format!("http://{sim_addr}");
+    let (_a, addr) = replica(&gateway, &nats, &["--replay-events", "2"]).await;
+    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
+    let mut stream = watch(&addr, &desktop.guid, None).await;
+    let token = sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+    let (second, third) = (hang_up(&sim), hang_up(&sim));
+    sees_exactly(&mut stream, &[&second, &third]).await;
+
+    let mut resumed = watch(&addr, &desktop.guid, Some(&token)).await;
+    match resumed.item().await {
+        Item::Gap(gap) => assert_eq!(gap.agent_ids, [AGENT]),
+        other => panic!("expected a Gap first, got {other:?}"),
+    }
+    sees_exactly(&mut resumed, &[&third]).await;
+}
+
+/// (4) A replica that does not poll the agent (its gateway is unreachable, so only the other
+/// replica's poll loop reads the agent's events) delivers them live through its follower, and
+/// resumes a token of the other replica from the stream.
+#[tokio::test]
+async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
+    let gateway = format!("http://{sim_addr}");
+    let unreachable = "http://127.0.0.1:9";
+    let (_polling, polling_addr) = replica(&gateway, &nats, &[]).await;
+    let (_following, following_addr) = replica(unreachable, &nats, &[]).await;
+    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
+
+    let mut polled = watch(&polling_addr, &desktop.guid, None).await;
+    let mut followed = watch(&following_addr, &desktop.guid, None).await;
+    let first = hang_up(&sim);
+    let token = sees_exactly(&mut polled, &[&first]).await;
+    assert_eq!(sees_exactly(&mut followed, &[&first]).await, token);
+
+    let second = hang_up(&sim);
+    sees_exactly(&mut polled, &[&second]).await;
+    let mut resumed = watch(&following_addr, &desktop.guid, Some(&token)).await;
+    sees_exactly(&mut resumed, &[&second]).await;
+    sees_exactly(&mut followed, &[&second]).await;
+}
