@@ -42,6 +42,8 @@ pub(super) struct Counters {
     pub malformed: AtomicU64,
     pub dropped_fields: AtomicU64,
     pub poll_failures: AtomicU64,
+    /// Polls sent and not answered yet.
+    pub polls_in_flight: AtomicU64,
 }
 
 /// Cheap to clone; every clone is the same hub.
@@ -248,6 +250,11 @@ impl EventHub {
     /// Poll loops running (each polls one agent; it ends a grace period after its last watcher).
     pub fn poll_loops_running(&self) -> usize {
         self.hub.poll_loops.len()
+    }
+
+    /// Event polls sent and not answered yet: with replicas, which replica polls an agent now.
+    pub fn polls_in_flight(&self) -> usize {
+        self.hub.counters.polls_in_flight.load(Ordering::Relaxed) as usize
     }
 
     /// Agents whose last poll failed (transport, HTTP, unexpected retcode): their poll loops

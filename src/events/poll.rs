@@ -1,7 +1,11 @@
 //! One agent's long-poll loop: the only reader of the agent's gateway events in the process,
 //! and, across replicas, the only one polling while its replica owns the agent (the others'
 //! loops wait for the ownership to change).
-use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures_util::future::BoxFuture;
 use tokio::{sync::watch, time::Instant};
@@ -114,6 +118,7 @@ impl PollLoop {
     async fn poll_once(&mut self, permit: PollPermit) -> bool {
         let agent = self.feed.agent;
         let deadline = Instant::now() + self.hub.settings.poll_timeout;
+        let in_flight = InFlight::count(&self.hub.counters.polls_in_flight);
         let (result, stopping) = {
             let poll = self
                 .hub
@@ -135,6 +140,7 @@ impl PollLoop {
                 },
             }
         };
+        drop(in_flight);
         let pause = self.handle(result);
         // Stored before the permit goes: a new owner's first event must come after this one.
         if let Some(appending) = self.appending.take() {
@@ -255,6 +261,22 @@ impl PollLoop {
             () = timer => true,
             () = self.shutdown.cancelled() => false,
         }
+    }
+}
+
+/// Counts one poll in flight while it lives (a poll dropped at shutdown is uncounted too).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn count(polls: &'a AtomicU64) -> Self {
+        polls.fetch_add(1, Ordering::Relaxed);
+        Self(polls)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

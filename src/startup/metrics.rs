@@ -62,6 +62,12 @@ pub(super) fn service_state(
             read(|e| e.poll_loops_running()),
         )
         .gauge(
+            "ccgw_event_polls_in_flight",
+            "Event polls sent to the gateway and not answered yet (with replicas: the agents \
+             this replica polls now)",
+            read(|e| e.polls_in_flight()),
+        )
+        .gauge(
             "ccgw_poll_loops_failing",
             "Poll loops whose last poll failed (retrying with backoff)",
             read(|e| e.failing_poll_loops()),
