@@ -467,9 +467,9 @@ impl Config {
             ));
         }
         if self.nats_url.is_some() {
-            let fenced =
-                self.poll_timeout_ms / 1000 + 1 + self.lease_renew_secs + LEASE_MARGIN_SECS;
-            if fenced >= self.lease_ttl_secs {
+            let fenced_ms =
+                self.poll_timeout_ms + (self.lease_renew_secs + LEASE_MARGIN_SECS) * 1000;
+            if fenced_ms >= self.lease_ttl_secs * 1000 {
                 return Err(format!(
                     "--lease-ttl-secs ({}) must exceed --poll-timeout-ms ({} ms) plus \
                      --lease-renew-secs ({}) plus a {LEASE_MARGIN_SECS} s margin: a paused \

@@ -182,6 +182,10 @@ async fn watch_on_one_replica_release_through_another_poll_on_a_third() {
     drop(any);
 
     let mut calls = vec![set.hang_up("101")];
+    // B's ReleaseCall waits for its own release event: the first hang-up's must be in the log
+    // before (on one replica too, a release event still queued at the gateway would be taken
+    // for it).
+    watcher.until_events(2, common::WAIT).await;
     let call = set.sim.place_call("101", common::CALLER).unwrap();
     let released = set
         .release_on(
@@ -281,7 +285,18 @@ async fn a_paused_owner_polls_no_more_once_resumed() {
     );
     let new_owner = poller(&set, common::WAIT).await;
     assert_ne!(new_owner, owner);
-    assert!(set.metric(owner, "ccgw_nats_shard_leases_lost").await >= 1.0);
+    // Once running again it learns (on its next renewal, or from the bucket's watch) that the
+    // lease moved on; it polls nothing meanwhile.
+    let learned = tokio::time::timeout(common::WAIT, async {
+        while set.metric(owner, "ccgw_nats_shard_leases_lost_total").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        learned.is_ok(),
+        "the resumed owner counts the lease it lost"
+    );
     assert_eq!(set.metric(owner, "ccgw_event_polls_in_flight").await, 0.0);
     // At most the one poll the paused owner had sent overlapped the new owner's.
     assert!(set.max_polls_in_flight("101") <= 2);

@@ -20,6 +20,9 @@ use super::{
 };
 use crate::{domain::AgentId, gateway::Session, lifecycle::Lifecycle, lock, sessions::Sessions};
 
+/// How long a release waiter waits to learn where a shared log ends.
+const LOG_END_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Counters of what the poll loops read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EventStats {
@@ -163,6 +166,25 @@ impl EventHub {
         hub.log_end.fetch_max(end, Ordering::SeqCst);
     }
 
+    /// Where a shared log ends now (read within [`LOG_END_WITHIN`]), as a position; `None`
+    /// for this process's own log, or when the log cannot tell in time (then "now" is the
+    /// follower's position).
+    async fn log_end(&self) -> Option<ResumeToken> {
+        let hub = &self.hub;
+        if !hub.log.keeps_history() {
+            return None;
+        }
+        let end = tokio::time::timeout(LOG_END_WITHIN, hub.log.last_sequence())
+            .await
+            .ok()
+            .flatten()?;
+        hub.log_end.fetch_max(end, Ordering::SeqCst);
+        Some(ResumeToken {
+            epoch: hub.epoch,
+            sequence: end,
+        })
+    }
+
     pub(crate) fn sessions(&self) -> &Sessions {
         &self.hub.sessions
     }
@@ -190,14 +212,18 @@ impl EventHub {
     /// Like [`subscribe`](Self::subscribe) (live from now), for a release that waits for its
     /// event: its permit comes from the release waiters' pool, so open streams cannot starve
     /// releases and waiting releases cannot starve streams.
-    pub(crate) fn subscribe_release_waiter(
+    ///
+    /// With a shared log, "now" is where the log ends, not how far this replica's follower has
+    /// read: a release another replica appended just before is not this release's event.
+    pub(crate) async fn subscribe_release_waiter(
         &self,
         agent: AgentId,
         kinds: KindFilter,
     ) -> Result<Watcher, SubscribeError> {
+        let from = self.log_end().await;
         let request = Request {
             agents: &[agent],
-            from: None,
+            from,
             kinds,
             handover: None,
         };

@@ -381,8 +381,11 @@ mod tests {
             refused.to_string(),
             "1 watchers are open, the most this facade allows"
         );
-        let waiter = hub.subscribe_release_waiter(agent(0), all()).unwrap();
-        let refused = hub.subscribe_release_waiter(agent(0), all()).unwrap_err();
+        let waiter = hub.subscribe_release_waiter(agent(0), all()).await.unwrap();
+        let refused = hub
+            .subscribe_release_waiter(agent(0), all())
+            .await
+            .unwrap_err();
         assert_eq!(
             refused.to_string(),
             "1 ReleaseCalls are waiting for their release event, the most this facade allows"
@@ -398,7 +401,7 @@ mod tests {
         drop(watcher);
         let _watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
         drop(waiter);
-        let _waiter = hub.subscribe_release_waiter(agent(0), all()).unwrap();
+        let _waiter = hub.subscribe_release_waiter(agent(0), all()).await.unwrap();
     }
 
     /// --max-polled-agents: a watcher that needs more new poll loops than are left is refused
@@ -441,9 +444,9 @@ mod tests {
         let _both = hub
             .subscribe(&[agent(0), agent(1)], None, all(), None)
             .unwrap();
-        let _waiter = hub.subscribe_release_waiter(agent(1), all()).unwrap();
+        let _waiter = hub.subscribe_release_waiter(agent(1), all()).await.unwrap();
         assert!(matches!(
-            hub.subscribe_release_waiter(agent(2), all()),
+            hub.subscribe_release_waiter(agent(2), all()).await,
             Err(SubscribeError::TooManyPolledAgents(_))
         ));
         assert_eq!(hub.polled_agents(), 2);

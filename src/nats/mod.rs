@@ -109,7 +109,14 @@ impl Cluster {
                 .add_client_certificate(cert.clone(), key.clone())
                 .require_tls(true);
         }
-        let client = options.connect(settings.url.as_str()).await?;
+        // Every server of a cluster, so the client fails over without learning them first.
+        let servers: Vec<&str> = settings
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|server| !server.is_empty())
+            .collect();
+        let client = options.connect(servers).await?;
         let mut jetstream = jetstream::new(client.clone());
         jetstream.set_timeout(NATS_TIMEOUT);
         let replica: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();

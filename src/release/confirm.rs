@@ -28,8 +28,13 @@ pub(crate) enum Confirmation {
 }
 
 /// A watcher of the agent's call releases, with a release waiter's permit.
-pub(super) fn watch_releases(events: &EventHub, agent: AgentId) -> Result<Watcher, SubscribeError> {
-    events.subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
+pub(super) async fn watch_releases(
+    events: &EventHub,
+    agent: AgentId,
+) -> Result<Watcher, SubscribeError> {
+    events
+        .subscribe_release_waiter(agent, KindFilter::only(ReleaseKind::CallRelease))
+        .await
 }
 
 /// Waits until `deadline` for the release event of a call just released: with a call id, that

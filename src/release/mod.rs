@@ -272,7 +272,7 @@ impl ReleaseService {
         };
         let wait_for_event = request.wait_for_event && !repeated;
         let watcher = if wait_for_event {
-            match confirm::watch_releases(&self.events, agent) {
+            match confirm::watch_releases(&self.events, agent).await {
                 Ok(watcher) => Some(watcher),
                 // No session yet: one handed over is adopted by the release; nobody polled the
                 // agent, so its event waits at the gateway for the watcher subscribed after.
@@ -291,7 +291,10 @@ impl ReleaseService {
             && report.outcome == ReleaseOutcome::Released
             && !report.replayed
         {
-            let watcher = watcher.map_or_else(|| confirm::watch_releases(&self.events, agent), Ok);
+            let watcher = match watcher {
+                Some(watcher) => Ok(watcher),
+                None => confirm::watch_releases(&self.events, agent).await,
+            };
             let confirmation = tokio::select! {
                 biased;
                 confirmation = confirm::wait_for_release(watcher, &target, request.deadline) => confirmation,

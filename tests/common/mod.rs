@@ -299,7 +299,19 @@ pub async fn spawn_service_logging(
     })
     .await
     .expect("the service serves within the wait bound");
-    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    // CCGW_TEST_LOG_DIR: keep each service's log in a file there (for debugging a test).
+    let mut keep = std::env::var_os("CCGW_TEST_LOG_DIR").map(|dir| {
+        let name = format!("service-{}.log", service.id().unwrap_or_default());
+        std::fs::File::create(std::path::Path::new(&dir).join(name)).unwrap()
+    });
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = logs.next_line().await {
+            if let Some(file) = &mut keep {
+                use std::io::Write;
+                let _ = writeln!(file, "{line}");
+            }
+        }
+    });
     (service, serving)
 }
 

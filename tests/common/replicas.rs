@@ -292,10 +292,20 @@ async fn roam(
             let _ = opened.send(());
         }
         // A paused replica sends nothing, not even heartbeats: a stream silent for longer than
-        // a heartbeat interval (2 s in these tests) is given up.
-        while let Ok(Ok(Some(message))) =
-            tokio::time::timeout(Duration::from_secs(5), stream.message()).await
-        {
+        // a few heartbeat intervals (1 s in these tests) is given up.
+        loop {
+            let message = match tokio::time::timeout(Duration::from_secs(5), stream.message()).await
+            {
+                Ok(Ok(Some(message))) => message,
+                // An ending stream's status carries where to resume (ErrorInfo metadata).
+                Ok(Err(status)) => {
+                    if let Some(resume) = super::error_metadata(&status).remove("resume_token") {
+                        token = Some(resume);
+                    }
+                    break;
+                }
+                Ok(Ok(None)) | Err(_) => break,
+            };
             match message.item {
                 Some(Item::Event(event)) => {
                     token = Some(event.resume_token.clone());
