@@ -122,9 +122,7 @@ pub(crate) async fn shared_registry(
         registry: registry.clone(),
         replica,
         counters,
-        pending: HashMap::new(),
-        chains: HashMap::new(),
-        next_seq: 0,
+        pending: PendingWrites::default(),
         failures: 0,
     };
     tasks.spawn(writer.run(inbox, drained(lifecycle.clone())));
@@ -202,11 +200,15 @@ enum Stored {
 /// The entry's agent and content; `None` when unreadable (never says why: serde's messages may
 /// quote the value, a credential).
 fn read(entry: &kv::Entry) -> Option<(AgentId, Stored)> {
-    let agent = AgentId::parse("key", &entry.key, KEY_MAX_AGENT).ok()?;
-    let stored = match entry.operation {
+    read_parts(&entry.key, entry.operation, &entry.value)
+}
+
+fn read_parts(key: &str, operation: kv::Operation, value: &[u8]) -> Option<(AgentId, Stored)> {
+    let agent = AgentId::parse("key", key, KEY_MAX_AGENT).ok()?;
+    let stored = match operation {
         kv::Operation::Delete | kv::Operation::Purge => Stored::Deleted,
         kv::Operation::Put => {
-            let stored: StoredEntry = serde_json::from_slice(&entry.value).ok()?;
+            let stored: StoredEntry = serde_json::from_slice(value).ok()?;
             let candidate = match stored.candidate {
                 Some(candidate) => Some(candidate.session()?),
                 None => None,
@@ -390,9 +392,7 @@ struct Writer {
     registry: Arc<SessionRegistry>,
     replica: Arc<str>,
     counters: Arc<StoreCounters>,
-    pending: HashMap<AgentId, Pending>,
-    chains: HashMap<AgentId, Chain>,
-    next_seq: u64,
+    pending: PendingWrites,
     /// Consecutive passes that failed.
     failures: u32,
 }
@@ -409,7 +409,7 @@ impl Writer {
                 biased;
                 () = &mut drained => break,
                 change = inbox.recv() => match change {
-                    Some(change) => self.queue(change),
+                    Some(change) => self.pending.queue(change),
                     None => break,
                 },
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if backing_off => {
@@ -448,45 +448,18 @@ impl Writer {
 
     fn queue_arrived(&mut self, inbox: &mut mpsc::Receiver<Change>) {
         while let Ok(change) = inbox.try_recv() {
-            self.queue(change);
-        }
-    }
-
-    fn queue(&mut self, change: Change) {
-        let based_on = match self.chains.get(&change.agent) {
-            Some(chain) if chain.from == change.based_on => chain.to,
-            _ => change.based_on,
-        };
-        match self.pending.get_mut(&change.agent) {
-            // Revisions only grow: a higher base is a newer entry installed meanwhile, a lower
-            // one (0: the entry was forgotten and made again) derives from the pending one.
-            Some(pending) => {
-                pending.based_on = pending.based_on.max(based_on);
-                pending.entry = change.entry;
-            }
-            None => {
-                self.next_seq += 1;
-                let pending = Pending {
-                    based_on,
-                    entry: change.entry,
-                    seq: self.next_seq,
-                };
-                self.pending.insert(change.agent, pending);
-            }
+            self.pending.queue(change);
         }
     }
 
     /// Writes every pending change in arrival order; stops at the first that NATS did not take.
     async fn write_pending(&mut self) -> Result<(), ()> {
-        let mut order: Vec<(u64, AgentId)> =
-            self.pending.iter().map(|(a, p)| (p.seq, *a)).collect();
-        order.sort_unstable();
-        for (_, agent) in order {
-            let Some(pending) = self.pending.remove(&agent) else {
+        for agent in self.pending.in_arrival_order() {
+            let Some(pending) = self.pending.take(agent) else {
                 continue;
             };
             if let Err(pending) = self.write(agent, pending).await {
-                self.pending.insert(agent, pending);
+                self.pending.put_back(agent, pending);
                 return Err(());
             }
         }
@@ -578,8 +551,68 @@ impl Writer {
     }
 
     fn written(&mut self, agent: AgentId, based_on: u64, revision: Option<u64>) {
+        self.pending.written(agent, based_on, revision);
+        if let Some(revision) = revision {
+            self.registry.written(agent, revision);
+        }
+    }
+}
+
+/// The changes waiting to be written, one per agent, and this replica's last write of each
+/// agent (to chain the next change onto it).
+#[derive(Default)]
+struct PendingWrites {
+    pending: HashMap<AgentId, Pending>,
+    chains: HashMap<AgentId, Chain>,
+    next_seq: u64,
+}
+
+impl PendingWrites {
+    fn queue(&mut self, change: Change) {
+        let based_on = match self.chains.get(&change.agent) {
+            Some(chain) if chain.from == change.based_on => chain.to,
+            _ => change.based_on,
+        };
+        match self.pending.get_mut(&change.agent) {
+            // Revisions only grow: a higher base is a newer entry installed meanwhile, a lower
+            // one (0: the entry was forgotten and made again) derives from the pending one.
+            Some(pending) => {
+                pending.based_on = pending.based_on.max(based_on);
+                pending.entry = change.entry;
+            }
+            None => {
+                self.next_seq += 1;
+                let pending = Pending {
+                    based_on,
+                    entry: change.entry,
+                    seq: self.next_seq,
+                };
+                self.pending.insert(change.agent, pending);
+            }
+        }
+    }
+
+    /// The agents with a pending change, in the order their first pending change came.
+    fn in_arrival_order(&self) -> Vec<AgentId> {
+        let mut order: Vec<(u64, AgentId)> =
+            self.pending.iter().map(|(a, p)| (p.seq, *a)).collect();
+        order.sort_unstable();
+        order.into_iter().map(|(_, agent)| agent).collect()
+    }
+
+    fn take(&mut self, agent: AgentId) -> Option<Pending> {
+        self.pending.remove(&agent)
+    }
+
+    /// A change NATS did not take; a change queued meanwhile would be newer, so it stays.
+    fn put_back(&mut self, agent: AgentId, pending: Pending) {
+        self.pending.entry(agent).or_insert(pending);
+    }
+
+    /// NATS took the agent's change based on `based_on` as `revision` (`None`: a deletion).
+    fn written(&mut self, agent: AgentId, based_on: u64, revision: Option<u64>) {
         let Some(revision) = revision else {
-            // Deleted: the registry made any later entry anew (based on 0).
+            // Deleted: the registry makes any later entry anew (based on 0).
             self.chains.remove(&agent);
             return;
         };
@@ -593,7 +626,14 @@ impl Writer {
                 to: revision,
             },
         );
-        self.registry.written(agent, revision);
+    }
+
+    fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
     }
 }
 
@@ -601,5 +641,126 @@ fn update_error(error: kv::UpdateError) -> WriteError {
     match error.kind() {
         kv::UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
         _ => WriteError::Failed(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(n: u32) -> AgentId {
+        AgentId::parse("a", &n.to_string(), KEY_MAX_AGENT).unwrap()
+    }
+
+    fn shared(g: &str) -> SharedSession {
+        SharedSession {
+            current: Session {
+                guid: Guid::parse("g", g).unwrap(),
+                cookies: Cookies::parse_header("c", "route=n1").unwrap(),
+            },
+            confirmed: true,
+            candidate: None,
+        }
+    }
+
+    fn change(n: u32, based_on: u64, g: Option<&str>) -> Change {
+        Change {
+            agent: agent(n),
+            based_on,
+            entry: g.map(shared),
+        }
+    }
+
+    /// (based on, current Guid) of the agent's pending write.
+    fn next(writes: &mut PendingWrites, n: u32) -> (u64, Option<String>) {
+        let pending = writes.take(agent(n)).expect("a pending write");
+        let guid = pending.entry.map(|e| e.current.guid.expose().to_owned());
+        (pending.based_on, guid)
+    }
+
+    /// Two local changes on one revision make one write of the latest, on that revision.
+    #[test]
+    fn changes_of_one_agent_coalesce_into_the_latest() {
+        let mut writes = PendingWrites::default();
+        writes.queue(change(101, 4, Some("g1")));
+        writes.queue(change(101, 4, Some("g2")));
+        assert_eq!(writes.len(), 1);
+        assert_eq!(next(&mut writes, 101), (4, Some("g2".to_owned())));
+        // Forgotten, then signed in again before anything was written: a replacement of what
+        // revision 4 held, not a create.
+        writes.queue(change(101, 4, None));
+        writes.queue(change(101, 0, Some("g3")));
+        assert_eq!(next(&mut writes, 101), (4, Some("g3".to_owned())));
+        // A newer entry installed meanwhile raises the base.
+        writes.queue(change(101, 4, Some("g4")));
+        writes.queue(change(101, 9, Some("g5")));
+        assert_eq!(next(&mut writes, 101), (9, Some("g5".to_owned())));
+        assert!(writes.is_empty());
+    }
+
+    /// A change made before the registry learnt of this replica's write is written on it.
+    #[test]
+    fn a_change_based_on_what_our_last_write_replaced_is_chained_onto_it() {
+        let mut writes = PendingWrites::default();
+        writes.written(agent(101), 4, Some(6));
+        writes.queue(change(101, 4, Some("g2")));
+        assert_eq!(next(&mut writes, 101), (6, Some("g2".to_owned())));
+        writes.queue(change(101, 5, Some("g3")));
+        assert_eq!(
+            next(&mut writes, 101),
+            (5, Some("g3".to_owned())),
+            "not ours"
+        );
+        writes.written(agent(101), 6, None);
+        writes.queue(change(101, 6, Some("g4")));
+        assert_eq!(next(&mut writes, 101), (6, Some("g4".to_owned())));
+    }
+
+    #[test]
+    fn agents_are_written_in_arrival_order() {
+        let mut writes = PendingWrites::default();
+        for n in [105, 101, 103] {
+            writes.queue(change(n, 0, Some("g")));
+        }
+        writes.queue(change(105, 0, Some("again")));
+        assert_eq!(
+            writes.in_arrival_order(),
+            [agent(105), agent(101), agent(103)]
+        );
+        let first = writes.take(agent(105)).unwrap();
+        writes.put_back(agent(105), first);
+        assert_eq!(writes.in_arrival_order()[0], agent(105));
+    }
+
+    #[test]
+    fn the_chains_are_bounded() {
+        let mut writes = PendingWrites::default();
+        for n in 0..=MAX_CHAINS as u32 {
+            writes.written(agent(101 + n), 1, Some(2));
+        }
+        assert!(writes.chains.len() <= MAX_CHAINS);
+    }
+
+    /// The value round-trips; a value that is not a session is unreadable, and says nothing.
+    #[test]
+    fn entries_round_trip_through_the_bucket_format() {
+        let mut entry = shared("279fe21d.AgentGateway0");
+        entry.candidate = Some(shared("handed").current);
+        let value = encode(&entry, "replica-a");
+        match read_parts("101", kv::Operation::Put, &value) {
+            Some((a, Stored::Put { shared, writer })) => {
+                assert_eq!(a, agent(101));
+                assert_eq!(shared, entry);
+                assert_eq!(writer, "replica-a");
+            }
+            _ => panic!("readable"),
+        }
+        assert!(matches!(
+            read_parts("101", kv::Operation::Delete, b""),
+            Some((_, Stored::Deleted))
+        ));
+        let junk = br#"{"current":{"guid":"a b"},"confirmed":true,"writer":"x"}"#;
+        assert!(read_parts("101", kv::Operation::Put, junk).is_none());
+        assert!(read_parts("guid", kv::Operation::Put, &value).is_none());
     }
 }
