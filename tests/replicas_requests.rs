@@ -315,8 +315,9 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
     assert_eq!(bench.deletes(), 1, "a lost release was repeated");
 }
 
-/// The bucket holds --idempotency-capacity ids: beyond that, answers that must be kept are not
-/// dropped, and a new id is refused with nothing sent.
+/// The bucket holds --idempotency-capacity ids: an answer that changed nothing leaves at once;
+/// beyond that, answers that must be kept are not dropped, and a new id is refused with nothing
+/// sent.
 #[tokio::test]
 async fn a_full_request_id_bucket_refuses_new_ids() {
     let Some(bench) = Bench::start().await else {
@@ -325,6 +326,12 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
     let (_a, mut a, _) = bench.replica(&["--idempotency-capacity", "1"]).await;
     bench.hand_over(&mut [&mut a], "101").await;
     bench.sim.clear_requests();
+    // An answer that provably changed nothing is forgotten at once, freeing its slot.
+    let status = a
+        .release_call(with_id("102", "no-session"))
+        .await
+        .unwrap_err();
+    expect_status(&status, Code::FailedPrecondition, "NO_SESSION");
     let kept = a
         .release_call(with_id("101", "kept"))
         .await
