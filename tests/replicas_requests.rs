@@ -18,31 +18,38 @@ use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
 
-/// The simulator, and NATS, for replicas to share.
+/// The simulator, and NATS (one server, or a cluster of three), for replicas to share.
 struct Bench {
     sim: Simulator,
     sim_addr: SocketAddr,
     _stop_sim: tokio::sync::oneshot::Sender<()>,
-    nats: NatsServer,
+    nats: Vec<NatsServer>,
 }
 
 impl Bench {
     async fn start() -> Option<Self> {
-        let nats = NatsServer::start().await?;
+        Some(Self::on(vec![NatsServer::start().await?]).await)
+    }
+
+    async fn on_cluster() -> Option<Self> {
+        Some(Self::on(NatsServer::cluster().await?).await)
+    }
+
+    async fn on(nats: Vec<NatsServer>) -> Self {
         let (sim, sim_addr, stop_sim) = spawn_sim(sim_config(), None).await;
-        Some(Self {
+        Self {
             sim,
             sim_addr,
             _stop_sim: stop_sim,
             nats,
-        })
+        }
     }
 
     /// A replica on this bench's gateway and NATS, with `flags`.
     async fn replica(&self, flags: &[&str]) -> (Child, CallControlClient<Channel>, String) {
         let gateway = format!("http://{}", self.sim_addr);
         let mut args = vec!["--gateway-url", &gateway, "--nats-url"];
-        let url = self.nats.url();
+        let url = NatsServer::urls(&self.nats);
         args.push(&url);
         args.extend_from_slice(flags);
         let (process, addr) = spawn_service(&args, &[]).await;
@@ -209,7 +216,7 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
     bench.sim.place_call("101", CALLER).unwrap();
     bench.sim.clear_requests();
 
-    bench.nats.kill().await;
+    bench.nats[0].kill().await;
     readiness_becomes(&addr, ServingStatus::NotServing).await;
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -235,7 +242,7 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
     expect_shared_state_unavailable(&status);
     assert!(bench.sim.requests().is_empty(), "sent during the outage");
 
-    bench.nats.restart().await;
+    bench.nats[0].restart().await;
     readiness_becomes(&addr, ServingStatus::Serving).await;
     let answer = a
         .release_call(with_id("101", "during-outage"))
@@ -259,7 +266,7 @@ async fn release_without_nats_uses_the_last_known_session() {
     bench.sim.place_call("101", CALLER).unwrap();
     bench.sim.clear_requests();
 
-    bench.nats.kill().await;
+    bench.nats[0].kill().await;
     readiness_becomes(&addr, ServingStatus::NotServing).await;
     let status = a
         .release_call(with_id("101", "with-an-id"))
@@ -315,8 +322,9 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
     assert_eq!(bench.deletes(), 1, "a lost release was repeated");
 }
 
-/// The bucket holds --idempotency-capacity ids: beyond that, answers that must be kept are not
-/// dropped, and a new id is refused with nothing sent.
+/// The bucket holds --idempotency-capacity ids: an answer that changed nothing leaves at once;
+/// beyond that, answers that must be kept are not dropped, and a new id is refused with nothing
+/// sent.
 #[tokio::test]
 async fn a_full_request_id_bucket_refuses_new_ids() {
     let Some(bench) = Bench::start().await else {
@@ -325,6 +333,12 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
     let (_a, mut a, _) = bench.replica(&["--idempotency-capacity", "1"]).await;
     bench.hand_over(&mut [&mut a], "101").await;
     bench.sim.clear_requests();
+    // An answer that provably changed nothing is forgotten at once, freeing its slot.
+    let status = a
+        .release_call(with_id("102", "no-session"))
+        .await
+        .unwrap_err();
+    expect_status(&status, Code::FailedPrecondition, "NO_SESSION");
     let kept = a
         .release_call(with_id("101", "kept"))
         .await
@@ -348,4 +362,50 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
         .unwrap()
         .into_inner();
     assert!(replay.replayed);
+}
+
+/// With the bucket on three JetStream nodes (--nats-replicas 3), one node killed: ids are still
+/// claimed and replayed on the two left.
+#[tokio::test]
+async fn request_ids_outlive_one_nats_node_of_three() {
+    let Some(mut bench) = Bench::on_cluster().await else {
+        return;
+    };
+    let (_a, mut a, addr) = bench.replica(&["--nats-replicas", "3"]).await;
+    let (_b, mut b, _) = bench.replica(&["--nats-replicas", "3"]).await;
+    bench.hand_over(&mut [&mut a, &mut b], "101").await;
+    let before = a
+        .release_call(with_id("101", "before"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.outcome(), ReleaseOutcome::NoActiveCall);
+
+    bench.nats[0].kill().await;
+    // The client moves to a node left, and the bucket may elect a new leader: until then a
+    // claim is refused with nothing sent, so each try takes a fresh id.
+    readiness_becomes(&addr, ServingStatus::Serving).await;
+    let mut attempt = 0;
+    let answered = tokio::time::timeout(WAIT, async {
+        loop {
+            attempt += 1;
+            let id = format!("after-{attempt}");
+            match a.release_call(with_id("101", &id)).await {
+                Ok(answer) => return (id, answer.into_inner()),
+                Err(status) => expect_shared_state_unavailable(&status),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let (id, after) = answered.expect("a release with an id goes through on two nodes of three");
+    assert_eq!(after.outcome(), ReleaseOutcome::NoActiveCall);
+    for (mut client, request_id) in [(a, "before"), (b.clone(), "before"), (b, id.as_str())] {
+        let replayed = client
+            .release_call(with_id("101", request_id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(replayed.replayed, "{request_id}");
+    }
 }

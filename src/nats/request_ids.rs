@@ -117,34 +117,40 @@ impl NatsRequestIds {
         if !self.cluster.is_connected() {
             return Claim::Unavailable;
         }
+        // Tells this claim from any other, this replica's included, when reading it back.
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
         let claim = Record {
             fingerprint: fingerprint.clone(),
             state: State::Pending {
                 replica: self.cluster.replica().to_owned(),
+                claim: nonce.clone(),
                 lost_after_ms: wall_ms(terms.deadline) + millis(LOST_GRACE),
                 forget_if_lost: terms.if_lost == Retention::Forget,
             },
         };
+        let owner = |key, revision| {
+            Claim::Owner(Box::new(NatsTicket {
+                store: self.store.clone(),
+                key,
+                fingerprint: fingerprint.clone(),
+                revision,
+            }))
+        };
         let mut expected = 0;
         for _ in 0..CLAIM_ROUNDS {
+            // Whether the claim may have landed although no acknowledgement said so.
+            let mut uncertain = false;
             match self.store.update(&key, claim.to_bytes(), expected).await {
-                Ok(revision) => {
-                    return Claim::Owner(Box::new(NatsTicket {
-                        store: self.store.clone(),
-                        key,
-                        fingerprint,
-                        revision,
-                    }))
-                }
+                Ok(revision) => return owner(key, revision),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
                 Err(e) if is_full(&e) => return Claim::Full,
                 Err(error) => {
-                    // A claim that landed after all is never executed: duplicates will see
-                    // it lost (outcome unknown), never free to act.
-                    tracing::warn!(%error, "could not claim a request_id in NATS");
-                    return Claim::Unavailable;
+                    tracing::warn!(%error, "could not claim a request_id in NATS: reading back whether the claim landed");
+                    uncertain = true;
                 }
             }
+            // A claim that lands after this read is never executed: duplicates will see it
+            // lost (outcome unknown), never free to act.
             let entry = match self.store.entry(&key).await {
                 Ok(entry) => entry,
                 Err(error) => {
@@ -152,19 +158,26 @@ impl NatsRequestIds {
                     return Claim::Unavailable;
                 }
             };
-            let Some(entry) = entry else {
+            let entry = match entry {
+                Some(entry) if entry.operation == Operation::Put => entry,
+                _ if uncertain => return Claim::Unavailable,
                 // Forgotten between the two: claim it again.
-                expected = 0;
-                continue;
+                None => {
+                    expected = 0;
+                    continue;
+                }
+                Some(marker) => {
+                    expected = marker.revision;
+                    continue;
+                }
             };
-            if entry.operation != Operation::Put {
-                expected = entry.revision;
-                continue;
-            }
             let Some(record) = Record::parse(&entry.value) else {
                 tracing::warn!("a request_id's record in NATS is unreadable");
                 return Claim::Unavailable;
             };
+            if record.is_claim(&nonce) {
+                return owner(key, entry.revision);
+            }
             if record.fingerprint != fingerprint {
                 return Claim::Conflict;
             }
@@ -430,6 +443,8 @@ enum State {
     /// Claimed by `replica`, which answers before `lost_after_ms` (wall clock) or never.
     Pending {
         replica: String,
+        /// This claim's own id.
+        claim: String,
         lost_after_ms: u64,
         forget_if_lost: bool,
     },
@@ -447,6 +462,11 @@ impl Record {
 
     fn parse(value: &[u8]) -> Option<Self> {
         serde_json::from_slice(value).ok()
+    }
+
+    /// Whether this is the pending claim `nonce`.
+    fn is_claim(&self, nonce: &str) -> bool {
+        matches!(&self.state, State::Pending { claim, .. } if claim == nonce)
     }
 
     /// When, on this replica's clock, the claim counts as lost.
@@ -762,6 +782,7 @@ mod tests {
             fingerprint: "f".to_owned(),
             state: State::Pending {
                 replica: "r".to_owned(),
+                claim: "c".to_owned(),
                 lost_after_ms: wall_ms(deadline) + millis(LOST_GRACE),
                 forget_if_lost: false,
             },

@@ -267,7 +267,11 @@ impl ReleaseService {
         // Not for a repeated request_id, whose answer is replayed without waiting (and which
         // must not start polling an agent for nothing).
         let repeated = match &key {
-            Some(key) if request.wait_for_event => self.answers.contains(key).await,
+            Some(key) if request.wait_for_event => {
+                tokio::time::timeout_at(request.deadline, self.answers.contains(key))
+                    .await
+                    .unwrap_or(false)
+            }
             _ => false,
         };
         let wait_for_event = request.wait_for_event && !repeated;
@@ -329,7 +333,12 @@ impl ReleaseService {
             deadline,
             if_lost: retention(&command.target, &Err(ReleaseError::EarlierAttemptLost)),
         };
-        let pending = match self.answers.claim(key, &command, terms).await {
+        // A claim cut off by the deadline may have landed: it is then never executed, and
+        // duplicates find it lost (outcome unknown), never free to act.
+        let claim = tokio::time::timeout_at(deadline, self.answers.claim(key, &command, terms))
+            .await
+            .unwrap_or(Claim::Unavailable);
+        let pending = match claim {
             Claim::Conflict => return Err(ReleaseError::RequestIdReused),
             Claim::Full => return Err(ReleaseError::TooManyPending),
             Claim::Unavailable => return Err(ReleaseError::SharedStateUnavailable),
