@@ -162,7 +162,7 @@ impl Facade {
 
     /// Release events this facade has read from the gateway (its poll loops').
     async fn release_events_read(&self) -> u64 {
-        metric_at(&self.metrics, "ccgw_release_events_observed").await as u64
+        metric_at(&self.metrics, "ccgw_release_events_observed_total").await as u64
     }
 
     async fn stop(mut self) {
