@@ -2,8 +2,8 @@
 //! same run: ReleaseCall through a replica and through the in-memory mode, and release event
 //! delivery through the stream against the in-memory fan-out. Facades are the service's release
 //! binary in processes of their own (their CPU time read from /proc), nats-server another (one
-//! node or a cluster, JetStream on file stores), the simulator runs in this process (the load client) with
-//! a real gateway's 10 s long-poll wait. Loopback only; every wait is bounded.
+//! node or a cluster, JetStream on file stores); the simulator runs in this process (the load
+//! client) with a real gateway's 10 s long-poll wait. Loopback only; every wait is bounded.
 //!
 //! ```text
 //! cargo bench --bench replicas                                        # both, defaults
