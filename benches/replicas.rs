@@ -39,7 +39,7 @@ use tonic::transport::Channel;
 
 mod support;
 
-/// Bound of every single wait on a condition (a process start, ownership settling, a poll).
+/// Bound of every wait on a condition: the agent polled, a call's first events polled.
 const WAIT: Duration = Duration::from_secs(60);
 /// How long every watcher may take to receive one hang-up's two release events before the
 /// ones missing are counted as missed.
