@@ -48,6 +48,20 @@ pub fn rss_kib() -> u64 {
     common::rss_kib_of("self")
 }
 
+/// CPU time process `pid` used so far, user and system, all threads (from /proc).
+pub fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_micros(ticks * 1_000_000 / per_second)
+}
+
 /// Runs `total` calls of `op`, `concurrency` at a time; returns latencies (µs) and wall time.
 pub async fn load<F, Fut>(total: usize, concurrency: usize, op: F) -> (Histogram<u64>, Duration)
 where

