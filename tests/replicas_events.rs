@@ -190,3 +190,30 @@ async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
     sees_exactly(&mut resumed, &[&second]).await;
     sees_exactly(&mut followed, &[&second]).await;
 }
+
+/// (5) NATS stopped while an event is polled: the append waits for it (the agent is not polled
+/// further meanwhile) and the watcher gets the events, in order and once, when NATS is back.
+#[tokio::test]
+async fn events_polled_while_nats_is_down_are_delivered_once_it_returns() {
+    let Some(mut nats) = NatsServer::start().await else {
+        return;
+    };
+    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
+    let gateway = format!("http://{sim_addr}");
+    let (_a, addr) = replica(&gateway, &nats, &[]).await;
+    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
+    let mut stream = watch(&addr, &desktop.guid, None).await;
+    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+
+    nats.kill().await;
+    let during = hang_up(&sim);
+    // Ringing, Talking, Customer_Release, Call_Release, PhoneRelease, Ready: the customer
+    // release was dequeued once three are left.
+    common::wait_until("the facade polled the customer release", || {
+        sim.agent(AGENT).expect("agent view").queued_events <= 3
+    })
+    .await;
+    nats.restart().await;
+    sees_exactly(&mut stream, &[&during]).await;
+    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+}

@@ -12,7 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, FeedRegistry},
-    log::{EventLog, LogFollower, ProcessLog},
+    log::{EventLog, LogFollower, LogStats, ProcessLog},
     subscribe::{Permits, Request, SubscribeError},
     watcher::Watcher,
     EventSettings, KindFilter, ResumeToken,
@@ -32,6 +32,8 @@ pub struct EventStats {
     pub dropped_fields: u64,
     /// Polls that failed (transport, HTTP, unexpected retcode) and were retried after a pause.
     pub poll_failures: u64,
+    /// What the event log counted (a shared log's appends and follower).
+    pub log: LogStats,
 }
 
 #[derive(Debug, Default)]
@@ -238,6 +240,7 @@ impl EventHub {
             malformed_events: c.malformed.load(Ordering::Relaxed),
             dropped_fields: c.dropped_fields.load(Ordering::Relaxed),
             poll_failures: c.poll_failures.load(Ordering::Relaxed),
+            log: self.hub.log.stats(),
         }
     }
 }

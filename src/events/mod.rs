@@ -42,6 +42,7 @@ mod watcher;
 use std::{time::Duration, time::SystemTime};
 
 pub use hub::{EventHub, EventStats};
+pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, Record};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};

@@ -39,8 +39,8 @@ use super::{Cluster, NatsError};
 use crate::{
     domain::{AgentId, CallId},
     events::{
-        dropped_after, Backfill, EventLog, EventSettings, LogFollower, Record, ReleaseEvent,
-        ReleaseKind, ResumeToken, SessionEnding,
+        dropped_after, Backfill, EventLog, EventSettings, LogFollower, LogStats, Record,
+        ReleaseEvent, ReleaseKind, ResumeToken, SessionEnding,
     },
     gateway::Retcode,
     jittered_backoff, lock,
@@ -54,10 +54,12 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// The first retry of a failed append or follow waits 100 to 200 ms; the ceiling doubles up to
 /// `RETRY_MAX`.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Once the service shuts down, an append still failing is given up after this long (logged
 /// and counted as lost), and the follower follows this long at most for the last polls' events.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(3);
+/// How often the follower checks that it keeps up with the stream.
+const STALL_CHECK: Duration = Duration::from_secs(2);
 /// A resuming watcher's read of the stream, all its agents together.
 const READ_BOUND: Duration = Duration::from_secs(10);
 /// The largest agent id a subject may name (the configuration allows up to 999 999).
@@ -90,6 +92,8 @@ struct Inner {
     /// Appends that failed and were retried; records given up at shutdown.
     retried: AtomicU64,
     lost: AtomicU64,
+    /// What the consumer said was pending after the last record it delivered.
+    lag: AtomicU64,
 }
 
 impl StreamLog {
@@ -151,6 +155,7 @@ impl StreamLog {
                 shutdown,
                 retried: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
+                lag: AtomicU64::new(0),
             }),
         })
     }
@@ -198,6 +203,14 @@ impl EventLog for StreamLog {
         let inner = self.inner.clone();
         let epoch = self.epoch;
         Box::pin(async move { inner.read(agents, after, up_to, epoch).await })
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            appends_retried: self.inner.retried.load(Ordering::Relaxed),
+            appends_lost: self.inner.lost.load(Ordering::Relaxed),
+            follower_lag: self.inner.lag.load(Ordering::Relaxed),
+        }
     }
 
     fn last_sequence(&self) -> BoxFuture<'static, Option<u64>> {
@@ -460,7 +473,9 @@ impl Inner {
                 let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
                 while let Some(message) = messages.next().await {
                     let message = message.map_err(|e| e.to_string())?;
-                    let sequence = message.info().map_err(|e| e.to_string())?.stream_sequence;
+                    let info = message.info().map_err(|e| e.to_string())?;
+                    let sequence = info.stream_sequence;
+                    self.lag.store(info.pending, Ordering::Relaxed);
                     let record = decode(&self.root, message.subject.as_str(), &message.payload);
                     if record.is_none() {
                         tracing::warn!(sequence, "release log: skipped a record it cannot read");
@@ -476,6 +491,7 @@ impl Inner {
                     Ok(()) => return,
                     Err(error) => error,
                 },
+                () = self.stalled(&follower) => "the stream moved on, the consumer did not".to_owned(),
                 () = &mut stop => return,
             };
             failures = failures.saturating_add(1);
@@ -485,6 +501,24 @@ impl Inner {
                 () = tokio::time::sleep(pause) => {}
                 () = &mut stop => return,
             }
+        }
+    }
+
+    /// Resolves when the follower's position stood still for a check interval while the stream
+    /// holds more: a consumer whose server restarted can wait for its missed heartbeats (tens of
+    /// seconds) before it notices; recreating it at once costs nothing.
+    async fn stalled(&self, follower: &LogFollower) {
+        let mut before = follower.position();
+        loop {
+            tokio::time::sleep(STALL_CHECK).await;
+            let now = follower.position();
+            if now.is_some() && now == before {
+                let info = self.stream.get_info().await;
+                if info.is_ok_and(|info| Some(info.state.last_sequence) > now) {
+                    return;
+                }
+            }
+            before = now;
         }
     }
 
