@@ -58,6 +58,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Once the service shuts down, an append still failing is given up after this long (logged
 /// and counted as lost), and the follower follows this long at most for the last polls' events.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(3);
+/// Agents of one resuming watcher read at once.
+const PARALLEL_READS: usize = 16;
 /// How often the follower checks that it keeps up with the stream.
 const STALL_CHECK: Duration = Duration::from_secs(2);
 /// A resuming watcher's read of the stream, all its agents together.
@@ -364,9 +366,13 @@ impl Inner {
     async fn read(&self, agents: Vec<AgentId>, after: u64, up_to: u64, epoch: u64) -> Backfill {
         let mut backfill = Backfill::default();
         let deadline = Instant::now() + READ_BOUND;
-        for agent in agents {
+        let reads = futures_util::stream::iter(agents).map(|agent| async move {
             let read = tokio::time::timeout_at(deadline, self.read_agent(agent, after, up_to));
-            match read.await {
+            (agent, read.await)
+        });
+        let mut reads = reads.buffer_unordered(PARALLEL_READS);
+        while let Some((agent, read)) = reads.next().await {
+            match read {
                 Ok(Ok((events, dropped))) => {
                     backfill
                         .events
@@ -388,6 +394,7 @@ impl Inner {
                 }
             }
         }
+        backfill.dropped.sort();
         backfill.events.sort_by_key(|event| event.token.sequence);
         backfill
     }
