@@ -483,6 +483,12 @@ impl Inner {
                     let info = message.info().map_err(|e| e.to_string())?;
                     let sequence = info.stream_sequence;
                     self.lag.store(info.pending, Ordering::Relaxed);
+                    let expected = follower.position().map_or(sequence, |p| p + 1);
+                    if sequence > expected {
+                        // Only retention removes records this early: the follower fell behind
+                        // it (a long outage). Watchers here miss them; resuming ones get a Gap.
+                        tracing::warn!(missed = sequence - expected, "release log: records were dropped before this replica followed them; its live watchers may have missed events");
+                    }
                     let record = decode(&self.root, message.subject.as_str(), &message.payload);
                     if record.is_none() {
                         tracing::warn!(sequence, "release log: skipped a record it cannot read");
