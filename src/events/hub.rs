@@ -1,7 +1,8 @@
-//! The events room's facade: [`EventHub`], what its parts share ([`Hub`]: settings, the
-//! sequence and the publish lock, the feed registry, the permit pools, the room's lifecycle) and
-//! what the poll loops counted. The parts: `feeds` (the feed registry), `publish` (numbering and
-//! delivering), `subscribe` (admitting and starting watchers).
+//! The events room's facade: [`EventHub`], what its parts share ([`Hub`]: settings, the event
+//! log, the sequence delivered so far and the publish lock, the feed registry, the permit pools,
+//! the room's lifecycle) and what the poll loops counted. The parts: `feeds` (the feed
+//! registry), `publish` (appending and delivering), `subscribe` (admitting and starting
+//! watchers).
 use std::sync::{
     atomic::{AtomicU64, Ordering},
     Arc, Mutex,

@@ -2,7 +2,6 @@
 use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
-
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
