@@ -263,7 +263,7 @@ mod tests {
             testing::{agent, hub_on, ready, sequences, sign_in},
             watcher::{Gap, GapCause},
             EventHub, EventSettings, KindFilter, ReleaseEvent, ReleaseKind, ResumeToken,
-            SubscribeError, WatcherItem,
+            SessionEnding, SubscribeError, WatcherEnd, WatcherItem,
         },
         lock,
     };
@@ -373,6 +373,19 @@ mod tests {
         followed(&hub, agent(0), 14);
         assert_eq!(sequences(&ready(&mut watcher)), [Some(12), Some(14)]);
         assert_eq!(hub.hub.sequence.load(Ordering::SeqCst), 14);
+
+        // Another replica's poll loop learned that the session ended: told here too.
+        hub.hub.deliver_followed(
+            15,
+            Some(Record::SessionEnded(agent(0), SessionEnding::Forgotten)),
+        );
+        assert!(matches!(
+            &ready(&mut watcher)[..],
+            [Err(WatcherEnd::SessionEnded { agent: a, resume, .. })]
+                if *a == agent(0) && resume.sequence == 14
+        ));
+        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
+        assert!(lock(&feed.state).session_lost);
     }
 
     /// A token from before this replica's feed began is backfilled from the log (in place of
