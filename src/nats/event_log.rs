@@ -55,6 +55,10 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// `RETRY_MAX`.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// One append attempt (its reads and its acknowledgement): shorter than the JetStream context's
+/// 5 s, so an append retries soon after the stream's leader changed; a retry of an append that
+/// was stored after all is deduplicated by its message id.
+const APPEND_ATTEMPT: Duration = Duration::from_secs(2);
 /// Once the service shuts down, an append still failing is given up after this long (logged
 /// and counted as lost), and the follower follows this long at most for the last polls' events.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(3);
@@ -251,7 +255,13 @@ impl Inner {
         let mut give_up_at = None;
         loop {
             let attempt = self.append_once(agent, &subject, chained, &id, payload.clone());
-            let error = match attempt.await {
+            let attempt = tokio::time::timeout(APPEND_ATTEMPT, attempt).await;
+            let attempt = attempt.unwrap_or_else(|_| {
+                Err(AppendFailure::Other(format!(
+                    "no acknowledgement within {APPEND_ATTEMPT:?}"
+                )))
+            });
+            let error = match attempt {
                 Ok(sequence) => {
                     self.appended.fetch_max(sequence, Ordering::SeqCst);
                     if failures > 0 {

@@ -102,7 +102,9 @@ impl Cluster {
                 .add_client_certificate(cert.clone(), key.clone())
                 .require_tls(true);
         }
-        let client = options.connect(settings.url.as_str()).await?;
+        // A list of servers: async-nats reads one string as one address.
+        let servers: Vec<&str> = settings.url.split(',').map(str::trim).collect();
+        let client = options.connect(servers.as_slice()).await?;
         let mut jetstream = jetstream::new(client.clone());
         jetstream.set_timeout(NATS_TIMEOUT);
         let replica: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
