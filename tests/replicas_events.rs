@@ -190,3 +190,79 @@ async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
     sees_exactly(&mut resumed, &[&second]).await;
     sees_exactly(&mut followed, &[&second]).await;
 }
+
+/// (5) NATS stopped while an event is polled: the append waits for it (the agent is not polled
+/// further meanwhile) and the watcher gets the events, in order and once, when NATS is back.
+#[tokio::test]
+async fn events_polled_while_nats_is_down_are_delivered_once_it_returns() {
+    let Some(mut nats) = NatsServer::start().await else {
+        return;
+    };
+    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
+    let gateway = format!("http://{sim_addr}");
+    let (_a, addr) = replica(&gateway, &nats, &[]).await;
+    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
+    let mut stream = watch(&addr, &desktop.guid, None).await;
+    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+
+    nats.kill().await;
+    let during = hang_up(&sim);
+    // Ringing, Talking, Customer_Release, Call_Release, PhoneRelease, Ready: the customer
+    // release was dequeued once three are left.
+    common::wait_until("the facade polled the customer release", || {
+        sim.agent(AGENT).expect("agent view").queued_events <= 3
+    })
+    .await;
+    nats.restart().await;
+    sees_exactly(&mut stream, &[&during]).await;
+    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+}
+
+/// (6) The stream replicated on a 3-node JetStream cluster: with the node that leads it killed,
+/// events polled afterwards still reach the watcher, in order and once.
+#[tokio::test]
+async fn events_flow_on_with_one_node_of_three_killed() {
+    let Some(mut nodes) = NatsServer::cluster().await else {
+        return;
+    };
+    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
+    let gateway = format!("http://{sim_addr}");
+    let urls = NatsServer::urls(&nodes);
+    let (_a, addr) = spawn_service(
+        &[
+            "--gateway-url",
+            &gateway,
+            "--nats-url",
+            &urls,
+            "--nats-replicas",
+            "3",
+        ],
+        &[],
+    )
+    .await;
+    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
+    let mut stream = watch(&addr, &desktop.guid, None).await;
+    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+    nodes[stream_leader(&urls).await].kill().await;
+    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+}
+
+/// The index of the cluster node (named `n<index>`) that leads the event stream.
+async fn stream_leader(urls: &str) -> usize {
+    let servers: Vec<&str> = urls.split(',').collect();
+    let client = async_nats::connect(servers)
+        .await
+        .expect("connects to NATS");
+    let mut events = async_nats::jetstream::new(client)
+        .get_stream("ccgw-events")
+        .await
+        .expect("the event stream exists");
+    let info = events.info().await.expect("stream info");
+    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+    leader
+        .as_deref()
+        .and_then(|name| name.strip_prefix('n'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a leader named n<index>: {leader:?}"))
+}

@@ -1,7 +1,8 @@
-//! The events room's facade: [`EventHub`], what its parts share ([`Hub`]: settings, the
-//! sequence and the publish lock, the feed registry, the permit pools, the room's lifecycle) and
-//! what the poll loops counted. The parts: `feeds` (the feed registry), `publish` (numbering and
-//! delivering), `subscribe` (admitting and starting watchers).
+//! The events room's facade: [`EventHub`], what its parts share ([`Hub`]: settings, the event
+//! log, the sequence delivered so far and the publish lock, the feed registry, the permit pools,
+//! the room's lifecycle) and what the poll loops counted. The parts: `feeds` (the feed
+//! registry), `publish` (appending and delivering), `subscribe` (admitting and starting
+//! watchers).
 use std::sync::{
     atomic::{AtomicU64, Ordering},
     Arc, Mutex,
@@ -12,7 +13,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, FeedRegistry},
-    log::{EventLog, LogFollower, ProcessLog},
+    log::{EventLog, LogFollower, LogStats, ProcessLog},
     ownership::{Alone, OwnershipStats, PollOwnership},
     subscribe::{Permits, Request, SubscribeError},
     watcher::Watcher,
@@ -36,6 +37,8 @@ pub struct EventStats {
     pub dropped_fields: u64,
     /// Polls that failed (transport, HTTP, unexpected retcode) and were retried after a pause.
     pub poll_failures: u64,
+    /// What the event log counted (a shared log's appends and follower).
+    pub log: LogStats,
 }
 
 #[derive(Debug, Default)]
@@ -303,6 +306,7 @@ impl EventHub {
             malformed_events: c.malformed.load(Ordering::Relaxed),
             dropped_fields: c.dropped_fields.load(Ordering::Relaxed),
             poll_failures: c.poll_failures.load(Ordering::Relaxed),
+            log: self.hub.log.stats(),
         }
     }
 }

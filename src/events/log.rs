@@ -46,6 +46,17 @@ pub(crate) struct Backfill {
     pub dropped: Vec<AgentId>,
 }
 
+/// What a shared log counted (the in-memory log counts nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Appends that failed and were retried.
+    pub appends_retried: u64,
+    /// Records given up at shutdown because they could not be appended.
+    pub appends_lost: u64,
+    /// Records stored that this replica's follower had not delivered, when it last received.
+    pub follower_lag: u64,
+}
+
 /// Where release events go and come back from. The hub does not know which log it runs on.
 pub(crate) trait EventLog: Send + Sync + fmt::Debug {
     /// Identifies the log's sequence: a token of another epoch is from another sequence (a
@@ -75,6 +86,10 @@ pub(crate) trait EventLog: Send + Sync + fmt::Debug {
 
     /// The last sequence the log holds now; `None` when it cannot tell (unreachable).
     fn last_sequence(&self) -> BoxFuture<'static, Option<u64>>;
+
+    fn stats(&self) -> LogStats {
+        LogStats::default()
+    }
 }
 
 /// The in-memory log: the process's own sequence, numbered by the hub as events are observed.
@@ -248,7 +263,7 @@ mod tests {
             testing::{agent, hub_on, ready, sequences, sign_in},
             watcher::{Gap, GapCause},
             EventHub, EventSettings, KindFilter, ReleaseEvent, ReleaseKind, ResumeToken,
-            SubscribeError, WatcherItem,
+            SessionEnding, SubscribeError, WatcherEnd, WatcherItem,
         },
         lock,
     };
@@ -358,6 +373,19 @@ mod tests {
         followed(&hub, agent(0), 14);
         assert_eq!(sequences(&ready(&mut watcher)), [Some(12), Some(14)]);
         assert_eq!(hub.hub.sequence.load(Ordering::SeqCst), 14);
+
+        // Another replica's poll loop learned that the session ended: told here too.
+        hub.hub.deliver_followed(
+            15,
+            Some(Record::SessionEnded(agent(0), SessionEnding::Forgotten)),
+        );
+        assert!(matches!(
+            &ready(&mut watcher)[..],
+            [Err(WatcherEnd::SessionEnded { agent: a, resume, .. })]
+                if *a == agent(0) && resume.sequence == 14
+        ));
+        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
+        assert!(lock(&feed.state).session_lost);
     }
 
     /// A token from before this replica's feed began is backfilled from the log (in place of

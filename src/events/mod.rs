@@ -18,14 +18,18 @@
 //!
 //! Parts: `hub` ([`EventHub`], the facade), `feeds` (the feed registry), `polled` (the polled
 //! agents' limit), `ownership` (which agents this replica may poll, and who watches what
-//! across replicas), `publish` (numbering and delivering events), `subscribe` (admitting and
-//! starting watchers), `watcher`, `forward` (a watcher read by a task of its own), `poll`,
-//! `ring` (the replay ring), `token`.
+//! across replicas), `publish` (appending and delivering events), `log` (where events are
+//! appended, and read back for resuming watchers), `subscribe` (admitting and starting
+//! watchers), `watcher`, `forward` (a watcher read by a task of its own), `poll`, `ring` (the
+//! replay ring), `token`.
 //!
-//! Ordering: every release event gets the next number of one per-process sequence, and events
-//! are published in that order (one publish lock), so a watcher of several agents can deliver
-//! them in sequence order. "Everything up to sequence N was delivered" is then a complete
-//! description of where a watcher stands, which is all a resume token holds.
+//! Ordering: every release event gets the next number of one sequence, and events are
+//! delivered in that order (one publish lock), so a watcher of several agents can deliver them
+//! in sequence order. "Everything up to sequence N was delivered" is then a complete
+//! description of where a watcher stands, which is all a resume token holds. The sequence is
+//! the event log's (`log`, `EventLog`): the process's own (in memory), or a JetStream
+//! stream's that every replica follows (`--nats-url`), where a token means the same on every
+//! replica and across restarts.
 mod feeds;
 mod forward;
 mod hub;
@@ -44,6 +48,7 @@ mod watcher;
 use std::{time::Duration, time::SystemTime};
 
 pub use hub::{EventHub, EventStats};
+pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, Record};
 pub use ownership::OwnershipStats;
 pub(crate) use ownership::{PollOwnership, PollPermit, RemoteInterest};

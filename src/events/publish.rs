@@ -98,6 +98,11 @@ impl Hub {
     /// number first. A shared log numbers it where it stores it; its follower delivers it.
     fn append(&self, feed: &Feed, record: Record) -> Option<BoxFuture<'static, ()>> {
         let _order = lock(&self.publish);
+        self.append_in_order(feed, record)
+    }
+
+    /// [`append`](Self::append), the publish lock held by the caller.
+    fn append_in_order(&self, feed: &Feed, record: Record) -> Option<BoxFuture<'static, ()>> {
         let appending = self.log.append(&record);
         if appending.is_none() {
             let sequence = self.sequence.load(Ordering::SeqCst) + 1;
@@ -142,8 +147,10 @@ impl Hub {
         feed: &Feed,
         ending: SessionEnding,
     ) -> Option<BoxFuture<'static, ()>> {
+        // Under the publish lock, as a joining watcher (which brings a session) is.
+        let _order = lock(&self.publish);
         lock(&feed.state).session_lost = true;
-        self.append(feed, Record::SessionEnded(feed.agent, ending))
+        self.append_in_order(feed, Record::SessionEnded(feed.agent, ending))
     }
 }
 

@@ -1,7 +1,7 @@
 //! What the room's unit tests share: a hub without a gateway, and events published by hand.
-use futures_util::FutureExt;
-
 use std::sync::Arc;
+
+use futures_util::FutureExt;
 
 use super::{
     log::{EventLog, ProcessLog},

@@ -8,13 +8,12 @@ use std::{
     time::Duration,
 };
 
+use futures_util::future::BoxFuture;
 use tokio::{
     sync::{mpsc, OwnedSemaphorePermit},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-use futures_util::future::BoxFuture;
 
 use super::{
     feeds::{Feed, FeedItem},

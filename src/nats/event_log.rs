@@ -39,8 +39,8 @@ use super::{Cluster, NatsError};
 use crate::{
     domain::{AgentId, CallId},
     events::{
-        dropped_after, Backfill, EventLog, EventSettings, LogFollower, Record, ReleaseEvent,
-        ReleaseKind, ResumeToken, SessionEnding,
+        dropped_after, Backfill, EventLog, EventSettings, LogFollower, LogStats, Record,
+        ReleaseEvent, ReleaseKind, ResumeToken, SessionEnding,
     },
     gateway::Retcode,
     jittered_backoff, lock,
@@ -54,10 +54,18 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// The first retry of a failed append or follow waits 100 to 200 ms; the ceiling doubles up to
 /// `RETRY_MAX`.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// One append attempt (its reads and its acknowledgement): shorter than the JetStream context's
+/// 5 s, so an append retries soon after the stream's leader changed; a retry of an append that
+/// was stored after all is deduplicated by its message id.
+const APPEND_ATTEMPT: Duration = Duration::from_secs(2);
 /// Once the service shuts down, an append still failing is given up after this long (logged
 /// and counted as lost), and the follower follows this long at most for the last polls' events.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(3);
+/// Agents of one resuming watcher read at once.
+const PARALLEL_READS: usize = 16;
+/// How often the follower checks that it keeps up with the stream.
+const STALL_CHECK: Duration = Duration::from_secs(2);
 /// A resuming watcher's read of the stream, all its agents together.
 const READ_BOUND: Duration = Duration::from_secs(10);
 /// The largest agent id a subject may name (the configuration allows up to 999 999).
@@ -90,6 +98,8 @@ struct Inner {
     /// Appends that failed and were retried; records given up at shutdown.
     retried: AtomicU64,
     lost: AtomicU64,
+    /// What the consumer said was pending after the last record it delivered.
+    lag: AtomicU64,
 }
 
 impl StreamLog {
@@ -151,6 +161,7 @@ impl StreamLog {
                 shutdown,
                 retried: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
+                lag: AtomicU64::new(0),
             }),
         })
     }
@@ -200,6 +211,14 @@ impl EventLog for StreamLog {
         Box::pin(async move { inner.read(agents, after, up_to, epoch).await })
     }
 
+    fn stats(&self) -> LogStats {
+        LogStats {
+            appends_retried: self.inner.retried.load(Ordering::Relaxed),
+            appends_lost: self.inner.lost.load(Ordering::Relaxed),
+            follower_lag: self.inner.lag.load(Ordering::Relaxed),
+        }
+    }
+
     fn last_sequence(&self) -> BoxFuture<'static, Option<u64>> {
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -236,7 +255,13 @@ impl Inner {
         let mut give_up_at = None;
         loop {
             let attempt = self.append_once(agent, &subject, chained, &id, payload.clone());
-            let error = match attempt.await {
+            let attempt = tokio::time::timeout(APPEND_ATTEMPT, attempt).await;
+            let attempt = attempt.unwrap_or_else(|_| {
+                Err(AppendFailure::Other(format!(
+                    "no acknowledgement within {APPEND_ATTEMPT:?}"
+                )))
+            });
+            let error = match attempt {
                 Ok(sequence) => {
                     self.appended.fetch_max(sequence, Ordering::SeqCst);
                     if failures > 0 {
@@ -351,9 +376,13 @@ impl Inner {
     async fn read(&self, agents: Vec<AgentId>, after: u64, up_to: u64, epoch: u64) -> Backfill {
         let mut backfill = Backfill::default();
         let deadline = Instant::now() + READ_BOUND;
-        for agent in agents {
+        let reads = futures_util::stream::iter(agents).map(|agent| async move {
             let read = tokio::time::timeout_at(deadline, self.read_agent(agent, after, up_to));
-            match read.await {
+            (agent, read.await)
+        });
+        let mut reads = reads.buffer_unordered(PARALLEL_READS);
+        while let Some((agent, read)) = reads.next().await {
+            match read {
                 Ok(Ok((events, dropped))) => {
                     backfill
                         .events
@@ -375,6 +404,7 @@ impl Inner {
                 }
             }
         }
+        backfill.dropped.sort();
         backfill.events.sort_by_key(|event| event.token.sequence);
         backfill
     }
@@ -460,7 +490,15 @@ impl Inner {
                 let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
                 while let Some(message) = messages.next().await {
                     let message = message.map_err(|e| e.to_string())?;
-                    let sequence = message.info().map_err(|e| e.to_string())?.stream_sequence;
+                    let info = message.info().map_err(|e| e.to_string())?;
+                    let sequence = info.stream_sequence;
+                    self.lag.store(info.pending, Ordering::Relaxed);
+                    let expected = follower.position().map_or(sequence, |p| p + 1);
+                    if sequence > expected {
+                        // Only retention removes records this early: the follower fell behind
+                        // it (a long outage). Watchers here miss them; resuming ones get a Gap.
+                        tracing::warn!(missed = sequence - expected, "release log: records were dropped before this replica followed them; its live watchers may have missed events");
+                    }
                     let record = decode(&self.root, message.subject.as_str(), &message.payload);
                     if record.is_none() {
                         tracing::warn!(sequence, "release log: skipped a record it cannot read");
@@ -476,6 +514,7 @@ impl Inner {
                     Ok(()) => return,
                     Err(error) => error,
                 },
+                () = self.stalled(&follower) => "the stream moved on, the consumer did not".to_owned(),
                 () = &mut stop => return,
             };
             failures = failures.saturating_add(1);
@@ -485,6 +524,24 @@ impl Inner {
                 () = tokio::time::sleep(pause) => {}
                 () = &mut stop => return,
             }
+        }
+    }
+
+    /// Resolves when the follower's position stood still for a check interval while the stream
+    /// holds more: a consumer whose server restarted can wait for its missed heartbeats (tens of
+    /// seconds) before it notices; recreating it at once costs nothing.
+    async fn stalled(&self, follower: &LogFollower) {
+        let mut before = follower.position();
+        loop {
+            tokio::time::sleep(STALL_CHECK).await;
+            let now = follower.position();
+            if now.is_some() && now == before {
+                let info = self.stream.get_info().await;
+                if info.is_ok_and(|info| Some(info.state.last_sequence) > now) {
+                    return;
+                }
+            }
+            before = now;
         }
     }
 

@@ -87,6 +87,21 @@ pub(super) fn service_state(
             "Gateway events that could not be read (dropped)",
             reading(&events, |e| e.stats().malformed_events),
         )
+        .counter(
+            "ccgw_event_log_appends_retried",
+            "Appends to the shared event log (--nats-url) that failed and were retried",
+            reading(&events, |e| e.stats().log.appends_retried),
+        )
+        .counter(
+            "ccgw_event_log_appends_lost",
+            "Release events given up at shutdown because the shared event log was unreachable",
+            reading(&events, |e| e.stats().log.appends_lost),
+        )
+        .gauge(
+            "ccgw_event_log_follower_lag",
+            "Records in the shared event log this replica had not delivered yet, when it last received one",
+            reading(&events, |e| i64::try_from(e.stats().log.follower_lag).unwrap_or(i64::MAX)),
+        )
         .gauge(
             "ccgw_nats_shards_held",
             "Shards whose poll lease this replica holds (0 without --nats-url)",
