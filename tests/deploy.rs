@@ -375,6 +375,8 @@ async fn start_as_deployed(
                 Some(path) if value.starts_with("/etc/") => format!("{root_dir}/{path}"),
                 _ if name.ends_with("_LISTEN") => "127.0.0.1:0".into(),
                 _ if name == "CCGW_NATS_URL" => nats_url.expect("a NATS to reach").to_owned(),
+                // One NATS server here, where the manifests run three: one copy of each bucket.
+                _ if name == "CCGW_NATS_REPLICAS" => "1".to_owned(),
                 _ => value.to_owned(),
             };
             envs.push((name.clone(), value));

@@ -79,11 +79,16 @@ async fn resumes_after_the_replica_stops(
     sigterm(&first).await;
     exits_cleanly(first).await;
 
-    let (_next, next_addr) = next.await;
+    let (next, next_addr) = next.await;
     let mut resumed = watch(&next_addr, &desktop.guid, Some(&token)).await;
     sees_exactly(&mut resumed, &[&second]).await;
     let third = hang_up(sim);
     sees_exactly(&mut resumed, &[&third]).await;
+    // Stopped cleanly, it hands its shard leases back: a replica started next polls at once
+    // (killed, it would leave them to expire first).
+    drop(resumed);
+    sigterm(&next).await;
+    exits_cleanly(next).await;
 }
 
 /// (1) A token of replica A resumes on replica B, started after A stopped.
