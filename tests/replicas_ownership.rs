@@ -44,7 +44,7 @@ struct Replica {
 }
 
 struct Replicas {
-    _nats: NatsServer,
+    nats: NatsServer,
     nats_url: String,
     jetstream: jetstream::Context,
     /// Opened once the first replica created it.
@@ -113,7 +113,7 @@ impl Replicas {
         let nats_url = nats.url();
         let client = async_nats::connect(&nats_url).await.unwrap();
         let mut replicas = Self {
-            _nats: nats,
+            nats,
             nats_url,
             jetstream: jetstream::new(client),
             leases: None,
@@ -451,4 +451,44 @@ async fn the_owner_polls_an_agent_only_another_replica_watches() {
         cluster.agent().polls_in_flight == 0
     })
     .await;
+}
+
+/// NATS stopped: renewals fail, the owner's fence closes and nobody polls the agent; NATS
+/// started again: the owner renews the lease it still holds and polls again, and the events
+/// queued meanwhile reach its watcher.
+#[tokio::test]
+async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
+    let Some(mut cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(cluster.watch_on(i, &desktop.guid).await);
+    }
+    let owner = cluster.owner_of(AGENT).await;
+    cluster.until_polled().await;
+    cluster.nats.kill().await;
+    let killed_at = Instant::now();
+
+    // The owner's last renewal was sent before the kill: its fence closed by TTL - margin
+    // (2 s) after it, and the last poll it started before answered within the simulator's
+    // long-poll wait (4 s). From then on nobody may poll; a loop still polling would poll again
+    // within its 300 ms pause, so a window of a few seconds shows it.
+    tokio::time::sleep_until(killed_at + TTL + Duration::from_secs(4)).await;
+    let owner_metrics = &cluster.replicas[owner].metrics;
+    let failed = metric(owner_metrics, "ccgw_nats_lease_renewals_failed_total").await;
+    assert!(failed >= 1.0, "renewals failed");
+    assert_eq!(cluster.agent().polls_in_flight, 0, "nobody polls the agent");
+    let polls = cluster.polls_of_agent();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(cluster.polls_of_agent(), polls, "no poll while fenced");
+    let call = cluster.hang_up();
+
+    cluster.nats.restart().await;
+    cluster.until_answered().await;
+    let owner = cluster.owner_of(AGENT).await;
+    let events = streams[owner].events_of(2).await;
+    assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
+    assert_eq!(cluster.agent().max_polls_in_flight, 1);
 }

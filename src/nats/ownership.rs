@@ -170,9 +170,12 @@ struct State {
     in_flight: HashMap<u16, usize>,
     members: HashMap<String, Seen>,
     leases: HashMap<u16, Lease>,
-    /// When this replica began to look (a shard never seen is free since then).
-    started: Instant,
-    /// When this replica's last successful heartbeat was sent.
+    /// Since when this replica has been watching the bucket without a break: it began, or its
+    /// heartbeat succeeded again after failing. Keys cannot be seen to move while it is cut off,
+    /// so nothing counts as standing still from before (after an outage every replica would
+    /// otherwise find every other dead and every lease stale at once).
+    observing_since: Instant,
+    /// When this replica's last successful heartbeat was sent; `None` after a failed one.
     heartbeat: Option<Instant>,
     /// Agents this replica's clients watch: how many poll loops said so.
     local: HashMap<AgentId, usize>,
@@ -189,7 +192,7 @@ impl State {
             in_flight: HashMap::new(),
             members: HashMap::new(),
             leases: HashMap::new(),
-            started: now,
+            observing_since: now,
             heartbeat: None,
             local: HashMap::new(),
             published: HashSet::new(),
@@ -256,6 +259,21 @@ impl State {
         }
     }
 
+    /// When `seen` last moved, as far as this replica can tell.
+    fn moved(&self, seen: &Seen) -> Instant {
+        seen.moved.max(self.observing_since)
+    }
+
+    /// This replica's heartbeat was sent at `sent` and succeeded (`Some`), or failed.
+    fn heartbeat_sent(&mut self, sent: Option<Instant>) {
+        if self.heartbeat.is_none() {
+            if let Some(sent) = sent {
+                self.observing_since = self.observing_since.max(sent);
+            }
+        }
+        self.heartbeat = sent;
+    }
+
     fn saw_member(&mut self, member: &str, revision: u64, now: Instant) {
         let seen = self.members.entry(member.to_owned()).or_insert(Seen {
             revision,
@@ -274,13 +292,14 @@ impl State {
         let mut live: Vec<&str> = self
             .members
             .iter()
-            .filter(|(member, seen)| member.as_str() != me && now < seen.moved + ttl)
+            .filter(|(member, seen)| member.as_str() != me && now < self.moved(seen) + ttl)
             .map(|(member, _)| member.as_str())
             .collect();
         if self.heartbeat.is_some_and(|sent| now < sent + ttl) {
             live.push(me);
         }
         live.sort_unstable();
+        live.dedup();
         live
     }
 
@@ -316,19 +335,19 @@ impl State {
             match self.leases.get(&shard) {
                 None if desired => plan.create.push(shard),
                 None => {
-                    if now >= self.started + patience {
+                    if now >= self.observing_since + patience {
                         plan.create.push(shard);
                     }
                 }
                 Some(Lease::Free { since }) => {
-                    if desired || now >= *since + patience {
+                    if desired || now >= (*since).max(self.observing_since) + patience {
                         plan.create.push(shard);
                     }
                 }
                 Some(Lease::Held { holder, seen }) => {
                     // A live holder hands back what it should not hold; a holder that stopped
                     // renewing is taken over once the lease stood still for the TTL.
-                    if holder != me && now >= seen.moved + patience {
+                    if holder != me && now >= self.moved(seen) + patience {
                         plan.take_over.push((shard, seen.revision));
                     }
                 }
@@ -759,10 +778,11 @@ impl Driver {
         let key = member_key(&self.shared.replica);
         match self.leases.put(&key, bytes::Bytes::new()).await {
             Ok(revision) => self.shared.update(|state, _| {
-                state.heartbeat = Some(sent);
+                state.heartbeat_sent(Some(sent));
                 state.saw_member(&self.shared.replica, revision, sent);
             }),
             Err(error) => {
+                self.shared.update(|state, _| state.heartbeat_sent(None));
                 self.shared.renewals_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "cannot renew this replica's membership in NATS");
             }
@@ -1052,7 +1072,7 @@ mod tests {
 
     fn holding(me: &str, shard: u16, now: Instant) -> State {
         let mut state = State::new(now);
-        state.heartbeat = Some(now);
+        state.heartbeat_sent(Some(now));
         state.renewed(me, shard, 7, now, SETTINGS);
         state
     }
@@ -1086,14 +1106,14 @@ mod tests {
     async fn a_lease_is_taken_over_once_it_stood_still_for_the_ttl() {
         let start = Instant::now();
         let mut state = State::new(start);
-        state.heartbeat = Some(start);
+        state.heartbeat_sent(Some(start));
         state.saw_member("b", 1, start);
         for shard in 0..SHARDS {
             state.saw_lease(shard, "b", 100 + u64::from(shard), start);
         }
         tokio::time::advance(SETTINGS.ttl - Duration::from_millis(1)).await;
         let now = Instant::now();
-        state.heartbeat = Some(now);
+        state.heartbeat_sent(Some(now));
         let plan = state.plan("a", now, SETTINGS.ttl);
         assert!(
             plan.take_over.is_empty() && plan.create.is_empty(),
@@ -1104,11 +1124,34 @@ mod tests {
         state.saw_lease(0, "b", 1000, now);
         tokio::time::advance(Duration::from_millis(1)).await;
         let now = Instant::now();
-        state.heartbeat = Some(now);
+        state.heartbeat_sent(Some(now));
         let plan = state.plan("a", now, SETTINGS.ttl);
         assert_eq!(plan.take_over.len(), usize::from(SHARDS) - 1);
         assert!(plan.take_over.contains(&(1, 101)), "on the revision seen");
         assert!(!plan.take_over.iter().any(|(shard, _)| *shard == 0));
+    }
+
+    /// While this replica was cut off it could not see keys move: after an outage nothing
+    /// stood still from before it, and other replicas count as live for a TTL.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_stood_still_while_this_replica_was_cut_off() {
+        let start = Instant::now();
+        let mut state = State::new(start);
+        state.heartbeat_sent(Some(start));
+        state.saw_member("b", 1, start);
+        state.saw_lease(0, "b", 100, start);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        state.heartbeat_sent(None);
+        tokio::time::advance(SETTINGS.ttl * 3).await;
+        let back = Instant::now();
+        state.heartbeat_sent(Some(back));
+        assert_eq!(state.live("a", back, SETTINGS.ttl), ["a", "b"]);
+        assert!(state.plan("a", back, SETTINGS.ttl).take_over.is_empty());
+        tokio::time::advance(SETTINGS.ttl).await;
+        let now = Instant::now();
+        state.heartbeat_sent(Some(now));
+        assert_eq!(state.live("a", now, SETTINGS.ttl), ["a"]);
+        assert_eq!(state.plan("a", now, SETTINGS.ttl).take_over, [(0, 100)]);
     }
 
     /// Without a fresh heartbeat of its own a replica takes nothing and hands nothing back.
