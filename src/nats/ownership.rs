@@ -367,10 +367,9 @@ impl State {
     }
 
     fn interest_wanted_for(&self, agent: AgentId) -> bool {
-        !self
-            .held
+        self.held
             .get(&shard_of(agent))
-            .is_some_and(|held| !held.releasing)
+            .is_none_or(|held| held.releasing)
     }
 
     /// The agents other replicas watch whose shard this replica may poll.
