@@ -12,8 +12,9 @@ use ccgw_callcontrol::{
 };
 use ccgw_sim::{SimConfig, Simulator};
 use common::{
-    agent_id, client_of, desktop_sign_in, handing_over, nats::NatsServer, release_req, sim_config,
-    spawn_service_logging, spawn_sim, watch_on, watch_req, OpenStream,
+    agent_id, client_of, desktop_sign_in, exits_cleanly, handing_over, nats::NatsServer,
+    release_req, sigterm, sim_config, spawn_service_logging, spawn_sim, watch_on, watch_req,
+    OpenStream,
 };
 use futures_util::StreamExt;
 use tokio::{process::Child, time::Instant};
@@ -491,4 +492,22 @@ async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
     let events = streams[owner].events_of(2).await;
     assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
     assert_eq!(cluster.agent().max_polls_in_flight, 1);
+}
+
+/// A replica stopped with SIGTERM (a rolling update) hands its leases back and withdraws its
+/// membership: the others hold its shards long before a takeover could (the TTL).
+#[tokio::test]
+async fn a_replica_that_shuts_down_hands_its_shards_back_at_once() {
+    let Some(mut cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let stopped_at = Instant::now();
+    sigterm(&cluster.replicas[0].process).await;
+    exits_cleanly(cluster.replicas.remove(0).process).await;
+    cluster.settled().await;
+    let took = stopped_at.elapsed();
+    assert!(
+        took < TTL - Duration::from_secs(2),
+        "handed back in {took:?}"
+    );
 }
