@@ -455,8 +455,8 @@ async fn the_owner_polls_an_agent_only_another_replica_watches() {
 }
 
 /// NATS stopped: renewals fail, the owner's fence closes and nobody polls the agent; NATS
-/// started again: the owner renews the lease it still holds and polls again, and the events
-/// queued meanwhile reach its watcher.
+/// started again: the owner renews the lease it still holds (nobody takes anything over) and
+/// polls again, and the events queued meanwhile reach its watcher.
 #[tokio::test]
 async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
     let Some(mut cluster) = Replicas::start(3).await else {
@@ -488,10 +488,15 @@ async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
 
     cluster.nats.restart().await;
     cluster.until_answered().await;
-    let owner = cluster.owner_of(AGENT).await;
     let events = streams[owner].events_of(2).await;
     assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
     assert_eq!(cluster.agent().max_polls_in_flight, 1);
+    // Every replica was cut off alike: the owner kept its lease (nobody took anything over).
+    assert_eq!(cluster.owner_of(AGENT).await, owner);
+    for replica in &cluster.replicas {
+        let lost = metric(&replica.metrics, "ccgw_nats_shard_leases_lost_total").await;
+        assert_eq!(lost, 0.0);
+    }
 }
 
 /// A replica stopped with SIGTERM (a rolling update) hands its leases back and withdraws its

@@ -346,8 +346,11 @@ impl State {
                 }
                 Some(Lease::Held { holder, seen }) => {
                     // A live holder hands back what it should not hold; a holder that stopped
-                    // renewing is taken over once the lease stood still for the TTL.
-                    if holder != me && now >= self.moved(seen) + patience {
+                    // renewing is taken over once the lease stood still for the TTL. A lease
+                    // that names this replica but is not held is one whose write timed out
+                    // here and reached the server after all (see `Driver::own_revision`):
+                    // nobody else polls it.
+                    if holder == me || now >= self.moved(seen) + patience {
                         plan.take_over.push((shard, seen.revision));
                     }
                 }
@@ -808,7 +811,15 @@ impl Driver {
             match result {
                 Ok(revision) => renewed.push((shard, revision)),
                 Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
-                    self.shared.lease_lost(shard, "its revision moved");
+                    match self.own_revision(shard).await {
+                        // Renewed on it next time; the fence stays as it was.
+                        Some(revision) => self.shared.update(|state, _| {
+                            if let Some(held) = state.held.get_mut(&shard) {
+                                held.revision = held.revision.max(revision);
+                            }
+                        }),
+                        None => self.shared.lease_lost(shard, "its revision moved"),
+                    }
                 }
                 Err(error) => {
                     failed += 1;
@@ -836,6 +847,16 @@ impl Driver {
                 .fetch_add(failed, Ordering::Relaxed);
             tracing::warn!(failed, "shard lease renewals failed; polls of those shards stop once the leases can no longer be relied on");
         }
+    }
+
+    /// The revision of `shard`'s lease when it names this replica: a write of its own that
+    /// timed out here (NATS unreachable) and reached the server after all, from the client's
+    /// buffer. Nobody else holds that lease.
+    async fn own_revision(&self, shard: u16) -> Option<u64> {
+        let entry = self.leases.entry(shard_key(shard)).await.ok()??;
+        let own = entry.operation == Operation::Put
+            && entry.value.as_ref() == self.shared.replica.as_bytes();
+        own.then_some(entry.revision)
     }
 
     /// Takes the shards this replica should hold and may, hands back those drained.
@@ -1151,6 +1172,18 @@ mod tests {
         state.heartbeat_sent(Some(now));
         assert_eq!(state.live("a", now, SETTINGS.ttl), ["a"]);
         assert_eq!(state.plan("a", now, SETTINGS.ttl).take_over, [(0, 100)]);
+    }
+
+    /// A renewal that timed out here but reached the server leaves a lease naming this
+    /// replica that it does not hold: it takes it back at once on the revision seen.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_naming_this_replica_is_taken_back_at_once() {
+        let now = Instant::now();
+        let mut state = holding("a", 3, now);
+        state.lost(3);
+        state.saw_lease(3, "a", 8, now);
+        let plan = state.plan("a", now, SETTINGS.ttl);
+        assert!(plan.take_over.contains(&(3, 8)), "{plan:?}");
     }
 
     /// Without a fresh heartbeat of its own a replica takes nothing and hands nothing back.
