@@ -207,6 +207,15 @@ impl State {
             .is_some_and(|held| !held.releasing && now < held.fence)
     }
 
+    /// The shards held and not being handed back.
+    fn owned(&self) -> Vec<u16> {
+        self.held
+            .iter()
+            .filter(|(_, held)| !held.releasing)
+            .map(|(shard, _)| *shard)
+            .collect()
+    }
+
     /// The shards polls may start for now.
     fn pollable(&self, now: Instant) -> Vec<u16> {
         self.held
@@ -434,25 +443,39 @@ impl Shared {
     }
 
     /// Runs `change` on the state; tells the poll loops when the shards they may poll changed
-    /// and the events room when the remote interest did.
+    /// and the events room when the remote interest did (through the shards owned).
     fn update<T>(&self, change: impl FnOnce(&mut State, Instant) -> T) -> T {
+        self.apply(false, change)
+    }
+
+    /// [`update`](Self::update) for changes of other replicas' interest itself.
+    fn update_interest<T>(&self, change: impl FnOnce(&mut State, Instant) -> T) -> T {
+        self.apply(true, change)
+    }
+
+    fn apply<T>(&self, interest_changed: bool, change: impl FnOnce(&mut State, Instant) -> T) -> T {
         let now = Instant::now();
         let mut state = lock(&self.state);
-        let before = state.pollable(now);
+        let (pollable, owned) = (state.pollable(now), state.owned());
         let result = change(&mut state, now);
-        let after = state.pollable(now);
-        let interest = state.remote_interest(now, self.interest_lifetime());
+        let pollable_changed = pollable != state.pollable(now);
+        // Recomputed only when it may have changed: lease entries arrive by the hundred per
+        // renew interval, and the interest may name thousands of agents.
+        let interest = (interest_changed || owned != state.owned())
+            .then(|| state.remote_interest(now, self.interest_lifetime()));
         drop(state);
-        if before != after {
+        if pollable_changed {
             self.changes.send_modify(|n| *n += 1);
         }
-        self.interest.send_if_modified(|current| {
-            let modified = **current != interest;
-            if modified {
-                *current = Arc::new(interest);
-            }
-            modified
-        });
+        if let Some(interest) = interest {
+            self.interest.send_if_modified(|current| {
+                let modified = **current != interest;
+                if modified {
+                    *current = Arc::new(interest);
+                }
+                modified
+            });
+        }
         result
     }
 
@@ -558,7 +581,7 @@ impl Shared {
         };
         drop(state);
         if set_changed {
-            self.update(|_, _| {});
+            self.update_interest(|_, _| {});
         }
     }
 }
@@ -977,7 +1000,7 @@ impl Driver {
                 "cannot share which agents this replica's clients watch"
             );
         }
-        self.shared.update(|state, now| {
+        self.shared.update_interest(|state, now| {
             state.prune(
                 now,
                 self.shared.interest_lifetime(),
@@ -1265,7 +1288,7 @@ mod tests {
         }
         assert_eq!(**interest.borrow(), BTreeSet::from([watched]));
         tokio::time::advance(ownership.shared.interest_lifetime()).await;
-        ownership.shared.update(|state, now| {
+        ownership.shared.update_interest(|state, now| {
             state.prune(now, ownership.shared.interest_lifetime(), SETTINGS.ttl);
         });
         assert!(interest.borrow().is_empty());
