@@ -12,8 +12,9 @@ use ccgw_callcontrol::{
 };
 use ccgw_sim::{SimConfig, Simulator};
 use common::{
-    agent_id, client_of, desktop_sign_in, handing_over, nats::NatsServer, release_req, sim_config,
-    spawn_service_logging, spawn_sim, watch_on, watch_req, OpenStream,
+    agent_id, client_of, desktop_sign_in, exits_cleanly, handing_over, nats::NatsServer,
+    release_req, sigterm, sim_config, spawn_service_logging, spawn_sim, watch_on, watch_req,
+    OpenStream,
 };
 use futures_util::StreamExt;
 use tokio::{process::Child, time::Instant};
@@ -44,7 +45,7 @@ struct Replica {
 }
 
 struct Replicas {
-    _nats: NatsServer,
+    nats: NatsServer,
     nats_url: String,
     jetstream: jetstream::Context,
     /// Opened once the first replica created it.
@@ -113,7 +114,7 @@ impl Replicas {
         let nats_url = nats.url();
         let client = async_nats::connect(&nats_url).await.unwrap();
         let mut replicas = Self {
-            _nats: nats,
+            nats,
             nats_url,
             jetstream: jetstream::new(client),
             leases: None,
@@ -451,4 +452,67 @@ async fn the_owner_polls_an_agent_only_another_replica_watches() {
         cluster.agent().polls_in_flight == 0
     })
     .await;
+}
+
+/// NATS stopped: renewals fail, the owner's fence closes and nobody polls the agent; NATS
+/// started again: the owner renews the lease it still holds (nobody takes anything over) and
+/// polls again, and the events queued meanwhile reach its watcher.
+#[tokio::test]
+async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
+    let Some(mut cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(cluster.watch_on(i, &desktop.guid).await);
+    }
+    let owner = cluster.owner_of(AGENT).await;
+    cluster.until_polled().await;
+    cluster.nats.kill().await;
+    let killed_at = Instant::now();
+
+    // The owner's last renewal was sent before the kill: its fence closed by TTL - margin
+    // (2 s) after it, and the last poll it started before answered within the simulator's
+    // long-poll wait (4 s). From then on nobody may poll; a loop still polling would poll again
+    // within its 300 ms pause, so a window of a few seconds shows it.
+    tokio::time::sleep_until(killed_at + TTL + Duration::from_secs(4)).await;
+    let owner_metrics = &cluster.replicas[owner].metrics;
+    let failed = metric(owner_metrics, "ccgw_nats_lease_renewals_failed_total").await;
+    assert!(failed >= 1.0, "renewals failed");
+    assert_eq!(cluster.agent().polls_in_flight, 0, "nobody polls the agent");
+    let polls = cluster.polls_of_agent();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(cluster.polls_of_agent(), polls, "no poll while fenced");
+    let call = cluster.hang_up();
+
+    cluster.nats.restart().await;
+    cluster.until_answered().await;
+    let events = streams[owner].events_of(2).await;
+    assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
+    assert_eq!(cluster.agent().max_polls_in_flight, 1);
+    // Every replica was cut off alike: the owner kept its lease (nobody took anything over).
+    assert_eq!(cluster.owner_of(AGENT).await, owner);
+    for replica in &cluster.replicas {
+        let lost = metric(&replica.metrics, "ccgw_nats_shard_leases_lost_total").await;
+        assert_eq!(lost, 0.0);
+    }
+}
+
+/// A replica stopped with SIGTERM (a rolling update) hands its leases back and withdraws its
+/// membership: the others hold its shards long before a takeover could (the TTL).
+#[tokio::test]
+async fn a_replica_that_shuts_down_hands_its_shards_back_at_once() {
+    let Some(mut cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let stopped_at = Instant::now();
+    sigterm(&cluster.replicas[0].process).await;
+    exits_cleanly(cluster.replicas.remove(0).process).await;
+    cluster.settled().await;
+    let took = stopped_at.elapsed();
+    assert!(
+        took < TTL - Duration::from_secs(2),
+        "handed back in {took:?}"
+    );
 }

@@ -99,16 +99,10 @@ impl PollLoop {
                 std::future::pending::<()>().await;
             }
         };
-        let timer = async {
-            match ends {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = ownership_changed => true,
             () = self.feed.changed.notified() => true,
-            () = timer => true,
+            () = sleep_until(ends) => true,
             () = self.shutdown.cancelled() => false,
         }
     }
@@ -250,15 +244,9 @@ impl PollLoop {
 
     /// Sleeps until a watcher comes or goes, or `until`. False when the facade shuts down.
     async fn wait(&mut self, until: Option<Instant>) -> bool {
-        let timer = async {
-            match until {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = self.feed.changed.notified() => true,
-            () = timer => true,
+            () = sleep_until(until) => true,
             () = self.shutdown.cancelled() => false,
         }
     }
@@ -277,6 +265,14 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sleeps until `at`; forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -170,9 +170,12 @@ struct State {
     in_flight: HashMap<u16, usize>,
     members: HashMap<String, Seen>,
     leases: HashMap<u16, Lease>,
-    /// When this replica began to look (a shard never seen is free since then).
-    started: Instant,
-    /// When this replica's last successful heartbeat was sent.
+    /// Since when this replica has been watching the bucket without a break: it began, or its
+    /// heartbeat succeeded again after failing. Keys cannot be seen to move while it is cut off,
+    /// so nothing counts as standing still from before (after an outage every replica would
+    /// otherwise find every other dead and every lease stale at once).
+    observing_since: Instant,
+    /// When this replica's last successful heartbeat was sent; `None` after a failed one.
     heartbeat: Option<Instant>,
     /// Agents this replica's clients watch: how many poll loops said so.
     local: HashMap<AgentId, usize>,
@@ -189,7 +192,7 @@ impl State {
             in_flight: HashMap::new(),
             members: HashMap::new(),
             leases: HashMap::new(),
-            started: now,
+            observing_since: now,
             heartbeat: None,
             local: HashMap::new(),
             published: HashSet::new(),
@@ -202,6 +205,15 @@ impl State {
         self.held
             .get(&shard)
             .is_some_and(|held| !held.releasing && now < held.fence)
+    }
+
+    /// The shards held and not being handed back.
+    fn owned(&self) -> Vec<u16> {
+        self.held
+            .iter()
+            .filter(|(_, held)| !held.releasing)
+            .map(|(shard, _)| *shard)
+            .collect()
     }
 
     /// The shards polls may start for now.
@@ -256,6 +268,21 @@ impl State {
         }
     }
 
+    /// When `seen` last moved, as far as this replica can tell.
+    fn moved(&self, seen: &Seen) -> Instant {
+        seen.moved.max(self.observing_since)
+    }
+
+    /// This replica's heartbeat was sent at `sent` and succeeded (`Some`), or failed.
+    fn heartbeat_sent(&mut self, sent: Option<Instant>) {
+        if self.heartbeat.is_none() {
+            if let Some(sent) = sent {
+                self.observing_since = self.observing_since.max(sent);
+            }
+        }
+        self.heartbeat = sent;
+    }
+
     fn saw_member(&mut self, member: &str, revision: u64, now: Instant) {
         let seen = self.members.entry(member.to_owned()).or_insert(Seen {
             revision,
@@ -274,13 +301,14 @@ impl State {
         let mut live: Vec<&str> = self
             .members
             .iter()
-            .filter(|(member, seen)| member.as_str() != me && now < seen.moved + ttl)
+            .filter(|(member, seen)| member.as_str() != me && now < self.moved(seen) + ttl)
             .map(|(member, _)| member.as_str())
             .collect();
         if self.heartbeat.is_some_and(|sent| now < sent + ttl) {
             live.push(me);
         }
         live.sort_unstable();
+        live.dedup();
         live
     }
 
@@ -316,19 +344,22 @@ impl State {
             match self.leases.get(&shard) {
                 None if desired => plan.create.push(shard),
                 None => {
-                    if now >= self.started + patience {
+                    if now >= self.observing_since + patience {
                         plan.create.push(shard);
                     }
                 }
                 Some(Lease::Free { since }) => {
-                    if desired || now >= *since + patience {
+                    if desired || now >= (*since).max(self.observing_since) + patience {
                         plan.create.push(shard);
                     }
                 }
                 Some(Lease::Held { holder, seen }) => {
                     // A live holder hands back what it should not hold; a holder that stopped
-                    // renewing is taken over once the lease stood still for the TTL.
-                    if holder != me && now >= seen.moved + patience {
+                    // renewing is taken over once the lease stood still for the TTL. A lease
+                    // that names this replica but is not held is one whose write timed out
+                    // here and reached the server after all (see `Driver::own_revision`):
+                    // nobody else polls it.
+                    if holder == me || now >= self.moved(seen) + patience {
                         plan.take_over.push((shard, seen.revision));
                     }
                 }
@@ -348,10 +379,9 @@ impl State {
     }
 
     fn interest_wanted_for(&self, agent: AgentId) -> bool {
-        !self
-            .held
+        self.held
             .get(&shard_of(agent))
-            .is_some_and(|held| !held.releasing)
+            .is_none_or(|held| held.releasing)
     }
 
     /// The agents other replicas watch whose shard this replica may poll.
@@ -413,25 +443,39 @@ impl Shared {
     }
 
     /// Runs `change` on the state; tells the poll loops when the shards they may poll changed
-    /// and the events room when the remote interest did.
+    /// and the events room when the remote interest did (through the shards owned).
     fn update<T>(&self, change: impl FnOnce(&mut State, Instant) -> T) -> T {
+        self.apply(false, change)
+    }
+
+    /// [`update`](Self::update) for changes of other replicas' interest itself.
+    fn update_interest<T>(&self, change: impl FnOnce(&mut State, Instant) -> T) -> T {
+        self.apply(true, change)
+    }
+
+    fn apply<T>(&self, interest_changed: bool, change: impl FnOnce(&mut State, Instant) -> T) -> T {
         let now = Instant::now();
         let mut state = lock(&self.state);
-        let before = state.pollable(now);
+        let (pollable, owned) = (state.pollable(now), state.owned());
         let result = change(&mut state, now);
-        let after = state.pollable(now);
-        let interest = state.remote_interest(now, self.interest_lifetime());
+        let pollable_changed = pollable != state.pollable(now);
+        // Recomputed only when it may have changed: lease entries arrive by the hundred per
+        // renew interval, and the interest may name thousands of agents.
+        let interest = (interest_changed || owned != state.owned())
+            .then(|| state.remote_interest(now, self.interest_lifetime()));
         drop(state);
-        if before != after {
+        if pollable_changed {
             self.changes.send_modify(|n| *n += 1);
         }
-        self.interest.send_if_modified(|current| {
-            let modified = **current != interest;
-            if modified {
-                *current = Arc::new(interest);
-            }
-            modified
-        });
+        if let Some(interest) = interest {
+            self.interest.send_if_modified(|current| {
+                let modified = **current != interest;
+                if modified {
+                    *current = Arc::new(interest);
+                }
+                modified
+            });
+        }
         result
     }
 
@@ -537,7 +581,7 @@ impl Shared {
         };
         drop(state);
         if set_changed {
-            self.update(|_, _| {});
+            self.update_interest(|_, _| {});
         }
     }
 }
@@ -759,10 +803,11 @@ impl Driver {
         let key = member_key(&self.shared.replica);
         match self.leases.put(&key, bytes::Bytes::new()).await {
             Ok(revision) => self.shared.update(|state, _| {
-                state.heartbeat = Some(sent);
+                state.heartbeat_sent(Some(sent));
                 state.saw_member(&self.shared.replica, revision, sent);
             }),
             Err(error) => {
+                self.shared.update(|state, _| state.heartbeat_sent(None));
                 self.shared.renewals_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "cannot renew this replica's membership in NATS");
             }
@@ -789,7 +834,15 @@ impl Driver {
             match result {
                 Ok(revision) => renewed.push((shard, revision)),
                 Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
-                    self.shared.lease_lost(shard, "its revision moved");
+                    match self.own_revision(shard).await {
+                        // Renewed on it next time; the fence stays as it was.
+                        Some(revision) => self.shared.update(|state, _| {
+                            if let Some(held) = state.held.get_mut(&shard) {
+                                held.revision = held.revision.max(revision);
+                            }
+                        }),
+                        None => self.shared.lease_lost(shard, "its revision moved"),
+                    }
                 }
                 Err(error) => {
                     failed += 1;
@@ -817,6 +870,16 @@ impl Driver {
                 .fetch_add(failed, Ordering::Relaxed);
             tracing::warn!(failed, "shard lease renewals failed; polls of those shards stop once the leases can no longer be relied on");
         }
+    }
+
+    /// The revision of `shard`'s lease when it names this replica: a write of its own that
+    /// timed out here (NATS unreachable) and reached the server after all, from the client's
+    /// buffer. Nobody else holds that lease.
+    async fn own_revision(&self, shard: u16) -> Option<u64> {
+        let entry = self.leases.entry(shard_key(shard)).await.ok()??;
+        let own = entry.operation == Operation::Put
+            && entry.value.as_ref() == self.shared.replica.as_bytes();
+        own.then_some(entry.revision)
     }
 
     /// Takes the shards this replica should hold and may, hands back those drained.
@@ -937,7 +1000,7 @@ impl Driver {
                 "cannot share which agents this replica's clients watch"
             );
         }
-        self.shared.update(|state, now| {
+        self.shared.update_interest(|state, now| {
             state.prune(
                 now,
                 self.shared.interest_lifetime(),
@@ -1052,7 +1115,7 @@ mod tests {
 
     fn holding(me: &str, shard: u16, now: Instant) -> State {
         let mut state = State::new(now);
-        state.heartbeat = Some(now);
+        state.heartbeat_sent(Some(now));
         state.renewed(me, shard, 7, now, SETTINGS);
         state
     }
@@ -1086,14 +1149,14 @@ mod tests {
     async fn a_lease_is_taken_over_once_it_stood_still_for_the_ttl() {
         let start = Instant::now();
         let mut state = State::new(start);
-        state.heartbeat = Some(start);
+        state.heartbeat_sent(Some(start));
         state.saw_member("b", 1, start);
         for shard in 0..SHARDS {
             state.saw_lease(shard, "b", 100 + u64::from(shard), start);
         }
         tokio::time::advance(SETTINGS.ttl - Duration::from_millis(1)).await;
         let now = Instant::now();
-        state.heartbeat = Some(now);
+        state.heartbeat_sent(Some(now));
         let plan = state.plan("a", now, SETTINGS.ttl);
         assert!(
             plan.take_over.is_empty() && plan.create.is_empty(),
@@ -1104,11 +1167,46 @@ mod tests {
         state.saw_lease(0, "b", 1000, now);
         tokio::time::advance(Duration::from_millis(1)).await;
         let now = Instant::now();
-        state.heartbeat = Some(now);
+        state.heartbeat_sent(Some(now));
         let plan = state.plan("a", now, SETTINGS.ttl);
         assert_eq!(plan.take_over.len(), usize::from(SHARDS) - 1);
         assert!(plan.take_over.contains(&(1, 101)), "on the revision seen");
         assert!(!plan.take_over.iter().any(|(shard, _)| *shard == 0));
+    }
+
+    /// While this replica was cut off it could not see keys move: after an outage nothing
+    /// stood still from before it, and other replicas count as live for a TTL.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_stood_still_while_this_replica_was_cut_off() {
+        let start = Instant::now();
+        let mut state = State::new(start);
+        state.heartbeat_sent(Some(start));
+        state.saw_member("b", 1, start);
+        state.saw_lease(0, "b", 100, start);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        state.heartbeat_sent(None);
+        tokio::time::advance(SETTINGS.ttl * 3).await;
+        let back = Instant::now();
+        state.heartbeat_sent(Some(back));
+        assert_eq!(state.live("a", back, SETTINGS.ttl), ["a", "b"]);
+        assert!(state.plan("a", back, SETTINGS.ttl).take_over.is_empty());
+        tokio::time::advance(SETTINGS.ttl).await;
+        let now = Instant::now();
+        state.heartbeat_sent(Some(now));
+        assert_eq!(state.live("a", now, SETTINGS.ttl), ["a"]);
+        assert_eq!(state.plan("a", now, SETTINGS.ttl).take_over, [(0, 100)]);
+    }
+
+    /// A renewal that timed out here but reached the server leaves a lease naming this
+    /// replica that it does not hold: it takes it back at once on the revision seen.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_naming_this_replica_is_taken_back_at_once() {
+        let now = Instant::now();
+        let mut state = holding("a", 3, now);
+        state.lost(3);
+        state.saw_lease(3, "a", 8, now);
+        let plan = state.plan("a", now, SETTINGS.ttl);
+        assert!(plan.take_over.contains(&(3, 8)), "{plan:?}");
     }
 
     /// Without a fresh heartbeat of its own a replica takes nothing and hands nothing back.
@@ -1190,7 +1288,7 @@ mod tests {
         }
         assert_eq!(**interest.borrow(), BTreeSet::from([watched]));
         tokio::time::advance(ownership.shared.interest_lifetime()).await;
-        ownership.shared.update(|state, now| {
+        ownership.shared.update_interest(|state, now| {
             state.prune(now, ownership.shared.interest_lifetime(), SETTINGS.ttl);
         });
         assert!(interest.borrow().is_empty());
