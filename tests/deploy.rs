@@ -598,7 +598,7 @@ async fn the_replicated_deployment_reaches_nats_over_mutual_tls_within_its_permi
 }
 
 /// The alerting rules load, and the alerts ccgw-callcontrol.rules.test.yaml tests fire on the
-/// series that should raise them (two of them checked not to fire before).
+/// series that should raise them (three of them checked not to fire before).
 #[test]
 fn the_alerting_rules_load_and_fire_when_they_should() {
     let Some(promtool) = tool(

@@ -218,6 +218,14 @@ pub(super) fn service_state(
             "--idempotency-capacity",
             constant(config.release_policy().idempotency_capacity),
         );
+    // Only replicas have a NATS to reach: an alert on it cannot fire for a single process.
+    if let Some(reachable) = api.shared_state_check() {
+        state.gauge(
+            "ccgw_nats_connected",
+            "1 while this replica reaches NATS (readiness follows it)",
+            move || i64::from(reachable()),
+        );
+    }
     if let Some(dropped) = dropped_log_lines {
         state.counter(
             "ccgw_log_lines_dropped",
