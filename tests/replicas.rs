@@ -161,6 +161,22 @@ async fn poller(set: &ReplicaSet, within: Duration) -> usize {
     found.unwrap_or_else(|_| panic!("no single replica polls within {within:?}"))
 }
 
+/// Three replicas on `nats` with agent 101 signed in, and which of them polls it once somebody
+/// watches it: the owner, and the addresses of the two others.
+async fn three_replicas_and_the_owner(nats: &NatsServer) -> (ReplicaSet, usize, Vec<String>) {
+    let set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
+    set.sign_in_on(0, "101").await;
+    // Somebody must watch the agent for anybody to poll it.
+    let first = RoamingWatcher::start(&["101"], set.live_addrs()).await;
+    let owner = poller(&set, TAKEOVER_WITHIN).await;
+    drop(first);
+    let others = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| set.replicas[i].addr.clone())
+        .collect();
+    (set, owner, others)
+}
+
 /// Issue 10, scenario 1: watchers on replica A, hang-ups through ReleaseCall on replica B, the
 /// agent polled by replica C: every event reaches the watcher once, in order; B's ReleaseCall
 /// sees its own release event through the log; the gateway never had two polls in flight.
@@ -169,17 +185,13 @@ async fn watch_on_one_replica_release_through_another_poll_on_a_third() {
     let Some(nats) = NatsServer::start().await else {
         return;
     };
-    let set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
-    set.sign_in_on(0, "101").await;
-    let any = RoamingWatcher::start(&["101"], set.live_addrs()).await;
-    let c = poller(&set, TAKEOVER_WITHIN).await;
+    let (set, c, _) = three_replicas_and_the_owner(&nats).await;
     let (a, b) = match c {
         0 => (1, 2),
         1 => (2, 0),
         _ => (0, 1),
     };
     let watcher = RoamingWatcher::start(&["101"], vec![set.replicas[a].addr.clone()]).await;
-    drop(any);
 
     let mut calls = vec![set.hang_up("101")];
     // B's ReleaseCall waits for its own release event: the first hang-up's must be in the log
@@ -219,19 +231,11 @@ async fn a_killed_owners_agents_are_polled_again_within_the_lease_ttl() {
     let Some(nats) = NatsServer::start().await else {
         return;
     };
-    let mut set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
-    set.sign_in_on(0, "101").await;
-    let first = RoamingWatcher::start(&["101"], set.live_addrs()).await;
-    let owner = poller(&set, TAKEOVER_WITHIN).await;
-    let others: Vec<String> = (0..3)
-        .filter(|i| *i != owner)
-        .map(|i| set.replicas[i].addr.clone())
-        .collect();
+    let (mut set, owner, others) = three_replicas_and_the_owner(&nats).await;
     let watchers = [
         RoamingWatcher::start(&["101"], others.clone()).await,
         RoamingWatcher::start(&["101"], others.iter().rev().cloned().collect()).await,
     ];
-    drop(first);
     let mut calls = vec![set.hang_up("101")];
     for watcher in &watchers {
         watcher.until_events(2, common::WAIT).await;
@@ -260,16 +264,8 @@ async fn a_paused_owner_polls_no_more_once_resumed() {
     let Some(nats) = NatsServer::start().await else {
         return;
     };
-    let set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
-    set.sign_in_on(0, "101").await;
-    let first = RoamingWatcher::start(&["101"], set.live_addrs()).await;
-    let owner = poller(&set, TAKEOVER_WITHIN).await;
-    let others: Vec<String> = (0..3)
-        .filter(|i| *i != owner)
-        .map(|i| set.replicas[i].addr.clone())
-        .collect();
+    let (set, owner, others) = three_replicas_and_the_owner(&nats).await;
     let watcher = RoamingWatcher::start(&["101"], others).await;
-    drop(first);
     let mut calls = vec![set.hang_up("101")];
     watcher.until_events(2, common::WAIT).await;
 
