@@ -131,7 +131,6 @@ impl Cluster {
         &self.settings
     }
 
-
     pub(crate) fn jetstream(&self) -> &jetstream::Context {
         &self.jetstream
     }
