@@ -35,6 +35,10 @@ fi
 work=$(mktemp -d)
 pids=()
 stop() {
+    local status=$?
+    if $check && [[ $status -ne 0 ]]; then
+        for log in "$work"/*.log; do echo "== $log" >&2; tail -n 15 "$log" >&2; done
+    fi
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"

@@ -253,7 +253,7 @@ async fn events_flow_on_with_one_node_of_three_killed() {
     sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
 }
 
-/// The index of the cluster node (named `n<index>`) that leads the event stream.
+/// The index of the cluster node (named `n<index>-<unique>`) that leads the event stream.
 async fn stream_leader(urls: &str) -> usize {
     let servers: Vec<&str> = urls.split(',').collect();
     let client = async_nats::connect(servers)
@@ -267,7 +267,7 @@ async fn stream_leader(urls: &str) -> usize {
     let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
     leader
         .as_deref()
-        .and_then(|name| name.strip_prefix('n'))
+        .and_then(|name| name.strip_prefix('n')?.split('-').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("a leader named n<index>: {leader:?}"))
 }

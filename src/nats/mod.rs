@@ -166,13 +166,23 @@ impl Cluster {
         if let Ok(store) = self.jetstream.get_key_value(&bucket).await {
             return Ok(store);
         }
-        self.jetstream
+        let created = self
+            .jetstream
             .create_key_value(kv::Config {
                 bucket: bucket.clone(),
                 num_replicas: self.settings.replicas,
                 ..config
             })
-            .await
-            .map_err(|e| NatsError::jetstream(format!("bucket {bucket}"), e))
+            .await;
+        match created {
+            Ok(store) => Ok(store),
+            // Replicas starting together race to create it: one that lost finds the
+            // winner's (whose limits may already differ from a fresh bucket's).
+            Err(error) => self
+                .jetstream
+                .get_key_value(&bucket)
+                .await
+                .map_err(|_| NatsError::jetstream(format!("bucket {bucket}"), error)),
+        }
     }
 }

@@ -21,12 +21,27 @@ pub struct NatsServer {
     config: Option<PathBuf>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A free loopback port for a NATS server, below the kernel's ephemeral range (32768 and up on
+/// Linux): a server killed and started again on its port must find it free, and a port some
+/// other test got from `bind(0)` meanwhile would not be. Each call of the process takes the next
+/// of a run of ports that starts at a random place.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let _ = NEXT.compare_exchange(
+        0,
+        LOW + rand::random::<u16>() % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed).wrapping_sub(LOW) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn store_dir(name: &str) -> PathBuf {
@@ -62,7 +77,7 @@ impl NatsServer {
             child: None,
             port: free_port(),
             cluster: None,
-            name: "solo".to_owned(),
+            name: format!("solo-{}", uuid::Uuid::new_v4().simple()),
             dir,
             config,
         };
@@ -83,7 +98,7 @@ impl NatsServer {
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers: Vec<Self> = (0..3)
             .map(|n| {
-                let name = format!("n{n}");
+                let name = format!("n{n}-{}", uuid::Uuid::new_v4().simple());
                 let dir = store_dir(&name);
                 Self {
                     child: None,
@@ -150,6 +165,13 @@ impl NatsServer {
         tokio::time::timeout(READY_WITHIN, async {
             loop {
                 if let Ok(client) = async_nats::connect(&url).await {
+                    // Another test's server on this port would be a silent mix-up.
+                    let name = client.server_info().server_name;
+                    assert_eq!(
+                        name, self.name,
+                        "another nats-server took port {}",
+                        self.port
+                    );
                     let jetstream = async_nats::jetstream::new(client);
                     if jetstream.query_account().await.is_ok() {
                         return;
