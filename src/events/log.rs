@@ -251,19 +251,19 @@ pub(crate) fn dropped_after(
 mod tests {
     use std::{
         sync::{atomic::Ordering, Arc, Mutex},
-        time::{Duration, SystemTime},
+        time::Duration,
     };
 
     use futures_util::future::BoxFuture;
 
     use super::{dropped_after, Backfill, EventLog, LogFollower, Record};
     use crate::{
-        domain::{AgentId, CallId},
+        domain::AgentId,
         events::{
-            testing::{agent, hub_on, ready, sequences, sign_in},
+            testing::{agent, call_release, hub_on, ready, sequences, sign_in},
             watcher::{Gap, GapCause},
-            EventHub, EventSettings, KindFilter, ReleaseEvent, ReleaseKind, ResumeToken,
-            SessionEnding, SubscribeError, WatcherEnd, WatcherItem,
+            EventHub, EventSettings, KindFilter, ReleaseEvent, ResumeToken, SessionEnding,
+            SubscribeError, WatcherEnd, WatcherItem,
         },
         lock,
     };
@@ -310,19 +310,13 @@ mod tests {
     }
 
     fn release(agent: AgentId, sequence: u64) -> ReleaseEvent {
-        ReleaseEvent {
+        call_release(
             agent,
-            kind: ReleaseKind::CallRelease,
-            call_id: CallId::parse("c", "1-1").unwrap(),
-            customer_number: None,
-            event_time: None,
-            observed_time: SystemTime::now(),
-            raw_event_type: "AgentEvent_Call_Release".into(),
-            token: ResumeToken {
+            ResumeToken {
                 epoch: EPOCH,
                 sequence,
             },
-        }
+        )
     }
 
     /// What the follower would hand over: the record stored at `sequence`.

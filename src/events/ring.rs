@@ -88,25 +88,14 @@ impl ReplayRing {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
-    use crate::{
-        domain::{AgentId, CallId},
-        events::{ReleaseKind, ResumeToken},
+    use crate::events::{
+        testing::{agent, call_release},
+        ResumeToken,
     };
 
     fn event(sequence: u64) -> Arc<ReleaseEvent> {
-        Arc::new(ReleaseEvent {
-            agent: AgentId::parse("a", "101", 59_999).unwrap(),
-            kind: ReleaseKind::CallRelease,
-            call_id: CallId::parse("c", "1-1").unwrap(),
-            customer_number: None,
-            event_time: None,
-            observed_time: SystemTime::now(),
-            raw_event_type: "AgentEvent_Call_Release".into(),
-            token: ResumeToken { epoch: 1, sequence },
-        })
+        Arc::new(call_release(agent(0), ResumeToken { epoch: 1, sequence }))
     }
 
     fn sequences(ring: &ReplayRing, after: u64) -> Vec<u64> {

@@ -53,6 +53,20 @@ fn no_gateway() -> Sessions {
     Sessions::new(SessionRegistry::default(), gateway)
 }
 
+/// A call release of `agent` placed at `token`, as a log or ring holds it.
+pub(super) fn call_release(agent: AgentId, token: ResumeToken) -> super::ReleaseEvent {
+    super::ReleaseEvent {
+        agent,
+        kind: super::ReleaseKind::CallRelease,
+        call_id: CallId::parse("c", "1-1").unwrap(),
+        customer_number: None,
+        event_time: None,
+        observed_time: std::time::SystemTime::now(),
+        raw_event_type: "AgentEvent_Call_Release".into(),
+        token,
+    }
+}
+
 pub(super) fn agent(n: u32) -> AgentId {
     AgentId::parse("agent", &(101 + n).to_string(), 59_999).unwrap()
 }
