@@ -165,8 +165,17 @@ impl EventHub {
         if token.sequence <= hub.log_end.load(Ordering::SeqCst) {
             return;
         }
-        let end = hub.log.last_sequence().await.unwrap_or(token.sequence);
-        hub.log_end.fetch_max(end, Ordering::SeqCst);
+        if self.read_log_end().await.is_none() {
+            hub.log_end.fetch_max(token.sequence, Ordering::SeqCst);
+        }
+    }
+
+    /// Reads where the shared log ends, and raises what this replica knows of it; `None` when
+    /// the log cannot tell.
+    async fn read_log_end(&self) -> Option<u64> {
+        let end = self.hub.log.last_sequence().await?;
+        self.hub.log_end.fetch_max(end, Ordering::SeqCst);
+        Some(end)
     }
 
     /// Where a shared log ends now (read within [`LOG_END_WITHIN`]), as a position; `None`
@@ -177,11 +186,10 @@ impl EventHub {
         if !hub.log.keeps_history() {
             return None;
         }
-        let end = tokio::time::timeout(LOG_END_WITHIN, hub.log.last_sequence())
+        let end = tokio::time::timeout(LOG_END_WITHIN, self.read_log_end())
             .await
             .ok()
             .flatten()?;
-        hub.log_end.fetch_max(end, Ordering::SeqCst);
         Some(ResumeToken {
             epoch: hub.epoch,
             sequence: end,
