@@ -34,9 +34,8 @@ impl Retcode {
     #[cfg(test)]
     pub(crate) const OK: Self = Self(Parsed::Success);
     pub(crate) const WRONG_EVENT_METHOD: Self = Self::of(KnownRetcode::WrongEventMethod);
+    pub(crate) const INVALID_PARAMETER: Self = Self::of(KnownRetcode::InvalidParameter);
     pub(crate) const NO_RIGHT: Self = Self::of(KnownRetcode::NoRight);
-    pub(crate) const SWITCHING_OVER: Self = Self::of(KnownRetcode::SwitchingOver);
-    pub(crate) const DUPLICATE_IN_PROGRESS: Self = Self::of(KnownRetcode::DuplicateInProgress);
     pub(crate) const AGENT_NOT_SIGNED_IN: Self = Self::of(KnownRetcode::AgentNotSignedIn);
     pub(crate) const OPERATION_EXCEPTION: Self = Self::of(KnownRetcode::OperationException);
     pub(crate) const NO_CALL_TO_RELEASE: Self = Self::of(KnownRetcode::NoCallToRelease);

@@ -30,19 +30,23 @@ fn means_no_call(retcode: &Retcode) -> bool {
     [Retcode::NO_CALL_TO_RELEASE, Retcode::NO_CALL_TO_DROP].contains(retcode)
 }
 
-/// Whether a release may have happened (or be happening) although the gateway refused it:
-/// 100-007 "exception during the agent operation" (the gateway may have got part way); 000-007
-/// "interface invoked repeatedly" (the same release of this agent is running at the gateway:
-/// repeating ours once it is done would hang up the next call); 000-004 "agent being switched
-/// over" (DR: the reference does not say the operation was not carried out first).
-fn leaves_outcome_unknown(retcode: &Retcode) -> bool {
-    [
-        Retcode::OPERATION_EXCEPTION,
-        Retcode::DUPLICATE_IN_PROGRESS,
-        Retcode::SWITCHING_OVER,
-    ]
-    .contains(retcode)
-}
+/// The gateway's refusals of a release that provably changed nothing: the only retcodes after
+/// which a release of the current call is forgotten, so that a repeat may act. The list is
+/// closed on purpose: any other retcode, documented or not, known today or added later, may have
+/// hung the call up (the reference lists 100-007 for release, and says nothing of what an
+/// undocumented code did), so its answer is kept and a repeat sends nothing.
+const REFUSALS_THAT_CHANGED_NOTHING: [Retcode; 3] = [
+    // 100-006: the gateway does not know the agent as signed in with this Guid (the reference:
+    // what a wrong or expired Guid gets); it acted for nobody. The caller hands a fresh Guid
+    // over and repeats.
+    Retcode::AGENT_NOT_SIGNED_IN,
+    // 000-003: no right to invoke, the reference's other answer to a wrong or expired Guid.
+    Retcode::NO_RIGHT,
+    // 000-002: the parameter or URL is invalid: the request named no agent or interface the
+    // gateway could act on. (000-006 "message parameter error" is not here: a release carries
+    // no message, so the reference does not say what that code means for one.)
+    Retcode::INVALID_PARAMETER,
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ReleaseCommand {
@@ -91,37 +95,45 @@ pub(crate) enum ReleaseError {
 }
 
 impl ReleaseError {
-    /// Whether the hang-up may have happened although no success came back. Only a release of
-    /// the *current* call makes this dangerous: repeating it could hang up the next call.
-    pub(crate) fn may_have_released(&self) -> bool {
+    /// Whether the failure provably changed nothing at the gateway: it never left the facade,
+    /// or the gateway refused it in a way that [`REFUSALS_THAT_CHANGED_NOTHING`] lists, or
+    /// found no call. Everything else may have acted.
+    pub(crate) fn changed_nothing(&self) -> bool {
         match self {
-            Self::Gateway(e) => e.may_have_taken_effect(),
-            Self::Rejected { retcode, .. } => leaves_outcome_unknown(retcode),
-            // The earlier attempt may have sent its release before it died; shutdown may cut
-            // off a release in flight.
-            Self::EarlierAttemptLost | Self::ShuttingDown => true,
+            Self::Gateway(e) => !e.may_have_taken_effect(),
+            Self::Rejected { retcode, .. } => REFUSALS_THAT_CHANGED_NOTHING.contains(retcode),
             Self::NoActiveCall { .. }
             | Self::RequestIdReused
             | Self::TooManyPending
             | Self::SharedStateUnavailable
-            | Self::CannotWait(_) => false,
+            | Self::CannotWait(_) => true,
+            // The earlier attempt may have sent its release before it died; shutdown may cut
+            // off a release in flight.
+            Self::EarlierAttemptLost | Self::ShuttingDown => false,
         }
+    }
+
+    /// Whether the hang-up may have happened although no success came back. Only a release of
+    /// the *current* call makes this dangerous: repeating it could hang up the next call.
+    pub(crate) fn may_have_released(&self) -> bool {
+        !self.changed_nothing()
     }
 }
 
 /// How long a request id keeps its answer. A client repeats a request because it did not get
 /// the answer, whatever the facade knew: so every answer to a release of the current call that
-/// reached the gateway (released, no call, outcome unknown) holds for the whole window,
-/// whatever the cache's pressure, or the repeat would hang up the next call. A dropcall names
-/// its call: its settled answers may make room, and one with an unknown outcome is safe to
-/// repeat, so it is not remembered, nor is anything that provably changed nothing.
+/// may have reached the gateway (released, no call, and anything that may have acted: an
+/// unknown retcode, a malformed answer, a timeout) holds for the whole window, whatever the
+/// cache's pressure, or the repeat would hang up the next call; only what provably changed
+/// nothing is forgotten. A dropcall names its call: its answers (released, no call) are kept
+/// so that a repeat gets them rather than "no call", but may make room; one whose outcome is
+/// unknown is safe to repeat (the repeat finds the call or its absence), so it is not kept.
 fn retention(target: &ReleaseTarget, answer: &ReleaseAnswer) -> Retention {
-    let settled = match answer {
+    let kept = match answer {
         Ok(_) | Err(ReleaseError::NoActiveCall { .. }) => true,
-        Err(error) if *target == ReleaseTarget::Current && error.may_have_released() => true,
-        Err(_) => false,
+        Err(error) => *target == ReleaseTarget::Current && !error.changed_nothing(),
     };
-    match (settled, target) {
+    match (kept, target) {
         (false, _) => Retention::Forget,
         (true, ReleaseTarget::Current) => Retention::Pinned,
         (true, ReleaseTarget::Call(_)) => Retention::Evictable,
@@ -459,4 +471,129 @@ fn interpret(command: &ReleaseCommand, answer: Answer) -> Result<ReleaseReport, 
         message,
         replayed: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        domain::{CallId, RequestId},
+        gateway::{wire, KnownRetcode},
+    };
+
+    /// The retcodes, as the gateway sends them, after which a release of the current call is
+    /// forgotten: written out here, apart from the code's list.
+    const FORGOTTEN: [&str; 3] = ["100-006", "000-003", "000-002"];
+
+    fn command(target: ReleaseTarget, require_active_call: bool) -> ReleaseCommand {
+        ReleaseCommand {
+            agent: AgentId::parse("agent_id", "101", 59_999).unwrap(),
+            target,
+            require_active_call,
+        }
+    }
+
+    /// What a release makes of a gateway answer whose retcode is `retcode` (any string, as the
+    /// JSON envelope carries it): read off the wire like any answer, then interpreted.
+    fn answer_with(command: &ReleaseCommand, retcode: &str) -> ReleaseAnswer {
+        let body = serde_json::json!({"message": "simulated", "retcode": retcode}).to_string();
+        match wire::parse_answer(body.as_bytes()) {
+            Ok(answer) => interpret(command, answer),
+            Err(error) => Err(ReleaseError::Gateway(error)),
+        }
+    }
+
+    /// Whether a repeat of a request_id whose release was answered `answer` would act again
+    /// (own the id, so send its release) rather than get that answer.
+    fn repeat_acts(command: &ReleaseCommand, answer: ReleaseAnswer) -> bool {
+        let cache: claims::AnswerCache = IdempotencyCache::new(Duration::from_secs(600), 4);
+        let key: AnswerKey = ("billing".into(), RequestId::parse("r", "r-1").unwrap());
+        let idempotency::Claim::Owner(ticket) = cache.claim(&key, command.clone()) else {
+            panic!("the first claim owns the id");
+        };
+        let kept = retention(&command.target, &answer);
+        ticket.complete(answer, kept);
+        matches!(
+            cache.claim(&key, command.clone()),
+            idempotency::Claim::Owner(_)
+        )
+    }
+
+    /// Any string, documented codes, and strings shaped like codes (with the whitespace the
+    /// envelope may carry around them).
+    fn retcodes() -> impl Strategy<Value = String> {
+        let documented: Vec<String> = KnownRetcode::ALL
+            .iter()
+            .map(|k| k.code().to_owned())
+            .chain(["0".to_owned()])
+            .collect();
+        prop_oneof![
+            any::<String>(),
+            "[0-9]{3}-[0-9]{3}",
+            "[ \t]{0,2}[0-9]{0,4}-?[0-9]{0,4}[ \t]{0,2}",
+            proptest::sample::select(documented.clone()),
+            proptest::sample::select(documented).prop_map(|code| format!(" {code} ")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// For any retcode outside the refusals that changed nothing, a repeat of a current-call
+        /// release's request_id sends nothing, and a failure is "may have released" (which the
+        /// status table answers RELEASE_OUTCOME_UNKNOWN).
+        #[test]
+        fn only_listed_refusals_free_a_current_call_release(
+            retcode in retcodes(),
+            require_active_call in any::<bool>(),
+        ) {
+            let command = command(ReleaseTarget::Current, require_active_call);
+            let answer = answer_with(&command, &retcode);
+            let forgotten = FORGOTTEN.contains(&retcode.trim());
+            prop_assert_eq!(repeat_acts(&command, answer.clone()), forgotten, "{:?}", answer);
+            if let Err(error) = &answer {
+                let no_call = matches!(error, ReleaseError::NoActiveCall { .. });
+                prop_assert_eq!(error.may_have_released(), !forgotten && !no_call, "{:?}", error);
+            }
+        }
+
+        /// A dropcall names its call, so repeating one whose outcome is unknown is safe: only
+        /// its answers (released, no call) are kept.
+        #[test]
+        fn a_dropcall_keeps_only_its_answers(retcode in retcodes()) {
+            let call = CallId::parse("call_id", "1456403549-15").unwrap();
+            let command = command(ReleaseTarget::Call(call), false);
+            let answer = answer_with(&command, &retcode);
+            let answered = matches!(answer, Ok(_) | Err(ReleaseError::NoActiveCall { .. }));
+            prop_assert_eq!(repeat_acts(&command, answer), !answered);
+        }
+    }
+
+    #[test]
+    fn unknown_and_unsettling_retcodes_keep_the_request_id() {
+        let command = command(ReleaseTarget::Current, false);
+        for retcode in ["200-099", "900-001", "100-007", "000-007", "000-004", "000-006"] {
+            let answer = answer_with(&command, retcode);
+            assert!(
+                matches!(&answer, Err(ReleaseError::Rejected { .. })),
+                "{answer:?}"
+            );
+            assert!(!repeat_acts(&command, answer), "{retcode}");
+        }
+        for malformed in ["", "   ", &"9".repeat(33)] {
+            let answer = answer_with(&command, malformed);
+            assert!(
+                matches!(&answer, Err(ReleaseError::Gateway(GatewayError::Malformed(_)))),
+                "{answer:?}"
+            );
+            assert!(!repeat_acts(&command, answer), "{malformed:?}");
+        }
+        for retcode in FORGOTTEN {
+            assert!(repeat_acts(&command, answer_with(&command, retcode)));
+        }
+    }
 }
