@@ -117,8 +117,8 @@ async fn legacy_release_path_is_a_switch() {
 }
 
 /// The documented table, written out independently of the code's: (retcode, code, reason,
-/// RetryInfo). A release of the current call answered 100-007, 000-007 or 000-004 may have
-/// happened (or be happening), so it gets RELEASE_OUTCOME_UNKNOWN instead (issue 7, point 1).
+/// RetryInfo). A release of the current call answered anything but a refusal that changed
+/// nothing may have happened (or be happening), so it gets RELEASE_OUTCOME_UNKNOWN instead.
 #[rustfmt::skip]
 const RETCODE_EXPECTATIONS: &[(&str, Code, &str, bool)] = &[
     ("000-001", Code::FailedPrecondition, "WRONG_EVENT_METHOD", false),
@@ -146,8 +146,9 @@ const RETCODE_EXPECTATIONS: &[(&str, Code, &str, bool)] = &[
     ("321-999", Code::Unknown, "GATEWAY_RETCODE_UNKNOWN", false),
 ];
 
-/// Retcodes after which a release of the current call may have happened.
-const OUTCOME_UNKNOWN_RETCODES: [&str; 3] = ["100-007", "000-007", "000-004"];
+/// The only retcodes after which a release of the current call provably changed nothing: the
+/// answer is forgotten, so a repeat is sent. After any other, the call may have been hung up.
+const FORGOTTEN_RETCODES: [&str; 3] = ["100-006", "000-003", "000-002"];
 
 #[tokio::test]
 async fn every_failure_retcode_maps_to_its_documented_status() {
@@ -156,12 +157,7 @@ async fn every_failure_retcode_maps_to_its_documented_status() {
         for dropcall in [false, true] {
             // A fresh session each round: 100-006 / 000-003 make the facade forget it.
             app.sim.clear_faults();
-            let _ = app
-                .api
-                .sessions()
-                .sign_in(common::agent_id("101"), "s", "1", true, common::deadline())
-                .await
-                .unwrap();
+            force_sign_in(&app, "101").await;
             let message = format!("simulated {retcode}");
             app.sim.push_fault(fault(Fault::Retcode {
                 retcode: retcode.into(),
@@ -178,7 +174,7 @@ async fn every_failure_retcode_maps_to_its_documented_status() {
                 ..release_req("101")
             };
             let status = app.release(request.clone()).await.unwrap_err();
-            let outcome_unknown = !dropcall && OUTCOME_UNKNOWN_RETCODES.contains(&retcode);
+            let outcome_unknown = !dropcall && !FORGOTTEN_RETCODES.contains(&retcode);
             let details = if outcome_unknown {
                 expect_outcome_unknown(&status, reason)
             } else {
@@ -204,15 +200,34 @@ async fn every_failure_retcode_maps_to_its_documented_status() {
                 outcome_unknown.then_some("true"),
                 "{retcode} dropcall={dropcall}"
             );
+            let sent = app.upstream().len();
             if outcome_unknown {
-                // Issue 7, point 1: its request_id replays that answer; nothing is sent again.
-                let sent = app.upstream().len();
+                // Its request_id replays that answer; nothing is sent again.
                 let replayed = app.release(request).await.unwrap_err();
                 expect_outcome_unknown(&replayed, reason);
                 assert_eq!(app.upstream().len(), sent, "{retcode}: the retry was sent");
+            } else if !dropcall {
+                // Forgotten: the repeat (with a fresh session) reaches the gateway.
+                force_sign_in(&app, "101").await;
+                let repeated = app.release(request).await.unwrap();
+                assert_eq!(repeated.outcome(), ReleaseOutcome::NoActiveCall);
+                assert!(!repeated.replayed);
+                assert_eq!(app.upstream().len(), sent + 1, "{retcode}: not forgotten");
             }
         }
     }
+}
+
+/// Signs the agent in again (forcelogin): the facade holds a session, whatever the last answer
+/// made it drop.
+async fn force_sign_in(app: &common::TestApp, agent: &str) {
+    let answer = app
+        .api
+        .sessions()
+        .sign_in(common::agent_id(agent), "s", "1", true, common::deadline())
+        .await
+        .unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
 }
 
 /// Asserts the one answer to a release of the current call that may have happened: UNKNOWN /
@@ -229,6 +244,107 @@ fn expect_outcome_unknown(status: &tonic::Status, cause: &str) -> tonic_types::E
         status.message()
     );
     details
+}
+
+/// A retcode the reference does not document may mean the call was hung up: a release of the
+/// current call answered 200-099 or 900-001 is outcome unknown, and a repeat with its
+/// request_id replays that answer: one DELETE each, and the call stays up. (Before: UNKNOWN
+/// GATEWAY_RETCODE_UNKNOWN, forgotten, and the repeat sent a second DELETE.)
+#[tokio::test]
+async fn an_undocumented_retcode_binds_the_request_id_so_a_repeat_sends_no_second_delete() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    let call = app.sim.place_call("101", "70093").unwrap();
+    for (n, retcode) in ["200-099", "900-001"].into_iter().enumerate() {
+        app.sim.push_fault(fault(Fault::Retcode {
+            retcode: retcode.into(),
+            message: "something the reference does not document".into(),
+        }));
+        let request = ReleaseCallRequest {
+            request_id: format!("undocumented-{retcode}"),
+            ..release_req("101")
+        };
+        for attempt in ["first", "repeat"] {
+            let status = app.release(request.clone()).await.unwrap_err();
+            let details = expect_outcome_unknown(&status, "GATEWAY_RETCODE_UNKNOWN");
+            assert_eq!(details.error_info().unwrap().metadata["retcode"], retcode);
+            assert_eq!(app.deletes().len(), n + 1, "{retcode}, {attempt}");
+        }
+    }
+    assert_eq!(app.sim.agent("101").unwrap().call_id, Some(call));
+}
+
+/// Any retcode string at all (documented, shaped like one, empty, huge, not ASCII), answered to
+/// a release of the current call through the real facade: unless it is one of the refusals
+/// that changed nothing, the answer offers no retry and a repeat of its request_id sends
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatever_the_retcode_a_repeat_sends_nothing_unless_it_provably_changed_nothing() {
+    use proptest::{prelude::*, test_runner::TestRunner};
+    let app = std::sync::Arc::new(spawn_app().await);
+    let documented = [
+        "0", "000-001", "000-002", "000-003", "000-004", "000-005", "000-006", "000-007",
+        "100-001", "100-002", "100-003", "100-004", "100-005", "100-006", "100-007", "100-008",
+        "100-009", "100-010", "100-011", "100-012", "200-017", "200-023", "200-024", "200-025",
+        "200-204",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let retcodes = prop_oneof![
+        any::<String>(),
+        "[0-9]{3}-[0-9]{3}",
+        "[ ]{0,2}[0-9]{0,4}-?[0-9]{0,4}[ ]{0,2}",
+        proptest::sample::select(documented),
+    ];
+    let runtime = tokio::runtime::Handle::current();
+    let checked = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let app = checked;
+        let cases = std::sync::atomic::AtomicUsize::new(0);
+        let mut runner = TestRunner::new(ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::with_cases(48)
+        });
+        runner.run(&retcodes, |retcode| {
+            let n = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            runtime.block_on(async {
+                if app.guid_of("101").is_none() {
+                    force_sign_in(&app, "101").await;
+                }
+                app.sim.clear_faults();
+                app.sim.push_fault(fault(Fault::Retcode {
+                    retcode: retcode.clone(),
+                    message: "simulated".into(),
+                }));
+                let request = ReleaseCallRequest {
+                    request_id: format!("any-retcode-{n}"),
+                    ..release_req("101")
+                };
+                let first = app.release(request.clone()).await;
+                let sent = app.deletes().len();
+                if FORGOTTEN_RETCODES.contains(&retcode.trim()) {
+                    if app.guid_of("101").is_none() {
+                        force_sign_in(&app, "101").await;
+                    }
+                    let _ = app.release(request).await;
+                    prop_assert_eq!(app.deletes().len(), sent + 1, "forgotten: {:?}", retcode);
+                    return Ok(());
+                }
+                let repeat = app.release(request).await;
+                prop_assert_eq!(app.deletes().len(), sent, "repeat sent for {:?}", retcode);
+                for answer in [first, repeat] {
+                    if let Err(status) = answer {
+                        prop_assert_eq!(status.code(), Code::Unknown, "{:?}: {:?}", retcode, status);
+                        expect_outcome_unknown(&status, common::error_metadata(&status)["cause"].as_str());
+                    }
+                }
+                Ok(())
+            })
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|failure| panic!("{failure}"));
 }
 
 #[tokio::test]
