@@ -200,7 +200,7 @@ fn both_valid<V, H>(
         (valid, handover) => {
             let mut violations = valid.err().unwrap_or_default();
             violations.extend(handover.err());
-            tracing::debug!(request_id = %ctx.request_id, fields = ?violations.iter().map(|v| v.field).collect::<Vec<_>>(), "{rpc} rejected: invalid argument");
+            tracing::debug!(request_id = %ctx.request_id, violations = violations.len(), fields = ?violations.iter().take(LOGGED_AGENTS).map(|v| v.field).collect::<Vec<_>>(), "{rpc} rejected: invalid argument");
             Err(status::invalid_argument(&violations, ctx))
         }
     }
@@ -308,10 +308,12 @@ impl CallControl for CallControlApi {
     ) -> Result<Response<Self::WatchReleaseEventsStream>, Status> {
         let handover = take_handover(&mut request);
         let request_id = RequestId::generate();
+        // Enough for the log line, however many the request names.
         let agents: Vec<&str> = request
             .get_ref()
             .agent_ids
             .iter()
+            .take(LOGGED_AGENTS + 1)
             .map(String::as_str)
             .collect();
         CallRecord::update_in(request.extensions(), |facts| {

@@ -1,5 +1,5 @@
 //! Proto requests and metadata -> validated domain values. Nothing here talks to the gateway.
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
@@ -66,19 +66,19 @@ pub(crate) struct ValidWatchRequest {
     pub(crate) kinds: KindFilter,
 }
 
-/// Checks a WatchReleaseEvents request and reports every violation at once.
+/// Kinds one request may name: there are two (a longer list can only repeat them).
+pub(crate) const MAX_KINDS: usize = 2;
+
+/// Checks a WatchReleaseEvents request and reports every violation at once; a repeated field
+/// over its bound is reported alone, before any element is looked at.
 pub(crate) fn watch_request(
     request: &proto::WatchReleaseEventsRequest,
     max_agent_id: u32,
     max_agents: usize,
 ) -> Result<ValidWatchRequest, Vec<FieldViolation>> {
+    watch_request_sizes(request, max_agents)?;
     let mut violations = Vec::new();
-    let agents = agent_ids(
-        &request.agent_ids,
-        max_agent_id,
-        max_agents,
-        &mut violations,
-    );
+    let agents = agent_ids(&request.agent_ids, max_agent_id, &mut violations);
     let from = resume_token(&request.resume_token, &mut violations);
     let kinds = release_kinds(&request.kinds, &mut violations);
     if violations.is_empty() {
@@ -92,11 +92,42 @@ pub(crate) fn watch_request(
     }
 }
 
-/// 1 to `max_agents` distinct valid agent ids.
+/// The repeated fields' lengths: `agent_ids` at most `max_agents`, `kinds` at most
+/// [`MAX_KINDS`].
+fn watch_request_sizes(
+    request: &proto::WatchReleaseEventsRequest,
+    max_agents: usize,
+) -> Result<(), Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    if request.agent_ids.len() > max_agents {
+        violations.push(FieldViolation::new(
+            "agent_ids",
+            format!(
+                "holds {} agent ids; at most {max_agents} per stream",
+                request.agent_ids.len()
+            ),
+        ));
+    }
+    if request.kinds.len() > MAX_KINDS {
+        violations.push(FieldViolation::new(
+            "kinds",
+            format!(
+                "holds {} kinds; at most {MAX_KINDS}: CALL_RELEASE, CUSTOMER_RELEASE",
+                request.kinds.len()
+            ),
+        ));
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(violations)
+    }
+}
+
+/// One or more distinct valid agent ids (their number is checked before).
 fn agent_ids(
     raw_ids: &[String],
     max_agent_id: u32,
-    max_agents: usize,
     violations: &mut Vec<FieldViolation>,
 ) -> Vec<AgentId> {
     if raw_ids.is_empty() {
@@ -105,19 +136,11 @@ fn agent_ids(
             "is required: one or more agent ids to watch",
         ));
     }
-    if raw_ids.len() > max_agents {
-        violations.push(FieldViolation::new(
-            "agent_ids",
-            format!(
-                "holds {} agent ids; at most {max_agents} per stream",
-                raw_ids.len()
-            ),
-        ));
-    }
-    let mut agents = Vec::with_capacity(raw_ids.len().min(max_agents));
-    for (i, raw) in raw_ids.iter().enumerate().take(max_agents) {
+    let mut agents = Vec::with_capacity(raw_ids.len());
+    let mut seen = HashSet::with_capacity(raw_ids.len());
+    for (i, raw) in raw_ids.iter().enumerate() {
         match AgentId::parse("agent_ids", raw, max_agent_id) {
-            Ok(agent) if agents.contains(&agent) => violations.push(FieldViolation::new(
+            Ok(agent) if !seen.insert(agent) => violations.push(FieldViolation::new(
                 "agent_ids",
                 format!("agent_ids[{i}] repeats agent {agent}"),
             )),
@@ -302,7 +325,7 @@ mod tests {
         let request = proto::WatchReleaseEventsRequest {
             agent_ids: vec!["101".into(), "42".into(), "101".into()],
             resume_token: "xyz".into(),
-            kinds: vec![1, 0, 7],
+            kinds: vec![0, 7],
         };
         let descriptions: Vec<_> = watch_request(&request, 59_999, 100)
             .err()
@@ -316,11 +339,11 @@ mod tests {
         assert!(descriptions[2].starts_with("resume_token: "));
         assert_eq!(
             descriptions[3],
-            "kinds: kinds[1] must be CALL_RELEASE or CUSTOMER_RELEASE"
+            "kinds: kinds[0] must be CALL_RELEASE or CUSTOMER_RELEASE"
         );
         assert_eq!(
             descriptions[4],
-            "kinds: kinds[2] must be CALL_RELEASE or CUSTOMER_RELEASE"
+            "kinds: kinds[1] must be CALL_RELEASE or CUSTOMER_RELEASE"
         );
         let too_many = proto::WatchReleaseEventsRequest {
             agent_ids: (101..104).map(|a| a.to_string()).collect(),

@@ -43,6 +43,54 @@ pub(crate) mod metadata_key {
     pub const VERB: &str = "verb";
     /// The agent a caller is not granted.
     pub const DENIED_AGENT_ID: &str = "denied_agent_id";
+    /// How many agents `agent_ids` leaves out (present only when it leaves some out).
+    pub const UNLISTED_AGENT_IDS: &str = "unlisted_agent_ids";
+    /// How many field violations BadRequest leaves out (present only when it leaves some out).
+    pub const UNLISTED_VIOLATIONS: &str = "unlisted_violations";
+}
+
+/// Common gRPC clients (grpc-go, grpc-java, grpcio) refuse a status whose metadata exceeds
+/// 8 KiB, and a status carries its message twice (`grpc-message`, percent-encoded, and inside
+/// `grpc-status-details-bin`, base64): so whatever a request or the gateway puts into one is
+/// bounded, and what is left out is counted.
+mod bound {
+    /// BadRequest field violations listed, and named in the message.
+    pub(super) const VIOLATIONS: usize = 10;
+    /// Agents listed in metadata `agent_ids`.
+    pub(super) const AGENTS: usize = 50;
+    /// Bytes of a message's detail (what went wrong, after the row's meaning).
+    pub(super) const DETAIL_BYTES: usize = 768;
+    /// Bytes of one metadata value, and of one violation's description.
+    pub(super) const VALUE_BYTES: usize = 512;
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary, with "…" where it was cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    const CUT: &str = "…";
+    let mut end = max.saturating_sub(CUT.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT}", &text[..end])
+}
+
+/// Lists at most [`bound::AGENTS`] agents in metadata `agent_ids`, and counts the rest.
+fn list_agents(agents: &[AgentId], metadata: &mut HashMap<String, String>) {
+    let listed: Vec<String> = agents
+        .iter()
+        .take(bound::AGENTS)
+        .map(ToString::to_string)
+        .collect();
+    metadata.insert(metadata_key::AGENT_IDS.to_owned(), listed.join(","));
+    if agents.len() > bound::AGENTS {
+        metadata.insert(
+            metadata_key::UNLISTED_AGENT_IDS.to_owned(),
+            (agents.len() - bound::AGENTS).to_string(),
+        );
+    }
 }
 
 /// Whether and when a client may send the same request again.
@@ -376,7 +424,12 @@ fn failure(
         metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
     }
     if !detail.is_empty() {
-        message.push_str(&format!(" ({detail})"));
+        message.push_str(&format!(" ({})", bounded(detail, bound::DETAIL_BYTES)));
+    }
+    for value in metadata.values_mut() {
+        if value.len() > bound::VALUE_BYTES {
+            *value = bounded(value, bound::VALUE_BYTES);
+        }
     }
     let mut details = ErrorDetails::new();
     details.set_error_info(rule.reason, ERROR_DOMAIN, metadata);
@@ -394,14 +447,12 @@ pub(crate) fn subscribe_failure(error: &SubscribeError, ctx: &Context<'_>) -> St
     let mut metadata = HashMap::new();
     let condition = match error {
         SubscribeError::NoSession(agents) => {
-            let ids: Vec<String> = agents.iter().map(ToString::to_string).collect();
-            metadata.insert(metadata_key::AGENT_IDS.to_owned(), ids.join(","));
+            list_agents(agents, &mut metadata);
             Condition::NoSession
         }
         SubscribeError::TooManyWatchers(_) => Condition::TooManyWatchers,
         SubscribeError::TooManyPolledAgents(full) => {
-            let ids: Vec<String> = full.agents.iter().map(ToString::to_string).collect();
-            metadata.insert(metadata_key::AGENT_IDS.to_owned(), ids.join(","));
+            list_agents(&full.agents, &mut metadata);
             Condition::TooManyPolledAgents
         }
         SubscribeError::SessionsFull(_) => Condition::TooManySessions,
@@ -527,21 +578,35 @@ fn refusal(retcode: &Retcode, message: &str, metadata: &mut HashMap<String, Stri
     retcode_rule(retcode)
 }
 
-/// INVALID_ARGUMENT with one BadRequest violation per field; nothing reached the gateway.
+/// INVALID_ARGUMENT with one BadRequest violation per field, the first [`bound::VIOLATIONS`] of
+/// them (metadata `unlisted_violations` counts the rest); nothing reached the gateway.
 pub(crate) fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>) -> Status {
     let rule = condition_rule(Condition::InvalidArgument);
-    let summary = violations
+    let listed: Vec<(&str, String)> = violations
         .iter()
-        .map(|v| format!("{} {}", v.field, v.description))
+        .take(bound::VIOLATIONS)
+        .map(|v| (v.field, bounded(&v.description, bound::VALUE_BYTES)))
+        .collect();
+    let unlisted = violations.len() - listed.len();
+    let mut summary = listed
+        .iter()
+        .map(|(field, description)| format!("{field} {description}"))
         .collect::<Vec<_>>()
         .join("; ");
     let mut details = ErrorDetails::new();
-    for v in violations {
-        details.add_bad_request_violation(v.field, &v.description);
+    for (field, description) in &listed {
+        details.add_bad_request_violation(*field, description);
     }
     let mut metadata = HashMap::new();
     if let Some(agent) = ctx.agent {
         metadata.insert(metadata_key::AGENT_ID.to_owned(), agent.to_string());
+    }
+    if unlisted > 0 {
+        summary.push_str(&format!("; and {unlisted} more"));
+        metadata.insert(
+            metadata_key::UNLISTED_VIOLATIONS.to_owned(),
+            unlisted.to_string(),
+        );
     }
     details.set_error_info(rule.reason, ERROR_DOMAIN, metadata);
     details.set_request_info(ctx.request_id, "");
@@ -596,6 +661,10 @@ pub(crate) fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        events::{SessionEnding, WatcherEnd},
+        proto,
+    };
 
     #[test]
     fn keys_are_unique_and_reasons_are_upper_snake() {
@@ -614,6 +683,268 @@ mod tests {
             let label = condition.label();
             assert!(label.starts_with('(') && label.ends_with(')'), "{label}");
         }
+    }
+
+    /// What a status costs a client's metadata limit: every trailer field it is sent with, each
+    /// counted as HTTP/2 does (name, value, 32 bytes).
+    fn metadata_bytes(status: &Status) -> usize {
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        status.add_header(&mut headers).expect("a status encodes");
+        headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum()
+    }
+
+    /// 8 KiB, the default limit of grpc-go, grpc-java and grpcio, less room for the rest of a
+    /// trailers-only answer (`:status`, `content-type`).
+    const BUDGET: usize = 8 * 1024 - 512;
+
+    /// Gateway messages and details as large and as costly to encode as anything can make
+    /// them: four-byte characters (twelve bytes percent-encoded), characters Debug escapes
+    /// (`\u{10fffd}`), '%', far beyond any bound upstream.
+    fn costly_texts() -> Vec<String> {
+        ["😀", "\u{10fffd}", "%", "\0", "x"]
+            .iter()
+            .map(|unit| unit.repeat(10_000))
+            .collect()
+    }
+
+    fn costly_retcodes() -> Vec<Retcode> {
+        ["😀".repeat(8), "%".repeat(32), "200-099".to_owned(), "100-006".to_owned()]
+            .iter()
+            .map(|raw| Retcode::parse(raw).unwrap())
+            .collect()
+    }
+
+    fn most_agents() -> Vec<AgentId> {
+        (0..10_000)
+            .map(|n| AgentId::parse("a", &(999_999 - n).to_string(), 999_999).unwrap())
+            .collect()
+    }
+
+    fn release_errors() -> Vec<ReleaseError> {
+        let mut errors = vec![
+            ReleaseError::RequestIdReused,
+            ReleaseError::EarlierAttemptLost,
+            ReleaseError::TooManyPending,
+            ReleaseError::ShuttingDown,
+            ReleaseError::SharedStateUnavailable,
+            ReleaseError::CannotWait(SubscribeError::NoSession(most_agents())),
+            ReleaseError::CannotWait(SubscribeError::TooManyPolledAgents(
+                crate::events::PolledAgentsFull {
+                    in_use: usize::MAX,
+                    limit: usize::MAX,
+                    agents: most_agents(),
+                },
+            )),
+            ReleaseError::CannotWait(SubscribeError::SessionsFull(
+                crate::sessions::SessionsFull(usize::MAX),
+            )),
+            ReleaseError::CannotWait(SubscribeError::UnknownToken),
+            ReleaseError::CannotWait(SubscribeError::ShuttingDown),
+        ];
+        for text in costly_texts() {
+            for retcode in costly_retcodes() {
+                errors.push(ReleaseError::Rejected {
+                    retcode: retcode.clone(),
+                    message: text.clone(),
+                });
+                errors.push(ReleaseError::NoActiveCall {
+                    retcode,
+                    message: text.clone(),
+                });
+            }
+            let agent = AgentId::parse("a", "999999", 999_999).unwrap();
+            errors.extend(
+                [
+                    GatewayError::NoSession(agent),
+                    GatewayError::Connect(text.clone()),
+                    GatewayError::Timeout(Duration::MAX),
+                    GatewayError::DeadlineTooShort(Duration::MAX),
+                    GatewayError::Transport(text.clone()),
+                    GatewayError::HttpStatus { status: 599 },
+                    GatewayError::HttpStatus { status: 503 },
+                    GatewayError::Malformed(text.clone()),
+                    GatewayError::Oversized { limit: usize::MAX },
+                    GatewayError::Busy(crate::gateway::BusyCause::QueueFull),
+                ]
+                .map(ReleaseError::Gateway),
+            );
+        }
+        errors
+    }
+
+    /// The worst requests: every field bad, every repeated field at its largest accepted size
+    /// (10,000 agents is the most --max-watch-agents allows), a request_id of 128 characters.
+    fn costly_contexts(request_id: &str) -> Vec<Context<'_>> {
+        let agent = AgentId::parse("a", "999999", 999_999).ok();
+        [true, false]
+            .into_iter()
+            .map(|releases_current_call| Context {
+                agent,
+                request_id,
+                releases_current_call,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_largest_release_call_status_fits_a_clients_metadata_limit() {
+        let request_id = "%".repeat(crate::domain::RequestId::MAX_LEN);
+        let mut largest = 0;
+        for ctx in costly_contexts(&request_id) {
+            for error in release_errors() {
+                let status = release_failure(&error, &ctx);
+                largest = largest.max(metadata_bytes(&status));
+                assert!(metadata_bytes(&status) < BUDGET, "{error:?}: {status:?}");
+            }
+            let request = proto::ReleaseCallRequest {
+                agent_id: "😀".repeat(10_000),
+                call_id: "%".repeat(10_000),
+                request_id: "\u{10fffd}".repeat(10_000),
+                ..Default::default()
+            };
+            let mut violations = crate::api::request::release_request(&request, 999_999)
+                .err()
+                .unwrap();
+            violations.push(FieldViolation::new(
+                crate::api::request::GUID_METADATA,
+                "x".repeat(10_000),
+            ));
+            let status = invalid_argument(&violations, &ctx);
+            assert!(metadata_bytes(&status) < BUDGET, "{status:?}");
+            for denied in [
+                Denied::Verb(callers::Verb::Handover),
+                Denied::Agent(ctx.agent.unwrap()),
+            ] {
+                assert!(metadata_bytes(&permission_denied(&denied, &ctx)) < BUDGET);
+            }
+        }
+        for why in [Unfinished::HardStop, Unfinished::Panicked] {
+            let status = unfinished("/ccgw.callcontrol.v1.CallControl/ReleaseCall", why);
+            assert!(metadata_bytes(&status) < BUDGET);
+        }
+        for why in [
+            callers::Unauthenticated::Missing,
+            callers::Unauthenticated::Malformed,
+            callers::Unauthenticated::UnknownToken,
+            callers::Unauthenticated::UnknownCertificate,
+            callers::Unauthenticated::AmbiguousCertificate,
+        ] {
+            assert!(metadata_bytes(&unauthenticated(&why, &request_id)) < BUDGET);
+        }
+        // The bound is not so tight that nothing is left to read.
+        assert!(largest > 2 * 1024, "{largest}");
+    }
+
+    #[test]
+    fn the_largest_watch_status_fits_a_clients_metadata_limit() {
+        let request_id = "%".repeat(crate::domain::RequestId::MAX_LEN);
+        let resume = crate::events::ResumeToken {
+            epoch: u64::MAX,
+            sequence: u64::MAX,
+        };
+        let agent = AgentId::parse("a", "999999", 999_999).unwrap();
+        for ctx in costly_contexts(&request_id) {
+            for error in release_errors() {
+                if let ReleaseError::CannotWait(error) = error {
+                    assert!(metadata_bytes(&subscribe_failure(&error, &ctx)) < BUDGET);
+                }
+            }
+            let mut ends = vec![
+                WatcherEnd::TooSlow { resume },
+                WatcherEnd::ShuttingDown { resume },
+                WatcherEnd::SessionEnded {
+                    agent,
+                    ending: SessionEnding::Forgotten,
+                    resume,
+                },
+            ];
+            for message in costly_texts() {
+                for retcode in costly_retcodes() {
+                    ends.push(WatcherEnd::SessionEnded {
+                        agent,
+                        ending: SessionEnding::Refused {
+                            retcode,
+                            message: message.clone(),
+                        },
+                        resume,
+                    });
+                }
+            }
+            for end in ends {
+                let status = watcher_end(&end, &ctx);
+                assert!(metadata_bytes(&status) < BUDGET, "{status:?}");
+            }
+            // Every element of every field bad, at the largest sizes accepted.
+            let request = proto::WatchReleaseEventsRequest {
+                agent_ids: (0..10_000).map(|n| format!("0{n}")).collect(),
+                resume_token: "😀".repeat(10_000),
+                kinds: vec![i32::MAX; crate::api::request::MAX_KINDS],
+            };
+            let violations = crate::api::request::watch_request(&request, 999_999, 10_000)
+                .err()
+                .unwrap();
+            assert!(violations.len() > 10_000, "{}", violations.len());
+            let status = invalid_argument(&violations, &ctx);
+            assert!(metadata_bytes(&status) < BUDGET, "{status:?}");
+            assert!(metadata_bytes(&too_many_caller_streams(usize::MAX, &ctx)) < BUDGET);
+            assert!(metadata_bytes(&shared_state_unavailable(&ctx)) < BUDGET);
+        }
+    }
+
+    /// At most ten violations are named; the rest are counted, in the message and metadata.
+    #[test]
+    fn violations_beyond_ten_are_counted() {
+        let violations: Vec<_> = (0..25)
+            .map(|n| FieldViolation::new("agent_ids", format!("agent_ids[{n}] is bad")))
+            .collect();
+        let ctx = Context {
+            agent: None,
+            request_id: "r",
+            releases_current_call: false,
+        };
+        let status = invalid_argument(&violations, &ctx);
+        let details = status.get_error_details();
+        let listed = &details.bad_request().unwrap().field_violations;
+        assert_eq!(listed.len(), 10);
+        assert_eq!(listed[9].description, "agent_ids[9] is bad");
+        let info = details.error_info().unwrap();
+        assert_eq!(info.metadata[metadata_key::UNLISTED_VIOLATIONS], "15");
+        assert!(
+            status.message().ends_with("agent_ids[9] is bad; and 15 more"),
+            "{}",
+            status.message()
+        );
+        let ten = invalid_argument(&violations[..10], &ctx);
+        assert!(!ten.get_error_details().error_info().unwrap().metadata.contains_key(metadata_key::UNLISTED_VIOLATIONS));
+        assert!(!ten.message().contains("more"));
+    }
+
+    #[test]
+    fn agent_lists_beyond_fifty_are_counted() {
+        let ctx = Context {
+            agent: None,
+            request_id: "r",
+            releases_current_call: false,
+        };
+        let status = subscribe_failure(&SubscribeError::NoSession(most_agents()), &ctx);
+        let metadata = status.get_error_details().error_info().unwrap().metadata.clone();
+        let listed: Vec<_> = metadata[metadata_key::AGENT_IDS].split(',').collect();
+        assert_eq!(listed.len(), 50);
+        assert_eq!((listed[0], listed[49]), ("999999", "999950"));
+        assert_eq!(metadata[metadata_key::UNLISTED_AGENT_IDS], "9950");
+    }
+
+    #[test]
+    fn bounded_text_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded("short", 10), "short");
+        assert_eq!(bounded("0123456789", 10), "0123456789");
+        assert_eq!(bounded("0123456789a", 10), "0123456…");
+        let cut = bounded(&"😀".repeat(10), 10);
+        assert_eq!(cut, "😀…");
+        assert!(cut.len() <= 10);
     }
 
     #[test]
