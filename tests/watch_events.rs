@@ -705,6 +705,60 @@ async fn bad_requests_are_refused_before_anything_is_polled() {
     watch.sees_hang_up(&app, "103").await;
 }
 
+/// What a status costs a client's metadata limit, as it came over the wire: its trailer fields
+/// (`grpc-status`, `grpc-message`, `grpc-status-details-bin`), each counted as HTTP/2 does.
+fn trailer_bytes(status: &tonic::Status) -> usize {
+    let mut trailers = tonic::codegen::http::HeaderMap::new();
+    status.add_header(&mut trailers).unwrap();
+    trailers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
+
+/// A 15 KB request of 15,000 invalid kinds once got one violation per kind: ~2 MB of trailers,
+/// far over the 8 KiB of metadata grpc-go, grpc-java and grpcio accept. It now gets one
+/// violation, refused before any kind is looked at; 5,000 bad agent ids (as many as a request
+/// within the facade's 16 KiB message limit holds) get ten violations and a count of the rest.
+/// Both fit in 8 KiB.
+#[tokio::test]
+async fn huge_bad_requests_get_small_statuses() {
+    let app = spawn_app_with(sim_config(), &["--max-watch-agents", "10000"]).await;
+    app.sign_in("101").await;
+    let kinds = WatchReleaseEventsRequest {
+        kinds: vec![7; 15_000],
+        ..watch_req(&["101"])
+    };
+    let status = app.watch_refused(kinds).await;
+    expect_status(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(violated_fields(&status), ["kinds"]);
+    assert!(
+        status.message().contains("holds 15000 kinds; at most 2"),
+        "{}",
+        status.message()
+    );
+    assert!(trailer_bytes(&status) < 1024, "{}", trailer_bytes(&status));
+
+    let agents = WatchReleaseEventsRequest {
+        agent_ids: vec!["x".to_owned(); 5_000],
+        ..Default::default()
+    };
+    let status = app.watch_refused(agents).await;
+    let details = expect_status(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(violated_fields(&status), ["agent_ids"; 10]);
+    assert_eq!(
+        details.error_info().unwrap().metadata["unlisted_violations"],
+        "4990"
+    );
+    assert!(
+        status.message().ends_with("; and 4990 more"),
+        "{}",
+        status.message()
+    );
+    assert!(trailer_bytes(&status) < 8 * 1024, "{}", trailer_bytes(&status));
+    assert!(app.event_polls().is_empty(), "a refused stream polled");
+}
+
 /// Streams and releases waiting for their event have limits of their own: each is refused at
 /// its own limit (a release before anything is sent) while the other still gets in.
 #[tokio::test]

@@ -173,6 +173,8 @@ fn agents_as_given(agents: &[&str]) -> Option<String> {
 
 const LOGGED_AGENTS: usize = 10;
 const LOGGED_AGENT_CHARS: usize = 12;
+/// Fields of an invalid request named in its log line.
+const LOGGED_FIELDS: usize = 10;
 
 /// A session handover is one agent's: with several agent ids it says nothing of which.
 fn handover_of_one_agent(
@@ -200,7 +202,7 @@ fn both_valid<V, H>(
         (valid, handover) => {
             let mut violations = valid.err().unwrap_or_default();
             violations.extend(handover.err());
-            tracing::debug!(request_id = %ctx.request_id, violations = violations.len(), fields = ?violations.iter().take(LOGGED_AGENTS).map(|v| v.field).collect::<Vec<_>>(), "{rpc} rejected: invalid argument");
+            tracing::debug!(request_id = %ctx.request_id, violations = violations.len(), fields = ?violations.iter().take(LOGGED_FIELDS).map(|v| v.field).collect::<Vec<_>>(), "{rpc} rejected: invalid argument");
             Err(status::invalid_argument(&violations, ctx))
         }
     }
