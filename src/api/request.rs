@@ -246,7 +246,8 @@ fn answer_margin(budget: Duration) -> Duration {
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n), per the gRPC HTTP/2 spec.
 pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
+    // ASCII first: the unit is then the last byte, and splitting there cannot cut a character.
+    if value.len() < 2 || value.len() > 9 || !value.is_ascii() {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
@@ -267,7 +268,223 @@ pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::{collection::vec, prelude::*};
+
     use super::*;
+
+    /// Whether an agent id is valid, written apart from the parser: 1 to 6 digits without a
+    /// leading zero, from 101 to `max`.
+    fn agent_ok(raw: &str, max: u32) -> bool {
+        !raw.is_empty()
+            && raw.len() <= 6
+            && raw.bytes().all(|b| b.is_ascii_digit())
+            && !raw.starts_with('0')
+            && raw.parse::<u32>().is_ok_and(|n| (101..=max).contains(&n))
+    }
+
+    fn hex_ok(raw: &str) -> bool {
+        (1..=16).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+
+    /// `r1.<epoch>.<sequence>`, each 1 to 16 hex digits.
+    fn token_ok(raw: &str) -> bool {
+        raw.strip_prefix("r1.")
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(epoch, sequence)| hex_ok(epoch) && hex_ok(sequence))
+    }
+
+    /// Any text, and texts near the shapes the fields accept.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            Just(String::new()),
+            "[0-9]{0,8}",
+            "[0-9-]{0,70}",
+            "[ -~]{0,140}",
+            "r1\\.[0-9a-fA-F]{0,18}\\.[0-9a-gA-F]{0,18}",
+        ]
+    }
+
+    fn kind() -> impl Strategy<Value = i32> {
+        prop_oneof![0i32..4, any::<i32>()]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Every ReleaseCall request either parses into exactly what it says, or names each bad
+        /// field once, in order, and nothing else.
+        #[test]
+        fn release_requests_parse_or_name_each_bad_field(
+            agent_id in text(),
+            call_id in text(),
+            request_id in text(),
+            max in 101u32..=999_999,
+        ) {
+            let call_ok = call_id.is_empty()
+                || (call_id.len() <= 64
+                    && call_id.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+                    && call_id.bytes().any(|b| b.is_ascii_digit()));
+            let request_id_ok = request_id.is_empty()
+                || (request_id.len() <= 128 && request_id.bytes().all(|b| b.is_ascii_graphic()));
+            let expected: Vec<&str> = [
+                (!agent_ok(&agent_id, max)).then_some("agent_id"),
+                (!call_ok).then_some("call_id"),
+                (!request_id_ok).then_some("request_id"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let request = proto::ReleaseCallRequest {
+                agent_id: agent_id.clone(),
+                call_id: call_id.clone(),
+                request_id: request_id.clone(),
+                ..Default::default()
+            };
+            match release_request(&request, max) {
+                Ok(valid) => {
+                    prop_assert!(expected.is_empty(), "{:?}", expected);
+                    prop_assert_eq!(valid.command.agent.to_string(), agent_id);
+                    match valid.command.target {
+                        ReleaseTarget::Current => prop_assert!(call_id.is_empty()),
+                        ReleaseTarget::Call(call) => prop_assert_eq!(call.to_string(), call_id),
+                    }
+                    prop_assert_eq!(
+                        valid.request_id.map(|id| id.as_str().to_owned()).unwrap_or_default(),
+                        request_id
+                    );
+                }
+                Err(violations) => {
+                    let fields: Vec<_> = violations.iter().map(|v| v.field).collect();
+                    prop_assert_eq!(fields, expected);
+                    for v in &violations {
+                        prop_assert!(!v.description.is_empty() && v.description.len() < 200);
+                    }
+                }
+            }
+        }
+
+        /// Every WatchReleaseEvents request either parses into exactly what it says, or is
+        /// refused: over a size bound with that alone (one violation per oversized field,
+        /// before any element is read), else with one violation per bad element; never more
+        /// violations than its bounded fields can hold.
+        #[test]
+        fn watch_requests_parse_or_name_each_bad_element(
+            agent_ids in vec(prop_oneof![3 => (101u32..130).prop_map(|n| n.to_string()), 1 => text()], 0..40),
+            kinds in vec(kind(), 0..6),
+            resume_token in text(),
+            max_agents in 1usize..30,
+        ) {
+            let max_agent_id = 59_999;
+            let request = proto::WatchReleaseEventsRequest {
+                agent_ids: agent_ids.clone(),
+                resume_token: resume_token.clone(),
+                kinds: kinds.clone(),
+            };
+            let result = watch_request(&request, max_agent_id, max_agents);
+            let oversized: Vec<&str> = [
+                (agent_ids.len() > max_agents).then_some("agent_ids"),
+                (kinds.len() > MAX_KINDS).then_some("kinds"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if !oversized.is_empty() {
+                let violations = result.err().expect("an oversized request is refused");
+                let fields: Vec<_> = violations.iter().map(|v| v.field).collect();
+                prop_assert_eq!(fields, oversized);
+                return Ok(());
+            }
+            let mut expected = Vec::new();
+            let mut agents: Vec<String> = Vec::new();
+            if agent_ids.is_empty() {
+                expected.push("agent_ids");
+            }
+            for raw in &agent_ids {
+                if !agent_ok(raw, max_agent_id) || agents.contains(raw) {
+                    expected.push("agent_ids");
+                } else {
+                    agents.push(raw.clone());
+                }
+            }
+            if !resume_token.is_empty() && !token_ok(&resume_token) {
+                expected.push("resume_token");
+            }
+            for kind in &kinds {
+                if !(1..=2).contains(kind) {
+                    expected.push("kinds");
+                }
+            }
+            match result {
+                Ok(valid) => {
+                    prop_assert!(expected.is_empty(), "{:?}", expected);
+                    let parsed: Vec<String> = valid.agents.iter().map(ToString::to_string).collect();
+                    prop_assert_eq!(parsed, agents);
+                    prop_assert_eq!(valid.from.map(|t| t.to_string()).is_some(), !resume_token.is_empty());
+                }
+                Err(violations) => {
+                    prop_assert!(violations.len() <= max_agents + 1 + MAX_KINDS + 1);
+                    let fields: Vec<_> = violations.iter().map(|v| v.field).collect();
+                    prop_assert_eq!(fields, expected);
+                }
+            }
+        }
+
+        /// A session handover in metadata: the Guid alone or with cookies, never cookies
+        /// alone; a bad value names its key.
+        #[test]
+        fn handovers_parse_or_name_their_key(
+            guid in proptest::option::of("[ -~]{0,300}"),
+            cookie in proptest::option::of("[ -~]{0,300}"),
+        ) {
+            let mut metadata = MetadataMap::new();
+            for (key, value) in [(GUID_METADATA, &guid), (COOKIE_METADATA, &cookie)] {
+                if let Some(value) = value {
+                    if let Ok(value) = value.parse() {
+                        metadata.insert(key, value);
+                    }
+                }
+            }
+            let sent = |key| metadata.get(key).is_some();
+            match session_handover(&metadata) {
+                Ok(None) => prop_assert!(!sent(GUID_METADATA) && !sent(COOKIE_METADATA)),
+                Ok(Some(session)) => {
+                    prop_assert!(sent(GUID_METADATA));
+                    let guid = session.guid.expose();
+                    prop_assert!(!guid.is_empty() && guid.len() <= Guid::MAX_LEN);
+                }
+                Err(violation) => {
+                    prop_assert!([GUID_METADATA, COOKIE_METADATA].contains(&violation.field));
+                    if !sent(GUID_METADATA) {
+                        prop_assert_eq!(violation.field, COOKIE_METADATA);
+                    }
+                }
+            }
+        }
+
+        /// `grpc-timeout`: 1 to 8 digits and a unit, or nothing.
+        #[test]
+        fn grpc_timeouts_parse_exactly_or_not_at_all(raw in prop_oneof![any::<String>(), "[0-9]{0,10}[HMSmunx]?"]) {
+            let parsed = parse_grpc_timeout(&raw);
+            let shaped = (2..=9).contains(&raw.len())
+                && raw.is_ascii()
+                && raw[..raw.len() - 1].bytes().all(|b| b.is_ascii_digit())
+                && raw.ends_with(['H', 'M', 'S', 'm', 'u', 'n']);
+            prop_assert_eq!(parsed.is_some(), shaped, "{:?}", raw);
+            if let Some(parsed) = parsed {
+                let n: u128 = raw[..raw.len() - 1].parse().unwrap();
+                let nanos = match raw.as_bytes()[raw.len() - 1] {
+                    b'H' => n * 3_600_000_000_000,
+                    b'M' => n * 60_000_000_000,
+                    b'S' => n * 1_000_000_000,
+                    b'm' => n * 1_000_000,
+                    b'u' => n * 1_000,
+                    _ => n,
+                };
+                prop_assert_eq!(parsed.as_nanos(), nanos);
+            }
+        }
+    }
 
     #[test]
     fn grpc_timeout_units() {
