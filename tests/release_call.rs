@@ -334,8 +334,17 @@ async fn whatever_the_retcode_a_repeat_sends_nothing_unless_it_provably_changed_
                 prop_assert_eq!(app.deletes().len(), sent, "repeat sent for {:?}", retcode);
                 for answer in [first, repeat] {
                     if let Err(status) = answer {
-                        prop_assert_eq!(status.code(), Code::Unknown, "{:?}: {:?}", retcode, status);
-                        expect_outcome_unknown(&status, common::error_metadata(&status)["cause"].as_str());
+                        prop_assert_eq!(
+                            status.code(),
+                            Code::Unknown,
+                            "{:?}: {:?}",
+                            retcode,
+                            status
+                        );
+                        expect_outcome_unknown(
+                            &status,
+                            common::error_metadata(&status)["cause"].as_str(),
+                        );
                     }
                 }
                 Ok(())

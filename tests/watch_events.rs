@@ -755,7 +755,11 @@ async fn huge_bad_requests_get_small_statuses() {
         "{}",
         status.message()
     );
-    assert!(trailer_bytes(&status) < 8 * 1024, "{}", trailer_bytes(&status));
+    assert!(
+        trailer_bytes(&status) < 8 * 1024,
+        "{}",
+        trailer_bytes(&status)
+    );
     assert!(app.event_polls().is_empty(), "a refused stream polled");
 }
 

@@ -711,10 +711,15 @@ mod tests {
     }
 
     fn costly_retcodes() -> Vec<Retcode> {
-        ["😀".repeat(8), "%".repeat(32), "200-099".to_owned(), "100-006".to_owned()]
-            .iter()
-            .map(|raw| Retcode::parse(raw).unwrap())
-            .collect()
+        [
+            "😀".repeat(8),
+            "%".repeat(32),
+            "200-099".to_owned(),
+            "100-006".to_owned(),
+        ]
+        .iter()
+        .map(|raw| Retcode::parse(raw).unwrap())
+        .collect()
     }
 
     fn most_agents() -> Vec<AgentId> {
@@ -738,9 +743,9 @@ mod tests {
                     agents: most_agents(),
                 },
             )),
-            ReleaseError::CannotWait(SubscribeError::SessionsFull(
-                crate::sessions::SessionsFull(usize::MAX),
-            )),
+            ReleaseError::CannotWait(SubscribeError::SessionsFull(crate::sessions::SessionsFull(
+                usize::MAX,
+            ))),
             ReleaseError::CannotWait(SubscribeError::UnknownToken),
             ReleaseError::CannotWait(SubscribeError::ShuttingDown),
         ];
@@ -913,12 +918,19 @@ mod tests {
         let info = details.error_info().unwrap();
         assert_eq!(info.metadata[metadata_key::UNLISTED_VIOLATIONS], "15");
         assert!(
-            status.message().ends_with("agent_ids[9] is bad; and 15 more"),
+            status
+                .message()
+                .ends_with("agent_ids[9] is bad; and 15 more"),
             "{}",
             status.message()
         );
         let ten = invalid_argument(&violations[..10], &ctx);
-        assert!(!ten.get_error_details().error_info().unwrap().metadata.contains_key(metadata_key::UNLISTED_VIOLATIONS));
+        assert!(!ten
+            .get_error_details()
+            .error_info()
+            .unwrap()
+            .metadata
+            .contains_key(metadata_key::UNLISTED_VIOLATIONS));
         assert!(!ten.message().contains("more"));
     }
 
@@ -930,7 +942,12 @@ mod tests {
             releases_current_call: false,
         };
         let status = subscribe_failure(&SubscribeError::NoSession(most_agents()), &ctx);
-        let metadata = status.get_error_details().error_info().unwrap().metadata.clone();
+        let metadata = status
+            .get_error_details()
+            .error_info()
+            .unwrap()
+            .metadata
+            .clone();
         let listed: Vec<_> = metadata[metadata_key::AGENT_IDS].split(',').collect();
         assert_eq!(listed.len(), 50);
         assert_eq!((listed[0], listed[49]), ("999999", "999950"));

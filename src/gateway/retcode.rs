@@ -37,6 +37,7 @@ impl Retcode {
     pub(crate) const INVALID_PARAMETER: Self = Self::of(KnownRetcode::InvalidParameter);
     pub(crate) const NO_RIGHT: Self = Self::of(KnownRetcode::NoRight);
     pub(crate) const AGENT_NOT_SIGNED_IN: Self = Self::of(KnownRetcode::AgentNotSignedIn);
+    #[cfg(test)]
     pub(crate) const OPERATION_EXCEPTION: Self = Self::of(KnownRetcode::OperationException);
     pub(crate) const NO_CALL_TO_RELEASE: Self = Self::of(KnownRetcode::NoCallToRelease);
     pub(crate) const NO_CALL_TO_DROP: Self = Self::of(KnownRetcode::NoCallToDrop);

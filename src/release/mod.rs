@@ -576,7 +576,9 @@ mod tests {
     #[test]
     fn unknown_and_unsettling_retcodes_keep_the_request_id() {
         let command = command(ReleaseTarget::Current, false);
-        for retcode in ["200-099", "900-001", "100-007", "000-007", "000-004", "000-006"] {
+        for retcode in [
+            "200-099", "900-001", "100-007", "000-007", "000-004", "000-006",
+        ] {
             let answer = answer_with(&command, retcode);
             assert!(
                 matches!(&answer, Err(ReleaseError::Rejected { .. })),
@@ -587,7 +589,10 @@ mod tests {
         for malformed in ["", "   ", &"9".repeat(33)] {
             let answer = answer_with(&command, malformed);
             assert!(
-                matches!(&answer, Err(ReleaseError::Gateway(GatewayError::Malformed(_)))),
+                matches!(
+                    &answer,
+                    Err(ReleaseError::Gateway(GatewayError::Malformed(_)))
+                ),
                 "{answer:?}"
             );
             assert!(!repeat_acts(&command, answer), "{malformed:?}");
