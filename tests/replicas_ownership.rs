@@ -632,10 +632,14 @@ async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over
         .unwrap();
     let shard = shard_of(agent_id(&agent));
     let desktop = desktop_sign_in(cluster.sim_addr, &agent, false).await;
-    let request = handing_over(watch_req(&[&agent]), &desktop.guid);
-    let mut stream = watch_on(client_of(&cluster.replicas[0].addr).await, request)
-        .await
-        .expect("watching");
+    // A watcher on the cut-off replica keeps it polling (another replica's interest would fade
+    // there once it cannot see it refreshed); one on replica 0 has the new owner poll.
+    let mut streams = Vec::new();
+    for i in [0, cut_off] {
+        let request = handing_over(watch_req(&[&agent]), &desktop.guid);
+        let stream = watch_on(client_of(&cluster.replicas[i].addr).await, request).await;
+        streams.push(stream.expect("watching"));
+    }
     eventually("the agent is polled", SETTLE, || async {
         cluster.sim.agent(&agent).unwrap().polls_in_flight >= 1
     })
@@ -663,7 +667,7 @@ async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over
     })
     .await;
     let call = hang_up(&cluster.sim, &agent);
-    let events = stream.events_of(2).await;
+    let events = streams[0].events_of(2).await;
     assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
     assert_eq!(
         cluster.sim.agent(&agent).unwrap().max_polls_in_flight,
