@@ -34,21 +34,37 @@ async fn a_replica_connects_to_nats_and_serves() {
     assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
 }
 
-/// With NATS a request_id's claim must outlive its answer: a window that barely covers the
-/// request timeout is refused at startup, naming both flags, before NATS is reached.
-#[tokio::test]
-async fn a_replica_whose_request_ids_could_expire_unanswered_does_not_start() {
+/// Starts the service on `nats_url` with `flags`, expecting it to refuse: its stderr.
+async fn refused_start(nats_url: &str, flags: &[&str]) -> String {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
         .args(["--gateway-url", "http://127.0.0.1:9", "--no-caller-auth"])
-        .args(["--nats-url", "nats://127.0.0.1:9"])
-        .args(["--request-timeout-ms", "10000", "--idempotency-window-secs", "10"])
+        .args(["--nats-url", nats_url])
+        .args(flags)
         .output();
     let output = tokio::time::timeout(std::time::Duration::from_secs(30), output)
         .await
         .expect("the process exits")
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A loopback NATS URL nothing listens on.
+fn nobody_listening() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("nats://127.0.0.1:{port}")
+}
+
+/// With NATS a request_id's claim must outlive its answer: a window that barely covers the
+/// request timeout is refused at startup, naming both flags, before NATS is reached.
+#[tokio::test]
+async fn a_replica_whose_request_ids_could_expire_unanswered_does_not_start() {
+    let flags = ["--request-timeout-ms", "10000", "--idempotency-window-secs", "10"];
+    let stderr = refused_start(&nobody_listening(), &flags).await;
     assert!(
         stderr.contains("--idempotency-window-secs (10)")
             && stderr.contains("--request-timeout-ms (10000 ms)"),
@@ -59,21 +75,7 @@ async fn a_replica_whose_request_ids_could_expire_unanswered_does_not_start() {
 /// Without NATS the replica refuses to start, naming what it could not reach.
 #[tokio::test]
 async fn a_replica_without_nats_does_not_start() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args(["--gateway-url", "http://127.0.0.1:9", "--no-caller-auth"])
-        .args(["--nats-url", &format!("nats://127.0.0.1:{port}")])
-        .output();
-    let output = tokio::time::timeout(std::time::Duration::from_secs(30), output)
-        .await
-        .expect("the process exits")
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(&nobody_listening(), &[]).await;
     assert!(stderr.contains("cannot connect to NATS"), "{stderr}");
 }
 
