@@ -63,7 +63,12 @@ fn nobody_listening() -> String {
 /// request timeout is refused at startup, naming both flags, before NATS is reached.
 #[tokio::test]
 async fn a_replica_whose_request_ids_could_expire_unanswered_does_not_start() {
-    let flags = ["--request-timeout-ms", "10000", "--idempotency-window-secs", "10"];
+    let flags = [
+        "--request-timeout-ms",
+        "10000",
+        "--idempotency-window-secs",
+        "10",
+    ];
     let stderr = refused_start(&nobody_listening(), &flags).await;
     assert!(
         stderr.contains("--idempotency-window-secs (10)")

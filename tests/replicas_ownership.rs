@@ -407,7 +407,10 @@ async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
 
     tokio::time::sleep_until(paused_at + 2 * TTL).await;
     let before_resume = cluster.agent().max_polls_in_flight;
-    assert_eq!(before_resume, 1, "the paused owner's poll ended before the takeover");
+    assert_eq!(
+        before_resume, 1,
+        "the paused owner's poll ended before the takeover"
+    );
     // The new owner's long poll is in flight: a poll of the paused one would overlap it.
     cluster.until_polled().await;
     signal(&paused.process, "-CONT").await;
@@ -658,7 +661,8 @@ async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over
     // a replica whose fence still let it poll would start a 10 s long poll here, still in
     // flight when the new owner polls after the TTL.
     tokio::time::sleep_until(renewed + TTL - Duration::from_secs(5)).await;
-    let event = serde_json::json!({"eventType": "AgentState_Work", "workNo": agent, "content": null});
+    let event =
+        serde_json::json!({"eventType": "AgentState_Work", "workNo": agent, "content": null});
     cluster.sim.queue_event(&agent, event).unwrap();
 
     let cut_off_id = cluster.replicas[cut_off].id.clone();

@@ -225,7 +225,9 @@ impl PollLoop {
                 answer.retcode, answer.message
             )),
             // Gone between the check and the poll: waited for (bounded) like a missing one.
-            Err(GatewayError::NoSession(_)) if self.session_on_its_way().is_some() => Duration::ZERO,
+            Err(GatewayError::NoSession(_)) if self.session_on_its_way().is_some() => {
+                Duration::ZERO
+            }
             Err(GatewayError::NoSession(_)) => {
                 tracing::info!(%agent, "the agent's session was dropped; its watchers are told");
                 self.end_session(SessionEnding::Forgotten);
@@ -473,8 +475,14 @@ mod tests {
         assert_eq!(poll_failures(&hub), 0, "nothing to poll with yet");
 
         sign_in(&hub, agent(0));
-        until("a poll was sent with the session", || poll_failures(&hub) >= 1).await;
-        until("agent 1's session never came", || session_lost(&hub, agent(1))).await;
+        until("a poll was sent with the session", || {
+            poll_failures(&hub) >= 1
+        })
+        .await;
+        until("agent 1's session never came", || {
+            session_lost(&hub, agent(1))
+        })
+        .await;
         assert!(!session_lost(&hub, agent(0)));
     }
 

@@ -18,8 +18,8 @@ use async_nats::jetstream::{self, kv};
 
 pub(crate) use ownership::NatsOwnership;
 pub use ownership::{desired_owner, shard_of, SHARDS};
-pub use request_ids::CLAIM_OUTLIVES_REQUEST;
 pub(crate) use request_ids::NatsRequestIds;
+pub use request_ids::CLAIM_OUTLIVES_REQUEST;
 
 /// How long connecting (and each JetStream request) may take.
 const NATS_TIMEOUT: Duration = Duration::from_secs(5);

@@ -238,7 +238,8 @@ impl NatsLink {
             while let Ok((client, _)) = listener.accept().await {
                 let cut = cuts.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await
                     else {
                         return;
                     };
