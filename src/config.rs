@@ -8,7 +8,7 @@ use crate::{
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
     events::EventSettings,
     gateway::{GatewaySettings, PemFile, SettingsError},
-    nats::NatsSettings,
+    nats::{NatsSettings, CLAIM_OUTLIVES_REQUEST},
     release::ReleasePolicy,
     server::{ServerSettings, TlsFiles},
     sessions::SessionLimits,
@@ -118,7 +118,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
     pub(crate) max_answer_bytes: u32,
 
-    /// How long a request_id's answer is remembered, in seconds; at least the request timeout.
+    /// How long a request_id's answer is remembered, in seconds; at least the request timeout
+    /// (with --nats-url, 10 s more: a claim must outlive its answer).
     #[arg(long, env = "CCGW_IDEMPOTENCY_WINDOW_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub(crate) idempotency_window_secs: u64,
@@ -381,8 +382,8 @@ pub struct Config {
     /// A shard's poll lease not renewed for this long (on the taker's own clock) may be taken
     /// over by another replica, in seconds. Must exceed --poll-timeout-ms plus
     /// --lease-renew-secs plus a 2 s margin: a replica stops starting polls once its last
-    /// renewal is older than this minus the margin, so a paused or cut-off replica stops
-    /// polling before another takes over.
+    /// renewal is older than this minus the margin and the poll timeout, so a paused or cut-off
+    /// replica's polls have ended before another takes over.
     #[arg(long, env = "CCGW_LEASE_TTL_SECS", default_value_t = 45,
           value_parser = clap::value_parser!(u64).range(3..=3_600))]
     pub(crate) lease_ttl_secs: u64,
@@ -467,6 +468,17 @@ impl Config {
             ));
         }
         if self.nats_url.is_some() {
+            let outlives_ms = CLAIM_OUTLIVES_REQUEST.as_millis() as u64;
+            if self.idempotency_window_secs * 1000 < self.request_timeout_ms + outlives_ms {
+                return Err(format!(
+                    "--idempotency-window-secs ({}) must exceed --request-timeout-ms ({} ms) by \
+                     at least {} s with --nats-url: a request_id's claim must outlive its \
+                     answer, or a repeat finds the id free and releases again",
+                    self.idempotency_window_secs,
+                    self.request_timeout_ms,
+                    CLAIM_OUTLIVES_REQUEST.as_secs()
+                ));
+            }
             let fenced_ms =
                 self.poll_timeout_ms + (self.lease_renew_secs + LEASE_MARGIN_SECS) * 1000;
             if fenced_ms >= self.lease_ttl_secs * 1000 {
@@ -573,6 +585,7 @@ impl Config {
             lease_renew: Duration::from_secs(self.lease_renew_secs),
             lease_ttl: Duration::from_secs(self.lease_ttl_secs),
             lease_margin: Duration::from_secs(LEASE_MARGIN_SECS),
+            poll_timeout: Duration::from_millis(self.poll_timeout_ms),
             release_without_nats: self.release_without_nats,
         })
     }
@@ -754,6 +767,45 @@ mod tests {
             default.server().max_connection_age_grace,
             Duration::from_secs(30)
         );
+    }
+
+    /// With NATS a request_id's claim is a key that expires with the window: it must outlive
+    /// the request's answer (the request timeout, the grace to answer, the write).
+    #[test]
+    fn with_nats_the_idempotency_window_outlasts_the_request_timeout_by_a_margin() {
+        let validate = |window: &str| {
+            Config::try_parse_from([
+                "x",
+                "--simulate",
+                "--nats-url",
+                "nats://127.0.0.1:4222",
+                "--request-timeout-ms",
+                "10000",
+                "--idempotency-window-secs",
+                window,
+            ])
+            .unwrap()
+            .validate()
+        };
+        let error = validate("10").unwrap_err();
+        assert!(
+            error.contains("--idempotency-window-secs (10)")
+                && error.contains("--request-timeout-ms (10000 ms)"),
+            "{error}"
+        );
+        assert!(validate("19").is_err());
+        assert!(validate("20").is_ok());
+        // Alone, the answer lives in the process: the request timeout is enough.
+        let alone = Config::try_parse_from([
+            "x",
+            "--simulate",
+            "--request-timeout-ms",
+            "10000",
+            "--idempotency-window-secs",
+            "10",
+        ])
+        .unwrap();
+        assert!(alone.validate().is_ok());
     }
 
     #[test]

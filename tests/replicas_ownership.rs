@@ -8,13 +8,14 @@ use std::{collections::BTreeSet, future::Future, time::Duration};
 use async_nats::jetstream::{self, kv};
 use ccgw_callcontrol::{
     nats::{desired_owner, shard_of, SHARDS},
-    proto::ReleaseOutcome,
+    proto::{watch_release_events_response::Item, ReleaseEvent, ReleaseOutcome},
 };
 use ccgw_sim::{SimConfig, Simulator};
 use common::{
-    agent_id, client_of, desktop_sign_in, exits_cleanly, handing_over, nats::NatsServer,
+    agent_id, client_of, desktop_sign_in, exits_cleanly, handing_over,
+    nats::{NatsLink, NatsServer},
     release_req, sigterm, sim_config, spawn_service_logging, spawn_sim, watch_on, watch_req,
-    OpenStream,
+    OpenStream, CALLER,
 };
 use futures_util::StreamExt;
 use tokio::{process::Child, time::Instant};
@@ -101,10 +102,15 @@ impl Replicas {
     /// the time, and rotating no Guid: each replica polls with the one handed over to it) and
     /// `n` replicas, once every shard is held by its desired owner. `None`: no nats-server.
     async fn start(n: usize) -> Option<Self> {
+        Self::start_waiting(n, Duration::from_secs(4)).await
+    }
+
+    /// [`start`](Self::start) with the simulator's long-poll wait `poll_wait`.
+    async fn start_waiting(n: usize, poll_wait: Duration) -> Option<Self> {
         let nats = NatsServer::start().await?;
         let (sim, sim_addr, stop_sim) = spawn_sim(
             SimConfig {
-                poll_wait: Duration::from_secs(4),
+                poll_wait,
                 guid_interval: Duration::from_secs(3600),
                 ..sim_config()
             },
@@ -133,8 +139,14 @@ impl Replicas {
 
     /// Starts one more replica and learns its id from the leases bucket.
     async fn add(&mut self) {
+        let nats_url = self.nats_url.clone();
+        self.add_via(&nats_url).await;
+    }
+
+    /// [`add`](Self::add), the replica reaching NATS at `nats_url`.
+    async fn add_via(&mut self, nats_url: &str) {
         let before = self.members().await;
-        let mut args = vec!["--gateway-url", &self.gateway, "--nats-url", &self.nats_url];
+        let mut args = vec!["--gateway-url", &self.gateway, "--nats-url", nats_url];
         args.extend_from_slice(LEASE_FLAGS);
         args.extend_from_slice(&["--metrics-listen", "127.0.0.1:0"]);
         let (process, serving) = spawn_service_logging(&args, &[]).await;
@@ -395,7 +407,10 @@ async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
 
     tokio::time::sleep_until(paused_at + 2 * TTL).await;
     let before_resume = cluster.agent().max_polls_in_flight;
-    assert!(before_resume <= 2, "at most the one allowed overlap");
+    assert_eq!(
+        before_resume, 1,
+        "the paused owner's poll ended before the takeover"
+    );
     // The new owner's long poll is in flight: a poll of the paused one would overlap it.
     cluster.until_polled().await;
     signal(&paused.process, "-CONT").await;
@@ -514,5 +529,153 @@ async fn a_replica_that_shuts_down_hands_its_shards_back_at_once() {
     assert!(
         took < TTL - Duration::from_secs(2),
         "handed back in {took:?}"
+    );
+}
+
+/// The next `n` release events of `stream` (heartbeats skipped), or the status it ended with
+/// first.
+async fn first_events(
+    stream: &mut OpenStream,
+    n: usize,
+) -> Result<Vec<ReleaseEvent>, tonic::Status> {
+    let mut events = Vec::with_capacity(n);
+    while events.len() < n {
+        match stream.next_item().await? {
+            Some(Item::Event(event)) => events.push(event),
+            Some(Item::Heartbeat(_)) => {}
+            other => panic!("expected release events, got {other:?}"),
+        }
+    }
+    Ok(events)
+}
+
+/// A call placed on `agent` that its customer hangs up: two release events.
+fn hang_up(sim: &Simulator, agent: &str) -> String {
+    let call = sim.place_call(agent, CALLER).unwrap();
+    assert_eq!(sim.customer_hangup(agent).unwrap(), call);
+    call
+}
+
+/// Agents signed in for the handover test: enough that the owner learning of a watcher before
+/// its session (they reach it through two buckets, in either order) happens many times over.
+const HANDED_OVER_AGENTS: usize = 24;
+
+/// Freshly signed-in agents (no replica knows their sessions), one stream each, all opened at
+/// once with the desktop's session handed over on a replica that does NOT own the agent's
+/// shard. The owner learns of the watcher (the watched bucket) and of the session (the
+/// sessions bucket) in either order; its loop, started without a session, waits for it
+/// instead of ending the agent's session for every watcher. Every stream receives its agent's
+/// release events; none ends with NO_SESSION.
+#[tokio::test]
+async fn a_handover_on_a_replica_that_does_not_poll_the_agent_reaches_the_one_that_does() {
+    let Some(cluster) = Replicas::start(3).await else {
+        return;
+    };
+    let ids: Vec<&str> = cluster.replicas.iter().map(|r| r.id.as_str()).collect();
+    let mut opening = Vec::new();
+    for n in 0..HANDED_OVER_AGENTS {
+        let agent = (201 + n).to_string();
+        let owner = desired_owner(shard_of(agent_id(&agent)), &ids).unwrap();
+        let owner = ids.iter().position(|id| *id == owner).unwrap();
+        // Never the owner; the two others in turn.
+        let watching = (owner + 1 + n % 2) % 3;
+        let desktop = desktop_sign_in(cluster.sim_addr, &agent, false).await;
+        let addr = cluster.replicas[watching].addr.clone();
+        opening.push(async move {
+            let request = handing_over(watch_req(&[&agent]), &desktop.guid);
+            let stream = watch_on(client_of(&addr).await, request).await;
+            (agent, stream.expect("watching"))
+        });
+    }
+    let streams = futures_util::future::join_all(opening).await;
+    let reading = streams.into_iter().map(|(agent, mut stream)| {
+        let call = hang_up(&cluster.sim, &agent);
+        async move {
+            let seen = first_events(&mut stream, 2).await;
+            (agent, call, seen)
+        }
+    });
+    let failed: Vec<String> = futures_util::future::join_all(reading)
+        .await
+        .into_iter()
+        .filter_map(|(agent, call, seen)| match seen {
+            Ok(events) if events.iter().all(|e| e.call_id == call) => None,
+            Ok(events) => Some(format!("{agent}: {events:?}")),
+            Err(status) => Some(format!("{agent}: {:?} {}", status.code(), status.message())),
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {HANDED_OVER_AGENTS} streams did not get their release events: {failed:#?}",
+        failed.len()
+    );
+}
+
+/// A replica cut off from NATS (its link holds every byte with the sockets open, as a
+/// partition does) keeps running and polling until its fence closes; another replica takes
+/// its shards over once their leases stood still for the TTL. The fence closes the poll
+/// timeout before TTL - margin after the last renewal was sent, so the cut-off replica's last
+/// poll has ended when the new owner's first starts: the gateway never has two polls of the
+/// agent in flight. A paused replica (SIGSTOP) cannot show this, since a stopped process
+/// starts no poll; a running one that cannot renew does.
+#[tokio::test]
+async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over() {
+    // An empty poll is held for 10 s, nearly the 11 s poll timeout.
+    let Some(mut cluster) = Replicas::start_waiting(2, Duration::from_secs(10)).await else {
+        return;
+    };
+    let link = NatsLink::start(cluster.nats.port).await;
+    cluster.add_via(&link.url()).await;
+    cluster.settled().await;
+    let cut_off = 2;
+    let ids: Vec<&str> = cluster.replicas.iter().map(|r| r.id.as_str()).collect();
+    let agent = (101..)
+        .map(|n: u32| n.to_string())
+        .find(|a| desired_owner(shard_of(agent_id(a)), &ids) == Some(ids[cut_off]))
+        .unwrap();
+    let shard = shard_of(agent_id(&agent));
+    let desktop = desktop_sign_in(cluster.sim_addr, &agent, false).await;
+    // A watcher on the cut-off replica keeps it polling (another replica's interest would fade
+    // there once it cannot see it refreshed); one on replica 0 has the new owner poll.
+    let mut streams = Vec::new();
+    for i in [0, cut_off] {
+        let request = handing_over(watch_req(&[&agent]), &desktop.guid);
+        let stream = watch_on(client_of(&cluster.replicas[i].addr).await, request).await;
+        streams.push(stream.expect("watching"));
+    }
+    eventually("the agent is polled", SETTLE, || async {
+        cluster.sim.agent(&agent).unwrap().polls_in_flight >= 1
+    })
+    .await;
+    assert_eq!(cluster.owner_of(&agent).await, cut_off);
+
+    // Cut just after a renewal of the shard's lease: it is never renewed again.
+    let leases = cluster.leases.as_ref().unwrap();
+    let mut renewals = leases.watch(format!("shard.{shard}")).await.unwrap();
+    let renewal = tokio::time::timeout(SETTLE, renewals.next()).await;
+    renewal.expect("the lease is renewed").unwrap().unwrap();
+    link.cut();
+    let renewed = Instant::now();
+
+    // Late in the window TTL - margin after the renewal, an event answers the poll in flight:
+    // a replica whose fence still let it poll would start a 10 s long poll here, still in
+    // flight when the new owner polls after the TTL.
+    tokio::time::sleep_until(renewed + TTL - Duration::from_secs(5)).await;
+    let event =
+        serde_json::json!({"eventType": "AgentState_Work", "workNo": agent, "content": null});
+    cluster.sim.queue_event(&agent, event).unwrap();
+
+    let cut_off_id = cluster.replicas[cut_off].id.clone();
+    eventually("another replica took the shard over", 3 * TTL, || async {
+        cluster.holder(shard).await.is_some_and(|h| h != cut_off_id)
+    })
+    .await;
+    let call = hang_up(&cluster.sim, &agent);
+    let events = streams[0].events_of(2).await;
+    assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
+    assert_eq!(
+        cluster.sim.agent(&agent).unwrap().max_polls_in_flight,
+        1,
+        "the cut-off replica's last poll overlapped the new owner's"
     );
 }

@@ -40,6 +40,12 @@ pub(super) struct PollLoop {
     /// A record handed to a shared log, to be stored before the next poll: the gateway already
     /// removed the event from its queue, and appending in poll order keeps the agent's order.
     appending: Option<BoxFuture<'static, ()>>,
+    /// Whether a poll went out with a session since the loop started or last ended the
+    /// agent's session. Until one has, a missing session is one on its way, not one that ended.
+    session_seen: bool,
+    /// Until when a loop that has not seen a session waits for one (set when it first finds
+    /// none).
+    session_awaited_until: Option<Instant>,
 }
 
 impl PollLoop {
@@ -54,6 +60,8 @@ impl PollLoop {
             watched: false,
             ownership,
             appending: None,
+            session_seen: false,
+            session_awaited_until: None,
         }
     }
 
@@ -89,6 +97,9 @@ impl PollLoop {
     /// have changed, a watcher comes or goes, or `ends` (a grace period running out). False
     /// when the facade shuts down.
     async fn poll_if_owned(&mut self, ends: Option<Instant>) -> bool {
+        if let Some(until) = self.session_on_its_way() {
+            return self.wait_for_session(until, ends).await;
+        }
         // Marked seen before asking, so a change in between wakes the wait below.
         self.ownership.borrow_and_update();
         if let Some(permit) = self.hub.ownership.poll_permit(self.feed.agent) {
@@ -101,6 +112,36 @@ impl PollLoop {
         };
         tokio::select! {
             () = ownership_changed => true,
+            () = self.feed.changed.notified() => true,
+            () = sleep_until(ends) => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// While the loop has not seen a session and the agent has none: until when to wait for
+    /// it. With replicas the owner's loop may start for another replica's watcher before that
+    /// watcher's handed-over session reaches it through the shared sessions; telling every
+    /// watcher the session ended would be wrong. Bounded by one poll timeout: a session that
+    /// has not come by then is not coming, and the watchers are told.
+    fn session_on_its_way(&mut self) -> Option<Instant> {
+        if self.session_seen || self.current_guid().is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        let until = *self
+            .session_awaited_until
+            .get_or_insert(now + self.hub.settings.poll_timeout);
+        (now < until).then_some(until)
+    }
+
+    /// Waits until the agent's session arrives, `until`, a watcher comes or goes, or `ends`.
+    /// False when the facade shuts down.
+    async fn wait_for_session(&mut self, until: Instant, ends: Option<Instant>) -> bool {
+        let agent = self.feed.agent;
+        tracing::debug!(%agent, "no session for the agent yet; waiting for one");
+        tokio::select! {
+            () = self.hub.sessions.registry().arrival(agent) => true,
+            () = tokio::time::sleep_until(until) => true,
             () = self.feed.changed.notified() => true,
             () = sleep_until(ends) => true,
             () = self.shutdown.cancelled() => false,
@@ -156,6 +197,10 @@ impl PollLoop {
     /// Acts on a poll's outcome; returns the pause before the next poll.
     fn handle(&mut self, result: Result<(Answer, Guid), GatewayError>) -> Duration {
         let agent = self.feed.agent;
+        if !matches!(result, Err(GatewayError::NoSession(_))) {
+            self.session_seen = true;
+            self.session_awaited_until = None;
+        }
         match result {
             Ok((answer, _)) if answer.is_ok() => {
                 self.failures = 0;
@@ -179,9 +224,13 @@ impl PollLoop {
                 "retcode {} ({:?})",
                 answer.retcode, answer.message
             )),
+            // Gone between the check and the poll: waited for (bounded) like a missing one.
+            Err(GatewayError::NoSession(_)) if self.session_on_its_way().is_some() => {
+                Duration::ZERO
+            }
             Err(GatewayError::NoSession(_)) => {
                 tracing::info!(%agent, "the agent's session was dropped; its watchers are told");
-                self.appending = self.hub.end_session(&self.feed, SessionEnding::Forgotten);
+                self.end_session(SessionEnding::Forgotten);
                 Duration::ZERO
             }
             Err(error) => self.failed(&error.to_string()),
@@ -210,14 +259,19 @@ impl PollLoop {
     /// The gateway will not deliver the agent's events: tell the watchers, stop polling.
     fn stop_polling(&mut self, answer: Answer) -> Duration {
         tracing::info!(agent = %self.feed.agent, retcode = %answer.retcode, "the gateway will not deliver the agent's events; its watchers are told");
-        self.appending = self.hub.end_session(
-            &self.feed,
-            SessionEnding::Refused {
-                retcode: answer.retcode,
-                message: answer.message,
-            },
-        );
+        self.end_session(SessionEnding::Refused {
+            retcode: answer.retcode,
+            message: answer.message,
+        });
         Duration::ZERO
+    }
+
+    /// Tells the watchers the agent's session ended; polling waits for a watcher with a new
+    /// one, which the loop waits for as for a first.
+    fn end_session(&mut self, ending: SessionEnding) {
+        self.appending = self.hub.end_session(&self.feed, ending);
+        self.session_seen = false;
+        self.session_awaited_until = None;
     }
 
     fn current_guid(&self) -> Option<Guid> {
@@ -386,6 +440,50 @@ mod tests {
         drop(watcher);
         until("the interest ended", || ownership.watched(agent(0)) == 0).await;
         until("the loop ended", || hub.poll_loops_running() == 0).await;
+    }
+
+    fn session_lost(hub: &EventHub, agent: AgentId) -> bool {
+        let feed = lock(&hub.hub.feeds).get(agent).expect("a feed");
+        let lost = lock(&feed.state).session_lost;
+        lost
+    }
+
+    /// The owner polls for another replica's watcher whose handed-over session has not reached
+    /// it yet: its loop waits for the session instead of ending the agent's session for every
+    /// watcher, and polls once it arrives. A session that does not come within a poll timeout
+    /// is not coming: the watchers are told.
+    #[tokio::test]
+    async fn a_loop_without_a_session_yet_waits_for_one() {
+        let ownership = Granted::new();
+        ownership.grant();
+        let hub = hub_owning(
+            EventSettings {
+                poll_timeout: Duration::from_secs(2),
+                ..EventSettings::default()
+            },
+            ownership.clone(),
+        );
+        ownership
+            .interest
+            .send_replace(Arc::new([agent(0), agent(1)].into()));
+        until("both are polled for the other replica", || {
+            hub.polling_agents() == [agent(0), agent(1)]
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!session_lost(&hub, agent(0)) && !session_lost(&hub, agent(1)));
+        assert_eq!(poll_failures(&hub), 0, "nothing to poll with yet");
+
+        sign_in(&hub, agent(0));
+        until("a poll was sent with the session", || {
+            poll_failures(&hub) >= 1
+        })
+        .await;
+        until("agent 1's session never came", || {
+            session_lost(&hub, agent(1))
+        })
+        .await;
+        assert!(!session_lost(&hub, agent(0)));
     }
 
     /// Agents only other replicas watch are polled here (counted among the polled agents,

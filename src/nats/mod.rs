@@ -19,6 +19,7 @@ use async_nats::jetstream::{self, kv};
 pub(crate) use ownership::NatsOwnership;
 pub use ownership::{desired_owner, shard_of, SHARDS};
 pub(crate) use request_ids::NatsRequestIds;
+pub use request_ids::CLAIM_OUTLIVES_REQUEST;
 
 /// How long connecting (and each JetStream request) may take.
 const NATS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,8 +41,10 @@ pub struct NatsSettings {
     pub lease_renew: Duration,
     /// A lease not renewed for this long may be taken over.
     pub lease_ttl: Duration,
-    /// Before the TTL runs out, a holder stops starting polls this early.
+    /// Before the TTL runs out, a holder's polls have ended this early.
     pub lease_margin: Duration,
+    /// The longest one poll runs: a holder stops starting polls this long before its margin.
+    pub poll_timeout: Duration,
     /// ReleaseCall may use the last known sessions while NATS is unreachable.
     pub release_without_nats: bool,
 }

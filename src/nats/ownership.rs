@@ -14,9 +14,10 @@
 //! waits for its polls in flight, and hands the lease back.
 //!
 //! A holder fences itself: it starts no poll once its last successful renewal of the shard
-//! was sent a TTL minus the margin ago, so a paused or cut-off replica stops before anybody may
-//! take over (with poll timeout + renew interval + margin < TTL, checked by the configuration,
-//! at most one poll sent before a pause overlaps the new owner's).
+//! was sent a TTL minus the margin minus the poll timeout ago. A poll runs at most the poll
+//! timeout, so every poll of a paused or cut-off replica has ended before anybody may take over
+//! (the configuration checks poll timeout + renew interval + margin < TTL, so a replica that
+//! renews in time never finds its fence closed).
 //!
 //! Who is watched: the bucket `<prefix>-watched`, key `<agent>.<replica>`, is put while this
 //! replica's clients watch an agent whose shard it does not hold, refreshed every renew
@@ -118,6 +119,16 @@ struct LeaseSettings {
     renew: Duration,
     ttl: Duration,
     margin: Duration,
+    /// The longest one poll runs.
+    poll_timeout: Duration,
+}
+
+impl LeaseSettings {
+    /// How long after a renewal was sent polls may still start: each ends within the poll
+    /// timeout, before the lease could be taken over.
+    fn polls_start_within(&self) -> Duration {
+        self.ttl.saturating_sub(self.margin + self.poll_timeout)
+    }
 }
 
 /// A shard lease this replica holds.
@@ -125,7 +136,8 @@ struct LeaseSettings {
 struct Held {
     /// Its revision: the next renewal updates on it.
     revision: u64,
-    /// Polls may start before this: the last successful renewal's send time + TTL - margin.
+    /// Polls may start before this: the last successful renewal's send time + TTL - margin -
+    /// poll timeout.
     fence: Instant,
     /// No longer ours to poll: handed back once its polls in flight end.
     releasing: bool,
@@ -234,7 +246,7 @@ impl State {
             releasing: false,
         });
         held.revision = held.revision.max(revision);
-        held.fence = held.fence.max(sent + s.ttl.saturating_sub(s.margin));
+        held.fence = held.fence.max(sent + s.polls_start_within());
         self.saw_lease(shard, me, revision, sent);
     }
 
@@ -684,6 +696,7 @@ impl NatsOwnership {
             renew: settings.lease_renew,
             ttl: settings.lease_ttl,
             margin: settings.lease_margin,
+            poll_timeout: settings.poll_timeout,
         };
         let leases = cluster
             .key_value(
@@ -1052,6 +1065,7 @@ mod tests {
         renew: Duration::from_secs(5),
         ttl: Duration::from_secs(45),
         margin: Duration::from_secs(2),
+        poll_timeout: Duration::from_secs(30),
     };
 
     fn agent(raw: &str) -> AgentId {
@@ -1120,13 +1134,15 @@ mod tests {
         state
     }
 
-    /// A holder starts no poll once its last renewal was sent TTL - margin ago, whatever else
-    /// happens (a paused process, NATS unreachable); a renewal opens the fence again.
+    /// A holder starts no poll once its last renewal was sent TTL - margin - poll timeout ago,
+    /// whatever else happens (a paused process, NATS unreachable), so its last poll has ended
+    /// before the lease may be taken over; a renewal opens the fence again.
     #[tokio::test(start_paused = true)]
-    async fn the_fence_closes_ttl_minus_margin_after_the_last_renewal_was_sent() {
+    async fn the_fence_closes_a_poll_timeout_before_the_lease_may_be_taken_over() {
         let sent = Instant::now();
         let mut state = holding("a", 3, sent);
-        let closes = sent + SETTINGS.ttl - SETTINGS.margin;
+        let closes = sent + SETTINGS.ttl - SETTINGS.margin - SETTINGS.poll_timeout;
+        assert!(closes + SETTINGS.poll_timeout < sent + SETTINGS.ttl);
         tokio::time::sleep_until(closes - Duration::from_millis(1)).await;
         assert!(state.may_poll(3, Instant::now()));
         assert!(!state.may_poll(4, Instant::now()), "a shard not held");
@@ -1139,7 +1155,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(4)).await;
         state.renewed("a", 3, 9, renewal_sent, SETTINGS);
         assert!(state.may_poll(3, Instant::now()));
-        tokio::time::sleep_until(renewal_sent + SETTINGS.ttl - SETTINGS.margin).await;
+        tokio::time::sleep_until(renewal_sent + SETTINGS.polls_start_within()).await;
         assert!(!state.may_poll(3, Instant::now()));
     }
 

@@ -39,6 +39,12 @@ use crate::{
 /// time to record the answer, and clocks that differ a little between replicas.
 const LOST_GRACE: Duration = Duration::from_secs(5);
 
+/// How long past its request's timeout a claim may still be written over (answered, or found
+/// lost), the write included: the bucket must keep a claim that much longer than the request
+/// timeout, or a repeat would find the id free and release again (the configuration checks
+/// --idempotency-window-secs against it).
+pub const CLAIM_OUTLIVES_REQUEST: Duration = LOST_GRACE.saturating_add(super::NATS_TIMEOUT);
+
 /// Claims in a row that find the key forgotten just then: each such round means another
 /// replica's claim came and went, so a few bound the loop without refusing in practice.
 const CLAIM_ROUNDS: usize = 3;

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 use super::store::{SessionStore, SharedSession, StoreCounters};
 use crate::{
@@ -96,6 +96,9 @@ pub struct SessionRegistry {
     rotations: AtomicU64,
     store: Option<Arc<dyn SessionStore>>,
     counters: Arc<StoreCounters>,
+    /// Agents a poll loop waits to get a session for ([`arrival`](Self::arrival)): woken when
+    /// one arrives. Taken after `sessions`, never before.
+    awaited: Mutex<HashMap<AgentId, Arc<Notify>>>,
 }
 
 #[derive(Debug)]
@@ -138,6 +141,7 @@ impl SessionRegistry {
             rotations: AtomicU64::new(0),
             store: None,
             counters: Arc::default(),
+            awaited: Mutex::default(),
         }
     }
 
@@ -168,6 +172,33 @@ impl SessionRegistry {
         }
         entry.last_used = now;
         Some(entry.current.clone())
+    }
+
+    /// Resolves once the agent has a session, at once if it has one now: for a poll loop whose
+    /// agent's session is on its way (with replicas, a watcher's handover on another replica
+    /// comes through the store, perhaps after the watcher's interest did). Unbounded: the
+    /// caller bounds the wait.
+    pub(crate) async fn arrival(&self, agent: AgentId) {
+        let awaiting = Awaiting::register(self, agent);
+        let arrived = awaiting.notify.notified();
+        tokio::pin!(arrived);
+        // Registered before looking, so a session arriving in between wakes it.
+        arrived.as_mut().enable();
+        if lock(&self.sessions).contains_key(&agent) {
+            return;
+        }
+        arrived.await;
+    }
+
+    /// Wakes whoever waits for the agent's session, if it has one now. Called with `sessions`
+    /// locked.
+    fn tell_arrival(&self, sessions: &HashMap<AgentId, Entry>, agent: AgentId) {
+        if !sessions.contains_key(&agent) {
+            return;
+        }
+        if let Some(notify) = lock(&self.awaited).get(&agent) {
+            notify.notify_waiters();
+        }
     }
 
     /// A watcher hands a session over. With none held it becomes the agent's session (the poll
@@ -331,6 +362,19 @@ impl SessionRegistry {
     ) -> Installed {
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
+        let installed = self.install_locked(&mut sessions, agent, revision, shared, now);
+        self.tell_arrival(&sessions, agent);
+        installed
+    }
+
+    fn install_locked(
+        &self,
+        sessions: &mut HashMap<AgentId, Entry>,
+        agent: AgentId,
+        revision: u64,
+        shared: Option<SharedSession>,
+        now: Instant,
+    ) -> Installed {
         match (sessions.get_mut(&agent), shared) {
             (Some(entry), _) if entry.revision >= revision => Installed::NotNewer,
             (Some(entry), Some(shared)) => {
@@ -348,7 +392,7 @@ impl SessionRegistry {
             }
             (None, None) => Installed::NotNewer,
             (None, Some(shared)) => {
-                if self.make_room(&mut sessions, now).is_err() {
+                if self.make_room(sessions, now).is_err() {
                     return Installed::Full;
                 }
                 let mut entry = Entry::new(shared.current, shared.confirmed, now);
@@ -410,10 +454,13 @@ impl SessionRegistry {
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
         let Some(store) = &self.store else {
-            return change(&mut sessions, now);
+            let result = change(&mut sessions, now);
+            self.tell_arrival(&sessions, agent);
+            return result;
         };
         let before = sessions.get(&agent).map(|e| (e.revision, e.shared()));
         let result = change(&mut sessions, now);
+        self.tell_arrival(&sessions, agent);
         let based_on = before.as_ref().map_or(0, |(revision, _)| *revision);
         let after = sessions.get_mut(&agent).map(|entry| {
             entry.revision = based_on;
@@ -440,6 +487,35 @@ impl SessionRegistry {
             Ok(())
         } else {
             Err(SessionsFull(self.limits.max_sessions))
+        }
+    }
+}
+
+/// One waiter's registration in [`SessionRegistry::arrival`]; the last one out removes the
+/// agent's entry, so the map holds only agents somebody waits for.
+struct Awaiting<'a> {
+    registry: &'a SessionRegistry,
+    agent: AgentId,
+    notify: Arc<Notify>,
+}
+
+impl<'a> Awaiting<'a> {
+    fn register(registry: &'a SessionRegistry, agent: AgentId) -> Self {
+        let notify = lock(&registry.awaited).entry(agent).or_default().clone();
+        Self {
+            registry,
+            agent,
+            notify,
+        }
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        let mut awaited = lock(&self.registry.awaited);
+        // Clones are made under this lock only: the map's and this one mean nobody else waits.
+        if Arc::strong_count(&self.notify) <= 2 {
+            awaited.remove(&self.agent);
         }
     }
 }
@@ -758,6 +834,38 @@ mod tests {
             registry.install(agent(105), 1, Some(shared("e"))),
             Installed::Full
         );
+    }
+
+    /// A wait for an agent's session ends when one arrives, from a handover or from the store,
+    /// and not for another agent's; nothing stays registered after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_session_ends_when_one_arrives() {
+        let (registry, _store) = shared_registry(SessionLimits::default());
+        let registry = Arc::new(registry);
+        let waiting = |a: AgentId| {
+            let registry = registry.clone();
+            tokio::spawn(async move { registry.arrival(a).await })
+        };
+        let (handed, stored) = (waiting(agent(101)), waiting(agent(102)));
+        tokio::task::yield_now().await;
+        registry.offer(agent(103), session("other")).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!handed.is_finished() && !stored.is_finished());
+        registry.offer(agent(101), session("handed")).unwrap();
+        registry.install(agent(102), 4, Some(shared("stored")));
+        tokio::time::timeout(Duration::from_secs(1), handed)
+            .await
+            .expect("the handover ends the wait")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), stored)
+            .await
+            .expect("the store's entry ends the wait")
+            .unwrap();
+        // Held already: at once.
+        tokio::time::timeout(Duration::ZERO, registry.arrival(agent(101)))
+            .await
+            .unwrap();
+        assert!(lock(&registry.awaited).is_empty());
     }
 
     /// Issue 7, point 3: the registry is bounded; idle sessions make room, used ones do not.

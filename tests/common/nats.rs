@@ -217,3 +217,84 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A TCP relay in front of a NATS server that can be cut: once cut it forwards nothing either
+/// way and keeps every socket open, new ones too, as a network partition does. The replica
+/// behind it keeps running, cut off from NATS, while the others are not.
+pub struct NatsLink {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl NatsLink {
+    /// A link to the server on `server_port`.
+    pub async fn start(server_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = tokio::sync::watch::Sender::new(false);
+        let cuts = cut.subscribe();
+        let accepting = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = cuts.clone();
+                tokio::spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await
+                    else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        relay(client_read, server_write, cut.clone()),
+                        relay(server_read, client_write, cut),
+                    );
+                });
+            }
+        });
+        Self {
+            port,
+            cut,
+            accepting,
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>` of the link.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on nothing passes.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+impl Drop for NatsLink {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while the link is cut; ends with either side,
+/// or with the link.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if cut.wait_for(|cut| !*cut).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
