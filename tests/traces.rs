@@ -103,9 +103,16 @@ async fn the_gateway_gets_a_rebuilt_trace_context_never_the_callers_text() {
     app.sign_in("101").await;
     let future = format!("cc-{TRACE_ID}-{CALLER_SPAN_ID}-01-");
     let traceparent = format!("{future}{}", "x".repeat(14 * 1024 - future.len()));
-    let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+    let members = |n: usize| {
+        (0..n)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let tracestates = [
-        ["a", "b", "c"].map(|key| format!("{key}={}", "v".repeat(250))).join(","),
+        ["a", "b", "c"]
+            .map(|key| format!("{key}={}", "v".repeat(250)))
+            .join(","),
         members(33),
         " vendor=opaque-value ,\t other@sys=x ".into(),
     ];

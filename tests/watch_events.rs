@@ -1179,7 +1179,12 @@ async fn a_release_with_an_event_time_out_of_range_is_delivered_without_it() {
     let events = watch.events_of(times.len()).await;
     let read: Vec<_> = events
         .iter()
-        .map(|e| (e.call_id.as_str(), e.event_time.map(|t| (t.seconds, t.nanos))))
+        .map(|e| {
+            (
+                e.call_id.as_str(),
+                e.event_time.map(|t| (t.seconds, t.nanos)),
+            )
+        })
         .collect();
     assert_eq!(
         read,
@@ -1190,7 +1195,11 @@ async fn a_release_with_an_event_time_out_of_range_is_delivered_without_it() {
         ]
     );
     let stats = app.api.events().stats();
-    assert_eq!((stats.dropped_fields, stats.malformed_events), (2, 0), "{stats:?}");
+    assert_eq!(
+        (stats.dropped_fields, stats.malformed_events),
+        (2, 0),
+        "{stats:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -279,7 +279,11 @@ mod tests {
             json!({}),
         ] {
             let read = parse_event(agent(), &with_gen_time(time.clone())).unwrap();
-            assert_eq!((read.gen_time_ms, read.dropped_fields), (None, vec![GEN_TIME_FIELD]), "{time}");
+            assert_eq!(
+                (read.gen_time_ms, read.dropped_fields),
+                (None, vec![GEN_TIME_FIELD]),
+                "{time}"
+            );
         }
         for (time, ms) in [
             (json!(0), 0),
@@ -287,12 +291,19 @@ mod tests {
             (json!(" 1700000000123 "), 1_700_000_000_123),
         ] {
             let read = parse_event(agent(), &with_gen_time(time.clone())).unwrap();
-            assert_eq!((read.gen_time_ms, read.dropped_fields), (Some(ms), vec![]), "{time}");
+            assert_eq!(
+                (read.gen_time_ms, read.dropped_fields),
+                (Some(ms), vec![]),
+                "{time}"
+            );
         }
         let null = parse_event(agent(), &with_gen_time(Value::Null)).unwrap();
         assert_eq!((null.gen_time_ms, null.dropped_fields), (None, vec![]));
         // The time of an event that is skipped is not looked at.
         let other = json!({"eventType": "AgentState_Ready", "eventGenTime": u64::MAX});
-        assert!(parse_event(agent(), &other).unwrap().dropped_fields.is_empty());
+        assert!(parse_event(agent(), &other)
+            .unwrap()
+            .dropped_fields
+            .is_empty());
     }
 }

@@ -23,6 +23,7 @@ pub use reachability::{GatewayHealth, Reachability, DOWN_AFTER, UP_AFTER};
 pub(crate) use retcode::{KnownRetcode, Retcode};
 pub(crate) use session::SessionHeaders;
 pub use session::{Cookies, Guid, Session};
+pub(crate) use tls::is_loopback;
 pub(crate) use wire::Answer;
 
 use crate::domain::AgentId;

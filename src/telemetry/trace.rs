@@ -35,8 +35,7 @@ use hyper::{header::HeaderValue, http, HeaderMap};
 use opentelemetry::{
     propagation::{Injector, TextMapPropagator},
     trace::{
-        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-        TracerProvider as _,
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
     },
     Context as OtelContext,
 };
@@ -393,7 +392,11 @@ impl TraceParent {
 /// The value of `digits` (at most 32), when they are all lower-case hex digits (W3C's HEXDIGLC:
 /// `u128::from_str_radix` alone would take upper case and a sign).
 fn lower_hex(digits: &[u8]) -> Option<u128> {
-    if digits.is_empty() || !digits.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if digits.is_empty()
+        || !digits
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return None;
     }
     u128::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
@@ -563,12 +566,20 @@ mod tests {
 
     #[test]
     fn a_tracestate_is_checked_and_rebuilt() {
-        assert_eq!(state("vendor=opaque-value"), Some("vendor=opaque-value".into()));
+        assert_eq!(
+            state("vendor=opaque-value"),
+            Some("vendor=opaque-value".into())
+        );
         assert_eq!(
             state(" a=1 ,\t, b@c=x y ,tenant-1@sys*/_-=v "),
             Some("a=1,b@c=x y,tenant-1@sys*/_-=v".into())
         );
-        let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        let members = |n: usize| {
+            (0..n)
+                .map(|i| format!("k{i}=v"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         assert_eq!(state(&members(32)), Some(members(32)));
         for value in [
             String::new(),
@@ -611,7 +622,10 @@ mod tests {
             "[a-z][a-z0-9_*/-]{0,12}",
             "[a-z0-9][a-z0-9_*/-]{0,8}@[a-z][a-z0-9_*/-]{0,13}",
         ];
-        let value = (vec(prop_oneof![Just(' '), value_char()], 0..12), value_char())
+        let value = (
+            vec(prop_oneof![Just(' '), value_char()], 0..12),
+            value_char(),
+        )
             .prop_map(|(body, last)| body.into_iter().chain([last]).collect());
         (key, value)
     }
