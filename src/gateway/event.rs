@@ -158,9 +158,14 @@ fn text_or_number(value: &Value) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
+    use crate::gateway::testing::{any_json, or_any_json};
+
+    /// Cases each property below runs (the README's reliability section counts them).
+    const EVENT_CASES: u32 = 256;
 
     fn agent() -> AgentId {
         AgentId::parse("agent", "101", 59_999).unwrap()
@@ -305,5 +310,100 @@ mod tests {
             .unwrap()
             .dropped_fields
             .is_empty());
+    }
+
+    /// What each documented refusal says.
+    const PROBLEMS: [&str; 5] = [
+        "the event is not a JSON object",
+        "eventType is missing or not a name",
+        "workNo is not the polled agent",
+        "content is not a call id",
+        "content has no valid callid",
+    ];
+
+    /// Events near the two the facade reads: each member right or anything at all.
+    fn release_like() -> impl Strategy<Value = Value> {
+        let event_type = or_any_json(
+            prop_oneof![
+                Just(CALL_RELEASE.to_owned()),
+                Just(CUSTOMER_RELEASE.to_owned()),
+                "[!-~]{1,70}",
+            ]
+            .prop_map(Value::from),
+        );
+        let call_id = || or_any_json("[0-9-]{1,70}".prop_map(Value::from));
+        let number = or_any_json(prop_oneof![
+            "[ -~]{0,70}".prop_map(Value::from),
+            any::<u64>().prop_map(Value::from)
+        ]);
+        let content = prop_oneof![
+            call_id(),
+            (call_id(), number, any::<bool>()).prop_map(|(id, number, upper)| {
+                let key = if upper { "callId" } else { "callid" };
+                json!({ key: id, "number": number })
+            }),
+        ];
+        let work_no = or_any_json(prop_oneof![
+            Just(json!("101")),
+            Just(json!(101)),
+            Just(json!(" 101 "))
+        ]);
+        let time = or_any_json(any::<u64>().prop_map(Value::from));
+        (event_type, work_no, content, time).prop_map(|(event_type, work_no, content, time)| {
+            json!({"eventType": event_type, "workNo": work_no, "content": content, "eventGenTime": time})
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(EVENT_CASES))]
+
+        /// Any event either reads, with every kept field within its bounds and only the two
+        /// optional fields ever dropped, or is refused for one of the documented reasons, its
+        /// text never repeated.
+        #[test]
+        fn any_event_reads_within_its_bounds_or_is_refused(event in prop_oneof![any_json(), release_like()]) {
+            let graphic = |text: &str| text.bytes().all(|b| b.is_ascii_graphic());
+            match parse_event(agent(), &event) {
+                Ok(read) => {
+                    prop_assert!(!read.event_type.is_empty() && read.event_type.len() <= MAX_TYPE_LEN);
+                    prop_assert!(graphic(&read.event_type));
+                    if let EventBody::CustomerRelease { number, .. } = &read.body {
+                        prop_assert!(number.len() <= MAX_NUMBER_LEN && graphic(number), "{number:?}");
+                    }
+                    prop_assert!(read.gen_time_ms.is_none_or(|ms| ms <= MAX_GEN_TIME_MS));
+                    for field in &read.dropped_fields {
+                        prop_assert!([NUMBER_FIELD, GEN_TIME_FIELD].contains(field), "{field}");
+                    }
+                }
+                Err(malformed) => {
+                    prop_assert!(PROBLEMS.contains(&malformed.problem), "{malformed}");
+                    let named = &malformed.event_type;
+                    prop_assert!(named == "(unknown)" || (named.len() <= MAX_TYPE_LEN && graphic(named)));
+                }
+            }
+        }
+
+        /// A release with a valid call id, number and time is read exactly.
+        #[test]
+        fn a_valid_release_is_read_exactly(
+            call in "[0-9]{1,20}-[0-9]{1,20}",
+            number in proptest::option::of("[!-~]{1,64}"),
+            time in 0..=MAX_GEN_TIME_MS,
+        ) {
+            let event = match &number {
+                None => json!({"eventType": CALL_RELEASE, "workNo": "101", "content": call, "eventGenTime": time}),
+                Some(number) => json!({"eventType": CUSTOMER_RELEASE, "workNo": 101, "eventGenTime": time.to_string(),
+                                       "content": {"callId": call, "number": number}}),
+            };
+            let read = parse_event(agent(), &event).unwrap();
+            let call_id = CallId::parse("c", &call).unwrap();
+            let body = match number {
+                None => EventBody::CallRelease { call_id },
+                Some(number) => EventBody::CustomerRelease { call_id, number },
+            };
+            prop_assert_eq!(read.body, body);
+            prop_assert_eq!(read.gen_time_ms, Some(time));
+            prop_assert!(read.dropped_fields.is_empty());
+        }
     }
 }

@@ -10,6 +10,8 @@ pub(crate) mod event;
 mod reachability;
 pub(crate) mod retcode;
 pub(crate) mod session;
+#[cfg(test)]
+pub(crate) mod testing;
 mod tls;
 pub(crate) mod wire;
 
