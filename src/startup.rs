@@ -22,6 +22,7 @@ use crate::{
     telemetry::{DroppedLogLines, Metrics},
 };
 
+mod cleartext;
 #[cfg(feature = "simulator")]
 mod demo;
 mod metrics;
@@ -137,6 +138,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     check_open_file_limit(config.max_polled_agents);
+    cleartext::warn(&config, listener.local_addr()?);
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let api = match &config.gateway_url {

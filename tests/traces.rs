@@ -92,6 +92,53 @@ async fn a_malformed_trace_context_is_not_passed_on() {
     }
 }
 
+/// A caller's trace context reaches the gateway rebuilt, never as its text: a 14 KiB
+/// `traceparent` of a later version (`cc`; the server takes 16 KiB of metadata in all) is read
+/// by its first 55 characters and sent as version 00; a `tracestate` over the W3C bounds
+/// (750 characters, or 33 members) is left out, a valid one is sent with the whitespace between its
+/// members removed.
+#[tokio::test]
+async fn the_gateway_gets_a_rebuilt_trace_context_never_the_callers_text() {
+    let app = spawn_app().await;
+    app.sign_in("101").await;
+    let future = format!("cc-{TRACE_ID}-{CALLER_SPAN_ID}-01-");
+    let traceparent = format!("{future}{}", "x".repeat(14 * 1024 - future.len()));
+    let members = |n: usize| {
+        (0..n)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let tracestates = [
+        ["a", "b", "c"]
+            .map(|key| format!("{key}={}", "v".repeat(250)))
+            .join(","),
+        members(33),
+        " vendor=opaque-value ,\t other@sys=x ".into(),
+    ];
+    for (n, tracestate) in tracestates.iter().enumerate() {
+        app.sim.place_call("101", CALLER).unwrap();
+        let mut request = tonic::Request::new(release_with_id("101", &format!("long-{n}")));
+        let metadata = request.metadata_mut();
+        metadata.insert("traceparent", traceparent.parse().unwrap());
+        metadata.insert("tracestate", tracestate.parse().unwrap());
+        app.release_with(request).await.expect("released");
+    }
+    let deletes = app.deletes();
+    assert_eq!(deletes.len(), tracestates.len(), "{deletes:?}");
+    for delete in &deletes {
+        let sent = delete.traceparent.as_deref();
+        // Not the value itself: it may be 14 KiB.
+        assert!(
+            sent == Some(caller_traceparent().as_str()),
+            "a traceparent of {:?} bytes",
+            sent.map(str::len)
+        );
+    }
+    let sent: Vec<_> = deletes.iter().map(|d| d.tracestate.as_deref()).collect();
+    assert_eq!(sent, [None, None, Some("vendor=opaque-value,other@sys=x")]);
+}
+
 /// A stand-in OTLP/HTTP collector: keeps the body of every POST to /v1/traces.
 async fn collector() -> (String, Arc<Mutex<Vec<Bytes>>>) {
     let exports = Arc::new(Mutex::new(Vec::new()));

@@ -1209,6 +1209,57 @@ async fn a_customer_release_with_an_invalid_number_is_delivered_without_it() {
     assert_eq!(app.api.events().stats().dropped_fields, 2);
 }
 
+/// An `eventGenTime` past protobuf Timestamp's range (u64::MAX ms; the year 10000) would give
+/// strict JSON clients an event_time they refuse: such a release is delivered without it, and
+/// the dropped field counted. The latest representable time (9999-12-31T23:59:59.999Z) is kept.
+/// The events go in verbatim through the simulator's control API.
+#[tokio::test]
+async fn a_release_with_an_event_time_out_of_range_is_delivered_without_it() {
+    let app = spawn_app().await;
+    let mut watch = app.signed_in_watch("101").await;
+    let inject = reqwest::Client::new();
+    let times = [
+        json!(u64::MAX),
+        json!(253_402_300_800_000u64),
+        json!(253_402_300_799_999u64),
+    ];
+    for (n, time) in times.iter().enumerate() {
+        let event = json!({"eventType": "AgentEvent_Call_Release", "workNo": "101",
+                           "content": format!("1700000000-{n}"), "eventGenTime": time});
+        let answer = inject
+            .post(format!("http://{}/sim/agents/101/events", app.sim_addr))
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{answer:?}");
+    }
+    let events = watch.events_of(times.len()).await;
+    let read: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e.call_id.as_str(),
+                e.event_time.map(|t| (t.seconds, t.nanos)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        read,
+        [
+            ("1700000000-0", None),
+            ("1700000000-1", None),
+            ("1700000000-2", Some((253_402_300_799, 999_000_000))),
+        ]
+    );
+    let stats = app.api.events().stats();
+    assert_eq!(
+        (stats.dropped_fields, stats.malformed_events),
+        (2, 0),
+        "{stats:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Poll failures: transient ones are retried, a refused Guid ends the stream
 // ---------------------------------------------------------------------------------------------

@@ -366,11 +366,8 @@ impl GatewayClient {
         if let Some(cookie) = session.cookies.header_value() {
             request = request.header(header::COOKIE, sensitive(&cookie)?);
         }
-        if let Some((traceparent, tracestate)) = trace {
-            request = request.header("traceparent", traceparent);
-            if let Some(tracestate) = tracestate {
-                request = request.header("tracestate", tracestate);
-            }
+        if let Some(trace) = trace {
+            request = trace.set_on(request);
         }
         request
             .body(Full::default())

@@ -12,6 +12,11 @@ pub(crate) const CUSTOMER_RELEASE: &str = "AgentEvent_Customer_Release";
 const MAX_NUMBER_LEN: usize = 64;
 /// The customer number's member of an `AgentEvent_Customer_Release`'s content.
 const NUMBER_FIELD: &str = "number";
+/// The event's time member.
+const GEN_TIME_FIELD: &str = "eventGenTime";
+/// The latest event time kept (9999-12-31T23:59:59.999Z, in ms since the Unix epoch): the end
+/// of the range of protobuf's Timestamp, which strict JSON clients refuse beyond.
+pub(crate) const MAX_GEN_TIME_MS: u64 = 253_402_300_799_999;
 /// Longest event type name kept in logs.
 const MAX_TYPE_LEN: usize = 64;
 
@@ -29,7 +34,8 @@ pub(crate) enum EventBody {
 pub(crate) struct PolledEvent {
     pub(crate) event_type: String,
     pub(crate) body: EventBody,
-    /// `eventGenTime` (ms since the Unix epoch), sent by newer gateways.
+    /// `eventGenTime` (ms since the Unix epoch), sent by newer gateways; at most
+    /// [`MAX_GEN_TIME_MS`].
     pub(crate) gen_time_ms: Option<u64>,
     /// Optional fields that failed validation and were left out of `body`, by name. Their
     /// values are not kept: nothing can log them.
@@ -104,15 +110,28 @@ pub(crate) fn parse_event(agent: AgentId, event: &Value) -> Result<PolledEvent, 
         }
         _ => EventBody::Other,
     };
-    Ok(PolledEvent {
-        event_type: event_type.to_owned(),
-        body,
-        // A bad timestamp is not worth losing a release event over.
-        gen_time_ms: object.get("eventGenTime").and_then(|t| match t {
+    // A bad timestamp is not worth losing a release event over: it is left out, like a bad
+    // number. A time past protobuf Timestamp's range would make the event unreadable to strict
+    // clients; one before 1970 is not a number of ms since the epoch the gateway sends.
+    // Read on release events only: the time of a skipped event is not worth a warning.
+    let gen_time_ms = match object.get(GEN_TIME_FIELD) {
+        _ if body == EventBody::Other => None,
+        None | Some(Value::Null) => None,
+        Some(time) => match time {
             Value::Number(n) => n.as_u64(),
             Value::String(s) => s.trim().parse().ok(),
             _ => None,
+        }
+        .filter(|ms| *ms <= MAX_GEN_TIME_MS)
+        .or_else(|| {
+            dropped_fields.push(GEN_TIME_FIELD);
+            None
         }),
+    };
+    Ok(PolledEvent {
+        event_type: event_type.to_owned(),
+        body,
+        gen_time_ms,
         dropped_fields,
     })
 }
@@ -139,9 +158,14 @@ fn text_or_number(value: &Value) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
+    use crate::gateway::testing::{any_json, or_any_json};
+
+    /// Cases each property below runs (the README's reliability section counts them).
+    const EVENT_CASES: u32 = 256;
 
     fn agent() -> AgentId {
         AgentId::parse("agent", "101", 59_999).unwrap()
@@ -240,5 +264,146 @@ mod tests {
         )
         .unwrap();
         assert!(without.dropped_fields.is_empty(), "{without:?}");
+    }
+
+    fn with_gen_time(time: Value) -> Value {
+        json!({"eventType": CALL_RELEASE, "workNo": "101", "content": "1-1", "eventGenTime": time})
+    }
+
+    /// A release whose `eventGenTime` is past protobuf Timestamp's range (u64::MAX ms, the
+    /// year 10000), negative, or not a whole number is read without it, and says so.
+    #[test]
+    fn an_event_time_out_of_range_is_left_out_and_named() {
+        for time in [
+            json!(u64::MAX),
+            json!(u64::MAX.to_string()),
+            json!(MAX_GEN_TIME_MS + 1),
+            json!(-1),
+            json!(1.7e12),
+            json!("soon"),
+            json!({}),
+        ] {
+            let read = parse_event(agent(), &with_gen_time(time.clone())).unwrap();
+            assert_eq!(
+                (read.gen_time_ms, read.dropped_fields),
+                (None, vec![GEN_TIME_FIELD]),
+                "{time}"
+            );
+        }
+        for (time, ms) in [
+            (json!(0), 0),
+            (json!(MAX_GEN_TIME_MS), MAX_GEN_TIME_MS),
+            (json!(" 1700000000123 "), 1_700_000_000_123),
+        ] {
+            let read = parse_event(agent(), &with_gen_time(time.clone())).unwrap();
+            assert_eq!(
+                (read.gen_time_ms, read.dropped_fields),
+                (Some(ms), vec![]),
+                "{time}"
+            );
+        }
+        let null = parse_event(agent(), &with_gen_time(Value::Null)).unwrap();
+        assert_eq!((null.gen_time_ms, null.dropped_fields), (None, vec![]));
+        // The time of an event that is skipped is not looked at.
+        let other = json!({"eventType": "AgentState_Ready", "eventGenTime": u64::MAX});
+        assert!(parse_event(agent(), &other)
+            .unwrap()
+            .dropped_fields
+            .is_empty());
+    }
+
+    /// What each documented refusal says.
+    const PROBLEMS: [&str; 5] = [
+        "the event is not a JSON object",
+        "eventType is missing or not a name",
+        "workNo is not the polled agent",
+        "content is not a call id",
+        "content has no valid callid",
+    ];
+
+    /// Events near the two the facade reads: each member right or anything at all.
+    fn release_like() -> impl Strategy<Value = Value> {
+        let event_type = or_any_json(
+            prop_oneof![
+                Just(CALL_RELEASE.to_owned()),
+                Just(CUSTOMER_RELEASE.to_owned()),
+                "[!-~]{1,70}",
+            ]
+            .prop_map(Value::from),
+        );
+        let call_id = || or_any_json("[0-9-]{1,70}".prop_map(Value::from));
+        let number = or_any_json(prop_oneof![
+            "[ -~]{0,70}".prop_map(Value::from),
+            any::<u64>().prop_map(Value::from)
+        ]);
+        let content = prop_oneof![
+            call_id(),
+            (call_id(), number, any::<bool>()).prop_map(|(id, number, upper)| {
+                let key = if upper { "callId" } else { "callid" };
+                json!({ key: id, "number": number })
+            }),
+        ];
+        let work_no = or_any_json(prop_oneof![
+            Just(json!("101")),
+            Just(json!(101)),
+            Just(json!(" 101 "))
+        ]);
+        let time = or_any_json(any::<u64>().prop_map(Value::from));
+        (event_type, work_no, content, time).prop_map(|(event_type, work_no, content, time)| {
+            json!({"eventType": event_type, "workNo": work_no, "content": content, "eventGenTime": time})
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(EVENT_CASES))]
+
+        /// Any event either reads, with every kept field within its bounds and only the two
+        /// optional fields ever dropped, or is refused for one of the documented reasons, its
+        /// text never repeated.
+        #[test]
+        fn any_event_reads_within_its_bounds_or_is_refused(event in prop_oneof![any_json(), release_like()]) {
+            let graphic = |text: &str| text.bytes().all(|b| b.is_ascii_graphic());
+            match parse_event(agent(), &event) {
+                Ok(read) => {
+                    prop_assert!(!read.event_type.is_empty() && read.event_type.len() <= MAX_TYPE_LEN);
+                    prop_assert!(graphic(&read.event_type));
+                    if let EventBody::CustomerRelease { number, .. } = &read.body {
+                        prop_assert!(number.len() <= MAX_NUMBER_LEN && graphic(number), "{number:?}");
+                    }
+                    prop_assert!(read.gen_time_ms.is_none_or(|ms| ms <= MAX_GEN_TIME_MS));
+                    for field in &read.dropped_fields {
+                        prop_assert!([NUMBER_FIELD, GEN_TIME_FIELD].contains(field), "{field}");
+                    }
+                }
+                Err(malformed) => {
+                    prop_assert!(PROBLEMS.contains(&malformed.problem), "{malformed}");
+                    let named = &malformed.event_type;
+                    prop_assert!(named == "(unknown)" || (named.len() <= MAX_TYPE_LEN && graphic(named)));
+                }
+            }
+        }
+
+        /// A release with a valid call id, number and time is read exactly.
+        #[test]
+        fn a_valid_release_is_read_exactly(
+            call in "[0-9]{1,20}-[0-9]{1,20}",
+            number in proptest::option::of("[!-~]{1,64}"),
+            time in 0..=MAX_GEN_TIME_MS,
+        ) {
+            let event = match &number {
+                None => json!({"eventType": CALL_RELEASE, "workNo": "101", "content": call, "eventGenTime": time}),
+                Some(number) => json!({"eventType": CUSTOMER_RELEASE, "workNo": 101, "eventGenTime": time.to_string(),
+                                       "content": {"callId": call, "number": number}}),
+            };
+            let read = parse_event(agent(), &event).unwrap();
+            let call_id = CallId::parse("c", &call).unwrap();
+            let body = match number {
+                None => EventBody::CallRelease { call_id },
+                Some(number) => EventBody::CustomerRelease { call_id, number },
+            };
+            prop_assert_eq!(read.body, body);
+            prop_assert_eq!(read.gen_time_ms, Some(time));
+            prop_assert!(read.dropped_fields.is_empty());
+        }
     }
 }

@@ -10,6 +10,8 @@ pub(crate) mod event;
 mod reachability;
 pub(crate) mod retcode;
 pub(crate) mod session;
+#[cfg(test)]
+pub(crate) mod testing;
 mod tls;
 pub(crate) mod wire;
 
@@ -23,6 +25,7 @@ pub use reachability::{GatewayHealth, Reachability, DOWN_AFTER, UP_AFTER};
 pub(crate) use retcode::{KnownRetcode, Retcode};
 pub(crate) use session::SessionHeaders;
 pub use session::{Cookies, Guid, Session};
+pub(crate) use tls::is_loopback;
 pub(crate) use wire::Answer;
 
 use crate::domain::AgentId;

@@ -202,7 +202,13 @@ impl SessionHeaders {
 
 #[cfg(test)]
 mod tests {
+    use proptest::{collection::vec, prelude::*};
+
     use super::*;
+
+    /// Cases each property below runs (the README's reliability section counts them).
+    const SESSION_CASES: u32 = 256;
+    const COOKIE_CASES: u32 = 128;
 
     #[test]
     fn guid_never_prints() {
@@ -258,5 +264,102 @@ mod tests {
         }
         let err = Guid::parse("g", "secret value").unwrap_err();
         assert!(!err.description.contains("secret"), "{}", err.description);
+    }
+
+    /// Text near a Guid, a Set-GUID or a Cookie header: their separators, spaces, controls and
+    /// a non-ASCII letter among printable characters, or anything at all.
+    fn header_like(max: usize) -> impl Strategy<Value = String> {
+        let near = vec(
+            prop_oneof![
+                4 => prop::char::range('!', '~'),
+                1 => prop::sample::select(vec![' ', ';', '=', ',', '"', '\\', '\t', '\r', '\n', '\0', 'é']),
+            ],
+            0..max,
+        )
+        .prop_map(|chars| chars.into_iter().collect::<String>());
+        prop_oneof![
+            near.clone(),
+            near.clone().prop_map(|text| format!("JSESSIONID={text}")),
+            vec(any::<char>(), 0..max).prop_map(|chars| chars.into_iter().collect()),
+        ]
+    }
+
+    /// A Guid that reads: printable ASCII but `;`, `,`, `"` and `\`.
+    fn valid_guid() -> impl Strategy<Value = String> {
+        "[!#-+\\--:<-\\[\\]-~]{1,256}"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(SESSION_CASES))]
+
+        /// Any text is a Guid within its bounds that reads back the same, or the one fixed
+        /// violation (never the value).
+        #[test]
+        fn a_guid_reads_within_its_bounds_or_is_refused_without_its_value(raw in header_like(300)) {
+            let refusal = Guid::parse("g", "").unwrap_err();
+            match Guid::parse("g", &raw) {
+                Ok(guid) => {
+                    let value = guid.expose();
+                    prop_assert!(!value.is_empty() && value.len() <= Guid::MAX_LEN);
+                    prop_assert!(value.bytes().all(|b| b.is_ascii_graphic() && !b";,\"\\".contains(&b)));
+                    prop_assert_eq!(Guid::parse("g", value), Ok(guid.clone()));
+                }
+                Err(violation) => prop_assert_eq!(violation, refusal),
+            }
+            if let Some(guid) = Guid::from_set_guid(&raw) {
+                prop_assert_eq!(Guid::parse("g", guid.expose()), Ok(guid.clone()));
+            }
+        }
+
+        /// A valid Guid round-trips through a Set-GUID header, whatever its attributes.
+        #[test]
+        fn a_set_guid_round_trips(guid in valid_guid(), attributes in "(; [ -~]{0,30}){0,3}") {
+            let header = format!("JSESSIONID={guid}{attributes}");
+            prop_assert_eq!(Guid::from_set_guid(&header).map(|g| g.expose().to_owned()), Some(guid));
+        }
+
+    }
+
+    proptest! {
+        // Headers of up to 6 KB: slower to make, so fewer cases.
+        #![proptest_config(ProptestConfig::with_cases(COOKIE_CASES))]
+
+        /// Any Cookie header is cookies within both bounds that read back the same, or the one
+        /// fixed violation.
+        #[test]
+        fn a_cookie_header_reads_within_its_bounds_or_is_refused(raw in prop_oneof![
+            header_like(300),
+            vec("[a-z]{1,3}=[!-:<-~]{0,300}", 0..20).prop_map(|pairs| pairs.join("; ")),
+        ]) {
+            let refusal = Cookies::parse_header("c", "").unwrap_err();
+            match Cookies::parse_header("c", &raw) {
+                Ok(cookies) => {
+                    let header = cookies.header_value().expect("at least one cookie");
+                    prop_assert!(header.len() <= Cookies::MAX_HEADER_LEN);
+                    prop_assert!(cookies.0.len() <= Cookies::MAX_COOKIES);
+                    prop_assert_eq!(Cookies::parse_header("c", &header), Ok(cookies.clone()));
+                }
+                Err(violation) => prop_assert_eq!(violation, refusal),
+            }
+        }
+
+        /// However many Set-Cookie headers a gateway sends, of whatever text, a session's
+        /// cookies stay within both bounds and make a Cookie header that reads back the same.
+        #[test]
+        fn set_cookies_never_grow_a_session_past_its_bounds(headers in vec(prop_oneof![
+            header_like(40),
+            ("[a-z]{1,2}", 0usize..1200).prop_map(|(name, len)| format!("{name}={}; Path=/", "v".repeat(len))),
+        ], 0..60)) {
+            let mut cookies = Cookies::default();
+            for header in &headers {
+                cookies.apply_set_cookie(header);
+                prop_assert!(cookies.0.len() <= Cookies::MAX_COOKIES);
+                prop_assert!(cookies.header_len() <= Cookies::MAX_HEADER_LEN);
+            }
+            if let Some(header) = cookies.header_value() {
+                prop_assert_eq!(header.len(), cookies.header_len());
+                prop_assert_eq!(Cookies::parse_header("c", &header), Ok(cookies.clone()));
+            }
+        }
     }
 }

@@ -290,7 +290,8 @@ pub(crate) fn warn_about_exposure(base: &str, insecure_skip_verify: bool) {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+/// Whether `host` (a name, an IP address, or an IPv6 address in brackets) is this machine.
+pub(crate) fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     bare.eq_ignore_ascii_case("localhost")
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())

@@ -4,8 +4,16 @@
 //!
 //! Two modes, chosen once at startup:
 //! - **No exporter** (the default): no span is made. A call whose metadata carries a valid
-//!   `traceparent` has it (and its `tracestate`) passed on, as received, to its gateway
-//!   requests: the caller's span is their parent. A call without one costs a header lookup.
+//!   `traceparent` has it (and its `tracestate`) passed on to its gateway requests: the
+//!   caller's span is their parent. A call without one costs a header lookup.
+//!
+//! What reaches the gateway is rebuilt from what was read, never the caller's text: a
+//! `traceparent` is read by the W3C rules (a version after `00` by the rules for versions the
+//! reader does not know: its first 55 characters) and sent as version `00`; a `tracestate` is
+//! checked against the W3C grammar and its bounds (32 list members, 512 characters) and sent
+//! with its members rejoined. Anything that does not read is left out: the gateway request goes
+//! without it. The OpenTelemetry propagator is not used to read them: it accepts short or signed
+//! hex fields and passes later versions' tails and unchecked `tracestate` values on.
 //! - **Exporting**: each call gets a server span (its parent the caller's context, if any), and
 //!   each gateway request made for it a client span, whose context the request carries. Spans
 //!   go to the SDK's batch processor: a bounded queue drained by a thread of its own, so a slow
@@ -25,8 +33,11 @@ use std::{
 use futures_util::future::Either;
 use hyper::{header::HeaderValue, http, HeaderMap};
 use opentelemetry::{
-    propagation::{Extractor, Injector, TextMapPropagator},
-    trace::{TraceContextExt, TracerProvider as _},
+    propagation::{Injector, TextMapPropagator},
+    trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    },
+    Context as OtelContext,
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
 use tokio::task::futures::TaskLocalFuture;
@@ -41,8 +52,12 @@ const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 /// `service.name` unless OTEL_SERVICE_NAME says otherwise.
 const DEFAULT_SERVICE_NAME: &str = "ccgw-callcontrol";
+/// The length of a version-00 `traceparent`, and of the part of a later version that is read.
+const TRACEPARENT_LEN: usize = 55;
 /// The longest `tracestate` passed on (W3C trace context: 512 characters).
 const MAX_TRACESTATE_BYTES: usize = 512;
+/// The most list members a `tracestate` may have (W3C trace context).
+const MAX_TRACESTATE_MEMBERS: usize = 32;
 /// gRPC services whose calls continue no trace.
 const UNTRACED_PREFIXES: [&str; 2] = ["/grpc.health.", "/grpc.reflection."];
 /// How long the exit waits for the last spans to be exported.
@@ -61,11 +76,8 @@ pub struct CallTrace(Trace);
 
 #[derive(Debug, Clone)]
 enum Trace {
-    /// No exporter: the caller's headers, checked, passed on as they came.
-    Caller {
-        traceparent: HeaderValue,
-        tracestate: Option<HeaderValue>,
-    },
+    /// No exporter: the caller's context, rebuilt from what was read.
+    Caller(TraceHeaders),
     /// Exporting: the call's server span.
     Span(Span),
 }
@@ -179,21 +191,7 @@ fn call_trace<B>(request: &http::Request<B>) -> Option<CallTrace> {
         return None;
     }
     if !EXPORTING.load(Ordering::Relaxed) {
-        let traceparent = headers.get(TRACEPARENT)?;
-        // Only a well-formed context is passed on; what else the caller sent stays here.
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-        if !parent.span().span_context().is_valid() {
-            return None;
-        }
-        return Some(CallTrace(Trace::Caller {
-            traceparent: traceparent.clone(),
-            // W3C lets a vendor drop a tracestate longer than 512 characters: the gateway need
-            // not carry whatever size a caller sends.
-            tracestate: headers
-                .get(TRACESTATE)
-                .filter(|state| state.len() <= MAX_TRACESTATE_BYTES)
-                .cloned(),
-        }));
+        return caller_context(headers).map(|caller| CallTrace(Trace::Caller(caller.headers())));
     }
     let (service, method) = path
         .trim_start_matches('/')
@@ -208,10 +206,9 @@ fn call_trace<B>(request: &http::Request<B>) -> Option<CallTrace> {
         rpc.service = service,
         rpc.method = method,
     );
-    if headers.contains_key(TRACEPARENT) {
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if let Some(caller) = caller_context(headers) {
         // Fails only when the span is not exported, which the flag rules out.
-        let _ = span.set_parent(parent);
+        let _ = span.set_parent(OtelContext::new().with_remote_span_context(caller.span_context()));
     }
     Some(CallTrace(Trace::Span(span)))
 }
@@ -224,8 +221,24 @@ pub(crate) fn carry<F: Future>(future: F) -> Either<F, TaskLocalFuture<CallTrace
     }
 }
 
-/// `traceparent` and, when there is one, `tracestate`.
-pub(crate) type TraceHeaders = (HeaderValue, Option<HeaderValue>);
+/// The trace headers of a gateway request: `traceparent` and, when there is one,
+/// `tracestate`, each built here (never a caller's text).
+#[derive(Debug, Clone)]
+pub(crate) struct TraceHeaders {
+    traceparent: HeaderValue,
+    tracestate: Option<HeaderValue>,
+}
+
+impl TraceHeaders {
+    /// `request` with these headers.
+    pub(crate) fn set_on(&self, request: http::request::Builder) -> http::request::Builder {
+        let request = request.header(TRACEPARENT, self.traceparent.clone());
+        match &self.tracestate {
+            Some(tracestate) => request.header(TRACESTATE, tracestate.clone()),
+            None => request,
+        }
+    }
+}
 
 /// What a gateway request made for the current call carries: trace headers, and the span that
 /// times it (disabled when not exporting). The default: none.
@@ -248,11 +261,8 @@ impl Default for GatewayTrace {
 pub(crate) fn gateway_request(method: &http::Method, path: &str) -> GatewayTrace {
     CALL_TRACE
         .try_with(|trace| match &trace.0 {
-            Trace::Caller {
-                traceparent,
-                tracestate,
-            } => GatewayTrace {
-                headers: Some((traceparent.clone(), tracestate.clone())),
+            Trace::Caller(headers) => GatewayTrace {
+                headers: Some(headers.clone()),
                 span: Span::none(),
             },
             Trace::Span(call) => {
@@ -268,9 +278,14 @@ pub(crate) fn gateway_request(method: &http::Method, path: &str) -> GatewayTrace
                 let mut headers = HeaderMap::new();
                 TraceContextPropagator::new()
                     .inject_context(&span.context(), &mut HeaderInjector(&mut headers));
-                let traceparent = headers.remove(TRACEPARENT);
+                // The propagator writes the span's own context: version 00, and the tracestate
+                // the span inherited from the caller's, which was checked when it was read.
+                let tracestate = headers.remove(TRACESTATE).filter(|state| !state.is_empty());
                 GatewayTrace {
-                    headers: traceparent.map(|tp| (tp, headers.remove(TRACESTATE))),
+                    headers: headers.remove(TRACEPARENT).map(|traceparent| TraceHeaders {
+                        traceparent,
+                        tracestate,
+                    }),
                     span,
                 }
             }
@@ -278,16 +293,195 @@ pub(crate) fn gateway_request(method: &http::Method, path: &str) -> GatewayTrace
         .unwrap_or_default()
 }
 
-struct HeaderExtractor<'a>(&'a HeaderMap);
+/// A caller's trace context, read from its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CallerContext {
+    parent: TraceParent,
+    tracestate: Option<HeaderValue>,
+}
 
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
+/// The caller's context, when its `traceparent` reads; a `tracestate` that does not is left out.
+fn caller_context(headers: &HeaderMap) -> Option<CallerContext> {
+    let parent = TraceParent::parse(headers.get(TRACEPARENT)?.as_bytes())?;
+    Some(CallerContext {
+        parent,
+        tracestate: headers
+            .get(TRACESTATE)
+            .and_then(|state| tracestate(state.as_bytes())),
+    })
+}
+
+impl CallerContext {
+    fn headers(&self) -> TraceHeaders {
+        TraceHeaders {
+            traceparent: self.parent.header(),
+            tracestate: self.tracestate.clone(),
+        }
     }
 
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|name| name.as_str()).collect()
+    /// The remote parent of the call's server span.
+    fn span_context(&self) -> SpanContext {
+        let state = self
+            .tracestate
+            .as_ref()
+            .and_then(|state| state.to_str().ok()?.parse().ok())
+            .unwrap_or_else(TraceState::default);
+        let flags = if self.parent.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanContext::new(
+            TraceId::from(self.parent.trace_id),
+            SpanId::from(self.parent.parent_id),
+            flags,
+            true,
+            state,
+        )
     }
+}
+
+/// A W3C `traceparent`: what of it is passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TraceParent {
+    trace_id: u128,
+    parent_id: u64,
+    sampled: bool,
+}
+
+impl TraceParent {
+    /// Reads a `traceparent` value: `version-traceid-parentid-flags`, lower-case hex, neither
+    /// id all zeros. Version `00` is exactly 55 characters. A later version (`01` to `fe`) is
+    /// read as W3C asks of versions the reader does not know: the first 55 characters in the
+    /// version-00 layout, then the end or a dash; the rest is ignored. `ff` is invalid. Reads
+    /// at most 56 bytes whatever the value's length, and allocates nothing.
+    pub(crate) fn parse(value: &[u8]) -> Option<Self> {
+        let head = value.get(..TRACEPARENT_LEN)?;
+        let version = lower_hex(&head[..2])?;
+        let rest_ok = match version {
+            0 => value.len() == TRACEPARENT_LEN,
+            0xff => false,
+            _ => value.get(TRACEPARENT_LEN).is_none_or(|&b| b == b'-'),
+        };
+        if !rest_ok || [head[2], head[35], head[52]] != [b'-'; 3] {
+            return None;
+        }
+        let trace_id = lower_hex(&head[3..35])?;
+        let parent_id = u64::try_from(lower_hex(&head[36..52])?).ok()?;
+        let flags = lower_hex(&head[53..55])?;
+        (trace_id != 0 && parent_id != 0).then_some(Self {
+            trace_id,
+            parent_id,
+            // The only flag version 00 defines; others are not passed on.
+            sampled: flags & 1 == 1,
+        })
+    }
+
+    /// The version-00 header of this context.
+    pub(crate) fn header(&self) -> HeaderValue {
+        let text = format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.parent_id,
+            u8::from(self.sampled)
+        );
+        HeaderValue::from_str(&text).expect("hex digits and dashes make a header value")
+    }
+}
+
+/// The value of `digits` (at most 32), when they are all lower-case hex digits (W3C's HEXDIGLC:
+/// `u128::from_str_radix` alone would take upper case and a sign).
+fn lower_hex(digits: &[u8]) -> Option<u128> {
+    if digits.is_empty()
+        || !digits
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    u128::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+/// A `tracestate` value checked against the W3C grammar, rebuilt: its list members without the
+/// whitespace around them, joined by `,`; empty members left out. None (the whole header is
+/// left out, as W3C allows) when it is longer than 512 characters, has more than 32 members,
+/// a member that is not `key=value` by the grammar, a key twice, or no member at all. Looks at
+/// nothing past the 512th byte; allocates at most 512 bytes and 32 keys.
+pub(crate) fn tracestate(value: &[u8]) -> Option<HeaderValue> {
+    if value.len() > MAX_TRACESTATE_BYTES {
+        return None;
+    }
+    let mut keys: Vec<&[u8]> = Vec::new();
+    let mut rebuilt = Vec::with_capacity(value.len());
+    for member in value.split(|&b| b == b',') {
+        let member = trim_ows(member);
+        if member.is_empty() {
+            continue;
+        }
+        let split = member.iter().position(|&b| b == b'=')?;
+        let (key, value) = (&member[..split], &member[split + 1..]);
+        if keys.len() == MAX_TRACESTATE_MEMBERS
+            || !tracestate_key(key)
+            || !tracestate_value(value)
+            || keys.contains(&key)
+        {
+            return None;
+        }
+        keys.push(key);
+        if !rebuilt.is_empty() {
+            rebuilt.push(b',');
+        }
+        rebuilt.extend_from_slice(member);
+    }
+    if rebuilt.is_empty() {
+        return None;
+    }
+    HeaderValue::from_bytes(&rebuilt).ok()
+}
+
+/// `bytes` without the spaces and tabs (W3C's OWS) around it.
+fn trim_ows(bytes: &[u8]) -> &[u8] {
+    let text = |b: &u8| !matches!(b, b' ' | b'\t');
+    match bytes.iter().position(text) {
+        Some(first) => &bytes[first..=bytes.iter().rposition(text).unwrap_or(first)],
+        None => &[],
+    }
+}
+
+/// A `simple-key` (`lcalpha 0*255(lcalpha / DIGIT / "_" / "-" / "*" / "/")`) or a
+/// `multi-tenant-key` (`tenant-id "@" system-id`, a tenant of 1 to 241 and a system of 1 to 14
+/// such characters, the tenant starting with a letter or digit, the system with a letter).
+fn tracestate_key(key: &[u8]) -> bool {
+    let rest = |part: &[u8]| {
+        part.iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/'))
+    };
+    let starts = |part: &[u8], digit_too: bool| match part.first() {
+        Some(b'a'..=b'z') => true,
+        Some(b'0'..=b'9') => digit_too,
+        _ => false,
+    };
+    match key.iter().position(|&b| b == b'@') {
+        None => key.len() <= 256 && starts(key, false) && rest(key),
+        Some(at) => {
+            let (tenant, system) = (&key[..at], &key[at + 1..]);
+            tenant.len() <= 241
+                && system.len() <= 14
+                && starts(tenant, true)
+                && starts(system, false)
+                && rest(tenant)
+                && rest(system)
+        }
+    }
+}
+
+/// `0*255(chr) nblk-chr`: 1 to 256 printable ASCII characters but `,` and `=`, not ending in a
+/// space (leading and inner spaces are allowed).
+fn tracestate_value(value: &[u8]) -> bool {
+    let nblk = |b: &u8| matches!(b, 0x21..=0x7e) && !matches!(b, b',' | b'=');
+    value.len() <= 256
+        && value.last().is_some_and(nblk)
+        && value.iter().all(|b| *b == b' ' || nblk(b))
 }
 
 struct HeaderInjector<'a>(&'a mut HeaderMap);
@@ -301,4 +495,244 @@ impl Injector for HeaderInjector<'_> {
             self.0.insert(name, value);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::{collection::vec, prelude::*};
+
+    use super::*;
+
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT_ID: &str = "00f067aa0ba902b7";
+
+    fn rebuilt(value: &str) -> Option<String> {
+        TraceParent::parse(value.as_bytes()).map(|parent| parent.header().to_str().unwrap().into())
+    }
+
+    fn state(value: &str) -> Option<String> {
+        tracestate(value.as_bytes()).map(|state| state.to_str().unwrap().into())
+    }
+
+    #[test]
+    fn a_version_00_traceparent_is_rebuilt_as_it_came() {
+        for flags in ["00", "01"] {
+            let value = format!("00-{TRACE_ID}-{PARENT_ID}-{flags}");
+            assert_eq!(rebuilt(&value), Some(value));
+        }
+        // Flags version 00 does not define are not passed on.
+        assert_eq!(
+            rebuilt(&format!("00-{TRACE_ID}-{PARENT_ID}-ff")),
+            Some(format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        );
+    }
+
+    /// A later version is read by its first 55 characters and passed on as version 00: a
+    /// 16 KiB tail stays with the caller.
+    #[test]
+    fn a_later_version_is_passed_on_as_version_00_without_its_tail() {
+        let expected = Some(format!("00-{TRACE_ID}-{PARENT_ID}-01"));
+        let head = format!("cc-{TRACE_ID}-{PARENT_ID}-01");
+        assert_eq!(rebuilt(&head), expected);
+        let tail = format!("{head}-{}", "x".repeat(16 * 1024));
+        assert_eq!(rebuilt(&tail), expected);
+        // The tail must be set off by a dash.
+        assert_eq!(rebuilt(&format!("{head}x")), None);
+    }
+
+    #[test]
+    fn what_the_w3c_rules_refuse_is_not_read() {
+        let zeros32 = "0".repeat(32);
+        for value in [
+            String::new(),
+            "00-not-a-trace-01".into(),
+            // A version-00 header is exactly 55 characters.
+            format!("00-{TRACE_ID}-{PARENT_ID}-01-"),
+            format!("00-{TRACE_ID}-{PARENT_ID}-1"),
+            format!("ff-{TRACE_ID}-{PARENT_ID}-01"),
+            format!("0A-{TRACE_ID}-{PARENT_ID}-01"),
+            format!("00-{}-{PARENT_ID}-01", TRACE_ID.to_uppercase()),
+            format!("00-{zeros32}-{PARENT_ID}-01"),
+            format!("00-{TRACE_ID}-0000000000000000-01"),
+            // What u128::from_str_radix would take.
+            format!("00-+{}-{PARENT_ID}-01", &TRACE_ID[1..]),
+            format!("00-{TRACE_ID}-{PARENT_ID}-+1"),
+            format!("00_{TRACE_ID}-{PARENT_ID}-01"),
+            format!("00-{TRACE_ID}-{PARENT_ID}x01"),
+        ] {
+            assert_eq!(rebuilt(&value), None, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn a_tracestate_is_checked_and_rebuilt() {
+        assert_eq!(
+            state("vendor=opaque-value"),
+            Some("vendor=opaque-value".into())
+        );
+        assert_eq!(
+            state(" a=1 ,\t, b@c=x y ,tenant-1@sys*/_-=v "),
+            Some("a=1,b@c=x y,tenant-1@sys*/_-=v".into())
+        );
+        let members = |n: usize| {
+            (0..n)
+                .map(|i| format!("k{i}=v"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(state(&members(32)), Some(members(32)));
+        for value in [
+            String::new(),
+            " , ".into(),
+            members(33),
+            format!("k={}", "v".repeat(MAX_TRACESTATE_BYTES)),
+            "a=1,a=2".into(),
+            "A=1".into(),
+            "1a=1".into(),
+            "a".into(),
+            "a=".into(),
+            "a= ".into(),
+            "a=x=y".into(),
+            "a=\u{7f}".into(),
+            "a=é".into(),
+            "a@=1".into(),
+            "@b=1".into(),
+            "a@1b=1".into(),
+            format!("a@{}=1", "b".repeat(15)),
+            format!("{}=1", "k".repeat(257)),
+        ] {
+            assert_eq!(state(&value), None, "{value:?}");
+        }
+    }
+
+    /// Lower-case hex of `digits` digits whose value is not zero.
+    fn nonzero_hex(digits: usize) -> impl Strategy<Value = String> {
+        vec(prop::sample::select(b"0123456789abcdef".to_vec()), digits)
+            .prop_filter("not all zeros", |d| d.iter().any(|&b| b != b'0'))
+            .prop_map(|d| String::from_utf8(d).unwrap())
+    }
+
+    /// A character of a tracestate value other than a space.
+    fn value_char() -> impl Strategy<Value = char> {
+        prop::char::range('!', '~').prop_filter("not , or =", |c| !matches!(c, ',' | '='))
+    }
+
+    fn tracestate_member() -> impl Strategy<Value = (String, String)> {
+        let key = prop_oneof![
+            "[a-z][a-z0-9_*/-]{0,12}",
+            "[a-z0-9][a-z0-9_*/-]{0,8}@[a-z][a-z0-9_*/-]{0,13}",
+        ];
+        let value = (
+            vec(prop_oneof![Just(' '), value_char()], 0..12),
+            value_char(),
+        )
+            .prop_map(|(body, last)| body.into_iter().chain([last]).collect());
+        (key, value)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(TRACE_CASES))]
+
+        /// Any bytes: either nothing, or a context whose version-00 header reads back the same.
+        #[test]
+        fn a_traceparent_reads_or_is_dropped(value in vec(any::<u8>(), 0..80)) {
+            if let Some(parent) = TraceParent::parse(&value) {
+                let header = parent.header();
+                prop_assert_eq!(header.len(), TRACEPARENT_LEN);
+                prop_assert_eq!(TraceParent::parse(header.as_bytes()), Some(parent));
+            }
+        }
+
+        /// Near misses (the right alphabet and about the right length): what reads is exactly
+        /// the ids of the input's first 55 characters.
+        #[test]
+        fn a_near_miss_reads_only_its_own_ids(value in "[0-9a-fA-F+x-]{50,60}") {
+            if let Some(parent) = TraceParent::parse(value.as_bytes()) {
+                let header = parent.header();
+                let header = header.to_str().unwrap();
+                prop_assert_eq!(&header[2..52], &value[2..52]);
+                prop_assert_eq!(&header[..2], "00");
+            }
+        }
+
+        /// Every valid context round-trips, whatever its flags.
+        #[test]
+        fn a_valid_traceparent_round_trips(trace in nonzero_hex(32), parent in nonzero_hex(16), flags: u8) {
+            let value = format!("00-{trace}-{parent}-{flags:02x}");
+            let read = TraceParent::parse(value.as_bytes()).expect("a valid traceparent");
+            prop_assert_eq!(read.sampled, flags & 1 == 1);
+            prop_assert_eq!(
+                rebuilt(&value),
+                Some(format!("00-{trace}-{parent}-{:02x}", flags & 1))
+            );
+        }
+
+        /// A later version, with or without a tail of up to 16 KiB, is read by its head and
+        /// passed on as version 00; a tail not set off by a dash drops it.
+        #[test]
+        fn a_later_version_is_read_by_its_head(
+            version in 1u8..0xff,
+            trace in nonzero_hex(32),
+            parent in nonzero_hex(16),
+            tail_len in 0usize..16 * 1024,
+            tail_byte in any::<u8>(),
+        ) {
+            let head = format!("{version:02x}-{trace}-{parent}-01");
+            let expected = format!("00-{trace}-{parent}-01");
+            let mut with_tail = head.clone().into_bytes();
+            with_tail.push(b'-');
+            with_tail.resize(TRACEPARENT_LEN + 1 + tail_len, tail_byte);
+            prop_assert_eq!(rebuilt(&head), Some(expected.clone()));
+            prop_assert_eq!(
+                TraceParent::parse(&with_tail).map(|p| p.header()),
+                Some(HeaderValue::from_str(&expected).unwrap())
+            );
+            let mut undelimited = head.into_bytes();
+            undelimited.push(if tail_byte == b'-' { b'x' } else { tail_byte });
+            prop_assert_eq!(TraceParent::parse(&undelimited), None);
+        }
+
+        /// Any bytes: either nothing, or a tracestate within the W3C bounds that reads back
+        /// the same.
+        #[test]
+        fn a_tracestate_reads_or_is_dropped(value in prop_oneof![
+            vec(any::<u8>(), 0..600),
+            "[a-z0-9@=, \t_*/A-]{0,600}".prop_map(String::into_bytes),
+        ]) {
+            if let Some(state) = tracestate(&value) {
+                prop_assert!(state.len() <= MAX_TRACESTATE_BYTES);
+                prop_assert!(state.as_bytes().split(|&b| b == b',').count() <= MAX_TRACESTATE_MEMBERS);
+                prop_assert_eq!(tracestate(state.as_bytes()), Some(state));
+            }
+        }
+
+    }
+
+    proptest! {
+        // Lists of up to 40 generated members: slower to make, so fewer cases.
+        #![proptest_config(ProptestConfig::with_cases(TRACESTATE_LIST_CASES))]
+
+        /// A list of valid members with distinct keys is kept, whitespace around members
+        /// removed, up to 32 members and 512 characters; beyond either it is dropped.
+        #[test]
+        fn valid_tracestate_members_are_kept_within_the_bounds(
+            members in vec(tracestate_member(), 1..40),
+            spaced in any::<bool>(),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let members: Vec<String> = members
+                .into_iter()
+                .filter(|(key, _)| seen.insert(key.clone()))
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
+            let compact = members.join(",");
+            let sent = if spaced { members.join(" ,\t") } else { compact.clone() };
+            let fits = members.len() <= MAX_TRACESTATE_MEMBERS && sent.len() <= MAX_TRACESTATE_BYTES;
+            prop_assert_eq!(state(&sent), fits.then_some(compact));
+        }
+    }
+
+    /// Cases each property above runs (the README's reliability section counts them).
+    const TRACE_CASES: u32 = 256;
+    const TRACESTATE_LIST_CASES: u32 = 64;
 }
