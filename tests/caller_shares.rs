@@ -209,6 +209,7 @@ async fn one_caller_cannot_take_the_release_waiters_of_another() {
         .unwrap_err();
     at_caller_limit(&refused, "--max-release-waiters-per-caller");
     assert_eq!(releases_of(&app, "102"), 0, "the refused release was sent");
+    assert_eq!(app.polls_of("102"), 0, "the refused wait polled the agent");
 
     app.sim.place_call("103", "70003").unwrap();
     let released = app

@@ -330,7 +330,15 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
     let Some(bench) = Bench::start().await else {
         return;
     };
-    let (_a, mut a, _) = bench.replica(&["--idempotency-capacity", "1"]).await;
+    // The one caller's share is more than the bucket: the bucket's limit is what this is about.
+    let (_a, mut a, _) = bench
+        .replica(&[
+            "--idempotency-capacity",
+            "1",
+            "--max-request-ids-per-caller",
+            "2",
+        ])
+        .await;
     bench.hand_over(&mut [&mut a], "101").await;
     bench.sim.clear_requests();
     // An answer that provably changed nothing is forgotten at once, freeing its slot.

@@ -297,7 +297,7 @@ pub(crate) fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status
         ReleaseError::TooManyPending => (condition_rule(Condition::TooManyPending), String::new()),
         ReleaseError::CallerLimit(limit) => (
             condition_rule(caller_limit(limit.flag(), &mut metadata)),
-            error.to_string(),
+            format!("{} reached", limit.flag()),
         ),
         ReleaseError::SharedStateUnavailable => (
             condition_rule(Condition::SharedStateUnavailable),

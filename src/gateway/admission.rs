@@ -91,6 +91,9 @@ impl GatewayAdmission {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(Turn { _permit: permit });
         }
+        // The line's own limit first: a caller is told it is at its share only when that is
+        // what keeps it out.
+        let _in_line = self.join_line()?;
         let _caller_place = match caller {
             Some(caller) => Some(
                 self.caller_places
@@ -99,7 +102,6 @@ impl GatewayAdmission {
             ),
             None => None,
         };
-        let _in_line = self.join_line()?;
         match tokio::time::timeout_at(give_up, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Turn { _permit: permit }),
             // The semaphore is never closed; treat it as no turn all the same.

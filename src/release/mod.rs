@@ -300,7 +300,8 @@ impl ReleaseService {
             _ => false,
         };
         let wait_for_event = request.wait_for_event && !repeated;
-        // Held until the wait ends; taken before anything is sent, so that a refusal is safe.
+        // Held until the wait ends; taken before anything is sent (a watcher starts polling
+        // the agent), so that a caller over its share costs the gateway nothing.
         let _waiter_share = if wait_for_event {
             Some(
                 self.waiter_shares
