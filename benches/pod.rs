@@ -153,6 +153,7 @@ async fn spawn_facade(sim: SocketAddr) -> Server {
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .args(["--max-watchers", "100000", "--max-agent-id", "999999"])
         .args(["--max-streams-per-caller", "100000"])
+        .args(support::ONE_CALLER_GETS_ALL)
         .args(["--watch-grace-secs", &GRACE_SECS.to_string()])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())

@@ -229,6 +229,7 @@ impl Facade {
         let replica_flags = nats.map(Nats::replica_flags).unwrap_or_default();
         let mut args = vec!["--gateway-url", &gateway, "--metrics-listen", "127.0.0.1:0"];
         args.extend(replica_flags.iter().map(String::as_str));
+        args.extend(support::ONE_CALLER_GETS_ALL);
         let (child, serving) = spawn_service_logging(&args, &[]).await;
         Self {
             child,

@@ -9,7 +9,7 @@ use crate::{
     events::EventSettings,
     gateway::{GatewaySettings, PemFile, SettingsError},
     nats::{NatsSettings, CLAIM_OUTLIVES_REQUEST},
-    release::ReleasePolicy,
+    release::{CallerShareLimits, ReleasePolicy},
     server::{ServerSettings, TlsFiles},
     sessions::SessionLimits,
 };
@@ -323,6 +323,37 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub(crate) max_connection_age_secs: u64,
 
+    /// request_ids one caller may have remembered at once (releases under way, and answers
+    /// the store keeps for the window), so that one caller cannot fill
+    /// --idempotency-capacity for all (RESOURCE_EXHAUSTED CALLER_LIMIT_REACHED beyond; a
+    /// request_id already answered is still replayed). Counted by each replica for the
+    /// requests it serves [default: a quarter of --idempotency-capacity]
+    #[arg(long, env = "CCGW_MAX_REQUEST_IDS_PER_CALLER",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub(crate) max_request_ids_per_caller: Option<u32>,
+
+    /// Releases with a request_id one caller may have under way at once (RESOURCE_EXHAUSTED
+    /// CALLER_LIMIT_REACHED beyond) [default: a quarter of --max-gateway-requests plus
+    /// --max-gateway-queue]
+    #[arg(long, env = "CCGW_MAX_PENDING_REQUEST_IDS_PER_CALLER",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub(crate) max_pending_request_ids_per_caller: Option<u32>,
+
+    /// Gateway requests made for one caller that may wait for their turn at once, so that one
+    /// caller cannot fill --max-gateway-queue for all (RESOURCE_EXHAUSTED CALLER_LIMIT_REACHED
+    /// beyond, nothing sent) [default: a quarter of --max-gateway-queue]
+    #[arg(long, env = "CCGW_MAX_GATEWAY_QUEUE_PER_CALLER",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_gateway_queue_per_caller: Option<u32>,
+
+    /// ReleaseCalls of one caller that may wait for their release event at once, so that one
+    /// caller cannot take all of --max-release-waiters (RESOURCE_EXHAUSTED
+    /// CALLER_LIMIT_REACHED beyond, nothing sent) [default: a quarter of
+    /// --max-release-waiters]
+    #[arg(long, env = "CCGW_MAX_RELEASE_WAITERS_PER_CALLER",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_release_waiters_per_caller: Option<u32>,
+
     /// How long a connection asked to go away may still carry its calls, in seconds; then it
     /// is closed, and WatchReleaseEvents streams still on it end (their clients resume from
     /// the last resume_token they got). At least --request-timeout-ms, so that no ReleaseCall
@@ -417,6 +448,16 @@ pub(crate) const LEASE_MARGIN_SECS: u64 = 2;
 /// Long enough for any ReleaseCall under the default --request-timeout-ms (10 s), short enough
 /// that a replica's streams move within a minute of their connection's GOAWAY.
 const DEFAULT_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
+
+/// The part of a shared capacity one caller may hold when its flag is not given: a quarter,
+/// so that a caller who takes all of its share leaves three quarters to the others, and at
+/// least four callers fill the capacity only together.
+const DEFAULT_CALLER_SHARE_DIVISOR: u32 = 4;
+
+/// A caller's share: `flag` when given, else a quarter of `shared` (at least one).
+fn caller_share(flag: Option<u32>, shared: u32) -> usize {
+    flag.unwrap_or_else(|| shared.div_ceil(DEFAULT_CALLER_SHARE_DIVISOR).max(1)) as usize
+}
 
 /// The real service's default: reachable from the other services it is made for.
 const DEFAULT_LISTEN: SocketAddr =
@@ -522,6 +563,10 @@ impl Config {
             legacy_release_path: self.legacy_release_path,
             max_requests: self.max_gateway_requests as usize,
             max_queue: self.max_gateway_queue as usize,
+            max_queue_per_caller: caller_share(
+                self.max_gateway_queue_per_caller,
+                self.max_gateway_queue,
+            ),
         })
     }
 
@@ -536,6 +581,21 @@ impl Config {
         ReleasePolicy {
             idempotency_window: Duration::from_secs(self.idempotency_window_secs),
             idempotency_capacity: self.idempotency_capacity as usize,
+            caller_shares: CallerShareLimits {
+                request_ids: caller_share(
+                    self.max_request_ids_per_caller,
+                    self.idempotency_capacity,
+                ),
+                pending_request_ids: caller_share(
+                    self.max_pending_request_ids_per_caller,
+                    self.max_gateway_requests
+                        .saturating_add(self.max_gateway_queue),
+                ),
+                release_waiters: caller_share(
+                    self.max_release_waiters_per_caller,
+                    self.max_release_waiters,
+                ),
+            },
             ..ReleasePolicy::default()
         }
     }

@@ -45,6 +45,7 @@ pub(crate) mod release;
 pub(crate) mod reload;
 pub mod server;
 pub mod sessions;
+mod shares;
 pub mod startup;
 pub mod telemetry;
 

@@ -389,7 +389,17 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
 /// makes room.
 #[tokio::test]
 async fn answers_to_current_call_releases_outlive_cache_pressure() {
-    let app = spawn_app_with(sim_config(), &["--idempotency-capacity", "2"]).await;
+    // The one caller's share is more than the cache: the cache's pressure is what this is about.
+    let app = spawn_app_with(
+        sim_config(),
+        &[
+            "--idempotency-capacity",
+            "2",
+            "--max-request-ids-per-caller",
+            "3",
+        ],
+    )
+    .await;
     app.sign_in("101").await;
     app.sim.place_call("101", "70093").unwrap();
     let with_id = |id: &str, call_id: &str| ReleaseCallRequest {
@@ -626,6 +636,7 @@ async fn a_rotated_guid_is_picked_up_from_the_gateways_answer() {
             common::agent_id("101"),
             &ccgw_callcontrol::gateway::SessionOperation::PollEvents,
             common::deadline(),
+            None,
             None,
         )
         .await

@@ -330,7 +330,15 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
     let Some(bench) = Bench::start().await else {
         return;
     };
-    let (_a, mut a, _) = bench.replica(&["--idempotency-capacity", "1"]).await;
+    // The one caller's share is more than the bucket: the bucket's limit is what this is about.
+    let (_a, mut a, _) = bench
+        .replica(&[
+            "--idempotency-capacity",
+            "1",
+            "--max-request-ids-per-caller",
+            "2",
+        ])
+        .await;
     bench.hand_over(&mut [&mut a], "101").await;
     bench.sim.clear_requests();
     // An answer that provably changed nothing is forgotten at once, freeing its slot.
@@ -408,4 +416,56 @@ async fn request_ids_outlive_one_nats_node_of_three() {
             .into_inner();
         assert!(replayed.replayed, "{request_id}");
     }
+}
+
+/// A caller's share of the request_ids applies with a shared bucket too, counted by each
+/// replica for the requests it serves; an id answered anywhere is still replayed to a caller
+/// at its share.
+#[tokio::test]
+async fn each_replica_holds_a_caller_to_its_share_of_the_request_ids() {
+    let Some(bench) = Bench::start().await else {
+        return;
+    };
+    let flags = ["--max-request-ids-per-caller", "2"];
+    let (_a, mut a, _) = bench.replica(&flags).await;
+    let (_b, mut b, _) = bench.replica(&flags).await;
+    bench.hand_over(&mut [&mut a, &mut b], "101").await;
+    let sent = bench.deletes();
+    for id in ["a-1", "a-2"] {
+        let answer = a
+            .release_call(with_id("101", id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
+    }
+    let refused = a.release_call(with_id("101", "a-3")).await.unwrap_err();
+    expect_status(&refused, Code::ResourceExhausted, "CALLER_LIMIT_REACHED");
+    assert_eq!(
+        error_metadata(&refused)["caller_limit"],
+        "--max-request-ids-per-caller"
+    );
+    assert_eq!(
+        bench.deletes(),
+        sent + 2,
+        "the refused id's release was sent"
+    );
+
+    // The other replica counts its own.
+    let answer = b
+        .release_call(with_id("101", "b-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
+    // Ids answered here or there are replayed by the replica at the caller's share.
+    for id in ["a-1", "b-1"] {
+        let replay = a
+            .release_call(with_id("101", id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(replay.replayed, "{id}: {replay:?}");
+    }
+    assert_eq!(bench.deletes(), sent + 3);
 }

@@ -214,7 +214,7 @@ async fn a_replica_with_an_old_view_never_overwrites_a_newer_guid() {
     let (answer, _) = a
         .api
         .sessions()
-        .send(agent, &SessionOperation::PollEvents, deadline(), None)
+        .send(agent, &SessionOperation::PollEvents, deadline(), None, None)
         .await
         .expect("the poll answers");
     assert!(answer.is_ok(), "{answer:?}");
@@ -276,7 +276,7 @@ async fn a_change_made_while_nats_is_down_is_shared_once_it_is_back() {
     let (answer, _) = a
         .api
         .sessions()
-        .send(agent, &SessionOperation::PollEvents, deadline(), None)
+        .send(agent, &SessionOperation::PollEvents, deadline(), None, None)
         .await
         .expect("the poll answers without NATS");
     assert!(answer.is_ok(), "{answer:?}");

@@ -774,6 +774,9 @@ async fn streams_and_waiting_releases_are_refused_beyond_limits_of_their_own() {
             "2",
             "--max-release-waiters",
             "1",
+            // Not the caller's share: the process's limit is what this is about.
+            "--max-release-waiters-per-caller",
+            "2",
             // The release that holds the waiters' permit waits until the test cancels it.
             "--request-timeout-ms",
             "600000",

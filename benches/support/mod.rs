@@ -17,16 +17,31 @@ use hdrhistogram::Histogram;
 pub mod common;
 pub use common::TestApp;
 
+/// Benchmarks run without caller authorization: all their clients are one caller, which alone
+/// would get only its share (a quarter) of what callers share. These flags give it all of each
+/// shared capacity at its default, so that the numbers mean what they meant before the shares.
+pub const ONE_CALLER_GETS_ALL: [&str; 8] = [
+    "--max-request-ids-per-caller",
+    "100000",
+    "--max-pending-request-ids-per-caller",
+    "1088",
+    "--max-gateway-queue-per-caller",
+    "1024",
+    "--max-release-waiters-per-caller",
+    "1000",
+];
+
 /// The simulator with a real gateway's long-poll wait (its default) and no sign-out for missed
 /// polls (an agent signed in for one measurement waits unpolled through the others), and the
 /// facade with extra `flags`.
 pub async fn spawn(flags: &[&str]) -> TestApp {
+    let flags = [flags, &ONE_CALLER_GETS_ALL].concat();
     common::spawn_app_with(
         SimConfig {
             signout_after: None,
             ..SimConfig::default()
         },
-        flags,
+        &flags,
     )
     .await
 }

@@ -13,7 +13,7 @@ use crate::{
     callers::{self, Denied},
     domain::{AgentId, FieldViolation},
     events::{SessionEnding, SubscribeError, WatcherEnd},
-    gateway::{GatewayError, KnownRetcode, Retcode},
+    gateway::{BusyCause, GatewayError, KnownRetcode, Retcode},
     release::ReleaseError,
 };
 
@@ -47,6 +47,8 @@ pub(crate) mod metadata_key {
     pub const UNLISTED_AGENT_IDS: &str = "unlisted_agent_ids";
     /// How many field violations BadRequest leaves out (present only when it leaves some out).
     pub const UNLISTED_VIOLATIONS: &str = "unlisted_violations";
+    /// The flag of the per-caller limit a caller is at.
+    pub const CALLER_LIMIT: &str = "caller_limit";
 }
 
 /// Common gRPC clients (grpc-go, grpc-java, grpcio) refuse a status whose metadata exceeds
@@ -171,6 +173,8 @@ enum_with_all! {
         /// The caller is not granted the verb or an agent of the request.
         CallerNotPermitted,
         TooManyCallerStreams,
+        /// The caller holds its whole share of something all callers share.
+        CallerShareExhausted,
     }
 }
 
@@ -204,6 +208,7 @@ impl Condition {
             Self::CallerUnauthenticated => "(caller not authenticated)",
             Self::CallerNotPermitted => "(caller not permitted)",
             Self::TooManyCallerStreams => "(too many streams of the caller)",
+            Self::CallerShareExhausted => "(caller's share used up)",
         }
     }
 }
@@ -267,6 +272,7 @@ pub(crate) const fn condition_rule(condition: Condition) -> Rule {
         Condition::CallerUnauthenticated => row(Unauthenticated, "UNAUTHENTICATED", No, "the request identifies no caller: send `authorization: Bearer <token>` metadata with a token of the tokens file, or a client certificate whose name the callers file lists; nothing was done"),
         Condition::CallerNotPermitted => row(PermissionDenied, "PERMISSION_DENIED", No, "the caller is not granted this verb or agent (callers file: agents, verbs; handing a session over in x-ccgw-guid needs handover, wait_for_release_event needs watch); nothing was done"),
         Condition::TooManyCallerStreams => row(ResourceExhausted, "TOO_MANY_CALLER_STREAMS", After(secs(1)), "the caller has as many open WatchReleaseEvents streams as one caller may (--max-streams-per-caller); nothing was opened"),
+        Condition::CallerShareExhausted => row(ResourceExhausted, "CALLER_LIMIT_REACHED", After(secs(1)), "the caller holds as many remembered or pending request_ids, queued gateway requests or release waiters as one caller may (ErrorInfo metadata caller_limit names the flag); other callers are not held up; nothing was sent"),
     }
 }
 
@@ -314,6 +320,9 @@ pub(crate) fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status
                 GatewayError::Transport(_) => Condition::ConnectionLost,
                 GatewayError::Malformed(_) => Condition::MalformedAnswer,
                 GatewayError::Oversized { .. } => Condition::OversizedAnswer,
+                GatewayError::Busy(BusyCause::CallerQueueFull) => {
+                    caller_limit("--max-gateway-queue-per-caller", &mut metadata)
+                }
                 GatewayError::Busy(_) => Condition::GatewayBusy,
                 GatewayError::HttpStatus { status } => {
                     metadata.insert(metadata_key::HTTP_STATUS.to_owned(), status.to_string());
@@ -334,6 +343,10 @@ pub(crate) fn release_failure(error: &ReleaseError, ctx: &Context<'_>) -> Status
             (condition_rule(Condition::EarlierAttemptLost), String::new())
         }
         ReleaseError::TooManyPending => (condition_rule(Condition::TooManyPending), String::new()),
+        ReleaseError::CallerLimit(limit) => (
+            condition_rule(caller_limit(limit.flag(), &mut metadata)),
+            format!("{} reached", limit.flag()),
+        ),
         ReleaseError::SharedStateUnavailable => (
             condition_rule(Condition::SharedStateUnavailable),
             String::new(),
@@ -572,6 +585,12 @@ pub(crate) fn session_ending(
 }
 
 /// The row of a gateway refusal; fills `retcode`/`message` metadata.
+/// The condition of a caller at its limit, which `flag` sets.
+fn caller_limit(flag: &str, metadata: &mut HashMap<String, String>) -> Condition {
+    metadata.insert(metadata_key::CALLER_LIMIT.to_owned(), flag.to_owned());
+    Condition::CallerShareExhausted
+}
+
 fn refusal(retcode: &Retcode, message: &str, metadata: &mut HashMap<String, String>) -> Rule {
     metadata.insert(metadata_key::RETCODE.to_owned(), retcode.to_string());
     metadata.insert(metadata_key::MESSAGE.to_owned(), message.to_owned());

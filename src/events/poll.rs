@@ -155,10 +155,10 @@ impl PollLoop {
         let deadline = Instant::now() + self.hub.settings.poll_timeout;
         let in_flight = InFlight::count(&self.hub.counters.polls_in_flight);
         let (result, stopping) = {
-            let poll = self
-                .hub
-                .sessions
-                .send(agent, &SessionOperation::PollEvents, deadline, None);
+            let poll =
+                self.hub
+                    .sessions
+                    .send(agent, &SessionOperation::PollEvents, deadline, None, None);
             tokio::pin!(poll);
             let answered = tokio::select! {
                 result = &mut poll => Some(result),

@@ -1,7 +1,8 @@
 //! The cap on gateway requests other than event polls (releases, dropcalls, sign-ins): at most
 //! `max_in_flight` at once, at most `max_waiting` waiting for a turn. Event polls have their
-//! own cap (one per polled agent, `--max-polled-agents`). A request refused here was never
-//! sent, so repeating it is safe.
+//! own cap (one per polled agent, `--max-polled-agents`). A request made for a caller waits
+//! only within that caller's share of the line, so that one caller cannot fill it for all. A
+//! request refused here was never sent, so repeating it is safe.
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -16,6 +17,7 @@ use tokio::{
 };
 
 use super::GatewayError;
+use crate::shares::{CallerName, Shares};
 
 /// Cheap to clone; every clone is the same cap.
 #[derive(Debug, Clone)]
@@ -24,6 +26,8 @@ pub struct GatewayAdmission {
     max_in_flight: usize,
     max_waiting: usize,
     waiting: Arc<AtomicUsize>,
+    /// Each caller's places in the line.
+    caller_places: Shares,
 }
 
 /// A turn to send one request; the next waiting request gets it when this is dropped.
@@ -37,6 +41,8 @@ pub(crate) struct Turn {
 pub enum BusyCause {
     /// `max_waiting` requests were waiting already.
     QueueFull,
+    /// As many requests of the same caller as one caller may have were waiting already.
+    CallerQueueFull,
     /// No turn came before the request's deadline (less the time a request needs).
     DeadlineWhileWaiting,
 }
@@ -45,18 +51,22 @@ impl std::fmt::Display for BusyCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::QueueFull => "as many requests as --max-gateway-queue allows wait already",
+            Self::CallerQueueFull => {
+                "as many of the caller's requests as --max-gateway-queue-per-caller allows wait already"
+            }
             Self::DeadlineWhileWaiting => "the deadline came while the request waited its turn",
         })
     }
 }
 
 impl GatewayAdmission {
-    pub(crate) fn new(max_in_flight: usize, max_waiting: usize) -> Self {
+    pub(crate) fn new(max_in_flight: usize, max_waiting: usize, per_caller: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             max_waiting,
             waiting: Arc::default(),
+            caller_places: Shares::new(per_caller),
         }
     }
 
@@ -71,11 +81,27 @@ impl GatewayAdmission {
     }
 
     /// A turn, at once or after waiting in line (first come, first served) until `give_up`.
-    pub(crate) async fn admit(&self, give_up: Instant) -> Result<Turn, GatewayError> {
+    /// A request made for `caller` waits only within that caller's places in the line; one
+    /// the facade makes for itself (None) only within the line's.
+    pub(crate) async fn admit(
+        &self,
+        give_up: Instant,
+        caller: Option<&CallerName>,
+    ) -> Result<Turn, GatewayError> {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(Turn { _permit: permit });
         }
+        // The line's own limit first: a caller is told it is at its share only when that is
+        // what keeps it out.
         let _in_line = self.join_line()?;
+        let _caller_place = match caller {
+            Some(caller) => Some(
+                self.caller_places
+                    .take(caller)
+                    .ok_or(GatewayError::Busy(BusyCause::CallerQueueFull))?,
+            ),
+            None => None,
+        };
         match tokio::time::timeout_at(give_up, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Turn { _permit: permit }),
             // The semaphore is never closed; treat it as no turn all the same.
@@ -121,18 +147,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn beyond_the_line_requests_are_refused_and_a_freed_turn_goes_to_the_first_waiter() {
-        let admission = GatewayAdmission::new(1, 1);
-        let first = admission.admit(far()).await.unwrap();
+        let admission = GatewayAdmission::new(1, 1, 1);
+        let first = admission.admit(far(), None).await.unwrap();
         assert_eq!((admission.in_flight(), admission.waiting()), (1, 0));
         let waiter = tokio::spawn({
             let admission = admission.clone();
-            async move { admission.admit(far()).await.map(drop) }
+            async move { admission.admit(far(), None).await.map(drop) }
         });
         while admission.waiting() == 0 {
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            admission.admit(far()).await.unwrap_err(),
+            admission.admit(far(), None).await.unwrap_err(),
             GatewayError::Busy(BusyCause::QueueFull)
         );
         drop(first);
@@ -142,12 +168,51 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_gives_up_at_its_deadline_and_leaves_the_line() {
-        let admission = GatewayAdmission::new(1, 4);
-        let _held = admission.admit(far()).await.unwrap();
+        let admission = GatewayAdmission::new(1, 4, 4);
+        let _held = admission.admit(far(), None).await.unwrap();
         let give_up = Instant::now() + Duration::from_secs(2);
-        let refused = admission.admit(give_up).await.unwrap_err();
+        let refused = admission.admit(give_up, None).await.unwrap_err();
         assert_eq!(refused, GatewayError::Busy(BusyCause::DeadlineWhileWaiting));
         assert_eq!(Instant::now(), give_up);
         assert_eq!(admission.waiting(), 0);
+    }
+
+    /// Waits until `n` requests wait in line.
+    async fn until_waiting(admission: &GatewayAdmission, n: usize) {
+        while admission.waiting() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_waits_only_within_its_places_and_leaves_the_rest_of_the_line_to_others() {
+        let admission = GatewayAdmission::new(1, 4, 2);
+        let held = admission.admit(far(), None).await.unwrap();
+        let (a, b): (CallerName, CallerName) = ("a".into(), "b".into());
+        let mut waiters = Vec::new();
+        for (n, caller) in [a.clone(), a.clone(), b.clone()].into_iter().enumerate() {
+            let line = admission.clone();
+            waiters.push(tokio::spawn(async move {
+                line.admit(far(), Some(&caller)).await.map(drop)
+            }));
+            until_waiting(&admission, n + 1).await;
+        }
+        assert_eq!(
+            admission.admit(far(), Some(&a)).await.unwrap_err(),
+            GatewayError::Busy(BusyCause::CallerQueueFull),
+            "a's third request in line"
+        );
+        // b still has a place in the line.
+        let b_again = tokio::spawn({
+            let (admission, b) = (admission.clone(), b.clone());
+            async move { admission.admit(far(), Some(&b)).await.map(drop) }
+        });
+        until_waiting(&admission, 4).await;
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap().unwrap();
+        }
+        b_again.await.unwrap().unwrap();
+        assert_eq!(admission.caller_places.holders(), 0);
     }
 }

@@ -33,6 +33,7 @@ use super::{
 };
 use crate::{
     domain::{AgentId, CallId},
+    shares::CallerName,
     telemetry::trace::{self, GatewayTrace, TraceHeaders},
     telemetry::{GatewayOperation, Metrics},
 };
@@ -75,6 +76,8 @@ pub(crate) struct GatewaySettings {
     pub(crate) max_requests: usize,
     /// Gateway requests other than event polls waiting for their turn.
     pub(crate) max_queue: usize,
+    /// Of those, the ones made for one caller.
+    pub(crate) max_queue_per_caller: usize,
 }
 
 impl GatewaySettings {
@@ -90,6 +93,7 @@ impl GatewaySettings {
             legacy_release_path: false,
             max_requests: 64,
             max_queue: 1024,
+            max_queue_per_caller: 1024,
         }
     }
 }
@@ -187,7 +191,11 @@ impl GatewayClient {
             probe_target: base
                 .parse()
                 .map_err(|_| SettingsError::BadUrl(base.clone()))?,
-            admission: GatewayAdmission::new(settings.max_requests, settings.max_queue),
+            admission: GatewayAdmission::new(
+                settings.max_requests,
+                settings.max_queue,
+                settings.max_queue_per_caller,
+            ),
             health: GatewayHealth::default(),
             base: base.into(),
             max_answer_bytes: settings.max_answer_bytes,
@@ -261,14 +269,16 @@ impl GatewayClient {
         }
     }
 
-    /// Sends `operation` for `agent` in `session`. Makes no decision about the session: the
-    /// answer comes back with the session headers it carried.
+    /// Sends `operation` for `agent` in `session`, made for `caller` (None: for the facade
+    /// itself, like an event poll). Makes no decision about the session: the answer comes back
+    /// with the session headers it carried.
     pub(crate) async fn send(
         &self,
         agent: AgentId,
         operation: &SessionOperation,
         session: &Session,
         deadline: Instant,
+        caller: Option<&CallerName>,
     ) -> Exchange {
         let (method, path, counted) = match operation {
             SessionOperation::Release(ReleaseTarget::Current) if self.legacy_release_path => (
@@ -296,7 +306,10 @@ impl GatewayClient {
         // caller watching the agent: they continue nobody's trace.
         let (turn, trace) = match operation {
             SessionOperation::PollEvents => (Turn::Unlimited, GatewayTrace::default()),
-            SessionOperation::Release(_) => (Turn::Wait, trace::gateway_request(&method, &path)),
+            SessionOperation::Release(_) => (
+                Turn::Wait(caller.cloned()),
+                trace::gateway_request(&method, &path),
+            ),
         };
         match self.request_in(method, &path, session, trace.headers) {
             Ok(request) => {
@@ -334,7 +347,10 @@ impl GatewayClient {
             .request(Method::PUT, &path)
             .body(Full::new(Bytes::from(body)))
         {
-            Ok(request) => self.exchange(counted, request, Turn::Wait, deadline).await,
+            Ok(request) => {
+                self.exchange(counted, request, Turn::Wait(None), deadline)
+                    .await
+            }
             Err(_) => Exchange {
                 headers: SessionHeaders::default(),
                 answer: Err(GatewayError::Malformed("request URI is invalid".into())),
@@ -412,9 +428,9 @@ impl GatewayClient {
         }
         let _turn = match turn {
             Turn::Unlimited => None,
-            Turn::Wait => match self
+            Turn::Wait(caller) => match self
                 .admission
-                .admit(admission::give_up_at(deadline, MIN_BUDGET))
+                .admit(admission::give_up_at(deadline, MIN_BUDGET), caller.as_ref())
                 .await
             {
                 Ok(turn) => Some(turn),
@@ -482,10 +498,10 @@ impl GatewayClient {
     }
 }
 
-/// Whether a request waits for a turn under the cap on gateway requests.
-#[derive(Debug, Clone, Copy)]
+/// Whether a request waits for a turn under the cap on gateway requests, and for which caller.
+#[derive(Debug, Clone)]
 enum Turn {
-    Wait,
+    Wait(Option<CallerName>),
     Unlimited,
 }
 

@@ -30,8 +30,8 @@ use crate::{
     gateway::{BusyCause, GatewayError, ReleaseTarget, Retcode},
     lock,
     release::{
-        AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, ReleaseCommand, ReleaseError,
-        ReleaseOutcome, ReleaseReport, RequestIds, Retention, Ticket,
+        AnswerKey, CallerLimit, Claim, ClaimTerms, Pending, ReleaseAnswer, ReleaseCommand,
+        ReleaseError, ReleaseOutcome, ReleaseReport, RequestIds, Retention, Ticket,
     },
 };
 
@@ -517,6 +517,7 @@ enum StoredAnswer {
     RequestIdReused,
     EarlierAttemptLost,
     TooManyPending,
+    CallerLimit(CallerLimit),
     ShuttingDown,
     SharedStateUnavailable,
 }
@@ -533,6 +534,7 @@ enum StoredGatewayError {
     Malformed(String),
     Oversized(usize),
     BusyQueueFull,
+    BusyCallerQueueFull,
     BusyDeadlineWhileWaiting,
 }
 
@@ -573,6 +575,7 @@ impl StoredAnswer {
                 Self::EarlierAttemptLost
             }
             ReleaseError::TooManyPending => Self::TooManyPending,
+            ReleaseError::CallerLimit(limit) => Self::CallerLimit(*limit),
             ReleaseError::ShuttingDown => Self::ShuttingDown,
             ReleaseError::SharedStateUnavailable => Self::SharedStateUnavailable,
         }
@@ -607,6 +610,7 @@ impl StoredAnswer {
             Self::RequestIdReused => ReleaseError::RequestIdReused,
             Self::EarlierAttemptLost => ReleaseError::EarlierAttemptLost,
             Self::TooManyPending => ReleaseError::TooManyPending,
+            Self::CallerLimit(limit) => ReleaseError::CallerLimit(limit),
             Self::ShuttingDown => ReleaseError::ShuttingDown,
             Self::SharedStateUnavailable => ReleaseError::SharedStateUnavailable,
         })
@@ -625,6 +629,7 @@ impl StoredGatewayError {
             GatewayError::Malformed(detail) => Self::Malformed(bounded(detail)),
             GatewayError::Oversized { limit } => Self::Oversized(*limit),
             GatewayError::Busy(BusyCause::QueueFull) => Self::BusyQueueFull,
+            GatewayError::Busy(BusyCause::CallerQueueFull) => Self::BusyCallerQueueFull,
             GatewayError::Busy(BusyCause::DeadlineWhileWaiting) => Self::BusyDeadlineWhileWaiting,
         }
     }
@@ -650,6 +655,7 @@ impl StoredGatewayError {
             Self::Malformed(detail) => GatewayError::Malformed(detail),
             Self::Oversized(limit) => GatewayError::Oversized { limit },
             Self::BusyQueueFull => GatewayError::Busy(BusyCause::QueueFull),
+            Self::BusyCallerQueueFull => GatewayError::Busy(BusyCause::CallerQueueFull),
             Self::BusyDeadlineWhileWaiting => GatewayError::Busy(BusyCause::DeadlineWhileWaiting),
         }
     }
@@ -705,6 +711,7 @@ mod tests {
             GatewayError::Malformed("not json".to_owned()),
             GatewayError::Oversized { limit: 65536 },
             GatewayError::Busy(BusyCause::QueueFull),
+            GatewayError::Busy(BusyCause::CallerQueueFull),
             GatewayError::Busy(BusyCause::DeadlineWhileWaiting),
         ];
         answers.extend(gateway.into_iter().map(|e| Err(ReleaseError::Gateway(e))));
@@ -713,6 +720,9 @@ mod tests {
                 ReleaseError::RequestIdReused,
                 ReleaseError::EarlierAttemptLost,
                 ReleaseError::TooManyPending,
+                ReleaseError::CallerLimit(CallerLimit::RequestIds),
+                ReleaseError::CallerLimit(CallerLimit::PendingRequestIds),
+                ReleaseError::CallerLimit(CallerLimit::ReleaseWaiters),
                 ReleaseError::ShuttingDown,
                 ReleaseError::SharedStateUnavailable,
             ]

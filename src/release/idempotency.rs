@@ -3,7 +3,7 @@
 //! Keys are whatever makes two requests the same one (for releases: the caller and its
 //! request_id, so that callers cannot replay each other's answers).
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     hash::Hash,
     sync::{Arc, Mutex},
     time::Duration,
@@ -23,8 +23,12 @@ pub(crate) struct IdempotencyCache<K, F, V> {
 #[derive(Debug)]
 struct Inner<K, F, V> {
     entries: HashMap<K, Entry<F, V>>,
-    /// Insertion order, for expiry and eviction; stale rows are skipped by generation.
+    /// Insertion order, for expiry; stale rows are skipped by generation.
     order: VecDeque<(Instant, K, u64)>,
+    /// The entries free to be forgotten early, oldest first (generations grow with insertion):
+    /// making room takes the first instead of searching the whole cache under the lock.
+    /// Exactly the evictable entries: an entry leaves it whenever it leaves the cache.
+    evictable: BTreeMap<u64, K>,
     next_generation: u64,
 }
 
@@ -33,18 +37,11 @@ struct Entry<F, V> {
     fingerprint: F,
     generation: u64,
     answer: watch::Receiver<Option<V>>,
-    /// Set with the answer when it must outlive cache pressure.
-    pinned: bool,
 }
 
 impl<F, V> Entry<F, V> {
     fn answered(&self) -> bool {
         self.answer.borrow().is_some()
-    }
-
-    /// Answered, and free to be forgotten before its window ends.
-    fn evictable(&self) -> bool {
-        !self.pinned && self.answered()
     }
 }
 
@@ -89,6 +86,7 @@ impl<K: Hash + Eq + Clone, F: PartialEq, V: Clone> IdempotencyCache<K, F, V> {
             inner: Arc::new(Mutex::new(Inner {
                 entries: HashMap::new(),
                 order: VecDeque::new(),
+                evictable: BTreeMap::new(),
                 next_generation: 0,
             })),
             window,
@@ -122,7 +120,6 @@ impl<K: Hash + Eq + Clone, F: PartialEq, V: Clone> IdempotencyCache<K, F, V> {
                 fingerprint,
                 generation,
                 answer: rx,
-                pinned: false,
             },
         );
         inner.order.push_back((now, key.clone(), generation));
@@ -155,34 +152,27 @@ impl<K: Hash + Eq, F, V> Inner<K, F, V> {
             }
             let (_, key, generation) = self.order.pop_front().expect("front exists");
             // The window is longer than any request's deadline (checked at start-up), so an
-            // expired id has its answer; a pending one would be kept regardless.
+            // expired id has its answer; a pending one is kept regardless, and the ids behind
+            // it expire all the same (its row, renewed, stops the loop when reached again).
             if self
                 .entries
                 .get(&key)
                 .is_some_and(|e| e.generation == generation && !e.answered())
             {
                 self.order.push_back((now, key, generation));
-                break;
+                continue;
             }
             self.remove_if(&key, generation);
         }
     }
 
     /// Forgets the oldest evictable id, so that memory stays bounded; an id still waiting, or
-    /// pinned, is never forgotten early, or its duplicate could act a second time.
+    /// pinned, is never forgotten early, or its duplicate could act a second time. Its row in
+    /// `order` goes with the next compaction.
     fn evict_oldest_evictable(&mut self) -> bool {
-        let position = self.order.iter().position(|(_, key, generation)| {
-            self.entries
-                .get(key)
-                .is_some_and(|e| e.generation == *generation && e.evictable())
-        });
-        match position.and_then(|p| self.order.remove(p)) {
-            Some((_, key, generation)) => {
-                self.remove_if(&key, generation);
-                true
-            }
-            None => false,
-        }
+        self.evictable
+            .pop_first()
+            .is_some_and(|(generation, key)| self.remove_if(&key, generation))
     }
 
     /// Drops order rows whose entry is gone (forgotten early), so the queue tracks the map.
@@ -195,35 +185,42 @@ impl<K: Hash + Eq, F, V> Inner<K, F, V> {
         });
     }
 
-    fn remove_if(&mut self, key: &K, generation: u64) {
+    /// Forgets `key` if it is still the entry of `generation`; true when it was.
+    fn remove_if(&mut self, key: &K, generation: u64) -> bool {
         if self
             .entries
             .get(key)
             .is_some_and(|e| e.generation == generation)
         {
             self.entries.remove(key);
+            self.evictable.remove(&generation);
+            return true;
         }
+        false
     }
 }
 
-impl<K: Hash + Eq, F, V> Ticket<K, F, V> {
+impl<K: Hash + Eq + Clone, F, V> Ticket<K, F, V> {
     /// Publishes the answer to everyone waiting and keeps it as `retention` says.
     pub(crate) fn complete(mut self, value: V, retention: Retention) {
         let mut inner = lock(&self.inner);
         match retention {
-            Retention::Forget => inner.remove_if(&self.key, self.generation),
-            Retention::Evictable => {}
-            Retention::Pinned => {
-                if let Some(entry) = inner
+            Retention::Forget => {
+                inner.remove_if(&self.key, self.generation);
+            }
+            Retention::Evictable => {
+                if inner
                     .entries
-                    .get_mut(&self.key)
-                    .filter(|e| e.generation == self.generation)
+                    .get(&self.key)
+                    .is_some_and(|e| e.generation == self.generation)
                 {
-                    entry.pinned = true;
+                    inner.evictable.insert(self.generation, self.key.clone());
                 }
             }
+            // Kept: never in the evictable index.
+            Retention::Pinned => {}
         }
-        // Published under the lock, so no eviction sees the answer before its pin.
+        // Published under the lock, so no eviction sees an answer that is not in its place yet.
         if let Some(tx) = self.answer.take() {
             tx.send_replace(Some(value));
         }
@@ -357,5 +354,133 @@ mod tests {
         assert_eq!(cache.len(), 3);
         // The newest survive.
         assert_eq!(follower(cache.claim(&id("9"), 0)).wait().await, Some(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn making_room_takes_the_oldest_evictable_answer_past_older_ones_that_must_stay() {
+        let cache: IdempotencyCache<RequestId, u8, u32> =
+            IdempotencyCache::new(Duration::from_secs(60), 4);
+        owner(cache.claim(&id("pinned"), 0)).complete(1, Retention::Pinned);
+        let _pending = owner(cache.claim(&id("pending"), 0));
+        owner(cache.claim(&id("older"), 0)).complete(2, Retention::Evictable);
+        owner(cache.claim(&id("newer"), 0)).complete(3, Retention::Evictable);
+        assert_eq!(lock(&cache.inner).evictable.len(), 2);
+        owner(cache.claim(&id("a"), 0)).complete(4, Retention::Pinned);
+        assert!(
+            !cache.contains(&id("older")),
+            "the oldest evictable answer made room"
+        );
+        assert!(cache.contains(&id("newer")));
+        owner(cache.claim(&id("b"), 0)).complete(5, Retention::Pinned);
+        assert!(lock(&cache.inner).evictable.is_empty());
+        assert!(matches!(cache.claim(&id("c"), 0), Claim::Full));
+        // Expiry takes evictable answers out of the index with the cache.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        owner(cache.claim(&id("d"), 0)).complete(6, Retention::Evictable);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!cache.contains(&id("d")));
+        assert!(lock(&cache.inner).evictable.is_empty());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A new or repeated id is claimed (its owner's ticket is held).
+        Claim(u8),
+        /// Held ticket n is completed with a retention.
+        Complete(usize, u8),
+        /// Held ticket n is dropped without an answer.
+        Abandon(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0u8..12).prop_map(Op::Claim),
+            3 => (0usize..6, 0u8..3).prop_map(|(n, r)| Op::Complete(n, r)),
+            1 => (0usize..6).prop_map(Op::Abandon),
+        ]
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Held {
+        Pending,
+        Evictable,
+        Pinned,
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of claims, answers and abandoned tickets, the evictable index
+        /// holds exactly the evictable answers, and room is made by forgetting the oldest of
+        /// them, or refused when there is none.
+        #[test]
+        fn the_evictable_index_holds_exactly_the_evictable_answers(
+            capacity in 1usize..6,
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            let cache: IdempotencyCache<RequestId, u8, u32> =
+                IdempotencyCache::new(Duration::from_secs(600), capacity);
+            // In claim order: the ids the cache holds, and what they hold.
+            let mut model: Vec<(RequestId, Held)> = Vec::new();
+            let mut tickets: Vec<(RequestId, Ticket<RequestId, u8, u32>)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Claim(n) => {
+                        let key = id(&n.to_string());
+                        let known = model.iter().any(|(k, _)| *k == key);
+                        let oldest_evictable =
+                            model.iter().position(|(_, held)| *held == Held::Evictable);
+                        match cache.claim(&key, 0) {
+                            Claim::Follower(_) => proptest::prop_assert!(known),
+                            Claim::Full => proptest::prop_assert!(
+                                !known && model.len() >= capacity && oldest_evictable.is_none()
+                            ),
+                            Claim::Owner(ticket) => {
+                                proptest::prop_assert!(!known);
+                                if model.len() >= capacity {
+                                    let evicted = oldest_evictable.expect("room was made");
+                                    model.remove(evicted);
+                                }
+                                model.push((key.clone(), Held::Pending));
+                                tickets.push((key, ticket));
+                            }
+                            Claim::Conflict => proptest::prop_assert!(false, "one fingerprint"),
+                        }
+                    }
+                    Op::Complete(n, retention) if n < tickets.len() => {
+                        let (key, ticket) = tickets.remove(n);
+                        let (retention, held) = match retention {
+                            0 => (Retention::Forget, None),
+                            1 => (Retention::Evictable, Some(Held::Evictable)),
+                            _ => (Retention::Pinned, Some(Held::Pinned)),
+                        };
+                        ticket.complete(0, retention);
+                        let at = model.iter().position(|(k, _)| *k == key).expect("held");
+                        match held {
+                            Some(held) => model[at].1 = held,
+                            None => {
+                                model.remove(at);
+                            }
+                        }
+                    }
+                    Op::Abandon(n) if n < tickets.len() => {
+                        let (key, ticket) = tickets.remove(n);
+                        drop(ticket);
+                        model.retain(|(k, _)| *k != key);
+                    }
+                    Op::Complete(..) | Op::Abandon(_) => {}
+                }
+                let inner = lock(&cache.inner);
+                let mut indexed: Vec<&RequestId> = inner.evictable.values().collect();
+                let mut evictable: Vec<&RequestId> = model
+                    .iter()
+                    .filter(|(_, held)| *held == Held::Evictable)
+                    .map(|(k, _)| k)
+                    .collect();
+                indexed.sort_by_key(|k| k.as_str());
+                evictable.sort_by_key(|k| k.as_str());
+                proptest::prop_assert_eq!(indexed, evictable);
+                proptest::prop_assert_eq!(inner.entries.len(), model.len());
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 mod claims;
 mod confirm;
 mod idempotency;
+mod shares;
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
@@ -13,6 +14,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub(crate) use claims::{AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, RequestIds, Ticket};
 pub(crate) use confirm::Confirmation;
 pub(crate) use idempotency::{IdempotencyCache, Retention};
+pub(crate) use shares::{CallerLimit, CallerShareLimits};
 
 use crate::{
     domain::{AgentId, RequestId},
@@ -21,6 +23,7 @@ use crate::{
     jittered_backoff,
     lifecycle::Lifecycle,
     sessions::Sessions,
+    shares::{CallerName, Shares},
     telemetry::trace,
 };
 
@@ -84,6 +87,9 @@ pub(crate) enum ReleaseError {
     EarlierAttemptLost,
     #[error("the request_id cache holds only pending releases and answers it must keep")]
     TooManyPending,
+    /// The caller holds as much of what callers share as one caller may; nothing was sent.
+    #[error("the caller is at its limit ({})", .0.flag())]
+    CallerLimit(CallerLimit),
     #[error("the facade shut down before the gateway answered")]
     ShuttingDown,
     /// The state the replicas share (NATS) cannot be reached; nothing was sent.
@@ -105,6 +111,7 @@ impl ReleaseError {
             Self::NoActiveCall { .. }
             | Self::RequestIdReused
             | Self::TooManyPending
+            | Self::CallerLimit(_)
             | Self::SharedStateUnavailable
             | Self::CannotWait(_) => true,
             // The earlier attempt may have sent its release before it died; shutdown may cut
@@ -149,6 +156,7 @@ pub(crate) struct ReleasePolicy {
     pub(crate) retry_base_delay: Duration,
     pub(crate) idempotency_window: Duration,
     pub(crate) idempotency_capacity: usize,
+    pub(crate) caller_shares: CallerShareLimits,
 }
 
 impl Default for ReleasePolicy {
@@ -159,6 +167,11 @@ impl Default for ReleasePolicy {
             retry_base_delay: Duration::from_millis(100),
             idempotency_window: Duration::from_secs(600),
             idempotency_capacity: 100_000,
+            caller_shares: CallerShareLimits {
+                request_ids: 25_000,
+                pending_request_ids: 272,
+                release_waiters: 250,
+            },
         }
     }
 }
@@ -171,7 +184,7 @@ pub(crate) struct ReleaseRequest {
     pub(crate) request_id: Option<RequestId>,
     /// The name of the caller, whose namespace `request_id` is in (one namespace for all
     /// without caller authorization).
-    pub(crate) caller: Arc<str>,
+    pub(crate) caller: CallerName,
     /// When the answer is due.
     pub(crate) deadline: Instant,
     /// A session the caller handed over (see `Sessions::send`); not part of what makes a
@@ -194,6 +207,10 @@ pub(crate) struct ReleaseService {
     events: EventHub,
     policy: ReleasePolicy,
     answers: Arc<dyn RequestIds>,
+    /// Each caller's share of the request_ids in `answers`.
+    request_id_shares: shares::RequestIdShares,
+    /// Each caller's share of the release waiters.
+    waiter_shares: Shares,
     /// Whether a release may go ahead with this replica's sessions while `answers` (and the
     /// rest of the shared state) cannot be reached.
     release_while_unreachable: bool,
@@ -218,6 +235,11 @@ impl ReleaseService {
         Self {
             sessions,
             events,
+            request_id_shares: shares::RequestIdShares::new(
+                policy.caller_shares,
+                policy.idempotency_window,
+            ),
+            waiter_shares: Shares::new(policy.caller_shares.release_waiters),
             policy,
             answers: Arc::new(answers),
             release_while_unreachable: true,
@@ -241,6 +263,8 @@ impl ReleaseService {
             answers,
             release_while_unreachable,
             shared: true,
+            // The bucket evicts nothing: every answer holds its place for the window.
+            request_id_shares: self.request_id_shares.clone().keeping_evictable_answers(),
             ..self
         }
     }
@@ -275,7 +299,8 @@ impl ReleaseService {
         }
         let agent = request.command.agent;
         let target = request.command.target.clone();
-        let key = request.request_id.map(|id| (request.caller, id));
+        let caller = request.caller;
+        let key = request.request_id.map(|id| (caller.clone(), id));
         // Not for a repeated request_id, whose answer is replayed without waiting (and which
         // must not start polling an agent for nothing).
         let repeated = match &key {
@@ -287,6 +312,17 @@ impl ReleaseService {
             _ => false,
         };
         let wait_for_event = request.wait_for_event && !repeated;
+        // Held until the wait ends; taken before anything is sent (a watcher starts polling
+        // the agent), so that a caller over its share costs the gateway nothing.
+        let _waiter_share = if wait_for_event {
+            Some(
+                self.waiter_shares
+                    .take(&caller)
+                    .ok_or(ReleaseError::CallerLimit(CallerLimit::ReleaseWaiters))?,
+            )
+        } else {
+            None
+        };
         let watcher = if wait_for_event {
             match confirm::watch_releases(&self.events, agent).await {
                 Ok(watcher) => Some(watcher),
@@ -300,7 +336,7 @@ impl ReleaseService {
         };
         let report = tokio::select! {
             biased;
-            report = self.release(request.command, key.as_ref(), request.deadline, request.handed) => report?,
+            report = self.release(request.command, &caller, key.as_ref(), request.deadline, request.handed) => report?,
             () = self.hard_stop.cancelled() => return Err(ReleaseError::ShuttingDown),
         };
         let confirmation = if wait_for_event
@@ -329,18 +365,33 @@ impl ReleaseService {
         })
     }
 
-    /// Releases a call, at most once per `request_id` within the idempotency window.
+    /// Releases a call for `caller`, at most once per `request_id` within the idempotency
+    /// window, and only within the caller's share of the request_ids.
     async fn release(
         &self,
         command: ReleaseCommand,
+        caller: &CallerName,
         key: Option<&AnswerKey>,
         deadline: Instant,
         handed: Option<Session>,
     ) -> Result<ReleaseReport, ReleaseError> {
         let budget = deadline.saturating_duration_since(Instant::now());
         let Some(key) = key else {
-            return self.release_once(&command, deadline, handed.as_ref()).await;
+            return self
+                .release_once(&command, caller, deadline, handed.as_ref())
+                .await;
         };
+        let share = self.request_id_shares.take(caller);
+        if let Err(limit) = share {
+            // An id the caller was given an answer for is still replayed: only a new one
+            // needs a share.
+            let known = tokio::time::timeout_at(deadline, self.answers.contains(key))
+                .await
+                .unwrap_or(false);
+            if !known {
+                return Err(ReleaseError::CallerLimit(limit));
+            }
+        }
         let terms = ClaimTerms {
             deadline,
             if_lost: retention(&command.target, &Err(ReleaseError::EarlierAttemptLost)),
@@ -368,21 +419,33 @@ impl ReleaseService {
                 };
             }
             Claim::Owner(ticket) => {
+                let share = match share {
+                    Ok(share) => share,
+                    Err(limit) => {
+                        // The id was forgotten since it was found: a new one after all, and
+                        // nothing was sent for it.
+                        let refused = Err(ReleaseError::CallerLimit(limit));
+                        ticket.complete(refused.clone(), Retention::Forget).await;
+                        return refused;
+                    }
+                };
                 // The work runs on its own task: a caller that goes away mid-request must not
                 // cut off the answer that later duplicates are promised.
                 let this = self.clone();
+                let caller = caller.clone();
                 // The caller's trace goes along: the gateway request is still made for it.
                 self.tasks.spawn(trace::carry(async move {
                     // A panic must not leave duplicates free to act: for them it is an attempt
                     // whose outcome is unknown.
-                    let answer =
-                        AssertUnwindSafe(this.release_once(&command, deadline, handed.as_ref()))
-                            .catch_unwind()
-                            .await
-                            .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
+                    let release = this.release_once(&command, &caller, deadline, handed.as_ref());
+                    let answer = AssertUnwindSafe(release)
+                        .catch_unwind()
+                        .await
+                        .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
                     // Recorded before the caller hears it: a retry after the answer finds it.
                     let retention = retention(&command.target, &answer);
                     ticket.complete(answer.clone(), retention).await;
+                    this.request_id_shares.settle(share, retention);
                     answer
                 }))
             }
@@ -395,11 +458,12 @@ impl ReleaseService {
     async fn release_once(
         &self,
         command: &ReleaseCommand,
+        caller: &CallerName,
         deadline: Instant,
         handed: Option<&Session>,
     ) -> Result<ReleaseReport, ReleaseError> {
         let answer = self
-            .send_with_safe_retries(command, deadline, handed)
+            .send_with_safe_retries(command, caller, deadline, handed)
             .await?;
         interpret(command, answer)
     }
@@ -407,6 +471,7 @@ impl ReleaseService {
     async fn send_with_safe_retries(
         &self,
         command: &ReleaseCommand,
+        caller: &CallerName,
         deadline: Instant,
         handed: Option<&Session>,
     ) -> Result<Answer, GatewayError> {
@@ -419,6 +484,7 @@ impl ReleaseService {
                     &SessionOperation::Release(command.target.clone()),
                     deadline,
                     handed,
+                    Some(caller),
                 )
                 .await
             {

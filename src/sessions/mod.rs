@@ -17,6 +17,7 @@ pub use store::{SessionStore, SharedSession, StoreCounters};
 use crate::{
     domain::AgentId,
     gateway::{Answer, GatewayClient, GatewayError, Guid, Session, SessionOperation},
+    shares::CallerName,
 };
 
 /// Registry sessions one call tries: the one it found, and the one that replaced it while the
@@ -51,14 +52,16 @@ impl Sessions {
     /// there is none, or when the gateway refused the registry's. Each further attempt follows
     /// a refusal (100-006 / 000-003), which changed nothing, so none can act twice. After a
     /// refusal the registry is read again: a rotation that arrived meanwhile, or a watcher's
-    /// candidate, may hold a session the gateway accepts. Returns the answer and the Guid it was
-    /// given for.
+    /// candidate, may hold a session the gateway accepts. Made for `caller` (None: for the
+    /// facade itself, like an event poll), whose share of the gateway's line it waits in.
+    /// Returns the answer and the Guid it was given for.
     pub async fn send(
         &self,
         agent: AgentId,
         operation: &SessionOperation,
         deadline: Instant,
         handed: Option<&Session>,
+        caller: Option<&CallerName>,
     ) -> Result<(Answer, Guid), GatewayError> {
         let mut refused: Vec<Session> = Vec::new();
         let mut last_refusal = None;
@@ -67,7 +70,7 @@ impl Sessions {
                 break;
             };
             let answer = self
-                .send_in_registry_session(agent, operation, &session, deadline)
+                .send_in_registry_session(agent, operation, &session, deadline, caller)
                 .await?;
             if !answer.session_gone() {
                 return Ok((answer, session.guid));
@@ -79,8 +82,15 @@ impl Sessions {
         match handed.filter(|h| !refused.contains(h)) {
             Some(handed) => {
                 let replacing = refused.last().map(|s| &s.guid);
-                self.send_in_handed_session(agent, operation, handed.clone(), replacing, deadline)
-                    .await
+                self.send_in_handed_session(
+                    agent,
+                    operation,
+                    handed.clone(),
+                    replacing,
+                    deadline,
+                    caller,
+                )
+                .await
             }
             None => last_refusal.ok_or(GatewayError::NoSession(agent)),
         }
@@ -111,8 +121,12 @@ impl Sessions {
         operation: &SessionOperation,
         session: &Session,
         deadline: Instant,
+        caller: Option<&CallerName>,
     ) -> Result<Answer, GatewayError> {
-        let exchange = self.gateway.send(agent, operation, session, deadline).await;
+        let exchange = self
+            .gateway
+            .send(agent, operation, session, deadline, caller)
+            .await;
         if self
             .registry
             .absorb(agent, Some(&session.guid), exchange.headers)
@@ -146,11 +160,12 @@ impl Sessions {
         mut session: Session,
         replacing: Option<&Guid>,
         deadline: Instant,
+        caller: Option<&CallerName>,
     ) -> Result<(Answer, Guid), GatewayError> {
         let guid_used = session.guid.clone();
         let exchange = self
             .gateway
-            .send(agent, operation, &session, deadline)
+            .send(agent, operation, &session, deadline, caller)
             .await;
         session.absorb(exchange.headers);
         let answer = exchange.answer?;
