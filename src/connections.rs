@@ -475,31 +475,29 @@ mod tests {
             "10.0.0.2".parse().unwrap(),
             "::ffff:10.0.0.1".parse().unwrap(),
         );
-        let (admission, metrics) = admission(limits(4, 2, 3, 2));
+        let (admission, metrics) = admission(limits(5, 3, 3, 2));
         let first = admission.admit(a).unwrap();
         let second = admission.admit(c).expect("room for a second from a");
-        // a's handshakes are at 2 (the mapped address is a's), then its connections.
+        // The mapped address is a's: a has 2 handshakes in progress.
         assert!(admission.admit(a).is_none());
-        assert_eq!(refused(&metrics), [0, 1, 0, 0]);
+        assert_eq!(refused(&metrics), [0, 0, 0, 1]);
         let _third = admission.admit(b).unwrap();
-        // Three handshakes in progress: the total cap.
         assert!(admission.admit("10.0.0.3".parse().unwrap()).is_none());
-        assert_eq!(refused(&metrics), [0, 1, 1, 0]);
+        assert_eq!(refused(&metrics), [0, 0, 1, 1]);
         assert_eq!((metrics.open.get(), metrics.handshakes.get()), (3, 3));
-        // Through its handshake, `first` keeps its connection place only.
-        let Admitted {
-            open, handshake, ..
-        } = first;
-        drop(handshake);
+        // Through its handshake, a connection keeps its connection place only.
+        let (first, first_handshake) = (first.open, first.handshake);
+        drop(first_handshake);
         assert_eq!((metrics.open.get(), metrics.handshakes.get()), (3, 2));
-        let fourth = admission.admit(b).unwrap();
-        assert!(admission.admit(b).is_none(), "b's handshakes are at 2");
+        let fourth = admission.admit(a).unwrap();
+        assert!(admission.admit(a).is_none(), "a holds 3 connections");
         assert_eq!(refused(&metrics), [0, 1, 1, 1]);
-        drop(fourth);
-        let _fifth = admission.admit(b).unwrap();
-        assert!(admission.admit("10.0.0.3".parse().unwrap()).is_none());
+        let (fourth, fourth_handshake) = (fourth.open, fourth.handshake);
+        drop(fourth_handshake);
+        let _fifth = admission.admit("10.0.0.3".parse().unwrap()).unwrap();
+        assert!(admission.admit("10.0.0.4".parse().unwrap()).is_none());
         assert_eq!(refused(&metrics), [1, 1, 1, 1]);
-        drop((open, second));
+        drop((first, second, fourth));
         assert_eq!((metrics.open.get(), metrics.handshakes.get()), (2, 2));
         assert!(!lock(&admission.0.counts).by_address.contains_key(&a));
     }
