@@ -15,7 +15,7 @@ use common::{
 };
 use serde_json::Value;
 use tokio::{
-    io::AsyncReadExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
     process::Child,
     time::Instant,
@@ -205,7 +205,8 @@ async fn silent_sockets_on_the_tls_port_do_not_keep_an_mtls_client_out() {
 
 /// Sockets that never send the HTTP/2 preface stayed open until the maximum connection age
 /// plus its grace (~930 s); now each port closes them at the handshake timeout: the gRPC and
-/// health ports without a preface, the metrics port without a request head.
+/// health ports without a preface, the metrics port without a request head (also after an
+/// answered request on a kept-alive connection).
 #[tokio::test]
 async fn silent_sockets_on_the_plaintext_ports_are_closed() {
     let service = start(&["--handshake-timeout-ms", "1000"]).await;
@@ -213,11 +214,18 @@ async fn silent_sockets_on_the_plaintext_ports_are_closed() {
     // Under the side ports' per-address cap (16).
     let mut health = silent_sockets(10, service.health, HERE).await;
     let mut metrics = silent_sockets(10, service.metrics, HERE).await;
+    // A scrape on a kept-alive connection, which then stays idle.
+    let mut kept_alive = silent(service.metrics, HERE).await;
+    kept_alive
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ccgw\r\n\r\n")
+        .await
+        .unwrap();
+    metrics.push(kept_alive);
 
     let deadline = Instant::now() + Duration::from_secs(25);
     assert_eq!(closed_of(&mut grpc, deadline).await, 200, "gRPC port");
     assert_eq!(closed_of(&mut health, deadline).await, 10, "health port");
-    assert_eq!(closed_of(&mut metrics, deadline).await, 10, "metrics port");
+    assert_eq!(closed_of(&mut metrics, deadline).await, 11, "metrics port");
 
     let preface_timeouts = |listener| {
         format!(
@@ -232,7 +240,7 @@ async fn silent_sockets_on_the_plaintext_ports_are_closed() {
         r#"ccgw_connections_closed_total{listener="metrics",reason="request_head_timeout"}"#,
     )
     .await;
-    assert!(head_timeouts >= 10, "{head_timeouts}");
+    assert!(head_timeouts >= 11, "{head_timeouts}");
     for listener in ["grpc", "health"] {
         let open = format!(r#"ccgw_connections_open{{listener="{listener}"}}"#);
         assert_eq!(metric(&service, &open).await, 0, "{listener}");
