@@ -5,6 +5,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::{
     api::ApiSettings,
+    connections::ConnectionLimits,
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
     events::EventSettings,
     gateway::{GatewaySettings, PemFile, SettingsError},
@@ -368,6 +369,38 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub(crate) http2_keepalive_secs: u64,
 
+    /// Client connections the gRPC port holds at once, those in their handshake included; one
+    /// more is reset at once (so nothing waits behind silent sockets in the listen backlog).
+    #[arg(long, env = "CCGW_MAX_CONNECTIONS", default_value_t = 4_096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_connections: u32,
+
+    /// Of --max-connections, those one source IP address may hold. High enough for many
+    /// clients behind one node's address (NAT, a node-local proxy).
+    #[arg(long, env = "CCGW_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1_024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_connections_per_address: u32,
+
+    /// Connections of the gRPC port still in their handshake (TLS handshake, HTTP/2
+    /// connection preface) at once; one more is reset at once.
+    #[arg(long, env = "CCGW_MAX_HANDSHAKES", default_value_t = 1_024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_handshakes: u32,
+
+    /// Of --max-handshakes, those from one source IP address (a reconnect storm from behind
+    /// one NAT fits).
+    #[arg(long, env = "CCGW_MAX_HANDSHAKES_PER_ADDRESS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_handshakes_per_address: u32,
+
+    /// How long a new connection to the gRPC, health or metrics port may take to get through
+    /// its handshake, in milliseconds: the TLS handshake and the HTTP/2 connection preface
+    /// (gRPC and health ports), or a complete HTTP/1 request head (metrics port, where it also
+    /// bounds the idle time between requests). Then the connection is closed.
+    #[arg(long, env = "CCGW_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub(crate) handshake_timeout_ms: u64,
+
     /// NATS server(s) with JetStream, e.g. `tls://nats-0.nats:4222,tls://nats-1.nats:4222`:
     /// switches replication on. Every replica of one install shares agents' sessions, the poll
     /// ownership, the release event log and request_ids through it (see "Running several
@@ -675,6 +708,13 @@ impl Config {
             http2_keepalive: Duration::from_secs(self.http2_keepalive_secs),
             max_connection_age: Duration::from_secs(self.max_connection_age_secs),
             max_connection_age_grace: self.max_connection_age_grace(),
+            connections: ConnectionLimits {
+                max_open: self.max_connections as usize,
+                max_open_per_address: self.max_connections_per_address as usize,
+                max_handshakes: self.max_handshakes as usize,
+                max_handshakes_per_address: self.max_handshakes_per_address as usize,
+                handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            },
             ..ServerSettings::default()
         }
     }

@@ -34,7 +34,7 @@ macro_rules! enum_with_all {
 pub mod api;
 pub mod callers;
 pub mod config;
-mod connection_age;
+mod connections;
 pub mod domain;
 pub mod events;
 pub mod gateway;

@@ -1,7 +1,8 @@
 //! `run(listener, health_listener, api, settings, shutdown)`: the gRPC server with health (see
 //! `health`, and a plaintext health-only port for probes), reflection (v1 and v1alpha),
-//! connection limits (keepalive, maximum age) and a bounded graceful drain, on plaintext or TLS
-//! (`tls`); CallControl calls go through caller authentication, health and reflection stay open.
+//! connection limits (caps, handshake timeout, keepalive, maximum age: see `connections`) and a
+//! bounded graceful drain, on plaintext or TLS (`tls`); CallControl calls go through caller
+//! authentication, health and reflection stay open.
 mod tls;
 use std::{
     future::Future,
@@ -24,11 +25,11 @@ use crate::{
         status::{self, Unfinished},
         CallControlApi, CallControlServer,
     },
-    connection_age::{aged, aged_connections},
+    connections::{self, Admission, ConnectionLimits},
     health,
     lifecycle::{Lifecycle, SideServer},
     proto, reload,
-    telemetry::{trace::TraceContextLayer, RpcTelemetryLayer},
+    telemetry::{trace::TraceContextLayer, Listener, RpcTelemetryLayer},
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
@@ -60,6 +61,9 @@ pub struct ServerSettings {
     pub(crate) max_connection_age: Duration,
     /// ...and closed this much later.
     pub(crate) max_connection_age_grace: Duration,
+    /// The gRPC port's caps and handshake timeout (the health port's: `side_port` of its
+    /// timeout).
+    pub(crate) connections: ConnectionLimits,
 }
 
 impl Default for ServerSettings {
@@ -74,6 +78,13 @@ impl Default for ServerSettings {
             http2_keepalive: Duration::from_secs(30),
             max_connection_age: Duration::from_secs(900),
             max_connection_age_grace: Duration::from_secs(30),
+            connections: ConnectionLimits {
+                max_open: 4096,
+                max_open_per_address: 1024,
+                max_handshakes: 1024,
+                max_handshakes_per_address: 512,
+                handshake_timeout: Duration::from_secs(5),
+            },
         }
     }
 }
@@ -137,11 +148,11 @@ pub async fn run(
         }
     };
     let hard_stop = lifecycle.hard_stop().clone();
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(settings.http2_keepalive))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT.min(settings.http2_keepalive)))
-        // The GOAWAY only: tonic's own grace would drop it (see `connection_age`).
-        .max_connection_age(settings.max_connection_age)
+    let listener_metrics = |listener| call_control_metrics.listener(listener).clone();
+    let admission = Admission::new(settings.connections, listener_metrics(Listener::Grpc));
+    let side_port = ConnectionLimits::side_port(settings.connections.handshake_timeout);
+    let health_admission = Admission::new(side_port, listener_metrics(Listener::Health));
+    let router = http2_server(&settings)
         .max_concurrent_streams(settings.max_concurrent_streams)
         // Outermost: every answer, including those of the layers below, is counted and logged.
         .layer(RpcTelemetryLayer::new(call_control_metrics))
@@ -159,13 +170,14 @@ pub async fn run(
     let lifetime = settings.max_connection_age + settings.max_connection_age_grace;
     let serve = match tls {
         None => router
-            .serve_with_incoming_shutdown(aged_connections(listener, lifetime), signal)
+            .serve_with_incoming_shutdown(connections::http2(listener, admission, lifetime), signal)
             .boxed(),
         Some(tls) => router
-            .serve_with_incoming_shutdown(aged(tls::incoming(listener, tls), lifetime), signal)
+            .serve_with_incoming_shutdown(tls::incoming(listener, tls, admission, lifetime), signal)
             .boxed(),
     };
-    let probes = health_listener.map(|listener| serve_health(listener, health_service));
+    let probes = health_listener
+        .map(|listener| serve_health(listener, health_service, health_admission, &settings));
     let served = drain(serve, &lifecycle, settings.drain_timeout).await;
     if let Some(probes) = probes {
         probes.stop().await;
@@ -181,15 +193,28 @@ fn serve_health(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    admission: Admission,
+    settings: &ServerSettings,
 ) -> SideServer<tonic::transport::Error> {
+    let lifetime = settings.max_connection_age + settings.max_connection_age_grace;
+    let incoming = connections::http2(listener, admission, lifetime);
+    let server = http2_server(settings);
     SideServer::spawn("the health port", |stop| {
-        tonic::transport::Server::builder()
+        let mut server = server;
+        server
             .add_service(health_service)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop,
-            )
+            .serve_with_incoming_shutdown(incoming, stop)
     })
+}
+
+/// A server whose HTTP/2 connections are pinged when silent and asked to go away at their
+/// maximum age (the gRPC port's and the health port's).
+fn http2_server(settings: &ServerSettings) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(settings.http2_keepalive))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT.min(settings.http2_keepalive)))
+        // The GOAWAY only: tonic's own grace would drop it (see `connections`).
+        .max_connection_age(settings.max_connection_age)
 }
 
 /// Re-reads the TLS files (the gRPC port's, the gateway client certificate) and the callers

@@ -151,7 +151,8 @@ pub async fn run(
     let endpoint = match config.metrics_listen {
         Some(addr) => {
             let state = metrics::service_state(&api, &config, dropped_log_lines);
-            Some(MetricsEndpoint::start(addr, registry, state).await?)
+            let handshake_timeout = config.server().connections.handshake_timeout;
+            Some(MetricsEndpoint::start(addr, registry, state, &metrics, handshake_timeout).await?)
         }
         None => None,
     };

@@ -1,7 +1,8 @@
 //! TLS on the gRPC port: the certificate, key and client CA files (reloaded when they change:
 //! a new connection gets the new certificate, open ones keep theirs), and the incoming
-//! connections, whose handshakes run beside the accept loop, bounded in number and time, so
-//! that a client that never finishes its handshake holds up nobody.
+//! connections, whose handshakes run beside the accept loop: the loop accepts, admits under the
+//! port's caps (`connections`) and goes on, so that a client that never finishes its handshake
+//! holds up nobody.
 use std::{
     io,
     net::SocketAddr,
@@ -12,10 +13,11 @@ use std::{
     time::Duration,
 };
 
+use futures_util::StreamExt;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, Semaphore},
+    sync::mpsc,
 };
 use tokio_rustls::{
     rustls::{
@@ -30,12 +32,13 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::{callers::Peer, reload::Reloading};
+use crate::{
+    callers::Peer,
+    connections::{self, Admission, Admitted, LimitedConnection},
+    reload::Reloading,
+    telemetry::ConnectionClosed,
+};
 
-/// How long a client may take for its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at most; beyond, new connections wait in the listen backlog.
-const MAX_HANDSHAKES: usize = 256;
 /// Handshaken connections waiting for the server to take them.
 const HANDSHAKEN_QUEUE: usize = 64;
 
@@ -116,70 +119,63 @@ fn certificates(pem: &[u8], flag: &str) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certificates)
 }
 
-/// The connections of `listener`, handshaken with the configuration `tls` holds when each
-/// arrives. Accepting stops when the server drops the stream.
+/// The connections of `listener` that `admission` admits, handshaken with the configuration
+/// `tls` holds when each arrives, each ended `lifetime` after it was accepted. Accepting stops
+/// when the server drops the stream.
 pub(crate) fn incoming(
     listener: TcpListener,
     tls: ServerTls,
-) -> ReceiverStream<io::Result<TlsConnection>> {
+    admission: Admission,
+    lifetime: Duration,
+) -> ReceiverStream<io::Result<LimitedConnection<TlsConnection>>> {
     let (handshaken, incoming) = mpsc::channel(HANDSHAKEN_QUEUE);
-    tokio::spawn(accept(listener, tls, handshaken));
+    tokio::spawn(async move {
+        let accepted = connections::accept(listener, admission);
+        tokio::pin!(accepted);
+        loop {
+            let next = tokio::select! {
+                () = handshaken.closed() => return,
+                next = accepted.next() => next,
+            };
+            let Some((tcp, remote, admitted)) = next else {
+                return;
+            };
+            let handshake = handshake(tls.acceptor(), tcp, remote, admitted, lifetime);
+            let handshaken = handshaken.clone();
+            tokio::spawn(async move {
+                if let Some(connection) = handshake.await {
+                    let _ = handshaken.send(Ok(connection)).await;
+                }
+            });
+        }
+    });
     ReceiverStream::new(incoming)
 }
 
-async fn accept(
-    listener: TcpListener,
-    tls: ServerTls,
-    handshaken: mpsc::Sender<io::Result<TlsConnection>>,
-) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let accepted = tokio::select! {
-            () = handshaken.closed() => return,
-            accepted = accept_one(&listener, &handshakes) => accepted,
-        };
-        let Some((tcp, remote, permit)) = accepted else {
-            continue;
-        };
-        let (acceptor, handshaken) = (tls.acceptor(), handshaken.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = handshaken
-                        .send(Ok(TlsConnection::new(stream, remote)))
-                        .await;
-                }
-                Ok(Err(error)) => tracing::debug!(%remote, %error, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-/// The next connection, once a handshake slot is free; None after an accept error (e.g. out
-/// of file descriptors), after a pause so that the loop does not spin.
-async fn accept_one(
-    listener: &TcpListener,
-    handshakes: &Arc<Semaphore>,
-) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
-    let permit = handshakes
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("never closed");
-    match listener.accept().await {
-        Ok((tcp, remote)) => {
-            // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms stalls at p99).
-            let _ = tcp.set_nodelay(true);
-            Some((tcp, remote, permit))
+/// `tcp`'s TLS handshake, which must end by the admission's deadline; the connection is then
+/// still in its handshake until its HTTP/2 preface, by the same deadline.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    admitted: Admitted,
+    lifetime: Duration,
+) -> Option<LimitedConnection<TlsConnection>> {
+    match tokio::time::timeout_at(admitted.deadline(), acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let connection = TlsConnection::new(stream, remote);
+            return Some(LimitedConnection::http2(connection, admitted, lifetime));
         }
-        Err(error) => {
-            tracing::warn!(%error, "accepting a connection failed");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            None
+        Ok(Err(error)) => {
+            tracing::debug!(%remote, %error, "TLS handshake failed");
+            admitted.closed(ConnectionClosed::TlsHandshakeFailed);
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "TLS handshake timed out");
+            admitted.closed(ConnectionClosed::TlsHandshakeTimeout);
         }
     }
+    None
 }
 
 /// A handshaken TLS connection and what it says about its client.

@@ -1,6 +1,8 @@
 //! The metrics endpoint: the registry, the state it reads at each scrape, and its server, which
 //! runs beside the gRPC server and stops after it (scrapes during the drain still see it).
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -9,8 +11,11 @@ use super::StartupError;
 use crate::{
     api::CallControlApi,
     config::Config,
+    connections::{self, Admission, ConnectionLimits, LimitedConnection},
     lifecycle::SideServer,
-    telemetry::{endpoint, DroppedLogLines, ScrapeTimeMetrics},
+    telemetry::{
+        endpoint, ConnectionClosed, DroppedLogLines, Listener, Metrics, ScrapeTimeMetrics,
+    },
 };
 
 /// The running metrics endpoint.
@@ -20,11 +25,14 @@ pub(super) struct MetricsEndpoint {
 }
 
 impl MetricsEndpoint {
-    /// Binds `--metrics-listen` and serves `registry` there, with the service's state added.
+    /// Binds `--metrics-listen` and serves `registry` there, with the service's state added,
+    /// under the side ports' connection caps with `handshake_timeout` (counted in `metrics`).
     pub(super) async fn start(
         addr: SocketAddr,
         mut registry: Registry,
         readings: ScrapeTimeMetrics,
+        metrics: &Metrics,
+        handshake_timeout: Duration,
     ) -> Result<Self, StartupError> {
         let listener = TcpListener::bind(addr)
             .await
@@ -32,8 +40,16 @@ impl MetricsEndpoint {
         let addr = listener.local_addr()?;
         readings.register(&mut registry);
         let registry = Arc::new(registry);
+        let limits = ConnectionLimits::side_port(handshake_timeout);
+        let admission = Admission::new(limits, metrics.listener(Listener::Metrics).clone());
+        let incoming = connections::accept(listener, admission)
+            .map(|(tcp, _, admitted)| LimitedConnection::timed_by_protocol(tcp, admitted));
+        let header_timeouts = metrics
+            .listener(Listener::Metrics)
+            .closed(ConnectionClosed::RequestHeadTimeout)
+            .clone();
         let server = SideServer::spawn("the metrics endpoint", |stop| {
-            endpoint::serve(listener, registry, stop)
+            endpoint::serve(incoming, registry, handshake_timeout, header_timeouts, stop)
         });
         Ok(Self { addr, server })
     }

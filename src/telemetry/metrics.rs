@@ -80,7 +80,9 @@ const UNKNOWN: &str = "unknown";
 
 type RpcLabels = [(&'static str, &'static str); 3];
 type HandledLabels = [(&'static str, &'static str); 4];
+/// Two labels: a gateway request's operation and outcome, a listener and a limit or reason.
 type GatewayLabels = [(&'static str, &'static str); 2];
+type TwoLabels = [(&'static str, &'static str); 2];
 type OneLabel = [(&'static str, &'static str); 1];
 
 /// One method's series, resolved once.
@@ -135,6 +137,102 @@ impl GatewayOperation {
     }
 }
 
+enum_with_all! {
+    /// The ports that accept connections: the `listener` label of the connection metrics.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Listener {
+        /// The gRPC port, plaintext or TLS.
+        Grpc,
+        /// `--health-listen`.
+        Health,
+        /// `--metrics-listen`.
+        Metrics,
+    }
+}
+
+impl Listener {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Health => "health",
+            Self::Metrics => "metrics",
+        }
+    }
+}
+
+enum_with_all! {
+    /// The cap a new connection met, which closed it at once: the `limit` label.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum ConnectionLimit {
+        Connections,
+        ConnectionsPerAddress,
+        Handshakes,
+        HandshakesPerAddress,
+    }
+}
+
+impl ConnectionLimit {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Connections => "max_connections",
+            Self::ConnectionsPerAddress => "max_connections_per_address",
+            Self::Handshakes => "max_handshakes",
+            Self::HandshakesPerAddress => "max_handshakes_per_address",
+        }
+    }
+}
+
+enum_with_all! {
+    /// Why the server closed a connection that carried no request at the time: the `reason`
+    /// label of `ccgw_connections_closed`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum ConnectionClosed {
+        /// No finished TLS handshake within the handshake timeout.
+        TlsHandshakeTimeout,
+        /// The TLS handshake failed (no or an untrusted client certificate, no common
+        /// protocol, not TLS at all).
+        TlsHandshakeFailed,
+        /// No HTTP/2 connection preface within the handshake timeout.
+        PrefaceTimeout,
+        /// No complete HTTP/1 request head within the handshake timeout, first request or
+        /// the next one on a kept-alive connection.
+        RequestHeadTimeout,
+    }
+}
+
+impl ConnectionClosed {
+    fn label(self) -> &'static str {
+        match self {
+            Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Self::TlsHandshakeFailed => "tls_handshake_failed",
+            Self::PrefaceTimeout => "preface_timeout",
+            Self::RequestHeadTimeout => "request_head_timeout",
+        }
+    }
+}
+
+/// One listener's connection series, resolved once. Source addresses are never labels: an
+/// attacker could grow the series without bound.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerMetrics {
+    /// Connections open, handshaking ones included.
+    pub(crate) open: Gauge,
+    /// Connections not through their handshake (TLS, HTTP/2 preface) yet.
+    pub(crate) handshakes: Gauge,
+    refused: Vec<Counter>,
+    closed: Vec<Counter>,
+}
+
+impl ListenerMetrics {
+    pub(crate) fn refused(&self, limit: ConnectionLimit) -> &Counter {
+        &self.refused[limit as usize]
+    }
+
+    pub(crate) fn closed(&self, why: ConnectionClosed) -> &Counter {
+        &self.closed[why as usize]
+    }
+}
+
 /// The counters of what WatchReleaseEvents streams sent and how they ended.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct StreamMetrics {
@@ -150,6 +248,7 @@ struct Handles {
     gateway_requests: Family<GatewayLabels, Counter>,
     gateway_seconds: HashMap<&'static str, Histogram>,
     streams: StreamMetrics,
+    listeners: Vec<ListenerMetrics>,
 }
 
 /// What the service counts with. Cheap to clone; every clone counts into the same series.
@@ -257,12 +356,14 @@ impl Metrics {
              (WATCHER_TOO_SLOW)",
             streams.cut_off_too_slow.clone(),
         );
+        let listeners = listener_metrics(registry);
         Self(Arc::new(Handles {
             methods,
             unknown_method,
             gateway_requests,
             gateway_seconds,
             streams,
+            listeners,
         }))
     }
 
@@ -273,6 +374,11 @@ impl Metrics {
 
     pub(crate) fn streams(&self) -> &StreamMetrics {
         &self.0.streams
+    }
+
+    /// The connection series of `listener`.
+    pub(crate) fn listener(&self, listener: Listener) -> &ListenerMetrics {
+        &self.0.listeners[listener as usize]
     }
 
     /// Counts one gateway request of `operation` that ended with `outcome` after `seconds`.
@@ -291,6 +397,55 @@ impl Metrics {
             histogram.observe(seconds);
         }
     }
+}
+
+/// The connection metric families, with every series of every listener made at once (a
+/// refusal never seen yet reads 0 rather than missing), in [`Listener::ALL`]'s order.
+fn listener_metrics(registry: &mut Registry) -> Vec<ListenerMetrics> {
+    let open = Family::<OneLabel, Gauge>::default();
+    let handshakes = Family::<OneLabel, Gauge>::default();
+    let refused = Family::<TwoLabels, Counter>::default();
+    let closed = Family::<TwoLabels, Counter>::default();
+    let listeners = Listener::ALL
+        .iter()
+        .map(|listener| {
+            let name = ("listener", listener.label());
+            ListenerMetrics {
+                open: open.get_or_create_owned(&[name]),
+                handshakes: handshakes.get_or_create_owned(&[name]),
+                refused: ConnectionLimit::ALL
+                    .iter()
+                    .map(|limit| refused.get_or_create_owned(&[name, ("limit", limit.label())]))
+                    .collect(),
+                closed: ConnectionClosed::ALL
+                    .iter()
+                    .map(|why| closed.get_or_create_owned(&[name, ("reason", why.label())]))
+                    .collect(),
+            }
+        })
+        .collect();
+    registry.register(
+        "ccgw_connections_open",
+        "Client connections open, those still in their handshake included",
+        open,
+    );
+    registry.register(
+        "ccgw_connection_handshakes",
+        "Client connections still in their handshake (TLS handshake, HTTP/2 connection preface)",
+        handshakes,
+    );
+    registry.register(
+        "ccgw_connections_refused",
+        "New connections closed at once because a connection cap was reached (limit: the flag)",
+        refused,
+    );
+    registry.register(
+        "ccgw_connections_closed",
+        "Connections the server closed while they carried no request: a handshake or request \
+         head that did not come in time, or a failed TLS handshake",
+        closed,
+    );
+    listeners
 }
 
 fn latency_family<L>() -> Family<L, Histogram, fn() -> Histogram>

@@ -9,7 +9,9 @@ pub mod trace;
 use std::io::IsTerminal;
 
 pub use call_record::{CallFacts, CallRecord};
-pub(crate) use metrics::{GatewayOperation, StreamMetrics};
+pub(crate) use metrics::{
+    ConnectionClosed, ConnectionLimit, GatewayOperation, Listener, ListenerMetrics, StreamMetrics,
+};
 pub use metrics::{Metrics, ScrapeTimeMetrics};
 pub use rpc::{ObservedBody, RpcTelemetry, RpcTelemetryLayer};
 pub use tracing_appender::non_blocking::ErrorCounter as DroppedLogLines;
