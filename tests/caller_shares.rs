@@ -140,6 +140,9 @@ async fn one_caller_cannot_fill_the_gateway_queue_for_another() {
             "1",
             "--max-gateway-queue-per-caller",
             "1",
+            // The release that holds the turn holds it until the test cancels it.
+            "--request-timeout-ms",
+            "600000",
         ],
     )
     .await;
@@ -191,7 +194,17 @@ async fn one_caller_cannot_fill_the_gateway_queue_for_another() {
 #[tokio::test]
 async fn one_caller_cannot_take_the_release_waiters_of_another() {
     let files = Files::new();
-    let app = spawn_with_two_callers(&files, &["--max-release-waiters-per-caller", "1"]).await;
+    let app = spawn_with_two_callers(
+        &files,
+        &[
+            "--max-release-waiters-per-caller",
+            "1",
+            // The release that holds the waiter's share holds it as long as the test runs.
+            "--request-timeout-ms",
+            "600000",
+        ],
+    )
+    .await;
     for agent in ["101", "102", "103"] {
         app.sign_in(agent).await;
     }

@@ -167,6 +167,7 @@ impl Default for ReleasePolicy {
             retry_base_delay: Duration::from_millis(100),
             idempotency_window: Duration::from_secs(600),
             idempotency_capacity: 100_000,
+            // A quarter of each shared default, as the flags' defaults are.
             caller_shares: CallerShareLimits {
                 request_ids: 25_000,
                 pending_request_ids: 272,
