@@ -12,7 +12,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::{
     callers::{self, Denied},
     domain::{AgentId, FieldViolation},
-    events::{SessionEnding, SubscribeError, WatcherEnd},
+    events::{ResumeToken, SessionEnding, SubscribeError, WatcherEnd},
     gateway::{GatewayError, KnownRetcode, Retcode},
     release::ReleaseError,
 };
@@ -123,6 +123,10 @@ enum_with_all! {
         /// The caller is not granted the verb or an agent of the request.
         CallerNotPermitted,
         TooManyCallerStreams,
+        /// An open stream's credential no longer identifies its caller (a reload).
+        StreamCallerRevoked,
+        /// An open stream's caller is no longer granted what it watches (a reload).
+        StreamGrantRevoked,
     }
 }
 
@@ -156,6 +160,8 @@ impl Condition {
             Self::CallerUnauthenticated => "(caller not authenticated)",
             Self::CallerNotPermitted => "(caller not permitted)",
             Self::TooManyCallerStreams => "(too many streams of the caller)",
+            Self::StreamCallerRevoked => "(stream's credential revoked)",
+            Self::StreamGrantRevoked => "(stream's grant revoked)",
         }
     }
 }
@@ -219,6 +225,8 @@ pub(crate) const fn condition_rule(condition: Condition) -> Rule {
         Condition::CallerUnauthenticated => row(Unauthenticated, "UNAUTHENTICATED", No, "the request identifies no caller: send `authorization: Bearer <token>` metadata with a token of the tokens file, or a client certificate whose name the callers file lists; nothing was done"),
         Condition::CallerNotPermitted => row(PermissionDenied, "PERMISSION_DENIED", No, "the caller is not granted this verb or agent (callers file: agents, verbs; handing a session over in x-ccgw-guid needs handover, wait_for_release_event needs watch); nothing was done"),
         Condition::TooManyCallerStreams => row(ResourceExhausted, "TOO_MANY_CALLER_STREAMS", After(secs(1)), "the caller has as many open WatchReleaseEvents streams as one caller may (--max-streams-per-caller); nothing was opened"),
+        Condition::StreamCallerRevoked => row(Unauthenticated, "UNAUTHENTICATED", No, "the stream ended: the callers or tokens file changed and its credential no longer identifies its caller; once it does again, resume from ErrorInfo metadata resume_token"),
+        Condition::StreamGrantRevoked => row(PermissionDenied, "PERMISSION_DENIED", No, "the stream ended: the callers file changed and its caller is no longer granted this verb or agent; once it is again, resume from ErrorInfo metadata resume_token"),
     }
 }
 
@@ -450,18 +458,44 @@ pub(crate) fn unauthenticated(why: &callers::Unauthenticated, request_id: &str) 
 /// A request outside its caller's grant; names the verb or agent it lacks.
 pub(crate) fn permission_denied(denied: &Denied, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
-    match denied {
-        Denied::Verb(verb) => metadata.insert(metadata_key::VERB.to_owned(), verb.to_string()),
-        Denied::Agent(agent) => {
-            metadata.insert(metadata_key::DENIED_AGENT_ID.to_owned(), agent.to_string())
-        }
-    };
+    denied_metadata(denied, &mut metadata);
     failure(
         &condition_rule(Condition::CallerNotPermitted),
         &denied.to_string(),
         metadata,
         ctx,
     )
+}
+
+/// Metadata `verb` or `denied_agent_id`: what the caller lacks.
+fn denied_metadata(denied: &Denied, metadata: &mut HashMap<String, String>) {
+    match denied {
+        Denied::Verb(verb) => metadata.insert(metadata_key::VERB.to_owned(), verb.to_string()),
+        Denied::Agent(agent) => {
+            metadata.insert(metadata_key::DENIED_AGENT_ID.to_owned(), agent.to_string())
+        }
+    };
+}
+
+/// An open stream ended because a reload took its caller's access away; metadata
+/// `resume_token` is the position after the last item it sent.
+pub(crate) fn access_revoked(
+    revoked: &callers::Revoked,
+    resume: ResumeToken,
+    ctx: &Context<'_>,
+) -> Status {
+    let mut metadata = HashMap::new();
+    metadata.insert(metadata_key::RESUME_TOKEN.to_owned(), resume.to_string());
+    let (condition, detail) = match revoked {
+        callers::Revoked::Unauthenticated(why) => {
+            (Condition::StreamCallerRevoked, why.to_string())
+        }
+        callers::Revoked::Denied(denied) => {
+            denied_metadata(denied, &mut metadata);
+            (Condition::StreamGrantRevoked, denied.to_string())
+        }
+    };
+    failure(&condition_rule(condition), &detail, metadata, ctx)
 }
 
 /// A stream refused because its caller holds `limit` streams already.
