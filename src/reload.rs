@@ -209,6 +209,17 @@ mod tests {
         assert!(files.read_if_changed().unwrap().is_some());
         std::fs::remove_file(&b).unwrap();
         assert!(files.read_if_changed().unwrap_err().contains("/b:"));
+        // Forgotten contents come again; a bounded file over its bound is an error.
+        let mut bounded = WatchedFiles::bounded(vec![a.clone()], 4);
+        assert!(bounded.read_if_changed().unwrap().is_some());
+        assert_eq!(bounded.read_if_changed().unwrap(), None);
+        bounded.forget();
+        assert!(bounded.read_if_changed().unwrap().is_some());
+        std::fs::write(&a, "fives").unwrap();
+        assert!(bounded
+            .read_if_changed()
+            .unwrap_err()
+            .contains("larger than 4 bytes"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,8 +7,8 @@ use std::{process::Stdio, time::Duration};
 
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
 use common::{
-    error_metadata, expect_status, handing_over, pki::Files, release_req, resume_req,
-    sim_config, spawn_app_with, watch_req, TestApp, CALLER, WAIT,
+    error_metadata, expect_status, handing_over, pki::Files, release_req, resume_req, sim_config,
+    spawn_app_with, watch_req, TestApp, CALLER, WAIT,
 };
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -338,11 +338,7 @@ async fn the_service_refuses_to_start_without_caller_authorization() {
         // Certificate names before they were typed: refused, naming the entry and its spelling.
         (
             vec!["--callers", &untyped, "--caller-tokens", &tokens],
-            vec![
-                "billing",
-                "has no type",
-                "dns:billing.prod.svc",
-            ],
+            vec!["billing", "has no type", "dns:billing.prod.svc"],
         ),
     ] {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
@@ -388,7 +384,10 @@ async fn removing_a_caller_revokes_its_token_though_its_line_stays_in_the_secret
     files.write("callers.toml", CALLERS);
     wait_for(&app, BILLING, true).await;
     // A bad line of the tokens file is left out; the other lines apply.
-    files.write("tokens", &format!("billing short\nsupervisor {SUPERVISOR}\n"));
+    files.write(
+        "tokens",
+        &format!("billing short\nsupervisor {SUPERVISOR}\n"),
+    );
     wait_for(&app, BILLING, false).await;
     assert!(authenticates(&app, SUPERVISOR).await);
 }
@@ -405,7 +404,10 @@ async fn a_stream_whose_token_is_revoked_ends_and_resumes_without_a_gap_once_it_
     let mut stream = app.watch(as_caller(watch_req(&["101"]), WALLBOARD)).await;
     let before = stream.sees_hang_up(&app, "101").await;
     let revoked_at = tokio::time::Instant::now();
-    files.write("tokens", &format!("billing {BILLING}\nsupervisor {SUPERVISOR}\n"));
+    files.write(
+        "tokens",
+        &format!("billing {BILLING}\nsupervisor {SUPERVISOR}\n"),
+    );
     let (events, status) = stream.until_error().await;
     assert!(
         revoked_at.elapsed() <= Duration::from_secs(2 * RELOAD_SECS),
@@ -415,7 +417,10 @@ async fn a_stream_whose_token_is_revoked_ends_and_resumes_without_a_gap_once_it_
     assert!(events.is_empty(), "{events:?}");
     expect_status(&status, Code::Unauthenticated, "UNAUTHENTICATED");
     assert!(status.get_error_details().retry_info().is_none());
-    assert!(status.message().contains("not one of the tokens file"), "{status:?}");
+    assert!(
+        status.message().contains("not one of the tokens file"),
+        "{status:?}"
+    );
     let resume = error_metadata(&status)["resume_token"].clone();
     assert!(!resume.is_empty());
     // Meanwhile a call ends; the revoked token opens nothing.
@@ -443,7 +448,10 @@ async fn a_stream_whose_token_is_revoked_ends_and_resumes_without_a_gap_once_it_
     .await
     .expect("the token was accepted again");
     let events = resumed.events_of(2).await;
-    assert_eq!(common::kinds_and_calls(&events), common::hangup_pair(&meanwhile));
+    assert_eq!(
+        common::kinds_and_calls(&events),
+        common::hangup_pair(&meanwhile)
+    );
     assert_ne!(before, meanwhile);
 }
 
@@ -482,7 +490,13 @@ async fn reload_failures_are_counted_until_the_file_is_fixed() {
     let callers = files.write("callers.toml", CALLERS);
     let tokens_file = files.write("tokens", &tokens());
     let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args(["--simulate", "--listen", "127.0.0.1:0", "--sim-listen", "127.0.0.1:0"])
+        .args([
+            "--simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
         .args(["--callers", &callers, "--caller-tokens", &tokens_file])
         .args(["--reload-secs", "1"])
@@ -566,7 +580,11 @@ async fn reload_failures_are_counted_until_the_file_is_fixed() {
     let (callers_after, tokens_after, _) = scrape().await;
     assert!(callers_after <= fixed.0 + 1.0 && tokens_after <= fixed.1 + 1.0);
     let after = scrape().await;
-    assert_eq!((after.0, after.1), (callers_after, tokens_after), "still counting");
+    assert_eq!(
+        (after.0, after.1),
+        (callers_after, tokens_after),
+        "still counting"
+    );
     let logs = logs.lock().unwrap().clone();
     assert!(logs.contains("tokens file line 4"), "{logs}");
     assert!(!logs.contains(secret), "a token in the log");

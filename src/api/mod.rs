@@ -347,9 +347,10 @@ impl CallControl for CallControlApi {
             // with its token on a replica that reaches it, or here once it is back.
             return Err(status::shared_state_unavailable(&ctx));
         }
+        // What the stream goes on needing: its handover, if any, is done once it opened.
         let slot = self
             .stream_slots
-            .take(&caller, &needed, &valid.agents)
+            .take(&caller, &[Verb::Watch], &valid.agents)
             .ok_or_else(|| {
                 let limit = self.settings.max_streams_per_caller;
                 tracing::debug!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");

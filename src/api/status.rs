@@ -487,9 +487,7 @@ pub(crate) fn access_revoked(
     let mut metadata = HashMap::new();
     metadata.insert(metadata_key::RESUME_TOKEN.to_owned(), resume.to_string());
     let (condition, detail) = match revoked {
-        callers::Revoked::Unauthenticated(why) => {
-            (Condition::StreamCallerRevoked, why.to_string())
-        }
+        callers::Revoked::Unauthenticated(why) => (Condition::StreamCallerRevoked, why.to_string()),
         callers::Revoked::Denied(denied) => {
             denied_metadata(denied, &mut metadata);
             (Condition::StreamGrantRevoked, denied.to_string())

@@ -25,8 +25,7 @@ impl CertificateName {
             .map(|(kind, name)| (kind.to_ascii_lowercase(), name));
         let name = match typed {
             Some((kind, name)) if ["dns", "uri", "cn"].contains(&kind.as_str()) => {
-                if name.is_empty() || name.len() > 1024 || name.chars().any(char::is_whitespace)
-                {
+                if name.is_empty() || name.len() > 1024 || name.chars().any(char::is_whitespace) {
                     return Err(format!(
                         "certificate name {raw:?}: the name after \"{kind}:\" must be 1 to 1024 characters without spaces"
                     ));

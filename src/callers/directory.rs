@@ -162,8 +162,10 @@ impl Problems {
 
     fn into_messages(mut self) -> Vec<String> {
         if self.more > 0 {
-            self.reported
-                .push(format!("tokens file: {} more lines cannot be used", self.more));
+            self.reported.push(format!(
+                "tokens file: {} more lines cannot be used",
+                self.more
+            ));
         }
         self.reported
     }
@@ -319,7 +321,10 @@ mod tests {
         );
         assert!(!dropped[0].contains(secret));
         assert!(directory.by_token(secret).is_none());
-        assert_eq!(directory.by_token("aaaaaaaaaaaaaaaa1").unwrap().name(), "billing");
+        assert_eq!(
+            directory.by_token("aaaaaaaaaaaaaaaa1").unwrap().name(),
+            "billing"
+        );
     }
 
     #[test]
@@ -462,6 +467,9 @@ mod tests {
     }
 
     fn line_of<'a>(written: &'a [String], token: &str) -> &'a str {
-        written.iter().find(|l| l.contains(token)).map_or("", String::as_str)
+        written
+            .iter()
+            .find(|l| l.contains(token))
+            .map_or("", String::as_str)
     }
 }

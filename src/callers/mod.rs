@@ -358,7 +358,9 @@ impl Callers {
 
 /// The first read of a watched file.
 fn read_first(file: &mut WatchedFiles) -> Result<Vec<u8>, String> {
-    let mut contents = file.read_if_changed()?.expect("a first read returns contents");
+    let mut contents = file
+        .read_if_changed()?
+        .expect("a first read returns contents");
     Ok(contents.swap_remove(0))
 }
 

@@ -115,7 +115,11 @@ impl StreamSlots {
                         .map_err(Revoked::Denied)
                 });
             if let Err(revoked) = verdict {
-                tracing::info!(caller = stream.caller.name(), ?revoked, "ending a WatchReleaseEvents stream: its caller's access is gone");
+                tracing::info!(
+                    caller = stream.caller.name(),
+                    ?revoked,
+                    "ending a WatchReleaseEvents stream: its caller's access is gone"
+                );
                 if let Some(end) = stream.end.take() {
                     let _ = end.send(revoked);
                 }
@@ -222,9 +226,7 @@ mod tests {
         );
         let gone = Caller::new("gone", Grant::everything());
         let mut kept = take(&slots, &watcher).unwrap();
-        let mut narrowed = slots
-            .take(&watcher, &[Verb::Watch], &[agent(150)])
-            .unwrap();
+        let mut narrowed = slots.take(&watcher, &[Verb::Watch], &[agent(150)]).unwrap();
         let mut revoked = take(&slots, &gone).unwrap();
         let narrower = Grant::parse(&["101-120".into()], &["watch".into()]).unwrap();
         let recheck = || {
