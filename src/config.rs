@@ -255,8 +255,8 @@ pub struct Config {
     pub(crate) tls_key: Option<PathBuf>,
 
     /// PEM CA certificate(s) for mutual TLS: every client must present a certificate they
-    /// issued, and its names (subject CN, DNS and URI SANs) can identify it as a caller of
-    /// --callers. Re-read every --reload-secs. Needs --tls-cert.
+    /// issued, and its names (DNS and URI SANs; the subject CN only without SANs) can identify
+    /// it as a caller of --callers. Re-read every --reload-secs. Needs --tls-cert.
     #[arg(long, env = "CCGW_TLS_CLIENT_CA", requires = "tls_cert")]
     pub(crate) tls_client_ca: Option<PathBuf>,
 

@@ -16,11 +16,31 @@ pub(crate) struct WatchedFiles {
     /// Digest of the contents last returned; the contents themselves (a private key, tokens)
     /// are not kept.
     seen: Option<[u8; 32]>,
+    /// A file larger than this is not read (an error names it).
+    max_bytes: Option<u64>,
 }
 
 impl WatchedFiles {
     pub(crate) fn new(paths: Vec<PathBuf>) -> Self {
-        Self { paths, seen: None }
+        Self {
+            paths,
+            seen: None,
+            max_bytes: None,
+        }
+    }
+
+    /// Files of at most `max_bytes` each.
+    pub(crate) fn bounded(paths: Vec<PathBuf>, max_bytes: u64) -> Self {
+        Self {
+            max_bytes: Some(max_bytes),
+            ..Self::new(paths)
+        }
+    }
+
+    /// The next call returns the contents even when unchanged: what they held could not be
+    /// used, and is tried again.
+    pub(crate) fn forget(&mut self) {
+        self.seen = None;
     }
 
     /// The contents of every file, when they differ from what the last call returned (the
@@ -29,7 +49,7 @@ impl WatchedFiles {
         let contents = self
             .paths
             .iter()
-            .map(|path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())))
+            .map(|path| read(path, self.max_bytes).map_err(|e| format!("{}: {e}", path.display())))
             .collect::<Result<Vec<_>, _>>()?;
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
         for content in &contents {
@@ -43,6 +63,23 @@ impl WatchedFiles {
         self.seen = Some(digest);
         Ok(Some(contents))
     }
+}
+
+fn read(path: &std::path::Path, max_bytes: Option<u64>) -> std::io::Result<Vec<u8>> {
+    let Some(max_bytes) = max_bytes else {
+        return std::fs::read(path);
+    };
+    let mut contents = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path)?, max_bytes + 1),
+        &mut contents,
+    )?;
+    if contents.len() as u64 > max_bytes {
+        return Err(std::io::Error::other(format!(
+            "larger than {max_bytes} bytes"
+        )));
+    }
+    Ok(contents)
 }
 
 /// A value read from files, replaced by [`Reloading::reload`] when they change. Cheap to clone.
@@ -172,6 +209,17 @@ mod tests {
         assert!(files.read_if_changed().unwrap().is_some());
         std::fs::remove_file(&b).unwrap();
         assert!(files.read_if_changed().unwrap_err().contains("/b:"));
+        // Forgotten contents come again; a bounded file over its bound is an error.
+        let mut bounded = WatchedFiles::bounded(vec![a.clone()], 4);
+        assert!(bounded.read_if_changed().unwrap().is_some());
+        assert_eq!(bounded.read_if_changed().unwrap(), None);
+        bounded.forget();
+        assert!(bounded.read_if_changed().unwrap().is_some());
+        std::fs::write(&a, "fives").unwrap();
+        assert!(bounded
+            .read_if_changed()
+            .unwrap_err()
+            .contains("larger than 4 bytes"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use std::{process::Stdio, time::Duration};
 
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
 use common::{
-    error_metadata, expect_status, handing_over, pki::Files, release_req, sim_config,
+    error_metadata, expect_status, handing_over, pki::Files, release_req, resume_req, sim_config,
     spawn_app_with, watch_req, TestApp, CALLER, WAIT,
 };
 use tonic::{Code, Request};
@@ -315,7 +315,8 @@ async fn each_caller_has_its_own_stream_cap() {
 }
 
 /// A real process: without --callers or --no-caller-auth (and not --simulate) the service
-/// does not start, and says which flags would make it; nor with an invalid callers file.
+/// does not start, and says which flags would make it; nor with an invalid callers file, nor
+/// with certificate names without their type.
 #[tokio::test]
 async fn the_service_refuses_to_start_without_caller_authorization() {
     let files = Files::new();
@@ -323,12 +324,21 @@ async fn the_service_refuses_to_start_without_caller_authorization() {
         "callers.toml",
         "[[caller]]\nname = \"x\"\nagents = [\"9-1\"]\nverbs = []\n",
     );
+    let untyped = files.write(
+        "untyped.toml",
+        "[[caller]]\nname = \"billing\"\nagents = []\nverbs = []\ncertificate_names = [\"billing.prod.svc\"]\n",
+    );
     let tokens = files.write("tokens", "");
     for (extra, expected) in [
         (vec![], vec!["--callers", "--no-caller-auth"]),
         (
             vec!["--callers", &bad_callers, "--caller-tokens", &tokens],
             vec!["callers file", "ends before it starts"],
+        ),
+        // Certificate names before they were typed: refused, naming the entry and its spelling.
+        (
+            vec!["--callers", &untyped, "--caller-tokens", &tokens],
+            vec!["billing", "has no type", "dns:billing.prod.svc"],
         ),
     ] {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
@@ -352,4 +362,232 @@ async fn the_service_refuses_to_start_without_caller_authorization() {
             assert!(stderr.contains(word), "{word:?} not in: {stderr}");
         }
     }
+}
+
+/// Removing a caller from the callers file (the ConfigMap) revokes it although its token line
+/// is still in the tokens file (the Secret): the line is left out, the rest applies.
+#[tokio::test]
+async fn removing_a_caller_revokes_its_token_though_its_line_stays_in_the_secret() {
+    let files = Files::new();
+    let app = spawn_with_callers(&files, &tokens(), &["--reload-secs", "1"]).await;
+    assert!(authenticates(&app, BILLING).await);
+    let without_billing = CALLERS.replacen(
+        "[[caller]]\nname = \"billing\"\nagents = [\"101-199\"]\nverbs = [\"release\"]\n",
+        "",
+        1,
+    );
+    assert_ne!(without_billing, CALLERS);
+    files.write("callers.toml", &without_billing);
+    wait_for(&app, BILLING, false).await;
+    assert!(authenticates(&app, SUPERVISOR).await);
+    // Back in the callers file: its token, still in the Secret, applies again.
+    files.write("callers.toml", CALLERS);
+    wait_for(&app, BILLING, true).await;
+    // A bad line of the tokens file is left out; the other lines apply.
+    files.write(
+        "tokens",
+        &format!("billing short\nsupervisor {SUPERVISOR}\n"),
+    );
+    wait_for(&app, BILLING, false).await;
+    assert!(authenticates(&app, SUPERVISOR).await);
+}
+
+/// A stream of a caller whose token is revoked ends within two reload periods, UNAUTHENTICATED
+/// with its resume token; once the token is back, resuming delivers what happened meanwhile.
+#[tokio::test]
+async fn a_stream_whose_token_is_revoked_ends_and_resumes_without_a_gap_once_it_is_back() {
+    const RELOAD_SECS: u64 = 5;
+    let files = Files::new();
+    let reload = RELOAD_SECS.to_string();
+    let app = spawn_with_callers(&files, &tokens(), &["--reload-secs", &reload]).await;
+    app.sign_in("101").await;
+    let mut stream = app.watch(as_caller(watch_req(&["101"]), WALLBOARD)).await;
+    let before = stream.sees_hang_up(&app, "101").await;
+    let revoked_at = tokio::time::Instant::now();
+    files.write(
+        "tokens",
+        &format!("billing {BILLING}\nsupervisor {SUPERVISOR}\n"),
+    );
+    let (events, status) = stream.until_error().await;
+    assert!(
+        revoked_at.elapsed() <= Duration::from_secs(2 * RELOAD_SECS),
+        "the stream ended {:?} after the token was revoked",
+        revoked_at.elapsed()
+    );
+    assert!(events.is_empty(), "{events:?}");
+    expect_status(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+    assert!(status.get_error_details().retry_info().is_none());
+    assert!(
+        status.message().contains("not one of the tokens file"),
+        "{status:?}"
+    );
+    let resume = error_metadata(&status)["resume_token"].clone();
+    assert!(!resume.is_empty());
+    // Meanwhile a call ends; the revoked token opens nothing.
+    let meanwhile = app.hang_up("101", CALLER);
+    let refused = app
+        .watch_refused(as_caller(resume_req(&["101"], &resume), WALLBOARD))
+        .await;
+    expect_status(&refused, Code::Unauthenticated, "UNAUTHENTICATED");
+    // The token is back: the stream resumes with the call that ended meanwhile, no gap.
+    files.write("tokens", &tokens());
+    let mut resumed = tokio::time::timeout(WAIT + Duration::from_secs(RELOAD_SECS), async {
+        loop {
+            match app
+                .try_watch(as_caller(resume_req(&["101"], &resume), WALLBOARD))
+                .await
+            {
+                Ok(stream) => return stream,
+                Err(status) => {
+                    expect_status(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the token was accepted again");
+    let events = resumed.events_of(2).await;
+    assert_eq!(
+        common::kinds_and_calls(&events),
+        common::hangup_pair(&meanwhile)
+    );
+    assert_ne!(before, meanwhile);
+}
+
+/// A stream whose caller loses the grant of its agent ends PERMISSION_DENIED, naming the agent,
+/// with its resume token; a stream of another agent the caller keeps goes on.
+#[tokio::test]
+async fn a_stream_whose_grant_is_narrowed_ends_permission_denied() {
+    let files = Files::new();
+    let app = spawn_with_callers(&files, &tokens(), &["--reload-secs", "1"]).await;
+    app.sign_in("101").await;
+    app.sign_in("500").await;
+    let mut narrowed = app.watch(as_caller(watch_req(&["500"]), SUPERVISOR)).await;
+    let mut kept = app.watch(as_caller(watch_req(&["101"]), SUPERVISOR)).await;
+    let event = narrowed.sees_hang_up(&app, "500").await;
+    assert!(!event.is_empty());
+    files.write(
+        "callers.toml",
+        &CALLERS.replace("agents = [\"101-199\", \"500\"]", "agents = [\"101-199\"]"),
+    );
+    let (events, status) = narrowed.until_error().await;
+    assert!(events.is_empty(), "{events:?}");
+    expect_status(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+    let metadata = error_metadata(&status);
+    assert_eq!(metadata["denied_agent_id"], "500");
+    assert!(!metadata["resume_token"].is_empty());
+    kept.sees_hang_up(&app, "101").await;
+}
+
+/// The reload metrics of a real process: a callers file that cannot be used is tried at every
+/// reload and counted each time, and the time of its last full load stays put; once fixed, it
+/// is applied and the counting stops. Its logs name the bad line, never the token in it.
+#[tokio::test]
+async fn reload_failures_are_counted_until_the_file_is_fixed() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    ccgw_callcontrol::install_crypto_provider();
+    let files = Files::new();
+    let callers = files.write("callers.toml", CALLERS);
+    let tokens_file = files.write("tokens", &tokens());
+    let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args([
+            "--simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--callers", &callers, "--caller-tokens", &tokens_file])
+        .args(["--reload-secs", "1"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(service.stderr.take().unwrap()).lines();
+    let metrics = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if entry["message"] == "serving gRPC" {
+                return entry["metrics"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the service exited before serving");
+    })
+    .await
+    .expect("the service serves within the wait bound");
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    tokio::spawn({
+        let logs = logs.clone();
+        async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                logs.lock().unwrap().push_str(&line);
+            }
+        }
+    });
+    let scrape = || async {
+        let text = reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        };
+        (
+            value("ccgw_caller_files_reload_failures_total{file=\"callers\"}"),
+            value("ccgw_caller_files_reload_failures_total{file=\"tokens\"}"),
+            value("ccgw_caller_files_loaded_timestamp_seconds{file=\"callers\"}"),
+            value("ccgw_caller_files_loaded_timestamp_seconds{file=\"tokens\"}"),
+        )
+    };
+    let (callers_failures, tokens_failures, loaded_at, tokens_loaded_at) = scrape().await;
+    assert_eq!((callers_failures, tokens_failures), (0.0, 0.0));
+    assert!(loaded_at > 1.7e9, "{loaded_at}");
+    let secret = "a-secret-token-in-a-bad-line";
+    files.write("callers.toml", "[[caller]]\nname = \"broken\"\n");
+    files.write("tokens", &format!("{}billing {secret} extra\n", tokens()));
+    let failing = tokio::time::timeout(WAIT, async {
+        loop {
+            let now = scrape().await;
+            if now.0 >= 2.0 && now.1 >= 2.0 {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("failures counted at two reloads or more");
+    assert_eq!(
+        (failing.2, failing.3),
+        (loaded_at, tokens_loaded_at),
+        "neither file was applied in full"
+    );
+    files.write("callers.toml", CALLERS);
+    files.write("tokens", &tokens());
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let now = scrape().await;
+            if now.2 > loaded_at && now.3 > tokens_loaded_at {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the fixed files were applied");
+    // Applied in full: no reload counts a failure any more.
+    let applied = scrape().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later = scrape().await;
+    assert_eq!((later.0, later.1), (applied.0, applied.1), "still counting");
+    let logs = logs.lock().unwrap().clone();
+    assert!(logs.contains("tokens file line 4"), "{logs}");
+    assert!(!logs.contains(secret), "a token in the log");
 }

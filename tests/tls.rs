@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseOutcome};
 use common::{
-    expect_status,
+    error_metadata, expect_status,
     pki::{served_certificate, tls_channel, Ca, Files, Leaf},
     release_req, sim_config, spawn_app_with, TestApp, WAIT,
 };
@@ -113,13 +113,13 @@ const CALLERS: &str = r#"
 name = "billing"
 agents = ["101-199"]
 verbs = ["release"]
-certificate_names = ["billing.prod.svc.cluster.local"]
+certificate_names = ["dns:billing.prod.svc.cluster.local"]
 
 [[caller]]
 name = "wallboard"
 agents = ["*"]
 verbs = ["watch"]
-certificate_names = ["spiffe://prod/wallboard"]
+certificate_names = ["uri:spiffe://prod/wallboard"]
 "#;
 
 /// mTLS: a client needs a certificate from the client CA; its names say which caller it is.
@@ -195,4 +195,68 @@ async fn client_certificates_are_required_verified_and_identify_callers() {
         1,
         "only billing's release reached the gateway"
     );
+}
+
+/// RFC 6125: the subject CN of a certificate with SANs is no name of it, and a name counts only
+/// as the type the callers file gives it. A certificate with CN `billing.prod.svc` and SAN
+/// `DNS:evil.svc` is evil, not billing; billing's `cn:` entry matches only a certificate
+/// without SANs, and evil's `dns:` entry no CN.
+#[tokio::test]
+async fn a_certificate_with_sans_is_not_named_by_its_cn() {
+    const TYPED: &str = r#"
+[[caller]]
+name = "billing"
+agents = ["101-199"]
+verbs = ["release"]
+certificate_names = ["cn:billing.prod.svc", "dns:billing.prod.svc"]
+
+[[caller]]
+name = "evil"
+agents = ["101-199"]
+verbs = ["watch"]
+certificate_names = ["dns:evil.svc"]
+"#;
+    let (server_ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
+    let files = Files::new();
+    let client_ca_file = files.write("client-ca.crt", &client_ca.pem);
+    let callers = files.write("callers.toml", TYPED);
+    let app = spawn_tls(
+        &files,
+        &server_ca.server(1),
+        &["--tls-client-ca", &client_ca_file, "--callers", &callers],
+    )
+    .await;
+    app.sign_in("101").await;
+    let release_as = |leaf: Leaf| {
+        let server_ca = &server_ca;
+        async move {
+            let channel = tls_channel(app.grpc_addr, server_ca, Some(&leaf))
+                .await
+                .unwrap();
+            CallControlClient::new(channel)
+                .release_call(release_req("101"))
+                .await
+        }
+    };
+    // CN billing, SAN evil: evil, which may not release.
+    let disguised = release_as(client_ca.issue("billing.prod.svc", &["evil.svc"], 20))
+        .await
+        .unwrap_err();
+    expect_status(&disguised, Code::PermissionDenied, "PERMISSION_DENIED");
+    assert_eq!(error_metadata(&disguised)["verb"], "release");
+    // A CN matches a `cn:` entry only on a certificate without SANs, and a `dns:` entry never.
+    let cn_only = release_as(client_ca.issue("billing.prod.svc", &[], 21))
+        .await
+        .unwrap();
+    assert_eq!(cn_only.into_inner().outcome(), ReleaseOutcome::NoActiveCall);
+    let evil_cn = release_as(client_ca.issue("evil.svc", &[], 22))
+        .await
+        .unwrap_err();
+    expect_status(&evil_cn, Code::Unauthenticated, "UNAUTHENTICATED");
+    // The DNS SAN of billing, in any case, is billing.
+    let billing = release_as(client_ca.issue("anything", &["Billing.Prod.Svc"], 23))
+        .await
+        .unwrap();
+    assert_eq!(billing.into_inner().outcome(), ReleaseOutcome::NoActiveCall);
+    assert_eq!(app.deletes().len(), 2, "only billing's releases were sent");
 }

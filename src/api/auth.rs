@@ -87,3 +87,19 @@ pub(crate) fn authorize<T>(
     })?;
     Ok(caller.clone())
 }
+
+/// `caller` (authorized by the interceptor) checked again against the callers in force now:
+/// UNAUTHENTICATED or PERMISSION_DENIED when a reload took its access away meanwhile.
+pub(crate) fn still_authorized(
+    callers: &Callers,
+    caller: &Caller,
+    verbs: &[Verb],
+    agents: &[AgentId],
+    ctx: &status::Context<'_>,
+) -> Result<(), Status> {
+    let now = callers
+        .current_caller(caller)
+        .map_err(|why| status::unauthenticated(&why, ctx.request_id))?;
+    now.allows(verbs, agents)
+        .map_err(|denied| status::permission_denied(&denied, ctx))
+}

@@ -60,13 +60,14 @@ impl CallControlApi {
         callers: Option<Callers>,
         metrics: Metrics,
     ) -> Self {
+        let stream_slots = StreamSlots::new(settings.max_streams_per_caller);
         Self {
-            stream_slots: StreamSlots::new(settings.max_streams_per_caller),
+            callers: callers.map(|callers| callers.checking_streams(stream_slots.clone())),
+            stream_slots,
             release,
             events,
             settings,
             lifecycle,
-            callers,
             metrics,
         }
     }
@@ -350,15 +351,26 @@ impl CallControl for CallControlApi {
             // with its token on a replica that reaches it, or here once it is back.
             return Err(status::shared_state_unavailable(&ctx));
         }
-        let slot = self.stream_slots.take(&caller).ok_or_else(|| {
-            let limit = self.settings.max_streams_per_caller;
-            tracing::debug!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");
-            status::too_many_caller_streams(limit, &ctx)
-        })?;
+        // What the stream goes on needing: its handover, if any, is done once it opened.
+        let slot = self
+            .stream_slots
+            .take(&caller, &[Verb::Watch], &valid.agents)
+            .ok_or_else(|| {
+                let limit = self.settings.max_streams_per_caller;
+                tracing::debug!(caller = caller.name(), request_id = %ctx.request_id, limit, "WatchReleaseEvents refused: the caller's streams are at their cap");
+                status::too_many_caller_streams(limit, &ctx)
+            })?;
+        // A reload between the interceptor and the slot did not see this stream: check the
+        // caller against the callers in force now that the next reload will.
+        if let Some(callers) = &self.callers {
+            auth::still_authorized(callers, &caller, &needed, &valid.agents, &ctx)?;
+        }
+        let resumed_from = valid.from;
         self.events.prepare_resume(valid.from).await;
         let watcher = self.subscribe(valid, single_agent.zip(handover), &ctx)?;
         Ok(Response::new(stream::into_stream(
             watcher,
+            resumed_from,
             request_id,
             self.settings.stream_send_timeout,
             slot,

@@ -12,7 +12,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::{
     callers::{self, Denied},
     domain::{AgentId, FieldViolation},
-    events::{SessionEnding, SubscribeError, WatcherEnd},
+    events::{ResumeToken, SessionEnding, SubscribeError, WatcherEnd},
     gateway::{BusyCause, GatewayError, KnownRetcode, Retcode},
     release::ReleaseError,
 };
@@ -175,6 +175,10 @@ enum_with_all! {
         TooManyCallerStreams,
         /// The caller holds its whole share of something all callers share.
         CallerShareExhausted,
+        /// An open stream's credential no longer identifies its caller (a reload).
+        StreamCallerRevoked,
+        /// An open stream's caller is no longer granted what it watches (a reload).
+        StreamGrantRevoked,
     }
 }
 
@@ -209,6 +213,8 @@ impl Condition {
             Self::CallerNotPermitted => "(caller not permitted)",
             Self::TooManyCallerStreams => "(too many streams of the caller)",
             Self::CallerShareExhausted => "(caller's share used up)",
+            Self::StreamCallerRevoked => "(stream's credential revoked)",
+            Self::StreamGrantRevoked => "(stream's grant revoked)",
         }
     }
 }
@@ -273,6 +279,8 @@ pub(crate) const fn condition_rule(condition: Condition) -> Rule {
         Condition::CallerNotPermitted => row(PermissionDenied, "PERMISSION_DENIED", No, "the caller is not granted this verb or agent (callers file: agents, verbs; handing a session over in x-ccgw-guid needs handover, wait_for_release_event needs watch); nothing was done"),
         Condition::TooManyCallerStreams => row(ResourceExhausted, "TOO_MANY_CALLER_STREAMS", After(secs(1)), "the caller has as many open WatchReleaseEvents streams as one caller may (--max-streams-per-caller); nothing was opened"),
         Condition::CallerShareExhausted => row(ResourceExhausted, "CALLER_LIMIT_REACHED", After(secs(1)), "the caller holds as many remembered or pending request_ids, queued gateway requests or release waiters as one caller may (ErrorInfo metadata caller_limit names the flag); other callers are not held up; nothing was sent"),
+        Condition::StreamCallerRevoked => row(Unauthenticated, "UNAUTHENTICATED", No, "the stream ended: the callers or tokens file changed and its credential no longer identifies its caller; once it does again, resume from ErrorInfo metadata resume_token"),
+        Condition::StreamGrantRevoked => row(PermissionDenied, "PERMISSION_DENIED", No, "the stream ended: the callers file changed and its caller is no longer granted this verb or agent; once it is again, resume from ErrorInfo metadata resume_token"),
     }
 }
 
@@ -514,18 +522,42 @@ pub(crate) fn unauthenticated(why: &callers::Unauthenticated, request_id: &str) 
 /// A request outside its caller's grant; names the verb or agent it lacks.
 pub(crate) fn permission_denied(denied: &Denied, ctx: &Context<'_>) -> Status {
     let mut metadata = HashMap::new();
-    match denied {
-        Denied::Verb(verb) => metadata.insert(metadata_key::VERB.to_owned(), verb.to_string()),
-        Denied::Agent(agent) => {
-            metadata.insert(metadata_key::DENIED_AGENT_ID.to_owned(), agent.to_string())
-        }
-    };
+    denied_metadata(denied, &mut metadata);
     failure(
         &condition_rule(Condition::CallerNotPermitted),
         &denied.to_string(),
         metadata,
         ctx,
     )
+}
+
+/// Metadata `verb` or `denied_agent_id`: what the caller lacks.
+fn denied_metadata(denied: &Denied, metadata: &mut HashMap<String, String>) {
+    match denied {
+        Denied::Verb(verb) => metadata.insert(metadata_key::VERB.to_owned(), verb.to_string()),
+        Denied::Agent(agent) => {
+            metadata.insert(metadata_key::DENIED_AGENT_ID.to_owned(), agent.to_string())
+        }
+    };
+}
+
+/// An open stream ended because a reload took its caller's access away; metadata
+/// `resume_token` is the position after the last item it sent.
+pub(crate) fn access_revoked(
+    revoked: &callers::Revoked,
+    resume: ResumeToken,
+    ctx: &Context<'_>,
+) -> Status {
+    let mut metadata = HashMap::new();
+    metadata.insert(metadata_key::RESUME_TOKEN.to_owned(), resume.to_string());
+    let (condition, detail) = match revoked {
+        callers::Revoked::Unauthenticated(why) => (Condition::StreamCallerRevoked, why.to_string()),
+        callers::Revoked::Denied(denied) => {
+            denied_metadata(denied, &mut metadata);
+            (Condition::StreamGrantRevoked, denied.to_string())
+        }
+    };
+    failure(&condition_rule(condition), &detail, metadata, ctx)
 }
 
 /// A stream refused because its caller holds `limit` streams already.

@@ -9,7 +9,7 @@ use super::status::{self, Context};
 use crate::{
     callers::StreamSlot,
     domain::RequestId,
-    events::{ReleaseEvent, ReleaseKind, Watcher, WatcherEnd, WatcherItem},
+    events::{Forwarded, ReleaseEvent, ReleaseKind, ResumeToken, Watcher, WatcherEnd, WatcherItem},
     proto::{self, watch_release_events_response::Item},
     telemetry::StreamMetrics,
 };
@@ -25,41 +25,82 @@ const STREAM_QUEUE: usize = 16;
 /// The watcher is read by a task of its own, because tonic stops polling a stream whose client
 /// stopped reading: the task cuts such a stream off after `send_timeout` (WATCHER_TOO_SLOW)
 /// and frees its watcher. Dropping the stream (client cancel or disconnect) frees it at once.
-/// The stream holds its caller's `slot` until it ends or is dropped.
+/// The stream holds its caller's `slot` until it ends or is dropped, and ends when a reload
+/// takes its caller's access away (UNAUTHENTICATED or PERMISSION_DENIED), with the position
+/// after the last item it sent: `resumed_from` (the request's resume token) until it sent one.
 pub(crate) fn into_stream(
     watcher: Watcher,
+    resumed_from: Option<ResumeToken>,
     request_id: RequestId,
     send_timeout: Duration,
     slot: StreamSlot,
     counters: StreamMetrics,
 ) -> EventStream {
+    let start = watcher.position();
     let span = tracing::info_span!("WatchReleaseEvents", request_id = %request_id);
     let items = span.in_scope(|| watcher.forward(STREAM_QUEUE, send_timeout));
-    Box::pin(stream::unfold(
-        (items, request_id, slot, counters),
-        |(mut items, request_id, slot, counters)| async move {
-            let item = match items.recv().await? {
-                Ok(item) => {
-                    count_item(&item, &counters);
-                    Ok(proto::WatchReleaseEventsResponse {
-                        item: Some(item_to_proto(item)),
-                    })
+    let state = StreamState {
+        items,
+        request_id,
+        slot,
+        counters,
+        start,
+        sent_up_to: resumed_from.unwrap_or(start),
+        ended: false,
+    };
+    Box::pin(stream::unfold(state, |mut state| async move {
+        if state.ended {
+            return None;
+        }
+        let next = tokio::select! {
+            biased;
+            revoked = state.slot.revoked() => Err(revoked),
+            item = state.items.recv() => Ok(item?),
+        };
+        let ctx = Context {
+            agent: None,
+            request_id: state.request_id.as_str(),
+            releases_current_call: false,
+        };
+        let item = match next {
+            Ok(Ok(item)) => {
+                count_item(&item, &state.counters);
+                state.sent_up_to = match &item {
+                    WatcherItem::Event(event) => event.token,
+                    WatcherItem::Heartbeat { position, .. } => *position,
+                    WatcherItem::Gap(_) => state.start,
+                    WatcherItem::SessionEnded { .. } => state.sent_up_to,
+                };
+                Ok(proto::WatchReleaseEventsResponse {
+                    item: Some(item_to_proto(item)),
+                })
+            }
+            Ok(Err(end)) => {
+                if matches!(end, WatcherEnd::TooSlow { .. }) {
+                    state.counters.cut_off_too_slow.inc();
                 }
-                Err(end) => {
-                    if matches!(end, WatcherEnd::TooSlow { .. }) {
-                        counters.cut_off_too_slow.inc();
-                    }
-                    let ctx = Context {
-                        agent: None,
-                        request_id: request_id.as_str(),
-                        releases_current_call: false,
-                    };
-                    Err(status::watcher_end(&end, &ctx))
-                }
-            };
-            Some((item, (items, request_id, slot, counters)))
-        },
-    ))
+                Err(status::watcher_end(&end, &ctx))
+            }
+            Err(revoked) => {
+                state.ended = true;
+                Err(status::access_revoked(&revoked, state.sent_up_to, &ctx))
+            }
+        };
+        Some((item, state))
+    }))
+}
+
+/// What a stream keeps between its items.
+struct StreamState {
+    items: Forwarded,
+    request_id: RequestId,
+    slot: StreamSlot,
+    counters: StreamMetrics,
+    /// The watcher's position when it started.
+    start: ResumeToken,
+    /// Where the client resumes once it has read everything sent.
+    sent_up_to: ResumeToken,
+    ended: bool,
 }
 
 fn count_item(item: &WatcherItem, counters: &StreamMetrics) {

@@ -47,6 +47,7 @@ mod watcher;
 
 use std::{time::Duration, time::SystemTime};
 
+pub(crate) use forward::Forwarded;
 pub use hub::{EventHub, EventStats};
 pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, Record};

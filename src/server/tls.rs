@@ -33,7 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::{
-    callers::Peer,
+    callers::{self, Peer},
     connections::{self, Admission, Admitted, LimitedConnection},
     reload::Reloading,
     telemetry::ConnectionClosed,
@@ -191,7 +191,7 @@ impl TlsConnection {
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .map(|leaf| certificate_names(leaf))
+            .map(|leaf| callers::certificate_names(leaf))
             .unwrap_or_default();
         Self {
             stream,
@@ -201,29 +201,6 @@ impl TlsConnection {
             },
         }
     }
-}
-
-/// Subject CNs, DNS SANs and URI SANs of a (verified) client certificate.
-fn certificate_names(der: &[u8]) -> Vec<String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let Ok((_, certificate)) = X509Certificate::from_der(der) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = certificate
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
-        .collect();
-    if let Ok(Some(san)) = certificate.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
-                GeneralName::URI(uri) => names.push((*uri).to_owned()),
-                _ => {}
-            }
-        }
-    }
-    names
 }
 
 impl Connected for TlsConnection {
@@ -286,23 +263,6 @@ mod tests {
         params.subject_alt_names = sans;
         let key = KeyPair::generate().unwrap();
         (params.self_signed(&key).unwrap(), key)
-    }
-
-    #[test]
-    fn a_client_certificate_is_named_by_its_cn_dns_and_uri_sans() {
-        let (cert, _) = certificate(
-            "billing-7d9f",
-            vec![
-                SanType::DnsName("billing.prod.svc".try_into().unwrap()),
-                SanType::URI("spiffe://prod/billing".try_into().unwrap()),
-                SanType::IpAddress([10, 0, 0, 1].into()),
-            ],
-        );
-        assert_eq!(
-            certificate_names(cert.der()),
-            ["billing-7d9f", "billing.prod.svc", "spiffe://prod/billing"]
-        );
-        assert!(certificate_names(b"not DER").is_empty());
     }
 
     #[test]

@@ -242,6 +242,22 @@ pub(super) fn service_state(
             move || i64::from(reachable()),
         );
     }
+    if let Some(callers) = api.callers() {
+        state
+            .counter_by(
+                "ccgw_caller_files_reload_failures",
+                "Reloads of the callers or tokens file that failed (unreadable, invalid, or a \
+                 tokens file line left out as unusable); tried again at every reload until fixed",
+                "file",
+                reading(callers, |c| c.reload_failures()),
+            )
+            .gauge_by(
+                "ccgw_caller_files_loaded_timestamp_seconds",
+                "When the callers or tokens file's contents were last applied in full (Unix time)",
+                "file",
+                reading(callers, |c| c.loaded_at()),
+            );
+    }
     if let Some(dropped) = dropped_log_lines {
         state.counter(
             "ccgw_log_lines_dropped",
