@@ -137,6 +137,42 @@ fn released(answer: &ReleaseCallResponse) {
     assert_eq!(answer.outcome(), ReleaseOutcome::Released, "{answer:?}");
 }
 
+/// An answer the facade does not understand (the undocumented retcode 200-099) may mean the
+/// call was hung up: the shared bucket keeps it, so a repeat on another replica replays it
+/// (outcome unknown, nothing to retry) and sends no second DELETE.
+#[tokio::test]
+async fn an_undocumented_retcode_is_kept_for_every_replica() {
+    let Some(bench) = Bench::start().await else {
+        return;
+    };
+    let (_a, mut a, _) = bench.replica(&[]).await;
+    let (_b, mut b, _) = bench.replica(&[]).await;
+    bench.hand_over(&mut [&mut a, &mut b], "101").await;
+    bench.sim.place_call("101", CALLER).unwrap();
+    bench.sim.clear_requests();
+    bench.sim.push_fault(FaultRule {
+        fault: Fault::Retcode {
+            retcode: "200-099".to_owned(),
+            message: "undocumented".to_owned(),
+        },
+        count: 1,
+        method: Some("DELETE".to_owned()),
+        path_contains: None,
+    });
+    for client in [&mut a, &mut b] {
+        let status = client
+            .release_call(with_id("101", "undocumented-1"))
+            .await
+            .unwrap_err();
+        let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
+        let metadata = &details.error_info().unwrap().metadata;
+        assert_eq!(metadata["cause"], "GATEWAY_RETCODE_UNKNOWN", "{status:?}");
+        assert_eq!(metadata["retcode"], "200-099", "{status:?}");
+        assert!(details.retry_info().is_none(), "{status:?}");
+        assert_eq!(bench.deletes(), 1, "the repeat released again");
+    }
+}
+
 /// The same request_id sent to two replicas while the first release is still at the gateway:
 /// one DELETE, one answer for both (the second replayed); a different command with that id is
 /// refused on either replica.

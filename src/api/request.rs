@@ -495,7 +495,7 @@ mod tests {
             parse_grpc_timeout("99999999n"),
             Some(Duration::from_nanos(99_999_999))
         );
-        for bad in ["", "m", "10", "123456789m", "-1S", "1x", "1.5S"] {
+        for bad in ["", "m", "10", "123456789m", "-1S", "1x", "1.5S", "¡", "1©"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }
