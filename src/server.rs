@@ -89,6 +89,13 @@ impl Default for ServerSettings {
     }
 }
 
+impl ServerSettings {
+    /// How long a client connection lives at most: its maximum age and the grace after it.
+    fn connection_lifetime(&self) -> Duration {
+        self.max_connection_age + self.max_connection_age_grace
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("gRPC server: {0}")]
@@ -167,7 +174,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(call_control);
-    let lifetime = settings.max_connection_age + settings.max_connection_age_grace;
+    let lifetime = settings.connection_lifetime();
     let serve = match tls {
         None => router
             .serve_with_incoming_shutdown(connections::http2(listener, admission, lifetime), signal)
@@ -196,8 +203,7 @@ fn serve_health(
     admission: Admission,
     settings: &ServerSettings,
 ) -> SideServer<tonic::transport::Error> {
-    let lifetime = settings.max_connection_age + settings.max_connection_age_grace;
-    let incoming = connections::http2(listener, admission, lifetime);
+    let incoming = connections::http2(listener, admission, settings.connection_lifetime());
     let server = http2_server(settings);
     SideServer::spawn("the health port", |stop| {
         let mut server = server;
