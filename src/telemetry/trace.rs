@@ -34,9 +34,7 @@ use futures_util::future::Either;
 use hyper::{header::HeaderValue, http, HeaderMap};
 use opentelemetry::{
     propagation::{Injector, TextMapPropagator},
-    trace::{
-        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
-    },
+    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TracerProvider as _},
     Context as OtelContext,
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
@@ -325,7 +323,7 @@ impl CallerContext {
             .tracestate
             .as_ref()
             .and_then(|state| state.to_str().ok()?.parse().ok())
-            .unwrap_or_else(TraceState::default);
+            .unwrap_or_default();
         let flags = if self.parent.sampled {
             TraceFlags::SAMPLED
         } else {
