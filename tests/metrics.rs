@@ -366,6 +366,7 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert_eq!(after.0.get("ccgw_gateway_up"), Some(&1.0));
     assert_eq!(after.0.get("ccgw_gateway_requests_in_flight"), Some(&0.0));
     assert_eq!(after.0.get("ccgw_gateway_requests_waiting"), Some(&0.0));
+    assert_eq!(after.0.get("ccgw_event_fields_dropped_total"), Some(&0.0));
 
     match promtool_check(&service.scrape().await).await {
         Some((passed, printed)) => assert!(passed, "promtool check metrics: {printed}"),

@@ -104,6 +104,12 @@ pub(super) fn service_state(
             reading(&events, |e| e.stats().malformed_events),
         )
         .counter(
+            "ccgw_event_fields_dropped",
+            "Optional fields left out of release events because they failed validation (a \
+             customer number, an eventGenTime out of range)",
+            reading(&events, |e| e.stats().dropped_fields),
+        )
+        .counter(
             "ccgw_event_log_appends_retried",
             "Appends to the shared event log (--nats-url) that failed and were retried",
             reading(&events, |e| e.stats().log.appends_retried),

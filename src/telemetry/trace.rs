@@ -6,6 +6,10 @@
 //! - **No exporter** (the default): no span is made. A call whose metadata carries a valid
 //!   `traceparent` has it (and its `tracestate`) passed on to its gateway requests: the
 //!   caller's span is their parent. A call without one costs a header lookup.
+//! - **Exporting**: each call gets a server span (its parent the caller's context, if any), and
+//!   each gateway request made for it a client span, whose context the request carries. Spans
+//!   go to the SDK's batch processor: a bounded queue drained by a thread of its own, so a slow
+//!   or down collector drops spans, never slows a call.
 //!
 //! What reaches the gateway is rebuilt from what was read, never the caller's text: a
 //! `traceparent` is read by the W3C rules (a version after `00` by the rules for versions the
@@ -14,10 +18,6 @@
 //! with its members rejoined. Anything that does not read is left out: the gateway request goes
 //! without it. The OpenTelemetry propagator is not used to read them: it accepts short or signed
 //! hex fields and passes later versions' tails and unchecked `tracestate` values on.
-//! - **Exporting**: each call gets a server span (its parent the caller's context, if any), and
-//!   each gateway request made for it a client span, whose context the request carries. Spans
-//!   go to the SDK's batch processor: a bounded queue drained by a thread of its own, so a slow
-//!   or down collector drops spans, never slows a call.
 //!
 //! Event polls carry no trace context: one poll loop serves every caller watching the agent.
 //!
@@ -34,9 +34,7 @@ use futures_util::future::Either;
 use hyper::{header::HeaderValue, http, HeaderMap};
 use opentelemetry::{
     propagation::{Injector, TextMapPropagator},
-    trace::{
-        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
-    },
+    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TracerProvider as _},
     Context as OtelContext,
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
@@ -325,7 +323,7 @@ impl CallerContext {
             .tracestate
             .as_ref()
             .and_then(|state| state.to_str().ok()?.parse().ok())
-            .unwrap_or_else(TraceState::default);
+            .unwrap_or_default();
         let flags = if self.parent.sampled {
             TraceFlags::SAMPLED
         } else {
