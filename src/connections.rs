@@ -56,13 +56,16 @@ pub(crate) struct ConnectionLimits {
     pub(crate) handshake_timeout: Duration,
 }
 
+/// Connections the health port, and the metrics port, hold at most.
+pub(crate) const SIDE_PORT_CONNECTIONS: usize = 256;
+
 impl ConnectionLimits {
     /// The health and metrics ports: a few clients (the kubelet, Prometheus), each with a
     /// connection or two, from a few addresses. A per-address cap well below the total keeps
     /// one pod that opens sockets there from taking the kubelet's place.
     pub(crate) fn side_port(handshake_timeout: Duration) -> Self {
         Self {
-            max_open: 256,
+            max_open: SIDE_PORT_CONNECTIONS,
             max_open_per_address: 16,
             max_handshakes: 256,
             max_handshakes_per_address: 16,

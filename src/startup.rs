@@ -12,6 +12,7 @@ use crate::{
     api::CallControlApi,
     callers::Callers,
     config::Config,
+    connections::SIDE_PORT_CONNECTIONS,
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
@@ -137,7 +138,7 @@ pub async fn run(
     dropped_log_lines: Option<DroppedLogLines>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    check_open_file_limit(config.max_polled_agents);
+    check_open_file_limit(&config);
     cleartext::warn(&config, listener.local_addr()?);
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -181,36 +182,42 @@ pub async fn run(
     Ok(served?)
 }
 
-/// File descriptors kept for everything but the event polls: gRPC clients, listeners, the
-/// connections of releases, files.
-const FD_RESERVE: u64 = 1024;
+/// File descriptors kept beside the event polls and the connections the caps allow: listeners,
+/// NATS, the files re-read, the gateway probe.
+const FD_RESERVE: u64 = 256;
+
+/// What a process may hold open at once when every cap is reached: one long-poll connection
+/// per polled agent, the gRPC port's connections, the health and metrics ports' connections,
+/// the gateway connections of releases, and [`FD_RESERVE`].
+fn descriptors_needed(config: &Config) -> u64 {
+    u64::from(config.max_polled_agents)
+        + u64::from(config.max_connections)
+        + 2 * SIDE_PORT_CONNECTIONS as u64
+        + u64::from(config.max_gateway_requests)
+        + FD_RESERVE
+}
 
 /// Raises the soft open-file limit to the hard one (as Go's runtime does) and warns, without
-/// failing, when it is still below what `--max-polled-agents` may need: one descriptor per
-/// polled agent (its long-poll connection) plus [`FD_RESERVE`].
-fn check_open_file_limit(max_polled_agents: u32) {
+/// failing, when it is still below what the caps may need ([`descriptors_needed`]).
+fn check_open_file_limit(config: &Config) {
     let Some(limit) = raise_open_file_limit() else {
         return;
     };
-    if let Some(needed) = open_file_shortfall(limit, max_polled_agents) {
+    let needed = descriptors_needed(config);
+    if limit < needed {
         tracing::warn!(
-            max_polled_agents,
+            max_polled_agents = config.max_polled_agents,
+            max_connections = config.max_connections,
             needed,
             open_file_limit = limit,
             "the open-file limit (RLIMIT_NOFILE: {limit}, even raised to its hard limit) is \
-             below --max-polled-agents ({max_polled_agents}) plus {FD_RESERVE} for gRPC \
-             connections, listeners and files ({needed}): with that many agents polled, \
-             sockets will fail; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, the \
-             container's nofile ulimit) or lower --max-polled-agents"
+             below what --max-polled-agents, --max-connections and --max-gateway-requests \
+             may hold open, with the health and metrics ports and {FD_RESERVE} for listeners \
+             and files ({needed}): at those caps, sockets will fail; raise the hard limit \
+             (ulimit -Hn, systemd LimitNOFILE=, the container's nofile ulimit) or lower \
+             --max-polled-agents or --max-connections"
         );
     }
-}
-
-/// The descriptors `max_polled_agents` may need, when the soft open-file limit `limit` is
-/// below them.
-fn open_file_shortfall(limit: u64, max_polled_agents: u32) -> Option<u64> {
-    let needed = u64::from(max_polled_agents) + FD_RESERVE;
-    (limit < needed).then_some(needed)
 }
 
 /// Sets the soft open-file limit to the hard one; returns the soft limit then in force
@@ -249,14 +256,24 @@ fn raise_open_file_limit() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
     #[test]
-    fn a_limit_below_the_polled_agents_plus_the_reserve_is_a_shortfall() {
-        assert_eq!(open_file_shortfall(4096, 10_000), Some(11_024));
-        assert_eq!(open_file_shortfall(11_023, 10_000), Some(11_024));
-        assert_eq!(open_file_shortfall(11_024, 10_000), None);
-        assert_eq!(open_file_shortfall(20_000, 10_000), None);
+    fn every_cap_counts_towards_the_descriptors_needed() {
+        let config = Config::parse_from(["ccgw-callcontrol", "--no-caller-auth"]);
+        // 10 000 polls, 4 096 gRPC connections, 2 x 256 on the side ports, 64 releases, 256.
+        assert_eq!(descriptors_needed(&config), 14_928);
+        let smaller = Config::parse_from([
+            "ccgw-callcontrol",
+            "--no-caller-auth",
+            "--max-polled-agents",
+            "100",
+            "--max-connections",
+            "100",
+        ]);
+        assert_eq!(descriptors_needed(&smaller), 100 + 100 + 512 + 64 + 256);
     }
 
     /// Raising the test process's soft limit to its hard limit changes nothing it relies on.
