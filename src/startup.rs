@@ -262,17 +262,13 @@ mod tests {
 
     #[test]
     fn every_cap_counts_towards_the_descriptors_needed() {
-        let config = Config::parse_from(["ccgw-callcontrol", "--no-caller-auth"]);
+        let config = |more: &[&str]| {
+            let base = ["x", "--no-caller-auth", "--gateway-url", "http://127.0.0.1:8043"];
+            Config::try_parse_from(base.iter().chain(more)).expect("valid flags")
+        };
         // 10 000 polls, 4 096 gRPC connections, 2 x 256 on the side ports, 64 releases, 256.
-        assert_eq!(descriptors_needed(&config), 14_928);
-        let smaller = Config::parse_from([
-            "ccgw-callcontrol",
-            "--no-caller-auth",
-            "--max-polled-agents",
-            "100",
-            "--max-connections",
-            "100",
-        ]);
+        assert_eq!(descriptors_needed(&config(&[])), 14_928);
+        let smaller = config(&["--max-polled-agents", "100", "--max-connections", "100"]);
         assert_eq!(descriptors_needed(&smaller), 100 + 100 + 512 + 64 + 256);
     }
 

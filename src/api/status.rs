@@ -616,13 +616,13 @@ pub(crate) fn session_ending(
     }
 }
 
-/// The row of a gateway refusal; fills `retcode`/`message` metadata.
 /// The condition of a caller at its limit, which `flag` sets.
 fn caller_limit(flag: &str, metadata: &mut HashMap<String, String>) -> Condition {
     metadata.insert(metadata_key::CALLER_LIMIT.to_owned(), flag.to_owned());
     Condition::CallerShareExhausted
 }
 
+/// The row of a gateway refusal; fills `retcode`/`message` metadata.
 fn refusal(retcode: &Retcode, message: &str, metadata: &mut HashMap<String, String>) -> Rule {
     metadata.insert(metadata_key::RETCODE.to_owned(), retcode.to_string());
     metadata.insert(metadata_key::MESSAGE.to_owned(), message.to_owned());

@@ -93,7 +93,8 @@ impl GatewaySettings {
             legacy_release_path: false,
             max_requests: 64,
             max_queue: 1024,
-            max_queue_per_caller: 1024,
+            // A quarter of the queue, as --max-gateway-queue-per-caller's default.
+            max_queue_per_caller: 256,
         }
     }
 }

@@ -382,17 +382,6 @@ impl ReleaseService {
                 .release_once(&command, caller, deadline, handed.as_ref())
                 .await;
         };
-        let share = self.request_id_shares.take(caller);
-        if let Err(limit) = share {
-            // An id the caller was given an answer for is still replayed: only a new one
-            // needs a share.
-            let known = tokio::time::timeout_at(deadline, self.answers.contains(key))
-                .await
-                .unwrap_or(false);
-            if !known {
-                return Err(ReleaseError::CallerLimit(limit));
-            }
-        }
         let terms = ClaimTerms {
             deadline,
             if_lost: retention(&command.target, &Err(ReleaseError::EarlierAttemptLost)),
@@ -419,12 +408,15 @@ impl ReleaseService {
                     None => Err(ReleaseError::EarlierAttemptLost),
                 };
             }
+            // The share is asked for only now, by the owner of a new id: an id already
+            // claimed or answered is replayed (or waited for) whatever the caller holds, so a
+            // repeat of a release that may have acted never hears a refusal that invites a
+            // retry.
             Claim::Owner(ticket) => {
-                let share = match share {
+                let share = match self.request_id_shares.take(caller) {
                     Ok(share) => share,
                     Err(limit) => {
-                        // The id was forgotten since it was found: a new one after all, and
-                        // nothing was sent for it.
+                        // Nothing was sent for it: the claim is handed back.
                         let refused = Err(ReleaseError::CallerLimit(limit));
                         ticket.complete(refused.clone(), Retention::Forget).await;
                         return refused;
