@@ -307,10 +307,10 @@ async fn a_paused_owner_polls_no_more_once_resumed() {
         watcher.until_events(6, TAKEOVER_WITHIN).await,
         hang_ups(&calls)
     );
-    let new_owner = poller(&set, common::WAIT).await;
-    assert_ne!(new_owner, owner);
     // Once running again it learns (on its next renewal, or from the bucket's watch) that the
-    // lease moved on; it polls nothing meanwhile.
+    // lease moved on. It may then take the shard back (rendezvous hashing gives it to it once
+    // the holder's polls end), so who polls now says nothing; what it must not do is poll
+    // beside the holder.
     let learned = tokio::time::timeout(common::WAIT, async {
         while set.metric(owner, "ccgw_nats_shard_leases_lost_total").await < 1.0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -321,8 +321,8 @@ async fn a_paused_owner_polls_no_more_once_resumed() {
         learned.is_ok(),
         "the resumed owner counts the lease it lost"
     );
-    assert_eq!(set.metric(owner, "ccgw_event_polls_in_flight").await, 0.0);
-    // The poll the paused owner had sent ended before the new owner's began.
+    // The poll the paused owner had sent ended before the new owner's began, and no poll of
+    // either overlapped the other's since.
     assert_eq!(set.max_polls_in_flight("101"), 1);
 }
 

@@ -237,7 +237,7 @@ async fn bearer_tokens_and_tls_keys_never_reach_logs_or_statuses() {
             .await
             .unwrap_err(),
     ];
-    // A tokens file naming an unknown caller, and a broken key, are refused and logged.
+    // A tokens line naming an unknown caller is left out, a broken key refused; both logged.
     files.write("tokens", &format!("billing {good}\nnobody {in_bad_file}\n"));
     let broken_key = first
         .key_pem
@@ -245,7 +245,7 @@ async fn bearer_tokens_and_tls_keys_never_reach_logs_or_statuses() {
     files.write("tls.key", &broken_key);
     wait_until("both broken files were refused", || {
         let text = logs.text();
-        text.contains("the callers and tokens files changed but cannot be used")
+        text.contains("its caller is not in the callers file")
             && text
                 .contains("the TLS certificate, key and client CA files changed but cannot be used")
     })

@@ -82,7 +82,7 @@ impl Roster {
 }
 
 /// One usable line of the tokens file: whose token, and its digest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TokenLine {
     line_no: usize,
     name: String,
@@ -117,14 +117,14 @@ pub(crate) fn parse_tokens(tokens: &[u8]) -> (Vec<TokenLine>, Vec<String>) {
         };
         if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
             problems.push(format!(
-                "tokens file line {line_no}: the token of {name:?} must be at least {MIN_TOKEN_LEN} printable ASCII characters"
+                "tokens file line {line_no}: the token must be at least {MIN_TOKEN_LEN} printable ASCII characters"
             ));
             continue;
         }
         let digest = token_digest(token);
         if let Some(&first) = first_line_of.get(&digest) {
             problems.push(format!(
-                "tokens file line {line_no}: this token (of {name:?}) appears on line {first} too; neither line is used"
+                "tokens file line {line_no}: this token appears on line {first} too; neither line is used"
             ));
             repeated.push(digest);
             continue;
@@ -189,9 +189,11 @@ impl Directory {
                 Some(caller) => {
                     by_token.insert(line.digest, caller.clone());
                 }
+                // Named by its line only: a line whose fields were swapped would put its token
+                // where the name goes.
                 None => dropped.push(format!(
-                    "tokens file line {}: caller {:?} is not in the callers file; its token is not accepted",
-                    line.line_no, line.name
+                    "tokens file line {}: its caller is not in the callers file; its token is not accepted",
+                    line.line_no
                 )),
             }
         }
@@ -316,7 +318,7 @@ mod tests {
         assert!(problems.is_empty());
         assert_eq!(dropped.len(), 1);
         assert!(
-            dropped[0].contains("line 1: caller \"nobody\" is not in the callers file"),
+            dropped[0].contains("line 1: its caller is not in the callers file"),
             "{dropped:?}"
         );
         assert!(!dropped[0].contains(secret));
@@ -338,7 +340,7 @@ mod tests {
             ("billing short".to_owned(), "at least 16"),
             (
                 format!("billing {secret}\nwallboard {secret}"),
-                "line 2: this token (of \"wallboard\") appears on line 1 too",
+                "line 2: this token appears on line 1 too",
             ),
         ] {
             let (directory, problems, _) = directory(&tokens);

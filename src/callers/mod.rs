@@ -163,6 +163,8 @@ struct Files {
     tokens: Option<WatchedFiles>,
     roster: Arc<Roster>,
     token_lines: Vec<TokenLine>,
+    /// What was wrong with the tokens file when it was last read (already logged).
+    token_problems: Vec<String>,
 }
 
 /// Per file: reloads that failed (counted at each attempt: a file that cannot be used is tried
@@ -222,6 +224,7 @@ impl Callers {
             tokens,
             roster,
             token_lines,
+            token_problems: Vec::new(),
         };
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(directory))),
@@ -281,12 +284,19 @@ impl Callers {
                 } else {
                     files.tokens.as_mut().map(WatchedFiles::forget);
                     self.stats.failed(CallerFile::Tokens);
-                    for error in &problems {
-                        tracing::warn!(%error, "the tokens file changed: this line is left out, the valid lines apply");
+                    // A file that keeps failing is read again at every reload: its lines are
+                    // named again only when what is wrong with it changes.
+                    if problems != files.token_problems {
+                        for error in &problems {
+                            tracing::warn!(%error, "the tokens file changed: this line is left out, the valid lines apply");
+                        }
                     }
                 }
+                files.token_problems = problems;
+                // The same lines make the same callers: nothing to rebuild or check again.
+                let changed = lines != files.token_lines;
                 files.token_lines = lines;
-                true
+                changed
             }
             Some(Err(error)) => {
                 self.stats.failed(CallerFile::Tokens);

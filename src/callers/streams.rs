@@ -115,7 +115,8 @@ impl StreamSlots {
                         .map_err(Revoked::Denied)
                 });
             if let Err(revoked) = verdict {
-                tracing::info!(
+                // One line per stream only at debug: a revoked caller may hold a thousand.
+                tracing::debug!(
                     caller = stream.caller.name(),
                     ?revoked,
                     "ending a WatchReleaseEvents stream: its caller's access is gone"

@@ -495,6 +495,10 @@ mod tests {
             ownership.clone(),
         );
         ownership.interest.send_replace(Arc::new([agent(1)].into()));
+        until("it is polled for the other replica", || {
+            hub.polling_agents() == [agent(1)]
+        })
+        .await;
         until("agent 1's session never came", || {
             session_lost(&hub, agent(1))
         })
