@@ -263,7 +263,12 @@ mod tests {
     #[test]
     fn every_cap_counts_towards_the_descriptors_needed() {
         let config = |more: &[&str]| {
-            let base = ["x", "--no-caller-auth", "--gateway-url", "http://127.0.0.1:8043"];
+            let base = [
+                "x",
+                "--no-caller-auth",
+                "--gateway-url",
+                "http://127.0.0.1:8043",
+            ];
             Config::try_parse_from(base.iter().chain(more)).expect("valid flags")
         };
         // 10 000 polls, 4 096 gRPC connections, 2 x 256 on the side ports, 64 releases, 256.

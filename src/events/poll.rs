@@ -503,7 +503,11 @@ mod tests {
             session_lost(&hub, agent(1))
         })
         .await;
-        assert_eq!(poll_failures(&hub), 0, "nothing was polled without a session");
+        assert_eq!(
+            poll_failures(&hub),
+            0,
+            "nothing was polled without a session"
+        );
     }
 
     /// Agents only other replicas watch are polled here (counted among the polled agents,
