@@ -11,7 +11,7 @@ use std::{
 
 use common::{
     pki::{tls_channel, Ca, Files},
-    sim_config, spawn_service_logging, WAIT,
+    serving, sim_config, spawn_service_logging, WAIT,
 };
 use serde_json::Value;
 use tokio::{
@@ -21,7 +21,6 @@ use tokio::{
     time::Instant,
 };
 use tonic::transport::Channel;
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 /// Where the silent sockets come from: another address than the clients' (127.0.0.1), on
 /// loopback all the same.
@@ -132,16 +131,6 @@ async fn until_metric(service: &Service, series: &str, wanted: u64) {
     assert!(reached.is_ok(), "{series} is {now}, not {wanted}");
 }
 
-async fn health_check(channel: Channel) -> Result<(), tonic::Status> {
-    let mut client = HealthClient::new(channel);
-    let check = client.check(HealthCheckRequest::default());
-    let answer = tokio::time::timeout(WAIT, check)
-        .await
-        .expect("the health check answered within the wait bound")?;
-    assert_eq!(answer.into_inner().status, 1, "SERVING");
-    Ok(())
-}
-
 async fn plaintext_channel(addr: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -178,7 +167,7 @@ async fn silent_sockets_on_the_tls_port_do_not_keep_an_mtls_client_out() {
     let start = Instant::now();
     let served = tokio::time::timeout(Duration::from_secs(3), async {
         let channel = tls_channel(service.grpc, &ca, Some(&client)).await.unwrap();
-        health_check(channel).await
+        serving(channel).await
     })
     .await;
     assert!(
@@ -246,10 +235,10 @@ async fn silent_sockets_on_the_plaintext_ports_are_closed() {
         assert_eq!(metric(&service, &open).await, 0, "{listener}");
     }
     // The ports serve real clients.
-    health_check(plaintext_channel(service.grpc).await)
+    serving(plaintext_channel(service.grpc).await)
         .await
         .unwrap();
-    health_check(plaintext_channel(service.health).await)
+    serving(plaintext_channel(service.health).await)
         .await
         .unwrap();
 }
@@ -279,7 +268,7 @@ async fn beyond_the_per_address_cap_a_connection_is_reset_at_once() {
     assert_eq!(metric(&service, open).await, 4);
     // Another address is served meanwhile.
     let channel = plaintext_channel(service.grpc).await;
-    health_check(channel.clone()).await.unwrap();
+    serving(channel.clone()).await.unwrap();
     assert_eq!(metric(&service, open).await, 5);
 
     // One of the four leaves; its place is free for the same address again.
@@ -288,5 +277,5 @@ async fn beyond_the_per_address_cap_a_connection_is_reset_at_once() {
     held.push(silent(service.grpc, ELSEWHERE).await);
     until_metric(&service, open, 5).await;
     assert_eq!(metric(&service, refused).await, 1);
-    health_check(channel).await.unwrap();
+    serving(channel).await.unwrap();
 }

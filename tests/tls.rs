@@ -9,10 +9,9 @@ use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseOut
 use common::{
     error_metadata, expect_status,
     pki::{served_certificate, tls_channel, Ca, Files, Leaf},
-    release_req, sim_config, spawn_app_with, TestApp, WAIT,
+    release_req, serving, sim_config, spawn_app_with, TestApp, WAIT,
 };
-use tonic::{transport::Channel, Code};
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tonic::Code;
 
 /// The facade serving `leaf` (from `files`) with `flags` more.
 async fn spawn_tls(files: &Files, leaf: &Leaf, flags: &[&str]) -> TestApp {
@@ -20,17 +19,6 @@ async fn spawn_tls(files: &Files, leaf: &Leaf, flags: &[&str]) -> TestApp {
     let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
     args.extend_from_slice(flags);
     spawn_app_with(sim_config(), &args).await
-}
-
-/// Whether a health check over `channel` answers SERVING (within a bound).
-async fn serving(channel: Channel) -> Result<(), tonic::Status> {
-    let mut client = HealthClient::new(channel);
-    let check = client.check(HealthCheckRequest::default());
-    let answer = tokio::time::timeout(WAIT, check)
-        .await
-        .expect("the health check answered within the wait bound")?;
-    assert_eq!(answer.into_inner().status, 1, "SERVING");
-    Ok(())
 }
 
 #[tokio::test]

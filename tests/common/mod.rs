@@ -235,6 +235,17 @@ impl Drop for TestApp {
     }
 }
 
+/// Whether a health check over `channel` answers SERVING (within a bound).
+pub async fn serving(channel: Channel) -> Result<(), tonic::Status> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = client.check(tonic_health::pb::HealthCheckRequest::default());
+    let answer = tokio::time::timeout(WAIT, check)
+        .await
+        .expect("the health check answered within the wait bound")?;
+    assert_eq!(answer.into_inner().status, 1, "SERVING");
+    Ok(())
+}
+
 pub fn agent_id(raw: &str) -> AgentId {
     AgentId::parse("agent_id", raw, 999_999).unwrap()
 }
