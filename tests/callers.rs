@@ -8,7 +8,7 @@ use std::{process::Stdio, time::Duration};
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
 use common::{
     error_metadata, expect_status, handing_over, pki::Files, release_req, resume_req, sim_config,
-    spawn_app_with, watch_req, TestApp, CALLER, WAIT,
+    spawn_app_with, spawn_service_keeping_logs, watch_req, TestApp, CALLER, WAIT,
 };
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -485,49 +485,28 @@ async fn a_stream_whose_grant_is_narrowed_ends_permission_denied() {
 /// is applied and the counting stops. Its logs name the bad line, never the token in it.
 #[tokio::test]
 async fn reload_failures_are_counted_until_the_file_is_fixed() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     ccgw_callcontrol::install_crypto_provider();
     let files = Files::new();
     let callers = files.write("callers.toml", CALLERS);
     let tokens_file = files.write("tokens", &tokens());
-    let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args([
+    let (_service, serving, logs) = spawn_service_keeping_logs(
+        &[
             "--simulate",
-            "--listen",
-            "127.0.0.1:0",
             "--sim-listen",
             "127.0.0.1:0",
-        ])
-        .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--callers", &callers, "--caller-tokens", &tokens_file])
-        .args(["--reload-secs", "1"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(service.stderr.take().unwrap()).lines();
-    let metrics = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if entry["message"] == "serving gRPC" {
-                return entry["metrics"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("the service exited before serving");
-    })
-    .await
-    .expect("the service serves within the wait bound");
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    tokio::spawn({
-        let logs = logs.clone();
-        async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                logs.lock().unwrap().push_str(&line);
-            }
-        }
-    });
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--callers",
+            &callers,
+            "--caller-tokens",
+            &tokens_file,
+            "--reload-secs",
+            "1",
+        ],
+        &[],
+    )
+    .await;
+    let metrics = serving["metrics"].as_str().unwrap().to_owned();
     let scrape = || async {
         let text = reqwest::get(format!("http://{metrics}/metrics"))
             .await

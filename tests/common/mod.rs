@@ -282,6 +282,28 @@ pub async fn spawn_service_logging(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (tokio::process::Child, serde_json::Value) {
+    start_service(args, envs, None).await
+}
+
+/// [`spawn_service_logging`], also keeping the log lines that follow "serving gRPC", for a test
+/// to read.
+pub async fn spawn_service_keeping_logs(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, serde_json::Value, KeptLogs) {
+    let kept = KeptLogs::default();
+    let (service, serving) = start_service(args, envs, Some(kept.clone())).await;
+    (service, serving, kept)
+}
+
+/// A service's log lines, as they arrive.
+pub type KeptLogs = std::sync::Arc<std::sync::Mutex<String>>;
+
+async fn start_service(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    kept: Option<KeptLogs>,
+) -> (tokio::process::Child, serde_json::Value) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let callers_in_env = envs.iter().any(|(name, _)| *name == "CCGW_CALLERS");
     let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
@@ -290,6 +312,8 @@ pub async fn spawn_service_logging(
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .env("RUST_LOG", "info")
         .envs(envs.iter().copied())
+        // The --simulate demo prints its banner there; nobody reads it here.
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -320,6 +344,9 @@ pub async fn spawn_service_logging(
             if let Some(file) = &mut keep {
                 use std::io::Write;
                 let _ = writeln!(file, "{line}");
+            }
+            if let Some(kept) = &kept {
+                kept.lock().unwrap().push_str(&line);
             }
         }
     });
