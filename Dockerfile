@@ -40,7 +40,7 @@ COPY --from=build /src/target/release/ccgw-callcontrol /usr/local/bin/ccgw-callc
 USER 65532:65532
 # gRPC (with health and reflection), and /metrics with --metrics-listen 0.0.0.0:9090.
 EXPOSE 50051 9090
-# Kubernetes probes the gRPC health service (deploy/kubernetes/deployment.yaml); the runtime
+# Kubernetes probes the gRPC health service (deploy/kubernetes/base/deployment.yaml); the runtime
 # image has no shell or client to run a Docker HEALTHCHECK with.
 # checkov:skip=CKV_DOCKER_2: health is checked by the orchestrator's native gRPC probes (no shell or client in a distroless image)
 ENTRYPOINT ["/usr/local/bin/ccgw-callcontrol"]

@@ -11,7 +11,7 @@
 //! cargo bench --bench replicas -- delivery HANGUPS                    # 200
 //! ```
 //! Last words choose the NATS setup: `sync-always` runs nats-server with
-//! `jetstream { sync_interval: always }` (an fsync per write, what deploy/kubernetes/replicated
+//! `jetstream { sync_interval: always }` (an fsync per write, what deploy/kubernetes/overlays/replicated
 //! configures) instead of its default (written to the OS at once, fsynced every 2 minutes);
 //! `cluster` runs a 3-node cluster and the replicas with `--nats-replicas 3`. Numbers go in
 //! BENCHMARKS.md.

@@ -46,7 +46,7 @@ fn manifests_in(dir: &str) -> Vec<String> {
 
 /// The single-replica install's manifests.
 fn kubernetes_manifests() -> Vec<String> {
-    let files = manifests_in("deploy/kubernetes");
+    let files = manifests_in("deploy/kubernetes/base");
     assert!(files.len() >= 8, "manifests: {files:?}");
     files
 }
@@ -58,7 +58,7 @@ fn replicated_manifests() -> Vec<String> {
     files
 }
 
-const REPLICATED: &str = "deploy/kubernetes/replicated";
+const REPLICATED: &str = "deploy/kubernetes/overlays/replicated";
 
 /// Reads a YAML file of the workspace as JSON.
 fn yaml(path: &str) -> serde_json::Value {
@@ -100,7 +100,7 @@ fn patched_base_objects() -> Vec<(String, serde_json::Value)> {
                 .to_str()
                 .unwrap()
                 .to_owned();
-            let object = yaml(&format!("deploy/kubernetes/{name}"));
+            let object = yaml(&format!("deploy/kubernetes/base/{name}"));
             (name, object)
         })
         .collect();
@@ -250,7 +250,7 @@ fn the_manifests_and_the_dockerfile_pass_checkov() {
 
 /// One manifest of deploy/kubernetes, as JSON.
 fn manifest(file: &str) -> serde_json::Value {
-    yaml(&format!("deploy/kubernetes/{file}"))
+    yaml(&format!("deploy/kubernetes/base/{file}"))
 }
 
 /// The Deployment's container.
