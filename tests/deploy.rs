@@ -287,6 +287,7 @@ fn every_overlay_and_component_renders_valid_objects_from_the_minimum_kubernetes
     let schemas = custom_resource_schemas();
     let files = pki::Files::new();
     let mut kubernetes_objects = Vec::new();
+    let mut kubernetes_texts = std::collections::HashSet::new();
     let mut custom_kinds = std::collections::BTreeSet::new();
     for (overlay, components) in renderings() {
         let Some(objects) = rendered_with(overlay, &components) else {
@@ -299,9 +300,13 @@ fn every_overlay_and_component_renders_valid_objects_from_the_minimum_kubernetes
             let name = &object["metadata"]["name"];
             let group = api_version.split_once('/').map_or("", |(group, _)| group);
             if !group.contains('.') || group.ends_with(".k8s.io") {
-                // The Kubernetes API's own (core, apps, policy, networking.k8s.io ...).
-                let file = format!("{overlay}-{}-{i}.json", components.join("+"));
-                kubernetes_objects.push(files.write(&file, &object.to_string()));
+                // The Kubernetes API's own (core, apps, policy, networking.k8s.io ...), each
+                // once: most renderings share most objects.
+                let text = object.to_string();
+                if kubernetes_texts.insert(text.clone()) {
+                    let file = format!("{overlay}-{}-{i}.json", components.join("+"));
+                    kubernetes_objects.push(files.write(&file, &text));
+                }
                 continue;
             }
             let schema = schemas
