@@ -413,6 +413,46 @@ fn the_prometheus_rule_component_wraps_the_rules_file() {
     assert_eq!(read(&rules)["groups"], read(&expected)["spec"]["groups"]);
 }
 
+/// The README's table of deploy/kubernetes names every file there (a component or an overlay's
+/// own files by their directory), and nothing that is not there: the operator's map of what
+/// ships.
+#[test]
+fn the_readme_names_every_file_of_deploy_kubernetes() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let section = readme
+        .split("### Deploying on Kubernetes")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .unwrap();
+    let deploy = Path::new(ROOT).join("deploy/kubernetes");
+    let mut files = Vec::new();
+    let mut dirs = vec![deploy.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if !path.ends_with("kustomization.yaml") {
+                files.push(path.strip_prefix(&deploy).unwrap().display().to_string());
+            }
+        }
+    }
+    for file in &files {
+        let dir = file.rsplit_once('/').map_or("", |(dir, _)| dir);
+        assert!(
+            section.contains(&format!("`{file}`")) || section.contains(&format!("`{dir}/`")),
+            "README, \"Deploying on Kubernetes\", does not name {file} (or {dir}/)"
+        );
+    }
+    for row in section.lines().filter(|line| line.starts_with("| `")) {
+        let named = row[3..].split('`').next().unwrap();
+        assert!(
+            deploy.join(named).exists(),
+            "README, \"Deploying on Kubernetes\", names {named}, which is not in deploy/kubernetes"
+        );
+    }
+}
+
 /// The replicated variant runs several replicas, updated with a surge (safe now: one poller per
 /// agent through the shard leases), keeps two serving through a drain, and reaches NATS.
 #[test]
