@@ -754,8 +754,8 @@ fn nats_config(
     files.write("nats.conf", &text)
 }
 
-/// The variables the Deployment gives the service (its ConfigMaps', through `envFrom`), in
-/// both installs: each must be one the binary reads, or a typo would be ignored without a word.
+/// The variables the Deployment gives the service (its ConfigMaps', through `envFrom`, and its
+/// own `env`), in both installs: each must be one the binary reads, or a typo would be ignored without a word.
 #[test]
 fn every_variable_the_deployment_sets_is_one_the_service_reads() {
     use clap::CommandFactory;
@@ -769,13 +769,11 @@ fn every_variable_the_deployment_sets_is_one_the_service_reads() {
             return;
         };
         let container = &deployment(&objects)["spec"]["template"]["spec"]["containers"][0];
-        assert!(
-            container["env"].is_null(),
-            "{overlay}: settings belong in the generated ConfigMaps, not in `env`"
-        );
         let set = deployed_env(&objects);
         assert!(set.len() >= 10, "{overlay}: {set:?}");
-        for (name, _) in set {
+        let own = container["env"].as_array().into_iter().flatten();
+        let own = own.map(|variable| variable["name"].as_str().unwrap().to_owned());
+        for name in set.into_iter().map(|(name, _)| name).chain(own) {
             assert!(
                 known.contains(&name),
                 "{overlay}: the Deployment sets {name}, which the service does not read"
