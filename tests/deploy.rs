@@ -547,7 +547,12 @@ fn a_changed_setting_renames_its_config_map_in_the_pod_template() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
         let text = if path.ends_with("ccgw.env") {
-            text.replace("CCGW_RELOAD_SECS=10", "CCGW_RELOAD_SECS=11")
+            // Another reload interval: a 1 before whatever it is.
+            assert!(
+                text.contains("\nCCGW_RELOAD_SECS="),
+                "ccgw.env sets CCGW_RELOAD_SECS"
+            );
+            text.replace("\nCCGW_RELOAD_SECS=", "\nCCGW_RELOAD_SECS=1")
         } else {
             text
         };
