@@ -307,10 +307,17 @@ struct Supplied<'a> {
 /// The files of the Secret and ConfigMap volumes of `pod` (a pod template), written where its
 /// container mounts them under `root`, the example Secrets' placeholders replaced by `supplied`
 /// certificates; its other volumes (emptyDir, a StatefulSet's claims) as empty directories.
-fn mount_volumes(pod: &serde_json::Value, sources: &Sources, root: &pki::Files, supplied: &Supplied<'_>) {
+fn mount_volumes(
+    pod: &serde_json::Value,
+    sources: &Sources,
+    root: &pki::Files,
+    supplied: &Supplied<'_>,
+) {
     let container = &pod["spec"]["containers"][0];
     for mount in container["volumeMounts"].as_array().unwrap() {
-        let dir = root.dir.join(mount["mountPath"].as_str().unwrap().trim_start_matches('/'));
+        let dir = root
+            .dir
+            .join(mount["mountPath"].as_str().unwrap().trim_start_matches('/'));
         std::fs::create_dir_all(&dir).unwrap();
         let volume = pod["spec"]["volumes"]
             .as_array()
@@ -606,7 +613,9 @@ fn the_nats_image_is_the_version_the_tests_run() {
         return;
     };
     let image = nats_container(&objects)["image"].as_str().unwrap();
-    let tag = image.strip_prefix("nats:").expect("the official nats image");
+    let tag = image
+        .strip_prefix("nats:")
+        .expect("the official nats image");
     let version = tag.split('-').next().unwrap();
     let out = Command::new(nats_server).arg("--version").output().unwrap();
     let running = String::from_utf8(out.stdout).unwrap();
@@ -640,7 +649,10 @@ fn the_nats_servers_go_memory_limit_is_80_percent_of_the_containers() {
         .as_str()
         .unwrap();
     let share = bytes_of(go) / limit;
-    assert!((0.75..=0.85).contains(&share), "GOMEMLIMIT {go} is {share:.2} of the limit");
+    assert!(
+        (0.75..=0.85).contains(&share),
+        "GOMEMLIMIT {go} is {share:.2} of the limit"
+    );
 }
 
 /// One NATS server of the rendered StatefulSet, run as its pod runs it.
@@ -721,8 +733,9 @@ fn nats_conf_on_loopback(
                 return line.to_owned();
             };
             let path = format!("/{}", value.trim());
-            let moved = under_mount(&path, mounts, root)
-                .unwrap_or_else(|| panic!("nats.conf's {path} is on no volume the container mounts"));
+            let moved = under_mount(&path, mounts, root).unwrap_or_else(|| {
+                panic!("nats.conf's {path} is on no volume the container mounts")
+            });
             format!("{key}: {moved}")
         })
         .collect::<Vec<_>>()
@@ -760,6 +773,28 @@ async fn start_shipped_nats(
         .iter()
         .map(|mount| mount["mountPath"].as_str().unwrap().to_owned())
         .collect();
+    // The server writes its pid file on a volume it may write (the root filesystem is
+    // read-only), not on a ConfigMap's or Secret's.
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let pid_file = conf
+        .lines()
+        .find_map(|line| line.strip_prefix("pid_file:"))
+        .expect("nats.conf names a pid_file")
+        .trim();
+    let pid_mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|mount| pid_file.starts_with(&format!("{}/", mount["mountPath"].as_str().unwrap())))
+        .unwrap_or_else(|| panic!("the pid_file {pid_file} is on no mounted volume"));
+    assert_ne!(pid_mount["readOnly"], true, "{pid_mount}");
+    let pid_volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|volume| volume["name"] == pid_mount["name"])
+        .expect("the pid_file's volume");
+    assert!(pid_volume["emptyDir"].is_object(), "{pid_volume}");
     let free = |_| common::nats::free_port();
     let ports = NatsPorts {
         client: (0..replicas).map(free).collect(),
@@ -824,7 +859,9 @@ async fn start_shipped_nats(
         });
     }
     // The startup probe, as the kubelet sends it: every server is up and JetStream current.
-    let probe = container["startupProbe"]["httpGet"]["path"].as_str().unwrap();
+    let probe = container["startupProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap();
     assert_eq!(container["startupProbe"]["httpGet"]["port"], "monitor");
     for (pod, port) in pods.iter().zip(&ports.monitor) {
         let url = format!("http://127.0.0.1:{port}{probe}");
@@ -901,12 +938,13 @@ impl NatsPod {
         );
     }
 
-    /// What the server logged about permissions it refused.
+    /// The first few permissions the server refused, as it logged them.
     fn violations(&self) -> String {
         self.log
             .borrow()
             .lines()
             .filter(|line| line.contains("Violation"))
+            .take(5)
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -947,8 +985,11 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
     let server = ca.server(1);
 
     // The gateway, over TLS with a certificate of the CA the gateway CA ConfigMap holds.
-    let (sim, sim_addr, _stop_sim) =
-        common::spawn_sim(common::sim_config(), Some(common::tls::sim_tls(&server, None))).await;
+    let (sim, sim_addr, _stop_sim) = common::spawn_sim(
+        common::sim_config(),
+        Some(common::tls::sim_tls(&server, None)),
+    )
+    .await;
     let gateway = format!("https://localhost:{}", sim_addr.port());
 
     // The facade's server list names the StatefulSet's pods: each is moved to its loopback port.
@@ -971,14 +1012,20 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
             &format!("localhost:{}", nats_pod.client_port),
         );
     }
-    assert!(!nats_url.contains("ccgw-nats"), "{shipped_url} names another server");
+    assert!(
+        !nats_url.contains("ccgw-nats"),
+        "{shipped_url} names another server"
+    );
 
     let root = pki::Files::new();
     let supplied = Supplied {
         ca: &ca,
         server: &server,
         certificates: vec![("ccgw-nats-client-tls", &nats_client)],
-        env: vec![("CCGW_NATS_URL", nats_url), ("CCGW_GATEWAY_URL", gateway.clone())],
+        env: vec![
+            ("CCGW_NATS_URL", nats_url),
+            ("CCGW_GATEWAY_URL", gateway.clone()),
+        ],
     };
     let (_service, serving) = start_as_deployed(pod, &sources, &root, &supplied).await;
     let metrics = serving["metrics"].as_str().expect("a metrics port");
@@ -998,7 +1045,10 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
     assert!(
         all_held.is_ok(),
         "the facade holds {held} of 256 shards after {NATS_WAIT:?}; the NATS servers refused:\n{}",
-        nats.iter().map(NatsPod::violations).collect::<Vec<_>>().join("\n")
+        nats.iter()
+            .map(NatsPod::violations)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // A watched agent, its session handed over by the desktop's sign-in.
@@ -1013,10 +1063,10 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
     let bearer = format!("Bearer {}", caller_token(&sources, "supervisor-desk"));
     let handed_over = client
         .clone()
-        .release_call(authorized(&bearer, common::handing_over(
-            common::release_req(agent),
-            &desktop.guid,
-        )))
+        .release_call(authorized(
+            &bearer,
+            common::handing_over(common::release_req(agent), &desktop.guid),
+        ))
         .await
         .expect("the handed-over session is accepted")
         .into_inner();
@@ -1032,11 +1082,14 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
     let call_id = sim.place_call(agent, common::CALLER).unwrap();
     let released = client
         .clone()
-        .release_call(authorized(&bearer, tonic::Request::new(ReleaseCallRequest {
-            agent_id: agent.into(),
-            request_id: uuid::Uuid::new_v4().to_string(),
-            ..Default::default()
-        })))
+        .release_call(authorized(
+            &bearer,
+            tonic::Request::new(ReleaseCallRequest {
+                agent_id: agent.into(),
+                request_id: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+        ))
         .await
         .expect("the release with a request_id answers")
         .into_inner();
@@ -1053,8 +1106,8 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
 
     // The preStop finds the server through its pid_file and puts it into lame-duck mode.
     let statefulset = object_named(&objects, "StatefulSet", "ccgw-nats");
-    let pre_stop: Vec<&str> = statefulset["spec"]["template"]["spec"]["containers"][0]
-        ["lifecycle"]["preStop"]["exec"]["command"]
+    let pre_stop: Vec<&str> = statefulset["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
+        ["preStop"]["exec"]["command"]
         .as_array()
         .expect("an exec preStop")
         .iter()
