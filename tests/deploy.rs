@@ -743,7 +743,8 @@ fn nats_conf_on_loopback(
 }
 
 /// The rendered StatefulSet's NATS servers, each run as its pod runs it: the container's
-/// arguments and environment (POD_NAME its pod's name), its volumes' files under a root of its
+/// arguments and environment (POD_NAME its pod's name; GOMEMLIMIT as shipped, which the Go
+/// runtime refuses at start unless in its own units), its volumes' files under a root of its
 /// own (the TLS Secret's placeholders replaced by a certificate of `ca` for `localhost` and
 /// 127.0.0.1), and the shipped nats.conf changed by [`nats_conf_on_loopback`] only. Returns
 /// once each server's startup probe (/healthz on its monitoring port) answers.
