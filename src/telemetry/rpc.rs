@@ -18,7 +18,7 @@ use tonic_types::StatusExt;
 
 use super::{
     metrics::{go_code_name, MethodMetrics, Metrics},
-    CallFacts, CallRecord,
+    trace, CallFacts, CallRecord,
 };
 
 /// Wraps a service in [`RpcTelemetry`]. Must be the outermost layer, so that answers given by
@@ -186,8 +186,13 @@ impl Drop for CallEnd {
         let elapsed = self.started.elapsed().as_secs_f64();
         self.method.handled(code).inc();
         self.method.seconds.observe(elapsed);
-        self.record
-            .read(|facts| log_line(&self.method, code, elapsed, facts));
+        self.record.read(|facts| match &facts.trace {
+            Some(trace) => {
+                trace.ended(code);
+                trace::in_call(trace, || log_line(&self.method, code, elapsed, facts));
+            }
+            None => log_line(&self.method, code, elapsed, facts),
+        });
     }
 }
 
