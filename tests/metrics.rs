@@ -249,6 +249,38 @@ async fn promtool_check(text: &str) -> Option<(bool, String)> {
     Some((out.status.success(), printed))
 }
 
+/// The standard process metrics are the service process's own: its resident memory as /proc
+/// says (within a factor of two: it moves between the scrape and the read), open descriptors
+/// within their limit, CPU time spent, a start within the last minutes.
+fn process_metrics_read_the_process(samples: &Samples, pid: u32) {
+    let value = |name: &str| {
+        *samples
+            .0
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not exposed"))
+    };
+    let rss = value("process_resident_memory_bytes");
+    let from_proc = common::rss_kib_of(&pid.to_string()) as f64 * 1024.0;
+    assert!(
+        rss > from_proc / 2.0 && rss < from_proc * 2.0,
+        "resident memory {rss} bytes, /proc says {from_proc}"
+    );
+    assert!(value("process_virtual_memory_bytes") >= rss);
+    let open = value("process_open_fds");
+    assert!(open >= 3.0 && open <= value("process_max_fds"), "{open} fds");
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(value("process_threads") >= 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        started > now - 300.0 && started <= now + 1.0,
+        "started at {started}, now {now}"
+    );
+}
+
 async fn open_watch(service: &Service, agent: &str) -> OpenStream {
     let client = CallControlClient::connect(format!("http://{}", service.grpc))
         .await
@@ -350,6 +382,14 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert_eq!(delta("grpc_server_started_total", RELEASE), 2.0);
     assert_eq!(delta("grpc_server_handling_seconds_count", RELEASE), 2.0);
     assert_eq!(delta("grpc_server_started_total", WATCH), 1.0);
+    // Both ReleaseCalls' requests came in; only the release got an answer message back.
+    assert_eq!(delta("grpc_server_msg_received_total", RELEASE), 2.0);
+    assert_eq!(delta("grpc_server_msg_sent_total", RELEASE), 1.0);
+    // The stream's request, and each of its messages: the two events, and any heartbeat.
+    assert_eq!(delta("grpc_server_msg_received_total", WATCH), 1.0);
+    assert!(delta("grpc_server_msg_sent_total", WATCH) >= 2.0);
+    assert_eq!(delta("grpc_server_msg_received_total", HEALTH), 1.0);
+    assert_eq!(delta("grpc_server_msg_sent_total", HEALTH), 1.0);
     assert_eq!(
         after.handled(HEALTH, "OK") - before.handled(HEALTH, "OK"),
         1.0
@@ -367,6 +407,8 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert_eq!(after.0.get("ccgw_gateway_requests_in_flight"), Some(&0.0));
     assert_eq!(after.0.get("ccgw_gateway_requests_waiting"), Some(&0.0));
     assert_eq!(after.0.get("ccgw_event_fields_dropped_total"), Some(&0.0));
+
+    process_metrics_read_the_process(&after, service._child.id().expect("running"));
 
     match promtool_check(&service.scrape().await).await {
         Some((passed, printed)) => assert!(passed, "promtool check metrics: {printed}"),

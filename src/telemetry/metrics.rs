@@ -93,6 +93,10 @@ pub(crate) struct MethodMetrics {
     /// Its log line goes out at debug level.
     pub(crate) quiet: bool,
     pub(crate) started: Counter,
+    /// gRPC messages received from clients (one per message of a stream).
+    pub(crate) msg_received: Counter,
+    /// gRPC messages sent to clients (one per message of a stream).
+    pub(crate) msg_sent: Counter,
     /// By code, indexed by the code's number.
     handled: [Counter; 17],
     pub(crate) seconds: Histogram,
@@ -267,6 +271,8 @@ impl Metrics {
     /// Registers the service's metric families in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
         let started = Family::<RpcLabels, Counter>::default();
+        let msg_received = Family::<RpcLabels, Counter>::default();
+        let msg_sent = Family::<RpcLabels, Counter>::default();
         let handled = Family::<HandledLabels, Counter>::default();
         let seconds = latency_family::<RpcLabels>();
         let resolve = |path: &'static str, kind: RpcType, quiet: bool| {
@@ -282,6 +288,8 @@ impl Metrics {
                 name,
                 quiet,
                 started: started.get_or_create_owned(&labels),
+                msg_received: msg_received.get_or_create_owned(&labels),
+                msg_sent: msg_sent.get_or_create_owned(&labels),
                 handled: std::array::from_fn(|code| {
                     let code = go_code_name(Code::from(code as i32));
                     handled.get_or_create_owned(&[s, m, t, ("grpc_code", code)])
@@ -295,6 +303,16 @@ impl Metrics {
             .collect();
         let unknown_method = resolve("/unknown/unknown", RpcType::Unary, false);
         registry.register("grpc_server_started", "RPCs started on the server", started);
+        registry.register(
+            "grpc_server_msg_received",
+            "gRPC messages received from clients (each message of a stream)",
+            msg_received,
+        );
+        registry.register(
+            "grpc_server_msg_sent",
+            "gRPC messages sent to clients (each message of a stream)",
+            msg_sent,
+        );
         registry.register(
             "grpc_server_handled",
             "RPCs completed on the server, by gRPC code (a stream counts when it ends)",

@@ -4,6 +4,8 @@ mod call_record;
 pub mod endpoint;
 mod log_ids;
 mod metrics;
+#[cfg(target_os = "linux")]
+pub mod process;
 mod rpc;
 pub mod trace;
 
