@@ -388,6 +388,12 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     // The stream's request, and each of its messages: the two events, and any heartbeat.
     assert_eq!(delta("grpc_server_msg_received_total", WATCH), 1.0);
     assert!(delta("grpc_server_msg_sent_total", WATCH) >= 2.0);
+    let reason = |reason: &str| {
+        let release = r#"grpc_service="ccgw.callcontrol.v1.CallControl",grpc_method="ReleaseCall""#;
+        delta("ccgw_rpc_reasons_total", &format!(r#"{release},reason="{reason}""#))
+    };
+    assert_eq!(reason("RELEASED"), 1.0);
+    assert_eq!(reason("INVALID_ARGUMENT"), 1.0);
     assert_eq!(delta("grpc_server_msg_received_total", HEALTH), 1.0);
     assert_eq!(delta("grpc_server_msg_sent_total", HEALTH), 1.0);
     assert_eq!(

@@ -301,12 +301,17 @@ impl Drop for CallEnd {
         let elapsed = self.started.elapsed().as_secs_f64();
         self.method.handled(code).inc();
         self.method.seconds.observe(elapsed);
-        self.record.read(|facts| match &facts.trace {
-            Some(trace) => {
-                trace.ended(code);
-                trace::in_call(trace, || log_line(&self.method, code, elapsed, facts));
+        self.record.read(|facts| {
+            if let Some(reason) = &facts.reason {
+                self.method.ended_with(reason);
             }
-            None => log_line(&self.method, code, elapsed, facts),
+            match &facts.trace {
+                Some(trace) => {
+                    trace.ended(code);
+                    trace::in_call(trace, || log_line(&self.method, code, elapsed, facts));
+                }
+                None => log_line(&self.method, code, elapsed, facts),
+            }
         });
     }
 }
