@@ -268,7 +268,10 @@ fn process_metrics_read_the_process(samples: &Samples, pid: u32) {
     );
     assert!(value("process_virtual_memory_bytes") >= rss);
     let open = value("process_open_fds");
-    assert!(open >= 3.0 && open <= value("process_max_fds"), "{open} fds");
+    assert!(
+        open >= 3.0 && open <= value("process_max_fds"),
+        "{open} fds"
+    );
     assert!(value("process_cpu_seconds_total") > 0.0);
     assert!(value("process_threads") >= 1.0);
     let now = std::time::SystemTime::now()
@@ -391,7 +394,10 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert!(delta("grpc_server_msg_sent_total", WATCH) >= 2.0);
     let reason = |reason: &str| {
         let release = r#"grpc_service="ccgw.callcontrol.v1.CallControl",grpc_method="ReleaseCall""#;
-        delta("ccgw_rpc_reasons_total", &format!(r#"{release},reason="{reason}""#))
+        delta(
+            "ccgw_rpc_reasons_total",
+            &format!(r#"{release},reason="{reason}""#),
+        )
     };
     assert_eq!(reason("RELEASED"), 1.0);
     assert_eq!(reason("INVALID_ARGUMENT"), 1.0);
@@ -514,7 +520,7 @@ async fn every_dashboard_query_returns_a_series_from_a_real_prometheus() {
     .await;
     let metrics = serving["metrics"].as_str().expect("the metrics address");
     let server = Prometheus::start(&prometheus, metrics).await;
-    traffic_of_every_kind(serving["listen"].as_str().unwrap(), &sim_listen).await;
+    let _stream = traffic_of_every_kind(serving["listen"].as_str().unwrap(), &sim_listen).await;
 
     for variable in &dashboard["templating"]["list"].as_array().unwrap()[1..] {
         let query = variable["query"]["query"].as_str().unwrap();
@@ -523,9 +529,7 @@ async fn every_dashboard_query_returns_a_series_from_a_real_prometheus() {
             .and_then(|q| q.strip_suffix(')'))
             .and_then(|q| q.rsplit_once(", "))
             .unwrap_or_else(|| panic!("not label_values(selector, label): {query}"));
-        let values = server
-            .label_values(label, &substituted(selector))
-            .await;
+        let values = server.label_values(label, &substituted(selector)).await;
         assert!(!values.is_empty(), "{query} finds nothing");
     }
     let mut queries = 0;
@@ -554,8 +558,9 @@ fn substituted(expr: &str) -> String {
 }
 
 /// A ReleaseCall that releases the demo call, one refused, one whose outcome is unknown (the
-/// simulator loses the answer to the DELETE), and a stream left open on agent 103.
-async fn traffic_of_every_kind(grpc: &str, sim: &str) {
+/// simulator loses the answer to the DELETE), and a stream on agent 103, returned to be kept
+/// open while the panels of open streams are read.
+async fn traffic_of_every_kind(grpc: &str, sim: &str) -> OpenStream {
     let mut client = common::client_of(grpc).await;
     let released = client.release_call(release_req("101")).await.unwrap();
     assert_eq!(released.into_inner().outcome(), ReleaseOutcome::Released);
@@ -563,7 +568,10 @@ async fn traffic_of_every_kind(grpc: &str, sim: &str) {
     assert_eq!(refused.code(), Code::InvalidArgument);
     let http = reqwest::Client::new();
     for (path, body) in [
-        ("/sim/agents/102/calls", serde_json::json!({"caller": "70094"})),
+        (
+            "/sim/agents/102/calls",
+            serde_json::json!({"caller": "70094"}),
+        ),
         (
             "/sim/faults",
             serde_json::json!({"fault": {"kind": "lose_answer"}, "method": "DELETE"}),
@@ -580,11 +588,9 @@ async fn traffic_of_every_kind(grpc: &str, sim: &str) {
     }
     let unknown = client.release_call(release_req("102")).await.unwrap_err();
     common::expect_status(&unknown, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
-    let stream = watch_on(client, watch_req(&["103"]))
+    watch_on(client, watch_req(&["103"]))
         .await
-        .expect("the stream opens");
-    // Open until the process ends: the panels of open streams read it.
-    std::mem::forget(stream);
+        .expect("the stream opens")
 }
 
 /// A real Prometheus scraping the service's metrics port every second, its data in a
@@ -625,7 +631,10 @@ impl Prometheus {
         let port = common::nats::free_port();
         let process = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -218,7 +218,11 @@ fn span_of<'a>(spans: &'a [Span], trace_id: &str, kind: SpanKind) -> &'a Span {
         .iter()
         .filter(|s| s.trace_id == hex(trace_id) && s.kind == kind as i32)
         .collect();
-    assert_eq!(found.len(), 1, "{kind:?} spans of trace {trace_id}: {found:?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "{kind:?} spans of trace {trace_id}: {found:?}"
+    );
     found[0]
 }
 
@@ -339,7 +343,11 @@ async fn a_process_with_an_otlp_endpoint_exports_the_callers_trace() {
         ("http.request.method", text("DELETE")),
         ("http.response.status_code", int(200)),
     ] {
-        assert_eq!(attribute(gateway, key), value.as_ref(), "{key}: {gateway:?}");
+        assert_eq!(
+            attribute(gateway, key),
+            value.as_ref(),
+            "{key}: {gateway:?}"
+        );
     }
     assert!(!is_error(gateway), "{gateway:?}");
 
@@ -350,7 +358,10 @@ async fn a_process_with_an_otlp_endpoint_exports_the_callers_trace() {
     );
     assert!(is_error(server), "{server:?}");
     let gateway = span_of(&spans, FAILED_TRACE_ID, SpanKind::Client);
-    assert_eq!(attribute(gateway, "http.response.status_code"), int(503).as_ref());
+    assert_eq!(
+        attribute(gateway, "http.response.status_code"),
+        int(503).as_ref()
+    );
     assert!(is_error(gateway), "{gateway:?}");
 
     // The call's log line finds its trace and its server span.

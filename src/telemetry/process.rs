@@ -3,13 +3,13 @@
 //! collector for them; the only one for it (kubert-prometheus-process) is built against an
 //! older prometheus-client and reports its registration time as the start time. Nothing is
 //! read between scrapes; a value /proc does not give at a scrape is left out of it.
+use procfs::process::{LimitValue, Process};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::{Registry, Unit},
 };
-use procfs::process::{LimitValue, Process};
 
 /// Adds the process metrics to `registry`.
 pub fn register(registry: &mut Registry) {

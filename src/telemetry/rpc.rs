@@ -241,7 +241,8 @@ impl MessageFraming {
         let mut messages = 0;
         while !data.is_empty() {
             if self.remaining > 0 {
-                let skipped = usize::try_from(self.remaining).map_or(data.len(), |r| r.min(data.len()));
+                let skipped =
+                    usize::try_from(self.remaining).map_or(data.len(), |r| r.min(data.len()));
                 data = &data[skipped..];
                 self.remaining -= skipped as u64;
                 continue;
@@ -392,7 +393,10 @@ mod tests {
             async move { Ok::<_, Infallible>(response) }
         });
         let mut service = RpcTelemetryLayer::new(metrics.clone()).layer(inner);
-        let request = http::Request::builder().uri(path).body(tonic::body::Body::empty()).unwrap();
+        let request = http::Request::builder()
+            .uri(path)
+            .body(tonic::body::Body::empty())
+            .unwrap();
         service.ready().await.unwrap().call(request).await.unwrap()
     }
 
@@ -476,7 +480,10 @@ mod tests {
             std::future::pending::<Result<http::Response<TestBody>, Infallible>>()
         });
         let mut service = RpcTelemetryLayer::new(metrics.clone()).layer(inner);
-        let request = http::Request::builder().uri(RELEASE).body(tonic::body::Body::empty()).unwrap();
+        let request = http::Request::builder()
+            .uri(RELEASE)
+            .body(tonic::body::Body::empty())
+            .unwrap();
         let call = service.ready().await.unwrap().call(request);
         drop(call);
         assert_eq!(handled(&metrics, RELEASE, Code::Cancelled), 1);
@@ -524,7 +531,10 @@ mod tests {
                 }
             });
             let mut service = RpcTelemetryLayer::new(Metrics::default()).layer(inner);
-            let request = http::Request::builder().uri(RELEASE).body(tonic::body::Body::empty()).unwrap();
+            let request = http::Request::builder()
+                .uri(RELEASE)
+                .body(tonic::body::Body::empty())
+                .unwrap();
             drop(service.ready().await.unwrap().call(request).await.unwrap());
             let facts = record.lock().unwrap().take().unwrap().facts();
             assert_eq!(
@@ -596,9 +606,9 @@ mod tests {
         let mut service = RpcTelemetryLayer::new(metrics.clone()).layer(inner);
         let request = http::Request::builder()
             .uri(WATCH)
-            .body(tonic::body::Body::new(http_body_util::Full::new(Bytes::from(framed(&[
-                b"watch".to_vec(),
-            ])))))
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                Bytes::from(framed(&[b"watch".to_vec()])),
+            )))
             .unwrap();
         let response = service.ready().await.unwrap().call(request).await.unwrap();
         assert_eq!(metrics.method(WATCH).msg_received.get(), 1);

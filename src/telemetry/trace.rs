@@ -215,7 +215,9 @@ where
         };
         // The call's log line and its end (the span's status) are written by the telemetry
         // layer outside this one, once the answer's last frame has gone.
-        CallRecord::update_in(request.extensions(), |facts| facts.trace = Some(trace.clone()));
+        CallRecord::update_in(request.extensions(), |facts| {
+            facts.trace = Some(trace.clone())
+        });
         let span = match &trace.trace {
             Trace::Span(span) => span.clone(),
             Trace::Caller { .. } => Span::none(),
