@@ -1,7 +1,8 @@
-//! Issue 9, section 2 and the log part of section 3, through the real binary: the metrics
-//! endpoint of a real process (`--simulate --metrics-listen`), scraped with a real HTTP client
-//! and checked by `promtool check metrics`; the counters move by exactly the traffic this test
-//! sends; each call writes one JSON log line with what its handler learned.
+//! Through the real binary: the metrics endpoint of a real process (`--simulate
+//! --metrics-listen`), scraped with a real HTTP client and checked by `promtool check metrics`;
+//! the counters move by exactly the traffic this test sends; each call writes one JSON log line
+//! with what its handler learned; the Grafana dashboard's queries run against a real
+//! Prometheus scraping a real process.
 #![cfg(feature = "simulator")]
 mod common;
 
@@ -249,6 +250,41 @@ async fn promtool_check(text: &str) -> Option<(bool, String)> {
     Some((out.status.success(), printed))
 }
 
+/// The standard process metrics are the service process's own: its resident memory as /proc
+/// says (within a factor of two: it moves between the scrape and the read), open descriptors
+/// within their limit, CPU time spent, a start within the last minutes.
+fn process_metrics_read_the_process(samples: &Samples, pid: u32) {
+    let value = |name: &str| {
+        *samples
+            .0
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not exposed"))
+    };
+    let rss = value("process_resident_memory_bytes");
+    let from_proc = common::rss_kib_of(&pid.to_string()) as f64 * 1024.0;
+    assert!(
+        rss > from_proc / 2.0 && rss < from_proc * 2.0,
+        "resident memory {rss} bytes, /proc says {from_proc}"
+    );
+    assert!(value("process_virtual_memory_bytes") >= rss);
+    let open = value("process_open_fds");
+    assert!(
+        open >= 3.0 && open <= value("process_max_fds"),
+        "{open} fds"
+    );
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(value("process_threads") >= 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        started > now - 300.0 && started <= now + 1.0,
+        "started at {started}, now {now}"
+    );
+}
+
 async fn open_watch(service: &Service, agent: &str) -> OpenStream {
     let client = CallControlClient::connect(format!("http://{}", service.grpc))
         .await
@@ -350,6 +386,23 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert_eq!(delta("grpc_server_started_total", RELEASE), 2.0);
     assert_eq!(delta("grpc_server_handling_seconds_count", RELEASE), 2.0);
     assert_eq!(delta("grpc_server_started_total", WATCH), 1.0);
+    // Both ReleaseCalls' requests came in; only the release got an answer message back.
+    assert_eq!(delta("grpc_server_msg_received_total", RELEASE), 2.0);
+    assert_eq!(delta("grpc_server_msg_sent_total", RELEASE), 1.0);
+    // The stream's request, and each of its messages: the two events, and any heartbeat.
+    assert_eq!(delta("grpc_server_msg_received_total", WATCH), 1.0);
+    assert!(delta("grpc_server_msg_sent_total", WATCH) >= 2.0);
+    let reason = |reason: &str| {
+        let release = r#"grpc_service="ccgw.callcontrol.v1.CallControl",grpc_method="ReleaseCall""#;
+        delta(
+            "ccgw_rpc_reasons_total",
+            &format!(r#"{release},reason="{reason}""#),
+        )
+    };
+    assert_eq!(reason("RELEASED"), 1.0);
+    assert_eq!(reason("INVALID_ARGUMENT"), 1.0);
+    assert_eq!(delta("grpc_server_msg_received_total", HEALTH), 1.0);
+    assert_eq!(delta("grpc_server_msg_sent_total", HEALTH), 1.0);
     assert_eq!(
         after.handled(HEALTH, "OK") - before.handled(HEALTH, "OK"),
         1.0
@@ -367,6 +420,8 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert_eq!(after.0.get("ccgw_gateway_requests_in_flight"), Some(&0.0));
     assert_eq!(after.0.get("ccgw_gateway_requests_waiting"), Some(&0.0));
     assert_eq!(after.0.get("ccgw_event_fields_dropped_total"), Some(&0.0));
+
+    process_metrics_read_the_process(&after, service._child.id().expect("running"));
 
     match promtool_check(&service.scrape().await).await {
         Some((passed, printed)) => assert!(passed, "promtool check metrics: {printed}"),
@@ -416,4 +471,244 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert!(stream_line["request_id"]
         .as_str()
         .is_some_and(|id| !id.is_empty()));
+}
+
+/// The Grafana dashboard's panels, each query run by a real Prometheus (Debian's `prometheus`)
+/// scraping a real `--simulate` service that shares its state through a real nats-server:
+/// every query parses and, once the service has had traffic of every kind the dashboard shows
+/// (a release, a refused one, one whose outcome is unknown, an open stream), returns a series.
+/// The template variables' label queries find the scraped job and namespace.
+#[tokio::test]
+async fn every_dashboard_query_returns_a_series_from_a_real_prometheus() {
+    ccgw_callcontrol::install_crypto_provider();
+    let Some(prometheus) = installed_tool("prometheus", "apt-get install prometheus") else {
+        return;
+    };
+    let Some(nats) = common::nats::NatsServer::start().await else {
+        return;
+    };
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/ccgw-callcontrol.json"
+        ))
+        .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(variables, ["datasource", "namespace", "job"]);
+
+    let sim_port = common::nats::free_port().to_string();
+    let sim_listen = format!("127.0.0.1:{sim_port}");
+    let (_service, serving) = common::spawn_service_logging(
+        &[
+            "--simulate",
+            "--sim-listen",
+            &sim_listen,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--nats-url",
+            &nats.url(),
+        ],
+        &[],
+    )
+    .await;
+    let metrics = serving["metrics"].as_str().expect("the metrics address");
+    let server = Prometheus::start(&prometheus, metrics).await;
+    let _stream = traffic_of_every_kind(serving["listen"].as_str().unwrap(), &sim_listen).await;
+
+    for variable in &dashboard["templating"]["list"].as_array().unwrap()[1..] {
+        let query = variable["query"]["query"].as_str().unwrap();
+        let (selector, label) = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .and_then(|q| q.rsplit_once(", "))
+            .unwrap_or_else(|| panic!("not label_values(selector, label): {query}"));
+        let values = server.label_values(label, &substituted(selector)).await;
+        assert!(!values.is_empty(), "{query} finds nothing");
+    }
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = substituted(target["expr"].as_str().unwrap());
+            server
+                .series_of(&expr, &format!("panel {:?}", panel["title"]))
+                .await;
+            queries += 1;
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+}
+
+/// What the scrape configuration labels the target with.
+const JOB: &str = "ccgw-callcontrol";
+const NAMESPACE: &str = "ccgw-test";
+
+/// `expr` with the dashboard's variables as Grafana would fill them in for the test's target
+/// (a rate interval of 10 scrapes).
+fn substituted(expr: &str) -> String {
+    expr.replace("$__rate_interval", "10s")
+        .replace("$namespace", NAMESPACE)
+        .replace("$job", JOB)
+}
+
+/// A ReleaseCall that releases the demo call, one refused, one whose outcome is unknown (the
+/// simulator loses the answer to the DELETE), and a stream on agent 103, returned to be kept
+/// open while the panels of open streams are read.
+async fn traffic_of_every_kind(grpc: &str, sim: &str) -> OpenStream {
+    let mut client = common::client_of(grpc).await;
+    let released = client.release_call(release_req("101")).await.unwrap();
+    assert_eq!(released.into_inner().outcome(), ReleaseOutcome::Released);
+    let refused = client.release_call(release_req("42")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let http = reqwest::Client::new();
+    for (path, body) in [
+        (
+            "/sim/agents/102/calls",
+            serde_json::json!({"caller": "70094"}),
+        ),
+        (
+            "/sim/faults",
+            serde_json::json!({"fault": {"kind": "lose_answer"}, "method": "DELETE"}),
+        ),
+    ] {
+        let response = tokio::time::timeout(
+            WAIT,
+            http.post(format!("http://{sim}{path}")).json(&body).send(),
+        )
+        .await
+        .expect("the simulator answers within the wait bound")
+        .unwrap();
+        assert!(response.status().is_success(), "{path}: {response:?}");
+    }
+    let unknown = client.release_call(release_req("102")).await.unwrap_err();
+    common::expect_status(&unknown, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
+    watch_on(client, watch_req(&["103"]))
+        .await
+        .expect("the stream opens")
+}
+
+/// A real Prometheus scraping the service's metrics port every second, its data in a
+/// directory of its own.
+struct Prometheus {
+    _process: Child,
+    api: String,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The longest the test waits for Prometheus to start or for a query's series.
+const PROMETHEUS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Prometheus {
+    async fn start(binary: &std::path::Path, target: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "ccgw-prometheus-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      \
+                 - targets: ['{target}']\n        labels: {{namespace: {NAMESPACE}}}\n"
+            ),
+        )
+        .unwrap();
+        let port = common::nats::free_port();
+        let process = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("prometheus starts");
+        let server = Self {
+            _process: process,
+            api: format!("http://127.0.0.1:{port}"),
+            dir,
+        };
+        tokio::time::timeout(PROMETHEUS_WAIT, async {
+            loop {
+                let ready = reqwest::get(format!("{}/-/ready", server.api)).await;
+                if ready.is_ok_and(|r| r.status().is_success()) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("prometheus is ready within the wait bound");
+        server
+    }
+
+    /// The answer of `GET {path}` with `query`, which must be a success.
+    async fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        let response = tokio::time::timeout(
+            WAIT,
+            reqwest::get(
+                reqwest::Url::parse_with_params(&format!("{}{path}", self.api), query).unwrap(),
+            ),
+        )
+        .await
+        .expect("prometheus answers within the wait bound")
+        .unwrap();
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["status"], "success", "{path} {query:?}: {answer}");
+        answer
+    }
+
+    /// Queries `expr` until it returns a series (it must parse at once); panics with `what`
+    /// after the wait bound.
+    async fn series_of(&self, expr: &str, what: &str) {
+        let found = tokio::time::timeout(PROMETHEUS_WAIT, async {
+            loop {
+                let answer = self.get("/api/v1/query", &[("query", expr)]).await;
+                if answer["data"]["result"]
+                    .as_array()
+                    .is_some_and(|series| !series.is_empty())
+                {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "{what}: no series for {expr}");
+    }
+
+    /// The values of `label` on series matching `selector`, once there are some (bounded).
+    async fn label_values(&self, label: &str, selector: &str) -> Vec<Value> {
+        let path = format!("/api/v1/label/{label}/values");
+        tokio::time::timeout(PROMETHEUS_WAIT, async {
+            loop {
+                let answer = self.get(&path, &[("match[]", selector)]).await;
+                let values = answer["data"].as_array().cloned().unwrap_or_default();
+                if !values.is_empty() {
+                    return values;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        })
+        .await
+        .unwrap_or_default()
+    }
 }

@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tower::{util::BoxCloneSyncService, BoxError, ServiceExt};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 pub use super::tls::PemFile;
 use super::{
@@ -34,7 +34,7 @@ use super::{
 use crate::{
     domain::{AgentId, CallId},
     shares::CallerName,
-    telemetry::trace::{self, GatewayTrace, TraceHeaders},
+    telemetry::trace::{self, GatewayServer, GatewayTrace, TraceHeaders},
     telemetry::{GatewayOperation, Metrics},
 };
 
@@ -157,6 +157,8 @@ pub struct GatewayClient {
     connector: Connector,
     /// Where the probe connects: the gateway's scheme, host and port.
     probe_target: Uri,
+    /// The gateway's host and port, for the spans of requests made for a call.
+    server: GatewayServer,
     admission: GatewayAdmission,
     health: GatewayHealth,
     base: Arc<str>,
@@ -186,12 +188,14 @@ impl GatewayClient {
         let client_identity = client_identity(settings)?;
         let connector = connector(settings, client_identity.as_ref())?;
         let http = builder.build(connector.clone());
+        let probe_target: Uri = base
+            .parse()
+            .map_err(|_| SettingsError::BadUrl(base.clone()))?;
         Ok(Self {
             http,
             connector,
-            probe_target: base
-                .parse()
-                .map_err(|_| SettingsError::BadUrl(base.clone()))?,
+            server: GatewayServer::of(&probe_target),
+            probe_target,
             admission: GatewayAdmission::new(
                 settings.max_requests,
                 settings.max_queue,
@@ -309,13 +313,13 @@ impl GatewayClient {
             SessionOperation::PollEvents => (Turn::Unlimited, GatewayTrace::default()),
             SessionOperation::Release(_) => (
                 Turn::Wait(caller.cloned()),
-                trace::gateway_request(&method, &path),
+                trace::gateway_request(&method, &path, &self.server),
             ),
         };
         match self.request_in(method, &path, session, trace.headers) {
             Ok(request) => {
-                self.exchange(counted, request, turn, deadline)
-                    .instrument(trace.span)
+                self.exchange(counted, request, turn, deadline, &trace.span)
+                    .instrument(trace.span.clone())
                     .await
             }
             Err(error) => Exchange {
@@ -349,7 +353,7 @@ impl GatewayClient {
             .body(Full::new(Bytes::from(body)))
         {
             Ok(request) => {
-                self.exchange(counted, request, Turn::Wait(None), deadline)
+                self.exchange(counted, request, Turn::Wait(None), deadline, &Span::none())
                     .await
             }
             Err(_) => Exchange {
@@ -399,9 +403,10 @@ impl GatewayClient {
         request: Request<Full<Bytes>>,
         turn: Turn,
         deadline: Instant,
+        span: &Span,
     ) -> Exchange {
         let started = std::time::Instant::now();
-        let exchange = self.exchange_uncounted(request, turn, deadline).await;
+        let exchange = self.exchange_uncounted(request, turn, deadline, span).await;
         let seconds = started.elapsed().as_secs_f64();
         self.metrics
             .gateway_request(operation, outcome_label(&exchange.answer), seconds);
@@ -411,12 +416,13 @@ impl GatewayClient {
     /// Waits for its turn (unless `turn` says it needs none), sends, takes the session headers
     /// as soon as they arrive (they count even when the body then fails), reads a bounded body
     /// and parses the envelope, all within `deadline`. What the answer says of the gateway's
-    /// reachability goes into [`Self::health`].
+    /// reachability goes into [`Self::health`], what it said of the HTTP exchange onto `span`.
     async fn exchange_uncounted(
         &self,
         request: Request<Full<Bytes>>,
         turn: Turn,
         deadline: Instant,
+        span: &Span,
     ) -> Exchange {
         let mut headers = SessionHeaders::default();
         let too_short = |budget| Exchange {
@@ -447,6 +453,7 @@ impl GatewayClient {
         if budget < MIN_BUDGET {
             return too_short(budget);
         }
+        let mut http_status = None;
         let work = async {
             let response = self
                 .http
@@ -455,6 +462,7 @@ impl GatewayClient {
                 .map_err(classify_send_error)?;
             headers = self.session_headers(response.headers());
             let status = response.status();
+            http_status = Some(status);
             if status != StatusCode::OK {
                 return Err(GatewayError::HttpStatus {
                     status: status.as_u16(),
@@ -466,6 +474,7 @@ impl GatewayClient {
         let answer = tokio::time::timeout_at(deadline, work)
             .await
             .unwrap_or(Err(GatewayError::Timeout(budget)));
+        trace::gateway_answered(span, http_status);
         if let Some(evidence) = reachability_evidence(&answer) {
             self.health.observe(evidence.map_err(|e| e as &dyn Display));
         }

@@ -39,6 +39,8 @@ impl MetricsEndpoint {
             .map_err(|source| StartupError::MetricsListen { addr, source })?;
         let addr = listener.local_addr()?;
         readings.register(&mut registry);
+        #[cfg(target_os = "linux")]
+        crate::telemetry::process::register(&mut registry);
         let registry = Arc::new(registry);
         let limits = ConnectionLimits::side_port(handshake_timeout);
         let admission = Admission::new(limits, metrics.listener(Listener::Metrics).clone());

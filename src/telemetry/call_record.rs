@@ -9,12 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use tonic::codegen::http;
 
+use super::trace::CallTrace;
+
 /// Cheap to clone; every clone is the same record.
 #[derive(Debug, Clone, Default)]
 pub struct CallRecord(Arc<Mutex<CallFacts>>);
 
 /// Nothing here is a secret: no Guid, cookie, token or certificate ever goes in.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct CallFacts {
     /// The authenticated caller's name (from the callers file), if any.
     pub caller: Option<String>,
@@ -27,6 +29,9 @@ pub struct CallFacts {
     pub retcode: Option<String>,
     /// The failure's ErrorInfo reason, or the outcome of a success.
     pub reason: Option<String>,
+    /// The call's trace, when the caller sent one or spans are exported: its line carries the
+    /// ids, its server span the code.
+    pub trace: Option<CallTrace>,
 }
 
 impl CallRecord {

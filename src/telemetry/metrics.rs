@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -93,6 +93,12 @@ pub(crate) struct MethodMetrics {
     /// Its log line goes out at debug level.
     pub(crate) quiet: bool,
     pub(crate) started: Counter,
+    /// gRPC messages received from clients (one per message of a stream).
+    pub(crate) msg_received: Counter,
+    /// gRPC messages sent to clients (one per message of a stream).
+    pub(crate) msg_sent: Counter,
+    /// Calls that ended with a reason, by reason.
+    reasons: Family<ReasonLabels, Counter>,
     /// By code, indexed by the code's number.
     handled: [Counter; 17],
     pub(crate) seconds: Histogram,
@@ -102,6 +108,31 @@ impl MethodMetrics {
     pub(crate) fn handled(&self, code: Code) -> &Counter {
         &self.handled[code as usize]
     }
+
+    /// Counts a call that ended with `reason`.
+    pub(crate) fn ended_with(&self, reason: &str) {
+        let (grpc_service, grpc_method) = split_path(self.name);
+        let labels = ReasonLabels {
+            grpc_service,
+            grpc_method,
+            reason: reason.to_owned(),
+        };
+        self.reasons.get_or_create(&labels).inc();
+    }
+}
+
+/// The labels of `ccgw_rpc_reasons_total`. The reasons are the service's own (ErrorInfo reasons
+/// and release outcomes, a fixed set), never a client's text.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    reason: String,
+}
+
+/// `service` and `Method` of `service/Method`.
+fn split_path(name: &'static str) -> (&'static str, &'static str) {
+    name.split_once('/').unwrap_or((UNKNOWN, UNKNOWN))
 }
 
 /// The gateway request kinds, the `operation` label of the gateway metrics.
@@ -267,11 +298,14 @@ impl Metrics {
     /// Registers the service's metric families in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
         let started = Family::<RpcLabels, Counter>::default();
+        let msg_received = Family::<RpcLabels, Counter>::default();
+        let msg_sent = Family::<RpcLabels, Counter>::default();
         let handled = Family::<HandledLabels, Counter>::default();
         let seconds = latency_family::<RpcLabels>();
+        let reasons = Family::<ReasonLabels, Counter>::default();
         let resolve = |path: &'static str, kind: RpcType, quiet: bool| {
             let name = path.trim_start_matches('/');
-            let (service, method) = name.split_once('/').unwrap_or((UNKNOWN, UNKNOWN));
+            let (service, method) = split_path(name);
             let labels = [
                 ("grpc_service", service),
                 ("grpc_method", method),
@@ -282,6 +316,9 @@ impl Metrics {
                 name,
                 quiet,
                 started: started.get_or_create_owned(&labels),
+                msg_received: msg_received.get_or_create_owned(&labels),
+                msg_sent: msg_sent.get_or_create_owned(&labels),
+                reasons: reasons.clone(),
                 handled: std::array::from_fn(|code| {
                     let code = go_code_name(Code::from(code as i32));
                     handled.get_or_create_owned(&[s, m, t, ("grpc_code", code)])
@@ -296,9 +333,25 @@ impl Metrics {
         let unknown_method = resolve("/unknown/unknown", RpcType::Unary, false);
         registry.register("grpc_server_started", "RPCs started on the server", started);
         registry.register(
+            "grpc_server_msg_received",
+            "gRPC messages received from clients (each message of a stream)",
+            msg_received,
+        );
+        registry.register(
+            "grpc_server_msg_sent",
+            "gRPC messages sent to clients (each message of a stream)",
+            msg_sent,
+        );
+        registry.register(
             "grpc_server_handled",
             "RPCs completed on the server, by gRPC code (a stream counts when it ends)",
             handled,
+        );
+        registry.register(
+            "ccgw_rpc_reasons",
+            "RPCs ended with a reason: a failure's ErrorInfo reason, or a ReleaseCall's outcome \
+             (RELEASED ...)",
+            reasons,
         );
         registry.register_with_unit(
             "grpc_server_handling",

@@ -2,7 +2,10 @@
 //! Guid or cookie: their types redact themselves, and no label holds an agent id.
 mod call_record;
 pub mod endpoint;
+mod log_ids;
 mod metrics;
+#[cfg(target_os = "linux")]
+pub mod process;
 mod rpc;
 pub mod trace;
 
@@ -39,7 +42,11 @@ pub fn init(format: LogFormat) -> Telemetry {
     let terminal = std::io::stderr().is_terminal();
     let lines = fmt::layer().with_writer(writer).with_ansi(terminal);
     let lines = match format.resolve(terminal) {
-        LogFormat::Json => lines.json().flatten_event(true).boxed(),
+        LogFormat::Json => lines
+            .json()
+            .flatten_event(true)
+            .map_event_format(log_ids::WithTraceIds)
+            .boxed(),
         LogFormat::Text | LogFormat::Auto => lines.boxed(),
     };
     let (traces, exporter) = match trace::exporter_from_env() {

@@ -13,12 +13,13 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 use tonic::{codegen::http, Code};
 use tonic_types::StatusExt;
 
 use super::{
     metrics::{go_code_name, MethodMetrics, Metrics},
-    CallFacts, CallRecord,
+    trace, CallFacts, CallRecord,
 };
 
 /// Wraps a service in [`RpcTelemetry`]. Must be the outermost layer, so that answers given by
@@ -53,9 +54,9 @@ pub struct RpcTelemetry<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcTelemetry<S>
+impl<S, ResBody> tower::Service<http::Request<tonic::body::Body>> for RpcTelemetry<S>
 where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<ObservedBody<ResBody>>;
@@ -66,9 +67,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let method = self.metrics.method(request.uri().path()).clone();
         method.started.inc();
+        let received = MessageCounter::new(method.msg_received.clone());
+        let sent = MessageCounter::new(method.msg_sent.clone());
+        let mut request = request.map(|body| {
+            tonic::body::Body::new(CountedBody {
+                inner: body,
+                messages: received,
+            })
+        });
         let record = CallRecord::default();
         request.extensions_mut().insert(record.clone());
         let mut end = CallEnd {
@@ -87,6 +96,7 @@ where
             }
             Ok(response.map(|body| ObservedBody {
                 inner: body,
+                sent,
                 end: Some(end),
             }))
         })
@@ -97,6 +107,7 @@ where
 #[derive(Debug)]
 pub struct ObservedBody<B> {
     inner: B,
+    sent: MessageCounter,
     end: Option<CallEnd>,
 }
 
@@ -127,6 +138,7 @@ where
         let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
+                this.sent.observe(frame);
                 if let Some(trailers) = frame.trailers_ref() {
                     this.end_with(grpc_status(trailers), Some(trailers));
                 }
@@ -145,6 +157,110 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request's body, counting the gRPC messages it brings.
+#[derive(Debug)]
+struct CountedBody<B> {
+    inner: B,
+    messages: MessageCounter,
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame {
+            this.messages.observe(frame);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts the gRPC messages of a body as its data passes, in whatever pieces it comes: each
+/// message is a 5-byte prefix (a compression flag and a big-endian 4-byte length) and that
+/// many bytes. A message counts once its prefix has passed.
+#[derive(Debug)]
+struct MessageCounter {
+    counter: Counter,
+    framing: MessageFraming,
+}
+
+impl MessageCounter {
+    fn new(counter: Counter) -> Self {
+        Self {
+            counter,
+            framing: MessageFraming::default(),
+        }
+    }
+
+    fn observe(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            let messages = self.framing.messages_in(data);
+            if messages > 0 {
+                self.counter.inc_by(messages);
+            }
+        }
+    }
+}
+
+/// Where a body's data is in gRPC's message framing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct MessageFraming {
+    /// Bytes of the current message still to come.
+    remaining: u64,
+    /// Bytes of the next prefix seen so far (0 to 4).
+    prefix_seen: u8,
+    /// The length bytes of the next prefix seen so far.
+    length: u32,
+}
+
+const PREFIX_LEN: u8 = 5;
+
+impl MessageFraming {
+    /// The messages whose prefix ends in `data`, the next piece of the body.
+    fn messages_in(&mut self, mut data: &[u8]) -> u64 {
+        let mut messages = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let skipped =
+                    usize::try_from(self.remaining).map_or(data.len(), |r| r.min(data.len()));
+                data = &data[skipped..];
+                self.remaining -= skipped as u64;
+                continue;
+            }
+            // The first prefix byte is the compression flag.
+            if self.prefix_seen > 0 {
+                self.length = self.length << 8 | u32::from(data[0]);
+            }
+            data = &data[1..];
+            self.prefix_seen += 1;
+            if self.prefix_seen == PREFIX_LEN {
+                messages += 1;
+                self.remaining = u64::from(self.length);
+                self.prefix_seen = 0;
+                self.length = 0;
+            }
+        }
+        messages
     }
 }
 
@@ -186,8 +302,18 @@ impl Drop for CallEnd {
         let elapsed = self.started.elapsed().as_secs_f64();
         self.method.handled(code).inc();
         self.method.seconds.observe(elapsed);
-        self.record
-            .read(|facts| log_line(&self.method, code, elapsed, facts));
+        self.record.read(|facts| {
+            if let Some(reason) = &facts.reason {
+                self.method.ended_with(reason);
+            }
+            match &facts.trace {
+                Some(trace) => {
+                    trace.ended(code);
+                    trace::in_call(trace, || log_line(&self.method, code, elapsed, facts));
+                }
+                None => log_line(&self.method, code, elapsed, facts),
+            }
+        });
     }
 }
 
@@ -258,7 +384,7 @@ mod tests {
         response: http::Response<TestBody>,
     ) -> http::Response<ObservedBody<TestBody>> {
         let response = std::sync::Mutex::new(Some(response));
-        let inner = tower::service_fn(move |request: http::Request<()>| {
+        let inner = tower::service_fn(move |request: http::Request<tonic::body::Body>| {
             assert!(
                 CallRecord::of(request.extensions()).is_some(),
                 "a record goes in"
@@ -267,7 +393,10 @@ mod tests {
             async move { Ok::<_, Infallible>(response) }
         });
         let mut service = RpcTelemetryLayer::new(metrics.clone()).layer(inner);
-        let request = http::Request::builder().uri(path).body(()).unwrap();
+        let request = http::Request::builder()
+            .uri(path)
+            .body(tonic::body::Body::empty())
+            .unwrap();
         service.ready().await.unwrap().call(request).await.unwrap()
     }
 
@@ -347,11 +476,14 @@ mod tests {
     #[tokio::test]
     async fn a_call_dropped_before_its_answer_is_cancelled() {
         let metrics = Metrics::default();
-        let inner = tower::service_fn(|_: http::Request<()>| {
+        let inner = tower::service_fn(|_: http::Request<tonic::body::Body>| {
             std::future::pending::<Result<http::Response<TestBody>, Infallible>>()
         });
         let mut service = RpcTelemetryLayer::new(metrics.clone()).layer(inner);
-        let request = http::Request::builder().uri(RELEASE).body(()).unwrap();
+        let request = http::Request::builder()
+            .uri(RELEASE)
+            .body(tonic::body::Body::empty())
+            .unwrap();
         let call = service.ready().await.unwrap().call(request);
         drop(call);
         assert_eq!(handled(&metrics, RELEASE, Code::Cancelled), 1);
@@ -388,7 +520,7 @@ mod tests {
             let record = Arc::new(std::sync::Mutex::new(None));
             let inner = tower::service_fn({
                 let (record, status) = (record.clone(), status.clone());
-                move |request: http::Request<()>| {
+                move |request: http::Request<tonic::body::Body>| {
                     let call = CallRecord::of(request.extensions()).unwrap();
                     call.update(|f| f.reason = handler_said.map(str::to_owned));
                     *record.lock().unwrap() = Some(call);
@@ -399,7 +531,10 @@ mod tests {
                 }
             });
             let mut service = RpcTelemetryLayer::new(Metrics::default()).layer(inner);
-            let request = http::Request::builder().uri(RELEASE).body(()).unwrap();
+            let request = http::Request::builder()
+                .uri(RELEASE)
+                .body(tonic::body::Body::empty())
+                .unwrap();
             drop(service.ready().await.unwrap().call(request).await.unwrap());
             let facts = record.lock().unwrap().take().unwrap().facts();
             assert_eq!(
@@ -436,5 +571,71 @@ mod tests {
             }
         }
         assert_eq!(seen, 2);
+    }
+
+    /// gRPC's framing of `messages`: each a flag byte, a big-endian length, the message.
+    fn framed(messages: &[Vec<u8>]) -> Vec<u8> {
+        let mut data = Vec::new();
+        for message in messages {
+            data.push(0);
+            data.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            data.extend_from_slice(message);
+        }
+        data
+    }
+
+    #[tokio::test]
+    async fn each_message_of_a_stream_is_counted_sent_and_the_request_received() {
+        let metrics = Metrics::default();
+        let events = framed(&[b"one".to_vec(), b"two".to_vec(), Vec::new()]);
+        // The second message's prefix is split between two frames.
+        let stream = http::Response::new(body(vec![
+            Frame::data(Bytes::copy_from_slice(&events[..10])),
+            Frame::data(Bytes::copy_from_slice(&events[10..])),
+            Frame::trailers(status_map(Code::Ok)),
+        ]));
+        let response = std::sync::Mutex::new(Some(stream));
+        let inner = tower::service_fn(move |request: http::Request<tonic::body::Body>| {
+            let response = response.lock().unwrap().take().expect("called once");
+            async move {
+                // The handler reads the request, as tonic does.
+                request.into_body().collect().await.unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let mut service = RpcTelemetryLayer::new(metrics.clone()).layer(inner);
+        let request = http::Request::builder()
+            .uri(WATCH)
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                Bytes::from(framed(&[b"watch".to_vec()])),
+            )))
+            .unwrap();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(metrics.method(WATCH).msg_received.get(), 1);
+        assert_eq!(metrics.method(WATCH).msg_sent.get(), 0, "nothing sent yet");
+        response.into_body().collect().await.unwrap();
+        assert_eq!(metrics.method(WATCH).msg_sent.get(), 3);
+    }
+
+    proptest::proptest! {
+        /// Messages of any lengths, cut into pieces anywhere: each is counted once, when its
+        /// prefix has passed.
+        #[test]
+        fn messages_are_counted_however_the_body_is_cut(
+            messages in proptest::collection::vec(proptest::collection::vec(0u8..=255, 0..300), 0..12),
+            cuts in proptest::collection::vec(0usize..4000, 0..20),
+        ) {
+            let data = framed(&messages);
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= data.len()).collect();
+            cuts.extend([0, data.len()]);
+            cuts.sort_unstable();
+            let mut framing = MessageFraming::default();
+            let counted: u64 = cuts
+                .windows(2)
+                .map(|piece| framing.messages_in(&data[piece[0]..piece[1]]))
+                .sum();
+            proptest::prop_assert_eq!(counted, messages.len() as u64);
+            proptest::prop_assert_eq!(framing, MessageFraming::default(), "at a message boundary");
+        }
     }
 }

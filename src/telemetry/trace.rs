@@ -25,7 +25,10 @@
 //! the call), so rooms that make gateway requests need not pass it along.
 use std::{
     future::Future,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -42,6 +45,8 @@ use tokio::task::futures::TaskLocalFuture;
 use tracing::{instrument::Instrumented, Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer as _;
+
+use super::CallRecord;
 
 /// The target of the spans made here: the only spans exported (the log filter leaves them
 /// out unless RUST_LOG asks for them).
@@ -60,6 +65,12 @@ const MAX_TRACESTATE_MEMBERS: usize = 32;
 const UNTRACED_PREFIXES: [&str; 2] = ["/grpc.health.", "/grpc.reflection."];
 /// How long the exit waits for the last spans to be exported.
 pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+/// OpenTelemetry's semantic conventions: a gRPC server span's numeric code.
+const GRPC_STATUS_CODE: &str = "rpc.grpc.status_code";
+/// tracing-opentelemetry's field for the span status.
+const OTEL_STATUS_CODE: &str = "otel.status_code";
+/// A client span's HTTP status (semantic conventions).
+const HTTP_STATUS_CODE: &str = "http.response.status_code";
 
 /// Set once the exporter is installed; read per call.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -68,9 +79,42 @@ tokio::task_local! {
     static CALL_TRACE: CallTrace;
 }
 
-/// The trace a call's gateway requests continue.
+/// The trace a call's gateway requests continue, and the ids its log lines carry.
 #[derive(Debug, Clone)]
-pub struct CallTrace(Trace);
+pub struct CallTrace {
+    trace: Trace,
+    ids: TraceIds,
+}
+
+/// The `trace_id` and `span_id` of a call's log lines: its server span's when exporting, else
+/// the caller's span (the parent of the call's gateway requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+}
+
+impl CallTrace {
+    pub fn ids(&self) -> TraceIds {
+        self.ids
+    }
+
+    /// Records the call's gRPC code on its server span: `rpc.grpc.status_code`, and an error
+    /// status unless it is OK. Nothing when not exporting.
+    pub(crate) fn ended(&self, code: tonic::Code) {
+        if let Trace::Span(span) = &self.trace {
+            span.record(GRPC_STATUS_CODE, code as i64);
+            if code != tonic::Code::Ok {
+                span.record(OTEL_STATUS_CODE, "ERROR");
+            }
+        }
+    }
+}
+
+/// The ids of the call the current task works for, if it has a trace.
+pub fn current_ids() -> Option<TraceIds> {
+    CALL_TRACE.try_with(CallTrace::ids).ok()
+}
 
 #[derive(Debug, Clone)]
 enum Trace {
@@ -169,7 +213,12 @@ where
         let Some(trace) = call_trace(&request) else {
             return Either::Left(self.inner.call(request));
         };
-        let span = match &trace.0 {
+        // The call's log line and its end (the span's status) are written by the telemetry
+        // layer outside this one, once the answer's last frame has gone.
+        CallRecord::update_in(request.extensions(), |facts| {
+            facts.trace = Some(trace.clone())
+        });
+        let span = match &trace.trace {
             Trace::Span(span) => span.clone(),
             Trace::Caller { .. } => Span::none(),
         };
@@ -189,7 +238,13 @@ fn call_trace<B>(request: &http::Request<B>) -> Option<CallTrace> {
         return None;
     }
     if !EXPORTING.load(Ordering::Relaxed) {
-        return caller_context(headers).map(|caller| CallTrace(Trace::Caller(caller.headers())));
+        return caller_context(headers).map(|caller| CallTrace {
+            trace: Trace::Caller(caller.headers()),
+            ids: TraceIds {
+                trace_id: TraceId::from(caller.parent.trace_id),
+                span_id: SpanId::from(caller.parent.parent_id),
+            },
+        });
     }
     let (service, method) = path
         .trim_start_matches('/')
@@ -203,12 +258,29 @@ fn call_trace<B>(request: &http::Request<B>) -> Option<CallTrace> {
         rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
     if let Some(caller) = caller_context(headers) {
         // Fails only when the span is not exported, which the flag rules out.
         let _ = span.set_parent(OtelContext::new().with_remote_span_context(caller.span_context()));
     }
-    Some(CallTrace(Trace::Span(span)))
+    // Starts the span (its parent is set for good): from here on its ids are known.
+    let context = span.context();
+    let started = context.span();
+    let ids = TraceIds {
+        trace_id: started.span_context().trace_id(),
+        span_id: started.span_context().span_id(),
+    };
+    Some(CallTrace {
+        trace: Trace::Span(span),
+        ids,
+    })
+}
+
+/// Runs `write` as part of the call of `trace` (its log lines carry the call's ids).
+pub(crate) fn in_call<T>(trace: &CallTrace, write: impl FnOnce() -> T) -> T {
+    CALL_TRACE.sync_scope(trace.clone(), write)
 }
 
 /// `future` with the current call's trace, for a task spawned for that call.
@@ -254,11 +326,35 @@ impl Default for GatewayTrace {
     }
 }
 
-/// The trace context of a gateway request `method path` made for the current call; nothing
-/// outside a call.
-pub(crate) fn gateway_request(method: &http::Method, path: &str) -> GatewayTrace {
+/// Where gateway requests go: the `server.address` and `server.port` of their spans.
+#[derive(Debug, Clone)]
+pub(crate) struct GatewayServer {
+    address: Arc<str>,
+    port: u16,
+}
+
+impl GatewayServer {
+    /// The host (an IPv6 address without its brackets) and port of `uri`, the scheme's default
+    /// port when it names none.
+    pub(crate) fn of(uri: &http::Uri) -> Self {
+        let host = uri.host().unwrap_or_default();
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        Self {
+            address: host.trim_start_matches('[').trim_end_matches(']').into(),
+            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        }
+    }
+}
+
+/// The trace context of a gateway request `method path` to `server` made for the current
+/// call; nothing outside a call. The path names agents and calls, never a Guid or cookie.
+pub(crate) fn gateway_request(
+    method: &http::Method,
+    path: &str,
+    server: &GatewayServer,
+) -> GatewayTrace {
     CALL_TRACE
-        .try_with(|trace| match &trace.0 {
+        .try_with(|trace| match &trace.trace {
             Trace::Caller(headers) => GatewayTrace {
                 headers: Some(headers.clone()),
                 span: Span::none(),
@@ -272,6 +368,11 @@ pub(crate) fn gateway_request(method: &http::Method, path: &str) -> GatewayTrace
                     otel.kind = "client",
                     http.request.method = %method,
                     url.path = path,
+                    server.address = &*server.address,
+                    // OTLP has signed integers: an unsigned value would be exported as text.
+                    server.port = i64::from(server.port),
+                    http.response.status_code = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
                 );
                 let mut headers = HeaderMap::new();
                 TraceContextPropagator::new()
@@ -289,6 +390,20 @@ pub(crate) fn gateway_request(method: &http::Method, path: &str) -> GatewayTrace
             }
         })
         .unwrap_or_default()
+}
+
+/// Records a gateway request's answer on its span: the HTTP status, and an error status when
+/// there was none (no answer in time, a transport failure) or it was 4xx or 5xx.
+pub(crate) fn gateway_answered(span: &Span, status: Option<http::StatusCode>) {
+    if span.is_none() {
+        return;
+    }
+    if let Some(status) = status {
+        span.record(HTTP_STATUS_CODE, i64::from(status.as_u16()));
+    }
+    if status.is_none_or(|status| status.is_client_error() || status.is_server_error()) {
+        span.record(OTEL_STATUS_CODE, "ERROR");
+    }
 }
 
 /// A caller's trace context, read from its metadata.
