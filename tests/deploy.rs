@@ -601,8 +601,17 @@ const ALERTING_RULES: &str = "deploy/prometheus/ccgw-callcontrol.rules.yaml";
 const ALERT_TESTS: &str = "deploy/prometheus/ccgw-callcontrol.rules.test.yaml";
 /// Where every alert's runbook_url points (README, "Alerts", says how to change it).
 const RUNBOOK_BASE: &str = "https://github.com/example/ccgw-callcontrol/blob/main/README.md";
-/// The labels every series of a target the ServiceMonitor scrapes carries.
-const TARGET_LABELS: [&str; 4] = ["job", "namespace", "pod", "instance"];
+/// The labels every series of a target the ServiceMonitor scrapes carries (the Prometheus
+/// Operator's endpoints discovery).
+const TARGET_LABELS: [&str; 7] = [
+    "job",
+    "namespace",
+    "pod",
+    "instance",
+    "container",
+    "endpoint",
+    "service",
+];
 
 /// The alerting rules of the rules file.
 fn alerting_rules() -> Vec<serde_json::Value> {
