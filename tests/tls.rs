@@ -283,7 +283,10 @@ async fn tls_reload_failures_are_counted_until_the_files_are_fixed() {
             .text()
             .await
             .unwrap();
-        assert!(!text.contains("gateway_client"), "no gateway client certificate:\n{text}");
+        assert!(
+            !text.contains("files=\"gateway_client\""),
+            "no gateway client certificate:\n{text}"
+        );
         let value = |series: &str| -> f64 {
             text.lines()
                 .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
