@@ -657,7 +657,12 @@ fn the_alerting_rules_load_and_fire_when_they_should() {
     }
     let cases: Vec<_> = groups
         .iter()
-        .flat_map(|group| group["alert_rule_test"].as_array().cloned().unwrap_or_default())
+        .flat_map(|group| {
+            group["alert_rule_test"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .collect();
     let rules = alerting_rules();
     for case in &cases {
@@ -675,8 +680,14 @@ fn the_alerting_rules_load_and_fire_when_they_should() {
                 case["alertname"] == alert && quiet != firing
             })
         };
-        assert!(has_case(true), "no case in {ALERT_TESTS} makes {alert} fire");
-        assert!(has_case(false), "no case in {ALERT_TESTS} keeps {alert} quiet");
+        assert!(
+            has_case(true),
+            "no case in {ALERT_TESTS} makes {alert} fire"
+        );
+        assert!(
+            has_case(false),
+            "no case in {ALERT_TESTS} keeps {alert} quiet"
+        );
     }
     let Some(promtool) = tool(
         "promtool",
@@ -779,7 +790,9 @@ fn every_alert_has_a_severity_a_description_and_a_runbook_in_the_readme() {
         let annotations = &rule["annotations"];
         for annotation in ["summary", "description"] {
             assert!(
-                annotations[annotation].as_str().is_some_and(|a| !a.is_empty()),
+                annotations[annotation]
+                    .as_str()
+                    .is_some_and(|a| !a.is_empty()),
                 "{alert}: no {annotation}"
             );
         }
@@ -794,7 +807,10 @@ fn every_alert_has_a_severity_a_description_and_a_runbook_in_the_readme() {
             "{alert}: README.md has no heading {alert} for its runbook_url"
         );
     }
-    assert_eq!(github_anchor(" Running several replicas"), "running-several-replicas");
+    assert_eq!(
+        github_anchor(" Running several replicas"),
+        "running-several-replicas"
+    );
     assert_eq!(github_anchor(" `CcgwDown`: all gone!"), "ccgwdown-all-gone");
 }
 
@@ -836,7 +852,10 @@ fn the_rules_select_the_job_the_service_monitor_scrapes() {
     };
     let monitors = of_kind("ServiceMonitor");
     let [monitor] = monitors.as_slice() else {
-        panic!("one ServiceMonitor under deploy/kubernetes, found {}", monitors.len());
+        panic!(
+            "one ServiceMonitor under deploy/kubernetes, found {}",
+            monitors.len()
+        );
     };
     assert!(
         monitor["spec"].get("jobLabel").is_none(),
@@ -860,11 +879,14 @@ fn the_rules_select_the_job_the_service_monitor_scrapes() {
     let mut selected = 0;
     for rule in alerting_rules() {
         let expr = alert_expression(&rule);
-        for selector in subexpressions(&expr).into_iter().filter_map(|expr| match expr {
-            promql_parser::parser::Expr::VectorSelector(selector) => Some(selector),
-            promql_parser::parser::Expr::MatrixSelector(matrix) => Some(&matrix.vs),
-            _ => None,
-        }) {
+        for selector in subexpressions(&expr)
+            .into_iter()
+            .filter_map(|expr| match expr {
+                promql_parser::parser::Expr::VectorSelector(selector) => Some(selector),
+                promql_parser::parser::Expr::MatrixSelector(matrix) => Some(&matrix.vs),
+                _ => None,
+            })
+        {
             for matcher in selector.matchers.find_matchers("job") {
                 assert_eq!(
                     (matcher.op.to_string(), matcher.value.as_str()),

@@ -268,7 +268,10 @@ pub(super) fn service_state(
             );
     }
     let tls_files: Vec<(&'static str, Arc<ReloadStats>)> = [
-        server.tls.as_ref().map(|_| ("server", server.tls_reloads.clone())),
+        server
+            .tls
+            .as_ref()
+            .map(|_| ("server", server.tls_reloads.clone())),
         api.sessions()
             .gateway()
             .tls_reload_stats()
