@@ -39,6 +39,13 @@ const HARD_STOP_FLUSH: Duration = Duration::from_secs(1);
 /// After the server stopped, how long the service's tasks get to end: poll loops end within a
 /// second of shutdown, stream forwarders once their streams are gone.
 const TASKS_GRACE: Duration = Duration::from_secs(2);
+/// The longest the process takes from SIGTERM to its exit when calls may drain for
+/// `drain_timeout`: the drain, the hard stop's flush, the tasks' grace, then the export of the
+/// last spans. A pod's terminationGracePeriodSeconds covers it after its preStop pause
+/// (tests/deploy.rs checks the manifests against it).
+pub fn exit_bound(drain_timeout: Duration) -> Duration {
+    drain_timeout + HARD_STOP_FLUSH + TASKS_GRACE + crate::telemetry::trace::SHUTDOWN_TIMEOUT
+}
 /// The longest wait for a keepalive ping's answer: a connection whose peer is gone (node down,
 /// NAT entry dropped) is closed this long after its ping.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);

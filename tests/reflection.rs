@@ -141,3 +141,31 @@ async fn reflection_v1_serves_the_error_details_and_their_imports() {
         assert_eq!(file.name(), import);
     }
 }
+
+/// Runs buf in the workspace with `args`; panics with its findings unless it passes.
+fn buf_passes(buf: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new(buf)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", buf.display()));
+    assert!(
+        out.status.success(),
+        "buf {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The contract keeps buf's STANDARD rules (the exceptions are listed, with their reasons, in
+/// buf.yaml) and breaks nothing a caller built against the released contract
+/// (proto/released.binpb) relies on: wire, JSON names or generated code.
+#[test]
+fn the_contract_passes_buf_lint_and_breaks_nothing_released() {
+    let Some(buf) = common::installed_tool("buf", "pip install buf-bin==1.75.0") else {
+        return;
+    };
+    buf_passes(&buf, &["lint"]);
+    buf_passes(&buf, &["breaking", "--against", "proto/released.binpb"]);
+}

@@ -59,7 +59,7 @@ const MAX_TRACESTATE_MEMBERS: usize = 32;
 /// gRPC services whose calls continue no trace.
 const UNTRACED_PREFIXES: [&str; 2] = ["/grpc.health.", "/grpc.reflection."];
 /// How long the exit waits for the last spans to be exported.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Set once the exporter is installed; read per call.
 static EXPORTING: AtomicBool = AtomicBool::new(false);

@@ -389,10 +389,20 @@ pub async fn desktop_sign_in(sim: SocketAddr, agent: &str, force: bool) -> Deskt
         ccgw_callcontrol::install_crypto_provider();
         reqwest::Client::new()
     });
+    desktop_sign_in_at(http, &format!("http://{sim}"), agent, force).await
+}
+
+/// [`desktop_sign_in`] at the gateway `base` (`https://...` with a client that trusts it).
+pub async fn desktop_sign_in_at(
+    http: &reqwest::Client,
+    base: &str,
+    agent: &str,
+    force: bool,
+) -> DesktopSession {
     let suffix = if force { "/forcelogin" } else { "" };
     let answer = http
         .put(format!(
-            "http://{sim}/agentgateway/resource/onlineagent/{agent}{suffix}"
+            "{base}/agentgateway/resource/onlineagent/{agent}{suffix}"
         ))
         .json(&serde_json::json!({"password": "pw", "phonenum": "88003"}))
         .send()
