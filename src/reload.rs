@@ -3,7 +3,10 @@
 //! modification time of the path the service was given, so contents are compared, not times.
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::Duration,
 };
 
@@ -82,10 +85,41 @@ fn read(path: &std::path::Path, max_bytes: Option<u64>) -> std::io::Result<Vec<u
     Ok(contents)
 }
 
+/// Of a set of files re-read: reloads that failed (counted at each attempt: files that cannot
+/// be used are tried again at every reload until fixed), and when their contents were last
+/// applied (Unix seconds, startup included).
+#[derive(Debug, Default)]
+pub(crate) struct ReloadStats {
+    failures: AtomicU64,
+    loaded_at: AtomicI64,
+}
+
+impl ReloadStats {
+    pub(crate) fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn loaded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.loaded_at.store(now, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn loaded_at(&self) -> i64 {
+        self.loaded_at.load(Ordering::Relaxed)
+    }
+}
+
 /// A value read from files, replaced by [`Reloading::reload`] when they change. Cheap to clone.
 pub(crate) struct Reloading<T> {
     current: Arc<RwLock<Arc<T>>>,
     files: Arc<Mutex<WatchedFiles>>,
+    stats: Arc<ReloadStats>,
     /// What the files hold, for the log ("the TLS certificate and key").
     what: &'static str,
     parse: fn(&[Vec<u8>]) -> Result<T, String>,
@@ -96,6 +130,7 @@ impl<T> Clone for Reloading<T> {
         Self {
             current: self.current.clone(),
             files: self.files.clone(),
+            stats: self.stats.clone(),
             what: self.what,
             parse: self.parse,
         }
@@ -112,22 +147,30 @@ impl<T> std::fmt::Debug for Reloading<T> {
 
 impl<T> Reloading<T> {
     /// Reads and parses `paths` (passed to `parse` in that order); an error names the file.
+    /// `stats` counts this load and the reloads.
     pub(crate) fn load(
         what: &'static str,
         paths: Vec<PathBuf>,
         parse: fn(&[Vec<u8>]) -> Result<T, String>,
+        stats: Arc<ReloadStats>,
     ) -> Result<Self, String> {
         let mut files = WatchedFiles::new(paths);
         let contents = files
             .read_if_changed()?
             .expect("a first read returns contents");
         let value = parse(&contents)?;
+        stats.loaded();
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(value))),
             files: Arc::new(Mutex::new(files)),
+            stats,
             what,
             parse,
         })
+    }
+
+    pub(crate) fn stats(&self) -> Arc<ReloadStats> {
+        self.stats.clone()
     }
 
     pub(crate) fn current(&self) -> Arc<T> {
@@ -138,13 +181,16 @@ impl<T> Reloading<T> {
     }
 
     /// Re-reads the files; swaps in what they hold if they changed and are valid, else keeps
-    /// the value it has and logs why (the error names files and lines, never their secrets).
+    /// the value it has, counts the failure and logs why (the error names files and lines,
+    /// never their secrets). Files that cannot be used are tried again at the next reload.
     pub(crate) fn reload(&self) {
         let what = self.what;
-        let contents = match crate::lock(&self.files).read_if_changed() {
+        let mut files = crate::lock(&self.files);
+        let contents = match files.read_if_changed() {
             Ok(Some(contents)) => contents,
             Ok(None) => return,
             Err(error) => {
+                self.stats.failed();
                 tracing::warn!(%error, "could not re-read {what}; keeping what was loaded before");
                 return;
             }
@@ -152,9 +198,12 @@ impl<T> Reloading<T> {
         match (self.parse)(&contents) {
             Ok(value) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+                self.stats.loaded();
                 tracing::info!("{what} changed: reloaded");
             }
             Err(error) => {
+                files.forget();
+                self.stats.failed();
                 tracing::warn!(%error, "{what} changed but cannot be used; keeping what was loaded before")
             }
         }
@@ -220,6 +269,42 @@ mod tests {
             .read_if_changed()
             .unwrap_err()
             .contains("larger than 4 bytes"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_that_cannot_be_used_are_counted_at_every_reload_until_fixed() {
+        let dir = std::env::temp_dir().join(format!("ccgw-reload-stats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("number");
+        std::fs::write(&file, "1").unwrap();
+        let number = |files: &[Vec<u8>]| -> Result<u32, String> {
+            utf8(&files[0], "the number")?
+                .parse()
+                .map_err(|_| "not a number".to_owned())
+        };
+        let stats = Arc::new(ReloadStats::default());
+        let reloading = Reloading::load("a number", vec![file.clone()], number, stats.clone())
+            .expect("valid at first");
+        let loaded_at = stats.loaded_at();
+        assert!(loaded_at > 1_700_000_000, "{loaded_at}");
+        reloading.reload();
+        assert_eq!(stats.failures(), 0, "unchanged files are no failure");
+        std::fs::write(&file, "one").unwrap();
+        for attempt in 1..=3 {
+            reloading.reload();
+            assert_eq!(stats.failures(), attempt);
+            assert_eq!(*reloading.current(), 1, "the valid value stays");
+        }
+        std::fs::remove_file(&file).unwrap();
+        reloading.reload();
+        assert_eq!(stats.failures(), 4, "an unreadable file counts too");
+        assert_eq!(stats.loaded_at(), loaded_at);
+        std::fs::write(&file, "2").unwrap();
+        reloading.reload();
+        reloading.reload();
+        assert_eq!((*reloading.current(), stats.failures()), (2, 4));
+        assert!(stats.loaded_at() >= loaded_at);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,6 +8,7 @@ use std::{
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -28,7 +29,8 @@ use crate::{
     connections::{self, Admission, ConnectionLimits},
     health,
     lifecycle::{Lifecycle, SideServer},
-    proto, reload,
+    proto,
+    reload::{self, ReloadStats},
     telemetry::{trace::TraceContextLayer, Listener, RpcTelemetryLayer},
 };
 
@@ -60,6 +62,8 @@ pub struct ServerSettings {
     pub(crate) tls: Option<TlsFiles>,
     /// How often the TLS and callers files are re-read.
     pub(crate) reload_interval: Duration,
+    /// The TLS files' loads and failed reloads, read by the metrics endpoint.
+    pub(crate) tls_reloads: Arc<ReloadStats>,
     /// How often the gateway's reachability is probed.
     pub(crate) gateway_probe: Duration,
     /// A silent client connection is pinged this often.
@@ -81,6 +85,7 @@ impl Default for ServerSettings {
             max_concurrent_streams: 256,
             tls: None,
             reload_interval: Duration::from_secs(10),
+            tls_reloads: Arc::default(),
             gateway_probe: Duration::from_secs(5),
             http2_keepalive: Duration::from_secs(30),
             max_connection_age: Duration::from_secs(900),
@@ -137,7 +142,7 @@ pub async fn run(
     let tls = settings
         .tls
         .as_ref()
-        .map(ServerTls::load)
+        .map(|files| ServerTls::load(files, settings.tls_reloads.clone()))
         .transpose()
         .map_err(ServerError::Tls)?;
     match &settings.tls {

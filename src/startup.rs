@@ -142,6 +142,7 @@ pub async fn run(
     cleartext::warn(&config, listener.local_addr()?);
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let server = config.server();
     let api = match &config.gateway_url {
         Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics).await?,
         #[cfg(feature = "simulator")]
@@ -151,7 +152,7 @@ pub async fn run(
     };
     let endpoint = match config.metrics_listen {
         Some(addr) => {
-            let state = metrics::service_state(&api, &config, dropped_log_lines);
+            let state = metrics::service_state(&api, &config, &server, dropped_log_lines);
             let handshake_timeout = config.server().connections.handshake_timeout;
             Some(MetricsEndpoint::start(addr, registry, state, &metrics, handshake_timeout).await?)
         }
@@ -175,7 +176,7 @@ pub async fn run(
         health = health_addr.map(tracing::field::display),
         "serving gRPC"
     );
-    let served = server::run(listener, health_listener, api, config.server(), shutdown).await;
+    let served = server::run(listener, health_listener, api, server, shutdown).await;
     if let Some(endpoint) = endpoint {
         endpoint.stop().await;
     }

@@ -1574,30 +1574,313 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
     first.logs("Entering lame duck mode").await;
 }
 
-/// The alerting rules load, and the alerts ccgw-callcontrol.rules.test.yaml tests fire on the
-/// series that should raise them (three of them checked not to fire before).
+const ALERTING_RULES: &str = "deploy/prometheus/ccgw-callcontrol.rules.yaml";
+const ALERT_TESTS: &str = "deploy/prometheus/ccgw-callcontrol.rules.test.yaml";
+/// Where every alert's runbook_url points (README, "Alerts", says how to change it).
+const RUNBOOK_BASE: &str = "https://github.com/example/ccgw-callcontrol/blob/main/README.md";
+/// The labels every series of a target the ServiceMonitor scrapes carries (the Prometheus
+/// Operator's endpoints discovery).
+const TARGET_LABELS: [&str; 7] = [
+    "job",
+    "namespace",
+    "pod",
+    "instance",
+    "container",
+    "endpoint",
+    "service",
+];
+
+/// A YAML file of the workspace, as JSON.
+fn workspace_yaml(path: &str) -> serde_json::Value {
+    let path = Path::new(ROOT).join(path);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The alerting rules of the rules file.
+fn alerting_rules() -> Vec<serde_json::Value> {
+    let rules: Vec<_> = workspace_yaml(ALERTING_RULES)["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|group| group["rules"].as_array().expect("rules").clone())
+        .filter(|rule| rule.get("alert").is_some())
+        .collect();
+    assert!(!rules.is_empty());
+    rules
+}
+
+/// An alert's expression as Prometheus reads it.
+fn alert_expression(rule: &serde_json::Value) -> promql_parser::parser::Expr {
+    let expr = rule["expr"].as_str().expect("expr");
+    promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{}: {e}", rule["alert"]))
+}
+
+/// Every alert has a case in the promtool tests that makes it fire and one that keeps it quiet
+/// (whose input series carry a scraped target's labels); then the rules load and every case
+/// holds.
 #[test]
 fn the_alerting_rules_load_and_fire_when_they_should() {
+    let tests = workspace_yaml(ALERT_TESTS);
+    let groups = tests["tests"].as_array().expect("tests");
+    for group in groups {
+        for series in group["input_series"].as_array().expect("input_series") {
+            let text = series["series"].as_str().expect("series");
+            let promql_parser::parser::Expr::VectorSelector(selector) =
+                promql_parser::parser::parse(text).expect(text)
+            else {
+                panic!("{text} is not a series");
+            };
+            for label in TARGET_LABELS {
+                assert!(
+                    selector.matchers.find_matchers(label).len() == 1,
+                    "{text} lacks the {label} label a scrape gives every series"
+                );
+            }
+        }
+    }
+    let cases: Vec<_> = groups
+        .iter()
+        .flat_map(|group| {
+            group["alert_rule_test"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let rules = alerting_rules();
+    for case in &cases {
+        assert!(
+            rules.iter().any(|rule| rule["alert"] == case["alertname"]),
+            "{ALERT_TESTS}: no alert {} in the rules",
+            case["alertname"]
+        );
+    }
+    for rule in &rules {
+        let alert = rule["alert"].as_str().unwrap();
+        let has_case = |firing: bool| {
+            cases.iter().any(|case| {
+                let quiet = case["exp_alerts"].as_array().is_none_or(Vec::is_empty);
+                case["alertname"] == alert && quiet != firing
+            })
+        };
+        assert!(
+            has_case(true),
+            "no case in {ALERT_TESTS} makes {alert} fire"
+        );
+        assert!(
+            has_case(false),
+            "no case in {ALERT_TESTS} keeps {alert} quiet"
+        );
+    }
     let Some(promtool) = tool(
         "promtool",
         "apt-get install prometheus (Debian's package carries promtool)",
     ) else {
         return;
     };
-    passes(
-        &promtool,
-        &[
-            "check",
-            "rules",
-            "deploy/prometheus/ccgw-callcontrol.rules.yaml",
-        ],
+    passes(&promtool, &["check", "rules", ALERTING_RULES]);
+    passes(&promtool, &["test", "rules", ALERT_TESTS]);
+}
+
+/// `expr` and every expression inside it.
+fn subexpressions(expr: &promql_parser::parser::Expr) -> Vec<&promql_parser::parser::Expr> {
+    use promql_parser::parser::Expr;
+    let mut all = vec![expr];
+    let mut next = 0;
+    while let Some(&expr) = all.get(next) {
+        next += 1;
+        match expr {
+            Expr::Binary(binary) => all.extend([&*binary.lhs, &*binary.rhs]),
+            Expr::Aggregate(aggregate) => {
+                all.push(&aggregate.expr);
+                all.extend(aggregate.param.as_deref());
+            }
+            Expr::Unary(unary) => all.push(&unary.expr),
+            Expr::Paren(paren) => all.push(&paren.expr),
+            Expr::Subquery(subquery) => all.push(&subquery.expr),
+            Expr::Call(call) => all.extend(call.args.args.iter().map(|arg| &**arg)),
+            Expr::Extension(_) => panic!("the parser makes no extension"),
+            Expr::NumberLiteral(_)
+            | Expr::StringLiteral(_)
+            | Expr::VectorSelector(_)
+            | Expr::MatrixSelector(_) => {}
+        }
+    }
+    all
+}
+
+/// Without `on(...)` or `ignoring(...)`, an operator between two vectors matches series whose
+/// labels are all equal: an aggregated side (`sum by (instance)`) never equals a scraped series
+/// (job, namespace, pod, instance, ...), and the alert never fires. Read from the expressions
+/// as Prometheus' grammar parses them, so that neither layout nor a label called `and` fools it.
+#[test]
+fn every_operator_between_vectors_names_the_labels_it_matches_on() {
+    use promql_parser::parser::{value::ValueType, Expr};
+    fn unmatched(expr: &Expr) -> Vec<String> {
+        subexpressions(expr)
+            .into_iter()
+            .filter_map(|expr| match expr {
+                Expr::Binary(binary)
+                    if binary.lhs.value_type() == ValueType::Vector
+                        && binary.rhs.value_type() == ValueType::Vector
+                        && binary
+                            .modifier
+                            .as_ref()
+                            .is_none_or(|modifier| modifier.matching.is_none()) =>
+                {
+                    Some(format!("{} {} {}", binary.lhs, binary.op, binary.rhs))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+    // The check itself: it finds what the rules once had.
+    let found = unmatched(
+        &promql_parser::parser::parse(
+            "sum by (instance) (increase(a[10m])) > 0 and b > 0 or c / d > 0.8",
+        )
+        .unwrap(),
     );
-    passes(
-        &promtool,
-        &[
-            "test",
-            "rules",
-            "deploy/prometheus/ccgw-callcontrol.rules.test.yaml",
-        ],
+    assert_eq!(found.len(), 3, "{found:?}");
+    for rule in alerting_rules() {
+        let found = unmatched(&alert_expression(&rule));
+        assert!(
+            found.is_empty(),
+            "{}: name the matching labels (on(namespace, job, pod, instance)) of: {found:?}",
+            rule["alert"]
+        );
+    }
+}
+
+/// kube-prometheus' conventions: a severity Alertmanager routes (critical pages, warning opens
+/// a ticket), a summary and a description, and a runbook_url to the README's section for the
+/// alert, which exists.
+#[test]
+fn every_alert_has_a_severity_a_description_and_a_runbook_in_the_readme() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let anchors: Vec<String> = readme
+        .lines()
+        .filter_map(|line| line.strip_prefix('#'))
+        .map(|heading| github_anchor(heading.trim_start_matches('#')))
+        .collect();
+    for rule in alerting_rules() {
+        let alert = rule["alert"].as_str().unwrap();
+        let severity = &rule["labels"]["severity"];
+        assert!(
+            severity == "critical" || severity == "warning",
+            "{alert}: severity {severity}"
+        );
+        let annotations = &rule["annotations"];
+        for annotation in ["summary", "description"] {
+            assert!(
+                annotations[annotation]
+                    .as_str()
+                    .is_some_and(|a| !a.is_empty()),
+                "{alert}: no {annotation}"
+            );
+        }
+        let anchor = github_anchor(alert);
+        assert_eq!(
+            annotations["runbook_url"],
+            format!("{RUNBOOK_BASE}#{anchor}"),
+            "{alert}"
+        );
+        assert!(
+            anchors.contains(&anchor),
+            "{alert}: README.md has no heading {alert} for its runbook_url"
+        );
+    }
+    assert_eq!(
+        github_anchor(" Running several replicas"),
+        "running-several-replicas"
     );
+    assert_eq!(github_anchor(" `CcgwDown`: all gone!"), "ccgwdown-all-gone");
+}
+
+/// The anchor GitHub gives a Markdown heading: lowercase, punctuation dropped (but `-` and
+/// `_`), spaces made `-`.
+fn github_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The rules select the service's series by the job the ServiceMonitor gives them: the name of
+/// the Service it selects (Prometheus Operator's default without `jobLabel`).
+#[test]
+fn the_rules_select_the_job_the_service_monitor_scrapes() {
+    let mut documents = Vec::new();
+    let mut dirs = vec![Path::new(ROOT).join("deploy/kubernetes")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for document in serde_yaml_ng::Deserializer::from_str(&text) {
+                    let value: serde_json::Value = serde::Deserialize::deserialize(document)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    documents.push(value);
+                }
+            }
+        }
+    }
+    let of_kind = |kind: &str| -> Vec<&serde_json::Value> {
+        documents.iter().filter(|d| d["kind"] == kind).collect()
+    };
+    let monitors = of_kind("ServiceMonitor");
+    let [monitor] = monitors.as_slice() else {
+        panic!(
+            "one ServiceMonitor under deploy/kubernetes, found {}",
+            monitors.len()
+        );
+    };
+    assert!(
+        monitor["spec"].get("jobLabel").is_none(),
+        "with jobLabel the job is a label's value: change the rules' job matchers to it"
+    );
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    let services: Vec<_> = of_kind("Service")
+        .into_iter()
+        .filter(|service| {
+            selector
+                .iter()
+                .all(|(key, value)| &service["metadata"]["labels"][key] == value)
+        })
+        .collect();
+    let [service] = services.as_slice() else {
+        panic!("the ServiceMonitor selects {} Services", services.len());
+    };
+    let job = service["metadata"]["name"].as_str().unwrap();
+    let mut selected = 0;
+    for rule in alerting_rules() {
+        let expr = alert_expression(&rule);
+        for selector in subexpressions(&expr)
+            .into_iter()
+            .filter_map(|expr| match expr {
+                promql_parser::parser::Expr::VectorSelector(selector) => Some(selector),
+                promql_parser::parser::Expr::MatrixSelector(matrix) => Some(&matrix.vs),
+                _ => None,
+            })
+        {
+            for matcher in selector.matchers.find_matchers("job") {
+                assert_eq!(
+                    (matcher.op.to_string(), matcher.value.as_str()),
+                    ("=".to_owned(), job),
+                    "{}: job matcher",
+                    rule["alert"]
+                );
+                selected += 1;
+            }
+        }
+    }
+    assert!(selected > 0, "no rule selects a job");
 }

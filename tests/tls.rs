@@ -9,7 +9,9 @@ use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseOut
 use common::{
     error_metadata, expect_status,
     pki::{served_certificate, tls_channel, Ca, Files, Leaf},
-    release_req, serving, sim_config, spawn_app_with, TestApp, WAIT,
+    release_req,
+    replicas::metric_at,
+    serving, sim_config, spawn_app_with, spawn_service_keeping_logs, TestApp, WAIT,
 };
 use tonic::Code;
 
@@ -247,4 +249,68 @@ certificate_names = ["dns:evil.svc"]
         .unwrap();
     assert_eq!(billing.into_inner().outcome(), ReleaseOutcome::NoActiveCall);
     assert_eq!(app.deletes().len(), 2, "only billing's releases were sent");
+}
+
+/// The reload metrics of a real process (only the gRPC port's files: no gateway client
+/// certificate here): a certificate and key that do not match are tried at every reload and
+/// counted each time, and the time of the last load stays put; once fixed, they are applied and
+/// the counting stops.
+#[tokio::test]
+async fn tls_reload_failures_are_counted_until_the_files_are_fixed() {
+    ccgw_callcontrol::install_crypto_provider();
+    let (ca, files) = (Ca::new("test CA"), Files::new());
+    let (first, second) = (ca.server(1), ca.server(2));
+    let (cert, key) = files.write_server(&first);
+    let (_service, serving, _logs) = spawn_service_keeping_logs(
+        &[
+            "--simulate",
+            "--sim-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--reload-secs",
+            "1",
+        ],
+        &[],
+    )
+    .await;
+    let metrics = serving["metrics"].as_str().unwrap().to_owned();
+    let scrape = || async {
+        (
+            metric_at(&metrics, "ccgw_tls_reload_failures_total").await,
+            metric_at(&metrics, "ccgw_tls_loaded_timestamp_seconds").await,
+        )
+    };
+    let (failures, loaded_at) = scrape().await;
+    assert_eq!(failures, 0.0);
+    assert!(loaded_at > 1.7e9, "{loaded_at}");
+    // A new certificate beside the old key: a Secret updated in two steps.
+    files.write("tls.crt", &second.cert_pem);
+    let failing = tokio::time::timeout(WAIT, async {
+        loop {
+            let now = scrape().await;
+            if now.0 >= 2.0 {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("failures counted at two reloads or more");
+    assert_eq!(failing.1, loaded_at, "nothing was applied");
+    files.write_server(&second);
+    tokio::time::timeout(WAIT, async {
+        while scrape().await.1 <= loaded_at {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the fixed files were applied");
+    let applied = scrape().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(scrape().await.0, applied.0, "still counting");
 }

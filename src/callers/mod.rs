@@ -11,10 +11,7 @@ mod streams;
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicI64, AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
-    },
+    sync::{Arc, Mutex, RwLock},
 };
 
 pub use certificate::{certificate_names, CertificateName};
@@ -25,7 +22,7 @@ use self::directory::{parse_tokens, Directory, Roster, TokenDigest, TokenLine};
 use crate::{
     domain::AgentId,
     lock,
-    reload::{utf8, WatchedFiles},
+    reload::{self, utf8, WatchedFiles},
 };
 
 /// A caller the service knows, with what it is granted. Cheap to clone. The request's
@@ -167,24 +164,17 @@ struct Files {
     token_problems: Vec<String>,
 }
 
-/// Per file: reloads that failed (counted at each attempt: a file that cannot be used is tried
-/// again every reload), and when its contents were last applied in full (Unix seconds).
+/// Per file: reloads that failed, and when its contents were last applied in full.
 #[derive(Debug, Default)]
-struct ReloadStats {
-    failures: [AtomicU64; 2],
-    loaded_at: [AtomicI64; 2],
-}
+struct ReloadStats([reload::ReloadStats; 2]);
 
 impl ReloadStats {
     fn failed(&self, file: CallerFile) {
-        self.failures[file as usize].fetch_add(1, Ordering::Relaxed);
+        self.0[file as usize].failed();
     }
 
     fn loaded(&self, file: CallerFile) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.loaded_at[file as usize].store(now, Ordering::Relaxed);
+        self.0[file as usize].loaded();
     }
 }
 
@@ -341,12 +331,12 @@ impl Callers {
 
     /// Per file, reloads that failed: `(file, count)`.
     pub fn reload_failures(&self) -> Vec<(String, u64)> {
-        self.per_file(|stats, i| stats.failures[i].load(Ordering::Relaxed))
+        self.per_file(|stats, i| stats.0[i].failures())
     }
 
     /// Per file, when its contents were last applied in full (Unix seconds).
     pub fn loaded_at(&self) -> Vec<(String, i64)> {
-        self.per_file(|stats, i| stats.loaded_at[i].load(Ordering::Relaxed))
+        self.per_file(|stats, i| stats.0[i].loaded_at())
     }
 
     fn per_file<T>(&self, read: impl Fn(&ReloadStats, usize) -> T) -> Vec<(String, T)> {

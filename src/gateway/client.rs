@@ -33,6 +33,7 @@ use super::{
 };
 use crate::{
     domain::{AgentId, CallId},
+    reload::ReloadStats,
     shares::CallerName,
     telemetry::trace::{self, GatewayServer, GatewayTrace, TraceHeaders},
     telemetry::{GatewayOperation, Metrics},
@@ -216,6 +217,13 @@ impl GatewayClient {
         if let Some(identity) = &self.client_identity {
             identity.reload();
         }
+    }
+
+    /// The client certificate's reloads, if configured.
+    pub(crate) fn tls_reload_stats(&self) -> Option<Arc<ReloadStats>> {
+        self.client_identity
+            .as_ref()
+            .map(ClientIdentity::reload_stats)
     }
 
     /// Whether [`Self::reload_tls_files`] has anything to re-read.

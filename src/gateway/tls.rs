@@ -20,7 +20,7 @@ use rustls::{
 };
 
 use super::SettingsError;
-use crate::reload::Reloading;
+use crate::reload::{ReloadStats, Reloading};
 
 /// A PEM file named by a flag, read once at startup. Errors name the flag and the path; neither
 /// they nor `Debug` ever show what the file holds (a private key, or certificates an operator
@@ -194,6 +194,7 @@ impl ClientIdentity {
             "the gateway client certificate and key",
             vec![cert.path.clone(), key.path.clone()],
             parse_identity,
+            Arc::default(),
         )
         .map(Self)
         .map_err(|e| key.problem(format!("unusable with {}: {e}", cert.path())))
@@ -201,6 +202,10 @@ impl ClientIdentity {
 
     pub(crate) fn reload(&self) {
         self.0.reload();
+    }
+
+    pub(crate) fn reload_stats(&self) -> Arc<ReloadStats> {
+        self.0.stats()
     }
 }
 

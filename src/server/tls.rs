@@ -35,7 +35,7 @@ use tonic::transport::server::Connected;
 use crate::{
     callers::{self, Peer},
     connections::{self, Admission, Admitted, LimitedConnection},
-    reload::Reloading,
+    reload::{ReloadStats, Reloading},
     telemetry::ConnectionClosed,
 };
 
@@ -57,7 +57,8 @@ pub struct ServerTls(Reloading<ServerConfig>);
 
 impl ServerTls {
     /// Loads the files; an error names the file and what is wrong with it (never its contents).
-    pub fn load(files: &TlsFiles) -> Result<Self, String> {
+    /// `stats` counts this load and the reloads.
+    pub(crate) fn load(files: &TlsFiles, stats: Arc<ReloadStats>) -> Result<Self, String> {
         crate::install_crypto_provider();
         let paths = [&files.cert, &files.key]
             .into_iter()
@@ -65,7 +66,7 @@ impl ServerTls {
             .cloned()
             .collect();
         let what = "the TLS certificate, key and client CA files";
-        Ok(Self(Reloading::load(what, paths, server_config)?))
+        Ok(Self(Reloading::load(what, paths, server_config, stats)?))
     }
 
     pub fn reload(&self) {

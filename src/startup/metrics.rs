@@ -13,6 +13,8 @@ use crate::{
     config::Config,
     connections::{self, Admission, ConnectionLimits, LimitedConnection},
     lifecycle::SideServer,
+    reload::ReloadStats,
+    server::ServerSettings,
     telemetry::{
         endpoint, ConnectionClosed, DroppedLogLines, Listener, Metrics, ScrapeTimeMetrics,
     },
@@ -66,6 +68,7 @@ impl MetricsEndpoint {
 pub(super) fn service_state(
     api: &CallControlApi,
     config: &Config,
+    server: &ServerSettings,
     dropped_log_lines: Option<DroppedLogLines>,
 ) -> ScrapeTimeMetrics {
     let mut state = ScrapeTimeMetrics::default();
@@ -266,6 +269,38 @@ pub(super) fn service_state(
                 reading(callers, |c| c.loaded_at()),
             );
     }
+    let tls_files: Vec<(&'static str, Arc<ReloadStats>)> = [
+        server
+            .tls
+            .as_ref()
+            .map(|_| ("server", server.tls_reloads.clone())),
+        api.sessions()
+            .gateway()
+            .tls_reload_stats()
+            .map(|stats| ("gateway_client", stats)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !tls_files.is_empty() {
+        let tls_files = Arc::new(tls_files);
+        state
+            .counter_by(
+                "ccgw_tls_reload_failures",
+                "Reloads of the TLS files that failed (server: the gRPC port's certificate, key \
+                 and client CA; gateway_client: the gateway client certificate and key): \
+                 unreadable, invalid, a key that does not match; tried again at every reload \
+                 until fixed",
+                "files",
+                per_files(&tls_files, ReloadStats::failures),
+            )
+            .gauge_by(
+                "ccgw_tls_loaded_timestamp_seconds",
+                "When the TLS files' contents were last applied (Unix time; startup included)",
+                "files",
+                per_files(&tls_files, ReloadStats::loaded_at),
+            );
+    }
     if let Some(dropped) = dropped_log_lines {
         state.counter(
             "ccgw_log_lines_dropped",
@@ -274,6 +309,22 @@ pub(super) fn service_state(
         );
     }
     state
+}
+
+/// `read` of each named set of files' reload stats at each scrape, by name.
+fn per_files<T>(
+    files: &Arc<Vec<(&'static str, Arc<ReloadStats>)>>,
+    read: fn(&ReloadStats) -> T,
+) -> impl Fn() -> Vec<(String, T)> + Send + Sync + 'static
+where
+    T: 'static,
+{
+    reading(files, move |files| {
+        files
+            .iter()
+            .map(|(name, stats)| ((*name).to_owned(), read(stats)))
+            .collect()
+    })
 }
 
 /// A reading of `state` at each scrape: `read` of a clone of it.
