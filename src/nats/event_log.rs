@@ -132,17 +132,9 @@ impl StreamLog {
             .await
             .map_err(|e| failed(&e))?;
         let info = stream.info().await.map_err(|e| failed(&e))?.clone();
-        if info.config.max_messages_per_subject != config.max_messages_per_subject
-            || info.config.max_age != config.max_age
-        {
-            let update = stream::Config {
-                num_replicas: info.config.num_replicas,
-                ..config
-            };
-            if let Err(error) = js.update_stream(update).await {
-                tracing::warn!(stream = %name, %error, "the event stream keeps its own retention limits");
-            }
-        }
+        cluster
+            .reconcile(&format!("stream {name}"), &info.config, &config)
+            .await?;
         let created = info.created.unix_timestamp_nanos();
         tracing::info!(stream = %name, last_sequence = info.state.last_sequence, "event log opened");
         Ok(Self {

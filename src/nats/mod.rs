@@ -14,7 +14,7 @@ pub(crate) use event_log::StreamLog;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, kv, stream};
 
 pub(crate) use ownership::NatsOwnership;
 pub use ownership::{desired_owner, shard_of, SHARDS};
@@ -60,6 +60,8 @@ pub enum NatsError {
     Connect(#[from] async_nats::ConnectError),
     #[error("NATS JetStream: {what}: {detail}")]
     JetStream { what: String, detail: String },
+    #[error("NATS JetStream: {what}: its settings differ from the configured ones: {detail}")]
+    Settings { what: String, detail: String },
 }
 
 impl NatsError {
@@ -159,33 +161,194 @@ impl Cluster {
     }
 
     /// The bucket `<prefix>-<what>`, created with `config` (name, replicas filled in) when
-    /// missing; an existing bucket is used as it is.
+    /// missing, and with at most `max_messages` entries when given; an existing bucket whose
+    /// settings differ is brought to these (see [`reconcile`](Self::reconcile)).
     pub(crate) async fn key_value(
         &self,
         what: &str,
         config: kv::Config,
+        max_messages: Option<i64>,
     ) -> Result<kv::Store, NatsError> {
         let bucket = self.name(what);
-        if let Ok(store) = self.jetstream.get_key_value(&bucket).await {
-            return Ok(store);
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            num_replicas: self.settings.replicas,
+            ..config
+        };
+        let store = match self.jetstream.get_key_value(&bucket).await {
+            Ok(store) => store,
+            Err(_) => match self.jetstream.create_key_value(config.clone()).await {
+                Ok(store) => store,
+                // Replicas starting together race to create it: one that lost finds the
+                // winner's.
+                Err(error) => self
+                    .jetstream
+                    .get_key_value(&bucket)
+                    .await
+                    .map_err(|_| NatsError::jetstream(format!("bucket {bucket}"), error))?,
+            },
+        };
+        let wanted = stream::Config {
+            num_replicas: config.num_replicas,
+            storage: config.storage,
+            max_age: config.max_age,
+            // What JetStream keeps per key: the history (zero means one to a bucket).
+            max_messages_per_subject: config.history.max(1),
+            max_messages: max_messages.unwrap_or(-1),
+            max_bytes: config.max_bytes,
+            max_message_size: config.max_value_size,
+            ..Default::default()
+        };
+        let mut stream = store.stream.clone();
+        let found = stream
+            .info()
+            .await
+            .map_err(|e| NatsError::jetstream(format!("bucket {bucket}"), e))?
+            .config
+            .clone();
+        self.reconcile(&format!("bucket {bucket}"), &found, &wanted)
+            .await?;
+        Ok(store)
+    }
+
+    /// Brings the stream configured `found` (a bucket's, or the event stream) to the settings
+    /// of `wanted` this service chooses, when they differ and JetStream allows the change;
+    /// refuses (naming each setting, the value found and the value wanted) when it does not.
+    /// An existing stream made by another version or by hand would otherwise keep limits
+    /// nobody chose (a history that keeps stale sessions, a max age that drops leases).
+    pub(crate) async fn reconcile(
+        &self,
+        what: &str,
+        found: &stream::Config,
+        wanted: &stream::Config,
+    ) -> Result<(), NatsError> {
+        let differences = differences(found, wanted);
+        if differences.is_empty() {
+            return Ok(());
         }
-        let created = self
-            .jetstream
-            .create_key_value(kv::Config {
-                bucket: bucket.clone(),
-                num_replicas: self.settings.replicas,
-                ..config
-            })
-            .await;
-        match created {
-            Ok(store) => Ok(store),
-            // Replicas starting together race to create it: one that lost finds the
-            // winner's (whose limits may already differ from a fresh bucket's).
-            Err(error) => self
-                .jetstream
-                .get_key_value(&bucket)
-                .await
-                .map_err(|_| NatsError::jetstream(format!("bucket {bucket}"), error)),
+        let listed = differences
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        if differences.iter().any(|d| d.setting == STORAGE) {
+            return Err(NatsError::Settings {
+                what: what.to_owned(),
+                detail: format!(
+                    "{listed}: JetStream cannot change the storage of an existing stream \
+                     (delete it, or give this install another --nats-prefix)"
+                ),
+            });
+        }
+        let update = stream::Config {
+            num_replicas: wanted.num_replicas,
+            max_age: wanted.max_age,
+            max_messages_per_subject: wanted.max_messages_per_subject,
+            max_messages: wanted.max_messages,
+            max_bytes: wanted.max_bytes,
+            max_message_size: wanted.max_message_size,
+            duplicate_window: if wanted.duplicate_window.is_zero() {
+                found.duplicate_window
+            } else {
+                wanted.duplicate_window
+            },
+            ..found.clone()
+        };
+        match self.jetstream.update_stream(update).await {
+            Ok(_) => {
+                tracing::info!(stream = %what, changed = %listed, "brought NATS settings to the configured ones");
+                Ok(())
+            }
+            Err(error) => Err(NatsError::Settings {
+                what: what.to_owned(),
+                detail: format!("{listed}; NATS refused to change them: {error}"),
+            }),
         }
     }
+}
+
+const STORAGE: &str = "storage";
+
+/// One setting of a stream that differs from what this service wants.
+#[derive(Debug, PartialEq, Eq)]
+struct Difference {
+    setting: &'static str,
+    found: String,
+    wanted: String,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            setting,
+            found,
+            wanted,
+        } = self;
+        write!(f, "{setting} is {found}, wanted {wanted}")
+    }
+}
+
+/// The settings this service chooses that differ between `found` and `wanted`, each as
+/// JetStream means it (zero or a negative number is no limit).
+fn differences(found: &stream::Config, wanted: &stream::Config) -> Vec<Difference> {
+    let limit = |n: i64| {
+        if n > 0 {
+            n.to_string()
+        } else {
+            "unlimited".to_owned()
+        }
+    };
+    let age = |d: Duration| {
+        if d.is_zero() {
+            "unlimited".to_owned()
+        } else {
+            format!("{d:?}")
+        }
+    };
+    let mut settings = vec![
+        (
+            "replicas",
+            found.num_replicas.max(1).to_string(),
+            wanted.num_replicas.max(1).to_string(),
+        ),
+        (
+            STORAGE,
+            format!("{:?}", found.storage),
+            format!("{:?}", wanted.storage),
+        ),
+        ("max age", age(found.max_age), age(wanted.max_age)),
+        (
+            "history (messages per subject)",
+            limit(found.max_messages_per_subject),
+            limit(wanted.max_messages_per_subject),
+        ),
+        (
+            "max messages",
+            limit(found.max_messages),
+            limit(wanted.max_messages),
+        ),
+        ("max bytes", limit(found.max_bytes), limit(wanted.max_bytes)),
+        (
+            "max message size",
+            limit(found.max_message_size.into()),
+            limit(wanted.max_message_size.into()),
+        ),
+    ];
+    // JetStream picks a duplicate window when none is asked for.
+    if !wanted.duplicate_window.is_zero() {
+        settings.push((
+            "duplicate window",
+            age(found.duplicate_window),
+            age(wanted.duplicate_window),
+        ));
+    }
+    settings
+        .into_iter()
+        .filter(|(_, found, wanted)| found != wanted)
+        .map(|(setting, found, wanted)| Difference {
+            setting,
+            found,
+            wanted,
+        })
+        .collect()
 }

@@ -708,6 +708,7 @@ impl NatsOwnership {
                     max_age: (lease_settings.ttl * 10).max(Duration::from_secs(3600)),
                     ..kv::Config::default()
                 },
+                None,
             )
             .await?;
         let shared = Shared::new(cluster.replica().into(), lease_settings);
@@ -719,6 +720,7 @@ impl NatsOwnership {
                     max_age: shared.interest_lifetime(),
                     ..kv::Config::default()
                 },
+                None,
             )
             .await?;
         tasks.spawn(follow(

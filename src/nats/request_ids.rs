@@ -75,7 +75,8 @@ struct EntriesGauge {
 
 impl NatsRequestIds {
     /// The bucket, created when missing; an existing one gets `window` and `capacity` (they
-    /// may have changed since it was made).
+    /// may have changed since it was made). KV buckets discard new messages when full, so a
+    /// claim beyond capacity fails while the answers already kept stay.
     pub(crate) async fn open(
         cluster: &Cluster,
         window: Duration,
@@ -90,28 +91,9 @@ impl NatsRequestIds {
                     max_value_size: MAX_VALUE_BYTES,
                     ..Default::default()
                 },
+                Some(i64::try_from(capacity).unwrap_or(i64::MAX)),
             )
             .await?;
-        let mut stream = store.stream.clone();
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| NatsError::jetstream("bucket requests", e))?;
-        let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
-        if info.config.max_messages != capacity || info.config.max_age != window {
-            // KV buckets discard new messages when full, so a claim beyond capacity fails
-            // while the answers already kept stay.
-            let config = async_nats::jetstream::stream::Config {
-                max_messages: capacity,
-                max_age: window,
-                ..info.config.clone()
-            };
-            cluster
-                .jetstream()
-                .update_stream(config)
-                .await
-                .map_err(|e| NatsError::jetstream("bucket requests: limits", e))?;
-        }
         Ok(Self {
             cluster: cluster.clone(),
             store,

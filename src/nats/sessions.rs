@@ -82,6 +82,7 @@ pub(crate) async fn shared_registry(
                 max_value_size: MAX_VALUE_SIZE,
                 ..Default::default()
             },
+            None,
         )
         .await?;
     let counters = Arc::new(StoreCounters::default());
