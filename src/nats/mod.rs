@@ -23,6 +23,10 @@ pub use request_ids::CLAIM_OUTLIVES_REQUEST;
 
 /// How long connecting (and each JetStream request) may take.
 const NATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first connection is tried again after this long, doubling with each failure...
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+/// ...up to this long.
+const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// How the replicas reach NATS and share state through it.
 #[derive(Debug, Clone)]
@@ -85,6 +89,28 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// [`connect`](Self::connect)s until NATS answers with JetStream, waiting a capped,
+    /// jittered, doubling pause after each failure (logged), forever: a replica started before
+    /// NATS (or while it elects its leader) waits, alive and not ready, instead of exiting into
+    /// a restart loop; `ccgw_nats_connected` and readiness tell an operator it waits. A
+    /// credentials file that cannot be read ends it (no wait mends it).
+    pub async fn connect_retrying(settings: NatsSettings) -> Result<Self, NatsError> {
+        for attempt in 0u32.. {
+            let error = match Self::connect(settings.clone()).await {
+                Ok(cluster) => match cluster.jetstream.query_account().await {
+                    Ok(_) => return Ok(cluster),
+                    Err(error) => NatsError::jetstream("account", error),
+                },
+                Err(error @ NatsError::Creds { .. }) => return Err(error),
+                Err(error) => error,
+            };
+            let pause = retry_pause(attempt);
+            tracing::warn!(%error, attempt = attempt + 1, retry_in = ?pause, "NATS cannot be used yet; trying again (not ready meanwhile)");
+            tokio::time::sleep(pause).await;
+        }
+        unreachable!("the attempts never run out")
+    }
+
     /// Connects (TLS and credentials as configured). The client reconnects by itself after;
     /// what depends on NATS reads [`is_connected`](Self::is_connected).
     pub async fn connect(settings: NatsSettings) -> Result<Self, NatsError> {
@@ -265,6 +291,15 @@ impl Cluster {
             }),
         }
     }
+}
+
+/// The pause after the `attempt`th failure (from 0): [`FIRST_RETRY`] doubling up to
+/// [`MAX_RETRY`], of which a random half (so that replicas started together spread out).
+fn retry_pause(attempt: u32) -> Duration {
+    let ceiling = FIRST_RETRY
+        .saturating_mul(1 << attempt.min(16))
+        .min(MAX_RETRY);
+    ceiling / 2 + ceiling.mul_f64(rand::random::<f64>() / 2.0)
 }
 
 const STORAGE: &str = "storage";

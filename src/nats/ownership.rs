@@ -43,7 +43,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{Cluster, NatsError};
 use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
-    events::{OwnershipStats, PollOwnership, PollPermit, RemoteInterest},
+    events::{OwnershipStats, PollOwnership, PollPermit, PollingPart, RemoteInterest},
     lock,
 };
 
@@ -195,6 +195,11 @@ struct State {
     published: HashSet<AgentId>,
     /// Other replicas' interest: agent -> replica -> when its key was put last (own clock).
     remote: HashMap<AgentId, HashMap<String, Instant>>,
+    /// This replica has held, at least once, every shard its view of the live members gives
+    /// it: it took part in the assignment (a new replica of three holds about a third).
+    share_taken: bool,
+    /// Some renewals of the last round failed.
+    renewals_failing: bool,
 }
 
 impl State {
@@ -209,6 +214,26 @@ impl State {
             local: HashMap::new(),
             published: HashSet::new(),
             remote: HashMap::new(),
+            share_taken: false,
+            renewals_failing: false,
+        }
+    }
+
+    /// Whether this replica, live itself, holds every shard the live members give it.
+    fn holds_its_share(&self, me: &str, now: Instant, ttl: Duration) -> bool {
+        let live = self.live(me, now, ttl);
+        live.contains(&me)
+            && (0..SHARDS).all(|shard| {
+                desired_owner(shard, &live) != Some(me) || self.held.contains_key(&shard)
+            })
+    }
+
+    /// Its last heartbeat and renewals were written (a replica whose writes NATS refuses, or
+    /// does not answer, polls nothing once its fences close), and it took its share once.
+    fn part(&self) -> PollingPart {
+        PollingPart {
+            writes_accepted: self.heartbeat.is_some() && !self.renewals_failing,
+            share_taken: self.share_taken,
         }
     }
 
@@ -681,6 +706,10 @@ impl PollOwnership for NatsOwnership {
             leases_lost: self.shared.leases_lost.load(Ordering::Relaxed),
         }
     }
+
+    fn part(&self) -> PollingPart {
+        lock(&self.shared.state).part()
+    }
 }
 
 impl NatsOwnership {
@@ -866,6 +895,7 @@ impl Driver {
             }
         }
         self.shared.update(|state, _| {
+            state.renewals_failing = failed > 0;
             for (shard, revision) in renewed {
                 // Not when it was found taken over meanwhile.
                 if state.held.contains_key(&shard) {
@@ -946,6 +976,18 @@ impl Driver {
             gained.len()
         });
         let handed_back = self.hand_back(&plan.hand_back).await;
+        let share_taken = self.shared.update(|state, now| {
+            let taken = !state.share_taken
+                && state.holds_its_share(&self.shared.replica, now, self.shared.settings.ttl);
+            state.share_taken |= taken;
+            taken
+        });
+        if share_taken {
+            tracing::info!(
+                shards_held = lock(&self.shared.state).held.len(),
+                "this replica holds its share of the shards"
+            );
+        }
         if gained > 0 || handed_back > 0 {
             tracing::info!(
                 gained,

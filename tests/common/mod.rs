@@ -113,7 +113,8 @@ pub async fn spawn_facade(
         let api = api.clone();
         let settings = config.server();
         async move {
-            server::run(listener, None, api, settings, async {
+            let health = server::HealthEndpoint::start(None, &settings, &Default::default()).await;
+            server::run(listener, health, api, settings, async {
                 let _ = server_stopped.await;
             })
             .await
