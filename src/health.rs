@@ -65,7 +65,9 @@ pub(crate) async fn start(
         reporter
             .set_serving::<CallControlServer<CallControlApi>>()
             .await;
-        reporter.set_service_status("", ServingStatus::Serving).await;
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
     }
     reporter
         .set_service_status(GATEWAY, gateway_status(gateway.health().state()))
@@ -112,7 +114,9 @@ async fn follow_shared_state(
         let now_reachable = reachable();
         if now_reachable != was_reachable {
             if now_reachable {
-                tracing::info!("NATS takes this replica's writes and it holds its share of the shards: ready");
+                tracing::info!(
+                    "NATS takes this replica's writes and it holds its share of the shards: ready"
+                );
                 set_readiness(&reporter, ServingStatus::Serving).await;
             } else {
                 tracing::warn!("NATS is unreachable or refuses this replica's writes: not ready until they succeed again");

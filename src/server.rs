@@ -131,8 +131,8 @@ impl HealthEndpoint {
         let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
         let side_port = ConnectionLimits::side_port(settings.connections.handshake_timeout);
         let admission = Admission::new(side_port, metrics.listener(Listener::Health).clone());
-        let probes = listener
-            .map(|listener| serve_health(listener, service.clone(), admission, settings));
+        let probes =
+            listener.map(|listener| serve_health(listener, service.clone(), admission, settings));
         Self {
             reporter,
             service,

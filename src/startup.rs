@@ -172,7 +172,10 @@ pub async fn run(
         Some(addr) => {
             let handshake_timeout = config.server().connections.handshake_timeout;
             let readings = service_state.readings(&config, &mut registry);
-            Some(MetricsEndpoint::start(addr, registry, readings, &metrics, handshake_timeout).await?)
+            Some(
+                MetricsEndpoint::start(addr, registry, readings, &metrics, handshake_timeout)
+                    .await?,
+            )
         }
         None => None,
     };
@@ -206,9 +209,15 @@ pub async fn run(
                 health = health_addr.map(tracing::field::display),
                 "serving gRPC"
             );
-            server::run(listener, health, api, config.server(), stop.cancelled_owned())
-                .await
-                .map_err(StartupError::from)
+            server::run(
+                listener,
+                health,
+                api,
+                config.server(),
+                stop.cancelled_owned(),
+            )
+            .await
+            .map_err(StartupError::from)
         }
         Ok(None) => {
             health.stop().await;

@@ -8,17 +8,15 @@ use std::{
 
 use futures_util::StreamExt;
 
-use prometheus_client::{
-    collector::Collector, encoding::DescriptorEncoder, registry::Registry,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 use tokio::net::TcpListener;
 
 use super::StartupError;
 use crate::{
     api::CallControlApi,
     config::Config,
-    health::SharedStateCheck,
     connections::{self, Admission, ConnectionLimits, LimitedConnection},
+    health::SharedStateCheck,
     lifecycle::SideServer,
     telemetry::{
         endpoint, ConnectionClosed, DroppedLogLines, Listener, Metrics, ScrapeTimeMetrics,
