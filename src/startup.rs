@@ -72,8 +72,16 @@ pub async fn build_api(
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
     // Replicated (state shared through NATS) or alone (state in memory).
+    let policy = config.release_policy();
     let cluster = match config.nats() {
-        Some(settings) => Some(Cluster::connect_retrying(settings).await?),
+        Some(settings) => {
+            let layout = nats::Layout {
+                events: config.events(),
+                idempotency_window: policy.idempotency_window,
+                idempotency_capacity: policy.idempotency_capacity,
+            };
+            Some(Cluster::connect_retrying(settings, &layout).await?)
+        }
         None => None,
     };
     let registry = match &cluster {
@@ -107,7 +115,6 @@ pub async fn build_api(
         }
         None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
     };
-    let policy = config.release_policy();
     let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
     if let Some(cluster) = &cluster {
         let request_ids = NatsRequestIds::open(

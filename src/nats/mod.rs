@@ -77,6 +77,23 @@ impl NatsError {
     }
 }
 
+/// What this replica keeps in NATS beside the lease settings: the event stream's retention
+/// and the request_ids' window and capacity.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub(crate) events: crate::events::EventSettings,
+    pub(crate) idempotency_window: Duration,
+    pub(crate) idempotency_capacity: usize,
+}
+
+/// A bucket as this replica wants it: `<prefix>-<what>`, made with `config`, holding at most
+/// `max_messages` entries when given.
+pub(crate) struct Bucket {
+    pub(crate) what: &'static str,
+    pub(crate) config: kv::Config,
+    pub(crate) max_messages: Option<i64>,
+}
+
 /// One replica's connection to NATS, and who it is among the replicas. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -89,17 +106,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// [`connect`](Self::connect)s until NATS answers with JetStream, waiting a capped,
+    /// [`connect`](Self::connect)s and makes the buckets and the stream as `layout` says
+    /// ([`prepare`](Self::prepare)) until both succeed, waiting a capped,
     /// jittered, doubling pause after each failure (logged), forever: a replica started before
     /// NATS (or while it elects its leader) waits, alive and not ready, instead of exiting into
     /// a restart loop; `ccgw_nats_connected` and readiness tell an operator it waits. A
-    /// credentials file that cannot be read ends it (no wait mends it).
-    pub async fn connect_retrying(settings: NatsSettings) -> Result<Self, NatsError> {
+    /// credentials file that cannot be read, or settings JetStream will not change, end it (no
+    /// wait mends them).
+    pub(crate) async fn connect_retrying(
+        settings: NatsSettings,
+        layout: &Layout,
+    ) -> Result<Self, NatsError> {
         for attempt in 0u32.. {
             let error = match Self::connect(settings.clone()).await {
-                Ok(cluster) => match cluster.jetstream.query_account().await {
-                    Ok(_) => return Ok(cluster),
-                    Err(error) => NatsError::jetstream("account", error),
+                Ok(cluster) => match cluster.prepare(layout).await {
+                    Ok(()) => return Ok(cluster),
+                    Err(error @ NatsError::Settings { .. }) => return Err(error),
+                    Err(error) => error,
                 },
                 Err(error @ NatsError::Creds { .. }) => return Err(error),
                 Err(error) => error,
@@ -186,15 +209,31 @@ impl Cluster {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The bucket `<prefix>-<what>`, created with `config` (name, replicas filled in) when
-    /// missing, and with at most `max_messages` entries when given; an existing bucket whose
-    /// settings differ is brought to these (see [`reconcile`](Self::reconcile)).
-    pub(crate) async fn key_value(
-        &self,
-        what: &str,
-        config: kv::Config,
-        max_messages: Option<i64>,
-    ) -> Result<kv::Store, NatsError> {
+    /// Makes every bucket and the stream (or brings them to the configured settings), so that
+    /// what follows only opens them.
+    async fn prepare(&self, layout: &Layout) -> Result<(), NatsError> {
+        let window = layout.idempotency_window;
+        let buckets = ownership::buckets(&self.settings).into_iter().chain([
+            sessions::bucket(),
+            request_ids::bucket(window, layout.idempotency_capacity),
+        ]);
+        for bucket in buckets {
+            self.key_value(bucket).await?;
+        }
+        self.stream(event_log::stream_config(self, &layout.events))
+            .await?;
+        Ok(())
+    }
+
+    /// The bucket `<prefix>-<what>`, created as `bucket` says (name, replicas filled in) when
+    /// missing; an existing bucket whose settings differ is brought to these (see
+    /// [`reconcile`](Self::reconcile)).
+    pub(crate) async fn key_value(&self, bucket: Bucket) -> Result<kv::Store, NatsError> {
+        let Bucket {
+            what,
+            config,
+            max_messages,
+        } = bucket;
         let bucket = self.name(what);
         let config = kv::Config {
             bucket: bucket.clone(),
@@ -237,12 +276,30 @@ impl Cluster {
         Ok(store)
     }
 
+    /// The stream `config` names, created when missing, brought to `config`'s settings when it
+    /// exists with others; with its information as found.
+    pub(crate) async fn stream(
+        &self,
+        config: stream::Config,
+    ) -> Result<(stream::Stream, stream::Info), NatsError> {
+        let what = format!("stream {}", config.name);
+        let failed = |e: &dyn std::fmt::Display| NatsError::jetstream(what.clone(), e);
+        let mut stream = self
+            .jetstream
+            .get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| failed(&e))?;
+        let info = stream.info().await.map_err(|e| failed(&e))?.clone();
+        self.reconcile(&what, &info.config, &config).await?;
+        Ok((stream, info))
+    }
+
     /// Brings the stream configured `found` (a bucket's, or the event stream) to the settings
     /// of `wanted` this service chooses, when they differ and JetStream allows the change;
     /// refuses (naming each setting, the value found and the value wanted) when it does not.
     /// An existing stream made by another version or by hand would otherwise keep limits
     /// nobody chose (a history that keeps stale sessions, a max age that drops leases).
-    pub(crate) async fn reconcile(
+    async fn reconcile(
         &self,
         what: &str,
         found: &stream::Config,
@@ -386,4 +443,66 @@ fn differences(found: &stream::Config, wanted: &stream::Config) -> Vec<Differenc
             wanted,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::stream::StorageType;
+
+    use super::*;
+
+    /// Each pause is half its ceiling at least and the ceiling at most: 250 ms doubling, 10 s
+    /// at most, however many attempts failed.
+    #[test]
+    fn retry_pauses_double_up_to_their_cap_with_jitter() {
+        for (attempt, ceiling_ms) in [(0, 250), (1, 500), (2, 1000), (5, 8000), (6, 10_000)] {
+            let ceiling = Duration::from_millis(ceiling_ms);
+            for _ in 0..100 {
+                let pause = retry_pause(attempt);
+                assert!(
+                    ceiling / 2 <= pause && pause <= ceiling,
+                    "{attempt}: {pause:?}"
+                );
+            }
+        }
+        assert!(retry_pause(u32::MAX) <= MAX_RETRY);
+    }
+
+    /// Limits JetStream writes as zero or -1 read alike; what differs is named with both values.
+    #[test]
+    fn differences_name_the_setting_and_both_values() {
+        let wanted = stream::Config {
+            num_replicas: 3,
+            max_age: Duration::from_secs(60),
+            max_messages_per_subject: 1,
+            max_messages: 0,
+            duplicate_window: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let found = stream::Config {
+            num_replicas: 1,
+            max_age: Duration::from_secs(60),
+            max_messages_per_subject: 5,
+            max_messages: -1,
+            max_bytes: -1,
+            max_message_size: -1,
+            storage: StorageType::Memory,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let listed: Vec<String> = differences(&found, &wanted)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                "replicas is 1, wanted 3",
+                "storage is Memory, wanted File",
+                "history (messages per subject) is 5, wanted 1",
+                "duplicate window is 120s, wanted 30s",
+            ]
+        );
+        assert!(differences(&wanted, &wanted).is_empty());
+    }
 }

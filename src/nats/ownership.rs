@@ -40,7 +40,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Cluster, NatsError};
+use super::{Bucket, Cluster, NatsError, NatsSettings};
 use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
     events::{OwnershipStats, PollOwnership, PollPermit, PollingPart, RemoteInterest},
@@ -475,6 +475,7 @@ impl Shared {
         })
     }
 
+    /// What the watched bucket's max age is.
     fn interest_lifetime(&self) -> Duration {
         self.settings.renew * INTEREST_LIFETIME
     }
@@ -712,6 +713,29 @@ impl PollOwnership for NatsOwnership {
     }
 }
 
+/// The leases and watched buckets as this replica wants them.
+pub(super) fn buckets(settings: &NatsSettings) -> [Bucket; 2] {
+    let bucket = |what, max_age| Bucket {
+        what,
+        config: kv::Config {
+            history: 1,
+            max_age,
+            ..kv::Config::default()
+        },
+        max_messages: None,
+    };
+    [
+        // Only clears keys of replicas gone for good: held leases and heartbeats are rewritten
+        // every renew interval.
+        bucket(
+            "leases",
+            (settings.lease_ttl * 10).max(Duration::from_secs(3600)),
+        ),
+        // Lets a crashed replica's interest fade.
+        bucket("watched", settings.lease_renew * INTEREST_LIFETIME),
+    ]
+}
+
 impl NatsOwnership {
     /// Opens (or creates) the buckets and starts keeping leases and interest, until
     /// `shutdown`, when the leases are handed back.
@@ -727,31 +751,10 @@ impl NatsOwnership {
             margin: settings.lease_margin,
             poll_timeout: settings.poll_timeout,
         };
-        let leases = cluster
-            .key_value(
-                "leases",
-                kv::Config {
-                    history: 1,
-                    // Only clears keys of replicas gone for good: held leases and heartbeats
-                    // are rewritten every renew interval.
-                    max_age: (lease_settings.ttl * 10).max(Duration::from_secs(3600)),
-                    ..kv::Config::default()
-                },
-                None,
-            )
-            .await?;
+        let [leases, watched] = buckets(settings);
+        let leases = cluster.key_value(leases).await?;
+        let watched = cluster.key_value(watched).await?;
         let shared = Shared::new(cluster.replica().into(), lease_settings);
-        let watched = cluster
-            .key_value(
-                "watched",
-                kv::Config {
-                    history: 1,
-                    max_age: shared.interest_lifetime(),
-                    ..kv::Config::default()
-                },
-                None,
-            )
-            .await?;
         tasks.spawn(follow(
             leases.clone(),
             shared.clone(),

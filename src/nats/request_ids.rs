@@ -24,7 +24,7 @@ use futures_util::{future::BoxFuture, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{Cluster, NatsError};
+use super::{Bucket, Cluster, NatsError};
 use crate::{
     domain::AgentId,
     gateway::{BusyCause, GatewayError, ReleaseTarget, Retcode},
@@ -73,6 +73,20 @@ struct EntriesGauge {
     refreshed: Mutex<Option<Instant>>,
 }
 
+/// The bucket as this replica wants it: answers kept for `window`, at most `capacity` of them.
+pub(super) fn bucket(window: Duration, capacity: usize) -> Bucket {
+    Bucket {
+        what: "requests",
+        config: kv::Config {
+            history: 1,
+            max_age: window,
+            max_value_size: MAX_VALUE_BYTES,
+            ..Default::default()
+        },
+        max_messages: Some(i64::try_from(capacity).unwrap_or(i64::MAX)),
+    }
+}
+
 impl NatsRequestIds {
     /// The bucket, created when missing; an existing one gets `window` and `capacity` (they
     /// may have changed since it was made). KV buckets discard new messages when full, so a
@@ -82,18 +96,7 @@ impl NatsRequestIds {
         window: Duration,
         capacity: usize,
     ) -> Result<Self, NatsError> {
-        let store = cluster
-            .key_value(
-                "requests",
-                kv::Config {
-                    history: 1,
-                    max_age: window,
-                    max_value_size: MAX_VALUE_BYTES,
-                    ..Default::default()
-                },
-                Some(i64::try_from(capacity).unwrap_or(i64::MAX)),
-            )
-            .await?;
+        let store = cluster.key_value(bucket(window, capacity)).await?;
         Ok(Self {
             cluster: cluster.clone(),
             store,
