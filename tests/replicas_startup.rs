@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, kv, stream::StorageType};
 use common::{
     exits_cleanly,
     nats::{free_port, NatsServer},
-    replicas::FAST_LEASES,
+    replicas::{refused_start, FAST_LEASES},
     sigterm, sim_config, spawn_service_logging, spawn_service_until, spawn_sim, wait_until,
     KeptLogs, WAIT,
 };
@@ -253,27 +253,6 @@ async fn bucket_and_stream_settings_that_differ_are_brought_to_the_configured_on
     drop(replica);
 }
 
-/// Runs the facade until it exits (bounded); its stderr, after asserting it failed.
-async fn refused(args: &[&str]) -> String {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args(args)
-        .args([
-            "--no-caller-auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(WAIT, run)
-        .await
-        .expect("the facade exits")
-        .unwrap();
-    assert!(!output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 /// Settings JetStream cannot change (a bucket's storage) or refuses to (three replicas on one
 /// server) stop the start with the bucket, the setting, the value found and the one wanted, at
 /// once (no retry mends them).
@@ -291,9 +270,8 @@ async fn settings_nats_cannot_change_are_refused_naming_them() {
     })
     .await
     .unwrap();
-    let gateway = gateway().await;
     let url = nats.url();
-    let error = refused(&["--gateway-url", &gateway.url, "--nats-url", &url]).await;
+    let error = refused_start(&url, &[]).await;
     assert!(
         error.contains("bucket ccgw-sessions") && error.contains("storage is Memory, wanted File"),
         "{error}"
@@ -308,15 +286,7 @@ async fn settings_nats_cannot_change_are_refused_naming_them() {
     })
     .await
     .unwrap();
-    let error = refused(&[
-        "--gateway-url",
-        &gateway.url,
-        "--nats-url",
-        &url,
-        "--nats-replicas",
-        "3",
-    ])
-    .await;
+    let error = refused_start(&url, &["--nats-replicas", "3"]).await;
     // The buckets the first start made before it refused are refused first.
     assert!(
         error.contains("bucket ccgw-")
