@@ -1286,6 +1286,39 @@ mod tests {
         );
     }
 
+    /// A replica holds its share once it holds every shard rendezvous hashing gives it among
+    /// the live replicas (about half of them with one other), not all 256; its part counts only
+    /// while its heartbeat and renewals are written.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_holds_its_share_when_it_holds_what_hashing_gives_it() {
+        let now = Instant::now();
+        let mut state = State::new(now);
+        state.heartbeat_sent(Some(now));
+        state.saw_member("b", 1, now);
+        let mine: Vec<u16> = (0..SHARDS)
+            .filter(|shard| desired_owner(*shard, &["a", "b"]) == Some("a"))
+            .collect();
+        assert!((64..=192).contains(&mine.len()), "{}", mine.len());
+        for shard in &mine[1..] {
+            state.renewed("a", *shard, 7, now, SETTINGS);
+        }
+        assert!(!state.holds_its_share("a", now, SETTINGS.ttl));
+        state.renewed("a", mine[0], 7, now, SETTINGS);
+        assert!(state.holds_its_share("a", now, SETTINGS.ttl));
+
+        state.share_taken = true;
+        assert!(state.part().writes_accepted && state.part().share_taken);
+        state.renewals_failing = true;
+        assert!(!state.part().writes_accepted);
+        state.renewals_failing = false;
+        state.heartbeat_sent(None);
+        assert!(!state.part().writes_accepted, "a failed heartbeat");
+        assert!(
+            !state.holds_its_share("a", now, SETTINGS.ttl),
+            "not live itself"
+        );
+    }
+
     fn ownership(me: &str) -> NatsOwnership {
         NatsOwnership {
             shared: Shared::new(me.into(), SETTINGS),
