@@ -1,12 +1,16 @@
 //! What the gRPC health service (`grpc.health.v1.Health`) reports, by service name:
-//! - readiness, `""` and [`READINESS`]: SERVING from start until shutdown begins (a draining
-//!   replica takes no new calls), then NOT_SERVING. The gateway's reachability is not part of
+//! - readiness, `""` and [`READINESS`]: NOT_SERVING until the service is built (a replica
+//!   waits for NATS first), then SERVING until shutdown begins (a draining replica takes no new
+//!   calls), then NOT_SERVING. The gateway's reachability is not part of
 //!   it: with a shared gateway down, every replica would leave the Service, and callers would
 //!   get connection refused instead of GATEWAY_UNREACHABLE with RetryInfo. Replicated
-//!   (`--nats-url`), it is also NOT_SERVING while this replica cannot reach NATS, and SERVING
-//!   again once it can: a replica cut off from the shared state refuses releases (or uses stale
-//!   sessions), so the Service should send calls to the others. If NATS is down for every
-//!   replica, all of them leave the Service: that is the point of the signal.
+//!   (`--nats-url`), it is also NOT_SERVING until this replica has taken its share of the
+//!   shards, and while it cannot reach NATS or NATS refuses its writes (its lease heartbeat and
+//!   renewals), and SERVING again once they succeed: a replica cut off from the shared state
+//!   refuses releases (or uses stale sessions) and polls nothing, so the Service should send
+//!   calls to the others. If NATS is down for every replica, all of them leave the Service:
+//!   that is the point of the signal. Having taken its share is latched: a replica does not
+//!   leave the Service while the shards of a replica that died wait for their TTL.
 //! - [`LIVENESS`]: SERVING as long as the process serves, draining included, so that Kubernetes
 //!   never restarts a replica that is finishing its calls.
 //! - [`GATEWAY`]: the CC-Gateway's damped reachability (`GatewayHealth`), for alerts and
@@ -36,9 +40,20 @@ pub(crate) type SharedStateCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 /// How often readiness looks at the shared state's reachability (a flag read, no request).
 const SHARED_STATE_CHECK_EVERY: Duration = Duration::from_millis(250);
 
-/// Reports every name's starting status and starts following the gateway: probes it every
-/// `probe_every` and mirrors its reachability into [`GATEWAY`], until shutdown. With
-/// `shared_state`, readiness follows it too.
+/// Before the service is built: alive, not ready, the gateway not reached yet.
+pub(crate) async fn starting(reporter: &HealthReporter) {
+    set_readiness(reporter, ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(GATEWAY, ServingStatus::NotServing)
+        .await;
+}
+
+/// Reports readiness and starts following the gateway: probes it every `probe_every` and
+/// mirrors its reachability into [`GATEWAY`], until shutdown. With `shared_state`, readiness
+/// follows it (NOT_SERVING until it holds).
 pub(crate) async fn start(
     reporter: &HealthReporter,
     gateway: &GatewayClient,
@@ -46,12 +61,14 @@ pub(crate) async fn start(
     probe_every: Duration,
     lifecycle: &Lifecycle,
 ) {
-    reporter
-        .set_serving::<CallControlServer<CallControlApi>>()
-        .await;
-    reporter
-        .set_service_status(LIVENESS, ServingStatus::Serving)
-        .await;
+    if shared_state.is_none() {
+        reporter
+            .set_serving::<CallControlServer<CallControlApi>>()
+            .await;
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+    }
     reporter
         .set_service_status(GATEWAY, gateway_status(gateway.health().state()))
         .await;
@@ -84,23 +101,25 @@ async fn set_readiness(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
 }
 
-/// Readiness while serving: NOT_SERVING while the shared state is out of reach. Stops at
-/// shutdown, which owns readiness from then on.
+/// Readiness while serving: SERVING while the shared state holds (see the module's
+/// documentation). Stops at shutdown, which owns readiness from then on.
 async fn follow_shared_state(
     reporter: HealthReporter,
     reachable: SharedStateCheck,
     stop: CancellationToken,
 ) {
-    // start() reported SERVING: the connection to NATS was made just before.
-    let mut was_reachable = true;
+    // starting() reported NOT_SERVING.
+    let mut was_reachable = false;
     loop {
         let now_reachable = reachable();
         if now_reachable != was_reachable {
             if now_reachable {
-                tracing::info!("NATS is reachable again: ready");
+                tracing::info!(
+                    "NATS takes this replica's writes and it holds its share of the shards: ready"
+                );
                 set_readiness(&reporter, ServingStatus::Serving).await;
             } else {
-                tracing::warn!("NATS is unreachable: not ready until it is back");
+                tracing::warn!("NATS is unreachable or refuses this replica's writes: not ready until they succeed again");
                 set_readiness(&reporter, ServingStatus::NotServing).await;
             }
             was_reachable = now_reachable;

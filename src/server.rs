@@ -17,6 +17,10 @@ use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{codegen::http, service::interceptor::InterceptedService};
+use tonic_health::{
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
 use tonic_reflection::server::{v1, v1alpha};
 
 use self::tls::ServerTls;
@@ -31,7 +35,7 @@ use crate::{
     lifecycle::{Lifecycle, SideServer},
     proto,
     reload::{self, ReloadStats},
-    telemetry::{trace::TraceContextLayer, Listener, RpcTelemetryLayer},
+    telemetry::{trace::TraceContextLayer, Listener, Metrics, RpcTelemetryLayer},
 };
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
@@ -118,25 +122,63 @@ pub enum ServerError {
     Tls(String),
 }
 
+/// The health service, and the plaintext health port when there is one: started before the
+/// service is built, so that probes see a replica waiting for NATS alive and not ready.
+pub struct HealthEndpoint {
+    reporter: HealthReporter,
+    service: HealthServer<HealthService>,
+    probes: Option<SideServer<tonic::transport::Error>>,
+}
+
+impl HealthEndpoint {
+    /// Reports alive and not ready, serving `listener` (the health port) when given, counted in
+    /// `metrics`.
+    pub async fn start(
+        listener: Option<TcpListener>,
+        settings: &ServerSettings,
+        metrics: &Metrics,
+    ) -> Self {
+        let reporter = HealthReporter::new();
+        health::starting(&reporter).await;
+        let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+        let side_port = ConnectionLimits::side_port(settings.connections.handshake_timeout);
+        let admission = Admission::new(side_port, metrics.listener(Listener::Health).clone());
+        let probes =
+            listener.map(|listener| serve_health(listener, service.clone(), admission, settings));
+        Self {
+            reporter,
+            service,
+            probes,
+        }
+    }
+
+    /// Stops the health port (the service never got built, or it has drained).
+    pub async fn stop(self) {
+        if let Some(probes) = self.probes {
+            probes.stop().await;
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then reports not ready, stops accepting, and gives
-/// in-flight calls `drain_timeout` to finish.
+/// in-flight calls `drain_timeout` to finish; stops `health` after.
 pub async fn run(
     listener: TcpListener,
-    health_listener: Option<TcpListener>,
+    health: HealthEndpoint,
     api: CallControlApi,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let lifecycle = api.lifecycle().clone();
-    let (health, health_service) = tonic_health::server::health_reporter();
     health::start(
-        &health,
+        &health.reporter,
         api.sessions().gateway(),
-        api.shared_state_check(),
+        api.readiness_check(),
         settings.gateway_probe,
         &lifecycle,
     )
     .await;
+    let health_service = health.service.clone();
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let tls = settings
@@ -160,7 +202,7 @@ pub async fn run(
         authenticate,
     );
     let signal = {
-        let (lifecycle, health) = (lifecycle.clone(), health.clone());
+        let (lifecycle, health) = (lifecycle.clone(), health.reporter.clone());
         async move {
             shutdown.await;
             begin_shutdown(&lifecycle, &health).await;
@@ -169,8 +211,6 @@ pub async fn run(
     let hard_stop = lifecycle.hard_stop().clone();
     let listener_metrics = |listener| call_control_metrics.listener(listener).clone();
     let admission = Admission::new(settings.connections, listener_metrics(Listener::Grpc));
-    let side_port = ConnectionLimits::side_port(settings.connections.handshake_timeout);
-    let health_admission = Admission::new(side_port, listener_metrics(Listener::Health));
     let router = http2_server(&settings)
         .max_concurrent_streams(settings.max_concurrent_streams)
         // Outermost: every answer, including those of the layers below, is counted and logged.
@@ -182,7 +222,7 @@ pub async fn run(
             inner,
             stop: hard_stop.clone(),
         }))
-        .add_service(health_service.clone())
+        .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(call_control);
@@ -195,12 +235,8 @@ pub async fn run(
             .serve_with_incoming_shutdown(tls::incoming(listener, tls, admission, lifetime), signal)
             .boxed(),
     };
-    let probes = health_listener
-        .map(|listener| serve_health(listener, health_service, health_admission, &settings));
     let served = drain(serve, &lifecycle, settings.drain_timeout).await;
-    if let Some(probes) = probes {
-        probes.stop().await;
-    }
+    health.stop().await;
     served
 }
 
@@ -209,9 +245,7 @@ pub async fn run(
 /// replica is seen alive and not ready, rather than not there.
 fn serve_health(
     listener: TcpListener,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    health_service: HealthServer<HealthService>,
     admission: Admission,
     settings: &ServerSettings,
 ) -> SideServer<tonic::transport::Error> {

@@ -6,7 +6,9 @@ use std::{future::Future, sync::Arc};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use self::metrics::MetricsEndpoint;
+use tokio_util::sync::CancellationToken;
+
+use self::metrics::{MetricsEndpoint, ServiceState};
 
 use crate::{
     api::CallControlApi,
@@ -18,7 +20,7 @@ use crate::{
     lifecycle::Lifecycle,
     nats::{self, Cluster, NatsOwnership, NatsRequestIds, StreamLog},
     release::ReleaseService,
-    server,
+    server::{self, HealthEndpoint},
     sessions::{SessionRegistry, Sessions},
     telemetry::{DroppedLogLines, Metrics},
 };
@@ -70,8 +72,16 @@ pub async fn build_api(
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
     // Replicated (state shared through NATS) or alone (state in memory).
+    let policy = config.release_policy();
     let cluster = match config.nats() {
-        Some(settings) => Some(Cluster::connect(settings).await?),
+        Some(settings) => {
+            let layout = nats::Layout {
+                events: config.events(),
+                idempotency_window: policy.idempotency_window,
+                idempotency_capacity: policy.idempotency_capacity,
+            };
+            Some(Cluster::connect_retrying(settings, &layout).await?)
+        }
         None => None,
     };
     let registry = match &cluster {
@@ -105,7 +115,6 @@ pub async fn build_api(
         }
         None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
     };
-    let policy = config.release_policy();
     let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
     if let Some(cluster) = &cluster {
         let request_ids = NatsRequestIds::open(
@@ -131,7 +140,9 @@ pub async fn build_api(
 
 /// Runs the service on `listener` until `shutdown` resolves, with the metrics endpoint on
 /// `--metrics-listen` if set (counting `dropped_log_lines` too); with `--simulate`, first
-/// starts the embedded simulator and prepares the demo.
+/// starts the embedded simulator and prepares the demo. The health port and the metrics
+/// endpoint serve while the service is built (a replica may wait for NATS): alive, not ready;
+/// the gRPC port once it is built. A shutdown meanwhile ends the wait at once.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -143,21 +154,14 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let server = config.server();
-    let api = match &config.gateway_url {
-        Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics).await?,
-        #[cfg(feature = "simulator")]
-        _ => demo::start(&config, &listener, &metrics).await?,
-        #[cfg(not(feature = "simulator"))]
-        _ => return Err(StartupError::NoSimulator),
-    };
-    let endpoint = match config.metrics_listen {
-        Some(addr) => {
-            let state = metrics::service_state(&api, &config, &server, dropped_log_lines);
-            let handshake_timeout = config.server().connections.handshake_timeout;
-            Some(MetricsEndpoint::start(addr, registry, state, &metrics, handshake_timeout).await?)
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
         }
-        None => None,
-    };
+    });
     let health_listener = match config.health_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -170,17 +174,66 @@ pub async fn run(
         .as_ref()
         .map(TcpListener::local_addr)
         .transpose()?;
+    let health = HealthEndpoint::start(health_listener, &server, &metrics).await;
+    let service_state = ServiceState::default();
+    let endpoint = match config.metrics_listen {
+        Some(addr) => {
+            let handshake_timeout = server.connections.handshake_timeout;
+            let readings = service_state.readings(&config, &mut registry);
+            Some(
+                MetricsEndpoint::start(addr, registry, readings, &metrics, handshake_timeout)
+                    .await?,
+            )
+        }
+        None => None,
+    };
     tracing::info!(
-        listen = %listener.local_addr()?,
         metrics = endpoint.as_ref().map(|e| tracing::field::display(e.addr)),
         health = health_addr.map(tracing::field::display),
-        "serving gRPC"
+        "starting: alive, not ready"
     );
-    let served = server::run(listener, health_listener, api, server, shutdown).await;
+    let built = async {
+        match &config.gateway_url {
+            Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics).await,
+            #[cfg(feature = "simulator")]
+            _ => demo::start(&config, &listener, &metrics).await,
+            #[cfg(not(feature = "simulator"))]
+            _ => Err(StartupError::NoSimulator),
+        }
+    };
+    let built = tokio::select! {
+        built = built => built.map(Some),
+        () = stop.cancelled() => {
+            tracing::info!("shutdown before the service was built");
+            Ok(None)
+        }
+    };
+    let served = match built {
+        Ok(Some(api)) => {
+            service_state.built(&api, &config, &server, dropped_log_lines);
+            tracing::info!(
+                listen = %listener.local_addr()?,
+                metrics = endpoint.as_ref().map(|e| tracing::field::display(e.addr)),
+                health = health_addr.map(tracing::field::display),
+                "serving gRPC"
+            );
+            server::run(listener, health, api, server, stop.cancelled_owned())
+                .await
+                .map_err(StartupError::from)
+        }
+        Ok(None) => {
+            health.stop().await;
+            Ok(())
+        }
+        Err(error) => {
+            health.stop().await;
+            Err(error)
+        }
+    };
     if let Some(endpoint) = endpoint {
         endpoint.stop().await;
     }
-    Ok(served?)
+    served
 }
 
 /// File descriptors kept beside the event polls and the connections the caps allow: listeners,

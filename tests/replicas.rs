@@ -9,7 +9,7 @@ use common::{
     client_of, desktop_sign_in, handing_over,
     nats::NatsServer,
     release_req,
-    replicas::{ReplicaSet, RoamingWatcher, Seen, FAST_LEASES},
+    replicas::{nobody_listening, refused_start, ReplicaSet, RoamingWatcher, Seen, FAST_LEASES},
     sim_config, spawn_service, spawn_sim,
 };
 
@@ -34,31 +34,6 @@ async fn a_replica_connects_to_nats_and_serves() {
     assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
 }
 
-/// Starts the service on `nats_url` with `flags`, expecting it to refuse: its stderr.
-async fn refused_start(nats_url: &str, flags: &[&str]) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args(["--gateway-url", "http://127.0.0.1:9", "--no-caller-auth"])
-        .args(["--nats-url", nats_url])
-        .args(flags)
-        .output();
-    let output = tokio::time::timeout(std::time::Duration::from_secs(30), output)
-        .await
-        .expect("the process exits")
-        .unwrap();
-    assert!(!output.status.success());
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// A loopback NATS URL nothing listens on.
-fn nobody_listening() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("nats://127.0.0.1:{port}")
-}
-
 /// With NATS a request_id's claim must outlive its answer: a window that barely covers the
 /// request timeout is refused at startup, naming both flags, before NATS is reached.
 #[tokio::test]
@@ -75,13 +50,6 @@ async fn a_replica_whose_request_ids_could_expire_unanswered_does_not_start() {
             && stderr.contains("--request-timeout-ms (10000 ms)"),
         "{stderr}"
     );
-}
-
-/// Without NATS the replica refuses to start, naming what it could not reach.
-#[tokio::test]
-async fn a_replica_without_nats_does_not_start() {
-    let stderr = refused_start(&nobody_listening(), &[]).await;
-    assert!(stderr.contains("cannot connect to NATS"), "{stderr}");
 }
 
 /// The README's local three-replica script, in its checking mode: a hang-up through replica 2

@@ -94,12 +94,28 @@ impl CallControlApi {
         self.release.idempotency_entries()
     }
 
-    /// Replicated, whether the replicas' shared state can be reached now (for readiness).
+    /// Replicated, whether the replicas' shared state can be reached now and takes this
+    /// replica's writes.
     pub(crate) fn shared_state_check(&self) -> Option<crate::health::SharedStateCheck> {
-        let release = self.release.clone();
-        self.release
-            .shares_state()
-            .then(|| std::sync::Arc::new(move || release.shared_state_reachable()) as _)
+        self.shared_check(|part| part.writes_accepted)
+    }
+
+    /// Replicated, readiness: the shared state can be reached and takes this replica's writes,
+    /// and it has taken its share of the polling.
+    pub(crate) fn readiness_check(&self) -> Option<crate::health::SharedStateCheck> {
+        self.shared_check(|part| part.writes_accepted && part.share_taken)
+    }
+
+    fn shared_check(
+        &self,
+        part_ok: fn(crate::events::PollingPart) -> bool,
+    ) -> Option<crate::health::SharedStateCheck> {
+        let (release, events) = (self.release.clone(), self.events.clone());
+        self.release.shares_state().then(|| {
+            std::sync::Arc::new(move || {
+                release.shared_state_reachable() && part_ok(events.polling_part())
+            }) as _
+        })
     }
 
     pub fn sessions(&self) -> &Sessions {

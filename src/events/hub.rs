@@ -14,7 +14,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{
     feeds::{Feed, FeedRegistry},
     log::{EventLog, LogFollower, LogStats, ProcessLog},
-    ownership::{Alone, OwnershipStats, PollOwnership},
+    ownership::{Alone, OwnershipStats, PollOwnership, PollingPart},
     subscribe::{Permits, Request, SubscribeError},
     watcher::Watcher,
     EventSettings, KindFilter, ResumeToken,
@@ -304,6 +304,11 @@ impl EventHub {
     /// What this replica's poll leases did (all zero for a single process).
     pub fn ownership_stats(&self) -> OwnershipStats {
         self.hub.ownership.stats()
+    }
+
+    /// This replica's part in polling (all of it, alone).
+    pub(crate) fn polling_part(&self) -> PollingPart {
+        self.hub.ownership.part()
     }
 
     pub fn stats(&self) -> EventStats {

@@ -51,7 +51,7 @@ pub(crate) use forward::Forwarded;
 pub use hub::{EventHub, EventStats};
 pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, Record};
-pub use ownership::OwnershipStats;
+pub use ownership::{OwnershipStats, PollingPart};
 pub(crate) use ownership::{PollOwnership, PollPermit, RemoteInterest};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};

@@ -36,6 +36,23 @@ pub(crate) trait PollOwnership: Send + Sync + fmt::Debug {
     fn stats(&self) -> OwnershipStats {
         OwnershipStats::default()
     }
+
+    /// This replica's part in polling (all of it, alone).
+    fn part(&self) -> PollingPart {
+        PollingPart {
+            writes_accepted: true,
+            share_taken: true,
+        }
+    }
+}
+
+/// Whether a replica takes its part in polling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollingPart {
+    /// Its last writes of who polls what were taken (by the shared state).
+    pub writes_accepted: bool,
+    /// It has held, at least once, every agent it should: with other replicas, its share.
+    pub share_taken: bool,
 }
 
 /// What the ownership's leases did, for metrics.

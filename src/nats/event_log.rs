@@ -102,6 +102,22 @@ struct Inner {
     lag: AtomicU64,
 }
 
+/// The stream as this replica wants it.
+pub(super) fn stream_config(cluster: &Cluster, events: &EventSettings) -> stream::Config {
+    stream::Config {
+        name: cluster.name("events"),
+        subjects: vec![format!("{}.>", cluster.subject("events"))],
+        // Zero would mean "no limit" to JetStream: keep the one newest at least.
+        max_messages_per_subject: i64::try_from(events.replay_events.max(1)).unwrap_or(i64::MAX),
+        max_age: events.replay_age,
+        storage: StorageType::File,
+        num_replicas: cluster.settings().replicas,
+        duplicate_window: DUPLICATE_WINDOW.min(events.replay_age),
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
 impl StreamLog {
     /// The stream, created when missing (its limits brought to the configured ones when it
     /// exists with others).
@@ -113,36 +129,8 @@ impl StreamLog {
         let name = cluster.name("events");
         let root = cluster.subject("events");
         let per_agent = events.replay_events.max(1);
-        let config = stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("{root}.>")],
-            // Zero would mean "no limit" to JetStream: keep the one newest at least.
-            max_messages_per_subject: i64::try_from(per_agent).unwrap_or(i64::MAX),
-            max_age: events.replay_age,
-            storage: StorageType::File,
-            num_replicas: cluster.settings().replicas,
-            duplicate_window: DUPLICATE_WINDOW.min(events.replay_age),
-            allow_direct: true,
-            ..Default::default()
-        };
-        let failed = |e: &dyn std::fmt::Display| NatsError::jetstream(format!("stream {name}"), e);
+        let (stream, info) = cluster.stream(stream_config(cluster, events)).await?;
         let js = cluster.jetstream();
-        let mut stream = js
-            .get_or_create_stream(config.clone())
-            .await
-            .map_err(|e| failed(&e))?;
-        let info = stream.info().await.map_err(|e| failed(&e))?.clone();
-        if info.config.max_messages_per_subject != config.max_messages_per_subject
-            || info.config.max_age != config.max_age
-        {
-            let update = stream::Config {
-                num_replicas: info.config.num_replicas,
-                ..config
-            };
-            if let Err(error) = js.update_stream(update).await {
-                tracing::warn!(stream = %name, %error, "the event stream keeps its own retention limits");
-            }
-        }
         let created = info.created.unix_timestamp_nanos();
         tracing::info!(stream = %name, last_sequence = info.state.last_sequence, "event log opened");
         Ok(Self {

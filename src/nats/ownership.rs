@@ -40,10 +40,10 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Cluster, NatsError};
+use super::{Bucket, Cluster, NatsError, NatsSettings};
 use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
-    events::{OwnershipStats, PollOwnership, PollPermit, RemoteInterest},
+    events::{OwnershipStats, PollOwnership, PollPermit, PollingPart, RemoteInterest},
     lock,
 };
 
@@ -195,6 +195,11 @@ struct State {
     published: HashSet<AgentId>,
     /// Other replicas' interest: agent -> replica -> when its key was put last (own clock).
     remote: HashMap<AgentId, HashMap<String, Instant>>,
+    /// This replica has held, at least once, every shard its view of the live members gives
+    /// it: it took part in the assignment (a new replica of three holds about a third).
+    share_taken: bool,
+    /// Some renewals of the last round failed.
+    renewals_failing: bool,
 }
 
 impl State {
@@ -209,6 +214,26 @@ impl State {
             local: HashMap::new(),
             published: HashSet::new(),
             remote: HashMap::new(),
+            share_taken: false,
+            renewals_failing: false,
+        }
+    }
+
+    /// Whether this replica, live itself, holds every shard the live members give it.
+    fn holds_its_share(&self, me: &str, now: Instant, ttl: Duration) -> bool {
+        let live = self.live(me, now, ttl);
+        live.contains(&me)
+            && (0..SHARDS).all(|shard| {
+                desired_owner(shard, &live) != Some(me) || self.held.contains_key(&shard)
+            })
+    }
+
+    /// Its last heartbeat and renewals were written (a replica whose writes NATS refuses, or
+    /// does not answer, polls nothing once its fences close), and it took its share once.
+    fn part(&self) -> PollingPart {
+        PollingPart {
+            writes_accepted: self.heartbeat.is_some() && !self.renewals_failing,
+            share_taken: self.share_taken,
         }
     }
 
@@ -450,6 +475,7 @@ impl Shared {
         })
     }
 
+    /// What the watched bucket's max age is.
     fn interest_lifetime(&self) -> Duration {
         self.settings.renew * INTEREST_LIFETIME
     }
@@ -681,6 +707,33 @@ impl PollOwnership for NatsOwnership {
             leases_lost: self.shared.leases_lost.load(Ordering::Relaxed),
         }
     }
+
+    fn part(&self) -> PollingPart {
+        lock(&self.shared.state).part()
+    }
+}
+
+/// The leases and watched buckets as this replica wants them.
+pub(super) fn buckets(settings: &NatsSettings) -> [Bucket; 2] {
+    let bucket = |what, max_age| Bucket {
+        what,
+        config: kv::Config {
+            history: 1,
+            max_age,
+            ..kv::Config::default()
+        },
+        max_messages: None,
+    };
+    [
+        // Only clears keys of replicas gone for good: held leases and heartbeats are rewritten
+        // every renew interval.
+        bucket(
+            "leases",
+            (settings.lease_ttl * 10).max(Duration::from_secs(3600)),
+        ),
+        // Lets a crashed replica's interest fade.
+        bucket("watched", settings.lease_renew * INTEREST_LIFETIME),
+    ]
 }
 
 impl NatsOwnership {
@@ -698,29 +751,10 @@ impl NatsOwnership {
             margin: settings.lease_margin,
             poll_timeout: settings.poll_timeout,
         };
-        let leases = cluster
-            .key_value(
-                "leases",
-                kv::Config {
-                    history: 1,
-                    // Only clears keys of replicas gone for good: held leases and heartbeats
-                    // are rewritten every renew interval.
-                    max_age: (lease_settings.ttl * 10).max(Duration::from_secs(3600)),
-                    ..kv::Config::default()
-                },
-            )
-            .await?;
+        let [leases, watched] = buckets(settings);
+        let leases = cluster.key_value(leases).await?;
+        let watched = cluster.key_value(watched).await?;
         let shared = Shared::new(cluster.replica().into(), lease_settings);
-        let watched = cluster
-            .key_value(
-                "watched",
-                kv::Config {
-                    history: 1,
-                    max_age: shared.interest_lifetime(),
-                    ..kv::Config::default()
-                },
-            )
-            .await?;
         tasks.spawn(follow(
             leases.clone(),
             shared.clone(),
@@ -864,6 +898,7 @@ impl Driver {
             }
         }
         self.shared.update(|state, _| {
+            state.renewals_failing = failed > 0;
             for (shard, revision) in renewed {
                 // Not when it was found taken over meanwhile.
                 if state.held.contains_key(&shard) {
@@ -944,6 +979,18 @@ impl Driver {
             gained.len()
         });
         let handed_back = self.hand_back(&plan.hand_back).await;
+        let share_taken = self.shared.update(|state, now| {
+            let taken = !state.share_taken
+                && state.holds_its_share(&self.shared.replica, now, self.shared.settings.ttl);
+            state.share_taken |= taken;
+            taken
+        });
+        if share_taken {
+            tracing::info!(
+                shards_held = lock(&self.shared.state).held.len(),
+                "this replica holds its share of the shards"
+            );
+        }
         if gained > 0 || handed_back > 0 {
             tracing::info!(
                 gained,
@@ -1236,6 +1283,39 @@ mod tests {
         assert_eq!(
             state.plan("a", Instant::now(), SETTINGS.ttl),
             Plan::default()
+        );
+    }
+
+    /// A replica holds its share once it holds every shard rendezvous hashing gives it among
+    /// the live replicas (about half of them with one other), not all 256; its part counts only
+    /// while its heartbeat and renewals are written.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_holds_its_share_when_it_holds_what_hashing_gives_it() {
+        let now = Instant::now();
+        let mut state = State::new(now);
+        state.heartbeat_sent(Some(now));
+        state.saw_member("b", 1, now);
+        let mine: Vec<u16> = (0..SHARDS)
+            .filter(|shard| desired_owner(*shard, &["a", "b"]) == Some("a"))
+            .collect();
+        assert!((64..=192).contains(&mine.len()), "{}", mine.len());
+        for shard in &mine[1..] {
+            state.renewed("a", *shard, 7, now, SETTINGS);
+        }
+        assert!(!state.holds_its_share("a", now, SETTINGS.ttl));
+        state.renewed("a", mine[0], 7, now, SETTINGS);
+        assert!(state.holds_its_share("a", now, SETTINGS.ttl));
+
+        state.share_taken = true;
+        assert!(state.part().writes_accepted && state.part().share_taken);
+        state.renewals_failing = true;
+        assert!(!state.part().writes_accepted);
+        state.renewals_failing = false;
+        state.heartbeat_sent(None);
+        assert!(!state.part().writes_accepted, "a failed heartbeat");
+        assert!(
+            !state.holds_its_share("a", now, SETTINGS.ttl),
+            "not live itself"
         );
     }
 

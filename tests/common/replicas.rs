@@ -325,3 +325,29 @@ async fn roam(
         }
     }
 }
+
+/// Starts the service on `nats_url` with `flags`, expecting it to refuse: its stderr.
+pub async fn refused_start(nats_url: &str, flags: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args(["--gateway-url", "http://127.0.0.1:9", "--no-caller-auth"])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--nats-url", nats_url])
+        .args(flags)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), output)
+        .await
+        .expect("the process exits")
+        .unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A loopback NATS URL nothing listens on.
+pub fn nobody_listening() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("nats://127.0.0.1:{port}")
+}
