@@ -1087,14 +1087,17 @@ fn the_nats_image_is_the_version_the_tests_run() {
 }
 
 /// GOMEMLIMIT is set below the NATS container's memory limit, ~80% of it as the NATS Helm chart
-/// advises, so the Go runtime collects garbage before the kernel kills the server.
+/// advises, so the Go runtime collects garbage before the kernel kills the server; the memory
+/// is requested as much as the limit, so the node has set it aside.
 #[test]
 fn the_nats_servers_go_memory_limit_is_80_percent_of_the_containers() {
     let Some(objects) = rendered("replicated") else {
         return;
     };
     let container = nats_container(&objects);
-    let limit = bytes_of(container["resources"]["limits"]["memory"].as_str().unwrap());
+    let memory = &container["resources"];
+    assert_eq!(memory["requests"]["memory"], memory["limits"]["memory"]);
+    let limit = bytes_of(memory["limits"]["memory"].as_str().unwrap());
     let go = container["env"]
         .as_array()
         .unwrap()
