@@ -474,6 +474,17 @@ fn nats_prefix(raw: &str) -> Result<String, String> {
     }
 }
 
+/// Whether the server address `server` (`[scheme://][user[:password]@]host[:port]`) names a user.
+fn holds_user_info(server: &str) -> bool {
+    let server = server.trim();
+    let authority = server.split_once("://").map_or(server, |(_, rest)| rest);
+    authority
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .contains('@')
+}
+
 /// How long before its lease could be taken over a replica stops starting polls: covers the
 /// clock drift between replicas over one TTL and the time a poll takes to leave.
 pub(crate) const LEASE_MARGIN_SECS: u64 = 2;
@@ -541,7 +552,17 @@ impl Config {
                 self.idempotency_window_secs, self.request_timeout_ms
             ));
         }
-        if self.nats_url.is_some() {
+        if let Some(url) = &self.nats_url {
+            if url.split(',').any(holds_user_info) {
+                // The NATS client ignores a URL's user and password: the server would see an
+                // anonymous client. The URL is not repeated: it holds a password.
+                return Err(
+                    "--nats-url holds a user or password, which the NATS client does \
+                            not send: authenticate with --nats-creds or a client certificate \
+                            (--nats-tls-cert and --nats-tls-key)"
+                        .to_owned(),
+                );
+            }
             let outlives_ms = CLAIM_OUTLIVES_REQUEST.as_millis() as u64;
             if self.idempotency_window_secs * 1000 < self.request_timeout_ms + outlives_ms {
                 return Err(format!(
@@ -867,6 +888,38 @@ mod tests {
             default.server().max_connection_age_grace,
             Duration::from_secs(30)
         );
+    }
+
+    /// The NATS client would drop a URL's user and password and connect anonymously: such a
+    /// URL is refused at start, and the refusal does not repeat the user or password.
+    #[test]
+    fn a_nats_url_with_a_user_or_password_is_refused_without_repeating_it() {
+        let validate = |urls: &str| {
+            Config::try_parse_from(["x", "--simulate", &format!("--nats-url={urls}")])
+                .unwrap()
+                .validate()
+        };
+        proptest::proptest!(|(
+            user in "[A-Za-z0-9._~-]{1,12}",
+            password in proptest::option::of("[A-Za-z0-9._~!$&'()*+;=-]{1,16}"),
+            scheme in proptest::option::of("(nats|tls|ws|wss)://"),
+            before in proptest::bool::ANY,
+        )| {
+            let user_info = match &password {
+                Some(password) => format!("{user}:{password}"),
+                None => user.clone(),
+            };
+            let scheme = scheme.unwrap_or_default();
+            let with = format!("{scheme}{user_info}@nats-1.nats:4222");
+            let plain = format!("{scheme}nats-0.nats:4222");
+            let urls = if before { format!("{plain},{with}") } else { format!("{with}, {plain}") };
+            let error = validate(&urls).unwrap_err();
+            proptest::prop_assert!(error.contains("--nats-creds"), "{}", error);
+            proptest::prop_assert!(!error.contains(&format!("{user_info}@")), "{}", error);
+            proptest::prop_assert!(validate(&plain).is_ok());
+        });
+        // A path's '@' is not a user.
+        assert!(validate("ws://nats.example:443/ws@edge").is_ok());
     }
 
     /// With NATS a request_id's claim is a key that expires with the window: it must outlive

@@ -87,3 +87,34 @@ async fn loopback_is_not_warned_about() {
         "{warnings:?}"
     );
 }
+
+/// The NATS client would connect without the URL's user and password: the binary refuses such
+/// a URL at start, names what to use instead, and repeats neither.
+#[tokio::test]
+async fn a_nats_url_with_a_password_is_refused_at_start_without_repeating_it() {
+    let exited = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+        .args([
+            "--gateway-url",
+            "http://127.0.0.1:9",
+            "--no-caller-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--nats-url",
+            "tls://nats-0.nats:4222,tls://ccgw:secret-pw@nats-1.nats:4222",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(common::WAIT, exited)
+        .await
+        .expect("the binary exits at once")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--nats-url holds a user or password") && stderr.contains("--nats-creds"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret-pw"), "{stderr}");
+}
