@@ -805,7 +805,7 @@ fn one_line(help: &clap::builder::StyledStr) -> String {
 mod tests {
     use super::*;
 
-    /// Issue 9: a production facade must be told who may call; --simulate needs nothing.
+    /// A production facade must be told who may call; --simulate needs nothing.
     #[test]
     fn caller_authorization_must_be_configured_unless_simulating() {
         let validate = |args: &[&str]| {
@@ -992,7 +992,7 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--simulate", "--metrics-listen", "9464"]).is_err());
     }
 
-    /// Review point 6 (the demo listens on loopback): `--simulate` alone listens on
+    /// The demo listens on loopback: `--simulate` alone listens on
     /// 127.0.0.1:50051, the real service on every interface, and `--listen` wins in both modes.
     /// Assumes CCGW_LISTEN is not set in the test's environment.
     #[test]

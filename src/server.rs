@@ -449,7 +449,7 @@ mod tests {
         assert!(details.retry_info().is_none());
     }
 
-    /// Issue 7, point 1: a ReleaseCall whose handler panicked may have sent its release.
+    /// A ReleaseCall whose handler panicked may have sent its release.
     #[tokio::test]
     async fn a_panicking_release_answers_outcome_unknown() {
         let status = answer(
@@ -468,7 +468,7 @@ mod tests {
         assert_eq!(other.code(), tonic::Code::Internal);
     }
 
-    /// Issue 7, point 1: at the hard stop, a ReleaseCall that could not answer for itself is
+    /// At the hard stop, a ReleaseCall that could not answer for itself is
     /// not told UNAVAILABLE; other calls are.
     #[tokio::test(start_paused = true)]
     async fn the_hard_stop_never_answers_a_release_unavailable() {

@@ -1,4 +1,4 @@
-//! Issue 9, §1 and §5: callers identified by bearer tokens, each granted agent ranges and
+//! Callers identified by bearer tokens, each granted agent ranges and
 //! verbs; refusals before anything reaches a session or the gateway; request_ids namespaced by
 //! caller; files reloaded without a restart; a stream cap per caller.
 mod common;

@@ -252,7 +252,7 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
     );
 }
 
-/// Review point 6 (grpcurl shows the status details): reflection serves
+/// grpcurl shows the status details: reflection serves
 /// `google/rpc/error_details.proto` and the `google/protobuf/duration.proto` it imports, so
 /// grpcurl 1.8.6 (reflection v1alpha only) prints ErrorInfo, RequestInfo, BadRequest and
 /// RetryInfo as JSON, in its default output and with `-format-error`, where it used to print

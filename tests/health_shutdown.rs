@@ -184,7 +184,7 @@ fn serve_sim(
     (stop, serving)
 }
 
-/// Issue 9, section 4: the gateway stops and comes back on the same port. `ccgw.gateway`
+/// The gateway stops and comes back on the same port. `ccgw.gateway`
 /// follows (NOT_SERVING, then SERVING again); readiness and liveness stay SERVING throughout,
 /// and a release during the outage is refused GATEWAY_UNREACHABLE with RetryInfo.
 #[tokio::test]
@@ -227,7 +227,7 @@ async fn gateway_health_follows_the_gateway_and_readiness_does_not() {
     assert_eq!(gateway_health.transitions(), 3, "up, down, up");
 }
 
-/// Issue 9, section 4: while a replica drains, it is not ready (readiness NOT_SERVING) but
+/// While a replica drains, it is not ready (readiness NOT_SERVING) but
 /// alive (liveness SERVING), so Kubernetes takes it out of the Service without restarting it.
 #[tokio::test]
 async fn a_draining_replica_is_not_ready_but_alive() {

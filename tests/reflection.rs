@@ -86,7 +86,7 @@ async fn reflection_v1_lists_the_services_and_serves_the_contract() {
     assert_eq!(methods, ["ReleaseCall", "WatchReleaseEvents"]);
 }
 
-/// Review point 6 (grpcurl shows the status details), over reflection v1: the file declaring
+/// grpcurl shows the status details, over reflection v1: the file declaring
 /// `google.rpc.ErrorInfo` is served, is the vendored `google/rpc/error_details.proto` the binary
 /// was built from, and every file it imports can be fetched by name, so a client can decode
 /// every detail (RetryInfo needs `google/protobuf/duration.proto`).

@@ -383,7 +383,7 @@ async fn a_lost_answer_binds_the_request_id_so_a_retry_cannot_hang_up_the_next_c
     );
 }
 
-/// Issue 7, points 1 and 3: a client that lost its answer repeats its request_id. However many
+/// A client that lost its answer repeats its request_id. However many
 /// other ids came since, the answer to a release of the current call is kept for the whole
 /// window (new ids are refused instead, with nothing sent), while a dropcall's settled answer
 /// makes room.
@@ -694,8 +694,8 @@ async fn a_repeated_request_id_does_not_release_twice() {
 }
 
 /// The deadline that ends the RPC is the facade's own (--request-timeout-ms), far inside the
-/// client's grpc-timeout (which tonic enforces with CANCELLED), so the two never race (issue 7,
-/// point 7): the assertion is about what the facade answers, not about how fast.
+/// client's grpc-timeout (which tonic enforces with CANCELLED), so the two never race: the
+/// assertion is about what the facade answers, not about how fast.
 #[tokio::test]
 async fn a_hanging_gateway_ends_the_rpc_at_its_deadline() {
     let app = spawn_app_with(sim_config(), &["--request-timeout-ms", "500"]).await;
@@ -724,8 +724,8 @@ async fn a_hanging_gateway_ends_the_rpc_at_its_deadline() {
 #[tokio::test]
 async fn a_deadline_too_short_to_reach_the_gateway_sends_nothing() {
     // The too-short budget is the facade's own cap, while the client's grpc-timeout (which
-    // tonic enforces with CANCELLED) is seconds away: no race between the two (issue 7, point
-    // 7; this test used to ask for 5 ms and lose that race on a loaded machine).
+    // tonic enforces with CANCELLED) is seconds away: no race between the two (a client budget
+    // of 5 ms would lose that race on a loaded machine).
     let app = spawn_app_with(sim_config(), &["--request-timeout-ms", "10"]).await;
     app.sign_in("101").await;
     app.sim.place_call("101", "70093").unwrap();

@@ -173,7 +173,7 @@ async fn three_replicas_and_the_owner(nats: &NatsServer) -> (ReplicaSet, usize, 
     (set, owner, others)
 }
 
-/// Issue 10, scenario 1: watchers on replica A, hang-ups through ReleaseCall on replica B, the
+/// Watchers on replica A, hang-ups through ReleaseCall on replica B, the
 /// agent polled by replica C: every event reaches the watcher once, in order; B's ReleaseCall
 /// sees its own release event through the log; the gateway never had two polls in flight.
 #[tokio::test]
@@ -220,7 +220,7 @@ async fn watch_on_one_replica_release_through_another_poll_on_a_third() {
     assert_eq!(poller(&set, common::WAIT).await, c, "the poll stayed on C");
 }
 
-/// Issue 10, scenario 2: kill -9 of the owner. Another replica polls the agent within TTL + one
+/// A kill -9 of the owner. Another replica polls the agent within TTL + one
 /// poll; the watchers, on the other replicas, miss nothing and see nothing twice.
 #[tokio::test]
 async fn a_killed_owners_agents_are_polled_again_within_the_lease_ttl() {
@@ -252,7 +252,7 @@ async fn a_killed_owners_agents_are_polled_again_within_the_lease_ttl() {
     assert_eq!(set.max_polls_in_flight("101"), 1);
 }
 
-/// Issue 10, scenario 3: the owner is paused (kill -STOP) for twice the lease TTL, then resumed.
+/// The owner is paused (kill -STOP) for twice the lease TTL, then resumed.
 /// Its fence closed before anyone took over, and once resumed it sends no poll for the shard it
 /// lost; an event its last poll had already taken off the gateway's queue is still delivered.
 #[tokio::test]
@@ -294,7 +294,7 @@ async fn a_paused_owner_polls_no_more_once_resumed() {
     assert_eq!(set.max_polls_in_flight("101"), 1);
 }
 
-/// Issue 10, scenario 4: a rolling restart of all three replicas, one by one (SIGTERM, then a
+/// A rolling restart of all three replicas, one by one (SIGTERM, then a
 /// new process), with watchers reconnecting using their tokens: every event once, in order, no
 /// Gap.
 #[tokio::test]
@@ -327,7 +327,7 @@ async fn a_rolling_restart_loses_and_repeats_nothing() {
     assert!(set.max_polls_in_flight("101") <= 2);
 }
 
-/// Issue 10, scenario 6: a 3-node NATS cluster with every bucket and the stream on all three;
+/// A 3-node NATS cluster with every bucket and the stream on all three;
 /// one node is killed: releases and events go on; it comes back.
 #[tokio::test]
 async fn losing_one_nats_server_of_three_loses_nothing() {

@@ -1,4 +1,4 @@
-//! Request ids across replicas and NATS failures (issue 10, points 4 and 5): real nats-server,
+//! Request ids across replicas and NATS failures: real nats-server,
 //! the simulator, and facade processes on loopback ports.
 mod common;
 

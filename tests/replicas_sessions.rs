@@ -1,4 +1,4 @@
-//! Replicas share the agents' sessions through NATS (issue 10, point 2): a real nats-server,
+//! Replicas share the agents' sessions through NATS: a real nats-server,
 //! the simulator, and facades in this process or as processes. The bucket is read directly
 //! (`ccgw-sessions`: agent id -> JSON) to see what the replicas wrote.
 mod common;
@@ -52,7 +52,7 @@ async fn stored_guid(bucket: &kv::Store, agent: &str) -> Option<String> {
     )
 }
 
-/// Issue 10, point 2: keys are agent ids, never a Guid.
+/// Keys are agent ids, never a Guid.
 async fn assert_keys_are_agent_ids(bucket: &kv::Store, guids: &[&str]) {
     let keys: Vec<String> = bucket
         .keys()

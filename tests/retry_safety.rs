@@ -1,4 +1,4 @@
-//! Issue 7, point 1: once a release of the current call may have reached the gateway, no path
+//! Once a release of the current call may have reached the gateway, no path
 //! (handler, drain, hard stop, replay) answers anything that invites a retry: never
 //! UNAVAILABLE, ABORTED or RESOURCE_EXHAUSTED, never RetryInfo.
 mod common;

@@ -178,7 +178,7 @@ async fn guids_and_cookies_never_reach_logs_or_statuses() {
     assert_nowhere(&secrets, &logs, &statuses);
 }
 
-/// Issue 9: bearer tokens (good, unknown, in broken tokens files) and TLS private keys
+/// Bearer tokens (good, unknown, in broken tokens files) and TLS private keys
 /// (loaded, rotated in, broken) never reach logs or statuses.
 #[tokio::test]
 async fn bearer_tokens_and_tls_keys_never_reach_logs_or_statuses() {

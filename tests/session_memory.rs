@@ -1,5 +1,5 @@
-//! Issue 7, point 3, alone in its binary so that no other test's allocations move the RSS it
-//! measures.
+//! What callers can make the facade hold is bounded, measured by the process's RSS: alone in
+//! its binary so that no other test's allocations move the RSS it measures.
 mod common;
 
 use common::{
@@ -8,7 +8,7 @@ use common::{
 };
 use tonic::Code;
 
-/// Point 3: requests refused before they reach the gateway (DEADLINE_TOO_SHORT,
+/// Requests refused before they reach the gateway (DEADLINE_TOO_SHORT,
 /// TOO_MANY_WATCHERS) leave nothing behind, however many agents they name, and memory stays
 /// flat. (Before, each of them installed its handover.)
 #[tokio::test]

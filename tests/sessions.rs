@@ -1,4 +1,4 @@
-//! Issue 7, points 2 and 3: handed-over sessions are safe by construction, and what callers
+//! Handed-over sessions are safe by construction, and what callers
 //! can make the facade hold is bounded by configuration.
 mod common;
 
@@ -12,7 +12,7 @@ use common::{
 };
 use tonic::Code;
 
-/// Point 2: a caller that always sends the sign-in Guid (as the README's example does) keeps
+/// A caller that always sends the sign-in Guid (as the README's example does) keeps
 /// working after any number of rotations: the rotated session the facade learned goes first,
 /// and the stale Guid is never installed.
 #[tokio::test]
@@ -49,7 +49,7 @@ async fn the_sign_in_guid_handed_over_after_20_rotations_releases_with_the_newes
     assert_eq!(app.guid_of("101").as_deref(), Some(newest.as_str()));
 }
 
-/// Point 2: a desktop that signed in again (forcelogin ends the old session) hands its new Guid
+/// A desktop that signed in again (forcelogin ends the old session) hands its new Guid
 /// over: the gateway refuses the facade's, accepts the handed-over one, which is adopted.
 #[tokio::test]
 async fn a_forcelogin_guid_handed_over_is_adopted_once_the_gateway_accepts_it() {
@@ -78,7 +78,7 @@ async fn a_forcelogin_guid_handed_over_is_adopted_once_the_gateway_accepts_it() 
     assert_eq!(answer.outcome(), ReleaseOutcome::Released);
 }
 
-/// Point 2: a handed-over Guid the gateway refuses is not kept, and ends nothing.
+/// A handed-over Guid the gateway refuses is not kept, and ends nothing.
 #[tokio::test]
 async fn a_refused_handover_is_not_kept() {
     let app = spawn_app_with(sim_config(), &[]).await;
@@ -91,7 +91,7 @@ async fn a_refused_handover_is_not_kept() {
     assert_eq!(app.api.sessions().registry().len(), 0);
 }
 
-/// Point 3: handovers that do go on to the gateway are capped by --max-sessions; one beyond
+/// Handovers that do go on to the gateway are capped by --max-sessions; one beyond
 /// it is refused with nothing polled.
 #[tokio::test]
 async fn handed_over_sessions_are_capped() {

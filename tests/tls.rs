@@ -1,4 +1,4 @@
-//! Issue 9, §1: TLS on the gRPC port (rustls), certificates re-read and swapped in for new
+//! TLS on the gRPC port (rustls), certificates re-read and swapped in for new
 //! connections without a restart, mutual TLS with client certificates that identify callers,
 //! handshakes that cannot hold up the accept loop.
 mod common;

@@ -501,7 +501,7 @@ async fn a_stalled_reader_is_cut_off_while_a_fast_one_gets_everything() {
     assert_cut_off_then_resumes(&app, &mut stalled, &all).await;
 }
 
-/// Point 4 of the review: a stream that stops reading is cut off in bounded time. Before, a
+/// A stream that stops reading is cut off in bounded time. Before, a
 /// client that never read (its HTTP/2 windows full, its keepalive answered) kept its watcher,
 /// permit and feed membership included, as long as its connection lived, and with every
 /// `--max-watchers` permit held that way, wait_for_release_event was refused for everybody.
@@ -999,7 +999,7 @@ async fn a_session_handed_over_in_metadata_opens_a_single_agent_stream() {
     assert_eq!(app.guid_of("103").as_deref(), Some(guid.as_str()));
 }
 
-/// Issue 7, point 2: a caller still holding a Guid the gateway no longer accepts neither
+/// A caller still holding a Guid the gateway no longer accepts neither
 /// displaces the agent's session nor fails: the session the facade holds goes first.
 #[tokio::test]
 async fn an_outdated_guid_handed_over_never_displaces_the_agents_session() {
@@ -1133,7 +1133,7 @@ async fn a_repeated_request_id_is_replayed_without_waiting_or_polling() {
     );
 }
 
-/// Issue 7, point 1: a release that happened is a success even when its event never comes;
+/// A release that happened is a success even when its event never comes;
 /// the answer says why the event is missing. The deadline is the facade's own
 /// (--request-timeout-ms), far inside the client's, so tonic's CANCELLED cannot race it.
 #[tokio::test]
@@ -1178,7 +1178,7 @@ async fn malformed_events_are_counted_and_the_stream_goes_on() {
     assert_eq!(app.api.events().stats().malformed_events, 2);
 }
 
-/// Review point 5, first bullet: a customer release whose `number` fails validation (not a
+/// A customer release whose `number` fails validation (not a
 /// string, or 200 characters) reaches the watcher anyway, with an empty customer_number; the
 /// facade counts the dropped field and does not count the event as malformed.
 #[tokio::test]

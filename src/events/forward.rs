@@ -193,11 +193,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
-    /// Point 4 of the review (a stream that stops reading is cut off in bounded time), without
-    /// sockets: a reader that takes nothing keeps its watcher until the send timeout, not
-    /// after; then the permit is back and the feed no longer holds it, and the reader gets
-    /// what was queued, then TooSlow whose token resumes with the event that could not be
-    /// queued: nothing repeated, nothing missed.
+    /// A stream that stops reading is cut off in bounded time, without sockets: a reader that takes
+    /// nothing keeps its watcher until the send timeout, not after; then the permit is back and the
+    /// feed no longer holds it, and the reader gets what was queued, then TooSlow whose token
+    /// resumes with the event that could not be queued: nothing repeated, nothing missed.
     #[tokio::test(start_paused = true)]
     async fn a_forwarded_watcher_whose_reader_takes_nothing_is_cut_off_at_the_send_timeout() {
         let hub = hub(EventSettings::default());
@@ -234,7 +233,7 @@ mod tests {
         assert_eq!(sequences(&ready(&mut resumed)), [Some(3), Some(4)]);
     }
 
-    /// Point 4: on an idle agent, heartbeats do not fill the queue first: a reader that takes
+    /// On an idle agent, heartbeats do not fill the queue first: a reader that takes
     /// nothing is cut off one heartbeat interval plus the send timeout after the first
     /// heartbeat it left unread.
     #[tokio::test(start_paused = true)]

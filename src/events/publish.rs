@@ -218,7 +218,7 @@ mod tests {
         }
     }
 
-    /// Review point 5, first bullet: a customer release whose number fails validation reaches
+    /// A customer release whose number fails validation reaches
     /// its watchers without the number; the dropped field is counted, and logged at warn with
     /// the event type and the field's name but not its value.
     #[tokio::test(start_paused = true)]

@@ -364,7 +364,7 @@ mod tests {
         }
     }
 
-    /// Point 4 of the review, separate capacity: watchers at their limit do not keep a release
+    /// Separate capacity: watchers at their limit do not keep a release
     /// from waiting for its event, and release waiters at theirs do not keep a watcher out.
     #[tokio::test]
     async fn watchers_and_release_waiters_draw_from_pools_of_their_own() {

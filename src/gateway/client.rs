@@ -742,7 +742,7 @@ mod tests {
         headers
     }
 
-    /// Issue 7, point 5: a Set-GUID with attributes is read; an unreadable one is counted (and
+    /// A Set-GUID with attributes is read; an unreadable one is counted (and
     /// ignored), never silently dropped.
     #[test]
     fn set_guid_headers_are_read_or_counted() {

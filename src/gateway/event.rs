@@ -227,7 +227,7 @@ mod tests {
         }
     }
 
-    /// Review point 5, first bullet: a customer release whose `number` fails validation is
+    /// A customer release whose `number` fails validation is
     /// still read, without the number, and says which field it dropped (not its value).
     #[test]
     fn a_customer_release_with_a_bad_number_is_read_without_it() {

@@ -223,7 +223,7 @@ mod tests {
         assert!(!shown.contains("secret-node"), "{shown}");
     }
 
-    /// Issue 7, point 5: a Set-GUID with attributes is read.
+    /// A Set-GUID with attributes is read.
     #[test]
     fn set_guid_attributes_are_not_part_of_the_guid() {
         let guid =
@@ -238,7 +238,7 @@ mod tests {
         }
     }
 
-    /// Issue 7, point 3: a handover's cookies are bounded in number and size, and so is what
+    /// A handover's cookies are bounded in number and size, and so is what
     /// Set-Cookie can grow a session to.
     #[test]
     fn cookies_are_bounded() {

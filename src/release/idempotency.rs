@@ -314,7 +314,7 @@ mod tests {
         owner(cache.claim(&id("c"), 0));
     }
 
-    /// Issue 7, point 3: an unknown-outcome answer outlives cache pressure for its window;
+    /// An unknown-outcome answer outlives cache pressure for its window;
     /// when only such answers are left, new ids are refused instead.
     #[tokio::test(start_paused = true)]
     async fn pinned_answers_are_never_evicted_within_their_window() {

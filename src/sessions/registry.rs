@@ -592,7 +592,7 @@ mod tests {
         assert!(registry.get(a).is_none());
     }
 
-    /// Issue 7, point 2: an outdated handover never displaces the session the gateway gave; it
+    /// An outdated handover never displaces the session the gateway gave; it
     /// is tried only once that one is refused.
     #[test]
     fn a_watchers_handover_waits_until_the_live_session_is_refused() {
@@ -868,7 +868,7 @@ mod tests {
         assert!(lock(&registry.awaited).is_empty());
     }
 
-    /// Issue 7, point 3: the registry is bounded; idle sessions make room, used ones do not.
+    /// The registry is bounded; idle sessions make room, used ones do not.
     #[tokio::test(start_paused = true)]
     async fn the_registry_is_bounded_and_forgets_idle_sessions() {
         let registry = SessionRegistry::new(SessionLimits {
