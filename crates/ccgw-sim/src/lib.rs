@@ -242,6 +242,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use state::Shared;
 
@@ -431,11 +432,9 @@ impl Simulator {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let router = self.router();
-        self.run_until(shutdown, |mut stop| async move {
+        self.run_until(shutdown, |stop| async move {
             axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                })
+                .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         })
         .await
@@ -457,27 +456,29 @@ impl Simulator {
         .await
     }
 
-    /// Runs `server` (told to stop through the watch channel when `shutdown` resolves) and the
-    /// reaper; after `shutdown`, gives requests in flight a second.
+    /// Runs `server` (its token cancelled when `shutdown` resolves) and the reaper; after
+    /// `shutdown`, gives requests in flight a second.
     async fn run_until<F>(
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-        server: impl FnOnce(tokio::sync::watch::Receiver<bool>) -> F,
+        server: impl FnOnce(CancellationToken) -> F,
     ) -> std::io::Result<()>
     where
         F: Future<Output = std::io::Result<()>>,
     {
         let reaper = tokio::spawn(state::reaper(self.shared.clone()));
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = tx.send(true);
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.cancel();
+            }
         });
-        let mut grace_rx = rx.clone();
         let result = tokio::select! {
-            result = server(rx) => result,
-            _ = async {
-                let _ = grace_rx.wait_for(|stop| *stop).await;
+            result = server(stop.clone()) => result,
+            () = async {
+                stop.cancelled().await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             } => Ok(()),
         };

@@ -10,8 +10,9 @@ use rustls::{
     server::WebPkiClientVerifier,
     RootCertStore, ServerConfig,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 /// A handshake that has not finished by then is dropped: a client that connects and sends
 /// nothing must not hold a task forever.
@@ -72,21 +73,21 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// Accepts TLS connections on `listener` and serves `router` on each until `stop` turns true;
+/// Accepts TLS connections on `listener` and serves `router` on each until `stop` is cancelled;
 /// then stops accepting and lets open connections finish their requests (the caller bounds
 /// how long).
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     router: axum::Router,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let connections = GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => accepted?,
-            _ = stop.wait_for(|stop| *stop) => break,
+            () = stop.cancelled() => break,
         };
         let (acceptor, router) = (acceptor.clone(), router.clone());
         let watcher = connections.watcher();
