@@ -56,29 +56,6 @@ fn waiting_for_the_event(agent: &str) -> ReleaseCallRequest {
     }
 }
 
-/// Releases of `agent`'s calls the simulator received.
-fn releases_of(app: &TestApp, agent: &str) -> usize {
-    let path = format!("/voicecall/{agent}/");
-    app.upstream()
-        .iter()
-        .filter(|r| r.path.contains(&path))
-        .count()
-}
-
-/// A ReleaseCall on its own task, answered within the wait bound.
-fn release_in_background(
-    app: &TestApp,
-    request: Request<ReleaseCallRequest>,
-) -> tokio::task::JoinHandle<Result<ReleaseOutcome, tonic::Status>> {
-    let mut client = app.client.clone();
-    tokio::spawn(async move {
-        let answer = tokio::time::timeout(WAIT, client.release_call(request))
-            .await
-            .expect("ReleaseCall answers within the wait bound")?;
-        Ok(answer.into_inner().outcome())
-    })
-}
-
 /// A refusal for the caller's `flag`, safe to retry: nothing was sent.
 fn at_caller_limit(status: &tonic::Status, flag: &str) {
     let details = expect_status(status, Code::ResourceExhausted, "CALLER_LIMIT_REACHED");
@@ -109,14 +86,14 @@ async fn one_callers_kept_answers_do_not_lock_another_caller_out_of_the_request_
         }
     }
     assert_eq!(answered, (0..5).collect::<Vec<_>>(), "a quarter of 20");
-    assert_eq!(releases_of(&app, "101"), 5, "a refused release was sent");
+    assert_eq!(app.releases_of("101"), 5, "a refused release was sent");
     // An id alpha was answered for is still replayed, over its share or not.
     let repeat = app
         .release_with(as_caller(with_request_id("101", "idle-0"), ALPHA))
         .await
         .expect("the kept answer");
     assert!(repeat.replayed, "{repeat:?}");
-    assert_eq!(releases_of(&app, "101"), 5);
+    assert_eq!(app.releases_of("101"), 5);
 
     app.sign_in("102").await;
     app.sim.place_call("102", "70001").unwrap();
@@ -125,7 +102,7 @@ async fn one_callers_kept_answers_do_not_lock_another_caller_out_of_the_request_
         .await
         .expect("beta's release goes through");
     assert_eq!(released.outcome(), ReleaseOutcome::Released);
-    assert_eq!(releases_of(&app, "102"), 1);
+    assert_eq!(app.releases_of("102"), 1);
 }
 
 /// One caller's releases hold the only turn and its place in the line; its next one is refused
@@ -151,12 +128,12 @@ async fn one_caller_cannot_fill_the_gateway_queue_for_another() {
     }
     let admission = app.api.sessions().gateway().admission().clone();
     app.sim.push_fault(hang("/voicecall/101/"));
-    let holding = release_in_background(&app, as_caller(release_req("101"), ALPHA));
+    let holding = app.release_in_background(as_caller(release_req("101"), ALPHA));
     wait_until("alpha's first release reached the gateway", || {
-        releases_of(&app, "101") == 1
+        app.releases_of("101") == 1
     })
     .await;
-    let queued = release_in_background(&app, as_caller(release_req("102"), ALPHA));
+    let queued = app.release_in_background(as_caller(release_req("102"), ALPHA));
     wait_until("alpha's second release waits its turn", || {
         admission.waiting() == 1
     })
@@ -167,9 +144,9 @@ async fn one_caller_cannot_fill_the_gateway_queue_for_another() {
         .await
         .unwrap_err();
     at_caller_limit(&refused, "--max-gateway-queue-per-caller");
-    assert_eq!(releases_of(&app, "103"), 0, "the refused release was sent");
+    assert_eq!(app.releases_of("103"), 0, "the refused release was sent");
 
-    let other = release_in_background(&app, as_caller(release_req("104"), BETA));
+    let other = app.release_in_background(as_caller(release_req("104"), BETA));
     wait_until("beta's release waits its turn beside alpha's", || {
         admission.waiting() == 2
     })
@@ -184,7 +161,7 @@ async fn one_caller_cannot_fill_the_gateway_queue_for_another() {
             .expect("a queued release is sent");
         assert_eq!(outcome, ReleaseOutcome::NoActiveCall);
     }
-    assert_eq!(releases_of(&app, "104"), 1);
+    assert_eq!(app.releases_of("104"), 1);
     assert_eq!(admission.waiting(), 0);
 }
 
@@ -209,9 +186,9 @@ async fn one_caller_cannot_take_the_release_waiters_of_another() {
         app.sign_in(agent).await;
     }
     app.sim.push_fault(hang("/voicecall/101/"));
-    let _waiting = release_in_background(&app, as_caller(waiting_for_the_event("101"), ALPHA));
+    let _waiting = app.release_in_background(as_caller(waiting_for_the_event("101"), ALPHA));
     wait_until("alpha's waiting release reached the gateway", || {
-        releases_of(&app, "101") == 1
+        app.releases_of("101") == 1
     })
     .await;
 
@@ -221,7 +198,7 @@ async fn one_caller_cannot_take_the_release_waiters_of_another() {
         .await
         .unwrap_err();
     at_caller_limit(&refused, "--max-release-waiters-per-caller");
-    assert_eq!(releases_of(&app, "102"), 0, "the refused release was sent");
+    assert_eq!(app.releases_of("102"), 0, "the refused release was sent");
     assert_eq!(app.polls_of("102"), 0, "the refused wait polled the agent");
 
     app.sim.place_call("103", "70003").unwrap();

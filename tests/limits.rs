@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
+use ccgw_callcontrol::proto::ReleaseOutcome;
 use common::{
     expect_status, hang, release_req, sim_config, spawn_app_with, wait_until, watch_on, watch_req,
     TestApp, WAIT,
@@ -19,31 +19,8 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-/// Releases of `agent`'s calls the simulator received.
-fn releases_of(app: &TestApp, agent: &str) -> usize {
-    let path = format!("/voicecall/{agent}/");
-    app.upstream()
-        .iter()
-        .filter(|r| r.path.contains(&path))
-        .count()
-}
-
 fn hang_releases_of(app: &TestApp, agent: &str) {
     app.sim.push_fault(hang(&format!("/voicecall/{agent}/")));
-}
-
-/// A ReleaseCall of `agent`'s current call on its own task, answered within the wait bound.
-fn release_in_background(
-    app: &TestApp,
-    request: tonic::Request<ReleaseCallRequest>,
-) -> tokio::task::JoinHandle<Result<ReleaseOutcome, tonic::Status>> {
-    let mut client = app.client.clone();
-    tokio::spawn(async move {
-        let answer = tokio::time::timeout(WAIT, client.release_call(request))
-            .await
-            .expect("ReleaseCall answers within the wait bound")?;
-        Ok(answer.into_inner().outcome())
-    })
 }
 
 fn gateway_busy(status: &tonic::Status) {
@@ -73,15 +50,15 @@ async fn beyond_the_cap_and_the_queue_a_release_is_refused_with_nothing_sent() {
     hang_releases_of(&app, "101");
     hang_releases_of(&app, "102");
     app.sim.place_call("103", "70093").unwrap();
-    let first = release_in_background(&app, tonic::Request::new(release_req("101")));
-    let _second = release_in_background(&app, tonic::Request::new(release_req("102")));
+    let first = app.release_in_background(tonic::Request::new(release_req("101")));
+    let _second = app.release_in_background(tonic::Request::new(release_req("102")));
     wait_until("both hanging releases reached the gateway", || {
-        releases_of(&app, "101") == 1 && releases_of(&app, "102") == 1
+        app.releases_of("101") == 1 && app.releases_of("102") == 1
     })
     .await;
     assert_eq!(admission.in_flight(), 2);
 
-    let queued = release_in_background(&app, tonic::Request::new(release_req("103")));
+    let queued = app.release_in_background(tonic::Request::new(release_req("103")));
     wait_until("the third release waits its turn", || {
         admission.waiting() == 1
     })
@@ -89,9 +66,9 @@ async fn beyond_the_cap_and_the_queue_a_release_is_refused_with_nothing_sent() {
 
     let refused = app.release(release_req("104")).await.unwrap_err();
     gateway_busy(&refused);
-    assert_eq!(releases_of(&app, "104"), 0, "the refused release was sent");
+    assert_eq!(app.releases_of("104"), 0, "the refused release was sent");
     assert_eq!(
-        releases_of(&app, "103"),
+        app.releases_of("103"),
         0,
         "the queued release jumped the cap"
     );
@@ -104,7 +81,7 @@ async fn beyond_the_cap_and_the_queue_a_release_is_refused_with_nothing_sent() {
         .unwrap()
         .expect("the queued release succeeds");
     assert_eq!(outcome, ReleaseOutcome::Released);
-    assert_eq!(releases_of(&app, "103"), 1);
+    assert_eq!(app.releases_of("103"), 1);
     assert_eq!(admission.waiting(), 0);
 }
 
@@ -116,16 +93,16 @@ async fn a_release_whose_deadline_comes_while_it_waits_is_refused_with_nothing_s
     app.sign_in("101").await;
     app.sign_in("102").await;
     hang_releases_of(&app, "101");
-    let _hanging = release_in_background(&app, tonic::Request::new(release_req("101")));
+    let _hanging = app.release_in_background(tonic::Request::new(release_req("101")));
     wait_until("the hanging release reached the gateway", || {
-        releases_of(&app, "101") == 1
+        app.releases_of("101") == 1
     })
     .await;
     let mut short = tonic::Request::new(release_req("102"));
     short.set_timeout(Duration::from_millis(1500));
     let refused = app.release_with(short).await.unwrap_err();
     gateway_busy(&refused);
-    assert_eq!(releases_of(&app, "102"), 0, "the refused release was sent");
+    assert_eq!(app.releases_of("102"), 0, "the refused release was sent");
     let admission = app.api.sessions().gateway().admission();
     assert_eq!((admission.in_flight(), admission.waiting()), (1, 0));
 }

@@ -9,14 +9,13 @@ use ccgw_callcontrol::proto::{
 };
 use ccgw_sim::{Fault, FaultRule, Simulator};
 use common::{
-    client_of, desktop_sign_in, error_metadata, expect_status, handing_over, nats::NatsServer,
-    release_req, sim_config, spawn_service, spawn_sim, wait_until, watch_req, CALLER, WAIT,
+    client_of, desktop_sign_in, error_metadata, expect_status, handing_over, health,
+    health_becomes, nats::NatsServer, release_req, sim_config, spawn_service, spawn_sim,
+    wait_until, watch_req, CALLER, WAIT,
 };
 use tokio::process::Child;
 use tonic::{transport::Channel, Code};
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The simulator, and NATS (one server, or a cluster of three), for replicas to share.
 struct Bench {
@@ -96,32 +95,6 @@ fn with_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
         request_id: request_id.to_owned(),
         ..release_req(agent)
     }
-}
-
-async fn readiness(addr: &str) -> Option<ServingStatus> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .ok()?;
-    let answer = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()?;
-    Some(answer.into_inner().status())
-}
-
-/// Asks (bounded) until readiness reads `wanted`.
-async fn readiness_becomes(addr: &str, wanted: ServingStatus) {
-    let became = tokio::time::timeout(WAIT, async {
-        while readiness(addr).await != Some(wanted) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(became.is_ok(), "readiness did not become {wanted:?}");
 }
 
 fn expect_shared_state_unavailable(status: &tonic::Status) {
@@ -248,25 +221,16 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
     };
     let (_a, mut a, addr) = bench.replica(&[]).await;
     bench.hand_over(&mut [&mut a], "101").await;
-    readiness_becomes(&addr, ServingStatus::Serving).await;
+    health_becomes(&addr, "", ServingStatus::Serving, WAIT).await;
     bench.sim.place_call("101", CALLER).unwrap();
     bench.sim.clear_requests();
 
     bench.nats[0].kill().await;
-    readiness_becomes(&addr, ServingStatus::NotServing).await;
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let liveness = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "liveness".to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(liveness.status(), ServingStatus::Serving);
+    health_becomes(&addr, "", ServingStatus::NotServing, WAIT).await;
+    assert_eq!(
+        health(&addr, "liveness").await,
+        Some(ServingStatus::Serving)
+    );
     for request in [release_req("101"), with_id("101", "during-outage")] {
         let status = a.release_call(request).await.unwrap_err();
         expect_shared_state_unavailable(&status);
@@ -279,7 +243,7 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
     assert!(bench.sim.requests().is_empty(), "sent during the outage");
 
     bench.nats[0].restart().await;
-    readiness_becomes(&addr, ServingStatus::Serving).await;
+    health_becomes(&addr, "", ServingStatus::Serving, WAIT).await;
     let answer = a
         .release_call(with_id("101", "during-outage"))
         .await
@@ -303,7 +267,7 @@ async fn release_without_nats_uses_the_last_known_session() {
     bench.sim.clear_requests();
 
     bench.nats[0].kill().await;
-    readiness_becomes(&addr, ServingStatus::NotServing).await;
+    health_becomes(&addr, "", ServingStatus::NotServing, WAIT).await;
     let status = a
         .release_call(with_id("101", "with-an-id"))
         .await
@@ -428,7 +392,7 @@ async fn request_ids_outlive_one_nats_node_of_three() {
     bench.nats[0].kill().await;
     // The client moves to a node left, and the bucket may elect a new leader: until then a
     // claim is refused with nothing sent, so each try takes a fresh id.
-    readiness_becomes(&addr, ServingStatus::Serving).await;
+    health_becomes(&addr, "", ServingStatus::Serving, WAIT).await;
     let mut attempt = 0;
     let answered = tokio::time::timeout(WAIT, async {
         loop {

@@ -9,16 +9,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use async_nats::jetstream::{self, kv, stream::StorageType};
 use common::{
-    exits_cleanly,
+    exits_cleanly, health, health_becomes,
     nats::{free_port, NatsServer},
     replicas::{refused_start, FAST_LEASES},
     sigterm, sim_config, spawn_service_logging, spawn_service_until, spawn_sim, wait_until,
     KeptLogs, WAIT,
 };
-use tonic::transport::Channel;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const READINESS: &str = "ccgw.callcontrol.v1.CallControl";
 const LIVENESS: &str = "liveness";
@@ -39,33 +36,6 @@ async fn gateway() -> Gateway {
         _stop: stop,
         _sim: sim,
     }
-}
-
-/// The status of `service` on the health port at `addr`, `None` when it does not answer.
-async fn health(addr: &str, service: &str) -> Option<ServingStatus> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .ok()?;
-    let answer = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .ok()?;
-    Some(answer.into_inner().status())
-}
-
-/// Asks (bounded) until readiness on the health port at `addr` reads `wanted`.
-async fn readiness_becomes(addr: &str, wanted: ServingStatus) {
-    let became = tokio::time::timeout(WAIT, async {
-        while health(addr, READINESS).await != Some(wanted) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(became.is_ok(), "readiness did not become {wanted:?}");
 }
 
 /// The metrics endpoint's text at `addr`.
@@ -148,7 +118,7 @@ async fn a_replica_started_before_nats_waits_alive_and_not_ready_then_serves() {
     assert_eq!(metric(&metrics_addr, "ccgw_nats_connected").await, 0.0);
 
     let _nats = NatsServer::start_on(port, None).await.unwrap();
-    readiness_becomes(&health_addr, ServingStatus::Serving).await;
+    health_becomes(&health_addr, READINESS, ServingStatus::Serving, WAIT).await;
     wait_until("the gRPC port serves", || {
         times_logged(&logs, "serving gRPC") == 1
     })
@@ -361,7 +331,7 @@ async fn readiness_is_not_serving_while_nats_refuses_the_replicas_writes() {
     let url = allowing.url();
     let (replica, serving, _) = replica_until(&gateway, &url, &FAST_LEASES, "serving gRPC").await;
     let (health_addr, metrics_addr) = side_ports(&serving);
-    readiness_becomes(&health_addr, ServingStatus::Serving).await;
+    health_becomes(&health_addr, READINESS, ServingStatus::Serving, WAIT).await;
     assert_eq!(metric(&metrics_addr, "ccgw_nats_connected").await, 1.0);
     assert_eq!(metric(&metrics_addr, "ccgw_nats_shards_held").await, 256.0);
     drop(replica);

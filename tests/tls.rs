@@ -23,6 +23,21 @@ async fn spawn_tls(files: &Files, leaf: &Leaf, flags: &[&str]) -> TestApp {
     spawn_app_with(sim_config(), &args).await
 }
 
+/// [`spawn_tls`] requiring client certificates of `client_ca`, whose names identify the callers
+/// of `callers` (a callers file's text); agent 101 signed in.
+async fn spawn_mtls(files: &Files, server: &Leaf, client_ca: &Ca, callers: &str) -> TestApp {
+    let client_ca_file = files.write("client-ca.crt", &client_ca.pem);
+    let callers = files.write("callers.toml", callers);
+    let app = spawn_tls(
+        files,
+        server,
+        &["--tls-client-ca", &client_ca_file, "--callers", &callers],
+    )
+    .await;
+    app.sign_in("101").await;
+    app
+}
+
 #[tokio::test]
 async fn tls_is_served_and_plaintext_is_refused() {
     let (ca, files) = (Ca::new("test CA"), Files::new());
@@ -121,15 +136,7 @@ async fn client_certificates_are_required_verified_and_identify_callers() {
         Ca::new("other CA"),
     );
     let files = Files::new();
-    let client_ca_file = files.write("client-ca.crt", &client_ca.pem);
-    let callers = files.write("callers.toml", CALLERS);
-    let app = spawn_tls(
-        &files,
-        &server_ca.server(1),
-        &["--tls-client-ca", &client_ca_file, "--callers", &callers],
-    )
-    .await;
-    app.sign_in("101").await;
+    let app = spawn_mtls(&files, &server_ca.server(1), &client_ca, CALLERS).await;
     // No certificate, or one from another CA: the connection is refused.
     let billing_elsewhere = other_ca.issue("billing", &["billing.prod.svc.cluster.local"], 7);
     for identity in [None, Some(&billing_elsewhere)] {
@@ -208,15 +215,7 @@ certificate_names = ["dns:evil.svc"]
 "#;
     let (server_ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
     let files = Files::new();
-    let client_ca_file = files.write("client-ca.crt", &client_ca.pem);
-    let callers = files.write("callers.toml", TYPED);
-    let app = spawn_tls(
-        &files,
-        &server_ca.server(1),
-        &["--tls-client-ca", &client_ca_file, "--callers", &callers],
-    )
-    .await;
-    app.sign_in("101").await;
+    let app = spawn_mtls(&files, &server_ca.server(1), &client_ca, TYPED).await;
     let release_as = |leaf: Leaf| {
         let server_ca = &server_ca;
         async move {

@@ -182,6 +182,30 @@ impl TestApp {
             .collect()
     }
 
+    /// Releases of `agent`'s calls the simulator received.
+    pub fn releases_of(&self, agent: &str) -> usize {
+        let path = format!("/voicecall/{agent}/");
+        self.upstream()
+            .iter()
+            .filter(|r| r.path.contains(&path))
+            .count()
+    }
+
+    /// A ReleaseCall on its own task, answered within the wait bound.
+    pub fn release_in_background(
+        &self,
+        request: tonic::Request<ccgw_callcontrol::proto::ReleaseCallRequest>,
+    ) -> tokio::task::JoinHandle<Result<ccgw_callcontrol::proto::ReleaseOutcome, tonic::Status>>
+    {
+        let mut client = self.client.clone();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(WAIT, client.release_call(request))
+                .await
+                .expect("ReleaseCall answers within the wait bound")?;
+            Ok(answer.into_inner().outcome())
+        })
+    }
+
     /// Releases of the current call (`DELETE`) the simulator received.
     pub fn deletes(&self) -> Vec<RecordedRequest> {
         self.upstream()
@@ -245,6 +269,45 @@ pub async fn serving(channel: Channel) -> Result<(), tonic::Status> {
         .expect("the health check answered within the wait bound")?;
     assert_eq!(answer.into_inner().status, 1, "SERVING");
     Ok(())
+}
+
+/// The status `service` reports on the plaintext health service at `addr`, `None` when it does
+/// not answer.
+pub async fn health(
+    addr: &str,
+    service: &str,
+) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    Some(answer.into_inner().status())
+}
+
+/// Asks (bounded by `within`) until `service` on the health service at `addr` reads `wanted`.
+pub async fn health_becomes(
+    addr: &str,
+    service: &str,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+    within: Duration,
+) {
+    let became = tokio::time::timeout(within, async {
+        while health(addr, service).await != Some(wanted) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        became.is_ok(),
+        "{service:?} at {addr} did not become {wanted:?} within {within:?}"
+    );
 }
 
 pub fn agent_id(raw: &str) -> AgentId {

@@ -16,37 +16,14 @@ use ccgw_sim::Simulator;
 use tokio::{process::Child, sync::oneshot};
 
 use super::{
-    client_of, desktop_sign_in, handing_over, release_req, resume_req, sim_config,
+    client_of, desktop_sign_in, handing_over, health_becomes, release_req, resume_req, sim_config,
     spawn_service_logging, spawn_sim, watch_req, WAIT,
 };
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Bound of the wait for a new replica's readiness: the replicas before it hand its shards back
 /// once their polls in flight end (up to a poll timeout).
 const READY_WITHIN: Duration = Duration::from_secs(60);
-
-/// Waits (bounded by [`READY_WITHIN`]) until the replica serving gRPC at `addr` answers its
-/// health check SERVING.
-async fn until_ready(addr: &str) {
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    let mut health = HealthClient::new(channel);
-    let ready = tokio::time::timeout(READY_WITHIN, async {
-        loop {
-            let status = health.check(HealthCheckRequest::default()).await;
-            if status.is_ok_and(|answer| answer.into_inner().status == 1) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert!(
-        ready.is_ok(),
-        "replica {addr} not ready within {READY_WITHIN:?}"
-    );
-}
 
 /// Lease settings that make takeovers quick but stay valid (poll timeout + renew + margin <
 /// TTL): a replica gone for 15 s loses its shards.
@@ -114,7 +91,7 @@ impl ReplicaSet {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let (child, serving) = spawn_service_logging(&args, &[]).await;
         let addr = serving["listen"].as_str().unwrap().to_owned();
-        until_ready(&addr).await;
+        health_becomes(&addr, "", ServingStatus::Serving, READY_WITHIN).await;
         Replica {
             child: Some(child),
             addr,
