@@ -650,6 +650,7 @@ impl Config {
                     self.max_release_waiters,
                 ),
             },
+            release_while_unreachable: self.release_without_nats,
             ..ReleasePolicy::default()
         }
     }

@@ -32,6 +32,7 @@ macro_rules! enum_with_all {
 }
 
 pub mod api;
+pub mod app;
 pub mod callers;
 pub mod config;
 mod connections;
@@ -45,6 +46,7 @@ pub(crate) mod release;
 pub(crate) mod reload;
 pub mod server;
 pub mod sessions;
+pub mod shared_state;
 mod shares;
 pub mod startup;
 pub mod telemetry;

@@ -1,7 +1,7 @@
 //! Builds the application from its configuration, makes room for its file descriptors (the
 //! open-file limit), and the `--simulate` demo (only with the `simulator` feature; without it
 //! `--simulate` is refused).
-use std::{future::Future, sync::Arc};
+use std::future::Future;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -12,16 +12,18 @@ use self::metrics::{MetricsEndpoint, ServiceState};
 
 use crate::{
     api::CallControlApi,
-    callers::Callers,
+    app::App,
+    callers::{Callers, StreamSlots},
     config::Config,
     connections::SIDE_PORT_CONNECTIONS,
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::{self, Cluster, NatsOwnership, NatsRequestIds, StreamLog},
+    nats,
     release::ReleaseService,
     server::{self, HealthEndpoint},
-    sessions::{SessionRegistry, Sessions},
+    sessions::Sessions,
+    shared_state::SharedState,
     telemetry::{DroppedLogLines, Metrics},
 };
 
@@ -63,79 +65,66 @@ pub enum StartupError {
 }
 
 /// The service on the gateway at `gateway_url`, counting into `metrics`.
-pub async fn build_api(
+pub async fn build_app(
     config: &Config,
     gateway_url: String,
     metrics: &Metrics,
-) -> Result<CallControlApi, StartupError> {
+) -> Result<App, StartupError> {
     config.validate().map_err(StartupError::Config)?;
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
-    // Replicated (state shared through NATS) or alone (state in memory).
     let policy = config.release_policy();
-    let cluster = match config.nats() {
+    let shared_state = match config.nats() {
         Some(settings) => {
             let layout = nats::Layout {
                 events: config.events(),
                 idempotency_window: policy.idempotency_window,
                 idempotency_capacity: policy.idempotency_capacity,
             };
-            Some(Cluster::connect_retrying(settings, &layout).await?)
+            nats::shared_state(settings, &layout, config.session_limits(), &lifecycle).await?
         }
-        None => None,
+        None => SharedState::in_process(
+            config.session_limits(),
+            policy.idempotency_window,
+            policy.idempotency_capacity,
+        ),
     };
-    let registry = match &cluster {
-        Some(cluster) => {
-            nats::sessions::shared_registry(cluster, config.session_limits(), &lifecycle).await?
-        }
-        None => Arc::new(SessionRegistry::new(config.session_limits())),
-    };
-    let sessions = Sessions::new(registry, gateway);
+    let sessions = Sessions::new(shared_state.sessions(), gateway.clone());
+    let stream_slots = StreamSlots::new(config.api().max_streams_per_caller);
     let callers = config
         .callers_files()
         .map(|(callers, tokens)| Callers::load(callers, tokens))
         .transpose()
-        .map_err(StartupError::Config)?;
+        .map_err(StartupError::Config)?
+        .map(|callers| callers.checking_streams(stream_slots.clone()));
     if callers.is_none() {
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
-    let events = match &cluster {
-        Some(cluster) => {
-            let settings = config.events();
-            let shutdown = lifecycle.shutdown().child_token();
-            let ownership = NatsOwnership::start(cluster, shutdown, lifecycle.tasks()).await?;
-            let log = StreamLog::open(cluster, &settings, lifecycle.shutdown().clone()).await?;
-            EventHub::replicated(
-                sessions.clone(),
-                settings,
-                &lifecycle,
-                ownership,
-                Arc::new(log),
-            )
-        }
-        None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
-    };
-    let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
-    if let Some(cluster) = &cluster {
-        let request_ids = NatsRequestIds::open(
-            cluster,
-            policy.idempotency_window,
-            policy.idempotency_capacity,
-        )
-        .await?;
-        release = release.sharing_request_ids(
-            std::sync::Arc::new(request_ids),
-            cluster.settings().release_without_nats,
-        );
-    }
-    Ok(CallControlApi::new(
+    let events = EventHub::replicated(
+        sessions.clone(),
+        config.events(),
+        &lifecycle,
+        shared_state.ownership(),
+        shared_state.event_log(),
+    );
+    let release = ReleaseService::new(sessions, events.clone(), policy, &shared_state, &lifecycle);
+    let api = CallControlApi::new(
         release,
         events,
         config.api(),
+        callers.clone(),
+        stream_slots,
+        shared_state.clone(),
+        metrics.clone(),
+    );
+    Ok(App {
+        api,
         lifecycle,
         callers,
-        metrics.clone(),
-    ))
+        metrics: metrics.clone(),
+        shared_state,
+        gateway,
+    })
 }
 
 /// Runs the service on `listener` until `shutdown` resolves, with the metrics endpoint on
@@ -194,7 +183,7 @@ pub async fn run(
     );
     let built = async {
         match &config.gateway_url {
-            Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics).await,
+            Some(url) if !config.simulate => build_app(&config, url.clone(), &metrics).await,
             #[cfg(feature = "simulator")]
             _ => demo::start(&config, &listener, &metrics).await,
             #[cfg(not(feature = "simulator"))]
@@ -209,15 +198,16 @@ pub async fn run(
         }
     };
     let served = match built {
-        Ok(Some(api)) => {
-            service_state.built(&api, &config, &server, dropped_log_lines);
+        Ok(Some(app)) => {
+            service_state.built(&app, &config, &server, dropped_log_lines);
+            let health = health.serving(&app, &server).await;
             tracing::info!(
                 listen = %listener.local_addr()?,
                 metrics = endpoint.as_ref().map(|e| tracing::field::display(e.addr)),
                 health = health_addr.map(tracing::field::display),
                 "serving gRPC"
             );
-            server::run(listener, health, api, server, stop.cancelled_owned())
+            server::run(listener, health, app, server, stop.cancelled_owned())
                 .await
                 .map_err(StartupError::from)
         }

@@ -13,8 +13,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, FeedRegistry},
-    log::{EventLog, LogFollower, LogStats, ProcessLog},
-    ownership::{Alone, OwnershipStats, PollOwnership, PollingPart},
+    log::{EventLog, LogFollower, LogStats},
+    ownership::{OwnershipStats, PollOwnership},
     subscribe::{Permits, Request, SubscribeError},
     watcher::Watcher,
     EventSettings, KindFilter, ResumeToken,
@@ -92,17 +92,6 @@ pub(super) struct Hub {
 }
 
 impl EventHub {
-    /// The single process's hub: it polls every agent it watches.
-    pub(crate) fn new(sessions: Sessions, settings: EventSettings, lifecycle: &Lifecycle) -> Self {
-        Self::build(
-            sessions,
-            settings,
-            lifecycle,
-            Arc::new(Alone::new()),
-            Arc::new(ProcessLog::new()),
-        )
-    }
-
     /// A replica's hub: its events go to the replicas' shared `log`, and it polls the agents
     /// `ownership` lets it: its own clients' and, for other replicas' clients, those it owns
     /// that they watch.
@@ -307,10 +296,6 @@ impl EventHub {
     }
 
     /// This replica's part in polling (all of it, alone).
-    pub(crate) fn polling_part(&self) -> PollingPart {
-        self.hub.ownership.part()
-    }
-
     pub fn stats(&self) -> EventStats {
         let c = &self.hub.counters;
         EventStats {

@@ -20,7 +20,7 @@ use crate::{
 
 /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
 pub(super) fn hub(settings: EventSettings) -> EventHub {
-    EventHub::new(no_gateway(), settings, &Lifecycle::default())
+    hub_on(settings, Arc::new(ProcessLog::new()))
 }
 
 /// [`hub`], polling what `ownership` lets it.

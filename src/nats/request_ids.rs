@@ -242,8 +242,9 @@ impl RequestIds for NatsRequestIds {
         self.entries.last.load(Ordering::Relaxed)
     }
 
-    fn reachable(&self) -> bool {
-        self.cluster.is_connected()
+    fn forgets_evictable_answers(&self) -> bool {
+        // The bucket evicts nothing: every answer holds its place for the window.
+        false
     }
 }
 

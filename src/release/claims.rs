@@ -36,9 +36,10 @@ pub(crate) trait RequestIds: fmt::Debug + Send + Sync {
     /// Ids remembered, as last known (for the metrics).
     fn entries(&self) -> usize;
 
-    /// Whether the store, and with it the state the replicas share, can be reached now. Always
-    /// true in memory.
-    fn reachable(&self) -> bool;
+    /// Whether answers kept as [`Retention::Evictable`] may be forgotten before their window
+    /// ends to make room (a cache), rather than holding their place for the whole window (a
+    /// store that evicts nothing).
+    fn forgets_evictable_answers(&self) -> bool;
 }
 
 /// What a claim promises about the work it is for.
@@ -119,7 +120,7 @@ impl RequestIds for AnswerCache {
         self.len()
     }
 
-    fn reachable(&self) -> bool {
+    fn forgets_evictable_answers(&self) -> bool {
         true
     }
 }

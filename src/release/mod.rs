@@ -11,9 +11,11 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub(crate) use claims::{AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, RequestIds, Ticket};
+pub(crate) use claims::{
+    AnswerCache, AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, RequestIds, Ticket,
+};
 pub(crate) use confirm::Confirmation;
-pub(crate) use idempotency::{IdempotencyCache, Retention};
+pub(crate) use idempotency::Retention;
 pub(crate) use shares::{CallerLimit, CallerShareLimits};
 
 use crate::{
@@ -23,6 +25,7 @@ use crate::{
     jittered_backoff,
     lifecycle::Lifecycle,
     sessions::Sessions,
+    shared_state::SharedState,
     shares::{CallerName, Shares},
     telemetry::trace,
 };
@@ -157,6 +160,9 @@ pub(crate) struct ReleasePolicy {
     pub(crate) idempotency_window: Duration,
     pub(crate) idempotency_capacity: usize,
     pub(crate) caller_shares: CallerShareLimits,
+    /// Whether a release without a request_id may go ahead with this process's sessions while
+    /// the shared state cannot be reached.
+    pub(crate) release_while_unreachable: bool,
 }
 
 impl Default for ReleasePolicy {
@@ -173,6 +179,7 @@ impl Default for ReleasePolicy {
                 pending_request_ids: 272,
                 release_waiters: 250,
             },
+            release_while_unreachable: false,
         }
     }
 }
@@ -212,11 +219,8 @@ pub(crate) struct ReleaseService {
     request_id_shares: shares::RequestIdShares,
     /// Each caller's share of the release waiters.
     waiter_shares: Shares,
-    /// Whether a release may go ahead with this replica's sessions while `answers` (and the
-    /// rest of the shared state) cannot be reached.
-    release_while_unreachable: bool,
-    /// Whether `answers` is shared with other replicas.
-    shared: bool,
+    /// Where `answers` and the sessions are kept, and whether it can be reached.
+    shared: SharedState,
     /// The release room's part of the hard stop: a call still running answers at once with
     /// what it knows.
     hard_stop: CancellationToken,
@@ -225,64 +229,35 @@ pub(crate) struct ReleaseService {
 }
 
 impl ReleaseService {
+    /// Claims request ids in `shared`'s store. While `shared` cannot be reached, releases are
+    /// refused (nothing sent), unless the policy allows releasing while it is unreachable:
+    /// then releases without a request_id go ahead with this process's sessions (one with a
+    /// request_id is still refused, as its id cannot be claimed where the other replicas
+    /// would see it).
     pub(crate) fn new(
         sessions: Sessions,
         events: EventHub,
         policy: ReleasePolicy,
+        shared: &SharedState,
         lifecycle: &Lifecycle,
     ) -> Self {
-        let answers: claims::AnswerCache =
-            IdempotencyCache::new(policy.idempotency_window, policy.idempotency_capacity);
+        let answers = shared.request_ids();
+        let mut request_id_shares =
+            shares::RequestIdShares::new(policy.caller_shares, policy.idempotency_window);
+        if !answers.forgets_evictable_answers() {
+            request_id_shares = request_id_shares.keeping_evictable_answers();
+        }
         Self {
             sessions,
             events,
-            request_id_shares: shares::RequestIdShares::new(
-                policy.caller_shares,
-                policy.idempotency_window,
-            ),
+            request_id_shares,
             waiter_shares: Shares::new(policy.caller_shares.release_waiters),
             policy,
-            answers: Arc::new(answers),
-            release_while_unreachable: true,
-            shared: false,
+            answers,
+            shared: shared.clone(),
             hard_stop: lifecycle.hard_stop().child_token(),
             tasks: lifecycle.tasks().clone(),
         }
-    }
-
-    /// Claims request ids in `answers`, shared with other replicas, instead of this process's
-    /// memory. While it cannot be reached, releases are refused (nothing sent), unless
-    /// `release_while_unreachable`: then releases without a request_id go ahead with this
-    /// replica's sessions (one with a request_id is still refused, as its id cannot be claimed
-    /// where the other replicas would see it).
-    pub(crate) fn sharing_request_ids(
-        self,
-        answers: Arc<dyn RequestIds>,
-        release_while_unreachable: bool,
-    ) -> Self {
-        Self {
-            answers,
-            release_while_unreachable,
-            shared: true,
-            // The bucket evicts nothing: every answer holds its place for the window.
-            request_id_shares: self.request_id_shares.clone().keeping_evictable_answers(),
-            ..self
-        }
-    }
-
-    /// Whether request ids (and the rest of the state) are shared with other replicas.
-    pub(crate) fn shares_state(&self) -> bool {
-        self.shared
-    }
-
-    /// request_ids whose answers (or releases under way) are remembered.
-    pub(crate) fn idempotency_entries(&self) -> usize {
-        self.answers.entries()
-    }
-
-    /// Whether the state the replicas share can be reached (always, alone).
-    pub(crate) fn shared_state_reachable(&self) -> bool {
-        self.answers.reachable()
     }
 
     /// Carries out a ReleaseCall: watches for the release's event first when asked (so it
@@ -293,7 +268,7 @@ impl ReleaseService {
         &self,
         request: ReleaseRequest,
     ) -> Result<Released, ReleaseError> {
-        if !self.release_while_unreachable && !self.answers.reachable() {
+        if !self.policy.release_while_unreachable && !self.shared.reachable() {
             // Another replica may hold a newer Guid, or the same request_id: refuse before
             // anything is sent, so that a retry is safe.
             return Err(ReleaseError::SharedStateUnavailable);
@@ -569,7 +544,7 @@ mod tests {
     /// Whether a repeat of a request_id whose release was answered `answer` would act again
     /// (own the id, so send its release) rather than get that answer.
     fn repeat_acts(command: &ReleaseCommand, answer: ReleaseAnswer) -> bool {
-        let cache: claims::AnswerCache = IdempotencyCache::new(Duration::from_secs(600), 4);
+        let cache = AnswerCache::new(Duration::from_secs(600), 4);
         let key: AnswerKey = ("billing".into(), RequestId::parse("r", "r-1").unwrap());
         let idempotency::Claim::Owner(ticket) = cache.claim(&key, command.clone()) else {
             panic!("the first claim owns the id");

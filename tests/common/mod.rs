@@ -103,18 +103,21 @@ pub async fn spawn_facade(
     args.extend(open_unless_callers(flags));
     args.extend_from_slice(flags);
     let config = Config::try_parse_from(args).expect("test flags parse");
-    let api = startup::build_api(&config, gateway_url.to_owned(), &Default::default())
+    let app = startup::build_app(&config, gateway_url.to_owned(), &Default::default())
         .await
         .expect("facade builds");
+    let api = app.api.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = listener.local_addr().unwrap();
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let server = tokio::spawn({
-        let api = api.clone();
         let settings = config.server();
         async move {
-            let health = server::HealthEndpoint::start(None, &settings, &Default::default()).await;
-            server::run(listener, health, api, settings, async {
+            let health = server::HealthEndpoint::start(None, &settings, &Default::default())
+                .await
+                .serving(&app, &settings)
+                .await;
+            server::run(listener, health, app, settings, async {
                 let _ = server_stopped.await;
             })
             .await
