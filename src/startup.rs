@@ -15,7 +15,7 @@ use crate::{
     callers::Callers,
     config::Config,
     connections::SIDE_PORT_CONNECTIONS,
-    events::EventHub,
+    events::{EventHub, ProcessLog, ProcessOwnership},
     gateway::GatewayClient,
     lifecycle::Lifecycle,
     nats::{self, Cluster, NatsOwnership, NatsRequestIds, StreamLog},
@@ -105,7 +105,7 @@ pub async fn build_api(
             let shutdown = lifecycle.shutdown().child_token();
             let ownership = NatsOwnership::start(cluster, shutdown, lifecycle.tasks()).await?;
             let log = StreamLog::open(cluster, &settings, lifecycle.shutdown().clone()).await?;
-            EventHub::replicated(
+            EventHub::new(
                 sessions.clone(),
                 settings,
                 &lifecycle,
@@ -113,7 +113,13 @@ pub async fn build_api(
                 Arc::new(log),
             )
         }
-        None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
+        None => EventHub::new(
+            sessions.clone(),
+            config.events(),
+            &lifecycle,
+            Arc::new(ProcessOwnership::new()),
+            Arc::new(ProcessLog::new()),
+        ),
     };
     let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
     if let Some(cluster) = &cluster {
