@@ -214,8 +214,9 @@ impl EventHub {
         feed.map_or(0, |feed| feed.members())
     }
 
-    /// Agents whose poll loop polls now (once this replica owns them): watched, here or by
-    /// other replicas, or in their grace period; not those whose session was lost. Sorted.
+    /// Agents whose poll loop wants to poll now (it polls while this replica owns them):
+    /// watched, here or by other replicas, or in their grace period, and not of a lost session.
+    /// Sorted.
     pub fn agents_to_poll(&self) -> Vec<AgentId> {
         let feeds: Vec<Arc<Feed>> = self.room.feeds.lock().all();
         let now = Instant::now();
