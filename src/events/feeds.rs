@@ -130,6 +130,7 @@ impl Feeds {
         }
     }
 
+    /// Locks the registry: after the publish lock, if at all, never before it.
     pub fn lock(&self) -> LockedFeeds<'_> {
         let order = BelowPublish::mark();
         LockedFeeds {
