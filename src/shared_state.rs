@@ -6,7 +6,7 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use crate::{
-    events::{Alone, EventLog, PollOwnership, PollingPart, ProcessLog},
+    events::{EventLog, PollOwnership, PollingPart, ProcessLog, ProcessOwnership},
     release::{AnswerCache, RequestIds},
     sessions::{SessionLimits, SessionRegistry},
 };
@@ -49,7 +49,7 @@ impl SharedState {
         let request_ids: AnswerCache = AnswerCache::new(idempotency_window, idempotency_capacity);
         Self::new(
             Arc::new(SessionRegistry::new(session_limits)),
-            Arc::new(Alone::new()),
+            Arc::new(ProcessOwnership::new()),
             Arc::new(ProcessLog::new()),
             Arc::new(request_ids),
             Arc::new(InProcess),

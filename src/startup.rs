@@ -100,7 +100,7 @@ pub async fn build_app(
     if callers.is_none() {
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
-    let events = EventHub::replicated(
+    let events = EventHub::new(
         sessions.clone(),
         config.events(),
         &lifecycle,

@@ -16,15 +16,16 @@
 //!   replay, gap and memberships;
 //! - the *poll loop* (`PollLoop`) is the one reader of an agent's gateway events.
 //!
-//! Parts: `hub` ([`EventHub`], the facade), `feeds` (the feed registry), `polled` (the polled
-//! agents' limit), `ownership` (which agents this replica may poll, and who watches what
-//! across replicas), `publish` (appending and delivering events), `log` (where events are
-//! appended, and read back for resuming watchers), `subscribe` (admitting and starting
-//! watchers), `watcher`, `forward` (a watcher read by a task of its own), `poll`, `ring` (the
-//! replay ring), `token`.
+//! Parts: `hub` ([`EventHub`], the facade, and the `Room` its parts share), `numbering` (the
+//! sequence and the publish lock), `feeds` (the feed registry), `polled` (the polled agents'
+//! limit), `ownership` (which agents this replica may poll, and who watches what across
+//! replicas), `publish` (appending and delivering events), `log` (where events are appended,
+//! and read back for resuming watchers), `subscribe` (admitting and starting watchers),
+//! `watcher`, `forward` (a watcher read by a task of its own), `poll`, `ring` (the replay
+//! ring), `token`.
 //!
 //! Ordering: every release event gets the next number of one sequence, and events are
-//! delivered in that order (one publish lock), so a watcher of several agents can deliver them
+//! delivered in that order (one publish lock, `numbering`), so a watcher of several agents can deliver them
 //! in sequence order. "Everything up to sequence N was delivered" is then a complete
 //! description of where a watcher stands, which is all a resume token holds. The sequence is
 //! the event log's (`log`, `EventLog`): the process's own (in memory), or a JetStream
@@ -34,6 +35,7 @@ mod feeds;
 mod forward;
 mod hub;
 mod log;
+mod numbering;
 mod ownership;
 mod poll;
 mod polled;
@@ -51,8 +53,8 @@ pub(crate) use forward::Forwarded;
 pub use hub::{EventHub, EventStats};
 pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, ProcessLog, Record};
-pub(crate) use ownership::{Alone, PollOwnership, PollPermit, RemoteInterest};
 pub use ownership::{OwnershipStats, PollingPart};
+pub(crate) use ownership::{PollOwnership, PollPermit, ProcessOwnership, RemoteInterest};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;

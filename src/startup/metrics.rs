@@ -230,7 +230,7 @@ fn service_state(
         .gauge(
             "ccgw_polled_agents",
             "Agents counted against --max-polled-agents",
-            read(|e| e.polled_agents()),
+            read(|e| e.polled_agents_in_use()),
         )
         .gauge(
             "ccgw_polled_agents_max",

@@ -738,7 +738,7 @@ impl TestApp {
         let mut agents: Vec<String> = self
             .api
             .events()
-            .polling_agents()
+            .agents_to_poll()
             .iter()
             .map(ToString::to_string)
             .collect();
