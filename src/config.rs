@@ -403,9 +403,8 @@ pub struct Config {
 
     /// NATS server(s) with JetStream, e.g. `tls://nats-0.nats:4222,tls://nats-1.nats:4222`:
     /// switches replication on. Every replica of one install shares agents' sessions, the poll
-    /// ownership, the release event log and request_ids through it (see "Running several
-    /// replicas" in the README). Without it the process keeps everything in memory and must run
-    /// alone.
+    /// ownership, the release event log and request_ids through it (see docs/replicas.md).
+    /// Without it the process keeps everything in memory and must run alone.
     #[arg(long, env = "CCGW_NATS_URL")]
     pub(crate) nats_url: Option<String>,
 
@@ -760,8 +759,8 @@ const OTHER_ENV: &[(&str, &str)] = &[
     ),
 ];
 
-/// Every flag and environment variable, as the Markdown table in README.md: built from the
-/// flags' own definitions, so that a test can hold the README to them.
+/// Every flag and environment variable, as the Markdown table in docs/operating.md: built from
+/// the flags' own definitions, so that a test can hold the documentation to them.
 pub fn markdown_flags_table() -> String {
     use clap::CommandFactory;
     let mut out = String::from("| flag | env | default | meaning |\n|---|---|---|---|\n");

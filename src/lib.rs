@@ -1,17 +1,21 @@
 //! ccgw-callcontrol: a gRPC facade over Huawei CC-Gateway's agent REST interface.
 //!
-//! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types, TLS, the request cap,
-//! reachability), `sessions` (which session a request goes out with, handovers), `release`
-//! (hang-up policy), `events` (poll loops, feeds, watchers, replay and resume), `callers` (who
-//! may call, and what for), `health` (what each health name reports), `lifecycle` (shutdown and
-//! tasks), `server` (composition, TLS on the gRPC port), `config`, `telemetry` (logs, metrics,
-//! traces), `nats` (replication: the NATS JetStream implementations of what replicas share).
+//! Rooms that know gRPC: `api` (the CallControl service: handlers, request validation, caller
+//! authentication, the failure -> Status table), `server` (composition: the tonic server,
+//! reflection, TLS on the gRPC port, the drain), `health` (what each name of the gRPC health
+//! service reports), `telemetry` (logs, metrics, traces; its `rpc` layer counts and logs every
+//! call by its gRPC status). Rooms that know nothing of gRPC: `gateway` (REST transport, wire
+//! types, TLS, the request cap, reachability), `sessions` (which session a request goes out
+//! with, handovers), `release` (hang-up policy), `events` (poll loops, feeds, watchers, replay
+//! and resume), `callers` (who may call, and what for), `nats` (replication: the NATS JetStream
+//! implementations of what replicas share). Around them: `lifecycle` (shutdown and tasks),
+//! `config`, `startup`.
 //! The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which `startup` embeds
 //! for `--simulate` when the `simulator` feature (on by default) is.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
 /// written by hand can miss a variant without anything failing; this one cannot, so tables
-/// built from it (the README's failure table) and lookups over it cover every variant.
+/// built from it (the failure table in docs/api.md) and lookups over it cover every variant.
 macro_rules! enum_with_all {
     (
         $(#[$meta:meta])*

@@ -788,7 +788,7 @@ async fn streams_and_waiting_releases_are_refused_beyond_limits_of_their_own() {
     let first = app.watch(watch_req(&["101"])).await;
     let _second = app.watch(watch_req(&["101"])).await;
     let status = app.watch_refused(watch_req(&["101"])).await;
-    // The reason is the README's failure table's.
+    // The reason is the failure table's (docs/api.md).
     expect_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHERS");
     assert_eq!(events.watchers(), 2);
 

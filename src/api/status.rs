@@ -1,7 +1,7 @@
 //! The one table from failures (gateway retcodes, HTTP and transport errors, bad input) to gRPC
 //! statuses with google.rpc details. It has a row for every retcode the reference documents
 //! (`known_retcode_rule`) and every `Condition` (`condition_rule`); both are exhaustive
-//! `match`es, so a retcode or condition without a row does not compile. README.md shows the
+//! `match`es, so a retcode or condition without a row does not compile. docs/api.md shows the
 //! table ([`markdown_table`], built from `KnownRetcode::ALL` and `Condition::ALL`); a test keeps
 //! them equal.
 use std::{collections::HashMap, time::Duration};
@@ -664,7 +664,7 @@ pub(crate) fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>)
     Status::with_error_details(rule.code, format!("{}: {summary}", rule.meaning), details)
 }
 
-/// The table as README.md shows it.
+/// The table as docs/api.md shows it.
 pub fn markdown_table() -> String {
     let mut out = String::from(
         "| gateway retcode or condition | gRPC code | ErrorInfo.reason | RetryInfo | status message starts with |\n|---|---|---|---|---|\n",

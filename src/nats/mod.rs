@@ -3,7 +3,7 @@
 //! log, request ids). Knows NATS; the rooms do not know it is there. Everything this room
 //! writes is named by agent ids, shard numbers, replica ids and hashes: never a Guid, cookie or
 //! token, which appear only in the values of the sessions bucket (so NATS must be reached over
-//! TLS and access controlled, as the README says; the event stream's values hold customer
+//! TLS and access controlled, as docs/replicas.md says; the event stream's values hold customer
 //! numbers too).
 mod event_log;
 mod ownership;
