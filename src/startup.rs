@@ -71,6 +71,7 @@ pub async fn build_app(
     metrics: &Metrics,
 ) -> Result<App, StartupError> {
     config.validate().map_err(StartupError::Config)?;
+    // The gateway's settings are checked before the wait for NATS, which may be long.
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
     let policy = config.release_policy();
@@ -89,6 +90,19 @@ pub async fn build_app(
             policy.idempotency_capacity,
         ),
     };
+    assemble(config, gateway, metrics, lifecycle, shared_state)
+}
+
+/// The service on `gateway` and `shared_state` (whose tasks run in `lifecycle`), counting
+/// into `metrics`.
+fn assemble(
+    config: &Config,
+    gateway: GatewayClient,
+    metrics: &Metrics,
+    lifecycle: Lifecycle,
+    shared_state: SharedState,
+) -> Result<App, StartupError> {
+    let policy = config.release_policy();
     let sessions = Sessions::new(shared_state.sessions(), gateway.clone());
     let stream_slots = StreamSlots::new(config.api().max_streams_per_caller);
     let callers = config
