@@ -66,6 +66,37 @@ pub mod proto {
     /// their raw bytes.
     pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("error_details_descriptor");
+
+    /// The keys of `ErrorInfo.metadata`: clients read them, so they are part of the interface.
+    pub mod metadata_key {
+        /// The gateway's retcode.
+        pub const RETCODE: &str = "retcode";
+        /// The gateway's message, or what went wrong on the way to it.
+        pub const MESSAGE: &str = "message";
+        /// The agent of the request, or of the session that ended.
+        pub const AGENT_ID: &str = "agent_id";
+        /// The HTTP status the gateway or its load balancer answered instead of an envelope.
+        pub const HTTP_STATUS: &str = "http_status";
+        /// `"true"` when a release of the current call may have happened.
+        pub const MAY_HAVE_RELEASED: &str = "may_have_released";
+        /// The reason of the failure behind RELEASE_OUTCOME_UNKNOWN.
+        pub const CAUSE: &str = "cause";
+        /// Where a stream that ended can resume.
+        pub const RESUME_TOKEN: &str = "resume_token";
+        /// The agents of a stream the failure is about (those without a session, or those that
+        /// would need a poll loop beyond --max-polled-agents), comma-separated.
+        pub const AGENT_IDS: &str = "agent_ids";
+        /// The verb a caller is not granted (`release`, `watch`, `handover`).
+        pub const VERB: &str = "verb";
+        /// The agent a caller is not granted.
+        pub const DENIED_AGENT_ID: &str = "denied_agent_id";
+        /// How many agents `agent_ids` leaves out (present only when it leaves some out).
+        pub const UNLISTED_AGENT_IDS: &str = "unlisted_agent_ids";
+        /// How many field violations BadRequest leaves out (present only when it leaves some out).
+        pub const UNLISTED_VIOLATIONS: &str = "unlisted_violations";
+        /// The flag of the per-caller limit a caller is at.
+        pub const CALLER_LIMIT: &str = "caller_limit";
+    }
 }
 
 /// Installs ring as the process-wide rustls crypto provider. rustls is built without a provider

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub(crate) use claims::{
-    AnswerCache, AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, RequestIds, Ticket,
+    AnswerCache, AnswerKey, Claim, ClaimTerms, KeptAnswer, Pending, ReleaseAnswer, RequestIds,
+    Ticket,
 };
 pub(crate) use confirm::Confirmation;
 pub(crate) use idempotency::Retention;
@@ -61,22 +62,26 @@ pub(crate) struct ReleaseCommand {
     pub(crate) require_active_call: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum ReleaseOutcome {
     Released,
     NoActiveCall,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ReleaseReport {
     pub(crate) outcome: ReleaseOutcome,
     pub(crate) retcode: Retcode,
     pub(crate) message: String,
-    /// The answer was recorded for an earlier request with the same id.
+    /// The answer was recorded for an earlier request with the same id (never kept: whoever
+    /// reads a kept answer sets it).
+    #[serde(skip)]
     pub(crate) replayed: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum ReleaseError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
@@ -98,8 +103,10 @@ pub(crate) enum ReleaseError {
     /// The state the replicas share (NATS) cannot be reached; nothing was sent.
     #[error("the replicas' shared state (NATS) is unreachable; nothing was sent")]
     SharedStateUnavailable,
-    /// wait_for_release_event could not start watching; nothing was sent.
+    /// wait_for_release_event could not start watching; nothing was sent. Never kept
+    /// ([`KeptAnswer`] records it as a lost attempt).
     #[error(transparent)]
+    #[serde(skip)]
     CannotWait(SubscribeError),
 }
 
