@@ -7,9 +7,11 @@
 //! call by its gRPC status). Rooms that know nothing of gRPC: `gateway` (REST transport, wire
 //! types, TLS, the request cap, reachability), `sessions` (which session a request goes out
 //! with, handovers), `release` (hang-up policy), `events` (poll loops, feeds, watchers, replay
-//! and resume), `callers` (who may call, and what for), `nats` (replication: the NATS JetStream
+//! and resume), `callers` (who may call, and what for), `shared_state` (the one seam for what
+//! replicas share, handing each room its part), `nats` (replication: the NATS JetStream
 //! implementations of what replicas share). Around them: `lifecycle` (shutdown and tasks),
-//! `config`, `startup`.
+//! `config`, `startup` (builds the `app` from the configuration), `app` (the built service the
+//! server runs).
 //! The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which `startup` embeds
 //! for `--simulate` when the `simulator` feature (on by default) is.
 

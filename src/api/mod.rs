@@ -1,5 +1,5 @@
-//! The gRPC surface: handlers, proto <-> domain, and the failure -> Status table. The only room
-//! that knows gRPC.
+//! The CallControl service: handlers, proto <-> domain, and the failure -> Status table. The
+//! rooms below it (release, events, sessions, gateway) know nothing of gRPC.
 pub(crate) mod auth;
 pub mod codec;
 pub(crate) mod request;

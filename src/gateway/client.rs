@@ -317,16 +317,16 @@ impl GatewayClient {
         };
         // Polls have their own cap (one per polled agent, --max-polled-agents), and serve every
         // caller watching the agent: they continue nobody's trace.
-        let (turn, trace) = match operation {
-            SessionOperation::PollEvents => (Turn::Unlimited, GatewayTrace::default()),
+        let (admitted, trace) = match operation {
+            SessionOperation::PollEvents => (Admitted::Unlimited, GatewayTrace::default()),
             SessionOperation::Release(_) => (
-                Turn::Wait(caller.cloned()),
+                Admitted::UnderCap(caller.cloned()),
                 trace::gateway_request(&method, &path, &self.server),
             ),
         };
         match self.request_in(method, &path, session, trace.headers) {
             Ok(request) => {
-                self.exchange(counted, request, turn, deadline, &trace.span)
+                self.exchange(counted, request, admitted, deadline, &trace.span)
                     .instrument(trace.span.clone())
                     .await
             }
@@ -361,8 +361,14 @@ impl GatewayClient {
             .body(Full::new(Bytes::from(body)))
         {
             Ok(request) => {
-                self.exchange(counted, request, Turn::Wait(None), deadline, &Span::none())
-                    .await
+                self.exchange(
+                    counted,
+                    request,
+                    Admitted::UnderCap(None),
+                    deadline,
+                    &Span::none(),
+                )
+                .await
             }
             Err(_) => Exchange {
                 headers: SessionHeaders::default(),
@@ -409,26 +415,28 @@ impl GatewayClient {
         &self,
         operation: GatewayOperation,
         request: Request<Full<Bytes>>,
-        turn: Turn,
+        admitted: Admitted,
         deadline: Instant,
         span: &Span,
     ) -> Exchange {
         let started = std::time::Instant::now();
-        let exchange = self.exchange_uncounted(request, turn, deadline, span).await;
+        let exchange = self
+            .exchange_uncounted(request, admitted, deadline, span)
+            .await;
         let seconds = started.elapsed().as_secs_f64();
         self.metrics
             .gateway_request(operation, outcome_label(&exchange.answer), seconds);
         exchange
     }
 
-    /// Waits for its turn (unless `turn` says it needs none), sends, takes the session headers
+    /// Waits for its turn (unless `admitted` says it needs none), sends, takes the session headers
     /// as soon as they arrive (they count even when the body then fails), reads a bounded body
     /// and parses the envelope, all within `deadline`. What the answer says of the gateway's
     /// reachability goes into [`Self::health`], what it said of the HTTP exchange onto `span`.
     async fn exchange_uncounted(
         &self,
         request: Request<Full<Bytes>>,
-        turn: Turn,
+        admitted: Admitted,
         deadline: Instant,
         span: &Span,
     ) -> Exchange {
@@ -441,9 +449,9 @@ impl GatewayClient {
         if budget < MIN_BUDGET {
             return too_short(budget);
         }
-        let _turn = match turn {
-            Turn::Unlimited => None,
-            Turn::Wait(caller) => match self
+        let _turn = match admitted {
+            Admitted::Unlimited => None,
+            Admitted::UnderCap(caller) => match self
                 .admission
                 .admit(admission::give_up_at(deadline, MIN_BUDGET), caller.as_ref())
                 .await
@@ -516,10 +524,11 @@ impl GatewayClient {
     }
 }
 
-/// Whether a request waits for a turn under the cap on gateway requests, and for which caller.
+/// How a request is admitted: under the cap on gateway requests (waiting for a turn, counted
+/// for its caller if it has one), or without a cap (event polls, bounded by the polled agents).
 #[derive(Debug, Clone)]
-enum Turn {
-    Wait(Option<CallerName>),
+enum Admitted {
+    UnderCap(Option<CallerName>),
     Unlimited,
 }
 
