@@ -1,7 +1,7 @@
 //! Flags and environment variables of the service binary.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 use crate::{
     api::ApiSettings,
@@ -13,26 +13,8 @@ use crate::{
     release::{CallerShareLimits, ReleasePolicy},
     server::{ServerSettings, TlsFiles},
     sessions::SessionLimits,
+    telemetry::LogFormat,
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// JSON when stderr is not a terminal (a container's log collector), text when it is.
-    Auto,
-    Text,
-    Json,
-}
-
-impl LogFormat {
-    /// The format to write: `Auto` decided by whether stderr is a terminal.
-    pub fn resolve(self, stderr_is_terminal: bool) -> Self {
-        match self {
-            Self::Auto if stderr_is_terminal => Self::Text,
-            Self::Auto => Self::Json,
-            other => other,
-        }
-    }
-}
 
 /// gRPC facade over Huawei CC-Gateway: hang up contact-center calls, watch calls end.
 #[derive(Debug, Clone, Parser)]

@@ -152,7 +152,11 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        path::Path,
+        time::Duration,
+    };
 
     #[test]
     fn backoff_doubles_up_to_its_ceiling_with_jitter() {
@@ -163,5 +167,99 @@ mod tests {
             let full = (first * 2u32.pow((attempt - 1).min(16))).min(ceiling);
             assert!(pause >= full / 2 && pause <= full, "{attempt}: {pause:?}");
         }
+    }
+
+    /// The rooms this code (not its comments or unit tests) names: `crate::room` anywhere, and
+    /// each top-level item of `use crate::{...}`.
+    fn rooms_named(code: &str) -> BTreeSet<String> {
+        let code = code
+            .split("#[cfg(test)]\nmod tests")
+            .next()
+            .unwrap_or_default();
+        let code: String = code
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let word = |text: &str| -> String {
+            text.trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect()
+        };
+        let mut named = BTreeSet::new();
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let mut depth = 0;
+                let mut item_start = true;
+                for (i, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => item_start = true,
+                        c if item_start && !c.is_whitespace() => {
+                            named.insert(word(&group[i..]));
+                            item_start = false;
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                named.insert(word(rest));
+            }
+        }
+        named
+    }
+
+    /// The rooms (the top-level modules of src/) point one way: no room reaches itself through
+    /// the rooms it uses, so each can be read, tested and changed from the bottom up.
+    #[test]
+    fn the_rooms_have_no_cycles() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut files = vec![src.clone()];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            let relative = path.strip_prefix(&src).unwrap();
+            let first = relative.components().next().unwrap().as_os_str();
+            let room = first.to_str().unwrap().trim_end_matches(".rs").to_owned();
+            if room == "lib" || room == "bin" || path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let named = rooms_named(&std::fs::read_to_string(&path).unwrap());
+            let entry = uses.entry(room.clone()).or_default();
+            entry.extend(named.into_iter().filter(|r| *r != room && r != "self"));
+        }
+        assert!(
+            uses["api"].contains("release"),
+            "the reader sees uses: {uses:?}"
+        );
+        for (room, used) in &uses {
+            // Every room reachable from `room`'s uses; `room` must not be among them.
+            let mut reached = BTreeSet::new();
+            let mut next: Vec<&String> = used.iter().collect();
+            while let Some(other) = next.pop() {
+                if reached.insert(other.clone()) {
+                    next.extend(uses.get(other).into_iter().flatten());
+                }
+            }
+            assert!(
+                !reached.contains(room),
+                "the room {room} reaches itself through {used:?}: {uses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_room_reader_sees_uses_in_groups_and_paths_but_not_in_comments() {
+        let code = "use crate::{a::{B, C}, d, e::F};\nfn f() { crate::g::h(); }\n// crate::x\n\
+                    #[cfg(test)]\nmod tests { use crate::y; }";
+        let named: Vec<String> = rooms_named(code).into_iter().collect();
+        assert_eq!(named, ["a", "d", "e", "g"]);
     }
 }

@@ -7,7 +7,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use crate::{
     events::{EventLog, PollOwnership, PollingPart, ProcessLog, ProcessOwnership},
-    release::{AnswerCache, RequestIds},
+    release::{AnswerCache, Reachable, RequestIds},
     sessions::{SessionLimits, SessionRegistry},
 };
 
@@ -97,6 +97,12 @@ impl SharedState {
     /// ahead on this process's sessions, if allowed) and watches are refused.
     pub fn reachable(&self) -> bool {
         self.link.reachable()
+    }
+
+    /// [`reachable`](Self::reachable), for a room that must not know this seam.
+    pub(crate) fn reachability(&self) -> Reachable {
+        let link = self.link.clone();
+        Reachable::new(move || link.reachable())
     }
 
     /// The state can be reached and takes this process's writes (its poll leases).

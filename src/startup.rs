@@ -121,7 +121,14 @@ fn assemble(
         shared_state.ownership(),
         shared_state.event_log(),
     );
-    let release = ReleaseService::new(sessions, events.clone(), policy, &shared_state, &lifecycle);
+    let release = ReleaseService::new(
+        sessions,
+        events.clone(),
+        policy,
+        shared_state.request_ids(),
+        shared_state.reachability(),
+        &lifecycle,
+    );
     let api = CallControlApi::new(
         release,
         events,

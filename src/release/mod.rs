@@ -26,7 +26,6 @@ use crate::{
     jittered_backoff,
     lifecycle::Lifecycle,
     sessions::Sessions,
-    shared_state::SharedState,
     shares::{CallerName, Shares},
     telemetry::trace,
 };
@@ -191,6 +190,27 @@ impl Default for ReleasePolicy {
     }
 }
 
+/// Tells whether the state the replicas share can be reached now (always, for a process
+/// alone).
+#[derive(Clone)]
+pub(crate) struct Reachable(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Reachable {
+    pub(crate) fn new(reachable: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(reachable))
+    }
+
+    pub(crate) fn now(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Reachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Reachable").field(&self.now()).finish()
+    }
+}
+
 /// One ReleaseCall, as a caller asks for it.
 #[derive(Debug, Clone)]
 pub(crate) struct ReleaseRequest {
@@ -226,8 +246,8 @@ pub(crate) struct ReleaseService {
     request_id_shares: shares::RequestIdShares,
     /// Each caller's share of the release waiters.
     waiter_shares: Shares,
-    /// Where `answers` and the sessions are kept, and whether it can be reached.
-    shared: SharedState,
+    /// Whether the state the replicas share (`answers`, the sessions) can be reached now.
+    shared_state_reachable: Reachable,
     /// The release room's part of the hard stop: a call still running answers at once with
     /// what it knows.
     hard_stop: CancellationToken,
@@ -236,19 +256,19 @@ pub(crate) struct ReleaseService {
 }
 
 impl ReleaseService {
-    /// Claims request ids in `shared`'s store. While `shared` cannot be reached, releases are
-    /// refused (nothing sent), unless the policy allows releasing while it is unreachable:
-    /// then releases without a request_id go ahead with this process's sessions (one with a
-    /// request_id is still refused, as its id cannot be claimed where the other replicas
-    /// would see it).
+    /// Claims request ids in `answers`. While the shared state cannot be reached (as
+    /// `shared_state_reachable` tells), releases are refused (nothing sent), unless the policy
+    /// allows releasing while it is unreachable: then releases without a request_id go ahead
+    /// with this process's sessions (one with a request_id is still refused, as its id cannot
+    /// be claimed where the other replicas would see it).
     pub(crate) fn new(
         sessions: Sessions,
         events: EventHub,
         policy: ReleasePolicy,
-        shared: &SharedState,
+        answers: Arc<dyn RequestIds>,
+        shared_state_reachable: Reachable,
         lifecycle: &Lifecycle,
     ) -> Self {
-        let answers = shared.request_ids();
         let mut request_id_shares =
             shares::RequestIdShares::new(policy.caller_shares, policy.idempotency_window);
         if !answers.forgets_evictable_answers() {
@@ -261,7 +281,7 @@ impl ReleaseService {
             waiter_shares: Shares::new(policy.caller_shares.release_waiters),
             policy,
             answers,
-            shared: shared.clone(),
+            shared_state_reachable,
             hard_stop: lifecycle.hard_stop().child_token(),
             tasks: lifecycle.tasks().clone(),
         }
@@ -275,7 +295,7 @@ impl ReleaseService {
         &self,
         request: ReleaseRequest,
     ) -> Result<Released, ReleaseError> {
-        if !self.policy.release_while_unreachable && !self.shared.reachable() {
+        if !self.policy.release_while_unreachable && !self.shared_state_reachable.now() {
             // Another replica may hold a newer Guid, or the same request_id: refuse before
             // anything is sent, so that a retry is safe.
             return Err(ReleaseError::SharedStateUnavailable);
