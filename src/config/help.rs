@@ -3,9 +3,9 @@ use clap::{Arg, CommandFactory};
 
 use super::Config;
 
-/// The flags in the order `--help` and the README list them: the order they were documented in
-/// before they were grouped by room, which readers of both know. Groups keep their flags in
-/// the order of their rooms; this keeps the one readers see.
+/// The flags in the order `--help` and the README's table list them. The groups hold their
+/// flags by room; readers know the flags in this order, which interleaves the rooms, so it is
+/// kept here, in one list.
 const FLAG_ORDER: &[&str] = &[
     "listen",
     "metrics-listen",

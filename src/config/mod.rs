@@ -1,7 +1,7 @@
 //! Flags and environment variables of the service binary, one group of flags per room: each
 //! group owns its flags and their defaults and turns them into its room's settings, so that the
 //! rooms themselves know nothing of clap.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 
@@ -63,30 +63,6 @@ pub struct Config {
     pub telemetry: TelemetryFlags,
     #[command(flatten)]
     pub(crate) demo: DemoFlags,
-}
-
-/// The flags' defaults.
-impl Default for EventSettings {
-    fn default() -> Self {
-        Config::defaults().events()
-    }
-}
-
-/// The flags' defaults.
-impl Default for SessionLimits {
-    fn default() -> Self {
-        Config::defaults().session_limits()
-    }
-}
-
-#[cfg(test)]
-impl GatewaySettings {
-    /// The flags' defaults, for the gateway at `base_url`.
-    pub(crate) fn new(base_url: impl Into<String>) -> Self {
-        Config::defaults()
-            .gateway(base_url.into())
-            .expect("the defaults name no TLS file")
-    }
 }
 
 /// A configuration the service refuses to start with: each names its flags and why.
@@ -279,9 +255,7 @@ impl Config {
             max_agent_id: self.gateway.max_agent_id,
             request_timeout: self.release.request_timeout(),
             max_watch_agents: self.events.max_watch_agents as usize,
-            stream_send_timeout: std::time::Duration::from_secs(
-                self.events.stream_send_timeout_secs,
-            ),
+            stream_send_timeout: Duration::from_secs(self.events.stream_send_timeout_secs),
             max_streams_per_caller: self.callers.max_streams_per_caller as usize,
         }
     }
@@ -297,16 +271,38 @@ impl Config {
 
     pub fn server(&self) -> ServerSettings {
         self.server.settings(
-            std::time::Duration::from_secs(self.gateway.gateway_probe_secs),
+            Duration::from_secs(self.gateway.gateway_probe_secs),
             self.release.request_timeout(),
         )
     }
 }
 
+/// The flags' defaults.
+impl Default for EventSettings {
+    fn default() -> Self {
+        Config::defaults().events()
+    }
+}
+
+/// The flags' defaults.
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Config::defaults().session_limits()
+    }
+}
+
+#[cfg(test)]
+impl GatewaySettings {
+    /// The flags' defaults, for the gateway at `base_url`.
+    pub(crate) fn new(base_url: impl Into<String>) -> Self {
+        Config::defaults()
+            .gateway(base_url.into())
+            .expect("the defaults name no TLS file")
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     /// A production facade must be told who may call; --simulate needs nothing.
