@@ -84,30 +84,6 @@ pub struct ServerSettings {
     pub(crate) connections: ConnectionLimits,
 }
 
-impl Default for ServerSettings {
-    fn default() -> Self {
-        Self {
-            drain_timeout: Duration::from_secs(10),
-            max_request_bytes: 16 * 1024,
-            max_concurrent_streams: 256,
-            tls: None,
-            reload_interval: Duration::from_secs(10),
-            tls_reloads: Arc::default(),
-            gateway_probe: Duration::from_secs(5),
-            http2_keepalive: Duration::from_secs(30),
-            max_connection_age: Duration::from_secs(900),
-            max_connection_age_grace: Duration::from_secs(30),
-            connections: ConnectionLimits {
-                max_open: 4096,
-                max_open_per_address: 1024,
-                max_handshakes: 1024,
-                max_handshakes_per_address: 512,
-                handshake_timeout: Duration::from_secs(5),
-            },
-        }
-    }
-}
-
 impl ServerSettings {
     /// How long a client connection lives at most: its maximum age and the grace after it.
     fn connection_lifetime(&self) -> Duration {

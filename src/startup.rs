@@ -14,7 +14,7 @@ use crate::{
     api::CallControlApi,
     app::App,
     callers::{Callers, StreamSlots},
-    config::Config,
+    config::{Config, ConfigError},
     connections::SIDE_PORT_CONNECTIONS,
     events::EventHub,
     gateway::GatewayClient,
@@ -55,7 +55,7 @@ pub enum StartupError {
     #[error(transparent)]
     Nats(#[from] crate::nats::NatsError),
     #[error("configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("demo setup: {0}")]
     Demo(String),
     #[error(
@@ -70,7 +70,7 @@ pub async fn build_app(
     gateway_url: String,
     metrics: &Metrics,
 ) -> Result<App, StartupError> {
-    config.validate().map_err(StartupError::Config)?;
+    config.validate()?;
     // The gateway's settings are checked before the wait for NATS, which may be long.
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
@@ -109,7 +109,7 @@ fn assemble(
         .callers_files()
         .map(|(callers, tokens)| Callers::load(callers, tokens))
         .transpose()
-        .map_err(StartupError::Config)?
+        .map_err(ConfigError::CallersFiles)?
         .map(|callers| callers.checking_streams(stream_slots.clone()));
     if callers.is_none() {
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
@@ -172,7 +172,7 @@ pub async fn run(
             stop.cancel();
         }
     });
-    let health_listener = match config.health_listen {
+    let health_listener = match config.server.health_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
@@ -186,7 +186,7 @@ pub async fn run(
         .transpose()?;
     let health = HealthEndpoint::start(health_listener, &server, &metrics).await;
     let service_state = ServiceState::default();
-    let endpoint = match config.metrics_listen {
+    let endpoint = match config.telemetry.metrics_listen {
         Some(addr) => {
             let handshake_timeout = server.connections.handshake_timeout;
             let readings = service_state.readings(&config, &mut registry);
@@ -203,8 +203,8 @@ pub async fn run(
         "starting: alive, not ready"
     );
     let built = async {
-        match &config.gateway_url {
-            Some(url) if !config.simulate => build_app(&config, url.clone(), &metrics).await,
+        match &config.gateway.gateway_url {
+            Some(url) if !config.demo.simulate => build_app(&config, url.clone(), &metrics).await,
             #[cfg(feature = "simulator")]
             _ => demo::start(&config, &listener, &metrics).await,
             #[cfg(not(feature = "simulator"))]
@@ -255,10 +255,10 @@ const FD_RESERVE: u64 = 256;
 /// per polled agent, the gRPC port's connections, the health and metrics ports' connections,
 /// the gateway connections of releases, and [`FD_RESERVE`].
 fn descriptors_needed(config: &Config) -> u64 {
-    u64::from(config.max_polled_agents)
-        + u64::from(config.max_connections)
+    u64::from(config.events.max_polled_agents)
+        + u64::from(config.server.max_connections)
         + 2 * SIDE_PORT_CONNECTIONS as u64
-        + u64::from(config.max_gateway_requests)
+        + u64::from(config.gateway.max_gateway_requests)
         + FD_RESERVE
 }
 
@@ -271,8 +271,8 @@ fn check_open_file_limit(config: &Config) {
     let needed = descriptors_needed(config);
     if limit < needed {
         tracing::warn!(
-            max_polled_agents = config.max_polled_agents,
-            max_connections = config.max_connections,
+            max_polled_agents = config.events.max_polled_agents,
+            max_connections = config.server.max_connections,
             needed,
             open_file_limit = limit,
             "the open-file limit (RLIMIT_NOFILE: {limit}, even raised to its hard limit) is \

@@ -135,21 +135,3 @@ pub(crate) struct EventSettings {
     /// need one more are refused.
     pub(crate) max_polled_agents: usize,
 }
-
-impl Default for EventSettings {
-    fn default() -> Self {
-        Self {
-            poll_pause: Duration::from_millis(300),
-            poll_timeout: Duration::from_secs(30),
-            backoff_max: Duration::from_secs(10),
-            grace: Duration::from_secs(60),
-            replay_events: 256,
-            replay_age: Duration::from_secs(600),
-            watcher_buffer: 1024,
-            heartbeat: Duration::from_secs(15),
-            max_watchers: 10_000,
-            max_release_waiters: 1_000,
-            max_polled_agents: 10_000,
-        }
-    }
-}

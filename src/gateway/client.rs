@@ -81,25 +81,6 @@ pub(crate) struct GatewaySettings {
     pub(crate) max_queue_per_caller: usize,
 }
 
-impl GatewaySettings {
-    #[cfg(test)]
-    pub(crate) fn new(base_url: impl Into<String>) -> Self {
-        Self {
-            base_url: base_url.into(),
-            ca_bundle: None,
-            client_identity: None,
-            insecure_skip_verify: false,
-            connect_timeout: Duration::from_secs(3),
-            max_answer_bytes: 64 * 1024,
-            legacy_release_path: false,
-            max_requests: 64,
-            max_queue: 1024,
-            // A quarter of the queue, as --max-gateway-queue-per-caller's default.
-            max_queue_per_caller: 256,
-        }
-    }
-}
-
 /// An operation made in an agent's session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionOperation {

@@ -171,25 +171,6 @@ pub(crate) struct ReleasePolicy {
     pub(crate) release_while_unreachable: bool,
 }
 
-impl Default for ReleasePolicy {
-    fn default() -> Self {
-        Self {
-            dropcall_attempts: 3,
-            connect_attempts: 3,
-            retry_base_delay: Duration::from_millis(100),
-            idempotency_window: Duration::from_secs(600),
-            idempotency_capacity: 100_000,
-            // A quarter of each shared default, as the flags' defaults are.
-            caller_shares: CallerShareLimits {
-                request_ids: 25_000,
-                pending_request_ids: 272,
-                release_waiters: 250,
-            },
-            release_while_unreachable: false,
-        }
-    }
-}
-
 /// Tells whether the state the replicas share can be reached now (always, for a process
 /// alone).
 #[derive(Clone)]

@@ -27,7 +27,7 @@ pub(super) async fn start(
     listener: &TcpListener,
     metrics: &Metrics,
 ) -> Result<App, StartupError> {
-    let sim_listener = TcpListener::bind(config.sim_listen).await?;
+    let sim_listener = TcpListener::bind(config.demo.sim_listen).await?;
     let sim_addr = sim_listener.local_addr()?;
     // Nobody polls the demo agents' events (that is an agent desktop's job), so the demo
     // gateway does not sign them out for missed polls.

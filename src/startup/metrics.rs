@@ -295,7 +295,7 @@ fn service_state(
         .gauge(
             "ccgw_gateway_requests_max",
             "--max-gateway-requests",
-            constant(config.max_gateway_requests as usize),
+            constant(config.gateway.max_gateway_requests as usize),
         )
         .gauge(
             "ccgw_idempotency_entries",
