@@ -7,7 +7,7 @@ use crate::{
     api::ApiSettings,
     connections::ConnectionLimits,
     domain::{DEFAULT_MAX_AGENT_ID, MAX_AGENT_ID_LIMIT, MIN_AGENT_ID},
-    events::EventSettings,
+    events::{EventSettings, LeaseSettings},
     gateway::{GatewaySettings, PemFile, SettingsError},
     nats::{NatsSettings, CLAIM_OUTLIVES_REQUEST},
     release::{CallerShareLimits, ReleasePolicy},
@@ -689,6 +689,7 @@ impl Config {
 
     /// How replicas share state, when `--nats-url` is given.
     pub(crate) fn nats(&self) -> Option<NatsSettings> {
+        let leases = self.lease_settings();
         Some(NatsSettings {
             url: self.nats_url.clone()?,
             creds: self.nats_creds.clone(),
@@ -696,12 +697,22 @@ impl Config {
             tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
             prefix: self.nats_prefix.clone(),
             replicas: usize::from(self.nats_replicas),
-            lease_renew: Duration::from_secs(self.lease_renew_secs),
-            lease_ttl: Duration::from_secs(self.lease_ttl_secs),
-            lease_margin: Duration::from_secs(LEASE_MARGIN_SECS),
-            poll_timeout: Duration::from_millis(self.poll_timeout_ms),
+            lease_renew: leases.renew,
+            lease_ttl: leases.ttl,
+            lease_margin: leases.margin,
+            poll_timeout: leases.poll_timeout,
             release_without_nats: self.release_without_nats,
         })
+    }
+
+    /// The poll leases' terms, on whatever shares them (NATS, or facades sharing one process).
+    pub(crate) fn lease_settings(&self) -> LeaseSettings {
+        LeaseSettings {
+            renew: Duration::from_secs(self.lease_renew_secs),
+            ttl: Duration::from_secs(self.lease_ttl_secs),
+            margin: Duration::from_secs(LEASE_MARGIN_SECS),
+            poll_timeout: Duration::from_millis(self.poll_timeout_ms),
+        }
     }
 
     /// `--max-connection-age-grace-secs`, else 30 s or the request timeout if that is longer.

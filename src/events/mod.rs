@@ -54,7 +54,9 @@ pub use hub::{EventHub, EventStats};
 pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, ProcessLog, Record};
 pub use ownership::{desired_owner, shard_of, OwnershipStats, PollingPart, SHARDS};
-pub(crate) use ownership::{PollOwnership, PollPermit, ProcessOwnership, RemoteInterest};
+pub(crate) use ownership::{
+    LeaseSettings, PollOwnership, PollPermit, ProcessOwnership, RemoteInterest,
+};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;

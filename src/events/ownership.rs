@@ -6,8 +6,10 @@
 //!
 //! [`ProcessOwnership`] is the single process (it owns every agent, nobody else watches
 //! anything); the NATS implementation (`crate::nats::ownership`) shares leases between
-//! replicas.
-use std::{collections::BTreeSet, fmt, sync::Arc};
+//! replicas, and so does the in-memory one of facades sharing one process
+//! (`crate::shared_state::memory`). Both spread agents over [`SHARDS`] shards
+//! ([`shard_of`]) and shards over replicas ([`desired_owner`]) alike.
+use std::{collections::BTreeSet, fmt, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
@@ -49,6 +51,27 @@ pub fn desired_owner<'a>(shard: u16, live: &[&'a str]) -> Option<&'a str> {
     live.iter()
         .copied()
         .max_by_key(|member| (weight(member, shard), *member))
+}
+
+/// The terms of a poll lease, as every replica keeps them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseSettings {
+    /// How often a held lease is renewed.
+    pub(crate) renew: Duration,
+    /// A lease not renewed for this long may be taken over.
+    pub(crate) ttl: Duration,
+    /// Before the TTL runs out, a holder's polls have ended this early.
+    pub(crate) margin: Duration,
+    /// The longest one poll runs.
+    pub(crate) poll_timeout: Duration,
+}
+
+impl LeaseSettings {
+    /// How long after a renewal was sent polls may still start: each ends within the poll
+    /// timeout, before the lease could be taken over.
+    pub(crate) fn polls_start_within(&self) -> Duration {
+        self.ttl.saturating_sub(self.margin + self.poll_timeout)
+    }
 }
 
 /// Agents that other replicas' clients watch, of those whose polling this replica owns.

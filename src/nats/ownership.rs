@@ -44,8 +44,8 @@ use super::{Bucket, Cluster, NatsError, NatsSettings};
 use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
     events::{
-        desired_owner, shard_of, OwnershipStats, PollOwnership, PollPermit, PollingPart,
-        RemoteInterest, SHARDS,
+        desired_owner, shard_of, LeaseSettings, OwnershipStats, PollOwnership, PollPermit,
+        PollingPart, RemoteInterest, SHARDS,
     },
     lock,
 };
@@ -77,23 +77,6 @@ fn interest_key(agent: AgentId, replica: &str) -> String {
 /// A replica id as written by this code: lowercase hex (so it is safe as a key token).
 fn is_replica_id(raw: &str) -> bool {
     !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-#[derive(Debug, Clone, Copy)]
-struct LeaseSettings {
-    renew: Duration,
-    ttl: Duration,
-    margin: Duration,
-    /// The longest one poll runs.
-    poll_timeout: Duration,
-}
-
-impl LeaseSettings {
-    /// How long after a renewal was sent polls may still start: each ends within the poll
-    /// timeout, before the lease could be taken over.
-    fn polls_start_within(&self) -> Duration {
-        self.ttl.saturating_sub(self.margin + self.poll_timeout)
-    }
 }
 
 /// A shard lease this replica holds.
