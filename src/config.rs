@@ -573,16 +573,7 @@ impl Config {
                     CLAIM_OUTLIVES_REQUEST.as_secs()
                 ));
             }
-            let fenced_ms =
-                self.poll_timeout_ms + (self.lease_renew_secs + LEASE_MARGIN_SECS) * 1000;
-            if fenced_ms >= self.lease_ttl_secs * 1000 {
-                return Err(format!(
-                    "--lease-ttl-secs ({}) must exceed --poll-timeout-ms ({} ms) plus \
-                     --lease-renew-secs ({}) plus a {LEASE_MARGIN_SECS} s margin: a paused \
-                     replica could still be polling when another takes its shards over",
-                    self.lease_ttl_secs, self.poll_timeout_ms, self.lease_renew_secs
-                ));
-            }
+            self.validate_leases()?;
         }
         // A ReleaseCall cut off with its connection would leave its caller guessing whether the
         // call was hung up.
@@ -593,6 +584,21 @@ impl Config {
                     self.request_timeout_ms
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The poll leases fence a replica in time: its last poll has ended before another may
+    /// take its shards over.
+    pub(crate) fn validate_leases(&self) -> Result<(), String> {
+        let fenced_ms = self.poll_timeout_ms + (self.lease_renew_secs + LEASE_MARGIN_SECS) * 1000;
+        if fenced_ms >= self.lease_ttl_secs * 1000 {
+            return Err(format!(
+                "--lease-ttl-secs ({}) must exceed --poll-timeout-ms ({} ms) plus \
+                 --lease-renew-secs ({}) plus a {LEASE_MARGIN_SECS} s margin: a paused \
+                 replica could still be polling when another takes its shards over",
+                self.lease_ttl_secs, self.poll_timeout_ms, self.lease_renew_secs
+            ));
         }
         Ok(())
     }

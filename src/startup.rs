@@ -103,6 +103,7 @@ pub async fn build_app_on(
     shared: &SharedMemory,
 ) -> Result<App, StartupError> {
     config.validate().map_err(StartupError::Config)?;
+    config.validate_leases().map_err(StartupError::Config)?;
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
     let shared_state = shared.member(config.session_limits(), &lifecycle);
