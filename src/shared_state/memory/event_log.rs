@@ -372,3 +372,116 @@ async fn follow(
         () = stop => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::{
+        domain::CallId,
+        events::{ReleaseEvent, ReleaseKind, SessionEnding},
+    };
+
+    fn agent(n: u32) -> AgentId {
+        AgentId::parse("agent", &(101 + n).to_string(), 59_999).unwrap()
+    }
+
+    fn release(agent: AgentId) -> Record {
+        Record::Release(ReleaseEvent {
+            agent,
+            kind: ReleaseKind::CallRelease,
+            call_id: CallId::parse("c", "1-1").unwrap(),
+            customer_number: None,
+            event_time: None,
+            observed_time: SystemTime::UNIX_EPOCH,
+            raw_event_type: "AgentEvent_Call_Release".into(),
+            token: ResumeToken {
+                epoch: 0,
+                sequence: 0,
+            },
+        })
+    }
+
+    fn log(replay_events: usize) -> Log {
+        Log::new(&EventSettings {
+            replay_events,
+            replay_age: Duration::from_secs(60),
+            ..EventSettings::default()
+        })
+    }
+
+    fn sequences(backfill: &Backfill) -> Vec<u64> {
+        backfill.events.iter().map(|e| e.token.sequence).collect()
+    }
+
+    /// Records appended by any member get the next number of one sequence, and a follower
+    /// reads every kept record after its position, in order.
+    #[tokio::test(start_paused = true)]
+    async fn records_are_numbered_across_members_and_followed_in_order() {
+        let log = Arc::new(log(10));
+        let links = [
+            Arc::new(MemberLink::default()),
+            Arc::new(MemberLink::default()),
+        ];
+        let lifecycle = Lifecycle::new();
+        let members: Vec<MemberLog> = links
+            .iter()
+            .map(|link| MemberLog::open(log.clone(), link.clone(), &lifecycle))
+            .collect();
+        for n in 0..6 {
+            members[n % 2]
+                .append(&release(agent(n as u32 % 3)))
+                .unwrap()
+                .await;
+        }
+        let followed: Vec<u64> = log.after(0).iter().map(|(s, _)| *s).collect();
+        assert_eq!(followed, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(log.after(4).len(), 2);
+        assert_eq!(members[1].last_sequence().await, Some(6));
+
+        // Cut off: nothing read, the append waits until the member is back.
+        links[1].connected.send_replace(false);
+        assert_eq!(members[1].last_sequence().await, None);
+        let read = members[1].read(vec![agent(0)], 0, 6).await;
+        assert_eq!(read.dropped, [agent(0)]);
+        let append = tokio::spawn(members[1].append(&release(agent(0))).unwrap());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*log.last.borrow(), 6);
+        links[1].connected.send_replace(true);
+        append.await.unwrap();
+        assert_eq!(*log.last.borrow(), 7);
+    }
+
+    /// At most `replay_events` per agent and kind, none older than the replay age; a read
+    /// after a token names the agent when records after the token were dropped.
+    #[tokio::test(start_paused = true)]
+    async fn retention_drops_per_agent_and_by_age_and_reads_tell_what_was_dropped() {
+        let log = log(2);
+        for _ in 0..3 {
+            log.append(release(agent(0)));
+        }
+        log.append(Record::SessionEnded(agent(0), SessionEnding::Forgotten));
+        log.append(release(agent(1)));
+        let read = log.read(vec![agent(0), agent(1)], 0, 5);
+        // Agent 0's first release (1) was dropped; its session end is no release. Agent 1's
+        // first release chains to the last record dropped before it, as on the stream: it may
+        // have had one there.
+        assert_eq!(sequences(&read), [2, 3, 5]);
+        assert_eq!(read.dropped, [agent(0), agent(1)]);
+        assert!(log.read(vec![agent(1)], 1, 5).dropped.is_empty());
+        let read = log.read(vec![agent(0)], 1, 5);
+        assert_eq!((sequences(&read), read.dropped), (vec![2, 3], vec![]));
+        assert_eq!(
+            sequences(&log.read(vec![agent(0)], 2, 2)),
+            Vec::<u64>::new()
+        );
+
+        tokio::time::advance(Duration::from_secs(60)).await;
+        log.append(release(agent(2)));
+        assert_eq!(log.after(0).len(), 1, "older records expired");
+        // Agent 1's record after token 4 expired: a Gap; a token at the log's end: none.
+        assert_eq!(log.read(vec![agent(1)], 4, 6).dropped, [agent(1)]);
+        assert!(log.read(vec![agent(1)], 5, 6).dropped.is_empty());
+    }
+}

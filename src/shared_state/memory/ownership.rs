@@ -558,3 +558,72 @@ impl PollOwnership for MemberOwnership {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::domain::MAX_AGENT_ID_LIMIT;
+
+    use super::*;
+
+    const SETTINGS: LeaseSettings = LeaseSettings {
+        renew: Duration::from_secs(1),
+        ttl: Duration::from_secs(15),
+        margin: Duration::from_secs(2),
+        poll_timeout: Duration::from_secs(11),
+    };
+
+    /// One agent of each shard.
+    fn one_agent_per_shard() -> Vec<AgentId> {
+        let mut agents: HashMap<u16, AgentId> = HashMap::new();
+        for n in 101.. {
+            let agent = AgentId::parse("agent", &n.to_string(), MAX_AGENT_ID_LIMIT).unwrap();
+            agents.entry(shard_of(agent)).or_insert(agent);
+            if agents.len() == usize::from(SHARDS) {
+                return agents.into_values().collect();
+            }
+        }
+        unreachable!()
+    }
+
+    /// Three members start, one is cut off, the other two take its shards over: at every
+    /// moment at most one member may poll each agent, and in the end each shard is polled by
+    /// its desired owner among the two.
+    #[tokio::test(start_paused = true)]
+    async fn one_member_at_a_time_may_poll_each_shard() {
+        let leases = Arc::new(Leases::new(SETTINGS));
+        let ids = ["a", "b", "c"];
+        let members: Vec<(Arc<MemberOwnership>, Arc<MemberLink>, Lifecycle)> = ids
+            .iter()
+            .map(|id| {
+                let link = Arc::new(MemberLink::default());
+                let lifecycle = Lifecycle::new();
+                let ownership =
+                    MemberOwnership::start(leases.clone(), (*id).into(), link.clone(), &lifecycle);
+                (ownership, link, lifecycle)
+            })
+            .collect();
+        let agents = one_agent_per_shard();
+        let pollers = |agent: AgentId| -> Vec<usize> {
+            (0..members.len())
+                .filter(|i| members[*i].0.poll_permit(agent).is_some())
+                .collect()
+        };
+        for step in 0..80 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if step == 10 {
+                assert!(members.iter().all(|m| m.0.part().share_taken));
+                members[2].1.connected.send_replace(false);
+            }
+            for agent in &agents {
+                assert!(pollers(*agent).len() <= 1, "step {step}: {agent}");
+            }
+        }
+        for agent in &agents {
+            let desired = desired_owner(shard_of(*agent), &ids[..2]).unwrap();
+            let desired = ids.iter().position(|id| *id == desired).unwrap();
+            assert_eq!(pollers(*agent), [desired], "{agent}");
+        }
+        assert!(!members[2].0.part().writes_accepted);
+        assert!(members[2].0.stats().renewals_failed > 0);
+    }
+}
