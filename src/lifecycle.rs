@@ -39,7 +39,22 @@ impl Lifecycle {
     pub(crate) fn tasks(&self) -> &TaskTracker {
         &self.tasks
     }
+
+    /// Resolves once the service has drained (shutdown began and the server closed the task
+    /// tracker), so that what draining calls change can still be shared with other replicas.
+    pub(crate) fn drained(&self) -> impl Future<Output = ()> + Send + 'static {
+        let lifecycle = self.clone();
+        async move {
+            lifecycle.shutdown.cancelled().await;
+            while !lifecycle.tasks.is_closed() {
+                tokio::time::sleep(DRAINED_CHECK).await;
+            }
+        }
+    }
 }
+
+/// How often a stopping service is checked for having drained.
+const DRAINED_CHECK: Duration = Duration::from_millis(100);
 
 /// A server beside the gRPC server (the metrics endpoint, the plaintext health port), running
 /// until [`SideServer::stop`]. Each is stopped once the gRPC server has drained, so that

@@ -23,7 +23,7 @@ use crate::{
     release::ReleaseService,
     server::{self, HealthEndpoint},
     sessions::Sessions,
-    shared_state::SharedState,
+    shared_state::{SharedMemory, SharedState},
     telemetry::{DroppedLogLines, Metrics},
 };
 
@@ -90,6 +90,35 @@ pub async fn build_app(
             policy.idempotency_capacity,
         ),
     };
+    assemble(config, gateway, metrics, lifecycle, shared_state)
+}
+
+/// State that several facades in this process share as replicas, with `config`'s poll
+/// leases, event retention and request-id window (tests of replication without NATS).
+pub fn shared_memory(config: &Config) -> SharedMemory {
+    let policy = config.release_policy();
+    SharedMemory::new(
+        config.lease_settings(),
+        &config.events(),
+        policy.idempotency_window,
+        policy.idempotency_capacity,
+    )
+}
+
+/// The service on the gateway at `gateway_url`, counting into `metrics`, as one more member of
+/// the state `shared` keeps for several facades in this process (its own NATS, as it were):
+/// `config`'s NATS settings are not used.
+pub async fn build_app_on(
+    config: &Config,
+    gateway_url: String,
+    metrics: &Metrics,
+    shared: &SharedMemory,
+) -> Result<App, StartupError> {
+    config.validate().map_err(StartupError::Config)?;
+    config.validate_leases()?;
+    let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
+    let lifecycle = Lifecycle::new();
+    let shared_state = shared.member(config.session_limits(), &lifecycle);
     assemble(config, gateway, metrics, lifecycle, shared_state)
 }
 

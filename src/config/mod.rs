@@ -7,7 +7,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::{
     api::ApiSettings,
-    events::EventSettings,
+    events::{EventSettings, LeaseSettings},
     gateway::{GatewaySettings, SettingsError},
     nats::{NatsSettings, CLAIM_OUTLIVES_REQUEST},
     release::ReleasePolicy,
@@ -189,20 +189,7 @@ impl Config {
                     request_timeout_ms,
                 });
             }
-            let poll_timeout_ms = self.events.poll_timeout_ms;
-            let NatsFlags {
-                lease_renew_secs,
-                lease_ttl_secs,
-                ..
-            } = self.nats;
-            let fenced_ms = poll_timeout_ms + (lease_renew_secs + LEASE_MARGIN_SECS) * 1000;
-            if fenced_ms >= lease_ttl_secs * 1000 {
-                return Err(ConfigError::LeaseTtlTooShort {
-                    lease_ttl_secs,
-                    poll_timeout_ms,
-                    lease_renew_secs,
-                });
-            }
+            self.validate_leases()?;
         }
         // A ReleaseCall cut off with its connection would leave its caller guessing whether the
         // call was hung up.
@@ -213,6 +200,26 @@ impl Config {
                     request_timeout_ms,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// The poll leases fence a replica in time: its last poll has ended before another may
+    /// take its shards over.
+    pub(crate) fn validate_leases(&self) -> Result<(), ConfigError> {
+        let poll_timeout_ms = self.events.poll_timeout_ms;
+        let NatsFlags {
+            lease_renew_secs,
+            lease_ttl_secs,
+            ..
+        } = self.nats;
+        let fenced_ms = poll_timeout_ms + (lease_renew_secs + LEASE_MARGIN_SECS) * 1000;
+        if fenced_ms >= lease_ttl_secs * 1000 {
+            return Err(ConfigError::LeaseTtlTooShort {
+                lease_ttl_secs,
+                poll_timeout_ms,
+                lease_renew_secs,
+            });
         }
         Ok(())
     }
@@ -264,7 +271,12 @@ impl Config {
 
     /// How replicas share state, when `--nats-url` is given.
     pub(crate) fn nats(&self) -> Option<NatsSettings> {
-        self.nats.settings(self.events.poll_timeout())
+        self.nats.settings(self.lease_settings())
+    }
+
+    /// The poll leases' terms, on whatever shares them (NATS, or facades sharing one process).
+    pub(crate) fn lease_settings(&self) -> LeaseSettings {
+        self.nats.lease_settings(self.events.poll_timeout())
     }
 
     pub fn server(&self) -> ServerSettings {

@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use crate::nats::NatsSettings;
+use crate::{events::LeaseSettings, nats::NatsSettings};
 
 /// Flags of replication through NATS JetStream.
 #[derive(Debug, Clone, Args)]
@@ -103,8 +103,18 @@ impl NatsFlags {
             .is_some_and(|urls| urls.split(',').any(holds_user_info))
     }
 
-    /// How replicas share state, when `--nats-url` is given; a poll runs up to `poll_timeout`.
-    pub(super) fn settings(&self, poll_timeout: Duration) -> Option<NatsSettings> {
+    /// The poll leases' terms; a poll runs up to `poll_timeout`.
+    pub(super) fn lease_settings(&self, poll_timeout: Duration) -> LeaseSettings {
+        LeaseSettings {
+            renew: Duration::from_secs(self.lease_renew_secs),
+            ttl: Duration::from_secs(self.lease_ttl_secs),
+            margin: Duration::from_secs(LEASE_MARGIN_SECS),
+            poll_timeout,
+        }
+    }
+
+    /// How replicas share state, when `--nats-url` is given, with the poll leases' terms.
+    pub(super) fn settings(&self, leases: LeaseSettings) -> Option<NatsSettings> {
         Some(NatsSettings {
             url: self.nats_url.clone()?,
             creds: self.nats_creds.clone(),
@@ -112,10 +122,10 @@ impl NatsFlags {
             tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
             prefix: self.nats_prefix.clone(),
             replicas: usize::from(self.nats_replicas),
-            lease_renew: Duration::from_secs(self.lease_renew_secs),
-            lease_ttl: Duration::from_secs(self.lease_ttl_secs),
-            lease_margin: Duration::from_secs(LEASE_MARGIN_SECS),
-            poll_timeout,
+            lease_renew: leases.renew,
+            lease_ttl: leases.ttl,
+            lease_margin: leases.margin,
+            poll_timeout: leases.poll_timeout,
             release_without_nats: self.release_without_nats,
         })
     }

@@ -53,8 +53,10 @@ pub(crate) use forward::Forwarded;
 pub use hub::{EventHub, EventStats};
 pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, ProcessLog, Record};
-pub use ownership::{OwnershipStats, PollingPart};
-pub(crate) use ownership::{PollOwnership, PollPermit, ProcessOwnership, RemoteInterest};
+pub use ownership::{desired_owner, shard_of, OwnershipStats, PollingPart, SHARDS};
+pub(crate) use ownership::{
+    LeaseSettings, PollOwnership, PollPermit, ProcessOwnership, RemoteInterest,
+};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;

@@ -6,12 +6,73 @@
 //!
 //! [`ProcessOwnership`] is the single process (it owns every agent, nobody else watches
 //! anything); the NATS implementation (`crate::nats::ownership`) shares leases between
-//! replicas.
-use std::{collections::BTreeSet, fmt, sync::Arc};
+//! replicas, and so does the in-memory one of facades sharing one process
+//! (`crate::shared_state::memory`). Both spread agents over [`SHARDS`] shards
+//! ([`shard_of`]) and shards over replicas ([`desired_owner`]) alike.
+use std::{collections::BTreeSet, fmt, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
 use crate::domain::AgentId;
+
+/// Shards agents are spread over: fixed, since every replica must map an agent to the same
+/// lease (changing it needs every replica stopped).
+pub const SHARDS: u16 = 256;
+
+/// The shard of an agent: FNV-1a of its decimal id, mixed, modulo [`SHARDS`]. Stable across
+/// processes, versions and platforms.
+pub fn shard_of(agent: AgentId) -> u16 {
+    (mix(fnv1a(agent.to_string().as_bytes())) % u64::from(SHARDS)) as u16
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finalizer: FNV-1a alone leaves similar inputs' hashes close together.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Rendezvous (highest random weight) hashing: the member of highest weight owns the shard.
+fn weight(member: &str, shard: u16) -> u64 {
+    let mut bytes = member.as_bytes().to_vec();
+    bytes.push(b'/');
+    bytes.extend_from_slice(&shard.to_be_bytes());
+    mix(fnv1a(&bytes))
+}
+
+/// The member of `live` that should hold `shard`'s lease.
+pub fn desired_owner<'a>(shard: u16, live: &[&'a str]) -> Option<&'a str> {
+    live.iter()
+        .copied()
+        .max_by_key(|member| (weight(member, shard), *member))
+}
+
+/// The terms of a poll lease, as every replica keeps them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseSettings {
+    /// How often a held lease is renewed.
+    pub(crate) renew: Duration,
+    /// A lease not renewed for this long may be taken over.
+    pub(crate) ttl: Duration,
+    /// Before the TTL runs out, a holder's polls have ended this early.
+    pub(crate) margin: Duration,
+    /// The longest one poll runs.
+    pub(crate) poll_timeout: Duration,
+}
+
+impl LeaseSettings {
+    /// How long after a renewal was sent polls may still start: each ends within the poll
+    /// timeout, before the lease could be taken over.
+    pub(crate) fn polls_start_within(&self) -> Duration {
+        self.ttl.saturating_sub(self.margin + self.poll_timeout)
+    }
+}
 
 /// Agents that other replicas' clients watch, of those whose polling this replica owns.
 pub(crate) type RemoteInterest = Arc<BTreeSet<AgentId>>;

@@ -22,8 +22,8 @@ use crate::{
     shared_state::{self, SharedState},
 };
 
+pub use crate::events::{desired_owner, shard_of, SHARDS};
 pub(crate) use ownership::NatsOwnership;
-pub use ownership::{desired_owner, shard_of, SHARDS};
 pub(crate) use request_ids::NatsRequestIds;
 pub use request_ids::CLAIM_OUTLIVES_REQUEST;
 

@@ -43,13 +43,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{Bucket, Cluster, NatsError, NatsSettings};
 use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
-    events::{OwnershipStats, PollOwnership, PollPermit, PollingPart, RemoteInterest},
+    events::{
+        desired_owner, shard_of, LeaseSettings, OwnershipStats, PollOwnership, PollPermit,
+        PollingPart, RemoteInterest, SHARDS,
+    },
     lock,
 };
-
-/// Shards agents are spread over: fixed, since every replica must map an agent to the same
-/// lease (changing it needs every replica stopped).
-pub const SHARDS: u16 = 256;
 
 /// Interest keys live this many renew intervals without a refresh.
 const INTEREST_LIFETIME: u32 = 4;
@@ -62,40 +61,6 @@ const ANYONE_TAKES_OVER_AFTER_TTLS: u32 = 2;
 const REWATCH_PAUSE: Duration = Duration::from_secs(1);
 /// On shutdown, how long handing the leases back may take (polls end within a second).
 const HAND_BACK_ON_SHUTDOWN: Duration = Duration::from_millis(1500);
-
-/// The shard of an agent: FNV-1a of its decimal id, mixed, modulo [`SHARDS`]. Stable across
-/// processes, versions and platforms.
-pub fn shard_of(agent: AgentId) -> u16 {
-    (mix(fnv1a(agent.to_string().as_bytes())) % u64::from(SHARDS)) as u16
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// splitmix64's finalizer: FNV-1a alone leaves similar inputs' hashes close together.
-fn mix(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Rendezvous (highest random weight) hashing: the member of highest weight owns the shard.
-fn weight(member: &str, shard: u16) -> u64 {
-    let mut bytes = member.as_bytes().to_vec();
-    bytes.push(b'/');
-    bytes.extend_from_slice(&shard.to_be_bytes());
-    mix(fnv1a(&bytes))
-}
-
-/// The member of `live` that should hold `shard`'s lease.
-pub fn desired_owner<'a>(shard: u16, live: &[&'a str]) -> Option<&'a str> {
-    live.iter()
-        .copied()
-        .max_by_key(|member| (weight(member, shard), *member))
-}
 
 fn shard_key(shard: u16) -> String {
     format!("shard.{shard}")
@@ -112,23 +77,6 @@ fn interest_key(agent: AgentId, replica: &str) -> String {
 /// A replica id as written by this code: lowercase hex (so it is safe as a key token).
 fn is_replica_id(raw: &str) -> bool {
     !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-#[derive(Debug, Clone, Copy)]
-struct LeaseSettings {
-    renew: Duration,
-    ttl: Duration,
-    margin: Duration,
-    /// The longest one poll runs.
-    poll_timeout: Duration,
-}
-
-impl LeaseSettings {
-    /// How long after a renewal was sent polls may still start: each ends within the poll
-    /// timeout, before the lease could be taken over.
-    fn polls_start_within(&self) -> Duration {
-        self.ttl.saturating_sub(self.margin + self.poll_timeout)
-    }
 }
 
 /// A shard lease this replica holds.

@@ -50,8 +50,6 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How long pending writes get once the service has drained: within the 2 s the server gives
 /// its tasks.
 const FLUSH_WITHIN: Duration = Duration::from_millis(1500);
-/// How often a stopping service is checked for having drained.
-const DRAINED_CHECK: Duration = Duration::from_millis(100);
 /// Agents whose last write the writer remembers, to chain the next change onto it. Beyond it
 /// they are forgotten: a change then costs one conflict and a re-read, nothing worse.
 const MAX_CHAINS: usize = 4096;
@@ -120,7 +118,7 @@ pub(crate) async fn shared_registry(
         "loaded the shared sessions from NATS"
     );
     let tasks = lifecycle.tasks();
-    tasks.spawn(follower.run(watch, drained(lifecycle.clone())));
+    tasks.spawn(follower.run(watch, lifecycle.drained()));
     let writer = Writer {
         kv,
         registry: registry.clone(),
@@ -129,17 +127,8 @@ pub(crate) async fn shared_registry(
         pending: PendingWrites::default(),
         failures: 0,
     };
-    tasks.spawn(writer.run(inbox, drained(lifecycle.clone())));
+    tasks.spawn(writer.run(inbox, lifecycle.drained()));
     Ok(registry)
-}
-
-/// Resolves once the service has drained (the server closed its task tracker), so that what
-/// draining calls change is still written.
-async fn drained(lifecycle: Lifecycle) {
-    lifecycle.shutdown().cancelled().await;
-    while !lifecycle.tasks().is_closed() {
-        tokio::time::sleep(DRAINED_CHECK).await;
-    }
 }
 
 /// The bucket's value. No Debug: it holds credentials.

@@ -3,6 +3,7 @@
 //! benchmarks start the app one way.
 #![allow(dead_code)]
 
+pub mod memory;
 pub mod nats;
 pub mod pki;
 pub mod replicas;
@@ -99,13 +100,32 @@ pub async fn spawn_facade(
     flags: &[&str],
     stop_sim: Option<oneshot::Sender<()>>,
 ) -> TestApp {
-    let mut args = vec!["ccgw-callcontrol", "--gateway-url", gateway_url];
-    args.extend(open_unless_callers(flags));
-    args.extend_from_slice(flags);
-    let config = Config::try_parse_from(args).expect("test flags parse");
+    let config = facade_config(gateway_url, flags);
     let app = startup::build_app(&config, gateway_url.to_owned(), &Default::default())
         .await
         .expect("facade builds");
+    let tls = flags.contains(&"--tls-cert");
+    serve_facade(app, &config, tls, sim, sim_addr, stop_sim).await
+}
+
+/// The configuration of a facade pointed at `gateway_url`, with `flags`.
+pub fn facade_config(gateway_url: &str, flags: &[&str]) -> Config {
+    let mut args = vec!["ccgw-callcontrol", "--gateway-url", gateway_url];
+    args.extend(open_unless_callers(flags));
+    args.extend_from_slice(flags);
+    Config::try_parse_from(args).expect("test flags parse")
+}
+
+/// Serves `app` (built from `config`) on an ephemeral loopback port, with a client (which the
+/// test's own TLS clients replace when the port is `tls`).
+pub async fn serve_facade(
+    app: ccgw_callcontrol::app::App,
+    config: &Config,
+    tls: bool,
+    sim: Simulator,
+    sim_addr: SocketAddr,
+    stop_sim: Option<oneshot::Sender<()>>,
+) -> TestApp {
     let api = app.api.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = listener.local_addr().unwrap();
@@ -125,7 +145,7 @@ pub async fn spawn_facade(
         }
     });
     // A TLS port is reached by the test's own TLS clients (common::pki).
-    let client = if flags.contains(&"--tls-cert") {
+    let client = if tls {
         CallControlClient::new(
             tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
                 .unwrap()
