@@ -1,7 +1,7 @@
 //! Replicas share the agents' sessions through NATS: a real nats-server,
 //! the simulator, and facades in this process or as processes. The bucket is read directly
 //! (`ccgw-sessions`: agent id -> JSON) to see what the replicas wrote.
-mod common;
+use crate::common;
 
 use std::{future::Future, time::Duration};
 

@@ -2,7 +2,7 @@
 //! and facade processes on loopback ports. Tokens resume exactly on any replica and across
 //! restarts; a Gap only when retention really dropped events; a replica that does not poll an
 //! agent still delivers its events live, through its follower of the stream.
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 

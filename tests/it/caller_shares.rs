@@ -1,7 +1,7 @@
 //! What all callers share (the request_id cache, the gateway queue, the release waiters) is
 //! shared out: one caller at its share is refused, RESOURCE_EXHAUSTED CALLER_LIMIT_REACHED
 //! naming the flag, with nothing sent, and the other callers go on as if it were not there.
-mod common;
+use crate::common;
 
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
 use common::{

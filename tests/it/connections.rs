@@ -2,7 +2,7 @@
 //! through the real binary. Its listeners accept first and admit under caps per source address
 //! and in total; a connection that does not get through its handshake (TLS, HTTP/2 preface,
 //! HTTP/1 request head) in time is closed; every count is on /metrics.
-mod common;
+use crate::common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},

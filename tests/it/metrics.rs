@@ -4,7 +4,7 @@
 //! with what its handler learned; the Grafana dashboard's queries run against a real
 //! Prometheus scraping a real process.
 #![cfg(feature = "simulator")]
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,

@@ -1,6 +1,6 @@
 //! Handed-over sessions are safe by construction, and what callers
 //! can make the facade hold is bounded by configuration.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

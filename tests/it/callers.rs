@@ -1,7 +1,7 @@
 //! Callers identified by bearer tokens, each granted agent ranges and
 //! verbs; refusals before anything reaches a session or the gateway; request_ids namespaced by
 //! caller; files reloaded without a restart; a stream cap per caller.
-mod common;
+use crate::common;
 
 use std::{process::Stdio, time::Duration};
 

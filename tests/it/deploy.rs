@@ -3,7 +3,7 @@
 //! without the optional components, and what it renders is what the other tests read:
 //! kubernetes-validate (the Kubernetes API schemas) and the CRDs' own schemas, checkov, the
 //! sizing against the code and BENCHMARKS.md, and the binary started as the pod starts it.
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,
@@ -409,7 +409,7 @@ fn the_prometheus_rule_component_wraps_the_rules_file() {
         component == expected,
         "deploy/kubernetes/components/prometheus-rule/prometheusrule.yaml's spec is not \
          deploy/prometheus/ccgw-callcontrol.rules.yaml; regenerate it with\n  \
-         CCGW_BLESS=1 cargo test --test deploy the_prometheus_rule_component_wraps_the_rules_file"
+         CCGW_BLESS=1 cargo test --test it deploy::the_prometheus_rule_component_wraps_the_rules_file"
     );
     // And it holds the rules file's groups as Prometheus reads them.
     let read = |text: &str| serde_yaml_ng::from_str::<Value>(text).unwrap();

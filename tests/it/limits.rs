@@ -1,6 +1,6 @@
 //! Limits: the cap on gateway requests other than event polls (in flight and waiting), and the
 //! maximum age of client connections.
-mod common;
+use crate::common;
 
 use std::{
     sync::{

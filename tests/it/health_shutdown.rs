@@ -1,5 +1,5 @@
 //! Health reporting and graceful, bounded shutdown.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

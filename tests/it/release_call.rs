@@ -1,5 +1,5 @@
 //! ReleaseCall end to end: simulator and facade on loopback, a generated tonic client.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

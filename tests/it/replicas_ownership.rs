@@ -1,7 +1,7 @@
 //! One poller per agent across replicas: real nats-server, the simulator, three facade
 //! processes with short (valid) lease settings. Who holds a shard is read from the leases
 //! bucket itself; the simulator counts the polls of an agent in flight at once.
-mod common;
+use crate::common;
 
 use std::{collections::BTreeSet, future::Future, time::Duration};
 

@@ -1,7 +1,7 @@
 //! Startup warnings where secrets would cross the network in clear: a plaintext gRPC port that
 //! other machines can reach (session handovers carry gateway Guids), and NATS servers on other
 //! machines reached without TLS (the sessions bucket holds Guids and cookies).
-mod common;
+use crate::common;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 

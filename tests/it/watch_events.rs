@@ -4,7 +4,7 @@
 //! seconds to pass (grace period, heartbeat) run on tokio's paused clock, which auto-advances
 //! whenever every task is idle (loopback I/O is ready at once, so that is only when everybody
 //! waits on a timer).
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,11 +1,11 @@
 //! The `ccgw-sim` binary's HTTPS listener: `--tls-cert` / `--tls-key` serve HTTPS, and
 //! `--tls-client-ca` refuses clients without a certificate.
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{path::PathBuf, process::Stdio};
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-const BOUND: Duration = Duration::from_secs(20);
+use crate::BOUND;
 
 struct Files {
     dir: PathBuf,

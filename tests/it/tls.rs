@@ -1,7 +1,7 @@
 //! TLS on the gRPC port (rustls), certificates re-read and swapped in for new
 //! connections without a restart, mutual TLS with client certificates that identify callers,
 //! handshakes that cannot hold up the accept loop.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! TLS to the gateway, against the simulator's HTTPS listener: the CA bundle, host name
 //! verification, client certificates and the lab-only way out of verification, each through a
 //! real handshake on a real socket.
-mod common;
+use crate::common;
 
 use ccgw_callcontrol::proto::{ReleaseKind, ReleaseOutcome};
 use common::{

@@ -3,7 +3,7 @@
 //! ready, instead of exiting; buckets and the stream made with other settings are brought to
 //! the configured ones, or the replica refuses to start naming the setting; and readiness
 //! says NOT_SERVING while NATS refuses the replica's writes.
-mod common;
+use crate::common;
 
 use std::{net::SocketAddr, time::Duration};
 

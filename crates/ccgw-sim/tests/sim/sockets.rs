@@ -8,11 +8,9 @@ use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use tokio::time::{timeout, Instant};
 
+use crate::BOUND;
+
 const GW: &str = "/agentgateway/resource";
-/// Upper bound for any single exchange in these tests.
-/// Upper bound of every single wait: generous, since it only decides when a broken simulator
-/// fails a test, never whether a working one passes on a loaded machine.
-const BOUND: Duration = Duration::from_secs(20);
 /// A long-poll wait no test waits out: a poll that answers within [`BOUND`] was woken.
 const LONG_POLL_WAIT: Duration = Duration::from_secs(60);
 

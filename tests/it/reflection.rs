@@ -1,7 +1,7 @@
 //! Server reflection v1 (what current grpcurl, Postman and grpc-cli speak; the grpcurl test
 //! covers v1alpha): the services are listed and the contract, and the google.rpc error details
 //! its failures carry, can be fetched whole.
-mod common;
+use crate::common;
 
 use ccgw_callcontrol::proto::{ERROR_DETAILS_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use common::spawn_app;

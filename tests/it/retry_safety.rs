@@ -1,7 +1,7 @@
 //! Once a release of the current call may have reached the gateway, no path
 //! (handler, drain, hard stop, replay) answers anything that invites a retry: never
 //! UNAVAILABLE, ABORTED or RESOURCE_EXHAUSTED, never RetryInfo.
-mod common;
+use crate::common;
 
 use ccgw_callcontrol::proto::{
     call_control_client::CallControlClient, ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome,

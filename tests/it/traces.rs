@@ -2,7 +2,7 @@
 //! simulator records the headers), polls carry none, with OTEL_EXPORTER_OTLP_ENDPOINT set a
 //! real process exports its spans over OTLP/HTTP with the semantic conventions' attributes,
 //! and a call's JSON log line carries its trace id.
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

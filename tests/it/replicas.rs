@@ -1,6 +1,6 @@
 //! Replicas sharing state through NATS JetStream (`--nats-url`): real nats-server processes,
 //! the simulator, and facade processes on loopback ports.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

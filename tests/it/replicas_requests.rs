@@ -1,6 +1,6 @@
 //! Request ids across replicas and NATS failures: real nats-server,
 //! the simulator, and facade processes on loopback ports.
-mod common;
+use crate::common;
 
 use std::{net::SocketAddr, time::Duration};
 

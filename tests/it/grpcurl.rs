@@ -2,7 +2,7 @@
 //! nobody here wrote, through reflection only.
 // The demo exists only with the simulator compiled in.
 #![cfg(feature = "simulator")]
-mod common;
+use crate::common;
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
