@@ -7,8 +7,8 @@ use std::{process::Stdio, time::Duration};
 
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
 use common::{
-    error_metadata, expect_status, handing_over, pki::Files, release_req, resume_req, sim_config,
-    spawn_app_with, spawn_service_keeping_logs, watch_req, TestApp, CALLER, WAIT,
+    error_metadata, expect_status, handing_over, pki::Files, release_req, resume_req, sample,
+    sim_config, spawn_app_with, spawn_service_keeping_logs, watch_req, TestApp, CALLER, WAIT,
 };
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -508,16 +508,9 @@ async fn reload_failures_are_counted_until_the_file_is_fixed() {
     .await;
     let metrics = serving["metrics"].as_str().unwrap().to_owned();
     let scrape = || async {
-        let text = reqwest::get(format!("http://{metrics}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::scrape(&metrics).await;
         let value = |series: &str| -> f64 {
-            text.lines()
-                .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+            sample(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
         };
         (
             value("ccgw_caller_files_reload_failures_total{file=\"callers\"}"),

@@ -10,6 +10,7 @@ use std::{
 };
 
 use common::{
+    metric,
     pki::{tls_channel, Ca, Files},
     serving, sim_config, spawn_service_logging, WAIT,
 };
@@ -103,32 +104,17 @@ async fn closed_of(sockets: &mut [TcpStream], deadline: Instant) -> usize {
     closed
 }
 
-/// The value of the series `series` (name and labels, as the text format writes them).
-async fn metric(service: &Service, series: &str) -> u64 {
-    ccgw_callcontrol::install_crypto_provider();
-    let text = reqwest::get(format!("http://{}/metrics", service.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let line = text
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
-    line.parse().unwrap_or_else(|_| panic!("{series} {line}"))
-}
-
-/// Waits (bounded) until the series `series` reads `wanted`.
-async fn until_metric(service: &Service, series: &str, wanted: u64) {
+/// Waits (bounded) until the series `series` (name and labels, as the text format writes them)
+/// reads `wanted`.
+async fn until_metric(service: &Service, series: &str, wanted: f64) {
     let reached = tokio::time::timeout(WAIT, async {
-        while metric(service, series).await != wanted {
+        while metric(service.metrics, series).await != Some(wanted) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
-    let now = metric(service, series).await;
-    assert!(reached.is_ok(), "{series} is {now}, not {wanted}");
+    let now = metric(service.metrics, series).await;
+    assert!(reached.is_ok(), "{series} is {now:?}, not {wanted}");
 }
 
 async fn plaintext_channel(addr: SocketAddr) -> Channel {
@@ -179,17 +165,17 @@ async fn silent_sockets_on_the_tls_port_do_not_keep_an_mtls_client_out() {
 
     // Taken in order: all 300 were admitted before the client, and are in their handshake.
     let handshakes = r#"ccgw_connection_handshakes{listener="grpc"}"#;
-    assert_eq!(metric(&service, handshakes).await, 300);
+    assert_eq!(metric(service.metrics, handshakes).await, Some(300.0));
     // Their handshake time runs out.
     until_metric(
         &service,
         r#"ccgw_connections_closed_total{listener="grpc",reason="tls_handshake_timeout"}"#,
-        300,
+        300.0,
     )
     .await;
-    assert_eq!(metric(&service, handshakes).await, 0);
+    assert_eq!(metric(service.metrics, handshakes).await, Some(0.0));
     // The client's connection closed with its channel.
-    until_metric(&service, r#"ccgw_connections_open{listener="grpc"}"#, 0).await;
+    until_metric(&service, r#"ccgw_connections_open{listener="grpc"}"#, 0.0).await;
 }
 
 /// Sockets that never send the HTTP/2 preface stayed open until the maximum connection age
@@ -221,18 +207,25 @@ async fn silent_sockets_on_the_plaintext_ports_are_closed() {
             r#"ccgw_connections_closed_total{{listener="{listener}",reason="preface_timeout"}}"#
         )
     };
-    assert_eq!(metric(&service, &preface_timeouts("grpc")).await, 200);
-    assert_eq!(metric(&service, &preface_timeouts("health")).await, 10);
+    let grpc_timeouts = metric(service.metrics, &preface_timeouts("grpc")).await;
+    assert_eq!(grpc_timeouts, Some(200.0));
+    let health_timeouts = metric(service.metrics, &preface_timeouts("health")).await;
+    assert_eq!(health_timeouts, Some(10.0));
     // The scrapes' own kept-alive connections may have timed out too.
     let head_timeouts = metric(
-        &service,
+        service.metrics,
         r#"ccgw_connections_closed_total{listener="metrics",reason="request_head_timeout"}"#,
     )
-    .await;
-    assert!(head_timeouts >= 11, "{head_timeouts}");
+    .await
+    .expect("the metrics port's request head timeouts");
+    assert!(head_timeouts >= 11.0, "{head_timeouts}");
     for listener in ["grpc", "health"] {
         let open = format!(r#"ccgw_connections_open{{listener="{listener}"}}"#);
-        assert_eq!(metric(&service, &open).await, 0, "{listener}");
+        assert_eq!(
+            metric(service.metrics, &open).await,
+            Some(0.0),
+            "{listener}"
+        );
     }
     // The ports serve real clients.
     serving(plaintext_channel(service.grpc).await)
@@ -264,18 +257,18 @@ async fn beyond_the_per_address_cap_a_connection_is_reset_at_once() {
         closed_by(&mut beyond, Instant::now() + WAIT).await,
         "the fifth connection from one address was not closed"
     );
-    assert_eq!(metric(&service, refused).await, 1);
-    assert_eq!(metric(&service, open).await, 4);
+    assert_eq!(metric(service.metrics, refused).await, Some(1.0));
+    assert_eq!(metric(service.metrics, open).await, Some(4.0));
     // Another address is served meanwhile.
     let channel = plaintext_channel(service.grpc).await;
     serving(channel.clone()).await.unwrap();
-    assert_eq!(metric(&service, open).await, 5);
+    assert_eq!(metric(service.metrics, open).await, Some(5.0));
 
     // One of the four leaves; its place is free for the same address again.
     drop(held.pop());
-    until_metric(&service, open, 4).await;
+    until_metric(&service, open, 4.0).await;
     held.push(silent(service.grpc, ELSEWHERE).await);
-    until_metric(&service, open, 5).await;
-    assert_eq!(metric(&service, refused).await, 1);
+    until_metric(&service, open, 5.0).await;
+    assert_eq!(metric(service.metrics, refused).await, Some(1.0));
     serving(channel).await.unwrap();
 }

@@ -233,13 +233,7 @@ async fn grpcurl_lists_describes_checks_health_and_releases_a_call_in_the_demo()
     );
 
     // SIGTERM: the open stream ends with UNAVAILABLE, then a clean exit.
-    let pid = demo.child.id().expect("running").to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    common::signal(&demo.child, common::Signal::Term).await;
     let exit = tokio::time::timeout(Duration::from_secs(30), demo.child.wait())
         .await
         .expect("exits within 30 s of SIGTERM")

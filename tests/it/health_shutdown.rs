@@ -331,7 +331,7 @@ async fn the_health_port_answers_a_draining_replica_not_ready_but_alive() {
     })
     .await;
 
-    common::sigterm(&facade).await;
+    common::signal(&facade, common::Signal::Term).await;
     tokio::time::timeout(common::WAIT, async {
         while health(health_port, health_names::READINESS).await != ServingStatus::NotServing {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -7,7 +7,6 @@
 use crate::common;
 
 use std::{
-    collections::HashMap,
     process::Stdio,
     sync::{Arc, Mutex},
 };
@@ -15,7 +14,7 @@ use std::{
 use ccgw_callcontrol::proto::{
     call_control_client::CallControlClient, ReleaseCallRequest, ReleaseOutcome,
 };
-use common::{installed_tool, release_req, watch_on, watch_req, OpenStream, WAIT};
+use common::{installed_tool, release_req, sample, watch_on, watch_req, OpenStream, WAIT};
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -183,20 +182,24 @@ impl Service {
     }
 }
 
-/// The scraped samples, by series (`name{labels}` as the endpoint writes it).
-struct Samples(HashMap<String, f64>);
+/// A scrape's text, read by series (`name{labels}` as the endpoint writes it).
+struct Samples(String);
 
 impl Samples {
+    /// The scrape `text`, every sample of which must be a series and a number.
     fn parse(text: &str) -> Self {
-        Self(
-            text.lines()
-                .filter(|line| !line.starts_with('#') && !line.is_empty())
-                .map(|line| {
-                    let (series, value) = line.rsplit_once(' ').expect("series value");
-                    (series.to_owned(), value.parse().expect("a number"))
-                })
-                .collect(),
-        )
+        for line in text.lines() {
+            if !line.starts_with('#') && !line.is_empty() {
+                let (_, value) = line.rsplit_once(' ').expect("series value");
+                value.parse::<f64>().expect("a number");
+            }
+        }
+        Self(text.to_owned())
+    }
+
+    /// The series' value, `None` when it is not exposed.
+    fn value(&self, series: &str) -> Option<f64> {
+        sample(&self.0, series)
     }
 
     /// The series' value; a series not written yet (a label set nothing counted yet) is 0.
@@ -206,7 +209,7 @@ impl Samples {
         } else {
             format!("{name}{{{labels}}}")
         };
-        self.0.get(&series).copied().unwrap_or(0.0)
+        self.value(&series).unwrap_or(0.0)
     }
 
     fn handled(&self, method: &str, code: &str) -> f64 {
@@ -255,9 +258,8 @@ async fn promtool_check(text: &str) -> Option<(bool, String)> {
 /// within their limit, CPU time spent, a start within the last minutes.
 fn process_metrics_read_the_process(samples: &Samples, pid: u32) {
     let value = |name: &str| {
-        *samples
-            .0
-            .get(name)
+        samples
+            .value(name)
             .unwrap_or_else(|| panic!("{name} is not exposed"))
     };
     let rss = value("process_resident_memory_bytes");
@@ -416,10 +418,10 @@ async fn the_metrics_of_a_real_process_pass_promtool_and_count_the_traffic_sent(
     assert!(delta("ccgw_release_events_observed_total", "") >= 2.0);
     // The release reached the simulator, so the gateway is up, and nothing is in flight.
     // (Read from the map itself: `get` would take a missing series for 0.)
-    assert_eq!(after.0.get("ccgw_gateway_up"), Some(&1.0));
-    assert_eq!(after.0.get("ccgw_gateway_requests_in_flight"), Some(&0.0));
-    assert_eq!(after.0.get("ccgw_gateway_requests_waiting"), Some(&0.0));
-    assert_eq!(after.0.get("ccgw_event_fields_dropped_total"), Some(&0.0));
+    assert_eq!(after.value("ccgw_gateway_up"), Some(1.0));
+    assert_eq!(after.value("ccgw_gateway_requests_in_flight"), Some(0.0));
+    assert_eq!(after.value("ccgw_gateway_requests_waiting"), Some(0.0));
+    assert_eq!(after.value("ccgw_event_fields_dropped_total"), Some(0.0));
 
     process_metrics_read_the_process(&after, service._child.id().expect("running"));
 

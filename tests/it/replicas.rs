@@ -6,31 +6,23 @@ use std::time::Duration;
 
 use ccgw_callcontrol::proto::{ReleaseKind, ReleaseOutcome};
 use common::{
-    client_of, desktop_sign_in, handing_over,
-    nats::NatsServer,
-    release_req,
-    replicas::{nobody_listening, refused_start, ReplicaSet, RoamingWatcher, Seen, FAST_LEASES},
-    sim_config, spawn_service, spawn_sim,
+    desktop_sign_in, eventually, handing_over, release_req,
+    replicas::{nobody_listening, refused_start, Leases, ReplicaSet, RoamingWatcher, Seen},
 };
 
 /// A facade with --nats-url connects, creates what it needs and serves: a release with a
 /// handed-over session goes through.
 #[tokio::test]
 async fn a_replica_connects_to_nats_and_serves() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let (_sim, sim_addr, _stop_sim) = spawn_sim(sim_config(), None).await;
-    let gateway = format!("http://{sim_addr}");
-    let (_replica, addr) =
-        spawn_service(&["--gateway-url", &gateway, "--nats-url", &nats.url()], &[]).await;
-    let desktop = desktop_sign_in(sim_addr, "101", false).await;
-    let answer = client_of(&addr)
+    let replica = set.spawn(&[]).await;
+    let desktop = desktop_sign_in(set.sim_addr, "101", false).await;
+    let answer = replica
+        .release(handing_over(release_req("101"), &desktop.guid))
         .await
-        .release_call(handing_over(release_req("101"), &desktop.guid))
-        .await
-        .expect("released")
-        .into_inner();
+        .expect("released");
     assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
 }
 
@@ -99,16 +91,25 @@ async fn the_local_three_replica_script_works() {
     );
 }
 
-/// Replica flags of the scenarios: quick takeovers, a heartbeat every second (a watcher notices
-/// a silent replica quickly), a short grace.
-fn scenario_flags() -> Vec<&'static str> {
-    let mut flags = FAST_LEASES.to_vec();
-    flags.extend(["--heartbeat-secs", "1", "--watch-grace-secs", "5"]);
-    flags
+/// Quick takeovers.
+const LEASES: Leases = Leases::fast();
+
+/// The scenarios' replicas: [`LEASES`], a heartbeat every second (a watcher notices a silent
+/// replica quickly), a short grace.
+fn scenario() -> common::replicas::ReplicaSetBuilder {
+    ReplicaSet::builder().leases(LEASES).flags(&[
+        "--heartbeat-secs",
+        "1",
+        "--watch-grace-secs",
+        "5",
+    ])
 }
 
 /// TTL + one poll timeout + slack: within this a dead owner's agents are polled again.
-const TAKEOVER_WITHIN: Duration = Duration::from_secs(15 + 11 + 10);
+const TAKEOVER_WITHIN: Duration = LEASES
+    .ttl()
+    .saturating_add(LEASES.poll_timeout())
+    .saturating_add(Duration::from_secs(10));
 
 /// A NATS server lost: the clients move to another, the stream and buckets elect new leaders,
 /// lease renewals that failed meanwhile succeed again (bounded, generous on a loaded machine).
@@ -142,7 +143,13 @@ async fn poller(set: &ReplicaSet, within: Duration) -> usize {
         loop {
             let mut polling = Vec::new();
             for (i, replica) in set.replicas.iter().enumerate() {
-                if replica.is_running() && set.metric(i, "ccgw_event_polls_in_flight").await >= 1.0
+                // A running replica's metrics have every series.
+                if replica.is_running()
+                    && replica
+                        .metric("ccgw_event_polls_in_flight")
+                        .await
+                        .expect("a running replica's polls in flight")
+                        >= 1.0
                 {
                     polling.push(i);
                 }
@@ -157,20 +164,21 @@ async fn poller(set: &ReplicaSet, within: Duration) -> usize {
     found.unwrap_or_else(|_| panic!("no single replica polls within {within:?}"))
 }
 
-/// Three replicas on `nats` with agent 101 signed in, and which of them polls it once somebody
-/// watches it: the owner, and the addresses of the two others.
-async fn three_replicas_and_the_owner(nats: &NatsServer) -> (ReplicaSet, usize, Vec<String>) {
-    let set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
-    set.sign_in_on(0, "101").await;
+/// Three replicas of the scenarios with agent 101 signed in, and which of them polls it once
+/// somebody watches it: the owner, and the addresses of the two others; `None` without
+/// nats-server.
+async fn three_replicas_and_the_owner() -> Option<(ReplicaSet, usize, Vec<String>)> {
+    let set = scenario().start_ready(3).await?;
+    set.sign_in_and_hand_over("101", &[&set.replicas[0]]).await;
     // Somebody must watch the agent for anybody to poll it.
     let first = RoamingWatcher::start(&["101"], set.live_addrs()).await;
     let owner = poller(&set, TAKEOVER_WITHIN).await;
     drop(first);
     let others = (0..3)
         .filter(|i| *i != owner)
-        .map(|i| set.replicas[i].addr.clone())
+        .map(|i| set.replicas[i].addr().to_owned())
         .collect();
-    (set, owner, others)
+    Some((set, owner, others))
 }
 
 /// Watchers on replica A, hang-ups through ReleaseCall on replica B, the
@@ -178,16 +186,15 @@ async fn three_replicas_and_the_owner(nats: &NatsServer) -> (ReplicaSet, usize, 
 /// sees its own release event through the log; the gateway never had two polls in flight.
 #[tokio::test]
 async fn watch_on_one_replica_release_through_another_poll_on_a_third() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some((set, c, _)) = three_replicas_and_the_owner().await else {
         return;
     };
-    let (set, c, _) = three_replicas_and_the_owner(&nats).await;
     let (a, b) = match c {
         0 => (1, 2),
         1 => (2, 0),
         _ => (0, 1),
     };
-    let watcher = RoamingWatcher::start(&["101"], vec![set.replicas[a].addr.clone()]).await;
+    let watcher = RoamingWatcher::start(&["101"], vec![set.replicas[a].addr().to_owned()]).await;
 
     let mut calls = vec![set.hang_up("101")];
     // B's ReleaseCall waits for its own release event: the first hang-up's must be in the log
@@ -195,14 +202,11 @@ async fn watch_on_one_replica_release_through_another_poll_on_a_third() {
     // for it).
     watcher.until_events(2, common::WAIT).await;
     let call = set.sim.place_call("101", common::CALLER).unwrap();
-    let released = set
-        .release_on(
-            b,
-            ccgw_callcontrol::proto::ReleaseCallRequest {
-                wait_for_release_event: true,
-                ..release_req("101")
-            },
-        )
+    let released = set.replicas[b]
+        .release(ccgw_callcontrol::proto::ReleaseCallRequest {
+            wait_for_release_event: true,
+            ..release_req("101")
+        })
         .await
         .expect("released through replica B");
     assert_eq!(released.outcome(), ReleaseOutcome::Released);
@@ -224,10 +228,9 @@ async fn watch_on_one_replica_release_through_another_poll_on_a_third() {
 /// poll; the watchers, on the other replicas, miss nothing and see nothing twice.
 #[tokio::test]
 async fn a_killed_owners_agents_are_polled_again_within_the_lease_ttl() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some((mut set, owner, others)) = three_replicas_and_the_owner().await else {
         return;
     };
-    let (mut set, owner, others) = three_replicas_and_the_owner(&nats).await;
     let watchers = [
         RoamingWatcher::start(&["101"], others.clone()).await,
         RoamingWatcher::start(&["101"], others.iter().rev().cloned().collect()).await,
@@ -237,7 +240,7 @@ async fn a_killed_owners_agents_are_polled_again_within_the_lease_ttl() {
         watcher.until_events(2, common::WAIT).await;
     }
 
-    set.kill(owner).await;
+    set.replicas[owner].kill().await;
     // Hung up while nobody polls: the events wait at the gateway for the new owner.
     calls.push(set.hang_up("101"));
     let new_owner = poller(&set, TAKEOVER_WITHIN).await;
@@ -257,18 +260,17 @@ async fn a_killed_owners_agents_are_polled_again_within_the_lease_ttl() {
 /// lost; an event its last poll had already taken off the gateway's queue is still delivered.
 #[tokio::test]
 async fn a_paused_owner_polls_no_more_once_resumed() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some((set, owner, others)) = three_replicas_and_the_owner().await else {
         return;
     };
-    let (set, owner, others) = three_replicas_and_the_owner(&nats).await;
     let watcher = RoamingWatcher::start(&["101"], others).await;
     let mut calls = vec![set.hang_up("101")];
     watcher.until_events(2, common::WAIT).await;
 
-    set.signal_pause(owner, true).await;
+    set.replicas[owner].pause().await;
     calls.push(set.hang_up("101"));
-    tokio::time::sleep(Duration::from_secs(2 * 15)).await;
-    set.signal_pause(owner, false).await;
+    tokio::time::sleep(2 * LEASES.ttl()).await;
+    set.replicas[owner].resume().await;
     calls.push(set.hang_up("101"));
 
     assert_eq!(
@@ -279,16 +281,15 @@ async fn a_paused_owner_polls_no_more_once_resumed() {
     // lease moved on. It may then take the shard back (rendezvous hashing gives it to it once
     // the holder's polls end), so who polls now says nothing; what it must not do is poll
     // beside the holder.
-    let learned = tokio::time::timeout(common::WAIT, async {
-        while set.metric(owner, "ccgw_nats_shard_leases_lost_total").await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+    eventually(
+        "the resumed owner counts the lease it lost",
+        common::WAIT,
+        || async {
+            let lost = set.replicas[owner].metric("ccgw_nats_shard_leases_lost_total");
+            lost.await.expect("a running replica's leases lost") >= 1.0
+        },
+    )
     .await;
-    assert!(
-        learned.is_ok(),
-        "the resumed owner counts the lease it lost"
-    );
     // The poll the paused owner had sent ended before the new owner's began, and no poll of
     // either overlapped the other's since.
     assert_eq!(set.max_polls_in_flight("101"), 1);
@@ -299,18 +300,17 @@ async fn a_paused_owner_polls_no_more_once_resumed() {
 /// Gap.
 #[tokio::test]
 async fn a_rolling_restart_loses_and_repeats_nothing() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(mut set) = scenario().start_ready(3).await else {
         return;
     };
-    let mut set = ReplicaSet::start(&nats.url(), 3, &scenario_flags()).await;
-    set.sign_in_on(0, "101").await;
+    set.sign_in_and_hand_over("101", &[&set.replicas[0]]).await;
     let watchers = [
         RoamingWatcher::start(&["101"], set.live_addrs()).await,
         RoamingWatcher::start(&["101"], set.live_addrs().into_iter().rev().collect()).await,
     ];
     let mut calls = vec![set.hang_up("101")];
     for i in 0..3 {
-        set.stop(i).await;
+        set.replicas[i].stop().await;
         calls.push(set.hang_up("101"));
         set.restart(i).await;
         for watcher in &watchers {
@@ -331,25 +331,23 @@ async fn a_rolling_restart_loses_and_repeats_nothing() {
 /// one node is killed: releases and events go on; it comes back.
 #[tokio::test]
 async fn losing_one_nats_server_of_three_loses_nothing() {
-    let Some(mut servers) = NatsServer::cluster().await else {
+    let scenario = scenario().cluster().flags(&["--nats-replicas", "3"]);
+    let Some(mut set) = scenario.start_ready(3).await else {
         return;
     };
-    let mut flags = scenario_flags();
-    flags.extend(["--nats-replicas", "3"]);
-    let set = ReplicaSet::start(&NatsServer::urls(&servers), 3, &flags).await;
-    set.sign_in_on(0, "101").await;
+    set.sign_in_and_hand_over("101", &[&set.replicas[0]]).await;
     let watcher = RoamingWatcher::start(&["101"], set.live_addrs()).await;
     let mut calls = vec![set.hang_up("101")];
     watcher.until_events(2, TAKEOVER_WITHIN).await;
 
-    servers[0].kill().await;
+    set.nats[0].kill().await;
     calls.push(set.hang_up("101"));
     let call = set.sim.place_call("101", common::CALLER).unwrap();
     // Until the replica's client has moved to a server left, the release is refused with
     // UNAVAILABLE, nothing sent: retried as a client's retry policy would.
     let released = tokio::time::timeout(common::WAIT, async {
         loop {
-            match set.release_on(1, release_req("101")).await {
+            match set.replicas[1].release(release_req("101")).await {
                 Err(status) if status.code() == tonic::Code::Unavailable => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -369,7 +367,7 @@ async fn losing_one_nats_server_of_three_loses_nothing() {
         expected
     );
 
-    servers[0].restart().await;
+    set.nats[0].restart().await;
     let later = set.hang_up("101");
     expected.extend(hang_ups(&[later]));
     assert_eq!(

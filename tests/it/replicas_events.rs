@@ -4,34 +4,22 @@
 //! agent still delivers its events live, through its follower of the stream.
 use crate::common;
 
-use std::net::SocketAddr;
-
-use ccgw_sim::{AuthMode, SimConfig, Simulator};
+use ccgw_sim::{AuthMode, SimConfig};
 use common::{
-    client_of, desktop_sign_in, exits_cleanly, handing_over, hangup_pair, kinds_and_calls,
-    nats::NatsServer, resume_req, sigterm, sim_config, spawn_service, spawn_sim, watch_on,
-    watch_req, Item, OpenStream, CALLER,
+    client_of, desktop_sign_in, handing_over, hangup_pair, kinds_and_calls,
+    replicas::{Replica, ReplicaSet, ReplicaSetBuilder},
+    resume_req, sim_config, watch_on, watch_req, Item, OpenStream, CALLER, SERVING,
 };
-use tokio::process::Child;
 
 const AGENT: &str = "101";
 
-/// The simulator with a Guid that never rotates: each replica is handed the sign-in Guid (the
-/// sessions are not shared in this test's scope).
-fn static_sim() -> SimConfig {
-    SimConfig {
+/// Replicas on a simulator with a Guid that never rotates: each replica is handed the sign-in
+/// Guid (the sessions are not shared in this test's scope).
+fn static_sim() -> ReplicaSetBuilder {
+    ReplicaSet::builder().sim(SimConfig {
         auth_mode: AuthMode::Static,
         ..sim_config()
-    }
-}
-
-/// A replica on `gateway` sharing the event log on `nats`, with `flags`.
-async fn replica(gateway: &str, nats: &NatsServer, flags: &[&str]) -> (Child, String) {
-    let mut args = vec!["--gateway-url", gateway, "--nats-url"];
-    let url = nats.url();
-    args.push(&url);
-    args.extend_from_slice(flags);
-    spawn_service(&args, &[]).await
+    })
 }
 
 /// A stream of the agent on the replica at `addr`, handing it the session, from `token`.
@@ -43,12 +31,6 @@ async fn watch(addr: &str, guid: &str, token: Option<&str>) -> OpenStream {
     watch_on(client_of(addr).await, handing_over(request, guid))
         .await
         .expect("WatchReleaseEvents accepted")
-}
-
-/// A call on the agent whose customer hangs up: two release events; the call id.
-fn hang_up(sim: &Simulator) -> String {
-    sim.place_call(AGENT, CALLER).expect("place_call");
-    sim.customer_hangup(AGENT).expect("customer_hangup")
 }
 
 /// Asserts the stream's next events are exactly those of `calls`' hang-ups, in order (a Gap or
@@ -64,68 +46,60 @@ async fn sees_exactly(stream: &mut OpenStream, calls: &[&str]) -> String {
 /// replica is stopped, and the second resumes from that token on `next`: exactly the second
 /// hang-up, no Gap, then new hang-ups live without a duplicate.
 async fn resumes_after_the_replica_stops(
-    sim: &Simulator,
-    sim_addr: SocketAddr,
-    first: (Child, String),
-    next: impl std::future::Future<Output = (Child, String)>,
+    set: &ReplicaSet,
+    mut first: Replica,
+    next: impl std::future::Future<Output = Replica>,
 ) {
-    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
-    let (first, first_addr) = first;
-    let mut stream = watch(&first_addr, &desktop.guid, None).await;
-    let token = sees_exactly(&mut stream, &[&hang_up(sim)]).await;
-    let second = hang_up(sim);
+    let desktop = desktop_sign_in(set.sim_addr, AGENT, false).await;
+    let mut stream = watch(first.addr(), &desktop.guid, None).await;
+    let token = sees_exactly(&mut stream, &[&set.hang_up(AGENT)]).await;
+    let second = set.hang_up(AGENT);
     sees_exactly(&mut stream, &[&second]).await;
     drop(stream);
-    sigterm(&first).await;
-    exits_cleanly(first).await;
+    first.stop().await;
 
-    let (next, next_addr) = next.await;
-    let mut resumed = watch(&next_addr, &desktop.guid, Some(&token)).await;
+    let mut next = next.await;
+    let mut resumed = watch(next.addr(), &desktop.guid, Some(&token)).await;
     sees_exactly(&mut resumed, &[&second]).await;
-    let third = hang_up(sim);
+    let third = set.hang_up(AGENT);
     sees_exactly(&mut resumed, &[&third]).await;
     // Stopped cleanly, it hands its shard leases back: a replica started next polls at once
     // (killed, it would leave them to expire first).
     drop(resumed);
-    sigterm(&next).await;
-    exits_cleanly(next).await;
+    next.stop().await;
 }
 
 /// (1) A token of replica A resumes on replica B, started after A stopped.
 #[tokio::test]
 async fn a_token_of_a_stopped_replica_resumes_exactly_on_another() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(set) = static_sim().start().await else {
         return;
     };
-    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
-    let gateway = format!("http://{sim_addr}");
-    let a = replica(&gateway, &nats, &[]).await;
-    let b = replica(&gateway, &nats, &[]);
-    resumes_after_the_replica_stops(&sim, sim_addr, a, b).await;
+    let a = set.spawn(&[]).await;
+    let b = set.spawn(&[]);
+    resumes_after_the_replica_stops(&set, a, b).await;
 }
 
 /// (2) A token from before a restart of the only replica resumes exactly; a token beyond the
 /// stream's end is refused as not issued.
 #[tokio::test]
 async fn a_token_from_before_a_restart_resumes_exactly() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(set) = static_sim().start().await else {
         return;
     };
-    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
-    let gateway = format!("http://{sim_addr}");
-    let before = replica(&gateway, &nats, &[]).await;
-    resumes_after_the_replica_stops(&sim, sim_addr, before, replica(&gateway, &nats, &[])).await;
+    let before = set.spawn(&[]).await;
+    resumes_after_the_replica_stops(&set, before, set.spawn(&[])).await;
 
-    let (_again, addr) = replica(&gateway, &nats, &[]).await;
-    let desktop = desktop_sign_in(sim_addr, "102", false).await;
+    let again = set.spawn(&[]).await;
+    let desktop = desktop_sign_in(set.sim_addr, "102", false).await;
     let mut stream = watch_on(
-        client_of(&addr).await,
+        again.client().await,
         handing_over(watch_req(&["102"]), &desktop.guid),
     )
     .await
     .unwrap();
-    sim.place_call("102", CALLER).unwrap();
-    sim.customer_hangup("102").unwrap();
+    set.sim.place_call("102", CALLER).unwrap();
+    set.sim.customer_hangup("102").unwrap();
     let token = stream.events_of(2).await.pop().unwrap().resume_token;
     let (epoch, sequence) = token.rsplit_once('.').unwrap();
     let ahead = format!(
@@ -133,7 +107,7 @@ async fn a_token_from_before_a_restart_resumes_exactly() {
         u64::from_str_radix(sequence, 16).unwrap() + 100
     );
     let refused = watch_on(
-        client_of(&addr).await,
+        again.client().await,
         handing_over(resume_req(&["102"], &ahead), &desktop.guid),
     )
     .await;
@@ -148,19 +122,17 @@ async fn a_token_from_before_a_restart_resumes_exactly() {
 /// naming the agent, then the two the stream kept.
 #[tokio::test]
 async fn a_token_whose_events_retention_dropped_resumes_after_a_gap() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(set) = static_sim().start().await else {
         return;
     };
-    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
-    let gateway = format!("http://{sim_addr}");
-    let (_a, addr) = replica(&gateway, &nats, &["--replay-events", "2"]).await;
-    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
-    let mut stream = watch(&addr, &desktop.guid, None).await;
-    let token = sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
-    let (second, third) = (hang_up(&sim), hang_up(&sim));
+    let a = set.spawn(&["--replay-events", "2"]).await;
+    let desktop = desktop_sign_in(set.sim_addr, AGENT, false).await;
+    let mut stream = watch(a.addr(), &desktop.guid, None).await;
+    let token = sees_exactly(&mut stream, &[&set.hang_up(AGENT)]).await;
+    let (second, third) = (set.hang_up(AGENT), set.hang_up(AGENT));
     sees_exactly(&mut stream, &[&second, &third]).await;
 
-    let mut resumed = watch(&addr, &desktop.guid, Some(&token)).await;
+    let mut resumed = watch(a.addr(), &desktop.guid, Some(&token)).await;
     match resumed.item().await {
         Item::Gap(gap) => assert_eq!(gap.agent_ids, [AGENT]),
         other => panic!("expected a Gap first, got {other:?}"),
@@ -173,25 +145,25 @@ async fn a_token_whose_events_retention_dropped_resumes_after_a_gap() {
 /// resumes a token of the other replica from the stream.
 #[tokio::test]
 async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(set) = static_sim().start().await else {
         return;
     };
-    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
-    let gateway = format!("http://{sim_addr}");
     let unreachable = "http://127.0.0.1:9";
-    let (_polling, polling_addr) = replica(&gateway, &nats, &[]).await;
-    let (_following, following_addr) = replica(unreachable, &nats, &[]).await;
-    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
+    let polling = set.spawn(&[]).await;
+    let following = set
+        .spawn_on(unreachable, set.nats_url(), &[], SERVING)
+        .await;
+    let desktop = desktop_sign_in(set.sim_addr, AGENT, false).await;
 
-    let mut polled = watch(&polling_addr, &desktop.guid, None).await;
-    let mut followed = watch(&following_addr, &desktop.guid, None).await;
-    let first = hang_up(&sim);
+    let mut polled = watch(polling.addr(), &desktop.guid, None).await;
+    let mut followed = watch(following.addr(), &desktop.guid, None).await;
+    let first = set.hang_up(AGENT);
     let token = sees_exactly(&mut polled, &[&first]).await;
     assert_eq!(sees_exactly(&mut followed, &[&first]).await, token);
 
-    let second = hang_up(&sim);
+    let second = set.hang_up(AGENT);
     sees_exactly(&mut polled, &[&second]).await;
-    let mut resumed = watch(&following_addr, &desktop.guid, Some(&token)).await;
+    let mut resumed = watch(following.addr(), &desktop.guid, Some(&token)).await;
     sees_exactly(&mut resumed, &[&second]).await;
     sees_exactly(&mut followed, &[&second]).await;
 }
@@ -200,57 +172,42 @@ async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
 /// further meanwhile) and the watcher gets the events, in order and once, when NATS is back.
 #[tokio::test]
 async fn events_polled_while_nats_is_down_are_delivered_once_it_returns() {
-    let Some(mut nats) = NatsServer::start().await else {
+    let Some(mut set) = static_sim().start().await else {
         return;
     };
-    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
-    let gateway = format!("http://{sim_addr}");
-    let (_a, addr) = replica(&gateway, &nats, &[]).await;
-    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
-    let mut stream = watch(&addr, &desktop.guid, None).await;
-    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+    let a = set.spawn(&[]).await;
+    let desktop = desktop_sign_in(set.sim_addr, AGENT, false).await;
+    let mut stream = watch(a.addr(), &desktop.guid, None).await;
+    sees_exactly(&mut stream, &[&set.hang_up(AGENT)]).await;
 
-    nats.kill().await;
-    let during = hang_up(&sim);
+    set.nats[0].kill().await;
+    let during = set.hang_up(AGENT);
     // Ringing, Talking, Customer_Release, Call_Release, PhoneRelease, Ready: the customer
     // release was dequeued once three are left.
     common::wait_until("the facade polled the customer release", || {
-        sim.agent(AGENT).expect("agent view").queued_events <= 3
+        set.sim.agent(AGENT).expect("agent view").queued_events <= 3
     })
     .await;
-    nats.restart().await;
+    set.nats[0].restart().await;
     sees_exactly(&mut stream, &[&during]).await;
-    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+    sees_exactly(&mut stream, &[&set.hang_up(AGENT)]).await;
 }
 
 /// (6) The stream replicated on a 3-node JetStream cluster: with the node that leads it killed,
 /// events polled afterwards still reach the watcher, in order and once.
 #[tokio::test]
 async fn events_flow_on_with_one_node_of_three_killed() {
-    let Some(mut nodes) = NatsServer::cluster().await else {
+    let Some(mut set) = static_sim().cluster().start().await else {
         return;
     };
-    let (sim, sim_addr, _stop_sim) = spawn_sim(static_sim(), None).await;
-    let gateway = format!("http://{sim_addr}");
-    let urls = NatsServer::urls(&nodes);
-    let (_a, addr) = spawn_service(
-        &[
-            "--gateway-url",
-            &gateway,
-            "--nats-url",
-            &urls,
-            "--nats-replicas",
-            "3",
-        ],
-        &[],
-    )
-    .await;
-    let desktop = desktop_sign_in(sim_addr, AGENT, false).await;
-    let mut stream = watch(&addr, &desktop.guid, None).await;
-    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
-    nodes[stream_leader(&urls).await].kill().await;
-    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
-    sees_exactly(&mut stream, &[&hang_up(&sim)]).await;
+    let a = set.spawn(&["--nats-replicas", "3"]).await;
+    let desktop = desktop_sign_in(set.sim_addr, AGENT, false).await;
+    let mut stream = watch(a.addr(), &desktop.guid, None).await;
+    sees_exactly(&mut stream, &[&set.hang_up(AGENT)]).await;
+    let leader = stream_leader(set.nats_url()).await;
+    set.nats[leader].kill().await;
+    sees_exactly(&mut stream, &[&set.hang_up(AGENT)]).await;
+    sees_exactly(&mut stream, &[&set.hang_up(AGENT)]).await;
 }
 
 /// The index of the cluster node (named `n<index>-<unique>`) that leads the event stream.

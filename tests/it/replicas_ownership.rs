@@ -3,101 +3,47 @@
 //! bucket itself; the simulator counts the polls of an agent in flight at once.
 use crate::common;
 
-use std::{collections::BTreeSet, future::Future, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use async_nats::jetstream::{self, kv};
 use ccgw_callcontrol::{
     nats::{desired_owner, shard_of, SHARDS},
-    proto::{watch_release_events_response::Item, ReleaseEvent, ReleaseOutcome},
+    proto::{watch_release_events_response::Item, ReleaseEvent},
 };
-use ccgw_sim::{SimConfig, Simulator};
+use ccgw_sim::SimConfig;
 use common::{
-    agent_id, client_of, desktop_sign_in, exits_cleanly, handing_over,
-    nats::{NatsLink, NatsServer},
-    release_req, sigterm, sim_config, spawn_service_logging, spawn_sim, watch_on, watch_req,
-    OpenStream, CALLER,
+    agent_id, client_of, desktop_sign_in, eventually, handing_over,
+    nats::NatsLink,
+    replicas::{Leases, Replica, ReplicaSet},
+    sim_config, watch_on, watch_req, OpenStream, SERVING,
 };
 use futures_util::StreamExt;
-use tokio::{process::Child, time::Instant};
+use tokio::time::Instant;
 
-const TTL: Duration = Duration::from_secs(16);
-const POLL_TIMEOUT: Duration = Duration::from_secs(11);
 /// Short but valid: poll timeout + renew + margin (2 s) < TTL.
-const LEASE_FLAGS: &[&str] = &[
-    "--poll-timeout-ms",
-    "11000",
-    "--lease-renew-secs",
-    "1",
-    "--lease-ttl-secs",
-    "16",
-    "--watch-grace-secs",
-    "2",
-];
+const LEASES: Leases = Leases::fast().ttl_secs(16);
+const TTL: Duration = LEASES.ttl();
+const POLL_TIMEOUT: Duration = LEASES.poll_timeout();
 const AGENT: &str = "101";
 /// Bound of waits for leases to settle (joins, hand-backs) on a loaded machine.
 const SETTLE: Duration = Duration::from_secs(60);
 
-struct Replica {
-    process: Child,
-    addr: String,
-    metrics: String,
-    /// Its id among the replicas (its `member.<id>` key).
+/// A replica and its id among the replicas (its `member.<id>` key).
+struct Member {
+    replica: Replica,
     id: String,
 }
 
-struct Replicas {
-    nats: NatsServer,
-    nats_url: String,
+/// Replicas whose shard leases the tests read from the leases bucket.
+struct LeasedReplicas {
+    set: ReplicaSet,
     jetstream: jetstream::Context,
     /// Opened once the first replica created it.
     leases: Option<kv::Store>,
-    sim: Simulator,
-    sim_addr: std::net::SocketAddr,
-    _stop_sim: tokio::sync::oneshot::Sender<()>,
-    gateway: String,
-    replicas: Vec<Replica>,
+    replicas: Vec<Member>,
 }
 
-/// Waits (at most `bound`) until `condition` holds, checking every 50 ms.
-async fn eventually<F, Fut>(what: &str, bound: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let waited = tokio::time::timeout(bound, async {
-        while !condition().await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "timed out ({bound:?}) waiting until {what}");
-}
-
-async fn signal(process: &Child, signal: &str) {
-    let pid = process.id().unwrap().to_string();
-    let sent = tokio::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(sent.success());
-}
-
-/// One sample of a metric without labels, scraped from `addr`.
-async fn metric(addr: &str, name: &str) -> f64 {
-    ccgw_callcontrol::install_crypto_provider();
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {text}"))
-}
-
-impl Replicas {
+impl LeasedReplicas {
     /// NATS, the simulator (answering an empty poll after 4 s, so a poll is in flight most of
     /// the time, and rotating no Guid: each replica polls with the one handed over to it) and
     /// `n` replicas, once every shard is held by its desired owner. `None`: no nats-server.
@@ -107,27 +53,21 @@ impl Replicas {
 
     /// [`start`](Self::start) with the simulator's long-poll wait `poll_wait`.
     async fn start_waiting(n: usize, poll_wait: Duration) -> Option<Self> {
-        let nats = NatsServer::start().await?;
-        let (sim, sim_addr, stop_sim) = spawn_sim(
-            SimConfig {
+        let set = ReplicaSet::builder()
+            .sim(SimConfig {
                 poll_wait,
                 guid_interval: Duration::from_secs(3600),
                 ..sim_config()
-            },
-            None,
-        )
-        .await;
-        let nats_url = nats.url();
-        let client = async_nats::connect(&nats_url).await.unwrap();
+            })
+            .leases(LEASES)
+            .flags(&["--watch-grace-secs", "2"])
+            .start()
+            .await?;
+        let client = async_nats::connect(set.nats_url()).await.unwrap();
         let mut replicas = Self {
-            nats,
-            nats_url,
+            set,
             jetstream: jetstream::new(client),
             leases: None,
-            sim,
-            sim_addr,
-            _stop_sim: stop_sim,
-            gateway: format!("http://{sim_addr}"),
             replicas: Vec::new(),
         };
         for _ in 0..n {
@@ -139,17 +79,15 @@ impl Replicas {
 
     /// Starts one more replica and learns its id from the leases bucket.
     async fn add(&mut self) {
-        let nats_url = self.nats_url.clone();
+        let nats_url = self.set.nats_url().to_owned();
         self.add_via(&nats_url).await;
     }
 
     /// [`add`](Self::add), the replica reaching NATS at `nats_url`.
     async fn add_via(&mut self, nats_url: &str) {
         let before = self.members().await;
-        let mut args = vec!["--gateway-url", &self.gateway, "--nats-url", nats_url];
-        args.extend_from_slice(LEASE_FLAGS);
-        args.extend_from_slice(&["--metrics-listen", "127.0.0.1:0"]);
-        let (process, serving) = spawn_service_logging(&args, &[]).await;
+        let gateway = self.set.gateway_url();
+        let replica = self.set.spawn_on(&gateway, nats_url, &[], SERVING).await;
         if self.leases.is_none() {
             let store = self.jetstream.get_key_value("ccgw-leases").await;
             self.leases = Some(store.expect("the first replica created the leases bucket"));
@@ -165,12 +103,7 @@ impl Replicas {
         })
         .await
         .expect("the new replica's heartbeat is in the bucket");
-        self.replicas.push(Replica {
-            process,
-            addr: serving["listen"].as_str().unwrap().to_owned(),
-            metrics: serving["metrics"].as_str().unwrap().to_owned(),
-            id,
-        });
+        self.replicas.push(Member { replica, id });
     }
 
     /// The replica ids with a key in the leases bucket (live or not).
@@ -231,12 +164,13 @@ impl Replicas {
     }
 
     fn agent(&self) -> ccgw_sim::AgentView {
-        self.sim.agent(AGENT).unwrap()
+        self.set.sim.agent(AGENT).unwrap()
     }
 
     fn polls_of_agent(&self) -> usize {
         let path = format!("/agentgateway/resource/agentevent/{AGENT}");
-        self.sim
+        self.set
+            .sim
             .requests()
             .iter()
             .filter(|r| r.path == path)
@@ -245,28 +179,15 @@ impl Replicas {
 
     /// A watcher of the agent on replica `i`, handing over the desktop's session.
     async fn watch_on(&self, i: usize, guid: &str) -> OpenStream {
-        let client = client_of(&self.replicas[i].addr).await;
+        let client = self.replicas[i].replica.client().await;
         watch_on(client, handing_over(watch_req(&[AGENT]), guid))
             .await
             .expect("watching")
     }
 
-    /// Hands the session over to replica `i` without watching (a release with no call).
-    async fn hand_over(&self, i: usize, guid: &str) {
-        let answer = client_of(&self.replicas[i].addr)
-            .await
-            .release_call(handing_over(release_req(AGENT), guid))
-            .await
-            .expect("released")
-            .into_inner();
-        assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
-    }
-
     /// The customer hangs up a call: two release events queued for the agent.
     fn hang_up(&self) -> String {
-        let call = self.sim.place_call(AGENT, "70093").unwrap();
-        assert_eq!(self.sim.customer_hangup(AGENT).unwrap(), call);
-        call
+        self.set.hang_up(AGENT)
     }
 
     async fn until_answered(&self) {
@@ -289,7 +210,7 @@ impl Replicas {
 /// shards are spread over the three.
 #[tokio::test]
 async fn one_replica_polls_an_agent_watched_on_all_three_and_shards_spread() {
-    let Some(cluster) = Replicas::start(3).await else {
+    let Some(cluster) = LeasedReplicas::start(3).await else {
         return;
     };
     let holders = cluster.holders().await;
@@ -299,14 +220,15 @@ async fn one_replica_polls_an_agent_watched_on_all_three_and_shards_spread() {
             .filter(|h| h.as_deref() == Some(&replica.id))
             .count();
         assert!(held > 0, "every replica holds some of the shards: {held}");
-        let gauge = metric(&replica.metrics, "ccgw_nats_shards_held").await;
+        let gauge = replica.replica.metric("ccgw_nats_shards_held").await;
+        let gauge = gauge.expect("a replica's shards held");
         assert_eq!(
             gauge as usize, held,
             "the metric says what the bucket holds"
         );
     }
 
-    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
     let mut streams = Vec::new();
     for i in 0..3 {
         streams.push(cluster.watch_on(i, &desktop.guid).await);
@@ -324,8 +246,9 @@ async fn one_replica_polls_an_agent_watched_on_all_three_and_shards_spread() {
         1,
         "one poller at a time"
     );
-    for (i, replica) in cluster.replicas.iter().enumerate() {
-        let observed = metric(&replica.metrics, "ccgw_release_events_observed_total").await;
+    for (i, member) in cluster.replicas.iter().enumerate() {
+        let observed = member.replica.metric("ccgw_release_events_observed_total");
+        let observed = observed.await.expect("a replica's release events observed");
         let expected = if i == owner { 10.0 } else { 0.0 };
         assert_eq!(
             observed, expected,
@@ -338,10 +261,10 @@ async fn one_replica_polls_an_agent_watched_on_all_three_and_shards_spread() {
 /// one poll; its watcher gets the next events.
 #[tokio::test]
 async fn another_replica_polls_within_the_ttl_when_the_owner_is_killed() {
-    let Some(mut cluster) = Replicas::start(3).await else {
+    let Some(mut cluster) = LeasedReplicas::start(3).await else {
         return;
     };
-    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
     let mut streams = Vec::new();
     for i in 0..3 {
         streams.push(cluster.watch_on(i, &desktop.guid).await);
@@ -350,8 +273,7 @@ async fn another_replica_polls_within_the_ttl_when_the_owner_is_killed() {
     cluster.until_polled().await;
     let polls_before = cluster.polls_of_agent();
     let killed_at = Instant::now();
-    cluster.replicas[owner].process.start_kill().unwrap();
-    cluster.replicas[owner].process.wait().await.unwrap();
+    cluster.replicas[owner].replica.kill().await;
 
     let shard = shard_of(agent_id(AGENT));
     let killed_id = cluster.replicas[owner].id.clone();
@@ -381,10 +303,10 @@ async fn another_replica_polls_within_the_ttl_when_the_owner_is_killed() {
 /// more polls in flight than before the resume (at most the one allowed overlap).
 #[tokio::test]
 async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
-    let Some(cluster) = Replicas::start(3).await else {
+    let Some(cluster) = LeasedReplicas::start(3).await else {
         return;
     };
-    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
     let mut streams = Vec::new();
     for i in 0..3 {
         streams.push(cluster.watch_on(i, &desktop.guid).await);
@@ -392,7 +314,7 @@ async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
     let owner = cluster.owner_of(AGENT).await;
     cluster.until_polled().await;
     let paused = &cluster.replicas[owner];
-    signal(&paused.process, "-STOP").await;
+    paused.replica.pause().await;
     let paused_at = Instant::now();
 
     let shard = shard_of(agent_id(AGENT));
@@ -413,11 +335,14 @@ async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
     );
     // The new owner's long poll is in flight: a poll of the paused one would overlap it.
     cluster.until_polled().await;
-    signal(&paused.process, "-CONT").await;
+    paused.replica.resume().await;
     eventually(
         "the resumed replica found its lease lost",
         SETTLE,
-        || async { metric(&paused.metrics, "ccgw_nats_shard_leases_lost_total").await >= 1.0 },
+        || async {
+            let lost = paused.replica.metric("ccgw_nats_shard_leases_lost_total");
+            lost.await.expect("a replica's leases lost") >= 1.0
+        },
     )
     .await;
     cluster.settled().await;
@@ -433,34 +358,39 @@ async fn a_paused_owner_sends_no_poll_for_the_shard_it_lost() {
 /// it (and reads the events), and stops once the watcher left and the grace period passed.
 #[tokio::test]
 async fn the_owner_polls_an_agent_only_another_replica_watches() {
-    let Some(cluster) = Replicas::start(3).await else {
+    let Some(cluster) = LeasedReplicas::start(3).await else {
         return;
     };
-    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
     let owner = cluster.owner_of(AGENT).await;
     let watching = (owner + 1) % 3;
-    cluster.hand_over(owner, &desktop.guid).await;
+    cluster.replicas[owner]
+        .replica
+        .hand_over(AGENT, &desktop.guid)
+        .await;
     let stream = cluster.watch_on(watching, &desktop.guid).await;
     cluster.until_polled().await;
     cluster.hang_up();
     cluster.until_answered().await;
-    let owner_metrics = &cluster.replicas[owner].metrics;
+    let owner_replica = &cluster.replicas[owner].replica;
     assert_eq!(
-        metric(owner_metrics, "ccgw_release_events_observed_total").await,
-        2.0
+        owner_replica
+            .metric("ccgw_release_events_observed_total")
+            .await,
+        Some(2.0)
     );
     for i in (0..3).filter(|i| *i != owner) {
-        let observed = metric(
-            &cluster.replicas[i].metrics,
-            "ccgw_release_events_observed_total",
-        );
-        assert_eq!(observed.await, 0.0, "replica {i} does not poll");
+        let observed = cluster.replicas[i]
+            .replica
+            .metric("ccgw_release_events_observed_total");
+        assert_eq!(observed.await, Some(0.0), "replica {i} does not poll");
     }
     assert_eq!(cluster.agent().max_polls_in_flight, 1);
 
     drop(stream);
     eventually("the owner stopped polling", SETTLE, || async {
-        metric(owner_metrics, "ccgw_polled_agents").await == 0.0
+        let polled = owner_replica.metric("ccgw_polled_agents");
+        polled.await.expect("a replica's polled agents") == 0.0
     })
     .await;
     eventually("nobody polls the agent", SETTLE, || async {
@@ -474,17 +404,17 @@ async fn the_owner_polls_an_agent_only_another_replica_watches() {
 /// polls again, and the events queued meanwhile reach its watcher.
 #[tokio::test]
 async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
-    let Some(mut cluster) = Replicas::start(3).await else {
+    let Some(mut cluster) = LeasedReplicas::start(3).await else {
         return;
     };
-    let desktop = desktop_sign_in(cluster.sim_addr, AGENT, false).await;
+    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
     let mut streams = Vec::new();
     for i in 0..3 {
         streams.push(cluster.watch_on(i, &desktop.guid).await);
     }
     let owner = cluster.owner_of(AGENT).await;
     cluster.until_polled().await;
-    cluster.nats.kill().await;
+    cluster.set.nats[0].kill().await;
     let killed_at = Instant::now();
 
     // The owner's last renewal was sent before the kill: its fence closed by TTL - margin
@@ -492,25 +422,30 @@ async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
     // long-poll wait (4 s). From then on nobody may poll; a loop still polling would poll again
     // within its 300 ms pause, so a window of a few seconds shows it.
     tokio::time::sleep_until(killed_at + TTL + Duration::from_secs(4)).await;
-    let owner_metrics = &cluster.replicas[owner].metrics;
-    let failed = metric(owner_metrics, "ccgw_nats_lease_renewals_failed_total").await;
-    assert!(failed >= 1.0, "renewals failed");
+    let failed = cluster.replicas[owner]
+        .replica
+        .metric("ccgw_nats_lease_renewals_failed_total")
+        .await;
+    assert!(
+        failed.expect("a replica's renewals failed") >= 1.0,
+        "renewals failed"
+    );
     assert_eq!(cluster.agent().polls_in_flight, 0, "nobody polls the agent");
     let polls = cluster.polls_of_agent();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(cluster.polls_of_agent(), polls, "no poll while fenced");
     let call = cluster.hang_up();
 
-    cluster.nats.restart().await;
+    cluster.set.nats[0].restart().await;
     cluster.until_answered().await;
     let events = streams[owner].events_of(2).await;
     assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
     assert_eq!(cluster.agent().max_polls_in_flight, 1);
     // Every replica was cut off alike: the owner kept its lease (nobody took anything over).
     assert_eq!(cluster.owner_of(AGENT).await, owner);
-    for replica in &cluster.replicas {
-        let lost = metric(&replica.metrics, "ccgw_nats_shard_leases_lost_total").await;
-        assert_eq!(lost, 0.0);
+    for member in &cluster.replicas {
+        let lost = member.replica.metric("ccgw_nats_shard_leases_lost_total");
+        assert_eq!(lost.await, Some(0.0));
     }
 }
 
@@ -518,12 +453,11 @@ async fn polls_stop_while_nats_is_down_and_resume_when_it_returns() {
 /// membership: the others hold its shards long before a takeover could (the TTL).
 #[tokio::test]
 async fn a_replica_that_shuts_down_hands_its_shards_back_at_once() {
-    let Some(mut cluster) = Replicas::start(3).await else {
+    let Some(mut cluster) = LeasedReplicas::start(3).await else {
         return;
     };
     let stopped_at = Instant::now();
-    sigterm(&cluster.replicas[0].process).await;
-    exits_cleanly(cluster.replicas.remove(0).process).await;
+    cluster.replicas.remove(0).replica.stop().await;
     cluster.settled().await;
     let took = stopped_at.elapsed();
     assert!(
@@ -549,13 +483,6 @@ async fn first_events(
     Ok(events)
 }
 
-/// A call placed on `agent` that its customer hangs up: two release events.
-fn hang_up(sim: &Simulator, agent: &str) -> String {
-    let call = sim.place_call(agent, CALLER).unwrap();
-    assert_eq!(sim.customer_hangup(agent).unwrap(), call);
-    call
-}
-
 /// Agents signed in for the handover test: enough that the owner learning of a watcher before
 /// its session (they reach it through two buckets, in either order) happens many times over.
 const HANDED_OVER_AGENTS: usize = 24;
@@ -568,7 +495,7 @@ const HANDED_OVER_AGENTS: usize = 24;
 /// release events; none ends with NO_SESSION.
 #[tokio::test]
 async fn a_handover_on_a_replica_that_does_not_poll_the_agent_reaches_the_one_that_does() {
-    let Some(cluster) = Replicas::start(3).await else {
+    let Some(cluster) = LeasedReplicas::start(3).await else {
         return;
     };
     let ids: Vec<&str> = cluster.replicas.iter().map(|r| r.id.as_str()).collect();
@@ -579,8 +506,8 @@ async fn a_handover_on_a_replica_that_does_not_poll_the_agent_reaches_the_one_th
         let owner = ids.iter().position(|id| *id == owner).unwrap();
         // Never the owner; the two others in turn.
         let watching = (owner + 1 + n % 2) % 3;
-        let desktop = desktop_sign_in(cluster.sim_addr, &agent, false).await;
-        let addr = cluster.replicas[watching].addr.clone();
+        let desktop = desktop_sign_in(cluster.set.sim_addr, &agent, false).await;
+        let addr = cluster.replicas[watching].replica.addr().to_owned();
         opening.push(async move {
             let request = handing_over(watch_req(&[&agent]), &desktop.guid);
             let stream = watch_on(client_of(&addr).await, request).await;
@@ -589,7 +516,7 @@ async fn a_handover_on_a_replica_that_does_not_poll_the_agent_reaches_the_one_th
     }
     let streams = futures_util::future::join_all(opening).await;
     let reading = streams.into_iter().map(|(agent, mut stream)| {
-        let call = hang_up(&cluster.sim, &agent);
+        let call = cluster.set.hang_up(&agent);
         async move {
             let seen = first_events(&mut stream, 2).await;
             (agent, call, seen)
@@ -621,10 +548,10 @@ async fn a_handover_on_a_replica_that_does_not_poll_the_agent_reaches_the_one_th
 #[tokio::test]
 async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over() {
     // An empty poll is held for 10 s, nearly the 11 s poll timeout.
-    let Some(mut cluster) = Replicas::start_waiting(2, Duration::from_secs(10)).await else {
+    let Some(mut cluster) = LeasedReplicas::start_waiting(2, Duration::from_secs(10)).await else {
         return;
     };
-    let link = NatsLink::start(cluster.nats.port).await;
+    let link = NatsLink::start(cluster.set.nats[0].port).await;
     cluster.add_via(&link.url()).await;
     cluster.settled().await;
     let cut_off = 2;
@@ -634,17 +561,18 @@ async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over
         .find(|a| desired_owner(shard_of(agent_id(a)), &ids) == Some(ids[cut_off]))
         .unwrap();
     let shard = shard_of(agent_id(&agent));
-    let desktop = desktop_sign_in(cluster.sim_addr, &agent, false).await;
+    let desktop = desktop_sign_in(cluster.set.sim_addr, &agent, false).await;
     // A watcher on the cut-off replica keeps it polling (another replica's interest would fade
     // there once it cannot see it refreshed); one on replica 0 has the new owner poll.
     let mut streams = Vec::new();
     for i in [0, cut_off] {
         let request = handing_over(watch_req(&[&agent]), &desktop.guid);
-        let stream = watch_on(client_of(&cluster.replicas[i].addr).await, request).await;
+        let client = cluster.replicas[i].replica.client().await;
+        let stream = watch_on(client, request).await;
         streams.push(stream.expect("watching"));
     }
     eventually("the agent is polled", SETTLE, || async {
-        cluster.sim.agent(&agent).unwrap().polls_in_flight >= 1
+        cluster.set.sim.agent(&agent).unwrap().polls_in_flight >= 1
     })
     .await;
     assert_eq!(cluster.owner_of(&agent).await, cut_off);
@@ -663,18 +591,18 @@ async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over
     tokio::time::sleep_until(renewed + TTL - Duration::from_secs(5)).await;
     let event =
         serde_json::json!({"eventType": "AgentState_Work", "workNo": agent, "content": null});
-    cluster.sim.queue_event(&agent, event).unwrap();
+    cluster.set.sim.queue_event(&agent, event).unwrap();
 
     let cut_off_id = cluster.replicas[cut_off].id.clone();
     eventually("another replica took the shard over", 3 * TTL, || async {
         cluster.holder(shard).await.is_some_and(|h| h != cut_off_id)
     })
     .await;
-    let call = hang_up(&cluster.sim, &agent);
+    let call = cluster.set.hang_up(&agent);
     let events = streams[0].events_of(2).await;
     assert!(events.iter().all(|e| e.call_id == call), "{events:?}");
     assert_eq!(
-        cluster.sim.agent(&agent).unwrap().max_polls_in_flight,
+        cluster.set.sim.agent(&agent).unwrap().max_polls_in_flight,
         1,
         "the cut-off replica's last poll overlapped the new owner's"
     );

@@ -2,92 +2,50 @@
 //! the simulator, and facade processes on loopback ports.
 use crate::common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use ccgw_callcontrol::proto::{
-    call_control_client::CallControlClient, ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome,
-};
-use ccgw_sim::{Fault, FaultRule, Simulator};
+use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome};
+use ccgw_sim::{Fault, FaultRule};
 use common::{
-    client_of, desktop_sign_in, error_metadata, expect_status, handing_over, health,
-    health_becomes, nats::NatsServer, release_req, sim_config, spawn_service, spawn_sim,
+    error_metadata, expect_status, health, health_becomes, release_req,
+    replicas::{Replica, ReplicaSet},
     wait_until, watch_req, CALLER, WAIT,
 };
-use tokio::process::Child;
-use tonic::{transport::Channel, Code};
+use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// The simulator, and NATS (one server, or a cluster of three), for replicas to share.
-struct Bench {
-    sim: Simulator,
-    sim_addr: SocketAddr,
-    _stop_sim: tokio::sync::oneshot::Sender<()>,
-    nats: Vec<NatsServer>,
+/// Releases of the current call (`DELETE`) the simulator received.
+fn deletes(set: &ReplicaSet) -> usize {
+    set.sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .count()
 }
 
-impl Bench {
-    async fn start() -> Option<Self> {
-        Some(Self::on(vec![NatsServer::start().await?]).await)
-    }
+/// Holds the next release of a current call at the gateway for `ms`.
+fn hold_next_release(set: &ReplicaSet, ms: u64) {
+    set.sim.push_fault(FaultRule {
+        fault: Fault::Latency { ms },
+        count: 1,
+        method: Some("DELETE".to_owned()),
+        path_contains: None,
+    });
+}
 
-    async fn on_cluster() -> Option<Self> {
-        Some(Self::on(NatsServer::cluster().await?).await)
-    }
+/// Two replicas with `flags`, agent 101's session handed over to both.
+async fn two_replicas(set: &ReplicaSet, flags: &[&str]) -> [Replica; 2] {
+    let replicas = [set.spawn(flags).await, set.spawn(flags).await];
+    set.sign_in_and_hand_over("101", &[&replicas[0], &replicas[1]])
+        .await;
+    replicas
+}
 
-    async fn on(nats: Vec<NatsServer>) -> Self {
-        let (sim, sim_addr, stop_sim) = spawn_sim(sim_config(), None).await;
-        Self {
-            sim,
-            sim_addr,
-            _stop_sim: stop_sim,
-            nats,
-        }
-    }
-
-    /// A replica on this bench's gateway and NATS, with `flags`.
-    async fn replica(&self, flags: &[&str]) -> (Child, CallControlClient<Channel>, String) {
-        let gateway = format!("http://{}", self.sim_addr);
-        let mut args = vec!["--gateway-url", &gateway, "--nats-url"];
-        let url = NatsServer::urls(&self.nats);
-        args.push(&url);
-        args.extend_from_slice(flags);
-        let (process, addr) = spawn_service(&args, &[]).await;
-        let client = client_of(&addr).await;
-        (process, client, addr)
-    }
-
-    /// Signs `agent` in at the gateway and hands its session to each replica with a release
-    /// that finds no call.
-    async fn hand_over(&self, clients: &mut [&mut CallControlClient<Channel>], agent: &str) {
-        let desktop = desktop_sign_in(self.sim_addr, agent, false).await;
-        for client in clients {
-            let answer = client
-                .release_call(handing_over(release_req(agent), &desktop.guid))
-                .await
-                .expect("the session is handed over")
-                .into_inner();
-            assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
-        }
-    }
-
-    /// Releases of the current call (`DELETE`) the simulator received.
-    fn deletes(&self) -> usize {
-        self.sim
-            .requests()
-            .iter()
-            .filter(|r| r.method == "DELETE")
-            .count()
-    }
-
-    /// Holds the next release of a current call at the gateway for `ms`.
-    fn hold_next_release(&self, ms: u64) {
-        self.sim.push_fault(FaultRule {
-            fault: Fault::Latency { ms },
-            count: 1,
-            method: Some("DELETE".to_owned()),
-            path_contains: None,
-        });
-    }
+/// A call on agent 101, then the simulator's request log cleared: it holds what the test's
+/// releases send.
+fn call_101(set: &ReplicaSet) {
+    set.sim.place_call("101", CALLER).unwrap();
+    set.sim.clear_requests();
 }
 
 fn with_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
@@ -115,15 +73,14 @@ fn released(answer: &ReleaseCallResponse) {
 /// (outcome unknown, nothing to retry) and sends no second DELETE.
 #[tokio::test]
 async fn an_undocumented_retcode_is_kept_for_every_replica() {
-    let Some(bench) = Bench::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let (_a, mut a, _) = bench.replica(&[]).await;
-    let (_b, mut b, _) = bench.replica(&[]).await;
-    bench.hand_over(&mut [&mut a, &mut b], "101").await;
-    bench.sim.place_call("101", CALLER).unwrap();
-    bench.sim.clear_requests();
-    bench.sim.push_fault(FaultRule {
+    let [replica_a, replica_b] = two_replicas(&set, &[]).await;
+    let mut a = replica_a.client().await;
+    let mut b = replica_b.client().await;
+    call_101(&set);
+    set.sim.push_fault(FaultRule {
         fault: Fault::Retcode {
             retcode: "200-099".to_owned(),
             message: "undocumented".to_owned(),
@@ -142,7 +99,7 @@ async fn an_undocumented_retcode_is_kept_for_every_replica() {
         assert_eq!(metadata["cause"], "GATEWAY_RETCODE_UNKNOWN", "{status:?}");
         assert_eq!(metadata["retcode"], "200-099", "{status:?}");
         assert!(details.retry_info().is_none(), "{status:?}");
-        assert_eq!(bench.deletes(), 1, "the repeat released again");
+        assert_eq!(deletes(&set), 1, "the repeat released again");
     }
 }
 
@@ -151,22 +108,21 @@ async fn an_undocumented_retcode_is_kept_for_every_replica() {
 /// refused on either replica.
 #[tokio::test]
 async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
-    let Some(bench) = Bench::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let (_a, mut a, _) = bench.replica(&[]).await;
-    let (_b, mut b, _) = bench.replica(&[]).await;
-    bench.hand_over(&mut [&mut a, &mut b], "101").await;
-    bench.sim.place_call("101", CALLER).unwrap();
-    bench.sim.clear_requests();
+    let [replica_a, replica_b] = two_replicas(&set, &[]).await;
+    let mut a = replica_a.client().await;
+    let mut b = replica_b.client().await;
+    call_101(&set);
 
-    bench.hold_next_release(4_000);
+    hold_next_release(&set, 4_000);
     let first = tokio::spawn({
         let mut a = a.clone();
         async move { a.release_call(with_id("101", "hang-up-1")).await }
     });
     wait_until("the first release reached the gateway", || {
-        bench.deletes() == 1
+        deletes(&set) == 1
     })
     .await;
     let second = b
@@ -180,7 +136,7 @@ async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
     assert!(!first.replayed);
     assert!(second.replayed);
     assert_eq!(first.retcode, second.retcode);
-    assert_eq!(bench.deletes(), 1, "the duplicate released again");
+    assert_eq!(deletes(&set), 1, "the duplicate released again");
 
     // Later duplicates on either replica replay it too.
     for client in [&mut a, &mut b] {
@@ -192,7 +148,7 @@ async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
         assert!(again.replayed);
         released(&again);
     }
-    assert_eq!(bench.deletes(), 1);
+    assert_eq!(deletes(&set), 1);
 
     // The id names that release: another command under it is refused, nothing sent.
     for client in [&mut a, &mut b] {
@@ -208,7 +164,7 @@ async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
         .await
         .unwrap_err();
     expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
-    assert_eq!(bench.deletes(), 1);
+    assert_eq!(deletes(&set), 1);
 }
 
 /// NATS stopped: readiness NOT_SERVING (liveness stays SERVING), ReleaseCall and new streams
@@ -216,19 +172,19 @@ async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
 /// releases work again.
 #[tokio::test]
 async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
-    let Some(mut bench) = Bench::start().await else {
+    let Some(mut set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let (_a, mut a, addr) = bench.replica(&[]).await;
-    bench.hand_over(&mut [&mut a], "101").await;
-    health_becomes(&addr, "", ServingStatus::Serving, WAIT).await;
-    bench.sim.place_call("101", CALLER).unwrap();
-    bench.sim.clear_requests();
+    let replica_a = set.spawn(&[]).await;
+    let mut a = replica_a.client().await;
+    set.sign_in_and_hand_over("101", &[&replica_a]).await;
+    health_becomes(replica_a.addr(), "", ServingStatus::Serving, WAIT).await;
+    call_101(&set);
 
-    bench.nats[0].kill().await;
-    health_becomes(&addr, "", ServingStatus::NotServing, WAIT).await;
+    set.nats[0].kill().await;
+    health_becomes(replica_a.addr(), "", ServingStatus::NotServing, WAIT).await;
     assert_eq!(
-        health(&addr, "liveness").await,
+        health(replica_a.addr(), "liveness").await,
         Some(ServingStatus::Serving)
     );
     for request in [release_req("101"), with_id("101", "during-outage")] {
@@ -240,17 +196,17 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
         .await
         .unwrap_err();
     expect_shared_state_unavailable(&status);
-    assert!(bench.sim.requests().is_empty(), "sent during the outage");
+    assert!(set.sim.requests().is_empty(), "sent during the outage");
 
-    bench.nats[0].restart().await;
-    health_becomes(&addr, "", ServingStatus::Serving, WAIT).await;
+    set.nats[0].restart().await;
+    health_becomes(replica_a.addr(), "", ServingStatus::Serving, WAIT).await;
     let answer = a
         .release_call(with_id("101", "during-outage"))
         .await
         .expect("released once NATS is back")
         .into_inner();
     released(&answer);
-    assert_eq!(bench.deletes(), 1);
+    assert_eq!(deletes(&set), 1);
 }
 
 /// With --release-without-nats, a release without request_id goes through during the outage
@@ -258,29 +214,29 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
 /// cannot be claimed where the other replicas would see it).
 #[tokio::test]
 async fn release_without_nats_uses_the_last_known_session() {
-    let Some(mut bench) = Bench::start().await else {
+    let Some(mut set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let (_a, mut a, addr) = bench.replica(&["--release-without-nats"]).await;
-    bench.hand_over(&mut [&mut a], "101").await;
-    bench.sim.place_call("101", CALLER).unwrap();
-    bench.sim.clear_requests();
+    let replica_a = set.spawn(&["--release-without-nats"]).await;
+    let mut a = replica_a.client().await;
+    set.sign_in_and_hand_over("101", &[&replica_a]).await;
+    call_101(&set);
 
-    bench.nats[0].kill().await;
-    health_becomes(&addr, "", ServingStatus::NotServing, WAIT).await;
+    set.nats[0].kill().await;
+    health_becomes(replica_a.addr(), "", ServingStatus::NotServing, WAIT).await;
     let status = a
         .release_call(with_id("101", "with-an-id"))
         .await
         .unwrap_err();
     expect_shared_state_unavailable(&status);
-    assert_eq!(bench.deletes(), 0);
+    assert_eq!(deletes(&set), 0);
     let answer = a
         .release_call(release_req("101"))
         .await
         .expect("released with the last known session")
         .into_inner();
     released(&answer);
-    assert_eq!(bench.deletes(), 1);
+    assert_eq!(deletes(&set), 1);
 }
 
 /// A replica killed (-9) while its release is at the gateway leaves its claim unanswered: a
@@ -289,24 +245,23 @@ async fn release_without_nats_uses_the_last_known_session() {
 /// later.
 #[tokio::test]
 async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
-    let Some(bench) = Bench::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let (mut a_process, mut a, _) = bench.replica(&[]).await;
-    let (_b, mut b, _) = bench.replica(&[]).await;
-    bench.hand_over(&mut [&mut a, &mut b], "101").await;
-    bench.sim.place_call("101", CALLER).unwrap();
-    bench.sim.clear_requests();
+    let [mut replica_a, replica_b] = two_replicas(&set, &[]).await;
+    let mut a = replica_a.client().await;
+    let mut b = replica_b.client().await;
+    call_101(&set);
 
-    bench.hold_next_release(120_000);
+    hold_next_release(&set, 120_000);
     let mut request = tonic::Request::new(with_id("101", "doomed"));
     request.set_timeout(Duration::from_secs(2));
     let first = tokio::spawn(async move { a.release_call(request).await });
     wait_until("the first release reached the gateway", || {
-        bench.deletes() == 1
+        deletes(&set) == 1
     })
     .await;
-    a_process.kill().await.unwrap();
+    replica_a.kill().await;
     let _ = first.await;
 
     for _ in 0..2 {
@@ -319,7 +274,7 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
         assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
         assert_eq!(metadata["may_have_released"], "true");
     }
-    assert_eq!(bench.deletes(), 1, "a lost release was repeated");
+    assert_eq!(deletes(&set), 1, "a lost release was repeated");
 }
 
 /// The bucket holds --idempotency-capacity ids: an answer that changed nothing leaves at once;
@@ -327,20 +282,21 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
 /// sent.
 #[tokio::test]
 async fn a_full_request_id_bucket_refuses_new_ids() {
-    let Some(bench) = Bench::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
     // The one caller's share is more than the bucket: the bucket's limit is what this is about.
-    let (_a, mut a, _) = bench
-        .replica(&[
+    let replica_a = set
+        .spawn(&[
             "--idempotency-capacity",
             "1",
             "--max-request-ids-per-caller",
             "2",
         ])
         .await;
-    bench.hand_over(&mut [&mut a], "101").await;
-    bench.sim.clear_requests();
+    let mut a = replica_a.client().await;
+    set.sign_in_and_hand_over("101", &[&replica_a]).await;
+    set.sim.clear_requests();
     // An answer that provably changed nothing is forgotten at once, freeing its slot.
     let status = a
         .release_call(with_id("102", "no-session"))
@@ -353,7 +309,7 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
         .unwrap()
         .into_inner();
     assert_eq!(kept.outcome(), ReleaseOutcome::NoActiveCall);
-    bench.sim.place_call("101", CALLER).unwrap();
+    set.sim.place_call("101", CALLER).unwrap();
     let status = a
         .release_call(with_id("101", "one-too-many"))
         .await
@@ -363,7 +319,7 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
         Code::ResourceExhausted,
         "TOO_MANY_PENDING_RELEASES",
     );
-    assert_eq!(bench.deletes(), 1, "only the kept id's release");
+    assert_eq!(deletes(&set), 1, "only the kept id's release");
     let replay = a
         .release_call(with_id("101", "kept"))
         .await
@@ -376,12 +332,12 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
 /// claimed and replayed on the two left.
 #[tokio::test]
 async fn request_ids_outlive_one_nats_node_of_three() {
-    let Some(mut bench) = Bench::on_cluster().await else {
+    let Some(mut set) = ReplicaSet::builder().cluster().start().await else {
         return;
     };
-    let (_a, mut a, addr) = bench.replica(&["--nats-replicas", "3"]).await;
-    let (_b, mut b, _) = bench.replica(&["--nats-replicas", "3"]).await;
-    bench.hand_over(&mut [&mut a, &mut b], "101").await;
+    let [replica_a, replica_b] = two_replicas(&set, &["--nats-replicas", "3"]).await;
+    let mut a = replica_a.client().await;
+    let b = replica_b.client().await;
     let before = a
         .release_call(with_id("101", "before"))
         .await
@@ -389,10 +345,10 @@ async fn request_ids_outlive_one_nats_node_of_three() {
         .into_inner();
     assert_eq!(before.outcome(), ReleaseOutcome::NoActiveCall);
 
-    bench.nats[0].kill().await;
+    set.nats[0].kill().await;
     // The client moves to a node left, and the bucket may elect a new leader: until then a
     // claim is refused with nothing sent, so each try takes a fresh id.
-    health_becomes(&addr, "", ServingStatus::Serving, WAIT).await;
+    health_becomes(replica_a.addr(), "", ServingStatus::Serving, WAIT).await;
     let mut attempt = 0;
     let answered = tokio::time::timeout(WAIT, async {
         loop {
@@ -423,14 +379,14 @@ async fn request_ids_outlive_one_nats_node_of_three() {
 /// at its share.
 #[tokio::test]
 async fn each_replica_holds_a_caller_to_its_share_of_the_request_ids() {
-    let Some(bench) = Bench::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
     let flags = ["--max-request-ids-per-caller", "2"];
-    let (_a, mut a, _) = bench.replica(&flags).await;
-    let (_b, mut b, _) = bench.replica(&flags).await;
-    bench.hand_over(&mut [&mut a, &mut b], "101").await;
-    let sent = bench.deletes();
+    let [replica_a, replica_b] = two_replicas(&set, &flags).await;
+    let mut a = replica_a.client().await;
+    let mut b = replica_b.client().await;
+    let sent = deletes(&set);
     for id in ["a-1", "a-2"] {
         let answer = a
             .release_call(with_id("101", id))
@@ -445,11 +401,7 @@ async fn each_replica_holds_a_caller_to_its_share_of_the_request_ids() {
         error_metadata(&refused)["caller_limit"],
         "--max-request-ids-per-caller"
     );
-    assert_eq!(
-        bench.deletes(),
-        sent + 2,
-        "the refused id's release was sent"
-    );
+    assert_eq!(deletes(&set), sent + 2, "the refused id's release was sent");
 
     // The other replica counts its own.
     let answer = b
@@ -467,5 +419,5 @@ async fn each_replica_holds_a_caller_to_its_share_of_the_request_ids() {
             .into_inner();
         assert!(replay.replayed, "{id}: {replay:?}");
     }
-    assert_eq!(bench.deletes(), sent + 3);
+    assert_eq!(deletes(&set), sent + 3);
 }

@@ -3,7 +3,7 @@
 //! (`ccgw-sessions`: agent id -> JSON) to see what the replicas wrote.
 use crate::common;
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use ccgw_callcontrol::{
@@ -13,22 +13,11 @@ use ccgw_callcontrol::{
 };
 use ccgw_sim::SimConfig;
 use common::{
-    agent_id, client_of, deadline, desktop_sign_in, exits_cleanly, handing_over, nats::NatsServer,
-    release_req, sigterm, sim_config, spawn_facade, spawn_service, spawn_sim, wait_until,
-    watch_req, TestApp, WAIT,
+    agent_id, deadline, eventually, handing_over, nats::NatsServer, release_req,
+    replicas::ReplicaSet, sim_config, spawn_facade, spawn_sim, wait_until, watch_req, TestApp,
+    WAIT,
 };
 use futures_util::StreamExt;
-
-/// Polls the async `condition` every 10 ms until it holds; panics after [`WAIT`].
-async fn eventually<F: Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
-    let waited = tokio::time::timeout(WAIT, async {
-        while !condition().await {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "not within {WAIT:?}: {what}");
-}
 
 async fn sessions_bucket(nats: &NatsServer) -> kv::Store {
     let client = async_nats::connect(nats.url())
@@ -149,44 +138,28 @@ async fn a_guid_rotated_through_one_replica_is_used_by_another() {
 /// new replica goes out in it without any handover.
 #[tokio::test]
 async fn sessions_survive_a_restart_of_every_replica() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let (sim, sim_addr, _stop_sim) = spawn_sim(sim_config(), None).await;
-    let gateway = format!("http://{sim_addr}");
-    let nats_url = nats.url();
-    let args = ["--gateway-url", &gateway, "--nats-url", &nats_url];
-    let (a, addr_a) = spawn_service(&args, &[]).await;
-    let (b, _) = spawn_service(&args, &[]).await;
-    let desktop = desktop_sign_in(sim_addr, "101", false).await;
-    let answer = client_of(&addr_a)
-        .await
-        .release_call(handing_over(release_req("101"), &desktop.guid))
-        .await
-        .expect("answered")
-        .into_inner();
-    assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
-    let bucket = sessions_bucket(&nats).await;
-    eventually("A shared the session it adopted", || async {
+    let mut a = set.spawn(&[]).await;
+    let mut b = set.spawn(&[]).await;
+    let desktop = set.sign_in_and_hand_over("101", &[&a]).await;
+    let bucket = sessions_bucket(&set.nats[0]).await;
+    eventually("A shared the session it adopted", WAIT, || async {
         stored_guid(&bucket, "101").await.as_deref() == Some(desktop.guid.as_str())
     })
     .await;
-    sigterm(&a).await;
-    sigterm(&b).await;
-    exits_cleanly(a).await;
-    exits_cleanly(b).await;
+    tokio::join!(a.stop(), b.stop());
 
-    let (_c, addr_c) = spawn_service(&args, &[]).await;
-    sim.place_call("101", "70093").expect("a call");
-    let requests_before = sim.requests().len();
-    let answer = client_of(&addr_c)
+    let c = set.spawn(&[]).await;
+    set.sim.place_call("101", "70093").expect("a call");
+    let requests_before = set.sim.requests().len();
+    let answer = c
+        .release(release_req("101"))
         .await
-        .release_call(release_req("101"))
-        .await
-        .expect("released without a handover")
-        .into_inner();
+        .expect("released without a handover");
     assert_eq!(answer.outcome(), ReleaseOutcome::Released);
-    let requests = sim.requests();
+    let requests = set.sim.requests();
     let release = requests[requests_before..]
         .iter()
         .find(|r| r.method == "DELETE")
@@ -221,7 +194,7 @@ async fn a_replica_with_an_old_view_never_overwrites_a_newer_guid() {
     let rotated = a.guid_of("101").unwrap();
     assert_ne!(rotated, first, "the poll answer rotated the Guid");
     let bucket = sessions_bucket(&nats).await;
-    eventually("A wrote the rotation", || async {
+    eventually("A wrote the rotation", WAIT, || async {
         stored_guid(&bucket, "101").await.as_deref() == Some(rotated.as_str())
     })
     .await;

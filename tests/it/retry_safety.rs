@@ -62,7 +62,7 @@ async fn sigterm_while_waiting_for_the_release_event_answers_released() {
     })
     .await;
 
-    common::sigterm(&facade).await;
+    common::signal(&facade, common::Signal::Term).await;
     let answer = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("the waiting ReleaseCall is answered")

@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseOutcome};
 use common::{
-    error_metadata, expect_status,
+    error_metadata, expect_status, metric,
     pki::{served_certificate, tls_channel, Ca, Files, Leaf},
-    release_req,
-    replicas::metric_at,
-    serving, sim_config, spawn_app_with, spawn_service_keeping_logs, TestApp, WAIT,
+    release_req, serving, sim_config, spawn_app_with, spawn_service_keeping_logs, TestApp, WAIT,
 };
 use tonic::Code;
 
@@ -278,10 +276,13 @@ async fn tls_reload_failures_are_counted_until_the_files_are_fixed() {
     )
     .await;
     let metrics = serving["metrics"].as_str().unwrap().to_owned();
+    // The server's TLS files are on the metrics from the start.
     let scrape = || async {
+        let failures = metric(&metrics, "ccgw_tls_reload_failures_total").await;
+        let loaded_at = metric(&metrics, "ccgw_tls_loaded_timestamp_seconds").await;
         (
-            metric_at(&metrics, "ccgw_tls_reload_failures_total").await,
-            metric_at(&metrics, "ccgw_tls_loaded_timestamp_seconds").await,
+            failures.expect("TLS reload failures"),
+            loaded_at.expect("TLS files loaded"),
         )
     };
     let (failures, loaded_at) = scrape().await;

@@ -314,7 +314,7 @@ async fn a_process_with_an_otlp_endpoint_exports_the_callers_trace() {
         "exported before the flush at exit"
     );
 
-    common::sigterm(&service).await;
+    common::signal(&service, common::Signal::Term).await;
     common::exits_cleanly(service).await;
     let exports = exports.lock().unwrap();
     assert!(!exports.is_empty(), "no export reached the collector");
@@ -446,7 +446,7 @@ async fn a_collector_that_never_answers_neither_slows_calls_nor_holds_the_exit()
         .expect("ReleaseCall answers while exports hang")
         .expect("released");
     }
-    common::sigterm(&service).await;
+    common::signal(&service, common::Signal::Term).await;
     let exited = std::time::Instant::now();
     common::exits_cleanly(service).await;
     assert!(

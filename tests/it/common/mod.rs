@@ -370,7 +370,7 @@ pub async fn spawn_service_until(
 }
 
 /// What the service logs once its gRPC port serves.
-const SERVING: &str = "serving gRPC";
+pub const SERVING: &str = "serving gRPC";
 
 /// A service's log lines, as they arrive.
 pub type KeptLogs = std::sync::Arc<std::sync::Mutex<String>>;
@@ -430,15 +430,32 @@ async fn start_service(
     (service, serving)
 }
 
-/// Sends SIGTERM to `process`.
-pub async fn sigterm(process: &tokio::process::Child) {
-    let pid = process.id().unwrap().to_string();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
+/// A signal a test sends a child process (SIGKILL is tokio's `Child::kill`, which also reaps
+/// it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: shut down cleanly, as Kubernetes asks a pod to.
+    Term,
+    /// SIGSTOP: frozen, its sockets open, as by a long GC pause or a VM stall.
+    Stop,
+    /// SIGCONT: running again after [`Signal::Stop`].
+    Cont,
+}
+
+/// Sends `signal` to `process`, through kill(1) (no unsafe code for libc's).
+pub async fn signal(process: &tokio::process::Child, signal: Signal) {
+    let pid = process.id().expect("a running process").to_string();
+    let name = match signal {
+        Signal::Term => "-TERM",
+        Signal::Stop => "-STOP",
+        Signal::Cont => "-CONT",
+    };
+    let sent = tokio::process::Command::new("kill")
+        .args([name, &pid])
         .status()
         .await
         .unwrap();
-    assert!(killed.success());
+    assert!(sent.success(), "kill {name} {pid}");
 }
 
 /// Waits (bounded) for `process` to exit, and asserts it exited cleanly.
@@ -700,15 +717,9 @@ impl TestApp {
         self.watch(watch_req(&[agent])).await
     }
 
-    /// Places a call from `caller` and lets the customer hang up; returns the call id. The
-    /// gateway queues AgentEvent_Customer_Release then AgentEvent_Call_Release.
+    /// [`hang_up`] on the app's simulator.
     pub fn hang_up(&self, agent: &str, caller: &str) -> String {
-        let call_id = self.sim.place_call(agent, caller).expect("place_call");
-        assert_eq!(
-            self.sim.customer_hangup(agent).expect("customer_hangup"),
-            call_id
-        );
-        call_id
+        hang_up(&self.sim, agent, caller)
     }
 
     /// Gateway event polls of `agent` the simulator received.
@@ -775,15 +786,80 @@ pub async fn watch_on(
     })
 }
 
-/// Polls `condition` every 10 ms until it holds; panics after [`WAIT`].
+/// Checks `condition`, which reads this process's state, every 10 ms until it holds; panics
+/// after [`WAIT`].
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let waited = tokio::time::timeout(WAIT, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    check_until(what, WAIT, Duration::from_millis(10), || {
+        std::future::ready(condition())
+    })
+    .await;
+}
+
+/// Checks `condition`, which asks another process (NATS, a replica's metrics), every 50 ms
+/// until it holds; panics after `within`.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    condition: impl FnMut() -> F,
+) {
+    check_until(what, within, Duration::from_millis(50), condition).await;
+}
+
+/// Checks `condition` every `pause` until it holds; panics after `within`.
+async fn check_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    pause: Duration,
+    mut condition: impl FnMut() -> F,
+) {
+    let waited = tokio::time::timeout(within, async {
+        while !condition().await {
+            tokio::time::sleep(pause).await;
         }
     })
     .await;
-    assert!(waited.is_ok(), "timed out waiting until {what}");
+    assert!(
+        waited.is_ok(),
+        "timed out ({within:?}) waiting until {what}"
+    );
+}
+
+/// The metrics endpoint's text at `addr`.
+pub async fn scrape(addr: impl std::fmt::Display) -> String {
+    ccgw_callcontrol::install_crypto_provider();
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("the metrics endpoint answers")
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of `series` on the metrics endpoint at `addr` (see [`sample`]).
+pub async fn metric(addr: impl std::fmt::Display, series: &str) -> Option<f64> {
+    sample(&scrape(addr).await, series)
+}
+
+/// The value of `series` in the metrics text `text`: a metric's name is the sum of its samples
+/// over their label sets, a name with labels as the text format writes them
+/// (`name{label="value"}`) is that one sample. `None` when there is no such sample, which the
+/// caller says is a zero or a failure.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    let labelled = series.contains('{');
+    let samples: Vec<f64> = text
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with(' ') || (!labelled && rest.starts_with('{')))
+        })
+        .map(|line| {
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("a sample without a value: {line}"))
+        })
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
 }
 
 /// Asserts code, ErrorInfo reason and domain; returns the details for more checks.
@@ -831,6 +907,18 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
 
 /// The customer number of the calls the tests place.
 pub const CALLER: &str = "70093";
+
+/// Places a call on `agent` from `caller` (e.g. [`CALLER`]) and lets the customer hang up;
+/// returns the call id. The gateway queues AgentEvent_Customer_Release then
+/// AgentEvent_Call_Release.
+pub fn hang_up(sim: &Simulator, agent: &str, caller: &str) -> String {
+    let call_id = sim.place_call(agent, caller).expect("place_call");
+    assert_eq!(
+        sim.customer_hangup(agent).expect("customer_hangup"),
+        call_id
+    );
+    call_id
+}
 
 /// (kind, call id) of each event: what the tests compare orders by.
 pub fn kinds_and_calls(events: &[ReleaseEvent]) -> Vec<(ReleaseKind, String)> {
