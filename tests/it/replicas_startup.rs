@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, kv, stream::StorageType};
 use common::{
     eventually, health, health_becomes,
     nats::{free_port, NatsServer},
-    replicas::{refused_start, Leases, ReplicaSet, ReplicaSetBuilder},
+    replicas::{refused_start, Leases, Replica, ReplicaSet, ReplicaSetBuilder},
     wait_until, SERVING, WAIT,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -30,6 +30,16 @@ fn replicas() -> ReplicaSetBuilder {
     ReplicaSet::builder().flags(&["--health-listen", "127.0.0.1:0"])
 }
 
+/// A replica of `set` started before its NATS, once it logged `attempts` failed connections.
+async fn waiting_for_nats(set: &ReplicaSet, attempts: usize) -> Replica {
+    let replica = set.spawn_until(&[], WAITING).await;
+    wait_until(&format!("{attempts} connection attempts failed"), || {
+        replica.times_logged(RETRYING) >= attempts
+    })
+    .await;
+    replica
+}
+
 /// Started before NATS, a replica does not exit: its health port says alive and not ready,
 /// `ccgw_nats_connected` is 0, and it tries again (logged) until NATS is there; then it serves
 /// and becomes ready.
@@ -45,11 +55,7 @@ async fn a_replica_started_before_nats_waits_alive_and_not_ready_then_serves() {
         .start()
         .await
         .expect("no nats-server needed yet");
-    let mut replica = set.spawn_until(&[], WAITING).await;
-    wait_until("two connection attempts failed", || {
-        replica.times_logged(RETRYING) >= 2
-    })
-    .await;
+    let mut replica = waiting_for_nats(&set, 2).await;
     assert!(
         replica.process().try_wait().unwrap().is_none(),
         "it still runs"
@@ -83,11 +89,7 @@ async fn sigterm_while_waiting_for_nats_exits_at_once() {
         .start()
         .await
         .expect("no nats-server needed");
-    let mut replica = set.spawn_until(&[], WAITING).await;
-    wait_until("a connection attempt failed", || {
-        replica.times_logged(RETRYING) >= 1
-    })
-    .await;
+    let mut replica = waiting_for_nats(&set, 1).await;
     let exited = tokio::time::timeout(Duration::from_secs(5), replica.stop()).await;
     assert!(exited.is_ok(), "it exits within 5 s of SIGTERM");
 }
