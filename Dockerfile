@@ -6,7 +6,7 @@
 #
 #   docker build -t ccgw-callcontrol .
 #
-# Open files: each polled agent holds one connection to the gateway (README, "Sizing a pod").
+# Open files: each polled agent holds one connection to the gateway (docs/performance.md, "Sizing a pod").
 # The binary raises its soft RLIMIT_NOFILE to the hard limit at startup; the container's hard
 # limit is the runtime's (containerd and Docker default to 1048576; `docker run --ulimit
 # nofile=65536:65536` or the node's runtime configuration sets it). A warning at startup says

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A local 3-replica install on loopback (README, "Running several replicas"): nats-server with
+# A local 3-replica install on loopback (docs/replicas.md): nats-server with
 # JetStream, the CC-Gateway simulator, and three facades sharing sessions, poll ownership, the
 # release event log and request_ids through NATS. Watch on one replica, hang up through another.
 #

@@ -25,9 +25,27 @@ pub(crate) const MAX_AGENT_ID_LIMIT: u32 = 999_999;
 /// The older reference's upper bound, our default.
 pub(crate) const DEFAULT_MAX_AGENT_ID: u32 = 59_999;
 
-/// An agent's work number, in `MIN_AGENT_ID..=max`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// An agent's work number, in `MIN_AGENT_ID..=max`. Kept (in a stored answer) as its number,
+/// read back with the same rules and no upper bound beyond six digits.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u32", into = "u32")]
 pub struct AgentId(u32);
+
+impl TryFrom<u32> for AgentId {
+    type Error = String;
+
+    fn try_from(number: u32) -> Result<Self, Self::Error> {
+        Self::parse("agent_id", &number.to_string(), u32::MAX).map_err(|v| v.description)
+    }
+}
+
+impl From<AgentId> for u32 {
+    fn from(agent: AgentId) -> Self {
+        agent.0
+    }
+}
 
 /// The bare number, so that logged lists of agents read `[101, 102]`.
 impl fmt::Debug for AgentId {

@@ -15,16 +15,16 @@
 //!   never restarts a replica that is finishing its calls.
 //! - [`GATEWAY`]: the CC-Gateway's damped reachability (`GatewayHealth`), for alerts and
 //!   dashboards; NOT_SERVING until the first probe has reached it.
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
-    api::{CallControlApi, CallControlServer},
     gateway::{GatewayClient, Reachability},
     lifecycle::Lifecycle,
+    shared_state::SharedState,
 };
 
 /// The service's own name: readiness, together with `""` (the whole server).
@@ -33,9 +33,6 @@ pub const READINESS: &str = "ccgw.callcontrol.v1.CallControl";
 pub const LIVENESS: &str = "liveness";
 /// The CC-Gateway is reachable.
 pub const GATEWAY: &str = "ccgw.gateway";
-
-/// Whether the state the replicas share can be reached now (replicated mode only).
-pub(crate) type SharedStateCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How often readiness looks at the shared state's reachability (a flag read, no request).
 const SHARED_STATE_CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -52,23 +49,15 @@ pub(crate) async fn starting(reporter: &HealthReporter) {
 }
 
 /// Reports readiness and starts following the gateway: probes it every `probe_every` and
-/// mirrors its reachability into [`GATEWAY`], until shutdown. With `shared_state`, readiness
-/// follows it (NOT_SERVING until it holds).
+/// mirrors its reachability into [`GATEWAY`], until shutdown. Readiness follows
+/// `shared_state` (see the module's documentation; a process alone is ready at once).
 pub(crate) async fn start(
     reporter: &HealthReporter,
     gateway: &GatewayClient,
-    shared_state: Option<SharedStateCheck>,
+    shared_state: SharedState,
     probe_every: Duration,
     lifecycle: &Lifecycle,
 ) {
-    if shared_state.is_none() {
-        reporter
-            .set_serving::<CallControlServer<CallControlApi>>()
-            .await;
-        reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-    }
     reporter
         .set_service_status(GATEWAY, gateway_status(gateway.health().state()))
         .await;
@@ -77,13 +66,18 @@ pub(crate) async fn start(
         let (gateway, stop) = (gateway.clone(), stop.clone());
         async move { gateway.probe_until(probe_every, stop).await }
     });
-    if let Some(reachable) = shared_state {
-        lifecycle.tasks().spawn(follow_shared_state(
-            reporter.clone(),
-            reachable,
-            stop.clone(),
-        ));
+    // The first reading is reported before the server serves, so that a process alone is
+    // ready from its first call on.
+    let ready = shared_state.ready();
+    if ready {
+        set_readiness(reporter, ServingStatus::Serving).await;
     }
+    lifecycle.tasks().spawn(follow_shared_state(
+        reporter.clone(),
+        shared_state,
+        ready,
+        stop.clone(),
+    ));
     lifecycle.tasks().spawn(report_gateway(
         reporter.clone(),
         gateway.health().subscribe(),
@@ -105,24 +99,23 @@ async fn set_readiness(reporter: &HealthReporter, status: ServingStatus) {
 /// documentation). Stops at shutdown, which owns readiness from then on.
 async fn follow_shared_state(
     reporter: HealthReporter,
-    reachable: SharedStateCheck,
+    shared_state: SharedState,
+    mut was_ready: bool,
     stop: CancellationToken,
 ) {
-    // starting() reported NOT_SERVING.
-    let mut was_reachable = false;
     loop {
-        let now_reachable = reachable();
-        if now_reachable != was_reachable {
-            if now_reachable {
+        let now_ready = shared_state.ready();
+        if now_ready != was_ready {
+            if now_ready {
                 tracing::info!(
-                    "NATS takes this replica's writes and it holds its share of the shards: ready"
+                    "the shared state takes this replica's writes and it holds its share of the shards: ready"
                 );
                 set_readiness(&reporter, ServingStatus::Serving).await;
             } else {
-                tracing::warn!("NATS is unreachable or refuses this replica's writes: not ready until they succeed again");
+                tracing::warn!("the shared state (NATS) is unreachable or refuses this replica's writes: not ready until they succeed again");
                 set_readiness(&reporter, ServingStatus::NotServing).await;
             }
-            was_reachable = now_reachable;
+            was_ready = now_ready;
             // Shutdown may have reported NOT_SERVING between the check and this report.
             if stop.is_cancelled() {
                 draining(&reporter).await;

@@ -1,17 +1,23 @@
 //! ccgw-callcontrol: a gRPC facade over Huawei CC-Gateway's agent REST interface.
 //!
-//! Rooms: `api` (gRPC only), `gateway` (REST transport, wire types, TLS, the request cap,
-//! reachability), `sessions` (which session a request goes out with, handovers), `release`
-//! (hang-up policy), `events` (poll loops, feeds, watchers, replay and resume), `callers` (who
-//! may call, and what for), `health` (what each health name reports), `lifecycle` (shutdown and
-//! tasks), `server` (composition, TLS on the gRPC port), `config`, `telemetry` (logs, metrics,
-//! traces), `nats` (replication: the NATS JetStream implementations of what replicas share).
+//! Rooms that know gRPC: `api` (the CallControl service: handlers, request validation, caller
+//! authentication, the failure -> Status table), `server` (composition: the tonic server,
+//! reflection, TLS on the gRPC port, the drain), `health` (what each name of the gRPC health
+//! service reports), `telemetry` (logs, metrics, traces; its `rpc` layer counts and logs every
+//! call by its gRPC status). Rooms that know nothing of gRPC: `gateway` (REST transport, wire
+//! types, TLS, the request cap, reachability), `sessions` (which session a request goes out
+//! with, handovers), `release` (hang-up policy), `events` (poll loops, feeds, watchers, replay
+//! and resume), `callers` (who may call, and what for), `shared_state` (the one seam for what
+//! replicas share, handing each room its part), `nats` (replication: the NATS JetStream
+//! implementations of what replicas share). Around them: `lifecycle` (shutdown and tasks),
+//! `config`, `startup` (builds the `app` from the configuration), `app` (the built service the
+//! server runs).
 //! The CC-Gateway simulator is a crate of its own, `ccgw-sim`, which `startup` embeds
 //! for `--simulate` when the `simulator` feature (on by default) is.
 
 /// Declares a fieldless enum together with `ALL`, its variants in declaration order. A list
 /// written by hand can miss a variant without anything failing; this one cannot, so tables
-/// built from it (the README's failure table) and lookups over it cover every variant.
+/// built from it (the failure table in docs/api.md) and lookups over it cover every variant.
 macro_rules! enum_with_all {
     (
         $(#[$meta:meta])*
@@ -32,6 +38,7 @@ macro_rules! enum_with_all {
 }
 
 pub mod api;
+pub mod app;
 pub mod callers;
 pub mod config;
 mod connections;
@@ -45,6 +52,7 @@ pub(crate) mod release;
 pub(crate) mod reload;
 pub mod server;
 pub mod sessions;
+pub mod shared_state;
 mod shares;
 pub mod startup;
 pub mod telemetry;
@@ -60,6 +68,37 @@ pub mod proto {
     /// their raw bytes.
     pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("error_details_descriptor");
+
+    /// The keys of `ErrorInfo.metadata`: clients read them, so they are part of the interface.
+    pub mod metadata_key {
+        /// The gateway's retcode.
+        pub const RETCODE: &str = "retcode";
+        /// The gateway's message, or what went wrong on the way to it.
+        pub const MESSAGE: &str = "message";
+        /// The agent of the request, or of the session that ended.
+        pub const AGENT_ID: &str = "agent_id";
+        /// The HTTP status the gateway or its load balancer answered instead of an envelope.
+        pub const HTTP_STATUS: &str = "http_status";
+        /// `"true"` when a release of the current call may have happened.
+        pub const MAY_HAVE_RELEASED: &str = "may_have_released";
+        /// The reason of the failure behind RELEASE_OUTCOME_UNKNOWN.
+        pub const CAUSE: &str = "cause";
+        /// Where a stream that ended can resume.
+        pub const RESUME_TOKEN: &str = "resume_token";
+        /// The agents of a stream the failure is about (those without a session, or those that
+        /// would need a poll loop beyond --max-polled-agents), comma-separated.
+        pub const AGENT_IDS: &str = "agent_ids";
+        /// The verb a caller is not granted (`release`, `watch`, `handover`).
+        pub const VERB: &str = "verb";
+        /// The agent a caller is not granted.
+        pub const DENIED_AGENT_ID: &str = "denied_agent_id";
+        /// How many agents `agent_ids` leaves out (present only when it leaves some out).
+        pub const UNLISTED_AGENT_IDS: &str = "unlisted_agent_ids";
+        /// How many field violations BadRequest leaves out (present only when it leaves some out).
+        pub const UNLISTED_VIOLATIONS: &str = "unlisted_violations";
+        /// The flag of the per-caller limit a caller is at.
+        pub const CALLER_LIMIT: &str = "caller_limit";
+    }
 }
 
 /// Installs ring as the process-wide rustls crypto provider. rustls is built without a provider
@@ -113,7 +152,11 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        path::Path,
+        time::Duration,
+    };
 
     #[test]
     fn backoff_doubles_up_to_its_ceiling_with_jitter() {
@@ -124,5 +167,99 @@ mod tests {
             let full = (first * 2u32.pow((attempt - 1).min(16))).min(ceiling);
             assert!(pause >= full / 2 && pause <= full, "{attempt}: {pause:?}");
         }
+    }
+
+    /// The rooms this code (not its comments or unit tests) names: `crate::room` anywhere, and
+    /// each top-level item of `use crate::{...}`.
+    fn rooms_named(code: &str) -> BTreeSet<String> {
+        let code = code
+            .split("#[cfg(test)]\nmod tests")
+            .next()
+            .unwrap_or_default();
+        let code: String = code
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let word = |text: &str| -> String {
+            text.trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect()
+        };
+        let mut named = BTreeSet::new();
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let mut depth = 0;
+                let mut item_start = true;
+                for (i, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => item_start = true,
+                        c if item_start && !c.is_whitespace() => {
+                            named.insert(word(&group[i..]));
+                            item_start = false;
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                named.insert(word(rest));
+            }
+        }
+        named
+    }
+
+    /// The rooms (the top-level modules of src/) point one way: no room reaches itself through
+    /// the rooms it uses, so each can be read, tested and changed from the bottom up.
+    #[test]
+    fn the_rooms_have_no_cycles() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut files = vec![src.clone()];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            let relative = path.strip_prefix(&src).unwrap();
+            let first = relative.components().next().unwrap().as_os_str();
+            let room = first.to_str().unwrap().trim_end_matches(".rs").to_owned();
+            if room == "lib" || room == "bin" || path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let named = rooms_named(&std::fs::read_to_string(&path).unwrap());
+            let entry = uses.entry(room.clone()).or_default();
+            entry.extend(named.into_iter().filter(|r| *r != room && r != "self"));
+        }
+        assert!(
+            uses["api"].contains("release"),
+            "the reader sees uses: {uses:?}"
+        );
+        for (room, used) in &uses {
+            // Every room reachable from `room`'s uses; `room` must not be among them.
+            let mut reached = BTreeSet::new();
+            let mut next: Vec<&String> = used.iter().collect();
+            while let Some(other) = next.pop() {
+                if reached.insert(other.clone()) {
+                    next.extend(uses.get(other).into_iter().flatten());
+                }
+            }
+            assert!(
+                !reached.contains(room),
+                "the room {room} reaches itself through {used:?}: {uses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_room_reader_sees_uses_in_groups_and_paths_but_not_in_comments() {
+        let code = "use crate::{a::{B, C}, d, e::F};\nfn f() { crate::g::h(); }\n// crate::x\n\
+                    #[cfg(test)]\nmod tests { use crate::y; }";
+        let named: Vec<String> = rooms_named(code).into_iter().collect();
+        assert_eq!(named, ["a", "d", "e", "g"]);
     }
 }

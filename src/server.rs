@@ -1,4 +1,4 @@
-//! `run(listener, health_listener, api, settings, shutdown)`: the gRPC server with health (see
+//! `run(listener, health, app, settings, shutdown)`: the gRPC server with health (see
 //! `health`, and a plaintext health-only port for probes), reflection (v1 and v1alpha),
 //! connection limits (caps, handshake timeout, keepalive, maximum age: see `connections`) and a
 //! bounded graceful drain, on plaintext or TLS (`tls`); CallControl calls go through caller
@@ -28,9 +28,12 @@ pub use self::tls::TlsFiles;
 use crate::{
     api::{
         status::{self, Unfinished},
-        CallControlApi, CallControlServer,
+        CallControlServer,
     },
+    app::App,
+    callers::Callers,
     connections::{self, Admission, ConnectionLimits},
+    gateway::GatewayClient,
     health,
     lifecycle::{Lifecycle, SideServer},
     proto,
@@ -79,30 +82,6 @@ pub struct ServerSettings {
     /// The gRPC port's caps and handshake timeout (the health port's: `side_port` of its
     /// timeout).
     pub(crate) connections: ConnectionLimits,
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        Self {
-            drain_timeout: Duration::from_secs(10),
-            max_request_bytes: 16 * 1024,
-            max_concurrent_streams: 256,
-            tls: None,
-            reload_interval: Duration::from_secs(10),
-            tls_reloads: Arc::default(),
-            gateway_probe: Duration::from_secs(5),
-            http2_keepalive: Duration::from_secs(30),
-            max_connection_age: Duration::from_secs(900),
-            max_connection_age_grace: Duration::from_secs(30),
-            connections: ConnectionLimits {
-                max_open: 4096,
-                max_open_per_address: 1024,
-                max_handshakes: 1024,
-                max_handshakes_per_address: 512,
-                handshake_timeout: Duration::from_secs(5),
-            },
-        }
-    }
 }
 
 impl ServerSettings {
@@ -158,26 +137,43 @@ impl HealthEndpoint {
             probes.stop().await;
         }
     }
+
+    /// The service is built: reports its readiness (ready at once when it does not wait for
+    /// its share of the shared state) and follows the gateway, before anything announces that
+    /// the service serves, so that a probe never sees it serving and not ready.
+    pub async fn serving(self, app: &App, settings: &ServerSettings) -> ServingHealth {
+        health::start(
+            &self.reporter,
+            &app.gateway,
+            app.shared_state.clone(),
+            settings.gateway_probe,
+            &app.lifecycle,
+        )
+        .await;
+        ServingHealth(self)
+    }
 }
+
+/// The health service of a built service, reporting its readiness.
+pub struct ServingHealth(HealthEndpoint);
 
 /// Serves until `shutdown` resolves, then reports not ready, stops accepting, and gives
 /// in-flight calls `drain_timeout` to finish; stops `health` after.
 pub async fn run(
     listener: TcpListener,
-    health: HealthEndpoint,
-    api: CallControlApi,
+    ServingHealth(health): ServingHealth,
+    app: App,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let lifecycle = api.lifecycle().clone();
-    health::start(
-        &health.reporter,
-        api.sessions().gateway(),
-        api.readiness_check(),
-        settings.gateway_probe,
-        &lifecycle,
-    )
-    .await;
+    let App {
+        api,
+        lifecycle,
+        callers,
+        metrics,
+        shared_state: _,
+        gateway,
+    } = app;
     let health_service = health.service.clone();
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
@@ -194,9 +190,14 @@ pub async fn run(
         ),
         None => tracing::info!("the gRPC port speaks plaintext (no --tls-cert)"),
     }
-    reload_files(tls.clone(), &api, &lifecycle, settings.reload_interval);
+    reload_files(
+        tls.clone(),
+        callers,
+        gateway,
+        &lifecycle,
+        settings.reload_interval,
+    );
     let authenticate = api.authenticator();
-    let call_control_metrics = api.metrics().clone();
     let call_control = InterceptedService::new(
         CallControlServer::new(api).max_decoding_message_size(settings.max_request_bytes),
         authenticate,
@@ -209,12 +210,14 @@ pub async fn run(
         }
     };
     let hard_stop = lifecycle.hard_stop().clone();
-    let listener_metrics = |listener| call_control_metrics.listener(listener).clone();
-    let admission = Admission::new(settings.connections, listener_metrics(Listener::Grpc));
+    let admission = Admission::new(
+        settings.connections,
+        metrics.listener(Listener::Grpc).clone(),
+    );
     let router = http2_server(&settings)
         .max_concurrent_streams(settings.max_concurrent_streams)
         // Outermost: every answer, including those of the layers below, is counted and logged.
-        .layer(RpcTelemetryLayer::new(call_control_metrics))
+        .layer(RpcTelemetryLayer::new(metrics.clone()))
         // The caller's trace context becomes the call's, outside AnswerEveryCall so that its
         // answers at the hard stop are part of the call's span too.
         .layer(TraceContextLayer)
@@ -274,12 +277,11 @@ fn http2_server(settings: &ServerSettings) -> tonic::transport::Server {
 /// without a restart.
 fn reload_files(
     tls: Option<ServerTls>,
-    api: &CallControlApi,
+    callers: Option<Callers>,
+    gateway: GatewayClient,
     lifecycle: &Lifecycle,
     interval: Duration,
 ) {
-    let callers = api.callers().cloned();
-    let gateway = api.sessions().gateway().clone();
     if tls.is_none() && callers.is_none() && !gateway.has_tls_files() {
         return;
     }

@@ -1,7 +1,7 @@
 //! Builds the application from its configuration, makes room for its file descriptors (the
 //! open-file limit), and the `--simulate` demo (only with the `simulator` feature; without it
 //! `--simulate` is refused).
-use std::{future::Future, sync::Arc};
+use std::future::Future;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -12,16 +12,18 @@ use self::metrics::{MetricsEndpoint, ServiceState};
 
 use crate::{
     api::CallControlApi,
-    callers::Callers,
-    config::Config,
+    app::App,
+    callers::{Callers, StreamSlots},
+    config::{Config, ConfigError},
     connections::SIDE_PORT_CONNECTIONS,
     events::EventHub,
     gateway::GatewayClient,
     lifecycle::Lifecycle,
-    nats::{self, Cluster, NatsOwnership, NatsRequestIds, StreamLog},
+    nats,
     release::ReleaseService,
     server::{self, HealthEndpoint},
-    sessions::{SessionRegistry, Sessions},
+    sessions::Sessions,
+    shared_state::SharedState,
     telemetry::{DroppedLogLines, Metrics},
 };
 
@@ -53,7 +55,7 @@ pub enum StartupError {
     #[error(transparent)]
     Nats(#[from] crate::nats::NatsError),
     #[error("configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("demo setup: {0}")]
     Demo(String),
     #[error(
@@ -63,79 +65,87 @@ pub enum StartupError {
 }
 
 /// The service on the gateway at `gateway_url`, counting into `metrics`.
-pub async fn build_api(
+pub async fn build_app(
     config: &Config,
     gateway_url: String,
     metrics: &Metrics,
-) -> Result<CallControlApi, StartupError> {
-    config.validate().map_err(StartupError::Config)?;
+) -> Result<App, StartupError> {
+    config.validate()?;
+    // The gateway's settings are checked before the wait for NATS, which may be long.
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
-    // Replicated (state shared through NATS) or alone (state in memory).
     let policy = config.release_policy();
-    let cluster = match config.nats() {
+    let shared_state = match config.nats() {
         Some(settings) => {
             let layout = nats::Layout {
                 events: config.events(),
                 idempotency_window: policy.idempotency_window,
                 idempotency_capacity: policy.idempotency_capacity,
             };
-            Some(Cluster::connect_retrying(settings, &layout).await?)
+            nats::shared_state(settings, &layout, config.session_limits(), &lifecycle).await?
         }
-        None => None,
+        None => SharedState::in_process(
+            config.session_limits(),
+            policy.idempotency_window,
+            policy.idempotency_capacity,
+        ),
     };
-    let registry = match &cluster {
-        Some(cluster) => {
-            nats::sessions::shared_registry(cluster, config.session_limits(), &lifecycle).await?
-        }
-        None => Arc::new(SessionRegistry::new(config.session_limits())),
-    };
-    let sessions = Sessions::new(registry, gateway);
+    assemble(config, gateway, metrics, lifecycle, shared_state)
+}
+
+/// The service on `gateway` and `shared_state` (whose tasks run in `lifecycle`), counting
+/// into `metrics`.
+fn assemble(
+    config: &Config,
+    gateway: GatewayClient,
+    metrics: &Metrics,
+    lifecycle: Lifecycle,
+    shared_state: SharedState,
+) -> Result<App, StartupError> {
+    let policy = config.release_policy();
+    let sessions = Sessions::new(shared_state.sessions(), gateway.clone());
+    let stream_slots = StreamSlots::new(config.api().max_streams_per_caller);
     let callers = config
         .callers_files()
         .map(|(callers, tokens)| Callers::load(callers, tokens))
         .transpose()
-        .map_err(StartupError::Config)?;
+        .map_err(ConfigError::CallersFiles)?
+        .map(|callers| callers.checking_streams(stream_slots.clone()));
     if callers.is_none() {
         tracing::warn!("caller authorization is off: anyone who reaches the gRPC port may release and watch any agent's calls");
     }
-    let events = match &cluster {
-        Some(cluster) => {
-            let settings = config.events();
-            let shutdown = lifecycle.shutdown().child_token();
-            let ownership = NatsOwnership::start(cluster, shutdown, lifecycle.tasks()).await?;
-            let log = StreamLog::open(cluster, &settings, lifecycle.shutdown().clone()).await?;
-            EventHub::replicated(
-                sessions.clone(),
-                settings,
-                &lifecycle,
-                ownership,
-                Arc::new(log),
-            )
-        }
-        None => EventHub::new(sessions.clone(), config.events(), &lifecycle),
-    };
-    let mut release = ReleaseService::new(sessions, events.clone(), policy.clone(), &lifecycle);
-    if let Some(cluster) = &cluster {
-        let request_ids = NatsRequestIds::open(
-            cluster,
-            policy.idempotency_window,
-            policy.idempotency_capacity,
-        )
-        .await?;
-        release = release.sharing_request_ids(
-            std::sync::Arc::new(request_ids),
-            cluster.settings().release_without_nats,
-        );
-    }
-    Ok(CallControlApi::new(
+    let events = EventHub::new(
+        sessions.clone(),
+        config.events(),
+        &lifecycle,
+        shared_state.ownership(),
+        shared_state.event_log(),
+    );
+    let release = ReleaseService::new(
+        sessions,
+        events.clone(),
+        policy,
+        shared_state.request_ids(),
+        shared_state.reachability(),
+        &lifecycle,
+    );
+    let api = CallControlApi::new(
         release,
         events,
         config.api(),
+        callers.clone(),
+        stream_slots,
+        shared_state.clone(),
+        metrics.clone(),
+    );
+    Ok(App {
+        api,
         lifecycle,
         callers,
-        metrics.clone(),
-    ))
+        metrics: metrics.clone(),
+        shared_state,
+        gateway,
+    })
 }
 
 /// Runs the service on `listener` until `shutdown` resolves, with the metrics endpoint on
@@ -162,7 +172,7 @@ pub async fn run(
             stop.cancel();
         }
     });
-    let health_listener = match config.health_listen {
+    let health_listener = match config.server.health_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
@@ -176,7 +186,7 @@ pub async fn run(
         .transpose()?;
     let health = HealthEndpoint::start(health_listener, &server, &metrics).await;
     let service_state = ServiceState::default();
-    let endpoint = match config.metrics_listen {
+    let endpoint = match config.telemetry.metrics_listen {
         Some(addr) => {
             let handshake_timeout = server.connections.handshake_timeout;
             let readings = service_state.readings(&config, &mut registry);
@@ -193,8 +203,8 @@ pub async fn run(
         "starting: alive, not ready"
     );
     let built = async {
-        match &config.gateway_url {
-            Some(url) if !config.simulate => build_api(&config, url.clone(), &metrics).await,
+        match &config.gateway.gateway_url {
+            Some(url) if !config.demo.simulate => build_app(&config, url.clone(), &metrics).await,
             #[cfg(feature = "simulator")]
             _ => demo::start(&config, &listener, &metrics).await,
             #[cfg(not(feature = "simulator"))]
@@ -209,15 +219,16 @@ pub async fn run(
         }
     };
     let served = match built {
-        Ok(Some(api)) => {
-            service_state.built(&api, &config, &server, dropped_log_lines);
+        Ok(Some(app)) => {
+            service_state.built(&app, &config, &server, dropped_log_lines);
+            let health = health.serving(&app, &server).await;
             tracing::info!(
                 listen = %listener.local_addr()?,
                 metrics = endpoint.as_ref().map(|e| tracing::field::display(e.addr)),
                 health = health_addr.map(tracing::field::display),
                 "serving gRPC"
             );
-            server::run(listener, health, api, server, stop.cancelled_owned())
+            server::run(listener, health, app, server, stop.cancelled_owned())
                 .await
                 .map_err(StartupError::from)
         }
@@ -244,10 +255,10 @@ const FD_RESERVE: u64 = 256;
 /// per polled agent, the gRPC port's connections, the health and metrics ports' connections,
 /// the gateway connections of releases, and [`FD_RESERVE`].
 fn descriptors_needed(config: &Config) -> u64 {
-    u64::from(config.max_polled_agents)
-        + u64::from(config.max_connections)
+    u64::from(config.events.max_polled_agents)
+        + u64::from(config.server.max_connections)
         + 2 * SIDE_PORT_CONNECTIONS as u64
-        + u64::from(config.max_gateway_requests)
+        + u64::from(config.gateway.max_gateway_requests)
         + FD_RESERVE
 }
 
@@ -260,8 +271,8 @@ fn check_open_file_limit(config: &Config) {
     let needed = descriptors_needed(config);
     if limit < needed {
         tracing::warn!(
-            max_polled_agents = config.max_polled_agents,
-            max_connections = config.max_connections,
+            max_polled_agents = config.events.max_polled_agents,
+            max_connections = config.server.max_connections,
             needed,
             open_file_limit = limit,
             "the open-file limit (RLIMIT_NOFILE: {limit}, even raised to its hard limit) is \

@@ -1,5 +1,5 @@
-//! The gRPC surface: handlers, proto <-> domain, and the failure -> Status table. The only room
-//! that knows gRPC.
+//! The CallControl service: handlers, proto <-> domain, and the failure -> Status table. The
+//! rooms below it (release, events, sessions, gateway) know nothing of gRPC.
 pub(crate) mod auth;
 pub mod codec;
 pub(crate) mod request;
@@ -17,10 +17,10 @@ use crate::{
     domain::{AgentId, FieldViolation, RequestId},
     events::{EventHub, Watcher},
     gateway::Session,
-    lifecycle::Lifecycle,
     proto::{self, call_control_server::CallControl},
     release::{Confirmation, ReleaseOutcome, ReleaseRequest, ReleaseService, Released},
     sessions::Sessions,
+    shared_state::SharedState,
     telemetry::{CallRecord, Metrics},
 };
 
@@ -44,10 +44,12 @@ pub struct CallControlApi {
     release: ReleaseService,
     events: EventHub,
     settings: ApiSettings,
-    lifecycle: Lifecycle,
     /// None: caller authorization is off (every request is `Caller::anyone`).
     callers: Option<Callers>,
+    /// Each caller's open streams; `callers` checks them again at every reload.
     stream_slots: StreamSlots,
+    /// Whether the replicas' shared state can be reached: watches are refused while not.
+    shared_state: SharedState,
     metrics: Metrics,
 }
 
@@ -56,25 +58,20 @@ impl CallControlApi {
         release: ReleaseService,
         events: EventHub,
         settings: ApiSettings,
-        lifecycle: Lifecycle,
         callers: Option<Callers>,
+        stream_slots: StreamSlots,
+        shared_state: SharedState,
         metrics: Metrics,
     ) -> Self {
-        let stream_slots = StreamSlots::new(settings.max_streams_per_caller);
         Self {
-            callers: callers.map(|callers| callers.checking_streams(stream_slots.clone())),
-            stream_slots,
             release,
             events,
             settings,
-            lifecycle,
+            callers,
+            stream_slots,
+            shared_state,
             metrics,
         }
-    }
-
-    /// The callers files, reloaded by the server; None when caller authorization is off.
-    pub(crate) fn callers(&self) -> Option<&Callers> {
-        self.callers.as_ref()
     }
 
     /// The interceptor that authenticates every CallControl call.
@@ -84,47 +81,8 @@ impl CallControlApi {
         }
     }
 
-    /// What the service counts with; the server's RPC layer counts into it too.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// request_ids whose answers are remembered.
-    pub fn idempotency_entries(&self) -> usize {
-        self.release.idempotency_entries()
-    }
-
-    /// Replicated, whether the replicas' shared state can be reached now and takes this
-    /// replica's writes.
-    pub(crate) fn shared_state_check(&self) -> Option<crate::health::SharedStateCheck> {
-        self.shared_check(|part| part.writes_accepted)
-    }
-
-    /// Replicated, readiness: the shared state can be reached and takes this replica's writes,
-    /// and it has taken its share of the polling.
-    pub(crate) fn readiness_check(&self) -> Option<crate::health::SharedStateCheck> {
-        self.shared_check(|part| part.writes_accepted && part.share_taken)
-    }
-
-    fn shared_check(
-        &self,
-        part_ok: fn(crate::events::PollingPart) -> bool,
-    ) -> Option<crate::health::SharedStateCheck> {
-        let (release, events) = (self.release.clone(), self.events.clone());
-        self.release.shares_state().then(|| {
-            std::sync::Arc::new(move || {
-                release.shared_state_reachable() && part_ok(events.polling_part())
-            }) as _
-        })
-    }
-
     pub fn sessions(&self) -> &Sessions {
         self.events.sessions()
-    }
-
-    /// The service's shutdown, hard stop and tasks, which the server drives.
-    pub(crate) fn lifecycle(&self) -> &Lifecycle {
-        &self.lifecycle
     }
 
     pub fn events(&self) -> &EventHub {
@@ -362,7 +320,7 @@ impl CallControl for CallControlApi {
         )?;
         let needed = verbs(Verb::Watch, handover.is_some(), false);
         let caller = auth::authorize(&request, &needed, &valid.agents, &ctx)?;
-        if !self.release.shared_state_reachable() {
+        if !self.shared_state.reachable() {
             // Its events come through the shared event log, out of reach: the client resumes
             // with its token on a replica that reaches it, or here once it is back.
             return Err(status::shared_state_unavailable(&ctx));

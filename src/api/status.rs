@@ -1,7 +1,7 @@
 //! The one table from failures (gateway retcodes, HTTP and transport errors, bad input) to gRPC
 //! statuses with google.rpc details. It has a row for every retcode the reference documents
 //! (`known_retcode_rule`) and every `Condition` (`condition_rule`); both are exhaustive
-//! `match`es, so a retcode or condition without a row does not compile. README.md shows the
+//! `match`es, so a retcode or condition without a row does not compile. docs/api.md shows the
 //! table ([`markdown_table`], built from `KnownRetcode::ALL` and `Condition::ALL`); a test keeps
 //! them equal.
 use std::{collections::HashMap, time::Duration};
@@ -14,42 +14,12 @@ use crate::{
     domain::{AgentId, FieldViolation},
     events::{ResumeToken, SessionEnding, SubscribeError, WatcherEnd},
     gateway::{BusyCause, GatewayError, KnownRetcode, Retcode},
+    proto::metadata_key,
     release::ReleaseError,
 };
 
 /// `ErrorInfo.domain` of every error this service returns.
 pub(crate) const ERROR_DOMAIN: &str = "ccgw-callcontrol";
-
-/// The keys of `ErrorInfo.metadata`: clients read them, so they are part of the interface.
-pub(crate) mod metadata_key {
-    /// The gateway's retcode.
-    pub const RETCODE: &str = "retcode";
-    /// The gateway's message, or what went wrong on the way to it.
-    pub const MESSAGE: &str = "message";
-    /// The agent of the request, or of the session that ended.
-    pub const AGENT_ID: &str = "agent_id";
-    /// The HTTP status the gateway or its load balancer answered instead of an envelope.
-    pub const HTTP_STATUS: &str = "http_status";
-    /// `"true"` when a release of the current call may have happened.
-    pub const MAY_HAVE_RELEASED: &str = "may_have_released";
-    /// The reason of the failure behind RELEASE_OUTCOME_UNKNOWN.
-    pub const CAUSE: &str = "cause";
-    /// Where a stream that ended can resume.
-    pub const RESUME_TOKEN: &str = "resume_token";
-    /// The agents of a stream the failure is about (those without a session, or those that
-    /// would need a poll loop beyond --max-polled-agents), comma-separated.
-    pub const AGENT_IDS: &str = "agent_ids";
-    /// The verb a caller is not granted (`release`, `watch`, `handover`).
-    pub const VERB: &str = "verb";
-    /// The agent a caller is not granted.
-    pub const DENIED_AGENT_ID: &str = "denied_agent_id";
-    /// How many agents `agent_ids` leaves out (present only when it leaves some out).
-    pub const UNLISTED_AGENT_IDS: &str = "unlisted_agent_ids";
-    /// How many field violations BadRequest leaves out (present only when it leaves some out).
-    pub const UNLISTED_VIOLATIONS: &str = "unlisted_violations";
-    /// The flag of the per-caller limit a caller is at.
-    pub const CALLER_LIMIT: &str = "caller_limit";
-}
 
 /// Common gRPC clients (grpc-go, grpc-java, grpcio) refuse a status whose metadata exceeds
 /// 8 KiB, and a status carries its message twice (`grpc-message`, percent-encoded, and inside
@@ -664,7 +634,7 @@ pub(crate) fn invalid_argument(violations: &[FieldViolation], ctx: &Context<'_>)
     Status::with_error_details(rule.code, format!("{}: {summary}", rule.meaning), details)
 }
 
-/// The table as README.md shows it.
+/// The table as docs/api.md shows it.
 pub fn markdown_table() -> String {
     let mut out = String::from(
         "| gateway retcode or condition | gRPC code | ErrorInfo.reason | RetryInfo | status message starts with |\n|---|---|---|---|---|\n",

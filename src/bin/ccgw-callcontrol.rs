@@ -17,7 +17,7 @@ pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muz
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    let logs = telemetry::init(config.log_format);
+    let logs = telemetry::init(config.telemetry.log_format);
     ccgw_callcontrol::install_crypto_provider();
     let listen = config.listen_addr();
     let listener = match tokio::net::TcpListener::bind(listen).await {

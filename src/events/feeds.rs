@@ -5,7 +5,11 @@
 //! a watcher is built.
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{atomic::AtomicBool, Arc, Mutex},
+    ops::{Deref, DerefMut},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::Duration,
 };
 
@@ -15,7 +19,8 @@ use tokio::{
 };
 
 use super::{
-    hub::Hub,
+    hub::Room,
+    numbering::BelowPublish,
     ownership::RemoteInterest,
     poll::PollLoop,
     polled::{PolledAgents, PolledAgentsFull},
@@ -28,6 +33,20 @@ use crate::{domain::AgentId, lock};
 /// How often agents other replicas watch that did not fit among the polled agents are tried
 /// again.
 const REMOTE_RETRY: Duration = Duration::from_secs(1);
+
+/// The feed registry behind its lock, which comes after the publish lock and before any feed's
+/// state (see [`numbering`](super::numbering)).
+#[derive(Debug)]
+pub(super) struct Feeds {
+    registry: Mutex<FeedRegistry>,
+}
+
+/// The feed registry, locked; the publish lock may not be taken while it is held.
+pub(super) struct LockedFeeds<'a> {
+    registry: MutexGuard<'a, FeedRegistry>,
+    /// Dropped after the lock it marks.
+    _order: BelowPublish,
+}
 
 #[derive(Debug)]
 pub(super) struct FeedRegistry {
@@ -42,23 +61,23 @@ pub(super) struct FeedRegistry {
 #[derive(Debug)]
 pub(super) struct Feed {
     pub agent: AgentId,
-    pub state: Mutex<FeedState>,
+    state: Mutex<FeedState>,
     /// Wakes the poll loop when watchers come or go.
     pub changed: Notify,
 }
 
 #[derive(Debug)]
-pub(super) struct FeedState {
-    pub ring: ReplayRing,
-    pub members: Vec<Member>,
+struct FeedState {
+    ring: ReplayRing,
+    members: Vec<Member>,
     /// When the last watcher left; meaningful while there is none.
-    pub idle_since: Instant,
+    idle_since: Instant,
     /// The gateway refused the session; polling waits for a watcher with a new one.
-    pub session_lost: bool,
+    session_lost: bool,
     /// Another replica's clients watch the agent, and this replica owns its polling.
-    pub remote: bool,
+    remote: bool,
     /// When the last of this replica's watchers left, if one ever joined.
-    pub last_member_left: Option<Instant>,
+    last_member_left: Option<Instant>,
     /// The last poll failed; the loop is backing off.
     poll_failing: bool,
 }
@@ -99,16 +118,43 @@ pub(super) struct Kept {
     pub evicted: bool,
 }
 
-impl FeedRegistry {
+impl Feeds {
     /// At most `max_polled_agents` agents polled at once.
     pub fn new(max_polled_agents: usize) -> Self {
         Self {
-            live: HashMap::new(),
-            retired: HashMap::new(),
-            polled: PolledAgents::new(max_polled_agents),
+            registry: Mutex::new(FeedRegistry {
+                live: HashMap::new(),
+                retired: HashMap::new(),
+                polled: PolledAgents::new(max_polled_agents),
+            }),
         }
     }
 
+    /// Locks the registry: after the publish lock, if at all, never before it.
+    pub fn lock(&self) -> LockedFeeds<'_> {
+        let order = BelowPublish::mark();
+        LockedFeeds {
+            registry: lock(&self.registry),
+            _order: order,
+        }
+    }
+}
+
+impl Deref for LockedFeeds<'_> {
+    type Target = FeedRegistry;
+
+    fn deref(&self) -> &FeedRegistry {
+        &self.registry
+    }
+}
+
+impl DerefMut for LockedFeeds<'_> {
+    fn deref_mut(&mut self) -> &mut FeedRegistry {
+        &mut self.registry
+    }
+}
+
+impl FeedRegistry {
     /// Admits a watcher of `agents`: reserves a place among the polled agents for each one
     /// nobody polls yet, all or none. The watcher then joins each agent's feed
     /// ([`admitted_feed`](Self::admitted_feed)) or, refused after all, withdraws.
@@ -129,26 +175,26 @@ impl FeedRegistry {
     }
 
     /// Places taken among the polled agents.
-    pub fn polled_agents(&self) -> usize {
+    pub fn polled_agents_in_use(&self) -> usize {
         self.polled.in_use()
     }
 
     /// The agent's feed for a watcher admitted for it, created (with its poll loop) when
     /// missing; from now on the agent is polled.
-    pub fn admitted_feed(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
+    pub fn admitted_feed(&mut self, room: &Arc<Room>, agent: AgentId) -> Arc<Feed> {
         self.polled.join(agent);
-        self.feed_of(hub, agent)
+        self.feed_of(room, agent)
     }
 
     /// The agent's feed, polled for other replicas' watchers from now on: created (with its
     /// poll loop) when missing, if it fits among the polled agents.
     fn remote_feed(
         &mut self,
-        hub: &Arc<Hub>,
+        room: &Arc<Room>,
         agent: AgentId,
     ) -> Result<Arc<Feed>, PolledAgentsFull> {
         self.polled.poll_for_others(agent)?;
-        let feed = self.feed_of(hub, agent);
+        let feed = self.feed_of(room, agent);
         let mut state = lock(&feed.state);
         state.remote = true;
         state.session_lost = false;
@@ -157,15 +203,15 @@ impl FeedRegistry {
         Ok(feed)
     }
 
-    fn feed_of(&mut self, hub: &Arc<Hub>, agent: AgentId) -> Arc<Feed> {
+    fn feed_of(&mut self, room: &Arc<Room>, agent: AgentId) -> Arc<Feed> {
         if let Some(feed) = self.live.get(&agent) {
             return feed.clone();
         }
-        let floor = hub.ring_floor(self.retired.remove(&agent).unwrap_or(0));
+        let floor = room.ring_floor(self.retired.remove(&agent).unwrap_or(0));
         let feed = Arc::new(Feed {
             agent,
             state: Mutex::new(FeedState {
-                ring: ReplayRing::new(hub.settings.replay_events, hub.settings.replay_age, floor),
+                ring: ReplayRing::new(room.settings.replay_events, room.settings.replay_age, floor),
                 members: Vec::new(),
                 idle_since: Instant::now(),
                 session_lost: false,
@@ -176,8 +222,7 @@ impl FeedRegistry {
             changed: Notify::new(),
         });
         self.live.insert(agent, feed.clone());
-        let poll_loop = PollLoop::new(hub.clone(), feed.clone()).run();
-        hub.tasks.spawn(hub.poll_loops.track_future(poll_loop));
+        PollLoop::start(room, feed.clone());
         feed
     }
 
@@ -192,9 +237,32 @@ impl FeedRegistry {
 }
 
 impl FeedState {
-    pub(super) fn wants_polling(&self, settings: &EventSettings, now: Instant) -> bool {
+    fn wants_polling(&self, settings: &EventSettings, now: Instant) -> bool {
         !self.session_lost
             && (!self.members.is_empty() || self.remote || now < self.idle_since + settings.grace)
+    }
+
+    /// Hands `item` to every watcher without waiting: a watcher whose buffer is full is cut off
+    /// (it learns so and ends), and nobody else is held up.
+    fn deliver(&mut self, item: &FeedItem) {
+        let before = self.members.len();
+        self.members.retain(|s| {
+            if s.overflowed.load(Ordering::Relaxed) {
+                return false;
+            }
+            match s.sender.try_send(item.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.overflowed.store(true, Ordering::Relaxed);
+                    false
+                }
+                // The watcher is gone; its memberships remove it from the other feeds.
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if before > 0 && self.members.is_empty() {
+            self.idle_since = Instant::now();
+        }
     }
 
     /// This replica's clients watch the agent, or did within the grace period.
@@ -288,6 +356,31 @@ impl Feed {
         kept
     }
 
+    /// Keeps the release event numbered last in the ring and hands it to the watchers.
+    pub(super) fn deliver_event(&self, event: Arc<ReleaseEvent>) {
+        let mut state = lock(&self.state);
+        state.ring.push(event.clone(), Instant::now());
+        state.deliver(&FeedItem::Event(event));
+    }
+
+    /// Tells the watchers the agent's session ended; polling waits for a watcher with a new one.
+    pub(super) fn deliver_session_end(&self, ending: SessionEnding) {
+        let mut state = lock(&self.state);
+        state.session_lost = true;
+        state.deliver(&FeedItem::SessionEnded(Arc::new((self.agent, ending))));
+    }
+
+    /// The gateway will not deliver the agent's events: polling waits for a watcher with a new
+    /// session (its watchers are told through the log).
+    pub(super) fn lose_session(&self) {
+        lock(&self.state).session_lost = true;
+    }
+
+    #[cfg(test)]
+    pub(super) fn session_lost(&self) -> bool {
+        lock(&self.state).session_lost
+    }
+
     /// A watcher leaves: from now on it gets nothing from this agent.
     pub(super) fn leave(&self, watcher_id: u64) {
         let mut state = lock(&self.state);
@@ -303,14 +396,14 @@ impl Feed {
     }
 }
 
-impl Hub {
+impl Room {
     /// Decides what `feed`'s poll loop does next; retires the feed when nothing is left to do.
     pub(super) fn next_step(&self, feed: &Feed) -> Step {
         if self.shutdown.is_cancelled() {
             return Step::Retire;
         }
         let now = Instant::now();
-        let mut feeds = lock(&self.feeds);
+        let mut feeds = self.feeds.lock();
         let mut state = lock(&feed.state);
         if state.wants_polling(&self.settings, now) {
             return Step::Poll;
@@ -338,7 +431,7 @@ impl Hub {
     }
 }
 
-impl Hub {
+impl Room {
     /// Keeps a feed polling each agent that only other replicas' clients watch, while this
     /// replica owns the agent's polling: it counts among the polled agents, and its grace
     /// period begins when their interest ends. Agents that did not fit are tried again every
@@ -373,7 +466,7 @@ impl Hub {
         wanted: &RemoteInterest,
         refused: &mut BTreeSet<AgentId>,
     ) -> BTreeSet<AgentId> {
-        let mut feeds = lock(&self.feeds);
+        let mut feeds = self.feeds.lock();
         followed.retain(|agent| {
             let keep = wanted.contains(agent);
             if !keep {
@@ -412,12 +505,9 @@ mod tests {
     use std::time::Duration;
 
     use super::Step;
-    use crate::{
-        events::{
-            testing::{agent, hub, publish, sign_in},
-            EventSettings, KindFilter, PolledAgentsFull, SubscribeError,
-        },
-        lock,
+    use crate::events::{
+        testing::{agent, hub, publish, sign_in},
+        EventSettings, KindFilter, PolledAgentsFull, SubscribeError,
     };
 
     /// The poll loop's steps are taken by hand here (the loop itself runs only when the test
@@ -433,27 +523,27 @@ mod tests {
         sign_in(&hub, agent(1));
         let all = KindFilter::default;
         let watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
-        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
-        assert_eq!(hub.hub.next_step(&feed), Step::Poll);
+        let feed = hub.room.feeds.lock().get(agent(0)).unwrap();
+        assert_eq!(hub.room.next_step(&feed), Step::Poll);
         drop(watcher);
 
         // A watcher admitted for the agent, not joined yet: the feed waits for it, polled.
-        lock(&hub.hub.feeds).admit(&[agent(0)]).unwrap();
-        assert_eq!(hub.hub.next_step(&feed), Step::Wait(None));
-        assert_eq!(hub.polled_agents(), 1);
-        lock(&hub.hub.feeds).withdraw(&[agent(0)]);
-        assert_eq!(hub.hub.next_step(&feed), Step::Retire);
-        assert_eq!(hub.polled_agents(), 0);
-        assert!(lock(&hub.hub.feeds).get(agent(0)).is_none());
+        hub.room.feeds.lock().admit(&[agent(0)]).unwrap();
+        assert_eq!(hub.room.next_step(&feed), Step::Wait(None));
+        assert_eq!(hub.polled_agents_in_use(), 1);
+        hub.room.feeds.lock().withdraw(&[agent(0)]);
+        assert_eq!(hub.room.next_step(&feed), Step::Retire);
+        assert_eq!(hub.polled_agents_in_use(), 0);
+        assert!(hub.room.feeds.lock().get(agent(0)).is_none());
 
         // A feed kept for replay alone polls nothing and holds no place: watching its agent
         // again takes one.
         let watcher = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
-        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
+        let feed = hub.room.feeds.lock().get(agent(0)).unwrap();
         assert!(publish(&hub, agent(0)));
         drop(watcher);
-        assert!(matches!(hub.hub.next_step(&feed), Step::Wait(Some(_))));
-        assert_eq!(hub.polled_agents(), 0);
+        assert!(matches!(hub.room.next_step(&feed), Step::Wait(Some(_))));
+        assert_eq!(hub.polled_agents_in_use(), 0);
         let _other = hub.subscribe(&[agent(1)], None, all(), None).unwrap();
         assert_eq!(
             hub.subscribe(&[agent(0)], None, all(), None).unwrap_err(),

@@ -8,14 +8,14 @@
 //! any replica, or from before a restart, resumes exactly.
 use std::{
     fmt,
-    sync::{atomic::Ordering, Arc, Weak},
+    sync::{Arc, Weak},
 };
 
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::{hub::Hub, ReleaseEvent, SessionEnding};
-use crate::{domain::AgentId, lock};
+use super::{hub::Room, ReleaseEvent, SessionEnding};
+use crate::domain::AgentId;
 
 /// One record of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub(crate) trait EventLog: Send + Sync + fmt::Debug {
     /// nothing itself).
     fn follow(&self, follower: LogFollower);
 
-    /// Appends `record`, under the hub's publish lock. `None`: the log is this process; the
+    /// Appends `record`, under the publish lock. `None`: the log is this process; the
     /// caller numbers and delivers the record now. `Some`: the append to await (it retries
     /// until the record is stored, or gives up once the room shuts down); the follower
     /// delivers the record once stored.
@@ -92,7 +92,7 @@ pub(crate) trait EventLog: Send + Sync + fmt::Debug {
     }
 }
 
-/// The in-memory log: the process's own sequence, numbered by the hub as events are observed.
+/// The in-memory log: the process's own sequence, numbered by the room as events are observed.
 #[derive(Debug)]
 pub(crate) struct ProcessLog {
     epoch: u64,
@@ -138,36 +138,35 @@ impl EventLog for ProcessLog {
     }
 }
 
-/// A shared log's way back into this replica's hub: every stored record, in sequence order.
+/// A shared log's way back into this replica's events room: every stored record, in sequence
+/// order.
 #[derive(Debug, Clone)]
 pub(crate) struct LogFollower {
-    hub: Weak<Hub>,
+    room: Weak<Room>,
     shutdown: CancellationToken,
 }
 
 impl LogFollower {
-    pub(super) fn new(hub: &Arc<Hub>) -> Self {
+    pub(super) fn new(room: &Arc<Room>) -> Self {
         Self {
-            hub: Arc::downgrade(hub),
-            shutdown: hub.shutdown.clone(),
+            room: Arc::downgrade(room),
+            shutdown: room.shutdown.clone(),
         }
     }
 
     /// Delivers the record stored at `sequence` (`None`: a record this replica cannot read,
-    /// which only moves the position). False once the hub is gone: stop following.
+    /// which only moves the position). False once the room is gone: stop following.
     pub(crate) fn deliver(&self, sequence: u64, record: Option<Record>) -> bool {
-        let Some(hub) = self.hub.upgrade() else {
+        let Some(room) = self.room.upgrade() else {
             return false;
         };
-        hub.deliver_followed(sequence, record);
+        room.deliver_followed(sequence, record);
         true
     }
 
     /// The last sequence delivered (or the log's position when it was opened).
     pub(crate) fn position(&self) -> Option<u64> {
-        self.hub
-            .upgrade()
-            .map(|hub| hub.sequence.load(Ordering::SeqCst))
+        self.room.upgrade().map(|room| room.numbering.delivered())
     }
 
     /// Cancelled when the events room shuts down.
@@ -176,29 +175,29 @@ impl LogFollower {
     }
 
     /// Resolves once the room's poll loops have ended (their last events appended), or at
-    /// once when the hub is gone.
+    /// once when the room is gone.
     pub(crate) async fn poll_loops_ended(&self) {
-        let Some(loops) = self.hub.upgrade().map(|hub| hub.poll_loops.clone()) else {
+        let Some(ended) = self.room.upgrade().map(|room| room.poll_loops.ended()) else {
             return;
         };
-        loops.wait().await;
+        ended.await;
     }
 
     /// Where the follower task runs (tracked by the service's lifecycle).
     pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        if let Some(hub) = self.hub.upgrade() {
-            hub.tasks.spawn(task);
+        if let Some(room) = self.room.upgrade() {
+            room.tasks.spawn(task);
         }
     }
 }
 
-impl Hub {
+impl Room {
     /// The floor of a new feed's ring, whose agent's feed here last saw sequence `retired` (0:
     /// never). A shared log's records before now never reached it either: a watcher resuming
     /// from before now reads them from the log.
     pub(super) fn ring_floor(&self, retired: u64) -> u64 {
         if self.log.keeps_history() {
-            retired.max(self.sequence.load(Ordering::SeqCst))
+            retired.max(self.numbering.delivered())
         } else {
             retired
         }
@@ -208,16 +207,16 @@ impl Hub {
     /// record of the in-memory log. Records at or before the position (a consumer recreated
     /// after a reconnect may repeat some) are skipped.
     pub(super) fn deliver_followed(&self, sequence: u64, record: Option<Record>) {
-        let _order = lock(&self.publish);
-        if sequence <= self.sequence.load(Ordering::SeqCst) {
+        let publishing = self.numbering.publish();
+        if sequence <= publishing.delivered() {
             return;
         }
         let Some(record) = record else {
-            self.sequence.store(sequence, Ordering::SeqCst);
+            publishing.advance(sequence);
             return;
         };
-        let feed = lock(&self.feeds).get(record.agent());
-        self.deliver(feed.as_deref(), sequence, record);
+        let feed = self.feeds.lock().get(record.agent());
+        self.deliver(&publishing, feed.as_deref(), sequence, record);
     }
 }
 
@@ -250,7 +249,7 @@ pub(crate) fn dropped_after(
 #[cfg(test)]
 mod tests {
     use std::{
-        sync::{atomic::Ordering, Arc, Mutex},
+        sync::{Arc, Mutex},
         time::Duration,
     };
 
@@ -321,7 +320,7 @@ mod tests {
 
     /// What the follower would hand over: the record stored at `sequence`.
     fn followed(hub: &EventHub, agent: AgentId, sequence: u64) {
-        hub.hub
+        hub.room
             .deliver_followed(sequence, Some(Record::Release(release(agent, sequence))));
     }
 
@@ -366,10 +365,10 @@ mod tests {
         followed(&hub, agent(0), 12);
         followed(&hub, agent(0), 14);
         assert_eq!(sequences(&ready(&mut watcher)), [Some(12), Some(14)]);
-        assert_eq!(hub.hub.sequence.load(Ordering::SeqCst), 14);
+        assert_eq!(hub.room.numbering.delivered(), 14);
 
         // Another replica's poll loop learned that the session ended: told here too.
-        hub.hub.deliver_followed(
+        hub.room.deliver_followed(
             15,
             Some(Record::SessionEnded(agent(0), SessionEnding::Forgotten)),
         );
@@ -378,8 +377,8 @@ mod tests {
             [Err(WatcherEnd::SessionEnded { agent: a, resume, .. })]
                 if *a == agent(0) && resume.sequence == 14
         ));
-        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
-        assert!(lock(&feed.state).session_lost);
+        let feed = hub.room.feeds.lock().get(agent(0)).unwrap();
+        assert!(feed.session_lost());
     }
 
     /// A token from before this replica's feed began is backfilled from the log (in place of

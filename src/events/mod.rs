@@ -16,15 +16,16 @@
 //!   replay, gap and memberships;
 //! - the *poll loop* (`PollLoop`) is the one reader of an agent's gateway events.
 //!
-//! Parts: `hub` ([`EventHub`], the facade), `feeds` (the feed registry), `polled` (the polled
-//! agents' limit), `ownership` (which agents this replica may poll, and who watches what
-//! across replicas), `publish` (appending and delivering events), `log` (where events are
-//! appended, and read back for resuming watchers), `subscribe` (admitting and starting
-//! watchers), `watcher`, `forward` (a watcher read by a task of its own), `poll`, `ring` (the
-//! replay ring), `token`.
+//! Parts: `hub` ([`EventHub`], the facade, and the `Room` its parts share), `numbering` (the
+//! sequence and the publish lock), `feeds` (the feed registry), `polled` (the polled agents'
+//! limit), `ownership` (which agents this replica may poll, and who watches what across
+//! replicas), `publish` (appending and delivering events), `log` (where events are appended,
+//! and read back for resuming watchers), `subscribe` (admitting and starting watchers),
+//! `watcher`, `forward` (a watcher read by a task of its own), `poll`, `ring` (the replay
+//! ring), `token`.
 //!
 //! Ordering: every release event gets the next number of one sequence, and events are
-//! delivered in that order (one publish lock), so a watcher of several agents can deliver them
+//! delivered in that order (one publish lock, `numbering`), so a watcher of several agents can deliver them
 //! in sequence order. "Everything up to sequence N was delivered" is then a complete
 //! description of where a watcher stands, which is all a resume token holds. The sequence is
 //! the event log's (`log`, `EventLog`): the process's own (in memory), or a JetStream
@@ -34,6 +35,7 @@ mod feeds;
 mod forward;
 mod hub;
 mod log;
+mod numbering;
 mod ownership;
 mod poll;
 mod polled;
@@ -50,9 +52,9 @@ use std::{time::Duration, time::SystemTime};
 pub(crate) use forward::Forwarded;
 pub use hub::{EventHub, EventStats};
 pub use log::LogStats;
-pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, Record};
+pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, ProcessLog, Record};
 pub use ownership::{OwnershipStats, PollingPart};
-pub(crate) use ownership::{PollOwnership, PollPermit, RemoteInterest};
+pub(crate) use ownership::{PollOwnership, PollPermit, ProcessOwnership, RemoteInterest};
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};
 pub use token::ResumeToken;
@@ -132,22 +134,4 @@ pub(crate) struct EventSettings {
     /// holds one long-poll connection to the gateway. Watchers and release waiters that would
     /// need one more are refused.
     pub(crate) max_polled_agents: usize,
-}
-
-impl Default for EventSettings {
-    fn default() -> Self {
-        Self {
-            poll_pause: Duration::from_millis(300),
-            poll_timeout: Duration::from_secs(30),
-            backoff_max: Duration::from_secs(10),
-            grace: Duration::from_secs(60),
-            replay_events: 256,
-            replay_age: Duration::from_secs(600),
-            watcher_buffer: 1024,
-            heartbeat: Duration::from_secs(15),
-            max_watchers: 10_000,
-            max_release_waiters: 1_000,
-            max_polled_agents: 10_000,
-        }
-    }
 }

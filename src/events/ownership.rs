@@ -4,8 +4,9 @@
 //! shared too: a replica tells which agents its clients watch, and the owner polls an agent
 //! that only other replicas' clients watch.
 //!
-//! [`Alone`] is the single process (it owns every agent, nobody else watches anything); the
-//! NATS implementation (`crate::nats::ownership`) shares leases between replicas.
+//! [`ProcessOwnership`] is the single process (it owns every agent, nobody else watches
+//! anything); the NATS implementation (`crate::nats::ownership`) shares leases between
+//! replicas.
 use std::{collections::BTreeSet, fmt, sync::Arc};
 
 use tokio::sync::watch;
@@ -30,7 +31,8 @@ pub(crate) trait PollOwnership: Send + Sync + fmt::Debug {
     /// after them), or stopped.
     fn set_watched(&self, agent: AgentId, watched: bool);
 
-    /// The agents other replicas watch whose polling this replica owns.
+    /// The agents other replicas watch whose polling this replica owns; a receiver whose
+    /// sender is gone: never any.
     fn remote_interest(&self) -> watch::Receiver<RemoteInterest>;
 
     fn stats(&self) -> OwnershipStats {
@@ -81,24 +83,23 @@ impl PollPermit {
     }
 }
 
-/// The single process: it polls every agent it watches; nobody else watches any.
+/// The single process's ownership: it owns every agent's polling, and no other replica watches
+/// any agent.
 #[derive(Debug)]
-pub(crate) struct Alone {
+pub(crate) struct ProcessOwnership {
     /// Kept so that the receivers' `changed()` waits forever instead of failing.
     changes: watch::Sender<u64>,
-    interest: watch::Sender<RemoteInterest>,
 }
 
-impl Alone {
+impl ProcessOwnership {
     pub(crate) fn new() -> Self {
         Self {
             changes: watch::Sender::new(0),
-            interest: watch::Sender::new(RemoteInterest::default()),
         }
     }
 }
 
-impl PollOwnership for Alone {
+impl PollOwnership for ProcessOwnership {
     fn poll_permit(&self, _agent: AgentId) -> Option<PollPermit> {
         Some(PollPermit::free())
     }
@@ -109,7 +110,8 @@ impl PollOwnership for Alone {
 
     fn set_watched(&self, _agent: AgentId, _watched: bool) {}
 
+    /// Never any, and never changing: its sender is gone, so following it ends at once.
     fn remote_interest(&self) -> watch::Receiver<RemoteInterest> {
-        self.interest.subscribe()
+        watch::channel(RemoteInterest::default()).1
     }
 }

@@ -2,6 +2,7 @@
 //! and, across replicas, the only one polling while its replica owns the agent (the others'
 //! loops wait for the ownership to change).
 use std::{
+    future::Future,
     sync::atomic::{AtomicU64, Ordering},
     sync::Arc,
     time::Duration,
@@ -9,12 +10,12 @@ use std::{
 
 use futures_util::future::BoxFuture;
 use tokio::{sync::watch, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, Step},
-    hub::Hub,
-    PollPermit, SessionEnding,
+    hub::Room,
+    EventStats, PollPermit, SessionEnding,
 };
 use crate::{
     gateway::{event::parse_event, Answer, GatewayError, Guid, Retcode, SessionOperation},
@@ -25,10 +26,52 @@ use crate::{
 /// `EventSettings::backoff_max`.
 const BACKOFF_FIRST: Duration = Duration::from_millis(400);
 /// How long a poll in flight may still finish once shutdown begins.
-pub(super) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
+const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
+
+/// The room's poll loops, and what they counted.
+#[derive(Debug, Default)]
+pub(super) struct PollLoops {
+    /// The poll loops alone: on shutdown watchers wait for their last polls' answers.
+    tracker: TaskTracker,
+    /// Polls that failed (transport, HTTP, unexpected retcode) and were retried after a pause.
+    failures: AtomicU64,
+    /// Polls sent and not answered yet.
+    in_flight: AtomicU64,
+}
+
+impl PollLoops {
+    /// Poll loops running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Event polls sent and not answered yet.
+    pub fn polls_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed) as usize
+    }
+
+    /// Puts the counts into `stats`.
+    pub fn report(&self, stats: &mut EventStats) {
+        stats.poll_failures = self.failures.load(Ordering::Relaxed);
+    }
+
+    /// Resolves once the loops have ended, after shutdown closed the tracker.
+    pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let tracker = self.tracker.clone();
+        async move { tracker.wait().await }
+    }
+
+    /// Once shutdown began: waits (bounded) until the loops' last polls were answered and
+    /// their events delivered. No feed, and so no loop, starts once shutdown began: closing
+    /// the tracker lets the wait end.
+    pub async fn last_polls_answered(&self) {
+        self.tracker.close();
+        let _ = tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.tracker.wait()).await;
+    }
+}
 
 pub(super) struct PollLoop {
-    hub: Arc<Hub>,
+    room: Arc<Room>,
     feed: Arc<Feed>,
     shutdown: CancellationToken,
     /// Consecutive failed polls.
@@ -49,11 +92,18 @@ pub(super) struct PollLoop {
 }
 
 impl PollLoop {
-    pub fn new(hub: Arc<Hub>, feed: Arc<Feed>) -> Self {
-        let shutdown = hub.shutdown.clone();
-        let ownership = hub.ownership.changes();
+    /// Starts `feed`'s poll loop, tracked among the room's poll loops and by the lifecycle.
+    pub fn start(room: &Arc<Room>, feed: Arc<Feed>) {
+        let poll_loop = Self::new(room.clone(), feed).run();
+        room.tasks
+            .spawn(room.poll_loops.tracker.track_future(poll_loop));
+    }
+
+    fn new(room: Arc<Room>, feed: Arc<Feed>) -> Self {
+        let shutdown = room.shutdown.clone();
+        let ownership = room.ownership.changes();
         Self {
-            hub,
+            room,
             feed,
             shutdown,
             failures: 0,
@@ -65,12 +115,12 @@ impl PollLoop {
         }
     }
 
-    pub async fn run(mut self) {
+    async fn run(mut self) {
         let agent = self.feed.agent;
         tracing::info!(%agent, "poll loop started");
         loop {
-            let step = self.hub.next_step(&self.feed);
-            let (watched, ends) = self.feed.interest(&self.hub.settings, Instant::now());
+            let step = self.room.next_step(&self.feed);
+            let (watched, ends) = self.feed.interest(&self.room.settings, Instant::now());
             self.tell_watched(watched && step != Step::Retire);
             let keep_going = match step {
                 Step::Poll => self.poll_if_owned(ends).await,
@@ -89,7 +139,7 @@ impl PollLoop {
     fn tell_watched(&mut self, watched: bool) {
         if watched != self.watched {
             self.watched = watched;
-            self.hub.ownership.set_watched(self.feed.agent, watched);
+            self.room.ownership.set_watched(self.feed.agent, watched);
         }
     }
 
@@ -102,7 +152,7 @@ impl PollLoop {
         }
         // Marked seen before asking, so a change in between wakes the wait below.
         self.ownership.borrow_and_update();
-        if let Some(permit) = self.hub.ownership.poll_permit(self.feed.agent) {
+        if let Some(permit) = self.room.ownership.poll_permit(self.feed.agent) {
             return self.poll_once(permit).await;
         }
         let ownership_changed = async {
@@ -130,7 +180,7 @@ impl PollLoop {
         let now = Instant::now();
         let until = *self
             .session_awaited_until
-            .get_or_insert(now + self.hub.settings.poll_timeout);
+            .get_or_insert(now + self.room.settings.poll_timeout);
         (now < until).then_some(until)
     }
 
@@ -140,7 +190,7 @@ impl PollLoop {
         let agent = self.feed.agent;
         tracing::debug!(%agent, "no session for the agent yet; waiting for one");
         tokio::select! {
-            () = self.hub.sessions.registry().arrival(agent) => true,
+            () = self.room.sessions.registry().arrival(agent) => true,
             () = tokio::time::sleep_until(until) => true,
             () = self.feed.changed.notified() => true,
             () = sleep_until(ends) => true,
@@ -152,11 +202,11 @@ impl PollLoop {
     /// when the facade shuts down.
     async fn poll_once(&mut self, permit: PollPermit) -> bool {
         let agent = self.feed.agent;
-        let deadline = Instant::now() + self.hub.settings.poll_timeout;
-        let in_flight = InFlight::count(&self.hub.counters.polls_in_flight);
+        let deadline = Instant::now() + self.room.settings.poll_timeout;
+        let in_flight = InFlight::count(&self.room.poll_loops.in_flight);
         let (result, stopping) = {
             let poll =
-                self.hub
+                self.room
                     .sessions
                     .send(agent, &SessionOperation::PollEvents, deadline, None, None);
             tokio::pin!(poll);
@@ -207,11 +257,11 @@ impl PollLoop {
                 self.feed.set_failing(false);
                 match answer.event {
                     Some(event) => {
-                        self.appending = self.hub.observe(&self.feed, parse_event(agent, &event));
+                        self.appending = self.room.observe(&self.feed, parse_event(agent, &event));
                         // More may be queued: ask again at once.
                         Duration::ZERO
                     }
-                    None => self.hub.settings.poll_pause,
+                    None => self.room.settings.poll_pause,
                 }
             }
             Ok((answer, guid_used)) if answer.session_gone() => {
@@ -269,13 +319,13 @@ impl PollLoop {
     /// Tells the watchers the agent's session ended; polling waits for a watcher with a new
     /// one, which the loop waits for as for a first.
     fn end_session(&mut self, ending: SessionEnding) {
-        self.appending = self.hub.end_session(&self.feed, ending);
+        self.appending = self.room.end_session(&self.feed, ending);
         self.session_seen = false;
         self.session_awaited_until = None;
     }
 
     fn current_guid(&self) -> Option<Guid> {
-        self.hub
+        self.room
             .sessions
             .registry()
             .get(self.feed.agent)
@@ -287,11 +337,11 @@ impl PollLoop {
     fn failed(&mut self, what: &str) -> Duration {
         self.failures = self.failures.saturating_add(1);
         self.feed.set_failing(true);
-        self.hub
-            .counters
-            .poll_failures
+        self.room
+            .poll_loops
+            .failures
             .fetch_add(1, Ordering::Relaxed);
-        let pause = jittered_backoff(BACKOFF_FIRST, self.failures, self.hub.settings.backoff_max);
+        let pause = jittered_backoff(BACKOFF_FIRST, self.failures, self.room.settings.backoff_max);
         tracing::warn!(agent = %self.feed.agent, failures = self.failures, ?pause, "poll failed: {what}");
         pause
     }
@@ -443,9 +493,8 @@ mod tests {
     }
 
     fn session_lost(hub: &EventHub, agent: AgentId) -> bool {
-        let feed = lock(&hub.hub.feeds).get(agent).expect("a feed");
-        let lost = lock(&feed.state).session_lost;
-        lost
+        let feed = hub.room.feeds.lock().get(agent).expect("a feed");
+        feed.session_lost()
     }
 
     /// The owner polls for another replica's watcher whose handed-over session has not reached
@@ -467,7 +516,7 @@ mod tests {
             .interest
             .send_replace(Arc::new([agent(0), agent(1)].into()));
         until("both are polled for the other replica", || {
-            hub.polling_agents() == [agent(0), agent(1)]
+            hub.agents_to_poll() == [agent(0), agent(1)]
         })
         .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -496,7 +545,7 @@ mod tests {
         );
         ownership.interest.send_replace(Arc::new([agent(1)].into()));
         until("it is polled for the other replica", || {
-            hub.polling_agents() == [agent(1)]
+            hub.agents_to_poll() == [agent(1)]
         })
         .await;
         until("agent 1's session never came", || {
@@ -535,20 +584,20 @@ mod tests {
             .interest
             .send_replace(Arc::new([agent(1), agent(2)].into()));
         until("the remote agent is polled", || {
-            hub.polling_agents() == [agent(0), agent(1)]
+            hub.agents_to_poll() == [agent(0), agent(1)]
         })
         .await;
-        assert_eq!(hub.polled_agents(), 2, "agent 2 did not fit");
+        assert_eq!(hub.polled_agents_in_use(), 2, "agent 2 did not fit");
         assert_eq!(ownership.watched(agent(1)), 0, "not watched here");
 
         ownership.interest.send_replace(Arc::new([agent(2)].into()));
         until("agent 1 stopped and agent 2 took its place", || {
-            hub.polling_agents() == [agent(0), agent(2)]
+            hub.agents_to_poll() == [agent(0), agent(2)]
         })
         .await;
         ownership.interest.send_replace(RemoteInterest::default());
         until("only the local agent is polled", || {
-            hub.polling_agents() == [agent(0)] && hub.polled_agents() == 1
+            hub.agents_to_poll() == [agent(0)] && hub.polled_agents_in_use() == 1
         })
         .await;
     }

@@ -1,28 +1,45 @@
 //! The publisher: a polled gateway event becomes a release event appended to the event log (or
 //! is counted and dropped), and a lost session is told to its watchers too; what the log
-//! numbered is delivered to the feed's watchers. Every delivery happens under the hub's publish
-//! lock, which is what keeps each watcher's events in sequence order. Knows nothing of how
-//! watchers are admitted or read.
+//! numbered is delivered to the feed's watchers. Every delivery happens under the publish lock
+//! ([`Publishing`]), which is what keeps each watcher's events in sequence order. Knows nothing
+//! of how watchers are admitted or read.
 use std::{
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures_util::future::BoxFuture;
-use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    feeds::{Feed, FeedItem, FeedState},
-    hub::Hub,
-    log::Record,
-    watcher::SessionEnding,
-    ReleaseEvent, ReleaseKind, ResumeToken,
+    feeds::Feed, hub::Room, log::Record, numbering::Publishing, watcher::SessionEnding, EventStats,
+    ReleaseEvent, ReleaseKind,
 };
 use crate::{
     domain::{AgentId, CallId},
     gateway::event::{EventBody, MalformedEvent, PolledEvent},
-    lock,
 };
+
+/// What the publisher counted of the polled events.
+#[derive(Debug, Default)]
+pub(super) struct ObservedEvents {
+    release: AtomicU64,
+    skipped: AtomicU64,
+    malformed: AtomicU64,
+    dropped_fields: AtomicU64,
+}
+
+impl ObservedEvents {
+    /// Puts the counts into `stats`.
+    pub fn report(&self, stats: &mut EventStats) {
+        stats.release_events = self.release.load(Ordering::Relaxed);
+        stats.skipped_events = self.skipped.load(Ordering::Relaxed);
+        stats.malformed_events = self.malformed.load(Ordering::Relaxed);
+        stats.dropped_fields = self.dropped_fields.load(Ordering::Relaxed);
+    }
+}
 
 /// A release read from a polled event, before it gets its number.
 struct Release {
@@ -33,7 +50,7 @@ struct Release {
     raw_event_type: String,
 }
 
-impl Hub {
+impl Room {
     /// Appends the release a polled event carries to the log, or counts the event. `Some`: the
     /// append to await before the next poll (a shared log; see [`EventLog::append`]).
     pub(super) fn observe(
@@ -50,10 +67,7 @@ impl Hub {
             event_time: release.event_time,
             observed_time: SystemTime::now(),
             raw_event_type: release.raw_event_type,
-            token: ResumeToken {
-                epoch: self.epoch,
-                sequence: 0,
-            },
+            token: self.numbering.token(0),
         };
         self.append(feed, Record::Release(event))
     }
@@ -67,21 +81,21 @@ impl Hub {
         let polled = match polled {
             Ok(polled) => polled,
             Err(malformed) => {
-                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                self.observed.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%agent, error = %malformed, "skipped a malformed gateway event");
                 return None;
             }
         };
         for field in &polled.dropped_fields {
-            self.counters.dropped_fields.fetch_add(1, Ordering::Relaxed);
+            self.observed.dropped_fields.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%agent, event_type = %polled.event_type, field, "left an invalid field out of a gateway event");
         }
         let Some((kind, call_id, customer_number)) = release_of(polled.body) else {
-            self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            self.observed.skipped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%agent, event_type = %polled.event_type, "skipped a gateway event");
             return None;
         };
-        self.counters.release.fetch_add(1, Ordering::Relaxed);
+        self.observed.release.fetch_add(1, Ordering::Relaxed);
         Some(Release {
             kind,
             call_id,
@@ -93,48 +107,52 @@ impl Hub {
         })
     }
 
-    /// Hands `record` to the log. The in-memory log leaves numbering to the hub: the next
+    /// Hands `record` to the log. The in-memory log leaves numbering to the room: the next
     /// sequence number, given and delivered under one lock, so no watcher can receive a later
     /// number first. A shared log numbers it where it stores it; its follower delivers it.
     fn append(&self, feed: &Feed, record: Record) -> Option<BoxFuture<'static, ()>> {
-        let _order = lock(&self.publish);
-        self.append_in_order(feed, record)
+        let publishing = self.numbering.publish();
+        self.append_in_order(&publishing, feed, record)
     }
 
-    /// [`append`](Self::append), the publish lock held by the caller.
-    fn append_in_order(&self, feed: &Feed, record: Record) -> Option<BoxFuture<'static, ()>> {
+    /// [`append`](Self::append), while `publishing`.
+    fn append_in_order(
+        &self,
+        publishing: &Publishing<'_>,
+        feed: &Feed,
+        record: Record,
+    ) -> Option<BoxFuture<'static, ()>> {
         let appending = self.log.append(&record);
         if appending.is_none() {
-            let sequence = self.sequence.load(Ordering::SeqCst) + 1;
-            self.deliver(Some(feed), sequence, record);
+            let sequence = publishing.delivered() + 1;
+            self.deliver(publishing, Some(feed), sequence, record);
         }
         appending
     }
 
     /// Delivers the record numbered `sequence` to `feed` (the agent's feed here, if it has
-    /// one), under the publish lock: a release event is kept in its ring and sent to its
-    /// watchers, an ended session is told to them. Every record moves the position.
-    pub(super) fn deliver(&self, feed: Option<&Feed>, sequence: u64, record: Record) {
-        self.sequence.store(sequence, Ordering::SeqCst);
-        self.log_end.fetch_max(sequence, Ordering::SeqCst);
+    /// one): a release event is kept in its ring and sent to its watchers, an ended session is
+    /// told to them. Every record moves the position.
+    pub(super) fn deliver(
+        &self,
+        publishing: &Publishing<'_>,
+        feed: Option<&Feed>,
+        sequence: u64,
+        record: Record,
+    ) {
+        publishing.advance(sequence);
         match record {
             Record::Release(mut event) => {
-                event.token = ResumeToken {
-                    epoch: self.epoch,
-                    sequence,
-                };
+                event.token = self.numbering.token(sequence);
                 tracing::info!(agent = %event.agent, kind = ?event.kind, call_id = %event.call_id, sequence, "release event");
-                let Some(feed) = feed else { return };
-                let event = Arc::new(event);
-                let mut state = lock(&feed.state);
-                state.ring.push(event.clone(), Instant::now());
-                state.deliver(&FeedItem::Event(event));
+                if let Some(feed) = feed {
+                    feed.deliver_event(Arc::new(event));
+                }
             }
-            Record::SessionEnded(agent, ending) => {
-                let Some(feed) = feed else { return };
-                let mut state = lock(&feed.state);
-                state.session_lost = true;
-                state.deliver(&FeedItem::SessionEnded(Arc::new((agent, ending))));
+            Record::SessionEnded(_, ending) => {
+                if let Some(feed) = feed {
+                    feed.deliver_session_end(ending);
+                }
             }
         }
     }
@@ -147,10 +165,10 @@ impl Hub {
         feed: &Feed,
         ending: SessionEnding,
     ) -> Option<BoxFuture<'static, ()>> {
-        // Under the publish lock, as a joining watcher (which brings a session) is.
-        let _order = lock(&self.publish);
-        lock(&feed.state).session_lost = true;
-        self.append_in_order(feed, Record::SessionEnded(feed.agent, ending))
+        // While publishing, as a joining watcher (which brings a session) subscribes.
+        let publishing = self.numbering.publish();
+        feed.lose_session();
+        self.append_in_order(&publishing, feed, Record::SessionEnded(feed.agent, ending))
     }
 }
 
@@ -164,31 +182,6 @@ fn release_of(body: EventBody) -> Option<(ReleaseKind, CallId, Option<String>)> 
             (!number.is_empty()).then_some(number),
         )),
         EventBody::Other => None,
-    }
-}
-
-impl FeedState {
-    /// Hands `item` to every watcher without waiting: a watcher whose buffer is full is cut off
-    /// (it learns so and ends), and nobody else is held up.
-    fn deliver(&mut self, item: &FeedItem) {
-        let before = self.members.len();
-        self.members.retain(|s| {
-            if s.overflowed.load(Ordering::Relaxed) {
-                return false;
-            }
-            match s.sender.try_send(item.clone()) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.overflowed.store(true, Ordering::Relaxed);
-                    false
-                }
-                // The watcher is gone; its memberships remove it from the other feeds.
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
-        if before > 0 && self.members.is_empty() {
-            self.idle_since = Instant::now();
-        }
     }
 }
 
@@ -228,7 +221,7 @@ mod tests {
         let mut watcher = hub
             .subscribe(&[agent(0)], None, KindFilter::default(), None)
             .unwrap();
-        let feed = lock(&hub.hub.feeds).get(agent(0)).unwrap();
+        let feed = hub.room.feeds.lock().get(agent(0)).unwrap();
         let bad_number = "9".repeat(65);
         let polled = crate::gateway::event::parse_event(
             agent(0),
@@ -243,7 +236,7 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, || hub.hub.observe(&feed, polled));
+        tracing::subscriber::with_default(subscriber, || hub.room.observe(&feed, polled));
 
         let delivered = ready(&mut watcher);
         let [Ok(WatcherItem::Event(event))] = &delivered[..] else {

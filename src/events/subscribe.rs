@@ -1,9 +1,10 @@
 //! Subscribing: admitting a new watcher (shutdown, resume token, permit, places among the
 //! polled agents, handover, sessions), making it a member of its agents' feeds, and working out
 //! its replay and gap, all under the publish lock so that its replay ends exactly where its
-//! live events begin. Knows nothing of how events are read from the gateway.
+//! live events begin. Keeps the watchers' permits and ids. Knows nothing of how events are
+//! read from the gateway.
 use std::sync::{
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
     Arc,
 };
 
@@ -14,12 +15,13 @@ use tokio::{
 
 use super::{
     feeds::Member,
-    hub::Hub,
+    hub::Room,
+    numbering::Publishing,
     polled::PolledAgentsFull,
     watcher::{Gap, GapCause, Membership, Watcher, WatcherStart},
-    KindFilter, ReleaseEvent, ResumeToken,
+    EventSettings, KindFilter, ReleaseEvent, ResumeToken,
 };
-use crate::{domain::AgentId, gateway::Session, lock, sessions::SessionsFull};
+use crate::{domain::AgentId, gateway::Session, sessions::SessionsFull};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
@@ -53,15 +55,61 @@ pub(super) fn list(agents: &[AgentId]) -> String {
         .join(", ")
 }
 
+/// The pools a watcher's permit comes from, and the watchers' ids.
+#[derive(Debug)]
+pub(super) struct WatcherPermits {
+    watchers: Permits,
+    release_waiters: Permits,
+    next_watcher_id: AtomicU64,
+}
+
+/// Which pool a new watcher's permit comes from.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pool {
+    /// Watchers from [`EventHub::subscribe`](super::EventHub::subscribe).
+    Watchers,
+    /// Releases waiting for their event.
+    ReleaseWaiters,
+}
+
+impl WatcherPermits {
+    pub fn new(settings: &EventSettings) -> Self {
+        Self {
+            watchers: Permits::new(settings.max_watchers, "watchers are open"),
+            release_waiters: Permits::new(
+                settings.max_release_waiters,
+                "ReleaseCalls are waiting for their release event",
+            ),
+            next_watcher_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Permits of `pool` held now.
+    pub fn in_use(&self, pool: Pool) -> usize {
+        self.pool(pool).in_use()
+    }
+
+    fn pool(&self, pool: Pool) -> &Permits {
+        match pool {
+            Pool::Watchers => &self.watchers,
+            Pool::ReleaseWaiters => &self.release_waiters,
+        }
+    }
+
+    fn next_watcher_id(&self) -> u64 {
+        self.next_watcher_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
 /// One pool of watcher permits; a watcher holds its permit until it is dropped.
 #[derive(Debug)]
-pub(super) struct Permits {
+struct Permits {
     semaphore: Arc<Semaphore>,
     limit: WatcherLimit,
 }
 
 impl Permits {
-    pub fn new(limit: usize, holders: &'static str) -> Self {
+    fn new(limit: usize, holders: &'static str) -> Self {
         Self {
             semaphore: Arc::new(Semaphore::new(limit)),
             limit: WatcherLimit { limit, holders },
@@ -75,7 +123,7 @@ impl Permits {
             .map_err(|_| SubscribeError::TooManyWatchers(self.limit))
     }
 
-    pub fn in_use(&self) -> usize {
+    fn in_use(&self) -> usize {
         self.limit.limit - self.semaphore.available_permits()
     }
 }
@@ -94,7 +142,7 @@ pub(super) struct Request<'a> {
 /// [`FeedRegistry::admit`](super::feeds::FeedRegistry::admit)) until it joins its agents'
 /// feeds; dropped before, because something refused the watcher after all, it withdraws them.
 struct Admission<'a> {
-    hub: &'a Hub,
+    room: &'a Room,
     /// Empty once joined.
     agents: &'a [AgentId],
 }
@@ -102,7 +150,7 @@ struct Admission<'a> {
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         if !self.agents.is_empty() {
-            lock(&self.hub.feeds).withdraw(self.agents);
+            self.room.feeds.lock().withdraw(self.agents);
         }
     }
 }
@@ -116,29 +164,29 @@ struct Joined {
     evicted: Vec<AgentId>,
 }
 
-impl Hub {
-    /// A new watcher holding a permit from `permits`, or why it cannot have one.
+impl Room {
+    /// A new watcher holding a permit from `pool`, or why it cannot have one.
     pub(super) fn subscribe(
         self: &Arc<Self>,
-        permits: &Permits,
+        pool: Pool,
         mut request: Request<'_>,
     ) -> Result<Watcher, SubscribeError> {
-        let (permit, admission) = self.admit(permits, &mut request)?;
+        let (permit, admission) = self.admit(pool, &mut request)?;
         let overflowed = Arc::new(AtomicBool::new(false));
         let (sender, live) = mpsc::channel(self.settings.watcher_buffer.max(1));
         let member = Member {
-            watcher_id: self.next_watcher_id.fetch_add(1, Ordering::Relaxed),
+            watcher_id: self.permits.next_watcher_id(),
             sender,
             overflowed: overflowed.clone(),
         };
 
-        let _order = lock(&self.publish);
-        let current = self.sequence.load(Ordering::SeqCst);
+        let publishing = self.numbering.publish();
+        let current = publishing.delivered();
         let position = match request.from {
-            Some(token) if token.epoch == self.epoch => token.sequence,
+            Some(token) if token.epoch == self.numbering.epoch() => token.sequence,
             _ => current,
         };
-        let mut joined = self.join_feeds(admission, position, &request.kinds, &member);
+        let mut joined = self.join_feeds(&publishing, admission, position, &request.kinds, &member);
         // A shared log keeps what the rings here do not: read it, before anything live.
         let backfill = (self.log.keeps_history()
             && !joined.evicted.is_empty()
@@ -149,10 +197,7 @@ impl Hub {
             });
         Ok(Watcher::new(
             WatcherStart {
-                position: ResumeToken {
-                    epoch: self.epoch,
-                    sequence: position,
-                },
+                position: self.numbering.token(position),
                 memberships: joined.memberships,
                 live,
                 overflowed,
@@ -173,23 +218,22 @@ impl Hub {
     /// a refused request leaves no state behind (the admission, dropped, withdraws).
     fn admit<'a, 'r: 'a>(
         &'a self,
-        permits: &Permits,
+        pool: Pool,
         request: &mut Request<'r>,
     ) -> Result<(OwnedSemaphorePermit, Admission<'a>), SubscribeError> {
         if self.shutdown.is_cancelled() {
             return Err(SubscribeError::ShuttingDown);
         }
         // Sequence numbers only grow: a token ahead of them now is ahead for good.
-        if request
-            .from
-            .is_some_and(|t| t.epoch == self.epoch && t.sequence > self.log_end())
-        {
+        if request.from.is_some_and(|t| {
+            t.epoch == self.numbering.epoch() && t.sequence > self.numbering.known_end()
+        }) {
             return Err(SubscribeError::UnknownToken);
         }
-        let permit = permits.take()?;
-        lock(&self.feeds).admit(request.agents)?;
+        let permit = self.permits.pool(pool).take()?;
+        self.feeds.lock().admit(request.agents)?;
         let admission = Admission {
-            hub: self,
+            room: self,
             agents: request.agents,
         };
         if let Some((agent, session)) = request.handover.take() {
@@ -208,9 +252,11 @@ impl Hub {
     }
 
     /// Makes the admitted watcher a member of each agent's feed (creating a missing feed and
-    /// its poll loop) and collects what the feeds kept after `position`.
+    /// its poll loop) and collects what the feeds kept after `position`: while `publishing`,
+    /// so that no event is delivered between the position and the membership.
     fn join_feeds(
         self: &Arc<Self>,
+        _publishing: &Publishing<'_>,
         mut admission: Admission<'_>,
         position: u64,
         kinds: &KindFilter,
@@ -222,7 +268,7 @@ impl Hub {
             replay: Vec::new(),
             evicted: Vec::new(),
         };
-        let mut feeds = lock(&self.feeds);
+        let mut feeds = self.feeds.lock();
         for &agent in std::mem::take(&mut admission.agents) {
             let feed = feeds.admitted_feed(self, agent);
             let kept = feed.join(member.clone(), position, kinds, now);
@@ -239,20 +285,12 @@ impl Hub {
         joined
     }
 
-    /// The highest sequence known to be in the log: what this process numbered or followed,
-    /// or what a shared log said it holds.
-    fn log_end(&self) -> u64 {
-        self.sequence
-            .load(Ordering::SeqCst)
-            .max(self.log_end.load(Ordering::SeqCst))
-    }
-
     /// Why events after the resume token may be missing, if they may: a token of another
     /// process lifetime misses everything in between, a feed that evicted events after it
     /// misses those.
     fn gap(&self, request: &Request<'_>, evicted: Vec<AgentId>) -> Option<Gap> {
         let from = request.from?;
-        if from.epoch != self.epoch {
+        if from.epoch != self.numbering.epoch() {
             return Some(Gap {
                 cause: GapCause::OtherProcess,
                 agents: request.agents.to_vec(),
@@ -267,8 +305,6 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-
     use proptest::prelude::*;
 
     use crate::domain::AgentId;
@@ -324,7 +360,7 @@ mod tests {
                     match op {
                         Op::Publish(n) => {
                             if publish(&hub, agent(n)) {
-                                published.push((hub.hub.sequence.load(Ordering::SeqCst), agent(n)));
+                                published.push((hub.room.numbering.delivered(), agent(n)));
                             }
                         }
                         Op::Subscribe(mask, resume) => {
@@ -421,7 +457,11 @@ mod tests {
             .subscribe(&[agent(0), agent(3)], None, all(), None)
             .unwrap_err();
         assert_eq!(refused, SubscribeError::NoSession(vec![agent(3)]));
-        assert_eq!(hub.polled_agents(), 0, "a refused admission keeps no place");
+        assert_eq!(
+            hub.polled_agents_in_use(),
+            0,
+            "a refused admission keeps no place"
+        );
 
         let _first = hub.subscribe(&[agent(0)], None, all(), None).unwrap();
         let refused = hub
@@ -436,7 +476,11 @@ mod tests {
             })
         );
         assert_eq!(
-            (hub.polled_agents(), hub.watchers(), hub.polling_agents()),
+            (
+                hub.polled_agents_in_use(),
+                hub.watchers(),
+                hub.agents_to_poll()
+            ),
             (1, 1, vec![agent(0)])
         );
 
@@ -449,7 +493,7 @@ mod tests {
             hub.subscribe_release_waiter(agent(2), all()).await,
             Err(SubscribeError::TooManyPolledAgents(_))
         ));
-        assert_eq!(hub.polled_agents(), 2);
-        assert_eq!(hub.polling_agents(), [agent(0), agent(1)]);
+        assert_eq!(hub.polled_agents_in_use(), 2);
+        assert_eq!(hub.agents_to_poll(), [agent(0), agent(1)]);
     }
 }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 
 use super::{
-    log::{EventLog, ProcessLog},
-    EventHub, EventSettings, ResumeToken, Watcher, WatcherEnd, WatcherItem,
+    EventHub, EventLog, EventSettings, PollOwnership, ProcessLog, ProcessOwnership, ResumeToken,
+    Watcher, WatcherEnd, WatcherItem,
 };
 use crate::{
     domain::{AgentId, CallId},
@@ -14,21 +14,17 @@ use crate::{
         GatewayClient, GatewaySettings, Guid, Session,
     },
     lifecycle::Lifecycle,
-    lock,
     sessions::{SessionRegistry, Sessions},
 };
 
 /// A hub whose poll loops find no gateway (they back off quietly); tests publish by hand.
 pub(super) fn hub(settings: EventSettings) -> EventHub {
-    EventHub::new(no_gateway(), settings, &Lifecycle::default())
+    hub_on(settings, Arc::new(ProcessLog::new()))
 }
 
 /// [`hub`], polling what `ownership` lets it.
-pub(super) fn hub_owning(
-    settings: EventSettings,
-    ownership: std::sync::Arc<dyn super::PollOwnership>,
-) -> EventHub {
-    EventHub::replicated(
+pub(super) fn hub_owning(settings: EventSettings, ownership: Arc<dyn PollOwnership>) -> EventHub {
+    EventHub::new(
         no_gateway(),
         settings,
         &Lifecycle::default(),
@@ -39,11 +35,11 @@ pub(super) fn hub_owning(
 
 /// [`hub`] on `log`.
 pub(super) fn hub_on(settings: EventSettings, log: Arc<dyn EventLog>) -> EventHub {
-    EventHub::build(
+    EventHub::new(
         no_gateway(),
         settings,
         &Lifecycle::default(),
-        Arc::new(super::ownership::Alone::new()),
+        Arc::new(ProcessOwnership::new()),
         log,
     )
 }
@@ -82,10 +78,10 @@ pub(super) fn sign_in(hub: &EventHub, agent: AgentId) {
 /// An event polled for `agent`, as its poll loop would hand it over. False when the agent
 /// has no feed: nobody polls it, so no event of it can be observed.
 pub(super) fn publish(hub: &EventHub, agent: AgentId) -> bool {
-    let Some(feed) = lock(&hub.hub.feeds).get(agent) else {
+    let Some(feed) = hub.room.feeds.lock().get(agent) else {
         return false;
     };
-    hub.hub.observe(
+    hub.room.observe(
         &feed,
         Ok(PolledEvent {
             event_type: "AgentEvent_Call_Release".into(),
@@ -105,10 +101,7 @@ pub(super) fn ready(watcher: &mut Watcher) -> Vec<Result<WatcherItem, WatcherEnd
 }
 
 pub(super) fn token(hub: &EventHub, sequence: u64) -> ResumeToken {
-    ResumeToken {
-        epoch: hub.hub.epoch,
-        sequence,
-    }
+    hub.room.numbering.token(sequence)
 }
 
 /// Sequence numbers of events, `None` for anything else.

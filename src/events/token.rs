@@ -39,7 +39,7 @@ mod tests {
 
     use super::*;
 
-    /// Cases each property below runs (the README's reliability section counts them).
+    /// Cases each property below runs (docs/layout.md's reliability section counts them).
     const TOKEN_CASES: u32 = 256;
 
     proptest! {

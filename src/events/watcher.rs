@@ -17,12 +17,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, FeedItem},
-    hub::Hub,
+    hub::Room,
     log::Backfill,
-    poll::SHUTDOWN_POLL_GRACE,
     KindFilter, ReleaseEvent, ResumeToken,
 };
-use crate::{domain::AgentId, gateway::Retcode, lock};
+use crate::{domain::AgentId, gateway::Retcode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum WatcherItem {
@@ -144,13 +143,12 @@ pub struct Watcher {
     /// merged into the replay before anything else is delivered.
     backfill: Option<PendingBackfill>,
     kinds: KindFilter,
-    /// Where heartbeats learn how far the hub delivered.
-    hub: Arc<Hub>,
+    /// Where heartbeats learn how far the room delivered, and shutdown waits for the last
+    /// polls' answers.
+    room: Arc<Room>,
     heartbeat: Duration,
     last_sent: Instant,
     shutdown: CancellationToken,
-    /// The room's poll loops: on shutdown, their last polls' answers are delivered too.
-    poll_loops: TaskTracker,
     /// Where a reader task for this watcher is spawned.
     tasks: TaskTracker,
     /// Set once shutdown began: deliver what has arrived, then end.
@@ -159,7 +157,7 @@ pub struct Watcher {
     _permit: OwnedSemaphorePermit,
 }
 
-/// What a new watcher starts from; the hub fills it in while it holds the publish lock.
+/// What a new watcher starts from; subscribing fills it in while it holds the publish lock.
 pub(super) struct WatcherStart {
     /// The resume token's position (or "now").
     pub position: ResumeToken,
@@ -199,7 +197,7 @@ enum Woke {
 }
 
 impl Watcher {
-    pub(super) fn new(start: WatcherStart, hub: &Arc<Hub>) -> Self {
+    pub(super) fn new(start: WatcherStart, room: &Arc<Room>) -> Self {
         let mut position = start.position;
         if start.replay.is_empty() && start.backfill.is_none() {
             position.sequence = position.sequence.max(start.replay_end);
@@ -216,12 +214,11 @@ impl Watcher {
                 .backfill
                 .map(|(agents, read)| PendingBackfill { agents, read }),
             kinds: start.kinds,
-            hub: hub.clone(),
-            heartbeat: hub.settings.heartbeat,
+            room: room.clone(),
+            heartbeat: room.settings.heartbeat,
             last_sent: Instant::now(),
-            shutdown: hub.shutdown.clone(),
-            poll_loops: hub.poll_loops.clone(),
-            tasks: hub.tasks.clone(),
+            shutdown: room.shutdown.clone(),
+            tasks: room.tasks.clone(),
             draining: false,
             ended: false,
             _permit: start.permit,
@@ -361,16 +358,14 @@ impl Watcher {
         }
     }
 
-    /// What the loops' last polls bring is delivered too. No feed, and so no loop, starts once
-    /// shutdown began: closing the tracker lets the wait end.
+    /// What the loops' last polls bring is delivered too.
     async fn await_last_polls(&mut self) {
-        self.poll_loops.close();
-        let _ = tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.poll_loops.wait()).await;
+        self.room.poll_loops.last_polls_answered().await;
         self.draining = true;
     }
 
     fn heartbeat_item(&mut self) -> WatcherItem {
-        if let Some(delivered) = self.hub.delivered_through(&self.live) {
+        if let Some(delivered) = self.room.delivered_through(&self.live) {
             self.position.sequence = self.position.sequence.max(delivered);
         }
         WatcherItem::Heartbeat {
@@ -419,7 +414,7 @@ impl Watcher {
     }
 }
 
-impl Hub {
+impl Room {
     /// With a shared log, how far the follower delivered, when everything delivered to this
     /// watcher was read (its live queue is empty; the publish lock keeps a delivery from
     /// slipping in between): an idle watcher's heartbeat carries it, so its token stays near
@@ -428,8 +423,7 @@ impl Hub {
         if !self.log.keeps_history() {
             return None;
         }
-        let _order = lock(&self.publish);
-        live.is_empty()
-            .then(|| self.sequence.load(Ordering::SeqCst))
+        let publishing = self.numbering.publish();
+        live.is_empty().then(|| publishing.delivered())
     }
 }

@@ -37,7 +37,8 @@ pub(crate) struct Turn {
 }
 
 /// Why a request was refused a turn under the cap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BusyCause {
     /// `max_waiting` requests were waiting already.
     QueueFull,

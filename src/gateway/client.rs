@@ -81,25 +81,6 @@ pub(crate) struct GatewaySettings {
     pub(crate) max_queue_per_caller: usize,
 }
 
-impl GatewaySettings {
-    #[cfg(test)]
-    pub(crate) fn new(base_url: impl Into<String>) -> Self {
-        Self {
-            base_url: base_url.into(),
-            ca_bundle: None,
-            client_identity: None,
-            insecure_skip_verify: false,
-            connect_timeout: Duration::from_secs(3),
-            max_answer_bytes: 64 * 1024,
-            legacy_release_path: false,
-            max_requests: 64,
-            max_queue: 1024,
-            // A quarter of the queue, as --max-gateway-queue-per-caller's default.
-            max_queue_per_caller: 256,
-        }
-    }
-}
-
 /// An operation made in an agent's session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionOperation {
@@ -317,16 +298,16 @@ impl GatewayClient {
         };
         // Polls have their own cap (one per polled agent, --max-polled-agents), and serve every
         // caller watching the agent: they continue nobody's trace.
-        let (turn, trace) = match operation {
-            SessionOperation::PollEvents => (Turn::Unlimited, GatewayTrace::default()),
+        let (admitted, trace) = match operation {
+            SessionOperation::PollEvents => (Admitted::Unlimited, GatewayTrace::default()),
             SessionOperation::Release(_) => (
-                Turn::Wait(caller.cloned()),
+                Admitted::UnderCap(caller.cloned()),
                 trace::gateway_request(&method, &path, &self.server),
             ),
         };
         match self.request_in(method, &path, session, trace.headers) {
             Ok(request) => {
-                self.exchange(counted, request, turn, deadline, &trace.span)
+                self.exchange(counted, request, admitted, deadline, &trace.span)
                     .instrument(trace.span.clone())
                     .await
             }
@@ -361,8 +342,14 @@ impl GatewayClient {
             .body(Full::new(Bytes::from(body)))
         {
             Ok(request) => {
-                self.exchange(counted, request, Turn::Wait(None), deadline, &Span::none())
-                    .await
+                self.exchange(
+                    counted,
+                    request,
+                    Admitted::UnderCap(None),
+                    deadline,
+                    &Span::none(),
+                )
+                .await
             }
             Err(_) => Exchange {
                 headers: SessionHeaders::default(),
@@ -409,26 +396,28 @@ impl GatewayClient {
         &self,
         operation: GatewayOperation,
         request: Request<Full<Bytes>>,
-        turn: Turn,
+        admitted: Admitted,
         deadline: Instant,
         span: &Span,
     ) -> Exchange {
         let started = std::time::Instant::now();
-        let exchange = self.exchange_uncounted(request, turn, deadline, span).await;
+        let exchange = self
+            .exchange_uncounted(request, admitted, deadline, span)
+            .await;
         let seconds = started.elapsed().as_secs_f64();
         self.metrics
             .gateway_request(operation, outcome_label(&exchange.answer), seconds);
         exchange
     }
 
-    /// Waits for its turn (unless `turn` says it needs none), sends, takes the session headers
+    /// Waits for its turn (unless `admitted` says it needs none), sends, takes the session headers
     /// as soon as they arrive (they count even when the body then fails), reads a bounded body
     /// and parses the envelope, all within `deadline`. What the answer says of the gateway's
     /// reachability goes into [`Self::health`], what it said of the HTTP exchange onto `span`.
     async fn exchange_uncounted(
         &self,
         request: Request<Full<Bytes>>,
-        turn: Turn,
+        admitted: Admitted,
         deadline: Instant,
         span: &Span,
     ) -> Exchange {
@@ -441,9 +430,9 @@ impl GatewayClient {
         if budget < MIN_BUDGET {
             return too_short(budget);
         }
-        let _turn = match turn {
-            Turn::Unlimited => None,
-            Turn::Wait(caller) => match self
+        let _turn = match admitted {
+            Admitted::Unlimited => None,
+            Admitted::UnderCap(caller) => match self
                 .admission
                 .admit(admission::give_up_at(deadline, MIN_BUDGET), caller.as_ref())
                 .await
@@ -516,10 +505,11 @@ impl GatewayClient {
     }
 }
 
-/// Whether a request waits for a turn under the cap on gateway requests, and for which caller.
+/// How a request is admitted: under the cap on gateway requests (waiting for a turn, counted
+/// for its caller if it has one), or without a cap (event polls, bounded by the polled agents).
 #[derive(Debug, Clone)]
-enum Turn {
-    Wait(Option<CallerName>),
+enum Admitted {
+    UnderCap(Option<CallerName>),
     Unlimited,
 }
 

@@ -164,7 +164,7 @@ mod tests {
     use super::*;
     use crate::gateway::testing::{any_json, or_any_json};
 
-    /// Cases each property below runs (the README's reliability section counts them).
+    /// Cases each property below runs (docs/layout.md's reliability section counts them).
     const EVENT_CASES: u32 = 256;
 
     fn agent() -> AgentId {

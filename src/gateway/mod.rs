@@ -32,7 +32,8 @@ use crate::domain::AgentId;
 
 /// Why a gateway call produced no answer. Every variant says whether the request may have
 /// reached the gateway, which decides whether a hang-up may be retried.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GatewayError {
     #[error("no CC-Gateway session is known for agent {0}")]
     NoSession(AgentId),

@@ -13,9 +13,24 @@ const MAX_LEN: usize = 32;
 const CALL_STATE_FAMILY: &str = "200";
 
 /// A retcode as a gateway answer carried it: trimmed, never empty, at most 32 bytes. Displays
-/// as the code.
-#[derive(Clone, PartialEq, Eq)]
+/// as the code, and is kept (in a stored answer) as the code.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub(crate) struct Retcode(Parsed);
+
+impl TryFrom<String> for Retcode {
+    type Error = InvalidRetcode;
+
+    fn try_from(code: String) -> Result<Self, Self::Error> {
+        Self::parse(&code)
+    }
+}
+
+impl From<Retcode> for String {
+    fn from(retcode: Retcode) -> Self {
+        retcode.to_string()
+    }
+}
 
 // Equality compares variants: `Other` never holds success or a known code.
 #[derive(Clone, PartialEq, Eq)]

@@ -206,7 +206,7 @@ mod tests {
 
     use super::*;
 
-    /// Cases each property below runs (the README's reliability section counts them).
+    /// Cases each property below runs (docs/layout.md's reliability section counts them).
     const SESSION_CASES: u32 = 256;
     const COOKIE_CASES: u32 = 128;
 

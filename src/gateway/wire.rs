@@ -136,7 +136,7 @@ mod tests {
     use super::*;
     use crate::gateway::testing::any_json;
 
-    /// Cases each property below runs (the README's reliability section counts them).
+    /// Cases each property below runs (docs/layout.md's reliability section counts them).
     const WIRE_CASES: u32 = 256;
 
     #[test]

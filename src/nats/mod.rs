@@ -3,7 +3,7 @@
 //! log, request ids). Knows NATS; the rooms do not know it is there. Everything this room
 //! writes is named by agent ids, shard numbers, replica ids and hashes: never a Guid, cookie or
 //! token, which appear only in the values of the sessions bucket (so NATS must be reached over
-//! TLS and access controlled, as the README says; the event stream's values hold customer
+//! TLS and access controlled, as docs/replicas.md says; the event stream's values hold customer
 //! numbers too).
 mod event_log;
 mod ownership;
@@ -15,6 +15,12 @@ pub(crate) use event_log::StreamLog;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, kv, stream};
+
+use crate::{
+    lifecycle::Lifecycle,
+    sessions::SessionLimits,
+    shared_state::{self, SharedState},
+};
 
 pub(crate) use ownership::NatsOwnership;
 pub use ownership::{desired_owner, shard_of, SHARDS};
@@ -86,12 +92,48 @@ pub(crate) struct Layout {
     pub(crate) idempotency_capacity: usize,
 }
 
+/// The state the replicas share, kept in NATS as `settings` and `layout` say: connects (waiting
+/// for NATS as [`Cluster::connect_retrying`] does), then opens the sessions bucket (sessions
+/// within `session_limits`), the poll leases, the event stream and the request_ids bucket.
+pub(crate) async fn shared_state(
+    settings: NatsSettings,
+    layout: &Layout,
+    session_limits: SessionLimits,
+    lifecycle: &Lifecycle,
+) -> Result<SharedState, NatsError> {
+    let cluster = Cluster::connect_retrying(settings, layout).await?;
+    let sessions = sessions::shared_registry(&cluster, session_limits, lifecycle).await?;
+    let shutdown = lifecycle.shutdown().child_token();
+    let ownership = NatsOwnership::start(&cluster, shutdown, lifecycle.tasks()).await?;
+    let log = StreamLog::open(&cluster, &layout.events, lifecycle.shutdown().clone()).await?;
+    let request_ids = NatsRequestIds::open(
+        &cluster,
+        layout.idempotency_window,
+        layout.idempotency_capacity,
+    )
+    .await?;
+    Ok(SharedState::new(
+        sessions,
+        ownership,
+        Arc::new(log),
+        Arc::new(request_ids),
+        Arc::new(cluster),
+    ))
+}
+
 /// A bucket as this replica wants it: `<prefix>-<what>`, made with `config`, holding at most
 /// `max_messages` entries when given.
 pub(crate) struct Bucket {
     pub(crate) what: &'static str,
     pub(crate) config: kv::Config,
     pub(crate) max_messages: Option<i64>,
+}
+
+/// The shared state is within reach while the client is connected.
+impl shared_state::Link for Cluster {
+    fn reachable(&self) -> bool {
+        self.is_connected()
+    }
 }
 
 /// One replica's connection to NATS, and who it is among the replicas. Cheap to clone.

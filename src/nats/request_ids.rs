@@ -26,12 +26,11 @@ use tokio::time::Instant;
 
 use super::{Bucket, Cluster, NatsError};
 use crate::{
-    domain::AgentId,
-    gateway::{BusyCause, GatewayError, ReleaseTarget, Retcode},
+    gateway::ReleaseTarget,
     lock,
     release::{
-        AnswerKey, CallerLimit, Claim, ClaimTerms, Pending, ReleaseAnswer, ReleaseCommand,
-        ReleaseError, ReleaseOutcome, ReleaseReport, RequestIds, Retention, Ticket,
+        AnswerKey, Claim, ClaimTerms, KeptAnswer, Pending, ReleaseAnswer, ReleaseCommand,
+        ReleaseError, RequestIds, Retention, Ticket,
     },
 };
 
@@ -242,8 +241,9 @@ impl RequestIds for NatsRequestIds {
         self.entries.last.load(Ordering::Relaxed)
     }
 
-    fn reachable(&self) -> bool {
-        self.cluster.is_connected()
+    fn forgets_evictable_answers(&self) -> bool {
+        // The bucket evicts nothing: every answer holds its place for the window.
+        false
     }
 }
 
@@ -267,7 +267,7 @@ impl Ticket for NatsTicket {
             let record = Record {
                 fingerprint: self.fingerprint,
                 state: State::Answered {
-                    answer: StoredAnswer::of(&answer),
+                    answer: KeptAnswer::of(&answer, MAX_MESSAGE_CHARS),
                 },
             };
             let answered = match self
@@ -370,16 +370,24 @@ async fn record_lost(store: &kv::Store, key: &str, revision: u64, claim: &Record
     let lost = Record {
         fingerprint: claim.fingerprint.clone(),
         state: State::Answered {
-            answer: StoredAnswer::of(&Err(ReleaseError::EarlierAttemptLost)),
+            answer: KeptAnswer::of(&Err(ReleaseError::EarlierAttemptLost), MAX_MESSAGE_CHARS),
         },
     };
     store.update(key, lost.to_bytes(), revision).await.is_ok()
 }
 
-/// Whether a write failed because the bucket holds as many keys as it may.
+/// Whether a write failed because the bucket takes no more keys: JetStream answers a bucket
+/// that discards new messages at its maximum with "store failed" (10077), as it does any
+/// store failure; either way the claim did not land.
 fn is_full(error: &kv::UpdateError) -> bool {
-    let text = format!("{error} {:?}", std::error::Error::source(error));
-    text.contains("maximum messages")
+    let mut source = std::error::Error::source(error);
+    while let Some(error) = source {
+        if let Some(jetstream) = error.downcast_ref::<async_nats::jetstream::Error>() {
+            return jetstream.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// The key of a request id: hex SHA-256 of the caller's name (length first, so no two pairs
@@ -440,7 +448,7 @@ enum State {
         forget_if_lost: bool,
     },
     Answered {
-        answer: StoredAnswer,
+        answer: KeptAnswer,
     },
 }
 
@@ -481,175 +489,14 @@ impl Record {
     }
 }
 
-/// An answer as the bucket keeps it: what the gRPC mapping needs of a report or an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum StoredAnswer {
-    Report {
-        no_active_call: bool,
-        retcode: String,
-        message: String,
-    },
-    Rejected {
-        retcode: String,
-        message: String,
-    },
-    NoActiveCall {
-        retcode: String,
-        message: String,
-    },
-    Gateway(StoredGatewayError),
-    RequestIdReused,
-    EarlierAttemptLost,
-    TooManyPending,
-    CallerLimit(CallerLimit),
-    ShuttingDown,
-    SharedStateUnavailable,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum StoredGatewayError {
-    NoSession(u32),
-    Connect(String),
-    TimeoutMs(u64),
-    DeadlineTooShortMs(u64),
-    Transport(String),
-    HttpStatus(u16),
-    Malformed(String),
-    Oversized(usize),
-    BusyQueueFull,
-    BusyCallerQueueFull,
-    BusyDeadlineWhileWaiting,
-}
-
-fn bounded(message: &str) -> String {
-    message.chars().take(MAX_MESSAGE_CHARS).collect()
-}
-
-fn retcode_of(raw: &str) -> Retcode {
-    Retcode::parse(raw).unwrap_or_else(|_| Retcode::parse("?").expect("a valid retcode"))
-}
-
-impl StoredAnswer {
-    fn of(answer: &ReleaseAnswer) -> Self {
-        let error = match answer {
-            Ok(report) => {
-                return Self::Report {
-                    no_active_call: report.outcome == ReleaseOutcome::NoActiveCall,
-                    retcode: report.retcode.to_string(),
-                    message: bounded(&report.message),
-                }
-            }
-            Err(error) => error,
-        };
-        match error {
-            ReleaseError::Gateway(gateway) => Self::Gateway(StoredGatewayError::of(gateway)),
-            ReleaseError::Rejected { retcode, message } => Self::Rejected {
-                retcode: retcode.to_string(),
-                message: bounded(message),
-            },
-            ReleaseError::NoActiveCall { retcode, message } => Self::NoActiveCall {
-                retcode: retcode.to_string(),
-                message: bounded(message),
-            },
-            ReleaseError::RequestIdReused => Self::RequestIdReused,
-            // Waiting could not start, so nothing was sent: as for any attempt that is not
-            // there any more, the duplicate acts again only if that is safe.
-            ReleaseError::EarlierAttemptLost | ReleaseError::CannotWait(_) => {
-                Self::EarlierAttemptLost
-            }
-            ReleaseError::TooManyPending => Self::TooManyPending,
-            ReleaseError::CallerLimit(limit) => Self::CallerLimit(*limit),
-            ReleaseError::ShuttingDown => Self::ShuttingDown,
-            ReleaseError::SharedStateUnavailable => Self::SharedStateUnavailable,
-        }
-    }
-
-    fn into_answer(self) -> ReleaseAnswer {
-        let report = |no_active_call: bool, retcode: &str, message| ReleaseReport {
-            outcome: if no_active_call {
-                ReleaseOutcome::NoActiveCall
-            } else {
-                ReleaseOutcome::Released
-            },
-            retcode: retcode_of(retcode),
-            message,
-            replayed: false,
-        };
-        Err(match self {
-            Self::Report {
-                no_active_call,
-                retcode,
-                message,
-            } => return Ok(report(no_active_call, &retcode, message)),
-            Self::Rejected { retcode, message } => ReleaseError::Rejected {
-                retcode: retcode_of(&retcode),
-                message,
-            },
-            Self::NoActiveCall { retcode, message } => ReleaseError::NoActiveCall {
-                retcode: retcode_of(&retcode),
-                message,
-            },
-            Self::Gateway(gateway) => ReleaseError::Gateway(gateway.into_error()),
-            Self::RequestIdReused => ReleaseError::RequestIdReused,
-            Self::EarlierAttemptLost => ReleaseError::EarlierAttemptLost,
-            Self::TooManyPending => ReleaseError::TooManyPending,
-            Self::CallerLimit(limit) => ReleaseError::CallerLimit(limit),
-            Self::ShuttingDown => ReleaseError::ShuttingDown,
-            Self::SharedStateUnavailable => ReleaseError::SharedStateUnavailable,
-        })
-    }
-}
-
-impl StoredGatewayError {
-    fn of(error: &GatewayError) -> Self {
-        match error {
-            GatewayError::NoSession(agent) => Self::NoSession(agent.get()),
-            GatewayError::Connect(detail) => Self::Connect(bounded(detail)),
-            GatewayError::Timeout(after) => Self::TimeoutMs(millis(*after)),
-            GatewayError::DeadlineTooShort(left) => Self::DeadlineTooShortMs(millis(*left)),
-            GatewayError::Transport(detail) => Self::Transport(bounded(detail)),
-            GatewayError::HttpStatus { status } => Self::HttpStatus(*status),
-            GatewayError::Malformed(detail) => Self::Malformed(bounded(detail)),
-            GatewayError::Oversized { limit } => Self::Oversized(*limit),
-            GatewayError::Busy(BusyCause::QueueFull) => Self::BusyQueueFull,
-            GatewayError::Busy(BusyCause::CallerQueueFull) => Self::BusyCallerQueueFull,
-            GatewayError::Busy(BusyCause::DeadlineWhileWaiting) => Self::BusyDeadlineWhileWaiting,
-        }
-    }
-
-    fn into_error(self) -> GatewayError {
-        match self {
-            // An id this replica cannot parse was never stored by one: it is an agent id.
-            Self::NoSession(agent) => {
-                match AgentId::parse("agent_id", &agent.to_string(), u32::MAX) {
-                    Ok(agent) => GatewayError::NoSession(agent),
-                    Err(_) => GatewayError::Malformed(
-                        "an unreadable agent id in a kept answer".to_owned(),
-                    ),
-                }
-            }
-            Self::Connect(detail) => GatewayError::Connect(detail),
-            Self::TimeoutMs(ms) => GatewayError::Timeout(Duration::from_millis(ms)),
-            Self::DeadlineTooShortMs(ms) => {
-                GatewayError::DeadlineTooShort(Duration::from_millis(ms))
-            }
-            Self::Transport(detail) => GatewayError::Transport(detail),
-            Self::HttpStatus(status) => GatewayError::HttpStatus { status },
-            Self::Malformed(detail) => GatewayError::Malformed(detail),
-            Self::Oversized(limit) => GatewayError::Oversized { limit },
-            Self::BusyQueueFull => GatewayError::Busy(BusyCause::QueueFull),
-            Self::BusyCallerQueueFull => GatewayError::Busy(BusyCause::CallerQueueFull),
-            Self::BusyDeadlineWhileWaiting => GatewayError::Busy(BusyCause::DeadlineWhileWaiting),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{CallId, RequestId};
+    use crate::{
+        domain::{AgentId, CallId, RequestId},
+        gateway::{BusyCause, GatewayError, Retcode},
+        release::{CallerLimit, ReleaseOutcome, ReleaseReport},
+    };
 
     fn answers() -> Vec<ReleaseAnswer> {
         let retcode = |raw| Retcode::parse(raw).unwrap();
@@ -722,7 +569,7 @@ mod tests {
             let record = Record {
                 fingerprint: "f".to_owned(),
                 state: State::Answered {
-                    answer: StoredAnswer::of(&answer),
+                    answer: KeptAnswer::of(&answer, MAX_MESSAGE_CHARS),
                 },
             };
             let read = Record::parse(&record.to_bytes()).expect("parses");
@@ -748,7 +595,7 @@ mod tests {
         let bytes = Record {
             fingerprint: "f".to_owned(),
             state: State::Answered {
-                answer: StoredAnswer::of(&answer),
+                answer: KeptAnswer::of(&answer, MAX_MESSAGE_CHARS),
             },
         }
         .to_bytes();

@@ -10,10 +10,50 @@ use super::{
     idempotency::{self, IdempotencyCache},
     ReleaseCommand, ReleaseError, ReleaseReport, Retention,
 };
-use crate::domain::RequestId;
+use crate::{domain::RequestId, gateway::GatewayError};
 
 /// What a ReleaseCall answered, as a duplicate gets it.
 pub(crate) type ReleaseAnswer = Result<ReleaseReport, ReleaseError>;
+
+/// An answer as a store shared by replicas keeps it, for repeats of its request_id on any of
+/// them. Versioned: a replica reads only the versions it knows (a record it cannot read is,
+/// to a claim, a store out of reach: nothing is sent), and a new format comes beside this one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "version", rename_all = "snake_case")]
+pub(crate) enum KeptAnswer {
+    V1 { answer: ReleaseAnswer },
+}
+
+impl KeptAnswer {
+    /// `answer` with each of its texts cut to `max_chars` (a store bounds its values), and a
+    /// wait that could not start kept as what it is to a repeat: an attempt that ended
+    /// without an answer.
+    pub(crate) fn of(answer: &ReleaseAnswer, max_chars: usize) -> Self {
+        let cut = |text: &mut String| *text = text.chars().take(max_chars).collect();
+        let mut answer = answer.clone();
+        match &mut answer {
+            Ok(report) => cut(&mut report.message),
+            Err(
+                ReleaseError::Rejected { message, .. }
+                | ReleaseError::NoActiveCall { message, .. }
+                | ReleaseError::Gateway(
+                    GatewayError::Connect(message)
+                    | GatewayError::Transport(message)
+                    | GatewayError::Malformed(message),
+                ),
+            ) => cut(message),
+            Err(error @ ReleaseError::CannotWait(_)) => *error = ReleaseError::EarlierAttemptLost,
+            Err(_) => {}
+        }
+        Self::V1 { answer }
+    }
+
+    pub(crate) fn into_answer(self) -> ReleaseAnswer {
+        match self {
+            Self::V1 { answer } => answer,
+        }
+    }
+}
 
 /// A request_id within its caller's namespace: two callers' ids never meet.
 pub(crate) type AnswerKey = (Arc<str>, RequestId);
@@ -36,9 +76,10 @@ pub(crate) trait RequestIds: fmt::Debug + Send + Sync {
     /// Ids remembered, as last known (for the metrics).
     fn entries(&self) -> usize;
 
-    /// Whether the store, and with it the state the replicas share, can be reached now. Always
-    /// true in memory.
-    fn reachable(&self) -> bool;
+    /// Whether answers kept as [`Retention::Evictable`] may be forgotten before their window
+    /// ends to make room (a cache), rather than holding their place for the whole window (a
+    /// store that evicts nothing).
+    fn forgets_evictable_answers(&self) -> bool;
 }
 
 /// What a claim promises about the work it is for.
@@ -119,7 +160,7 @@ impl RequestIds for AnswerCache {
         self.len()
     }
 
-    fn reachable(&self) -> bool {
+    fn forgets_evictable_answers(&self) -> bool {
         true
     }
 }

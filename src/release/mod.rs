@@ -11,9 +11,12 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub(crate) use claims::{AnswerKey, Claim, ClaimTerms, Pending, ReleaseAnswer, RequestIds, Ticket};
+pub(crate) use claims::{
+    AnswerCache, AnswerKey, Claim, ClaimTerms, KeptAnswer, Pending, ReleaseAnswer, RequestIds,
+    Ticket,
+};
 pub(crate) use confirm::Confirmation;
-pub(crate) use idempotency::{IdempotencyCache, Retention};
+pub(crate) use idempotency::Retention;
 pub(crate) use shares::{CallerLimit, CallerShareLimits};
 
 use crate::{
@@ -58,22 +61,26 @@ pub(crate) struct ReleaseCommand {
     pub(crate) require_active_call: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum ReleaseOutcome {
     Released,
     NoActiveCall,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ReleaseReport {
     pub(crate) outcome: ReleaseOutcome,
     pub(crate) retcode: Retcode,
     pub(crate) message: String,
-    /// The answer was recorded for an earlier request with the same id.
+    /// The answer was recorded for an earlier request with the same id (never kept: whoever
+    /// reads a kept answer sets it).
+    #[serde(skip)]
     pub(crate) replayed: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum ReleaseError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
@@ -95,8 +102,10 @@ pub(crate) enum ReleaseError {
     /// The state the replicas share (NATS) cannot be reached; nothing was sent.
     #[error("the replicas' shared state (NATS) is unreachable; nothing was sent")]
     SharedStateUnavailable,
-    /// wait_for_release_event could not start watching; nothing was sent.
+    /// wait_for_release_event could not start watching; nothing was sent. Never kept
+    /// ([`KeptAnswer`] records it as a lost attempt).
     #[error(transparent)]
+    #[serde(skip)]
     CannotWait(SubscribeError),
 }
 
@@ -157,23 +166,29 @@ pub(crate) struct ReleasePolicy {
     pub(crate) idempotency_window: Duration,
     pub(crate) idempotency_capacity: usize,
     pub(crate) caller_shares: CallerShareLimits,
+    /// Whether a release without a request_id may go ahead with this process's sessions while
+    /// the shared state cannot be reached.
+    pub(crate) release_while_unreachable: bool,
 }
 
-impl Default for ReleasePolicy {
-    fn default() -> Self {
-        Self {
-            dropcall_attempts: 3,
-            connect_attempts: 3,
-            retry_base_delay: Duration::from_millis(100),
-            idempotency_window: Duration::from_secs(600),
-            idempotency_capacity: 100_000,
-            // A quarter of each shared default, as the flags' defaults are.
-            caller_shares: CallerShareLimits {
-                request_ids: 25_000,
-                pending_request_ids: 272,
-                release_waiters: 250,
-            },
-        }
+/// Tells whether the state the replicas share can be reached now (always, for a process
+/// alone).
+#[derive(Clone)]
+pub(crate) struct Reachable(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Reachable {
+    pub(crate) fn new(reachable: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(reachable))
+    }
+
+    pub(crate) fn now(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Reachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Reachable").field(&self.now()).finish()
     }
 }
 
@@ -212,11 +227,8 @@ pub(crate) struct ReleaseService {
     request_id_shares: shares::RequestIdShares,
     /// Each caller's share of the release waiters.
     waiter_shares: Shares,
-    /// Whether a release may go ahead with this replica's sessions while `answers` (and the
-    /// rest of the shared state) cannot be reached.
-    release_while_unreachable: bool,
-    /// Whether `answers` is shared with other replicas.
-    shared: bool,
+    /// Whether the state the replicas share (`answers`, the sessions) can be reached now.
+    shared_state_reachable: Reachable,
     /// The release room's part of the hard stop: a call still running answers at once with
     /// what it knows.
     hard_stop: CancellationToken,
@@ -225,64 +237,35 @@ pub(crate) struct ReleaseService {
 }
 
 impl ReleaseService {
+    /// Claims request ids in `answers`. While the shared state cannot be reached (as
+    /// `shared_state_reachable` tells), releases are refused (nothing sent), unless the policy
+    /// allows releasing while it is unreachable: then releases without a request_id go ahead
+    /// with this process's sessions (one with a request_id is still refused, as its id cannot
+    /// be claimed where the other replicas would see it).
     pub(crate) fn new(
         sessions: Sessions,
         events: EventHub,
         policy: ReleasePolicy,
+        answers: Arc<dyn RequestIds>,
+        shared_state_reachable: Reachable,
         lifecycle: &Lifecycle,
     ) -> Self {
-        let answers: claims::AnswerCache =
-            IdempotencyCache::new(policy.idempotency_window, policy.idempotency_capacity);
+        let mut request_id_shares =
+            shares::RequestIdShares::new(policy.caller_shares, policy.idempotency_window);
+        if !answers.forgets_evictable_answers() {
+            request_id_shares = request_id_shares.keeping_evictable_answers();
+        }
         Self {
             sessions,
             events,
-            request_id_shares: shares::RequestIdShares::new(
-                policy.caller_shares,
-                policy.idempotency_window,
-            ),
+            request_id_shares,
             waiter_shares: Shares::new(policy.caller_shares.release_waiters),
             policy,
-            answers: Arc::new(answers),
-            release_while_unreachable: true,
-            shared: false,
+            answers,
+            shared_state_reachable,
             hard_stop: lifecycle.hard_stop().child_token(),
             tasks: lifecycle.tasks().clone(),
         }
-    }
-
-    /// Claims request ids in `answers`, shared with other replicas, instead of this process's
-    /// memory. While it cannot be reached, releases are refused (nothing sent), unless
-    /// `release_while_unreachable`: then releases without a request_id go ahead with this
-    /// replica's sessions (one with a request_id is still refused, as its id cannot be claimed
-    /// where the other replicas would see it).
-    pub(crate) fn sharing_request_ids(
-        self,
-        answers: Arc<dyn RequestIds>,
-        release_while_unreachable: bool,
-    ) -> Self {
-        Self {
-            answers,
-            release_while_unreachable,
-            shared: true,
-            // The bucket evicts nothing: every answer holds its place for the window.
-            request_id_shares: self.request_id_shares.clone().keeping_evictable_answers(),
-            ..self
-        }
-    }
-
-    /// Whether request ids (and the rest of the state) are shared with other replicas.
-    pub(crate) fn shares_state(&self) -> bool {
-        self.shared
-    }
-
-    /// request_ids whose answers (or releases under way) are remembered.
-    pub(crate) fn idempotency_entries(&self) -> usize {
-        self.answers.entries()
-    }
-
-    /// Whether the state the replicas share can be reached (always, alone).
-    pub(crate) fn shared_state_reachable(&self) -> bool {
-        self.answers.reachable()
     }
 
     /// Carries out a ReleaseCall: watches for the release's event first when asked (so it
@@ -293,7 +276,7 @@ impl ReleaseService {
         &self,
         request: ReleaseRequest,
     ) -> Result<Released, ReleaseError> {
-        if !self.release_while_unreachable && !self.answers.reachable() {
+        if !self.policy.release_while_unreachable && !self.shared_state_reachable.now() {
             // Another replica may hold a newer Guid, or the same request_id: refuse before
             // anything is sent, so that a retry is safe.
             return Err(ReleaseError::SharedStateUnavailable);
@@ -569,7 +552,7 @@ mod tests {
     /// Whether a repeat of a request_id whose release was answered `answer` would act again
     /// (own the id, so send its release) rather than get that answer.
     fn repeat_acts(command: &ReleaseCommand, answer: ReleaseAnswer) -> bool {
-        let cache: claims::AnswerCache = IdempotencyCache::new(Duration::from_secs(600), 4);
+        let cache = AnswerCache::new(Duration::from_secs(600), 4);
         let key: AnswerKey = ("billing".into(), RequestId::parse("r", "r-1").unwrap());
         let idempotency::Claim::Owner(ticket) = cache.claim(&key, command.clone()) else {
             panic!("the first claim owns the id");

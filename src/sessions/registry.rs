@@ -59,15 +59,6 @@ pub(crate) struct SessionLimits {
     pub(crate) idle: Duration,
 }
 
-impl Default for SessionLimits {
-    fn default() -> Self {
-        Self {
-            max_sessions: 50_000,
-            idle: Duration::from_secs(3600),
-        }
-    }
-}
-
 /// The registry holds `max_sessions` agents already, none of them idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the facade holds {0} agents' sessions, the most it allows")]

@@ -8,8 +8,8 @@ use crate::{config::Config, gateway::is_loopback};
 pub(super) fn warn(config: &Config, grpc: SocketAddr) {
     if let Some(secrets) = cleartext_grpc(
         grpc,
-        config.tls_cert.is_some(),
-        config.caller_tokens.is_some(),
+        config.server.tls_cert.is_some(),
+        config.callers.caller_tokens.is_some(),
     ) {
         tracing::warn!(
             listen = %grpc,
@@ -18,8 +18,8 @@ pub(super) fn warn(config: &Config, grpc: SocketAddr) {
              loopback behind a proxy that does"
         );
     }
-    if let Some(url) = &config.nats_url {
-        let tls = config.nats_tls_ca.is_some() || config.nats_tls_cert.is_some();
+    if let Some(url) = &config.nats.nats_url {
+        let tls = config.nats.nats_tls_ca.is_some() || config.nats.nats_tls_cert.is_some();
         let hosts = cleartext_nats_hosts(url, tls);
         if !hosts.is_empty() {
             tracing::warn!(

@@ -5,9 +5,10 @@ use std::{net::SocketAddr, time::Duration};
 use ccgw_sim::{SimConfig, Simulator};
 use tokio::{net::TcpListener, time::Instant};
 
-use super::{build_api, StartupError};
+use super::{build_app, StartupError};
 use crate::{
     api::CallControlApi,
+    app::App,
     config::Config,
     domain::{AgentId, DEFAULT_MAX_AGENT_ID},
     telemetry::Metrics,
@@ -25,8 +26,8 @@ pub(super) async fn start(
     config: &Config,
     listener: &TcpListener,
     metrics: &Metrics,
-) -> Result<CallControlApi, StartupError> {
-    let sim_listener = TcpListener::bind(config.sim_listen).await?;
+) -> Result<App, StartupError> {
+    let sim_listener = TcpListener::bind(config.demo.sim_listen).await?;
     let sim_addr = sim_listener.local_addr()?;
     // Nobody polls the demo agents' events (that is an agent desktop's job), so the demo
     // gateway does not sign them out for missed polls.
@@ -34,18 +35,18 @@ pub(super) async fn start(
         signout_after: None,
         ..SimConfig::default()
     });
-    let api = build_api(config, format!("http://{sim_addr}"), metrics).await?;
-    let tasks = api.lifecycle().tasks().clone();
+    let app = build_app(config, format!("http://{sim_addr}"), metrics).await?;
+    let tasks = app.lifecycle.tasks().clone();
     tokio::spawn(
         sim.clone()
             .serve(sim_listener, async move { tasks.wait().await }),
     );
-    let call_id = prepare_demo(&api, &sim).await?;
+    let call_id = prepare_demo(&app.api, &sim).await?;
     println!(
         "{}",
         demo_banner(listener.local_addr()?, sim_addr, &call_id)
     );
-    Ok(api)
+    Ok(app)
 }
 
 /// Signs in the demo agents through the gateway interface (so the registry learns their

@@ -13,13 +13,13 @@ use tokio::net::TcpListener;
 
 use super::StartupError;
 use crate::{
-    api::CallControlApi,
+    app::App,
     config::Config,
     connections::{self, Admission, ConnectionLimits, LimitedConnection},
-    health::SharedStateCheck,
     lifecycle::SideServer,
     reload::ReloadStats,
     server::ServerSettings,
+    shared_state::SharedState,
     telemetry::{
         endpoint, ConnectionClosed, DroppedLogLines, Listener, Metrics, ScrapeTimeMetrics,
     },
@@ -74,7 +74,7 @@ impl MetricsEndpoint {
 #[derive(Clone, Default)]
 pub(super) struct ServiceState {
     built: Arc<OnceLock<ScrapeTimeMetrics>>,
-    shared_state: Arc<OnceLock<SharedStateCheck>>,
+    shared_state: Arc<OnceLock<SharedState>>,
 }
 
 impl ServiceState {
@@ -88,7 +88,7 @@ impl ServiceState {
             readings.gauge(
                 "ccgw_nats_connected",
                 "1 while this replica reaches NATS and NATS takes its writes (its lease heartbeat and renewals); 0 while it waits for NATS at startup",
-                move || i64::from(shared_state.get().is_some_and(|reachable| reachable())),
+                move || i64::from(shared_state.get().is_some_and(SharedState::takes_writes)),
             );
         }
         readings
@@ -97,17 +97,15 @@ impl ServiceState {
     /// The service is built: its state is read from now on.
     pub(super) fn built(
         &self,
-        api: &CallControlApi,
+        app: &App,
         config: &Config,
         server: &ServerSettings,
         dropped_log_lines: Option<DroppedLogLines>,
     ) {
-        if let Some(check) = api.shared_state_check() {
-            let _ = self.shared_state.set(check);
-        }
+        let _ = self.shared_state.set(app.shared_state.clone());
         let _ = self
             .built
-            .set(service_state(api, config, server, dropped_log_lines));
+            .set(service_state(app, config, server, dropped_log_lines));
     }
 }
 
@@ -130,14 +128,14 @@ impl Collector for ServiceState {
 
 /// The service's state, read at each scrape: one line per metric.
 fn service_state(
-    api: &CallControlApi,
+    app: &App,
     config: &Config,
     server: &ServerSettings,
     dropped_log_lines: Option<DroppedLogLines>,
 ) -> ScrapeTimeMetrics {
     let mut state = ScrapeTimeMetrics::default();
-    let events = api.events().clone();
-    let sessions = api.sessions().clone();
+    let events = app.api.events().clone();
+    let sessions = app.api.sessions().clone();
     let limits = config.events();
     let read = |f: fn(&crate::events::EventHub) -> usize| reading(&events, move |e| gauge(f(e)));
     state
@@ -232,7 +230,7 @@ fn service_state(
         .gauge(
             "ccgw_polled_agents",
             "Agents counted against --max-polled-agents",
-            read(|e| e.polled_agents()),
+            read(|e| e.polled_agents_in_use()),
         )
         .gauge(
             "ccgw_polled_agents_max",
@@ -297,19 +295,19 @@ fn service_state(
         .gauge(
             "ccgw_gateway_requests_max",
             "--max-gateway-requests",
-            constant(config.max_gateway_requests as usize),
+            constant(config.gateway.max_gateway_requests as usize),
         )
         .gauge(
             "ccgw_idempotency_entries",
             "request_ids whose answers are remembered",
-            reading(api, |a| gauge(a.idempotency_entries())),
+            reading(&app.shared_state, |s| gauge(s.request_ids().entries())),
         )
         .gauge(
             "ccgw_idempotency_capacity",
             "--idempotency-capacity",
             constant(config.release_policy().idempotency_capacity),
         );
-    if let Some(callers) = api.callers() {
+    if let Some(callers) = &app.callers {
         state
             .counter_by(
                 "ccgw_caller_files_reload_failures",
@@ -330,8 +328,7 @@ fn service_state(
             .tls
             .as_ref()
             .map(|_| ("server", server.tls_reloads.clone())),
-        api.sessions()
-            .gateway()
+        app.gateway
             .tls_reload_stats()
             .map(|stats| ("gateway_client", stats)),
     ]

@@ -22,7 +22,25 @@ pub use tracing_appender::non_blocking::ErrorCounter as DroppedLogLines;
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
-use crate::config::LogFormat;
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal (a container's log collector), text when it is.
+    Auto,
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// The format to write: `Auto` decided by whether stderr is a terminal.
+    pub fn resolve(self, stderr_is_terminal: bool) -> Self {
+        match self {
+            Self::Auto if stderr_is_terminal => Self::Text,
+            Self::Auto => Self::Json,
+            other => other,
+        }
+    }
+}
 
 /// Installs the global subscriber (log lines, and spans over OTLP when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set); `RUST_LOG` overrides the default `info` filter of the

@@ -289,7 +289,7 @@ impl CallEnd {
         };
         self.record.update(|facts| {
             facts.reason.get_or_insert_with(|| info.reason.clone());
-            if let Some(retcode) = info.metadata.get(crate::api::status::metadata_key::RETCODE) {
+            if let Some(retcode) = info.metadata.get(crate::proto::metadata_key::RETCODE) {
                 facts.retcode.get_or_insert_with(|| retcode.clone());
             }
         });

@@ -845,7 +845,7 @@ mod tests {
         }
     }
 
-    /// Cases each property above runs (the README's reliability section counts them).
+    /// Cases each property above runs (docs/layout.md's reliability section counts them).
     const TRACE_CASES: u32 = 256;
     const TRACESTATE_LIST_CASES: u32 = 64;
 }

