@@ -231,19 +231,27 @@ authorization {{
     )
 }
 
+/// A replica with fast leases on a NATS server of its own that lets it publish to `kv` (see
+/// [`nats_config`]); `None` without nats-server.
+async fn replica_allowed(kv: &str) -> Option<(ReplicaSet, Replica)> {
+    let set = replicas()
+        .nats_config(&nats_config(kv))
+        .leases(Leases::fast())
+        .start()
+        .await?;
+    let replica = set.spawn(&[]).await;
+    Some((set, replica))
+}
+
 /// A replica whose KV writes NATS refuses (publish permissions written with a partial-token
 /// wildcard, `$KV.ccgw-*.>`, which matches no bucket) connects, but is not ready and
 /// `ccgw_nats_connected` says 0; with the bucket subjects allowed it is ready and holds every
 /// shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_not_serving_while_nats_refuses_the_replicas_writes() {
-    let refusing = replicas()
-        .nats_config(&nats_config("$KV.ccgw-*.>"))
-        .leases(Leases::fast());
-    let Some(set) = refusing.start().await else {
+    let Some((set, replica)) = replica_allowed("$KV.ccgw-*.>").await else {
         return;
     };
-    let replica = set.spawn(&[]).await;
     eventually("a lease heartbeat failed", WAIT, || async {
         let failed = replica.metric("ccgw_nats_lease_renewals_failed_total");
         failed.await.expect("a serving replica's renewals failed") >= 1.0
@@ -266,13 +274,9 @@ async fn readiness_is_not_serving_while_nats_refuses_the_replicas_writes() {
     drop(replica);
     drop(set);
 
-    let allowing = replicas()
-        .nats_config(&nats_config("$KV.>"))
-        .leases(Leases::fast());
-    let Some(set) = allowing.start().await else {
+    let Some((_set, replica)) = replica_allowed("$KV.>").await else {
         return;
     };
-    let replica = set.spawn(&[]).await;
     health_becomes(replica.health(), READINESS, ServingStatus::Serving, WAIT).await;
     assert_eq!(replica.metric("ccgw_nats_connected").await, Some(1.0));
     assert_eq!(replica.metric("ccgw_nats_shards_held").await, Some(256.0));
