@@ -29,8 +29,8 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use support::{
     common::{
-        desktop_sign_in, handing_over, nats::NatsServer, replicas::metric_at,
-        spawn_service_logging, spawn_sim, watch_req, Item, CALLER,
+        desktop_sign_in, handing_over, metric, nats::NatsServer, spawn_service_logging, spawn_sim,
+        watch_req, Item, CALLER,
     },
     cpu_of, load, report,
 };
@@ -244,7 +244,8 @@ impl Facade {
 
     /// Release events this facade has read from the gateway (its poll loops').
     async fn release_events_read(&self) -> u64 {
-        metric_at(&self.metrics, "ccgw_release_events_observed_total").await as u64
+        let read = metric(&self.metrics, "ccgw_release_events_observed_total").await;
+        read.expect("a serving facade's release events observed") as u64
     }
 
     async fn stop(mut self) {

@@ -49,7 +49,7 @@ const TASKS_GRACE: Duration = Duration::from_secs(2);
 /// The longest the process takes from SIGTERM to its exit when calls may drain for
 /// `drain_timeout`: the drain, the hard stop's flush, the tasks' grace, then the export of the
 /// last spans. A pod's terminationGracePeriodSeconds covers it after its preStop pause
-/// (tests/deploy.rs checks the manifests against it).
+/// (tests/it/deploy.rs checks the manifests against it).
 pub fn exit_bound(drain_timeout: Duration) -> Duration {
     drain_timeout + HARD_STOP_FLUSH + TASKS_GRACE + crate::telemetry::trace::SHUTDOWN_TIMEOUT
 }

@@ -1,5 +1,8 @@
 //! Guids, cookies, bearer tokens and TLS private keys are credentials: they must not reach
-//! logs (at any level, ours or our dependencies'), status messages or error details.
+//! logs (at any level, ours or our dependencies'), status messages or error details. Alone in
+//! its binary: the tracing subscriber it installs is the whole process's, and would capture
+//! (and slow) every other test's logs.
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::{

@@ -1,5 +1,6 @@
 //! What callers can make the facade hold is bounded, measured by the process's RSS: alone in
 //! its binary so that no other test's allocations move the RSS it measures.
+#[path = "it/common/mod.rs"]
 mod common;
 
 use common::{

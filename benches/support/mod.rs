@@ -13,7 +13,7 @@ use std::{
 use ccgw_sim::SimConfig;
 use hdrhistogram::Histogram;
 
-#[path = "../../tests/common/mod.rs"]
+#[path = "../../tests/it/common/mod.rs"]
 pub mod common;
 pub use common::TestApp;
 
