@@ -4,15 +4,15 @@
 //! takeovers, a replica cut off) is tested fast.
 //!
 //! [`SharedMemory`] is the store (the NATS server and its buckets and stream); each facade built
-//! on it is one *member* ([`SharedMemory::member`]), with its own session registry, its own
+//! on it is one *member* (`SharedMemory::member`), with its own session registry, its own
 //! poll ownership and its own follower of the one event log, as a replica has. Members are
 //! numbered in the order they were made. [`SharedMemory::cut_off`] takes a member out of reach
 //! of the store as a network partition takes a replica away from NATS: its writes wait, it sees
 //! nothing the others write, and its link reads unreachable.
 //!
 //! Each part keeps the semantics the NATS one gives the rooms (see `sessions`, `ownership`,
-//! `event_log`); request ids are one [`AnswerCache`] the members share, refused
-//! ([`Claim::Unavailable`]) to a member cut off.
+//! `event_log`); request ids are one `AnswerCache` the members share, refused
+//! (`Claim::Unavailable`) to a member cut off.
 mod event_log;
 mod ownership;
 mod sessions;

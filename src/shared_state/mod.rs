@@ -1,6 +1,6 @@
 //! What the replicas share, built once at startup: the sessions registry, who polls which
 //! agent, the release event log, the request ids, and whether they can be reached. A single
-//! process keeps each in its own memory ([`SharedState::in_process`]); replicas share them
+//! process keeps each in its own memory (`SharedState::in_process`); replicas share them
 //! through NATS JetStream (`crate::nats::shared_state`), or, several facades in one process
 //! (tests), through that process's memory ([`SharedMemory`]). The rooms receive their parts
 //! from here; none of them knows which it runs on.
