@@ -5,8 +5,8 @@ use crate::common;
 
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
 use common::{
-    error_metadata, expect_status, hang, pki::Files, release_req, sim_config, spawn_app_with,
-    wait_until, TestApp, WAIT,
+    error_metadata, expect_status, hang, pki::Files, release_req, release_with_id, sim_config,
+    spawn_app_with, wait_until, TestApp, WAIT,
 };
 use tonic::{Code, Request};
 
@@ -42,13 +42,6 @@ fn as_caller<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
-fn with_request_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
-    ReleaseCallRequest {
-        request_id: request_id.to_owned(),
-        ..release_req(agent)
-    }
-}
-
 fn waiting_for_the_event(agent: &str) -> ReleaseCallRequest {
     ReleaseCallRequest {
         wait_for_release_event: true,
@@ -76,7 +69,7 @@ async fn one_callers_kept_answers_do_not_lock_another_caller_out_of_the_request_
     app.sign_in("101").await;
     let mut answered = Vec::new();
     for n in 0..40 {
-        let request = as_caller(with_request_id("101", &format!("idle-{n}")), ALPHA);
+        let request = as_caller(release_with_id("101", &format!("idle-{n}")), ALPHA);
         match app.release_with(request).await {
             Ok(response) => {
                 assert_eq!(response.outcome(), ReleaseOutcome::NoActiveCall);
@@ -89,7 +82,7 @@ async fn one_callers_kept_answers_do_not_lock_another_caller_out_of_the_request_
     assert_eq!(app.releases_of("101"), 5, "a refused release was sent");
     // An id alpha was answered for is still replayed, over its share or not.
     let repeat = app
-        .release_with(as_caller(with_request_id("101", "idle-0"), ALPHA))
+        .release_with(as_caller(release_with_id("101", "idle-0"), ALPHA))
         .await
         .expect("the kept answer");
     assert!(repeat.replayed, "{repeat:?}");
@@ -98,7 +91,7 @@ async fn one_callers_kept_answers_do_not_lock_another_caller_out_of_the_request_
     app.sign_in("102").await;
     app.sim.place_call("102", "70001").unwrap();
     let released = app
-        .release_with(as_caller(with_request_id("102", "beta-1"), BETA))
+        .release_with(as_caller(release_with_id("102", "beta-1"), BETA))
         .await
         .expect("beta's release goes through");
     assert_eq!(released.outcome(), ReleaseOutcome::Released);

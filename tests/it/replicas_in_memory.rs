@@ -4,15 +4,14 @@
 //! NATS are in the replicas* test files; these run without nats-server, in seconds.
 use crate::common;
 
-use std::time::Duration;
-
-use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
+use ccgw_callcontrol::proto::ReleaseOutcome;
 use common::{
-    error_metadata, expect_status, hangup_pair, health, health_becomes, kinds_and_calls,
+    eventually, expect_shared_state_unavailable, expect_status, hangup_pair, health,
+    health_becomes, kinds_and_calls,
     memory::{spawn_replicas_in_memory, MemoryReplicas},
-    release_req,
+    release_req, release_with_id,
     replicas::Leases,
-    resume_req, watch_req, CALLER, WAIT,
+    resume_req, wait_until, watch_req, CALLER, WAIT,
 };
 use tokio::time::Instant;
 use tonic::Code;
@@ -21,36 +20,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 /// The replicas' shard leases: renewed every second, taken over after 15 s.
 const LEASES: Leases = Leases::fast();
 
-fn with_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
-    ReleaseCallRequest {
-        request_id: request_id.to_owned(),
-        ..release_req(agent)
-    }
-}
-
-/// What a replica cut off from the shared state answers, as one without NATS does.
-fn expect_shared_state_unavailable(status: &tonic::Status) {
-    let details = expect_status(status, Code::Unavailable, "SHARED_STATE_UNAVAILABLE");
-    assert!(details.retry_info().is_some(), "{status:?}");
-    assert!(
-        !error_metadata(status).contains_key("may_have_released"),
-        "{status:?}"
-    );
-}
-
-/// Waits, bounded by `within`, until `condition` holds.
-async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let waited = tokio::time::timeout(within, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "timed out waiting until {what}");
-}
-
 async fn until_polled(set: &MemoryReplicas, agent: &str) {
-    eventually("the agent is polled", WAIT, || {
+    wait_until("the agent is polled", || {
         set.sim.agent(agent).is_ok_and(|a| a.polls_in_flight >= 1)
     })
     .await;
@@ -124,20 +95,20 @@ async fn a_request_id_repeated_on_another_replica_is_answered_once() {
     set.sim.place_call("101", CALLER).unwrap();
     let first = set
         .replica(0)
-        .release(with_id("101", "hang-up-1"))
+        .release(release_with_id("101", "hang-up-1"))
         .await
         .expect("released");
     assert_eq!(first.outcome(), ReleaseOutcome::Released, "{first:?}");
     let repeat = set
         .replica(1)
-        .release(with_id("101", "hang-up-1"))
+        .release(release_with_id("101", "hang-up-1"))
         .await
         .expect("the repeat answers");
     assert_eq!(repeat.outcome(), ReleaseOutcome::Released, "{repeat:?}");
     for i in 0..2 {
         let status = set
             .replica(i)
-            .release(with_id("102", "hang-up-1"))
+            .release(release_with_id("102", "hang-up-1"))
             .await
             .unwrap_err();
         expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
@@ -164,7 +135,7 @@ async fn a_stopped_pollers_agents_are_polled_by_another_at_once() {
 
     let stopped_at = Instant::now();
     set.stop(0).await;
-    eventually("replica 1 holds the agent's shard", WAIT, || {
+    wait_until("replica 1 holds the agent's shard", || {
         set.poller_of(&agent) == Some(1)
     })
     .await;
@@ -198,7 +169,7 @@ async fn a_cut_off_pollers_agents_are_taken_over_after_the_lease_ttl() {
     let cut_off_addr = set.replica(1).grpc_addr.to_string();
     health_becomes(&cut_off_addr, "", ServingStatus::NotServing, WAIT).await;
     eventually("replica 0 took the shard over", 3 * LEASES.ttl(), || {
-        set.poller_of(&agent) == Some(0)
+        std::future::ready(set.poller_of(&agent) == Some(0))
     })
     .await;
     assert!(
@@ -215,7 +186,7 @@ async fn a_cut_off_pollers_agents_are_taken_over_after_the_lease_ttl() {
 
     set.shared.cut_off(1, false);
     health_becomes(&cut_off_addr, "", ServingStatus::Serving, WAIT).await;
-    eventually("replica 1 holds its shard again", WAIT, || {
+    wait_until("replica 1 holds its shard again", || {
         set.poller_of(&agent) == Some(1)
     })
     .await;
@@ -251,7 +222,7 @@ async fn a_replica_cut_off_is_not_ready_and_sends_nothing() {
         health(&addr, "liveness").await,
         Some(ServingStatus::Serving)
     );
-    for request in [release_req("101"), with_id("101", "during-cut")] {
+    for request in [release_req("101"), release_with_id("101", "during-cut")] {
         let status = set.replica(1).release(request).await.unwrap_err();
         expect_shared_state_unavailable(&status);
     }
@@ -270,7 +241,7 @@ async fn a_replica_cut_off_is_not_ready_and_sends_nothing() {
     health_becomes(&addr, "", ServingStatus::Serving, WAIT).await;
     let answer = set
         .replica(1)
-        .release(with_id("101", "during-cut"))
+        .release(release_with_id("101", "during-cut"))
         .await
         .expect("released once back");
     assert_eq!(answer.outcome(), ReleaseOutcome::Released, "{answer:?}");

@@ -7,21 +7,13 @@ use std::time::Duration;
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome};
 use ccgw_sim::{Fault, FaultRule};
 use common::{
-    error_metadata, expect_status, health, health_becomes, release_req,
+    error_metadata, expect_shared_state_unavailable, expect_status, health, health_becomes,
+    release_req, release_with_id, releases_sent,
     replicas::{Replica, ReplicaSet},
     wait_until, watch_req, CALLER, WAIT,
 };
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-/// Releases of the current call (`DELETE`) the simulator received.
-fn deletes(set: &ReplicaSet) -> usize {
-    set.sim
-        .requests()
-        .iter()
-        .filter(|r| r.method == "DELETE")
-        .count()
-}
 
 /// Holds the next release of a current call at the gateway for `ms`.
 fn hold_next_release(set: &ReplicaSet, ms: u64) {
@@ -46,22 +38,6 @@ async fn two_replicas(set: &ReplicaSet, flags: &[&str]) -> [Replica; 2] {
 fn call_101(set: &ReplicaSet) {
     set.sim.place_call("101", CALLER).unwrap();
     set.sim.clear_requests();
-}
-
-fn with_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
-    ReleaseCallRequest {
-        request_id: request_id.to_owned(),
-        ..release_req(agent)
-    }
-}
-
-fn expect_shared_state_unavailable(status: &tonic::Status) {
-    let details = expect_status(status, Code::Unavailable, "SHARED_STATE_UNAVAILABLE");
-    assert!(details.retry_info().is_some(), "{status:?}");
-    assert!(
-        !error_metadata(status).contains_key("may_have_released"),
-        "{status:?}"
-    );
 }
 
 fn released(answer: &ReleaseCallResponse) {
@@ -91,7 +67,7 @@ async fn an_undocumented_retcode_is_kept_for_every_replica() {
     });
     for client in [&mut a, &mut b] {
         let status = client
-            .release_call(with_id("101", "undocumented-1"))
+            .release_call(release_with_id("101", "undocumented-1"))
             .await
             .unwrap_err();
         let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
@@ -99,7 +75,7 @@ async fn an_undocumented_retcode_is_kept_for_every_replica() {
         assert_eq!(metadata["cause"], "GATEWAY_RETCODE_UNKNOWN", "{status:?}");
         assert_eq!(metadata["retcode"], "200-099", "{status:?}");
         assert!(details.retry_info().is_none(), "{status:?}");
-        assert_eq!(deletes(&set), 1, "the repeat released again");
+        assert_eq!(releases_sent(&set.sim), 1, "the repeat released again");
     }
 }
 
@@ -119,14 +95,14 @@ async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
     hold_next_release(&set, 4_000);
     let first = tokio::spawn({
         let mut a = a.clone();
-        async move { a.release_call(with_id("101", "hang-up-1")).await }
+        async move { a.release_call(release_with_id("101", "hang-up-1")).await }
     });
     wait_until("the first release reached the gateway", || {
-        deletes(&set) == 1
+        releases_sent(&set.sim) == 1
     })
     .await;
     let second = b
-        .release_call(with_id("101", "hang-up-1"))
+        .release_call(release_with_id("101", "hang-up-1"))
         .await
         .expect("the duplicate gets the first answer")
         .into_inner();
@@ -136,35 +112,35 @@ async fn a_request_id_is_released_once_whichever_replicas_it_reaches() {
     assert!(!first.replayed);
     assert!(second.replayed);
     assert_eq!(first.retcode, second.retcode);
-    assert_eq!(deletes(&set), 1, "the duplicate released again");
+    assert_eq!(releases_sent(&set.sim), 1, "the duplicate released again");
 
     // Later duplicates on either replica replay it too.
     for client in [&mut a, &mut b] {
         let again = client
-            .release_call(with_id("101", "hang-up-1"))
+            .release_call(release_with_id("101", "hang-up-1"))
             .await
             .unwrap()
             .into_inner();
         assert!(again.replayed);
         released(&again);
     }
-    assert_eq!(deletes(&set), 1);
+    assert_eq!(releases_sent(&set.sim), 1);
 
     // The id names that release: another command under it is refused, nothing sent.
     for client in [&mut a, &mut b] {
         let other = ReleaseCallRequest {
             require_active_call: true,
-            ..with_id("101", "hang-up-1")
+            ..release_with_id("101", "hang-up-1")
         };
         let status = client.release_call(other).await.unwrap_err();
         expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
     }
     let status = b
-        .release_call(with_id("102", "hang-up-1"))
+        .release_call(release_with_id("102", "hang-up-1"))
         .await
         .unwrap_err();
     expect_status(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
-    assert_eq!(deletes(&set), 1);
+    assert_eq!(releases_sent(&set.sim), 1);
 }
 
 /// NATS stopped: readiness NOT_SERVING (liveness stays SERVING), ReleaseCall and new streams
@@ -187,7 +163,7 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
         health(replica_a.addr(), "liveness").await,
         Some(ServingStatus::Serving)
     );
-    for request in [release_req("101"), with_id("101", "during-outage")] {
+    for request in [release_req("101"), release_with_id("101", "during-outage")] {
         let status = a.release_call(request).await.unwrap_err();
         expect_shared_state_unavailable(&status);
     }
@@ -201,12 +177,12 @@ async fn without_nats_a_replica_is_not_ready_and_sends_nothing() {
     set.nats[0].restart().await;
     health_becomes(replica_a.addr(), "", ServingStatus::Serving, WAIT).await;
     let answer = a
-        .release_call(with_id("101", "during-outage"))
+        .release_call(release_with_id("101", "during-outage"))
         .await
         .expect("released once NATS is back")
         .into_inner();
     released(&answer);
-    assert_eq!(deletes(&set), 1);
+    assert_eq!(releases_sent(&set.sim), 1);
 }
 
 /// With --release-without-nats, a release without request_id goes through during the outage
@@ -225,18 +201,18 @@ async fn release_without_nats_uses_the_last_known_session() {
     set.nats[0].kill().await;
     health_becomes(replica_a.addr(), "", ServingStatus::NotServing, WAIT).await;
     let status = a
-        .release_call(with_id("101", "with-an-id"))
+        .release_call(release_with_id("101", "with-an-id"))
         .await
         .unwrap_err();
     expect_shared_state_unavailable(&status);
-    assert_eq!(deletes(&set), 0);
+    assert_eq!(releases_sent(&set.sim), 0);
     let answer = a
         .release_call(release_req("101"))
         .await
         .expect("released with the last known session")
         .into_inner();
     released(&answer);
-    assert_eq!(deletes(&set), 1);
+    assert_eq!(releases_sent(&set.sim), 1);
 }
 
 /// A replica killed (-9) while its release is at the gateway leaves its claim unanswered: a
@@ -254,18 +230,18 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
     call_101(&set);
 
     hold_next_release(&set, 120_000);
-    let mut request = tonic::Request::new(with_id("101", "doomed"));
+    let mut request = tonic::Request::new(release_with_id("101", "doomed"));
     request.set_timeout(Duration::from_secs(2));
     let first = tokio::spawn(async move { a.release_call(request).await });
     wait_until("the first release reached the gateway", || {
-        deletes(&set) == 1
+        releases_sent(&set.sim) == 1
     })
     .await;
     replica_a.kill().await;
     let _ = first.await;
 
     for _ in 0..2 {
-        let mut duplicate = tonic::Request::new(with_id("101", "doomed"));
+        let mut duplicate = tonic::Request::new(release_with_id("101", "doomed"));
         duplicate.set_timeout(WAIT);
         let status = b.release_call(duplicate).await.unwrap_err();
         let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
@@ -274,7 +250,7 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
         assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
         assert_eq!(metadata["may_have_released"], "true");
     }
-    assert_eq!(deletes(&set), 1, "a lost release was repeated");
+    assert_eq!(releases_sent(&set.sim), 1, "a lost release was repeated");
 }
 
 /// The bucket holds --idempotency-capacity ids: an answer that changed nothing leaves at once;
@@ -299,19 +275,19 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
     set.sim.clear_requests();
     // An answer that provably changed nothing is forgotten at once, freeing its slot.
     let status = a
-        .release_call(with_id("102", "no-session"))
+        .release_call(release_with_id("102", "no-session"))
         .await
         .unwrap_err();
     expect_status(&status, Code::FailedPrecondition, "NO_SESSION");
     let kept = a
-        .release_call(with_id("101", "kept"))
+        .release_call(release_with_id("101", "kept"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(kept.outcome(), ReleaseOutcome::NoActiveCall);
     set.sim.place_call("101", CALLER).unwrap();
     let status = a
-        .release_call(with_id("101", "one-too-many"))
+        .release_call(release_with_id("101", "one-too-many"))
         .await
         .unwrap_err();
     expect_status(
@@ -319,9 +295,9 @@ async fn a_full_request_id_bucket_refuses_new_ids() {
         Code::ResourceExhausted,
         "TOO_MANY_PENDING_RELEASES",
     );
-    assert_eq!(deletes(&set), 1, "only the kept id's release");
+    assert_eq!(releases_sent(&set.sim), 1, "only the kept id's release");
     let replay = a
-        .release_call(with_id("101", "kept"))
+        .release_call(release_with_id("101", "kept"))
         .await
         .unwrap()
         .into_inner();
@@ -339,7 +315,7 @@ async fn request_ids_outlive_one_nats_node_of_three() {
     let mut a = replica_a.client().await;
     let b = replica_b.client().await;
     let before = a
-        .release_call(with_id("101", "before"))
+        .release_call(release_with_id("101", "before"))
         .await
         .unwrap()
         .into_inner();
@@ -354,7 +330,7 @@ async fn request_ids_outlive_one_nats_node_of_three() {
         loop {
             attempt += 1;
             let id = format!("after-{attempt}");
-            match a.release_call(with_id("101", &id)).await {
+            match a.release_call(release_with_id("101", &id)).await {
                 Ok(answer) => return (id, answer.into_inner()),
                 Err(status) => expect_shared_state_unavailable(&status),
             }
@@ -366,7 +342,7 @@ async fn request_ids_outlive_one_nats_node_of_three() {
     assert_eq!(after.outcome(), ReleaseOutcome::NoActiveCall);
     for (mut client, request_id) in [(a, "before"), (b.clone(), "before"), (b, id.as_str())] {
         let replayed = client
-            .release_call(with_id("101", request_id))
+            .release_call(release_with_id("101", request_id))
             .await
             .unwrap()
             .into_inner();
@@ -386,26 +362,33 @@ async fn each_replica_holds_a_caller_to_its_share_of_the_request_ids() {
     let [replica_a, replica_b] = two_replicas(&set, &flags).await;
     let mut a = replica_a.client().await;
     let mut b = replica_b.client().await;
-    let sent = deletes(&set);
+    let sent = releases_sent(&set.sim);
     for id in ["a-1", "a-2"] {
         let answer = a
-            .release_call(with_id("101", id))
+            .release_call(release_with_id("101", id))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(answer.outcome(), ReleaseOutcome::NoActiveCall);
     }
-    let refused = a.release_call(with_id("101", "a-3")).await.unwrap_err();
+    let refused = a
+        .release_call(release_with_id("101", "a-3"))
+        .await
+        .unwrap_err();
     expect_status(&refused, Code::ResourceExhausted, "CALLER_LIMIT_REACHED");
     assert_eq!(
         error_metadata(&refused)["caller_limit"],
         "--max-request-ids-per-caller"
     );
-    assert_eq!(deletes(&set), sent + 2, "the refused id's release was sent");
+    assert_eq!(
+        releases_sent(&set.sim),
+        sent + 2,
+        "the refused id's release was sent"
+    );
 
     // The other replica counts its own.
     let answer = b
-        .release_call(with_id("101", "b-1"))
+        .release_call(release_with_id("101", "b-1"))
         .await
         .unwrap()
         .into_inner();
@@ -413,11 +396,11 @@ async fn each_replica_holds_a_caller_to_its_share_of_the_request_ids() {
     // Ids answered here or there are replayed by the replica at the caller's share.
     for id in ["a-1", "b-1"] {
         let replay = a
-            .release_call(with_id("101", id))
+            .release_call(release_with_id("101", id))
             .await
             .unwrap()
             .into_inner();
         assert!(replay.replayed, "{id}: {replay:?}");
     }
-    assert_eq!(deletes(&set), sent + 3);
+    assert_eq!(releases_sent(&set.sim), sent + 3);
 }

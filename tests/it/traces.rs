@@ -7,10 +7,10 @@ use crate::common;
 use std::sync::{Arc, Mutex};
 
 use axum::{body::Bytes, routing::post, Router};
-use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseCallRequest};
+use ccgw_callcontrol::proto::call_control_client::CallControlClient;
 use ccgw_sim::{Fault, FaultRule};
 use common::{
-    desktop_sign_in, handing_over, release_req, sim_config, spawn_app, spawn_sim, wait_until,
+    desktop_sign_in, handing_over, release_with_id, sim_config, spawn_app, spawn_sim, wait_until,
     watch_req, CALLER, WAIT,
 };
 use opentelemetry_proto::tonic::{
@@ -37,15 +37,6 @@ fn traced<T>(mut request: tonic::Request<T>, traceparent: &str) -> tonic::Reques
     metadata.insert("traceparent", traceparent.parse().unwrap());
     metadata.insert("tracestate", TRACESTATE.parse().unwrap());
     request
-}
-
-/// A ReleaseCall with a request_id, so that its release runs on a task of its own (one that
-/// outlives the caller).
-fn release_with_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
-    ReleaseCallRequest {
-        request_id: request_id.into(),
-        ..release_req(agent)
-    }
 }
 
 /// Without an exporter the caller's context goes to the gateway as it came: the caller's span

@@ -95,15 +95,11 @@ impl MemoryReplicas {
 
     /// The most polls of `agent` the simulator had in flight at once since its sign-in.
     pub fn max_polls_in_flight(&self, agent: &str) -> u32 {
-        self.sim.agent(agent).map_or(0, |v| v.max_polls_in_flight)
+        super::max_polls_in_flight(&self.sim, agent)
     }
 
     /// `DELETE`s (releases of the current call) the simulator received.
     pub fn deletes(&self) -> usize {
-        self.sim
-            .requests()
-            .iter()
-            .filter(|r| r.method == "DELETE")
-            .count()
+        super::releases_sent(&self.sim)
     }
 }

@@ -573,6 +573,28 @@ pub fn release_req(agent: &str) -> ReleaseCallRequest {
     }
 }
 
+/// [`release_req`] under `request_id` (its release then runs on a task of its own, one that
+/// outlives the caller, and a repeat is answered from what the first got).
+pub fn release_with_id(agent: &str, request_id: &str) -> ReleaseCallRequest {
+    ReleaseCallRequest {
+        request_id: request_id.to_owned(),
+        ..release_req(agent)
+    }
+}
+
+/// Releases of the current call (`DELETE`) `sim` received.
+pub fn releases_sent(sim: &Simulator) -> usize {
+    sim.requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .count()
+}
+
+/// The most polls of `agent` `sim` had in flight at once since its sign-in.
+pub fn max_polls_in_flight(sim: &Simulator, agent: &str) -> u32 {
+    sim.agent(agent).map_or(0, |v| v.max_polls_in_flight)
+}
+
 // ---------------------------------------------------------------------------------------------
 // WatchReleaseEvents helpers
 // ---------------------------------------------------------------------------------------------
@@ -809,8 +831,8 @@ pub async fn watch_on(
     })
 }
 
-/// Checks `condition`, which reads this process's state, every 10 ms until it holds; panics
-/// after [`WAIT`].
+/// Checks `condition` on this process's state (the simulator, a facade in this process) every
+/// 10 ms until it holds; panics after [`WAIT`].
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     check_until(what, WAIT, Duration::from_millis(10), || {
         std::future::ready(condition())
@@ -818,7 +840,7 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     .await;
 }
 
-/// Checks `condition`, which asks another process (NATS, a replica's metrics), every 50 ms
+/// Checks `condition` (which may ask another process: NATS, a replica's metrics) every 50 ms
 /// until it holds; panics after `within`.
 pub async fn eventually<F: std::future::Future<Output = bool>>(
     what: &str,
@@ -906,6 +928,17 @@ pub fn expect_status(
         "no RequestInfo: {status:?}"
     );
     details
+}
+
+/// Asserts what a replica without its shared state (NATS down, or cut off) answers: UNAVAILABLE,
+/// SHARED_STATE_UNAVAILABLE, to be retried, and nothing released.
+pub fn expect_shared_state_unavailable(status: &tonic::Status) {
+    let details = expect_status(status, tonic::Code::Unavailable, "SHARED_STATE_UNAVAILABLE");
+    assert!(details.retry_info().is_some(), "{status:?}");
+    assert!(
+        !error_metadata(status).contains_key("may_have_released"),
+        "{status:?}"
+    );
 }
 
 /// `ErrorInfo.metadata` of a status (empty when there is no ErrorInfo).

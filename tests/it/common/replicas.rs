@@ -321,7 +321,7 @@ impl ReplicaSet {
 
     /// The most polls of `agent` the simulator had in flight at once since its sign-in.
     pub fn max_polls_in_flight(&self, agent: &str) -> u32 {
-        self.sim.agent(agent).map_or(0, |v| v.max_polls_in_flight)
+        super::max_polls_in_flight(&self.sim, agent)
     }
 }
 
