@@ -128,14 +128,14 @@ impl Drop for BelowPublish {
     }
 }
 
-#[cfg(test)]
+/// Only debug builds check the lock order.
+#[cfg(all(test, debug_assertions))]
 mod tests {
     use super::{BelowPublish, Numbering};
     use crate::events::ProcessLog;
 
     /// The registry's lock comes after the publish lock: taking the publish lock under it is
-    /// caught (debug builds), and taking it after the mark is gone is not.
-    #[cfg(debug_assertions)]
+    /// caught, and taking it after the mark is gone is not.
     #[test]
     fn the_publish_lock_is_refused_under_the_feed_registrys_lock() {
         let numbering = Numbering::new(&ProcessLog::new());
