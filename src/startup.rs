@@ -114,7 +114,7 @@ pub async fn build_app_on(
     metrics: &Metrics,
     shared: &SharedMemory,
 ) -> Result<App, StartupError> {
-    config.validate().map_err(StartupError::Config)?;
+    config.validate()?;
     config.validate_leases()?;
     let gateway = GatewayClient::new(&config.gateway(gateway_url)?)?.counted_in(metrics);
     let lifecycle = Lifecycle::new();
