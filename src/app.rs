@@ -22,15 +22,3 @@ pub struct App {
     /// The gateway, probed for the health service, its TLS files re-read.
     pub(crate) gateway: GatewayClient,
 }
-
-impl App {
-    /// What the service counts with.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// What the replicas share.
-    pub fn shared_state(&self) -> &SharedState {
-        &self.shared_state
-    }
-}

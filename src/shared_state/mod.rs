@@ -118,7 +118,8 @@ impl SharedState {
     /// Readiness: the state takes this process's writes and it has taken its share of the
     /// polling (all of it, alone).
     pub fn ready(&self) -> bool {
-        self.takes_writes() && self.part().share_taken
+        let part = self.part();
+        self.reachable() && part.writes_accepted && part.share_taken
     }
 
     fn part(&self) -> PollingPart {
