@@ -34,6 +34,7 @@
 mod feeds;
 mod forward;
 mod hub;
+mod lease_holder;
 mod log;
 mod numbering;
 mod ownership;
@@ -51,6 +52,7 @@ use std::{time::Duration, time::SystemTime};
 
 pub(crate) use forward::Forwarded;
 pub use hub::{EventHub, EventStats};
+pub(crate) use lease_holder::{HeldLease, Holder, HolderState, Holding, LeaseOwnership};
 pub use log::LogStats;
 pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, ProcessLog, Record};
 pub use ownership::{desired_owner, shard_of, OwnershipStats, PollingPart, SHARDS};

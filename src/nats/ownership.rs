@@ -24,30 +24,23 @@
 //! interval, deleted when they stop; the bucket's max age lets a crashed replica's interest
 //! fade (interest is no lease). The holder of the agent's shard polls for them.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    collections::{BTreeSet, HashMap},
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
 use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
 use futures_util::{future::join_all, StreamExt};
-use tokio::{
-    sync::{watch, Notify},
-    time::Instant,
-};
+use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{Bucket, Cluster, NatsError, NatsSettings};
 use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
     events::{
-        desired_owner, shard_of, LeaseSettings, OwnershipStats, PollOwnership, PollPermit,
-        PollingPart, RemoteInterest, SHARDS,
+        desired_owner, HeldLease, Holder, HolderState, Holding, LeaseOwnership, LeaseSettings,
+        PollingPart, SHARDS,
     },
-    lock,
 };
 
 /// Interest keys live this many renew intervals without a refresh.
@@ -77,18 +70,6 @@ fn interest_key(agent: AgentId, replica: &str) -> String {
 /// A replica id as written by this code: lowercase hex (so it is safe as a key token).
 fn is_replica_id(raw: &str) -> bool {
     !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// A shard lease this replica holds.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    /// Its revision: the next renewal updates on it.
-    revision: u64,
-    /// Polls may start before this: the last successful renewal's send time + TTL - margin -
-    /// poll timeout.
-    fence: Instant,
-    /// No longer ours to poll: handed back once its polls in flight end.
-    releasing: bool,
 }
 
 /// A key whose revision this replica watches move.
@@ -124,10 +105,8 @@ struct Plan {
 }
 
 #[derive(Debug)]
-struct State {
-    held: BTreeMap<u16, Held>,
-    /// Polls in flight per held shard.
-    in_flight: HashMap<u16, usize>,
+pub(crate) struct State {
+    holding: Holding,
     members: HashMap<String, Seen>,
     leases: HashMap<u16, Lease>,
     /// Since when this replica has been watching the bucket without a break: it began, or its
@@ -137,10 +116,6 @@ struct State {
     observing_since: Instant,
     /// When this replica's last successful heartbeat was sent; `None` after a failed one.
     heartbeat: Option<Instant>,
-    /// Agents this replica's clients watch: how many poll loops said so.
-    local: HashMap<AgentId, usize>,
-    /// Interest keys this replica put.
-    published: HashSet<AgentId>,
     /// Other replicas' interest: agent -> replica -> when its key was put last (own clock).
     remote: HashMap<AgentId, HashMap<String, Instant>>,
     /// This replica has held, at least once, every shard its view of the live members gives
@@ -153,14 +128,11 @@ struct State {
 impl State {
     fn new(now: Instant) -> Self {
         Self {
-            held: BTreeMap::new(),
-            in_flight: HashMap::new(),
+            holding: Holding::default(),
             members: HashMap::new(),
             leases: HashMap::new(),
             observing_since: now,
             heartbeat: None,
-            local: HashMap::new(),
-            published: HashSet::new(),
             remote: HashMap::new(),
             share_taken: false,
             renewals_failing: false,
@@ -172,8 +144,14 @@ impl State {
         let live = self.live(me, now, ttl);
         live.contains(&me)
             && (0..SHARDS).all(|shard| {
-                desired_owner(shard, &live) != Some(me) || self.held.contains_key(&shard)
+                desired_owner(shard, &live) != Some(me) || self.holding.held.contains_key(&shard)
             })
+    }
+}
+
+impl HolderState for State {
+    fn holding(&mut self) -> &mut Holding {
+        &mut self.holding
     }
 
     /// Its last heartbeat and renewals were written (a replica whose writes NATS refuses, or
@@ -184,36 +162,23 @@ impl State {
             share_taken: self.share_taken,
         }
     }
+}
 
-    /// Whether a poll of the shard may start now.
-    fn may_poll(&self, shard: u16, now: Instant) -> bool {
-        self.held
-            .get(&shard)
-            .is_some_and(|held| !held.releasing && now < held.fence)
-    }
-
+impl State {
     /// The shards held and not being handed back.
     fn owned(&self) -> Vec<u16> {
-        self.held
+        self.holding
+            .held
             .iter()
             .filter(|(_, held)| !held.releasing)
             .map(|(shard, _)| *shard)
             .collect()
     }
 
-    /// The shards polls may start for now.
-    fn pollable(&self, now: Instant) -> Vec<u16> {
-        self.held
-            .keys()
-            .copied()
-            .filter(|shard| self.may_poll(*shard, now))
-            .collect()
-    }
-
     /// The lease of `shard` was (re)written by this replica at `revision`, the write sent at
     /// `sent`.
     fn renewed(&mut self, me: &str, shard: u16, revision: u64, sent: Instant, s: LeaseSettings) {
-        let held = self.held.entry(shard).or_insert(Held {
+        let held = self.holding.held.entry(shard).or_insert(HeldLease {
             revision,
             fence: sent,
             releasing: false,
@@ -224,8 +189,8 @@ impl State {
     }
 
     /// This replica no longer holds `shard`.
-    fn lost(&mut self, shard: u16) -> Option<Held> {
-        self.held.remove(&shard)
+    fn lost(&mut self, shard: u16) -> Option<HeldLease> {
+        self.holding.held.remove(&shard)
     }
 
     fn saw_lease(&mut self, shard: u16, holder: &str, revision: u64, now: Instant) {
@@ -314,9 +279,9 @@ impl State {
         }
         for shard in 0..SHARDS {
             let desired = desired_owner(shard, &live) == Some(me);
-            if let Some(held) = self.held.get_mut(&shard) {
+            if let Some(held) = self.holding.held.get_mut(&shard) {
                 held.releasing = !desired;
-                if held.releasing && self.in_flight.get(&shard).copied().unwrap_or(0) == 0 {
+                if held.releasing && self.holding.in_flight.get(&shard).copied().unwrap_or(0) == 0 {
                     plan.hand_back.push((shard, held.revision));
                 }
                 continue;
@@ -353,32 +318,12 @@ impl State {
         plan
     }
 
-    /// Agents whose interest key this replica should hold: watched here, and polled by
-    /// another replica (their shard not held, or being handed back).
-    fn interest_wanted(&self) -> HashSet<AgentId> {
-        self.local
-            .keys()
-            .copied()
-            .filter(|agent| self.interest_wanted_for(*agent))
-            .collect()
-    }
-
-    fn interest_wanted_for(&self, agent: AgentId) -> bool {
-        self.held
-            .get(&shard_of(agent))
-            .is_none_or(|held| held.releasing)
-    }
-
     /// The agents other replicas watch whose shard this replica may poll.
     fn remote_interest(&self, now: Instant, lifetime: Duration) -> BTreeSet<AgentId> {
         self.remote
             .iter()
             .filter(|(agent, by)| {
-                by.values().any(|put| now < *put + lifetime)
-                    && self
-                        .held
-                        .get(&shard_of(**agent))
-                        .is_some_and(|held| !held.releasing)
+                by.values().any(|put| now < *put + lifetime) && self.holding.owns(**agent)
             })
             .map(|(agent, _)| *agent)
             .collect()
@@ -399,14 +344,7 @@ impl State {
 struct Shared {
     replica: Arc<str>,
     settings: LeaseSettings,
-    state: Mutex<State>,
-    /// Wakes the driver: a shard being handed back drained, an agent's interest changed, a
-    /// shard this replica wants was freed.
-    wake: Notify,
-    changes: watch::Sender<u64>,
-    interest: watch::Sender<RemoteInterest>,
-    renewals_failed: AtomicU64,
-    leases_lost: AtomicU64,
+    holder: Arc<Holder<State>>,
 }
 
 impl Shared {
@@ -414,12 +352,7 @@ impl Shared {
         Arc::new(Self {
             replica,
             settings,
-            state: Mutex::new(State::new(Instant::now())),
-            wake: Notify::new(),
-            changes: watch::Sender::new(0),
-            interest: watch::Sender::new(RemoteInterest::default()),
-            renewals_failed: AtomicU64::new(0),
-            leases_lost: AtomicU64::new(0),
+            holder: Holder::new(State::new(Instant::now())),
         })
     }
 
@@ -441,20 +374,20 @@ impl Shared {
 
     fn apply<T>(&self, interest_changed: bool, change: impl FnOnce(&mut State, Instant) -> T) -> T {
         let now = Instant::now();
-        let mut state = lock(&self.state);
-        let (pollable, owned) = (state.pollable(now), state.owned());
+        let mut state = self.holder.lock();
+        let (pollable, owned) = (state.holding.pollable(now), state.owned());
         let result = change(&mut state, now);
-        let pollable_changed = pollable != state.pollable(now);
+        let pollable_changed = pollable != state.holding.pollable(now);
         // Recomputed only when it may have changed: lease entries arrive by the hundred per
         // renew interval, and the interest may name thousands of agents.
         let interest = (interest_changed || owned != state.owned())
             .then(|| state.remote_interest(now, self.interest_lifetime()));
         drop(state);
         if pollable_changed {
-            self.changes.send_modify(|n| *n += 1);
+            self.holder.signals.changes.send_modify(|n| *n += 1);
         }
         if let Some(interest) = interest {
-            self.interest.send_if_modified(|current| {
+            self.holder.signals.interest.send_if_modified(|current| {
                 let modified = **current != interest;
                 if modified {
                     *current = Arc::new(interest);
@@ -468,7 +401,10 @@ impl Shared {
     fn lease_lost(&self, shard: u16, why: &str) {
         let lost = self.update(|state, _| state.lost(shard));
         if lost.is_some_and(|held| !held.releasing) {
-            self.leases_lost.fetch_add(1, Ordering::Relaxed);
+            self.holder
+                .signals
+                .leases_lost
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 shard,
                 "shard lease lost: {why}; its agents are no longer polled here"
@@ -506,6 +442,7 @@ impl Shared {
                     state.saw_lease(shard, &holder, entry.revision, now);
                     holder != me
                         && state
+                            .holding
                             .held
                             .get(&shard)
                             .is_some_and(|held| entry.revision > held.revision)
@@ -518,6 +455,7 @@ impl Shared {
                 let held = self.update(|state, now| {
                     state.leases.insert(shard, Lease::Free { since: now });
                     state
+                        .holding
                         .held
                         .get(&shard)
                         .is_some_and(|held| entry.revision > held.revision)
@@ -525,7 +463,7 @@ impl Shared {
                 if held {
                     self.lease_lost(shard, "it was deleted");
                 }
-                self.wake.notify_one();
+                self.holder.signals.wake.notify_one();
             }
         }
     }
@@ -546,7 +484,7 @@ impl Shared {
             return;
         }
         let now = Instant::now();
-        let mut state = lock(&self.state);
+        let mut state = self.holder.lock();
         // A refresh of known interest changes no set: only new and withdrawn agents do.
         let set_changed = match operation {
             Operation::Put => state
@@ -572,94 +510,8 @@ impl Shared {
     }
 }
 
-/// A poll in flight on a held shard.
-struct InFlight {
-    shared: Arc<Shared>,
-    shard: u16,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let mut state = lock(&self.shared.state);
-        let drained = match state.in_flight.get_mut(&self.shard) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            _ => {
-                state.in_flight.remove(&self.shard);
-                true
-            }
-        };
-        let releasing = state.held.get(&self.shard).is_some_and(|h| h.releasing);
-        drop(state);
-        if drained && releasing {
-            self.shared.wake.notify_one();
-        }
-    }
-}
-
 /// Poll ownership shared through NATS (see the module's documentation).
-#[derive(Debug)]
-pub struct NatsOwnership {
-    shared: Arc<Shared>,
-}
-
-impl PollOwnership for NatsOwnership {
-    fn poll_permit(&self, agent: AgentId) -> Option<PollPermit> {
-        let shard = shard_of(agent);
-        let mut state = lock(&self.shared.state);
-        if !state.may_poll(shard, Instant::now()) {
-            return None;
-        }
-        *state.in_flight.entry(shard).or_default() += 1;
-        Some(PollPermit::guarded(InFlight {
-            shared: self.shared.clone(),
-            shard,
-        }))
-    }
-
-    fn changes(&self) -> watch::Receiver<u64> {
-        self.shared.changes.subscribe()
-    }
-
-    fn set_watched(&self, agent: AgentId, watched: bool) {
-        let mut state = lock(&self.shared.state);
-        let count = state.local.entry(agent).or_default();
-        if watched {
-            *count += 1;
-        } else {
-            *count = count.saturating_sub(1);
-        }
-        let wake = match *count {
-            0 => {
-                state.local.remove(&agent);
-                state.published.contains(&agent)
-            }
-            _ => !state.published.contains(&agent) && state.interest_wanted_for(agent),
-        };
-        drop(state);
-        if wake {
-            self.shared.wake.notify_one();
-        }
-    }
-
-    fn remote_interest(&self) -> watch::Receiver<RemoteInterest> {
-        self.shared.interest.subscribe()
-    }
-
-    fn stats(&self) -> OwnershipStats {
-        OwnershipStats {
-            shards_held: lock(&self.shared.state).held.len(),
-            renewals_failed: self.shared.renewals_failed.load(Ordering::Relaxed),
-            leases_lost: self.shared.leases_lost.load(Ordering::Relaxed),
-        }
-    }
-
-    fn part(&self) -> PollingPart {
-        lock(&self.shared.state).part()
-    }
-}
+pub(crate) type NatsOwnership = LeaseOwnership<State>;
 
 /// The leases and watched buckets as this replica wants them.
 pub(super) fn buckets(settings: &NatsSettings) -> [Bucket; 2] {
@@ -721,7 +573,7 @@ impl NatsOwnership {
             watched,
         };
         tasks.spawn(driver.run(shutdown));
-        Ok(Arc::new(Self { shared }))
+        Ok(Arc::new(Self::new(shared.holder.clone())))
     }
 }
 
@@ -778,7 +630,7 @@ impl Driver {
                     self.renew().await;
                     self.refresh_interest(true).await;
                 }
-                () = self.shared.wake.notified() => self.refresh_interest(false).await,
+                () = self.shared.holder.signals.wake.notified() => self.refresh_interest(false).await,
                 () = shutdown.cancelled() => break,
             }
             self.rebalance().await;
@@ -803,7 +655,11 @@ impl Driver {
             }),
             Err(error) => {
                 self.shared.update(|state, _| state.heartbeat_sent(None));
-                self.shared.renewals_failed.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .holder
+                    .signals
+                    .renewals_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "cannot renew this replica's membership in NATS");
             }
         }
@@ -811,7 +667,11 @@ impl Driver {
 
     /// Renews every held lease on its revision.
     async fn renew(&self) {
-        let held: Vec<(u16, u64)> = lock(&self.shared.state)
+        let held: Vec<(u16, u64)> = self
+            .shared
+            .holder
+            .lock()
+            .holding
             .held
             .iter()
             .map(|(shard, held)| (*shard, held.revision))
@@ -832,7 +692,7 @@ impl Driver {
                     match self.own_revision(shard).await {
                         // Renewed on it next time; the fence stays as it was.
                         Some(revision) => self.shared.update(|state, _| {
-                            if let Some(held) = state.held.get_mut(&shard) {
+                            if let Some(held) = state.holding.held.get_mut(&shard) {
                                 held.revision = held.revision.max(revision);
                             }
                         }),
@@ -849,7 +709,7 @@ impl Driver {
             state.renewals_failing = failed > 0;
             for (shard, revision) in renewed {
                 // Not when it was found taken over meanwhile.
-                if state.held.contains_key(&shard) {
+                if state.holding.held.contains_key(&shard) {
                     state.renewed(
                         &self.shared.replica,
                         shard,
@@ -862,6 +722,8 @@ impl Driver {
         });
         if failed > 0 {
             self.shared
+                .holder
+                .signals
                 .renewals_failed
                 .fetch_add(failed, Ordering::Relaxed);
             tracing::warn!(failed, "shard lease renewals failed; polls of those shards stop once the leases can no longer be relied on");
@@ -935,7 +797,7 @@ impl Driver {
         });
         if share_taken {
             tracing::info!(
-                shards_held = lock(&self.shared.state).held.len(),
+                shards_held = self.shared.holder.lock().holding.held.len(),
                 "this replica holds its share of the shards"
             );
         }
@@ -943,7 +805,7 @@ impl Driver {
             tracing::info!(
                 gained,
                 handed_back,
-                shards_held = lock(&self.shared.state).held.len(),
+                shards_held = self.shared.holder.lock().holding.held.len(),
                 "shard leases rebalanced"
             );
         }
@@ -979,15 +841,20 @@ impl Driver {
     /// (all of them when `refresh`, else the new ones), deletes those no longer wanted.
     async fn refresh_interest(&self, refresh: bool) {
         let (put, delete) = {
-            let mut state = lock(&self.shared.state);
-            let wanted = state.interest_wanted();
-            let delete: Vec<AgentId> = state.published.difference(&wanted).copied().collect();
-            let put: Vec<AgentId> = wanted
-                .iter()
-                .filter(|agent| refresh || !state.published.contains(agent))
+            let mut state = self.shared.holder.lock();
+            let wanted = state.holding.interest_wanted();
+            let delete: Vec<AgentId> = state
+                .holding
+                .published
+                .difference(&wanted)
                 .copied()
                 .collect();
-            state.published = wanted;
+            let put: Vec<AgentId> = wanted
+                .iter()
+                .filter(|agent| refresh || !state.holding.published.contains(agent))
+                .copied()
+                .collect();
+            state.holding.published = wanted;
             (put, delete)
         };
         let replica = &self.shared.replica;
@@ -1021,26 +888,22 @@ impl Driver {
     /// and withdraws this replica's membership and interest, so others take over at once.
     async fn hand_back_all(&self) {
         loop {
-            let (drained, busy) = {
-                let mut state = lock(&self.shared.state);
-                for held in state.held.values_mut() {
-                    held.releasing = true;
-                }
-                let (drained, busy): (Vec<_>, Vec<_>) = state
-                    .held
-                    .iter()
-                    .map(|(shard, held)| (*shard, held.revision))
-                    .partition(|(shard, _)| !state.in_flight.contains_key(shard));
-                (drained, busy.len())
-            };
+            let (drained, busy) = { self.shared.holder.lock().holding.release_all() };
             self.hand_back(&drained).await;
             if busy == 0 {
                 break;
             }
-            self.shared.wake.notified().await;
+            self.shared.holder.signals.wake.notified().await;
         }
         let _ = self.leases.delete(member_key(&self.shared.replica)).await;
-        let published: Vec<AgentId> = lock(&self.shared.state).published.drain().collect();
+        let published: Vec<AgentId> = self
+            .shared
+            .holder
+            .lock()
+            .holding
+            .published
+            .drain()
+            .collect();
         let replica = &self.shared.replica;
         join_all(
             published
@@ -1055,6 +918,7 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::{shard_of, PollOwnership};
 
     const SETTINGS: LeaseSettings = LeaseSettings {
         renew: Duration::from_secs(5),
@@ -1139,19 +1003,22 @@ mod tests {
         let closes = sent + SETTINGS.ttl - SETTINGS.margin - SETTINGS.poll_timeout;
         assert!(closes + SETTINGS.poll_timeout < sent + SETTINGS.ttl);
         tokio::time::sleep_until(closes - Duration::from_millis(1)).await;
-        assert!(state.may_poll(3, Instant::now()));
-        assert!(!state.may_poll(4, Instant::now()), "a shard not held");
+        assert!(state.holding.may_poll(3, Instant::now()));
+        assert!(
+            !state.holding.may_poll(4, Instant::now()),
+            "a shard not held"
+        );
         tokio::time::sleep_until(closes).await;
-        assert!(!state.may_poll(3, Instant::now()));
-        assert!(state.pollable(Instant::now()).is_empty());
+        assert!(!state.holding.may_poll(3, Instant::now()));
+        assert!(state.holding.pollable(Instant::now()).is_empty());
 
         // A renewal answered late counts from when it was sent.
         let renewal_sent = Instant::now();
         tokio::time::advance(Duration::from_secs(4)).await;
         state.renewed("a", 3, 9, renewal_sent, SETTINGS);
-        assert!(state.may_poll(3, Instant::now()));
+        assert!(state.holding.may_poll(3, Instant::now()));
         tokio::time::sleep_until(renewal_sent + SETTINGS.polls_start_within()).await;
-        assert!(!state.may_poll(3, Instant::now()));
+        assert!(!state.holding.may_poll(3, Instant::now()));
     }
 
     /// A lease is taken over only once its revision stood still for the TTL on this replica's
@@ -1267,10 +1134,10 @@ mod tests {
         );
     }
 
-    fn ownership(me: &str) -> NatsOwnership {
-        NatsOwnership {
-            shared: Shared::new(me.into(), SETTINGS),
-        }
+    fn ownership(me: &str) -> (Arc<Shared>, NatsOwnership) {
+        let shared = Shared::new(me.into(), SETTINGS);
+        let ownership = NatsOwnership::new(shared.holder.clone());
+        (shared, ownership)
     }
 
     /// A shard whose desired owner is another live replica stops getting polls at once and
@@ -1285,16 +1152,14 @@ mod tests {
             .find(|a| desired_owner(shard_of(*a), &[me, other]) == Some(other))
             .unwrap();
         let shard = shard_of(agent);
-        let ownership = ownership(me);
+        let (shared, ownership) = ownership(me);
         let mut changes = ownership.changes();
-        ownership
-            .shared
-            .update(|state, now| *state = holding(me, shard, now));
+        shared.update(|state, now| *state = holding(me, shard, now));
         assert!(changes.has_changed().unwrap(), "the poll loops are told");
         changes.borrow_and_update();
         let permit = ownership.poll_permit(agent).expect("held");
 
-        let plan = ownership.shared.update(|state, now| {
+        let plan = shared.update(|state, now| {
             state.saw_member(other, 1, now);
             state.plan(me, now, SETTINGS.ttl)
         });
@@ -1303,9 +1168,7 @@ mod tests {
         assert!(changes.has_changed().unwrap());
 
         drop(permit);
-        let plan = ownership
-            .shared
-            .update(|state, now| state.plan(me, now, SETTINGS.ttl));
+        let plan = shared.update(|state, now| state.plan(me, now, SETTINGS.ttl));
         assert_eq!(plan.hand_back, vec![(shard, 7)]);
     }
 
@@ -1313,27 +1176,23 @@ mod tests {
     /// until it fades.
     #[tokio::test(start_paused = true)]
     async fn remote_interest_is_that_of_held_shards_until_it_fades() {
-        let ownership = ownership("a");
+        let (shared, ownership) = ownership("a");
         let watched = agent("101");
         // Not a replica id, or this replica's own: ignored.
-        ownership.shared.saw_interest("101.nothex", Operation::Put);
+        shared.saw_interest("101.nothex", Operation::Put);
         let elsewhere = (102..)
             .map(|n| agent(&n.to_string()))
             .find(|a| shard_of(*a) != shard_of(watched))
             .unwrap();
         let interest = ownership.remote_interest();
-        ownership
-            .shared
-            .update(|state, now| *state = holding("a", shard_of(watched), now));
+        shared.update(|state, now| *state = holding("a", shard_of(watched), now));
         for agent in [watched, elsewhere] {
-            ownership
-                .shared
-                .saw_interest(&format!("{agent}.b"), Operation::Put);
+            shared.saw_interest(&format!("{agent}.b"), Operation::Put);
         }
         assert_eq!(**interest.borrow(), BTreeSet::from([watched]));
-        tokio::time::advance(ownership.shared.interest_lifetime()).await;
-        ownership.shared.update_interest(|state, now| {
-            state.prune(now, ownership.shared.interest_lifetime(), SETTINGS.ttl);
+        tokio::time::advance(shared.interest_lifetime()).await;
+        shared.update_interest(|state, now| {
+            state.prune(now, shared.interest_lifetime(), SETTINGS.ttl);
         });
         assert!(interest.borrow().is_empty());
     }

@@ -18,26 +18,20 @@
 //! disagree on who is live, and a free shard is taken by its desired owner only (NATS lets
 //! anyone take a shard its desired owner left free for two TTLs, for views that differ).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    collections::{BTreeSet, HashMap},
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
-use tokio::{
-    sync::{watch, Notify},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::MemberLink;
 use crate::{
     domain::AgentId,
     events::{
-        desired_owner, shard_of, LeaseSettings, OwnershipStats, PollOwnership, PollPermit,
-        PollingPart, RemoteInterest, SHARDS,
+        desired_owner, HeldLease, Holder, HolderState, Holding, LeaseOwnership, LeaseSettings,
+        PollingPart, SHARDS,
     },
     lifecycle::Lifecycle,
     lock,
@@ -129,64 +123,33 @@ impl Leases {
     }
 }
 
-/// A shard lease a member holds.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    revision: u64,
-    /// Polls may start before this: the last renewal's time + TTL - margin - poll timeout.
-    fence: Instant,
-    /// No longer the member's to poll: handed back once its polls in flight end.
-    releasing: bool,
-}
-
 #[derive(Debug, Default)]
-struct State {
-    held: BTreeMap<u16, Held>,
-    in_flight: HashMap<u16, usize>,
-    /// Agents this member's clients watch: how many poll loops said so.
-    local: HashMap<AgentId, usize>,
-    /// Agents whose interest this member put.
-    published: HashSet<AgentId>,
+pub(crate) struct State {
+    holding: Holding,
     /// Other members' interest as last read: agent -> when last put.
     remote: HashMap<AgentId, Instant>,
     writes_accepted: bool,
     share_taken: bool,
 }
 
+impl HolderState for State {
+    fn holding(&mut self) -> &mut Holding {
+        &mut self.holding
+    }
+
+    fn part(&self) -> PollingPart {
+        PollingPart {
+            writes_accepted: self.writes_accepted,
+            share_taken: self.share_taken,
+        }
+    }
+}
+
 impl State {
-    fn may_poll(&self, shard: u16, now: Instant) -> bool {
-        self.held
-            .get(&shard)
-            .is_some_and(|held| !held.releasing && now < held.fence)
-    }
-
-    fn pollable(&self, now: Instant) -> Vec<u16> {
-        self.held
-            .keys()
-            .copied()
-            .filter(|shard| self.may_poll(*shard, now))
-            .collect()
-    }
-
-    fn owns(&self, agent: AgentId) -> bool {
-        self.held
-            .get(&shard_of(agent))
-            .is_some_and(|held| !held.releasing)
-    }
-
-    /// Agents whose interest this member should have put: watched here, polled elsewhere.
-    fn interest_wanted(&self) -> HashSet<AgentId> {
-        self.local
-            .keys()
-            .copied()
-            .filter(|agent| !self.owns(*agent))
-            .collect()
-    }
-
     fn remote_interest(&self, now: Instant, lifetime: Duration) -> BTreeSet<AgentId> {
         self.remote
             .iter()
-            .filter(|(agent, put)| now < **put + lifetime && self.owns(**agent))
+            .filter(|(agent, put)| now < **put + lifetime && self.holding.owns(**agent))
             .map(|(agent, _)| *agent)
             .collect()
     }
@@ -197,13 +160,7 @@ struct Shared {
     me: Arc<str>,
     leases: Arc<Leases>,
     link: Arc<MemberLink>,
-    state: std::sync::Mutex<State>,
-    /// Wakes the driver: a shard being handed back drained, an agent's interest changed.
-    wake: Notify,
-    changes: watch::Sender<u64>,
-    interest: watch::Sender<RemoteInterest>,
-    renewals_failed: AtomicU64,
-    leases_lost: AtomicU64,
+    holder: Arc<Holder<State>>,
 }
 
 impl Shared {
@@ -211,16 +168,16 @@ impl Shared {
     /// and the events room when the remote interest did.
     fn update<T>(&self, change: impl FnOnce(&mut State, Instant) -> T) -> T {
         let now = Instant::now();
-        let mut state = lock(&self.state);
-        let pollable = state.pollable(now);
+        let mut state = self.holder.lock();
+        let pollable = state.holding.pollable(now);
         let result = change(&mut state, now);
-        let pollable_changed = pollable != state.pollable(now);
+        let pollable_changed = pollable != state.holding.pollable(now);
         let interest = state.remote_interest(now, self.leases.interest_lifetime());
         drop(state);
         if pollable_changed {
-            self.changes.send_modify(|n| *n += 1);
+            self.holder.signals.changes.send_modify(|n| *n += 1);
         }
-        self.interest.send_if_modified(|current| {
+        self.holder.signals.interest.send_if_modified(|current| {
             let modified = **current != interest;
             if modified {
                 *current = Arc::new(interest);
@@ -240,14 +197,14 @@ impl Shared {
             let mut table = lock(&self.leases.table);
             told |= table.members.insert(self.me.clone(), now).is_none();
             // Renewals: a lease whose revision moved was taken over.
-            let held: Vec<(u16, Held)> = state.held.iter().map(|(s, h)| (*s, *h)).collect();
+            let held: Vec<(u16, HeldLease)> = state.holding.held.iter().map(|(s, h)| (*s, *h)).collect();
             for (shard, held) in held {
                 let ours = table
                     .shards
                     .get(&shard)
                     .is_some_and(|lease| lease.holder == self.me && lease.revision == held.revision);
                 if !ours {
-                    state.held.remove(&shard);
+                    state.holding.held.remove(&shard);
                     if !held.releasing {
                         lost += 1;
                         tracing::warn!(shard, "shard lease lost: another member took it over; its agents are no longer polled here");
@@ -255,7 +212,7 @@ impl Shared {
                     continue;
                 }
                 let revision = table.write(shard, &self.me, now);
-                let entry = state.held.get_mut(&shard).expect("held");
+                let entry = state.holding.held.get_mut(&shard).expect("held");
                 entry.revision = revision;
                 entry.fence = now + settings.polls_start_within();
             }
@@ -265,11 +222,11 @@ impl Shared {
             let mut holds_share = true;
             for shard in 0..SHARDS {
                 let desired = desired_owner(shard, &live) == Some(&*self.me);
-                if let Some(held) = state.held.get_mut(&shard) {
+                if let Some(held) = state.holding.held.get_mut(&shard) {
                     held.releasing = !desired;
-                    if !desired && !state.in_flight.contains_key(&shard) {
+                    if !desired && !state.holding.in_flight.contains_key(&shard) {
                         table.shards.remove(&shard);
-                        state.held.remove(&shard);
+                        state.holding.held.remove(&shard);
                         told = true;
                     }
                     continue;
@@ -283,9 +240,9 @@ impl Shared {
                 };
                 if free {
                     let revision = table.write(shard, &self.me, now);
-                    state.held.insert(
+                    state.holding.held.insert(
                         shard,
-                        Held {
+                        HeldLease {
                             revision,
                             fence: now + settings.polls_start_within(),
                             releasing: false,
@@ -297,13 +254,13 @@ impl Shared {
                 }
             }
             if holds_share && !state.share_taken {
-                tracing::info!(shards_held = state.held.len(), "this member holds its share of the shards");
+                tracing::info!(shards_held = state.holding.held.len(), "this member holds its share of the shards");
             }
             state.share_taken |= holds_share;
             state.writes_accepted = true;
             // Interest: put what is wanted (all of it on a refresh), withdraw the rest.
-            let wanted = state.interest_wanted();
-            for agent in state.published.difference(&wanted) {
+            let wanted = state.holding.interest_wanted();
+            for agent in state.holding.published.difference(&wanted) {
                 if let Some(by) = table.interest.get_mut(agent) {
                     by.remove(&self.me);
                     if by.is_empty() {
@@ -313,7 +270,7 @@ impl Shared {
                 told = true;
             }
             for agent in &wanted {
-                if refresh || !state.published.contains(agent) {
+                if refresh || !state.holding.published.contains(agent) {
                     told |= table
                         .interest
                         .entry(*agent)
@@ -322,7 +279,7 @@ impl Shared {
                         .is_none();
                 }
             }
-            state.published = wanted;
+            state.holding.published = wanted;
             state.remote = table
                 .interest
                 .iter()
@@ -337,7 +294,10 @@ impl Shared {
                 .collect();
         });
         if lost > 0 {
-            self.leases_lost.fetch_add(lost, Ordering::Relaxed);
+            self.holder
+                .signals
+                .leases_lost
+                .fetch_add(lost, Ordering::Relaxed);
         }
         if told {
             self.leases.tell();
@@ -351,9 +311,11 @@ impl Shared {
             state.writes_accepted = false;
             let lifetime = self.leases.interest_lifetime();
             state.remote.retain(|_, put| now < *put + lifetime);
-            state.held.len()
+            state.holding.held.len()
         });
-        self.renewals_failed
+        self.holder
+            .signals
+            .renewals_failed
             .fetch_add(held as u64, Ordering::Relaxed);
     }
 
@@ -361,18 +323,10 @@ impl Shared {
     /// withdraws the membership and interest, so the others take over at once.
     async fn hand_back_all(&self) {
         loop {
-            let woken = self.wake.notified();
+            let woken = self.holder.signals.wake.notified();
             let busy = self.update(|state, _| {
                 let mut table = lock(&self.leases.table);
-                for held in state.held.values_mut() {
-                    held.releasing = true;
-                }
-                let drained: Vec<(u16, u64)> = state
-                    .held
-                    .iter()
-                    .filter(|(shard, _)| !state.in_flight.contains_key(shard))
-                    .map(|(shard, held)| (*shard, held.revision))
-                    .collect();
+                let (drained, busy) = state.holding.release_all();
                 if self.link.reachable() {
                     for (shard, revision) in drained {
                         if table
@@ -382,14 +336,10 @@ impl Shared {
                         {
                             table.shards.remove(&shard);
                         }
-                        state.held.remove(&shard);
+                        state.holding.held.remove(&shard);
                     }
                 }
-                state
-                    .held
-                    .keys()
-                    .filter(|shard| state.in_flight.contains_key(shard))
-                    .count()
+                busy
             });
             self.leases.tell();
             if busy == 0 {
@@ -411,10 +361,7 @@ impl Shared {
 }
 
 /// One member's poll ownership (see the module's documentation).
-#[derive(Debug)]
-pub(super) struct MemberOwnership {
-    shared: Arc<Shared>,
-}
+pub(super) type MemberOwnership = LeaseOwnership<State>;
 
 impl MemberOwnership {
     /// Starts the member's driver in `lifecycle`; it hands the leases back at shutdown.
@@ -428,17 +375,12 @@ impl MemberOwnership {
             me,
             leases,
             link,
-            state: std::sync::Mutex::default(),
-            wake: Notify::new(),
-            changes: watch::Sender::new(0),
-            interest: watch::Sender::new(RemoteInterest::default()),
-            renewals_failed: AtomicU64::new(0),
-            leases_lost: AtomicU64::new(0),
+            holder: Holder::new(State::default()),
         });
         lifecycle
             .tasks()
             .spawn(drive(shared.clone(), lifecycle.shutdown().child_token()));
-        Arc::new(Self { shared })
+        Arc::new(Self::new(shared.holder.clone()))
     }
 }
 
@@ -454,7 +396,7 @@ async fn drive(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = renewals.tick() => true,
             _ = store_changed.changed() => false,
             _ = reached.changed() => false,
-            () = shared.wake.notified() => false,
+            () = shared.holder.signals.wake.notified() => false,
             () = shutdown.cancelled() => break,
         };
         if shared.link.reachable() {
@@ -472,96 +414,12 @@ async fn drive(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-/// A poll in flight on a held shard.
-struct InFlight {
-    shared: Arc<Shared>,
-    shard: u16,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let mut state = lock(&self.shared.state);
-        let drained = match state.in_flight.get_mut(&self.shard) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            _ => {
-                state.in_flight.remove(&self.shard);
-                true
-            }
-        };
-        let releasing = state.held.get(&self.shard).is_none_or(|h| h.releasing);
-        drop(state);
-        if drained && releasing {
-            self.shared.wake.notify_one();
-        }
-    }
-}
-
-impl PollOwnership for MemberOwnership {
-    fn poll_permit(&self, agent: AgentId) -> Option<PollPermit> {
-        let shard = shard_of(agent);
-        let mut state = lock(&self.shared.state);
-        if !state.may_poll(shard, Instant::now()) {
-            return None;
-        }
-        *state.in_flight.entry(shard).or_default() += 1;
-        Some(PollPermit::guarded(InFlight {
-            shared: self.shared.clone(),
-            shard,
-        }))
-    }
-
-    fn changes(&self) -> watch::Receiver<u64> {
-        self.shared.changes.subscribe()
-    }
-
-    fn set_watched(&self, agent: AgentId, watched: bool) {
-        let mut state = lock(&self.shared.state);
-        let count = state.local.entry(agent).or_default();
-        if watched {
-            *count += 1;
-        } else {
-            *count = count.saturating_sub(1);
-        }
-        let wake = match *count {
-            0 => {
-                state.local.remove(&agent);
-                state.published.contains(&agent)
-            }
-            _ => !state.published.contains(&agent) && !state.owns(agent),
-        };
-        drop(state);
-        if wake {
-            self.shared.wake.notify_one();
-        }
-    }
-
-    fn remote_interest(&self) -> watch::Receiver<RemoteInterest> {
-        self.shared.interest.subscribe()
-    }
-
-    fn stats(&self) -> OwnershipStats {
-        OwnershipStats {
-            shards_held: lock(&self.shared.state).held.len(),
-            renewals_failed: self.shared.renewals_failed.load(Ordering::Relaxed),
-            leases_lost: self.shared.leases_lost.load(Ordering::Relaxed),
-        }
-    }
-
-    fn part(&self) -> PollingPart {
-        let state = lock(&self.shared.state);
-        PollingPart {
-            writes_accepted: state.writes_accepted,
-            share_taken: state.share_taken,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use crate::domain::MAX_AGENT_ID_LIMIT;
+    use crate::{
+        domain::MAX_AGENT_ID_LIMIT,
+        events::{shard_of, PollOwnership},
+    };
 
     use super::*;
 
