@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseCallRequest};
-use support::{load, report, rss_kib};
+use support::{load, numbers_from_args, report, rss_kib};
 
 mod support;
 
@@ -13,12 +13,7 @@ const AGENTS: usize = 50;
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let requests = args.first().copied().unwrap_or(20_000);
-    let concurrency = args.get(1).copied().unwrap_or(32);
+    let [requests, concurrency] = numbers_from_args([20_000, 32]);
 
     let bench = support::spawn(&[]).await;
     let sim_url = format!("http://{}", bench.sim_addr);

@@ -16,7 +16,7 @@ use ccgw_callcontrol::{
     proto::{call_control_client::CallControlClient, watch_release_events_response::Item},
 };
 use hdrhistogram::Histogram;
-use support::{common::watch_req, report, rss_kib, TestApp};
+use support::{common::watch_req, numbers_from_args, report, rss_kib, TestApp};
 use tonic::transport::Channel;
 
 mod support;
@@ -26,12 +26,7 @@ const STREAMS_PER_CONNECTION: usize = 200;
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let watchers = args.first().copied().unwrap_or(1000);
-    let hangups = args.get(1).copied().unwrap_or(200);
+    let [watchers, hangups] = numbers_from_args([1000, 200]);
     let bench = support::spawn(&[
         "--max-watchers",
         "100000",

@@ -158,15 +158,15 @@ fn assemble(
         shared_state.reachability(),
         &lifecycle,
     );
-    let api = CallControlApi::new(
+    let api = CallControlApi {
         release,
         events,
-        config.api(),
-        callers.clone(),
+        settings: config.api(),
+        callers: callers.clone(),
         stream_slots,
-        shared_state.clone(),
-        metrics.clone(),
-    );
+        shared_state: shared_state.clone(),
+        metrics: metrics.clone(),
+    };
     Ok(App {
         api,
         lifecycle,

@@ -46,6 +46,16 @@ pub async fn spawn(flags: &[&str]) -> TestApp {
     .await
 }
 
+/// The numbers on the command line, in order, each defaulting to its entry of `defaults`;
+/// other words (cargo's `--bench`) are skipped.
+pub fn numbers_from_args<const N: usize>(defaults: [usize; N]) -> [usize; N] {
+    let given: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    std::array::from_fn(|i| given.get(i).copied().unwrap_or(defaults[i]))
+}
+
 /// One line: count per second over `wall`, then latency quantiles (µs).
 pub fn report(name: &str, histogram: &Histogram<u64>, wall: Duration) {
     println!(

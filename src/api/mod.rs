@@ -41,39 +41,19 @@ pub(crate) struct ApiSettings {
 
 #[derive(Debug, Clone)]
 pub struct CallControlApi {
-    release: ReleaseService,
-    events: EventHub,
-    settings: ApiSettings,
+    pub(crate) release: ReleaseService,
+    pub(crate) events: EventHub,
+    pub(crate) settings: ApiSettings,
     /// None: caller authorization is off (every request is `Caller::anyone`).
-    callers: Option<Callers>,
+    pub(crate) callers: Option<Callers>,
     /// Each caller's open streams; `callers` checks them again at every reload.
-    stream_slots: StreamSlots,
+    pub(crate) stream_slots: StreamSlots,
     /// Whether the replicas' shared state can be reached: watches are refused while not.
-    shared_state: SharedState,
-    metrics: Metrics,
+    pub(crate) shared_state: SharedState,
+    pub(crate) metrics: Metrics,
 }
 
 impl CallControlApi {
-    pub(crate) fn new(
-        release: ReleaseService,
-        events: EventHub,
-        settings: ApiSettings,
-        callers: Option<Callers>,
-        stream_slots: StreamSlots,
-        shared_state: SharedState,
-        metrics: Metrics,
-    ) -> Self {
-        Self {
-            release,
-            events,
-            settings,
-            callers,
-            stream_slots,
-            shared_state,
-            metrics,
-        }
-    }
-
     /// The interceptor that authenticates every CallControl call.
     pub(crate) fn authenticator(&self) -> auth::Authenticate {
         auth::Authenticate {

@@ -92,6 +92,16 @@ pub enum SessionOperation {
     PollEvents,
 }
 
+/// An operation for an agent as it goes out, in whichever session: when its answer is due, and
+/// the caller it is made for (None: for the facade itself, like an event poll).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AgentRequest<'a> {
+    pub(crate) agent: AgentId,
+    pub(crate) operation: &'a SessionOperation,
+    pub(crate) deadline: Instant,
+    pub(crate) caller: Option<&'a CallerName>,
+}
+
 /// One gateway answer with the session headers that came with it.
 #[derive(Debug)]
 pub(crate) struct Exchange {
@@ -263,17 +273,15 @@ impl GatewayClient {
         }
     }
 
-    /// Sends `operation` for `agent` in `session`, made for `caller` (None: for the facade
-    /// itself, like an event poll). Makes no decision about the session: the answer comes back
+    /// Sends `request` in `session`. Makes no decision about the session: the answer comes back
     /// with the session headers it carried.
-    pub(crate) async fn send(
-        &self,
-        agent: AgentId,
-        operation: &SessionOperation,
-        session: &Session,
-        deadline: Instant,
-        caller: Option<&CallerName>,
-    ) -> Exchange {
+    pub(crate) async fn send(&self, request: AgentRequest<'_>, session: &Session) -> Exchange {
+        let AgentRequest {
+            agent,
+            operation,
+            deadline,
+            caller,
+        } = request;
         let (method, path, counted) = match operation {
             SessionOperation::Release(ReleaseTarget::Current) if self.legacy_release_path => (
                 Method::DELETE,

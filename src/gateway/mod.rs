@@ -18,8 +18,8 @@ pub(crate) mod wire;
 use std::time::Duration;
 
 pub use admission::{BusyCause, GatewayAdmission};
+pub(crate) use client::{AgentRequest, GatewaySettings, ReleaseTarget};
 pub use client::{GatewayClient, GatewayStats};
-pub(crate) use client::{GatewaySettings, ReleaseTarget};
 pub use client::{PemFile, SessionOperation, SettingsError};
 pub use reachability::{GatewayHealth, Reachability, DOWN_AFTER, UP_AFTER};
 pub(crate) use retcode::{KnownRetcode, Retcode};

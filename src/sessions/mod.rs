@@ -16,7 +16,7 @@ pub use store::{SessionStore, SharedSession, StoreCounters};
 
 use crate::{
     domain::AgentId,
-    gateway::{Answer, GatewayClient, GatewayError, Guid, Session, SessionOperation},
+    gateway::{AgentRequest, Answer, GatewayClient, GatewayError, Guid, Session, SessionOperation},
     shares::CallerName,
 };
 
@@ -63,15 +63,19 @@ impl Sessions {
         handed: Option<&Session>,
         caller: Option<&CallerName>,
     ) -> Result<(Answer, Guid), GatewayError> {
+        let request = AgentRequest {
+            agent,
+            operation,
+            deadline,
+            caller,
+        };
         let mut refused: Vec<Session> = Vec::new();
         let mut last_refusal = None;
         while refused.len() < MAX_REGISTRY_ATTEMPTS {
             let Some(session) = self.registry.get(agent).filter(|s| !refused.contains(s)) else {
                 break;
             };
-            let answer = self
-                .send_in_registry_session(agent, operation, &session, deadline, caller)
-                .await?;
+            let answer = self.send_in_registry_session(request, &session).await?;
             if !answer.session_gone() {
                 return Ok((answer, session.guid));
             }
@@ -82,15 +86,8 @@ impl Sessions {
         match handed.filter(|h| !refused.contains(h)) {
             Some(handed) => {
                 let replacing = refused.last().map(|s| &s.guid);
-                self.send_in_handed_session(
-                    agent,
-                    operation,
-                    handed.clone(),
-                    replacing,
-                    deadline,
-                    caller,
-                )
-                .await
+                self.send_in_handed_session(request, handed.clone(), replacing)
+                    .await
             }
             None => last_refusal.ok_or(GatewayError::NoSession(agent)),
         }
@@ -117,16 +114,11 @@ impl Sessions {
     /// cookies, and whether the gateway accepted or refused the Guid.
     async fn send_in_registry_session(
         &self,
-        agent: AgentId,
-        operation: &SessionOperation,
+        request: AgentRequest<'_>,
         session: &Session,
-        deadline: Instant,
-        caller: Option<&CallerName>,
     ) -> Result<Answer, GatewayError> {
-        let exchange = self
-            .gateway
-            .send(agent, operation, session, deadline, caller)
-            .await;
+        let agent = request.agent;
+        let exchange = self.gateway.send(request, session).await;
         if self
             .registry
             .absorb(agent, Some(&session.guid), exchange.headers)
@@ -155,18 +147,13 @@ impl Sessions {
     /// `replacing` (the registry session the gateway refused first, if any).
     async fn send_in_handed_session(
         &self,
-        agent: AgentId,
-        operation: &SessionOperation,
+        request: AgentRequest<'_>,
         mut session: Session,
         replacing: Option<&Guid>,
-        deadline: Instant,
-        caller: Option<&CallerName>,
     ) -> Result<(Answer, Guid), GatewayError> {
+        let agent = request.agent;
         let guid_used = session.guid.clone();
-        let exchange = self
-            .gateway
-            .send(agent, operation, &session, deadline, caller)
-            .await;
+        let exchange = self.gateway.send(request, &session).await;
         session.absorb(exchange.headers);
         let answer = exchange.answer?;
         if answer.proves_session() {

@@ -73,9 +73,9 @@ where
         let received = MessageCounter::new(method.msg_received.clone());
         let sent = MessageCounter::new(method.msg_sent.clone());
         let mut request = request.map(|body| {
-            tonic::body::Body::new(CountedBody {
+            tonic::body::Body::new(ObservedBody {
                 inner: body,
-                messages: received,
+                observer: received,
             })
         });
         let record = CallRecord::default();
@@ -96,22 +96,66 @@ where
             }
             Ok(response.map(|body| ObservedBody {
                 inner: body,
-                sent,
-                end: Some(end),
+                observer: AnswerObserver {
+                    sent,
+                    end: Some(end),
+                },
             }))
         })
     }
 }
 
-/// The answer's body, which ends the call when its trailers pass (or when it is dropped).
+/// A body passing through unchanged, each poll's outcome shown to `observer` on the way: the
+/// answer's ends the call when its trailers pass (or when it is dropped), a request's counts
+/// the messages it brings.
 #[derive(Debug)]
-pub struct ObservedBody<B> {
+pub struct ObservedBody<B, O = AnswerObserver> {
     inner: B,
+    observer: O,
+}
+
+/// What an [`ObservedBody`] shows each poll's outcome to: a frame, an error, or the end
+/// (`None`).
+pub trait FrameObserver {
+    fn observe<E>(&mut self, polled: Option<&Result<Frame<Bytes>, E>>);
+}
+
+impl<B, O> Body for ObservedBody<B, O>
+where
+    B: Body<Data = Bytes> + Unpin,
+    O: FrameObserver + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        this.observer.observe(frame.as_ref());
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Watches the answer's body: counts the messages it sends, and ends the call with the status
+/// of its trailers, or when it ends or fails without any.
+#[derive(Debug)]
+pub struct AnswerObserver {
     sent: MessageCounter,
     end: Option<CallEnd>,
 }
 
-impl<B> ObservedBody<B> {
+impl AnswerObserver {
     /// Ends the call with `code` (or the code its headers carried, or Unknown).
     fn end_with(&mut self, code: Option<Code>, trailers: Option<&http::HeaderMap>) {
         if let Some(mut end) = self.end.take() {
@@ -123,75 +167,20 @@ impl<B> ObservedBody<B> {
     }
 }
 
-impl<B> Body for ObservedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
+impl FrameObserver for AnswerObserver {
+    fn observe<E>(&mut self, polled: Option<&Result<Frame<Bytes>, E>>) {
+        match polled {
             Some(Ok(frame)) => {
-                this.sent.observe(frame);
+                self.sent.observe_frame(frame);
                 if let Some(trailers) = frame.trailers_ref() {
-                    this.end_with(grpc_status(trailers), Some(trailers));
+                    self.end_with(grpc_status(trailers), Some(trailers));
                 }
             }
             // The end of a trailers-only answer (its code came with the headers), or of one
             // without any status.
-            None => this.end_with(None, None),
-            Some(Err(_)) => this.end_with(Some(Code::Unknown), None),
+            None => self.end_with(None, None),
+            Some(Err(_)) => self.end_with(Some(Code::Unknown), None),
         }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A request's body, counting the gRPC messages it brings.
-#[derive(Debug)]
-struct CountedBody<B> {
-    inner: B,
-    messages: MessageCounter,
-}
-
-impl<B> Body for CountedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame {
-            this.messages.observe(frame);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -212,12 +201,20 @@ impl MessageCounter {
         }
     }
 
-    fn observe(&mut self, frame: &Frame<Bytes>) {
+    fn observe_frame(&mut self, frame: &Frame<Bytes>) {
         if let Some(data) = frame.data_ref() {
             let messages = self.framing.messages_in(data);
             if messages > 0 {
                 self.counter.inc_by(messages);
             }
+        }
+    }
+}
+
+impl FrameObserver for MessageCounter {
+    fn observe<E>(&mut self, polled: Option<&Result<Frame<Bytes>, E>>) {
+        if let Some(Ok(frame)) = polled {
+            self.observe_frame(frame);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{process::Stdio, time::Duration};
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseOutcome};
 use common::{
     error_metadata, expect_status, handing_over, pki::Files, release_req, resume_req, sample,
-    sim_config, spawn_app_with, spawn_service_keeping_logs, watch_req, TestApp, CALLER, WAIT,
+    sim_config, spawn_app_with, watch_req, TestApp, CALLER, WAIT,
 };
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -489,24 +489,9 @@ async fn reload_failures_are_counted_until_the_file_is_fixed() {
     let files = Files::new();
     let callers = files.write("callers.toml", CALLERS);
     let tokens_file = files.write("tokens", &tokens());
-    let (_service, serving, logs) = spawn_service_keeping_logs(
-        &[
-            "--simulate",
-            "--sim-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--callers",
-            &callers,
-            "--caller-tokens",
-            &tokens_file,
-            "--reload-secs",
-            "1",
-        ],
-        &[],
-    )
-    .await;
-    let metrics = serving["metrics"].as_str().unwrap().to_owned();
+    let (_service, metrics, logs) =
+        common::spawn_demo_reloading(&["--callers", &callers, "--caller-tokens", &tokens_file])
+            .await;
     let scrape = || async {
         let text = common::scrape(&metrics).await;
         let value = |series: &str| -> f64 {
@@ -525,17 +510,10 @@ async fn reload_failures_are_counted_until_the_file_is_fixed() {
     let secret = "a-secret-token-in-a-bad-line";
     files.write("callers.toml", "[[caller]]\nname = \"broken\"\n");
     files.write("tokens", &format!("{}billing {secret} extra\n", tokens()));
-    let failing = tokio::time::timeout(WAIT, async {
-        loop {
-            let now = scrape().await;
-            if now.0 >= 2.0 && now.1 >= 2.0 {
-                return now;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    let failing = common::read_until("failures counted at two reloads or more", scrape, |now| {
+        now.0 >= 2.0 && now.1 >= 2.0
     })
-    .await
-    .expect("failures counted at two reloads or more");
+    .await;
     assert_eq!(
         (failing.2, failing.3),
         (loaded_at, tokens_loaded_at),
@@ -543,17 +521,10 @@ async fn reload_failures_are_counted_until_the_file_is_fixed() {
     );
     files.write("callers.toml", CALLERS);
     files.write("tokens", &tokens());
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let now = scrape().await;
-            if now.2 > loaded_at && now.3 > tokens_loaded_at {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    common::read_until("the fixed files were applied", scrape, |now| {
+        now.2 > loaded_at && now.3 > tokens_loaded_at
     })
-    .await
-    .expect("the fixed files were applied");
+    .await;
     // Applied in full: no reload counts a failure any more.
     let applied = scrape().await;
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -25,17 +25,7 @@ struct Demo {
 }
 
 async fn start_demo() -> Demo {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args([
-            "--simulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--sim-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
+    let mut child = common::demo_command(&[], "warn")
         .spawn()
         .expect("service binary starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();

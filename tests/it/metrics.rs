@@ -40,21 +40,9 @@ struct Service {
 }
 
 async fn start_service() -> Service {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
-        .args([
-            "--simulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--sim-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        // No --log-format: stderr is a pipe, so `auto` must pick JSON.
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
+    // No --log-format: stderr is a pipe, so `auto` must pick JSON.
+    let mut child = common::demo_command(&["--metrics-listen", "127.0.0.1:0"], "info")
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("the service binary starts");
     let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();

@@ -617,14 +617,7 @@ async fn a_session_handed_over_in_metadata_is_used_and_kept() {
 
 #[tokio::test]
 async fn a_rotated_guid_is_picked_up_from_the_gateways_answer() {
-    let app = spawn_app_with(
-        SimConfig {
-            guid_timeout: Duration::ZERO,
-            ..sim_config()
-        },
-        &[],
-    )
-    .await;
+    let app = spawn_app_with(common::sim_refusing_rotated_guids(), &[]).await;
     let first = app.sign_in("101").await;
     app.sim.place_call("101", "70093").unwrap();
     app.sim.rotate_guid("101").unwrap();

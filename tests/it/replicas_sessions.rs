@@ -88,11 +88,7 @@ async fn a_guid_rotated_through_one_replica_is_used_by_another() {
     let Some(nats) = NatsServer::start().await else {
         return;
     };
-    let sim = SimConfig {
-        guid_timeout: Duration::ZERO,
-        ..sim_config()
-    };
-    let (a, b) = two_replicas(&nats, sim).await;
+    let (a, b) = two_replicas(&nats, common::sim_refusing_rotated_guids()).await;
     let desktop = a.desktop_sign_in("101", false).await;
     let _watch = a
         .watch(handing_over(watch_req(&["101"]), &desktop.guid))

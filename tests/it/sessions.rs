@@ -2,10 +2,7 @@
 //! can make the facade hold is bounded by configuration.
 use crate::common;
 
-use std::time::Duration;
-
 use ccgw_callcontrol::proto::ReleaseOutcome;
-use ccgw_sim::SimConfig;
 use common::{
     expect_status, handing_over, hang, junk_guid, release_req, sim_config, spawn_app_with,
     wait_until, watch_req, CALLER,
@@ -17,15 +14,8 @@ use tonic::Code;
 /// and the stale Guid is never installed.
 #[tokio::test]
 async fn the_sign_in_guid_handed_over_after_20_rotations_releases_with_the_newest() {
-    let app = spawn_app_with(
-        SimConfig {
-            // A rotated-away Guid is refused at once: a release with it would fail.
-            guid_timeout: Duration::ZERO,
-            ..sim_config()
-        },
-        &[],
-    )
-    .await;
+    // A release with the rotated-away Guid would fail.
+    let app = spawn_app_with(common::sim_refusing_rotated_guids(), &[]).await;
     let sign_in = app.sign_in("101").await;
     let _watch = app.watch(watch_req(&["101"])).await;
     let mut newest = sign_in.clone();

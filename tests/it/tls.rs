@@ -9,7 +9,7 @@ use ccgw_callcontrol::proto::{call_control_client::CallControlClient, ReleaseOut
 use common::{
     error_metadata, expect_status, metric,
     pki::{served_certificate, tls_channel, Ca, Files, Leaf},
-    release_req, serving, sim_config, spawn_app_with, spawn_service_keeping_logs, TestApp, WAIT,
+    release_req, serving, sim_config, spawn_app_with, TestApp, WAIT,
 };
 use tonic::Code;
 
@@ -258,24 +258,8 @@ async fn tls_reload_failures_are_counted_until_the_files_are_fixed() {
     let (ca, files) = (Ca::new("test CA"), Files::new());
     let (first, second) = (ca.server(1), ca.server(2));
     let (cert, key) = files.write_server(&first);
-    let (_service, serving, _logs) = spawn_service_keeping_logs(
-        &[
-            "--simulate",
-            "--sim-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--reload-secs",
-            "1",
-        ],
-        &[],
-    )
-    .await;
-    let metrics = serving["metrics"].as_str().unwrap().to_owned();
+    let (_service, metrics, _logs) =
+        common::spawn_demo_reloading(&["--tls-cert", &cert, "--tls-key", &key]).await;
     // The server's TLS files are on the metrics from the start.
     let scrape = || async {
         let failures = metric(&metrics, "ccgw_tls_reload_failures_total").await;
@@ -290,26 +274,16 @@ async fn tls_reload_failures_are_counted_until_the_files_are_fixed() {
     assert!(loaded_at > 1.7e9, "{loaded_at}");
     // A new certificate beside the old key: a Secret updated in two steps.
     files.write("tls.crt", &second.cert_pem);
-    let failing = tokio::time::timeout(WAIT, async {
-        loop {
-            let now = scrape().await;
-            if now.0 >= 2.0 {
-                return now;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    let failing = common::read_until("failures counted at two reloads or more", scrape, |now| {
+        now.0 >= 2.0
     })
-    .await
-    .expect("failures counted at two reloads or more");
+    .await;
     assert_eq!(failing.1, loaded_at, "nothing was applied");
     files.write_server(&second);
-    tokio::time::timeout(WAIT, async {
-        while scrape().await.1 <= loaded_at {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    common::read_until("the fixed files were applied", scrape, |now| {
+        now.1 > loaded_at
     })
-    .await
-    .expect("the fixed files were applied");
+    .await;
     let applied = scrape().await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(scrape().await.0, applied.0, "still counting");

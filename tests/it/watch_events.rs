@@ -166,10 +166,9 @@ async fn a_rotated_guid_keeps_the_stream_alive_and_is_used_for_releases() {
     // The superseded Guid is refused at once: a loop that ignored Set-GUID would fail.
     let app = spawn_app_with(
         SimConfig {
-            guid_timeout: Duration::ZERO,
             // Polls must carry the load balancer's cookie from the sign-in too.
             require_sticky_cookie: true,
-            ..sim_config()
+            ..common::sim_refusing_rotated_guids()
         },
         &[],
     )

@@ -43,6 +43,15 @@ pub fn sim_config() -> SimConfig {
     }
 }
 
+/// [`sim_config`] with a simulator that refuses a rotated-away Guid at once: a request that
+/// still carries it fails.
+pub fn sim_refusing_rotated_guids() -> SimConfig {
+    SimConfig {
+        guid_timeout: Duration::ZERO,
+        ..sim_config()
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(sim_config(), &[]).await
 }
@@ -350,6 +359,43 @@ pub fn rss_kib_of(pid: &str) -> u64 {
             value.split_whitespace().next()?.parse().ok()
         })
         .unwrap_or_else(|| panic!("VmRSS in /proc/{pid}/status"))
+}
+
+/// The service binary running the README's demo (`--simulate`, gRPC and simulator on ports the
+/// system picks), with `flags` beside and `RUST_LOG` at `log_level`; its banner comes on a pipe
+/// from stdout.
+pub fn demo_command(flags: &[&str], log_level: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"));
+    command
+        .args([
+            "--simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+        ])
+        .args(flags)
+        .env("RUST_LOG", log_level)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// The demo (`--simulate`) with its metrics port, re-reading its files (which `flags` name)
+/// every second, once it serves: the process, its metrics address and its logs.
+pub async fn spawn_demo_reloading(flags: &[&str]) -> (tokio::process::Child, String, KeptLogs) {
+    let demo = [
+        "--simulate",
+        "--sim-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--reload-secs",
+        "1",
+    ];
+    let (service, serving, logs) = spawn_service_keeping_logs(&[&demo, flags].concat(), &[]).await;
+    let metrics = serving["metrics"].as_str().unwrap().to_owned();
+    (service, metrics, logs)
 }
 
 /// The service binary, started with `args` (plus `--listen 127.0.0.1:0 --log-format json`) and
@@ -867,6 +913,26 @@ async fn check_until<F: std::future::Future<Output = bool>>(
         waited.is_ok(),
         "timed out ({within:?}) waiting until {what}"
     );
+}
+
+/// Reads `read` (e.g. a scrape) every 200 ms until `done` holds of what it read, and returns
+/// that; panics after [`WAIT`].
+pub async fn read_until<T, F: std::future::Future<Output = T>>(
+    what: &str,
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let read = tokio::time::timeout(WAIT, async {
+        loop {
+            let now = read().await;
+            if done(&now) {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    read.unwrap_or_else(|_| panic!("timed out ({WAIT:?}) waiting until {what}"))
 }
 
 /// The metrics endpoint's text at `addr`.
