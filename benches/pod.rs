@@ -215,7 +215,8 @@ async fn watch(agents: usize, per_agent: usize, rounds: usize, tls: bool) {
         let (cpu, sim_cpu) = (facade.cpu(), gateway.server.cpu());
         tokio::time::sleep(IDLE_WINDOW).await;
         let idle_cpu = (facade.cpu() - cpu).as_secs_f64() / IDLE_WINDOW.as_secs_f64();
-        let sim_idle_cpu = (gateway.server.cpu() - sim_cpu).as_secs_f64() / IDLE_WINDOW.as_secs_f64();
+        let sim_idle_cpu =
+            (gateway.server.cpu() - sim_cpu).as_secs_f64() / IDLE_WINDOW.as_secs_f64();
         let after_idle = facade.rss_kib();
 
         let delivered = hang_ups(&gateway, &ids, per_agent, HANGUPS, &mut deliveries).await;

@@ -19,10 +19,11 @@
 //!
 //! `scale` is the deployed shape at size: three replicas (the release binary) on NATS, the
 //! simulator in a process of its own (this binary in its `role-sim` role, the gateway's 10 s
-//! long-poll wait), this process the load client. AGENTS agents signed in as their desktops
-//! would, STREAMS single-agent streams each (Guid handed over), over HTTP/2 connections of 200
-//! streams that take turns over the replicas (a Kubernetes Service spreading connections); one
-//! agent's streams land on different replicas. Per replica: RSS 5 s after every agent is polled
+//! long-poll wait), this process the load client. Once the shards have spread over the
+//! replicas (as in a deployment whose pods were up before their clients), AGENTS agents sign in
+//! as their desktops would and get STREAMS single-agent streams each (Guid handed over), over
+//! HTTP/2 connections of 200 streams that take turns over the replicas (a Kubernetes Service
+//! spreading connections); one agent's streams land on different replicas. Per replica: RSS 5 s after every agent is polled
 //! and after an idle soak of SOAK_MINUTES, idle CPU over the soak, the agents it polls, its
 //! feeds, streams, shards and open fds (its metrics and /proc); nats-server's RSS and CPU; then
 //! 200 customer hang-ups one at a time on random watched agents, from just before the hang-up
@@ -780,6 +781,37 @@ async fn readings(replicas: &[Server]) -> Vec<ReplicaReading> {
     readings
 }
 
+/// How long the shards' holders must stay the same for the spread to count as settled: two
+/// lease renewals at the default `--lease-renew-secs`.
+const SHARDS_SETTLED: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) until every replica holds some of the 256 shards and nothing moved for
+/// [`SHARDS_SETTLED`]: the state of a deployment whose pods were up before their clients (the
+/// first replica up takes every shard and hands the others theirs as they join).
+async fn shards_spread(replicas: &[Server]) {
+    let deadline = Instant::now() + processes::WAIT;
+    let (mut held, mut since) = (Vec::new(), Instant::now());
+    loop {
+        let mut now_held = Vec::new();
+        for replica in replicas {
+            now_held.push(replica.metric("ccgw_nats_shards_held").await as u64);
+        }
+        if now_held != held {
+            (held, since) = (now_held, Instant::now());
+        }
+        let spread = held.iter().sum::<u64>() == 256 && held.iter().all(|&n| n > 0);
+        if spread && since.elapsed() >= SHARDS_SETTLED {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shards spread over the replicas within {:?}: {held:?}",
+            processes::WAIT
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// `agents` agents x `per_agent` streams over [`SCALE_REPLICAS`] replicas on NATS, the
 /// simulator in its own process (on HTTPS when `tls`): memory, idle CPU and what each replica
 /// holds once every agent is polled and after `soak_minutes` idle, then delivery of
@@ -796,6 +828,7 @@ async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: Nats
     for _ in 0..SCALE_REPLICAS {
         replicas.push(processes::spawn_facade(&gateway, &flags).await);
     }
+    shards_spread(&replicas).await;
     let ids = processes::agent_ids(agents);
     let guids = gateway.sign_in(&ids).await;
     let streams = agents * per_agent;
@@ -847,14 +880,8 @@ async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: Nats
     let steady = readings(&replicas).await;
     let nats_steady = nats.rss_kib();
 
-    let delivered = processes::hang_ups(
-        &gateway,
-        &ids,
-        per_agent,
-        SCALE_HANG_UPS,
-        &mut deliveries,
-    )
-    .await;
+    let delivered =
+        processes::hang_ups(&gateway, &ids, per_agent, SCALE_HANG_UPS, &mut deliveries).await;
     open.close();
 
     println!("\n| replica | RSS open | RSS after {soak_minutes} min idle | idle CPU (one core) | agents polled | feeds | streams | shards | open fds |\n|---|---|---|---|---|---|---|---|---|");

@@ -80,7 +80,9 @@ impl Server {
 
 /// File descriptors process `pid` holds open.
 pub fn open_fds_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// This binary again, in `role`; it prints the address it serves on as its first line.
@@ -236,10 +238,11 @@ impl Gateway {
 
     /// Signs `ids` in as their desktops would; their Guids, in order.
     pub async fn sign_in(&self, ids: &[String]) -> Vec<String> {
-        stream::iter(
-            ids.iter()
-                .map(|id| async move { desktop_sign_in_at(&self.http, &self.base, id, false).await.guid }),
-        )
+        stream::iter(ids.iter().map(|id| async move {
+            desktop_sign_in_at(&self.http, &self.base, id, false)
+                .await
+                .guid
+        }))
         .buffered(32)
         .collect()
         .await
@@ -432,13 +435,17 @@ pub async fn hang_ups(
             .await;
         // Hang up only once the poll loop is back in its long poll, as in production, where
         // talking takes longer than two polls.
-        wait_for("the call's events polled", Duration::from_millis(1), || async {
-            let view = gateway
-                .control(reqwest::Method::GET, &format!("/agents/{id}"))
-                .await;
-            view["queued_events"].as_u64() == Some(0)
-                && view["polls_in_flight"].as_u64().unwrap_or_default() >= 1
-        })
+        wait_for(
+            "the call's events polled",
+            Duration::from_millis(1),
+            || async {
+                let view = gateway
+                    .control(reqwest::Method::GET, &format!("/agents/{id}"))
+                    .await;
+                view["queued_events"].as_u64() == Some(0)
+                    && view["polls_in_flight"].as_u64().unwrap_or_default() >= 1
+            },
+        )
         .await;
         let hung_up = Instant::now();
         let answer = gateway
