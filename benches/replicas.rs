@@ -833,8 +833,9 @@ async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: Nats
     let guids = gateway.sign_in(&ids).await;
     let streams = agents * per_agent;
     println!(
-        "\n{agents} agents x {per_agent} streams each ({streams} streams) over {SCALE_REPLICAS} replicas (pids {:?}), gateway {}, NATS {}",
+        "\n{agents} agents x {per_agent} streams each ({streams} streams) over {SCALE_REPLICAS} replicas (pids {:?}, metrics {:?}), gateway {}, NATS {}",
         replicas.iter().map(Server::pid).collect::<Vec<_>>(),
+        replicas.iter().map(|r| r.metrics.as_deref().unwrap_or_default()).collect::<Vec<_>>(),
         gateway.base,
         nats.describe(),
     );
@@ -846,7 +847,7 @@ async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: Nats
     let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
     let opening = Instant::now();
     let open = processes::open_streams(&addrs, &ids, &guids, per_agent, delivered).await;
-    gateway.until_polls_in_flight(agents).await;
+    gateway.until_every_agent_polled(&ids).await;
     println!(
         "  every stream open and every agent polled in {:.1} s",
         opening.elapsed().as_secs_f64()
@@ -879,6 +880,7 @@ async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: Nats
     );
     let steady = readings(&replicas).await;
     let nats_steady = nats.rss_kib();
+    let polled_twice = gateway.agents_polled_twice_at_once(&ids).await;
 
     let delivered =
         processes::hang_ups(&gateway, &ids, per_agent, SCALE_HANG_UPS, &mut deliveries).await;
@@ -904,7 +906,7 @@ async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: Nats
         mib(nats_opened),
         mib(nats_steady),
     );
-    println!("simulator idle CPU {sim_idle_cpu:.1}% of one core");
+    println!("simulator idle CPU {sim_idle_cpu:.1}% of one core; agents with two polls in flight at once before the hang-ups: {polled_twice}");
     let latency = &delivered.latency;
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     println!(

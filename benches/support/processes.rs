@@ -225,15 +225,53 @@ impl Gateway {
     /// Waits until `polls` long polls wait at the simulator: every watched agent polled, or
     /// (0) none any more.
     pub async fn until_polls_in_flight(&self, polls: usize) {
-        wait_for(
-            "the polls in flight",
-            Duration::from_millis(100),
-            || async {
-                let stats = self.control(reqwest::Method::GET, "/stats").await;
-                stats["polls_in_flight"].as_u64() == Some(polls as u64)
-            },
-        )
-        .await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let stats = self.control(reqwest::Method::GET, "/stats").await;
+            let in_flight = stats["polls_in_flight"].as_u64().unwrap_or_default();
+            if in_flight == polls as u64 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{polls} polls in flight at the simulator within {WAIT:?}: {in_flight}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The simulator's view of agent `id` (its queued events, its polls in flight).
+    pub async fn agent(&self, id: &str) -> serde_json::Value {
+        self.control(reqwest::Method::GET, &format!("/agents/{id}"))
+            .await
+    }
+
+    /// Waits until each of `ids` has been polled in its current session. Where polls are
+    /// answered faster than they come back (many agents on a busy machine) the polls in flight
+    /// seldom all wait at once, so each agent is asked about instead.
+    pub async fn until_every_agent_polled(&self, ids: &[String]) {
+        for id in ids {
+            wait_for("the agent polled", Duration::from_millis(100), || async {
+                self.agent(id).await["max_polls_in_flight"]
+                    .as_u64()
+                    .is_some_and(|polls| polls >= 1)
+            })
+            .await;
+        }
+    }
+
+    /// How many of `ids` had more than one poll in flight at once since they signed in (two
+    /// pollers stealing each other's events).
+    pub async fn agents_polled_twice_at_once(&self, ids: &[String]) -> usize {
+        stream::iter(ids.iter().map(|id| async move {
+            self.agent(id).await["max_polls_in_flight"]
+                .as_u64()
+                .is_some_and(|polls| polls > 1)
+        }))
+        .buffer_unordered(32)
+        .filter(|twice| std::future::ready(*twice))
+        .count()
+        .await
     }
 
     /// Signs `ids` in as their desktops would; their Guids, in order.
@@ -439,9 +477,7 @@ pub async fn hang_ups(
             "the call's events polled",
             Duration::from_millis(1),
             || async {
-                let view = gateway
-                    .control(reqwest::Method::GET, &format!("/agents/{id}"))
-                    .await;
+                let view = gateway.agent(id).await;
                 view["queued_events"].as_u64() == Some(0)
                     && view["polls_in_flight"].as_u64().unwrap_or_default() >= 1
             },
