@@ -25,7 +25,8 @@
 //! HTTP/2 connections of 200 streams that take turns over the replicas (a Kubernetes Service
 //! spreading connections); one agent's streams land on different replicas. Per replica: RSS 5 s after every agent is polled
 //! and after an idle soak of SOAK_MINUTES, idle CPU over the soak, the agents it polls, its
-//! feeds, streams, shards and open fds (its metrics and /proc); nats-server's RSS and CPU; then
+//! feeds, streams, shards and open fds (its metrics and /proc); nats-server's RSS and CPU; the
+//! agents the simulator saw polled twice at once; then
 //! 200 customer hang-ups one at a time on random watched agents, from just before the hang-up
 //! request leaves this process to every stream of the agent receiving each release event, and
 //! the events missing. The word `tls` puts the simulator on HTTPS (the facades given its CA),
