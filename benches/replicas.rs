@@ -9,12 +9,29 @@
 //! cargo bench --bench replicas                                        # both, defaults
 //! cargo bench --bench replicas -- release REQUESTS CONCURRENCY ROUNDS # 10000 64 3
 //! cargo bench --bench replicas -- delivery HANGUPS                    # 200
+//! cargo bench --bench replicas -- scale AGENTS STREAMS [SOAK_MINUTES] # 10000 3 10
 //! ```
 //! Last words choose the NATS setup: `sync-always` runs nats-server with
 //! `jetstream { sync_interval: always }` (an fsync per write, what deploy/kubernetes/overlays/replicated
 //! configures) instead of its default (written to the OS at once, fsynced every 2 minutes);
 //! `cluster` runs a 3-node cluster and the replicas with `--nats-replicas 3`. Numbers go in
 //! BENCHMARKS.md.
+//!
+//! `scale` is the deployed shape at size: three replicas (the release binary) on NATS, the
+//! simulator in a process of its own (this binary in its `role-sim` role, the gateway's 10 s
+//! long-poll wait), this process the load client. Once the shards have spread over the
+//! replicas (as in a deployment whose pods were up before their clients), AGENTS agents sign in
+//! as their desktops would and get STREAMS single-agent streams each (Guid handed over), over
+//! HTTP/2 connections of 200 streams that take turns over the replicas (a Kubernetes Service
+//! spreading connections); one agent's streams land on different replicas. Per replica: RSS 5 s after every agent is polled
+//! and after an idle soak of SOAK_MINUTES, idle CPU over the soak, the agents it polls, its
+//! feeds, streams, shards and open fds (its metrics and /proc); nats-server's RSS and CPU; the
+//! agents the simulator saw polled twice at once; then
+//! 200 customer hang-ups one at a time on random watched agents, from just before the hang-up
+//! request leaves this process to every stream of the agent receiving each release event, and
+//! the events missing. The word `tls` puts the simulator on HTTPS (the facades given its CA),
+//! so that every polled agent holds a TLS connection: e.g.
+//! `cargo bench --bench replicas -- scale 10000 3 10 cluster sync-always tls`.
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -29,10 +46,12 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use support::{
     common::{
-        desktop_sign_in, handing_over, metric, nats::NatsServer, spawn_service_logging, spawn_sim,
-        watch_req, Item, CALLER,
+        desktop_sign_in, handing_over, metric, nats::NatsServer, rss_kib_of, spawn_service_logging,
+        spawn_sim, watch_req, Item, CALLER,
     },
-    cpu_of, load, report,
+    cpu_of, load,
+    processes::{self, mib, role_sim, Gateway, Server, ROLE_SIM},
+    report,
 };
 use tokio::{process::Child, sync::mpsc};
 use tonic::transport::Channel;
@@ -59,15 +78,20 @@ async fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    // Trailing words choose the NATS setup.
+    if args.first().map(String::as_str) == Some(ROLE_SIM) {
+        return role_sim(&args[1..]).await;
+    }
+    // Trailing words choose the NATS setup, and the gateway's TLS.
     let mut nats = NatsSetup {
         sync: DiskSync::Default,
         cluster: false,
     };
+    let mut tls = false;
     while let Some(word) = args.last() {
         match word.as_str() {
             "sync-always" => nats.sync = DiskSync::Always,
             "cluster" => nats.cluster = true,
+            "tls" => tls = true,
             _ => break,
         }
         args.pop();
@@ -83,11 +107,12 @@ async fn main() {
             release(number(1, 10_000), number(2, 64), number(3, 3), nats).await;
         }
         Some("delivery") => delivery(number(1, 200), nats).await,
+        Some("scale") => scale(number(1, 10_000), number(2, 3), number(3, 10), nats, tls).await,
         None => {
             release(10_000, 64, 3, nats).await;
             delivery(200, nats).await;
         }
-        Some(other) => panic!("unknown command {other}: release or delivery"),
+        Some(other) => panic!("unknown command {other}: release, delivery or scale"),
     }
 }
 
@@ -162,6 +187,14 @@ impl Nats {
         ]
     }
 
+    /// The servers' resident memory, KiB.
+    fn rss_kib(&self) -> u64 {
+        self.servers
+            .iter()
+            .map(|s| rss_kib_of(&s.pid().expect("nats-server runs").to_string()))
+            .sum()
+    }
+
     /// CPU time the servers used so far.
     fn cpu(&self) -> Duration {
         self.servers
@@ -170,19 +203,24 @@ impl Nats {
             .sum()
     }
 
+    /// One node or a cluster, on loopback, and how it syncs.
+    fn describe(&self) -> String {
+        let servers = if self.setup.cluster {
+            "3-node cluster"
+        } else {
+            "one node"
+        };
+        format!("{servers}, loopback, {}", self.setup.sync.describe())
+    }
+
     /// What the JetStream servers hold after a run: every stream (buckets are `KV_` streams)
     /// with the settings that decide what an append costs.
     async fn print_streams(&self) {
         let client = async_nats::connect(self.servers[0].url()).await.unwrap();
         println!(
-            "JetStream: nats-server {} ({}, loopback), file store, {}",
+            "JetStream: nats-server {} ({}), file store",
             client.server_info().version,
-            if self.setup.cluster {
-                "3-node cluster"
-            } else {
-                "one node"
-            },
-            self.setup.sync.describe()
+            self.describe(),
         );
         let jetstream = async_nats::jetstream::new(client);
         let mut streams = jetstream.streams();
@@ -688,4 +726,212 @@ fn report_delivery(mode: &str, delivered: &Delivered, sim: &Simulator, agent: &s
         all.max() as f64 / 1000.0,
         delivered.events_missed,
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The deployed shape at size: three replicas, every stream open, an idle soak, then hang-ups
+// ---------------------------------------------------------------------------------------------
+
+/// Replicas of the deployed shape.
+const SCALE_REPLICAS: usize = 3;
+/// Customer hang-ups after the soak.
+const SCALE_HANG_UPS: usize = 200;
+
+/// What one replica holds, from its metrics and /proc.
+struct ReplicaReading {
+    rss_kib: u64,
+    fds: usize,
+    /// Agents it polls now (its long polls at the gateway), and its feeds (agents it polls or
+    /// has watchers of).
+    polling: f64,
+    feeds: f64,
+    streams: f64,
+    shards: f64,
+}
+
+impl ReplicaReading {
+    async fn of(replica: &Server) -> Self {
+        Self {
+            rss_kib: replica.rss_kib(),
+            fds: replica.open_fds(),
+            polling: replica.metric("ccgw_event_polls_in_flight").await,
+            feeds: replica.metric("ccgw_polled_agents").await,
+            streams: replica.metric("ccgw_streams_open").await,
+            shards: replica.metric("ccgw_nats_shards_held").await,
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "RSS {} MiB, polling {}, feeds {}, streams {}, shards {}, fds {}",
+            mib(self.rss_kib),
+            self.polling,
+            self.feeds,
+            self.streams,
+            self.shards,
+            self.fds
+        )
+    }
+}
+
+async fn readings(replicas: &[Server]) -> Vec<ReplicaReading> {
+    let mut readings = Vec::new();
+    for replica in replicas {
+        readings.push(ReplicaReading::of(replica).await);
+    }
+    readings
+}
+
+/// How long the shards' holders must stay the same for the spread to count as settled: two
+/// lease renewals at the default `--lease-renew-secs`.
+const SHARDS_SETTLED: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) until every replica holds some of the 256 shards and nothing moved for
+/// [`SHARDS_SETTLED`]: the state of a deployment whose pods were up before their clients (the
+/// first replica up takes every shard and hands the others theirs as they join).
+async fn shards_spread(replicas: &[Server]) {
+    let deadline = Instant::now() + processes::WAIT;
+    let (mut held, mut since) = (Vec::new(), Instant::now());
+    loop {
+        let mut now_held = Vec::new();
+        for replica in replicas {
+            now_held.push(replica.metric("ccgw_nats_shards_held").await as u64);
+        }
+        if now_held != held {
+            (held, since) = (now_held, Instant::now());
+        }
+        let spread = held.iter().sum::<u64>() == 256 && held.iter().all(|&n| n > 0);
+        if spread && since.elapsed() >= SHARDS_SETTLED {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shards spread over the replicas within {:?}: {held:?}",
+            processes::WAIT
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `agents` agents x `per_agent` streams over [`SCALE_REPLICAS`] replicas on NATS, the
+/// simulator in its own process (on HTTPS when `tls`): memory, idle CPU and what each replica
+/// holds once every agent is polled and after `soak_minutes` idle, then delivery of
+/// [`SCALE_HANG_UPS`] hang-ups to every stream. Every process is killed at the end.
+async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: NatsSetup, tls: bool) {
+    assert!(soak_minutes >= 1, "the idle CPU is measured over the soak");
+    let Some(nats) = Nats::start(setup).await else {
+        return;
+    };
+    let gateway = Gateway::start(tls).await;
+    let mut flags = nats.replica_flags();
+    flags.extend(["--metrics-listen".to_owned(), "127.0.0.1:0".to_owned()]);
+    let mut replicas = Vec::new();
+    for _ in 0..SCALE_REPLICAS {
+        replicas.push(processes::spawn_facade(&gateway, &flags).await);
+    }
+    shards_spread(&replicas).await;
+    let ids = processes::agent_ids(agents);
+    let guids = gateway.sign_in(&ids).await;
+    let streams = agents * per_agent;
+    println!(
+        "\n{agents} agents x {per_agent} streams each ({streams} streams) over {SCALE_REPLICAS} replicas (pids {:?}, metrics {:?}), gateway {}, NATS {}",
+        replicas.iter().map(Server::pid).collect::<Vec<_>>(),
+        replicas.iter().map(|r| r.metrics.as_deref().unwrap_or_default()).collect::<Vec<_>>(),
+        gateway.base,
+        nats.describe(),
+    );
+    for (n, reading) in readings(&replicas).await.iter().enumerate() {
+        println!("  replica {}, started: {}", n + 1, reading.line());
+    }
+
+    let (delivered, mut deliveries) = mpsc::unbounded_channel();
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+    let opening = Instant::now();
+    let open = processes::open_streams(&addrs, &ids, &guids, per_agent, delivered).await;
+    gateway.until_every_agent_polled(&ids).await;
+    println!(
+        "  every stream open and every agent polled in {:.1} s",
+        opening.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let opened = readings(&replicas).await;
+    let nats_opened = nats.rss_kib();
+
+    let cpu: Vec<Duration> = replicas.iter().map(Server::cpu).collect();
+    let (nats_cpu, sim_cpu) = (nats.cpu(), gateway.server.cpu());
+    for minute in 1..=soak_minutes {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let rss: Vec<String> = replicas.iter().map(|r| mib(r.rss_kib())).collect();
+        println!(
+            "  soak minute {minute}: replicas' RSS {} MiB; nats-server {} MiB",
+            rss.join(", "),
+            mib(nats.rss_kib())
+        );
+    }
+    let soak = Duration::from_secs(60 * soak_minutes as u64);
+    let share = |used: Duration| used.as_secs_f64() / soak.as_secs_f64() * 100.0;
+    let idle_cpu: Vec<f64> = replicas
+        .iter()
+        .zip(&cpu)
+        .map(|(r, before)| share(r.cpu() - *before))
+        .collect();
+    let (nats_idle_cpu, sim_idle_cpu) = (
+        share(nats.cpu() - nats_cpu),
+        share(gateway.server.cpu() - sim_cpu),
+    );
+    let steady = readings(&replicas).await;
+    let nats_steady = nats.rss_kib();
+    let polled_twice = gateway.agents_polled_twice_at_once(&ids).await;
+
+    let delivered =
+        processes::hang_ups(&gateway, &ids, per_agent, SCALE_HANG_UPS, &mut deliveries).await;
+    open.close();
+
+    println!("\n| replica | RSS open | RSS after {soak_minutes} min idle | idle CPU (one core) | agents polled | feeds | streams | shards | open fds |\n|---|---|---|---|---|---|---|---|---|");
+    for (n, ((open, steady), cpu)) in opened.iter().zip(&steady).zip(&idle_cpu).enumerate() {
+        println!(
+            "| {} | {} MiB | {} MiB | {cpu:.1}% | {} | {} | {} | {} | {} |",
+            n + 1,
+            mib(open.rss_kib),
+            mib(steady.rss_kib),
+            steady.polling,
+            steady.feeds,
+            steady.streams,
+            steady.shards,
+            steady.fds,
+        );
+    }
+    println!(
+        "| nats-server ({} node(s)) | {} MiB | {} MiB | {nats_idle_cpu:.1}% | | | | | |",
+        nats.servers.len(),
+        mib(nats_opened),
+        mib(nats_steady),
+    );
+    println!("simulator idle CPU {sim_idle_cpu:.1}% of one core; agents with two polls in flight at once before the hang-ups: {polled_twice}");
+    let latency = &delivered.latency;
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "delivery of {} hang-ups to all {per_agent} streams of the agent: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} deliveries); missing {} events after {} hang-ups, strays {}",
+        delivered.hang_ups,
+        ms(0.5),
+        ms(0.99),
+        latency.max() as f64 / 1000.0,
+        latency.len(),
+        delivered.events_missed,
+        delivered.hang_ups_missed,
+        delivered.strays,
+    );
+    println!(
+        "| {agents} x {per_agent}{} | {} | {:.2} / {:.2} ms ({:.2}) | {} |",
+        if tls { ", TLS" } else { "" },
+        nats.describe(),
+        ms(0.5),
+        ms(0.99),
+        latency.max() as f64 / 1000.0,
+        delivered.events_missed,
+    );
+    for replica in replicas {
+        replica.stop().await;
+    }
+    gateway.server.stop().await;
 }

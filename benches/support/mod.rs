@@ -15,6 +15,7 @@ use hdrhistogram::Histogram;
 
 #[path = "../../tests/it/common/mod.rs"]
 pub mod common;
+pub mod processes;
 pub use common::TestApp;
 
 /// Benchmarks run without caller authorization: all their clients are one caller, which alone
