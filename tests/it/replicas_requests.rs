@@ -4,7 +4,9 @@ use crate::common;
 
 use std::time::Duration;
 
-use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome};
+use ccgw_callcontrol::proto::{
+    call_control_client::CallControlClient, ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome,
+};
 use ccgw_sim::{Fault, FaultRule};
 use common::{
     error_metadata, expect_shared_state_unavailable, expect_status, health, health_becomes,
@@ -14,7 +16,7 @@ use common::{
     wait_until, watch_req, CALLER, SERVING, WAIT,
 };
 use futures_util::StreamExt;
-use tonic::Code;
+use tonic::{transport::Channel, Code};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Holds the next release of a current call at the gateway for `ms`.
@@ -245,12 +247,7 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
     for _ in 0..2 {
         let mut duplicate = tonic::Request::new(release_with_id("101", "doomed"));
         duplicate.set_timeout(WAIT);
-        let status = b.release_call(duplicate).await.unwrap_err();
-        let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
-        assert!(details.retry_info().is_none(), "{status:?}");
-        let metadata = error_metadata(&status);
-        assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
-        assert_eq!(metadata["may_have_released"], "true");
+        expect_earlier_attempt_lost(&b.release_call(duplicate).await.unwrap_err());
     }
     assert_eq!(releases_sent(&set.sim), 1, "a lost release was repeated");
 }
@@ -428,6 +425,40 @@ async fn one_replica_behind_a_link(set: &ReplicaSet, hold_ms: u64) -> (NatsLink,
 /// request timeout (5 s) a held record write would take to fail.
 const ANSWERED_WITHIN: Duration = Duration::from_secs(3);
 
+/// Sends `request` through `client` (replica A), cuts A's link to NATS once the release reached
+/// the gateway (its claim acknowledged), and expects "released" while the answer's record is
+/// held.
+async fn released_with_the_record_held(
+    set: &ReplicaSet,
+    link: &NatsLink,
+    mut client: CallControlClient<Channel>,
+    request: impl tonic::IntoRequest<ReleaseCallRequest> + Send + 'static,
+) -> ReleaseCallResponse {
+    let first = tokio::spawn(async move { client.release_call(request).await });
+    wait_until("the first release reached the gateway", || {
+        releases_sent(&set.sim) == 1
+    })
+    .await;
+    link.cut();
+    let first = tokio::time::timeout(ANSWERED_WITHIN + Duration::from_secs(1), first)
+        .await
+        .expect("the caller hears the answer before its record is written")
+        .unwrap()
+        .expect("released")
+        .into_inner();
+    released(&first);
+    first
+}
+
+/// RELEASE_OUTCOME_UNKNOWN with cause EARLIER_ATTEMPT_LOST: nothing to retry.
+fn expect_earlier_attempt_lost(status: &tonic::Status) {
+    let details = expect_status(status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
+    assert!(details.retry_info().is_none(), "{status:?}");
+    let metadata = error_metadata(status);
+    assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
+    assert_eq!(metadata["may_have_released"], "true");
+}
+
 /// A kept answer reaches its caller before its record is written: replica A's link to NATS is
 /// cut after its claim, and the caller hears "released" all the same. A repeat on replica B
 /// meanwhile finds the claim pending and waits; once the record lands it gets the answer,
@@ -438,22 +469,9 @@ async fn a_repeat_while_the_answer_is_being_recorded_waits_for_it() {
         return;
     };
     let (link, [replica_a, replica_b]) = one_replica_behind_a_link(&set, 1_000).await;
-    let mut a = replica_a.client().await;
+    let a = replica_a.client().await;
     let mut b = replica_b.client().await;
-    let first = tokio::spawn(async move { a.release_call(release_with_id("101", "held")).await });
-    wait_until("the first release reached the gateway", || {
-        releases_sent(&set.sim) == 1
-    })
-    .await;
-    // The claim was acknowledged before the release was sent; the answer's record is held.
-    link.cut();
-    let first = tokio::time::timeout(ANSWERED_WITHIN + Duration::from_secs(1), first)
-        .await
-        .expect("the caller hears the answer before its record is written")
-        .unwrap()
-        .expect("released")
-        .into_inner();
-    released(&first);
+    let first = released_with_the_record_held(&set, &link, a, release_with_id("101", "held")).await;
     assert!(!first.replayed);
 
     let repeat = tokio::spawn(async move { b.release_call(release_with_id("101", "held")).await });
@@ -483,33 +501,16 @@ async fn an_answer_never_recorded_is_an_attempt_lost_never_repeated() {
         return;
     };
     let (link, [replica_a, replica_b]) = one_replica_behind_a_link(&set, 1_000).await;
-    let mut a = replica_a.client().await;
+    let a = replica_a.client().await;
     let mut b = replica_b.client().await;
     let mut request = tonic::Request::new(release_with_id("101", "unrecorded"));
     request.set_timeout(Duration::from_secs(3));
-    let first = tokio::spawn(async move { a.release_call(request).await });
-    wait_until("the first release reached the gateway", || {
-        releases_sent(&set.sim) == 1
-    })
-    .await;
-    link.cut();
-    let first = tokio::time::timeout(ANSWERED_WITHIN + Duration::from_secs(1), first)
-        .await
-        .expect("the caller hears the answer although its record cannot be written")
-        .unwrap()
-        .expect("released")
-        .into_inner();
-    released(&first);
+    released_with_the_record_held(&set, &link, a, request).await;
 
     for _ in 0..2 {
         let mut repeat = tonic::Request::new(release_with_id("101", "unrecorded"));
         repeat.set_timeout(WAIT);
-        let status = b.release_call(repeat).await.unwrap_err();
-        let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
-        assert!(details.retry_info().is_none(), "{status:?}");
-        let metadata = error_metadata(&status);
-        assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
-        assert_eq!(metadata["may_have_released"], "true");
+        expect_earlier_attempt_lost(&b.release_call(repeat).await.unwrap_err());
     }
     assert_eq!(
         releases_sent(&set.sim),
