@@ -421,7 +421,7 @@ impl ReleaseService {
                         .await
                         .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
                     let retention = retention(&command.target, &answer);
-                    answer_after_recording(ticket, answer, retention, answer_tx).await;
+                    record_and_answer(ticket, answer, retention, answer_tx).await;
                     this.request_id_shares.settle(share, retention);
                 }));
                 answer_rx
@@ -509,7 +509,7 @@ impl ReleaseService {
 /// An answer that is forgotten (it provably changed nothing) is forgotten before the caller
 /// hears it: it tells the caller to try again, and a repeat right after it must be free to act,
 /// not be handed the refusal again by a record still on its way out.
-async fn answer_after_recording(
+async fn record_and_answer(
     ticket: Box<dyn Ticket>,
     answer: ReleaseAnswer,
     retention: Retention,
