@@ -109,7 +109,9 @@ pub(crate) enum Claim {
 
 /// The right, and the duty, to record an id's answer.
 pub(crate) trait Ticket: Send {
-    /// Records the answer for everyone waiting and keeps it as `retention` says.
+    /// Records the answer for everyone waiting and keeps it as `retention` says; the future
+    /// ends once it is recorded, or could not be (a duplicate then finds the claim lost). The
+    /// caller decides whether its own answer waits for that.
     fn complete(
         self: Box<Self>,
         answer: ReleaseAnswer,

@@ -406,7 +406,9 @@ impl ReleaseService {
                     }
                 };
                 // The work runs on its own task: a caller that goes away mid-request must not
-                // cut off the answer that later duplicates are promised.
+                // cut off the answer that later duplicates are promised. The task is tracked,
+                // so a stopping process records the answer before it exits.
+                let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
                 let this = self.clone();
                 let caller = caller.clone();
                 // The caller's trace goes along: the gateway request is still made for it.
@@ -418,12 +420,11 @@ impl ReleaseService {
                         .catch_unwind()
                         .await
                         .unwrap_or(Err(ReleaseError::EarlierAttemptLost));
-                    // Recorded before the caller hears it: a retry after the answer finds it.
                     let retention = retention(&command.target, &answer);
-                    ticket.complete(answer.clone(), retention).await;
+                    record_and_answer(ticket, answer, retention, answer_tx).await;
                     this.request_id_shares.settle(share, retention);
-                    answer
-                }))
+                }));
+                answer_rx
             }
         };
         pending
@@ -490,6 +491,38 @@ impl ReleaseService {
             ) => self.policy.dropcall_attempts,
             _ => 1,
         }
+    }
+}
+
+/// Records an owner's answer under its request_id and tells the caller, in the order that
+/// keeps every promise to a repeat while the caller waits as little as it can.
+///
+/// An answer that is kept (it may have acted, or it says what happened) reaches the caller
+/// before its record is written: the claim, acknowledged before anything was sent, already
+/// stops any repeat from acting. Until the record lands a repeat finds the claim pending and
+/// waits for the answer; if the record never lands (the write failed, this process died) the
+/// claim outlives its deadline unanswered and a repeat is told the earlier attempt was lost,
+/// which is what it was told when the write failed before the caller heard, too. For a
+/// release of the current call that is EARLIER_ATTEMPT_LOST, never a second release; a
+/// dropcall's lost claim is forgotten, as a dropcall whose outcome is unknown always was.
+///
+/// An answer that is forgotten (it provably changed nothing) is forgotten before the caller
+/// hears it: it tells the caller to try again, and a repeat right after it must be free to act,
+/// not be handed the refusal again by a record still on its way out.
+async fn record_and_answer(
+    ticket: Box<dyn Ticket>,
+    answer: ReleaseAnswer,
+    retention: Retention,
+    caller: tokio::sync::oneshot::Sender<ReleaseAnswer>,
+) {
+    let recording = ticket.complete(answer.clone(), retention);
+    if retention == Retention::Forget {
+        recording.await;
+        let _ = caller.send(answer);
+    } else {
+        // The caller may have gone: the record is written all the same.
+        let _ = caller.send(answer);
+        recording.await;
     }
 }
 

@@ -4,15 +4,19 @@ use crate::common;
 
 use std::time::Duration;
 
-use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome};
+use ccgw_callcontrol::proto::{
+    call_control_client::CallControlClient, ReleaseCallRequest, ReleaseCallResponse, ReleaseOutcome,
+};
 use ccgw_sim::{Fault, FaultRule};
 use common::{
     error_metadata, expect_shared_state_unavailable, expect_status, health, health_becomes,
+    nats::NatsLink,
     release_req, release_with_id, releases_sent,
     replicas::{Replica, ReplicaSet},
-    wait_until, watch_req, CALLER, WAIT,
+    wait_until, watch_req, CALLER, SERVING, WAIT,
 };
-use tonic::Code;
+use futures_util::StreamExt;
+use tonic::{transport::Channel, Code};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Holds the next release of a current call at the gateway for `ms`.
@@ -243,12 +247,7 @@ async fn a_claim_whose_replica_died_is_an_attempt_lost_never_repeated() {
     for _ in 0..2 {
         let mut duplicate = tonic::Request::new(release_with_id("101", "doomed"));
         duplicate.set_timeout(WAIT);
-        let status = b.release_call(duplicate).await.unwrap_err();
-        let details = expect_status(&status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
-        assert!(details.retry_info().is_none(), "{status:?}");
-        let metadata = error_metadata(&status);
-        assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
-        assert_eq!(metadata["may_have_released"], "true");
+        expect_earlier_attempt_lost(&b.release_call(duplicate).await.unwrap_err());
     }
     assert_eq!(releases_sent(&set.sim), 1, "a lost release was repeated");
 }
@@ -403,4 +402,173 @@ async fn each_replica_holds_a_caller_to_its_share_of_the_request_ids() {
         assert!(replay.replayed, "{id}: {replay:?}");
     }
     assert_eq!(releases_sent(&set.sim), sent + 3);
+}
+
+/// Replica A reaching NATS through a link the test can cut, replica B directly; agent 101's
+/// session handed over to both, a call placed, and the next release held at the gateway for
+/// `hold_ms`.
+async fn one_replica_behind_a_link(set: &ReplicaSet, hold_ms: u64) -> (NatsLink, [Replica; 2]) {
+    let link = NatsLink::start(set.nats[0].port).await;
+    let replicas = [
+        set.spawn_on(&set.gateway_url(), &link.url(), &[], SERVING)
+            .await,
+        set.spawn(&[]).await,
+    ];
+    set.sign_in_and_hand_over("101", &[&replicas[0], &replicas[1]])
+        .await;
+    call_101(set);
+    hold_next_release(set, hold_ms);
+    (link, replicas)
+}
+
+/// How long a caller may wait for its answer once the gateway gave it: well under the NATS
+/// request timeout (5 s) a held record write would take to fail.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(3);
+
+/// Sends `request` through `client` (replica A), cuts A's link to NATS once the release reached
+/// the gateway (its claim acknowledged), and expects "released" while the answer's record is
+/// held.
+async fn released_with_the_record_held(
+    set: &ReplicaSet,
+    link: &NatsLink,
+    mut client: CallControlClient<Channel>,
+    request: impl tonic::IntoRequest<ReleaseCallRequest> + Send + 'static,
+) -> ReleaseCallResponse {
+    let first = tokio::spawn(async move { client.release_call(request).await });
+    wait_until("the first release reached the gateway", || {
+        releases_sent(&set.sim) == 1
+    })
+    .await;
+    link.cut();
+    let first = tokio::time::timeout(ANSWERED_WITHIN + Duration::from_secs(1), first)
+        .await
+        .expect("the caller hears the answer before its record is written")
+        .unwrap()
+        .expect("released")
+        .into_inner();
+    released(&first);
+    first
+}
+
+/// RELEASE_OUTCOME_UNKNOWN with cause EARLIER_ATTEMPT_LOST: nothing to retry.
+fn expect_earlier_attempt_lost(status: &tonic::Status) {
+    let details = expect_status(status, Code::Unknown, "RELEASE_OUTCOME_UNKNOWN");
+    assert!(details.retry_info().is_none(), "{status:?}");
+    let metadata = error_metadata(status);
+    assert_eq!(metadata["cause"], "EARLIER_ATTEMPT_LOST", "{status:?}");
+    assert_eq!(metadata["may_have_released"], "true");
+}
+
+/// A kept answer reaches its caller before its record is written: replica A's link to NATS is
+/// cut after its claim, and the caller hears "released" all the same. A repeat on replica B
+/// meanwhile finds the claim pending and waits; once the record lands it gets the answer,
+/// replayed, and nothing is sent again.
+#[tokio::test]
+async fn a_repeat_while_the_answer_is_being_recorded_waits_for_it() {
+    let Some(set) = ReplicaSet::builder().start().await else {
+        return;
+    };
+    let (link, [replica_a, replica_b]) = one_replica_behind_a_link(&set, 1_000).await;
+    let a = replica_a.client().await;
+    let mut b = replica_b.client().await;
+    let first = released_with_the_record_held(&set, &link, a, release_with_id("101", "held")).await;
+    assert!(!first.replayed);
+
+    let repeat = tokio::spawn(async move { b.release_call(release_with_id("101", "held")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !repeat.is_finished(),
+        "the repeat did not wait for the record"
+    );
+    link.restore();
+    let repeat = repeat
+        .await
+        .unwrap()
+        .expect("the repeat gets the answer once recorded")
+        .into_inner();
+    released(&repeat);
+    assert!(repeat.replayed);
+    assert_eq!(releases_sent(&set.sim), 1, "the repeat released again");
+}
+
+/// A kept answer whose record is never written (replica A cut off from NATS for good after its
+/// claim): its caller still hears it, and a repeat on another replica, once the claim's
+/// deadline passed unanswered, is told the earlier attempt was lost (outcome unknown, nothing
+/// to retry), never given a second release.
+#[tokio::test]
+async fn an_answer_never_recorded_is_an_attempt_lost_never_repeated() {
+    let Some(set) = ReplicaSet::builder().start().await else {
+        return;
+    };
+    let (link, [replica_a, replica_b]) = one_replica_behind_a_link(&set, 1_000).await;
+    let a = replica_a.client().await;
+    let mut b = replica_b.client().await;
+    let mut request = tonic::Request::new(release_with_id("101", "unrecorded"));
+    request.set_timeout(Duration::from_secs(3));
+    released_with_the_record_held(&set, &link, a, request).await;
+
+    for _ in 0..2 {
+        let mut repeat = tonic::Request::new(release_with_id("101", "unrecorded"));
+        repeat.set_timeout(WAIT);
+        expect_earlier_attempt_lost(&b.release_call(repeat).await.unwrap_err());
+    }
+    assert_eq!(
+        releases_sent(&set.sim),
+        1,
+        "an unrecorded release was repeated"
+    );
+}
+
+/// An answer that provably changed nothing (the gateway refused the connection, so nothing was
+/// sent) is forgotten before its caller hears it: while replica A's link to NATS holds the
+/// forgetting, its caller waits; once it is through, a repeat on another replica acts.
+#[tokio::test]
+async fn a_refusal_that_changed_nothing_is_forgotten_before_its_caller_hears_it() {
+    let Some(set) = ReplicaSet::builder().start().await else {
+        return;
+    };
+    let replica_b = set.spawn(&[]).await;
+    set.sign_in_and_hand_over("101", &[&replica_b]).await;
+    call_101(&set);
+    // Replica A reads the session from the shared bucket; its gateway refuses connections, so
+    // its release fails after its connect retries, having sent nothing.
+    let link = NatsLink::start(set.nats[0].port).await;
+    let refusing = format!("http://127.0.0.1:{}", common::nats::free_port());
+    let replica_a = set.spawn_on(&refusing, &link.url(), &[], SERVING).await;
+    let client = async_nats::connect(set.nats_url()).await.unwrap();
+    let requests = async_nats::jetstream::new(client)
+        .get_key_value("ccgw-requests")
+        .await
+        .expect("the replicas made the requests bucket");
+    let mut claims = requests.watch_all().await.unwrap();
+
+    let mut a = replica_a.client().await;
+    let first =
+        tokio::spawn(async move { a.release_call(release_with_id("101", "refused")).await });
+    tokio::time::timeout(WAIT, claims.next())
+        .await
+        .expect("replica A claims the id")
+        .unwrap()
+        .unwrap();
+    link.cut();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !first.is_finished(),
+        "the caller heard a refusal before it was forgotten"
+    );
+    link.restore();
+    first
+        .await
+        .unwrap()
+        .expect_err("the gateway refused the connection");
+
+    let mut b = replica_b.client().await;
+    let repeat = b
+        .release_call(release_with_id("101", "refused"))
+        .await
+        .expect("the repeat acts")
+        .into_inner();
+    released(&repeat);
+    assert!(!repeat.replayed);
+    assert_eq!(releases_sent(&set.sim), 1);
 }

@@ -273,6 +273,11 @@ impl NatsLink {
     pub fn cut(&self) {
         self.cut.send_replace(true);
     }
+
+    /// Passes again, first what it held while cut.
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
 }
 
 impl Drop for NatsLink {
