@@ -7,12 +7,17 @@
 //! entry was based on), and a watch of the bucket installs what the other replicas write. On a
 //! conflict the bucket holds something newer: it is read and installed, so a replica with an old
 //! view never overwrites a newer Guid.
+//!
+//! The changes waiting for the writer are coalesced per agent (the latest replaces the one
+//! before), so a burst never drops one: they are bounded by the agents the registry may hold
+//! (`--max-sessions`), not by how fast NATS takes them.
 use std::{
     collections::HashMap,
+    fmt,
     future::Future,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -21,10 +26,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::{
-    sync::mpsc::{self, error::TrySendError},
-    time::Instant,
-};
+use tokio::{sync::Notify, time::Instant};
 
 use super::{Bucket, Cluster, NatsError};
 use crate::{
@@ -32,15 +34,18 @@ use crate::{
     gateway::{Cookies, Guid, Session},
     jittered_backoff,
     lifecycle::Lifecycle,
+    lock,
     sessions::{
         Installed, SessionLimits, SessionRegistry, SessionStore, SharedSession, StoreCounters,
     },
 };
 
 const BUCKET: &str = "sessions";
-/// Changes waiting for the writer. Beyond it a change is dropped: the agent's next change
-/// carries its whole entry anyway.
-const QUEUE: usize = 4096;
+/// Agents with a change waiting for the writer, per agent the registry may hold
+/// (`--max-sessions`): each agent it holds, and as many it let go of (a refused session,
+/// an idle one) before NATS took their last change. Only beyond it is a change dropped (the
+/// agent's next change carries its whole entry).
+const PENDING_AGENTS_PER_SESSION: usize = 2;
 /// How long loading the bucket may take at startup.
 const LOAD_WITHIN: Duration = Duration::from_secs(30);
 /// The first retry of a failed write (or of the watch) comes after 100 to 200 ms; the pause
@@ -87,9 +92,15 @@ pub(crate) async fn shared_registry(
     let bucket = cluster.name(BUCKET);
     let kv = cluster.key_value(self::bucket()).await?;
     let counters = Arc::new(StoreCounters::default());
-    let (queue, inbox) = mpsc::channel(QUEUE);
+    let max_agents = limits
+        .max_sessions
+        .saturating_mul(PENDING_AGENTS_PER_SESSION);
+    let outbox = Arc::new(Outbox {
+        writes: Mutex::new(PendingWrites::new(max_agents)),
+        arrived: Notify::new(),
+    });
     let changes = Changes {
-        queue,
+        outbox: outbox.clone(),
         counters: counters.clone(),
     };
     let registry = Arc::new(SessionRegistry::with_store(
@@ -124,10 +135,10 @@ pub(crate) async fn shared_registry(
         registry: registry.clone(),
         replica,
         counters,
-        pending: PendingWrites::default(),
+        outbox,
         failures: 0,
     };
-    tasks.spawn(writer.run(inbox, lifecycle.drained()));
+    tasks.spawn(writer.run(lifecycle.drained()));
     Ok(registry)
 }
 
@@ -244,11 +255,27 @@ struct Change {
     entry: Option<SharedSession>,
 }
 
-/// The registry's side of the queue to the writer: never blocks.
-#[derive(Debug)]
+/// The changes waiting for the writer, shared by the registry's side and the writer. The lock
+/// is never held across an await nor while the registry's is taken: the registry calls in
+/// under its own lock.
+struct Outbox {
+    writes: Mutex<PendingWrites>,
+    /// A change was queued.
+    arrived: Notify,
+}
+
+/// The registry's side of the outbox: never blocks (the lock is held for a map operation).
 struct Changes {
-    queue: mpsc::Sender<Change>,
+    outbox: Arc<Outbox>,
     counters: Arc<StoreCounters>,
+}
+
+impl fmt::Debug for Changes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Changes")
+            .field("pending", &lock(&self.outbox.writes).len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SessionStore for Changes {
@@ -258,16 +285,16 @@ impl SessionStore for Changes {
             based_on,
             entry,
         };
-        match self.queue.try_send(change) {
-            Ok(()) | Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                let dropped = self.counters.dropped_changes();
-                StoreCounters::count(&self.counters.dropped_changes);
-                // The first, then one in a thousand: a stalled NATS must not flood the log.
-                if dropped.is_multiple_of(1000) {
-                    tracing::warn!(%agent, dropped = dropped + 1, "the queue of session changes to NATS is full; a change is not shared (the agent's next change carries its whole session)");
-                }
-            }
+        let queued = lock(&self.outbox.writes).queue(change);
+        if queued {
+            self.outbox.arrived.notify_one();
+            return;
+        }
+        let dropped = self.counters.dropped_changes();
+        StoreCounters::count(&self.counters.dropped_changes);
+        // The first, then one in a thousand: a stalled NATS must not flood the log.
+        if dropped.is_multiple_of(1000) {
+            tracing::warn!(%agent, dropped = dropped + 1, "changes of twice --max-sessions agents' sessions wait for NATS; a change of one more agent is not shared (the agent's next change carries its whole session)");
         }
     }
 }
@@ -366,6 +393,16 @@ struct Pending {
     seq: u64,
 }
 
+impl Pending {
+    /// A later change of the agent, based on `based_on`, replaces this one's entry. Revisions
+    /// only grow: a higher base is a newer entry installed meanwhile, a lower one (0: the entry
+    /// was forgotten and made again) derives from the pending one.
+    fn supersede(&mut self, based_on: u64, entry: Option<SharedSession>) {
+        self.based_on = self.based_on.max(based_on);
+        self.entry = entry;
+    }
+}
+
 /// This replica's last write of an agent: a change still based on `from` (made before the
 /// registry learnt of the write) derives from `to`.
 struct Chain {
@@ -385,15 +422,16 @@ struct Writer {
     registry: Arc<SessionRegistry>,
     replica: Arc<str>,
     counters: Arc<StoreCounters>,
-    pending: PendingWrites,
+    outbox: Arc<Outbox>,
     /// Consecutive passes that failed.
     failures: u32,
 }
 
 impl Writer {
     /// Writes what arrives until the service has drained, then flushes what is pending
-    /// (bounded). While NATS fails, changes are coalesced per agent and retried with backoff.
-    async fn run(mut self, mut inbox: mpsc::Receiver<Change>, drained: impl Future<Output = ()>) {
+    /// (bounded). While NATS fails, changes go on coalescing per agent and are retried with
+    /// backoff.
+    async fn run(mut self, drained: impl Future<Output = ()>) {
         tokio::pin!(drained);
         let mut retry_at: Option<Instant> = None;
         loop {
@@ -401,16 +439,12 @@ impl Writer {
             tokio::select! {
                 biased;
                 () = &mut drained => break,
-                change = inbox.recv() => match change {
-                    Some(change) => self.pending.queue(change),
-                    None => break,
-                },
+                () = self.outbox.arrived.notified() => {}
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if backing_off => {
                     retry_at = None;
                 }
             }
-            self.queue_arrived(&mut inbox);
-            if retry_at.is_some() || self.pending.is_empty() {
+            if retry_at.is_some() || self.writes().is_empty() {
                 continue;
             }
             retry_at = match self.write_pending().await {
@@ -425,34 +459,33 @@ impl Writer {
                 }
             };
         }
-        inbox.close();
-        self.queue_arrived(&mut inbox);
-        if self.pending.is_empty() {
+        if self.writes().is_empty() {
             return;
         }
         let flushed = tokio::time::timeout(FLUSH_WITHIN, self.write_pending()).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::warn!(
-                agents = self.pending.len(),
+                agents = self.writes().len(),
                 "stopping with session changes NATS has not taken; the other replicas keep the sessions they knew"
             );
         }
     }
 
-    fn queue_arrived(&mut self, inbox: &mut mpsc::Receiver<Change>) {
-        while let Ok(change) = inbox.try_recv() {
-            self.pending.queue(change);
-        }
+    /// The outbox, locked: never across an await, never while calling the registry.
+    fn writes(&self) -> std::sync::MutexGuard<'_, PendingWrites> {
+        lock(&self.outbox.writes)
     }
 
-    /// Writes every pending change in arrival order; stops at the first that NATS did not take.
+    /// Writes every change pending when it starts, in arrival order; stops at the first that
+    /// NATS did not take. A change queued meanwhile wakes the writer for the next pass.
     async fn write_pending(&mut self) -> Result<(), ()> {
-        for agent in self.pending.in_arrival_order() {
-            let Some(pending) = self.pending.take(agent) else {
+        let agents = self.writes().in_arrival_order();
+        for agent in agents {
+            let Some(pending) = self.writes().take(agent) else {
                 continue;
             };
             if let Err(pending) = self.write(agent, pending).await {
-                self.pending.put_back(agent, pending);
+                self.writes().put_back(agent, pending);
                 return Err(());
             }
         }
@@ -544,7 +577,7 @@ impl Writer {
     }
 
     fn written(&mut self, agent: AgentId, based_on: u64, revision: Option<u64>) {
-        self.pending.written(agent, based_on, revision);
+        self.writes().written(agent, based_on, revision);
         if let Some(revision) = revision {
             self.registry.written(agent, revision);
         }
@@ -553,36 +586,46 @@ impl Writer {
 
 /// The changes waiting to be written, one per agent, and this replica's last write of each
 /// agent (to chain the next change onto it).
-#[derive(Default)]
 struct PendingWrites {
     pending: HashMap<AgentId, Pending>,
     chains: HashMap<AgentId, Chain>,
     next_seq: u64,
+    /// Agents with a pending change at most: a change of one more is dropped.
+    max_agents: usize,
 }
 
 impl PendingWrites {
-    fn queue(&mut self, change: Change) {
+    fn new(max_agents: usize) -> Self {
+        Self {
+            pending: HashMap::new(),
+            chains: HashMap::new(),
+            next_seq: 0,
+            max_agents,
+        }
+    }
+
+    /// Queues the change, in place of the agent's pending one; false when it is another agent's
+    /// beyond `max_agents` (not queued).
+    fn queue(&mut self, change: Change) -> bool {
         let based_on = match self.chains.get(&change.agent) {
             Some(chain) if chain.from == change.based_on => chain.to,
             _ => change.based_on,
         };
-        match self.pending.get_mut(&change.agent) {
-            // Revisions only grow: a higher base is a newer entry installed meanwhile, a lower
-            // one (0: the entry was forgotten and made again) derives from the pending one.
-            Some(pending) => {
-                pending.based_on = pending.based_on.max(based_on);
-                pending.entry = change.entry;
-            }
-            None => {
-                self.next_seq += 1;
-                let pending = Pending {
-                    based_on,
-                    entry: change.entry,
-                    seq: self.next_seq,
-                };
-                self.pending.insert(change.agent, pending);
-            }
+        if let Some(pending) = self.pending.get_mut(&change.agent) {
+            pending.supersede(based_on, change.entry);
+            return true;
         }
+        if self.pending.len() >= self.max_agents {
+            return false;
+        }
+        self.next_seq += 1;
+        let pending = Pending {
+            based_on,
+            entry: change.entry,
+            seq: self.next_seq,
+        };
+        self.pending.insert(change.agent, pending);
+        true
     }
 
     /// The agents with a pending change, in the order their first pending change came.
@@ -597,18 +640,30 @@ impl PendingWrites {
         self.pending.remove(&agent)
     }
 
-    /// A change NATS did not take; a change queued meanwhile would be newer, so it stays.
-    fn put_back(&mut self, agent: AgentId, pending: Pending) {
-        self.pending.entry(agent).or_insert(pending);
+    /// A change NATS did not take. A change of the agent queued while it was being written is
+    /// newer: it supersedes the one put back, in its place in the order, as if it had been
+    /// queued behind it.
+    fn put_back(&mut self, agent: AgentId, mut taken: Pending) {
+        if let Some(newer) = self.pending.remove(&agent) {
+            taken.supersede(newer.based_on, newer.entry);
+        }
+        self.pending.insert(agent, taken);
     }
 
     /// NATS took the agent's change based on `based_on` as `revision` (`None`: a deletion).
+    /// A change of the agent queued while it was being written, on that same base, derives
+    /// from the write: it is chained onto it as if it had come after.
     fn written(&mut self, agent: AgentId, based_on: u64, revision: Option<u64>) {
         let Some(revision) = revision else {
             // Deleted: the registry makes any later entry anew (based on 0).
             self.chains.remove(&agent);
             return;
         };
+        if let Some(newer) = self.pending.get_mut(&agent) {
+            if newer.based_on == based_on {
+                newer.based_on = revision;
+            }
+        }
         if self.chains.len() >= MAX_CHAINS && !self.chains.contains_key(&agent) {
             self.chains.clear();
         }
@@ -664,6 +719,9 @@ mod tests {
         }
     }
 
+    /// Agents with a pending change the tests' outbox holds at most.
+    const MAX_AGENTS: usize = 1000;
+
     /// (based on, current Guid) of the agent's pending write.
     fn next(writes: &mut PendingWrites, n: u32) -> (u64, Option<String>) {
         let pending = writes.take(agent(n)).expect("a pending write");
@@ -674,7 +732,7 @@ mod tests {
     /// Two local changes on one revision make one write of the latest, on that revision.
     #[test]
     fn changes_of_one_agent_coalesce_into_the_latest() {
-        let mut writes = PendingWrites::default();
+        let mut writes = PendingWrites::new(MAX_AGENTS);
         writes.queue(change(101, 4, Some("g1")));
         writes.queue(change(101, 4, Some("g2")));
         assert_eq!(writes.len(), 1);
@@ -691,10 +749,71 @@ mod tests {
         assert!(writes.is_empty());
     }
 
+    /// Of every burst of an agent's changes only the latest is written: a deletion after a put
+    /// is written as a deletion of what the first change was based on, a put after a deletion
+    /// replaces it, and a put and deletion of an entry the bucket never held write nothing.
+    #[test]
+    fn only_the_latest_change_of_each_agent_is_written() {
+        let mut writes = PendingWrites::new(MAX_AGENTS);
+        for n in 0..100 {
+            writes.queue(change(101, 4, Some(&format!("g{n}"))));
+        }
+        writes.queue(change(101, 4, None));
+        writes.queue(change(102, 7, None));
+        writes.queue(change(102, 0, Some("made-again")));
+        writes.queue(change(103, 0, Some("never-written")));
+        writes.queue(change(103, 0, None));
+        assert_eq!(writes.len(), 3);
+        assert_eq!(next(&mut writes, 101), (4, None));
+        assert_eq!(next(&mut writes, 102), (7, Some("made-again".to_owned())));
+        assert_eq!(next(&mut writes, 103), (0, None));
+        assert!(writes.is_empty());
+    }
+
+    /// The bound is on agents, not on changes: an agent with a pending change always takes its
+    /// next one, and only another agent's beyond the bound is refused.
+    #[test]
+    fn beyond_the_bound_only_a_pending_agents_change_is_queued() {
+        let mut writes = PendingWrites::new(2);
+        assert!(writes.queue(change(101, 0, Some("g1"))));
+        assert!(writes.queue(change(102, 0, Some("g1"))));
+        assert!(!writes.queue(change(103, 0, Some("g1"))), "a third agent");
+        for n in 0..10 {
+            assert!(writes.queue(change(101, 0, Some(&format!("g{n}")))));
+        }
+        assert!(writes.queue(change(102, 0, None)));
+        assert_eq!(writes.len(), 2);
+        assert_eq!(next(&mut writes, 101), (0, Some("g9".to_owned())));
+        assert!(writes.queue(change(103, 0, Some("g1"))), "room again");
+    }
+
+    /// The registry hands a change on while the agent's previous one is being written: once
+    /// NATS takes that write, the newer change derives from it; if NATS does not, the newer one
+    /// supersedes it, keeping its place and the base it was rebased to.
+    #[test]
+    fn a_change_queued_while_the_previous_one_is_written_follows_it() {
+        let mut writes = PendingWrites::new(MAX_AGENTS);
+        writes.queue(change(101, 4, Some("g1")));
+        let in_flight = writes.take(agent(101)).unwrap();
+        writes.queue(change(101, 4, Some("g2")));
+        writes.written(agent(101), in_flight.based_on, Some(6));
+        assert_eq!(next(&mut writes, 101), (6, Some("g2".to_owned())));
+
+        writes.queue(change(101, 8, Some("g3")));
+        writes.queue(change(102, 0, Some("g1")));
+        let mut in_flight = writes.take(agent(101)).unwrap();
+        // Its acknowledgement was lost: rebased onto this replica's own write.
+        in_flight.based_on = 9;
+        writes.queue(change(101, 8, None));
+        writes.put_back(agent(101), in_flight);
+        assert_eq!(writes.in_arrival_order(), [agent(101), agent(102)]);
+        assert_eq!(next(&mut writes, 101), (9, None));
+    }
+
     /// A change made before the registry learnt of this replica's write is written on it.
     #[test]
     fn a_change_based_on_what_our_last_write_replaced_is_chained_onto_it() {
-        let mut writes = PendingWrites::default();
+        let mut writes = PendingWrites::new(MAX_AGENTS);
         writes.written(agent(101), 4, Some(6));
         writes.queue(change(101, 4, Some("g2")));
         assert_eq!(next(&mut writes, 101), (6, Some("g2".to_owned())));
@@ -711,7 +830,7 @@ mod tests {
 
     #[test]
     fn agents_are_written_in_arrival_order() {
-        let mut writes = PendingWrites::default();
+        let mut writes = PendingWrites::new(MAX_AGENTS);
         for n in [105, 101, 103] {
             writes.queue(change(n, 0, Some("g")));
         }
@@ -727,7 +846,7 @@ mod tests {
 
     #[test]
     fn the_chains_are_bounded() {
-        let mut writes = PendingWrites::default();
+        let mut writes = PendingWrites::new(MAX_AGENTS);
         for n in 0..=MAX_CHAINS as u32 {
             writes.written(agent(101 + n), 1, Some(2));
         }
