@@ -10,7 +10,7 @@
 //!
 //! The changes waiting for the writer are coalesced per agent (the latest replaces the one
 //! before), so a burst never drops one: they are bounded by the agents the registry may hold
-//! (`--max-sessions`), not by how fast NATS takes them.
+//! (`--max-sessions`, twice over), not by how many changes come before NATS takes them.
 use std::{
     collections::HashMap,
     fmt,
@@ -255,9 +255,9 @@ struct Change {
     entry: Option<SharedSession>,
 }
 
-/// The changes waiting for the writer, shared by the registry's side and the writer. The lock
-/// is never held across an await nor while the registry's is taken: the registry calls in
-/// under its own lock.
+/// The changes waiting for the writer, shared by the registry's side and the writer. Its lock
+/// comes after the registry's (the registry hands changes on under its own), never before it,
+/// and is never held across an await.
 struct Outbox {
     writes: Mutex<PendingWrites>,
     /// A change was queued.

@@ -33,7 +33,8 @@ pub struct StoreCounters {
     pub(crate) failed_writes: AtomicU64,
     /// Writes based on a revision the store had moved past: the newer entry was kept.
     pub(crate) conflicts: AtomicU64,
-    /// Changes not queued because the queue to the store was full.
+    /// Changes not queued because the store's waiting changes already cover as many agents as
+    /// it keeps (coalesced per agent, so a burst of known agents' changes never counts here).
     pub(crate) dropped_changes: AtomicU64,
 }
 

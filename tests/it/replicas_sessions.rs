@@ -317,6 +317,8 @@ async fn a_burst_of_session_changes_reaches_the_other_replica_whole() {
             .offer(agent, session(&guid(n, "candidate")))
             .expect("room");
     }
+    let a_counters = a_registry.store_counters();
+    assert_eq!(a_counters.dropped_changes(), 0, "A queued every change");
     let b_registry = b.api.sessions().registry();
     // One compare-and-set after another, in a debug build on one thread: well within a minute.
     eventually("B holds every agent", Duration::from_secs(60), || async {
@@ -340,7 +342,6 @@ async fn a_burst_of_session_changes_reaches_the_other_replica_whole() {
             "agent {n}: its latest change"
         );
     }
-    let a_counters = a_registry.store_counters();
     assert_eq!(a_counters.dropped_changes(), 0);
     assert_eq!(a_counters.conflicts(), 0);
     assert_eq!(a_counters.failed_writes(), 0);
