@@ -264,7 +264,7 @@ fn service_state(
         )
         .counter(
             "ccgw_session_store_dropped_changes",
-            "Session changes not shared because the queue to NATS was full (the agent's next change carries its whole session)",
+            "Session changes not shared because changes of twice --max-sessions agents were already waiting for NATS (the agent's next change carries its whole session)",
             reading(&sessions, |s| s.registry().store_counters().dropped_changes()),
         )
         .counter(
