@@ -13,10 +13,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    sync::{mpsc, Notify},
-    time::Instant,
-};
+use tokio::{sync::Notify, time::Instant};
 
 use super::{
     hub::Room,
@@ -24,6 +21,7 @@ use super::{
     ownership::RemoteInterest,
     poll::PollLoop,
     polled::{PolledAgents, PolledAgentsFull},
+    queue::{self, Refused},
     ring::ReplayRing,
     watcher::SessionEnding,
     EventSettings, KindFilter, ReleaseEvent,
@@ -80,6 +78,8 @@ struct FeedState {
     last_member_left: Option<Instant>,
     /// The last poll failed; the loop is backing off.
     poll_failing: bool,
+    /// How many items a watcher may have queued; one more cuts it off.
+    watcher_buffer: usize,
 }
 
 /// A watcher's [`Membership`](super::watcher::Membership) as the feed sees it: where to
@@ -87,14 +87,12 @@ struct FeedState {
 #[derive(Debug, Clone)]
 pub(super) struct Member {
     pub watcher_id: u64,
-    pub sender: mpsc::Sender<FeedItem>,
+    pub sender: queue::Sender<FeedItem>,
     pub overflowed: Arc<AtomicBool>,
 }
 
-/// Pointer-sized payloads keep every watcher's channel small: tokio allocates its slots in
-/// blocks of 32 (and keeps a second once 32 items went through), so the item's size is paid 32
-/// to 64 times per watcher (measured: 2.3 KiB per watcher with the ending inline, see
-/// BENCHMARKS.md).
+/// Pointer-sized payloads keep every watcher's live queue small: its buffer keeps the largest
+/// length it reached, in items.
 #[derive(Debug, Clone)]
 pub(super) enum FeedItem {
     Event(Arc<ReleaseEvent>),
@@ -218,6 +216,7 @@ impl FeedRegistry {
                 remote: false,
                 last_member_left: None,
                 poll_failing: false,
+                watcher_buffer: room.settings.watcher_buffer.max(1),
             }),
             changed: Notify::new(),
         });
@@ -250,14 +249,14 @@ impl FeedState {
             if s.overflowed.load(Ordering::Relaxed) {
                 return false;
             }
-            match s.sender.try_send(item.clone()) {
+            match s.sender.try_send(item.clone(), self.watcher_buffer) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Refused::Full) => {
                     s.overflowed.store(true, Ordering::Relaxed);
                     false
                 }
                 // The watcher is gone; its memberships remove it from the other feeds.
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(Refused::ReceiverGone) => false,
             }
         });
         if before > 0 && self.members.is_empty() {

@@ -5,47 +5,21 @@
 //! feed memberships included, for as long as its connection lives, and nothing would notice.
 //! The forwarding task keeps reading the watcher, queues its items for the reader, and gives up
 //! when one cannot be queued in time.
-use std::{
-    collections::VecDeque,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{ReleaseEvent, ResumeToken, Watcher, WatcherEnd, WatcherItem};
+use super::{
+    queue::{self, Receiver, Refused, Sender},
+    ReleaseEvent, ResumeToken, Watcher, WatcherEnd, WatcherItem,
+};
 
 /// What a forwarded watcher yields: its items, then how it ended, then nothing.
 #[derive(Debug)]
 pub(crate) struct Forwarded {
-    queue: Arc<Queue>,
-}
-
-/// The items between the forwarding task and its reader. Not a tokio channel: one of those
-/// allocates its slots 32 at a time and keeps a second block once 32 items went through, about
-/// 1.2 KiB per stream on the idle path (one heartbeat at a time); this one holds what is queued.
-#[derive(Debug, Default)]
-struct Queue {
-    state: Mutex<QueueState>,
-    /// Wakes the reader: an item was queued, or the task went.
-    queued: Notify,
-    /// Wakes the task: the reader took an item, or went.
-    taken: Notify,
-}
-
-#[derive(Debug, Default)]
-struct QueueState {
-    items: VecDeque<Slot>,
-    reader_gone: bool,
-    task_gone: bool,
-}
-
-impl Queue {
-    fn state(&self) -> MutexGuard<'_, QueueState> {
-        crate::lock(&self.state)
-    }
+    queue: Receiver<Slot>,
 }
 
 /// Events inline, the rare rest boxed: the queue's buffer keeps the largest size it reached,
@@ -78,87 +52,7 @@ impl Forwarded {
     /// The next item; `Some(Err(_))` once, then `None`. Cancel-safe: an item is taken only
     /// when returned.
     pub(crate) async fn recv(&mut self) -> Option<Result<WatcherItem, WatcherEnd>> {
-        loop {
-            {
-                let mut state = self.queue.state();
-                if let Some(slot) = state.items.pop_front() {
-                    drop(state);
-                    self.queue.taken.notify_one();
-                    return Some(slot.into_item());
-                }
-                if state.task_gone {
-                    return None;
-                }
-            }
-            // A notification given between the check and here is kept for this wait.
-            self.queue.queued.notified().await;
-        }
-    }
-}
-
-impl Drop for Forwarded {
-    fn drop(&mut self) {
-        let queued = {
-            let mut state = self.queue.state();
-            state.reader_gone = true;
-            std::mem::take(&mut state.items)
-        };
-        // Dropped outside the lock.
-        drop(queued);
-        self.queue.taken.notify_one();
-    }
-}
-
-/// The forwarding task's side of the queue.
-struct Sender {
-    queue: Arc<Queue>,
-}
-
-/// The reader went.
-struct ReaderGone;
-
-impl Sender {
-    /// Once the reader went.
-    async fn closed(&self) {
-        while !self.queue.state().reader_gone {
-            self.queue.taken.notified().await;
-        }
-    }
-
-    /// Waits until at most `queued` items are queued (the reader took the rest), then queues
-    /// `item`.
-    async fn send_after(
-        &self,
-        queued: usize,
-        item: Result<WatcherItem, WatcherEnd>,
-    ) -> Result<(), ReaderGone> {
-        loop {
-            {
-                let mut state = self.queue.state();
-                if state.reader_gone {
-                    return Err(ReaderGone);
-                }
-                if state.items.len() <= queued {
-                    state.items.push_back(item.into());
-                    drop(state);
-                    self.queue.queued.notify_one();
-                    return Ok(());
-                }
-            }
-            self.queue.taken.notified().await;
-        }
-    }
-
-    /// Queues the end after whatever is queued, whatever the queue's length.
-    fn send_end(self, end: WatcherEnd) {
-        self.queue.state().items.push_back(Err(end).into());
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        self.queue.state().task_gone = true;
-        self.queue.queued.notify_one();
+        self.queue.recv().await.map(Slot::into_item)
     }
 }
 
@@ -170,17 +64,14 @@ impl Watcher {
     /// after the last item queued: resuming from it repeats nothing and misses nothing.
     /// Dropping the reader frees the watcher at once as well.
     pub(crate) fn forward(self, queue: usize, send_timeout: Duration) -> Forwarded {
-        let shared = Arc::new(Queue::default());
-        let sender = Sender {
-            queue: shared.clone(),
-        };
+        let (sender, receiver) = queue::queue();
         let tasks = self.tasks().clone();
         tasks.spawn(forward(self, sender, queue.max(1), send_timeout).in_current_span());
-        Forwarded { queue: shared }
+        Forwarded { queue: receiver }
     }
 }
 
-async fn forward(mut watcher: Watcher, sender: Sender, queue: usize, send_timeout: Duration) {
+async fn forward(mut watcher: Watcher, sender: Sender<Slot>, queue: usize, send_timeout: Duration) {
     let mut deadlines = SendDeadlines {
         shutdown: watcher.shutdown_signal(),
         send_timeout,
@@ -202,14 +93,14 @@ async fn forward(mut watcher: Watcher, sender: Sender, queue: usize, send_timeou
         match tokio::time::timeout_at(deadlines.next(), enqueue(&sender, item, queue)).await {
             Ok(Ok(())) => queued_up_to = watcher.position(),
             // The reader is gone.
-            Ok(Err(ReaderGone)) => return,
+            Ok(Err(_)) => return,
             Err(_) => break deadlines.missed(queued_up_to),
         }
     };
     // Before the reader can see the end, so that whoever sees it finds the permit back.
     drop(watcher);
     tracing::info!(?end, "watcher ended");
-    sender.send_end(end);
+    sender.send_last(Err(end).into());
 }
 
 /// When each item must be queued by. Once shutdown began, all sends share one deadline: a
@@ -248,13 +139,13 @@ impl SendDeadlines {
 /// new", so it waits until the reader has taken everything queued before it: a reader that
 /// stopped is then found out one heartbeat interval (plus the send timeout) after it stopped,
 /// not once heartbeats have filled the whole queue.
-async fn enqueue(sender: &Sender, item: WatcherItem, queue: usize) -> Result<(), ReaderGone> {
-    let queued_before = if matches!(item, WatcherItem::Heartbeat { .. }) {
-        0
+async fn enqueue(sender: &Sender<Slot>, item: WatcherItem, queue: usize) -> Result<(), Refused> {
+    let limit = if matches!(item, WatcherItem::Heartbeat { .. }) {
+        1
     } else {
-        queue - 1
+        queue
     };
-    sender.send_after(queued_before, Ok(item)).await
+    sender.send(Ok(item).into(), limit).await
 }
 
 #[cfg(test)]

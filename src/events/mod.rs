@@ -21,8 +21,8 @@
 //! limit), `ownership` (which agents this replica may poll, and who watches what across
 //! replicas), `publish` (appending and delivering events), `log` (where events are appended,
 //! and read back for resuming watchers), `subscribe` (admitting and starting watchers),
-//! `watcher`, `forward` (a watcher read by a task of its own), `poll`, `ring` (the replay
-//! ring), `token`.
+//! `watcher`, `forward` (a watcher read by a task of its own), `queue` (the queue a watcher's
+//! feeds deliver into, and a forwarded watcher's), `poll`, `ring` (the replay ring), `token`.
 //!
 //! Ordering: every release event gets the next number of one sequence, and events are
 //! delivered in that order (one publish lock, `numbering`), so a watcher of several agents can deliver them
@@ -41,6 +41,7 @@ mod ownership;
 mod poll;
 mod polled;
 mod publish;
+mod queue;
 mod ring;
 mod subscribe;
 #[cfg(test)]

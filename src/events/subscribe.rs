@@ -9,7 +9,7 @@ use std::sync::{
 };
 
 use tokio::{
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 
@@ -18,6 +18,7 @@ use super::{
     hub::Room,
     numbering::Publishing,
     polled::PolledAgentsFull,
+    queue,
     watcher::{Gap, GapCause, Membership, Watcher, WatcherStart},
     EventSettings, KindFilter, ReleaseEvent, ResumeToken,
 };
@@ -173,7 +174,7 @@ impl Room {
     ) -> Result<Watcher, SubscribeError> {
         let (permit, admission) = self.admit(pool, &mut request)?;
         let overflowed = Arc::new(AtomicBool::new(false));
-        let (sender, live) = mpsc::channel(self.settings.watcher_buffer.max(1));
+        let (sender, live) = queue::queue();
         let member = Member {
             watcher_id: self.permits.next_watcher_id(),
             sender,

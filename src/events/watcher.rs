@@ -9,17 +9,14 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use tokio::{
-    sync::{mpsc, OwnedSemaphorePermit},
-    time::Instant,
-};
+use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     feeds::{Feed, FeedItem},
     hub::Room,
     log::Backfill,
-    KindFilter, ReleaseEvent, ResumeToken,
+    queue, KindFilter, ReleaseEvent, ResumeToken,
 };
 use crate::{domain::AgentId, gateway::Retcode};
 
@@ -132,7 +129,7 @@ impl Drop for Membership {
 pub struct Watcher {
     position: ResumeToken,
     memberships: Vec<Membership>,
-    live: mpsc::Receiver<FeedItem>,
+    live: queue::Receiver<FeedItem>,
     overflowed: Arc<AtomicBool>,
     replay: VecDeque<Arc<ReleaseEvent>>,
     /// The last sequence number when the watcher subscribed: once the replay is out, everything
@@ -162,7 +159,7 @@ pub(super) struct WatcherStart {
     /// The resume token's position (or "now").
     pub position: ResumeToken,
     pub memberships: Vec<Membership>,
-    pub live: mpsc::Receiver<FeedItem>,
+    pub live: queue::Receiver<FeedItem>,
     pub overflowed: Arc<AtomicBool>,
     /// Kept events after `position`, in sequence order.
     pub replay: Vec<Arc<ReleaseEvent>>,
@@ -289,7 +286,7 @@ impl Watcher {
                 return Err(self.too_slow());
             }
             let item = if self.draining {
-                self.live.try_recv().map_err(|_| WatcherEnd::ShuttingDown {
+                self.live.try_recv().ok_or(WatcherEnd::ShuttingDown {
                     resume: self.position,
                 })?
             } else {
@@ -419,7 +416,7 @@ impl Room {
     /// watcher was read (its live queue is empty; the publish lock keeps a delivery from
     /// slipping in between): an idle watcher's heartbeat carries it, so its token stays near
     /// the log's end. The in-memory log: `None` (the position moves with events alone).
-    fn delivered_through(&self, live: &mpsc::Receiver<FeedItem>) -> Option<u64> {
+    fn delivered_through(&self, live: &queue::Receiver<FeedItem>) -> Option<u64> {
         if !self.log.keeps_history() {
             return None;
         }
