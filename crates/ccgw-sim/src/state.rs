@@ -53,11 +53,25 @@ pub(crate) struct Session {
     polls_in_flight: u32,
     /// High-water mark of `polls_in_flight` since sign-in: shows a client running two pollers.
     max_polls_in_flight: u32,
+    /// When the last poll in flight was answered (none in flight since), once one was.
+    unpolled_since: Option<Instant>,
+    /// Longest wait since sign-in between a poll's answer and the agent's next poll.
+    longest_unpolled: Duration,
     /// `name=value` of the sticky cookie handed out at sign-in.
     cookie: String,
     phonenum: String,
     events: VecDeque<QueuedEvent>,
     pub call: Option<Call>,
+}
+
+impl Session {
+    /// [`Session::longest_unpolled`], counting the wait still going on at `now`.
+    fn longest_unpolled_at(&self, now: Instant) -> Duration {
+        let current = self
+            .unpolled_since
+            .map_or(Duration::ZERO, |since| now.duration_since(since));
+        self.longest_unpolled.max(current)
+    }
 }
 
 pub(crate) struct Call {
@@ -240,9 +254,8 @@ impl Shared {
     pub fn agent_view(&self, raw: &str) -> Result<AgentView, SimError> {
         let id = self.agent_id(raw)?;
         let mut st = self.lock();
-        let session = st
-            .session_mut(&self.config, id, Instant::now())
-            .map(|s| &*s);
+        let now = Instant::now();
+        let session = st.session_mut(&self.config, id, now).map(|s| &*s);
         Ok(AgentView {
             agent_id: id.to_string(),
             signed_in: session.is_some(),
@@ -252,6 +265,8 @@ impl Shared {
             queued_events: session.map_or(0, |s| s.events.len()),
             polls_in_flight: session.map_or(0, |s| s.polls_in_flight),
             max_polls_in_flight: session.map_or(0, |s| s.max_polls_in_flight),
+            longest_unpolled_ms: session
+                .map_or(0, |s| s.longest_unpolled_at(now).as_millis() as u64),
         })
     }
 }
@@ -264,6 +279,16 @@ impl State {
             .filter_map(|a| a.session.as_ref())
             .map(|s| u64::from(s.polls_in_flight))
             .sum()
+    }
+
+    /// The longest any signed-in agent went unpolled ([`AgentView::longest_unpolled_ms`]).
+    pub fn longest_unpolled(&self, now: Instant) -> Duration {
+        self.agents
+            .values()
+            .filter_map(|a| a.session.as_ref())
+            .map(|s| s.longest_unpolled_at(now))
+            .max()
+            .unwrap_or_default()
     }
 
     /// The agent's live session, after signing it out if it missed its polls.
@@ -333,6 +358,8 @@ impl State {
             last_poll: now,
             polls_in_flight: 0,
             max_polls_in_flight: 0,
+            unpolled_since: None,
+            longest_unpolled: Duration::ZERO,
             cookie: cookie.clone(),
             phonenum,
             events: VecDeque::new(),
@@ -384,6 +411,9 @@ impl State {
     pub fn poll_started(&mut self, cfg: &SimConfig, id: u32, now: Instant) -> Option<u64> {
         let s = self.session_mut(cfg, id, now)?;
         s.last_poll = now;
+        if let Some(since) = s.unpolled_since.take() {
+            s.longest_unpolled = s.longest_unpolled.max(now.duration_since(since));
+        }
         s.polls_in_flight += 1;
         s.max_polls_in_flight = s.max_polls_in_flight.max(s.polls_in_flight);
         Some(s.id)
@@ -394,6 +424,9 @@ impl State {
             if s.id == session_id {
                 s.polls_in_flight = s.polls_in_flight.saturating_sub(1);
                 s.last_poll = now;
+                if s.polls_in_flight == 0 {
+                    s.unpolled_since = Some(now);
+                }
             }
         }
     }

@@ -206,6 +206,22 @@ impl NatsServer {
         }
     }
 
+    /// Stops the server as the StatefulSet's preStop does: lame-duck mode (SIGUSR2: it takes no
+    /// new clients and moves its own to the other servers over its configured duration), then
+    /// waits, at most `within`, for it to exit. What it stored stays; how long it took.
+    pub async fn lame_duck_stop(&mut self, within: Duration) -> Duration {
+        let mut child = self.child.take().expect("the server runs");
+        let asked = std::time::Instant::now();
+        let pid = child.id().expect("the server runs") as i32;
+        // SAFETY: kill only sends a signal to the child this handle owns, not reaped yet.
+        unsafe { libc::kill(pid, libc::SIGUSR2) };
+        tokio::time::timeout(within, child.wait())
+            .await
+            .expect("nats-server exits in lame-duck mode in time")
+            .unwrap();
+        asked.elapsed()
+    }
+
     /// Starts the server again on the same port, with what it stored.
     pub async fn restart(&mut self) {
         self.kill().await;

@@ -48,6 +48,14 @@ impl Leases {
         }
     }
 
+    /// These leases, renewed every `secs`.
+    pub const fn renew_secs(self, secs: u64) -> Self {
+        Self {
+            renew: Duration::from_secs(secs),
+            ..self
+        }
+    }
+
     /// These leases, expiring `secs` after their last renewal.
     pub const fn ttl_secs(self, secs: u64) -> Self {
         Self {

@@ -737,7 +737,7 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
         view,
         json!({
             "agent_id": "101", "signed_in": true, "call_id": callid, "queued_events": 2,
-            "polls_in_flight": 0, "max_polls_in_flight": 0,
+            "polls_in_flight": 0, "max_polls_in_flight": 0, "longest_unpolled_ms": 0,
         })
     );
     let (status, _) = h.control(Method::GET, "/agents/abc", None).await;
@@ -798,7 +798,7 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
     let (_, stats) = h.control(Method::GET, "/stats", None).await;
     assert_eq!(
         stats,
-        json!({"oversized_bytes_sent": 0, "polls_in_flight": 0, "requests": 3})
+        json!({"longest_unpolled_ms": 0, "oversized_bytes_sent": 0, "polls_in_flight": 0, "requests": 3})
     );
     assert_eq!(h.control(Method::DELETE, "/requests", None).await.0, 200);
     assert!(h.sim.requests().is_empty());
@@ -907,8 +907,46 @@ async fn queue_event_needs_a_signed_in_agent() {
             queued_events: 0,
             polls_in_flight: 0,
             max_polls_in_flight: 0,
+            longest_unpolled_ms: 0,
         }
     );
+}
+
+#[tokio::test]
+async fn the_longest_wait_from_a_poll_answer_to_the_next_poll_shows_in_longest_unpolled() {
+    const AWAY: Duration = Duration::from_millis(300);
+    let away_ms = AWAY.as_millis() as u64;
+    let h = start(quick()).await;
+    let s = h.sign_in("101").await;
+    tokio::time::sleep(AWAY).await;
+    // Before the first poll there is no poller to have been away.
+    assert_eq!(h.sim.agent("101").unwrap().longest_unpolled_ms, 0);
+    h.sim.queue_event("101", json!({"n": 0})).unwrap();
+    h.poll_event("101", &s).await;
+    tokio::time::sleep(AWAY).await;
+    // The wait going on counts before the next poll ends it.
+    assert!(h.sim.agent("101").unwrap().longest_unpolled_ms >= away_ms);
+    h.sim.queue_event("101", json!({"n": 1})).unwrap();
+    h.poll_event("101", &s).await;
+    let (status, view) = h.control(Method::GET, "/agents/101", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        view["longest_unpolled_ms"].as_u64().unwrap() >= away_ms,
+        "{view}"
+    );
+    // The stats give the longest over every agent.
+    let (_, stats) = h.control(Method::GET, "/stats", None).await;
+    assert!(
+        stats["longest_unpolled_ms"].as_u64().unwrap() >= away_ms,
+        "{stats}"
+    );
+
+    // It is per session.
+    let resp = h
+        .sign_in_raw("101", "/forcelogin", json!({"password": "pw"}))
+        .await;
+    session_of(resp).await;
+    assert_eq!(h.sim.agent("101").unwrap().longest_unpolled_ms, 0);
 }
 
 #[tokio::test]
