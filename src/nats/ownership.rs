@@ -891,9 +891,15 @@ impl Driver {
         });
     }
 
-    /// On shutdown (the poll loops stopping): hands every lease back once its polls ended,
-    /// and withdraws this replica's membership and interest, so others take over at once.
+    /// On shutdown (the poll loops stopping): withdraws this replica's membership, hands every
+    /// lease back once its polls ended, then withdraws its interest, so others take over at
+    /// once.
     async fn hand_back_all(&self) {
+        // First: while its member key stands, the others count this replica as live and leave
+        // the shards it should hold to it, those it hands back included, until the key goes
+        // stale. A shard whose last poll is slow to end (an append retried) must not keep
+        // every other shard waiting for that.
+        let _ = self.leases.delete(member_key(&self.shared.replica)).await;
         loop {
             let (drained, busy) = { self.shared.holder.lock().holding.release_all() };
             self.hand_back(&drained).await;
@@ -902,7 +908,6 @@ impl Driver {
             }
             self.shared.holder.signals.wake.notified().await;
         }
-        let _ = self.leases.delete(member_key(&self.shared.replica)).await;
         let published: Vec<AgentId> = self
             .shared
             .holder

@@ -319,9 +319,14 @@ impl Shared {
             .fetch_add(held as u64, Ordering::Relaxed);
     }
 
-    /// On shutdown: stops starting polls, hands each lease back once its polls ended, and
-    /// withdraws the membership and interest, so the others take over at once.
+    /// On shutdown: withdraws the membership (first, as the NATS driver does: the others leave
+    /// a live member's shards to it), stops starting polls, hands each lease back once its
+    /// polls ended, and withdraws the interest, so the others take over at once.
     async fn hand_back_all(&self) {
+        if self.link.reachable() {
+            lock(&self.leases.table).members.remove(&self.me);
+            self.leases.tell();
+        }
         loop {
             let woken = self.holder.signals.wake.notified();
             let busy = self.update(|state, _| {
@@ -349,7 +354,6 @@ impl Shared {
         }
         if self.link.reachable() {
             let mut table = lock(&self.leases.table);
-            table.members.remove(&self.me);
             for by in table.interest.values_mut() {
                 by.remove(&self.me);
             }
