@@ -36,8 +36,25 @@ const EXIT_WITHIN: Duration = Duration::from_secs(60);
 const LAME_DUCK_WITHIN: Duration = Duration::from_secs(90);
 /// A stream silent this long (several heartbeats) is given up and resumed elsewhere.
 const SILENT_STREAM: Duration = Duration::from_secs(60);
-/// How long a client waits before it opens a stream again after one ended or was refused.
+/// How long a client waits before it opens a stream again after one ended; each refusal in a
+/// row doubles it, up to [`MAX_RESUME_BACKOFF`].
 const RESUME_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_RESUME_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Whether a stream ending or refused with `status` can never be resumed: the agent's gateway
+/// session is gone (signed out), and only its desktop signing in again would bring one.
+fn session_gone(status: &tonic::Status) -> bool {
+    use tonic_types::StatusExt;
+    let reason = status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone());
+    status.code() == tonic::Code::FailedPrecondition
+        && matches!(
+            reason.as_deref(),
+            Some("NO_SESSION" | "AGENT_NOT_SIGNED_IN")
+        )
+}
 
 /// Which replicas a Kubernetes Service would send new connections and calls to: not one that
 /// was sent SIGTERM (its endpoint is removed) and not one that is not ready yet.
@@ -127,6 +144,7 @@ async fn keep_watching(load: Arc<Load>, n: usize) {
     let log = &load.logs[n];
     let replicas = load.channels.len();
     let (mut replica, mut token, mut opened) = (n % replicas, None::<String>, false);
+    let mut backoff = RESUME_BACKOFF;
     while !load.stop.is_cancelled() {
         let Some(up) = load.endpoints.first_up_from(replica) else {
             tokio::time::sleep(RESUME_BACKOFF).await;
@@ -149,6 +167,7 @@ async fn keep_watching(load: Arc<Load>, n: usize) {
         let open = client.watch_release_events(request);
         match tokio::time::timeout(processes::WAIT, open).await {
             Ok(Ok(response)) => {
+                backoff = RESUME_BACKOFF;
                 if opened {
                     log.resumes.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -165,6 +184,14 @@ async fn keep_watching(load: Arc<Load>, n: usize) {
                         Ok(Ok(Some(message))) => message.item,
                         Ok(Ok(None)) => break "ended without a status".to_owned(),
                         Ok(Err(status)) => {
+                            if session_gone(&status) {
+                                let ending = code_and_reason(&status);
+                                Load::count(
+                                    &load.endings,
+                                    format!("stream ended for good: {ending}"),
+                                );
+                                return;
+                            }
                             if let Some(resume) = error_metadata(&status).remove("resume_token") {
                                 token = Some(resume);
                             }
@@ -192,14 +219,19 @@ async fn keep_watching(load: Arc<Load>, n: usize) {
                 };
                 Load::count(&load.endings, format!("stream ended: {ending}"));
             }
-            Ok(Err(status)) => Load::count(
-                &load.endings,
-                format!("open refused: {}", code_and_reason(&status)),
-            ),
+            Ok(Err(status)) => {
+                let refusal = code_and_reason(&status);
+                if session_gone(&status) {
+                    Load::count(&load.endings, format!("open refused for good: {refusal}"));
+                    return;
+                }
+                Load::count(&load.endings, format!("open refused: {refusal}"));
+                backoff = (backoff * 2).min(MAX_RESUME_BACKOFF);
+            }
             Err(_) => Load::count(&load.endings, "open timed out".to_owned()),
         }
         replica = (replica + 1) % replicas;
-        tokio::time::sleep(RESUME_BACKOFF).await;
+        tokio::time::sleep(backoff).await;
     }
 }
 
@@ -552,7 +584,7 @@ async fn report(
     for (n, reading) in after.iter().enumerate() {
         println!("  replica {}: {}", n + 1, reading.line());
     }
-    println!("  how streams ended or were refused (each followed by a resume):");
+    println!("  how streams ended or were refused (each followed by a resume, except those for good: the agent was signed out):");
     for (ending, count) in load.endings.lock().unwrap().iter() {
         println!("    {count:>7}  {ending}");
     }
