@@ -8,7 +8,7 @@ use ccgw_sim::{AuthMode, SimConfig};
 use common::{
     client_of, desktop_sign_in, handing_over, hangup_pair, kinds_and_calls,
     replicas::{Replica, ReplicaSet, ReplicaSetBuilder},
-    resume_req, sim_config, watch_on, watch_req, Item, OpenStream, CALLER, SERVING,
+    resume_req, sim_config, watch_on, watch_req, Item, OpenStream, CALLER,
 };
 
 const AGENT: &str = "101";
@@ -140,32 +140,73 @@ async fn a_token_whose_events_retention_dropped_resumes_after_a_gap() {
     sees_exactly(&mut resumed, &[&third]).await;
 }
 
-/// (4) A replica that does not poll the agent (its gateway is unreachable, so only the other
-/// replica's poll loop reads the agent's events) delivers them live through its follower, and
+/// (4) A replica that does not poll the agent (the other one holds the agent's shard, so only
+/// its poll loop reads the agent's events) delivers them live through its follower, and
 /// resumes a token of the other replica from the stream.
 #[tokio::test]
 async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
     let Some(set) = static_sim().start().await else {
         return;
     };
-    let unreachable = "http://127.0.0.1:9";
-    let polling = set.spawn(&[]).await;
-    let following = set
-        .spawn_on(unreachable, set.nats_url(), &[], SERVING)
-        .await;
+    let replicas = [set.spawn(&[]).await, set.spawn(&[]).await];
+    common::eventually("the shards spread over both", common::WAIT, || async {
+        let mut held = Vec::new();
+        for replica in &replicas {
+            held.push(
+                replica
+                    .metric("ccgw_nats_shards_held")
+                    .await
+                    .unwrap_or_default(),
+            );
+        }
+        held.iter().sum::<f64>() == 256.0 && held.iter().all(|&n| n > 0.0)
+    })
+    .await;
     let desktop = desktop_sign_in(set.sim_addr, AGENT, false).await;
+    let mut streams = Vec::new();
+    for replica in &replicas {
+        streams.push(watch(replica.addr(), &desktop.guid, None).await);
+    }
+    // Which one polls follows from the replicas' ids (the agent's shard's desired owner): it
+    // is the one with the poll in flight, once the shards have settled.
+    let polls = || async {
+        let mut polls = Vec::new();
+        for replica in &replicas {
+            polls.push(
+                replica
+                    .metric("ccgw_event_polls_in_flight")
+                    .await
+                    .unwrap_or_default(),
+            );
+        }
+        polls
+    };
+    common::eventually("one replica polls the agent", common::WAIT, || async {
+        let polls = polls().await;
+        polls.iter().sum::<f64>() == 1.0 && set.sim.agent(AGENT).unwrap().polls_in_flight == 1
+    })
+    .await;
+    let poller = polls()
+        .await
+        .iter()
+        .position(|&n| n == 1.0)
+        .expect("a poller");
+    let follower = 1 - poller;
+    let mut followed = streams.remove(follower);
+    let mut polled = streams.remove(0);
 
-    let mut polled = watch(polling.addr(), &desktop.guid, None).await;
-    let mut followed = watch(following.addr(), &desktop.guid, None).await;
     let first = set.hang_up(AGENT);
     let token = sees_exactly(&mut polled, &[&first]).await;
     assert_eq!(sees_exactly(&mut followed, &[&first]).await, token);
 
     let second = set.hang_up(AGENT);
     sees_exactly(&mut polled, &[&second]).await;
-    let mut resumed = watch(following.addr(), &desktop.guid, Some(&token)).await;
+    let resumed_at = replicas[follower].addr();
+    let mut resumed = watch(resumed_at, &desktop.guid, Some(&token)).await;
     sees_exactly(&mut resumed, &[&second]).await;
     sees_exactly(&mut followed, &[&second]).await;
+    // Never two polls of the agent in flight at once.
+    assert_eq!(set.sim.agent(AGENT).unwrap().max_polls_in_flight, 1);
 }
 
 /// (5) NATS stopped while an event is polled: the append waits for it (the agent is not polled
