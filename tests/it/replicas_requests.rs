@@ -319,6 +319,16 @@ async fn request_ids_outlive_one_nats_node_of_three() {
         .unwrap()
         .into_inner();
     assert_eq!(before.outcome(), ReleaseOutcome::NoActiveCall);
+    // Its record is written after the caller has its answer: replayed once on the other replica
+    // first, so that it is stored before the node goes. (A repeat while a record is held up by
+    // a failover waits for it, at most its own deadline, and then answers the outcome unknown.)
+    let replayed = b
+        .clone()
+        .release_call(release_with_id("101", "before"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replayed.replayed, "before, on the other replica");
 
     set.nats[0].kill().await;
     // The client moves to a node left, and the bucket may elect a new leader: until then a
