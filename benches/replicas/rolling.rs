@@ -44,16 +44,21 @@ const MAX_RESUME_BACKOFF: Duration = Duration::from_secs(5);
 /// Whether a stream ending or refused with `status` can never be resumed: the agent's gateway
 /// session is gone (signed out), and only its desktop signing in again would bring one.
 fn session_gone(status: &tonic::Status) -> bool {
-    use tonic_types::StatusExt;
-    let reason = status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone());
     status.code() == tonic::Code::FailedPrecondition
         && matches!(
-            reason.as_deref(),
-            Some("NO_SESSION" | "AGENT_NOT_SIGNED_IN")
+            reason(status).as_str(),
+            "NO_SESSION" | "AGENT_NOT_SIGNED_IN"
         )
+}
+
+/// The reason of a status's ErrorInfo, empty when it has none.
+fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
 }
 
 /// Which replicas a Kubernetes Service would send new connections and calls to: not one that
@@ -126,13 +131,7 @@ impl Load {
 
 /// `CODE REASON` of a status (the reason from its ErrorInfo, when it has one).
 fn code_and_reason(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    let reason = status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone())
-        .unwrap_or_default();
-    format!("{:?} {reason}", status.code())
+    format!("{:?} {}", status.code(), reason(status))
 }
 
 /// Stream `n` (agent `n / per_agent`) for as long as the load runs: opened on replica

@@ -140,6 +140,15 @@ async fn a_token_whose_events_retention_dropped_resumes_after_a_gap() {
     sees_exactly(&mut resumed, &[&third]).await;
 }
 
+/// `series` on each of `replicas`, in order (0 where it has no sample).
+async fn each_metric(replicas: &[Replica], series: &str) -> Vec<f64> {
+    let mut values = Vec::with_capacity(replicas.len());
+    for replica in replicas {
+        values.push(replica.metric(series).await.unwrap_or_default());
+    }
+    values
+}
+
 /// (4) A replica that does not poll the agent (the other one holds the agent's shard, so only
 /// its poll loop reads the agent's events) delivers them live through its follower, and
 /// resumes a token of the other replica from the stream.
@@ -150,15 +159,7 @@ async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
     };
     let replicas = [set.spawn(&[]).await, set.spawn(&[]).await];
     common::eventually("the shards spread over both", common::WAIT, || async {
-        let mut held = Vec::new();
-        for replica in &replicas {
-            held.push(
-                replica
-                    .metric("ccgw_nats_shards_held")
-                    .await
-                    .unwrap_or_default(),
-            );
-        }
+        let held = each_metric(&replicas, "ccgw_nats_shards_held").await;
         held.iter().sum::<f64>() == 256.0 && held.iter().all(|&n| n > 0.0)
     })
     .await;
@@ -169,18 +170,7 @@ async fn a_replica_that_does_not_poll_delivers_the_agents_events_live() {
     }
     // Which one polls follows from the replicas' ids (the agent's shard's desired owner): it
     // is the one with the poll in flight, once the shards have settled.
-    let polls = || async {
-        let mut polls = Vec::new();
-        for replica in &replicas {
-            polls.push(
-                replica
-                    .metric("ccgw_event_polls_in_flight")
-                    .await
-                    .unwrap_or_default(),
-            );
-        }
-        polls
-    };
+    let polls = || each_metric(&replicas, "ccgw_event_polls_in_flight");
     common::eventually("one replica polls the agent", common::WAIT, || async {
         let polls = polls().await;
         polls.iter().sum::<f64>() == 1.0 && set.sim.agent(AGENT).unwrap().polls_in_flight == 1
