@@ -19,12 +19,20 @@
 //! (the configuration checks poll timeout + renew interval + margin < TTL, so a replica that
 //! renews in time never finds its fence closed).
 //!
-//! Who is watched: the bucket `<prefix>-watched`, key `<agent>.<replica>`, is put while this
-//! replica's clients watch an agent whose shard it does not hold, refreshed every renew
-//! interval, deleted when they stop; the bucket's max age lets a crashed replica's interest
-//! fade (interest is no lease). The holder of the agent's shard polls for them.
+//! Who is watched: in the bucket `<prefix>-watched`, key `shard.<n>.<replica>` lists the agents
+//! of shard n (comma separated) that this replica's clients watch while another replica holds
+//! the shard. It is put when that list changes and refreshed every other renew interval,
+//! deleted when the list empties; the bucket's max age lets a crashed replica's interest fade
+//! (interest is no lease). The holder of the agent's shard polls for them. One key per shard
+//! and replica rather than one per agent: at ten thousand watched agents the per-agent keys,
+//! each rewritten every renew interval, were thousands of replicated writes a second.
+//!
+//! Older versions wrote and read only `<agent>.<replica>` keys, and put an empty heartbeat.
+//! This version reads both, puts `shard-interest` in its heartbeat, and also writes the
+//! per-agent keys while a member with an empty heartbeat is live, so that an older replica
+//! still polls what the upgraded ones watch during a rolling upgrade.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -38,13 +46,18 @@ use super::{Bucket, Cluster, NatsError, NatsSettings};
 use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
     events::{
-        desired_owner, HeldLease, Holder, HolderState, Holding, LeaseOwnership, LeaseSettings,
-        PollingPart, SHARDS,
+        desired_owner, shard_of, HeldLease, Holder, HolderState, Holding, LeaseOwnership,
+        LeaseSettings, PollingPart, SHARDS,
     },
 };
 
 /// Interest keys live this many renew intervals without a refresh.
 const INTEREST_LIFETIME: u32 = 4;
+/// A shard's interest key is put again once it is this many renew intervals old: twice before
+/// it would fade, so one failed or late refresh loses nothing.
+const INTEREST_REFRESHED_AFTER: u32 = 2;
+/// The heartbeat of a replica that writes its interest per shard (older ones put none).
+const SHARD_INTEREST: &[u8] = b"shard-interest";
 /// A member key not moved for this many TTLs is forgotten (its replica is gone for good).
 const MEMBER_FORGOTTEN_AFTER_TTLS: u32 = 10;
 /// A lease whose desired owner does not take it over within this many TTLs of standing still
@@ -63,8 +76,51 @@ fn member_key(replica: &str) -> String {
     format!("member.{replica}")
 }
 
-fn interest_key(agent: AgentId, replica: &str) -> String {
+fn shard_interest_key(shard: u16, replica: &str) -> String {
+    format!("shard.{shard}.{replica}")
+}
+
+/// The interest key older versions read.
+fn agent_interest_key(agent: AgentId, replica: &str) -> String {
     format!("{agent}.{replica}")
+}
+
+/// The agents an interest value names, comma separated.
+fn interest_value(agents: &[AgentId]) -> bytes::Bytes {
+    let mut value = String::with_capacity(agents.len() * 8);
+    for (i, agent) in agents.iter().enumerate() {
+        if i > 0 {
+            value.push(',');
+        }
+        value.push_str(&agent.to_string());
+    }
+    value.into()
+}
+
+/// An interest key's replica and the agents it names, both formats; `None` for a key this code
+/// did not write. Agents that do not belong to the key's shard, or do not parse, are left out.
+fn parse_interest<'a>(key: &'a str, value: &[u8]) -> Option<(&'a str, Vec<AgentId>)> {
+    let parse = |raw: &str| AgentId::parse("agent", raw, MAX_AGENT_ID_LIMIT).ok();
+    let (agents, replica) = match key.strip_prefix("shard.") {
+        Some(rest) => {
+            let (shard, replica) = rest.split_once('.')?;
+            let shard = shard.parse::<u16>().ok().filter(|n| *n < SHARDS)?;
+            let mut agents: Vec<AgentId> = std::str::from_utf8(value)
+                .ok()?
+                .split(',')
+                .filter_map(parse)
+                .filter(|agent| shard_of(*agent) == shard)
+                .collect();
+            agents.sort_unstable();
+            agents.dedup();
+            (agents, replica)
+        }
+        None => {
+            let (agent, replica) = key.split_once('.')?;
+            (vec![parse(agent)?], replica)
+        }
+    };
+    is_replica_id(replica).then_some((replica, agents))
 }
 
 /// A replica id as written by this code: lowercase hex (so it is safe as a key token).
@@ -104,6 +160,22 @@ struct Plan {
     hand_back: Vec<(u16, u64)>,
 }
 
+/// Another replica's interest key as this replica saw it.
+#[derive(Debug)]
+struct SeenInterest {
+    agents: Vec<AgentId>,
+    /// When the key was put last (this replica's clock).
+    put: Instant,
+}
+
+/// One of this replica's shard interest keys.
+#[derive(Debug)]
+struct PutInterest {
+    agents: Vec<AgentId>,
+    /// When the put that wrote it was sent.
+    sent: Instant,
+}
+
 #[derive(Debug)]
 pub(crate) struct State {
     holding: Holding,
@@ -116,8 +188,14 @@ pub(crate) struct State {
     observing_since: Instant,
     /// When this replica's last successful heartbeat was sent; `None` after a failed one.
     heartbeat: Option<Instant>,
-    /// Other replicas' interest: agent -> replica -> when its key was put last (own clock).
-    remote: HashMap<AgentId, HashMap<String, Instant>>,
+    /// Other replicas' interest keys as last seen, by key.
+    remote: HashMap<String, SeenInterest>,
+    /// Members whose heartbeat is empty: older versions, which read per-agent interest keys.
+    older_members: HashSet<String>,
+    /// This replica's shard interest keys: the agents each was put with, and when.
+    shard_interest: HashMap<u16, PutInterest>,
+    /// Agents whose per-agent interest key this replica put (while older members were live).
+    agent_interest: HashSet<AgentId>,
     /// This replica has held, at least once, every shard its view of the live members gives
     /// it: it took part in the assignment (a new replica of three holds about a third).
     share_taken: bool,
@@ -134,6 +212,9 @@ impl State {
             observing_since: now,
             heartbeat: None,
             remote: HashMap::new(),
+            older_members: HashSet::new(),
+            shard_interest: HashMap::new(),
+            agent_interest: HashSet::new(),
             share_taken: false,
             renewals_failing: false,
         }
@@ -321,22 +402,30 @@ impl State {
     /// The agents other replicas watch whose shard this replica may poll.
     fn remote_interest(&self, now: Instant, lifetime: Duration) -> BTreeSet<AgentId> {
         self.remote
-            .iter()
-            .filter(|(agent, by)| {
-                by.values().any(|put| now < *put + lifetime) && self.holding.owns(**agent)
-            })
-            .map(|(agent, _)| *agent)
+            .values()
+            .filter(|seen| now < seen.put + lifetime)
+            .flat_map(|seen| &seen.agents)
+            .filter(|agent| self.holding.owns(**agent))
+            .copied()
             .collect()
     }
 
     /// Forgets what expired: other replicas' stale interest, long-gone members.
     fn prune(&mut self, now: Instant, interest_lifetime: Duration, ttl: Duration) {
-        self.remote.retain(|_, by| {
-            by.retain(|_, put| now < *put + interest_lifetime);
-            !by.is_empty()
-        });
+        self.remote
+            .retain(|_, seen| now < seen.put + interest_lifetime);
         self.members
             .retain(|_, seen| now < seen.moved + ttl * MEMBER_FORGOTTEN_AFTER_TTLS);
+        let members = &self.members;
+        self.older_members
+            .retain(|member| members.contains_key(member));
+    }
+
+    /// Whether a live member reads only per-agent interest keys.
+    fn older_member_live(&self, me: &str, now: Instant, ttl: Duration) -> bool {
+        self.live(me, now, ttl)
+            .iter()
+            .any(|member| self.older_members.contains(*member))
     }
 }
 
@@ -423,9 +512,17 @@ impl Shared {
                 Operation::Put => {
                     let joined = !state.members.contains_key(member);
                     state.saw_member(member, entry.revision, now);
+                    if entry.value.is_empty() {
+                        state.older_members.insert(member.to_owned());
+                    } else {
+                        state.older_members.remove(member);
+                    }
                     joined
                 }
-                Operation::Delete | Operation::Purge => state.members.remove(member).is_some(),
+                Operation::Delete | Operation::Purge => {
+                    state.older_members.remove(member);
+                    state.members.remove(member).is_some()
+                }
             });
             // Who should hold which shard changed: rebalance now, not at the next renewal, so
             // that a leaving replica's agents are not left unpolled for up to a renew interval.
@@ -475,40 +572,36 @@ impl Shared {
         }
     }
 
-    /// An entry of the watched bucket: another replica's interest in an agent.
+    /// An entry of the watched bucket: another replica's interest in some agents.
     fn saw_interest_entry(&self, entry: &kv::Entry) {
-        self.saw_interest(&entry.key, entry.operation);
+        self.saw_interest(&entry.key, &entry.value, entry.operation);
     }
 
-    fn saw_interest(&self, key: &str, operation: Operation) {
-        let Some((agent, replica)) = key.split_once('.') else {
+    fn saw_interest(&self, key: &str, value: &[u8], operation: Operation) {
+        let Some((replica, agents)) = parse_interest(key, value) else {
             return;
         };
-        let Ok(agent) = AgentId::parse("agent", agent, MAX_AGENT_ID_LIMIT) else {
-            return;
-        };
-        if !is_replica_id(replica) || replica == &*self.replica {
+        if replica == &*self.replica {
             return;
         }
         let now = Instant::now();
         let mut state = self.holder.lock();
         // A refresh of known interest changes no set: only new and withdrawn agents do.
         let set_changed = match operation {
-            Operation::Put => state
-                .remote
-                .entry(agent)
-                .or_default()
-                .insert(replica.to_owned(), now)
-                .is_none(),
-            Operation::Delete | Operation::Purge => {
-                let by = state.remote.entry(agent).or_default();
-                by.remove(replica);
-                let gone = by.is_empty();
-                if gone {
-                    state.remote.remove(&agent);
-                }
-                gone
+            Operation::Put => {
+                let changed = state
+                    .remote
+                    .get(key)
+                    .is_none_or(|seen| seen.agents != agents);
+                state
+                    .remote
+                    .insert(key.to_owned(), SeenInterest { agents, put: now });
+                changed
             }
+            Operation::Delete | Operation::Purge => state
+                .remote
+                .remove(key)
+                .is_some_and(|before| !before.agents.is_empty()),
         };
         drop(state);
         if set_changed {
@@ -655,7 +748,8 @@ impl Driver {
     async fn heartbeat(&self) {
         let sent = Instant::now();
         let key = member_key(&self.shared.replica);
-        match self.leases.put(&key, bytes::Bytes::new()).await {
+        let heartbeat = bytes::Bytes::from_static(SHARD_INTEREST);
+        match self.leases.put(&key, heartbeat).await {
             Ok(revision) => self.shared.update(|state, _| {
                 state.heartbeat_sent(Some(sent));
                 state.saw_member(&self.shared.replica, revision, sent);
@@ -844,51 +938,105 @@ impl Driver {
         handed_back.len()
     }
 
-    /// Puts the interest keys of the agents watched here whose shard another replica holds
-    /// (all of them when `refresh`, else the new ones), deletes those no longer wanted.
+    /// Shares which agents this replica's clients watch whose shard another replica holds: puts
+    /// the shard interest keys whose agents changed or that are due a refresh, deletes those of
+    /// shards no longer wanted; the same per agent while an older member is live (all of them
+    /// when `refresh`, else the new ones).
     async fn refresh_interest(&self, refresh: bool) {
-        let (put, delete) = {
+        let settings = self.shared.settings;
+        let replica = &self.shared.replica;
+        let sent = Instant::now();
+        let (puts, deletes, agent_puts, agent_deletes) = {
             let mut state = self.shared.holder.lock();
             let wanted = state.holding.interest_wanted();
-            let delete: Vec<AgentId> = state
-                .holding
-                .published
-                .difference(&wanted)
+            let mut by_shard: BTreeMap<u16, Vec<AgentId>> = BTreeMap::new();
+            for agent in &wanted {
+                by_shard.entry(shard_of(*agent)).or_default().push(*agent);
+            }
+            let deletes: Vec<u16> = state
+                .shard_interest
+                .keys()
+                .filter(|shard| !by_shard.contains_key(shard))
                 .copied()
                 .collect();
-            let put: Vec<AgentId> = wanted
+            for shard in &deletes {
+                state.shard_interest.remove(shard);
+            }
+            let due = settings.renew * INTEREST_REFRESHED_AFTER;
+            let puts: Vec<(u16, Vec<AgentId>)> = by_shard
+                .into_iter()
+                .filter_map(|(shard, mut agents)| {
+                    agents.sort_unstable();
+                    let current = state
+                        .shard_interest
+                        .get(&shard)
+                        .is_some_and(|put| put.agents == agents && sent < put.sent + due);
+                    (!current).then_some((shard, agents))
+                })
+                .collect();
+            let per_agent = if state.older_member_live(replica, sent, settings.ttl) {
+                wanted.clone()
+            } else {
+                HashSet::new()
+            };
+            let agent_deletes: Vec<AgentId> = state
+                .agent_interest
+                .difference(&per_agent)
+                .copied()
+                .collect();
+            let agent_puts: Vec<AgentId> = per_agent
                 .iter()
-                .filter(|agent| refresh || !state.holding.published.contains(agent))
+                .filter(|agent| refresh || !state.agent_interest.contains(agent))
                 .copied()
                 .collect();
+            state.agent_interest = per_agent;
             state.holding.published = wanted;
-            (put, delete)
+            (puts, deletes, agent_puts, agent_deletes)
         };
-        let replica = &self.shared.replica;
-        let puts = put.iter().map(|agent| {
+        let shard_puts = puts.iter().map(|(shard, agents)| {
             self.watched
-                .put(interest_key(*agent, replica), bytes::Bytes::new())
+                .put(shard_interest_key(*shard, replica), interest_value(agents))
         });
-        let deletes = delete
+        let shard_deletes = deletes
             .iter()
-            .map(|agent| self.watched.delete(interest_key(*agent, replica)));
-        let (puts, deletes) = tokio::join!(join_all(puts), join_all(deletes));
-        let failed = puts.iter().filter(|r| r.is_err()).count()
-            + deletes.iter().filter(|r| r.is_err()).count();
+            .map(|shard| self.watched.delete(shard_interest_key(*shard, replica)));
+        let agent_puts = agent_puts.iter().map(|agent| {
+            self.watched
+                .put(agent_interest_key(*agent, replica), bytes::Bytes::new())
+        });
+        let agent_deletes = agent_deletes
+            .iter()
+            .map(|agent| self.watched.delete(agent_interest_key(*agent, replica)));
+        let (shard_puts, shard_deletes, agent_puts, agent_deletes) = tokio::join!(
+            join_all(shard_puts),
+            join_all(shard_deletes),
+            join_all(agent_puts),
+            join_all(agent_deletes)
+        );
+        let mut failed = shard_deletes.iter().filter(|r| r.is_err()).count()
+            + agent_puts.iter().filter(|r| r.is_err()).count()
+            + agent_deletes.iter().filter(|r| r.is_err()).count();
+        self.shared.update_interest(|state, now| {
+            for ((shard, agents), put) in puts.into_iter().zip(shard_puts) {
+                if put.is_ok() {
+                    state
+                        .shard_interest
+                        .insert(shard, PutInterest { agents, sent });
+                } else {
+                    // Put again in the next round.
+                    state.shard_interest.remove(&shard);
+                    failed += 1;
+                }
+            }
+            state.prune(now, self.shared.interest_lifetime(), settings.ttl);
+        });
         if failed > 0 {
-            // Put again at the next refresh; a key not deleted fades with the bucket's max age.
+            // Put again in the next round; a key not deleted fades with the bucket's max age.
             tracing::warn!(
                 failed,
                 "cannot share which agents this replica's clients watch"
             );
         }
-        self.shared.update_interest(|state, now| {
-            state.prune(
-                now,
-                self.shared.interest_lifetime(),
-                self.shared.settings.ttl,
-            );
-        });
     }
 
     /// On shutdown (the poll loops stopping): withdraws this replica's membership, hands every
@@ -908,21 +1056,25 @@ impl Driver {
             }
             self.shared.holder.signals.wake.notified().await;
         }
-        let published: Vec<AgentId> = self
-            .shared
-            .holder
-            .lock()
-            .holding
-            .published
-            .drain()
-            .collect();
+        let (shards, agents) = {
+            let mut state = self.shared.holder.lock();
+            state.holding.published.clear();
+            let shards: Vec<u16> = state
+                .shard_interest
+                .drain()
+                .map(|(shard, _)| shard)
+                .collect();
+            let agents: Vec<AgentId> = state.agent_interest.drain().collect();
+            (shards, agents)
+        };
         let replica = &self.shared.replica;
-        join_all(
-            published
-                .iter()
-                .map(|agent| self.watched.delete(interest_key(*agent, replica))),
-        )
-        .await;
+        let shard_deletes = shards
+            .iter()
+            .map(|shard| self.watched.delete(shard_interest_key(*shard, replica)));
+        let agent_deletes = agents
+            .iter()
+            .map(|agent| self.watched.delete(agent_interest_key(*agent, replica)));
+        tokio::join!(join_all(shard_deletes), join_all(agent_deletes));
         tracing::info!("shard leases handed back");
     }
 }
@@ -1191,21 +1343,93 @@ mod tests {
         let (shared, ownership) = ownership("a");
         let watched = agent("101");
         // Not a replica id, or this replica's own: ignored.
-        shared.saw_interest("101.nothex", Operation::Put);
+        shared.saw_interest("101.nothex", b"", Operation::Put);
         let elsewhere = (102..)
             .map(|n| agent(&n.to_string()))
             .find(|a| shard_of(*a) != shard_of(watched))
             .unwrap();
         let interest = ownership.remote_interest();
         shared.update(|state, now| *state = holding("a", shard_of(watched), now));
-        for agent in [watched, elsewhere] {
-            shared.saw_interest(&format!("{agent}.b"), Operation::Put);
-        }
+        // One in an older version's per-agent key, one in a shard key.
+        shared.saw_interest(&format!("{watched}.b"), b"", Operation::Put);
+        let key = format!("shard.{}.c", shard_of(elsewhere));
+        shared.saw_interest(&key, elsewhere.to_string().as_bytes(), Operation::Put);
         assert_eq!(**interest.borrow(), BTreeSet::from([watched]));
         tokio::time::advance(shared.interest_lifetime()).await;
         shared.update_interest(|state, now| {
             state.prune(now, shared.interest_lifetime(), SETTINGS.ttl);
         });
         assert!(interest.borrow().is_empty());
+    }
+
+    /// A shard key's agents are those of its shard; what this code did not write is ignored.
+    #[test]
+    fn interest_keys_parse_in_both_formats() {
+        let a = agent("101");
+        let b = (102..)
+            .map(|n| agent(&n.to_string()))
+            .find(|b| shard_of(*b) == shard_of(a))
+            .unwrap();
+        let other = (102..)
+            .map(|n| agent(&n.to_string()))
+            .find(|o| shard_of(*o) != shard_of(a))
+            .unwrap();
+        let shard = shard_of(a);
+        let value = interest_value(&[b, a]);
+        assert_eq!(value, format!("{b},{a}").as_bytes());
+        let key = shard_interest_key(shard, "ab12");
+        assert_eq!(parse_interest(&key, &value), Some(("ab12", vec![a, b])));
+        let mixed = format!("{a},{other},x,,{a},99999999999");
+        assert_eq!(
+            parse_interest(&key, mixed.as_bytes()),
+            Some(("ab12", vec![a])),
+            "agents of other shards, junk and repeats are left out"
+        );
+        assert_eq!(parse_interest(&key, b""), Some(("ab12", vec![])));
+        let older = agent_interest_key(a, "ab12");
+        assert_eq!(parse_interest(&older, b""), Some(("ab12", vec![a])));
+        for key in [
+            format!("shard.{SHARDS}.ab12"),
+            format!("shard.{shard}.not-hex"),
+            format!("shard.{shard}"),
+            "shard.x.ab12".to_owned(),
+            "x.ab12".to_owned(),
+            format!("{a}"),
+        ] {
+            assert_eq!(
+                parse_interest(&key, a.to_string().as_bytes()),
+                None,
+                "{key}"
+            );
+        }
+        assert_eq!(parse_interest(&key, &[0xff, 0xfe]), None, "not UTF-8");
+    }
+
+    /// A shard key put again with the same agents changes nothing; with other agents, or
+    /// deleted, it changes the remote interest.
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_interest_key_changes_the_interest_only_when_its_agents_do() {
+        let (shared, ownership) = ownership("a");
+        let first = agent("101");
+        let second = (102..)
+            .map(|n| agent(&n.to_string()))
+            .find(|b| shard_of(*b) == shard_of(first))
+            .unwrap();
+        shared.update(|state, now| *state = holding("a", shard_of(first), now));
+        let mut interest = ownership.remote_interest();
+        interest.borrow_and_update();
+        let key = shard_interest_key(shard_of(first), "b");
+        shared.saw_interest(&key, &interest_value(&[first]), Operation::Put);
+        assert!(interest.has_changed().unwrap());
+        assert_eq!(**interest.borrow_and_update(), BTreeSet::from([first]));
+        shared.saw_interest(&key, &interest_value(&[first]), Operation::Put);
+        assert!(!interest.has_changed().unwrap(), "a refresh");
+        shared.saw_interest(&key, &interest_value(&[first, second]), Operation::Put);
+        assert_eq!(
+            **interest.borrow_and_update(),
+            BTreeSet::from([first, second])
+        );
+        shared.saw_interest(&key, b"", Operation::Delete);
+        assert!(interest.borrow_and_update().is_empty());
     }
 }

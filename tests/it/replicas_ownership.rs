@@ -498,6 +498,80 @@ async fn shards_move_when_a_replica_joins_or_leaves_not_at_the_next_renewal() {
     );
 }
 
+/// The watched bucket's interest keys: one per shard and replica, naming the agents; and, while
+/// a member of an older version (an empty heartbeat) is live, one per agent too, which that
+/// version reads. They go once the older member does.
+#[tokio::test]
+async fn interest_is_one_key_per_shard_and_per_agent_only_while_an_older_replica_is_live() {
+    let Some(cluster) = LeasedReplicas::start(2).await else {
+        return;
+    };
+    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
+    let owner = cluster.owner_of(AGENT).await;
+    let watching = 1 - owner;
+    cluster.replicas[owner]
+        .replica
+        .hand_over(AGENT, &desktop.guid)
+        .await;
+    let _stream = cluster.watch_on(watching, &desktop.guid).await;
+    let watched = cluster
+        .jetstream
+        .get_key_value("ccgw-watched")
+        .await
+        .expect("the watched bucket");
+    let id = &cluster.replicas[watching].id;
+    let shard_key = format!("shard.{}.{id}", shard_of(agent_id(AGENT)));
+    let agent_key = format!("{AGENT}.{id}");
+    let keys = || async {
+        let keys = watched.keys().await.expect("listing the watched bucket");
+        keys.filter_map(|key| async move { key.ok() })
+            .collect::<BTreeSet<String>>()
+            .await
+    };
+    eventually(
+        "the shard's interest key names the agent",
+        SETTLE,
+        || async {
+            let value = watched.get(&shard_key).await.ok().flatten();
+            value.is_some_and(|value| value.as_ref() == AGENT.as_bytes())
+        },
+    )
+    .await;
+    assert_eq!(keys().await, BTreeSet::from([shard_key.clone()]));
+
+    let leases = cluster.leases.as_ref().expect("the leases bucket");
+    let older = "0ddba11";
+    let heartbeats = async {
+        loop {
+            leases
+                .put(format!("member.{older}"), bytes::Bytes::new())
+                .await
+                .expect("an older member's heartbeat");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let per_agent_key = async {
+        eventually("a per-agent key for the older member", SETTLE, || async {
+            keys().await.contains(&agent_key)
+        })
+        .await;
+    };
+    tokio::select! {
+        () = heartbeats => unreachable!(),
+        () = per_agent_key => {}
+    }
+    leases
+        .delete(format!("member.{older}"))
+        .await
+        .expect("the older member leaves");
+    eventually(
+        "only the shard key once the older member left",
+        SETTLE,
+        || async { keys().await == BTreeSet::from([shard_key.clone()]) },
+    )
+    .await;
+}
+
 /// The next `n` release events of `stream` (heartbeats skipped), or the status it ended with
 /// first.
 async fn first_events(
