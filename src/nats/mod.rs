@@ -392,6 +392,18 @@ impl Cluster {
     }
 }
 
+/// The JetStream API error code behind a client error, if the server answered with one.
+fn jetstream_error_code(error: &(dyn std::error::Error + 'static)) -> Option<jetstream::ErrorCode> {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if let Some(jetstream) = error.downcast_ref::<jetstream::Error>() {
+            return Some(jetstream.error_code());
+        }
+        source = error.source();
+    }
+    None
+}
+
 /// The pause after the `attempt`th failure (from 0): [`FIRST_RETRY`] doubling up to
 /// [`MAX_RETRY`], of which a random half (so that replicas started together spread out).
 fn retry_pause(attempt: u32) -> Duration {

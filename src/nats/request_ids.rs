@@ -24,7 +24,7 @@ use futures_util::{future::BoxFuture, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{Bucket, Cluster, NatsError};
+use super::{jetstream_error_code, Bucket, Cluster, NatsError};
 use crate::{
     gateway::ReleaseTarget,
     lock,
@@ -380,14 +380,7 @@ async fn record_lost(store: &kv::Store, key: &str, revision: u64, claim: &Record
 /// that discards new messages at its maximum with "store failed" (10077), as it does any
 /// store failure; either way the claim did not land.
 fn is_full(error: &kv::UpdateError) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(error) = source {
-        if let Some(jetstream) = error.downcast_ref::<async_nats::jetstream::Error>() {
-            return jetstream.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED;
-        }
-        source = error.source();
-    }
-    false
+    jetstream_error_code(error) == Some(async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED)
 }
 
 /// The key of a request id: hex SHA-256 of the caller's name (length first, so no two pairs

@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::{sync::Notify, time::Instant};
 
-use super::{Bucket, Cluster, NatsError};
+use super::{jetstream_error_code, Bucket, Cluster, NatsError};
 use crate::{
     domain::AgentId,
     gateway::{Cookies, Guid, Session},
@@ -555,6 +555,7 @@ impl Writer {
                         .await
                         .map_err(|e| match e.kind() {
                             kv::CreateErrorKind::AlreadyExists => WriteError::Conflict,
+                            _ if another_write_in_flight(&e) => WriteError::Conflict,
                             _ => WriteError::Failed(e.to_string()),
                         })?
                 } else {
@@ -688,8 +689,18 @@ impl PendingWrites {
 fn update_error(error: kv::UpdateError) -> WriteError {
     match error.kind() {
         kv::UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
+        _ if another_write_in_flight(&error) => WriteError::Conflict,
         _ => WriteError::Failed(error.to_string()),
     }
+}
+
+/// A compare-and-set that a clustered JetStream refused because another write of the key was
+/// still being replicated ("wrong last sequence", 10164): async-nats reports it as some other
+/// failure, but it is a conflict like a wrong revision (read the newer entry, write again), not
+/// a failure to warn about.
+fn another_write_in_flight(error: &(dyn std::error::Error + 'static)) -> bool {
+    jetstream_error_code(error)
+        == Some(async_nats::jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
 }
 
 #[cfg(test)]
@@ -698,6 +709,33 @@ mod tests {
 
     fn agent(n: u32) -> AgentId {
         AgentId::parse("a", &n.to_string(), KEY_MAX_AGENT).unwrap()
+    }
+
+    /// A compare-and-set refused with a JetStream API error `code`, as async-nats reports it.
+    fn refused(code: u64) -> kv::UpdateError {
+        use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+        let api: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": code, "description": "wrong last sequence"
+        }))
+        .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, api).into()
+    }
+
+    /// What a clustered JetStream answers a write racing another write of the key (10164) is
+    /// a conflict, for an update and for a create; other refusals are failures.
+    #[test]
+    fn another_write_in_flight_is_a_conflict() {
+        assert!(matches!(update_error(refused(10164)), WriteError::Conflict));
+        assert!(another_write_in_flight(&kv::CreateError::from(refused(
+            10164
+        ))));
+        assert!(matches!(
+            update_error(refused(10077)),
+            WriteError::Failed(_)
+        ));
+        assert!(!another_write_in_flight(&kv::CreateError::from(refused(
+            10077
+        ))));
     }
 
     fn shared(g: &str) -> SharedSession {
