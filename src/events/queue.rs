@@ -23,6 +23,7 @@ pub(super) fn queue<T>() -> (Sender<T>, Receiver<T>) {
         }),
         queued: Notify::new(),
         taken: Notify::new(),
+        gone: Notify::new(),
     });
     (
         Sender {
@@ -40,6 +41,10 @@ struct Shared<T> {
     queued: Notify,
     /// Wakes a sender waiting for room: the receiver took an item, or went.
     taken: Notify,
+    /// Wakes whoever waits for the receiver to go. Not `taken`: the forwarding task waits for
+    /// this while idle, and every item the reader took (a heartbeat every few seconds on each
+    /// of thousands of streams) would wake it for nothing.
+    gone: Notify,
 }
 
 #[derive(Debug)]
@@ -118,8 +123,12 @@ impl<T> Sender<T> {
 
     /// Once the receiver went.
     pub(super) async fn closed(&self) {
-        while !self.shared.state().receiver_gone {
-            self.shared.taken.notified().await;
+        let gone = self.shared.gone.notified();
+        tokio::pin!(gone);
+        // Registered before the check, so a receiver dropped in between still wakes it.
+        gone.as_mut().enable();
+        if !self.shared.state().receiver_gone {
+            gone.await;
         }
     }
 
@@ -187,6 +196,7 @@ impl<T> Drop for Receiver<T> {
         // Dropped outside the lock.
         drop(queued);
         self.shared.taken.notify_one();
+        self.shared.gone.notify_waiters();
     }
 }
 
@@ -258,5 +268,39 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         drop(receiver);
         assert_eq!(waiting.await.unwrap(), (Ok(()), Err(Refused::ReceiverGone)));
+    }
+
+    /// Waiting for the receiver to go is woken by that alone, not by each item it takes: an
+    /// idle stream's forwarding task waits so, and would otherwise wake at every heartbeat.
+    #[test]
+    fn closed_is_woken_only_when_the_receiver_goes() {
+        use std::{
+            future::Future,
+            sync::{
+                atomic::{AtomicUsize, Ordering},
+                Arc,
+            },
+            task::{Context, Wake, Waker},
+        };
+        struct Wakes(AtomicUsize);
+        impl Wake for Wakes {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (sender, mut receiver) = queue();
+        let mut closed = std::pin::pin!(sender.closed());
+        assert!(closed.as_mut().poll(&mut cx).is_pending());
+        for n in 0..3 {
+            sender.try_send(n, 8).unwrap();
+            assert_eq!(receiver.try_recv(), Some(n));
+        }
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "taking items woke it");
+        drop(receiver);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(closed.as_mut().poll(&mut cx).is_ready());
     }
 }
