@@ -18,7 +18,10 @@ use super::{
     EventStats, PollPermit, SessionEnding,
 };
 use crate::{
-    gateway::{event::parse_event, Answer, GatewayError, Guid, Retcode, SessionOperation},
+    gateway::{
+        event::parse_event, Answer, GatewayError, Guid, Retcode, SessionOperation,
+        POLLS_PER_CONNECTION,
+    },
     jittered_backoff,
 };
 
@@ -89,6 +92,8 @@ pub(super) struct PollLoop {
     /// Until when a loop that has not seen a session waits for one (set when it first finds
     /// none).
     session_awaited_until: Option<Instant>,
+    /// Polls sent since the loop last asked for a new connection.
+    polls_on_connection: u32,
 }
 
 impl PollLoop {
@@ -112,6 +117,7 @@ impl PollLoop {
             appending: None,
             session_seen: false,
             session_awaited_until: None,
+            polls_on_connection: 0,
         }
     }
 
@@ -204,11 +210,17 @@ impl PollLoop {
         let agent = self.feed.agent;
         let deadline = Instant::now() + self.room.settings.poll_timeout;
         let in_flight = InFlight::count(&self.room.poll_loops.in_flight);
+        self.polls_on_connection += 1;
+        let retire_connection = self.polls_on_connection >= POLLS_PER_CONNECTION;
+        if retire_connection {
+            self.polls_on_connection = 0;
+        }
+        let operation = SessionOperation::PollEvents { retire_connection };
         let (result, stopping) = {
-            let poll =
-                self.room
-                    .sessions
-                    .send(agent, &SessionOperation::PollEvents, deadline, None, None);
+            let poll = self
+                .room
+                .sessions
+                .send(agent, &operation, deadline, None, None);
             tokio::pin!(poll);
             let answered = tokio::select! {
                 result = &mut poll => Some(result),

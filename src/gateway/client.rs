@@ -89,8 +89,20 @@ pub enum SessionOperation {
     Release(ReleaseTarget),
     /// One long poll, `GET .../agentevent/{agentid}`: the deadline must outlast the gateway's
     /// long-poll wait (about 10 s).
-    PollEvents,
+    PollEvents {
+        /// Asks the gateway to close the connection after answering (`Connection: close`).
+        /// hyper queues a connection's requests in a channel that takes a second block of 32
+        /// slots at its 33rd request, about 12 KiB for as long as the connection lives; a poll
+        /// loop keeps one pooled connection busy, so retiring it every
+        /// [`POLLS_PER_CONNECTION`] polls keeps every polled agent's connection at one block.
+        retire_connection: bool,
+    },
 }
+
+/// How many polls a poll loop sends on one connection before it asks for a new one: below the
+/// 32 requests hyper's per-connection channel holds in its first block, with room for a
+/// release sent on the same pooled connection.
+pub(crate) const POLLS_PER_CONNECTION: u32 = 30;
 
 /// An operation for an agent as it goes out, in whichever session: when its answer is due, and
 /// the caller it is made for (None: for the facade itself, like an event poll).
@@ -298,7 +310,7 @@ impl GatewayClient {
                 format!("/voicecall/{agent}/dropcall/{call}"),
                 GatewayOperation::Dropcall,
             ),
-            SessionOperation::PollEvents => (
+            SessionOperation::PollEvents { .. } => (
                 Method::GET,
                 format!("/agentevent/{agent}"),
                 GatewayOperation::Poll,
@@ -307,14 +319,21 @@ impl GatewayClient {
         // Polls have their own cap (one per polled agent, --max-polled-agents), and serve every
         // caller watching the agent: they continue nobody's trace.
         let (admitted, trace) = match operation {
-            SessionOperation::PollEvents => (Admitted::Unlimited, GatewayTrace::default()),
+            SessionOperation::PollEvents { .. } => (Admitted::Unlimited, GatewayTrace::default()),
             SessionOperation::Release(_) => (
                 Admitted::UnderCap(caller.cloned()),
                 trace::gateway_request(&method, &path, &self.server),
             ),
         };
         match self.request_in(method, &path, session, trace.headers) {
-            Ok(request) => {
+            Ok(mut request) => {
+                if let SessionOperation::PollEvents {
+                    retire_connection: true,
+                } = operation
+                {
+                    let close = header::HeaderValue::from_static("close");
+                    request.headers_mut().insert(header::CONNECTION, close);
+                }
                 self.exchange(counted, request, admitted, deadline, &trace.span)
                     .instrument(trace.span.clone())
                     .await

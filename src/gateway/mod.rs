@@ -18,6 +18,7 @@ pub(crate) mod wire;
 use std::time::Duration;
 
 pub use admission::{BusyCause, GatewayAdmission};
+pub(crate) use client::POLLS_PER_CONNECTION;
 pub(crate) use client::{AgentRequest, GatewaySettings, ReleaseTarget};
 pub use client::{GatewayClient, GatewayStats};
 pub use client::{PemFile, SessionOperation, SettingsError};

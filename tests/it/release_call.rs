@@ -627,7 +627,9 @@ async fn a_rotated_guid_is_picked_up_from_the_gateways_answer() {
         .sessions()
         .send(
             common::agent_id("101"),
-            &ccgw_callcontrol::gateway::SessionOperation::PollEvents,
+            &ccgw_callcontrol::gateway::SessionOperation::PollEvents {
+                retire_connection: false,
+            },
             common::deadline(),
             None,
             None,

@@ -199,7 +199,15 @@ async fn a_replica_with_an_old_view_never_overwrites_a_newer_guid() {
     let (answer, _) = a
         .api
         .sessions()
-        .send(agent, &SessionOperation::PollEvents, deadline(), None, None)
+        .send(
+            agent,
+            &SessionOperation::PollEvents {
+                retire_connection: false,
+            },
+            deadline(),
+            None,
+            None,
+        )
         .await
         .expect("the poll answers");
     assert!(answer.is_ok(), "{answer:?}");
@@ -261,7 +269,15 @@ async fn a_change_made_while_nats_is_down_is_shared_once_it_is_back() {
     let (answer, _) = a
         .api
         .sessions()
-        .send(agent, &SessionOperation::PollEvents, deadline(), None, None)
+        .send(
+            agent,
+            &SessionOperation::PollEvents {
+                retire_connection: false,
+            },
+            deadline(),
+            None,
+            None,
+        )
         .await
         .expect("the poll answers without NATS");
     assert!(answer.is_ok(), "{answer:?}");

@@ -6,7 +6,7 @@
 //! waits on a timer).
 use crate::common;
 
-use std::time::Duration;
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use ccgw_callcontrol::proto::{ReleaseCallRequest, ReleaseConfirmation, ReleaseOutcome};
 use ccgw_sim::{Fault, FaultRule, SimConfig};
@@ -102,6 +102,45 @@ async fn five_streams_share_one_poll_loop() {
     );
     assert_eq!(app.polling_agents(), ["101"]);
     assert_eq!(app.api.events().watchers(), 5);
+}
+
+/// A poll loop asks the gateway for a new connection every 30 polls (`Connection: close`):
+/// hyper's per-connection request channel takes a second block of 32 slots at its 33rd
+/// request and keeps it. No connection carries more than 30 of the agent's polls, and the polls
+/// in between share one connection.
+#[tokio::test]
+async fn a_poll_loop_moves_to_a_new_connection_every_thirty_polls() {
+    const PER_CONNECTION: usize = 30;
+    let sim = SimConfig {
+        poll_wait: Duration::from_millis(20),
+        ..sim_config()
+    };
+    let app = spawn_app_with(sim, &["--poll-pause-ms", "10"]).await;
+    app.sign_in("101").await;
+    let _watch = app.watch(watch_req(&["101"])).await;
+    wait_until("95 polls of agent 101", || app.polls_of("101") >= 95).await;
+    let mut per_connection: HashMap<SocketAddr, usize> = HashMap::new();
+    let polls = app
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/agentgateway/resource/agentevent/101");
+    for poll in polls {
+        let connection = poll
+            .peer
+            .expect("the simulator names each request's connection");
+        *per_connection.entry(connection).or_default() += 1;
+    }
+    let polls: usize = per_connection.values().sum();
+    assert!(
+        per_connection.values().all(|n| *n <= PER_CONNECTION),
+        "{per_connection:?}"
+    );
+    assert!(
+        per_connection.len() <= polls.div_ceil(PER_CONNECTION) + 1,
+        "{polls} polls on {} connections",
+        per_connection.len()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

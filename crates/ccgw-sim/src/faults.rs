@@ -1,11 +1,12 @@
 //! Records gateway requests and injects faults in front of the gateway routes.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -32,6 +33,10 @@ pub(crate) async fn record_and_inject(
     // across the awaits below, or the middleware future is not Send.
     let (guid, cookie) = session_headers(req.headers());
     let (traceparent, tracestate) = trace_headers(req.headers());
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| *peer);
     let fault = {
         let mut st = sim.lock();
         st.request_seq += 1;
@@ -47,6 +52,7 @@ pub(crate) async fn record_and_inject(
             cookie,
             traceparent,
             tracestate,
+            peer,
         });
         st.faults.take(&method, &path)
     };

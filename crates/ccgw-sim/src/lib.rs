@@ -239,6 +239,7 @@ mod state;
 pub mod tls;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -313,6 +314,9 @@ pub struct RecordedRequest {
     /// W3C trace context (`tracestate` header), as sent.
     #[serde(default)]
     pub tracestate: Option<String>,
+    /// The client's address: which connection the request came on.
+    #[serde(default)]
+    pub peer: Option<SocketAddr>,
 }
 
 fn one() -> u32 {
@@ -439,9 +443,12 @@ impl Simulator {
     ) -> std::io::Result<()> {
         let router = self.router();
         self.run_until(shutdown, |stop| async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
         })
         .await
     }

@@ -4,6 +4,7 @@
 
 use std::{io, sync::Arc, time::Duration};
 
+use axum::{extract::ConnectInfo, Extension};
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
 use rustls::{
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
@@ -100,7 +101,7 @@ pub(crate) async fn accept_loop(
                 }
                 Err(_) => return,
             };
-            let service = TowerToHyperService::new(router);
+            let service = TowerToHyperService::new(router.layer(Extension(ConnectInfo(peer))));
             // HTTP/1.1 only, as the plain listener and a real gateway speak.
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service);
