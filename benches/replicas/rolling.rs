@@ -385,13 +385,15 @@ async fn until_jetstream_current(nats: &Nats) {
     .await;
 }
 
-/// Prints `what` happened, when (since `started`), and the longest any agent went unpolled so
-/// far (the simulator's view): the step that made an agent wait shows where it grew.
+/// Prints `what` happened, when (since `started`), the longest any agent went unpolled so far
+/// and how many agents had two polls waiting at once (the simulator's view): the step that
+/// made either grow shows where.
 async fn checkpoint(gateway: &Gateway, started: Instant, what: String) {
     let stats = gateway.control(reqwest::Method::GET, "/stats").await;
     let unpolled = stats["longest_unpolled_ms"].as_u64().unwrap_or_default();
+    let twice = stats["agents_polled_twice"].as_u64().unwrap_or_default();
     println!(
-        "  {:>6.1} s  {what:55} longest unpolled so far {:.1} s",
+        "  {:>6.1} s  {what:55} longest unpolled so far {:.1} s, polled twice {twice}",
         started.elapsed().as_secs_f64(),
         unpolled as f64 / 1000.0
     );

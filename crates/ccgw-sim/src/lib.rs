@@ -223,8 +223,10 @@
 //! # recorded gateway requests (seq, method, path, guid, cookie) / clear them
 //! curl localhost:8043/sim/requests
 //! curl -X DELETE localhost:8043/sim/requests
-//! # -> {"longest_unpolled_ms":N,"oversized_bytes_sent":N,"polls_in_flight":N,"requests":N}
-//! #    (longest_unpolled_ms: the agents' longest, see the agent view; polls_in_flight: polls
+//! # -> {"agents_polled_twice":N,"longest_unpolled_ms":N,"oversized_bytes_sent":N,
+//! #     "polls_in_flight":N,"requests":N}
+//! #    (agents_polled_twice: signed-in agents with two polls waiting at once since sign-in;
+//! #     longest_unpolled_ms: the agents' longest, see the agent view; polls_in_flight: polls
 //! #     waiting now, all agents; requests: gateway requests since start)
 //! curl localhost:8043/sim/stats
 //! ```

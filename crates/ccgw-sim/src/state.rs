@@ -281,6 +281,16 @@ impl State {
             .sum()
     }
 
+    /// Signed-in agents that had more than one poll waiting at once since their sign-in
+    /// ([`AgentView::max_polls_in_flight`]).
+    pub fn agents_polled_twice(&self) -> usize {
+        self.agents
+            .values()
+            .filter_map(|a| a.session.as_ref())
+            .filter(|s| s.max_polls_in_flight > 1)
+            .count()
+    }
+
     /// The longest any signed-in agent went unpolled ([`AgentView::longest_unpolled_ms`]).
     pub fn longest_unpolled(&self, now: Instant) -> Duration {
         self.agents

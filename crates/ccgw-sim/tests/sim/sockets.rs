@@ -791,6 +791,10 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
     assert_eq!(list[1]["guid"], s.guid.as_str());
     assert_eq!(list[1]["cookie"], s.cookie.as_str());
     assert_eq!(list[2]["path"], format!("{GW}/no/such/path"));
+    for request in list.iter() {
+        let peer = request["peer"].as_str().expect("the connection's peer");
+        assert!(peer.starts_with("127.0.0.1:"), "{request}");
+    }
     let seqs: Vec<u64> = list.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [1, 2, 3]);
     assert_eq!(h.sim.requests().len(), 3);
@@ -798,7 +802,7 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
     let (_, stats) = h.control(Method::GET, "/stats", None).await;
     assert_eq!(
         stats,
-        json!({"longest_unpolled_ms": 0, "oversized_bytes_sent": 0, "polls_in_flight": 0, "requests": 3})
+        json!({"agents_polled_twice": 0, "longest_unpolled_ms": 0, "oversized_bytes_sent": 0, "polls_in_flight": 0, "requests": 3})
     );
     assert_eq!(h.control(Method::DELETE, "/requests", None).await.0, 200);
     assert!(h.sim.requests().is_empty());
@@ -964,6 +968,8 @@ async fn concurrent_polls_of_one_agent_show_in_max_polls_in_flight() {
     }
     let view = h.sim.agent("101").unwrap();
     assert_eq!((view.polls_in_flight, view.max_polls_in_flight), (0, 1));
+    let (_, stats) = h.control(Method::GET, "/stats", None).await;
+    assert_eq!(stats["agents_polled_twice"], 0, "{stats}");
 
     let both_waiting = async {
         timeout(BOUND, async {
@@ -975,6 +981,7 @@ async fn concurrent_polls_of_one_agent_show_in_max_polls_in_flight() {
         .expect("both polls in flight");
         let (_, stats) = h.control(Method::GET, "/stats", None).await;
         assert_eq!(stats["polls_in_flight"], 2, "{stats}");
+        assert_eq!(stats["agents_polled_twice"], 1, "{stats}");
         // Wakes the long polls; each answers one of them.
         h.sim.queue_event("101", json!({"n": "a"})).unwrap();
         h.sim.queue_event("101", json!({"n": "b"})).unwrap();
