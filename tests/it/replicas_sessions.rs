@@ -29,6 +29,23 @@ async fn sessions_bucket(nats: &NatsServer) -> kv::Store {
         .expect("the replicas made the sessions bucket")
 }
 
+/// The gateway rotates `agent`'s Guid and `app` polls once, as a poll loop does (with or
+/// without NATS): the answer brings the new Guid, which is returned.
+async fn rotated_by_a_poll(app: &TestApp, agent: &str) -> String {
+    app.sim.rotate_guid(agent).expect("rotates");
+    let poll = SessionOperation::PollEvents {
+        retire_connection: false,
+    };
+    let (answer, _) = app
+        .api
+        .sessions()
+        .send(agent_id(agent), &poll, deadline(), None, None)
+        .await
+        .expect("the poll answers");
+    assert!(answer.is_ok(), "{answer:?}");
+    app.guid_of(agent).unwrap()
+}
+
 /// The current Guid the bucket holds for `agent`.
 async fn stored_guid(bucket: &kv::Store, agent: &str) -> Option<String> {
     let value = bucket.get(agent).await.expect("the bucket answers")?;
@@ -195,23 +212,7 @@ async fn a_replica_with_an_old_view_never_overwrites_a_newer_guid() {
     })
     .await;
     let old_revision = b.api.sessions().registry().revision(agent).unwrap();
-    a.sim.rotate_guid("101").expect("rotates");
-    let (answer, _) = a
-        .api
-        .sessions()
-        .send(
-            agent,
-            &SessionOperation::PollEvents {
-                retire_connection: false,
-            },
-            deadline(),
-            None,
-            None,
-        )
-        .await
-        .expect("the poll answers");
-    assert!(answer.is_ok(), "{answer:?}");
-    let rotated = a.guid_of("101").unwrap();
+    let rotated = rotated_by_a_poll(&a, "101").await;
     assert_ne!(rotated, first, "the poll answer rotated the Guid");
     let bucket = sessions_bucket(&nats).await;
     eventually("A wrote the rotation", WAIT, || async {
@@ -258,30 +259,13 @@ async fn a_change_made_while_nats_is_down_is_shared_once_it_is_back() {
         return;
     };
     let (a, b) = two_replicas(&nats, sim_config()).await;
-    let agent = agent_id("101");
     let first = a.sign_in("101").await;
     wait_until("B learns the session", || {
         b.guid_of("101").as_deref() == Some(first.as_str())
     })
     .await;
     nats.kill().await;
-    a.sim.rotate_guid("101").expect("rotates");
-    let (answer, _) = a
-        .api
-        .sessions()
-        .send(
-            agent,
-            &SessionOperation::PollEvents {
-                retire_connection: false,
-            },
-            deadline(),
-            None,
-            None,
-        )
-        .await
-        .expect("the poll answers without NATS");
-    assert!(answer.is_ok(), "{answer:?}");
-    let rotated = a.guid_of("101").unwrap();
+    let rotated = rotated_by_a_poll(&a, "101").await;
     assert_ne!(rotated, first);
     let a_counters = a.api.sessions().registry().store_counters();
     wait_until("A's write fails", || a_counters.failed_writes() > 0).await;
