@@ -385,17 +385,18 @@ async fn until_jetstream_current(nats: &Nats) {
     .await;
 }
 
-/// Prints `what` happened, when (since `started`), the longest any agent went unpolled so far
-/// and how many agents had two polls waiting at once (the simulator's view): the step that
-/// made either grow shows where.
+/// Prints `what` happened, when (since `started`), the longest any agent went unpolled so far,
+/// how many agents had two polls waiting at once and how many polls were abandoned by their
+/// client (the simulator's view): the step that made one grow shows where.
 async fn checkpoint(gateway: &Gateway, started: Instant, what: String) {
     let stats = gateway.control(reqwest::Method::GET, "/stats").await;
-    let unpolled = stats["longest_unpolled_ms"].as_u64().unwrap_or_default();
-    let twice = stats["agents_polled_twice"].as_u64().unwrap_or_default();
+    let count = |name: &str| stats[name].as_u64().unwrap_or_default();
     println!(
-        "  {:>6.1} s  {what:55} longest unpolled so far {:.1} s, polled twice {twice}",
+        "  {:>6.1} s  {what:55} longest unpolled so far {:.1} s, polled twice {}, polls abandoned {}",
         started.elapsed().as_secs_f64(),
-        unpolled as f64 / 1000.0
+        count("longest_unpolled_ms") as f64 / 1000.0,
+        count("agents_polled_twice"),
+        count("polls_abandoned"),
     );
 }
 

@@ -141,19 +141,21 @@ async fn clear_requests(State(sim): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(sim): State<Arc<Shared>>) -> Response {
-    let (requests, polls_in_flight, longest_unpolled, polled_twice) = {
+    let (requests, polls_in_flight, longest_unpolled, polled_twice, abandoned) = {
         let st = sim.lock();
         (
             st.request_seq,
             st.polls_in_flight(),
             st.longest_unpolled(tokio::time::Instant::now()),
             st.agents_polled_twice(),
+            st.polls_abandoned(),
         )
     };
     Json(json!({
         "agents_polled_twice": polled_twice,
         "longest_unpolled_ms": longest_unpolled.as_millis() as u64,
         "oversized_bytes_sent": sim.oversized_bytes.load(Ordering::Relaxed),
+        "polls_abandoned": abandoned,
         "polls_in_flight": polls_in_flight,
         "requests": requests,
     }))

@@ -317,18 +317,27 @@ struct EventBody<'a> {
     event_gen_time: Option<u64>,
 }
 
-/// Decrements the in-flight poll count however the poll ends (answer or client gone).
+/// Decrements the in-flight poll count however the poll ends: answered, or dropped unanswered
+/// because its client went away (counted as abandoned).
 struct InFlight<'a> {
     sim: &'a Shared,
     id: u32,
     session: u64,
+    answered: bool,
+}
+
+impl InFlight<'_> {
+    fn answer(&mut self, response: Response) -> Response {
+        self.answered = true;
+        response
+    }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.sim
             .lock()
-            .poll_finished(self.id, self.session, Instant::now());
+            .poll_finished(self.id, self.session, Instant::now(), !self.answered);
     }
 }
 
@@ -350,10 +359,11 @@ async fn poll(agent: AgentSession) -> Response {
         };
         (notify, session)
     };
-    let _in_flight = InFlight {
+    let mut in_flight = InFlight {
         sim: &sim,
         id,
         session,
+        answered: false,
     };
     let deadline = Instant::now() + sim.config.poll_wait;
     loop {
@@ -365,13 +375,13 @@ async fn poll(agent: AgentSession) -> Response {
             let now = Instant::now();
             let used = match st.authorize(&sim.config, id, &creds, now) {
                 Ok(used) => used,
-                Err(d) => return code(d.retcode()),
+                Err(d) => return in_flight.answer(code(d.retcode())),
             };
             let event = st.pop_event(id);
             if event.is_some() || now >= deadline {
                 let new_guid = st.guid_for_answer(&sim.config, id, used, now);
                 drop(st);
-                return poll_answer(&sim, id, event, new_guid);
+                return in_flight.answer(poll_answer(&sim, id, event, new_guid));
             }
         }
         // Timing out just loops once more to answer (empty, or an event that raced in).

@@ -211,8 +211,10 @@
 //! curl -X POST localhost:8043/sim/agents/101/events -H 'content-type: application/json' \
 //!      -d '{"eventType":"AgentState_Work","workNo":"101","content":null}'
 //! # agent view -> {"agent_id":"101","signed_in":true,"call_id":null,"queued_events":0,
-//! #                "polls_in_flight":1,"max_polls_in_flight":1,"longest_unpolled_ms":3}
+//! #                "polls_in_flight":1,"max_polls_in_flight":1,"polls_abandoned":0,
+//! #                "longest_unpolled_ms":3}
 //! # (polls_in_flight: polls waiting now; max_polls_in_flight: most at once since sign-in;
+//! #  polls_abandoned: polls since sign-in whose client went away before the answer;
 //! #  longest_unpolled_ms: longest wait since sign-in from a poll's answer to the next poll)
 //! curl localhost:8043/sim/agents/101
 //! # push a fault rule / clear all rules
@@ -224,8 +226,9 @@
 //! curl localhost:8043/sim/requests
 //! curl -X DELETE localhost:8043/sim/requests
 //! # -> {"agents_polled_twice":N,"longest_unpolled_ms":N,"oversized_bytes_sent":N,
-//! #     "polls_in_flight":N,"requests":N}
+//! #     "polls_abandoned":N,"polls_in_flight":N,"requests":N}
 //! #    (agents_polled_twice: signed-in agents with two polls waiting at once since sign-in;
+//! #     polls_abandoned: the signed-in agents' polls whose client went away first;
 //! #     longest_unpolled_ms: the agents' longest, see the agent view; polls_in_flight: polls
 //! #     waiting now, all agents; requests: gateway requests since start)
 //! curl localhost:8043/sim/stats
@@ -402,6 +405,12 @@ pub struct AgentView {
     /// Most polls in flight at once since sign-in; above 1 means the client ran two pollers,
     /// which steal each other's events.
     pub max_polls_in_flight: u32,
+    /// Polls since sign-in whose client went away before their answer (closed the connection
+    /// while the poll waited). A real gateway may not notice until it answers, and may hand
+    /// such a poll an event meanwhile: a client that cuts its waiting polls can lose events,
+    /// and, if it polls again elsewhere, is polling twice at the gateway.
+    #[serde(default)]
+    pub polls_abandoned: u32,
     /// Longest time since sign-in between a poll's answer and the agent's next poll (the wait
     /// going on now included), in milliseconds: how long its poller was away, e.g. while its
     /// polling moved to another replica. 0 until the first poll was answered.

@@ -53,6 +53,8 @@ pub(crate) struct Session {
     polls_in_flight: u32,
     /// High-water mark of `polls_in_flight` since sign-in: shows a client running two pollers.
     max_polls_in_flight: u32,
+    /// Polls whose client went away before their answer, since sign-in.
+    polls_abandoned: u32,
     /// When the last poll in flight was answered (none in flight since), once one was.
     unpolled_since: Option<Instant>,
     /// Longest wait since sign-in between a poll's answer and the agent's next poll.
@@ -265,6 +267,7 @@ impl Shared {
             queued_events: session.map_or(0, |s| s.events.len()),
             polls_in_flight: session.map_or(0, |s| s.polls_in_flight),
             max_polls_in_flight: session.map_or(0, |s| s.max_polls_in_flight),
+            polls_abandoned: session.map_or(0, |s| s.polls_abandoned),
             longest_unpolled_ms: session
                 .map_or(0, |s| s.longest_unpolled_at(now).as_millis() as u64),
         })
@@ -289,6 +292,16 @@ impl State {
             .filter_map(|a| a.session.as_ref())
             .filter(|s| s.max_polls_in_flight > 1)
             .count()
+    }
+
+    /// Polls abandoned by their client, over every signed-in agent
+    /// ([`AgentView::polls_abandoned`]).
+    pub fn polls_abandoned(&self) -> u64 {
+        self.agents
+            .values()
+            .filter_map(|a| a.session.as_ref())
+            .map(|s| u64::from(s.polls_abandoned))
+            .sum()
     }
 
     /// The longest any signed-in agent went unpolled ([`AgentView::longest_unpolled_ms`]).
@@ -368,6 +381,7 @@ impl State {
             last_poll: now,
             polls_in_flight: 0,
             max_polls_in_flight: 0,
+            polls_abandoned: 0,
             unpolled_since: None,
             longest_unpolled: Duration::ZERO,
             cookie: cookie.clone(),
@@ -429,10 +443,12 @@ impl State {
         Some(s.id)
     }
 
-    pub fn poll_finished(&mut self, id: u32, session_id: u64, now: Instant) {
+    /// A poll ended: answered, or `abandoned` by its client before the answer.
+    pub fn poll_finished(&mut self, id: u32, session_id: u64, now: Instant, abandoned: bool) {
         if let Some(s) = self.agents.get_mut(&id).and_then(|a| a.session.as_mut()) {
             if s.id == session_id {
                 s.polls_in_flight = s.polls_in_flight.saturating_sub(1);
+                s.polls_abandoned += u32::from(abandoned);
                 s.last_poll = now;
                 if s.polls_in_flight == 0 {
                     s.unpolled_since = Some(now);

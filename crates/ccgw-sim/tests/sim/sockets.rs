@@ -737,7 +737,8 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
         view,
         json!({
             "agent_id": "101", "signed_in": true, "call_id": callid, "queued_events": 2,
-            "polls_in_flight": 0, "max_polls_in_flight": 0, "longest_unpolled_ms": 0,
+            "polls_in_flight": 0, "max_polls_in_flight": 0, "polls_abandoned": 0,
+            "longest_unpolled_ms": 0,
         })
     );
     let (status, _) = h.control(Method::GET, "/agents/abc", None).await;
@@ -802,7 +803,7 @@ async fn requests_are_recorded_and_control_api_works_over_http() {
     let (_, stats) = h.control(Method::GET, "/stats", None).await;
     assert_eq!(
         stats,
-        json!({"agents_polled_twice": 0, "longest_unpolled_ms": 0, "oversized_bytes_sent": 0, "polls_in_flight": 0, "requests": 3})
+        json!({"agents_polled_twice": 0, "longest_unpolled_ms": 0, "oversized_bytes_sent": 0, "polls_abandoned": 0, "polls_in_flight": 0, "requests": 3})
     );
     assert_eq!(h.control(Method::DELETE, "/requests", None).await.0, 200);
     assert!(h.sim.requests().is_empty());
@@ -911,6 +912,7 @@ async fn queue_event_needs_a_signed_in_agent() {
             queued_events: 0,
             polls_in_flight: 0,
             max_polls_in_flight: 0,
+            polls_abandoned: 0,
             longest_unpolled_ms: 0,
         }
     );
@@ -951,6 +953,36 @@ async fn the_longest_wait_from_a_poll_answer_to_the_next_poll_shows_in_longest_u
         .await;
     session_of(resp).await;
     assert_eq!(h.sim.agent("101").unwrap().longest_unpolled_ms, 0);
+}
+
+/// A poll whose client goes away while it waits is counted as abandoned; an answered one is
+/// not.
+#[tokio::test]
+async fn a_poll_its_client_gave_up_on_counts_as_abandoned() {
+    let h = start(SimConfig {
+        poll_wait: LONG_POLL_WAIT,
+        ..SimConfig::default()
+    })
+    .await;
+    let s = h.sign_in("101").await;
+    h.sim.queue_event("101", json!({"n": 1})).unwrap();
+    h.poll_event("101", &s).await;
+    assert_eq!(h.sim.agent("101").unwrap().polls_abandoned, 0);
+
+    let waiting = h.poll("101", &s);
+    let gave_up = timeout(Duration::from_millis(300), waiting).await;
+    assert!(gave_up.is_err(), "the poll waits for an event");
+    timeout(BOUND, async {
+        while h.sim.agent("101").unwrap().polls_abandoned == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the abandoned poll is counted once its connection closed");
+    let view = h.sim.agent("101").unwrap();
+    assert_eq!((view.polls_abandoned, view.polls_in_flight), (1, 0));
+    let (_, stats) = h.control(Method::GET, "/stats", None).await;
+    assert_eq!(stats["polls_abandoned"], 1, "{stats}");
 }
 
 #[tokio::test]
