@@ -14,7 +14,7 @@ use std::{
 };
 
 use futures_util::FutureExt;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{codegen::http, service::interceptor::InterceptedService};
 use tonic_health::{
@@ -33,6 +33,7 @@ use crate::{
     app::App,
     callers::Callers,
     connections::{self, Admission, ConnectionLimits},
+    events::HAND_BACK_ON_SHUTDOWN,
     gateway::GatewayClient,
     health,
     lifecycle::{Lifecycle, SideServer},
@@ -43,15 +44,20 @@ use crate::{
 
 /// After the hard stop, how long calls get to deliver the answers they give at once.
 const HARD_STOP_FLUSH: Duration = Duration::from_secs(1);
-/// After the server stopped, how long the service's tasks get to end: poll loops end within a
-/// second of shutdown, stream forwarders once their streams are gone.
+/// After the server stopped, how long the service's tasks get to end: a single process's poll
+/// loops end within a second of shutdown, stream forwarders once their streams are gone.
 const TASKS_GRACE: Duration = Duration::from_secs(2);
+/// From the start of shutdown, how long the service's tasks may run in any case: a replica's
+/// last polls run until the gateway answers them, then its leases are handed back.
+const TASKS_RUN_AFTER_SHUTDOWN: Duration = HAND_BACK_ON_SHUTDOWN;
 /// The longest the process takes from SIGTERM to its exit when calls may drain for
-/// `drain_timeout`: the drain, the hard stop's flush, the tasks' grace, then the export of the
-/// last spans. A pod's terminationGracePeriodSeconds covers it after its preStop pause
-/// (tests/it/deploy.rs checks the manifests against it).
+/// `drain_timeout`: the drain, the hard stop's flush and the tasks' grace (or a replica's last
+/// polls and hand-back, if longer), then the export of the last spans. A pod's
+/// terminationGracePeriodSeconds covers it after its preStop pause (tests/it/deploy.rs checks
+/// the manifests against it).
 pub fn exit_bound(drain_timeout: Duration) -> Duration {
-    drain_timeout + HARD_STOP_FLUSH + TASKS_GRACE + crate::telemetry::trace::SHUTDOWN_TIMEOUT
+    (drain_timeout + HARD_STOP_FLUSH + TASKS_GRACE).max(TASKS_RUN_AFTER_SHUTDOWN)
+        + crate::telemetry::trace::SHUTDOWN_TIMEOUT
 }
 /// The longest wait for a keepalive ping's answer: a connection whose peer is gone (node down,
 /// NAT entry dropped) is closed this long after its ping.
@@ -340,8 +346,10 @@ async fn drain(
     drain_timeout: Duration,
 ) -> Result<(), ServerError> {
     tokio::pin!(serve);
+    let shutdown_began = std::sync::OnceLock::new();
     let drain_deadline = async {
         lifecycle.shutdown().cancelled().await;
+        shutdown_began.get_or_init(Instant::now);
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
@@ -355,9 +363,12 @@ async fn drain(
             }
         }
     }
+    // Unset only if the server ended before the deadline's wait saw shutdown begin: now is later.
+    let shutdown_began = *shutdown_began.get_or_init(Instant::now);
     let tasks = lifecycle.tasks();
     tasks.close();
-    if tokio::time::timeout(TASKS_GRACE, tasks.wait())
+    let tasks_until = (Instant::now() + TASKS_GRACE).max(shutdown_began + TASKS_RUN_AFTER_SHUTDOWN);
+    if tokio::time::timeout_at(tasks_until, tasks.wait())
         .await
         .is_err()
     {

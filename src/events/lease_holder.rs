@@ -9,6 +9,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
+    time::Duration,
 };
 
 use tokio::{
@@ -16,7 +17,10 @@ use tokio::{
     time::Instant,
 };
 
-use super::{shard_of, OwnershipStats, PollOwnership, PollPermit, PollingPart, RemoteInterest};
+use super::{
+    shard_of, OwnershipStats, PollOwnership, PollPermit, PollingPart, RemoteInterest,
+    LEASED_SHUTDOWN_POLL_GRACE,
+};
 use crate::domain::AgentId;
 
 /// A shard lease this replica holds.
@@ -209,6 +213,11 @@ impl<S> LeaseOwnership<S> {
 }
 
 impl<S: HolderState> PollOwnership for LeaseOwnership<S> {
+    /// Until the gateway answers: another replica polls the agent once the lease is back.
+    fn shutdown_poll_grace(&self) -> Duration {
+        LEASED_SHUTDOWN_POLL_GRACE
+    }
+
     fn poll_permit(&self, agent: AgentId) -> Option<PollPermit> {
         let shard = shard_of(agent);
         self.holder

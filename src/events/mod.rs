@@ -59,6 +59,7 @@ pub(crate) use log::{dropped_after, Backfill, EventLog, LogFollower, ProcessLog,
 pub use ownership::{desired_owner, shard_of, OwnershipStats, PollingPart, SHARDS};
 pub(crate) use ownership::{
     LeaseSettings, PollOwnership, PollPermit, ProcessOwnership, RemoteInterest,
+    HAND_BACK_ON_SHUTDOWN, LEASED_SHUTDOWN_POLL_GRACE, SHUTDOWN_POLL_GRACE,
 };
 pub use polled::PolledAgentsFull;
 pub use subscribe::{SubscribeError, WatcherLimit};

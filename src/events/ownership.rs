@@ -74,6 +74,19 @@ impl LeaseSettings {
     }
 }
 
+/// Once shutdown begins, how long a poll in flight may still run when nobody polls its agent
+/// after this process: an answer already on its way arrives within it.
+pub(crate) const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
+/// Once shutdown begins, how long a poll in flight may still run when another replica polls
+/// its agent as soon as this one hands the lease back: until the gateway answers it (its
+/// long-poll wait, about 10 s, and a margin). Cut sooner, the gateway would still hold the
+/// poll while the other replica polls the agent (two pollers), and could hand it an event for
+/// a connection that is gone.
+pub(crate) const LEASED_SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(12);
+/// How long a lease holder's shutdown may take to hand every lease back: its last polls'
+/// grace, then the deletes (1.5 s).
+pub(crate) const HAND_BACK_ON_SHUTDOWN: Duration = Duration::from_millis(13_500);
+
 /// Agents that other replicas' clients watch, of those whose polling this replica owns.
 pub(crate) type RemoteInterest = Arc<BTreeSet<AgentId>>;
 
@@ -98,6 +111,11 @@ pub(crate) trait PollOwnership: Send + Sync + fmt::Debug {
 
     fn stats(&self) -> OwnershipStats {
         OwnershipStats::default()
+    }
+
+    /// Once shutdown begins, how long a poll in flight may still run before it is cut.
+    fn shutdown_poll_grace(&self) -> Duration {
+        SHUTDOWN_POLL_GRACE
     }
 
     /// This replica's part in polling (all of it, alone).

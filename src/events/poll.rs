@@ -15,7 +15,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{
     feeds::{Feed, Step},
     hub::Room,
-    EventStats, PollPermit, SessionEnding,
+    EventStats, PollPermit, SessionEnding, SHUTDOWN_POLL_GRACE,
 };
 use crate::{
     gateway::{
@@ -28,8 +28,6 @@ use crate::{
 /// The first failed poll pauses 200 to 400 ms; the ceiling doubles up to
 /// `EventSettings::backoff_max`.
 const BACKOFF_FIRST: Duration = Duration::from_millis(400);
-/// How long a poll in flight may still finish once shutdown begins.
-const SHUTDOWN_POLL_GRACE: Duration = Duration::from_secs(1);
 
 /// The room's poll loops, and what they counted.
 #[derive(Debug, Default)]
@@ -66,7 +64,9 @@ impl PollLoops {
 
     /// Once shutdown began: waits (bounded) until the loops' last polls were answered and
     /// their events delivered. No feed, and so no loop, starts once shutdown began: closing
-    /// the tracker lets the wait end.
+    /// the tracker lets the wait end. With replicas a poll may run longer (until the gateway
+    /// answers it); what it brings reaches the watchers' resumed streams through the shared
+    /// log.
     pub async fn last_polls_answered(&self) {
         self.tracker.close();
         let _ = tokio::time::timeout(SHUTDOWN_POLL_GRACE * 2, self.tracker.wait()).await;
@@ -229,12 +229,16 @@ impl PollLoop {
             match answered {
                 Some(result) => (result, false),
                 // Dropping a poll in flight can lose the event the gateway just dequeued for
-                // it; an answer already on its way arrives within this grace, a waiting long
-                // poll does not (and holds nothing).
-                None => match tokio::time::timeout(SHUTDOWN_POLL_GRACE, &mut poll).await {
-                    Ok(result) => (result, true),
-                    Err(_) => return false,
-                },
+                // it, and with replicas leaves the gateway holding it while another replica
+                // polls the agent: the ownership says how long it may still run.
+                None => {
+                    match tokio::time::timeout(self.room.ownership.shutdown_poll_grace(), &mut poll)
+                        .await
+                    {
+                        Ok(result) => (result, true),
+                        Err(_) => return false,
+                    }
+                }
             }
         };
         drop(in_flight);

@@ -47,7 +47,7 @@ use crate::{
     domain::{AgentId, MAX_AGENT_ID_LIMIT},
     events::{
         desired_owner, shard_of, HeldLease, Holder, HolderState, Holding, LeaseOwnership,
-        LeaseSettings, PollingPart, SHARDS,
+        LeaseSettings, PollingPart, HAND_BACK_ON_SHUTDOWN, SHARDS,
     },
 };
 
@@ -65,8 +65,6 @@ const MEMBER_FORGOTTEN_AFTER_TTLS: u32 = 10;
 const ANYONE_TAKES_OVER_AFTER_TTLS: u32 = 2;
 /// Pause before watching a bucket again after its watch failed.
 const REWATCH_PAUSE: Duration = Duration::from_secs(1);
-/// On shutdown, how long handing the leases back may take (polls end within a second).
-const HAND_BACK_ON_SHUTDOWN: Duration = Duration::from_millis(1500);
 
 fn shard_key(shard: u16) -> String {
     format!("shard.{shard}")

@@ -466,6 +466,42 @@ async fn a_replica_that_shuts_down_hands_its_shards_back_at_once() {
     );
 }
 
+/// A replica stopping while its poll of an agent waits at the gateway lets the gateway answer
+/// that poll before it hands the shard back, and the next owner polls only then. Cut, the
+/// gateway would still hold it while the next owner polls the agent: two pollers, and an event
+/// handed to a connection that is gone.
+#[tokio::test]
+async fn a_stopping_replica_lets_its_waiting_poll_end_before_another_polls_the_agent() {
+    let Some(mut cluster) = LeasedReplicas::start(2).await else {
+        return;
+    };
+    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
+    let owner = cluster.owner_of(AGENT).await;
+    cluster.replicas[owner]
+        .replica
+        .hand_over(AGENT, &desktop.guid)
+        .await;
+    let _streams = [
+        cluster.watch_on(0, &desktop.guid).await,
+        cluster.watch_on(1, &desktop.guid).await,
+    ];
+    cluster.until_polled().await;
+    // Right after a poll went out, so it waits most of the simulator's 4 s.
+    let polls = cluster.polls_of_agent();
+    eventually("the owner's next poll", SETTLE, || async {
+        cluster.polls_of_agent() > polls
+    })
+    .await;
+    cluster.replicas.remove(owner).replica.stop().await;
+    eventually("the other replica polls the agent", SETTLE, || async {
+        cluster.agent().polls_in_flight == 1 && cluster.polls_of_agent() > polls + 1
+    })
+    .await;
+    let agent = cluster.agent();
+    assert_eq!(agent.polls_abandoned, 0, "a waiting poll was cut");
+    assert_eq!(agent.max_polls_in_flight, 1);
+}
+
 /// Shards move as soon as a replica joins or leaves, not at the next lease renewal: with
 /// renewals a minute apart, a joining replica gets its share, and the shards of one that shuts
 /// down are held by the other, within seconds. (Waiting for the renewal would leave a leaving

@@ -31,7 +31,7 @@ use crate::{
     domain::AgentId,
     events::{
         desired_owner, HeldLease, Holder, HolderState, Holding, LeaseOwnership, LeaseSettings,
-        PollingPart, SHARDS,
+        PollingPart, HAND_BACK_ON_SHUTDOWN, SHARDS,
     },
     lifecycle::Lifecycle,
     lock,
@@ -39,8 +39,6 @@ use crate::{
 
 /// Interest lives this many renew intervals without a refresh.
 const INTEREST_LIFETIME: u32 = 4;
-/// On shutdown, how long handing the leases back may take (polls end within a second).
-const HAND_BACK_ON_SHUTDOWN: Duration = Duration::from_millis(1500);
 
 /// The store's leases, heartbeats and interest.
 #[derive(Debug)]
