@@ -92,9 +92,9 @@ pub enum SessionOperation {
     PollEvents {
         /// Asks the gateway to close the connection after answering (`Connection: close`).
         /// hyper queues a connection's requests in a channel that takes a second block of 32
-        /// slots at its 33rd request, about 12 KiB for as long as the connection lives; a poll
-        /// loop keeps one pooled connection busy, so retiring it every
-        /// [`POLLS_PER_CONNECTION`] polls keeps every polled agent's connection at one block.
+        /// slots at its 33rd request, about 9 KiB for as long as the connection lives; a poll
+        /// loop keeps one pooled connection busy, so retiring it every 30 polls keeps every
+        /// polled agent's connection at one block.
         retire_connection: bool,
     },
 }
