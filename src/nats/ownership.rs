@@ -995,25 +995,16 @@ impl Driver {
             self.watched
                 .put(shard_interest_key(*shard, replica), interest_value(agents))
         });
-        let shard_deletes = deletes
-            .iter()
-            .map(|shard| self.watched.delete(shard_interest_key(*shard, replica)));
         let agent_puts = agent_puts.iter().map(|agent| {
             self.watched
                 .put(agent_interest_key(*agent, replica), bytes::Bytes::new())
         });
-        let agent_deletes = agent_deletes
-            .iter()
-            .map(|agent| self.watched.delete(agent_interest_key(*agent, replica)));
-        let (shard_puts, shard_deletes, agent_puts, agent_deletes) = tokio::join!(
+        let (shard_puts, agent_puts, failed_deletes) = tokio::join!(
             join_all(shard_puts),
-            join_all(shard_deletes),
             join_all(agent_puts),
-            join_all(agent_deletes)
+            self.delete_interest(&deletes, &agent_deletes)
         );
-        let mut failed = shard_deletes.iter().filter(|r| r.is_err()).count()
-            + agent_puts.iter().filter(|r| r.is_err()).count()
-            + agent_deletes.iter().filter(|r| r.is_err()).count();
+        let mut failed = failed_deletes + agent_puts.iter().filter(|r| r.is_err()).count();
         self.shared.update_interest(|state, now| {
             for ((shard, agents), put) in puts.into_iter().zip(shard_puts) {
                 if put.is_ok() {
@@ -1065,6 +1056,13 @@ impl Driver {
             let agents: Vec<AgentId> = state.agent_interest.drain().collect();
             (shards, agents)
         };
+        self.delete_interest(&shards, &agents).await;
+        tracing::info!("shard leases handed back");
+    }
+
+    /// Deletes this replica's interest keys of `shards`, and its per-agent keys of `agents`;
+    /// returns how many deletes failed.
+    async fn delete_interest(&self, shards: &[u16], agents: &[AgentId]) -> usize {
         let replica = &self.shared.replica;
         let shard_deletes = shards
             .iter()
@@ -1072,8 +1070,13 @@ impl Driver {
         let agent_deletes = agents
             .iter()
             .map(|agent| self.watched.delete(agent_interest_key(*agent, replica)));
-        tokio::join!(join_all(shard_deletes), join_all(agent_deletes));
-        tracing::info!("shard leases handed back");
+        let (shard_deletes, agent_deletes) =
+            tokio::join!(join_all(shard_deletes), join_all(agent_deletes));
+        shard_deletes
+            .iter()
+            .chain(&agent_deletes)
+            .filter(|deleted| deleted.is_err())
+            .count()
     }
 }
 
