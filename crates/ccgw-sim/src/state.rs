@@ -275,21 +275,20 @@ impl Shared {
 }
 
 impl State {
+    /// The signed-in agents' sessions.
+    fn sessions(&self) -> impl Iterator<Item = &Session> {
+        self.agents.values().filter_map(|a| a.session.as_ref())
+    }
+
     /// Polls waiting at the gateway now, over every agent.
     pub fn polls_in_flight(&self) -> u64 {
-        self.agents
-            .values()
-            .filter_map(|a| a.session.as_ref())
-            .map(|s| u64::from(s.polls_in_flight))
-            .sum()
+        self.sessions().map(|s| u64::from(s.polls_in_flight)).sum()
     }
 
     /// Signed-in agents that had more than one poll waiting at once since their sign-in
     /// ([`AgentView::max_polls_in_flight`]).
     pub fn agents_polled_twice(&self) -> usize {
-        self.agents
-            .values()
-            .filter_map(|a| a.session.as_ref())
+        self.sessions()
             .filter(|s| s.max_polls_in_flight > 1)
             .count()
     }
@@ -297,18 +296,12 @@ impl State {
     /// Polls abandoned by their client, over every signed-in agent
     /// ([`AgentView::polls_abandoned`]).
     pub fn polls_abandoned(&self) -> u64 {
-        self.agents
-            .values()
-            .filter_map(|a| a.session.as_ref())
-            .map(|s| u64::from(s.polls_abandoned))
-            .sum()
+        self.sessions().map(|s| u64::from(s.polls_abandoned)).sum()
     }
 
     /// The longest any signed-in agent went unpolled ([`AgentView::longest_unpolled_ms`]).
     pub fn longest_unpolled(&self, now: Instant) -> Duration {
-        self.agents
-            .values()
-            .filter_map(|a| a.session.as_ref())
+        self.sessions()
             .map(|s| s.longest_unpolled_at(now))
             .max()
             .unwrap_or_default()
