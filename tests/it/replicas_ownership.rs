@@ -15,7 +15,7 @@ use common::{
     agent_id, client_of, desktop_sign_in, eventually, handing_over,
     nats::NatsLink,
     replicas::{Leases, Replica, ReplicaSet},
-    sim_config, watch_on, watch_req, OpenStream, SERVING,
+    sim_config, watch_on, watch_req, DesktopSession, OpenStream, SERVING,
 };
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -175,6 +175,18 @@ impl LeasedReplicas {
             .iter()
             .filter(|r| r.path == path)
             .count()
+    }
+
+    /// The agent signed in by its desktop, the session handed over to the replica that holds
+    /// its shard: the session and that replica's index.
+    async fn signed_in_on_owner(&self) -> (DesktopSession, usize) {
+        let desktop = desktop_sign_in(self.set.sim_addr, AGENT, false).await;
+        let owner = self.owner_of(AGENT).await;
+        self.replicas[owner]
+            .replica
+            .hand_over(AGENT, &desktop.guid)
+            .await;
+        (desktop, owner)
     }
 
     /// A watcher of the agent on replica `i`, handing over the desktop's session.
@@ -361,13 +373,8 @@ async fn the_owner_polls_an_agent_only_another_replica_watches() {
     let Some(cluster) = LeasedReplicas::start(3).await else {
         return;
     };
-    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
-    let owner = cluster.owner_of(AGENT).await;
+    let (desktop, owner) = cluster.signed_in_on_owner().await;
     let watching = (owner + 1) % 3;
-    cluster.replicas[owner]
-        .replica
-        .hand_over(AGENT, &desktop.guid)
-        .await;
     let stream = cluster.watch_on(watching, &desktop.guid).await;
     cluster.until_polled().await;
     cluster.hang_up();
@@ -475,12 +482,7 @@ async fn a_stopping_replica_lets_its_waiting_poll_end_before_another_polls_the_a
     let Some(mut cluster) = LeasedReplicas::start(2).await else {
         return;
     };
-    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
-    let owner = cluster.owner_of(AGENT).await;
-    cluster.replicas[owner]
-        .replica
-        .hand_over(AGENT, &desktop.guid)
-        .await;
+    let (desktop, owner) = cluster.signed_in_on_owner().await;
     let _streams = [
         cluster.watch_on(0, &desktop.guid).await,
         cluster.watch_on(1, &desktop.guid).await,
@@ -542,13 +544,8 @@ async fn interest_is_one_key_per_shard_and_per_agent_only_while_an_older_replica
     let Some(cluster) = LeasedReplicas::start(2).await else {
         return;
     };
-    let desktop = desktop_sign_in(cluster.set.sim_addr, AGENT, false).await;
-    let owner = cluster.owner_of(AGENT).await;
+    let (desktop, owner) = cluster.signed_in_on_owner().await;
     let watching = 1 - owner;
-    cluster.replicas[owner]
-        .replica
-        .hand_over(AGENT, &desktop.guid)
-        .await;
     let _stream = cluster.watch_on(watching, &desktop.guid).await;
     let watched = cluster
         .jetstream
